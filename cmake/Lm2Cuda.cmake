@@ -1,0 +1,28 @@
+# Resolves LM2_CUDA (AUTO|ON|OFF) into LM2_WITH_CUDA. AUTO enables CUDA when a CUDA
+# compiler is found (nvcc on PATH or at /usr/local/cuda); ON fails the configure if not.
+string(TOUPPER "${LM2_CUDA}" _lm2_cuda)
+if(NOT _lm2_cuda MATCHES "^(AUTO|ON|OFF)$")
+  message(FATAL_ERROR "LM2_CUDA must be AUTO, ON or OFF (got '${LM2_CUDA}')")
+endif()
+
+set(LM2_WITH_CUDA OFF)
+if(NOT _lm2_cuda STREQUAL "OFF")
+  if(NOT CMAKE_CUDA_COMPILER AND NOT DEFINED ENV{CUDACXX} AND EXISTS "/usr/local/cuda/bin/nvcc")
+    set(CMAKE_CUDA_COMPILER "/usr/local/cuda/bin/nvcc" CACHE FILEPATH "CUDA compiler")
+  endif()
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+      set(CMAKE_CUDA_ARCHITECTURES "${LM2_CUDA_ARCHITECTURES}")
+    endif()
+    enable_language(CUDA)
+    set(CMAKE_CUDA_STANDARD 17)  # CMake 3.25 knows no CUDA20 dialect for nvcc
+    set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+    find_package(CUDAToolkit REQUIRED)
+    set(LM2_WITH_CUDA ON)
+  elseif(_lm2_cuda STREQUAL "ON")
+    message(FATAL_ERROR "LM2_CUDA=ON but no CUDA compiler was found")
+  endif()
+endif()
+message(STATUS "lm2: CUDA backend ${LM2_WITH_CUDA} (LM2_CUDA=${LM2_CUDA})")
