@@ -72,7 +72,7 @@ def test_write_changes_memory_and_masked_tokens_do_not_write():
     mask = torch.ones(2, 10)
     mask[0, 6:] = 0
     s_batch = model.initial_state(batch=2)
-    logits_b = model.forward_tokens(s_batch, pair, write_mask=mask)
+    logits_b = model.forward_tokens(s_batch, pair, token_mask=mask)
     model.end_segment(s_batch)
     s_alone = model.initial_state()
     logits_a = model.forward_tokens(s_alone, seg[:, :6])
@@ -100,7 +100,7 @@ def test_empty_segment_leaves_memory_unchanged():
     state = model.initial_state(batch=2)
     before = [b.clone() for b in state.memory()]
     mask = torch.tensor([[1.0] * 5, [0.0] * 5])
-    model.forward_tokens(state, torch.cat([tokens(5), tokens(5, seed=3)]), write_mask=mask)
+    model.forward_tokens(state, torch.cat([tokens(5), tokens(5, seed=3)]), token_mask=mask)
     model.end_segment(state)
     for a, b in zip(state.memory(), before):
         assert torch.equal(a[1], b[1])
@@ -286,3 +286,26 @@ def test_context_limit_is_enforced():
     state = model.initial_state()
     with pytest.raises(ValueError):
         model.forward_tokens(state, tokens(model.config.max_position_embeddings + 1))
+
+
+@torch.no_grad()
+def test_padding_is_invisible_to_later_segments_with_the_context_kept():
+    """Right padding inside a segment neither writes nor is attended to later: a padded
+    sequence in a batch gives what it gives alone, across segments with the context kept."""
+    model = make_model()
+    a1, a2 = tokens(5, seed=1), tokens(4, seed=2)
+    b1, b2 = tokens(8, seed=3), tokens(6, seed=4)
+    pad = lambda t, n: torch.cat([t, torch.full((1, n - t.shape[1]), 3)], dim=1)
+    batch = model.initial_state(batch=2)
+    m1 = torch.tensor([[1.0] * 5 + [0.0] * 3, [1.0] * 8])
+    model.forward_tokens(batch, torch.cat([pad(a1, 8), b1]), token_mask=m1)
+    model.end_segment(batch)
+    m2 = torch.tensor([[1.0] * 4 + [0.0] * 2, [1.0] * 6])
+    out = model.forward_tokens(batch, torch.cat([pad(a2, 6), b2]), token_mask=m2)
+    model.end_segment(batch)
+    alone, _, s_alone = model.run_segments([a1, a2], context="keep")
+    assert rel_err(out[0, :4], alone[1][0]) < 1e-12
+    for x, y in zip(batch.memory(), s_alone.memory()):
+        assert rel_err(x[0], y[0]) < 1e-12
+    other, _, _ = model.run_segments([b1, b2], context="keep")
+    assert rel_err(out[1], other[1][0]) < 1e-12

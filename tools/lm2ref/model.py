@@ -42,11 +42,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin [T, head_dim] for the rotate-half convention: pair (i, i + D/2) rotates by
-    angle pos * theta^(-2i/D)."""
+    """cos, sin [..., head_dim] for positions [...] in the rotate-half convention: pair
+    (i, i + D/2) rotates by angle pos * theta^(-2i/D)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64,
                                        device=positions.device) / head_dim)
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # [T, D/2]
+    angles = positions.to(torch.float64)[..., None] * inv_freq  # [..., D/2]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -57,7 +57,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, D]; cos/sin [T, D]."""
+    """x [B, heads, T, D]; cos/sin [B, 1, T, D] or [T, D]."""
     return x * cos + rotate_half(x) * sin
 
 
@@ -74,13 +74,15 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(d, self.hkv * self.dh, bias=False)
         self.o_proj = nn.Linear(self.h * self.dh, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cache: "LayerState", pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: "LayerState", positions: torch.Tensor,
+                key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """positions [B, T]: rotary positions of the new tokens. key_valid [B, S] (cached +
+        new), False at padding: a padding position is a key for no token but itself."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.h, self.dh).transpose(1, 2)    # [B, H, T, Dh]
         k = self.k_proj(x).view(B, T, self.hkv, self.dh).transpose(1, 2)  # [B, Hkv, T, Dh]
         v = self.v_proj(x).view(B, T, self.hkv, self.dh).transpose(1, 2)
-        cos, sin = rope_cos_sin(torch.arange(pos, pos + T, device=x.device), self.dh,
-                                self.theta, x.dtype)
+        cos, sin = rope_cos_sin(positions[:, None, :], self.dh, self.theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache.k is not None:  # append to the context of earlier calls
             k = torch.cat([cache.k, k], dim=2)
@@ -93,7 +95,12 @@ class SelfAttention(nn.Module):
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.dh)  # [B, H, T, S]
         causal = (torch.arange(S, device=x.device)[None, :]
                   <= torch.arange(S - T, S, device=x.device)[:, None])
-        scores = scores.masked_fill(~causal, float("-inf"))
+        allowed = causal[None, None]
+        if key_valid is not None:  # padding is hidden from every other query
+            own = torch.eye(T, dtype=torch.bool, device=x.device)
+            own = torch.cat([torch.zeros(T, S - T, dtype=torch.bool, device=x.device), own], 1)
+            allowed = allowed & (key_valid[:, None, None, :] | own[None, None])
+        scores = scores.masked_fill(~allowed, float("-inf"))
         out = torch.softmax(scores, dim=-1) @ v  # [B, H, T, Dh]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.h * self.dh))
 
@@ -211,9 +218,11 @@ class State:
     """Everything a session owns: per-layer KV cache and memory, the next position, the
     open segment's token count per sequence. The model's weights are not part of it."""
     layers: List[LayerState]
-    pos: int = 0
+    pos: int = 0                                   # positions in the KV cache (padding included)
     segment_open: bool = False
     segment_tokens: Optional[torch.Tensor] = None  # [B] writing tokens in the open segment
+    key_valid: Optional[torch.Tensor] = None       # [B, pos] False at padding; None: no padding
+    next_position: Optional[torch.Tensor] = None   # [B] rotary position of the next real token
 
     def memory(self) -> List[Optional[torch.Tensor]]:
         """The bank of every layer ([B, N, d], None where the layer has no memory)."""
@@ -230,17 +239,18 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.memory = Memory(cfg) if cfg.layer_has_memory(layer) else None
 
-    def forward(self, h: torch.Tensor, ls: LayerState, pos: int,
-                write_mask: Optional[torch.Tensor], trace: Optional[dict]) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, ls: LayerState, positions: torch.Tensor,
+                token_mask: Optional[torch.Tensor], key_valid: Optional[torch.Tensor],
+                trace: Optional[dict]) -> torch.Tensor:
         x = self.input_layernorm(h)
-        a = self.self_attn(x, ls, pos)
+        a = self.self_attn(x, ls, positions, key_valid)
         if self.memory is None:
             h = h + a
         else:
             gated, attn = self.memory.read(x, ls.mem_k, ls.mem_v)
             h = h + a + gated                       # E_next = E_attn + E_gated
             c = self.memory.offer(x)
-            w = attn if write_mask is None else attn * write_mask[:, None, :, None].to(attn.dtype)
+            w = attn if token_mask is None else attn * token_mask[:, None, :, None].to(attn.dtype)
             ls.mass = ls.mass + w.sum(dim=2)        # streamed: plain running sums
             ls.acc = ls.acc + w.transpose(-1, -2) @ c
             if trace is not None:
@@ -292,6 +302,8 @@ class LM2ForCausalLM(nn.Module):
         for ls in state.layers:
             ls.k = ls.v = None
         state.pos = 0
+        state.key_valid = None
+        state.next_position = None
 
     def begin_segment(self, state: State, batch: int) -> None:
         """Cache the memory K/V of the bank as it is now and zero the write sums."""
@@ -322,11 +334,13 @@ class LM2ForCausalLM(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------
     def forward_tokens(self, state: State, input_ids: torch.Tensor,
-                       write_mask: Optional[torch.Tensor] = None,
+                       token_mask: Optional[torch.Tensor] = None,
                        trace: Optional[dict] = None) -> torch.Tensor:
         """Run `input_ids` [B, T] as the next tokens of the open segment (one is opened if
-        none is) and return logits [B, T, V]. write_mask [B, T] (1 = the token writes) marks
-        padding, which must come after a sequence's real tokens (right padding). With a
+        none is) and return logits [B, T, V]. token_mask [B, T] (1 = real token, 0 = padding)
+        marks padding, which must come after a sequence's real tokens in this call (right
+        padding): padding writes nothing to memory and no later or earlier token attends to
+        it, in this call or any later one (its outputs are meaningless). With a
         `trace` dict, each memory layer i appends (A [B, Hm, T, N], C [B, Hm, T, dh]) to
         trace[i], for tests of the write."""
         if input_ids.dim() != 2:
@@ -339,12 +353,29 @@ class LM2ForCausalLM(nn.Module):
         if state.pos + T > self.config.max_position_embeddings:
             raise ValueError(f"context of {state.pos + T} positions exceeds "
                              f"max_position_embeddings={self.config.max_position_embeddings}")
+        if token_mask is not None or state.key_valid is not None:
+            new = (torch.ones(B, T, dtype=torch.bool, device=self.device) if token_mask is None
+                   else token_mask > 0)
+            old = state.key_valid
+            if old is None:
+                old = torch.ones(B, state.pos, dtype=torch.bool, device=self.device)
+            state.key_valid = torch.cat([old, new], dim=1)
+        # Rotary positions count real tokens only, so padding leaves no gap in a sequence.
+        start = (state.next_position if state.next_position is not None
+                 else torch.full((B,), state.pos, dtype=torch.long, device=self.device))
+        if token_mask is None:
+            positions = start[:, None] + torch.arange(T, device=self.device)[None]
+            state.next_position = start + T
+        else:
+            real = (token_mask > 0).long()
+            positions = start[:, None] + torch.cumsum(real, dim=1) - real
+            state.next_position = start + real.sum(dim=1)
         h = self.model.embed_tokens(input_ids)
         for block, ls in zip(self.model.layers, state.layers):
-            h = block(h, ls, state.pos, write_mask, trace)
+            h = block(h, ls, positions, token_mask, state.key_valid, trace)
         state.pos += T
-        n_writing = (torch.full((B,), T, device=self.device) if write_mask is None
-                     else (write_mask > 0).sum(dim=1))
+        n_writing = (torch.full((B,), T, device=self.device) if token_mask is None
+                     else (token_mask > 0).sum(dim=1))
         state.segment_tokens = state.segment_tokens + n_writing.long()
         h = self.model.norm(h)
         if self.lm_head is None:
