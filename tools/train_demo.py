@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""Train the lm2 demo model: multi-turn chat episodes, one turn = one memory segment,
+backpropagation through all segments of an episode (and so through the memory bank).
+
+    PYTHONPATH=tools python3 tools/train_demo.py --words TOKDIR/words.json --out DIR \
+        [--vanilla] [--minutes 9] [--steps N] [--resume DIR/ckpt.pt] [--device cuda]
+
+Data: half scripted episodes (lm2data.episodes.eval_episode: one question, random family,
+distance 1..D), half simulated worlds with many questions (world_episode, 2..D+2 turns),
+freshly generated for every step from the seed (random.Random(f"train-{seed}-{step}")).
+Curriculum: D starts at --start-distance and grows by one (up to --max-distance) whenever
+the held-out check at distance D reaches --advance-at answer accuracy.
+Context: a batch resets the self-attention context at every turn (memory alone carries
+facts) with probability --p-reset, else keeps it across turns.
+Loss: next-token cross-entropy inside each turn, weight --answer-weight on the reply
+tokens of question turns, 1 elsewhere. Logs loss and accuracy; writes DIR/ckpt.pt (model,
+optimizer, step, D) every check and at the end; DIR/log.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from lm2data.encode import WordTable, encode_episode, make_batch  # noqa: E402
+from lm2data.episodes import FAMILIES, eval_episode, world_episode  # noqa: E402
+from lm2data.runner import run_batch  # noqa: E402
+from lm2ref.config import LM2Config  # noqa: E402
+from lm2ref.model import LM2ForCausalLM  # noqa: E402
+
+
+def model_config(args, vocab: int) -> LM2Config:
+    return LM2Config(
+        vocab_size=vocab, hidden_size=args.d, intermediate_size=args.ffn,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, max_position_embeddings=1024,
+        memory_slots=0 if args.vanilla else args.slots, memory_heads=args.memory_heads,
+        memory_segment_tokens=0)
+
+
+def init_model(model: LM2ForCausalLM, forget_bias: float) -> None:
+    """PyTorch's default initialisation, plus the contract's gate biases: b_ig = 0 and
+    b_fg = forget_bias (memory is kept at the start of training)."""
+    for block in model.model.layers:
+        if block.memory is not None:
+            torch.nn.init.zeros_(block.memory.in_gate.bias)
+            torch.nn.init.constant_(block.memory.forget_gate.bias, forget_bias)
+
+
+def train_batch(wt, rng: random.Random, batch_size: int, dist: int):
+    eps = []
+    for i in range(batch_size):
+        if i % 2 == 0:
+            ep = eval_episode(rng, rng.choice(FAMILIES), rng.randint(1, dist))
+        else:
+            ep = world_episode(rng, rng.randint(2, dist + 2))
+        eps.append(encode_episode(wt, ep))
+    return eps
+
+
+def check_set(wt, seed: int, distances, per_family: int):
+    """Held-out check episodes (seed stream "check-..."), grouped by distance."""
+    out = {}
+    for d in distances:
+        rng = random.Random(f"check-{seed}-{d}")
+        eps = [encode_episode(wt, eval_episode(rng, f, d))
+               for f in FAMILIES for _ in range(per_family)]
+        out[d] = eps
+    return out
+
+
+def accuracy(model, eps, device, context="reset", clear=False, amp=False):
+    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                                         enabled=amp):
+        b = make_batch(eps, device)
+        _, ok, hq = run_batch(model, b, context=context, clear_before_question=clear,
+                              want_loss=False)
+    return float(ok.sum()) / max(1, int(hq.sum()))
+
+
+def export(model: LM2ForCausalLM, args) -> None:
+    """The model directory: config.json, safetensors (--export-dtype) in shards of at most
+    --shard-mib MiB, tokenizer.model."""
+    from lm2ref.model_dir import save_model_dir
+    save_model_dir(model.float().cpu(), args.export_dir, dtype=getattr(torch, args.export_dtype),
+                   tokenizer=args.tokenizer or None,
+                   max_shard_bytes=int(args.shard_mib * 1024 * 1024))
+    print(f"exported to {args.export_dir}", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--words", required=True, help="words.json from lm2data.build_tokenizer")
+    ap.add_argument("--vocab", type=int, default=640)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--vanilla", action="store_true", help="same model without memory")
+    ap.add_argument("--d", type=int, default=256)
+    ap.add_argument("--ffn", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--slots", type=int, default=32)
+    ap.add_argument("--memory-heads", type=int, default=4)
+    ap.add_argument("--forget-bias", type=float, default=1.0)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--answer-weight", type=float, default=5.0)
+    ap.add_argument("--p-reset", type=float, default=0.8)
+    ap.add_argument("--start-distance", type=int, default=1)
+    ap.add_argument("--max-distance", type=int, default=10)
+    ap.add_argument("--advance-at", type=float, default=0.8)
+    ap.add_argument("--check-every", type=int, default=250)
+    ap.add_argument("--check-per-family", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=0, help="stop after this step (0: no limit)")
+    ap.add_argument("--minutes", type=float, default=0, help="stop after this wall time")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    ap.add_argument("--tf32", action="store_true", help="TF32 matrix products (CUDA)")
+    ap.add_argument("--resume", default="")
+    ap.add_argument("--export-dir", default="", help="write a model directory at the end")
+    ap.add_argument("--export-from", default="", help="only export this checkpoint")
+    ap.add_argument("--tokenizer", default="", help="tokenizer.model for the model directory")
+    ap.add_argument("--shard-mib", type=float, default=15.0)
+    ap.add_argument("--export-dtype", choices=["float32", "bfloat16"], default="float32")
+    args = ap.parse_args(argv)
+    if args.export_from:
+        ck = torch.load(args.export_from, map_location="cpu")
+        model = LM2ForCausalLM(LM2Config.from_dict(ck["config"]))
+        model.load_state_dict(ck["model"])
+        export(model, args)
+        return 0
+
+    os.makedirs(args.out, exist_ok=True)
+    logf = open(os.path.join(args.out, "log.txt"), "a", encoding="utf-8")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    if device.type == "cuda" and args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    wt = WordTable.load(args.words)
+    cfg = model_config(args, args.vocab)
+    model = LM2ForCausalLM(cfg)
+    init_model(model, args.forget_bias)
+    model.to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    step, dist = 0, args.start_distance
+    if args.resume:
+        ck = torch.load(args.resume, map_location=device)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step, dist = ck["step"], ck["dist"]
+        log(f"resumed from {args.resume} at step {step}, distance {dist}")
+    nparam = sum(p.numel() for p in model.parameters())
+    log(f"args {json.dumps(vars(args))}")
+    log(f"params {nparam / 1e6:.2f} M, memory layers {cfg.memory_layers}, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    checks = check_set(wt, args.seed, sorted({1, 2, 4, 8}), args.check_per_family)
+
+    def save():
+        tmp = os.path.join(args.out, "ckpt.pt.tmp")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "dist": dist, "config": cfg.to_dict(), "args": vars(args)}, tmp)
+        os.replace(tmp, os.path.join(args.out, "ckpt.pt"))
+
+    t0 = time.time()
+    amp = args.bf16 and device.type == "cuda"
+    run_loss = run_acc = None
+    while True:
+        if args.steps and step >= args.steps:
+            break
+        if args.minutes and time.time() - t0 > args.minutes * 60:
+            break
+        rng = random.Random(f"train-{args.seed}-{step}")
+        eps = train_batch(wt, rng, args.batch, dist)
+        context = "reset" if rng.random() < args.p_reset else "keep"
+        b = make_batch(eps, device)
+        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        model.train()
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, ok, hq = run_batch(model, b, context=context, answer_weight=args.answer_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        acc = float(ok.sum()) / max(1, int(hq.sum()))
+        run_loss = float(loss) if run_loss is None else 0.95 * run_loss + 0.05 * float(loss)
+        run_acc = acc if run_acc is None else 0.95 * run_acc + 0.05 * acc
+        if step % 50 == 0:
+            log(f"step {step} t={time.time() - t0:.0f}s D={dist} loss {run_loss:.4f} "
+                f"train_acc {run_acc:.3f} ({context})")
+        if step % args.check_every == 0:
+            model.eval()
+            res = {d: accuracy(model, e, device, amp=amp) for d, e in checks.items()}
+            clr = accuracy(model, checks[1], device, clear=True, amp=amp)
+            log(f"check step {step} D={dist} memory " +
+                " ".join(f"d{d}={a:.3f}" for d, a in res.items()) + f" cleared d1={clr:.3f}")
+            probe = min(dist, 8)
+            at = res.get(probe)
+            if at is None:
+                at = accuracy(model, check_set(wt, args.seed, [probe], args.check_per_family)[probe],
+                              device, amp=amp)
+            if at >= args.advance_at and dist < args.max_distance:
+                dist += 1
+                log(f"curriculum: distance -> {dist}")
+            save()
+    save()
+    log(f"done: step {step}, distance {dist}, {time.time() - t0:.0f}s")
+    if args.export_dir:
+        export(model, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
