@@ -121,6 +121,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-distance", type=int, default=10)
     ap.add_argument("--advance-at", type=float, default=0.8)
     ap.add_argument("--check-every", type=int, default=250)
+    ap.add_argument("--force-advance", type=int, default=0,
+                    help="also advance D after this many checks without an advance (0: never)")
     ap.add_argument("--check-per-family", type=int, default=16)
     ap.add_argument("--steps", type=int, default=0, help="stop after this step (0: no limit)")
     ap.add_argument("--minutes", type=float, default=0, help="stop after this wall time")
@@ -185,6 +187,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     amp = args.bf16 and device.type == "cuda"
     run_loss = run_acc = None
+    since_advance = 0
     while True:
         if args.steps and step >= args.steps:
             break
@@ -222,9 +225,12 @@ def main(argv=None) -> int:
             if at is None:
                 at = accuracy(model, check_set(wt, args.seed, [probe], args.check_per_family)[probe],
                               device, amp=amp)
-            if at >= args.advance_at and dist < args.max_distance:
+            since_advance += 1
+            forced = args.force_advance and since_advance >= args.force_advance
+            if (at >= args.advance_at or forced) and dist < args.max_distance:
                 dist += 1
-                log(f"curriculum: distance -> {dist}")
+                since_advance = 0
+                log(f"curriculum: distance -> {dist}" + (" (forced)" if at < args.advance_at else ""))
             save()
     save()
     log(f"done: step {step}, distance {dist}, {time.time() - t0:.0f}s")
