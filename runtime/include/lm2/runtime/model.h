@@ -1,0 +1,87 @@
+// Model and SequenceState: the backend-independent execution interface.
+//
+// A Model is a loaded set of weights on one backend (CPU now, CUDA later): shared,
+// read-only after load, and safe to use from many threads at once, each with its own
+// SequenceState. A SequenceState is everything one conversation owns: the KV cache, the
+// memory bank of every memory layer, the open segment's write sums and its position. The
+// session layer above keeps one per session; nothing in a Model changes when it runs.
+//
+// The execution model follows docs/lm2-spec.md:
+//   state = model.NewState();
+//   model.Forward(*state, prompt_tokens, ...)   // opens a segment if none is open
+//   model.Forward(*state, {next_token}, ...)    // ... decode, same segment
+//   model.EndSegment(*state);                   // the memory write (eq. 4-6)
+//   model.ResetContext(*state);                 // optional: empty the KV cache
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "lm2/core/memory_state.h"
+#include "lm2/core/status.h"
+#include "lm2/runtime/model_config.h"
+
+namespace lm2::runtime {
+
+// Per-conversation state, created by Model::NewState and usable only with that Model.
+// Not thread-safe: one thread drives a state at a time. Moves are not supported; own it
+// through the unique_ptr.
+class SequenceState {
+ public:
+  virtual ~SequenceState() = default;
+  // Positions held in the KV cache (tokens since the last ResetContext).
+  virtual int64_t context_length() const = 0;
+  // True between the first Forward of a segment and EndSegment.
+  virtual bool segment_open() const = 0;
+  // Tokens run in the open segment (0 when none is open).
+  virtual int64_t segment_tokens() const = 0;
+};
+
+// Which logits Forward returns.
+enum class LogitsMode {
+  kNone,  // none (prefill whose logits nobody needs)
+  kLast,  // the last token's: [V]
+  kAll,   // every token's: [T, V], row-major
+};
+
+class Model {
+ public:
+  virtual ~Model() = default;
+
+  virtual const ModelConfig& config() const = 0;
+  // The model's fingerprint (ModelFiles::Fingerprint), stamped on exported memory.
+  virtual const std::string& fingerprint() const = 0;
+  // "cpu", "cuda:0", ...
+  virtual std::string backend_name() const = 0;
+
+  // A fresh state: empty context, every memory bank at its initial value (identity rows or
+  // the model's learned init).
+  virtual Result<std::unique_ptr<SequenceState>> NewState() const = 0;
+
+  // Runs `tokens` as the next tokens of the open segment (opening one if none is open:
+  // the memory K/V of the current bank are computed then). Errors: OutOfRange when the
+  // context would exceed max_position_embeddings (the state is unchanged), InvalidArgument
+  // for a token id outside the vocabulary or a state from another model.
+  virtual Status Forward(SequenceState& state, std::span<const int32_t> tokens, LogitsMode mode,
+                         std::vector<float>* logits) const = 0;
+
+  // Applies the memory write of the open segment and closes it. A segment that ran no
+  // tokens leaves memory unchanged. No-op when no segment is open.
+  virtual Status EndSegment(SequenceState& state) const = 0;
+
+  // Drops the KV cache; positions restart at 0. Memory and the open segment's write sums
+  // are kept.
+  virtual void ResetContext(SequenceState& state) const = 0;
+
+  // Copies the memory banks out (per memory layer N x d fp32) with the model fingerprint.
+  // FailedPrecondition while a segment is open (its write is not applied yet).
+  virtual Result<MemoryState> ExportMemory(const SequenceState& state) const = 0;
+  // Replaces the state's memory banks. FailedPrecondition for another model's fingerprint
+  // or while a segment is open; InvalidArgument for layers or shapes that do not match.
+  virtual Status ImportMemory(SequenceState& state, const MemoryState& memory) const = 0;
+};
+
+}  // namespace lm2::runtime

@@ -1,0 +1,204 @@
+// The CPU backend against the float64 golden files and the execution invariants.
+#include <catch2/catch.hpp>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "golden.h"
+#include "lm2/runtime/cpu_backend.h"
+#include "lm2/runtime/model_files.h"
+
+using lm2::runtime::LoadCpuModel;
+using lm2::runtime::LogitsMode;
+using lm2::runtime::Model;
+using lm2::runtime::ModelFiles;
+using lm2::runtime::SequenceState;
+using lm2::testing::Golden;
+using lm2::testing::LoadGolden;
+using lm2::testing::RelativeError;
+using lm2::testing::SourceDir;
+
+namespace {
+
+const std::vector<std::string> kModels = {"tiny-lm2", "tiny-partial", "tiny-vanilla"};
+const std::vector<std::string> kCases = {"keep3", "reset3", "empty-segment"};
+constexpr double kTolerance = 1e-4;  // docs/lm2-spec.md: CPU fp32 vs float64 reference
+
+std::unique_ptr<Model> Load(const std::string& name) {
+  auto files = ModelFiles::Open(SourceDir() + "/tests/data/models/" + name);
+  REQUIRE(files.ok());
+  auto model = LoadCpuModel(std::shared_ptr<const ModelFiles>(std::move(files).value()));
+  REQUIRE(model.ok());
+  return std::move(model).value();
+}
+
+std::unique_ptr<SequenceState> NewState(const Model& m) {
+  auto s = m.NewState();
+  REQUIRE(s.ok());
+  return std::move(s).value();
+}
+
+std::vector<int32_t> Slice(const std::vector<int32_t>& v, std::size_t begin, std::size_t n) {
+  return {v.begin() + static_cast<std::ptrdiff_t>(begin), v.begin() + static_cast<std::ptrdiff_t>(begin + n)};
+}
+
+}  // namespace
+
+TEST_CASE("CPU backend matches the float64 golden files", "[cpu][golden]") {
+  for (const auto& name : kModels) {
+    auto model = Load(name);
+    const auto& cfg = model->config();
+    for (const auto& case_name : kCases) {
+      INFO(name << "/" << case_name);
+      auto golden = LoadGolden(SourceDir() + "/tests/data/golden/" + name + "/" + case_name + ".safetensors");
+      REQUIRE(golden.ok());
+      const Golden& g = *golden;
+      REQUIRE(g.vocab == cfg.vocab_size);
+      auto state = NewState(*model);
+      std::size_t offset = 0;
+      for (std::size_t k = 0; k < g.segment_lengths.size(); ++k) {
+        const auto n = static_cast<std::size_t>(g.segment_lengths[k]);
+        if (g.context == "reset") model->ResetContext(*state);
+        std::vector<float> logits;
+        REQUIRE(model->Forward(*state, Slice(g.tokens, offset, n), LogitsMode::kAll, &logits).ok());
+        REQUIRE(logits.size() == n * static_cast<std::size_t>(cfg.vocab_size));
+        if (n > 0) {
+          const double err = RelativeError(logits.data(), g.logits.data() + offset * static_cast<std::size_t>(g.vocab),
+                                           logits.size());
+          INFO("segment " << k << " logits rel err " << err);
+          CHECK(err <= kTolerance);
+        }
+        REQUIRE(model->EndSegment(*state).ok());
+        auto memory = model->ExportMemory(*state);
+        REQUIRE(memory.ok());
+        REQUIRE(memory->layers.size() == cfg.memory_layers.size());
+        for (const auto& layer : memory->layers) {
+          const auto& want = g.memory.at({static_cast<int64_t>(k), layer.layer});
+          REQUIRE(want.size() == layer.data.size());
+          const double err = RelativeError(layer.data.data(), want.data(), want.size());
+          INFO("segment " << k << " layer " << layer.layer << " memory rel err " << err);
+          CHECK(err <= kTolerance);
+        }
+        offset += n;
+      }
+    }
+  }
+}
+
+TEST_CASE("Token-at-a-time decode equals full-prompt prefill", "[cpu]") {
+  for (const auto& name : kModels) {
+    INFO(name);
+    auto model = Load(name);
+    const std::vector<int32_t> tokens = {5, 17, 300, 42, 99, 7, 256, 11, 400, 8};
+    auto a = NewState(*model);
+    std::vector<float> prefill;
+    REQUIRE(model->Forward(*a, tokens, LogitsMode::kAll, &prefill).ok());
+    auto b = NewState(*model);
+    std::vector<float> step, stepped;
+    for (int32_t t : tokens) {
+      REQUIRE(model->Forward(*b, std::vector<int32_t>{t}, LogitsMode::kLast, &step).ok());
+      stepped.insert(stepped.end(), step.begin(), step.end());
+    }
+    REQUIRE(stepped.size() == prefill.size());
+    std::vector<double> ref(prefill.begin(), prefill.end());
+    CHECK(RelativeError(stepped.data(), ref.data(), ref.size()) < 1e-5);
+    // The streamed write sums give the same bank either way.
+    REQUIRE(model->EndSegment(*a).ok());
+    REQUIRE(model->EndSegment(*b).ok());
+    auto ma = model->ExportMemory(*a);
+    auto mb = model->ExportMemory(*b);
+    REQUIRE((ma.ok() && mb.ok()));
+    for (std::size_t l = 0; l < ma->layers.size(); ++l) {
+      std::vector<double> ref_bank(ma->layers[l].data.begin(), ma->layers[l].data.end());
+      CHECK(RelativeError(mb->layers[l].data.data(), ref_bank.data(), ref_bank.size()) < 1e-5);
+    }
+  }
+}
+
+TEST_CASE("Export and import of memory mid-conversation continues exactly", "[cpu]") {
+  auto model = Load("tiny-lm2");
+  const std::vector<int32_t> seg1 = {9, 8, 7, 6, 5}, seg2 = {100, 200, 300}, seg3 = {44, 55, 66, 77};
+  // Never stopping: three segments, context reset before the third.
+  auto a = NewState(*model);
+  std::vector<float> la;
+  REQUIRE(model->Forward(*a, seg1, LogitsMode::kNone, nullptr).ok());
+  REQUIRE(model->EndSegment(*a).ok());
+  REQUIRE(model->Forward(*a, seg2, LogitsMode::kNone, nullptr).ok());
+  REQUIRE(model->EndSegment(*a).ok());
+  model->ResetContext(*a);
+  REQUIRE(model->Forward(*a, seg3, LogitsMode::kAll, &la).ok());
+  // Stopping after two segments: export, import into a fresh state (as a restored
+  // session, empty context), continue.
+  auto b = NewState(*model);
+  REQUIRE(model->Forward(*b, seg1, LogitsMode::kNone, nullptr).ok());
+  REQUIRE(model->EndSegment(*b).ok());
+  REQUIRE(model->Forward(*b, seg2, LogitsMode::kNone, nullptr).ok());
+  // Export is refused while the segment's write is pending.
+  CHECK(model->ExportMemory(*b).status().code() == lm2::StatusCode::kFailedPrecondition);
+  REQUIRE(model->EndSegment(*b).ok());
+  auto saved = model->ExportMemory(*b);
+  REQUIRE(saved.ok());
+  auto c = NewState(*model);
+  REQUIRE(model->ImportMemory(*c, *saved).ok());
+  std::vector<float> lc;
+  REQUIRE(model->Forward(*c, seg3, LogitsMode::kAll, &lc).ok());
+  CHECK(lc == la);  // bit-identical
+  // Without the import the logits differ: memory carries the earlier segments.
+  auto d = NewState(*model);
+  std::vector<float> ld;
+  REQUIRE(model->Forward(*d, seg3, LogitsMode::kAll, &ld).ok());
+  CHECK(ld != la);
+}
+
+TEST_CASE("Bad input gets a clear status and leaves the state usable", "[cpu]") {
+  auto model = Load("tiny-lm2");
+  const auto& cfg = model->config();
+  auto s = NewState(*model);
+  std::vector<float> logits;
+  CHECK(model->Forward(*s, std::vector<int32_t>{static_cast<int32_t>(cfg.vocab_size)}, LogitsMode::kLast, &logits)
+            .code() == lm2::StatusCode::kInvalidArgument);
+  CHECK(model->Forward(*s, std::vector<int32_t>{-1}, LogitsMode::kLast, &logits).code() ==
+        lm2::StatusCode::kInvalidArgument);
+  std::vector<int32_t> too_long(static_cast<std::size_t>(cfg.max_position_embeddings) + 1, 5);
+  CHECK(model->Forward(*s, too_long, LogitsMode::kLast, &logits).code() == lm2::StatusCode::kOutOfRange);
+  CHECK(s->context_length() == 0);
+  REQUIRE(model->Forward(*s, std::vector<int32_t>{5, 6}, LogitsMode::kLast, &logits).ok());
+  CHECK(s->context_length() == 2);
+  CHECK(s->segment_tokens() == 2);
+  REQUIRE(model->EndSegment(*s).ok());
+
+  // A bank from another model (the fingerprint differs) is refused.
+  auto other = Load("tiny-partial");
+  auto other_state = NewState(*other);
+  auto foreign = other->ExportMemory(*other_state);
+  REQUIRE(foreign.ok());
+  CHECK(model->ImportMemory(*s, *foreign).code() == lm2::StatusCode::kFailedPrecondition);
+  // A state of another model is refused.
+  CHECK(model->Forward(*other_state, std::vector<int32_t>{5}, LogitsMode::kLast, &logits).code() ==
+        lm2::StatusCode::kInvalidArgument);
+  // A bank with the right fingerprint but the wrong shape is refused.
+  auto mine = model->ExportMemory(*s);
+  REQUIRE(mine.ok());
+  lm2::MemoryState bad = mine->Clone();
+  bad.layers[0].data.pop_back();
+  CHECK(model->ImportMemory(*s, bad).code() == lm2::StatusCode::kInvalidArgument);
+  bad = mine->Clone();
+  bad.layers.pop_back();
+  CHECK(model->ImportMemory(*s, bad).code() == lm2::StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("An empty segment leaves memory unchanged", "[cpu]") {
+  auto model = Load("tiny-lm2");
+  auto s = NewState(*model);
+  REQUIRE(model->Forward(*s, std::vector<int32_t>{5, 6, 7}, LogitsMode::kNone, nullptr).ok());
+  REQUIRE(model->EndSegment(*s).ok());
+  auto before = model->ExportMemory(*s);
+  REQUIRE(before.ok());
+  REQUIRE(model->Forward(*s, std::vector<int32_t>{}, LogitsMode::kNone, nullptr).ok());
+  CHECK(s->segment_open());
+  REQUIRE(model->EndSegment(*s).ok());
+  auto after = model->ExportMemory(*s);
+  REQUIRE(after.ok());
+  for (std::size_t l = 0; l < before->layers.size(); ++l) CHECK(before->layers[l].data == after->layers[l].data);
+}
