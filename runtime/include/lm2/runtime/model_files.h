@@ -9,8 +9,14 @@
 // well-formed JSON, known dtypes, shape x dtype size == byte range, ranges inside the file
 // and not overlapping, every expected tensor (ExpectedTensors) present with the right
 // shape, nothing unexpected. Each failure is a Status naming the file and tensor:
-// Corruption for malformed bytes, InvalidArgument for a bad config, NotFound for a
-// missing file.
+// Corruption for malformed bytes or the wrong set/shapes of tensors, InvalidArgument for
+// a bad config, NotFound for a missing config.json or weights file, Unimplemented for a
+// valid safetensors dtype that is not a weight dtype (F64, I32, ...).
+//
+// The index's "metadata" is ignored; a shard holding a tensor the index maps elsewhere,
+// a tensor in two shards, or an index entry no shard holds is Corruption. When both
+// model.safetensors and the index exist, the index wins (as in lm2ref and Hugging Face).
+// Files must not be truncated while mapped (the OS would raise SIGBUS on access).
 //
 // Ownership: ModelFiles owns the mappings; TensorViews point into them and stay valid
 // while the ModelFiles lives. Thread-safe for concurrent reads once opened. Costs: opening
@@ -52,12 +58,24 @@ class ModelFiles {
   Result<TensorView> Tensor(const std::string& name) const;
   // Views in ExpectedTensors order.
   const std::vector<TensorSpec>& specs() const;
+  // The safetensors files holding the weights, names relative to dir(), sorted.
+  const std::vector<std::string>& weight_files() const;
+  // Sum of every expected tensor's byte size as stored.
+  uint64_t weight_bytes() const;
 
   // SHA-256 (hex) over the canonical config JSON and, in ExpectedTensors order, the name,
   // dtype, shape and bytes of every tensor. A memory bank is only valid for the model it
   // was computed with (every layer up to the last memory layer shapes what is written, so
   // all weights count); this is the value stored beside a bank to refuse another model's.
   // Computed on first call (one pass over the weights), then cached; thread-safe.
+  //
+  // Exact byte stream hashed (u64 = 8 bytes little-endian; str = u64 length + bytes):
+  //   str "lm2-model-fingerprint-v1", str ModelConfig::CanonicalJson(), then per tensor
+  //   in ExpectedTensors order: str name, str dtype ("F32"/"F16"/"BF16"), u64 rank,
+  //   u64 each dim, str tensor bytes as stored.
+  // So the same weights stored as F32 and BF16 have different fingerprints (they compute
+  // different banks). Lowercase hex, 64 characters; empty only if OpenSSL itself failed
+  // (an empty fingerprint must never be treated as matching).
   const std::string& Fingerprint() const;
 
  private:
