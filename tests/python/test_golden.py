@@ -24,7 +24,7 @@ def regenerated(tmp_path_factory):
 
 def test_regenerated_models_equal_committed(regenerated):
     for name in testdata.TEST_MODELS:
-        for f in ("config.json", "model.safetensors", "tokenizer.model"):
+        for f in ("config.json", "model.safetensors", "tokenizer.model", "chat_template.json"):
             a = os.path.join(DATA, "models", name, f)
             b = os.path.join(regenerated, "models", name, f)
             assert filecmp.cmp(a, b, shallow=False), f"{name}/{f} differs from a regeneration"

@@ -3,7 +3,8 @@
     /usr/bin/python3 -m lm2ref.testdata --out tests/data      (PYTHONPATH=tools)
 or simply tools/regen-test-data. Writes:
 
-    tests/data/models/<name>/    config.json, model.safetensors (F32), tokenizer.model
+    tests/data/models/<name>/    config.json, model.safetensors (F32), tokenizer.model,
+                                 chat_template.json
     tests/data/golden/<name>/<case>.safetensors
 
 A golden file holds, for one fixed token sequence split into segments:
@@ -123,7 +124,8 @@ def write_models(out_dir: str, tokenizer_path: str) -> None:
         model = LM2ForCausalLM(cfg)
         model.load_state_dict(random_weights(cfg, seed=1000 + i), strict=True)
         save_model_dir(model, os.path.join(out_dir, "models", name), dtype=torch.float32,
-                       tokenizer=tokenizer_path)
+                       tokenizer=tokenizer_path,
+                       extra_files={"chat_template.json": tok.chat_template_json()})
 
 
 def write_goldens(out_dir: str) -> None:

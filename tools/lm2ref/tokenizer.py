@@ -11,6 +11,7 @@ the chat control symbols <|user|>, <|assistant|>, <|end|>; byte fallback covers 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -20,6 +21,33 @@ from typing import Iterable, List
 
 CHAT_SYMBOLS = ["<|user|>", "<|assistant|>", "<|end|>"]
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+
+# DIR/chat_template.json (docs/runtime.md, "Chat template"): a user turn is rendered as the
+# one string user_prefix + message + user_suffix + assistant_prefix and encoded in one pass
+# (BOS first on a conversation's first turn when add_bos); a reply ends at a stop piece or
+# EOS. These strings match the chat lines of generate_corpus().
+CHAT_TEMPLATE_FORMAT = "lm2-chat-template-1"
+CHAT_TEMPLATE = {
+    "format": CHAT_TEMPLATE_FORMAT,
+    "add_bos": True,
+    "user_prefix": "<|user|> ",
+    "user_suffix": " <|end|> ",
+    "assistant_prefix": "<|assistant|>",
+    "assistant_suffix": " <|end|>",
+    "stop": ["<|end|>"],
+}
+
+
+def chat_template_json(template: dict = CHAT_TEMPLATE) -> str:
+    """The text of a chat_template.json file."""
+    return json.dumps(template, indent=2) + "\n"
+
+
+def render_user_turn(sp, message: str, first_turn: bool, template: dict = CHAT_TEMPLATE):
+    """Token ids of one user turn plus the assistant prefix (what the runtime renders)."""
+    ids = [sp.bos_id()] if first_turn and template.get("add_bos", True) else []
+    text = template["user_prefix"] + message + template["user_suffix"] + template["assistant_prefix"]
+    return ids + list(sp.EncodeAsIds(text))
 
 _PEOPLE = ["Mary", "John", "Sandra", "Daniel", "Alice", "Bob", "Fred", "Julie", "Bill", "Emma",
            "Omar", "Priya", "Lena", "Kofi", "Yuki", "Mateo"]
