@@ -1,0 +1,62 @@
+// Generate: run a prompt and sample a reply, streaming text through a callback.
+//
+// Runs inside the state's open segment (opening one if needed) and leaves it open: the
+// caller decides when the segment ends (the session layer ends it after the reply, so
+// message + reply form one memory segment). Stateless function; everything it changes is
+// in `state` and `sampler`.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "lm2/core/status.h"
+#include "lm2/runtime/model.h"
+#include "lm2/runtime/sampler.h"
+#include "lm2/runtime/tokenizer.h"
+
+namespace lm2::runtime {
+
+enum class StopReason {
+  kStopToken,    // EOS or a template stop piece (e.g. <|end|>) was generated
+  kStopString,   // one of GenerateOptions::stop_strings appeared in the text
+  kMaxTokens,    // max_tokens were generated
+  kContextFull,  // the context reached max_position_embeddings
+};
+std::string_view StopReasonName(StopReason reason);
+
+struct GenerateOptions {
+  int32_t max_tokens = 256;                 // upper bound on generated tokens (>= 1)
+  std::vector<std::string> stop_strings;    // text that ends the reply (not included); none by default
+  // A prompt that does not fit the remaining context: false (default) fails with
+  // OutOfRange; true processes it in memory segments of memory_segment_tokens (or half the
+  // context when that is 0), ending each segment and emptying the context between them,
+  // so the earlier parts reach the reply through memory only.
+  bool split_long_prompt = false;
+  const std::atomic<bool>* cancel = nullptr;  // set to true from any thread to stop early
+};
+
+struct GenerateResult {
+  std::vector<int32_t> tokens;  // generated ids, a final stop token included (it is fed to the model)
+  std::string text;             // the reply's text, without the stop token or stop string
+  StopReason stop = StopReason::kMaxTokens;
+  int64_t prompt_tokens = 0;
+  double prefill_seconds = 0.0;
+  double decode_seconds = 0.0;
+};
+
+// Text as it becomes final: never a part of a stop string, never half a character.
+using TextCallback = std::function<void(std::string_view text)>;
+
+// Errors: InvalidArgument (bad options, empty prompt), OutOfRange (prompt too long and
+// split_long_prompt off), Cancelled (the cancel flag was set; the state holds a partial
+// segment the caller should discard), and whatever Model::Forward returns.
+Result<GenerateResult> Generate(const Model& model, SequenceState& state, const Tokenizer& tokenizer,
+                                Sampler& sampler, std::span<const int32_t> prompt,
+                                const GenerateOptions& options, const TextCallback& on_text = {});
+
+}  // namespace lm2::runtime

@@ -1,0 +1,154 @@
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "golden.h"
+#include "lm2/runtime/cpu_backend.h"
+#include "lm2/runtime/generate.h"
+#include "lm2/runtime/model_files.h"
+
+using namespace lm2::runtime;
+
+namespace {
+
+struct Fixture {
+  std::unique_ptr<Model> model;
+  std::unique_ptr<Tokenizer> tokenizer;
+  Fixture() {
+    const std::string dir = lm2::testing::SourceDir() + "/tests/data/models/tiny-lm2";
+    auto files = ModelFiles::Open(dir);
+    REQUIRE(files.ok());
+    auto m = LoadCpuModel(std::shared_ptr<const ModelFiles>(std::move(files).value()));
+    REQUIRE(m.ok());
+    model = std::move(m).value();
+    auto t = Tokenizer::Open(dir);
+    REQUIRE(t.ok());
+    tokenizer = std::move(t).value();
+  }
+  std::unique_ptr<SequenceState> State() {
+    auto s = model->NewState();
+    REQUIRE(s.ok());
+    return std::move(s).value();
+  }
+  std::vector<int32_t> Prompt(const std::string& text) {
+    auto ids = tokenizer->RenderUserTurn(text, /*first_turn=*/true);
+    REQUIRE(ids.ok());
+    return *ids;
+  }
+  lm2::Result<GenerateResult> Run(SequenceState& s, const std::vector<int32_t>& prompt, const GenerateOptions& o,
+                             std::string* streamed = nullptr, SamplingOptions so = {}) {
+    Sampler sampler(so);
+    return Generate(*model, s, *tokenizer, sampler, prompt, o, [&](std::string_view t) {
+      if (streamed != nullptr) streamed->append(t);
+    });
+  }
+};
+
+}  // namespace
+
+TEST_CASE("Generate: greedy equals the argmax of the model, token by token", "[generate]") {
+  Fixture f;
+  auto prompt = f.Prompt("Mary went to the kitchen.");
+  auto s = f.State();
+  GenerateOptions o;
+  o.max_tokens = 12;
+  std::string streamed;
+  auto r = f.Run(*s, prompt, o, &streamed);
+  REQUIRE(r.ok());
+  REQUIRE(!r->tokens.empty());
+  // The same by hand.
+  auto s2 = f.State();
+  std::vector<float> logits;
+  REQUIRE(f.model->Forward(*s2, prompt, LogitsMode::kLast, &logits).ok());
+  for (int32_t t : r->tokens) {
+    const auto argmax = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    CHECK(argmax == t);
+    REQUIRE(f.model->Forward(*s2, std::vector<int32_t>{t}, LogitsMode::kLast, &logits).ok());
+  }
+  CHECK(s->context_length() == static_cast<int64_t>(prompt.size() + r->tokens.size()));
+  CHECK(s->segment_open());  // the caller ends the segment
+  CHECK(streamed == r->text);
+  if (r->stop == StopReason::kMaxTokens) CHECK(r->tokens.size() == 12);
+  CHECK(r->prompt_tokens == static_cast<int64_t>(prompt.size()));
+}
+
+TEST_CASE("Generate: stop strings cut the text and are never streamed", "[generate]") {
+  Fixture f;
+  auto prompt = f.Prompt("Where is the milk?");
+  GenerateOptions o;
+  o.max_tokens = 40;
+  auto s = f.State();
+  auto full = f.Run(*s, prompt, o);
+  REQUIRE(full.ok());
+  REQUIRE(full->text.size() > 6);
+  // A stop string taken from the middle of the greedy reply.
+  const std::string stop = full->text.substr(full->text.size() / 2, 3);
+  const std::size_t cut = full->text.find(stop);
+  o.stop_strings = {stop};
+  auto s2 = f.State();
+  std::string streamed;
+  auto r = f.Run(*s2, prompt, o, &streamed);
+  REQUIRE(r.ok());
+  CHECK(r->stop == StopReason::kStopString);
+  CHECK(r->text == full->text.substr(0, cut));
+  CHECK(streamed == r->text);
+}
+
+TEST_CASE("Generate: seeded sampling reproduces; cancellation; bad options", "[generate]") {
+  Fixture f;
+  auto prompt = f.Prompt("Hello");
+  GenerateOptions o;
+  o.max_tokens = 16;
+  SamplingOptions so;
+  so.temperature = 1.0f;
+  so.top_p = 0.9f;
+  so.seed = 42;
+  auto a = f.State();
+  auto b = f.State();
+  auto ra = f.Run(*a, prompt, o, nullptr, so);
+  auto rb = f.Run(*b, prompt, o, nullptr, so);
+  REQUIRE((ra.ok() && rb.ok()));
+  CHECK(ra->tokens == rb->tokens);
+
+  std::atomic<bool> cancel{true};
+  o.cancel = &cancel;
+  auto c = f.State();
+  CHECK(f.Run(*c, prompt, o).status().code() == lm2::StatusCode::kCancelled);
+  o.cancel = nullptr;
+  o.max_tokens = 0;
+  CHECK(f.Run(*c, prompt, o).status().IsInvalidArgument());
+  o.max_tokens = 4;
+  CHECK(f.Run(*c, {}, o).status().IsInvalidArgument());
+  so.top_p = 2.0f;
+  CHECK(f.Run(*c, prompt, o, nullptr, so).status().IsInvalidArgument());
+}
+
+TEST_CASE("Generate: context limits", "[generate]") {
+  Fixture f;
+  const int64_t max_ctx = f.model->config().max_position_embeddings;
+  GenerateOptions o;
+  o.max_tokens = 50;
+  // A prompt that leaves room for 3 tokens: generation stops at the context's end.
+  std::vector<int32_t> prompt(static_cast<std::size_t>(max_ctx - 3), 42);
+  auto s = f.State();
+  auto r = f.Run(*s, prompt, o);
+  REQUIRE(r.ok());
+  CHECK(r->stop == StopReason::kContextFull);
+  CHECK(r->tokens.size() == 3);
+  CHECK(s->context_length() == max_ctx);
+  // A prompt longer than the context: a clear status, or segments when asked.
+  std::vector<int32_t> long_prompt(static_cast<std::size_t>(max_ctx + 40), 42);
+  auto s2 = f.State();
+  CHECK(f.Run(*s2, long_prompt, o).status().code() == lm2::StatusCode::kOutOfRange);
+  CHECK(s2->context_length() == 0);
+  o.split_long_prompt = true;
+  o.max_tokens = 4;
+  auto r2 = f.Run(*s2, long_prompt, o);
+  REQUIRE(r2.ok());
+  CHECK(s2->context_length() < max_ctx);
+  CHECK(r2->tokens.size() == 4);
+}
