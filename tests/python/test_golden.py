@@ -82,3 +82,17 @@ def test_tokenizer_has_the_fixed_control_ids():
     assert sp.PieceToId("<|user|>") == 4
     text = "Mary went to the kitchen. Zürich ✓"
     assert sp.DecodeIds(sp.EncodeAsIds(text)) == text
+
+
+def test_chat_template_file_and_rendering():
+    """The committed chat_template.json is lm2ref's; the rendered ids are the ones the C++
+    tokenizer test (tests/runtime/tokenizer_test.cc) expects."""
+    import json
+    from lm2ref import tokenizer as tok
+    for name in testdata.TEST_MODELS:
+        with open(os.path.join(DATA, "models", name, "chat_template.json"), encoding="utf-8") as f:
+            assert json.load(f) == tok.CHAT_TEMPLATE
+    sp = load_processor(os.path.join(DATA, "models", "tiny-lm2", "tokenizer.model"))
+    first = tok.render_user_turn(sp, "How are you today?", first_turn=True)
+    assert first == [1, 454, 4, 446, 447, 322, 448, 477, 454, 6, 454, 5]
+    assert tok.render_user_turn(sp, "How are you today?", first_turn=False) == first[1:]
