@@ -3,6 +3,7 @@
 
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "golden.h"
@@ -201,4 +202,32 @@ TEST_CASE("An empty segment leaves memory unchanged", "[cpu]") {
   auto after = model->ExportMemory(*s);
   REQUIRE(after.ok());
   for (std::size_t l = 0; l < before->layers.size(); ++l) CHECK(before->layers[l].data == after->layers[l].data);
+}
+
+TEST_CASE("Many states run one shared model from several threads", "[cpu]") {
+  auto model = Load("tiny-lm2");
+  constexpr int kThreads = 4;
+  const auto run = [&](int seed, std::vector<float>* out) {
+    auto s = model->NewState();
+    REQUIRE(s.ok());
+    std::vector<int32_t> tokens;
+    for (int i = 0; i < 24; ++i) tokens.push_back(4 + (seed * 131 + i * 17) % 500);
+    std::vector<float> logits;
+    for (int seg = 0; seg < 3; ++seg) {
+      const std::vector<int32_t> part(tokens.begin() + seg * 8, tokens.begin() + seg * 8 + 8);
+      REQUIRE(model->Forward(**s, part, LogitsMode::kAll, &logits).ok());
+      out->insert(out->end(), logits.begin(), logits.end());
+      REQUIRE(model->EndSegment(**s).ok());
+    }
+    auto memory = model->ExportMemory(**s);
+    REQUIRE(memory.ok());
+    for (const auto& l : memory->layers) out->insert(out->end(), l.data.begin(), l.data.end());
+  };
+  std::vector<std::vector<float>> sequential(kThreads), concurrent(kThreads);
+  for (int i = 0; i < kThreads; ++i) run(i, &sequential[static_cast<std::size_t>(i)]);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i) threads.emplace_back(run, i, &concurrent[static_cast<std::size_t>(i)]);
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < kThreads; ++i) CHECK(concurrent[static_cast<std::size_t>(i)] == sequential[static_cast<std::size_t>(i)]);
+  CHECK(sequential[0] != sequential[1]);
 }
