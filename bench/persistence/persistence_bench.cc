@@ -3,7 +3,8 @@
 // machine in the same run: AES-256-GCM over the same bytes (the store's own SealRecord)
 // and a synced sequential write of the same bytes (write + fdatasync).
 //
-//   persistence_bench [--dir DIR] [--max-mib N] [--reps R]
+//   persistence_bench [--dir DIR] [--min-kib N] [--max-mib N] [--reps R]
+// Sizes: 256 KiB, 1, 4, 16, 64, 128, 256 MiB (within the bounds).
 //
 // Restores read warm (page cache / memtable): this measures the CPU path, not a cold disk.
 #include <fcntl.h>
@@ -84,14 +85,15 @@ void Check(const Status& s, const char* what) {
 
 int main(int argc, char** argv) {
   std::string dir;
-  std::size_t max_mib = 256;
+  std::size_t max_mib = 256, min_kib = 256;
   int reps = 3;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--dir" && i + 1 < argc) dir = argv[++i];
     else if (a == "--max-mib" && i + 1 < argc) max_mib = std::stoul(argv[++i]);
+    else if (a == "--min-kib" && i + 1 < argc) min_kib = std::stoul(argv[++i]);
     else if (a == "--reps" && i + 1 < argc) reps = std::max(1, std::stoi(argv[++i]));
-    else { std::fprintf(stderr, "usage: %s [--dir DIR] [--max-mib N] [--reps R]\n", argv[0]); return 2; }
+    else { std::fprintf(stderr, "usage: %s [--dir DIR] [--min-kib N] [--max-mib N] [--reps R]\n", argv[0]); return 2; }
   }
   const bool own_dir = dir.empty();
   if (own_dir) {
@@ -119,9 +121,9 @@ int main(int argc, char** argv) {
               "encrypt", "rocksdb", "MiB/s", "restore", "read", "decrypt", "decode", "MiB/s", "aes-gcm",
               "syncwr", "ratio");
   uint64_t head = 0;
-  for (std::size_t kib = 256; kib <= max_mib * 1024; kib *= 4) {
-    std::size_t sz = kib * 1024;
-    if (kib * 4 > max_mib * 1024 && kib < max_mib * 1024) {}  // next size handled below
+  for (std::size_t kib = 256; kib <= max_mib * 1024; kib = kib >= 64 * 1024 ? kib * 2 : kib * 4) {
+    if (kib < min_kib) continue;
+    const std::size_t sz = kib * 1024;
     MemoryState bank = MakeBank(sz, static_cast<uint32_t>(kib));
     const double mib = static_cast<double>(bank.TotalValues() * 4) / (1 << 20);
     std::vector<double> commit, enc, crypt, rdb, restore, rd, dec, dcd, aes, wr;
@@ -175,7 +177,6 @@ int main(int argc, char** argv) {
                 Median(rd) * 1e3, Median(dec) * 1e3, Median(dcd) * 1e3, mib / rs, Median(aes) * 1e3,
                 Median(wr) * 1e3, c / floor);
     std::fflush(stdout);
-    if (kib < max_mib * 1024 && kib * 4 > max_mib * 1024) kib = max_mib * 1024 / 4;  // end on max_mib
   }
   std::printf("ratio = commit / (aes-gcm + syncwr); target for 128 MiB: < 2\n");
   store->reset();
