@@ -22,6 +22,7 @@ struct Command {
   int (*run)(const std::vector<std::string>& args);
 };
 
+extern const Command kGenerateCommand;
 extern const Command kInspectCommand;
 
 // Every command, in the order `lm2 --help` lists them.

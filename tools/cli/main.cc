@@ -8,7 +8,7 @@
 namespace lm2::cli {
 
 const std::vector<const Command*>& AllCommands() {
-  static const std::vector<const Command*> kAll = {&kInspectCommand};
+  static const std::vector<const Command*> kAll = {&kGenerateCommand, &kInspectCommand};
   return kAll;
 }
 
