@@ -150,6 +150,24 @@ class CpuModel final : public Model {
     return out;
   }
 
+  Result<std::vector<std::vector<float>>> SegmentReadMass(const SequenceState& base) const override {
+    const auto* s = dynamic_cast<const CpuState*>(&base);
+    if (s == nullptr || s->owner_ != this) return Status::InvalidArgument("state belongs to another model");
+    if (!s->segment_open_) return Status::FailedPrecondition("SegmentReadMass: no segment is open");
+    const int64_t N = cfg_.memory_slots, Hm = cfg_.memory_heads;
+    std::vector<std::vector<float>> out;
+    for (int64_t i = 0; i < cfg_.num_layers; ++i) {
+      if (!w_->layers[Z(i)].has_memory) continue;
+      const std::vector<float>& mass = s->layers_[Z(i)].mass;  // [Hm, N]
+      std::vector<float> per_slot(Z(N), 0.0f);
+      for (int64_t j = 0; j < Hm; ++j) {
+        for (int64_t n = 0; n < N; ++n) per_slot[Z(n)] += mass[Z(j * N + n)];
+      }
+      out.push_back(std::move(per_slot));
+    }
+    return out;
+  }
+
   Status ImportMemory(SequenceState& base, const MemoryState& memory) const override {
     LM2_ASSIGN_OR_RETURN(CpuState* s, Own(base));
     if (s->segment_open_) return Status::FailedPrecondition("ImportMemory: a segment is open");

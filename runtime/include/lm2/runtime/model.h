@@ -82,6 +82,16 @@ class Model {
   // Replaces the state's memory banks. FailedPrecondition for another model's fingerprint
   // or while a segment is open; InvalidArgument for layers or shapes that do not match.
   virtual Status ImportMemory(SequenceState& state, const MemoryState& memory) const = 0;
+
+  // Read attention mass of the open segment so far, per memory layer (in memory_layers
+  // order) and slot: sum over the segment's tokens and the memory heads of A_j[t, slot]
+  // (eq. 2), so each layer's values sum to tokens x memory_heads. Which slots the segment
+  // read, and (through the write's Aᵀ routing) where it will write. FailedPrecondition
+  // when no segment is open. Default: Unimplemented (a backend that does not expose it).
+  virtual Result<std::vector<std::vector<float>>> SegmentReadMass(const SequenceState& state) const {
+    (void)state;
+    return Status::Unimplemented("SegmentReadMass: not supported by the " + backend_name() + " backend");
+  }
 };
 
 }  // namespace lm2::runtime

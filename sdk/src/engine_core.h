@@ -1,0 +1,67 @@
+// Private: what an Engine shares with its Sessions, and a Session's own state.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "lm2/core/memory_state.h"
+#include "lm2/options.h"
+#include "lm2/persistence/session_store.h"
+#include "lm2/runtime/model.h"
+#include "lm2/runtime/tokenizer.h"
+#include "lm2/types.h"
+
+namespace lm2::internal {
+
+// Read-only after Engine::Open (the store is internally thread-safe).
+struct EngineCore {
+  EngineOptions options;
+  ModelInfo info;
+  std::unique_ptr<runtime::Model> model;
+  std::unique_ptr<runtime::Tokenizer> tokenizer;
+  std::unique_ptr<persistence::SessionStore> store;
+  MemoryState initial_memory;  // the bank of a fresh state (identity rows or learned init)
+};
+
+// Metadata keys stored with every version the SDK commits.
+inline constexpr const char* kMetaKind = "lm2.kind";          // turn | clear | forget
+inline constexpr const char* kMetaPreview = "lm2.preview";    // start of the message / description
+inline constexpr const char* kMetaClearLayers = "lm2.clear.layers";  // "0,2" or "" (all)
+inline constexpr const char* kMetaClearSlots = "lm2.clear.slots";    // "3,7" or "" (all)
+inline constexpr const char* kMetaForgot = "lm2.forgot";      // version number forgotten
+inline constexpr const char* kMetaPromptTokens = "lm2.prompt_tokens";
+inline constexpr const char* kMetaReplyTokens = "lm2.reply_tokens";
+
+struct SessionCore {
+  std::shared_ptr<const EngineCore> engine;
+  persistence::SessionId id;
+  SessionOptions options;
+  std::unique_ptr<runtime::SequenceState> state;  // no segment open between calls
+  MemoryState memory;       // the head's bank (what `state` holds between calls)
+  uint64_t head = 0;        // the version this handle is at
+  uint64_t turn_count = 0;  // turns up to the head
+  bool erased = false;
+
+  const runtime::Model& model() const { return *engine->model; }
+  persistence::SessionStore& store() const { return *engine->store; }
+
+  // A fresh state (empty context) holding `memory`.
+  Status RebuildState();
+  // Reads the head from the store into memory/head/turn_count and rebuilds the state.
+  Status LoadHead();
+  // Makes `version` (already committed) the head of this handle, holding `bank`.
+  Status Adopt(uint64_t version, MemoryState bank, uint64_t turns);
+  Status CheckUsable() const;
+};
+
+}  // namespace lm2::internal
+
+namespace lm2::internal {
+// With ContextPolicy::kKeepContext and resume_prefill_turns > 0: runs the last turns'
+// transcripts into the fresh context, leaving the memory as committed.
+Status PrefillOnResume(SessionCore& core);
+// Opens (creating when allowed) a session and loads its head.
+Result<std::unique_ptr<SessionCore>> OpenSessionCore(std::shared_ptr<const EngineCore> engine,
+                                                     persistence::SessionId id, const SessionOptions& options);
+}  // namespace lm2::internal
