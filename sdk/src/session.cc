@@ -34,15 +34,17 @@ Status SessionCore::LoadHead() {
   persistence::LoadOptions lo;
   lo.expected_fingerprint = engine->info.fingerprint;
   lo.with_transcript = false;
-  auto snap = store().LoadHead(id, lo);
-  if (!snap.ok()) {
+  // NotFound from LoadHead means no such session, or one with nothing committed yet. A
+  // writer (this or another process) may commit the first version between LoadHead and
+  // Head; then the head is no longer 0 and loading again finds it.
+  for (int attempt = 0;; ++attempt) {
+    auto snap = store().LoadHead(id, lo);
+    if (snap.ok()) return Adopt(snap->info.version, std::move(snap->state), snap->info.turn_count);
     if (!snap.status().IsNotFound()) return snap.status().WithContext("session '" + id.session + "'");
-    // NotFound: either no such session, or one with nothing committed yet.
     LM2_ASSIGN_OR_RETURN(persistence::HeadInfo h, store().Head(id));
-    if (h.head_version != 0) return snap.status();
-    return Adopt(0, engine->initial_memory.Clone(), 0);
+    if (h.head_version == 0) return Adopt(0, engine->initial_memory.Clone(), 0);
+    if (attempt >= 3) return snap.status();
   }
-  return Adopt(snap->info.version, std::move(snap->state), snap->info.turn_count);
 }
 
 Status SessionCore::Adopt(uint64_t version, MemoryState bank, uint64_t turns) {

@@ -50,12 +50,24 @@ int main(int argc, char** argv) {
     int conflicts = 0;
     for (int i = 0; i < n; ++i) {
       const std::string msg = std::string(argv[8]) + " " + std::to_string(i);
+      // Conflict: the other process committed first; Unavailable: it holds the store's
+      // lock past the open timeout (a loaded machine). Both mean reload and try again.
+      int unavailable = 0;
+      const auto retryable = [&](const lm2::Status& st) {
+        if (st.code() != lm2::StatusCode::kUnavailable) return false;
+        return ++unavailable <= 20;
+      };
       while (true) {
         auto r = s.Chat(msg, co);
         if (r.ok()) break;
-        if (!r.status().IsConflict()) return Fail(r.status());
-        ++conflicts;
-        if (lm2::Status st = s.Reload(); !st.ok()) return Fail(st);
+        if (r.status().IsConflict()) {
+          ++conflicts;
+        } else if (!retryable(r.status())) {
+          return Fail(r.status());
+        }
+        lm2::Status st = s.Reload();
+        while (!st.ok() && retryable(st)) st = s.Reload();
+        if (!st.ok()) return Fail(st);
       }
     }
     std::printf("conflicts %d\n", conflicts);
