@@ -16,10 +16,6 @@ namespace {
 inline int I(int64_t v) { return static_cast<int>(v); }
 inline std::size_t Z(int64_t v) { return static_cast<std::size_t>(v); }
 
-// Parallel regions cost microseconds to wake threads (far more on a loaded machine), so
-// small ops such as decode-time attention of a small model run on the calling thread.
-constexpr int64_t kParallelWork = 1 << 16;
-
 inline float Sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
 // In-place softmax of one row of n scores (entries may be -inf, at least one is finite).
@@ -40,6 +36,10 @@ inline void SoftmaxRow(float* row, int64_t n) {
 void Linear(const float* x, int64_t rows, int64_t in, const float* w, int64_t out, float* y,
             bool accumulate) {
   if (rows == 0) return;
+  if (rows == 1) {  // decode: a matrix-vector product; sgemm would pack all of W first
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, I(out), I(in), 1.0f, w, I(in), x, 1, accumulate ? 1.0f : 0.0f, y, 1);
+    return;
+  }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(rows), I(out), I(in), 1.0f, x, I(in), w,
               I(in), accumulate ? 1.0f : 0.0f, y, I(out));
 }
@@ -52,7 +52,6 @@ void AddBias(float* y, int64_t rows, int64_t out, const float* bias) {
 }
 
 void RmsNorm(const float* x, const float* weight, int64_t rows, int64_t d, float eps, float* out) {
-#pragma omp parallel for if (rows * d > kParallelWork)
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * d;
     double ss = 0.0;  // double accumulation: d can be thousands
@@ -71,7 +70,6 @@ void Rope(float* x, int64_t rows, int64_t heads, int64_t head_dim, const int64_t
   for (int64_t i = 0; i < half; ++i) {
     inv_freq[Z(i)] = std::pow(theta, -static_cast<double>(2 * i) / static_cast<double>(head_dim));
   }
-#pragma omp parallel for if (rows * heads * head_dim > kParallelWork)
   for (int64_t t = 0; t < rows; ++t) {
     std::vector<float> cs(Z(half)), sn(Z(half));
     for (int64_t i = 0; i < half; ++i) {
@@ -95,27 +93,23 @@ void CausalAttention(const float* q, const float* k_cache, const float* v_cache,
   const int64_t group = heads / kv_heads;
   const int64_t q_stride = heads * head_dim, kv_stride = kv_heads * head_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-#pragma omp parallel if (T * S * head_dim * heads > kParallelWork)
-  {
-    std::vector<float> scores(Z(T * S));
-#pragma omp for
-    for (int64_t h = 0; h < heads; ++h) {
-      const int64_t kvh = h / group;
-      const float* qh = q + h * head_dim;
-      const float* kh = k_cache + kvh * head_dim;
-      const float* vh = v_cache + kvh * head_dim;
-      // scores[T, S] = q_h · k_hᵀ * scale; then mask the future and softmax each row.
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(T), I(S), I(head_dim), scale, qh,
-                  I(q_stride), kh, I(kv_stride), 0.0f, scores.data(), I(S));
-      for (int64_t t = 0; t < T; ++t) {
-        float* row = scores.data() + t * S;
-        const int64_t visible = S - T + t + 1;
-        std::fill(row + visible, row + S, 0.0f);
-        SoftmaxRow(row, visible);
-      }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, I(T), I(head_dim), I(S), 1.0f,
-                  scores.data(), I(S), vh, I(kv_stride), 0.0f, out + h * head_dim, I(q_stride));
+  std::vector<float> scores(Z(T * S));
+  for (int64_t h = 0; h < heads; ++h) {
+    const int64_t kvh = h / group;
+    const float* qh = q + h * head_dim;
+    const float* kh = k_cache + kvh * head_dim;
+    const float* vh = v_cache + kvh * head_dim;
+    // scores[T, S] = q_h · k_hᵀ * scale; then mask the future and softmax each row.
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(T), I(S), I(head_dim), scale, qh,
+                I(q_stride), kh, I(kv_stride), 0.0f, scores.data(), I(S));
+    for (int64_t t = 0; t < T; ++t) {
+      float* row = scores.data() + t * S;
+      const int64_t visible = S - T + t + 1;
+      std::fill(row + visible, row + S, 0.0f);
+      SoftmaxRow(row, visible);
     }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, I(T), I(head_dim), I(S), 1.0f,
+                scores.data(), I(S), vh, I(kv_stride), 0.0f, out + h * head_dim, I(q_stride));
   }
 }
 
@@ -123,7 +117,6 @@ void MemoryRead(const float* q, const float* mem_k, const float* mem_v, int64_t 
                 int64_t d, int64_t heads, float* attn, float* e) {
   const int64_t dh = d / heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
-#pragma omp parallel for if (T * N * d > kParallelWork)
   for (int64_t j = 0; j < heads; ++j) {
     float* a = attn + j * T * N;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(T), I(N), I(dh), scale, q + j * dh,
@@ -137,7 +130,6 @@ void MemoryRead(const float* q, const float* mem_k, const float* mem_v, int64_t 
 void AccumulateWrite(const float* attn, const float* offer, int64_t T, int64_t N, int64_t d,
                      int64_t heads, float* mass, float* acc) {
   const int64_t dh = d / heads;
-#pragma omp parallel for if (T * N * d > kParallelWork)
   for (int64_t j = 0; j < heads; ++j) {
     const float* a = attn + j * T * N;
     float* m = mass + j * N;

@@ -1,4 +1,4 @@
-// The CPU backend's ops: fp32, row-major, a BLAS for the GEMMs, OpenMP across rows/heads.
+// The CPU backend's ops: fp32, row-major, OpenBLAS for the GEMMs (and their threads).
 //
 // Each op states its shapes; pointers are to caller-owned buffers that must not alias
 // unless said. These are the reference implementations the CUDA kernels are tested

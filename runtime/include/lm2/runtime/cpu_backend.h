@@ -1,4 +1,4 @@
-// The CPU backend: fp32 math, a BLAS (OpenBLAS) for the GEMMs, OpenMP across heads/rows.
+// The CPU backend: fp32 math, OpenBLAS for the GEMMs (threads: OPENBLAS_NUM_THREADS).
 // The reference backend: tested against the float64 golden files (rel. error <= 1e-4).
 #pragma once
 
@@ -11,8 +11,7 @@
 namespace lm2::runtime {
 
 struct CpuOptions {
-  // Nothing to tune yet; threads come from OpenMP/OpenBLAS (OMP_NUM_THREADS,
-  // OPENBLAS_NUM_THREADS).
+  // Nothing to tune yet; threads are OpenBLAS's (OPENBLAS_NUM_THREADS, default: all cores).
 };
 
 // Builds a CPU model over opened files. F32 tensors are used in place (zero copy) when
