@@ -1,7 +1,7 @@
 // CPU backend benchmark: prefill and decode tokens/s on a model directory.
 //
 //   bench/run_cpu_bench            (makes the random models, builds, runs; docs/benchmarks.md)
-//   lm2_cpu_bench MODEL_DIR [--prefill 128] [--decode 64] [--repeat 3]
+//   lm2_cpu_bench MODEL_DIR [--prefill 128] [--decode 64] [--repeat 3] [--threads 1]
 //
 // Prefill: one Forward of P tokens (last-token logits). Decode: D single-token Forwards
 // after it, each with last-token logits (what generation does). Reports the best of
@@ -79,15 +79,17 @@ double MatrixParams(const lm2::runtime::ModelFiles& files) {
 
 int main(int argc, char** argv) {
   if (argc < 2 || std::strcmp(argv[1], "--help") == 0) {
-    std::fprintf(stderr, "usage: %s MODEL_DIR [--prefill N] [--decode N] [--repeat N]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s MODEL_DIR [--prefill N] [--decode N] [--repeat N] [--threads N (0: all)]\n",
+                 argv[0]);
     return argc < 2 ? 2 : 0;
   }
-  int prefill = 128, decode = 64, repeat = 3;
+  int prefill = 128, decode = 64, repeat = 3, threads = 1;
   for (int i = 2; i + 1 < argc; i += 2) {
     const int v = std::atoi(argv[i + 1]);
     if (std::strcmp(argv[i], "--prefill") == 0) prefill = v;
     else if (std::strcmp(argv[i], "--decode") == 0) decode = v;
     else if (std::strcmp(argv[i], "--repeat") == 0) repeat = v;
+    else if (std::strcmp(argv[i], "--threads") == 0) threads = v;
     else {
       std::fprintf(stderr, "unknown option %s\n", argv[i]);
       return 2;
@@ -99,9 +101,12 @@ int main(int argc, char** argv) {
   std::shared_ptr<const lm2::runtime::ModelFiles> shared(std::move(files).value());
   const uint64_t weight_bytes = shared->weight_bytes();
   const double matrix_params = MatrixParams(*shared);
-  auto model = lm2::runtime::LoadCpuModel(shared);
+  lm2::runtime::CpuOptions cpu;
+  cpu.threads = threads;
+  auto model = lm2::runtime::LoadCpuModel(shared, cpu);
   if (!model.ok()) return Fail(model.status());
   const auto& cfg = (*model)->config();
+  std::printf("BLAS threads: %s\n", threads == 0 ? "OpenBLAS default" : std::to_string(threads).c_str());
   std::printf("model %s: d=%lld layers=%lld memory layers=%zu slots=%lld vocab=%lld, %.1f MB weights, load %.2fs\n",
               argv[1], static_cast<long long>(cfg.hidden_size), static_cast<long long>(cfg.num_layers),
               cfg.memory_layers.size(), static_cast<long long>(cfg.memory_slots),

@@ -24,7 +24,7 @@ constexpr const char* kUsage =
     "\n"
     "  --user NAME        whose memory to use (default: $USER or 'guest')\n"
     "  --session ID       conversation of that user (default: chat)\n"
-    "  --model DIR        model directory (default: models/demo if present, else\n"
+    "  --model DIR        model directory (default: models/lm2-demo if present, else\n"
     "                     tests/data/models/tiny-lm2, a random test model: gibberish)\n"
     "  --data DIR         store and key file (default: $LM2_DATA_DIR or ~/.local/share/lm2)\n"
     "  --max-tokens N     reply length limit (default 64)\n"
@@ -44,7 +44,7 @@ std::string DefaultDataDir() {
 }
 
 std::string DefaultModel() {
-  if (Exists("models/demo/config.json")) return "models/demo";
+  if (Exists("models/lm2-demo/config.json")) return "models/lm2-demo";
   return "tests/data/models/tiny-lm2";
 }
 

@@ -31,9 +31,9 @@ CHAT_TEMPLATE = {
     "format": CHAT_TEMPLATE_FORMAT,
     "add_bos": True,
     "user_prefix": "<|user|> ",
-    "user_suffix": " <|end|> ",
+    "user_suffix": "<|end|>",
     "assistant_prefix": "<|assistant|>",
-    "assistant_suffix": " <|end|>",
+    "assistant_suffix": "<|end|>",
     "stop": ["<|end|>"],
 }
 
@@ -47,7 +47,13 @@ def render_user_turn(sp, message: str, first_turn: bool, template: dict = CHAT_T
     """Token ids of one user turn plus the assistant prefix (what the runtime renders)."""
     ids = [sp.bos_id()] if first_turn and template.get("add_bos", True) else []
     text = template["user_prefix"] + message + template["user_suffix"] + template["assistant_prefix"]
-    return ids + list(sp.EncodeAsIds(text))
+    body = list(sp.EncodeAsIds(text))
+    # Text that starts with a control symbol gets a lone dummy-prefix piece first; the
+    # chat format has none (models/lm2-demo/README.md), so it is dropped.
+    chat_ids = {sp.PieceToId(s) for s in CHAT_SYMBOLS}
+    if len(body) > 1 and body[1] in chat_ids and body[0] == sp.PieceToId("\u2581"):
+        body = body[1:]
+    return ids + body
 
 _PEOPLE = ["Mary", "John", "Sandra", "Daniel", "Alice", "Bob", "Fred", "Julie", "Bill", "Emma",
            "Omar", "Priya", "Lena", "Kofi", "Yuki", "Mateo"]

@@ -10,7 +10,7 @@
  * that called lm2_session_chat.
  *
  *   lm2_engine_options eo; lm2_engine_options_init(&eo);
- *   eo.model_dir = "models/demo"; eo.store_path = "data/store"; eo.key_file = "data/master.key";
+ *   eo.model_dir = "models/lm2-demo"; eo.store_path = "data/store"; eo.key_file = "data/master.key";
  *   lm2_create_key_file(eo.key_file);
  *   lm2_engine* e; if (lm2_engine_open(&eo, &e) != LM2_OK) puts(lm2_last_error());
  *   lm2_session* s; lm2_session_open(e, "alice", "main", 1, &s);

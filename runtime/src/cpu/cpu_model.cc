@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include <cblas.h>
+
 #include "cpu/cpu_ops.h"
 #include "cpu/cpu_weights.h"
 #include "lm2/runtime/cpu_backend.h"
@@ -306,8 +308,10 @@ class CpuModel final : public Model {
 }  // namespace cpu
 
 Result<std::unique_ptr<Model>> LoadCpuModel(std::shared_ptr<const ModelFiles> files,
-                                            const CpuOptions& /*options*/) {
+                                            const CpuOptions& options) {
   if (files == nullptr) return Status::InvalidArgument("LoadCpuModel: no model files");
+  if (options.threads < 0) return Status::InvalidArgument("CpuOptions::threads must be >= 0");
+  if (options.threads > 0) openblas_set_num_threads(options.threads);
   const ModelConfig& cfg = files->config();
   // BLAS takes int dimensions: refuse shapes whose products could overflow them.
   const int64_t kMax = int64_t{1} << 30;

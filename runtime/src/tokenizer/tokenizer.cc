@@ -151,8 +151,14 @@ const std::vector<int32_t>& Tokenizer::stop_ids() const { return impl_->stop_ids
 Result<std::vector<int32_t>> Tokenizer::RenderUserTurn(std::string_view message, bool first_turn) const {
   std::vector<int32_t> out;
   if (first_turn && impl_->chat.add_bos && bos_id() >= 0) out.push_back(bos_id());
-  LM2_ASSIGN_OR_RETURN(std::vector<int32_t> ids, Encode(impl_->chat.RenderUserTurn(message)));
-  out.insert(out.end(), ids.begin(), ids.end());
+  const std::string text = impl_->chat.RenderUserTurn(message);
+  LM2_ASSIGN_OR_RETURN(std::vector<int32_t> ids, Encode(text));
+  // Text that starts with a control symbol gets a lone dummy-prefix piece ("▁") first;
+  // the chat format has none (it is not in training text), so it is dropped.
+  auto first = ids.begin();
+  const bool chat_symbol_next = ids.size() > 1 && (ids[1] == user_id() || ids[1] == assistant_id() || ids[1] == end_id());
+  if (chat_symbol_next && ids[0] == PieceToId("\xE2\x96\x81")) ++first;
+  out.insert(out.end(), first, ids.end());
   return out;
 }
 

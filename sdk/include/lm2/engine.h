@@ -1,7 +1,7 @@
 // Engine: a loaded model plus the encrypted session store, shared by every session.
 //
 //   lm2::EngineOptions opt;
-//   opt.model_dir = "models/demo";  opt.store_path = "lm2-data";  opt.key_file = "lm2.key";
+//   opt.model_dir = "models/lm2-demo";  opt.store_path = "lm2-data";  opt.key_file = "lm2.key";
 //   auto engine = lm2::Engine::Open(opt);           // loads the weights once
 //   auto session = (*engine)->OpenSession("alice", "main");
 //   auto reply = (*session)->Chat("My cat is called Tom.");

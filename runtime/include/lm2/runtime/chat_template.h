@@ -5,9 +5,9 @@
 //     "format": "lm2-chat-template-1",
 //     "add_bos": true,                      BOS before the first turn of a conversation
 //     "user_prefix": "<|user|> ",           text before the user's message
-//     "user_suffix": " <|end|> ",           text after it
+//     "user_suffix": "<|end|>",              text after it
 //     "assistant_prefix": "<|assistant|>",  text that opens the reply (the model continues)
-//     "assistant_suffix": " <|end|>",       text that closes a reply in a replayed transcript
+//     "assistant_suffix": "<|end|>",         text that closes a reply in a replayed transcript
 //     "stop": ["<|end|>"]                   pieces that end a reply (each one token)
 //   }
 //
@@ -31,9 +31,9 @@ struct ChatTemplate {
 
   bool add_bos = true;
   std::string user_prefix = "<|user|> ";
-  std::string user_suffix = " <|end|> ";
+  std::string user_suffix = "<|end|>";
   std::string assistant_prefix = "<|assistant|>";
-  std::string assistant_suffix = " <|end|>";
+  std::string assistant_suffix = "<|end|>";
   std::vector<std::string> stop = {"<|end|>"};
 
   // The template for tokenizers without chat symbols: plain text, no prefixes, no stops.

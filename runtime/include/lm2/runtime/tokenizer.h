@@ -86,7 +86,8 @@ class Tokenizer {
 
   const ChatTemplate& chat_template() const;
   // The ids of one user turn followed by the assistant prefix, ready for the model to
-  // continue with its reply: [BOS if first_turn && add_bos] + Encode(RenderUserTurn(m)).
+  // continue with its reply: [BOS if first_turn && add_bos] + Encode(RenderUserTurn(m)),
+  // without the lone dummy-prefix piece sentencepiece puts before a leading control symbol.
   Result<std::vector<int32_t>> RenderUserTurn(std::string_view message, bool first_turn) const;
   // Ids whose generation ends a reply: the template's stop pieces, plus EOS.
   const std::vector<int32_t>& stop_ids() const;
