@@ -35,4 +35,14 @@ grep -q "unknown command" "$data/out" || fail "/bogus"
 printf '/history\n' | "$chat" --user bob --quiet >"$data/out" 2>&1
 grep -q "new session" "$data/out" || fail "bob sees alice's session"
 grep -q "(no turns yet)" "$data/out" || fail "bob's history is not empty"
+
+# With the trained demo model (the default when present): a fact told in one process is
+# recalled in the next through the restored memory alone, and not by another user.
+if [[ -f models/lm2-demo/config.json ]]; then
+  printf 'Sandra went to the garden.\n/quit\n' | "$chat" --user carol --quiet >"$data/out" 2>&1
+  printf 'Where is Sandra?\n' | "$chat" --user carol --quiet >"$data/out" 2>&1
+  grep -q "lm2> In the garden." "$data/out" || fail "carol's fact was not recalled after a restart"
+  printf 'Where is Sandra?\n' | "$chat" --user dave --quiet >"$data/out" 2>&1
+  grep -q "lm2> I don't know." "$data/out" || fail "dave recalled carol's fact"
+fi
 echo "lm2-chat: OK"
