@@ -1,0 +1,239 @@
+// Causal grouped-query self-attention over a KV cache, fp32: a decode kernel (one block per
+// query row and head) and a tiled prefill kernel (a block per query tile and head, key tiles
+// through shared memory). Both use the online softmax (running max and sum, rescaled
+// partial outputs), so no kernel holds a whole row of S scores and S has no limit.
+// Correctness first: neither uses tensor cores yet (docs/cuda.md).
+#include "cuda/cuda_check.h"
+#include "cuda/cuda_ops.h"
+#include "cuda/device_math.cuh"
+#include "ops/op_shapes.h"
+
+namespace lm2::runtime::cuda {
+namespace {
+
+// ---- Decode: one block per (query t, head h) ----------------------------------------------
+
+constexpr int kDecodeThreads = 128;  // 4 warps; warp w takes keys w, w + 4, ...
+constexpr int kDecodeWarps = kDecodeThreads / 32;
+
+// Shared: q[D], per-warp output accumulators [warps][D], per-warp max and sum [warps] each.
+__global__ void AttentionDecodeKernel(const float* __restrict__ q, const float* __restrict__ k,
+                                      const float* __restrict__ v, int64_t T, int64_t S, int heads, int group,
+                                      int D, float scale, float* __restrict__ out) {
+  extern __shared__ float smem[];
+  const int warps = static_cast<int>(blockDim.x) / 32;
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  float* qs = smem;
+  float* acc = qs + D;
+  float* wmax = acc + warps * D;
+  float* wsum = wmax + warps;
+
+  const int64_t t = blockIdx.x / heads;
+  const int h = static_cast<int>(blockIdx.x % heads), kvh = h / group;
+  const int64_t q_stride = static_cast<int64_t>(heads) * D, kv_stride = static_cast<int64_t>(heads / group) * D;
+  for (int c = static_cast<int>(threadIdx.x); c < D; c += static_cast<int>(blockDim.x)) {
+    qs[c] = q[t * q_stride + static_cast<int64_t>(h) * D + c];
+  }
+  for (int i = static_cast<int>(threadIdx.x); i < warps * D; i += static_cast<int>(blockDim.x)) acc[i] = 0.0f;
+  __syncthreads();
+
+  const int64_t visible = S - T + t + 1;  // query t sits at position S - T + t
+  float m = -INFINITY, l = 0.0f;
+  float* my = acc + warp * D;
+  for (int64_t j = warp; j < visible; j += warps) {
+    const float* kj = k + j * kv_stride + static_cast<int64_t>(kvh) * D;
+    float dot = 0.0f;
+    for (int c = lane; c < D; c += 32) dot += qs[c] * kj[c];
+    const float s = WarpSum(dot) * scale;
+    const float m_new = fmaxf(m, s);
+    const float corr = expf(m - m_new);  // 0 on the first key (m = -inf)
+    const float p = expf(s - m_new);
+    l = l * corr + p;
+    const float* vj = v + j * kv_stride + static_cast<int64_t>(kvh) * D;
+    for (int c = lane; c < D; c += 32) my[c] = my[c] * corr + p * vj[c];
+    m = m_new;
+  }
+  if (lane == 0) {
+    wmax[warp] = m;
+    wsum[warp] = l;
+  }
+  __syncthreads();
+  // Merge the warps: every query sees at least its own key, so some warp has a finite max.
+  float M = -INFINITY;
+  for (int w = 0; w < warps; ++w) M = fmaxf(M, wmax[w]);
+  float L = 0.0f;
+  for (int w = 0; w < warps; ++w) {
+    if (wmax[w] != -INFINITY) L += wsum[w] * expf(wmax[w] - M);
+  }
+  const float inv = 1.0f / L;
+  for (int c = static_cast<int>(threadIdx.x); c < D; c += static_cast<int>(blockDim.x)) {
+    float o = 0.0f;
+    for (int w = 0; w < warps; ++w) {
+      if (wmax[w] != -INFINITY) o += acc[w * D + c] * expf(wmax[w] - M);
+    }
+    out[t * q_stride + static_cast<int64_t>(h) * D + c] = o * inv;
+  }
+}
+
+// ---- Prefill: a block per (query tile, head) ----------------------------------------------
+
+constexpr int kTileQ = 16;          // queries per block
+constexpr int kTileK = 32;          // keys per shared-memory tile (one per lane in the softmax)
+constexpr int kPrefillThreads = 128;
+
+__host__ __device__ constexpr int64_t PrefillSharedFloats(int64_t D) {
+  // q[TQ][D], k[TK][D+1] (padded: threads of a warp read different keys), v[TK][D],
+  // p[TQ][TK], o[TQ][D], running max / sum / this tile's correction [TQ] each.
+  return kTileQ * D + kTileK * (D + 1) + kTileK * D + kTileQ * kTileK + kTileQ * D + 3 * kTileQ;
+}
+
+__global__ void AttentionPrefillKernel(const float* __restrict__ q, const float* __restrict__ k,
+                                       const float* __restrict__ v, int64_t T, int64_t S, int heads, int group,
+                                       int D, float scale, float* __restrict__ out) {
+  extern __shared__ float smem[];
+  const int Dk = D + 1;
+  float* qs = smem;
+  float* ks = qs + kTileQ * D;
+  float* vs = ks + kTileK * Dk;
+  float* ps = vs + kTileK * D;
+  float* os = ps + kTileQ * kTileK;
+  float* row_max = os + kTileQ * D;
+  float* row_sum = row_max + kTileQ;
+  float* row_corr = row_sum + kTileQ;
+
+  const int tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
+  const int warp = tid / 32, lane = tid % 32, warps = nthreads / 32;
+  const int h = static_cast<int>(blockIdx.y), kvh = h / group;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kTileQ;
+  const int rows = static_cast<int>(T - q0 < kTileQ ? T - q0 : kTileQ);
+  const int64_t q_stride = static_cast<int64_t>(heads) * D, kv_stride = static_cast<int64_t>(heads / group) * D;
+  const int64_t past = S - T;  // query q0 + r sits at position past + q0 + r
+
+  for (int i = tid; i < kTileQ * D; i += nthreads) {
+    const int r = i / D, c = i % D;
+    qs[i] = r < rows ? q[(q0 + r) * q_stride + static_cast<int64_t>(h) * D + c] : 0.0f;
+    os[i] = 0.0f;
+  }
+  for (int r = tid; r < kTileQ; r += nthreads) {
+    row_max[r] = -INFINITY;
+    row_sum[r] = 0.0f;
+  }
+
+  const int64_t k_end = past + q0 + rows;  // the tile's last query sees keys < k_end
+  for (int64_t k0 = 0; k0 < k_end; k0 += kTileK) {
+    const int kn = static_cast<int>(k_end - k0 < kTileK ? k_end - k0 : kTileK);
+    __syncthreads();  // the previous tile's k, v, p are no longer read
+    for (int i = tid; i < kn * D; i += nthreads) {
+      const int j = i / D, c = i % D;
+      const int64_t src = (k0 + j) * kv_stride + static_cast<int64_t>(kvh) * D + c;
+      ks[j * Dk + c] = k[src];
+      vs[j * D + c] = v[src];
+    }
+    __syncthreads();
+    for (int i = tid; i < kTileQ * kTileK; i += nthreads) {
+      const int r = i / kTileK, j = i % kTileK;
+      float s = -INFINITY;
+      if (r < rows && j < kn && k0 + j <= past + q0 + r) {
+        float dot = 0.0f;
+        for (int c = 0; c < D; ++c) dot += qs[r * D + c] * ks[j * Dk + c];
+        s = dot * scale;
+      }
+      ps[i] = s;
+    }
+    __syncthreads();
+    // Online softmax, a warp per row, a lane per key of the tile.
+    for (int r = warp; r < kTileQ; r += warps) {
+      const float s = ps[r * kTileK + lane];
+      const float m_old = row_max[r];
+      const float m_new = fmaxf(m_old, WarpMax(s));
+      const float p = s == -INFINITY ? 0.0f : expf(s - m_new);
+      const float corr = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
+      const float tile_sum = WarpSum(p);
+      ps[r * kTileK + lane] = p;
+      if (lane == 0) {
+        row_max[r] = m_new;
+        row_sum[r] = row_sum[r] * corr + tile_sum;
+        row_corr[r] = corr;
+      }
+    }
+    __syncthreads();
+    for (int i = tid; i < kTileQ * D; i += nthreads) {
+      const int r = i / D, c = i % D;
+      float o = os[i] * row_corr[r];
+      for (int j = 0; j < kn; ++j) o += ps[r * kTileK + j] * vs[j * D + c];
+      os[i] = o;
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < rows * D; i += nthreads) {
+    const int r = i / D, c = i % D;
+    out[(q0 + r) * q_stride + static_cast<int64_t>(h) * D + c] = os[i] / row_sum[r];
+  }
+}
+
+static_assert(kTileK == 32, "the prefill softmax gives each lane of a warp one key of the tile");
+
+Status CheckAttentionArgs(const char* op, const float* q, const float* k, const float* v, int64_t T, int64_t S,
+                          int64_t heads, int64_t kv_heads, int64_t head_dim, float* out) {
+  LM2_RETURN_IF_ERROR(ops::CheckCausalAttention(T, S, heads, kv_heads, head_dim));
+  if (T == 0) return Status::Ok();
+  return RequireNonNull(op, {q, k, v, out});
+}
+
+// Raises the kernel's dynamic shared-memory limit when `bytes` needs more than the default
+// 48 KiB, or reports that the device cannot give that much.
+Status EnsureSharedMemory(const void* kernel, int64_t bytes, const char* op) {
+  constexpr int64_t kDefault = 48 * 1024;
+  if (bytes <= kDefault) return Status::Ok();
+  int device = 0, optin = 0;
+  LM2_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  LM2_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (bytes > optin) {
+    return Status::InvalidArgument(std::string(op) + ": head_dim needs " + std::to_string(bytes) +
+                                   " bytes of shared memory, the device has " + std::to_string(optin));
+  }
+  return CudaStatus(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+                    "cudaFuncSetAttribute");
+}
+
+}  // namespace
+
+Status CausalAttentionDecode(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
+                             int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(CheckAttentionArgs("CausalAttentionDecode", q, k_cache, v_cache, T, S, heads, kv_heads,
+                                         head_dim, out));
+  if (T == 0) return Status::Ok();
+  const int64_t smem = static_cast<int64_t>(sizeof(float)) * (head_dim * (1 + kDecodeWarps) + 2 * kDecodeWarps);
+  LM2_RETURN_IF_ERROR(
+      EnsureSharedMemory(reinterpret_cast<const void*>(&AttentionDecodeKernel), smem, "CausalAttentionDecode"));
+  const float scale = 1.0f / sqrtf(static_cast<float>(head_dim));
+  AttentionDecodeKernel<<<static_cast<unsigned int>(T * heads), kDecodeThreads, static_cast<size_t>(smem), stream>>>(
+      q, k_cache, v_cache, T, S, static_cast<int>(heads), static_cast<int>(heads / kv_heads),
+      static_cast<int>(head_dim), scale, out);
+  return CheckLaunch("AttentionDecodeKernel");
+}
+
+Status CausalAttentionPrefill(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
+                              int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(CheckAttentionArgs("CausalAttentionPrefill", q, k_cache, v_cache, T, S, heads, kv_heads,
+                                         head_dim, out));
+  if (T == 0) return Status::Ok();
+  if (heads > 65535) return Status::InvalidArgument("CausalAttentionPrefill: more than 65535 heads");
+  const int64_t smem = static_cast<int64_t>(sizeof(float)) * PrefillSharedFloats(head_dim);
+  LM2_RETURN_IF_ERROR(
+      EnsureSharedMemory(reinterpret_cast<const void*>(&AttentionPrefillKernel), smem, "CausalAttentionPrefill"));
+  const float scale = 1.0f / sqrtf(static_cast<float>(head_dim));
+  const dim3 grid(static_cast<unsigned int>((T + kTileQ - 1) / kTileQ), static_cast<unsigned int>(heads));
+  AttentionPrefillKernel<<<grid, kPrefillThreads, static_cast<size_t>(smem), stream>>>(
+      q, k_cache, v_cache, T, S, static_cast<int>(heads), static_cast<int>(heads / kv_heads),
+      static_cast<int>(head_dim), scale, out);
+  return CheckLaunch("AttentionPrefillKernel");
+}
+
+Status CausalAttention(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
+                       int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream) {
+  if (T == 1) return CausalAttentionDecode(q, k_cache, v_cache, T, S, heads, kv_heads, head_dim, out, stream);
+  return CausalAttentionPrefill(q, k_cache, v_cache, T, S, heads, kv_heads, head_dim, out, stream);
+}
+
+}  // namespace lm2::runtime::cuda

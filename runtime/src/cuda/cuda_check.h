@@ -1,0 +1,50 @@
+// CUDA and cuBLAS errors as lm2::Status, for the launchers and the RAII layer.
+//
+// Out-of-memory becomes ResourceExhausted, a missing driver or device Unavailable, anything
+// else Internal (a bad launch configuration is a bug in lm2, not the caller's input: shapes
+// are checked before any launch).
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <initializer_list>
+#include <string>
+
+#include "lm2/core/status.h"
+
+namespace lm2::runtime::cuda {
+
+inline Status CudaStatus(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return Status::Ok();
+  const std::string msg = std::string(what) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
+  if (err == cudaErrorMemoryAllocation) return Status::ResourceExhausted(msg);
+  if (err == cudaErrorNoDevice || err == cudaErrorInsufficientDriver) return Status::Unavailable(msg);
+  return Status::Internal(msg);
+}
+
+// After a kernel launch: a bad configuration (grid, shared memory) is reported here. Faults
+// inside the kernel surface later, at the next synchronising call.
+inline Status CheckLaunch(const char* kernel) { return CudaStatus(cudaGetLastError(), kernel); }
+
+inline Status CublasStatus(cublasStatus_t st, const char* what) {
+  if (st == CUBLAS_STATUS_SUCCESS) return Status::Ok();
+  const std::string msg = std::string(what) + ": " + cublasGetStatusName(st) + " (" + cublasGetStatusString(st) + ")";
+  if (st == CUBLAS_STATUS_ALLOC_FAILED) return Status::ResourceExhausted(msg);
+  if (st == CUBLAS_STATUS_NOT_INITIALIZED || st == CUBLAS_STATUS_ARCH_MISMATCH) return Status::Unavailable(msg);
+  return Status::Internal(msg);
+}
+
+// Launchers check their pointers before launching: a null pointer with non-empty work is
+// the caller's mistake, reported as InvalidArgument rather than a device fault.
+inline Status RequireNonNull(const char* op, std::initializer_list<const void*> ptrs) {
+  for (const void* p : ptrs) {
+    if (p == nullptr) return Status::InvalidArgument(std::string(op) + ": null device pointer");
+  }
+  return Status::Ok();
+}
+
+}  // namespace lm2::runtime::cuda
+
+#define LM2_CUDA_RETURN_IF_ERROR(call) LM2_RETURN_IF_ERROR(::lm2::runtime::cuda::CudaStatus((call), #call))
+#define LM2_CUBLAS_RETURN_IF_ERROR(call) LM2_RETURN_IF_ERROR(::lm2::runtime::cuda::CublasStatus((call), #call))

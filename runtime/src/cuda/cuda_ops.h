@@ -1,0 +1,109 @@
+// The CUDA backend's ops: the same shapes and semantics as cpu/cpu_ops.h, on device
+// pointers, each enqueued on a caller's stream.
+//
+// Precisions (docs/cuda.md): activations, norms, gates, attention and the memory bank are
+// fp32 with fp32 math; linear-layer weights are bf16 [out, in], multiplied by bf16 copies of
+// the activations with fp32 accumulation and an fp32 result (cuBLAS, CUBLAS_COMPUTE_32F).
+//
+// Every launcher checks shapes (ops/op_shapes.h, shared with the CPU backend) and pointers,
+// launches, and returns the launch status; nothing is synchronised, so a fault inside a
+// kernel shows at the caller's next synchronisation. Pointers are device memory owned by
+// the caller and must not alias unless said. Zero-sized work is a no-op returning OK.
+// Kernels live beside their launchers, one .cu file per op.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "lm2/core/status.h"
+
+namespace lm2::runtime::cuda {
+
+// ---- Linear layers (linear.cu) -----------------------------------------------------------
+
+// y[rows, out] = x[rows, in] · W[out, in]ᵀ (+ y when accumulate): bf16 x and W, fp32
+// accumulation and fp32 y. Sets `handle`'s stream to `stream`.
+Status Linear(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w,
+              int64_t out, float* y, bool accumulate, cudaStream_t stream);
+
+// The same from fp32 activations: x is rounded to bf16 into `x_bf16` (scratch of rows*in,
+// caller-owned), then multiplied as above.
+Status LinearF32(cublasHandle_t handle, const float* x, int64_t rows, int64_t in, const __nv_bfloat16* w,
+                 int64_t out, float* y, bool accumulate, __nv_bfloat16* x_bf16, cudaStream_t stream);
+
+// ---- Elementwise (elementwise.cu) --------------------------------------------------------
+
+// dst[n] = bf16(src[n]), round to nearest even: weight upload and GEMM inputs.
+Status ConvertF32ToBf16(const float* src, int64_t n, __nv_bfloat16* dst, cudaStream_t stream);
+// dst[n] = float(src[n]) (exact).
+Status ConvertBf16ToF32(const __nv_bfloat16* src, int64_t n, float* dst, cudaStream_t stream);
+
+// y[rows, out] += bias[out] broadcast over rows.
+Status AddBias(float* y, int64_t rows, int64_t out, const float* bias, cudaStream_t stream);
+
+// h += a + sigmoid(gate_pre) ⊙ e (the memory output gate and both residual adds), [n].
+Status GatedResidual(float* h, const float* a, const float* gate_pre, const float* e, int64_t n,
+                     cudaStream_t stream);
+
+// out[n] = silu(gate[n]) * up[n]. out may alias gate.
+Status SwiGlu(const float* gate, const float* up, int64_t n, float* out, cudaStream_t stream);
+
+// x[n] += y[n].
+Status AddInPlace(float* x, const float* y, int64_t n, cudaStream_t stream);
+
+// ---- Normalisation and rotary embedding (rms_norm.cu, rope.cu) ----------------------------
+
+// out[rows, d] = x * rsqrt(mean(x²) + eps) * weight. out may alias x. fp32 throughout.
+Status RmsNorm(const float* x, const float* weight, int64_t rows, int64_t d, float eps, float* out,
+               cudaStream_t stream);
+
+// Rotary embedding in place, rotate-half: x[t, h, :], pairs (i, i + head_dim/2) rotated by
+// positions[t] * theta^(-2i/head_dim); angles, cos and sin in double, rounded to fp32 as
+// the CPU backend does. positions is a device array of `rows`.
+Status Rope(float* x, int64_t rows, int64_t heads, int64_t head_dim, const int64_t* positions, double theta,
+            cudaStream_t stream);
+
+// ---- Self-attention (attention.cu) -------------------------------------------------------
+
+// Causal grouped-query attention of T new queries over S cached keys (the last T of which
+// are the new tokens): q[T, H*D], k/v cache[S, Hkv*D] (rows = positions), out[T, H*D].
+// Query t sits at cache position S - T + t and sees positions <= that. Dispatches to the
+// decode kernel for T == 1 and the tiled prefill kernel otherwise.
+Status CausalAttention(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
+                       int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream);
+
+// The two kernels behind CausalAttention, callable directly (tests run both on every
+// shape). Decode: one block per (query, head), warps stream over the keys with an online
+// softmax each. Prefill: a block per (16-query tile, head), 32-key tiles through shared
+// memory, online softmax per query row.
+Status CausalAttentionDecode(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
+                             int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream);
+Status CausalAttentionPrefill(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
+                              int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream);
+
+// ---- Memory (memory_read.cu, memory_write.cu) --------------------------------------------
+
+// Memory read, per memory head j of width dh = d / heads:
+//   A_j = softmax_N(q_j · mem_k_jᵀ / sqrt(dh))   -> attn[j, T, N]
+//   e[:, j*dh:(j+1)*dh] = A_j · mem_v_j           -> e[T, d]
+// q[T, d], mem_k / mem_v [N, d]. fp32.
+Status MemoryRead(const float* q, const float* mem_k, const float* mem_v, int64_t T, int64_t N, int64_t d,
+                  int64_t heads, float* attn, float* e, cudaStream_t stream);
+
+// Streaming write sums: mass[j, n] += Σ_t A_j[t, n], acc[n, j*dh + c] += Σ_t A_j[t, n] ·
+// offer[t, j*dh + c]. attn[j, T, N], offer[T, d], mass[heads, N], acc[N, d]. fp32.
+Status AccumulateWrite(const float* attn, const float* offer, int64_t T, int64_t N, int64_t d, int64_t heads,
+                       float* mass, float* acc, cudaStream_t stream);
+
+// u[n, j*dh + c] = acc[n, j*dh + c] / (mass[j, n] + 1).
+Status WriteUpdate(const float* mass, const float* acc, int64_t N, int64_t d, int64_t heads, float* u,
+                   cudaStream_t stream);
+
+// bank = sigmoid(in_pre) ⊙ tanh(u) + sigmoid(forget_pre) ⊙ bank, all [n], fp32.
+Status GatedMemoryUpdate(const float* u, const float* in_pre, const float* forget_pre, int64_t n, float* bank,
+                         cudaStream_t stream);
+
+}  // namespace lm2::runtime::cuda

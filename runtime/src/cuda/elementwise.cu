@@ -1,0 +1,102 @@
+// Elementwise ops: bf16 conversion, bias, the gated residual, SwiGLU, add. Grid-stride
+// kernels over int64 counts, then their launchers.
+#include <cuda_bf16.h>
+
+#include "cuda/cuda_check.h"
+#include "cuda/cuda_ops.h"
+#include "cuda/device_math.cuh"
+#include "ops/op_shapes.h"
+
+namespace lm2::runtime::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ int64_t FirstIndex() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int64_t GridStride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
+
+__global__ void F32ToBf16Kernel(const float* __restrict__ src, int64_t n, __nv_bfloat16* __restrict__ dst) {
+  for (int64_t i = FirstIndex(); i < n; i += GridStride()) dst[i] = __float2bfloat16_rn(src[i]);
+}
+
+__global__ void Bf16ToF32Kernel(const __nv_bfloat16* __restrict__ src, int64_t n, float* __restrict__ dst) {
+  for (int64_t i = FirstIndex(); i < n; i += GridStride()) dst[i] = __bfloat162float(src[i]);
+}
+
+__global__ void AddBiasKernel(float* __restrict__ y, int64_t total, int64_t out, const float* __restrict__ bias) {
+  for (int64_t i = FirstIndex(); i < total; i += GridStride()) y[i] += bias[i % out];
+}
+
+__global__ void GatedResidualKernel(float* __restrict__ h, const float* __restrict__ a,
+                                    const float* __restrict__ gate_pre, const float* __restrict__ e, int64_t n) {
+  for (int64_t i = FirstIndex(); i < n; i += GridStride()) h[i] += a[i] + Sigmoid(gate_pre[i]) * e[i];
+}
+
+// out may alias gate: each element is read then written by the same thread.
+__global__ void SwiGluKernel(const float* gate, const float* __restrict__ up, int64_t n, float* out) {
+  for (int64_t i = FirstIndex(); i < n; i += GridStride()) {
+    const float g = gate[i];
+    out[i] = g * Sigmoid(g) * up[i];
+  }
+}
+
+__global__ void AddInPlaceKernel(float* __restrict__ x, const float* __restrict__ y, int64_t n) {
+  for (int64_t i = FirstIndex(); i < n; i += GridStride()) x[i] += y[i];
+}
+
+}  // namespace
+
+Status ConvertF32ToBf16(const float* src, int64_t n, __nv_bfloat16* dst, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckCount("ConvertF32ToBf16", n));
+  if (n == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("ConvertF32ToBf16", {src, dst}));
+  F32ToBf16Kernel<<<GridFor(n, kThreads), kThreads, 0, stream>>>(src, n, dst);
+  return CheckLaunch("F32ToBf16Kernel");
+}
+
+Status ConvertBf16ToF32(const __nv_bfloat16* src, int64_t n, float* dst, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckCount("ConvertBf16ToF32", n));
+  if (n == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("ConvertBf16ToF32", {src, dst}));
+  Bf16ToF32Kernel<<<GridFor(n, kThreads), kThreads, 0, stream>>>(src, n, dst);
+  return CheckLaunch("Bf16ToF32Kernel");
+}
+
+Status AddBias(float* y, int64_t rows, int64_t out, const float* bias, cudaStream_t stream) {
+  if (rows < 0 || out <= 0) {
+    return Status::InvalidArgument("AddBias: rows=" + std::to_string(rows) + " out=" + std::to_string(out));
+  }
+  if (rows == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("AddBias", {y, bias}));
+  AddBiasKernel<<<GridFor(rows * out, kThreads), kThreads, 0, stream>>>(y, rows * out, out, bias);
+  return CheckLaunch("AddBiasKernel");
+}
+
+Status GatedResidual(float* h, const float* a, const float* gate_pre, const float* e, int64_t n,
+                     cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckCount("GatedResidual", n));
+  if (n == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("GatedResidual", {h, a, gate_pre, e}));
+  GatedResidualKernel<<<GridFor(n, kThreads), kThreads, 0, stream>>>(h, a, gate_pre, e, n);
+  return CheckLaunch("GatedResidualKernel");
+}
+
+Status SwiGlu(const float* gate, const float* up, int64_t n, float* out, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckCount("SwiGlu", n));
+  if (n == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("SwiGlu", {gate, up, out}));
+  SwiGluKernel<<<GridFor(n, kThreads), kThreads, 0, stream>>>(gate, up, n, out);
+  return CheckLaunch("SwiGluKernel");
+}
+
+Status AddInPlace(float* x, const float* y, int64_t n, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckCount("AddInPlace", n));
+  if (n == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("AddInPlace", {x, y}));
+  AddInPlaceKernel<<<GridFor(n, kThreads), kThreads, 0, stream>>>(x, y, n);
+  return CheckLaunch("AddInPlaceKernel");
+}
+
+}  // namespace lm2::runtime::cuda

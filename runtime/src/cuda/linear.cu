@@ -1,0 +1,37 @@
+// Linear layers through cuBLAS: bf16 weights W[out, in] (row-major, as in safetensors) and
+// bf16 activations, fp32 accumulation (CUBLAS_COMPUTE_32F), fp32 output.
+//
+// Row-major y[rows, out] = x[rows, in] · Wᵀ is, read column-major, yᵀ[out, rows] =
+// W_cm[in, out]ᵀ · x_cm[in, rows]: GEMM with op(A) = T on W (lda = in), op(B) = N on x
+// (ldb = in), C = y (ldc = out). No host code here needs nvcc; it is a .cu for the one-file-
+// per-op layout and because the bf16 conversion it uses is a kernel.
+#include "cuda/cuda_check.h"
+#include "cuda/cuda_ops.h"
+#include "ops/op_shapes.h"
+
+namespace lm2::runtime::cuda {
+
+Status Linear(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w,
+              int64_t out, float* y, bool accumulate, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckLinear(rows, in, out));
+  if (rows == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("Linear", {handle, x, w, y}));
+  LM2_CUBLAS_RETURN_IF_ERROR(cublasSetStream(handle, stream));
+  LM2_CUBLAS_RETURN_IF_ERROR(cublasSetPointerMode(handle, CUBLAS_POINTER_MODE_HOST));
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  const int m = static_cast<int>(out), n = static_cast<int>(rows), k = static_cast<int>(in);
+  LM2_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha, w, CUDA_R_16BF, k, x,
+                                          CUDA_R_16BF, k, &beta, y, CUDA_R_32F, m, CUBLAS_COMPUTE_32F,
+                                          CUBLAS_GEMM_DEFAULT));
+  return Status::Ok();
+}
+
+Status LinearF32(cublasHandle_t handle, const float* x, int64_t rows, int64_t in, const __nv_bfloat16* w,
+                 int64_t out, float* y, bool accumulate, __nv_bfloat16* x_bf16, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckLinear(rows, in, out));
+  if (rows == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(ConvertF32ToBf16(x, rows * in, x_bf16, stream));
+  return Linear(handle, x_bf16, rows, in, w, out, y, accumulate, stream);
+}
+
+}  // namespace lm2::runtime::cuda

@@ -1,0 +1,443 @@
+// Every CUDA op (runtime/src/cuda/cuda_ops.h) against a plain double-precision loop written
+// from docs/lm2-spec.md, on fresh random inputs each run (the seed is printed), with every
+// output buffer poisoned (all bytes 0xFF, a NaN) on the device beforehand, so a kernel that
+// skips an element fails. Several shapes per op: odd sizes, T = 1 and T > 1, GQA groupings.
+//
+// Tolerances: relative error ||got - want|| / ||want|| over the whole output.
+//   fp32 elementwise, RMSNorm, RoPE           1e-5
+//   fp32 reductions (attention, memory ops)   5e-5  (sums of up to thousands of terms)
+//   Linear vs the same bf16-rounded inputs    1e-4  (fp32 accumulation order only)
+//   Linear vs the unrounded fp32 inputs       1e-2  (bf16 rounding of x and W: 2^-9 each)
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <tuple>
+#include <vector>
+
+#include "cuda/cuda_ops.h"
+#include "cuda/cuda_resources.h"
+
+using namespace lm2::runtime::cuda;
+
+namespace {
+
+constexpr double kTolF32 = 1e-5;
+constexpr double kTolReduce = 5e-5;
+constexpr double kTolGemmRounded = 1e-4;
+constexpr double kTolGemmBf16 = 1e-2;
+
+std::mt19937& Rng() {
+  static std::mt19937 rng = [] {
+    const unsigned seed = std::random_device{}();
+    std::printf("cuda_ops_test: random seed %u\n", seed);
+    return std::mt19937(seed);
+  }();
+  return rng;
+}
+
+std::vector<float> Random(std::size_t n, float scale = 1.0f) {
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = dist(Rng());
+  return v;
+}
+
+void RequireOk(const lm2::Status& s) {
+  INFO(s.ToString());
+  REQUIRE(s.ok());
+}
+
+cudaStream_t Stream() {
+  static auto stream = CudaStream::Create();
+  RequireOk(stream.status());
+  return stream->get();
+}
+
+cublasHandle_t Cublas() {
+  static auto handle = CublasHandle::Create();
+  RequireOk(handle.status());
+  return handle->get();
+}
+
+template <typename T>
+DeviceBuffer<T> Upload(const std::vector<T>& host) {
+  auto b = DeviceBuffer<T>::Allocate(host.size());
+  RequireOk(b.status());
+  RequireOk(b->CopyFromHost(host.data(), host.size(), Stream()));
+  return std::move(b).value();
+}
+
+// A device buffer of n elements, every byte 0xFF (NaN for floats).
+template <typename T>
+DeviceBuffer<T> Poisoned(std::size_t n) {
+  auto b = DeviceBuffer<T>::Allocate(n);
+  RequireOk(b.status());
+  RequireOk(b->FillBytes(0xFF, Stream()));
+  return std::move(b).value();
+}
+
+// Waits for the stream (so a fault inside a kernel fails here) and copies out.
+template <typename T>
+std::vector<T> Download(const DeviceBuffer<T>& b) {
+  RequireOk(CudaStatus(cudaStreamSynchronize(Stream()), "kernels"));
+  std::vector<T> h(b.size());
+  RequireOk(b.CopyToHost(h.data(), h.size(), Stream()));
+  return h;
+}
+
+double RelErr(const std::vector<float>& got, const std::vector<double>& want) {
+  REQUIRE(got.size() == want.size());
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    const double d = static_cast<double>(got[i]) - want[i];
+    num += d * d;
+    den += want[i] * want[i];
+  }
+  return std::sqrt(num / den);  // NaN (a failed check) if any output was skipped
+}
+
+double Sig(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+void SoftmaxRows(std::vector<double>& s, std::size_t rows, std::size_t cols) {
+  for (std::size_t r = 0; r < rows; ++r) {
+    double mx = -1e300, sum = 0;
+    for (std::size_t c = 0; c < cols; ++c) mx = std::max(mx, s[r * cols + c]);
+    for (std::size_t c = 0; c < cols; ++c) sum += (s[r * cols + c] = std::exp(s[r * cols + c] - mx));
+    for (std::size_t c = 0; c < cols; ++c) s[r * cols + c] /= sum;
+  }
+}
+
+// bf16 by round-to-nearest-even on the bit pattern (finite inputs), as the upload kernel.
+uint16_t Bf16Bits(float x) {
+  uint32_t u = 0;
+  std::memcpy(&u, &x, sizeof u);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+float Bf16Value(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float x = 0;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+float RoundBf16(float x) { return Bf16Value(Bf16Bits(x)); }
+
+}  // namespace
+
+TEST_CASE("ConvertF32ToBf16 rounds to nearest even, ConvertBf16ToF32 is exact", "[cuda][ops]") {
+  const int64_t n = GENERATE(1, 1001, 70001);
+  auto x = Random(static_cast<std::size_t>(n), 10.0f);
+  x[0] = 1.0f + 1.0f / 256.0f;  // exactly halfway between two bf16 values: rounds to even (1.0)
+  auto dx = Upload(x);
+  auto db = Poisoned<__nv_bfloat16>(x.size());
+  RequireOk(ConvertF32ToBf16(dx.data(), n, db.data(), Stream()));
+  auto back = Poisoned<float>(x.size());
+  RequireOk(ConvertBf16ToF32(db.data(), n, back.data(), Stream()));
+  const auto bits = Download(db);
+  const auto got = Download(back);
+  std::size_t wrong = 0;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    uint16_t b = 0;
+    std::memcpy(&b, &bits[i], sizeof b);
+    if (b != Bf16Bits(x[i]) || got[i] != RoundBf16(x[i])) ++wrong;
+  }
+  INFO("n=" << n);
+  CHECK(wrong == 0);
+  CHECK(got[0] == 1.0f);
+}
+
+TEST_CASE("Linear: bf16 weights and activations, fp32 accumulation (cuBLAS)", "[cuda][ops]") {
+  const auto [rows, in, out] = GENERATE(std::make_tuple(int64_t{1}, int64_t{33}, int64_t{19}),
+                                        std::make_tuple(int64_t{7}, int64_t{33}, int64_t{19}),
+                                        std::make_tuple(int64_t{1}, int64_t{2048}, int64_t{2048}),
+                                        std::make_tuple(int64_t{5}, int64_t{4097}, int64_t{3}),
+                                        std::make_tuple(int64_t{64}, int64_t{512}, int64_t{1000}),
+                                        std::make_tuple(int64_t{128}, int64_t{2048}, int64_t{512}));
+  INFO("rows=" << rows << " in=" << in << " out=" << out);
+  auto x = Random(static_cast<std::size_t>(rows * in)), w = Random(static_cast<std::size_t>(out * in));
+  auto y0 = Random(static_cast<std::size_t>(rows * out));
+  // Weights go up as fp32 and are converted on the device, as a model upload does.
+  auto dx = Upload(x), dw32 = Upload(w);
+  auto dw = Poisoned<__nv_bfloat16>(w.size()), dxb = Poisoned<__nv_bfloat16>(x.size());
+  RequireOk(ConvertF32ToBf16(dw32.data(), out * in, dw.data(), Stream()));
+  auto dy = Poisoned<float>(y0.size());
+  RequireOk(LinearF32(Cublas(), dx.data(), rows, in, dw.data(), out, dy.data(), false, dxb.data(), Stream()));
+  const auto y = Download(dy);
+
+  std::vector<double> want_rounded(y0.size()), want_exact(y0.size());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < out; ++o) {
+      double acc_r = 0, acc_e = 0;
+      for (int64_t i = 0; i < in; ++i) {
+        acc_r += static_cast<double>(RoundBf16(x[r * in + i])) * RoundBf16(w[o * in + i]);
+        acc_e += static_cast<double>(x[r * in + i]) * w[o * in + i];
+      }
+      want_rounded[r * out + o] = acc_r;
+      want_exact[r * out + o] = acc_e;
+    }
+  CHECK(RelErr(y, want_rounded) < kTolGemmRounded);
+  CHECK(RelErr(y, want_exact) < kTolGemmBf16);
+
+  // accumulate: y = y0 + x Wᵀ, through the bf16-activation entry point.
+  auto dy2 = Upload(y0);
+  RequireOk(Linear(Cublas(), dxb.data(), rows, in, dw.data(), out, dy2.data(), true, Stream()));
+  const auto y2 = Download(dy2);
+  for (std::size_t i = 0; i < y0.size(); ++i) want_rounded[i] += y0[i];
+  CHECK(RelErr(y2, want_rounded) < kTolGemmRounded);
+}
+
+TEST_CASE("RmsNorm", "[cuda][ops]") {
+  const auto [rows, d] = GENERATE(std::make_pair(int64_t{1}, int64_t{7}), std::make_pair(int64_t{5}, int64_t{96}),
+                                  std::make_pair(int64_t{3}, int64_t{2048}),
+                                  std::make_pair(int64_t{17}, int64_t{4097}),
+                                  std::make_pair(int64_t{64}, int64_t{8192}));
+  INFO("rows=" << rows << " d=" << d);
+  const float eps = 1e-5f;
+  auto x = Random(static_cast<std::size_t>(rows * d), 3.0f), w = Random(static_cast<std::size_t>(d));
+  std::vector<double> want(x.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    double ss = 0;
+    for (int64_t i = 0; i < d; ++i) ss += static_cast<double>(x[r * d + i]) * x[r * d + i];
+    const double s = 1.0 / std::sqrt(ss / static_cast<double>(d) + 1e-5);
+    for (int64_t i = 0; i < d; ++i) want[r * d + i] = x[r * d + i] * s * w[i];
+  }
+  auto dx = Upload(x), dw = Upload(w);
+  auto dy = Poisoned<float>(x.size());
+  RequireOk(RmsNorm(dx.data(), dw.data(), rows, d, eps, dy.data(), Stream()));
+  CHECK(RelErr(Download(dy), want) < kTolF32);
+  // in place (out aliases x)
+  RequireOk(RmsNorm(dx.data(), dw.data(), rows, d, eps, dx.data(), Stream()));
+  CHECK(RelErr(Download(dx), want) < kTolF32);
+}
+
+TEST_CASE("Rope rotates pairs (i, i + D/2) by pos * theta^(-2i/D)", "[cuda][ops]") {
+  const auto [rows, heads, D] = GENERATE(std::make_tuple(int64_t{1}, int64_t{1}, int64_t{2}),
+                                         std::make_tuple(int64_t{6}, int64_t{3}, int64_t{16}),
+                                         std::make_tuple(int64_t{5}, int64_t{8}, int64_t{128}),
+                                         std::make_tuple(int64_t{3}, int64_t{5}, int64_t{70}),
+                                         std::make_tuple(int64_t{33}, int64_t{32}, int64_t{64}));
+  const double theta = GENERATE(10000.0, 500000.0);
+  INFO("rows=" << rows << " heads=" << heads << " D=" << D << " theta=" << theta);
+  auto x = Random(static_cast<std::size_t>(rows * heads * D));
+  std::uniform_int_distribution<int64_t> pos_dist(0, 131071);
+  std::vector<int64_t> pos(static_cast<std::size_t>(rows), 0);  // the first stays at position 0
+  for (std::size_t i = 1; i < pos.size(); ++i) pos[i] = pos_dist(Rng());
+  std::vector<double> want(x.size());
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < D / 2; ++i) {
+        const double ang = static_cast<double>(pos[t]) * std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(D));
+        const std::size_t a = (t * heads + h) * D + i, b = a + D / 2;
+        want[a] = x[a] * std::cos(ang) - x[b] * std::sin(ang);
+        want[b] = x[b] * std::cos(ang) + x[a] * std::sin(ang);
+      }
+  auto dx = Upload(x);
+  auto dpos = Upload(pos);
+  RequireOk(Rope(dx.data(), rows, heads, D, dpos.data(), theta, Stream()));
+  CHECK(RelErr(Download(dx), want) < kTolF32);
+}
+
+TEST_CASE("CausalAttention: decode and prefill kernels, GQA, over a KV cache", "[cuda][ops]") {
+  // {T, S, heads, kv_heads, head_dim}
+  const auto [T, S, H, Hkv, D] = GENERATE(
+      std::make_tuple(int64_t{1}, int64_t{1}, int64_t{1}, int64_t{1}, int64_t{8}),
+      std::make_tuple(int64_t{1}, int64_t{9}, int64_t{6}, int64_t{2}, int64_t{8}),
+      std::make_tuple(int64_t{1}, int64_t{300}, int64_t{32}, int64_t{8}, int64_t{128}),
+      std::make_tuple(int64_t{1}, int64_t{1000}, int64_t{8}, int64_t{1}, int64_t{64}),
+      std::make_tuple(int64_t{4}, int64_t{4}, int64_t{4}, int64_t{4}, int64_t{64}),
+      std::make_tuple(int64_t{5}, int64_t{12}, int64_t{6}, int64_t{2}, int64_t{8}),
+      std::make_tuple(int64_t{37}, int64_t{37}, int64_t{8}, int64_t{2}, int64_t{64}),
+      std::make_tuple(int64_t{33}, int64_t{100}, int64_t{12}, int64_t{3}, int64_t{128}),
+      std::make_tuple(int64_t{70}, int64_t{70}, int64_t{4}, int64_t{1}, int64_t{96}),
+      std::make_tuple(int64_t{17}, int64_t{50}, int64_t{3}, int64_t{3}, int64_t{40}),
+      std::make_tuple(int64_t{16}, int64_t{16}, int64_t{2}, int64_t{1}, int64_t{256}));
+  INFO("T=" << T << " S=" << S << " H=" << H << " Hkv=" << Hkv << " D=" << D);
+  auto q = Random(static_cast<std::size_t>(T * H * D)), k = Random(static_cast<std::size_t>(S * Hkv * D)),
+       v = Random(static_cast<std::size_t>(S * Hkv * D));
+  std::vector<double> want(q.size(), 0.0);
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t kv = h / (H / Hkv);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t visible = S - T + t + 1;
+      std::vector<double> s(static_cast<std::size_t>(visible));
+      for (int64_t j = 0; j < visible; ++j) {
+        double dot = 0;
+        for (int64_t c = 0; c < D; ++c) dot += static_cast<double>(q[(t * H + h) * D + c]) * k[(j * Hkv + kv) * D + c];
+        s[j] = dot / std::sqrt(static_cast<double>(D));
+      }
+      SoftmaxRows(s, 1, static_cast<std::size_t>(visible));
+      for (int64_t j = 0; j < visible; ++j)
+        for (int64_t c = 0; c < D; ++c) want[(t * H + h) * D + c] += s[j] * v[(j * Hkv + kv) * D + c];
+    }
+  }
+  auto dq = Upload(q), dk = Upload(k), dv = Upload(v);
+  using Fn = lm2::Status (*)(const float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                             float*, cudaStream_t);
+  const std::pair<const char*, Fn> kernels[] = {
+      {"CausalAttention", &CausalAttention},
+      {"CausalAttentionDecode", &CausalAttentionDecode},
+      {"CausalAttentionPrefill", &CausalAttentionPrefill}};
+  for (const auto& [name, fn] : kernels) {
+    INFO(name);
+    auto dout = Poisoned<float>(q.size());
+    RequireOk(fn(dq.data(), dk.data(), dv.data(), T, S, H, Hkv, D, dout.data(), Stream()));
+    CHECK(RelErr(Download(dout), want) < kTolReduce);
+  }
+}
+
+TEST_CASE("MemoryRead: softmax over slots per memory head, attention-weighted values", "[cuda][ops]") {
+  // {T, N, d, heads}
+  const auto [T, N, d, Hm] = GENERATE(std::make_tuple(int64_t{1}, int64_t{12}, int64_t{16}, int64_t{4}),
+                                      std::make_tuple(int64_t{5}, int64_t{12}, int64_t{16}, int64_t{4}),
+                                      std::make_tuple(int64_t{7}, int64_t{33}, int64_t{96}, int64_t{3}),
+                                      std::make_tuple(int64_t{3}, int64_t{2048}, int64_t{256}, int64_t{8}),
+                                      std::make_tuple(int64_t{1}, int64_t{2048}, int64_t{2048}, int64_t{16}),
+                                      std::make_tuple(int64_t{2}, int64_t{509}, int64_t{2048}, int64_t{16}));
+  INFO("T=" << T << " N=" << N << " d=" << d << " heads=" << Hm);
+  const int64_t dh = d / Hm;
+  auto q = Random(static_cast<std::size_t>(T * d)), mk = Random(static_cast<std::size_t>(N * d)),
+       mv = Random(static_cast<std::size_t>(N * d));
+  std::vector<double> want_attn(static_cast<std::size_t>(Hm * T * N)), want_e(static_cast<std::size_t>(T * d), 0.0);
+  for (int64_t j = 0; j < Hm; ++j)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = 0; n < N; ++n) {
+        double dot = 0;
+        for (int64_t c = 0; c < dh; ++c) dot += static_cast<double>(q[t * d + j * dh + c]) * mk[n * d + j * dh + c];
+        want_attn[(j * T + t) * N + n] = dot / std::sqrt(static_cast<double>(dh));
+      }
+  SoftmaxRows(want_attn, static_cast<std::size_t>(Hm * T), static_cast<std::size_t>(N));
+  for (int64_t j = 0; j < Hm; ++j)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = 0; c < dh; ++c)
+          want_e[t * d + j * dh + c] += want_attn[(j * T + t) * N + n] * mv[n * d + j * dh + c];
+  auto dq = Upload(q), dmk = Upload(mk), dmv = Upload(mv);
+  auto dattn = Poisoned<float>(want_attn.size()), de = Poisoned<float>(want_e.size());
+  RequireOk(MemoryRead(dq.data(), dmk.data(), dmv.data(), T, N, d, Hm, dattn.data(), de.data(), Stream()));
+  CHECK(RelErr(Download(dattn), want_attn) < kTolReduce);
+  CHECK(RelErr(Download(de), want_e) < kTolReduce);
+}
+
+TEST_CASE("Memory write: streamed sums, write update, gated commit", "[cuda][ops]") {
+  // {T1, T2, N, d, heads}: AccumulateWrite runs twice (T1 tokens, then T2) onto nonzero sums.
+  const auto [T1, T2, N, d, Hm] = GENERATE(
+      std::make_tuple(int64_t{1}, int64_t{1}, int64_t{12}, int64_t{16}, int64_t{4}),
+      std::make_tuple(int64_t{3}, int64_t{2}, int64_t{33}, int64_t{96}, int64_t{3}),
+      std::make_tuple(int64_t{40}, int64_t{24}, int64_t{256}, int64_t{512}, int64_t{8}),
+      std::make_tuple(int64_t{1}, int64_t{7}, int64_t{2048}, int64_t{2048}, int64_t{16}));
+  INFO("T1=" << T1 << " T2=" << T2 << " N=" << N << " d=" << d << " heads=" << Hm);
+  const int64_t T = T1 + T2, dh = d / Hm;
+  // attn[j, t, :] is a distribution over the slots, as MemoryRead produces.
+  std::vector<double> a_d(static_cast<std::size_t>(Hm * T * N));
+  {
+    const auto r = Random(a_d.size(), 2.0f);
+    for (std::size_t i = 0; i < a_d.size(); ++i) a_d[i] = r[i];
+    SoftmaxRows(a_d, static_cast<std::size_t>(Hm * T), static_cast<std::size_t>(N));
+  }
+  std::vector<float> attn1(static_cast<std::size_t>(Hm * T1 * N)), attn2(static_cast<std::size_t>(Hm * T2 * N));
+  for (int64_t j = 0; j < Hm; ++j)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = 0; n < N; ++n) {
+        const auto a = static_cast<float>(a_d[(j * T + t) * N + n]);
+        (t < T1 ? attn1[(j * T1 + t) * N + n] : attn2[(j * T2 + t - T1) * N + n]) = a;
+      }
+  auto offer = Random(static_cast<std::size_t>(T * d));
+  auto mass0 = Random(static_cast<std::size_t>(Hm * N)), acc0 = Random(static_cast<std::size_t>(N * d));
+  for (auto& m : mass0) m = std::abs(m);
+  std::vector<double> want_mass(mass0.begin(), mass0.end()), want_acc(acc0.begin(), acc0.end());
+  for (int64_t j = 0; j < Hm; ++j)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = 0; n < N; ++n) {
+        const double a = t < T1 ? attn1[(j * T1 + t) * N + n] : attn2[(j * T2 + t - T1) * N + n];
+        want_mass[j * N + n] += a;
+        for (int64_t c = 0; c < dh; ++c) want_acc[n * d + j * dh + c] += a * offer[t * d + j * dh + c];
+      }
+  auto dattn1 = Upload(attn1), dattn2 = Upload(attn2), doffer = Upload(offer);
+  auto dmass = Upload(mass0), dacc = Upload(acc0);
+  RequireOk(AccumulateWrite(dattn1.data(), doffer.data(), T1, N, d, Hm, dmass.data(), dacc.data(), Stream()));
+  RequireOk(AccumulateWrite(dattn2.data(), doffer.data() + T1 * d, T2, N, d, Hm, dmass.data(), dacc.data(), Stream()));
+  RequireOk(AccumulateWrite(dattn2.data(), doffer.data(), 0, N, d, Hm, dmass.data(), dacc.data(), Stream()));  // no-op
+  const auto mass = Download(dmass), acc = Download(dacc);
+  CHECK(RelErr(mass, want_mass) < kTolReduce);
+  CHECK(RelErr(acc, want_acc) < kTolReduce);
+
+  // u from the device's sums (so this checks WriteUpdate alone).
+  auto du = Poisoned<float>(acc.size());
+  RequireOk(WriteUpdate(dmass.data(), dacc.data(), N, d, Hm, du.data(), Stream()));
+  std::vector<double> want_u(acc.size());
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < Hm; ++j)
+      for (int64_t c = 0; c < dh; ++c)
+        want_u[n * d + j * dh + c] = static_cast<double>(acc[n * d + j * dh + c]) / (mass[j * N + n] + 1.0);
+  const auto u = Download(du);
+  CHECK(RelErr(u, want_u) < kTolF32);
+
+  auto in_pre = Random(u.size(), 2.0f), f_pre = Random(u.size(), 2.0f), bank = Random(u.size());
+  auto din = Upload(in_pre), dfg = Upload(f_pre), dbank = Upload(bank);
+  RequireOk(GatedMemoryUpdate(du.data(), din.data(), dfg.data(), N * d, dbank.data(), Stream()));
+  std::vector<double> want_bank(u.size());
+  for (std::size_t i = 0; i < u.size(); ++i)
+    want_bank[i] = Sig(in_pre[i]) * std::tanh(static_cast<double>(u[i])) + Sig(f_pre[i]) * bank[i];
+  CHECK(RelErr(Download(dbank), want_bank) < kTolF32);
+}
+
+TEST_CASE("GatedResidual, SwiGlu, AddInPlace, AddBias", "[cuda][ops]") {
+  const int64_t n = GENERATE(1, 257, 100003);
+  INFO("n=" << n);
+  const auto un = static_cast<std::size_t>(n);
+  auto h = Random(un), a = Random(un), g = Random(un, 2.0f), e = Random(un), up = Random(un);
+  auto dh = Upload(h), da = Upload(a), dg = Upload(g), de = Upload(e), dup = Upload(up);
+  std::vector<double> want(un);
+
+  RequireOk(GatedResidual(dh.data(), da.data(), dg.data(), de.data(), n, Stream()));
+  for (std::size_t i = 0; i < un; ++i) want[i] = static_cast<double>(h[i]) + a[i] + Sig(g[i]) * e[i];
+  CHECK(RelErr(Download(dh), want) < kTolF32);
+
+  auto dout = Poisoned<float>(un);
+  RequireOk(SwiGlu(dg.data(), dup.data(), n, dout.data(), Stream()));
+  for (std::size_t i = 0; i < un; ++i) want[i] = g[i] * Sig(g[i]) * up[i];
+  CHECK(RelErr(Download(dout), want) < kTolF32);
+  RequireOk(SwiGlu(dg.data(), dup.data(), n, dg.data(), Stream()));  // out aliases gate
+  CHECK(RelErr(Download(dg), want) < kTolF32);
+
+  auto dx = Upload(a);
+  RequireOk(AddInPlace(dx.data(), de.data(), n, Stream()));
+  for (std::size_t i = 0; i < un; ++i) want[i] = static_cast<double>(a[i]) + e[i];
+  CHECK(RelErr(Download(dx), want) < kTolF32);
+
+  // AddBias over [rows, out] with out = n and rows = 3.
+  const int64_t rows = 3;
+  auto y = Random(un * 3);
+  auto dy = Upload(y);
+  RequireOk(AddBias(dy.data(), rows, n, de.data(), Stream()));
+  std::vector<double> want_y(y.size());
+  for (std::size_t r = 0; r < 3; ++r)
+    for (std::size_t i = 0; i < un; ++i) want_y[r * un + i] = static_cast<double>(y[r * un + i]) + e[i];
+  CHECK(RelErr(Download(dy), want_y) < kTolF32);
+}
+
+TEST_CASE("Launchers refuse bad shapes and null pointers; empty work is a no-op", "[cuda][ops]") {
+  auto buf = DeviceBuffer<float>::Allocate(64);
+  RequireOk(buf.status());
+  float* p = buf->data();
+  CHECK(CausalAttention(p, p, p, 1, 4, 6, 4, 8, p, Stream()).IsInvalidArgument());  // 4 does not divide 6
+  CHECK(CausalAttention(p, p, p, 5, 4, 4, 4, 8, p, Stream()).IsInvalidArgument());  // T > S
+  CHECK(CausalAttention(p, nullptr, p, 1, 4, 4, 4, 8, p, Stream()).IsInvalidArgument());
+  CHECK(Rope(p, 1, 1, 7, nullptr, 10000.0, Stream()).IsInvalidArgument());  // odd head_dim
+  CHECK(MemoryRead(p, p, p, 1, 4, 10, 4, p, p, Stream()).IsInvalidArgument());  // 4 does not divide 10
+  CHECK(RmsNorm(p, p, 1, 0, 1e-5f, p, Stream()).IsInvalidArgument());
+  CHECK(Linear(Cublas(), nullptr, 1, 0, nullptr, 4, p, false, Stream()).IsInvalidArgument());
+  CHECK(SwiGlu(p, p, -1, p, Stream()).IsInvalidArgument());
+  CHECK(GatedResidual(p, nullptr, p, p, 4, Stream()).IsInvalidArgument());
+  // Zero-sized work launches nothing and needs no pointers.
+  CHECK(CausalAttention(nullptr, nullptr, nullptr, 0, 0, 4, 2, 8, nullptr, Stream()).ok());
+  CHECK(MemoryRead(nullptr, nullptr, nullptr, 0, 4, 8, 2, nullptr, nullptr, Stream()).ok());
+  CHECK(Linear(Cublas(), nullptr, 0, 8, nullptr, 4, nullptr, false, Stream()).ok());
+  CHECK(AddInPlace(nullptr, nullptr, 0, Stream()).ok());
+  RequireOk(CudaStatus(cudaStreamSynchronize(Stream()), "stream"));
+}
