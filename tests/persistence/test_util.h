@@ -2,6 +2,8 @@
 // access to the RocksDB files behind a store (to tamper with and inspect them).
 #pragma once
 
+#include "support/temp_dir.h"
+
 #include <rocksdb/db.h>
 #include <rocksdb/options.h>
 
@@ -18,26 +20,8 @@
 
 namespace lm2::persistence::test {
 
-// A fresh directory under $TMPDIR, removed on destruction.
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "lm2-persist-XXXXXX").string();
-    if (mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const std::string& path() const { return path_; }
-  std::string sub(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
-};
+// A fresh temporary directory (tests/support/temp_dir.h).
+using ::lm2::testing::TempDir;
 
 inline MemoryState MakeBank(std::vector<int32_t> layers, int64_t slots, int64_t dim, uint32_t seed,
                             const std::string& fingerprint = "fp-test-model") {

@@ -23,11 +23,6 @@ std::vector<T> Read(const std::vector<unsigned char>& blob, uint64_t start,
 
 }  // namespace
 
-std::string SourceDir() {
-  const char* dir = std::getenv("LM2_SOURCE_DIR");
-  return dir != nullptr ? dir : ".";
-}
-
 Result<Golden> LoadGolden(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) return Status::NotFound(path);

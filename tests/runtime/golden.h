@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "lm2/core/status.h"
+#include "support/paths.h"
 
 namespace lm2::testing {
 
@@ -23,9 +24,6 @@ struct Golden {
 };
 
 Result<Golden> LoadGolden(const std::string& path);
-
-// LM2_SOURCE_DIR (set by ctest), else the current directory.
-std::string SourceDir();
 
 // ||a - b|| / ||b||.
 double RelativeError(const float* a, const double* b, std::size_t n);

@@ -2,6 +2,9 @@
 // reader/writer (nlohmann-json, no lm2 code) for building fixtures and cross-checking.
 #pragma once
 
+#include "support/paths.h"
+#include "support/temp_dir.h"
+
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -21,35 +24,6 @@ namespace lm2::testing {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-inline std::string SourceDir() {
-  const char* s = std::getenv("LM2_SOURCE_DIR");
-  return s ? s : ".";
-}
-inline std::string TestModel(const std::string& name) { return SourceDir() + "/tests/data/models/" + name; }
-
-// A fresh directory under the system temp dir, removed with its content on destruction.
-class TempDir {
- public:
-  TempDir() {
-    static std::atomic<int> counter{0};
-    std::random_device rd;
-    path_ = fs::temp_directory_path() /
-            ("lm2-loader-test-" + std::to_string(::getpid()) + "-" + std::to_string(counter++) + "-" +
-             std::to_string(rd()));
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  std::string str() const { return path_.string(); }
-  std::string operator/(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
-};
 
 inline std::string ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

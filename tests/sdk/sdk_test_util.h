@@ -3,6 +3,9 @@
 // concurrency tests).
 #pragma once
 
+#include "support/paths.h"
+#include "support/temp_dir.h"
+
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -16,31 +19,11 @@
 
 namespace lm2::sdk_test {
 
-inline std::string SourceDir() {
-  const char* s = std::getenv("LM2_SOURCE_DIR");
-  return s != nullptr ? s : ".";
-}
-inline std::string TinyModel() { return SourceDir() + "/tests/data/models/tiny-lm2"; }
+using ::lm2::testing::SourceDir;
+inline std::string TinyModel() { return ::lm2::testing::TestModel("tiny-lm2"); }
 
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "lm2-sdk-XXXXXX").string();
-    if (mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const std::string& path() const { return path_; }
-  std::string sub(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
-};
+// A fresh temporary directory (tests/support/temp_dir.h).
+using ::lm2::testing::TempDir;
 
 // Options for an engine on tiny-lm2 with a key file and a store in `dir`.
 inline EngineOptions TinyOptions(const TempDir& dir, bool shared = false) {
