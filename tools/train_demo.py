@@ -4,6 +4,8 @@ backpropagation through all segments of an episode (and so through the memory ba
 
     PYTHONPATH=tools python3 tools/train_demo.py --words TOKDIR/words.json --out DIR \
         [--vanilla] [--minutes 9] [--steps N] [--resume DIR/ckpt.pt] [--device cuda]
+        [--init-from MODEL_DIR --start-step N] [--decay cosine --decay-steps N|0]
+        [--family-weights list=2,latest=1.5]
 
 Data: half scripted episodes (lm2data.episodes.eval_episode: one question, random family,
 distance 1..D), half simulated worlds with many questions (world_episode, 2..D+2 turns),
@@ -15,6 +17,15 @@ facts) with probability --p-reset, else keeps it across turns.
 Loss: next-token cross-entropy inside each turn, weight --answer-weight on the reply
 tokens of question turns, 1 elsewhere. Logs loss and accuracy; writes DIR/ckpt.pt (model,
 optimizer, step, D) every check and at the end; DIR/log.txt.
+Continuing from a shipped model: --init-from MODEL_DIR loads its weights (bfloat16 or
+float32 on disk) into a float32 model of that directory's config with a fresh AdamW,
+distance --start-distance, step counter --start-step (so the data streams are new ones).
+Learning rate: linear warm-up over --warmup steps to --lr, then constant (--decay none)
+or cosine down to --min-lr at --decay-steps steps after the start (--decay-steps 0 with
+--minutes: the number of steps that fit the wall time, from the speed of the first steps;
+the run then stops there, and the log says the number, so --steps repeats it).
+--family-weights: relative weights of the families in the scripted half of each batch
+(default: uniform, as rng.choice).
 """
 
 from __future__ import annotations
@@ -56,11 +67,36 @@ def init_model(model: LM2ForCausalLM, forget_bias: float) -> None:
             torch.nn.init.constant_(block.memory.forget_gate.bias, forget_bias)
 
 
-def train_batch(wt, rng: random.Random, batch_size: int, dist: int):
+def parse_family_weights(text: str):
+    """"list=2,latest=1.5" -> weights in FAMILIES order (1 for families not named)."""
+    if not text:
+        return None
+    w = {f: 1.0 for f in FAMILIES}
+    for item in text.split(","):
+        name, val = item.split("=")
+        if name not in w:
+            raise SystemExit(f"--family-weights: unknown family {name!r}")
+        w[name] = float(val)
+    return [w[f] for f in FAMILIES]
+
+
+def lr_at(args, step: int, start: int, total: int) -> float:
+    """Warm-up, then constant or cosine decay; step counts from `start`."""
+    k = step - start
+    lr = args.lr * min(1.0, (k + 1) / args.warmup)
+    if args.decay == "cosine" and total > 0 and k >= args.warmup:
+        frac = min(1.0, (k - args.warmup) / max(1, total - args.warmup))
+        lr = args.min_lr + (args.lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
+    return lr
+
+
+def train_batch(wt, rng: random.Random, batch_size: int, dist: int, fam_weights=None):
     eps = []
     for i in range(batch_size):
         if i % 2 == 0:
-            ep = eval_episode(rng, rng.choice(FAMILIES), rng.randint(1, dist))
+            fam = (rng.choice(FAMILIES) if fam_weights is None
+                   else rng.choices(FAMILIES, weights=fam_weights)[0])
+            ep = eval_episode(rng, fam, rng.randint(1, dist))
         else:
             ep = world_episode(rng, rng.randint(2, dist + 2))
         eps.append(encode_episode(wt, ep))
@@ -131,6 +167,16 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     ap.add_argument("--tf32", action="store_true", help="TF32 matrix products (CUDA)")
     ap.add_argument("--resume", default="")
+    ap.add_argument("--init-from", default="",
+                    help="start from the weights of this model directory (fresh optimizer)")
+    ap.add_argument("--start-step", type=int, default=0,
+                    help="with --init-from: the first step number (data stream train-SEED-STEP)")
+    ap.add_argument("--decay", choices=["none", "cosine"], default="none")
+    ap.add_argument("--decay-steps", type=int, default=0,
+                    help="steps from the start to the end of the decay (0: --steps, else fit --minutes)")
+    ap.add_argument("--min-lr", type=float, default=0.0)
+    ap.add_argument("--family-weights", default="",
+                    help="scripted-half family weights, e.g. list=2,latest=1.5,two=1.5")
     ap.add_argument("--export-dir", default="", help="write a model directory at the end")
     ap.add_argument("--export-from", default="", help="only export this checkpoint")
     ap.add_argument("--tokenizer", default="", help="tokenizer.model for the model directory")
@@ -157,15 +203,23 @@ def main(argv=None) -> int:
     if device.type == "cuda" and args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     wt = WordTable.load(args.words)
-    cfg = model_config(args, args.vocab)
-    model = LM2ForCausalLM(cfg)
-    init_model(model, args.forget_bias)
+    if args.init_from:
+        from lm2ref.model_dir import load_model_dir
+        model = load_model_dir(args.init_from, dtype=torch.float32)
+        cfg = model.config
+    else:
+        cfg = model_config(args, args.vocab)
+        model = LM2ForCausalLM(cfg)
+        init_model(model, args.forget_bias)
     model.to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    step, dist = 0, args.start_distance
+    step, dist = (args.start_step if args.init_from else 0), args.start_distance
+    if args.init_from:
+        log(f"initialised from {args.init_from} (weights as stored, now float32), "
+            f"step {step}, distance {dist}")
     if args.resume:
         ck = torch.load(args.resume, map_location=device)
         model.load_state_dict(ck["model"])
@@ -185,19 +239,37 @@ def main(argv=None) -> int:
         os.replace(tmp, os.path.join(args.out, "ckpt.pt"))
 
     t0 = time.time()
+    first = step
+    lr_base = first if args.init_from else 0  # --resume keeps the original warm-up count
+    fam_weights = parse_family_weights(args.family_weights)
+    total = args.decay_steps or (args.steps - first if args.steps else 0)
+    auto = args.decay == "cosine" and total == 0
+    if args.decay == "cosine" and not (total or args.minutes):
+        raise SystemExit("--decay cosine needs --decay-steps, --steps or --minutes")
+    stop_at = args.steps or 0
+    t_probe = None
     amp = args.bf16 and device.type == "cuda"
     run_loss = run_acc = None
     since_advance = 0
     while True:
-        if args.steps and step >= args.steps:
+        if stop_at and step >= stop_at:
             break
+        if auto and step - first == 10:
+            t_probe = time.time()
+        if auto and step - first == 60:
+            # steps that fit the wall time at this speed, less 8% for checks and export
+            per = (time.time() - t_probe) / 50
+            total = 60 + int((args.minutes * 60 * 0.92 - (time.time() - t0)) / per)
+            stop_at = first + total
+            log(f"schedule: {per * 1000:.0f} ms/step -> cosine decay over {total} steps, "
+                f"stop at step {stop_at} (repeat with --steps {stop_at})")
         if args.minutes and time.time() - t0 > args.minutes * 60:
             break
         rng = random.Random(f"train-{args.seed}-{step}")
-        eps = train_batch(wt, rng, args.batch, dist)
+        eps = train_batch(wt, rng, args.batch, dist, fam_weights)
         context = "reset" if rng.random() < args.p_reset else "keep"
         b = make_batch(eps, device)
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        lr = lr_at(args, step, lr_base, total)
         for g in opt.param_groups:
             g["lr"] = lr
         model.train()
@@ -213,7 +285,7 @@ def main(argv=None) -> int:
         run_acc = acc if run_acc is None else 0.95 * run_acc + 0.05 * acc
         if step % 50 == 0:
             log(f"step {step} t={time.time() - t0:.0f}s D={dist} loss {run_loss:.4f} "
-                f"train_acc {run_acc:.3f} ({context})")
+                f"train_acc {run_acc:.3f} ({context})" + (f" lr {lr:.2e}" if args.decay != "none" else ""))
         if step % args.check_every == 0:
             model.eval()
             res = {d: accuracy(model, e, device, amp=amp) for d, e in checks.items()}
