@@ -224,9 +224,11 @@ TEST_CASE("Rope rotates pairs (i, i + D/2) by pos * theta^(-2i/D)", "[cuda][ops]
   const double theta = GENERATE(10000.0, 500000.0);
   INFO("rows=" << rows << " heads=" << heads << " D=" << D << " theta=" << theta);
   auto x = Random(static_cast<std::size_t>(rows * heads * D));
-  std::uniform_int_distribution<int64_t> pos_dist(0, 131071);
-  std::vector<int64_t> pos(static_cast<std::size_t>(rows), 0);  // the first stays at position 0
-  for (std::size_t i = 1; i < pos.size(); ++i) pos[i] = pos_dist(Rng());
+  std::uniform_int_distribution<int64_t> pos_dist(1, 131071);
+  // Random positions, the first at 0 when there are several (a single row at 0 would be a
+  // rotation by nothing, which a kernel that never ran would pass).
+  std::vector<int64_t> pos(static_cast<std::size_t>(rows), 0);
+  for (std::size_t i = rows > 1 ? 1 : 0; i < pos.size(); ++i) pos[i] = pos_dist(Rng());
   std::vector<double> want(x.size());
   for (int64_t t = 0; t < rows; ++t)
     for (int64_t h = 0; h < heads; ++h)

@@ -76,6 +76,13 @@ fi
 
 if [[ "${SKIP_MEMCHECK:-0}" != 1 ]]; then
   echo "== compute-sanitizer --tool memcheck"
+  if ! command -v compute-sanitizer >/dev/null; then
+    echo "run_cuda_op_tests.sh: compute-sanitizer not found (PATH, /usr/local/cuda/bin); SKIP_MEMCHECK=1 to run without" \
+      | tee "$LOG_DIR/cuda_ops_tests.memcheck.log" >&2
+    [[ $status -eq 0 ]] && status=3
+    echo "== done: status $status (logs in $LOG_DIR)"
+    exit "$status"
+  fi
   set +e
   compute-sanitizer --tool memcheck --error-exitcode 99 --leak-check full "$TEST_BIN" 2>&1 \
     | tee "$LOG_DIR/cuda_ops_tests.memcheck.log"
