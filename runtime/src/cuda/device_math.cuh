@@ -7,6 +7,15 @@
 
 namespace lm2::runtime::cuda {
 
+// Threads per block of the element-wise and row kernels.
+constexpr int kThreads = 256;
+
+// Grid-stride loops: this thread's first element, and the stride between its elements.
+__device__ __forceinline__ int64_t FirstIndex() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int64_t GridStride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
+
 __device__ __forceinline__ float WarpSum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;

@@ -10,13 +10,6 @@
 namespace lm2::runtime::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-
-__device__ __forceinline__ int64_t FirstIndex() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-}
-__device__ __forceinline__ int64_t GridStride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
-
 __global__ void F32ToBf16Kernel(const float* __restrict__ src, int64_t n, __nv_bfloat16* __restrict__ dst) {
   for (int64_t i = FirstIndex(); i < n; i += GridStride()) dst[i] = __float2bfloat16_rn(src[i]);
 }

@@ -10,8 +10,6 @@
 namespace lm2::runtime::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-
 // Shared: q_j [dh]. Every thread owns slots n = tid, tid + blockDim, ... through the three
 // softmax passes; the barrier inside each block reduction and the one before the value
 // pass make all of a row's probabilities visible to every thread.

@@ -12,13 +12,6 @@
 namespace lm2::runtime::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-
-__device__ __forceinline__ int64_t FirstIndex() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-}
-__device__ __forceinline__ int64_t GridStride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
-
 // mass[j, n] += Σ_t attn[j, t, n]; a thread per (j, n).
 __global__ void AccumulateMassKernel(const float* __restrict__ attn, int64_t T, int64_t N, int64_t heads,
                                      float* __restrict__ mass) {

@@ -7,8 +7,6 @@
 namespace lm2::runtime::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-
 // x and out may alias: every read of a row happens before the reduction's barrier, and
 // each element is then read and written by the same thread.
 __global__ void RmsNormKernel(const float* x, const float* __restrict__ weight, int64_t d, float eps, float* out) {

@@ -9,8 +9,6 @@
 namespace lm2::runtime::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-
 __global__ void RopeKernel(float* __restrict__ x, int64_t rows, int64_t heads, int64_t head_dim,
                            const int64_t* __restrict__ positions, double theta) {
   const int64_t half = head_dim / 2, pairs = rows * heads * half;
