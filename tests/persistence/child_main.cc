@@ -2,7 +2,8 @@
 //
 //   persistence_test_child commit-loop <db>          commit forever (until SIGKILL); prints
 //                                                    "acked <v>" after each durable commit
-//   persistence_test_child cas <db> <writer> <n>     n rounds of Head -> Commit(head) on a
+//   persistence_test_child cas <db> <writer> <n> [<start unix ms>]
+//                                                    n rounds of Head -> Commit(head) on a
 //                                                    store opened per operation; prints
 //                                                    "won <v>" or "lost <v>" per round
 // Keys come from LM2_KEK (the environment key provider). Bank of version v: seed v.
@@ -56,7 +57,7 @@ int main(int argc, char** argv) {
       Say("acked " + std::to_string(*v));
     }
   }
-  if (mode == "cas" && argc == 5) {
+  if (mode == "cas" && (argc == 5 || argc == 6)) {
     o.sharing = ProcessSharing::kPerOperation;
     const std::string writer = argv[3];
     const int rounds = std::stoi(argv[4]);
@@ -64,6 +65,11 @@ int main(int argc, char** argv) {
     if (!st.ok()) return Fail(st.status());
     Status c = (*st)->CreateSession(id);
     if (!c.ok() && c.code() != StatusCode::kAlreadyExists) return Fail(c);
+    // Both writers start their rounds at the same wall-clock moment (argv[5], unix ms), so
+    // they race even when one process took longer to start.
+    if (argc > 5) {
+      std::this_thread::sleep_until(std::chrono::system_clock::time_point(std::chrono::milliseconds(std::stoll(argv[5]))));
+    }
     std::mt19937 rng(static_cast<uint32_t>(::getpid()));
     for (int i = 0; i < rounds; ++i) {
       auto h = (*st)->Head(id);

@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <barrier>
+#include <chrono>
 #include <map>
 #include <set>
 #include <thread>
@@ -67,8 +68,12 @@ TEST_CASE("persistence concurrency: 2 processes, one winner per version", "[pers
   TempDir dir;
   const std::string db = dir.sub("db");
   const int rounds = 25;
-  Child a = SpawnChild({"cas", db, "A", std::to_string(rounds)});
-  Child b = SpawnChild({"cas", db, "B", std::to_string(rounds)});
+  // Create the store first, then start both writers' rounds together, 1 s from now.
+  { auto st = OpenStore(db, MakeKeys()); }
+  const auto start = std::chrono::duration_cast<std::chrono::milliseconds>(
+                         std::chrono::system_clock::now().time_since_epoch()).count() + 1000;
+  Child a = SpawnChild({"cas", db, "A", std::to_string(rounds), std::to_string(start)});
+  Child b = SpawnChild({"cas", db, "B", std::to_string(rounds), std::to_string(start)});
   std::vector<std::string> la = ReadAllLines(a.out), lb = ReadAllLines(b.out);
   ::close(a.out);
   ::close(b.out);
