@@ -21,6 +21,7 @@
 
 #include "cuda/cuda_ops.h"
 #include "cuda/cuda_resources.h"
+#include "support/random_data.h"
 
 using namespace lm2::runtime::cuda;
 
@@ -31,21 +32,10 @@ constexpr double kTolReduce = 5e-5;
 constexpr double kTolGemmRounded = 1e-4;
 constexpr double kTolGemmBf16 = 1e-2;
 
-std::mt19937& Rng() {
-  static std::mt19937 rng = [] {
-    const unsigned seed = std::random_device{}();
-    std::printf("cuda_ops_test: random seed %u\n", seed);
-    return std::mt19937(seed);
-  }();
-  return rng;
-}
+using lm2::testing::RelErr;
+using lm2::testing::Rng;
 
-std::vector<float> Random(std::size_t n, float scale = 1.0f) {
-  std::normal_distribution<float> dist(0.0f, scale);
-  std::vector<float> v(n);
-  for (auto& x : v) x = dist(Rng());
-  return v;
-}
+std::vector<float> Random(std::size_t n, float scale = 1.0f) { return lm2::testing::RandomVector(n, scale); }
 
 void RequireOk(const lm2::Status& s) {
   INFO(s.ToString());
@@ -90,16 +80,6 @@ std::vector<T> Download(const DeviceBuffer<T>& b) {
   return h;
 }
 
-double RelErr(const std::vector<float>& got, const std::vector<double>& want) {
-  REQUIRE(got.size() == want.size());
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    const double d = static_cast<double>(got[i]) - want[i];
-    num += d * d;
-    den += want[i] * want[i];
-  }
-  return std::sqrt(num / den);  // NaN (a failed check) if any output was skipped
-}
 
 double Sig(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 

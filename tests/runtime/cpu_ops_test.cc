@@ -9,35 +9,18 @@
 #include <vector>
 
 #include "cpu/cpu_ops.h"
+#include "support/random_data.h"
 
 using namespace lm2::runtime::cpu;
 
 namespace {
 
-std::mt19937& Rng() {
-  static std::mt19937 rng(std::random_device{}());
-  return rng;
-}
+using lm2::testing::RelErr;
 
-std::vector<float> Random(std::size_t n, float scale = 1.0f) {
-  std::normal_distribution<float> dist(0.0f, scale);
-  std::vector<float> v(n);
-  for (auto& x : v) x = dist(Rng());
-  return v;
-}
+std::vector<float> Random(std::size_t n, float scale = 1.0f) { return lm2::testing::RandomVector(n, scale); }
 
 std::vector<float> Poisoned(std::size_t n) { return std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()); }
 
-double RelErr(const std::vector<float>& got, const std::vector<double>& want) {
-  REQUIRE(got.size() == want.size());
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    const double d = static_cast<double>(got[i]) - want[i];
-    num += d * d;
-    den += want[i] * want[i];
-  }
-  return std::sqrt(num / den);  // NaN (and so a failed check) if any output was skipped
-}
 
 double Sig(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
