@@ -114,15 +114,18 @@ class ChatStream {
     options_.cancel = &cancel_;
     worker_ = std::thread([this, message = std::move(message)] {
       auto r = session_->s->Chat(message, options_, [this](std::string_view t) {
-        std::lock_guard<std::mutex> lock(mu_);
+        // One piece in flight: the turn waits until the reader takes it or closes, so a
+        // close after any piece is seen before the turn can commit.
+        std::unique_lock<std::mutex> lock(mu_);
         pieces_.emplace_back(t);
-        cv_.notify_one();
+        cv_.notify_all();
+        cv_.wait(lock, [this] { return pieces_.empty() || cancel_.load(); });
       });
       std::lock_guard<std::mutex> lock(mu_);
       if (r.ok()) session_->last = std::move(r).value();
       else status_ = r.status();
       done_ = true;
-      cv_.notify_one();
+      cv_.notify_all();
     });
   }
   ~ChatStream() { Close(); }
@@ -136,6 +139,7 @@ class ChatStream {
     if (!pieces_.empty()) {
       std::string p = std::move(pieces_.front());
       pieces_.pop_front();
+      cv_.notify_all();  // the turn may go on
       return p;
     }
     lock.unlock();
@@ -145,7 +149,11 @@ class ChatStream {
   }
 
   void Close() {
-    cancel_ = true;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      cancel_ = true;
+    }
+    cv_.notify_all();  // wake a turn waiting for its piece to be taken
     Join();
   }
 

@@ -221,6 +221,9 @@ Result<ChatResult> Session::Chat(std::string_view message, const ChatOptions& op
   auto turn = RunTurn(c, prompt, options, on_token, &transcript);
   if (!turn.ok()) return discard(turn.status());
   ChatResult r = std::move(turn).value();
+  // A cancel that arrives after the last token but before the commit still cancels: the
+  // caller asked before anything was committed.
+  if (options.cancel != nullptr && options.cancel->load()) return discard(Status::Cancelled("turn cancelled"));
   auto bank = c.model().ExportMemory(*c.state);
   if (!bank.ok()) return discard(bank.status());
 

@@ -356,6 +356,26 @@ TEST_CASE("runtime SegmentReadMass: per layer the segment's tokens x memory head
   CHECK(rt.model->SegmentReadMass(**st).status().code() == StatusCode::kFailedPrecondition);
 }
 
+TEST_CASE("a cancel set after the reply's last token, before the commit, still cancels") {
+  TempDir dir;
+  auto engine = OpenEngine(TinyOptions(dir));
+  auto s = OpenSession(*engine, "t", "s");
+  MustChat(*s, kMsgs[0]);
+  const MemoryState before = MustMemory(*s);
+  std::atomic<bool> cancel{false};
+  ChatOptions o = Short(1);  // one token: its text streams only after generation has ended
+  o.cancel = &cancel;
+  int pieces = 0;
+  auto r = s->Chat(kMsgs[1], o, [&](std::string_view) {
+    ++pieces;
+    cancel = true;
+  });
+  REQUIRE(pieces == 1);  // the tiny model's first reply token to kMsgs[1] is text
+  CHECK(r.status().code() == StatusCode::kCancelled);
+  CHECK(s->head_version() == 1);
+  CHECK(SameBits(MustMemory(*s), before));
+}
+
 TEST_CASE("a cancelled turn commits nothing and leaves the session as it was") {
   TempDir dir;
   auto engine = OpenEngine(TinyOptions(dir));

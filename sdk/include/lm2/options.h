@@ -91,8 +91,9 @@ struct ChatOptions {
   float repetition_penalty = 1.0f;         // 1 = off. Default: 1
   uint64_t seed = 0;                       // sampling seed. Default: 0
   std::vector<std::string> stop_strings;   // extra stop strings. Default: none
-  // Set to true from any thread to stop the turn: Chat returns Cancelled and the session
-  // stays at its last committed version. Default: nullptr (not cancellable).
+  // Set to true from any thread to stop the turn: if it is set before the turn commits
+  // (also after the reply's last token), Chat returns Cancelled and the session stays at
+  // its last committed version. Default: nullptr (not cancellable).
   const std::atomic<bool>* cancel = nullptr;
 };
 
