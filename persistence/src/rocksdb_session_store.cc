@@ -333,16 +333,19 @@ Result<Snapshot> RocksDbSessionStore::LoadVersion(const SessionId& id, uint64_t 
   });
 }
 
+PrefixIterator::PrefixIterator(const DbHandle& h, DbHandle::Cf cf, std::string prefix)
+    : end_(keys::PrefixSuccessor(prefix)), upper_(end_) {
+  rocksdb::ReadOptions ro;
+  ro.iterate_upper_bound = &upper_;
+  it_.reset(h.db->NewIterator(ro, h.cf(cf)));
+  it_->Seek(prefix);
+}
+
 Result<std::vector<VersionInfo>> RocksDbSessionStore::ListVersionsLocked(DbHandle& h, const SessionId& id,
                                                                          const SecretBytes& dek) {
-  const std::string prefix = keys::VersionInfoPrefix(id.tenant, id.session);
-  const std::string end = keys::PrefixSuccessor(prefix);
-  rocksdb::Slice upper(end);
-  rocksdb::ReadOptions ro;
-  ro.iterate_upper_bound = &upper;
-  std::unique_ptr<rocksdb::Iterator> it(h.db->NewIterator(ro, h.cf(DbHandle::kSessions)));
+  PrefixIterator it(h, DbHandle::kSessions, keys::VersionInfoPrefix(id.tenant, id.session));
   std::vector<VersionInfo> out;
-  for (it->Seek(prefix); it->Valid(); it->Next()) {
+  for (; it->Valid(); it->Next()) {
     const uint64_t v = keys::TrailingVersion(it->key().ToStringView());
     LM2_ASSIGN_OR_RETURN(SecretBytes plain,
                          OpenRecord(dek, {id.tenant, id.session, v, RecordKind::kVersionInfo},

@@ -29,6 +29,22 @@ struct DbHandle {
   ~DbHandle();
 };
 
+// The keys of one column family that start with `prefix`, the iterator positioned at the
+// first of them. Owns the upper bound the RocksDB iterator reads, so the two live and die
+// together; not copyable or movable for the same reason. Check status() after the loop.
+class PrefixIterator {
+ public:
+  PrefixIterator(const DbHandle& h, DbHandle::Cf cf, std::string prefix);
+  PrefixIterator(const PrefixIterator&) = delete;
+  PrefixIterator& operator=(const PrefixIterator&) = delete;
+  rocksdb::Iterator* operator->() const { return it_.get(); }
+
+ private:
+  std::string end_;       // the first key past the prefix
+  rocksdb::Slice upper_;  // points into end_
+  std::unique_ptr<rocksdb::Iterator> it_;
+};
+
 // Maps a RocksDB status to an lm2 Status.
 Status FromRocks(const rocksdb::Status& s, std::string_view what);
 int64_t NowUnixMs();

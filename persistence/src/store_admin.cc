@@ -163,14 +163,9 @@ Status RocksDbSessionStore::EraseTenant(std::string_view tenant) {
 
 Result<std::vector<std::string>> RocksDbSessionStore::ListSessions(std::string_view tenant) {
   return WithDb([&](DbHandle& h) -> Result<std::vector<std::string>> {
-    const std::string prefix = keys::TenantPrefix(tenant);
-    const std::string end = keys::PrefixSuccessor(prefix);
-    rocksdb::Slice upper(end);
-    rocksdb::ReadOptions ro;
-    ro.iterate_upper_bound = &upper;
-    std::unique_ptr<rocksdb::Iterator> it(h.db->NewIterator(ro, h.cf(DbHandle::kKeys)));
+    PrefixIterator it(h, DbHandle::kKeys, keys::TenantPrefix(tenant));
     std::vector<std::string> out;
-    for (it->Seek(prefix); it->Valid(); it->Next()) {
+    for (; it->Valid(); it->Next()) {
       auto s = keys::SessionOfKey(tenant, it->key().ToStringView());
       if (!s) return Status::Corruption("malformed key in the keys column family");
       out.push_back(std::move(*s));
@@ -186,15 +181,10 @@ Result<uint64_t> RocksDbSessionStore::RewrapTenantKeys(std::string_view tenant) 
   for (auto& m : stripes_) locks.emplace_back(m);
   return WithDb([&](DbHandle& h) -> Result<uint64_t> {
     LM2_ASSIGN_OR_RETURN(Kek current, options_.keys->CurrentKek(tenant));
-    const std::string prefix = keys::TenantPrefix(tenant);
-    const std::string end = keys::PrefixSuccessor(prefix);
-    rocksdb::Slice upper(end);
-    rocksdb::ReadOptions ro;
-    ro.iterate_upper_bound = &upper;
-    std::unique_ptr<rocksdb::Iterator> it(h.db->NewIterator(ro, h.cf(DbHandle::kKeys)));
+    PrefixIterator it(h, DbHandle::kKeys, keys::TenantPrefix(tenant));
     rocksdb::WriteBatch b;
     uint64_t n = 0;
-    for (it->Seek(prefix); it->Valid(); it->Next()) {
+    for (; it->Valid(); it->Next()) {
       auto session = keys::SessionOfKey(tenant, it->key().ToStringView());
       if (!session) return Status::Corruption("malformed key in the keys column family");
       const std::string_view wrapped = it->value().ToStringView();
