@@ -34,12 +34,17 @@ inline bool Exists(const std::string& p) {
   return ::stat(p.c_str(), &st) == 0;
 }
 
-// The engine on --model (default: models/lm2-demo, else the tiny test model) with the store
+// The shipped demo model when present (run from the repository root), else the tiny random
+// test model.
+inline std::string DefaultModel() {
+  return Exists("models/lm2-demo/config.json") ? "models/lm2-demo" : "tests/data/models/tiny-lm2";
+}
+
+// The engine on --model (default: DefaultModel()) with the store
 // and key file under --data (default: ./lm2-sample-data). Creates the key file (0600) on
 // first run and says so. Exits on error.
 inline std::unique_ptr<lm2::Engine> OpenEngine(const std::map<std::string, std::string>& args) {
-  const std::string model =
-      Get(args, "model", Exists("models/lm2-demo/config.json") ? "models/lm2-demo" : "tests/data/models/tiny-lm2");
+  const std::string model = Get(args, "model", DefaultModel());
   const std::string data = Get(args, "data", "lm2-sample-data");
   ::mkdir(data.c_str(), 0700);
   lm2::EngineOptions o;

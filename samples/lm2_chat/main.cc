@@ -14,8 +14,12 @@
 
 #include "commands.h"
 #include "lm2/engine.h"
+#include "sample_common.h"
 
 namespace {
+
+using sample::DefaultModel;
+using sample::Exists;
 
 constexpr const char* kUsage =
     "usage: lm2-chat [--user NAME] [options]\n"
@@ -32,20 +36,10 @@ constexpr const char* kUsage =
     "  --seed S           sampling seed (default 0)\n"
     "  --quiet            no loading progress or turn statistics\n";
 
-bool Exists(const std::string& p) {
-  struct stat st {};
-  return ::stat(p.c_str(), &st) == 0;
-}
-
 std::string DefaultDataDir() {
   if (const char* d = std::getenv("LM2_DATA_DIR"); d != nullptr && *d != '\0') return d;
   if (const char* h = std::getenv("HOME"); h != nullptr && *h != '\0') return std::string(h) + "/.local/share/lm2";
   return "lm2-data";
-}
-
-std::string DefaultModel() {
-  if (Exists("models/lm2-demo/config.json")) return "models/lm2-demo";
-  return "tests/data/models/tiny-lm2";
 }
 
 int MakeDirs(const std::string& path) {
