@@ -80,17 +80,8 @@ std::vector<T> Download(const DeviceBuffer<T>& b) {
   return h;
 }
 
-
-double Sig(double x) { return 1.0 / (1.0 + std::exp(-x)); }
-
-void SoftmaxRows(std::vector<double>& s, std::size_t rows, std::size_t cols) {
-  for (std::size_t r = 0; r < rows; ++r) {
-    double mx = -1e300, sum = 0;
-    for (std::size_t c = 0; c < cols; ++c) mx = std::max(mx, s[r * cols + c]);
-    for (std::size_t c = 0; c < cols; ++c) sum += (s[r * cols + c] = std::exp(s[r * cols + c] - mx));
-    for (std::size_t c = 0; c < cols; ++c) s[r * cols + c] /= sum;
-  }
-}
+using lm2::testing::Sig;
+using lm2::testing::SoftmaxRows;
 
 // bf16 by round-to-nearest-even on the bit pattern (finite inputs), as the upload kernel.
 uint16_t Bf16Bits(float x) {

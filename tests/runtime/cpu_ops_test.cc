@@ -21,17 +21,8 @@ std::vector<float> Random(std::size_t n, float scale = 1.0f) { return lm2::testi
 
 std::vector<float> Poisoned(std::size_t n) { return std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()); }
 
-
-double Sig(double x) { return 1.0 / (1.0 + std::exp(-x)); }
-
-void SoftmaxRows(std::vector<double>& s, std::size_t rows, std::size_t cols) {
-  for (std::size_t r = 0; r < rows; ++r) {
-    double mx = -1e300, sum = 0;
-    for (std::size_t c = 0; c < cols; ++c) mx = std::max(mx, s[r * cols + c]);
-    for (std::size_t c = 0; c < cols; ++c) sum += (s[r * cols + c] = std::exp(s[r * cols + c] - mx));
-    for (std::size_t c = 0; c < cols; ++c) s[r * cols + c] /= sum;
-  }
-}
+using lm2::testing::Sig;
+using lm2::testing::SoftmaxRows;
 
 constexpr double kTol = 1e-5;
 

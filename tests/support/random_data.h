@@ -1,9 +1,11 @@
 // Test support for op tests: random inputs with a printed seed (so a failure can be
-// replayed) and the relative error of a float result against a double reference.
+// replayed), the reference math in double, and the relative error of a float result
+// against a double reference.
 #pragma once
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -27,6 +29,19 @@ inline std::vector<float> RandomVector(std::size_t n, float scale = 1.0f) {
   std::vector<float> v(n);
   for (auto& x : v) x = dist(Rng());
   return v;
+}
+
+// The reference math of the op tests, in double.
+inline double Sig(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+// In-place softmax of each of `rows` rows of `cols` values.
+inline void SoftmaxRows(std::vector<double>& s, std::size_t rows, std::size_t cols) {
+  for (std::size_t r = 0; r < rows; ++r) {
+    double mx = -1e300, sum = 0;
+    for (std::size_t c = 0; c < cols; ++c) mx = std::max(mx, s[r * cols + c]);
+    for (std::size_t c = 0; c < cols; ++c) sum += (s[r * cols + c] = std::exp(s[r * cols + c] - mx));
+    for (std::size_t c = 0; c < cols; ++c) s[r * cols + c] /= sum;
+  }
 }
 
 // ‖got − want‖ / ‖want‖; NaN (so any `< bound` check fails) if an output was skipped and
