@@ -5,7 +5,7 @@
 #include "engine_core.h"
 #include "ids.h"
 #include "keys.h"
-#include "lm2/runtime/cpu_backend.h"
+#include "lm2/runtime/backend.h"
 #include "lm2/runtime/model_files.h"
 
 namespace lm2 {
@@ -16,12 +16,11 @@ void Progress(const EngineOptions& o, std::string_view stage, double fraction) {
 }
 
 Status LoadModel(const EngineOptions& options, internal::EngineCore& core) {
+  runtime::BackendOptions backend;
   switch (options.backend) {
-    case Backend::kAuto:
-    case Backend::kCpu:
-      break;
-    case Backend::kCuda:
-      return Status::Unimplemented("backend kCuda: the CUDA backend is not part of this build yet; use kCpu or kAuto");
+    case Backend::kAuto: backend.kind = runtime::BackendKind::kAuto; break;
+    case Backend::kCpu: backend.kind = runtime::BackendKind::kCpu; break;
+    case Backend::kCuda: backend.kind = runtime::BackendKind::kCuda; break;
   }
   Progress(options, "model files", 0.0);
   LM2_ASSIGN_OR_RETURN(std::unique_ptr<runtime::ModelFiles> files, runtime::ModelFiles::Open(options.model_dir));
@@ -29,7 +28,7 @@ Status LoadModel(const EngineOptions& options, internal::EngineCore& core) {
   Progress(options, "fingerprint", 0.2);
   if (shared->Fingerprint().empty()) return Status::Internal("model fingerprint could not be computed");
   Progress(options, "weights", 0.5);
-  LM2_ASSIGN_OR_RETURN(core.model, runtime::LoadCpuModel(shared));
+  LM2_ASSIGN_OR_RETURN(core.model, runtime::LoadModel(shared, backend));
   if (!core.model->config().has_memory()) {
     return Status::InvalidArgument("model in " + options.model_dir + " has no memory layers (a vanilla model): "
                                    "sessions need an LM2 model");

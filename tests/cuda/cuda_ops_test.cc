@@ -394,6 +394,41 @@ TEST_CASE("GatedResidual, SwiGlu, AddInPlace, AddBias", "[cuda][ops]") {
   CHECK(RelErr(Download(dy), want_y) < kTolF32);
 }
 
+TEST_CASE("EmbeddingLookup widens the bf16 rows of the ids; a bad id gives NaN, not a stray read", "[cuda][ops]") {
+  const int64_t V = 301, d = GENERATE(int64_t{7}, int64_t{256}, int64_t{2049});
+  INFO("d=" << d);
+  const auto table_f = Random(static_cast<std::size_t>(V * d), 3.0f);
+  std::vector<uint16_t> bits(table_f.size());
+  for (std::size_t i = 0; i < bits.size(); ++i) bits[i] = Bf16Bits(table_f[i]);
+  std::vector<__nv_bfloat16> table(bits.size());
+  for (std::size_t i = 0; i < bits.size(); ++i) {
+    __nv_bfloat16_raw raw;
+    raw.x = bits[i];
+    table[i] = raw;
+  }
+  const std::vector<int32_t> ids = {0, 300, 17, 17, 5, -1, 301};
+  const auto T = static_cast<int64_t>(ids.size());
+  auto dt = Upload(table);
+  auto di = Upload(ids);
+  auto out = Poisoned<float>(static_cast<std::size_t>(T * d));
+  RequireOk(EmbeddingLookup(dt.data(), V, d, di.data(), T, out.data(), Stream()));
+  const auto got = Download(out);
+  std::size_t wrong = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t c = 0; c < d; ++c) {
+      const float g = got[static_cast<std::size_t>(t * d + c)];
+      if (ids[static_cast<std::size_t>(t)] < 0 || ids[static_cast<std::size_t>(t)] >= V) {
+        if (!std::isnan(g)) ++wrong;
+      } else if (g != Bf16Value(bits[static_cast<std::size_t>(ids[static_cast<std::size_t>(t)] * d + c)])) {
+        ++wrong;
+      }
+    }
+  }
+  CHECK(wrong == 0);
+  CHECK_FALSE(EmbeddingLookup(dt.data(), V, d, nullptr, T, out.data(), Stream()).ok());
+  CHECK(EmbeddingLookup(dt.data(), V, d, di.data(), 0, out.data(), Stream()).ok());
+}
+
 TEST_CASE("Launchers refuse bad shapes and null pointers; empty work is a no-op", "[cuda][ops]") {
   auto buf = DeviceBuffer<float>::Allocate(64);
   RequireOk(buf.status());

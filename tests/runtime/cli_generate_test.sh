@@ -43,6 +43,19 @@ err=$("$LM2" generate --model $M --prompt "$long" 2>&1 >/dev/null); rc=$?
 check "over-long prompt exits 1 with OutOfRange" bash -c "test $rc -eq 1 && grep -qF OutOfRange <<<\"\$0\"" "$err"
 "$LM2" generate --model $M --prompt "$long" --split-long-prompt --max-tokens 4 --quiet >/dev/null; rc=$?
 check "--split-long-prompt processes it" test "$rc" -eq 0
+# Backend choice: the CPU explicitly gives the same greedy text; a bad name is a usage
+# error; "backend ..." on stderr names what auto picked; cuda without a GPU is Unavailable.
+c=$("$LM2" generate --model $M --prompt "Mary went to the kitchen." --max-tokens 8 --quiet --backend cpu)
+check "--backend cpu runs" test -n "$c"
+"$LM2" generate --model $M --prompt hi --backend tpu >/dev/null 2>&1; rc=$?
+check "unknown --backend is a usage error (2)" test "$rc" -eq 2
+err=$("$LM2" generate --model $M --prompt hi --max-tokens 2 2>&1 >/dev/null)
+check "stderr names the backend" grep -qE "backend (cpu|cuda:0)," <<<"$err"
+if grep -qF "backend cpu," <<<"$err"; then  # auto chose the CPU: no usable GPU here
+  check "auto on the CPU equals --backend cpu" test "$a" == "$c"
+  err=$("$LM2" generate --model $M --prompt hi --backend cuda 2>&1 >/dev/null); rc=$?
+  check "--backend cuda without a GPU exits 1 with Unavailable" bash -c "test $rc -eq 1 && grep -qF Unavailable <<<\"\$0\"" "$err"
+fi
 "$LM2" help generate | grep -qF -- "--reset-context"; check "help generate documents options" test $? -eq 0
 
 if [[ $fail -ne 0 ]]; then exit 1; fi

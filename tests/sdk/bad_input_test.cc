@@ -5,13 +5,14 @@
 
 #include <fstream>
 
+#include "lm2/runtime/cuda_devices.h"
 #include "persistence/test_util.h"  // RawDb: raw access to the store's RocksDB files
 #include "sdk_test_util.h"
 
 using namespace lm2;
 using namespace lm2::sdk_test;
 
-TEST_CASE("engine options: missing model, CUDA backend in this build, vanilla model") {
+TEST_CASE("engine options: missing model, CUDA backend on this machine, vanilla model") {
   TempDir dir;
   EngineOptions o = TinyOptions(dir);
   EngineOptions missing = o;
@@ -19,7 +20,15 @@ TEST_CASE("engine options: missing model, CUDA backend in this build, vanilla mo
   CHECK(Engine::Open(missing).status().code() == StatusCode::kNotFound);
   EngineOptions cuda = o;
   cuda.backend = Backend::kCuda;
-  CHECK(Engine::Open(cuda).status().code() == StatusCode::kUnimplemented);
+  auto gpus = lm2::runtime::ListCudaDevices();
+  REQUIRE(gpus.ok());
+  auto on_cuda = Engine::Open(cuda);
+  if (gpus->empty()) {
+    CHECK(on_cuda.status().code() == StatusCode::kUnavailable);  // no silent fallback to the CPU
+  } else {
+    REQUIRE(on_cuda.ok());
+    CHECK((*on_cuda)->model_info().backend == "cuda:0");
+  }
   EngineOptions vanilla = o;
   vanilla.model_dir = SourceDir() + "/tests/data/models/tiny-vanilla";
   CHECK(Engine::Open(vanilla).status().code() == StatusCode::kInvalidArgument);

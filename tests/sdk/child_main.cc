@@ -30,6 +30,7 @@ int main(int argc, char** argv) {
   o.key_env = "";
   o.share_store_between_processes = true;
   o.sync_commits = false;
+  o.backend = lm2::Backend::kCpu;  // as the parent (sdk_test_util.h)
   auto engine = lm2::Engine::Open(o);
   if (!engine.ok()) return Fail(engine.status());
   auto session = (*engine)->OpenSession(argv[5], argv[6]);

@@ -34,6 +34,7 @@ inline EngineOptions TinyOptions(const TempDir& dir, bool shared = false) {
   o.key_env = "";
   o.share_store_between_processes = shared;
   o.sync_commits = false;  // tests: durability is the persistence suite's subject
+  o.backend = Backend::kCpu;  // the suites compare with the fp32/float64 references at 1e-4
   if (!CreateKeyFile(o.key_file).ok()) throw std::runtime_error("CreateKeyFile failed");
   return o;
 }

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "commands.h"
-#include "lm2/runtime/cpu_backend.h"
+#include "lm2/runtime/backend.h"
 #include "lm2/runtime/generate.h"
 #include "lm2/runtime/model_files.h"
 #include "lm2/runtime/tokenizer.h"
@@ -24,6 +24,8 @@ constexpr std::string_view kUsage =
     "\n"
     "options:\n"
     "  --model DIR               model directory (config.json, *.safetensors, tokenizer.model)\n"
+    "  --backend B               auto (default: the GPU when one is present, else the CPU),\n"
+    "                            cpu or cuda\n"
     "  --prompt TEXT             a turn (repeatable)\n"
     "  --max-tokens N            reply length limit per turn (default 128)\n"
     "  --temperature T           0 = greedy (default 0)\n"
@@ -43,6 +45,7 @@ struct Args {
   std::vector<std::string> prompts;
   runtime::GenerateOptions gen;
   runtime::SamplingOptions sampling;
+  runtime::BackendKind backend = runtime::BackendKind::kAuto;
   bool raw = false, reset_context = false, quiet = false;
 };
 
@@ -68,6 +71,11 @@ std::string Parse(const std::vector<std::string>& a, Args* args) {
     if (k == "--model") args->model = v;
     else if (k == "--prompt") args->prompts.push_back(v);
     else if (k == "--stop") args->gen.stop_strings.push_back(v);
+    else if (k == "--backend") {
+      auto kind = runtime::ParseBackendKind(v);
+      if (!kind) return "--backend must be auto, cpu or cuda, got '" + v + "'";
+      args->backend = *kind;
+    }
     else if (!is_num) return "option " + k + " needs a number, got '" + v + "'";
     else if (k == "--max-tokens") args->gen.max_tokens = static_cast<int32_t>(num);
     else if (k == "--temperature") args->sampling.temperature = static_cast<float>(num);
@@ -97,7 +105,9 @@ int Run(const std::vector<std::string>& argv) {
   if (!args.quiet) std::fprintf(stderr, "loading %s ...\n", args.model.c_str());
   auto files = runtime::ModelFiles::Open(args.model);
   if (!files.ok()) return Fail(files.status());
-  auto model = runtime::LoadCpuModel(std::shared_ptr<const runtime::ModelFiles>(std::move(files).value()));
+  runtime::BackendOptions backend;
+  backend.kind = args.backend;
+  auto model = runtime::LoadModel(std::shared_ptr<const runtime::ModelFiles>(std::move(files).value()), backend);
   if (!model.ok()) return Fail(model.status());
   auto tokenizer = runtime::Tokenizer::Open(args.model);
   if (!tokenizer.ok()) return Fail(tokenizer.status());

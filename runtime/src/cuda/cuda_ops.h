@@ -51,6 +51,11 @@ Status GatedResidual(float* h, const float* a, const float* gate_pre, const floa
 // out[n] = silu(gate[n]) * up[n]. out may alias gate.
 Status SwiGlu(const float* gate, const float* up, int64_t n, float* out, cudaStream_t stream);
 
+// out[t, :] = float(table[ids[t], :]) for t < T: the token embedding. table bf16 [V, d],
+// ids device int32 [T] in [0, V) (validated by the caller; an id outside gives a NaN row).
+Status EmbeddingLookup(const __nv_bfloat16* table, int64_t V, int64_t d, const int32_t* ids, int64_t T, float* out,
+                       cudaStream_t stream);
+
 // x[n] += y[n].
 Status AddInPlace(float* x, const float* y, int64_t n, cudaStream_t stream);
 

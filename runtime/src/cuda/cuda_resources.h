@@ -86,6 +86,61 @@ class DeviceBuffer {
   std::size_t count_ = 0;
 };
 
+// `count` elements of T in page-locked host memory (cudaMallocHost): the staging area of
+// asynchronous copies (they overlap with host work and run at full PCIe rate). Contents
+// undefined until written.
+template <typename T>
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  ~PinnedBuffer() { Reset(); }
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  PinnedBuffer(PinnedBuffer&& o) noexcept
+      : ptr_(std::exchange(o.ptr_, nullptr)), count_(std::exchange(o.count_, std::size_t{0})) {}
+  PinnedBuffer& operator=(PinnedBuffer&& o) noexcept {
+    if (this != &o) {
+      Reset();
+      ptr_ = std::exchange(o.ptr_, nullptr);
+      count_ = std::exchange(o.count_, std::size_t{0});
+    }
+    return *this;
+  }
+
+  static Result<PinnedBuffer> Allocate(std::size_t count) {
+    PinnedBuffer b;
+    if (count == 0) return b;
+    void* p = nullptr;
+    LM2_RETURN_IF_ERROR(CudaStatus(cudaMallocHost(&p, count * sizeof(T)), "cudaMallocHost"));
+    b.ptr_ = static_cast<T*>(p);
+    b.count_ = count;
+    return b;
+  }
+
+  T* data() { return ptr_; }
+  const T* data() const { return ptr_; }
+  std::size_t size() const { return count_; }
+
+ private:
+  void Reset() {
+    if (ptr_ != nullptr) (void)cudaFreeHost(ptr_);
+    ptr_ = nullptr;
+    count_ = 0;
+  }
+  T* ptr_ = nullptr;
+  std::size_t count_ = 0;
+};
+
+// Grows `buffer` to at least `count` elements (contents are not kept); a no-op when it is
+// already large enough. For scratch whose size follows the longest call seen.
+template <typename Buffer>
+Status EnsureCapacity(Buffer& buffer, std::size_t count) {
+  if (buffer.size() >= count) return Status::Ok();
+  buffer = Buffer();  // free first: the old and new buffers need not coexist
+  LM2_ASSIGN_OR_RETURN(buffer, Buffer::Allocate(count));
+  return Status::Ok();
+}
+
 // A CUDA stream on the current device (non-blocking with respect to the legacy default
 // stream: work on it orders only with itself and explicit events).
 class CudaStream {

@@ -35,6 +35,22 @@ __global__ void SwiGluKernel(const float* gate, const float* __restrict__ up, in
   }
 }
 
+// A block per token: out[t, :] = table[ids[t], :] widened to fp32. An id outside [0, V)
+// (the caller validates ids on the host; this is a guard) gives a NaN row, never a read
+// outside the table.
+__global__ void EmbeddingLookupKernel(const __nv_bfloat16* __restrict__ table, int64_t V, int64_t d,
+                                      const int32_t* __restrict__ ids, float* __restrict__ out) {
+  const int64_t t = blockIdx.x;
+  const int32_t id = ids[t];
+  float* row = out + t * d;
+  if (id < 0 || id >= V) {
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) row[c] = __int_as_float(0x7fffffff);
+    return;
+  }
+  const __nv_bfloat16* src = table + static_cast<int64_t>(id) * d;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) row[c] = __bfloat162float(src[c]);
+}
+
 __global__ void AddInPlaceKernel(float* __restrict__ x, const float* __restrict__ y, int64_t n) {
   for (int64_t i = FirstIndex(); i < n; i += GridStride()) x[i] += y[i];
 }
@@ -82,6 +98,18 @@ Status SwiGlu(const float* gate, const float* up, int64_t n, float* out, cudaStr
   LM2_RETURN_IF_ERROR(RequireNonNull("SwiGlu", {gate, up, out}));
   SwiGluKernel<<<GridFor(n, kThreads), kThreads, 0, stream>>>(gate, up, n, out);
   return CheckLaunch("SwiGluKernel");
+}
+
+Status EmbeddingLookup(const __nv_bfloat16* table, int64_t V, int64_t d, const int32_t* ids, int64_t T, float* out,
+                       cudaStream_t stream) {
+  if (V <= 0 || d <= 0 || T < 0 || T > ops::detail::kInt32Max) {
+    return Status::InvalidArgument("EmbeddingLookup: V=" + std::to_string(V) + " d=" + std::to_string(d) +
+                                   " T=" + std::to_string(T));
+  }
+  if (T == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("EmbeddingLookup", {table, ids, out}));
+  EmbeddingLookupKernel<<<static_cast<unsigned int>(T), kThreads, 0, stream>>>(table, V, d, ids, out);
+  return CheckLaunch("EmbeddingLookupKernel");
 }
 
 Status AddInPlace(float* x, const float* y, int64_t n, cudaStream_t stream) {

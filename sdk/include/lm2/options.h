@@ -17,9 +17,9 @@ class KeyProvider;  // lm2/persistence/key_provider.h: implement it to plug in a
 namespace lm2 {
 
 enum class Backend {
-  kAuto,  // the best available: CPU in this build (a CUDA backend comes later)
-  kCpu,   // fp32 reference backend (OpenBLAS, OpenMP)
-  kCuda,  // not built yet: Engine::Open returns Unimplemented
+  kAuto,  // the first CUDA GPU when this build has the CUDA backend and one is present, else the CPU
+  kCpu,   // fp32 reference backend (OpenBLAS)
+  kCuda,  // the CUDA backend on GPU 0 (bf16 weights); Engine::Open fails with Unavailable without one
 };
 
 // How much of an earlier conversation the self-attention context holds.
@@ -44,7 +44,7 @@ using ProgressCallback = std::function<void(std::string_view stage, double fract
 struct EngineOptions {
   std::string model_dir;    // model directory (config.json, *.safetensors, tokenizer.model). Required
   std::string store_path;   // RocksDB directory of the sessions' memory. Required
-  Backend backend = Backend::kAuto;  // Default: kAuto (CPU in this build)
+  Backend backend = Backend::kAuto;  // Default: kAuto (GPU if present, else CPU); ModelInfo::backend says which
 
   // Keys (tenant KEKs) that encrypt the store, first match wins:
   //   key_provider if set; else the keyring file key_file if non-empty (must be mode 0600;

@@ -1,0 +1,35 @@
+// The CUDA backend: the same model as the CPU backend on one NVIDIA GPU (docs/cuda.md).
+//
+// Weights live on the device in bf16 (norm weights, biases and a learned memory init in
+// fp32); linear layers run through cuBLAS with fp32 accumulation; activations, attention,
+// the memory read and write and the memory bank are fp32. Each SequenceState owns its own
+// CUDA stream, cuBLAS handle, KV cache, memory banks and pinned staging buffers, so states
+// on one model run concurrently from different threads. Accuracy against the float64
+// reference is that of bf16 weights: logits within a relative error of 2e-2 (tested).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "lm2/core/status.h"
+#include "lm2/runtime/model.h"
+#include "lm2/runtime/model_files.h"
+
+namespace lm2::runtime {
+
+struct CudaOptions {
+  int device = 0;  // the CUDA device ordinal (ListCudaDevices)
+  // Longest run of tokens one kernel sequence handles; longer Forward calls are split
+  // (results are the same). Bounds the per-state scratch: the memory read's probabilities
+  // alone are memory_heads x chunk x memory_slots floats.
+  int64_t max_chunk_tokens = 512;
+};
+
+// Uploads the weights of `files` to the device and returns a model on it. Unavailable when
+// this build has no CUDA backend or the device cannot be used, ResourceExhausted when the
+// weights do not fit, InvalidArgument for bad options. Cost: one pass over the weights
+// (conversion to bf16 on the host, one copy to the device).
+Result<std::unique_ptr<Model>> LoadCudaModel(std::shared_ptr<const ModelFiles> files,
+                                             const CudaOptions& options = {});
+
+}  // namespace lm2::runtime

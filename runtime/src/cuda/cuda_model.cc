@@ -1,0 +1,478 @@
+// The whole LM2 forward on one CUDA device (docs/cuda.md), over the ops of cuda_ops.h.
+//
+// The same sequence of ops as cpu/cpu_model.cc, on device buffers. Each state owns a
+// stream and a cuBLAS handle; every public call enqueues its work on the state's stream
+// and synchronises once before returning, so a device fault is reported by the call that
+// caused it. A failure after device work began (a fault, out of memory mid-forward) marks
+// the state unusable: its write sums may hold half a step, and continuing would compute a
+// wrong memory silently.
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "cuda/cuda_check.h"
+#include "cuda/cuda_ops.h"
+#include "cuda/cuda_resources.h"
+#include "cuda/cuda_weights.h"
+#include "lm2/runtime/cuda_backend.h"
+#include "lm2/runtime/cuda_devices.h"
+
+namespace lm2::runtime {
+namespace cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+inline std::size_t Z(int64_t v) { return static_cast<std::size_t>(v); }
+
+struct LayerState {
+  DeviceBuffer<float> k_cache, v_cache;  // [capacity, Hkv*Dh]
+  // Memory layers only ([N, d] unless said):
+  DeviceBuffer<float> bank;              // M, fixed during a segment
+  DeviceBuffer<float> mem_k, mem_v;      // memory K/V of the open segment
+  DeviceBuffer<float> mass;              // Σ_t A [Hm, N]
+  DeviceBuffer<float> acc;               // Σ_t Aᵀ C
+};
+
+// Per-call scratch, grown to the longest chunk seen (decode keeps it at one row).
+struct Scratch {
+  DeviceBuffer<float> h, x, q, attn_out, a, mq, mattn, e, gate, offer, ffn_gate, ffn_up, logits;
+  DeviceBuffer<bf16> xb;  // the normed input in bf16, shared by the GEMMs that read it
+  DeviceBuffer<bf16> yb;  // other GEMM inputs rounded to bf16
+  DeviceBuffer<int32_t> ids;
+  DeviceBuffer<int64_t> positions;
+};
+
+class CudaState final : public SequenceState {
+ public:
+  explicit CudaState(const void* owner) : owner_(owner) {}
+  int64_t context_length() const override { return pos_; }
+  bool segment_open() const override { return segment_open_; }
+  int64_t segment_tokens() const override { return segment_open_ ? segment_tokens_ : 0; }
+
+  const void* owner_;
+  CudaStream stream_;
+  CublasHandle cublas_;
+  std::vector<LayerState> layers_;
+  int64_t kv_capacity_ = 0;  // rows of every layer's k_cache / v_cache
+  int64_t pos_ = 0;
+  bool segment_open_ = false;
+  int64_t segment_tokens_ = 0;
+  bool broken_ = false;      // a device error left the state inconsistent
+  Scratch scratch_;
+  PinnedBuffer<int32_t> ids_host_;
+  PinnedBuffer<int64_t> positions_host_;
+  PinnedBuffer<float> staging_;  // one memory layer [N, d]: export and import
+};
+
+// Makes the model's device current for the calling thread (CUDA's current device is
+// per thread; a session may move between threads).
+Status UseDevice(int device) { return CudaStatus(cudaSetDevice(device), "cudaSetDevice"); }
+
+class CudaModel final : public Model {
+ public:
+  CudaModel(std::shared_ptr<const ModelFiles> files, std::unique_ptr<CudaWeights> w, const CudaOptions& options)
+      : files_(std::move(files)), w_(std::move(w)), cfg_(files_->config()), options_(options) {}
+
+  const ModelConfig& config() const override { return cfg_; }
+  const std::string& fingerprint() const override { return files_->Fingerprint(); }
+  std::string backend_name() const override { return "cuda:" + std::to_string(w_->device); }
+
+  Result<std::unique_ptr<SequenceState>> NewState() const override {
+    LM2_RETURN_IF_ERROR(UseDevice(w_->device));
+    auto s = std::make_unique<CudaState>(this);
+    LM2_ASSIGN_OR_RETURN(s->stream_, CudaStream::Create());
+    LM2_ASSIGN_OR_RETURN(s->cublas_, CublasHandle::Create());
+    s->layers_.resize(Z(cfg_.num_layers));
+    const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size, Hm = cfg_.memory_heads;
+    const cudaStream_t st = s->stream_.get();
+    for (int64_t i = 0; i < cfg_.num_layers; ++i) {
+      const CudaLayerWeights& lw = w_->layers[Z(i)];
+      if (!lw.has_memory) continue;
+      LayerState& ls = s->layers_[Z(i)];
+      LM2_ASSIGN_OR_RETURN(ls.bank, DeviceBuffer<float>::Allocate(Z(N * d)));
+      LM2_ASSIGN_OR_RETURN(ls.mem_k, DeviceBuffer<float>::Allocate(Z(N * d)));
+      LM2_ASSIGN_OR_RETURN(ls.mem_v, DeviceBuffer<float>::Allocate(Z(N * d)));
+      LM2_ASSIGN_OR_RETURN(ls.mass, DeviceBuffer<float>::Allocate(Z(Hm * N)));
+      LM2_ASSIGN_OR_RETURN(ls.acc, DeviceBuffer<float>::Allocate(Z(N * d)));
+      LM2_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(ls.bank.data(), lw.memory.init, ls.bank.bytes(), cudaMemcpyDeviceToDevice, st));
+    }
+    LM2_RETURN_IF_ERROR(s->stream_.Synchronize());
+    return std::unique_ptr<SequenceState>(std::move(s));
+  }
+
+  Status Forward(SequenceState& base, std::span<const int32_t> tokens, LogitsMode mode,
+                 std::vector<float>* logits) const override {
+    LM2_ASSIGN_OR_RETURN(CudaState* s, Own(base));
+    const auto T = static_cast<int64_t>(tokens.size());
+    if (s->pos_ + T > cfg_.max_position_embeddings) {
+      return Status::OutOfRange("context of " + std::to_string(s->pos_ + T) +
+                                " positions exceeds max_position_embeddings=" +
+                                std::to_string(cfg_.max_position_embeddings));
+    }
+    for (int32_t id : tokens) {
+      if (id < 0 || id >= cfg_.vocab_size) {
+        return Status::InvalidArgument("token id " + std::to_string(id) + " outside the vocabulary of " +
+                                       std::to_string(cfg_.vocab_size));
+      }
+    }
+    if (mode != LogitsMode::kNone && logits == nullptr) {
+      return Status::InvalidArgument("Forward: logits requested but no output vector given");
+    }
+    return Guarded(*s, [&]() -> Status {
+      if (!s->segment_open_) LM2_RETURN_IF_ERROR(BeginSegment(*s));
+      if (T == 0) {
+        if (logits != nullptr) logits->clear();
+        return Status::Ok();
+      }
+      LM2_RETURN_IF_ERROR(RunTokens(*s, tokens, mode, logits));
+      s->pos_ += T;
+      s->segment_tokens_ += T;
+      return Status::Ok();
+    });
+  }
+
+  Status EndSegment(SequenceState& base) const override {
+    LM2_ASSIGN_OR_RETURN(CudaState* s, Own(base));
+    if (!s->segment_open_) return Status::Ok();
+    return Guarded(*s, [&]() -> Status {
+      if (s->segment_tokens_ > 0) LM2_RETURN_IF_ERROR(ApplyWrite(*s));
+      LM2_RETURN_IF_ERROR(s->stream_.Synchronize());
+      s->segment_open_ = false;
+      s->segment_tokens_ = 0;
+      return Status::Ok();
+    });
+  }
+
+  void ResetContext(SequenceState& base) const override {
+    auto* s = dynamic_cast<CudaState*>(&base);
+    if (s == nullptr || s->owner_ != this) return;
+    s->pos_ = 0;  // rows past pos_ are dead; the cache's capacity is reused
+  }
+
+  Result<MemoryState> ExportMemory(const SequenceState& base) const override {
+    const auto* cs = dynamic_cast<const CudaState*>(&base);
+    if (cs == nullptr || cs->owner_ != this) return Status::InvalidArgument("state belongs to another model");
+    if (cs->broken_) return Broken();
+    if (cs->segment_open_) return Status::FailedPrecondition("ExportMemory: a segment is open; end it first");
+    // The staging buffer is scratch, not state: exporting does not change the state.
+    auto* s = const_cast<CudaState*>(cs);
+    LM2_RETURN_IF_ERROR(UseDevice(w_->device));
+    const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size;
+    MemoryState out;
+    out.model_fingerprint = fingerprint();
+    if (!cfg_.has_memory()) return out;
+    LM2_RETURN_IF_ERROR(EnsureCapacity(s->staging_, Z(N * d)));
+    for (int64_t layer : cfg_.memory_layers) {
+      const LayerState& ls = s->layers_[Z(layer)];
+      LM2_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s->staging_.data(), ls.bank.data(), ls.bank.bytes(),
+                                               cudaMemcpyDeviceToHost, s->stream_.get()));
+      LM2_RETURN_IF_ERROR(s->stream_.Synchronize());
+      out.layers.push_back(MemoryLayer{static_cast<int32_t>(layer), N, d,
+                                       std::vector<float>(s->staging_.data(), s->staging_.data() + N * d)});
+    }
+    return out;
+  }
+
+  Status ImportMemory(SequenceState& base, const MemoryState& memory) const override {
+    LM2_ASSIGN_OR_RETURN(CudaState* s, Own(base));
+    if (s->segment_open_) return Status::FailedPrecondition("ImportMemory: a segment is open");
+    if (memory.model_fingerprint != fingerprint()) {
+      return Status::FailedPrecondition("memory bank was computed by another model (fingerprint " +
+                                        memory.model_fingerprint.substr(0, 16) + "..., this model " +
+                                        fingerprint().substr(0, 16) + "...)");
+    }
+    const std::vector<int64_t>& expected = cfg_.memory_layers;
+    if (memory.layers.size() != expected.size()) {
+      return Status::InvalidArgument("memory has " + std::to_string(memory.layers.size()) + " layers, the model " +
+                                     std::to_string(expected.size()));
+    }
+    const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size;
+    for (std::size_t k = 0; k < expected.size(); ++k) {
+      const MemoryLayer& ml = memory.layers[k];
+      if (ml.layer != expected[k] || ml.slots != N || ml.dim != d || ml.data.size() != Z(N * d)) {
+        return Status::InvalidArgument("memory layer " + std::to_string(k) + " does not match the model (layer " +
+                                       std::to_string(ml.layer) + ", " + std::to_string(ml.slots) + "x" +
+                                       std::to_string(ml.dim) + ")");
+      }
+    }
+    if (expected.empty()) return Status::Ok();
+    // A failed copy may leave some layers replaced and others not: that breaks the state.
+    return Guarded(*s, [&]() -> Status {
+      LM2_RETURN_IF_ERROR(EnsureCapacity(s->staging_, Z(N * d)));
+      for (const MemoryLayer& ml : memory.layers) {
+        // One staging buffer: wait for each copy before refilling it.
+        std::memcpy(s->staging_.data(), ml.data.data(), ml.data.size() * sizeof(float));
+        LayerState& ls = s->layers_[Z(ml.layer)];
+        LM2_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ls.bank.data(), s->staging_.data(), ls.bank.bytes(),
+                                                 cudaMemcpyHostToDevice, s->stream_.get()));
+        LM2_RETURN_IF_ERROR(s->stream_.Synchronize());
+      }
+      return Status::Ok();
+    });
+  }
+
+  Result<std::vector<std::vector<float>>> SegmentReadMass(const SequenceState& base) const override {
+    const auto* s = dynamic_cast<const CudaState*>(&base);
+    if (s == nullptr || s->owner_ != this) return Status::InvalidArgument("state belongs to another model");
+    if (s->broken_) return Broken();
+    if (!s->segment_open_) return Status::FailedPrecondition("SegmentReadMass: no segment is open");
+    LM2_RETURN_IF_ERROR(UseDevice(w_->device));
+    const int64_t N = cfg_.memory_slots, Hm = cfg_.memory_heads;
+    std::vector<std::vector<float>> out;
+    std::vector<float> mass(Z(Hm * N));
+    for (int64_t layer : cfg_.memory_layers) {
+      LM2_RETURN_IF_ERROR(s->layers_[Z(layer)].mass.CopyToHost(mass.data(), mass.size(), s->stream_.get()));
+      std::vector<float> per_slot(Z(N), 0.0f);
+      for (int64_t j = 0; j < Hm; ++j) {
+        for (int64_t n = 0; n < N; ++n) per_slot[Z(n)] += mass[Z(j * N + n)];
+      }
+      out.push_back(std::move(per_slot));
+    }
+    return out;
+  }
+
+ private:
+  static Status Broken() {
+    return Status::FailedPrecondition(
+        "this state is unusable after an earlier device error (its memory write may be half applied); "
+        "start a new state and import the last exported memory");
+  }
+
+  Result<CudaState*> Own(SequenceState& base) const {
+    auto* s = dynamic_cast<CudaState*>(&base);
+    if (s == nullptr || s->owner_ != this) return Status::InvalidArgument("state belongs to another model");
+    if (s->broken_) return Broken();
+    return s;
+  }
+
+  // Runs device work for `s`; any failure marks the state broken.
+  template <typename Fn>
+  Status Guarded(CudaState& s, Fn&& fn) const {
+    Status st = UseDevice(w_->device);
+    if (st.ok()) st = fn();
+    if (!st.ok()) s.broken_ = true;
+    return st;
+  }
+
+  // Opens a segment: memory K/V from the bank as it is now, write sums zeroed.
+  Status BeginSegment(CudaState& s) const {
+    const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size;
+    const cudaStream_t st = s.stream_.get();
+    if (cfg_.has_memory()) LM2_RETURN_IF_ERROR(EnsureCapacity(s.scratch_.xb, Z(N * d)));
+    for (int64_t i = 0; i < cfg_.num_layers; ++i) {
+      const CudaLayerWeights& lw = w_->layers[Z(i)];
+      if (!lw.has_memory) continue;
+      LayerState& ls = s.layers_[Z(i)];
+      bf16* bank_b = s.scratch_.xb.data();
+      LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.bank.data(), N * d, bank_b, st));
+      LM2_RETURN_IF_ERROR(Linear(s.cublas_.get(), bank_b, N, d, lw.memory.read_k, d, ls.mem_k.data(), false, st));
+      LM2_RETURN_IF_ERROR(Linear(s.cublas_.get(), bank_b, N, d, lw.memory.read_v, d, ls.mem_v.data(), false, st));
+      LM2_RETURN_IF_ERROR(ls.mass.FillBytes(0, st));
+      LM2_RETURN_IF_ERROR(ls.acc.FillBytes(0, st));
+    }
+    s.segment_open_ = true;
+    s.segment_tokens_ = 0;
+    return Status::Ok();
+  }
+
+  // The gated write of the open segment (eq. 4-6). mem_k, mem_v and acc are dead once the
+  // update u is formed, so they hold u, the input-gate and the forget-gate pre-activations.
+  Status ApplyWrite(CudaState& s) const {
+    const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size, Hm = cfg_.memory_heads;
+    const cudaStream_t st = s.stream_.get();
+    for (int64_t i = 0; i < cfg_.num_layers; ++i) {
+      const CudaLayerWeights& lw = w_->layers[Z(i)];
+      if (!lw.has_memory) continue;
+      LayerState& ls = s.layers_[Z(i)];
+      float* u = ls.mem_k.data();
+      float* in_pre = ls.mem_v.data();
+      float* forget_pre = ls.acc.data();
+      bf16* u_b = s.scratch_.xb.data();  // N*d since BeginSegment
+      LM2_RETURN_IF_ERROR(WriteUpdate(ls.mass.data(), ls.acc.data(), N, d, Hm, u, st));
+      LM2_RETURN_IF_ERROR(ConvertF32ToBf16(u, N * d, u_b, st));
+      LM2_RETURN_IF_ERROR(Linear(s.cublas_.get(), u_b, N, d, lw.memory.in_gate_w, d, in_pre, false, st));
+      LM2_RETURN_IF_ERROR(AddBias(in_pre, N, d, lw.memory.in_gate_b, st));
+      LM2_RETURN_IF_ERROR(Linear(s.cublas_.get(), u_b, N, d, lw.memory.forget_gate_w, d, forget_pre, false, st));
+      LM2_RETURN_IF_ERROR(AddBias(forget_pre, N, d, lw.memory.forget_gate_b, st));
+      LM2_RETURN_IF_ERROR(GatedMemoryUpdate(u, in_pre, forget_pre, N * d, ls.bank.data(), st));
+    }
+    return Status::Ok();
+  }
+
+  // Grows every layer's KV cache to hold `rows` positions, keeping the first pos_ rows.
+  Status EnsureKvCapacity(CudaState& s, int64_t rows) const {
+    if (rows <= s.kv_capacity_) return Status::Ok();
+    int64_t cap = std::max<int64_t>(s.kv_capacity_ * 2, 256);
+    cap = std::min(std::max(cap, rows), cfg_.max_position_embeddings);
+    const int64_t kvdim = cfg_.num_kv_heads * cfg_.head_dim;
+    const cudaStream_t st = s.stream_.get();
+    for (LayerState& ls : s.layers_) {
+      for (DeviceBuffer<float>* cache : {&ls.k_cache, &ls.v_cache}) {
+        LM2_ASSIGN_OR_RETURN(auto grown, DeviceBuffer<float>::Allocate(Z(cap * kvdim)));
+        if (s.pos_ > 0) {
+          LM2_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(grown.data(), cache->data(), Z(s.pos_ * kvdim) * sizeof(float),
+                                                   cudaMemcpyDeviceToDevice, st));
+        }
+        LM2_RETURN_IF_ERROR(s.stream_.Synchronize());  // the old buffer is freed next
+        *cache = std::move(grown);
+      }
+    }
+    s.kv_capacity_ = cap;
+    return Status::Ok();
+  }
+
+  Status EnsureScratch(CudaState& s, int64_t rows) const {
+    const int64_t d = cfg_.hidden_size, qdim = cfg_.num_heads * cfg_.head_dim, F = cfg_.intermediate_size;
+    const int64_t N = cfg_.memory_slots, Hm = cfg_.memory_heads;
+    Scratch& sc = s.scratch_;
+    for (DeviceBuffer<float>* b : {&sc.h, &sc.x, &sc.a}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(rows * d)));
+    for (DeviceBuffer<float>* b : {&sc.q, &sc.attn_out}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(rows * qdim)));
+    for (DeviceBuffer<float>* b : {&sc.ffn_gate, &sc.ffn_up}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(rows * F)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.xb, Z(rows * d)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.yb, Z(rows * std::max({d, qdim, F}))));
+    if (cfg_.has_memory()) {
+      for (DeviceBuffer<float>* b : {&sc.mq, &sc.e, &sc.gate, &sc.offer}) {
+        LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(rows * d)));
+      }
+      LM2_RETURN_IF_ERROR(EnsureCapacity(sc.mattn, Z(Hm * rows * N)));
+    }
+    return Status::Ok();
+  }
+
+  // Runs `tokens` in chunks of at most max_chunk_tokens and copies out the logits asked for.
+  Status RunTokens(CudaState& s, std::span<const int32_t> tokens, LogitsMode mode, std::vector<float>* logits) const {
+    const auto T = static_cast<int64_t>(tokens.size());
+    const int64_t V = cfg_.vocab_size;
+    const int64_t chunk = std::min(T, options_.max_chunk_tokens);
+    const cudaStream_t st = s.stream_.get();
+    LM2_RETURN_IF_ERROR(EnsureKvCapacity(s, s.pos_ + T));
+    LM2_RETURN_IF_ERROR(EnsureScratch(s, chunk));
+    // Token ids and positions of the whole call, through pinned memory.
+    Scratch& sc = s.scratch_;
+    for (auto* b : {&sc.ids}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(T)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.positions, Z(T)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(s.ids_host_, Z(T)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(s.positions_host_, Z(T)));
+    std::copy(tokens.begin(), tokens.end(), s.ids_host_.data());
+    std::iota(s.positions_host_.data(), s.positions_host_.data() + T, s.pos_);
+    LM2_RETURN_IF_ERROR(sc.ids.CopyFromHost(s.ids_host_.data(), Z(T), st));
+    LM2_RETURN_IF_ERROR(sc.positions.CopyFromHost(s.positions_host_.data(), Z(T), st));
+
+    if (mode == LogitsMode::kAll) logits->resize(Z(T * V));
+    if (mode == LogitsMode::kLast) logits->resize(Z(V));
+    for (int64_t c = 0; c < T; c += chunk) {
+      const int64_t n = std::min(chunk, T - c);
+      LM2_RETURN_IF_ERROR(RunLayers(s, c, n, s.pos_ + c));
+      if (mode == LogitsMode::kAll) {
+        LM2_RETURN_IF_ERROR(ComputeLogits(s, 0, n, logits->data() + c * V));
+      } else if (mode == LogitsMode::kLast && c + n == T) {
+        LM2_RETURN_IF_ERROR(ComputeLogits(s, n - 1, 1, logits->data()));
+      }
+    }
+    return s.stream_.Synchronize();
+  }
+
+  // One chunk: tokens [first, first + n) of the call, at cache positions pos0 ...
+  Status RunLayers(CudaState& s, int64_t first, int64_t n, int64_t pos0) const {
+    const int64_t d = cfg_.hidden_size, H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, Dh = cfg_.head_dim;
+    const int64_t F = cfg_.intermediate_size, N = cfg_.memory_slots, Hm = cfg_.memory_heads, V = cfg_.vocab_size;
+    const int64_t qdim = H * Dh, kvdim = Hkv * Dh, S = pos0 + n;
+    const float eps = static_cast<float>(cfg_.rms_norm_eps);
+    const cudaStream_t st = s.stream_.get();
+    cublasHandle_t blas = s.cublas_.get();
+    Scratch& sc = s.scratch_;
+    const int64_t* positions = sc.positions.data() + first;
+    bf16* xb = sc.xb.data();
+    bf16* yb = sc.yb.data();
+    float* h = sc.h.data();
+
+    LM2_RETURN_IF_ERROR(EmbeddingLookup(w_->embed, V, d, sc.ids.data() + first, n, h, st));
+    for (int64_t i = 0; i < cfg_.num_layers; ++i) {
+      const CudaLayerWeights& lw = w_->layers[Z(i)];
+      LayerState& ls = s.layers_[Z(i)];
+      float* k_new = ls.k_cache.data() + pos0 * kvdim;
+      float* v_new = ls.v_cache.data() + pos0 * kvdim;
+
+      LM2_RETURN_IF_ERROR(RmsNorm(h, lw.input_norm, n, d, eps, sc.x.data(), st));
+      LM2_RETURN_IF_ERROR(ConvertF32ToBf16(sc.x.data(), n * d, xb, st));
+      LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, lw.q_proj, qdim, sc.q.data(), false, st));
+      LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, lw.k_proj, kvdim, k_new, false, st));
+      LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, lw.v_proj, kvdim, v_new, false, st));
+      LM2_RETURN_IF_ERROR(Rope(sc.q.data(), n, H, Dh, positions, cfg_.rope_theta, st));
+      LM2_RETURN_IF_ERROR(Rope(k_new, n, Hkv, Dh, positions, cfg_.rope_theta, st));
+      LM2_RETURN_IF_ERROR(CausalAttention(sc.q.data(), ls.k_cache.data(), ls.v_cache.data(), n, S, H, Hkv, Dh,
+                                          sc.attn_out.data(), st));
+      LM2_RETURN_IF_ERROR(LinearF32(blas, sc.attn_out.data(), n, qdim, lw.o_proj, d, sc.a.data(), false, yb, st));
+
+      if (lw.has_memory) {
+        const CudaMemoryWeights& mw = lw.memory;
+        LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, mw.read_q, d, sc.mq.data(), false, st));
+        LM2_RETURN_IF_ERROR(
+            MemoryRead(sc.mq.data(), ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm, sc.mattn.data(), sc.e.data(), st));
+        LM2_RETURN_IF_ERROR(LinearF32(blas, sc.e.data(), n, d, mw.out_gate_w, d, sc.gate.data(), false, yb, st));
+        LM2_RETURN_IF_ERROR(AddBias(sc.gate.data(), n, d, mw.out_gate_b, st));
+        LM2_RETURN_IF_ERROR(GatedResidual(h, sc.a.data(), sc.gate.data(), sc.e.data(), n * d, st));
+        LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, mw.write_v, d, sc.offer.data(), false, st));
+        LM2_RETURN_IF_ERROR(
+            AccumulateWrite(sc.mattn.data(), sc.offer.data(), n, N, d, Hm, ls.mass.data(), ls.acc.data(), st));
+      } else {
+        LM2_RETURN_IF_ERROR(AddInPlace(h, sc.a.data(), n * d, st));
+      }
+
+      LM2_RETURN_IF_ERROR(RmsNorm(h, lw.post_norm, n, d, eps, sc.x.data(), st));
+      LM2_RETURN_IF_ERROR(ConvertF32ToBf16(sc.x.data(), n * d, xb, st));
+      LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, lw.gate_proj, F, sc.ffn_gate.data(), false, st));
+      LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, lw.up_proj, F, sc.ffn_up.data(), false, st));
+      LM2_RETURN_IF_ERROR(SwiGlu(sc.ffn_gate.data(), sc.ffn_up.data(), n * F, sc.ffn_gate.data(), st));
+      LM2_RETURN_IF_ERROR(LinearF32(blas, sc.ffn_gate.data(), n, F, lw.down_proj, d, h, true, yb, st));
+    }
+    return Status::Ok();
+  }
+
+  // Logits of chunk rows [row, row + rows) into host `out` [rows, V].
+  Status ComputeLogits(CudaState& s, int64_t row, int64_t rows, float* out) const {
+    const int64_t d = cfg_.hidden_size, V = cfg_.vocab_size;
+    const cudaStream_t st = s.stream_.get();
+    Scratch& sc = s.scratch_;
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.logits, Z(rows * V)));
+    LM2_RETURN_IF_ERROR(RmsNorm(sc.h.data() + row * d, w_->final_norm, rows, d, static_cast<float>(cfg_.rms_norm_eps),
+                                sc.x.data(), st));
+    LM2_RETURN_IF_ERROR(ConvertF32ToBf16(sc.x.data(), rows * d, sc.xb.data(), st));
+    LM2_RETURN_IF_ERROR(Linear(s.cublas_.get(), sc.xb.data(), rows, d, w_->lm_head, V, sc.logits.data(), false, st));
+    return sc.logits.CopyToHost(out, Z(rows * V), st);
+  }
+
+  std::shared_ptr<const ModelFiles> files_;
+  std::unique_ptr<CudaWeights> w_;
+  const ModelConfig& cfg_;
+  CudaOptions options_;
+};
+
+}  // namespace
+}  // namespace cuda
+
+Result<std::unique_ptr<Model>> LoadCudaModel(std::shared_ptr<const ModelFiles> files, const CudaOptions& options) {
+  if (files == nullptr) return Status::InvalidArgument("LoadCudaModel: no model files");
+  if (options.max_chunk_tokens <= 0) return Status::InvalidArgument("CudaOptions::max_chunk_tokens must be > 0");
+  LM2_ASSIGN_OR_RETURN(auto devices, ListCudaDevices());
+  if (options.device < 0 || static_cast<std::size_t>(options.device) >= devices.size()) {
+    return Status::Unavailable("CUDA device " + std::to_string(options.device) + " not present (" +
+                               std::to_string(devices.size()) + " device(s) found)");
+  }
+  const ModelConfig& cfg = files->config();
+  // cuBLAS and the kernels' grids take 32-bit dimensions.
+  const int64_t kMax = int64_t{1} << 31;
+  if (cfg.vocab_size >= kMax || cfg.memory_slots * cfg.memory_heads >= kMax) {
+    return Status::Unimplemented("model dimensions exceed what the CUDA backend addresses");
+  }
+  LM2_RETURN_IF_ERROR(cuda::UseDevice(options.device));
+  LM2_ASSIGN_OR_RETURN(auto weights, cuda::CudaWeights::Upload(*files, options.device));
+  return std::unique_ptr<Model>(std::make_unique<cuda::CudaModel>(std::move(files), std::move(weights), options));
+}
+
+}  // namespace lm2::runtime

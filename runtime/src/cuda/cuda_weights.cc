@@ -1,0 +1,131 @@
+#include "cuda/cuda_weights.h"
+
+#include <cstring>
+#include <string>
+
+#include "cuda/cuda_check.h"
+#include "lm2/runtime/tensor.h"
+
+namespace lm2::runtime::cuda {
+
+uint16_t FloatToBf16Bits(float value) {
+  uint32_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x0040u);  // quiet NaN
+  const uint32_t rounding = 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>((bits + rounding) >> 16);
+}
+
+namespace {
+
+class Uploader {
+ public:
+  explicit Uploader(const ModelFiles& files, CudaWeights& w) : files_(files), w_(w) {}
+
+  // A matrix as bf16: stored BF16 bytes are copied as they are; F32 and F16 are widened
+  // to fp32 (exactly) and rounded to bf16 on the host, one tensor at a time.
+  Status Matrix(const std::string& name, const __nv_bfloat16** out) {
+    LM2_ASSIGN_OR_RETURN(TensorView v, files_.Tensor(name));
+    const auto n = static_cast<std::size_t>(NumElements(v.shape));
+    LM2_ASSIGN_OR_RETURN(auto buf, DeviceBuffer<__nv_bfloat16>::Allocate(n));
+    if (v.dtype == DType::kBF16) {
+      LM2_CUDA_RETURN_IF_ERROR(cudaMemcpy(buf.data(), v.data, n * sizeof(uint16_t), cudaMemcpyHostToDevice));
+    } else {
+      widened_.resize(n);
+      ConvertToF32(v.dtype, v.data, widened_.data(), n);
+      rounded_.resize(n);
+      for (std::size_t i = 0; i < n; ++i) rounded_[i] = FloatToBf16Bits(widened_[i]);
+      LM2_CUDA_RETURN_IF_ERROR(cudaMemcpy(buf.data(), rounded_.data(), n * sizeof(uint16_t), cudaMemcpyHostToDevice));
+    }
+    *out = buf.data();
+    w_.device_bytes += buf.bytes();
+    w_.matrices.push_back(std::move(buf));
+    return Status::Ok();
+  }
+
+  // A vector (or the learned memory init) as fp32, exactly as stored.
+  Status Vector(const std::string& name, const float** out) {
+    LM2_ASSIGN_OR_RETURN(TensorView v, files_.Tensor(name));
+    const auto n = static_cast<std::size_t>(NumElements(v.shape));
+    widened_.resize(n);
+    ConvertToF32(v.dtype, v.data, widened_.data(), n);
+    return Upload(widened_, out);
+  }
+
+  // Host fp32 data to a new device buffer.
+  Status Upload(const std::vector<float>& host, const float** out) {
+    LM2_ASSIGN_OR_RETURN(auto buf, DeviceBuffer<float>::Allocate(host.size()));
+    LM2_CUDA_RETURN_IF_ERROR(cudaMemcpy(buf.data(), host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
+    *out = buf.data();
+    w_.device_bytes += buf.bytes();
+    w_.vectors.push_back(std::move(buf));
+    return Status::Ok();
+  }
+
+ private:
+  const ModelFiles& files_;
+  CudaWeights& w_;
+  std::vector<float> widened_;   // reused across tensors: one conversion buffer
+  std::vector<uint16_t> rounded_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<CudaWeights>> CudaWeights::Upload(const ModelFiles& files, int device) {
+  auto w = std::make_unique<CudaWeights>();
+  w->device = device;
+  const ModelConfig& cfg = files.config();
+  Uploader up(files, *w);
+  LM2_RETURN_IF_ERROR(up.Matrix("model.embed_tokens.weight", &w->embed));
+  LM2_RETURN_IF_ERROR(up.Vector("model.norm.weight", &w->final_norm));
+  if (cfg.tie_word_embeddings) {
+    w->lm_head = w->embed;
+  } else {
+    LM2_RETURN_IF_ERROR(up.Matrix("lm_head.weight", &w->lm_head));
+  }
+  // Identity initial bank (row n = e_{n mod d}), shared by every memory layer without a
+  // learned init.
+  const float* identity = nullptr;
+  if (cfg.has_memory() && !cfg.memory_learned_init) {
+    const int64_t N = cfg.memory_slots, d = cfg.hidden_size;
+    std::vector<float> host(static_cast<std::size_t>(N * d), 0.0f);
+    for (int64_t n = 0; n < N; ++n) host[static_cast<std::size_t>(n * d + n % d)] = 1.0f;
+    LM2_RETURN_IF_ERROR(up.Upload(host, &identity));
+  }
+  w->layers.resize(static_cast<std::size_t>(cfg.num_layers));
+  for (int64_t i = 0; i < cfg.num_layers; ++i) {
+    CudaLayerWeights& l = w->layers[static_cast<std::size_t>(i)];
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    LM2_RETURN_IF_ERROR(up.Matrix(p + "self_attn.q_proj.weight", &l.q_proj));
+    LM2_RETURN_IF_ERROR(up.Matrix(p + "self_attn.k_proj.weight", &l.k_proj));
+    LM2_RETURN_IF_ERROR(up.Matrix(p + "self_attn.v_proj.weight", &l.v_proj));
+    LM2_RETURN_IF_ERROR(up.Matrix(p + "self_attn.o_proj.weight", &l.o_proj));
+    LM2_RETURN_IF_ERROR(up.Matrix(p + "mlp.gate_proj.weight", &l.gate_proj));
+    LM2_RETURN_IF_ERROR(up.Matrix(p + "mlp.up_proj.weight", &l.up_proj));
+    LM2_RETURN_IF_ERROR(up.Matrix(p + "mlp.down_proj.weight", &l.down_proj));
+    LM2_RETURN_IF_ERROR(up.Vector(p + "input_layernorm.weight", &l.input_norm));
+    LM2_RETURN_IF_ERROR(up.Vector(p + "post_attention_layernorm.weight", &l.post_norm));
+    l.has_memory = cfg.layer_has_memory(i);
+    if (!l.has_memory) continue;
+    const std::string m = p + "memory.";
+    CudaMemoryWeights& mw = l.memory;
+    LM2_RETURN_IF_ERROR(up.Matrix(m + "read_q.weight", &mw.read_q));
+    LM2_RETURN_IF_ERROR(up.Matrix(m + "read_k.weight", &mw.read_k));
+    LM2_RETURN_IF_ERROR(up.Matrix(m + "read_v.weight", &mw.read_v));
+    LM2_RETURN_IF_ERROR(up.Matrix(m + "write_v.weight", &mw.write_v));
+    LM2_RETURN_IF_ERROR(up.Matrix(m + "out_gate.weight", &mw.out_gate_w));
+    LM2_RETURN_IF_ERROR(up.Vector(m + "out_gate.bias", &mw.out_gate_b));
+    LM2_RETURN_IF_ERROR(up.Matrix(m + "in_gate.weight", &mw.in_gate_w));
+    LM2_RETURN_IF_ERROR(up.Vector(m + "in_gate.bias", &mw.in_gate_b));
+    LM2_RETURN_IF_ERROR(up.Matrix(m + "forget_gate.weight", &mw.forget_gate_w));
+    LM2_RETURN_IF_ERROR(up.Vector(m + "forget_gate.bias", &mw.forget_gate_b));
+    if (cfg.memory_learned_init) {
+      LM2_RETURN_IF_ERROR(up.Vector(m + "init", &mw.init));
+    } else {
+      mw.init = identity;
+    }
+  }
+  return w;
+}
+
+}  // namespace lm2::runtime::cuda

@@ -1,0 +1,67 @@
+// CudaWeights: every tensor of a model on one CUDA device, uploaded once.
+//
+// Matrices (embedding, projections, FFN, memory projections and gates, LM head) are bf16
+// [out, in] as stored in safetensors; vectors (norm weights, gate biases) and the memory
+// bank's initial value are fp32, as the contract asks (docs/cuda.md). Read-only after
+// Upload; shared by every state of the model. Compiled by the host compiler as part of
+// lm2_runtime (it reads ModelFiles), over the CUDA runtime API.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "cuda/cuda_resources.h"
+#include "lm2/core/status.h"
+#include "lm2/runtime/model_files.h"
+
+namespace lm2::runtime::cuda {
+
+struct CudaMemoryWeights {
+  const __nv_bfloat16* read_q = nullptr;         // [d, d]
+  const __nv_bfloat16* read_k = nullptr;         // [d, d]
+  const __nv_bfloat16* read_v = nullptr;         // [d, d]
+  const __nv_bfloat16* write_v = nullptr;        // [d, d]
+  const __nv_bfloat16* out_gate_w = nullptr;     // [d, d]
+  const __nv_bfloat16* in_gate_w = nullptr;      // [d, d]
+  const __nv_bfloat16* forget_gate_w = nullptr;  // [d, d]
+  const float* out_gate_b = nullptr;             // [d]
+  const float* in_gate_b = nullptr;              // [d]
+  const float* forget_gate_b = nullptr;          // [d]
+  const float* init = nullptr;                   // [N, d]: learned init, or the identity rows
+};
+
+struct CudaLayerWeights {
+  const __nv_bfloat16* q_proj = nullptr;     // [H*Dh, d]
+  const __nv_bfloat16* k_proj = nullptr;     // [Hkv*Dh, d]
+  const __nv_bfloat16* v_proj = nullptr;     // [Hkv*Dh, d]
+  const __nv_bfloat16* o_proj = nullptr;     // [d, H*Dh]
+  const __nv_bfloat16* gate_proj = nullptr;  // [F, d]
+  const __nv_bfloat16* up_proj = nullptr;    // [F, d]
+  const __nv_bfloat16* down_proj = nullptr;  // [d, F]
+  const float* input_norm = nullptr;         // [d]
+  const float* post_norm = nullptr;          // [d]
+  bool has_memory = false;
+  CudaMemoryWeights memory;
+};
+
+struct CudaWeights {
+  int device = 0;
+  std::vector<DeviceBuffer<__nv_bfloat16>> matrices;  // owners of the bf16 tensors
+  std::vector<DeviceBuffer<float>> vectors;           // owners of the fp32 tensors
+  const __nv_bfloat16* embed = nullptr;               // [V, d]
+  const float* final_norm = nullptr;                  // [d]
+  const __nv_bfloat16* lm_head = nullptr;             // [V, d] (the embedding when tied)
+  std::vector<CudaLayerWeights> layers;
+  std::size_t device_bytes = 0;                       // sum of the buffers above
+
+  // Converts and copies every tensor of `files` to `device` (which must be current).
+  static Result<std::unique_ptr<CudaWeights>> Upload(const ModelFiles& files, int device);
+};
+
+// Round to nearest even, as __float2bfloat16_rn; NaN stays NaN. Host side of the upload.
+uint16_t FloatToBf16Bits(float value);
+
+}  // namespace lm2::runtime::cuda

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Packs what the GPU machine needs to run lm2's GPU tests and benchmarks, built HERE (it has
+# CUDA but none of lm2's Debian libraries): the GPU test executables, the CLI and the CUDA
+# benchmark, stripped, plus the shared libraries they load that the GPU machine lacks
+# (RocksDB, OpenSSL, sentencepiece, OpenBLAS and their dependencies; not glibc, libstdc++ or
+# CUDA's own, which it has). One compressed archive, under the device tool's size limit.
+#
+#   tools/device/make_gpu_bundle.sh [BUILD_DIR]     (default: build; configured with CUDA)
+#
+# Writes device_bundle/lm2-gpu.tar.xz (device_bundle/ is in .git/info/exclude), to be
+# carried to the GPU machine and unpacked there by tools/device/run_gpu_tests.sh and
+# bench/cuda/run_cuda_bench.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BUILD_DIR=${1:-build}
+OUT_DIR=device_bundle
+TARGETS=(cuda_ops_tests cuda_model_tests gpu_tests lm2_cli)
+if [[ -f bench/cuda/CMakeLists.txt ]]; then TARGETS+=(lm2_cuda_bench); fi
+
+echo "bundle: building ${TARGETS[*]} in $BUILD_DIR"
+cmake --build "$BUILD_DIR" -j"$(nproc)" --target "${TARGETS[@]}"
+
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+mkdir -p "$stage/bin" "$stage/lib"
+for exe in tests/cuda/cuda_ops_tests tests/cuda/cuda_model_tests tests/runtime/gpu_tests tools/cli/lm2 \
+           bench/cuda/lm2_cuda_bench; do
+  [[ -f "$BUILD_DIR/$exe" ]] || continue
+  strip -o "$stage/bin/$(basename "$exe")" "$BUILD_DIR/$exe"
+done
+# Libraries the executables resolve here, minus what every Linux and the CUDA image have.
+skip='^(linux-vdso|ld-linux|libc\.so|libm\.so|libpthread|libdl|librt|libstdc\+\+|libgcc_s|libcuda|libcudart|libcublas|libcublasLt|libnvidia)'
+for exe in "$stage"/bin/*; do
+  ldd "$exe" | awk '$3 ~ /^\// {print $1, $3}'
+done | sort -u | while read -r name path; do
+  if [[ ! "$name" =~ $skip ]]; then cp -L "$path" "$stage/lib/$name"; fi
+done
+git rev-parse HEAD >"$stage/COMMIT" 2>/dev/null || echo unknown >"$stage/COMMIT"
+git diff --quiet HEAD -- . 2>/dev/null || echo "(+ local changes)" >>"$stage/COMMIT"
+mkdir -p "$OUT_DIR"
+tar -C "$stage" -cJf "$OUT_DIR/lm2-gpu.tar.xz" .
+echo "bundle: $OUT_DIR/lm2-gpu.tar.xz ($(du -h "$OUT_DIR/lm2-gpu.tar.xz" | cut -f1)): $(ls "$stage/bin" | tr '\n' ' ')"
+echo "bundle: libraries: $(ls "$stage/lib" | tr '\n' ' ')"

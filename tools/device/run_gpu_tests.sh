@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Runs lm2's GPU tests on the GPU machine from the bundle made by make_gpu_bundle.sh:
+# the CUDA op tests, the whole-model tests (golden files, greedy tokens vs the CPU backend,
+# export/import, threads, backend choice), device discovery, `lm2 generate` end to end on
+# the GPU (tests/runtime/cli_generate_test.sh), then compute-sanitizer memcheck over the op
+# and model tests. Run from the repository root; logs go to $OUT (or device_bundle/logs).
+#
+#   device run: tools/device/run_gpu_tests.sh        (carry device_bundle)
+#
+# Environment: SKIP_MEMCHECK=1 skips the sanitizer pass. Exit status 0 when all pass.
+set -uo pipefail
+ROOT=$(pwd)
+BUNDLE=${BUNDLE:-$ROOT/device_bundle/lm2-gpu.tar.xz}
+LOG_DIR=${OUT:-$ROOT/device_bundle/logs}
+mkdir -p "$LOG_DIR"
+if [[ ! -f "$BUNDLE" ]]; then
+  echo "run_gpu_tests.sh: no $BUNDLE (run tools/device/make_gpu_bundle.sh first and carry device_bundle)" >&2
+  exit 2
+fi
+DEST=$(mktemp -d /tmp/lm2-gpu.XXXXXX)
+tar -C "$DEST" -xJf "$BUNDLE"
+export LD_LIBRARY_PATH="$DEST/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LM2_SOURCE_DIR="$ROOT"
+for d in /usr/local/cuda/bin /usr/local/cuda/compute-sanitizer; do [[ -d "$d" ]] && PATH="$PATH:$d"; done
+export PATH
+BIN="$DEST/bin"
+
+{
+  echo "== lm2 GPU tests: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "bundle commit: $(tr '\n' ' ' <"$DEST/COMMIT")"
+  echo "host: $(uname -srm), $(nproc) CPUs"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+  compute-sanitizer --version 2>/dev/null | head -n 2 || echo "(no compute-sanitizer)"
+} 2>&1 | tee "$LOG_DIR/versions.txt"
+
+status=0
+run() {  # run NAME COMMAND...: logs to $LOG_DIR/NAME.log, remembers the first failure
+  local name="$1"; shift
+  echo "== $name"
+  "$@" 2>&1 | tee "$LOG_DIR/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "$name: exit status $rc" | tee -a "$LOG_DIR/$name.log"
+  if [[ $rc -ne 0 && $status -eq 0 ]]; then status=$rc; fi
+}
+
+run cuda_ops_tests "$BIN/cuda_ops_tests" --durations yes
+run cuda_model_tests "$BIN/cuda_model_tests" --durations yes
+run gpu_tests "$BIN/gpu_tests"
+run cli_generate bash tests/runtime/cli_generate_test.sh "$BIN/lm2"
+if [[ "${SKIP_MEMCHECK:-0}" != 1 ]]; then
+  run memcheck_ops compute-sanitizer --tool memcheck --error-exitcode 99 --leak-check full "$BIN/cuda_ops_tests"
+  run memcheck_model compute-sanitizer --tool memcheck --error-exitcode 99 --leak-check full "$BIN/cuda_model_tests"
+fi
+echo "== done: status $status (logs in $LOG_DIR)"
+exit "$status"
