@@ -3,6 +3,8 @@
 // through shared memory). Both use the online softmax (running max and sum, rescaled
 // partial outputs), so no kernel holds a whole row of S scores and S has no limit.
 // Correctness first: neither uses tensor cores yet (docs/cuda.md).
+#include <cmath>
+
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
@@ -234,6 +236,41 @@ Status CausalAttention(const float* q, const float* k_cache, const float* v_cach
                        int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream) {
   if (T == 1) return CausalAttentionDecode(q, k_cache, v_cache, T, S, heads, kv_heads, head_dim, out, stream);
   return CausalAttentionPrefill(q, k_cache, v_cache, T, S, heads, kv_heads, head_dim, out, stream);
+}
+
+}  // namespace lm2::runtime::cuda
+
+namespace lm2::runtime::cuda {
+
+// ---- Prefill through cuBLAS: scores, causal softmax, values --------------------------------
+//
+// Query head h = g * group + r reads key-value head g. For each r, one strided batch over g
+// (query columns group*D apart, key columns D apart, score blocks group*T*S apart) computes
+// the scores of the heads r, group + r, ...; then one causal softmax over every row, then the
+// values the same way. TF32 tensor cores with fp32 accumulation; scores are [H, T, S] fp32.
+Status CausalAttentionGemm(cublasHandle_t handle, const float* q, const float* k_cache, const float* v_cache,
+                           int64_t T, int64_t S, int64_t heads, int64_t kv_heads, int64_t head_dim, float* scores,
+                           float* out, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckCausalAttention(T, S, heads, kv_heads, head_dim));
+  if (T == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("CausalAttentionGemm", {handle, q, k_cache, v_cache, scores, out}));
+  const int64_t group = heads / kv_heads, D = head_dim;
+  const int64_t q_ld = heads * D, kv_ld = kv_heads * D;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  for (int64_t r = 0; r < group; ++r) {
+    // Row-major scores_h [T, S] = q_h [T, D] · k_g [S, D]ᵀ.
+    LM2_RETURN_IF_ERROR(GemmStridedBatchedF32(handle, CUBLAS_OP_T, CUBLAS_OP_N, S, T, D, scale, k_cache, kv_ld, D,
+                                              q + r * D, q_ld, group * D, 0.0f, scores + r * T * S, S,
+                                              group * T * S, kv_heads, stream));
+  }
+  LM2_RETURN_IF_ERROR(SoftmaxRows(scores, heads * T, S, T, S - T, stream));
+  for (int64_t r = 0; r < group; ++r) {
+    // Row-major out_h [T, D] = p_h [T, S] · v_g [S, D].
+    LM2_RETURN_IF_ERROR(GemmStridedBatchedF32(handle, CUBLAS_OP_N, CUBLAS_OP_N, D, T, S, 1.0f, v_cache, kv_ld, D,
+                                              scores + r * T * S, S, group * T * S, 0.0f, out + r * D, q_ld,
+                                              group * D, kv_heads, stream));
+  }
+  return Status::Ok();
 }
 
 }  // namespace lm2::runtime::cuda

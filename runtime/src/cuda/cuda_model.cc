@@ -40,6 +40,7 @@ struct LayerState {
 // Per-call scratch, grown to the longest chunk seen (decode keeps it at one row).
 struct Scratch {
   DeviceBuffer<float> h, x, q, attn_out, a, mq, mattn, e, gate, offer, ffn_gate, ffn_up, logits;
+  DeviceBuffer<float> scores;  // [H, T, S] of the GEMM attention path
   DeviceBuffer<bf16> xb;  // the normed input in bf16, shared by the GEMMs that read it
   DeviceBuffer<bf16> yb;  // other GEMM inputs rounded to bf16
   DeviceBuffer<int32_t> ids;
@@ -405,21 +406,27 @@ class CudaModel final : public Model {
       LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, lw.v_proj, kvdim, v_new, false, st));
       LM2_RETURN_IF_ERROR(Rope(sc.q.data(), n, H, Dh, positions, cfg_.rope_theta, st));
       LM2_RETURN_IF_ERROR(Rope(k_new, n, Hkv, Dh, positions, cfg_.rope_theta, st));
-      LM2_RETURN_IF_ERROR(CausalAttention(sc.q.data(), ls.k_cache.data(), ls.v_cache.data(), n, S, H, Hkv, Dh,
-                                          sc.attn_out.data(), st));
+      if (n >= options_.attention_gemm_min_tokens) {
+        LM2_RETURN_IF_ERROR(EnsureCapacity(sc.scores, Z(H * n * S)));
+        LM2_RETURN_IF_ERROR(CausalAttentionGemm(blas, sc.q.data(), ls.k_cache.data(), ls.v_cache.data(), n, S, H, Hkv,
+                                                Dh, sc.scores.data(), sc.attn_out.data(), st));
+      } else {
+        LM2_RETURN_IF_ERROR(CausalAttention(sc.q.data(), ls.k_cache.data(), ls.v_cache.data(), n, S, H, Hkv, Dh,
+                                            sc.attn_out.data(), st));
+      }
       LM2_RETURN_IF_ERROR(LinearF32(blas, sc.attn_out.data(), n, qdim, lw.o_proj, d, sc.a.data(), false, yb, st));
 
       if (lw.has_memory) {
         const CudaMemoryWeights& mw = lw.memory;
         LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, mw.read_q, d, sc.mq.data(), false, st));
         LM2_RETURN_IF_ERROR(
-            MemoryRead(sc.mq.data(), ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm, sc.mattn.data(), sc.e.data(), st));
+            MemoryRead(blas, sc.mq.data(), ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm, sc.mattn.data(), sc.e.data(), st));
         LM2_RETURN_IF_ERROR(LinearF32(blas, sc.e.data(), n, d, mw.out_gate_w, d, sc.gate.data(), false, yb, st));
         LM2_RETURN_IF_ERROR(AddBias(sc.gate.data(), n, d, mw.out_gate_b, st));
         LM2_RETURN_IF_ERROR(GatedResidual(h, sc.a.data(), sc.gate.data(), sc.e.data(), n * d, st));
         LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, mw.write_v, d, sc.offer.data(), false, st));
         LM2_RETURN_IF_ERROR(
-            AccumulateWrite(sc.mattn.data(), sc.offer.data(), n, N, d, Hm, ls.mass.data(), ls.acc.data(), st));
+            AccumulateWrite(blas, sc.mattn.data(), sc.offer.data(), n, N, d, Hm, ls.mass.data(), ls.acc.data(), st));
       } else {
         LM2_RETURN_IF_ERROR(AddInPlace(h, sc.a.data(), n * d, st));
       }
@@ -459,6 +466,9 @@ class CudaModel final : public Model {
 Result<std::unique_ptr<Model>> LoadCudaModel(std::shared_ptr<const ModelFiles> files, const CudaOptions& options) {
   if (files == nullptr) return Status::InvalidArgument("LoadCudaModel: no model files");
   if (options.max_chunk_tokens <= 0) return Status::InvalidArgument("CudaOptions::max_chunk_tokens must be > 0");
+  if (options.attention_gemm_min_tokens <= 0) {
+    return Status::InvalidArgument("CudaOptions::attention_gemm_min_tokens must be > 0");
+  }
   LM2_ASSIGN_OR_RETURN(auto devices, ListCudaDevices());
   if (options.device < 0 || static_cast<std::size_t>(options.device) >= devices.size()) {
     return Status::Unavailable("CUDA device " + std::to_string(options.device) + " not present (" +

@@ -89,19 +89,44 @@ Status CausalAttentionDecode(const float* q, const float* k_cache, const float* 
 Status CausalAttentionPrefill(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
                               int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream);
 
+// Prefill attention through cuBLAS (same semantics as CausalAttention): scores [H, T, S]
+// (caller's scratch, fp32) = q·kᵀ/sqrt(D) by strided-batched TF32 GEMMs, a causal softmax,
+// out = p·v the same way. Tensor cores make it the fast form for long prefills; it costs
+// H*T*S floats of scratch.
+Status CausalAttentionGemm(cublasHandle_t handle, const float* q, const float* k_cache, const float* v_cache,
+                           int64_t T, int64_t S, int64_t heads, int64_t kv_heads, int64_t head_dim, float* scores,
+                           float* out, cudaStream_t stream);
+
+// ---- Building blocks of the GEMM-based ops (linear.cu, softmax.cu) -------------------------
+
+// cublasGemmStridedBatchedEx on fp32 column-major operands with TF32 tensor cores and fp32
+// accumulation: C_i = alpha op(A_i) op(B_i) + beta C_i, X_i = X + i * stride_x.
+Status GemmStridedBatchedF32(cublasHandle_t handle, cublasOperation_t op_a, cublasOperation_t op_b, int64_t m,
+                             int64_t n, int64_t k, float alpha, const float* a, int64_t lda, int64_t stride_a,
+                             const float* b, int64_t ldb, int64_t stride_b, float beta, float* c, int64_t ldc,
+                             int64_t stride_c, int64_t batch, cudaStream_t stream);
+
+// Softmax of each row of x[rows, cols] in place. causal_T > 0: row r keeps its first
+// causal_offset + r % causal_T + 1 entries (the keys query r % causal_T sees) and the rest
+// become 0; causal_T = 0: every entry counts.
+Status SoftmaxRows(float* x, int64_t rows, int64_t cols, int64_t causal_T, int64_t causal_offset, cudaStream_t stream);
+
 // ---- Memory (memory_read.cu, memory_write.cu) --------------------------------------------
 
 // Memory read, per memory head j of width dh = d / heads:
 //   A_j = softmax_N(q_j · mem_k_jᵀ / sqrt(dh))   -> attn[j, T, N]
 //   e[:, j*dh:(j+1)*dh] = A_j · mem_v_j           -> e[T, d]
-// q[T, d], mem_k / mem_v [N, d]. fp32.
-Status MemoryRead(const float* q, const float* mem_k, const float* mem_v, int64_t T, int64_t N, int64_t d,
-                  int64_t heads, float* attn, float* e, cudaStream_t stream);
+// q[T, d], mem_k / mem_v [N, d]. fp32 data; the two products are strided-batched cuBLAS
+// GEMMs over the heads with TF32 tensor cores (inputs rounded to 10-bit mantissas, fp32
+// accumulation), the softmax an fp32 kernel. Sets `handle`'s stream.
+Status MemoryRead(cublasHandle_t handle, const float* q, const float* mem_k, const float* mem_v, int64_t T,
+                  int64_t N, int64_t d, int64_t heads, float* attn, float* e, cudaStream_t stream);
 
 // Streaming write sums: mass[j, n] += Σ_t A_j[t, n], acc[n, j*dh + c] += Σ_t A_j[t, n] ·
-// offer[t, j*dh + c]. attn[j, T, N], offer[T, d], mass[heads, N], acc[N, d]. fp32.
-Status AccumulateWrite(const float* attn, const float* offer, int64_t T, int64_t N, int64_t d, int64_t heads,
-                       float* mass, float* acc, cudaStream_t stream);
+// offer[t, j*dh + c]. attn[j, T, N], offer[T, d], mass[heads, N], acc[N, d]. The masses by
+// an fp32 kernel, acc by a strided-batched TF32 GEMM with fp32 accumulation.
+Status AccumulateWrite(cublasHandle_t handle, const float* attn, const float* offer, int64_t T, int64_t N, int64_t d,
+                       int64_t heads, float* mass, float* acc, cudaStream_t stream);
 
 // u[n, j*dh + c] = acc[n, j*dh + c] / (mass[j, n] + 1).
 Status WriteUpdate(const float* mass, const float* acc, int64_t N, int64_t d, int64_t heads, float* u,

@@ -5,6 +5,9 @@
 // W_cm[in, out]ᵀ · x_cm[in, rows]: GEMM with op(A) = T on W (lda = in), op(B) = N on x
 // (ldb = in), C = y (ldc = out). No host code here needs nvcc; it is a .cu for the one-file-
 // per-op layout and because the bf16 conversion it uses is a kernel.
+#include <limits>
+#include <string>
+
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "ops/op_shapes.h"
@@ -32,6 +35,27 @@ Status LinearF32(cublasHandle_t handle, const float* x, int64_t rows, int64_t in
   if (rows == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(ConvertF32ToBf16(x, rows * in, x_bf16, stream));
   return Linear(handle, x_bf16, rows, in, w, out, y, accumulate, stream);
+}
+
+Status GemmStridedBatchedF32(cublasHandle_t handle, cublasOperation_t op_a, cublasOperation_t op_b, int64_t m,
+                             int64_t n, int64_t k, float alpha, const float* a, int64_t lda, int64_t stride_a,
+                             const float* b, int64_t ldb, int64_t stride_b, float beta, float* c, int64_t ldc,
+                             int64_t stride_c, int64_t batch, cudaStream_t stream) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  if (m < 0 || n < 0 || k <= 0 || batch < 0 || m > kMax || n > kMax || k > kMax || lda > kMax || ldb > kMax ||
+      ldc > kMax || batch > kMax) {
+    return Status::InvalidArgument("GemmStridedBatchedF32: m=" + std::to_string(m) + " n=" + std::to_string(n) +
+                                   " k=" + std::to_string(k) + " batch=" + std::to_string(batch));
+  }
+  if (m == 0 || n == 0 || batch == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("GemmStridedBatchedF32", {handle, a, b, c}));
+  LM2_CUBLAS_RETURN_IF_ERROR(cublasSetStream(handle, stream));
+  LM2_CUBLAS_RETURN_IF_ERROR(cublasSetPointerMode(handle, CUBLAS_POINTER_MODE_HOST));
+  LM2_CUBLAS_RETURN_IF_ERROR(cublasGemmStridedBatchedEx(
+      handle, op_a, op_b, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), &alpha, a, CUDA_R_32F,
+      static_cast<int>(lda), stride_a, b, CUDA_R_32F, static_cast<int>(ldb), stride_b, &beta, c, CUDA_R_32F,
+      static_cast<int>(ldc), stride_c, static_cast<int>(batch), CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
+  return Status::Ok();
 }
 
 }  // namespace lm2::runtime::cuda

@@ -2,8 +2,8 @@
 // slot receives at the segment's end (WriteUpdate), and the gated commit into the bank
 // (GatedMemoryUpdate). All fp32: the bank is fp32 state (docs/lm2-spec.md).
 //
-// AccumulateWrite is a plain kernel (a thread per output, a loop over the T tokens of the
-// call); a strided-batched GEMM is the faster form for long prefills (docs/cuda.md).
+// AccumulateWrite: the slot masses by a column-sum kernel, acc_j += attn_jᵀ · offer_j by a
+// strided-batched GEMM over the memory heads (TF32 tensor cores, fp32 accumulation).
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
@@ -21,18 +21,6 @@ __global__ void AccumulateMassKernel(const float* __restrict__ attn, int64_t T, 
     float s = 0.0f;
     for (int64_t t = 0; t < T; ++t) s += a[t * N];
     mass[i] += s;
-  }
-}
-
-// acc[n, col] += Σ_t attn[j, t, n] · offer[t, col], j = col / dh; a thread per (n, col).
-__global__ void AccumulateAccKernel(const float* __restrict__ attn, const float* __restrict__ offer, int64_t T,
-                                    int64_t N, int64_t d, int64_t dh, float* __restrict__ acc) {
-  for (int64_t i = FirstIndex(); i < N * d; i += GridStride()) {
-    const int64_t n = i / d, col = i % d, j = col / dh;
-    const float* a = attn + j * T * N + n;
-    float s = 0.0f;
-    for (int64_t t = 0; t < T; ++t) s += a[t * N] * offer[t * d + col];
-    acc[i] += s;
   }
 }
 
@@ -54,15 +42,18 @@ __global__ void GatedMemoryUpdateKernel(const float* __restrict__ u, const float
 
 }  // namespace
 
-Status AccumulateWrite(const float* attn, const float* offer, int64_t T, int64_t N, int64_t d, int64_t heads,
-                       float* mass, float* acc, cudaStream_t stream) {
+Status AccumulateWrite(cublasHandle_t handle, const float* attn, const float* offer, int64_t T, int64_t N, int64_t d,
+                       int64_t heads, float* mass, float* acc, cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(ops::CheckMemory("AccumulateWrite", T, N, d, heads));
   if (T == 0) return Status::Ok();
-  LM2_RETURN_IF_ERROR(RequireNonNull("AccumulateWrite", {attn, offer, mass, acc}));
+  LM2_RETURN_IF_ERROR(RequireNonNull("AccumulateWrite", {handle, attn, offer, mass, acc}));
   AccumulateMassKernel<<<GridFor(heads * N, kThreads), kThreads, 0, stream>>>(attn, T, N, heads, mass);
   LM2_RETURN_IF_ERROR(CheckLaunch("AccumulateMassKernel"));
-  AccumulateAccKernel<<<GridFor(N * d, kThreads), kThreads, 0, stream>>>(attn, offer, T, N, d, d / heads, acc);
-  return CheckLaunch("AccumulateAccKernel");
+  // Row-major acc_j [N, dh] += attn_j [T, N]ᵀ · offer_j [T, dh] (column-major: dh x N =
+  // offer_j · attn_jᵀ, with attn_j read as the N x T column-major matrix it is).
+  const int64_t dh = d / heads;
+  return GemmStridedBatchedF32(handle, CUBLAS_OP_N, CUBLAS_OP_T, dh, N, T, 1.0f, offer, d, dh, attn, N, T * N, 1.0f,
+                               acc, d, dh, heads, stream);
 }
 
 Status WriteUpdate(const float* mass, const float* acc, int64_t N, int64_t d, int64_t heads, float* u,

@@ -1,8 +1,9 @@
 // The CUDA backend: the same model as the CPU backend on one NVIDIA GPU (docs/cuda.md).
 //
 // Weights live on the device in bf16 (norm weights, biases and a learned memory init in
-// fp32); linear layers run through cuBLAS with fp32 accumulation; activations, attention,
-// the memory read and write and the memory bank are fp32. Each SequenceState owns its own
+// fp32); linear layers run through cuBLAS with fp32 accumulation; activations and the
+// memory bank are fp32; the memory read, the write sums and prefill attention are TF32
+// tensor-core GEMMs with fp32 accumulation (docs/cuda.md). Each SequenceState owns its own
 // CUDA stream, cuBLAS handle, KV cache, memory banks and pinned staging buffers, so states
 // on one model run concurrently from different threads. Accuracy against the float64
 // reference is that of bf16 weights: logits within a relative error of 2e-2 (tested).
@@ -23,6 +24,10 @@ struct CudaOptions {
   // (results are the same). Bounds the per-state scratch: the memory read's probabilities
   // alone are memory_heads x chunk x memory_slots floats.
   int64_t max_chunk_tokens = 512;
+  // Chunks of at least this many tokens run self-attention as cuBLAS GEMMs (TF32 tensor
+  // cores, scores materialised: heads x chunk x context floats of scratch); shorter ones,
+  // decode included, use the fp32 online-softmax kernels.
+  int64_t attention_gemm_min_tokens = 32;
 };
 
 // Uploads the weights of `files` to the device and returns a model on it. Unavailable when

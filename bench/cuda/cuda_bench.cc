@@ -1,0 +1,435 @@
+// CUDA backend benchmark (issue 7): decode, prefill, concurrent sessions and memory-bank
+// transfer on one GPU, each next to the physical limit measured in the same run.
+//
+//   bench/cuda/run_cuda_bench      (device machine: makes the paper-size model, runs this and
+//                                   the PyTorch baseline, writes the report; docs/benchmarks.md)
+//   lm2_cuda_bench --model DIR [--decode-tokens 128] [--prompt-tokens 32] [--prefill 512,4096]
+//                  [--sessions 8,32,64] [--repeats 3] [--json OUT]
+//
+// Figures:
+//   copy bandwidth    device-to-device cudaMemcpy of 1 GiB, bytes read + written per second
+//   gemm rate         bf16 x bf16 -> fp32 GEMM (the backend's Linear op), 8192^3, TFLOP/s
+//   decode batch 1    single-token Forward calls with last-token logits copied to the host
+//                     and a host argmax (what generation does); tokens/s, and the ratio to
+//                     the roofline: copy bandwidth / bytes the model must move per token
+//                     (matrices but the embedding table, the KV cache read, memory K/V read)
+//   prefill T         one Forward of T tokens (segment opening included) per fresh state,
+//                     tokens/s and achieved TFLOP/s / gemm rate
+//   sessions B        B states, one host thread each, decoding at once; total tokens/s
+//   bank export/import one session's banks device <-> host through pinned staging
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cuda/cuda_ops.h"
+#include "cuda/cuda_resources.h"
+#include "lm2/runtime/cuda_backend.h"
+#include "lm2/runtime/cuda_devices.h"
+#include "lm2/runtime/model_files.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using lm2::runtime::LogitsMode;
+using lm2::runtime::Model;
+using lm2::runtime::SequenceState;
+namespace cuda = lm2::runtime::cuda;
+
+double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+[[noreturn]] void Die(const std::string& what) {
+  std::fprintf(stderr, "lm2_cuda_bench: %s\n", what.c_str());
+  std::exit(1);
+}
+
+void Check(const lm2::Status& s, const char* what) {
+  if (!s.ok()) Die(std::string(what) + ": " + s.ToString());
+}
+
+template <typename T>
+T Take(lm2::Result<T> r, const char* what) {
+  Check(r.status(), what);
+  return std::move(r).value();
+}
+
+std::vector<int64_t> ParseList(const std::string& s) {
+  std::vector<int64_t> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (!item.empty()) out.push_back(std::stoll(item));
+  }
+  return out;
+}
+
+int32_t Argmax(const std::vector<float>& v) {
+  return static_cast<int32_t>(std::max_element(v.begin(), v.end()) - v.begin());
+}
+
+// Device-to-device copy rate of 1 GiB, counting bytes read and written: best of 10.
+double CopyBandwidth() {
+  const std::size_t bytes = std::size_t{1} << 30;
+  auto a = Take(cuda::DeviceBuffer<char>::Allocate(bytes), "alloc");
+  auto b = Take(cuda::DeviceBuffer<char>::Allocate(bytes), "alloc");
+  Check(a.FillBytes(1, nullptr), "fill");
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  double best = 1e30;
+  for (int r = 0; r < 12; ++r) {
+    cudaEventRecord(e0);
+    cudaMemcpyAsync(b.data(), a.data(), bytes, cudaMemcpyDeviceToDevice);
+    cudaEventRecord(e1);
+    cudaEventSynchronize(e1);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, e0, e1);
+    if (r >= 2) best = std::min(best, static_cast<double>(ms) / 1e3);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return 2.0 * static_cast<double>(bytes) / best;
+}
+
+// The backend's Linear (bf16 x bf16, fp32 accumulate and output) at m = n = k = 8192.
+double GemmRate() {
+  const int64_t n = 8192;
+  auto x = Take(cuda::DeviceBuffer<__nv_bfloat16>::Allocate(static_cast<std::size_t>(n * n)), "alloc");
+  auto w = Take(cuda::DeviceBuffer<__nv_bfloat16>::Allocate(static_cast<std::size_t>(n * n)), "alloc");
+  auto y = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(n * n)), "alloc");
+  Check(x.FillBytes(0x3c, nullptr), "fill");  // 0x3c3c as bf16: about 0.0115, finite
+  Check(w.FillBytes(0x3c, nullptr), "fill");
+  auto handle = Take(cuda::CublasHandle::Create(), "cublas");
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  double best = 1e30;
+  for (int r = 0; r < 8; ++r) {
+    cudaEventRecord(e0);
+    Check(cuda::Linear(handle.get(), x.data(), n, n, w.data(), n, y.data(), false, nullptr), "Linear");
+    cudaEventRecord(e1);
+    cudaEventSynchronize(e1);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, e0, e1);
+    if (r >= 2) best = std::min(best, static_cast<double>(ms) / 1e3);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return 2.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n) / best;
+}
+
+struct Shape {
+  double d, qdim, kvdim, F, N, V, Hm;
+  int64_t layers, memory_layers;
+};
+
+// Bytes one decoded token must move at context length S: every matrix but the embedding
+// table (one row of it), the KV cache rows read (fp32), each memory layer's K and V (fp32).
+double DecodeBytes(const Shape& s, double S) {
+  const double per_layer = 2.0 * (s.d * s.qdim * 2 + s.d * s.kvdim * 2 + 3 * s.d * s.F) + 4.0 * 2 * S * s.kvdim;
+  const double memory = 2.0 * 7 * s.d * s.d + 4.0 * 2 * s.N * s.d;
+  return static_cast<double>(s.layers) * per_layer + static_cast<double>(s.memory_layers) * memory + 2.0 * s.V * s.d;
+}
+
+// FLOPs of a T-token prefill from an empty context, segment opening included.
+double PrefillFlops(const Shape& s, double T) {
+  const double gemm = 2.0 * T * (s.d * s.qdim * 2 + s.d * s.kvdim * 2 + 3 * s.d * s.F);
+  const double attention = 2.0 * 2 * (T * T / 2) * s.qdim;  // QK and PV over the causal half
+  const double mem_tokens = 2.0 * T * 3 * s.d * s.d + 2.0 * 2 * T * s.N * s.d + 2.0 * T * s.N * s.d;  // q,offer,gate; read; write
+  const double mem_segment = 2.0 * 2 * s.N * s.d * s.d;  // memory K and V of the bank
+  return static_cast<double>(s.layers) * (gemm + attention) +
+         static_cast<double>(s.memory_layers) * (mem_tokens + mem_segment) + 2.0 * s.V * s.d;
+}
+
+std::vector<int32_t> Tokens(int64_t n, int64_t vocab, int64_t seed) {
+  std::vector<int32_t> t(static_cast<std::size_t>(n));
+  for (int64_t i = 0; i < n; ++i) t[static_cast<std::size_t>(i)] = static_cast<int32_t>((seed * 7919 + i * 104729) % vocab);
+  return t;
+}
+
+// Decodes `steps` tokens greedily on a state that already holds a prompt; seconds.
+double Decode(const Model& m, SequenceState& s, int64_t steps, std::vector<float>& logits) {
+  const auto t0 = Clock::now();
+  for (int64_t i = 0; i < steps; ++i) {
+    Check(m.Forward(s, std::vector<int32_t>{Argmax(logits)}, LogitsMode::kLast, &logits), "decode");
+  }
+  return Seconds(t0, Clock::now());
+}
+
+// Times `fn` (which enqueues on `stream`) by events: mean over `reps` launches, seconds.
+template <typename Fn>
+double TimeOp(cudaStream_t stream, Fn&& fn, int reps = 200) {
+  for (int i = 0; i < 5; ++i) Check(fn(), "op");
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  cudaEventRecord(e0, stream);
+  for (int i = 0; i < reps; ++i) Check(fn(), "op");
+  cudaEventRecord(e1, stream);
+  cudaEventSynchronize(e1);
+  float ms = 0;
+  cudaEventElapsedTime(&ms, e0, e1);
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return static_cast<double>(ms) / 1e3 / reps;
+}
+
+// Each op of one decode step at the model's shapes (one token, context S), back to back on
+// one stream: where a decode step's time goes, and the sum over a step's op counts.
+void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
+  const int64_t d = c.hidden_size, F = c.intermediate_size, N = c.memory_slots, Hm = c.memory_heads;
+  const int64_t H = c.num_heads, Hkv = c.num_kv_heads, Dh = c.head_dim, qdim = H * Dh, kvdim = Hkv * Dh;
+  const int64_t big = std::max({N * d, F * d, c.vocab_size * d});
+  auto w = Take(cuda::DeviceBuffer<__nv_bfloat16>::Allocate(static_cast<std::size_t>(big)), "alloc");
+  auto xb = Take(cuda::DeviceBuffer<__nv_bfloat16>::Allocate(static_cast<std::size_t>(std::max(F, qdim))), "alloc");
+  auto f1 = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(N * d)), "alloc");
+  auto f2 = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(N * d)), "alloc");
+  auto f3 = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(N * d)), "alloc");
+  auto kv = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(S * kvdim)), "alloc");
+  auto ys = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(std::max({F, c.vocab_size, Hm * N}))),
+                 "alloc");
+  auto pos = Take(cuda::DeviceBuffer<int64_t>::Allocate(1), "alloc");
+  auto ids = Take(cuda::DeviceBuffer<int32_t>::Allocate(1), "alloc");
+  for (auto* b : {&f1, &f2, &f3, &kv, &ys}) Check(b->FillBytes(0, nullptr), "fill");
+  Check(w.FillBytes(0, nullptr), "fill");
+  Check(pos.FillBytes(0, nullptr), "fill");
+  Check(ids.FillBytes(0, nullptr), "fill");
+  auto stream = Take(cuda::CudaStream::Create(), "stream");
+  auto blas = Take(cuda::CublasHandle::Create(), "cublas");
+  const cudaStream_t st = stream.get();
+  cublasHandle_t h = blas.get();
+  float* x = f1.data();
+  struct Row {
+    const char* name;
+    double per_step;  // launches of this op per decode step
+    double s;
+  };
+  const double L = static_cast<double>(c.num_layers), M = static_cast<double>(c.memory_layers.size());
+  std::vector<Row> rows = {
+      {"RmsNorm [1, d]", 2 * L + 1, TimeOp(st, [&] { return cuda::RmsNorm(x, x, 1, d, 1e-5f, f2.data(), st); })},
+      {"ConvertF32ToBf16 [d]", 2 * L + 1 + L + M + L,
+       TimeOp(st, [&] { return cuda::ConvertF32ToBf16(x, d, xb.data(), st); })},
+      {"Linear 1 x d -> d (o_proj, read_q, out_gate, write_v)", L + 3 * M,
+       TimeOp(st, [&] { return cuda::Linear(h, xb.data(), 1, d, w.data(), d, ys.data(), false, st); })},
+      {"Linear 1 x d -> kv (k_proj, v_proj)", 2 * L,
+       TimeOp(st, [&] { return cuda::Linear(h, xb.data(), 1, d, w.data(), kvdim, ys.data(), false, st); })},
+      {"Linear 1 x d -> F (gate, up)", 2 * L,
+       TimeOp(st, [&] { return cuda::Linear(h, xb.data(), 1, d, w.data(), F, ys.data(), false, st); })},
+      {"Linear 1 x F -> d (down)", L,
+       TimeOp(st, [&] { return cuda::Linear(h, xb.data(), 1, F, w.data(), d, ys.data(), true, st); })},
+      {"Linear 1 x d -> V (LM head)", 1,
+       TimeOp(st, [&] { return cuda::Linear(h, xb.data(), 1, d, w.data(), c.vocab_size, ys.data(), false, st); })},
+      {"Rope (q and k)", 2 * L, TimeOp(st, [&] { return cuda::Rope(x, 1, H, Dh, pos.data(), c.rope_theta, st); })},
+      {"CausalAttention decode", L,
+       TimeOp(st, [&] { return cuda::CausalAttention(x, kv.data(), kv.data(), 1, S, H, Hkv, Dh, f2.data(), st); })},
+      {"MemoryRead T=1", M,
+       TimeOp(st, [&] { return cuda::MemoryRead(h, x, f2.data(), f3.data(), 1, N, d, Hm, ys.data(), f1.data() + d, st); })},
+      {"AccumulateWrite T=1", M,
+       TimeOp(st, [&] { return cuda::AccumulateWrite(h, ys.data(), x, 1, N, d, Hm, f2.data(), f3.data(), st); })},
+      {"AddBias + GatedResidual / AddInPlace [d]", 2 * M + (L - M),
+       TimeOp(st, [&] { return cuda::GatedResidual(x, f2.data(), f3.data(), f2.data(), d, st); })},
+      {"SwiGlu [F]", L, TimeOp(st, [&] { return cuda::SwiGlu(x, f2.data(), F, x, st); })},
+      {"EmbeddingLookup", 1, TimeOp(st, [&] { return cuda::EmbeddingLookup(w.data(), c.vocab_size, d, ids.data(), 1, x, st); })},
+  };
+  double total = 0;
+  std::printf("decode step by op (context %lld; mean of 200 back-to-back launches each):\n", static_cast<long long>(S));
+  for (const Row& r : rows) {
+    std::printf("  %-55s %8.1f us x %4.0f = %7.3f ms\n", r.name, r.s * 1e6, r.per_step, r.s * r.per_step * 1e3);
+    total += r.s * r.per_step;
+  }
+  std::printf("  %-55s %30.3f ms\n", "sum (one decode step's ops, no host work)", total * 1e3);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string model_dir, json_path;
+  int64_t decode_tokens = 128, prompt_tokens = 32, repeats = 3;
+  std::vector<int64_t> prefill = {512, 4096}, sessions = {8, 32, 64};
+  for (int i = 1; i < argc; ++i) {
+    const std::string k = argv[i];
+    if (i + 1 >= argc) Die("missing value after " + k);
+    const std::string v = argv[++i];
+    if (k == "--model") model_dir = v;
+    else if (k == "--json") json_path = v;
+    else if (k == "--decode-tokens") decode_tokens = std::stoll(v);
+    else if (k == "--prompt-tokens") prompt_tokens = std::stoll(v);
+    else if (k == "--repeats") repeats = std::stoll(v);
+    else if (k == "--prefill") prefill = ParseList(v);
+    else if (k == "--sessions") sessions = ParseList(v);
+    else Die("unknown option " + k);
+  }
+  if (model_dir.empty()) Die("usage: lm2_cuda_bench --model DIR [options] (see the source's header)");
+  auto devices = Take(lm2::runtime::ListCudaDevices(), "devices");
+  if (devices.empty()) Die("no CUDA device");
+  const auto& dev = devices[0];
+  std::printf("device: %s (sm_%d%d, %d SMs, %.1f GiB)\n", dev.name.c_str(), dev.compute_major, dev.compute_minor,
+              dev.multiprocessors, static_cast<double>(dev.total_memory) / (1 << 30));
+
+  const double bw = CopyBandwidth();
+  const double gemm = GemmRate();
+  std::printf("copy bandwidth (read+write): %.0f GB/s\n", bw / 1e9);
+  std::printf("bf16 GEMM rate (8192^3, fp32 accumulate and output): %.0f TFLOP/s\n", gemm / 1e12);
+
+  auto t_load = Clock::now();
+  auto files = std::shared_ptr<const lm2::runtime::ModelFiles>(
+      Take(lm2::runtime::ModelFiles::Open(model_dir), "open model"));
+  auto model = Take(lm2::runtime::LoadCudaModel(files), "load model");
+  const auto& cfg = model->config();
+  std::printf("model: %s: %lld layers, d=%lld, FFN %lld, %lld heads / %lld KV heads, %lld slots x %lld memory heads "
+              "in %zu layers, vocab %lld; loaded in %.1f s\n",
+              model_dir.c_str(), static_cast<long long>(cfg.num_layers), static_cast<long long>(cfg.hidden_size),
+              static_cast<long long>(cfg.intermediate_size), static_cast<long long>(cfg.num_heads),
+              static_cast<long long>(cfg.num_kv_heads), static_cast<long long>(cfg.memory_slots),
+              static_cast<long long>(cfg.memory_heads), cfg.memory_layers.size(),
+              static_cast<long long>(cfg.vocab_size), Seconds(t_load, Clock::now()));
+  const Shape shape{static_cast<double>(cfg.hidden_size),
+                    static_cast<double>(cfg.num_heads * cfg.head_dim),
+                    static_cast<double>(cfg.num_kv_heads * cfg.head_dim),
+                    static_cast<double>(cfg.intermediate_size),
+                    static_cast<double>(cfg.memory_slots),
+                    static_cast<double>(cfg.vocab_size),
+                    static_cast<double>(cfg.memory_heads),
+                    cfg.num_layers,
+                    static_cast<int64_t>(cfg.memory_layers.size())};
+  DecodeOpBreakdown(cfg, prompt_tokens + decode_tokens / 2);
+  std::ostringstream json;
+  json << "{\"device\": \"" << dev.name << "\", \"copy_bandwidth_Bps\": " << bw << ", \"gemm_flops\": " << gemm;
+
+  // ---- batch-1 decode ------------------------------------------------------------------
+  {
+    auto s = Take(model->NewState(), "state");
+    std::vector<float> logits;
+    // Warm-up turn (cuBLAS heuristics, allocations), then a timed turn after a context reset.
+    Check(model->Forward(*s, Tokens(prompt_tokens, cfg.vocab_size, 1), LogitsMode::kLast, &logits), "prompt");
+    Decode(*model, *s, 8, logits);
+    Check(model->EndSegment(*s), "end");
+    model->ResetContext(*s);
+    double best = 1e30;
+    double end_segment = 1e30;
+    for (int64_t r = 0; r < repeats; ++r) {
+      model->ResetContext(*s);
+      Check(model->Forward(*s, Tokens(prompt_tokens, cfg.vocab_size, 2 + r), LogitsMode::kLast, &logits), "prompt");
+      best = std::min(best, Decode(*model, *s, decode_tokens, logits));
+      const auto t0 = Clock::now();
+      Check(model->EndSegment(*s), "end");
+      end_segment = std::min(end_segment, Seconds(t0, Clock::now()));
+    }
+    const double tps = static_cast<double>(decode_tokens) / best;
+    const double mid_context = static_cast<double>(prompt_tokens) + static_cast<double>(decode_tokens) / 2;
+    const double bytes = DecodeBytes(shape, mid_context);
+    const double roofline = bw / bytes;
+    std::printf("decode batch 1: %.1f tokens/s (%.3f ms/token); roofline %.1f tokens/s (%.2f GB per token at context "
+                "%.0f): %.1f%% of roofline\n",
+                tps, 1e3 / tps, roofline, bytes / 1e9, mid_context, 100.0 * tps / roofline);
+    std::printf("end of segment (memory write, %zu layers): %.2f ms\n", cfg.memory_layers.size(), end_segment * 1e3);
+    json << ", \"decode_tps\": " << tps << ", \"decode_bytes_per_token\": " << bytes
+         << ", \"decode_roofline_tps\": " << roofline << ", \"end_segment_s\": " << end_segment;
+
+    // ---- memory bank export / import -------------------------------------------------------
+    if (cfg.has_memory()) {
+      double best_export = 1e30, best_import = 1e30;
+      for (int r = 0; r < 5; ++r) {
+        auto t0 = Clock::now();
+        auto mem = Take(model->ExportMemory(*s), "export");
+        auto t1 = Clock::now();
+        Check(model->ImportMemory(*s, mem), "import");
+        auto t2 = Clock::now();
+        best_export = std::min(best_export, Seconds(t0, t1));
+        best_import = std::min(best_import, Seconds(t1, t2));
+      }
+      const double mib = static_cast<double>(cfg.memory_layers.size()) * shape.N * shape.d * 4 / (1 << 20);
+      std::printf("memory bank (%.0f MiB fp32): export %.2f ms (%.1f GB/s), import %.2f ms (%.1f GB/s)\n", mib,
+                  best_export * 1e3, mib * (1 << 20) / best_export / 1e9, best_import * 1e3,
+                  mib * (1 << 20) / best_import / 1e9);
+      json << ", \"bank_bytes\": " << mib * (1 << 20) << ", \"export_s\": " << best_export
+           << ", \"import_s\": " << best_import;
+    }
+  }
+
+  // ---- prefill ---------------------------------------------------------------------------
+  json << ", \"prefill\": {";
+  bool first = true;
+  for (int64_t T : prefill) {
+    if (T > cfg.max_position_embeddings) {
+      std::printf("prefill %lld: skipped (max_position_embeddings %lld)\n", static_cast<long long>(T),
+                  static_cast<long long>(cfg.max_position_embeddings));
+      continue;
+    }
+    double best = 1e30;
+    std::vector<float> logits;
+    for (int64_t r = 0; r < repeats + 1; ++r) {
+      auto s = Take(model->NewState(), "state");
+      const auto tokens = Tokens(T, cfg.vocab_size, 100 + r);
+      const auto t0 = Clock::now();
+      Check(model->Forward(*s, tokens, LogitsMode::kLast, &logits), "prefill");
+      if (r > 0) best = std::min(best, Seconds(t0, Clock::now()));  // run 0 warms up (cuBLAS, allocations)
+    }
+    const double flops = PrefillFlops(shape, static_cast<double>(T));
+    std::printf("prefill %lld: %.0f tokens/s (%.1f ms), %.0f TFLOP/s = %.1f%% of the GEMM rate\n",
+                static_cast<long long>(T), static_cast<double>(T) / best, best * 1e3, flops / best / 1e12,
+                100.0 * flops / best / gemm);
+    json << (first ? "" : ", ") << "\"" << T << "\": {\"tps\": " << static_cast<double>(T) / best
+         << ", \"flops\": " << flops << ", \"s\": " << best << "}";
+    first = false;
+  }
+  json << "}";
+
+  // ---- concurrent sessions -----------------------------------------------------------------
+  json << ", \"sessions\": {";
+  first = true;
+  for (int64_t B : sessions) {
+    std::vector<std::unique_ptr<SequenceState>> states;
+    std::vector<std::vector<float>> logits(static_cast<std::size_t>(B));
+    bool fits = true;
+    for (int64_t b = 0; b < B && fits; ++b) {
+      auto s = model->NewState();
+      if (!s.ok()) {
+        std::printf("sessions %lld: %s\n", static_cast<long long>(B), s.status().ToString().c_str());
+        fits = false;
+        break;
+      }
+      Check(model->Forward(**s, Tokens(prompt_tokens, cfg.vocab_size, 200 + b), LogitsMode::kLast,
+                           &logits[static_cast<std::size_t>(b)]),
+            "prompt");
+      states.push_back(std::move(s).value());
+    }
+    if (!fits) continue;
+    std::atomic<int> ready{0};
+    std::atomic<bool> go{false};
+    std::vector<double> secs(static_cast<std::size_t>(B));
+    std::vector<std::thread> threads;
+    for (int64_t b = 0; b < B; ++b) {
+      threads.emplace_back([&, b] {
+        ready.fetch_add(1);
+        while (!go.load()) std::this_thread::yield();
+        secs[static_cast<std::size_t>(b)] =
+            Decode(*model, *states[static_cast<std::size_t>(b)], decode_tokens, logits[static_cast<std::size_t>(b)]);
+      });
+    }
+    while (ready.load() < B) std::this_thread::yield();
+    const auto t0 = Clock::now();
+    go.store(true);
+    for (auto& t : threads) t.join();
+    const double wall = Seconds(t0, Clock::now());
+    const double tps = static_cast<double>(B * decode_tokens) / wall;
+    std::printf("sessions %lld (one host thread and stream each, no batching): %.1f tokens/s in total\n",
+                static_cast<long long>(B), tps);
+    json << (first ? "" : ", ") << "\"" << B << "\": {\"tps\": " << tps << "}";
+    first = false;
+  }
+  json << "}}";
+  if (!json_path.empty()) {
+    std::ofstream(json_path) << json.str() << "\n";
+    std::printf("json: %s\n", json_path.c_str());
+  }
+  return 0;
+}
