@@ -125,6 +125,7 @@ EncodedBuffer::~EncodedBuffer() {
   if (buf_ && buf_->data() != nullptr) OPENSSL_cleanse(buf_->data(), buf_->size());
 }
 const uint8_t* EncodedBuffer::data() const { return buf_ ? buf_->data() : nullptr; }
+uint8_t* EncodedBuffer::mutable_data() { return buf_ ? buf_->data() : nullptr; }
 std::size_t EncodedBuffer::size() const { return buf_ ? buf_->size() : 0; }
 
 // ---- Element conversions ----------------------------------------------------------------
@@ -141,11 +142,12 @@ float Bf16ToFloat(uint16_t b) { return std::bit_cast<float>(static_cast<uint32_t
 
 // ---- Snapshot ---------------------------------------------------------------------------
 Result<EncodedBuffer> EncodeSnapshot(const SnapshotIds& ids, const VersionInfo& info_in,
-                                     const MemoryState& state, DType dtype) {
+                                     const MemoryState& state, DType dtype,
+                                     flatbuffers::Allocator* allocator) {
   if (dtype != DType::kF32 && dtype != DType::kBF16 && dtype != DType::kI8) {
     return Status::InvalidArgument("unknown dtype");
   }
-  uint64_t payload = 4096 + info_in.model_fingerprint.size();
+  uint64_t payload = 4096 + info_in.model_fingerprint.size() + ids.tenant.size() + ids.session.size();
   for (const auto& [k, v] : info_in.metadata) payload += k.size() + v.size() + 32;
   VersionInfo info = info_in;
   info.bank_values = 0;
@@ -164,7 +166,7 @@ Result<EncodedBuffer> EncodeSnapshot(const SnapshotIds& ids, const VersionInfo& 
     return Status::InvalidArgument("memory bank too large for one snapshot (" +
                                    std::to_string(payload) + " bytes encoded, limit 2 GiB)");
   }
-  flatbuffers::FlatBufferBuilder b(static_cast<std::size_t>(payload));
+  flatbuffers::FlatBufferBuilder b(static_cast<std::size_t>(payload), allocator);
   std::vector<flatbuffers::Offset<fbs::LayerTensor>> layers;
   layers.reserve(state.layers.size());
   for (const MemoryLayer& l : state.layers) {

@@ -87,6 +87,32 @@ Result<SecretBytes> RandomKey(std::size_t bytes) {
   return key;
 }
 
+namespace {
+
+// Writes the record header (magic, format, kind, fresh nonce) into h[0, kRecordHeaderBytes).
+Status WriteHeader(const RecordBinding& binding, uint8_t* h) {
+  std::memcpy(h, kRecordMagic, 4);
+  h[4] = kEnvelopeFormat;
+  h[5] = static_cast<uint8_t>(binding.kind);
+  if (RAND_bytes(h + 6, static_cast<int>(kNonceBytes)) != 1) return Status::Internal("RAND_bytes failed");
+  return Status::Ok();
+}
+
+Status CheckHeader(const RecordBinding& binding, const uint8_t* header) {
+  if (std::memcmp(header, kRecordMagic, 4) != 0) return Status::Corruption("record has a bad magic");
+  if (header[4] != kEnvelopeFormat) return Status::Corruption("record has an unknown envelope format");
+  if (header[5] != static_cast<uint8_t>(binding.kind)) return Status::Corruption("record has the wrong kind");
+  return Status::Ok();
+}
+
+Status AuthFailure() {
+  return Status::Corruption(
+      "record fails authentication (altered, truncated, moved to another tenant, session or "
+      "version, or sealed under another key)");
+}
+
+}  // namespace
+
 Result<SealedRecord> SealRecord(const SecretBytes& dek, const RecordBinding& binding,
                                 const uint8_t* plaintext, std::size_t size) {
   if (dek.size() != kDekBytes) return Status::InvalidArgument("data key must be 32 bytes");
@@ -97,10 +123,7 @@ Result<SealedRecord> SealRecord(const SecretBytes& dek, const RecordBinding& bin
   rec.size = kRecordOverheadBytes + size;
   rec.data = std::make_unique_for_overwrite<uint8_t[]>(rec.size);
   uint8_t* h = rec.data.get();
-  std::memcpy(h, kRecordMagic, 4);
-  h[4] = kEnvelopeFormat;
-  h[5] = static_cast<uint8_t>(binding.kind);
-  if (RAND_bytes(h + 6, static_cast<int>(kNonceBytes)) != 1) return Status::Internal("RAND_bytes failed");
+  LM2_RETURN_IF_ERROR(WriteHeader(binding, h));
   const std::string aad = RecordAad(binding, h);
   if (!Gcm(true, dek.data(), h + 6, aad, plaintext, size, h + kRecordHeaderBytes,
            h + kRecordHeaderBytes + size)) {
@@ -109,25 +132,45 @@ Result<SealedRecord> SealRecord(const SecretBytes& dek, const RecordBinding& bin
   return rec;
 }
 
+Status SealRecordInPlace(const SecretBytes& dek, const RecordBinding& binding, uint8_t* data,
+                         std::size_t size, RecordFrame* frame) {
+  if (dek.size() != kDekBytes) return Status::InvalidArgument("data key must be 32 bytes");
+  LM2_RETURN_IF_ERROR(WriteHeader(binding, frame->header));
+  // GCM writes nothing in Final, so the body is the only output besides the tag.
+  if (!Gcm(true, dek.data(), frame->header + 6, RecordAad(binding, frame->header), data, size, data,
+           frame->tag)) {
+    return Status::Internal("AES-256-GCM encryption failed");
+  }
+  return Status::Ok();
+}
+
 Result<SecretBytes> OpenRecord(const SecretBytes& dek, const RecordBinding& binding,
                                const uint8_t* record, std::size_t size) {
   if (dek.size() != kDekBytes) return Status::InvalidArgument("data key must be 32 bytes");
   if (size < kRecordOverheadBytes) return Status::Corruption("record truncated");
-  if (std::memcmp(record, kRecordMagic, 4) != 0) return Status::Corruption("record has a bad magic");
-  if (record[4] != kEnvelopeFormat) return Status::Corruption("record has an unknown envelope format");
-  if (record[5] != static_cast<uint8_t>(binding.kind)) return Status::Corruption("record has the wrong kind");
+  LM2_RETURN_IF_ERROR(CheckHeader(binding, record));
   const std::size_t n = size - kRecordOverheadBytes;
   SecretBytes plain(n + 16);  // + room for EVP's Final (writes nothing for GCM)
   uint8_t tag[kTagBytes];
   std::memcpy(tag, record + kRecordHeaderBytes + n, kTagBytes);
   if (!Gcm(false, dek.data(), record + 6, RecordAad(binding, record), record + kRecordHeaderBytes,
            n, plain.data(), tag)) {
-    return Status::Corruption(
-        "record fails authentication (altered, truncated, moved to another tenant, session or "
-        "version, or sealed under another key)");
+    return AuthFailure();
   }
   plain.Truncate(n);
   return plain;
+}
+
+Status OpenRecordInPlace(const SecretBytes& dek, const RecordBinding& binding, const uint8_t* header,
+                         uint8_t* data, std::size_t size, const uint8_t* tag) {
+  if (dek.size() != kDekBytes) return Status::InvalidArgument("data key must be 32 bytes");
+  LM2_RETURN_IF_ERROR(CheckHeader(binding, header));
+  uint8_t t[kTagBytes];
+  std::memcpy(t, tag, kTagBytes);
+  if (!Gcm(false, dek.data(), header + 6, RecordAad(binding, header), data, size, data, t)) {
+    return AuthFailure();
+  }
+  return Status::Ok();
 }
 
 Result<std::string> WrapDek(const Kek& kek, std::string_view tenant, std::string_view session,

@@ -6,6 +6,7 @@
 #include <rocksdb/write_batch.h>
 
 #include <chrono>
+#include <cstring>
 #include <functional>
 #include <random>
 #include <thread>
@@ -173,6 +174,7 @@ Status RocksDbSessionStore::CreateSession(const SessionId& id) {
     LM2_ASSIGN_OR_RETURN(SecretBytes dek, RandomKey());
     LM2_ASSIGN_OR_RETURN(std::string wrapped, WrapDek(kek, id.tenant, id.session, dek));
     LM2_ASSIGN_OR_RETURN(SealedRecord head, SealHead(id, dek, {0, 0, NowUnixMs()}));
+    LM2_RETURN_IF_ERROR(files_.RemoveSession(id.tenant, id.session));
     rocksdb::WriteBatch b;
     // Leftovers of an erase interrupted by a crash are dropped with the new session.
     const std::string end = keys::PrefixSuccessor(prefix);
@@ -228,17 +230,15 @@ Result<uint64_t> RocksDbSessionStore::Commit(const SessionId& id, uint64_t expec
     info.token_count += turn_tokens;
     auto t2 = Clock::now();
     t.store_s += Seconds(t1, t2);
+    const uint64_t v = info.version;
+    rocksdb::WriteBatch b;
+    LM2_ASSIGN_OR_RETURN(const uint64_t snap_bytes, StageSnapshot(h, &b, id, dek, info, state, options.dtype, &t));
+    auto t3 = Clock::now();
     const SnapshotIds ids{id.tenant, id.session};
-    LM2_ASSIGN_OR_RETURN(EncodedBuffer snap, EncodeSnapshot(ids, info, state, options.dtype));
     info.bank_values = state.TotalValues();
     info.dtype = options.dtype;
     LM2_ASSIGN_OR_RETURN(EncodedBuffer vinfo, EncodeVersionInfo(ids, info));
-    LM2_ASSIGN_OR_RETURN(EncodedBuffer tr, EncodeTranscript(info.version, transcript));
-    auto t3 = Clock::now();
-    t.encode_s = Seconds(t2, t3);
-    const uint64_t v = info.version;
-    LM2_ASSIGN_OR_RETURN(SealedRecord snap_rec,
-                         SealRecord(dek, {id.tenant, id.session, v, RecordKind::kSnapshot}, snap.data(), snap.size()));
+    LM2_ASSIGN_OR_RETURN(EncodedBuffer tr, EncodeTranscript(v, transcript));
     LM2_ASSIGN_OR_RETURN(SealedRecord info_rec,
                          SealRecord(dek, {id.tenant, id.session, v, RecordKind::kVersionInfo}, vinfo.data(), vinfo.size()));
     LM2_ASSIGN_OR_RETURN(SealedRecord tr_rec,
@@ -246,12 +246,7 @@ Result<uint64_t> RocksDbSessionStore::Commit(const SessionId& id, uint64_t expec
     LM2_ASSIGN_OR_RETURN(SealedRecord head_rec, SealHead(id, dek, {v, v, head.created_unix_ms}));
     dek.Reset();
     auto t4 = Clock::now();
-    t.encrypt_s = Seconds(t3, t4);
-    // Reserve the batch's buffer up front: grown by doubling, a 128 MiB bank would be
-    // copied about twice over before the WAL write.
-    rocksdb::WriteBatch b(snap_rec.size + tr_rec.size + info_rec.size + head_rec.size + 4096);
-    LM2_RETURN_IF_ERROR(FromRocks(b.Put(h.cf(DbHandle::kSnapshots), keys::RecordKey(id.tenant, id.session, v),
-                                        AsSlice(snap_rec)), "batch"));
+    t.encrypt_s += Seconds(t3, t4);  // the small records: encoding and sealing together
     LM2_RETURN_IF_ERROR(FromRocks(b.Put(h.cf(DbHandle::kTranscripts), keys::RecordKey(id.tenant, id.session, v),
                                         AsSlice(tr_rec)), "batch"));
     LM2_RETURN_IF_ERROR(FromRocks(b.Put(h.cf(DbHandle::kSessions), keys::VersionInfoKey(id.tenant, id.session, v),
@@ -263,10 +258,49 @@ Result<uint64_t> RocksDbSessionStore::Commit(const SessionId& id, uint64_t expec
     LM2_RETURN_IF_ERROR(FromRocks(h.db->Write(wo, &b), "committing version " + std::to_string(v)));
     auto t5 = Clock::now();
     t.store_s += Seconds(t4, t5);
-    t.record_bytes = snap_rec.size + tr_rec.size + info_rec.size + head_rec.size;
+    t.record_bytes = snap_bytes + tr_rec.size + info_rec.size + head_rec.size;
     if (options.timings != nullptr) *options.timings = t;
     return v;
   });
+}
+
+Result<uint64_t> RocksDbSessionStore::StageSnapshot(DbHandle& h, rocksdb::WriteBatch* batch, const SessionId& id,
+                                                    const SecretBytes& dek, const VersionInfo& info,
+                                                    const MemoryState& state, DType dtype, CommitTimings* t) {
+  auto t0 = Clock::now();
+  PooledAllocator alloc(&pool_);  // declared first: outlives `enc`, which hands its buffer back
+  LM2_ASSIGN_OR_RETURN(EncodedBuffer enc, EncodeSnapshot({id.tenant, id.session}, info, state, dtype, &alloc));
+  auto t1 = Clock::now();
+  const uint64_t v = info.version;
+  RecordFrame frame;
+  LM2_RETURN_IF_ERROR(SealRecordInPlace(dek, {id.tenant, id.session, v, RecordKind::kSnapshot}, enc.mutable_data(),
+                                        enc.size(), &frame));
+  auto t2 = Clock::now();
+  t->encode_s += Seconds(t0, t1);
+  t->encrypt_s += Seconds(t1, t2);
+  const std::string key = keys::RecordKey(id.tenant, id.session, v);
+  const uint64_t record_bytes = kRecordOverheadBytes + enc.size();
+  if (enc.size() < options_.bank_file_min_bytes) {
+    // Inline: an empty batch is reserved up front (grown by doubling, a large value would
+    // be copied about twice over) and takes header, body and tag as parts of one value.
+    if (batch->Count() == 0) *batch = rocksdb::WriteBatch(record_bytes + 4096);
+    const rocksdb::Slice key_part(key);
+    const rocksdb::Slice parts[] = {
+        {reinterpret_cast<const char*>(frame.header), kRecordHeaderBytes},
+        {reinterpret_cast<const char*>(enc.data()), enc.size()},
+        {reinterpret_cast<const char*>(frame.tag), kTagBytes},
+    };
+    LM2_RETURN_IF_ERROR(FromRocks(batch->Put(h.cf(DbHandle::kSnapshots), rocksdb::SliceParts(&key_part, 1),
+                                             rocksdb::SliceParts(parts, 3)), "batch"));
+    return record_bytes;
+  }
+  LM2_RETURN_IF_ERROR(files_.Write(id.tenant, id.session, v, frame, enc.data(), enc.size()));
+  t->file_s += Seconds(t2, Clock::now());
+  const std::string ref = EncodeBankRef(record_bytes, frame);
+  LM2_ASSIGN_OR_RETURN(SealedRecord ref_rec, SealRecord(dek, {id.tenant, id.session, v, RecordKind::kSnapshotFile},
+                                                        reinterpret_cast<const uint8_t*>(ref.data()), ref.size()));
+  LM2_RETURN_IF_ERROR(FromRocks(batch->Put(h.cf(DbHandle::kSnapshots), key, AsSlice(ref_rec)), "batch"));
+  return record_bytes + ref_rec.size;
 }
 
 // ---- Reads ---------------------------------------------------------------------------------
@@ -288,13 +322,38 @@ Result<Snapshot> RocksDbSessionStore::LoadVersionLocked(DbHandle& h, const Sessi
   rocksdb::Status s = h.db->Get(rocksdb::ReadOptions(), h.cf(DbHandle::kSnapshots), key, &v);
   if (s.IsNotFound()) return Status::NotFound("session " + id.session + " has no version " + std::to_string(version));
   LM2_RETURN_IF_ERROR(FromRocks(s, "reading version " + std::to_string(version)));
+  SecretBytes plain;  // the decrypted snapshot is plain[body, body + body_size)
+  std::size_t body = 0, body_size = 0;
   auto t1 = Clock::now();
-  LM2_ASSIGN_OR_RETURN(SecretBytes plain,
-                       OpenRecord(dek, {id.tenant, id.session, version, RecordKind::kSnapshot}, Bytes(v), v.size()));
-  v.Reset();
+  if (v.size() > 5 && static_cast<uint8_t>(v.data()[5]) == static_cast<uint8_t>(RecordKind::kSnapshotFile)) {
+    // A reference to the version's bank file: it pins the file's size, header and tag.
+    LM2_ASSIGN_OR_RETURN(SecretBytes ref, OpenRecord(dek, {id.tenant, id.session, version, RecordKind::kSnapshotFile},
+                                                     Bytes(v), v.size()));
+    v.Reset();
+    uint64_t file_size = 0;
+    RecordFrame frame;
+    LM2_RETURN_IF_ERROR(DecodeBankRef(ref.data(), ref.size(), &file_size, &frame));
+    LM2_ASSIGN_OR_RETURN(plain, files_.Read(id.tenant, id.session, version, file_size));
+    t1 = Clock::now();
+    const uint8_t* rec = plain.data() + kBankFileLead;
+    body = kBankFileLead + kRecordHeaderBytes;
+    body_size = static_cast<std::size_t>(file_size) - kRecordOverheadBytes;
+    if (std::memcmp(rec, frame.header, kRecordHeaderBytes) != 0 ||
+        std::memcmp(rec + kRecordHeaderBytes + body_size, frame.tag, kTagBytes) != 0) {
+      return Status::Corruption("the bank file of version " + std::to_string(version) +
+                                " is not the one its reference names");
+    }
+    LM2_RETURN_IF_ERROR(OpenRecordInPlace(dek, {id.tenant, id.session, version, RecordKind::kSnapshot}, rec,
+                                          plain.data() + body, body_size, rec + kRecordHeaderBytes + body_size));
+  } else {
+    LM2_ASSIGN_OR_RETURN(plain, OpenRecord(dek, {id.tenant, id.session, version, RecordKind::kSnapshot}, Bytes(v),
+                                           v.size()));
+    v.Reset();
+    body_size = plain.size();
+  }
   auto t2 = Clock::now();
   Snapshot out;
-  LM2_RETURN_IF_ERROR(DecodeSnapshot(plain.data(), plain.size(), {id.tenant, id.session},
+  LM2_RETURN_IF_ERROR(DecodeSnapshot(plain.data() + body, body_size, {id.tenant, id.session},
                                      options.expected_fingerprint, &out.info, &out.state));
   plain.Reset();
   if (out.info.version != version) return Status::Corruption("snapshot holds another version");

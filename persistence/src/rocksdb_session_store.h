@@ -3,7 +3,10 @@
 // Ownership: owns the database handle (kExclusive) or opens one per operation
 // (kPerOperation); shares the KeyProvider. Thread-safety: per-session mutex stripes
 // serialise each session's read-check-write; RocksDB handles the rest. Cost: a commit
-// is one encode pass, one AES-GCM pass and one synced WriteBatch.
+// is one encode pass into a reused buffer, one AES-GCM pass in place, and one synced
+// WriteBatch; a large bank (bank_file_min_bytes) is written once to its own synced file
+// instead of through the WAL, the memtable and a blob file. Up to cached_encode_buffers
+// bank-sized buffers stay allocated between commits.
 #pragma once
 
 #include <rocksdb/db.h>
@@ -14,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include "bank_files.h"
+#include "buffer_pool.h"
 #include "lm2/persistence/codec.h"
 #include "lm2/persistence/envelope.h"
 #include "lm2/persistence/session_store.h"
@@ -70,7 +75,10 @@ class RocksDbSessionStore final : public SessionStore {
   Result<uint64_t> RewrapTenantKeys(std::string_view tenant) override;
 
  private:
-  explicit RocksDbSessionStore(RocksDbStoreOptions options) : options_(std::move(options)) {}
+  explicit RocksDbSessionStore(RocksDbStoreOptions options)
+      : options_(std::move(options)),
+        files_(options_.env != nullptr ? options_.env : rocksdb::Env::Default(), options_.path),
+        pool_(options_.cached_encode_buffers) {}
 
   Result<std::unique_ptr<DbHandle>> OpenDb() const;
   // Runs f(DbHandle&) with an open database: the held one, or (kPerOperation) one
@@ -89,8 +97,17 @@ class RocksDbSessionStore final : public SessionStore {
   Result<std::vector<VersionInfo>> ListVersionsLocked(DbHandle& h, const SessionId& id,
                                                       const SecretBytes& dek);
   Status EraseRanges(DbHandle& h, std::string_view prefix, bool compact);
+  // Encodes the snapshot of version `info.version` into a pooled buffer, seals it in place
+  // and adds it to `batch` (reserved for it when empty): inline, or written to its bank
+  // file with a reference record.
+  // Fills t's encode_s, encrypt_s, file_s; returns the bytes written.
+  Result<uint64_t> StageSnapshot(DbHandle& h, rocksdb::WriteBatch* batch, const SessionId& id,
+                                 const SecretBytes& dek, const VersionInfo& info, const MemoryState& state,
+                                 DType dtype, CommitTimings* t);
 
   RocksDbStoreOptions options_;
+  BankFiles files_;
+  BufferPool pool_;
   std::unique_ptr<DbHandle> held_;  // kExclusive: the open database
   std::mutex per_op_mu_;            // kPerOperation: one open handle per process at a time
   std::array<std::mutex, 64> stripes_;

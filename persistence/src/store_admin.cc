@@ -49,24 +49,23 @@ Status RocksDbSessionStore::Fork(const SessionId& from, uint64_t version, const 
     info.created_unix_ms = NowUnixMs();
     info.metadata["lm2.fork_of"] = from.session + "@" + std::to_string(version);
     const SnapshotIds ids{to.tenant, to.session};
-    LM2_ASSIGN_OR_RETURN(EncodedBuffer enc, EncodeSnapshot(ids, info, snap.state, snap.info.dtype));
-    LM2_ASSIGN_OR_RETURN(EncodedBuffer vinfo, EncodeVersionInfo(ids, info));
-    LM2_ASSIGN_OR_RETURN(EncodedBuffer tr, EncodeTranscript(1, snap.transcript));
-    LM2_ASSIGN_OR_RETURN(SealedRecord snap_rec, SealRecord(dek, {to.tenant, to.session, 1, RecordKind::kSnapshot},
-                                                           enc.data(), enc.size()));
-    LM2_ASSIGN_OR_RETURN(SealedRecord info_rec, SealRecord(dek, {to.tenant, to.session, 1, RecordKind::kVersionInfo},
-                                                           vinfo.data(), vinfo.size()));
-    LM2_ASSIGN_OR_RETURN(SealedRecord tr_rec, SealRecord(dek, {to.tenant, to.session, 1, RecordKind::kTranscript},
-                                                         tr.data(), tr.size()));
-    LM2_ASSIGN_OR_RETURN(SealedRecord head_rec, SealHead(to, dek, {1, 1, NowUnixMs()}));
+    LM2_RETURN_IF_ERROR(files_.RemoveSession(to.tenant, to.session));  // leftovers of an interrupted erase
     rocksdb::WriteBatch wb;
     const std::string end = keys::PrefixSuccessor(to_prefix);
     for (auto c : {DbHandle::kSessions, DbHandle::kSnapshots, DbHandle::kTranscripts}) {
       LM2_RETURN_IF_ERROR(FromRocks(wb.DeleteRange(h.cf(c), to_prefix, end), "batch"));
     }
+    CommitTimings unused;
+    LM2_RETURN_IF_ERROR(StageSnapshot(h, &wb, to, dek, info, snap.state, snap.info.dtype, &unused).status());
+    LM2_ASSIGN_OR_RETURN(EncodedBuffer vinfo, EncodeVersionInfo(ids, info));
+    LM2_ASSIGN_OR_RETURN(EncodedBuffer tr, EncodeTranscript(1, snap.transcript));
+    LM2_ASSIGN_OR_RETURN(SealedRecord info_rec, SealRecord(dek, {to.tenant, to.session, 1, RecordKind::kVersionInfo},
+                                                           vinfo.data(), vinfo.size()));
+    LM2_ASSIGN_OR_RETURN(SealedRecord tr_rec, SealRecord(dek, {to.tenant, to.session, 1, RecordKind::kTranscript},
+                                                         tr.data(), tr.size()));
+    LM2_ASSIGN_OR_RETURN(SealedRecord head_rec, SealHead(to, dek, {1, 1, NowUnixMs()}));
     const std::string rk = keys::RecordKey(to.tenant, to.session, 1);
     LM2_RETURN_IF_ERROR(FromRocks(wb.Put(h.cf(DbHandle::kKeys), to_prefix, wrapped), "batch"));
-    LM2_RETURN_IF_ERROR(FromRocks(wb.Put(h.cf(DbHandle::kSnapshots), rk, AsSlice(snap_rec)), "batch"));
     LM2_RETURN_IF_ERROR(FromRocks(wb.Put(h.cf(DbHandle::kTranscripts), rk, AsSlice(tr_rec)), "batch"));
     LM2_RETURN_IF_ERROR(FromRocks(wb.Put(h.cf(DbHandle::kSessions), keys::VersionInfoKey(to.tenant, to.session, 1),
                                          AsSlice(info_rec)), "batch"));
@@ -103,10 +102,17 @@ Result<std::vector<uint64_t>> RocksDbSessionStore::ApplyRetention(const SessionI
       LM2_RETURN_IF_ERROR(FromRocks(
           b.Delete(h.cf(DbHandle::kSessions), keys::VersionInfoKey(id.tenant, id.session, v.version)), "batch"));
     }
-    if (removed.empty()) return removed;
-    rocksdb::WriteOptions wo;
-    wo.sync = options_.sync;
-    LM2_RETURN_IF_ERROR(FromRocks(h.db->Write(wo, &b), "applying retention"));
+    if (!removed.empty()) {
+      rocksdb::WriteOptions wo;
+      wo.sync = options_.sync;
+      LM2_RETURN_IF_ERROR(FromRocks(h.db->Write(wo, &b), "applying retention"));
+    }
+    // Then the bank files of every version not kept: the removed ones, and any left by a
+    // commit or a retention that crashed before it finished.
+    std::set<uint64_t> keep;
+    for (const VersionInfo& v : versions) keep.insert(v.version);
+    for (uint64_t r : removed) keep.erase(r);
+    LM2_RETURN_IF_ERROR(files_.Sweep(id.tenant, id.session, keep));
     return removed;
   });
 }
@@ -148,7 +154,8 @@ Status RocksDbSessionStore::EraseRanges(DbHandle& h, std::string_view prefix, bo
 Status RocksDbSessionStore::EraseSession(const SessionId& id) {
   std::lock_guard<std::mutex> lock(SessionMutex(id));
   return WithDb([&](DbHandle& h) -> Status {
-    return EraseRanges(h, keys::SessionPrefix(id.tenant, id.session), /*compact=*/true);
+    LM2_RETURN_IF_ERROR(EraseRanges(h, keys::SessionPrefix(id.tenant, id.session), /*compact=*/true));
+    return files_.RemoveSession(id.tenant, id.session);
   });
 }
 
@@ -158,7 +165,10 @@ Status RocksDbSessionStore::EraseTenant(std::string_view tenant) {
   std::vector<std::unique_lock<std::mutex>> locks;
   locks.reserve(stripes_.size());
   for (auto& m : stripes_) locks.emplace_back(m);
-  return WithDb([&](DbHandle& h) -> Status { return EraseRanges(h, keys::TenantPrefix(tenant), true); });
+  return WithDb([&](DbHandle& h) -> Status {
+    LM2_RETURN_IF_ERROR(EraseRanges(h, keys::TenantPrefix(tenant), /*compact=*/true));
+    return files_.RemoveTenant(tenant);
+  });
 }
 
 Result<std::vector<std::string>> RocksDbSessionStore::ListSessions(std::string_view tenant) {

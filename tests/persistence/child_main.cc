@@ -1,6 +1,7 @@
 // persistence_test_child: a helper process for the crash and multi-process tests.
 //
-//   persistence_test_child commit-loop <db>          commit forever (until SIGKILL); prints
+//   persistence_test_child commit-loop <db> [<bank_file_min_bytes>]
+//                                                    commit forever (until SIGKILL); prints
 //                                                    "acked <v>" after each durable commit
 //   persistence_test_child cas <db> <writer> <n> [<start unix ms>]
 //                                                    n rounds of Head -> Commit(head) on a
@@ -43,6 +44,7 @@ int main(int argc, char** argv) {
   o.open_timeout_ms = 30000;
   const SessionId id{"tenant-crash", "s1"};
   if (mode == "commit-loop") {
+    if (argc > 3) o.bank_file_min_bytes = std::stoull(argv[3]);
     auto st = OpenRocksDbSessionStore(o);
     if (!st.ok()) return Fail(st.status());
     Status c = (*st)->CreateSession(id);

@@ -357,7 +357,7 @@ TEST_CASE("persistence store: erase session and erase tenant (crypto-shredding)"
 }
 
 namespace {
-// A FileSystem that fails every write to a WAL file while `fail` is set.
+// A FileSystem that fails every write and sync (WAL, bank files) while `fail` is set.
 class FailingFs : public rocksdb::FileSystemWrapper {
  public:
   explicit FailingFs(std::shared_ptr<rocksdb::FileSystem> t) : FileSystemWrapper(std::move(t)) {}
@@ -410,12 +410,14 @@ class FailingFs : public rocksdb::FileSystemWrapper {
 }  // namespace
 
 TEST_CASE("persistence store: injected write faults fail the commit and lose nothing", "[persistence]") {
+  const uint64_t bank_file_min = GENERATE(uint64_t{0}, RocksDbStoreOptions{}.bank_file_min_bytes);
+  INFO("bank_file_min_bytes " << bank_file_min);
   TempDir dir;
   auto fs = std::make_shared<FailingFs>(rocksdb::FileSystem::Default());
   std::unique_ptr<rocksdb::Env> env = rocksdb::NewCompositeEnv(fs);
   auto ring = MakeKeys();
   {
-    auto st = OpenStore(dir.path(), ring, ProcessSharing::kExclusive, env.get());
+    auto st = OpenStore(dir.path(), ring, ProcessSharing::kExclusive, env.get(), bank_file_min);
     REQUIRE(st->CreateSession(kA).ok());
     REQUIRE(CommitBank(*st, kA, 0, 1).ok());
     REQUIRE(CommitBank(*st, kA, 1, 2).ok());

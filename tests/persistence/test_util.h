@@ -7,8 +7,11 @@
 #include <rocksdb/db.h>
 #include <rocksdb/options.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <memory>
 #include <random>
 #include <string>
@@ -63,17 +66,45 @@ inline std::shared_ptr<KeyringKeyProvider> MakeKeys(uint8_t fill = 7) {
   return k;
 }
 
+// bank_file_min_bytes 0: every snapshot in its own bank file (the test banks are small).
 inline std::unique_ptr<SessionStore> OpenStore(const std::string& path, std::shared_ptr<KeyProvider> keys,
                                                ProcessSharing sharing = ProcessSharing::kExclusive,
-                                               rocksdb::Env* env = nullptr) {
+                                               rocksdb::Env* env = nullptr,
+                                               uint64_t bank_file_min_bytes = RocksDbStoreOptions{}.bank_file_min_bytes) {
   RocksDbStoreOptions o;
   o.path = path;
   o.keys = std::move(keys);
   o.sharing = sharing;
   o.env = env;
+  o.bank_file_min_bytes = bank_file_min_bytes;
   auto s = OpenRocksDbSessionStore(o);
   if (!s.ok()) throw std::runtime_error("open store: " + s.status().ToString());
   return std::move(s).value();
+}
+
+// The bank files under a store's directory (<db>/banks/...), sorted.
+inline std::vector<std::filesystem::path> BankFilesIn(const std::string& db) {
+  std::vector<std::filesystem::path> out;
+  const std::filesystem::path root = std::filesystem::path(db) / "banks";
+  if (!std::filesystem::exists(root)) return out;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(root)) {
+    if (e.is_regular_file()) out.push_back(e.path());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+inline std::string ReadFileBytes(const std::filesystem::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+inline void WriteFileBytes(const std::filesystem::path& p, const std::string& bytes) {
+  std::ofstream f(p, std::ios::binary | std::ios::trunc);
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  if (!f) throw std::runtime_error("writing " + p.string());
 }
 
 // Raw RocksDB access to a store's database (the store must be closed).

@@ -18,6 +18,7 @@
 #include "lm2/persistence/types.h"
 
 namespace flatbuffers {
+class Allocator;
 class DetachedBuffer;
 }
 
@@ -36,6 +37,7 @@ class EncodedBuffer {
   ~EncodedBuffer();
 
   const uint8_t* data() const;
+  uint8_t* mutable_data();  // e.g. to encrypt the record in place
   std::size_t size() const;
 
  private:
@@ -55,8 +57,11 @@ struct SnapshotIds {
 
 // Encodes a snapshot. `info.bank_values` is filled from `state`. InvalidArgument for a
 // shape that does not match its data, a non-finite value with kI8, or a bank too large.
+// `allocator` provides the encoding's memory (default nullptr: the heap), e.g. a buffer
+// reused across commits; it must outlive the result, which hands the memory back to it.
 Result<EncodedBuffer> EncodeSnapshot(const SnapshotIds& ids, const VersionInfo& info,
-                                            const MemoryState& state, DType dtype);
+                                     const MemoryState& state, DType dtype,
+                                     flatbuffers::Allocator* allocator = nullptr);
 
 // Decodes and validates. Corruption for anything malformed; FailedPrecondition when
 // `expected_fingerprint` is non-empty and differs from the stored one (a bank of another

@@ -10,6 +10,10 @@
 // Nonces are 96 random bits from RAND_bytes per record; with a fresh DEK per session the
 // 2^32-records-per-key bound of random GCM nonces is far away (one record per commit).
 //
+// Large records can be sealed and opened in place (SealRecordInPlace / OpenRecordInPlace):
+// the header and tag live apart from the body, which is encrypted inside the buffer it
+// was encoded into, so no second bank-sized buffer is touched.
+//
 // Thread-safety: free functions without shared state. Cost: one AES-GCM pass.
 #pragma once
 
@@ -37,6 +41,7 @@ enum class RecordKind : uint8_t {
   kTranscript = 2,
   kVersionInfo = 3,
   kHead = 4,
+  kSnapshotFile = 5,  // a reference to a snapshot record stored in its own file
 };
 
 struct RecordBinding {
@@ -57,6 +62,23 @@ Result<SecretBytes> RandomKey(std::size_t bytes = kDekBytes);
 
 Result<SealedRecord> SealRecord(const SecretBytes& dek, const RecordBinding& binding,
                                 const uint8_t* plaintext, std::size_t size);
+
+// The parts of a record sealed in place: the record is header | body | tag.
+struct RecordFrame {
+  uint8_t header[kRecordHeaderBytes] = {};
+  uint8_t tag[kTagBytes] = {};
+};
+
+// Encrypts data[0, size) in place and fills `frame`. On failure the buffer may hold a mix
+// of plaintext and ciphertext: the caller wipes it.
+Status SealRecordInPlace(const SecretBytes& dek, const RecordBinding& binding, uint8_t* data,
+                         std::size_t size, RecordFrame* frame);
+
+// Authenticates and decrypts the body data[0, size) in place. Same statuses as OpenRecord;
+// on failure the buffer holds unauthenticated bytes: the caller wipes or drops it.
+Status OpenRecordInPlace(const SecretBytes& dek, const RecordBinding& binding,
+                         const uint8_t* header, uint8_t* data, std::size_t size,
+                         const uint8_t* tag);
 
 // Corruption when the record is malformed, truncated, altered, bound to something else,
 // or sealed under another key (GCM cannot tell these apart, and says nothing more).

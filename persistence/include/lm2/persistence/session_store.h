@@ -41,6 +41,7 @@ struct CommitTimings {
   double encode_s = 0;   // FlatBuffers encoding (and bf16/int8 conversion)
   double encrypt_s = 0;  // DEK unwrap + AES-256-GCM of all records
   double store_s = 0;    // RocksDB: head read and CAS check, synced WriteBatch
+  double file_s = 0;     // writing and syncing the bank's own file (0 when stored inline)
   uint64_t record_bytes = 0;  // bytes written (all sealed records of the commit)
 };
 
@@ -151,6 +152,15 @@ struct RocksDbStoreOptions {
   uint64_t min_blob_size = 64 * 1024;
   // Write buffer of the snapshots column family. Default: 64 MiB.
   uint64_t snapshot_write_buffer_bytes = 64ull << 20;
+  // A snapshot whose encoded size is at least this is written once to its own synced
+  // file under <path>/banks, and the commit's WriteBatch holds a sealed reference to it;
+  // smaller ones are RocksDB values (WAL, memtable, blob file). 0: every snapshot gets a
+  // file. Default: 1 MiB. Either kind is read back whatever this is set to.
+  uint64_t bank_file_min_bytes = 1ull << 20;
+  // Encode buffers kept between commits for reuse (each as large as the largest bank
+  // committed), so large commits do not fault in fresh memory each time. 0: none kept.
+  // Default: 2.
+  std::size_t cached_encode_buffers = 2;
   // All file I/O goes through this Env (tests inject faults). Default: nullptr
   // (rocksdb::Env::Default()). Not owned; must outlive the store.
   rocksdb::Env* env = nullptr;
