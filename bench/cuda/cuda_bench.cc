@@ -187,14 +187,14 @@ double TimeOp(cudaStream_t stream, Fn&& fn, int reps = 200) {
 void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
   const int64_t d = c.hidden_size, F = c.intermediate_size, N = c.memory_slots, Hm = c.memory_heads;
   const int64_t H = c.num_heads, Hkv = c.num_kv_heads, Dh = c.head_dim, qdim = H * Dh, kvdim = Hkv * Dh;
-  const int64_t big = std::max({N * d, F * d, c.vocab_size * d});
+  const int64_t big = std::max({N * d, 2 * F * d, c.vocab_size * d, 8 * d * d});
   auto w = Take(cuda::DeviceBuffer<__nv_bfloat16>::Allocate(static_cast<std::size_t>(big)), "alloc");
   auto xb = Take(cuda::DeviceBuffer<__nv_bfloat16>::Allocate(static_cast<std::size_t>(std::max(F, qdim))), "alloc");
   auto f1 = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(N * d)), "alloc");
   auto f2 = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(N * d)), "alloc");
   auto f3 = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(N * d)), "alloc");
   auto kv = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(S * kvdim)), "alloc");
-  auto ys = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(std::max({F, c.vocab_size, Hm * N}))),
+  auto ys = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(std::max({2 * F, c.vocab_size, Hm * N, 8 * d}))),
                  "alloc");
   auto pos = Take(cuda::DeviceBuffer<int64_t>::Allocate(1), "alloc");
   auto ids = Take(cuda::DeviceBuffer<int32_t>::Allocate(1), "alloc");
@@ -213,31 +213,36 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
     double s;
   };
   const double L = static_cast<double>(c.num_layers), M = static_cast<double>(c.memory_layers.size());
+  const int64_t P = qdim + 2 * kvdim + (c.has_memory() ? 2 * d : 0);  // the stacked x projection
   std::vector<Row> rows = {
-      {"RmsNorm [1, d]", 2 * L + 1, TimeOp(st, [&] { return cuda::RmsNorm(x, x, 1, d, 1e-5f, f2.data(), st); })},
-      {"ConvertF32ToBf16 [d]", 2 * L + 1 + L + M + L,
+      {"RmsNormBf16 [1, d]", 2 * L + 1,
+       TimeOp(st, [&] { return cuda::RmsNormBf16(x, x, 1, d, 1e-5f, xb.data(), st); })},
+      {"Linear 1 x d -> q|k|v|mem q|offer (stacked)", L,
+       TimeOp(st, [&] { return cuda::Linear(h, xb.data(), 1, d, w.data(), P, ys.data(), false, st); })},
+      {"SplitQkvRope", L,
+       TimeOp(st, [&] { return cuda::SplitQkvRope(ys.data(), 1, P, H, Hkv, Dh, pos.data(), c.rope_theta, x, f2.data(),
+                                                  f3.data(), st); })},
+      {"CausalAttention decode", L,
+       TimeOp(st, [&] { return cuda::CausalAttention(x, kv.data(), kv.data(), 1, S, H, Hkv, Dh, f2.data(), st); })},
+      {"ConvertF32ToBf16 [d] (attention out, memory e)", L + M,
        TimeOp(st, [&] { return cuda::ConvertF32ToBf16(x, d, xb.data(), st); })},
-      {"Linear 1 x d -> d (o_proj, read_q, out_gate, write_v)", L + 3 * M,
+      {"Linear 1 x d -> d (o_proj, out_gate)", L + M,
        TimeOp(st, [&] { return cuda::Linear(h, xb.data(), 1, d, w.data(), d, ys.data(), false, st); })},
-      {"Linear 1 x d -> kv (k_proj, v_proj)", 2 * L,
-       TimeOp(st, [&] { return cuda::Linear(h, xb.data(), 1, d, w.data(), kvdim, ys.data(), false, st); })},
-      {"Linear 1 x d -> F (gate, up)", 2 * L,
-       TimeOp(st, [&] { return cuda::Linear(h, xb.data(), 1, d, w.data(), F, ys.data(), false, st); })},
-      {"Linear 1 x F -> d (down)", L,
+      {"MemoryRead T=1", M,
+       TimeOp(st, [&] { return cuda::MemoryRead(h, x, d, f2.data(), f3.data(), 1, N, d, Hm, ys.data(), f1.data() + d, st); })},
+      {"AccumulateWrite T=1", M,
+       TimeOp(st, [&] { return cuda::AccumulateWrite(h, ys.data(), x, d, 1, N, d, Hm, f2.data(), f3.data(), st); })},
+      {"AddBias + GatedResidual / AddInPlace [d]", 2 * M + (L - M),
+       TimeOp(st, [&] { return cuda::GatedResidual(x, f2.data(), f3.data(), f2.data(), d, st); })},
+      {"Linear 1 x d -> 2F (gate|up stacked)", L,
+       TimeOp(st, [&] { return cuda::Linear(h, xb.data(), 1, d, w.data(), 2 * F, ys.data(), false, st); })},
+      {"SwiGluBf16 [F]", L, TimeOp(st, [&] { return cuda::SwiGluBf16(ys.data(), 1, F, xb.data(), st); })},
+      {"Linear 1 x F -> d (down, accumulate)", L,
        TimeOp(st, [&] { return cuda::Linear(h, xb.data(), 1, F, w.data(), d, ys.data(), true, st); })},
       {"Linear 1 x d -> V (LM head)", 1,
        TimeOp(st, [&] { return cuda::Linear(h, xb.data(), 1, d, w.data(), c.vocab_size, ys.data(), false, st); })},
-      {"Rope (q and k)", 2 * L, TimeOp(st, [&] { return cuda::Rope(x, 1, H, Dh, pos.data(), c.rope_theta, st); })},
-      {"CausalAttention decode", L,
-       TimeOp(st, [&] { return cuda::CausalAttention(x, kv.data(), kv.data(), 1, S, H, Hkv, Dh, f2.data(), st); })},
-      {"MemoryRead T=1", M,
-       TimeOp(st, [&] { return cuda::MemoryRead(h, x, f2.data(), f3.data(), 1, N, d, Hm, ys.data(), f1.data() + d, st); })},
-      {"AccumulateWrite T=1", M,
-       TimeOp(st, [&] { return cuda::AccumulateWrite(h, ys.data(), x, 1, N, d, Hm, f2.data(), f3.data(), st); })},
-      {"AddBias + GatedResidual / AddInPlace [d]", 2 * M + (L - M),
-       TimeOp(st, [&] { return cuda::GatedResidual(x, f2.data(), f3.data(), f2.data(), d, st); })},
-      {"SwiGlu [F]", L, TimeOp(st, [&] { return cuda::SwiGlu(x, f2.data(), F, x, st); })},
-      {"EmbeddingLookup", 1, TimeOp(st, [&] { return cuda::EmbeddingLookup(w.data(), c.vocab_size, d, ids.data(), 1, x, st); })},
+      {"EmbeddingLookup", 1,
+       TimeOp(st, [&] { return cuda::EmbeddingLookup(w.data(), c.vocab_size, d, ids.data(), 1, x, st); })},
   };
   double total = 0;
   std::printf("decode step by op (context %lld; mean of 200 back-to-back launches each):\n", static_cast<long long>(S));

@@ -12,6 +12,7 @@
 //   GEMM attention)                                  2^-11 each, fp32 accumulation)
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -301,7 +302,7 @@ TEST_CASE("MemoryRead: softmax over slots per memory head, attention-weighted va
           want_e[t * d + j * dh + c] += want_attn[(j * T + t) * N + n] * mv[n * d + j * dh + c];
   auto dq = Upload(q), dmk = Upload(mk), dmv = Upload(mv);
   auto dattn = Poisoned<float>(want_attn.size()), de = Poisoned<float>(want_e.size());
-  RequireOk(MemoryRead(Cublas(), dq.data(), dmk.data(), dmv.data(), T, N, d, Hm, dattn.data(), de.data(), Stream()));
+  RequireOk(MemoryRead(Cublas(), dq.data(), d, dmk.data(), dmv.data(), T, N, d, Hm, dattn.data(), de.data(), Stream()));
   CHECK(RelErr(Download(dattn), want_attn) < kTolTf32);
   CHECK(RelErr(Download(de), want_e) < kTolTf32);
 }
@@ -342,9 +343,9 @@ TEST_CASE("Memory write: streamed sums, write update, gated commit", "[cuda][ops
       }
   auto dattn1 = Upload(attn1), dattn2 = Upload(attn2), doffer = Upload(offer);
   auto dmass = Upload(mass0), dacc = Upload(acc0);
-  RequireOk(AccumulateWrite(Cublas(), dattn1.data(), doffer.data(), T1, N, d, Hm, dmass.data(), dacc.data(), Stream()));
-  RequireOk(AccumulateWrite(Cublas(), dattn2.data(), doffer.data() + T1 * d, T2, N, d, Hm, dmass.data(), dacc.data(), Stream()));
-  RequireOk(AccumulateWrite(Cublas(), dattn2.data(), doffer.data(), 0, N, d, Hm, dmass.data(), dacc.data(), Stream()));  // no-op
+  RequireOk(AccumulateWrite(Cublas(), dattn1.data(), doffer.data(), d, T1, N, d, Hm, dmass.data(), dacc.data(), Stream()));
+  RequireOk(AccumulateWrite(Cublas(), dattn2.data(), doffer.data() + T1 * d, d, T2, N, d, Hm, dmass.data(), dacc.data(), Stream()));
+  RequireOk(AccumulateWrite(Cublas(), dattn2.data(), doffer.data(), d, 0, N, d, Hm, dmass.data(), dacc.data(), Stream()));  // no-op
   const auto mass = Download(dmass), acc = Download(dacc);
   CHECK(RelErr(mass, want_mass) < kTolReduce);
   CHECK(RelErr(acc, want_acc) < kTolTf32);
@@ -439,6 +440,64 @@ TEST_CASE("EmbeddingLookup widens the bf16 rows of the ids; a bad id gives NaN, 
   CHECK(EmbeddingLookup(dt.data(), V, d, di.data(), 0, out.data(), Stream()).ok());
 }
 
+TEST_CASE("Fused forms: RmsNormBf16, SplitQkvRope, SwiGluBf16 equal the unfused ops", "[cuda][ops]") {
+  const int64_t rows = GENERATE(int64_t{1}, int64_t{7});
+  const int64_t H = 6, Hkv = 2, D = 16, d = 40, F = 33;
+  const int64_t qdim = H * D, kvdim = Hkv * D, P = qdim + 2 * kvdim + 5;  // 5 trailing columns
+  INFO("rows=" << rows);
+  const auto ur = static_cast<std::size_t>(rows);
+  // RmsNormBf16 = bf16(RmsNorm).
+  auto x = Random(ur * d), w = Random(static_cast<std::size_t>(d));
+  auto dx = Upload(x), dw = Upload(w);
+  auto ref = Poisoned<float>(x.size());
+  RequireOk(RmsNorm(dx.data(), dw.data(), rows, d, 1e-5f, ref.data(), Stream()));
+  auto ref_b = Poisoned<__nv_bfloat16>(x.size()), got_b = Poisoned<__nv_bfloat16>(x.size());
+  RequireOk(ConvertF32ToBf16(ref.data(), rows * d, ref_b.data(), Stream()));
+  RequireOk(RmsNormBf16(dx.data(), dw.data(), rows, d, 1e-5f, got_b.data(), Stream()));
+  auto want_bits = Download(ref_b), got_bits = Download(got_b);
+  CHECK(std::memcmp(want_bits.data(), got_bits.data(), want_bits.size() * sizeof(__nv_bfloat16)) == 0);
+
+  // SplitQkvRope = split + Rope on q and k, positions 5, 6, ...
+  auto proj = Random(ur * P);
+  std::vector<int64_t> pos(ur);
+  for (std::size_t t = 0; t < ur; ++t) pos[t] = 5 + static_cast<int64_t>(t);
+  std::vector<float> q(ur * qdim), k(ur * kvdim), v(ur * kvdim);
+  for (std::size_t t = 0; t < ur; ++t) {
+    std::copy_n(proj.begin() + static_cast<std::ptrdiff_t>(t * P), qdim, q.begin() + static_cast<std::ptrdiff_t>(t * qdim));
+    std::copy_n(proj.begin() + static_cast<std::ptrdiff_t>(t * P + qdim), kvdim, k.begin() + static_cast<std::ptrdiff_t>(t * kvdim));
+    std::copy_n(proj.begin() + static_cast<std::ptrdiff_t>(t * P + qdim + kvdim), kvdim, v.begin() + static_cast<std::ptrdiff_t>(t * kvdim));
+  }
+  auto dproj = Upload(proj), dq = Upload(q), dk = Upload(k);
+  auto dpos = Upload(pos);
+  RequireOk(Rope(dq.data(), rows, H, D, dpos.data(), 10000.0, Stream()));
+  RequireOk(Rope(dk.data(), rows, Hkv, D, dpos.data(), 10000.0, Stream()));
+  auto gq = Poisoned<float>(q.size()), gk = Poisoned<float>(k.size()), gv = Poisoned<float>(v.size());
+  RequireOk(SplitQkvRope(dproj.data(), rows, P, H, Hkv, D, dpos.data(), 10000.0, gq.data(), gk.data(), gv.data(),
+                         Stream()));
+  CHECK(Download(gq) == Download(dq));
+  CHECK(Download(gk) == Download(dk));
+  CHECK(Download(gv) == v);
+  CHECK(SplitQkvRope(dproj.data(), rows, qdim, H, Hkv, D, dpos.data(), 1e4, gq.data(), gk.data(), gv.data(), Stream())
+            .IsInvalidArgument());  // proj_ld narrower than q | k | v
+
+  // SwiGluBf16 = bf16(SwiGlu(gate, up)) over [gate | up] rows.
+  auto gu = Random(ur * 2 * F, 2.0f);
+  std::vector<float> gate(ur * F), up(ur * F);
+  for (std::size_t t = 0; t < ur; ++t)
+    for (std::size_t c = 0; c < static_cast<std::size_t>(F); ++c) {
+      gate[t * F + c] = gu[t * 2 * F + c];
+      up[t * F + c] = gu[t * 2 * F + F + c];
+    }
+  auto dgate = Upload(gate), dup = Upload(up), dgu = Upload(gu);
+  auto sw = Poisoned<float>(gate.size());
+  RequireOk(SwiGlu(dgate.data(), dup.data(), rows * F, sw.data(), Stream()));
+  auto sw_b = Poisoned<__nv_bfloat16>(gate.size()), fused = Poisoned<__nv_bfloat16>(gate.size());
+  RequireOk(ConvertF32ToBf16(sw.data(), rows * F, sw_b.data(), Stream()));
+  RequireOk(SwiGluBf16(dgu.data(), rows, F, fused.data(), Stream()));
+  auto a = Download(sw_b), b = Download(fused);
+  CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(__nv_bfloat16)) == 0);
+}
+
 TEST_CASE("Launchers refuse bad shapes and null pointers; empty work is a no-op", "[cuda][ops]") {
   auto buf = DeviceBuffer<float>::Allocate(64);
   RequireOk(buf.status());
@@ -447,14 +506,14 @@ TEST_CASE("Launchers refuse bad shapes and null pointers; empty work is a no-op"
   CHECK(CausalAttention(p, p, p, 5, 4, 4, 4, 8, p, Stream()).IsInvalidArgument());  // T > S
   CHECK(CausalAttention(p, nullptr, p, 1, 4, 4, 4, 8, p, Stream()).IsInvalidArgument());
   CHECK(Rope(p, 1, 1, 7, nullptr, 10000.0, Stream()).IsInvalidArgument());  // odd head_dim
-  CHECK(MemoryRead(Cublas(), p, p, p, 1, 4, 10, 4, p, p, Stream()).IsInvalidArgument());  // 4 does not divide 10
+  CHECK(MemoryRead(Cublas(), p, 10, p, p, 1, 4, 10, 4, p, p, Stream()).IsInvalidArgument());  // 4 does not divide 10
   CHECK(RmsNorm(p, p, 1, 0, 1e-5f, p, Stream()).IsInvalidArgument());
   CHECK(Linear(Cublas(), nullptr, 1, 0, nullptr, 4, p, false, Stream()).IsInvalidArgument());
   CHECK(SwiGlu(p, p, -1, p, Stream()).IsInvalidArgument());
   CHECK(GatedResidual(p, nullptr, p, p, 4, Stream()).IsInvalidArgument());
   // Zero-sized work launches nothing and needs no pointers.
   CHECK(CausalAttention(nullptr, nullptr, nullptr, 0, 0, 4, 2, 8, nullptr, Stream()).ok());
-  CHECK(MemoryRead(nullptr, nullptr, nullptr, nullptr, 0, 4, 8, 2, nullptr, nullptr, Stream()).ok());
+  CHECK(MemoryRead(nullptr, nullptr, 8, nullptr, nullptr, 0, 4, 8, 2, nullptr, nullptr, Stream()).ok());
   CHECK(Linear(Cublas(), nullptr, 0, 8, nullptr, 4, nullptr, false, Stream()).ok());
   CHECK(AddInPlace(nullptr, nullptr, 0, Stream()).ok());
   RequireOk(CudaStatus(cudaStreamSynchronize(Stream()), "stream"));

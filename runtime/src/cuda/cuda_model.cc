@@ -39,10 +39,12 @@ struct LayerState {
 
 // Per-call scratch, grown to the longest chunk seen (decode keeps it at one row).
 struct Scratch {
-  DeviceBuffer<float> h, x, q, attn_out, a, mq, mattn, e, gate, offer, ffn_gate, ffn_up, logits;
-  DeviceBuffer<float> scores;  // [H, T, S] of the GEMM attention path
-  DeviceBuffer<bf16> xb;  // the normed input in bf16, shared by the GEMMs that read it
-  DeviceBuffer<bf16> yb;  // other GEMM inputs rounded to bf16
+  DeviceBuffer<float> h;         // the residual stream [T, d]
+  DeviceBuffer<float> proj;      // [T, x_proj_rows]: q | k | v | memory q | write offer
+  DeviceBuffer<float> q, attn_out, a, mattn, e, gate, gate_up, logits;
+  DeviceBuffer<float> scores;    // [H, T, S] of the GEMM attention path
+  DeviceBuffer<bf16> xb;         // a normed input in bf16, shared by the GEMMs that read it
+  DeviceBuffer<bf16> yb;         // other GEMM inputs rounded to bf16
   DeviceBuffer<int32_t> ids;
   DeviceBuffer<int64_t> positions;
 };
@@ -331,15 +333,16 @@ class CudaModel final : public Model {
     const int64_t d = cfg_.hidden_size, qdim = cfg_.num_heads * cfg_.head_dim, F = cfg_.intermediate_size;
     const int64_t N = cfg_.memory_slots, Hm = cfg_.memory_heads;
     Scratch& sc = s.scratch_;
-    for (DeviceBuffer<float>* b : {&sc.h, &sc.x, &sc.a}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(rows * d)));
+    int64_t proj_rows = 0;
+    for (const CudaLayerWeights& lw : w_->layers) proj_rows = std::max(proj_rows, lw.x_proj_rows);
+    for (DeviceBuffer<float>* b : {&sc.h, &sc.a}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(rows * d)));
     for (DeviceBuffer<float>* b : {&sc.q, &sc.attn_out}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(rows * qdim)));
-    for (DeviceBuffer<float>* b : {&sc.ffn_gate, &sc.ffn_up}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(rows * F)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.proj, Z(rows * proj_rows)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.gate_up, Z(rows * 2 * F)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.xb, Z(rows * d)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.yb, Z(rows * std::max({d, qdim, F}))));
     if (cfg_.has_memory()) {
-      for (DeviceBuffer<float>* b : {&sc.mq, &sc.e, &sc.gate, &sc.offer}) {
-        LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(rows * d)));
-      }
+      for (DeviceBuffer<float>* b : {&sc.e, &sc.gate}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(rows * d)));
       LM2_RETURN_IF_ERROR(EnsureCapacity(sc.mattn, Z(Hm * rows * N)));
     }
     return Status::Ok();
@@ -396,16 +399,15 @@ class CudaModel final : public Model {
     for (int64_t i = 0; i < cfg_.num_layers; ++i) {
       const CudaLayerWeights& lw = w_->layers[Z(i)];
       LayerState& ls = s.layers_[Z(i)];
-      float* k_new = ls.k_cache.data() + pos0 * kvdim;
-      float* v_new = ls.v_cache.data() + pos0 * kvdim;
+      const int64_t P = lw.x_proj_rows;
+      float* proj = sc.proj.data();
 
-      LM2_RETURN_IF_ERROR(RmsNorm(h, lw.input_norm, n, d, eps, sc.x.data(), st));
-      LM2_RETURN_IF_ERROR(ConvertF32ToBf16(sc.x.data(), n * d, xb, st));
-      LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, lw.q_proj, qdim, sc.q.data(), false, st));
-      LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, lw.k_proj, kvdim, k_new, false, st));
-      LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, lw.v_proj, kvdim, v_new, false, st));
-      LM2_RETURN_IF_ERROR(Rope(sc.q.data(), n, H, Dh, positions, cfg_.rope_theta, st));
-      LM2_RETURN_IF_ERROR(Rope(k_new, n, Hkv, Dh, positions, cfg_.rope_theta, st));
+      // Attention: one GEMM for q, k, v (and the memory query and write offer), then RoPE
+      // straight into q and the cache rows of this chunk.
+      LM2_RETURN_IF_ERROR(RmsNormBf16(h, lw.input_norm, n, d, eps, xb, st));
+      LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, lw.x_proj, P, proj, false, st));
+      LM2_RETURN_IF_ERROR(SplitQkvRope(proj, n, P, H, Hkv, Dh, positions, cfg_.rope_theta, sc.q.data(),
+                                       ls.k_cache.data() + pos0 * kvdim, ls.v_cache.data() + pos0 * kvdim, st));
       if (n >= options_.attention_gemm_min_tokens) {
         LM2_RETURN_IF_ERROR(EnsureCapacity(sc.scores, Z(H * n * S)));
         LM2_RETURN_IF_ERROR(CausalAttentionGemm(blas, sc.q.data(), ls.k_cache.data(), ls.v_cache.data(), n, S, H, Hkv,
@@ -418,25 +420,24 @@ class CudaModel final : public Model {
 
       if (lw.has_memory) {
         const CudaMemoryWeights& mw = lw.memory;
-        LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, mw.read_q, d, sc.mq.data(), false, st));
-        LM2_RETURN_IF_ERROR(
-            MemoryRead(blas, sc.mq.data(), ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm, sc.mattn.data(), sc.e.data(), st));
+        const float* mq = proj + qdim + 2 * kvdim;
+        const float* offer = mq + d;
+        LM2_RETURN_IF_ERROR(MemoryRead(blas, mq, P, ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm, sc.mattn.data(),
+                                       sc.e.data(), st));
         LM2_RETURN_IF_ERROR(LinearF32(blas, sc.e.data(), n, d, mw.out_gate_w, d, sc.gate.data(), false, yb, st));
         LM2_RETURN_IF_ERROR(AddBias(sc.gate.data(), n, d, mw.out_gate_b, st));
         LM2_RETURN_IF_ERROR(GatedResidual(h, sc.a.data(), sc.gate.data(), sc.e.data(), n * d, st));
-        LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, mw.write_v, d, sc.offer.data(), false, st));
         LM2_RETURN_IF_ERROR(
-            AccumulateWrite(blas, sc.mattn.data(), sc.offer.data(), n, N, d, Hm, ls.mass.data(), ls.acc.data(), st));
+            AccumulateWrite(blas, sc.mattn.data(), offer, P, n, N, d, Hm, ls.mass.data(), ls.acc.data(), st));
       } else {
         LM2_RETURN_IF_ERROR(AddInPlace(h, sc.a.data(), n * d, st));
       }
 
-      LM2_RETURN_IF_ERROR(RmsNorm(h, lw.post_norm, n, d, eps, sc.x.data(), st));
-      LM2_RETURN_IF_ERROR(ConvertF32ToBf16(sc.x.data(), n * d, xb, st));
-      LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, lw.gate_proj, F, sc.ffn_gate.data(), false, st));
-      LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, lw.up_proj, F, sc.ffn_up.data(), false, st));
-      LM2_RETURN_IF_ERROR(SwiGlu(sc.ffn_gate.data(), sc.ffn_up.data(), n * F, sc.ffn_gate.data(), st));
-      LM2_RETURN_IF_ERROR(LinearF32(blas, sc.ffn_gate.data(), n, F, lw.down_proj, d, h, true, yb, st));
+      // SwiGLU FFN: one GEMM for gate and up, the activation straight to bf16.
+      LM2_RETURN_IF_ERROR(RmsNormBf16(h, lw.post_norm, n, d, eps, xb, st));
+      LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, lw.gate_up, 2 * F, sc.gate_up.data(), false, st));
+      LM2_RETURN_IF_ERROR(SwiGluBf16(sc.gate_up.data(), n, F, yb, st));
+      LM2_RETURN_IF_ERROR(Linear(blas, yb, n, F, lw.down_proj, d, h, true, st));
     }
     return Status::Ok();
   }
@@ -447,9 +448,8 @@ class CudaModel final : public Model {
     const cudaStream_t st = s.stream_.get();
     Scratch& sc = s.scratch_;
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.logits, Z(rows * V)));
-    LM2_RETURN_IF_ERROR(RmsNorm(sc.h.data() + row * d, w_->final_norm, rows, d, static_cast<float>(cfg_.rms_norm_eps),
-                                sc.x.data(), st));
-    LM2_RETURN_IF_ERROR(ConvertF32ToBf16(sc.x.data(), rows * d, sc.xb.data(), st));
+    LM2_RETURN_IF_ERROR(RmsNormBf16(sc.h.data() + row * d, w_->final_norm, rows, d,
+                                    static_cast<float>(cfg_.rms_norm_eps), sc.xb.data(), st));
     LM2_RETURN_IF_ERROR(Linear(s.cublas_.get(), sc.xb.data(), rows, d, w_->lm_head, V, sc.logits.data(), false, st));
     return sc.logits.CopyToHost(out, Z(rows * V), st);
   }

@@ -56,6 +56,11 @@ Status SwiGlu(const float* gate, const float* up, int64_t n, float* out, cudaStr
 Status EmbeddingLookup(const __nv_bfloat16* table, int64_t V, int64_t d, const int32_t* ids, int64_t T, float* out,
                        cudaStream_t stream);
 
+// The fused FFN activation: gate_up[rows, 2F] holds [gate | up] per row (one GEMM over the
+// stacked gate and up projections); out[rows, F] = bf16(silu(gate) * up), the down
+// projection's input.
+Status SwiGluBf16(const float* gate_up, int64_t rows, int64_t F, __nv_bfloat16* out, cudaStream_t stream);
+
 // x[n] += y[n].
 Status AddInPlace(float* x, const float* y, int64_t n, cudaStream_t stream);
 
@@ -64,6 +69,18 @@ Status AddInPlace(float* x, const float* y, int64_t n, cudaStream_t stream);
 // out[rows, d] = x * rsqrt(mean(x²) + eps) * weight. out may alias x. fp32 throughout.
 Status RmsNorm(const float* x, const float* weight, int64_t rows, int64_t d, float eps, float* out,
                cudaStream_t stream);
+
+// RmsNorm with a bf16 output (the next GEMM's input), the same fp32 math.
+Status RmsNormBf16(const float* x, const float* weight, int64_t rows, int64_t d, float eps, __nv_bfloat16* out,
+                   cudaStream_t stream);
+
+// The fused attention input: proj[rows, proj_ld] holds [q (heads*D) | k (kv_heads*D) |
+// v (kv_heads*D) | anything] per row (one GEMM over the stacked projections). q and k are
+// rotated as Rope does into q_out[rows, heads*D] and k_out[rows, kv_heads*D] (the KV cache
+// rows), v copied to v_out[rows, kv_heads*D].
+Status SplitQkvRope(const float* proj, int64_t rows, int64_t proj_ld, int64_t heads, int64_t kv_heads,
+                    int64_t head_dim, const int64_t* positions, double theta, float* q_out, float* k_out, float* v_out,
+                    cudaStream_t stream);
 
 // Rotary embedding in place, rotate-half: x[t, h, :], pairs (i, i + head_dim/2) rotated by
 // positions[t] * theta^(-2i/head_dim); angles, cos and sin in double, rounded to fp32 as
@@ -116,16 +133,16 @@ Status SoftmaxRows(float* x, int64_t rows, int64_t cols, int64_t causal_T, int64
 // Memory read, per memory head j of width dh = d / heads:
 //   A_j = softmax_N(q_j · mem_k_jᵀ / sqrt(dh))   -> attn[j, T, N]
 //   e[:, j*dh:(j+1)*dh] = A_j · mem_v_j           -> e[T, d]
-// q[T, d], mem_k / mem_v [N, d]. fp32 data; the two products are strided-batched cuBLAS
+// q[T, d] with rows q_ld >= d apart, mem_k / mem_v [N, d]. fp32 data; the two products are strided-batched cuBLAS
 // GEMMs over the heads with TF32 tensor cores (inputs rounded to 10-bit mantissas, fp32
 // accumulation), the softmax an fp32 kernel. Sets `handle`'s stream.
-Status MemoryRead(cublasHandle_t handle, const float* q, const float* mem_k, const float* mem_v, int64_t T,
+Status MemoryRead(cublasHandle_t handle, const float* q, int64_t q_ld, const float* mem_k, const float* mem_v, int64_t T,
                   int64_t N, int64_t d, int64_t heads, float* attn, float* e, cudaStream_t stream);
 
 // Streaming write sums: mass[j, n] += Σ_t A_j[t, n], acc[n, j*dh + c] += Σ_t A_j[t, n] ·
-// offer[t, j*dh + c]. attn[j, T, N], offer[T, d], mass[heads, N], acc[N, d]. The masses by
+// offer[t, j*dh + c]. attn[j, T, N], offer[T, d] with rows offer_ld >= d apart, mass[heads, N], acc[N, d]. The masses by
 // an fp32 kernel, acc by a strided-batched TF32 GEMM with fp32 accumulation.
-Status AccumulateWrite(cublasHandle_t handle, const float* attn, const float* offer, int64_t T, int64_t N, int64_t d,
+Status AccumulateWrite(cublasHandle_t handle, const float* attn, const float* offer, int64_t offer_ld, int64_t T, int64_t N, int64_t d,
                        int64_t heads, float* mass, float* acc, cudaStream_t stream);
 
 // u[n, j*dh + c] = acc[n, j*dh + c] / (mass[j, n] + 1).

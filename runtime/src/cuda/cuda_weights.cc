@@ -1,6 +1,8 @@
 #include "cuda/cuda_weights.h"
 
 #include <cstring>
+#include <initializer_list>
+#include <utility>
 #include <string>
 
 #include "cuda/cuda_check.h"
@@ -24,20 +26,38 @@ class Uploader {
 
   // A matrix as bf16: stored BF16 bytes are copied as they are; F32 and F16 are widened
   // to fp32 (exactly) and rounded to bf16 on the host, one tensor at a time.
-  Status Matrix(const std::string& name, const __nv_bfloat16** out) {
-    LM2_ASSIGN_OR_RETURN(TensorView v, files_.Tensor(name));
-    const auto n = static_cast<std::size_t>(NumElements(v.shape));
-    LM2_ASSIGN_OR_RETURN(auto buf, DeviceBuffer<__nv_bfloat16>::Allocate(n));
-    if (v.dtype == DType::kBF16) {
-      LM2_CUDA_RETURN_IF_ERROR(cudaMemcpy(buf.data(), v.data, n * sizeof(uint16_t), cudaMemcpyHostToDevice));
-    } else {
-      widened_.resize(n);
-      ConvertToF32(v.dtype, v.data, widened_.data(), n);
-      rounded_.resize(n);
-      for (std::size_t i = 0; i < n; ++i) rounded_[i] = FloatToBf16Bits(widened_[i]);
-      LM2_CUDA_RETURN_IF_ERROR(cudaMemcpy(buf.data(), rounded_.data(), n * sizeof(uint16_t), cudaMemcpyHostToDevice));
+  Status Matrix(const std::string& name, const __nv_bfloat16** out) { return Stacked({{name, out}}, nullptr); }
+
+  // Matrices stacked row-wise in one buffer (all [rows_i, in] with the same in), in the
+  // order given; each pointer is set to its block, `stacked` (if not null) to the whole.
+  Status Stacked(std::initializer_list<std::pair<std::string, const __nv_bfloat16**>> parts,
+                 const __nv_bfloat16** stacked) {
+    std::vector<TensorView> views;
+    std::size_t total = 0;
+    for (const auto& part : parts) {
+      LM2_ASSIGN_OR_RETURN(TensorView v, files_.Tensor(part.first));
+      total += static_cast<std::size_t>(NumElements(v.shape));
+      views.push_back(v);
     }
-    *out = buf.data();
+    LM2_ASSIGN_OR_RETURN(auto buf, DeviceBuffer<__nv_bfloat16>::Allocate(total));
+    std::size_t offset = 0;
+    auto part = parts.begin();
+    for (const TensorView& v : views) {
+      const auto n = static_cast<std::size_t>(NumElements(v.shape));
+      __nv_bfloat16* dst = buf.data() + offset;
+      if (v.dtype == DType::kBF16) {
+        LM2_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, v.data, n * sizeof(uint16_t), cudaMemcpyHostToDevice));
+      } else {
+        widened_.resize(n);
+        ConvertToF32(v.dtype, v.data, widened_.data(), n);
+        rounded_.resize(n);
+        for (std::size_t i = 0; i < n; ++i) rounded_[i] = FloatToBf16Bits(widened_[i]);
+        LM2_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, rounded_.data(), n * sizeof(uint16_t), cudaMemcpyHostToDevice));
+      }
+      *(part++)->second = dst;
+      offset += n;
+    }
+    if (stacked != nullptr) *stacked = buf.data();
     w_.device_bytes += buf.bytes();
     w_.matrices.push_back(std::move(buf));
     return Status::Ok();
@@ -96,23 +116,34 @@ Result<std::unique_ptr<CudaWeights>> CudaWeights::Upload(const ModelFiles& files
   for (int64_t i = 0; i < cfg.num_layers; ++i) {
     CudaLayerWeights& l = w->layers[static_cast<std::size_t>(i)];
     const std::string p = "model.layers." + std::to_string(i) + ".";
-    LM2_RETURN_IF_ERROR(up.Matrix(p + "self_attn.q_proj.weight", &l.q_proj));
-    LM2_RETURN_IF_ERROR(up.Matrix(p + "self_attn.k_proj.weight", &l.k_proj));
-    LM2_RETURN_IF_ERROR(up.Matrix(p + "self_attn.v_proj.weight", &l.v_proj));
+    const std::string m = p + "memory.";
+    CudaMemoryWeights& mw = l.memory;
+    l.has_memory = cfg.layer_has_memory(i);
+    const int64_t qkv_rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim;
+    if (l.has_memory) {
+      LM2_RETURN_IF_ERROR(up.Stacked({{p + "self_attn.q_proj.weight", &l.q_proj},
+                                      {p + "self_attn.k_proj.weight", &l.k_proj},
+                                      {p + "self_attn.v_proj.weight", &l.v_proj},
+                                      {m + "read_q.weight", &mw.read_q},
+                                      {m + "write_v.weight", &mw.write_v}},
+                                     &l.x_proj));
+      l.x_proj_rows = qkv_rows + 2 * cfg.hidden_size;
+    } else {
+      LM2_RETURN_IF_ERROR(up.Stacked({{p + "self_attn.q_proj.weight", &l.q_proj},
+                                      {p + "self_attn.k_proj.weight", &l.k_proj},
+                                      {p + "self_attn.v_proj.weight", &l.v_proj}},
+                                     &l.x_proj));
+      l.x_proj_rows = qkv_rows;
+    }
     LM2_RETURN_IF_ERROR(up.Matrix(p + "self_attn.o_proj.weight", &l.o_proj));
-    LM2_RETURN_IF_ERROR(up.Matrix(p + "mlp.gate_proj.weight", &l.gate_proj));
-    LM2_RETURN_IF_ERROR(up.Matrix(p + "mlp.up_proj.weight", &l.up_proj));
+    LM2_RETURN_IF_ERROR(
+        up.Stacked({{p + "mlp.gate_proj.weight", &l.gate_proj}, {p + "mlp.up_proj.weight", &l.up_proj}}, &l.gate_up));
     LM2_RETURN_IF_ERROR(up.Matrix(p + "mlp.down_proj.weight", &l.down_proj));
     LM2_RETURN_IF_ERROR(up.Vector(p + "input_layernorm.weight", &l.input_norm));
     LM2_RETURN_IF_ERROR(up.Vector(p + "post_attention_layernorm.weight", &l.post_norm));
-    l.has_memory = cfg.layer_has_memory(i);
     if (!l.has_memory) continue;
-    const std::string m = p + "memory.";
-    CudaMemoryWeights& mw = l.memory;
-    LM2_RETURN_IF_ERROR(up.Matrix(m + "read_q.weight", &mw.read_q));
     LM2_RETURN_IF_ERROR(up.Matrix(m + "read_k.weight", &mw.read_k));
     LM2_RETURN_IF_ERROR(up.Matrix(m + "read_v.weight", &mw.read_v));
-    LM2_RETURN_IF_ERROR(up.Matrix(m + "write_v.weight", &mw.write_v));
     LM2_RETURN_IF_ERROR(up.Matrix(m + "out_gate.weight", &mw.out_gate_w));
     LM2_RETURN_IF_ERROR(up.Vector(m + "out_gate.bias", &mw.out_gate_b));
     LM2_RETURN_IF_ERROR(up.Matrix(m + "in_gate.weight", &mw.in_gate_w));

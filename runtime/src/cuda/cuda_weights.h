@@ -33,7 +33,14 @@ struct CudaMemoryWeights {
   const float* init = nullptr;                   // [N, d]: learned init, or the identity rows
 };
 
+// The projections that read the same input are stacked row-wise in one buffer, so one GEMM
+// computes them all: x_proj = [q_proj; k_proj; v_proj; memory.read_q; memory.write_v]
+// ([x_proj_rows, d], the memory rows only in memory layers) and gate_up = [gate_proj;
+// up_proj] ([2F, d]). The per-tensor pointers point into them.
 struct CudaLayerWeights {
+  const __nv_bfloat16* x_proj = nullptr;     // [x_proj_rows, d]
+  int64_t x_proj_rows = 0;
+  const __nv_bfloat16* gate_up = nullptr;    // [2F, d]
   const __nv_bfloat16* q_proj = nullptr;     // [H*Dh, d]
   const __nv_bfloat16* k_proj = nullptr;     // [Hkv*Dh, d]
   const __nv_bfloat16* v_proj = nullptr;     // [Hkv*Dh, d]

@@ -51,6 +51,16 @@ __global__ void EmbeddingLookupKernel(const __nv_bfloat16* __restrict__ table, i
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) row[c] = __bfloat162float(src[c]);
 }
 
+// gate_up[t] = [gate (F) | up (F)]; out[t, c] = bf16(silu(gate) * up).
+__global__ void SwiGluBf16Kernel(const float* __restrict__ gate_up, int64_t rows, int64_t F,
+                                 __nv_bfloat16* __restrict__ out) {
+  for (int64_t i = FirstIndex(); i < rows * F; i += GridStride()) {
+    const int64_t t = i / F, c = i % F;
+    const float g = gate_up[t * 2 * F + c];
+    out[i] = __float2bfloat16_rn(g * Sigmoid(g) * gate_up[t * 2 * F + F + c]);
+  }
+}
+
 __global__ void AddInPlaceKernel(float* __restrict__ x, const float* __restrict__ y, int64_t n) {
   for (int64_t i = FirstIndex(); i < n; i += GridStride()) x[i] += y[i];
 }
@@ -110,6 +120,16 @@ Status EmbeddingLookup(const __nv_bfloat16* table, int64_t V, int64_t d, const i
   LM2_RETURN_IF_ERROR(RequireNonNull("EmbeddingLookup", {table, ids, out}));
   EmbeddingLookupKernel<<<static_cast<unsigned int>(T), kThreads, 0, stream>>>(table, V, d, ids, out);
   return CheckLaunch("EmbeddingLookupKernel");
+}
+
+Status SwiGluBf16(const float* gate_up, int64_t rows, int64_t F, __nv_bfloat16* out, cudaStream_t stream) {
+  if (rows < 0 || F <= 0) {
+    return Status::InvalidArgument("SwiGluBf16: rows=" + std::to_string(rows) + " F=" + std::to_string(F));
+  }
+  if (rows == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("SwiGluBf16", {gate_up, out}));
+  SwiGluBf16Kernel<<<GridFor(rows * F, kThreads), kThreads, 0, stream>>>(gate_up, rows, F, out);
+  return CheckLaunch("SwiGluBf16Kernel");
 }
 
 Status AddInPlace(float* x, const float* y, int64_t n, cudaStream_t stream) {

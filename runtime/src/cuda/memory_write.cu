@@ -42,17 +42,18 @@ __global__ void GatedMemoryUpdateKernel(const float* __restrict__ u, const float
 
 }  // namespace
 
-Status AccumulateWrite(cublasHandle_t handle, const float* attn, const float* offer, int64_t T, int64_t N, int64_t d,
+Status AccumulateWrite(cublasHandle_t handle, const float* attn, const float* offer, int64_t offer_ld, int64_t T, int64_t N, int64_t d,
                        int64_t heads, float* mass, float* acc, cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(ops::CheckMemory("AccumulateWrite", T, N, d, heads));
   if (T == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("AccumulateWrite", {handle, attn, offer, mass, acc}));
+  if (offer_ld < d) return Status::InvalidArgument("AccumulateWrite: offer_ld " + std::to_string(offer_ld) + " < d");
   AccumulateMassKernel<<<GridFor(heads * N, kThreads), kThreads, 0, stream>>>(attn, T, N, heads, mass);
   LM2_RETURN_IF_ERROR(CheckLaunch("AccumulateMassKernel"));
   // Row-major acc_j [N, dh] += attn_j [T, N]ᵀ · offer_j [T, dh] (column-major: dh x N =
   // offer_j · attn_jᵀ, with attn_j read as the N x T column-major matrix it is).
   const int64_t dh = d / heads;
-  return GemmStridedBatchedF32(handle, CUBLAS_OP_N, CUBLAS_OP_T, dh, N, T, 1.0f, offer, d, dh, attn, N, T * N, 1.0f,
+  return GemmStridedBatchedF32(handle, CUBLAS_OP_N, CUBLAS_OP_T, dh, N, T, 1.0f, offer, offer_ld, dh, attn, N, T * N, 1.0f,
                                acc, d, dh, heads, stream);
 }
 

@@ -1,4 +1,6 @@
 // RMSNorm: one block per row, fp32 sum of squares reduced across the block.
+#include <cuda_bf16.h>
+
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
@@ -9,16 +11,24 @@ namespace {
 
 // x and out may alias: every read of a row happens before the reduction's barrier, and
 // each element is then read and written by the same thread.
-__global__ void RmsNormKernel(const float* x, const float* __restrict__ weight, int64_t d, float eps, float* out) {
+template <typename Out>
+__device__ __forceinline__ Out FromFloat(float v);
+template <>
+__device__ __forceinline__ float FromFloat<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename Out>
+__global__ void RmsNormKernel(const float* x, const float* __restrict__ weight, int64_t d, float eps, Out* out) {
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
   const float* xr = x + row * d;
-  float* o = out + row * d;
+  Out* o = out + row * d;
   float ss = 0.0f;
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
   ss = BlockSum(ss, scratch);
   const float scale = 1.0f / sqrtf(ss / static_cast<float>(d) + eps);
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) o[i] = xr[i] * scale * weight[i];
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) o[i] = FromFloat<Out>(xr[i] * scale * weight[i]);
 }
 
 }  // namespace
@@ -30,6 +40,15 @@ Status RmsNorm(const float* x, const float* weight, int64_t rows, int64_t d, flo
   LM2_RETURN_IF_ERROR(RequireNonNull("RmsNorm", {x, weight, out}));
   RmsNormKernel<<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(x, weight, d, eps, out);
   return CheckLaunch("RmsNormKernel");
+}
+
+Status RmsNormBf16(const float* x, const float* weight, int64_t rows, int64_t d, float eps, __nv_bfloat16* out,
+                   cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckRmsNorm(rows, d, eps));
+  if (rows == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("RmsNormBf16", {x, weight, out}));
+  RmsNormKernel<<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(x, weight, d, eps, out);
+  return CheckLaunch("RmsNormKernel<bf16>");
 }
 
 }  // namespace lm2::runtime::cuda

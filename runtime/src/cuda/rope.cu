@@ -9,19 +9,48 @@
 namespace lm2::runtime::cuda {
 namespace {
 
+// Rotates the pair (i, i + D/2) of the head vector v by position * theta^(-2i/D).
+__device__ __forceinline__ void RotatePair(const float* src, float* dst, int64_t i, int64_t head_dim, int64_t position,
+                                           double theta) {
+  const int64_t half = head_dim / 2;
+  const double inv_freq = pow(theta, -static_cast<double>(2 * i) / static_cast<double>(head_dim));
+  const double angle = static_cast<double>(position) * inv_freq;
+  const float c = static_cast<float>(cos(angle)), s = static_cast<float>(sin(angle));
+  const float a = src[i], b = src[i + half];
+  dst[i] = a * c - b * s;
+  dst[i + half] = b * c + a * s;
+}
+
+// proj[t] = [q (H*D) | k (Hkv*D) | v (Hkv*D) | ...]: q and k rotated into q_out and k_out,
+// v copied to v_out. Items: every rotated pair of q and k, then every element of v.
+__global__ void SplitQkvRopeKernel(const float* __restrict__ proj, int64_t rows, int64_t proj_ld, int64_t heads,
+                                   int64_t kv_heads, int64_t head_dim, const int64_t* __restrict__ positions,
+                                   double theta, float* __restrict__ q_out, float* __restrict__ k_out,
+                                   float* __restrict__ v_out) {
+  const int64_t half = head_dim / 2, all_heads = heads + kv_heads, kvdim = kv_heads * head_dim;
+  const int64_t pairs = rows * all_heads * half, total = pairs + rows * kvdim;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < total;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (p < pairs) {
+      const int64_t i = p % half, th = p / half, t = th / all_heads, h = th % all_heads;
+      const float* src = proj + t * proj_ld + h * head_dim;  // k heads follow q heads in proj
+      float* dst = h < heads ? q_out + (t * heads + h) * head_dim : k_out + (t * kv_heads + h - heads) * head_dim;
+      RotatePair(src, dst, i, head_dim, positions[t], theta);
+    } else {
+      const int64_t e = p - pairs, t = e / kvdim, c = e % kvdim;
+      v_out[t * kvdim + c] = proj[t * proj_ld + (heads + kv_heads) * head_dim + c];
+    }
+  }
+}
+
 __global__ void RopeKernel(float* __restrict__ x, int64_t rows, int64_t heads, int64_t head_dim,
                            const int64_t* __restrict__ positions, double theta) {
   const int64_t half = head_dim / 2, pairs = rows * heads * half;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < pairs;
        p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = p % half, th = p / half, t = th / heads;
-    const double inv_freq = pow(theta, -static_cast<double>(2 * i) / static_cast<double>(head_dim));
-    const double angle = static_cast<double>(positions[t]) * inv_freq;
-    const float c = static_cast<float>(cos(angle)), s = static_cast<float>(sin(angle));
     float* v = x + th * head_dim;
-    const float a = v[i], b = v[i + half];
-    v[i] = a * c - b * s;
-    v[i + half] = b * c + a * s;
+    RotatePair(v, v, i, head_dim, positions[t], theta);
   }
 }
 
@@ -35,6 +64,22 @@ Status Rope(float* x, int64_t rows, int64_t heads, int64_t head_dim, const int64
   const int64_t pairs = rows * heads * (head_dim / 2);
   RopeKernel<<<GridFor(pairs, kThreads), kThreads, 0, stream>>>(x, rows, heads, head_dim, positions, theta);
   return CheckLaunch("RopeKernel");
+}
+
+Status SplitQkvRope(const float* proj, int64_t rows, int64_t proj_ld, int64_t heads, int64_t kv_heads,
+                    int64_t head_dim, const int64_t* positions, double theta, float* q_out, float* k_out, float* v_out,
+                    cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckRope(rows, heads, head_dim, theta));
+  LM2_RETURN_IF_ERROR(ops::CheckCausalAttention(0, 0, heads, kv_heads, head_dim));
+  if (proj_ld < (heads + 2 * kv_heads) * head_dim) {
+    return Status::InvalidArgument("SplitQkvRope: proj_ld " + std::to_string(proj_ld) + " narrower than q, k and v");
+  }
+  if (rows == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("SplitQkvRope", {proj, positions, q_out, k_out, v_out}));
+  const int64_t total = rows * (heads + kv_heads) * (head_dim / 2) + rows * kv_heads * head_dim;
+  SplitQkvRopeKernel<<<GridFor(total, kThreads), kThreads, 0, stream>>>(proj, rows, proj_ld, heads, kv_heads, head_dim,
+                                                                        positions, theta, q_out, k_out, v_out);
+  return CheckLaunch("SplitQkvRopeKernel");
 }
 
 }  // namespace lm2::runtime::cuda
