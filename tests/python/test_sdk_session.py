@@ -118,10 +118,14 @@ def test_errors_carry_the_status_code(tmp_path):
         lm2.Engine(os.path.join(ROOT, "tests/data/models/tiny-lm2"), str(tmp_path / "other"),
                    key_file=str(tmp_path / "no-such-key"))
     assert err.value.code == lm2.PERMISSION_DENIED
-    with pytest.raises(lm2.Error) as err:
-        lm2.Engine(os.path.join(ROOT, "tests/data/models/tiny-lm2"), str(tmp_path / "other"),
-                   key_file=str(tmp_path / "master.key"), backend="cuda")
-    assert err.value.code == lm2.UNIMPLEMENTED
+    # backend="cuda": the GPU when one is usable, else Unavailable (never a silent CPU).
+    try:
+        gpu = lm2.Engine(os.path.join(ROOT, "tests/data/models/tiny-lm2"), str(tmp_path / "other"),
+                         key_file=str(tmp_path / "master.key"), backend="cuda")
+    except lm2.Error as e:
+        assert e.code == lm2.UNAVAILABLE, str(e)
+    else:
+        assert gpu.model_info["backend"] == "cuda:0"
 
 
 def test_two_handles_conflict_then_reload_and_retry(tmp_path):
