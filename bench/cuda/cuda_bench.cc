@@ -15,19 +15,17 @@
 //                     (matrices but the embedding table, the KV cache read, memory K/V read)
 //   prefill T         one Forward of T tokens (segment opening included) per fresh state,
 //                     tokens/s and achieved TFLOP/s / gemm rate
-//   sessions B        B states, one host thread each, decoding at once; total tokens/s
+//   sessions B        B states decoding together, one ForwardBatch per step; total tokens/s
 //   bank export/import one session's banks device <-> host through pinned staging
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "cuda/cuda_ops.h"
@@ -228,10 +226,13 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
        TimeOp(st, [&] { return cuda::ConvertF32ToBf16(x, d, xb.data(), st); })},
       {"Linear 1 x d -> d (o_proj, out_gate)", L + M,
        TimeOp(st, [&] { return cuda::Linear(h, xb.data(), 1, d, w.data(), d, ys.data(), false, st); })},
-      {"MemoryRead T=1", M,
-       TimeOp(st, [&] { return cuda::MemoryRead(h, x, d, f2.data(), f3.data(), 1, N, d, Hm, ys.data(), f1.data() + d, st); })},
-      {"AccumulateWrite T=1", M,
-       TimeOp(st, [&] { return cuda::AccumulateWrite(h, ys.data(), x, d, 1, N, d, Hm, f2.data(), f3.data(), st); })},
+      {"MemoryReadOneToken", M,
+       TimeOp(st, [&] {
+         return cuda::MemoryReadOneToken(x, d, f2.data(), f3.data(), N, d, Hm, ys.data(), f1.data() + d,
+                                         f1.data() + 2 * d, st);
+       })},
+      {"AccumulateWriteOneToken", M,
+       TimeOp(st, [&] { return cuda::AccumulateWriteOneToken(ys.data(), x, N, d, Hm, f2.data(), f3.data(), st); })},
       {"AddBias + GatedResidual / AddInPlace [d]", 2 * M + (L - M),
        TimeOp(st, [&] { return cuda::GatedResidual(x, f2.data(), f3.data(), f2.data(), d, st); })},
       {"Linear 1 x d -> 2F (gate|up stacked)", L,
@@ -408,26 +409,27 @@ int main(int argc, char** argv) {
       states.push_back(std::move(s).value());
     }
     if (!fits) continue;
-    std::atomic<int> ready{0};
-    std::atomic<bool> go{false};
-    std::vector<double> secs(static_cast<std::size_t>(B));
-    std::vector<std::thread> threads;
-    for (int64_t b = 0; b < B; ++b) {
-      threads.emplace_back([&, b] {
-        ready.fetch_add(1);
-        while (!go.load()) std::this_thread::yield();
-        secs[static_cast<std::size_t>(b)] =
-            Decode(*model, *states[static_cast<std::size_t>(b)], decode_tokens, logits[static_cast<std::size_t>(b)]);
-      });
-    }
-    while (ready.load() < B) std::this_thread::yield();
+    // One ForwardBatch per step over all B sessions; greedy next tokens from each row.
+    std::vector<SequenceState*> ptrs;
+    for (auto& st : states) ptrs.push_back(st.get());
+    std::vector<int32_t> next(static_cast<std::size_t>(B));
+    for (int64_t b = 0; b < B; ++b) next[static_cast<std::size_t>(b)] = Argmax(logits[static_cast<std::size_t>(b)]);
+    std::vector<float> batch_logits;
+    const auto V = static_cast<std::size_t>(cfg.vocab_size);
+    auto step = [&] {
+      Check(model->ForwardBatch(ptrs, next, &batch_logits), "ForwardBatch");
+      for (std::size_t b = 0; b < next.size(); ++b) {
+        const auto row = batch_logits.begin() + static_cast<std::ptrdiff_t>(b * V);
+        next[b] = static_cast<int32_t>(std::max_element(row, row + static_cast<std::ptrdiff_t>(V)) - row);
+      }
+    };
+    for (int w = 0; w < 2; ++w) step();  // scratch and pointer table for this batch size
     const auto t0 = Clock::now();
-    go.store(true);
-    for (auto& t : threads) t.join();
+    for (int64_t i = 0; i < decode_tokens; ++i) step();
     const double wall = Seconds(t0, Clock::now());
     const double tps = static_cast<double>(B * decode_tokens) / wall;
-    std::printf("sessions %lld (one host thread and stream each, no batching): %.1f tokens/s in total\n",
-                static_cast<long long>(B), tps);
+    std::printf("sessions %lld (one batched forward per step): %.1f tokens/s in total, %.2f ms per step\n",
+                static_cast<long long>(B), tps, wall / static_cast<double>(decode_tokens) * 1e3);
     json << (first ? "" : ", ") << "\"" << B << "\": {\"tps\": " << tps << "}";
     first = false;
   }

@@ -50,10 +50,11 @@ std::shared_ptr<const ModelFiles> Files(const std::string& dir) {
 }
 
 std::unique_ptr<Model> LoadCuda(const std::shared_ptr<const ModelFiles>& files, int64_t chunk = 512,
-                                int64_t gemm_attention_from = 32) {
+                                int64_t gemm_attention_from = 32, bool graphs = true) {
   lm2::runtime::CudaOptions options;
   options.max_chunk_tokens = chunk;
   options.attention_gemm_min_tokens = gemm_attention_from;
+  options.cuda_graphs = graphs;
   auto model = lm2::runtime::LoadCudaModel(files, options);
   RequireOk(model.status());
   return std::move(model).value();
@@ -225,7 +226,9 @@ TEST_CASE("CUDA decode token by token equals one prefill; chunked prefill equals
     REQUIRE(in_chunks.size() == prefill.size());
     // GEMMs of a different row count may accumulate in another order: fp32 rounding only.
     const auto ref = Widen(prefill);
-    CHECK(RelativeError(stepped.data(), ref.data(), ref.size()) < 1e-4);
+    // Decode reads and writes memory with fp32 kernels, multi-token calls with TF32 GEMMs:
+    // equal to TF32 precision (amplified by later bf16 roundings, as for attention below).
+    CHECK(RelativeError(stepped.data(), ref.data(), ref.size()) < 1e-2);
     CHECK(RelativeError(in_chunks.data(), ref.data(), ref.size()) < 1e-4);
     // The GEMM attention path (TF32 scores and values) against the fp32 kernels: the
     // attention outputs differ by ~1e-3, which later bf16 roundings of GEMM inputs can
@@ -243,7 +246,7 @@ TEST_CASE("CUDA decode token by token equals one prefill; chunked prefill equals
     REQUIRE((ma.ok() && mb.ok() && mc.ok()));
     for (std::size_t l = 0; l < ma->layers.size(); ++l) {
       const auto bank = Widen(ma->layers[l].data);
-      CHECK(RelativeError(mb->layers[l].data.data(), bank.data(), bank.size()) < 1e-4);
+      CHECK(RelativeError(mb->layers[l].data.data(), bank.data(), bank.size()) < 1e-2);  // TF32 vs fp32
       CHECK(RelativeError(mc->layers[l].data.data(), bank.data(), bank.size()) < 1e-4);
     }
   }
@@ -360,6 +363,115 @@ TEST_CASE("Many CUDA states run one shared model from several threads", "[cuda][
     INFO("thread " << t);
     REQUIRE_FALSE(alone[static_cast<std::size_t>(t)].empty());
     CHECK(together[static_cast<std::size_t>(t)] == alone[static_cast<std::size_t>(t)]);
+  }
+}
+
+TEST_CASE("CUDA ForwardBatch: one forward for many sessions equals each decoding alone", "[cuda][model]") {
+  for (const auto& name : kModels) {
+    INFO(name);
+    auto files = Files(TestModelDir(name));
+    auto gpu = LoadCuda(files);
+    const auto V = static_cast<std::size_t>(gpu->config().vocab_size);
+    constexpr int kSessions = 5;
+    std::vector<std::unique_ptr<SequenceState>> batched, alone;
+    std::vector<int32_t> next(kSessions);
+    std::vector<float> logits, row;
+    for (int b = 0; b < kSessions; ++b) {
+      batched.push_back(NewState(*gpu));
+      alone.push_back(NewState(*gpu));
+      if (b == 3) continue;  // one session starts its segment inside ForwardBatch
+      std::vector<int32_t> prompt;
+      for (int i = 0; i < 3 + 4 * b; ++i) prompt.push_back((b * 97 + i * 31 + 5) % 500);  // different lengths
+      RequireOk(gpu->Forward(*batched.back(), prompt, LogitsMode::kLast, &row));
+      RequireOk(gpu->Forward(*alone.back(), prompt, LogitsMode::kLast, &row));
+      next[static_cast<std::size_t>(b)] = Argmax(row);
+    }
+    next[3] = 9;
+    std::vector<SequenceState*> ptrs;
+    for (auto& s : batched) ptrs.push_back(s.get());
+    double worst = 0;
+    for (int step = 0; step < 6; ++step) {
+      RequireOk(gpu->ForwardBatch(ptrs, next, &logits));
+      REQUIRE(logits.size() == kSessions * V);
+      for (std::size_t b = 0; b < kSessions; ++b) {
+        RequireOk(gpu->Forward(*alone[b], std::vector<int32_t>{next[b]}, LogitsMode::kLast, &row));
+        const auto ref = Widen(row);
+        const double err = RelativeError(logits.data() + b * V, ref.data(), V);
+        worst = std::max(worst, err);
+        CHECK(err < 1e-4);
+        std::vector<float> got(logits.begin() + static_cast<std::ptrdiff_t>(b * V),
+                               logits.begin() + static_cast<std::ptrdiff_t>((b + 1) * V));
+        next[b] = Argmax(row);
+        CHECK(Argmax(got) == next[b]);
+      }
+    }
+    std::printf("batched %-13s: %d sessions x 6 steps, worst logits rel err vs alone %.3g\n", name.c_str(), kSessions,
+                worst);
+    for (std::size_t b = 0; b < kSessions; ++b) {
+      CHECK(batched[b]->context_length() == alone[b]->context_length());
+      RequireOk(gpu->EndSegment(*batched[b]));
+      RequireOk(gpu->EndSegment(*alone[b]));
+      auto mb = gpu->ExportMemory(*batched[b]);
+      auto ma = gpu->ExportMemory(*alone[b]);
+      RequireOk(mb.status());
+      RequireOk(ma.status());
+      for (std::size_t l = 0; l < ma->layers.size(); ++l) {
+        const auto bank = Widen(ma->layers[l].data);
+        CHECK(RelativeError(mb->layers[l].data.data(), bank.data(), bank.size()) < 1e-4);
+      }
+    }
+    // Refusals leave the states as they were.
+    auto other = LoadCuda(files);
+    auto foreign = NewState(*other);
+    std::vector<SequenceState*> mixed = {ptrs[0], foreign.get()};
+    const auto before = batched[0]->context_length();
+    CHECK(gpu->ForwardBatch(mixed, std::vector<int32_t>{1, 2}, &logits).code() == lm2::StatusCode::kInvalidArgument);
+    CHECK(batched[0]->context_length() == before);
+  }
+}
+
+TEST_CASE("CUDA graphs replay decode steps bit-identically, also after the buffers they use move",
+          "[cuda][model]") {
+  auto files = Files(TestModelDir("tiny-lm2"));
+  auto graphed = LoadCuda(files);
+  auto eager = LoadCuda(files, 512, 32, /*graphs=*/false);
+  auto a = NewState(*graphed), a2 = NewState(*graphed);
+  auto b = NewState(*eager), b2 = NewState(*eager);
+  std::vector<float> la, lb;
+  auto same_step = [&](int32_t token) {
+    RequireOk(graphed->Forward(*a, std::vector<int32_t>{token}, LogitsMode::kLast, &la));
+    RequireOk(eager->Forward(*b, std::vector<int32_t>{token}, LogitsMode::kLast, &lb));
+    CHECK(la == lb);
+  };
+  const std::vector<int32_t> prompt = {3, 14, 15, 92, 65};
+  RequireOk(graphed->Forward(*a, prompt, LogitsMode::kLast, &la));
+  RequireOk(eager->Forward(*b, prompt, LogitsMode::kLast, &lb));
+  for (int i = 0; i < 4; ++i) same_step(Argmax(lb));  // capture, then replays
+  // A long call grows the state's scratch (the captured buffers move): capture again.
+  std::vector<int32_t> longer(40);
+  for (std::size_t i = 0; i < longer.size(); ++i) longer[i] = static_cast<int32_t>((i * 37 + 11) % 500);
+  RequireOk(graphed->Forward(*a, longer, LogitsMode::kLast, &la));
+  RequireOk(eager->Forward(*b, longer, LogitsMode::kLast, &lb));
+  CHECK(la == lb);
+  for (int i = 0; i < 4; ++i) same_step(Argmax(lb));
+  // A new segment after the write, context reset.
+  RequireOk(graphed->EndSegment(*a));
+  RequireOk(eager->EndSegment(*b));
+  graphed->ResetContext(*a);
+  eager->ResetContext(*b);
+  for (int i = 0; i < 3; ++i) same_step(7 + i);
+  // Batches of two, with a different lead each time.
+  RequireOk(graphed->Forward(*a2, prompt, LogitsMode::kLast, &la));
+  RequireOk(eager->Forward(*b2, prompt, LogitsMode::kLast, &lb));
+  for (int i = 0; i < 3; ++i) {
+    std::vector<SequenceState*> ga = {a.get(), a2.get()}, eb = {b.get(), b2.get()};
+    if (i == 1) {
+      std::swap(ga[0], ga[1]);
+      std::swap(eb[0], eb[1]);
+    }
+    RequireOk(graphed->ForwardBatch(ga, std::vector<int32_t>{5, 6}, &la));
+    RequireOk(eager->ForwardBatch(eb, std::vector<int32_t>{5, 6}, &lb));
+    CHECK(la == lb);
   }
 }
 

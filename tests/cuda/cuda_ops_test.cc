@@ -305,6 +305,14 @@ TEST_CASE("MemoryRead: softmax over slots per memory head, attention-weighted va
   RequireOk(MemoryRead(Cublas(), dq.data(), d, dmk.data(), dmv.data(), T, N, d, Hm, dattn.data(), de.data(), Stream()));
   CHECK(RelErr(Download(dattn), want_attn) < kTolTf32);
   CHECK(RelErr(Download(de), want_e) < kTolTf32);
+  if (T == 1) {  // the decode kernels: fp32, no TF32
+    auto dattn1 = Poisoned<float>(want_attn.size()), de1 = Poisoned<float>(want_e.size());
+    auto scratch = Poisoned<float>(static_cast<std::size_t>(MemoryReadDecodeScratch(1, N, d)));
+    RequireOk(MemoryReadOneToken(dq.data(), d, dmk.data(), dmv.data(), N, d, Hm, dattn1.data(), de1.data(),
+                                 scratch.data(), Stream()));
+    CHECK(RelErr(Download(dattn1), want_attn) < kTolReduce);
+    CHECK(RelErr(Download(de1), want_e) < kTolReduce);
+  }
 }
 
 TEST_CASE("Memory write: streamed sums, write update, gated commit", "[cuda][ops]") {
@@ -349,6 +357,19 @@ TEST_CASE("Memory write: streamed sums, write update, gated commit", "[cuda][ops
   const auto mass = Download(dmass), acc = Download(dacc);
   CHECK(RelErr(mass, want_mass) < kTolReduce);
   CHECK(RelErr(acc, want_acc) < kTolTf32);
+  if (T1 == 1) {  // the decode kernel on the first token alone: fp32
+    auto m1 = Upload(mass0), a1 = Upload(acc0);
+    RequireOk(AccumulateWriteOneToken(dattn1.data(), doffer.data(), N, d, Hm, m1.data(), a1.data(), Stream()));
+    std::vector<double> wm(mass0.begin(), mass0.end()), wa(acc0.begin(), acc0.end());
+    for (int64_t j = 0; j < Hm; ++j)
+      for (int64_t n = 0; n < N; ++n) {
+        const double a = attn1[j * N + n];
+        wm[j * N + n] += a;
+        for (int64_t c = 0; c < dh; ++c) wa[n * d + j * dh + c] += a * offer[j * dh + c];
+      }
+    CHECK(RelErr(Download(m1), wm) < kTolF32);
+    CHECK(RelErr(Download(a1), wa) < kTolF32);
+  }
 
   // u from the device's sums (so this checks WriteUpdate alone).
   auto du = Poisoned<float>(acc.size());
@@ -496,6 +517,100 @@ TEST_CASE("Fused forms: RmsNormBf16, SplitQkvRope, SwiGluBf16 equal the unfused 
   RequireOk(SwiGluBf16(dgu.data(), rows, F, fused.data(), Stream()));
   auto a = Download(sw_b), b = Download(fused);
   CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(__nv_bfloat16)) == 0);
+}
+
+TEST_CASE("Batched decode ops over per-session caches equal the one-cache ops", "[cuda][ops]") {
+  const int64_t H = 8, Hkv = 2, D = 64, kvdim = Hkv * D, qdim = H * D, P = qdim + 2 * kvdim;
+  const std::vector<int64_t> pos = {0, 5, 130, 17};  // each session's position (its cache length before)
+  const auto B = static_cast<int64_t>(pos.size());
+  std::vector<DeviceBuffer<float>> kc, vc;
+  std::vector<float*> kptr, vptr;
+  for (int64_t p : pos) {
+    kc.push_back(Upload(Random(static_cast<std::size_t>((p + 1) * kvdim))));
+    vc.push_back(Upload(Random(static_cast<std::size_t>((p + 1) * kvdim))));
+    kptr.push_back(kc.back().data());
+    vptr.push_back(vc.back().data());
+  }
+  auto dk = Upload(kptr), dv = Upload(vptr);
+  auto dpos = Upload(pos);
+  auto proj = Random(static_cast<std::size_t>(B * P));
+  auto dproj = Upload(proj);
+  auto q = Poisoned<float>(static_cast<std::size_t>(B * qdim));
+  RequireOk(SplitQkvRopeBatch(dproj.data(), B, P, H, Hkv, D, dpos.data(), 10000.0, q.data(), dk.data(), dv.data(),
+                              Stream()));
+  auto out = Poisoned<float>(static_cast<std::size_t>(B * qdim));
+  RequireOk(CausalAttentionDecodeBatch(q.data(), reinterpret_cast<const float* const*>(dk.data()),
+                                       reinterpret_cast<const float* const*>(dv.data()), dpos.data(), B, H, Hkv, D,
+                                       out.data(), Stream()));
+  const auto got = Download(out);
+  const auto got_q = Download(q);
+  for (int64_t b = 0; b < B; ++b) {
+    INFO("session " << b);
+    // The same row through the one-cache ops: k and v into a copy of that cache, then decode.
+    const auto ub = static_cast<std::size_t>(b);
+    std::vector<float> k_host(static_cast<std::size_t>((pos[ub] + 1) * kvdim));
+    std::vector<float> v_host(k_host.size());
+    RequireOk(kc[ub].CopyToHost(k_host.data(), k_host.size(), Stream()));
+    RequireOk(vc[ub].CopyToHost(v_host.data(), v_host.size(), Stream()));
+    auto k1 = Upload(k_host), v1 = Upload(v_host);
+    auto q1 = Poisoned<float>(static_cast<std::size_t>(qdim));
+    auto one_pos = Upload(std::vector<int64_t>{pos[ub]});
+    auto proj1 = Upload(std::vector<float>(proj.begin() + b * P, proj.begin() + (b + 1) * P));
+    RequireOk(SplitQkvRope(proj1.data(), 1, P, H, Hkv, D, one_pos.data(), 10000.0, q1.data(),
+                           k1.data() + pos[ub] * kvdim, v1.data() + pos[ub] * kvdim, Stream()));
+    auto o1 = Poisoned<float>(static_cast<std::size_t>(qdim));
+    RequireOk(CausalAttentionDecode(q1.data(), k1.data(), v1.data(), 1, pos[ub] + 1, H, Hkv, D, o1.data(), Stream()));
+    const auto want_q = Download(q1);
+    const auto want = Download(o1);
+    CHECK(std::equal(want_q.begin(), want_q.end(), got_q.begin() + b * qdim));
+    CHECK(std::equal(want.begin(), want.end(), got.begin() + b * qdim));
+    const auto k_after = Download(k1);
+    CHECK(k_after == k_host);  // the batch op wrote the same row into the session's cache
+  }
+}
+
+TEST_CASE("Batched memory decode ops equal the one-session ops per session", "[cuda][ops]") {
+  const int64_t N = 300, d = 128, Hm = 4, B = 3, ld = d + 40;  // q and offer rows ld apart
+  std::vector<DeviceBuffer<float>> mk, mv, mass, acc;
+  std::vector<const float*> kp, vp;
+  std::vector<float*> mp, ap;
+  std::vector<std::vector<float>> mass0, acc0;
+  for (int64_t b = 0; b < B; ++b) {
+    mk.push_back(Upload(Random(static_cast<std::size_t>(N * d))));
+    mv.push_back(Upload(Random(static_cast<std::size_t>(N * d))));
+    mass0.push_back(Random(static_cast<std::size_t>(Hm * N)));
+    acc0.push_back(Random(static_cast<std::size_t>(N * d)));
+    mass.push_back(Upload(mass0.back()));
+    acc.push_back(Upload(acc0.back()));
+    kp.push_back(mk.back().data());
+    vp.push_back(mv.back().data());
+    mp.push_back(mass.back().data());
+    ap.push_back(acc.back().data());
+  }
+  auto dkp = Upload(kp), dvp = Upload(vp);
+  auto dmp = Upload(mp), dap = Upload(ap);
+  const auto rows = Random(static_cast<std::size_t>(B * ld));  // q rows; reused as the write offers
+  auto drows = Upload(rows);
+  auto attn = Poisoned<float>(static_cast<std::size_t>(B * Hm * N)), e = Poisoned<float>(static_cast<std::size_t>(B * d));
+  auto scratch = Poisoned<float>(static_cast<std::size_t>(MemoryReadDecodeScratch(B, N, d)));
+  RequireOk(MemoryReadBatch(drows.data(), ld, dkp.data(), dvp.data(), B, N, d, Hm, attn.data(), e.data(),
+                            scratch.data(), Stream()));
+  RequireOk(AccumulateWriteBatch(attn.data(), drows.data(), ld, B, N, d, Hm, dmp.data(), dap.data(), Stream()));
+  const auto got_attn = Download(attn), got_e = Download(e);
+  for (int64_t b = 0; b < B; ++b) {
+    INFO("session " << b);
+    const auto ub = static_cast<std::size_t>(b);
+    auto a1 = Poisoned<float>(static_cast<std::size_t>(Hm * N)), e1 = Poisoned<float>(static_cast<std::size_t>(d));
+    RequireOk(MemoryReadOneToken(drows.data() + b * ld, ld, kp[ub], vp[ub], N, d, Hm, a1.data(), e1.data(),
+                                 scratch.data(), Stream()));
+    const auto want_attn = Download(a1), want_e = Download(e1);
+    CHECK(std::equal(want_attn.begin(), want_attn.end(), got_attn.begin() + b * Hm * N));
+    CHECK(std::equal(want_e.begin(), want_e.end(), got_e.begin() + b * d));
+    auto m1 = Upload(mass0[ub]), c1 = Upload(acc0[ub]);
+    RequireOk(AccumulateWriteOneToken(a1.data(), drows.data() + b * ld, N, d, Hm, m1.data(), c1.data(), Stream()));
+    CHECK(Download(m1) == Download(mass[ub]));
+    CHECK(Download(c1) == Download(acc[ub]));
+  }
 }
 
 TEST_CASE("Launchers refuse bad shapes and null pointers; empty work is a no-op", "[cuda][ops]") {

@@ -231,3 +231,39 @@ TEST_CASE("Many states run one shared model from several threads", "[cpu]") {
   for (int i = 0; i < kThreads; ++i) CHECK(concurrent[static_cast<std::size_t>(i)] == sequential[static_cast<std::size_t>(i)]);
   CHECK(sequential[0] != sequential[1]);
 }
+
+TEST_CASE("ForwardBatch runs each state's next token; bad input changes no state", "[cpu]") {
+  auto model = Load("tiny-lm2");
+  const int64_t V = model->config().vocab_size;
+  std::vector<std::unique_ptr<SequenceState>> batch_states, single_states;
+  std::vector<float> logits, row;
+  for (int i = 0; i < 3; ++i) {
+    const std::vector<int32_t> prompt(static_cast<std::size_t>(2 + 3 * i), 7 + i);
+    batch_states.push_back(NewState(*model));
+    single_states.push_back(NewState(*model));
+    REQUIRE(model->Forward(*batch_states.back(), prompt, LogitsMode::kNone, nullptr).ok());
+    REQUIRE(model->Forward(*single_states.back(), prompt, LogitsMode::kNone, nullptr).ok());
+  }
+  std::vector<SequenceState*> ptrs = {batch_states[0].get(), batch_states[1].get(), batch_states[2].get()};
+  const std::vector<int32_t> tokens = {11, 300, 42};
+  REQUIRE(model->ForwardBatch(ptrs, tokens, &logits).ok());
+  REQUIRE(logits.size() == 3 * static_cast<std::size_t>(V));
+  for (std::size_t i = 0; i < 3; ++i) {
+    REQUIRE(model->Forward(*single_states[i], std::vector<int32_t>{tokens[i]}, LogitsMode::kLast, &row).ok());
+    CHECK(std::equal(row.begin(), row.end(), logits.begin() + static_cast<std::ptrdiff_t>(i) * V));
+    CHECK(batch_states[i]->context_length() == single_states[i]->context_length());
+  }
+  // Refusals leave every state where it was.
+  auto other = Load("tiny-lm2");
+  auto foreign = NewState(*other);
+  const auto before = batch_states[0]->context_length();
+  std::vector<SequenceState*> twice = {ptrs[0], ptrs[0]};
+  CHECK(model->ForwardBatch(twice, std::vector<int32_t>{1, 2}, &logits).code() == lm2::StatusCode::kInvalidArgument);
+  std::vector<SequenceState*> mixed = {ptrs[0], foreign.get()};
+  CHECK(model->ForwardBatch(mixed, std::vector<int32_t>{1, 2}, &logits).code() == lm2::StatusCode::kInvalidArgument);
+  CHECK(model->ForwardBatch(ptrs, std::vector<int32_t>{1, 2}, &logits).code() == lm2::StatusCode::kInvalidArgument);
+  CHECK(model->ForwardBatch(ptrs, std::vector<int32_t>{1, 2, static_cast<int32_t>(V)}, &logits).code() ==
+        lm2::StatusCode::kInvalidArgument);
+  CHECK(model->ForwardBatch(ptrs, tokens, nullptr).code() == lm2::StatusCode::kInvalidArgument);
+  CHECK(batch_states[0]->context_length() == before);
+}

@@ -59,6 +59,11 @@ class CpuModel final : public Model {
   const std::string& fingerprint() const override { return w_->files->Fingerprint(); }
   std::string backend_name() const override { return "cpu"; }
 
+  bool OwnsState(const SequenceState& state) const override {
+    const auto* s = dynamic_cast<const CpuState*>(&state);
+    return s != nullptr && s->owner_ == this;
+  }
+
   Result<std::unique_ptr<SequenceState>> NewState() const override {
     auto s = std::make_unique<CpuState>(this);
     s->layers_.resize(Z(cfg_.num_layers));

@@ -18,10 +18,29 @@ namespace {
 constexpr int kDecodeThreads = 128;  // 4 warps; warp w takes keys w, w + 4, ...
 constexpr int kDecodeWarps = kDecodeThreads / 32;
 
+// Where query row t's keys and values are, and how many it sees: one cache for T queries at
+// its end (a sequence), or one cache per row at that row's position (a batch of sessions).
+struct OneCache {
+  const float* k;
+  const float* v;
+  int64_t T, S;
+  __device__ const float* Keys(int64_t) const { return k; }
+  __device__ const float* Values(int64_t) const { return v; }
+  __device__ int64_t Visible(int64_t t) const { return S - T + t + 1; }  // query t sits at S - T + t
+};
+struct CachePerRow {
+  const float* const* k;
+  const float* const* v;
+  const int64_t* positions;
+  __device__ const float* Keys(int64_t t) const { return k[t]; }
+  __device__ const float* Values(int64_t t) const { return v[t]; }
+  __device__ int64_t Visible(int64_t t) const { return positions[t] + 1; }
+};
+
 // Shared: q[D], per-warp output accumulators [warps][D], per-warp max and sum [warps] each.
-__global__ void AttentionDecodeKernel(const float* __restrict__ q, const float* __restrict__ k,
-                                      const float* __restrict__ v, int64_t T, int64_t S, int heads, int group,
-                                      int D, float scale, float* __restrict__ out) {
+template <typename Rows>
+__global__ void AttentionDecodeKernel(const float* __restrict__ q, Rows rows, int heads, int group, int D, float scale,
+                                      float* __restrict__ out) {
   extern __shared__ float smem[];
   const int warps = static_cast<int>(blockDim.x) / 32;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
@@ -39,7 +58,9 @@ __global__ void AttentionDecodeKernel(const float* __restrict__ q, const float* 
   for (int i = static_cast<int>(threadIdx.x); i < warps * D; i += static_cast<int>(blockDim.x)) acc[i] = 0.0f;
   __syncthreads();
 
-  const int64_t visible = S - T + t + 1;  // query t sits at position S - T + t
+  const float* __restrict__ k = rows.Keys(t);
+  const float* __restrict__ v = rows.Values(t);
+  const int64_t visible = rows.Visible(t);
   float m = -INFINITY, l = 0.0f;
   float* my = acc + warp * D;
   for (int64_t j = warp; j < visible; j += warps) {
@@ -206,13 +227,32 @@ Status CausalAttentionDecode(const float* q, const float* k_cache, const float* 
                                          head_dim, out));
   if (T == 0) return Status::Ok();
   const int64_t smem = static_cast<int64_t>(sizeof(float)) * (head_dim * (1 + kDecodeWarps) + 2 * kDecodeWarps);
-  LM2_RETURN_IF_ERROR(
-      EnsureSharedMemory(reinterpret_cast<const void*>(&AttentionDecodeKernel), smem, "CausalAttentionDecode"));
+  LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&AttentionDecodeKernel<OneCache>), smem,
+                                         "CausalAttentionDecode"));
   const float scale = 1.0f / sqrtf(static_cast<float>(head_dim));
   AttentionDecodeKernel<<<static_cast<unsigned int>(T * heads), kDecodeThreads, static_cast<size_t>(smem), stream>>>(
-      q, k_cache, v_cache, T, S, static_cast<int>(heads), static_cast<int>(heads / kv_heads),
+      q, OneCache{k_cache, v_cache, T, S}, static_cast<int>(heads), static_cast<int>(heads / kv_heads),
       static_cast<int>(head_dim), scale, out);
   return CheckLaunch("AttentionDecodeKernel");
+}
+
+Status CausalAttentionDecodeBatch(const float* q, const float* const* k_caches, const float* const* v_caches,
+                                  const int64_t* positions, int64_t B, int64_t heads, int64_t kv_heads,
+                                  int64_t head_dim, float* out, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckCausalAttention(0, 0, heads, kv_heads, head_dim));
+  if (B < 0 || B * heads > (int64_t{1} << 31) - 1) {
+    return Status::InvalidArgument("CausalAttentionDecodeBatch: B=" + std::to_string(B));
+  }
+  if (B == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("CausalAttentionDecodeBatch", {q, k_caches, v_caches, positions, out}));
+  const int64_t smem = static_cast<int64_t>(sizeof(float)) * (head_dim * (1 + kDecodeWarps) + 2 * kDecodeWarps);
+  LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&AttentionDecodeKernel<CachePerRow>), smem,
+                                         "CausalAttentionDecodeBatch"));
+  const float scale = 1.0f / sqrtf(static_cast<float>(head_dim));
+  AttentionDecodeKernel<<<static_cast<unsigned int>(B * heads), kDecodeThreads, static_cast<size_t>(smem), stream>>>(
+      q, CachePerRow{k_caches, v_caches, positions}, static_cast<int>(heads), static_cast<int>(heads / kv_heads),
+      static_cast<int>(head_dim), scale, out);
+  return CheckLaunch("AttentionDecodeKernel<CachePerRow>");
 }
 
 Status CausalAttentionPrefill(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,

@@ -7,6 +7,8 @@
 // the state unusable: its write sums may hold half a step, and continuing would compute a
 // wrong memory silently.
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <mutex>
 #include <numeric>
@@ -43,10 +45,30 @@ struct Scratch {
   DeviceBuffer<float> proj;      // [T, x_proj_rows]: q | k | v | memory q | write offer
   DeviceBuffer<float> q, attn_out, a, mattn, e, gate, gate_up, logits;
   DeviceBuffer<float> scores;    // [H, T, S] of the GEMM attention path
+  DeviceBuffer<float> read_partial;  // the decode memory read's partial sums
   DeviceBuffer<bf16> xb;         // a normed input in bf16, shared by the GEMMs that read it
   DeviceBuffer<bf16> yb;         // other GEMM inputs rounded to bf16
   DeviceBuffer<int32_t> ids;
   DeviceBuffer<int64_t> positions;
+  // ForwardBatch's pointer table (BatchTable), on the device and as last uploaded.
+  DeviceBuffer<void*> table;
+  std::vector<void*> table_host;
+};
+
+// The per-session device pointers of a batched decode step, one array (Scratch::table):
+// per layer a block of B pointers each to the sessions' KV cache K, KV cache V, memory K,
+// memory V, write sums and slot masses (the memory ones null in layers without memory).
+struct BatchTable {
+  void** base = nullptr;
+  int64_t B = 0;
+  static constexpr int64_t kArrays = 6;
+  void** Array(int64_t layer, int64_t k) const { return base + (layer * kArrays + k) * B; }
+  float* const* KCaches(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 0)); }
+  float* const* VCaches(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 1)); }
+  const float* const* MemK(int64_t i) const { return reinterpret_cast<const float* const*>(Array(i, 2)); }
+  const float* const* MemV(int64_t i) const { return reinterpret_cast<const float* const*>(Array(i, 3)); }
+  float* const* Acc(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 4)); }
+  float* const* Mass(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 5)); }
 };
 
 class CudaState final : public SequenceState {
@@ -69,6 +91,10 @@ class CudaState final : public SequenceState {
   PinnedBuffer<int32_t> ids_host_;
   PinnedBuffer<int64_t> positions_host_;
   PinnedBuffer<float> staging_;  // one memory layer [N, d]: export and import
+  PinnedBuffer<float> logits_host_;  // decode steps' logits
+  DeviceBuffer<char> cublas_workspace_;  // cuBLAS's, set on the handle (graph capture needs one)
+  CudaGraph decode_graph_;       // the last decode step captured with this state as the lead
+  std::vector<const void*> decode_graph_key_;  // what it was captured over
 };
 
 // Makes the model's device current for the calling thread (CUDA's current device is
@@ -84,11 +110,19 @@ class CudaModel final : public Model {
   const std::string& fingerprint() const override { return files_->Fingerprint(); }
   std::string backend_name() const override { return "cuda:" + std::to_string(w_->device); }
 
+  bool OwnsState(const SequenceState& state) const override {
+    const auto* s = dynamic_cast<const CudaState*>(&state);
+    return s != nullptr && s->owner_ == this;
+  }
+
   Result<std::unique_ptr<SequenceState>> NewState() const override {
     LM2_RETURN_IF_ERROR(UseDevice(w_->device));
     auto s = std::make_unique<CudaState>(this);
     LM2_ASSIGN_OR_RETURN(s->stream_, CudaStream::Create());
     LM2_ASSIGN_OR_RETURN(s->cublas_, CublasHandle::Create());
+    constexpr std::size_t kWorkspace = std::size_t{8} << 20;
+    LM2_ASSIGN_OR_RETURN(s->cublas_workspace_, DeviceBuffer<char>::Allocate(kWorkspace));
+    LM2_CUBLAS_RETURN_IF_ERROR(cublasSetWorkspace(s->cublas_.get(), s->cublas_workspace_.data(), kWorkspace));
     s->layers_.resize(Z(cfg_.num_layers));
     const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size, Hm = cfg_.memory_heads;
     const cudaStream_t st = s->stream_.get();
@@ -132,11 +166,32 @@ class CudaModel final : public Model {
         if (logits != nullptr) logits->clear();
         return Status::Ok();
       }
+      if (T == 1 && mode != LogitsMode::kNone) {  // a decode step: the (graph-replayed) batch path
+        const std::vector<CudaState*> one = {s};
+        return RunBatch(one, tokens, logits);
+      }
       LM2_RETURN_IF_ERROR(RunTokens(*s, tokens, mode, logits));
       s->pos_ += T;
       s->segment_tokens_ += T;
       return Status::Ok();
     });
+  }
+
+  Status ForwardBatch(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
+                      std::vector<float>* logits) const override {
+    LM2_RETURN_IF_ERROR(CheckBatch(states, tokens, logits));
+    std::vector<CudaState*> batch;
+    for (SequenceState* s : states) {
+      auto* cs = static_cast<CudaState*>(s);  // OwnsState checked the type
+      if (cs->broken_) return Broken();
+      batch.push_back(cs);
+    }
+    Status st = UseDevice(w_->device);
+    if (st.ok()) st = RunBatch(batch, tokens, logits);
+    if (!st.ok()) {
+      for (CudaState* s : batch) s->broken_ = true;
+    }
+    return st;
   }
 
   Status EndSegment(SequenceState& base) const override {
@@ -344,6 +399,7 @@ class CudaModel final : public Model {
     if (cfg_.has_memory()) {
       for (DeviceBuffer<float>* b : {&sc.e, &sc.gate}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(rows * d)));
       LM2_RETURN_IF_ERROR(EnsureCapacity(sc.mattn, Z(Hm * rows * N)));
+      LM2_RETURN_IF_ERROR(EnsureCapacity(sc.read_partial, Z(MemoryReadDecodeScratch(rows, N, d))));
     }
     return Status::Ok();
   }
@@ -381,8 +437,104 @@ class CudaModel final : public Model {
     return s.stream_.Synchronize();
   }
 
-  // One chunk: tokens [first, first + n) of the call, at cache positions pos0 ...
-  Status RunLayers(CudaState& s, int64_t first, int64_t n, int64_t pos0) const {
+  // One decode step of every state in `batch` as one forward, on the first state's stream,
+  // cuBLAS handle and scratch (the others are idle: every call synchronises before it
+  // returns, and a state is driven by one thread at a time).
+  Status RunBatch(const std::vector<CudaState*>& batch, std::span<const int32_t> tokens,
+                  std::vector<float>* logits) const {
+    const auto B = static_cast<int64_t>(batch.size());
+    for (CudaState* s : batch) {
+      if (!s->segment_open_) LM2_RETURN_IF_ERROR(BeginSegment(*s));
+      LM2_RETURN_IF_ERROR(EnsureKvCapacity(*s, s->pos_ + 1));
+      LM2_RETURN_IF_ERROR(s->stream_.Synchronize());
+    }
+    CudaState& lead = *batch[0];
+    Scratch& sc = lead.scratch_;
+    const cudaStream_t st = lead.stream_.get();
+    LM2_RETURN_IF_ERROR(EnsureScratch(lead, B));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.ids, Z(B)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.positions, Z(B)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(lead.ids_host_, Z(B)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(lead.positions_host_, Z(B)));
+    for (int64_t b = 0; b < B; ++b) {
+      lead.ids_host_.data()[b] = tokens[Z(b)];
+      lead.positions_host_.data()[b] = batch[Z(b)]->pos_;
+    }
+    LM2_ASSIGN_OR_RETURN(BatchTable table, UploadBatchTable(batch, lead));
+    const int64_t V = cfg_.vocab_size;
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.logits, Z(B * V)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(lead.logits_host_, Z(B * V)));
+    // The step reads ids and positions from pinned memory and leaves the logits there, so
+    // all of it can be captured and replayed.
+    auto step = [&]() -> Status {
+      LM2_RETURN_IF_ERROR(sc.ids.CopyFromHost(lead.ids_host_.data(), Z(B), st));
+      LM2_RETURN_IF_ERROR(sc.positions.CopyFromHost(lead.positions_host_.data(), Z(B), st));
+      LM2_RETURN_IF_ERROR(RunLayers(lead, 0, B, 0, &table));
+      LM2_RETURN_IF_ERROR(LogitsOnDevice(lead, 0, B));
+      return CudaStatus(cudaMemcpyAsync(lead.logits_host_.data(), sc.logits.data(), Z(B * V) * sizeof(float),
+                                        cudaMemcpyDeviceToHost, st),
+                        "cudaMemcpyAsync(logits)");
+    };
+    if (options_.cuda_graphs) {
+      const std::vector<const void*> key = GraphKey(lead, B);
+      if (lead.decode_graph_.empty() || key != lead.decode_graph_key_) {
+        lead.decode_graph_ = CudaGraph();
+        LM2_ASSIGN_OR_RETURN(lead.decode_graph_, CudaGraph::Capture(st, step));
+        lead.decode_graph_key_ = key;
+      }
+      LM2_RETURN_IF_ERROR(lead.decode_graph_.Launch(st));
+    } else {
+      LM2_RETURN_IF_ERROR(step());
+    }
+    LM2_RETURN_IF_ERROR(lead.stream_.Synchronize());
+    logits->assign(lead.logits_host_.data(), lead.logits_host_.data() + B * V);
+    for (CudaState* s : batch) {
+      s->pos_ += 1;
+      s->segment_tokens_ += 1;
+    }
+    return Status::Ok();
+  }
+
+  // Every address a captured decode step of `lead` with B rows uses, besides the weights and
+  // what the pointer table holds (read when the graph runs): a graph is replayed only while
+  // these are unchanged.
+  std::vector<const void*> GraphKey(CudaState& lead, int64_t B) const {
+    const Scratch& sc = lead.scratch_;
+    return {reinterpret_cast<const void*>(static_cast<std::intptr_t>(B)),
+            sc.table.data(), sc.ids.data(), sc.positions.data(), lead.ids_host_.data(), lead.positions_host_.data(),
+            sc.h.data(), sc.proj.data(), sc.q.data(), sc.attn_out.data(), sc.a.data(), sc.mattn.data(), sc.e.data(),
+            sc.gate.data(), sc.gate_up.data(), sc.xb.data(), sc.yb.data(), sc.read_partial.data(), sc.logits.data(),
+            lead.logits_host_.data(), lead.cublas_workspace_.data()};
+  }
+
+  // Builds the batch's pointer table and uploads it when it differs from the last one (it
+  // changes only when the batch's states or their buffers do).
+  Result<BatchTable> UploadBatchTable(const std::vector<CudaState*>& batch, CudaState& lead) const {
+    BatchTable t;
+    t.B = static_cast<int64_t>(batch.size());
+    std::vector<void*> next(Z(cfg_.num_layers * BatchTable::kArrays * t.B), nullptr);
+    for (int64_t i = 0; i < cfg_.num_layers; ++i) {
+      for (int64_t b = 0; b < t.B; ++b) {
+        LayerState& ls = batch[Z(b)]->layers_[Z(i)];
+        void* ptrs[BatchTable::kArrays] = {ls.k_cache.data(), ls.v_cache.data(), ls.mem_k.data(),
+                                           ls.mem_v.data(),   ls.acc.data(),     ls.mass.data()};
+        for (int64_t k = 0; k < BatchTable::kArrays; ++k) next[Z((i * BatchTable::kArrays + k) * t.B + b)] = ptrs[k];
+      }
+    }
+    Scratch& sc = lead.scratch_;
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.table, next.size()));
+    if (next != sc.table_host) {
+      LM2_RETURN_IF_ERROR(sc.table.CopyFromHost(next.data(), next.size(), lead.stream_.get()));  // pageable: staged now
+      sc.table_host = std::move(next);
+    }
+    t.base = sc.table.data();
+    return t;
+  }
+
+  // One chunk: tokens [first, first + n) of the call, at cache positions pos0 ... With
+  // `batch`, instead one token of each of n states (their caches, banks and positions
+  // through the table; `s` is the batch's lead).
+  Status RunLayers(CudaState& s, int64_t first, int64_t n, int64_t pos0, const BatchTable* batch = nullptr) const {
     const int64_t d = cfg_.hidden_size, H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, Dh = cfg_.head_dim;
     const int64_t F = cfg_.intermediate_size, N = cfg_.memory_slots, Hm = cfg_.memory_heads, V = cfg_.vocab_size;
     const int64_t qdim = H * Dh, kvdim = Hkv * Dh, S = pos0 + n;
@@ -406,15 +558,24 @@ class CudaModel final : public Model {
       // straight into q and the cache rows of this chunk.
       LM2_RETURN_IF_ERROR(RmsNormBf16(h, lw.input_norm, n, d, eps, xb, st));
       LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, lw.x_proj, P, proj, false, st));
-      LM2_RETURN_IF_ERROR(SplitQkvRope(proj, n, P, H, Hkv, Dh, positions, cfg_.rope_theta, sc.q.data(),
-                                       ls.k_cache.data() + pos0 * kvdim, ls.v_cache.data() + pos0 * kvdim, st));
-      if (n >= options_.attention_gemm_min_tokens) {
-        LM2_RETURN_IF_ERROR(EnsureCapacity(sc.scores, Z(H * n * S)));
-        LM2_RETURN_IF_ERROR(CausalAttentionGemm(blas, sc.q.data(), ls.k_cache.data(), ls.v_cache.data(), n, S, H, Hkv,
-                                                Dh, sc.scores.data(), sc.attn_out.data(), st));
+      if (batch != nullptr) {  // one token per session, each with its own cache
+        LM2_RETURN_IF_ERROR(SplitQkvRopeBatch(proj, n, P, H, Hkv, Dh, positions, cfg_.rope_theta, sc.q.data(),
+                                              batch->KCaches(i), batch->VCaches(i), st));
+        LM2_RETURN_IF_ERROR(CausalAttentionDecodeBatch(
+            sc.q.data(), reinterpret_cast<const float* const*>(batch->KCaches(i)),
+            reinterpret_cast<const float* const*>(batch->VCaches(i)), positions, n, H, Hkv, Dh, sc.attn_out.data(),
+            st));
       } else {
-        LM2_RETURN_IF_ERROR(CausalAttention(sc.q.data(), ls.k_cache.data(), ls.v_cache.data(), n, S, H, Hkv, Dh,
-                                            sc.attn_out.data(), st));
+        LM2_RETURN_IF_ERROR(SplitQkvRope(proj, n, P, H, Hkv, Dh, positions, cfg_.rope_theta, sc.q.data(),
+                                         ls.k_cache.data() + pos0 * kvdim, ls.v_cache.data() + pos0 * kvdim, st));
+        if (n >= options_.attention_gemm_min_tokens) {
+          LM2_RETURN_IF_ERROR(EnsureCapacity(sc.scores, Z(H * n * S)));
+          LM2_RETURN_IF_ERROR(CausalAttentionGemm(blas, sc.q.data(), ls.k_cache.data(), ls.v_cache.data(), n, S, H,
+                                                  Hkv, Dh, sc.scores.data(), sc.attn_out.data(), st));
+        } else {
+          LM2_RETURN_IF_ERROR(CausalAttention(sc.q.data(), ls.k_cache.data(), ls.v_cache.data(), n, S, H, Hkv, Dh,
+                                              sc.attn_out.data(), st));
+        }
       }
       LM2_RETURN_IF_ERROR(LinearF32(blas, sc.attn_out.data(), n, qdim, lw.o_proj, d, sc.a.data(), false, yb, st));
 
@@ -422,13 +583,29 @@ class CudaModel final : public Model {
         const CudaMemoryWeights& mw = lw.memory;
         const float* mq = proj + qdim + 2 * kvdim;
         const float* offer = mq + d;
-        LM2_RETURN_IF_ERROR(MemoryRead(blas, mq, P, ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm, sc.mattn.data(),
-                                       sc.e.data(), st));
+        if (batch != nullptr) {
+          LM2_RETURN_IF_ERROR(MemoryReadBatch(mq, P, batch->MemK(i), batch->MemV(i), n, N, d, Hm, sc.mattn.data(),
+                                              sc.e.data(), sc.read_partial.data(), st));
+        } else if (n == 1) {
+          LM2_RETURN_IF_ERROR(MemoryReadOneToken(mq, P, ls.mem_k.data(), ls.mem_v.data(), N, d, Hm, sc.mattn.data(),
+                                                 sc.e.data(), sc.read_partial.data(), st));
+        } else {
+          LM2_RETURN_IF_ERROR(MemoryRead(blas, mq, P, ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm, sc.mattn.data(),
+                                         sc.e.data(), st));
+        }
         LM2_RETURN_IF_ERROR(LinearF32(blas, sc.e.data(), n, d, mw.out_gate_w, d, sc.gate.data(), false, yb, st));
         LM2_RETURN_IF_ERROR(AddBias(sc.gate.data(), n, d, mw.out_gate_b, st));
         LM2_RETURN_IF_ERROR(GatedResidual(h, sc.a.data(), sc.gate.data(), sc.e.data(), n * d, st));
-        LM2_RETURN_IF_ERROR(
-            AccumulateWrite(blas, sc.mattn.data(), offer, P, n, N, d, Hm, ls.mass.data(), ls.acc.data(), st));
+        if (batch != nullptr) {
+          LM2_RETURN_IF_ERROR(
+              AccumulateWriteBatch(sc.mattn.data(), offer, P, n, N, d, Hm, batch->Mass(i), batch->Acc(i), st));
+        } else if (n == 1) {
+          LM2_RETURN_IF_ERROR(
+              AccumulateWriteOneToken(sc.mattn.data(), offer, N, d, Hm, ls.mass.data(), ls.acc.data(), st));
+        } else {
+          LM2_RETURN_IF_ERROR(
+              AccumulateWrite(blas, sc.mattn.data(), offer, P, n, N, d, Hm, ls.mass.data(), ls.acc.data(), st));
+        }
       } else {
         LM2_RETURN_IF_ERROR(AddInPlace(h, sc.a.data(), n * d, st));
       }
@@ -442,16 +619,22 @@ class CudaModel final : public Model {
     return Status::Ok();
   }
 
-  // Logits of chunk rows [row, row + rows) into host `out` [rows, V].
-  Status ComputeLogits(CudaState& s, int64_t row, int64_t rows, float* out) const {
+  // Logits of chunk rows [row, row + rows) into sc.logits [rows, V] (sized by the caller).
+  Status LogitsOnDevice(CudaState& s, int64_t row, int64_t rows) const {
     const int64_t d = cfg_.hidden_size, V = cfg_.vocab_size;
     const cudaStream_t st = s.stream_.get();
     Scratch& sc = s.scratch_;
-    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.logits, Z(rows * V)));
     LM2_RETURN_IF_ERROR(RmsNormBf16(sc.h.data() + row * d, w_->final_norm, rows, d,
                                     static_cast<float>(cfg_.rms_norm_eps), sc.xb.data(), st));
-    LM2_RETURN_IF_ERROR(Linear(s.cublas_.get(), sc.xb.data(), rows, d, w_->lm_head, V, sc.logits.data(), false, st));
-    return sc.logits.CopyToHost(out, Z(rows * V), st);
+    return Linear(s.cublas_.get(), sc.xb.data(), rows, d, w_->lm_head, V, sc.logits.data(), false, st);
+  }
+
+  // The same, copied to host `out` [rows, V] (waits for the stream).
+  Status ComputeLogits(CudaState& s, int64_t row, int64_t rows, float* out) const {
+    const int64_t V = cfg_.vocab_size;
+    LM2_RETURN_IF_ERROR(EnsureCapacity(s.scratch_.logits, Z(rows * V)));
+    LM2_RETURN_IF_ERROR(LogitsOnDevice(s, row, rows));
+    return s.scratch_.logits.CopyToHost(out, Z(rows * V), s.stream_.get());
   }
 
   std::shared_ptr<const ModelFiles> files_;

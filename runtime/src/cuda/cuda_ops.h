@@ -82,6 +82,13 @@ Status SplitQkvRope(const float* proj, int64_t rows, int64_t proj_ld, int64_t he
                     int64_t head_dim, const int64_t* positions, double theta, float* q_out, float* k_out, float* v_out,
                     cudaStream_t stream);
 
+// SplitQkvRope for one token of each of `rows` sessions: row t's k and v go to
+// k_caches[t] / v_caches[t] (device arrays of device pointers, one KV cache per session) at
+// row positions[t], which is also its rotary position.
+Status SplitQkvRopeBatch(const float* proj, int64_t rows, int64_t proj_ld, int64_t heads, int64_t kv_heads,
+                         int64_t head_dim, const int64_t* positions, double theta, float* q_out, float* const* k_caches,
+                         float* const* v_caches, cudaStream_t stream);
+
 // Rotary embedding in place, rotate-half: x[t, h, :], pairs (i, i + head_dim/2) rotated by
 // positions[t] * theta^(-2i/head_dim); angles, cos and sin in double, rounded to fp32 as
 // the CPU backend does. positions is a device array of `rows`.
@@ -105,6 +112,13 @@ Status CausalAttentionDecode(const float* q, const float* k_cache, const float* 
                              int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream);
 Status CausalAttentionPrefill(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
                               int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream);
+
+// Decode attention for one token of each of B sessions: query row b over its own cache
+// k_caches[b] / v_caches[b] ([positions[b] + 1, Hkv*D] rows visible; device arrays of
+// device pointers). The decode kernel's math, a block per (session, head).
+Status CausalAttentionDecodeBatch(const float* q, const float* const* k_caches, const float* const* v_caches,
+                                  const int64_t* positions, int64_t B, int64_t heads, int64_t kv_heads,
+                                  int64_t head_dim, float* out, cudaStream_t stream);
 
 // Prefill attention through cuBLAS (same semantics as CausalAttention): scores [H, T, S]
 // (caller's scratch, fp32) = q·kᵀ/sqrt(D) by strided-batched TF32 GEMMs, a causal softmax,
@@ -144,6 +158,23 @@ Status MemoryRead(cublasHandle_t handle, const float* q, int64_t q_ld, const flo
 // an fp32 kernel, acc by a strided-batched TF32 GEMM with fp32 accumulation.
 Status AccumulateWrite(cublasHandle_t handle, const float* attn, const float* offer, int64_t offer_ld, int64_t T, int64_t N, int64_t d,
                        int64_t heads, float* mass, float* acc, cudaStream_t stream);
+
+// One token per session (decode), as bandwidth-bound fp32 kernels (memory_decode.cu): the
+// same results as MemoryRead / AccumulateWrite with T = 1, without TF32. Session b's query
+// and write offer are rows b of q / offer (q_ld, offer_ld apart); its memory K, V, masses
+// and sums are the arrays' b-th pointers (device arrays of device pointers); attn is
+// [B, heads, N], e [B, d]; scratch holds MemoryReadDecodeScratch(B, N, d) floats (partial
+// sums of the read, added in a fixed order: results do not vary from run to run).
+int64_t MemoryReadDecodeScratch(int64_t B, int64_t N, int64_t d);
+Status MemoryReadOneToken(const float* q, int64_t q_ld, const float* mem_k, const float* mem_v, int64_t N, int64_t d,
+                          int64_t heads, float* attn, float* e, float* scratch, cudaStream_t stream);
+Status MemoryReadBatch(const float* q, int64_t q_ld, const float* const* mem_k, const float* const* mem_v, int64_t B,
+                       int64_t N, int64_t d, int64_t heads, float* attn, float* e, float* scratch,
+                       cudaStream_t stream);
+Status AccumulateWriteOneToken(const float* attn, const float* offer, int64_t N, int64_t d, int64_t heads, float* mass,
+                               float* acc, cudaStream_t stream);
+Status AccumulateWriteBatch(const float* attn, const float* offer, int64_t offer_ld, int64_t B, int64_t N, int64_t d,
+                            int64_t heads, float* const* mass, float* const* acc, cudaStream_t stream);
 
 // u[n, j*dh + c] = acc[n, j*dh + c] / (mass[j, n] + 1).
 Status WriteUpdate(const float* mass, const float* acc, int64_t N, int64_t d, int64_t heads, float* u,

@@ -201,4 +201,56 @@ class CublasHandle {
   cublasHandle_t handle_ = nullptr;
 };
 
+// An executable CUDA graph, made by capturing the work a function enqueues on a stream
+// (thread-local capture mode: other threads' CUDA calls are unaffected). Replaying it
+// launches the whole sequence at once. The captured work refers to buffers by address:
+// whoever owns the graph must capture again when any of them moves.
+class CudaGraph {
+ public:
+  CudaGraph() = default;
+  ~CudaGraph() { Reset(); }
+  CudaGraph(const CudaGraph&) = delete;
+  CudaGraph& operator=(const CudaGraph&) = delete;
+  CudaGraph(CudaGraph&& o) noexcept : exec_(std::exchange(o.exec_, nullptr)) {}
+  CudaGraph& operator=(CudaGraph&& o) noexcept {
+    if (this != &o) {
+      Reset();
+      exec_ = std::exchange(o.exec_, nullptr);
+    }
+    return *this;
+  }
+
+  // Captures what `enqueue` (returning Status) puts on `stream`. A failure inside ends the
+  // capture and is returned; nothing ran.
+  template <typename Fn>
+  static Result<CudaGraph> Capture(cudaStream_t stream, Fn&& enqueue) {
+    LM2_RETURN_IF_ERROR(
+        CudaStatus(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture"));
+    Status enqueued = enqueue();
+    cudaGraph_t graph = nullptr;
+    Status ended = CudaStatus(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
+    if (enqueued.ok() && !ended.ok()) enqueued = ended;
+    if (!enqueued.ok()) {
+      if (graph != nullptr) (void)cudaGraphDestroy(graph);
+      (void)cudaGetLastError();
+      return enqueued;
+    }
+    CudaGraph g;
+    Status made = CudaStatus(cudaGraphInstantiate(&g.exec_, graph, 0), "cudaGraphInstantiate");
+    (void)cudaGraphDestroy(graph);
+    if (!made.ok()) return made;
+    return g;
+  }
+
+  bool empty() const { return exec_ == nullptr; }
+  Status Launch(cudaStream_t stream) const { return CudaStatus(cudaGraphLaunch(exec_, stream), "cudaGraphLaunch"); }
+
+ private:
+  void Reset() {
+    if (exec_ != nullptr) (void)cudaGraphExecDestroy(exec_);
+    exec_ = nullptr;
+  }
+  cudaGraphExec_t exec_ = nullptr;
+};
+
 }  // namespace lm2::runtime::cuda

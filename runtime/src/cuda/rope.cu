@@ -21,12 +21,29 @@ __device__ __forceinline__ void RotatePair(const float* src, float* dst, int64_t
   dst[i + half] = b * c + a * s;
 }
 
-// proj[t] = [q (H*D) | k (Hkv*D) | v (Hkv*D) | ...]: q and k rotated into q_out and k_out,
-// v copied to v_out. Items: every rotated pair of q and k, then every element of v.
+// Where row t's k and v go: consecutive rows of one cache, or each row into its own
+// session's cache at its position.
+struct ConsecutiveRows {
+  float* k;
+  float* v;
+  int64_t kvdim;
+  __device__ float* K(int64_t t, const int64_t*) const { return k + t * kvdim; }
+  __device__ float* V(int64_t t, const int64_t*) const { return v + t * kvdim; }
+};
+struct RowPerCache {
+  float* const* k;
+  float* const* v;
+  int64_t kvdim;
+  __device__ float* K(int64_t t, const int64_t* positions) const { return k[t] + positions[t] * kvdim; }
+  __device__ float* V(int64_t t, const int64_t* positions) const { return v[t] + positions[t] * kvdim; }
+};
+
+// proj[t] = [q (H*D) | k (Hkv*D) | v (Hkv*D) | ...]: q and k rotated into q_out and the k
+// row, v copied to the v row. Items: every rotated pair of q and k, then every element of v.
+template <typename Dest>
 __global__ void SplitQkvRopeKernel(const float* __restrict__ proj, int64_t rows, int64_t proj_ld, int64_t heads,
                                    int64_t kv_heads, int64_t head_dim, const int64_t* __restrict__ positions,
-                                   double theta, float* __restrict__ q_out, float* __restrict__ k_out,
-                                   float* __restrict__ v_out) {
+                                   double theta, float* __restrict__ q_out, Dest dest) {
   const int64_t half = head_dim / 2, all_heads = heads + kv_heads, kvdim = kv_heads * head_dim;
   const int64_t pairs = rows * all_heads * half, total = pairs + rows * kvdim;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < total;
@@ -34,11 +51,11 @@ __global__ void SplitQkvRopeKernel(const float* __restrict__ proj, int64_t rows,
     if (p < pairs) {
       const int64_t i = p % half, th = p / half, t = th / all_heads, h = th % all_heads;
       const float* src = proj + t * proj_ld + h * head_dim;  // k heads follow q heads in proj
-      float* dst = h < heads ? q_out + (t * heads + h) * head_dim : k_out + (t * kv_heads + h - heads) * head_dim;
+      float* dst = h < heads ? q_out + (t * heads + h) * head_dim : dest.K(t, positions) + (h - heads) * head_dim;
       RotatePair(src, dst, i, head_dim, positions[t], theta);
     } else {
       const int64_t e = p - pairs, t = e / kvdim, c = e % kvdim;
-      v_out[t * kvdim + c] = proj[t * proj_ld + (heads + kv_heads) * head_dim + c];
+      dest.V(t, positions)[c] = proj[t * proj_ld + (heads + kv_heads) * head_dim + c];
     }
   }
 }
@@ -77,9 +94,27 @@ Status SplitQkvRope(const float* proj, int64_t rows, int64_t proj_ld, int64_t he
   if (rows == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("SplitQkvRope", {proj, positions, q_out, k_out, v_out}));
   const int64_t total = rows * (heads + kv_heads) * (head_dim / 2) + rows * kv_heads * head_dim;
-  SplitQkvRopeKernel<<<GridFor(total, kThreads), kThreads, 0, stream>>>(proj, rows, proj_ld, heads, kv_heads, head_dim,
-                                                                        positions, theta, q_out, k_out, v_out);
+  SplitQkvRopeKernel<<<GridFor(total, kThreads), kThreads, 0, stream>>>(
+      proj, rows, proj_ld, heads, kv_heads, head_dim, positions, theta, q_out,
+      ConsecutiveRows{k_out, v_out, kv_heads * head_dim});
   return CheckLaunch("SplitQkvRopeKernel");
+}
+
+Status SplitQkvRopeBatch(const float* proj, int64_t rows, int64_t proj_ld, int64_t heads, int64_t kv_heads,
+                         int64_t head_dim, const int64_t* positions, double theta, float* q_out, float* const* k_caches,
+                         float* const* v_caches, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckRope(rows, heads, head_dim, theta));
+  LM2_RETURN_IF_ERROR(ops::CheckCausalAttention(0, 0, heads, kv_heads, head_dim));
+  if (proj_ld < (heads + 2 * kv_heads) * head_dim) {
+    return Status::InvalidArgument("SplitQkvRopeBatch: proj_ld " + std::to_string(proj_ld) + " narrower than q, k and v");
+  }
+  if (rows == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("SplitQkvRopeBatch", {proj, positions, q_out, k_caches, v_caches}));
+  const int64_t total = rows * (heads + kv_heads) * (head_dim / 2) + rows * kv_heads * head_dim;
+  SplitQkvRopeKernel<<<GridFor(total, kThreads), kThreads, 0, stream>>>(
+      proj, rows, proj_ld, heads, kv_heads, head_dim, positions, theta, q_out,
+      RowPerCache{k_caches, v_caches, kv_heads * head_dim});
+  return CheckLaunch("SplitQkvRopeKernel<RowPerCache>");
 }
 
 }  // namespace lm2::runtime::cuda

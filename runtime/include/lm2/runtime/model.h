@@ -57,6 +57,9 @@ class Model {
   // "cpu", "cuda:0", ...
   virtual std::string backend_name() const = 0;
 
+  // True when `state` came from this model's NewState (only such states can be used with it).
+  virtual bool OwnsState(const SequenceState& state) const = 0;
+
   // A fresh state: empty context, every memory bank at its initial value (identity rows or
   // the model's learned init).
   virtual Result<std::unique_ptr<SequenceState>> NewState() const = 0;
@@ -67,6 +70,16 @@ class Model {
   // for a token id outside the vocabulary or a state from another model.
   virtual Status Forward(SequenceState& state, std::span<const int32_t> tokens, LogitsMode mode,
                          std::vector<float>* logits) const = 0;
+
+  // One decode step of several conversations at once: states[i] runs tokens[i] as the next
+  // token of its segment (opening one if none is open), and `logits` becomes [B, V], row i
+  // for states[i]. The states must be distinct states of this model. A backend may run the
+  // step as one forward over all of them (the CUDA backend does: each weight is read once
+  // per step, not once per conversation); the default calls Forward on each in turn.
+  // Input errors (sizes, a repeated or foreign state, a token outside the vocabulary, a
+  // full context) are reported before any state changes.
+  virtual Status ForwardBatch(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
+                              std::vector<float>* logits) const;
 
   // Applies the memory write of the open segment and closes it. A segment that ran no
   // tokens leaves memory unchanged. No-op when no segment is open.
@@ -92,6 +105,13 @@ class Model {
     (void)state;
     return Status::Unimplemented("SegmentReadMass: not supported by the " + backend_name() + " backend");
   }
+
+ protected:
+  // ForwardBatch's input checks: equal sizes, at least one state, each a state of this model
+  // and none twice, tokens in the vocabulary, one more position fits each context, an
+  // output vector.
+  Status CheckBatch(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
+                    const std::vector<float>* logits) const;
 };
 
 }  // namespace lm2::runtime
