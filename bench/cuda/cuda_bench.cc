@@ -200,6 +200,17 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
   Check(w.FillBytes(0, nullptr), "fill");
   Check(pos.FillBytes(0, nullptr), "fill");
   Check(ids.FillBytes(0, nullptr), "fill");
+  // One session's staging pointers (device arrays of one pointer each) for StageWriteBatch.
+  auto slot = Take(cuda::DeviceBuffer<int64_t>::Allocate(1), "alloc");
+  Check(slot.FillBytes(0, nullptr), "fill");
+  auto pointer_to = [](float* p) {
+    auto b = Take(cuda::DeviceBuffer<float*>::Allocate(1), "alloc");
+    Check(b.CopyFromHost(&p, 1, nullptr), "copy");
+    return b;
+  };
+  auto stage_attn = pointer_to(f2.data());  // 16 staged tokens fit in N x d floats
+  auto stage_offer = pointer_to(f3.data());
+  auto stage_mass = pointer_to(f1.data() + 4 * d);
   auto stream = Take(cuda::CudaStream::Create(), "stream");
   auto blas = Take(cuda::CublasHandle::Create(), "cublas");
   const cudaStream_t st = stream.get();
@@ -231,8 +242,15 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
          return cuda::MemoryReadOneToken(x, d, f2.data(), f3.data(), N, d, Hm, ys.data(), f1.data() + d,
                                          f1.data() + 2 * d, st);
        })},
-      {"AccumulateWriteOneToken", M,
-       TimeOp(st, [&] { return cuda::AccumulateWriteOneToken(ys.data(), x, N, d, Hm, f2.data(), f3.data(), st); })},
+      {"StageWriteBatch (one session)", M,
+       TimeOp(st, [&] {
+         return cuda::StageWriteBatch(ys.data(), x, d, 1, N, d, Hm, slot.data(), stage_attn.data(), stage_offer.data(),
+                                      stage_mass.data(), st);
+       })},
+      {"FlushStagedWrites (16 tokens), per token", M / 16.0,
+       TimeOp(st, [&] {
+         return cuda::FlushStagedWrites(h, f2.data(), f3.data(), 16, N, d, Hm, f1.data(), st);
+       })},
       {"AddBias + GatedResidual / AddInPlace [d]", 2 * M + (L - M),
        TimeOp(st, [&] { return cuda::GatedResidual(x, f2.data(), f3.data(), f2.data(), d, st); })},
       {"Linear 1 x d -> 2F (gate|up stacked)", L,

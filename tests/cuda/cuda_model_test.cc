@@ -50,8 +50,9 @@ std::shared_ptr<const ModelFiles> Files(const std::string& dir) {
 }
 
 std::unique_ptr<Model> LoadCuda(const std::shared_ptr<const ModelFiles>& files, int64_t chunk = 512,
-                                int64_t gemm_attention_from = 32, bool graphs = true) {
+                                int64_t gemm_attention_from = 32, bool graphs = true, int64_t flush = 16) {
   lm2::runtime::CudaOptions options;
+  options.write_flush_tokens = flush;
   options.max_chunk_tokens = chunk;
   options.attention_gemm_min_tokens = gemm_attention_from;
   options.cuda_graphs = graphs;
@@ -206,7 +207,7 @@ TEST_CASE("CUDA decode token by token equals one prefill; chunked prefill equals
   for (const auto& name : kModels) {
     INFO(name);
     auto files = Files(TestModelDir(name));
-    auto model = LoadCuda(files);
+    auto model = LoadCuda(files, 512, 32, true, /*flush=*/4);  // decode flushes staged writes thrice
     auto chunked = LoadCuda(files, 4);
     auto gemm_attention = LoadCuda(files, 512, 2);
     const std::vector<int32_t> tokens = {5, 17, 300, 42, 99, 7, 256, 11, 400, 8, 3, 77, 12};
@@ -370,7 +371,7 @@ TEST_CASE("CUDA ForwardBatch: one forward for many sessions equals each decoding
   for (const auto& name : kModels) {
     INFO(name);
     auto files = Files(TestModelDir(name));
-    auto gpu = LoadCuda(files);
+    auto gpu = LoadCuda(files, 512, 32, true, /*flush=*/4);  // staged writes flushed mid-run
     const auto V = static_cast<std::size_t>(gpu->config().vocab_size);
     constexpr int kSessions = 5;
     std::vector<std::unique_ptr<SequenceState>> batched, alone;
@@ -433,8 +434,8 @@ TEST_CASE("CUDA ForwardBatch: one forward for many sessions equals each decoding
 TEST_CASE("CUDA graphs replay decode steps bit-identically, also after the buffers they use move",
           "[cuda][model]") {
   auto files = Files(TestModelDir("tiny-lm2"));
-  auto graphed = LoadCuda(files);
-  auto eager = LoadCuda(files, 512, 32, /*graphs=*/false);
+  auto graphed = LoadCuda(files, 512, 32, true, /*flush=*/3);
+  auto eager = LoadCuda(files, 512, 32, /*graphs=*/false, /*flush=*/3);
   auto a = NewState(*graphed), a2 = NewState(*graphed);
   auto b = NewState(*eager), b2 = NewState(*eager);
   std::vector<float> la, lb;

@@ -36,7 +36,9 @@ struct LayerState {
   DeviceBuffer<float> bank;              // M, fixed during a segment
   DeviceBuffer<float> mem_k, mem_v;      // memory K/V of the open segment
   DeviceBuffer<float> mass;              // Σ_t A [Hm, N]
-  DeviceBuffer<float> acc;               // Σ_t Aᵀ C
+  DeviceBuffer<float> acc;               // Σ_t Aᵀ C (decode tokens join it when flushed)
+  DeviceBuffer<float> pending_attn;      // staged decode tokens' probabilities [flush, Hm, N]
+  DeviceBuffer<float> pending_offer;     // and write offers [flush, d]
 };
 
 // Per-call scratch, grown to the longest chunk seen (decode keeps it at one row).
@@ -50,6 +52,7 @@ struct Scratch {
   DeviceBuffer<bf16> yb;         // other GEMM inputs rounded to bf16
   DeviceBuffer<int32_t> ids;
   DeviceBuffer<int64_t> positions;
+  DeviceBuffer<int64_t> slots;
   // ForwardBatch's pointer table (BatchTable), on the device and as last uploaded.
   DeviceBuffer<void*> table;
   std::vector<void*> table_host;
@@ -57,18 +60,20 @@ struct Scratch {
 
 // The per-session device pointers of a batched decode step, one array (Scratch::table):
 // per layer a block of B pointers each to the sessions' KV cache K, KV cache V, memory K,
-// memory V, write sums and slot masses (the memory ones null in layers without memory).
+// memory V, slot masses, staged probabilities and staged offers (the memory ones null in
+// layers without memory).
 struct BatchTable {
   void** base = nullptr;
   int64_t B = 0;
-  static constexpr int64_t kArrays = 6;
+  static constexpr int64_t kArrays = 7;
   void** Array(int64_t layer, int64_t k) const { return base + (layer * kArrays + k) * B; }
   float* const* KCaches(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 0)); }
   float* const* VCaches(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 1)); }
   const float* const* MemK(int64_t i) const { return reinterpret_cast<const float* const*>(Array(i, 2)); }
   const float* const* MemV(int64_t i) const { return reinterpret_cast<const float* const*>(Array(i, 3)); }
-  float* const* Acc(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 4)); }
-  float* const* Mass(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 5)); }
+  float* const* Mass(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 4)); }
+  float* const* PendingAttn(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 5)); }
+  float* const* PendingOffer(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 6)); }
 };
 
 class CudaState final : public SequenceState {
@@ -86,10 +91,12 @@ class CudaState final : public SequenceState {
   int64_t pos_ = 0;
   bool segment_open_ = false;
   int64_t segment_tokens_ = 0;
+  int64_t staged_ = 0;       // decode tokens staged for the write sums, not yet flushed
   bool broken_ = false;      // a device error left the state inconsistent
   Scratch scratch_;
   PinnedBuffer<int32_t> ids_host_;
   PinnedBuffer<int64_t> positions_host_;
+  PinnedBuffer<int64_t> slots_host_;  // decode steps: each state's staging slot
   PinnedBuffer<float> staging_;  // one memory layer [N, d]: export and import
   PinnedBuffer<float> logits_host_;  // decode steps' logits
   DeviceBuffer<char> cublas_workspace_;  // cuBLAS's, set on the handle (graph capture needs one)
@@ -135,6 +142,8 @@ class CudaModel final : public Model {
       LM2_ASSIGN_OR_RETURN(ls.mem_v, DeviceBuffer<float>::Allocate(Z(N * d)));
       LM2_ASSIGN_OR_RETURN(ls.mass, DeviceBuffer<float>::Allocate(Z(Hm * N)));
       LM2_ASSIGN_OR_RETURN(ls.acc, DeviceBuffer<float>::Allocate(Z(N * d)));
+      LM2_ASSIGN_OR_RETURN(ls.pending_attn, DeviceBuffer<float>::Allocate(Z(options_.write_flush_tokens * Hm * N)));
+      LM2_ASSIGN_OR_RETURN(ls.pending_offer, DeviceBuffer<float>::Allocate(Z(options_.write_flush_tokens * d)));
       LM2_CUDA_RETURN_IF_ERROR(
           cudaMemcpyAsync(ls.bank.data(), lw.memory.init, ls.bank.bytes(), cudaMemcpyDeviceToDevice, st));
     }
@@ -198,6 +207,7 @@ class CudaModel final : public Model {
     LM2_ASSIGN_OR_RETURN(CudaState* s, Own(base));
     if (!s->segment_open_) return Status::Ok();
     return Guarded(*s, [&]() -> Status {
+      LM2_RETURN_IF_ERROR(FlushWrites(*s));
       if (s->segment_tokens_ > 0) LM2_RETURN_IF_ERROR(ApplyWrite(*s));
       LM2_RETURN_IF_ERROR(s->stream_.Synchronize());
       s->segment_open_ = false;
@@ -335,6 +345,21 @@ class CudaModel final : public Model {
     }
     s.segment_open_ = true;
     s.segment_tokens_ = 0;
+    s.staged_ = 0;
+    return Status::Ok();
+  }
+
+  // Adds the staged decode tokens to the write sums of every memory layer.
+  Status FlushWrites(CudaState& s) const {
+    if (s.staged_ == 0) return Status::Ok();
+    const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size, Hm = cfg_.memory_heads;
+    for (int64_t i = 0; i < cfg_.num_layers; ++i) {
+      if (!w_->layers[Z(i)].has_memory) continue;
+      LayerState& ls = s.layers_[Z(i)];
+      LM2_RETURN_IF_ERROR(FlushStagedWrites(s.cublas_.get(), ls.pending_attn.data(), ls.pending_offer.data(),
+                                            s.staged_, N, d, Hm, ls.acc.data(), s.stream_.get()));
+    }
+    s.staged_ = 0;
     return Status::Ok();
   }
 
@@ -456,9 +481,12 @@ class CudaModel final : public Model {
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.positions, Z(B)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(lead.ids_host_, Z(B)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(lead.positions_host_, Z(B)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.slots, Z(B)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(lead.slots_host_, Z(B)));
     for (int64_t b = 0; b < B; ++b) {
       lead.ids_host_.data()[b] = tokens[Z(b)];
       lead.positions_host_.data()[b] = batch[Z(b)]->pos_;
+      lead.slots_host_.data()[b] = batch[Z(b)]->staged_;
     }
     LM2_ASSIGN_OR_RETURN(BatchTable table, UploadBatchTable(batch, lead));
     const int64_t V = cfg_.vocab_size;
@@ -469,6 +497,7 @@ class CudaModel final : public Model {
     auto step = [&]() -> Status {
       LM2_RETURN_IF_ERROR(sc.ids.CopyFromHost(lead.ids_host_.data(), Z(B), st));
       LM2_RETURN_IF_ERROR(sc.positions.CopyFromHost(lead.positions_host_.data(), Z(B), st));
+      LM2_RETURN_IF_ERROR(sc.slots.CopyFromHost(lead.slots_host_.data(), Z(B), st));
       LM2_RETURN_IF_ERROR(RunLayers(lead, 0, B, 0, &table));
       LM2_RETURN_IF_ERROR(LogitsOnDevice(lead, 0, B));
       return CudaStatus(cudaMemcpyAsync(lead.logits_host_.data(), sc.logits.data(), Z(B * V) * sizeof(float),
@@ -491,6 +520,10 @@ class CudaModel final : public Model {
     for (CudaState* s : batch) {
       s->pos_ += 1;
       s->segment_tokens_ += 1;
+      if (++s->staged_ == options_.write_flush_tokens) {
+        LM2_RETURN_IF_ERROR(FlushWrites(*s));
+        LM2_RETURN_IF_ERROR(s->stream_.Synchronize());
+      }
     }
     return Status::Ok();
   }
@@ -502,6 +535,7 @@ class CudaModel final : public Model {
     const Scratch& sc = lead.scratch_;
     return {reinterpret_cast<const void*>(static_cast<std::intptr_t>(B)),
             sc.table.data(), sc.ids.data(), sc.positions.data(), lead.ids_host_.data(), lead.positions_host_.data(),
+            sc.slots.data(), lead.slots_host_.data(),
             sc.h.data(), sc.proj.data(), sc.q.data(), sc.attn_out.data(), sc.a.data(), sc.mattn.data(), sc.e.data(),
             sc.gate.data(), sc.gate_up.data(), sc.xb.data(), sc.yb.data(), sc.read_partial.data(), sc.logits.data(),
             lead.logits_host_.data(), lead.cublas_workspace_.data()};
@@ -516,8 +550,9 @@ class CudaModel final : public Model {
     for (int64_t i = 0; i < cfg_.num_layers; ++i) {
       for (int64_t b = 0; b < t.B; ++b) {
         LayerState& ls = batch[Z(b)]->layers_[Z(i)];
-        void* ptrs[BatchTable::kArrays] = {ls.k_cache.data(), ls.v_cache.data(), ls.mem_k.data(),
-                                           ls.mem_v.data(),   ls.acc.data(),     ls.mass.data()};
+        void* ptrs[BatchTable::kArrays] = {ls.k_cache.data(), ls.v_cache.data(),      ls.mem_k.data(),
+                                           ls.mem_v.data(),   ls.mass.data(),         ls.pending_attn.data(),
+                                           ls.pending_offer.data()};
         for (int64_t k = 0; k < BatchTable::kArrays; ++k) next[Z((i * BatchTable::kArrays + k) * t.B + b)] = ptrs[k];
       }
     }
@@ -597,8 +632,8 @@ class CudaModel final : public Model {
         LM2_RETURN_IF_ERROR(AddBias(sc.gate.data(), n, d, mw.out_gate_b, st));
         LM2_RETURN_IF_ERROR(GatedResidual(h, sc.a.data(), sc.gate.data(), sc.e.data(), n * d, st));
         if (batch != nullptr) {
-          LM2_RETURN_IF_ERROR(
-              AccumulateWriteBatch(sc.mattn.data(), offer, P, n, N, d, Hm, batch->Mass(i), batch->Acc(i), st));
+          LM2_RETURN_IF_ERROR(StageWriteBatch(sc.mattn.data(), offer, P, n, N, d, Hm, sc.slots.data(),
+                                              batch->PendingAttn(i), batch->PendingOffer(i), batch->Mass(i), st));
         } else if (n == 1) {
           LM2_RETURN_IF_ERROR(
               AccumulateWriteOneToken(sc.mattn.data(), offer, N, d, Hm, ls.mass.data(), ls.acc.data(), st));
@@ -649,6 +684,7 @@ class CudaModel final : public Model {
 Result<std::unique_ptr<Model>> LoadCudaModel(std::shared_ptr<const ModelFiles> files, const CudaOptions& options) {
   if (files == nullptr) return Status::InvalidArgument("LoadCudaModel: no model files");
   if (options.max_chunk_tokens <= 0) return Status::InvalidArgument("CudaOptions::max_chunk_tokens must be > 0");
+  if (options.write_flush_tokens <= 0) return Status::InvalidArgument("CudaOptions::write_flush_tokens must be > 0");
   if (options.attention_gemm_min_tokens <= 0) {
     return Status::InvalidArgument("CudaOptions::attention_gemm_min_tokens must be > 0");
   }

@@ -160,7 +160,8 @@ Status AccumulateWrite(cublasHandle_t handle, const float* attn, const float* of
                        int64_t heads, float* mass, float* acc, cudaStream_t stream);
 
 // One token per session (decode), as bandwidth-bound fp32 kernels (memory_decode.cu): the
-// same results as MemoryRead / AccumulateWrite with T = 1, without TF32. Session b's query
+// same results as MemoryRead / AccumulateWrite with T = 1, without TF32. (Batched decode
+// steps stage their write terms instead: StageWriteBatch below.) Session b's query
 // and write offer are rows b of q / offer (q_ld, offer_ld apart); its memory K, V, masses
 // and sums are the arrays' b-th pointers (device arrays of device pointers); attn is
 // [B, heads, N], e [B, d]; scratch holds MemoryReadDecodeScratch(B, N, d) floats (partial
@@ -173,8 +174,18 @@ Status MemoryReadBatch(const float* q, int64_t q_ld, const float* const* mem_k, 
                        cudaStream_t stream);
 Status AccumulateWriteOneToken(const float* attn, const float* offer, int64_t N, int64_t d, int64_t heads, float* mass,
                                float* acc, cudaStream_t stream);
-Status AccumulateWriteBatch(const float* attn, const float* offer, int64_t offer_ld, int64_t B, int64_t N, int64_t d,
-                            int64_t heads, float* const* mass, float* const* acc, cudaStream_t stream);
+
+// Deferred write sums for decode: a token's probabilities and offer are staged (and its
+// masses added at once), and the sums take a whole run of staged tokens in one GEMM.
+// StageWriteBatch: session b's attn row [heads, N] and offer row go to staging slot
+// slots[b] (device array) of pending_attn[b] [slots, heads, N] and pending_offer[b]
+// [slots, d]; mass[b] += attn row. FlushStagedWrites: acc [N, d] += Σ over the first
+// `tokens` staged rows of attnᵀ · offer per head (strided-batched TF32 GEMM).
+Status StageWriteBatch(const float* attn, const float* offer, int64_t offer_ld, int64_t B, int64_t N, int64_t d,
+                       int64_t heads, const int64_t* slots, float* const* pending_attn, float* const* pending_offer,
+                       float* const* mass, cudaStream_t stream);
+Status FlushStagedWrites(cublasHandle_t handle, const float* pending_attn, const float* pending_offer, int64_t tokens,
+                         int64_t N, int64_t d, int64_t heads, float* acc, cudaStream_t stream);
 
 // u[n, j*dh + c] = acc[n, j*dh + c] / (mass[j, n] + 1).
 Status WriteUpdate(const float* mass, const float* acc, int64_t N, int64_t d, int64_t heads, float* u,

@@ -186,14 +186,58 @@ Status AccumulateWriteOneToken(const float* attn, const float* offer, int64_t N,
   return CheckLaunch("AccumulateOneTokenKernel");
 }
 
-Status AccumulateWriteBatch(const float* attn, const float* offer, int64_t offer_ld, int64_t B, int64_t N, int64_t d,
-                            int64_t heads, float* const* mass, float* const* acc, cudaStream_t stream) {
-  LM2_RETURN_IF_ERROR(CheckDecode("AccumulateWriteBatch", B, N, d, heads, offer_ld));
+}  // namespace lm2::runtime::cuda
+
+namespace lm2::runtime::cuda {
+namespace {
+
+// Session b's token: attn row [heads, N] and offer row [d] into its staging slot slots[b],
+// masses added now. A block per (b, j): the head's N probabilities and dh offer columns.
+__global__ void StageWriteKernel(const float* __restrict__ attn, const float* __restrict__ offer, int64_t offer_ld,
+                                 int64_t N, int64_t d, int64_t heads, const int64_t* __restrict__ slots,
+                                 float* const* __restrict__ pending_attn, float* const* __restrict__ pending_offer,
+                                 float* const* __restrict__ mass) {
+  const int64_t bj = blockIdx.x, b = bj / heads, j = bj % heads, dh = d / heads;
+  const int64_t slot = slots[b];
+  const float* a = attn + bj * N;
+  float* pa = pending_attn[b] + (slot * heads + j) * N;
+  float* m = mass[b] + j * N;
+  for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
+    const float p = a[n];
+    pa[n] = p;
+    m[n] += p;
+  }
+  const float* o = offer + b * offer_ld + j * dh;
+  float* po = pending_offer[b] + slot * d + j * dh;
+  for (int64_t c = threadIdx.x; c < dh; c += blockDim.x) po[c] = o[c];
+}
+
+}  // namespace
+
+Status StageWriteBatch(const float* attn, const float* offer, int64_t offer_ld, int64_t B, int64_t N, int64_t d,
+                       int64_t heads, const int64_t* slots, float* const* pending_attn, float* const* pending_offer,
+                       float* const* mass, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckMemory("StageWriteBatch", 1, N, d, heads));
+  if (B < 0 || B * heads > (int64_t{1} << 31) - 1 || offer_ld < d) {
+    return Status::InvalidArgument("StageWriteBatch: B=" + std::to_string(B) + " offer_ld=" + std::to_string(offer_ld));
+  }
   if (B == 0) return Status::Ok();
-  LM2_RETURN_IF_ERROR(RequireNonNull("AccumulateWriteBatch", {attn, offer, mass, acc}));
-  AccumulateOneTokenKernel<<<static_cast<unsigned int>(B * N), kThreads, 0, stream>>>(
-      attn, offer, offer_ld, N, d, heads, PerSession<float>{mass}, PerSession<float>{acc});
-  return CheckLaunch("AccumulateOneTokenKernel<PerSession>");
+  LM2_RETURN_IF_ERROR(RequireNonNull("StageWriteBatch", {attn, offer, slots, pending_attn, pending_offer, mass}));
+  StageWriteKernel<<<static_cast<unsigned int>(B * heads), kThreads, 0, stream>>>(
+      attn, offer, offer_ld, N, d, heads, slots, pending_attn, pending_offer, mass);
+  return CheckLaunch("StageWriteKernel");
+}
+
+Status FlushStagedWrites(cublasHandle_t handle, const float* pending_attn, const float* pending_offer, int64_t tokens,
+                         int64_t N, int64_t d, int64_t heads, float* acc, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckMemory("FlushStagedWrites", tokens, N, d, heads));
+  if (tokens == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("FlushStagedWrites", {handle, pending_attn, pending_offer, acc}));
+  // Per head j: acc_j [N, dh] += A_jᵀ · O_j with A_j the [tokens, N] rows of head j (row
+  // stride heads*N, head offset N) and O_j the [tokens, dh] offer columns (row stride d).
+  const int64_t dh = d / heads;
+  return GemmStridedBatchedF32(handle, CUBLAS_OP_N, CUBLAS_OP_T, dh, N, tokens, 1.0f, pending_offer, d, dh,
+                               pending_attn, heads * N, N, 1.0f, acc, d, dh, heads, stream);
 }
 
 }  // namespace lm2::runtime::cuda

@@ -32,6 +32,11 @@ struct CudaOptions {
   // whole step, captured on first use and again whenever a buffer it uses moved: one launch
   // instead of ~250. Results are bit-identical either way (tested).
   bool cuda_graphs = true;
+  // Decode steps stage each token's memory-write terms and add this many at a time to the
+  // write sums with one GEMM (instead of a read-modify-write of the N x d sums per token);
+  // the rest at the end of the segment. Costs this many x memory_heads x memory_slots
+  // floats per memory layer and state.
+  int64_t write_flush_tokens = 16;
 };
 
 // Uploads the weights of `files` to the device and returns a model on it. Unavailable when
