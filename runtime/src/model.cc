@@ -5,6 +5,27 @@
 
 namespace lm2::runtime {
 
+Status Model::CheckForward(int64_t context_length, std::span<const int32_t> tokens, LogitsMode mode,
+                          const std::vector<float>* logits) const {
+  const ModelConfig& cfg = config();
+  const auto T = static_cast<int64_t>(tokens.size());
+  if (context_length + T > cfg.max_position_embeddings) {
+    return Status::OutOfRange("context of " + std::to_string(context_length + T) +
+                              " positions exceeds max_position_embeddings=" +
+                              std::to_string(cfg.max_position_embeddings));
+  }
+  for (int32_t id : tokens) {
+    if (id < 0 || id >= cfg.vocab_size) {
+      return Status::InvalidArgument("token id " + std::to_string(id) + " outside the vocabulary of " +
+                                     std::to_string(cfg.vocab_size));
+    }
+  }
+  if (mode != LogitsMode::kNone && logits == nullptr) {
+    return Status::InvalidArgument("Forward: logits requested but no output vector given");
+  }
+  return Status::Ok();
+}
+
 Status Model::CheckBatch(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
                          const std::vector<float>* logits) const {
   if (states.empty() || states.size() != tokens.size()) {
@@ -14,24 +35,15 @@ Status Model::CheckBatch(std::span<SequenceState* const> states, std::span<const
   if (logits == nullptr) return Status::InvalidArgument("ForwardBatch: no output vector for the logits");
   std::vector<const SequenceState*> seen(states.begin(), states.end());
   std::sort(seen.begin(), seen.end());
-  if (seen.front() == nullptr) return Status::InvalidArgument("ForwardBatch: a null state");
   if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) {
     return Status::InvalidArgument("ForwardBatch: a state appears twice");
   }
-  for (const SequenceState* s : seen) {
-    if (!OwnsState(*s)) return Status::InvalidArgument("ForwardBatch: a state belongs to another model");
-  }
-  const ModelConfig& cfg = config();
   for (std::size_t i = 0; i < states.size(); ++i) {
-    if (tokens[i] < 0 || tokens[i] >= cfg.vocab_size) {
-      return Status::InvalidArgument("ForwardBatch: token id " + std::to_string(tokens[i]) + " (state " +
-                                     std::to_string(i) + ") outside the vocabulary of " +
-                                     std::to_string(cfg.vocab_size));
-    }
-    if (states[i]->context_length() + 1 > cfg.max_position_embeddings) {
-      return Status::OutOfRange("ForwardBatch: state " + std::to_string(i) + " has a full context (" +
-                                std::to_string(cfg.max_position_embeddings) + " positions)");
-    }
+    const SequenceState* s = states[i];
+    if (s == nullptr) return Status::InvalidArgument("ForwardBatch: a null state");
+    if (!OwnsState(*s)) return Status::InvalidArgument("ForwardBatch: a state belongs to another model");
+    Status st = CheckForward(s->context_length(), tokens.subspan(i, 1), LogitsMode::kLast, logits);
+    if (!st.ok()) return Status(st.code(), "ForwardBatch: state " + std::to_string(i) + ": " + std::string(st.message()));
   }
   return Status::Ok();
 }
@@ -47,6 +59,40 @@ Status Model::ForwardBatch(std::span<SequenceState* const> states, std::span<con
     std::copy(row.begin(), row.end(), logits->begin() + static_cast<std::ptrdiff_t>(i * V));
   }
   return Status::Ok();
+}
+
+Status Model::CheckImport(const MemoryState& memory) const {
+  if (memory.model_fingerprint != fingerprint()) {
+    return Status::FailedPrecondition("memory bank was computed by another model (fingerprint " +
+                                      memory.model_fingerprint.substr(0, 16) + "..., this model " +
+                                      fingerprint().substr(0, 16) + "...)");
+  }
+  const ModelConfig& cfg = config();
+  const std::vector<int64_t>& expected = cfg.memory_layers;
+  if (memory.layers.size() != expected.size()) {
+    return Status::InvalidArgument("memory has " + std::to_string(memory.layers.size()) + " layers, the model " +
+                                   std::to_string(expected.size()));
+  }
+  for (std::size_t k = 0; k < expected.size(); ++k) {
+    const MemoryLayer& ml = memory.layers[k];
+    if (ml.layer != expected[k] || ml.slots != cfg.memory_slots || ml.dim != cfg.hidden_size ||
+        ml.data.size() != static_cast<std::size_t>(cfg.memory_slots * cfg.hidden_size)) {
+      return Status::InvalidArgument("memory layer " + std::to_string(k) + " does not match the model (layer " +
+                                     std::to_string(ml.layer) + ", " + std::to_string(ml.slots) + "x" +
+                                     std::to_string(ml.dim) + ")");
+    }
+  }
+  return Status::Ok();
+}
+
+std::vector<float> Model::ReadMassPerSlot(const float* mass) const {
+  const auto N = static_cast<std::size_t>(config().memory_slots);
+  const auto heads = static_cast<std::size_t>(config().memory_heads);
+  std::vector<float> per_slot(N, 0.0f);
+  for (std::size_t j = 0; j < heads; ++j) {
+    for (std::size_t n = 0; n < N; ++n) per_slot[n] += mass[j * N + n];
+  }
+  return per_slot;
 }
 
 }  // namespace lm2::runtime

@@ -85,21 +85,8 @@ class CpuModel final : public Model {
   Status Forward(SequenceState& base, std::span<const int32_t> tokens, LogitsMode mode,
                  std::vector<float>* logits) const override {
     LM2_ASSIGN_OR_RETURN(CpuState* s, Own(base));
+    LM2_RETURN_IF_ERROR(CheckForward(s->pos_, tokens, mode, logits));
     const auto T = static_cast<int64_t>(tokens.size());
-    if (s->pos_ + T > cfg_.max_position_embeddings) {
-      return Status::OutOfRange("context of " + std::to_string(s->pos_ + T) +
-                                " positions exceeds max_position_embeddings=" +
-                                std::to_string(cfg_.max_position_embeddings));
-    }
-    for (int32_t id : tokens) {
-      if (id < 0 || id >= cfg_.vocab_size) {
-        return Status::InvalidArgument("token id " + std::to_string(id) + " outside the vocabulary of " +
-                                       std::to_string(cfg_.vocab_size));
-      }
-    }
-    if (mode != LogitsMode::kNone && logits == nullptr) {
-      return Status::InvalidArgument("Forward: logits requested but no output vector given");
-    }
     if (!s->segment_open_) BeginSegment(*s);
     if (T == 0) {
       if (logits != nullptr) logits->clear();
@@ -161,42 +148,15 @@ class CpuModel final : public Model {
     const auto* s = dynamic_cast<const CpuState*>(&base);
     if (s == nullptr || s->owner_ != this) return Status::InvalidArgument("state belongs to another model");
     if (!s->segment_open_) return Status::FailedPrecondition("SegmentReadMass: no segment is open");
-    const int64_t N = cfg_.memory_slots, Hm = cfg_.memory_heads;
     std::vector<std::vector<float>> out;
-    for (int64_t i = 0; i < cfg_.num_layers; ++i) {
-      if (!w_->layers[Z(i)].has_memory) continue;
-      const std::vector<float>& mass = s->layers_[Z(i)].mass;  // [Hm, N]
-      std::vector<float> per_slot(Z(N), 0.0f);
-      for (int64_t j = 0; j < Hm; ++j) {
-        for (int64_t n = 0; n < N; ++n) per_slot[Z(n)] += mass[Z(j * N + n)];
-      }
-      out.push_back(std::move(per_slot));
-    }
+    for (int64_t layer : cfg_.memory_layers) out.push_back(ReadMassPerSlot(s->layers_[Z(layer)].mass.data()));
     return out;
   }
 
   Status ImportMemory(SequenceState& base, const MemoryState& memory) const override {
     LM2_ASSIGN_OR_RETURN(CpuState* s, Own(base));
     if (s->segment_open_) return Status::FailedPrecondition("ImportMemory: a segment is open");
-    if (memory.model_fingerprint != fingerprint()) {
-      return Status::FailedPrecondition("memory bank was computed by another model (fingerprint " +
-                                        memory.model_fingerprint.substr(0, 16) + "..., this model " +
-                                        fingerprint().substr(0, 16) + "...)");
-    }
-    std::vector<int64_t> expected = cfg_.memory_layers;
-    if (memory.layers.size() != expected.size()) {
-      return Status::InvalidArgument("memory has " + std::to_string(memory.layers.size()) +
-                                     " layers, the model " + std::to_string(expected.size()));
-    }
-    for (std::size_t k = 0; k < expected.size(); ++k) {
-      const MemoryLayer& ml = memory.layers[k];
-      if (ml.layer != expected[k] || ml.slots != cfg_.memory_slots || ml.dim != cfg_.hidden_size ||
-          ml.data.size() != Z(cfg_.memory_slots * cfg_.hidden_size)) {
-        return Status::InvalidArgument("memory layer " + std::to_string(k) + " does not match the model (layer " +
-                                       std::to_string(ml.layer) + ", " + std::to_string(ml.slots) + "x" +
-                                       std::to_string(ml.dim) + ")");
-      }
-    }
+    LM2_RETURN_IF_ERROR(CheckImport(memory));
     for (const MemoryLayer& ml : memory.layers) s->layers_[Z(ml.layer)].bank = ml.data;
     return Status::Ok();
   }

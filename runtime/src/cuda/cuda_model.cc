@@ -154,21 +154,8 @@ class CudaModel final : public Model {
   Status Forward(SequenceState& base, std::span<const int32_t> tokens, LogitsMode mode,
                  std::vector<float>* logits) const override {
     LM2_ASSIGN_OR_RETURN(CudaState* s, Own(base));
+    LM2_RETURN_IF_ERROR(CheckForward(s->pos_, tokens, mode, logits));
     const auto T = static_cast<int64_t>(tokens.size());
-    if (s->pos_ + T > cfg_.max_position_embeddings) {
-      return Status::OutOfRange("context of " + std::to_string(s->pos_ + T) +
-                                " positions exceeds max_position_embeddings=" +
-                                std::to_string(cfg_.max_position_embeddings));
-    }
-    for (int32_t id : tokens) {
-      if (id < 0 || id >= cfg_.vocab_size) {
-        return Status::InvalidArgument("token id " + std::to_string(id) + " outside the vocabulary of " +
-                                       std::to_string(cfg_.vocab_size));
-      }
-    }
-    if (mode != LogitsMode::kNone && logits == nullptr) {
-      return Status::InvalidArgument("Forward: logits requested but no output vector given");
-    }
     return Guarded(*s, [&]() -> Status {
       if (!s->segment_open_) LM2_RETURN_IF_ERROR(BeginSegment(*s));
       if (T == 0) {
@@ -249,26 +236,9 @@ class CudaModel final : public Model {
   Status ImportMemory(SequenceState& base, const MemoryState& memory) const override {
     LM2_ASSIGN_OR_RETURN(CudaState* s, Own(base));
     if (s->segment_open_) return Status::FailedPrecondition("ImportMemory: a segment is open");
-    if (memory.model_fingerprint != fingerprint()) {
-      return Status::FailedPrecondition("memory bank was computed by another model (fingerprint " +
-                                        memory.model_fingerprint.substr(0, 16) + "..., this model " +
-                                        fingerprint().substr(0, 16) + "...)");
-    }
-    const std::vector<int64_t>& expected = cfg_.memory_layers;
-    if (memory.layers.size() != expected.size()) {
-      return Status::InvalidArgument("memory has " + std::to_string(memory.layers.size()) + " layers, the model " +
-                                     std::to_string(expected.size()));
-    }
+    LM2_RETURN_IF_ERROR(CheckImport(memory));
+    if (memory.layers.empty()) return Status::Ok();
     const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size;
-    for (std::size_t k = 0; k < expected.size(); ++k) {
-      const MemoryLayer& ml = memory.layers[k];
-      if (ml.layer != expected[k] || ml.slots != N || ml.dim != d || ml.data.size() != Z(N * d)) {
-        return Status::InvalidArgument("memory layer " + std::to_string(k) + " does not match the model (layer " +
-                                       std::to_string(ml.layer) + ", " + std::to_string(ml.slots) + "x" +
-                                       std::to_string(ml.dim) + ")");
-      }
-    }
-    if (expected.empty()) return Status::Ok();
     // A failed copy may leave some layers replaced and others not: that breaks the state.
     return Guarded(*s, [&]() -> Status {
       LM2_RETURN_IF_ERROR(EnsureCapacity(s->staging_, Z(N * d)));
@@ -295,11 +265,7 @@ class CudaModel final : public Model {
     std::vector<float> mass(Z(Hm * N));
     for (int64_t layer : cfg_.memory_layers) {
       LM2_RETURN_IF_ERROR(s->layers_[Z(layer)].mass.CopyToHost(mass.data(), mass.size(), s->stream_.get()));
-      std::vector<float> per_slot(Z(N), 0.0f);
-      for (int64_t j = 0; j < Hm; ++j) {
-        for (int64_t n = 0; n < N; ++n) per_slot[Z(n)] += mass[Z(j * N + n)];
-      }
-      out.push_back(std::move(per_slot));
+      out.push_back(ReadMassPerSlot(mass.data()));
     }
     return out;
   }

@@ -107,11 +107,21 @@ class Model {
   }
 
  protected:
-  // ForwardBatch's input checks: equal sizes, at least one state, each a state of this model
-  // and none twice, tokens in the vocabulary, one more position fits each context, an
-  // output vector.
+  // The input checks every backend shares, before any work (so a refused call changes
+  // nothing). Forward's: the tokens fit after `context_length` positions (OutOfRange), each
+  // is in the vocabulary, logits asked for have an output vector (InvalidArgument).
+  Status CheckForward(int64_t context_length, std::span<const int32_t> tokens, LogitsMode mode,
+                      const std::vector<float>* logits) const;
+  // ForwardBatch's: equal sizes, at least one state, each a state of this model and none
+  // twice, then Forward's checks for each state's one token.
   Status CheckBatch(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
                     const std::vector<float>* logits) const;
+  // ImportMemory's: this model's fingerprint (FailedPrecondition), its memory layers and
+  // shapes (InvalidArgument).
+  Status CheckImport(const MemoryState& memory) const;
+  // SegmentReadMass's reduction: one memory layer's masses [memory_heads, memory_slots]
+  // summed over the heads, per slot.
+  std::vector<float> ReadMassPerSlot(const float* mass) const;
 };
 
 }  // namespace lm2::runtime
