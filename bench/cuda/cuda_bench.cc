@@ -73,31 +73,53 @@ int32_t Argmax(const std::vector<float>& v) {
   return static_cast<int32_t>(std::max_element(v.begin(), v.end()) - v.begin());
 }
 
+// Seconds for `n` back-to-back calls of `fn` (which enqueues on `stream` and returns a
+// Status), between two events on that stream.
+template <typename Fn>
+double Elapsed(cudaStream_t stream, Fn&& fn, int n) {
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  cudaEventRecord(e0, stream);
+  for (int i = 0; i < n; ++i) Check(fn(), "timed op");
+  cudaEventRecord(e1, stream);
+  cudaEventSynchronize(e1);
+  float ms = 0;
+  cudaEventElapsedTime(&ms, e0, e1);
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return static_cast<double>(ms) / 1e3;
+}
+
+// The best of `runs` single timed calls after `warmup` untimed ones: a rate's denominator.
+template <typename Fn>
+double BestSeconds(cudaStream_t stream, Fn&& fn, int warmup, int runs) {
+  for (int i = 0; i < warmup; ++i) Check(fn(), "warm-up");
+  double best = 1e30;
+  for (int r = 0; r < runs; ++r) best = std::min(best, Elapsed(stream, fn, 1));
+  return best;
+}
+
+// The mean of `reps` back-to-back calls after 5 untimed ones: an op's cost in a sequence.
+template <typename Fn>
+double TimeOp(cudaStream_t stream, Fn&& fn, int reps = 200) {
+  for (int i = 0; i < 5; ++i) Check(fn(), "warm-up");
+  return Elapsed(stream, fn, reps) / reps;
+}
+
 // Device-to-device copy rate of 1 GiB, counting bytes read and written: best of 10.
 double CopyBandwidth() {
   const std::size_t bytes = std::size_t{1} << 30;
   auto a = Take(cuda::DeviceBuffer<char>::Allocate(bytes), "alloc");
   auto b = Take(cuda::DeviceBuffer<char>::Allocate(bytes), "alloc");
   Check(a.FillBytes(1, nullptr), "fill");
-  cudaEvent_t e0, e1;
-  cudaEventCreate(&e0);
-  cudaEventCreate(&e1);
-  double best = 1e30;
-  for (int r = 0; r < 12; ++r) {
-    cudaEventRecord(e0);
-    cudaMemcpyAsync(b.data(), a.data(), bytes, cudaMemcpyDeviceToDevice);
-    cudaEventRecord(e1);
-    cudaEventSynchronize(e1);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, e0, e1);
-    if (r >= 2) best = std::min(best, static_cast<double>(ms) / 1e3);
-  }
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
+  const double best = BestSeconds(nullptr, [&] {
+    return cuda::CudaStatus(cudaMemcpyAsync(b.data(), a.data(), bytes, cudaMemcpyDeviceToDevice), "copy");
+  }, 2, 10);
   return 2.0 * static_cast<double>(bytes) / best;
 }
 
-// The backend's Linear (bf16 x bf16, fp32 accumulate and output) at m = n = k = 8192.
+// The backend's Linear (bf16 x bf16, fp32 accumulate and output) at m = n = k = 8192: best of 6.
 double GemmRate() {
   const int64_t n = 8192;
   auto x = Take(cuda::DeviceBuffer<__nv_bfloat16>::Allocate(static_cast<std::size_t>(n * n)), "alloc");
@@ -106,21 +128,9 @@ double GemmRate() {
   Check(x.FillBytes(0x3c, nullptr), "fill");  // 0x3c3c as bf16: about 0.0115, finite
   Check(w.FillBytes(0x3c, nullptr), "fill");
   auto handle = Take(cuda::CublasHandle::Create(), "cublas");
-  cudaEvent_t e0, e1;
-  cudaEventCreate(&e0);
-  cudaEventCreate(&e1);
-  double best = 1e30;
-  for (int r = 0; r < 8; ++r) {
-    cudaEventRecord(e0);
-    Check(cuda::Linear(handle.get(), x.data(), n, n, w.data(), n, y.data(), false, nullptr), "Linear");
-    cudaEventRecord(e1);
-    cudaEventSynchronize(e1);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, e0, e1);
-    if (r >= 2) best = std::min(best, static_cast<double>(ms) / 1e3);
-  }
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
+  const double best = BestSeconds(nullptr, [&] {
+    return cuda::Linear(handle.get(), x.data(), n, n, w.data(), n, y.data(), false, nullptr);
+  }, 2, 6);
   return 2.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n) / best;
 }
 
@@ -160,24 +170,6 @@ double Decode(const Model& m, SequenceState& s, int64_t steps, std::vector<float
     Check(m.Forward(s, std::vector<int32_t>{Argmax(logits)}, LogitsMode::kLast, &logits), "decode");
   }
   return Seconds(t0, Clock::now());
-}
-
-// Times `fn` (which enqueues on `stream`) by events: mean over `reps` launches, seconds.
-template <typename Fn>
-double TimeOp(cudaStream_t stream, Fn&& fn, int reps = 200) {
-  for (int i = 0; i < 5; ++i) Check(fn(), "op");
-  cudaEvent_t e0, e1;
-  cudaEventCreate(&e0);
-  cudaEventCreate(&e1);
-  cudaEventRecord(e0, stream);
-  for (int i = 0; i < reps; ++i) Check(fn(), "op");
-  cudaEventRecord(e1, stream);
-  cudaEventSynchronize(e1);
-  float ms = 0;
-  cudaEventElapsedTime(&ms, e0, e1);
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
-  return static_cast<double>(ms) / 1e3 / reps;
 }
 
 // Each op of one decode step at the model's shapes (one token, context S), back to back on

@@ -14,7 +14,7 @@
 #include <thread>
 #include <vector>
 
-#include "../runtime/golden.h"
+#include "../runtime/golden_check.h"
 #include "lm2/runtime/backend.h"
 #include "lm2/runtime/cpu_backend.h"
 #include "lm2/runtime/cuda_backend.h"
@@ -25,15 +25,14 @@ using lm2::runtime::LogitsMode;
 using lm2::runtime::Model;
 using lm2::runtime::ModelFiles;
 using lm2::runtime::SequenceState;
-using lm2::testing::Golden;
-using lm2::testing::LoadGolden;
+using lm2::testing::NewState;
+using lm2::testing::Slice;
 using lm2::testing::RelativeError;
 using lm2::testing::SourceDir;
 
 namespace {
 
 const std::vector<std::string> kModels = {"tiny-lm2", "tiny-partial", "tiny-vanilla"};
-const std::vector<std::string> kCases = {"keep3", "reset3", "empty-segment"};
 constexpr double kLogitTolerance = 2e-2;
 constexpr double kBankTolerance = 2e-2;
 constexpr float kTieMargin = 0.05f;
@@ -69,62 +68,10 @@ std::unique_ptr<Model> LoadCpu(const std::shared_ptr<const ModelFiles>& files) {
 
 std::string TestModelDir(const std::string& name) { return SourceDir() + "/tests/data/models/" + name; }
 
-std::unique_ptr<SequenceState> NewState(const Model& m) {
-  auto s = m.NewState();
-  RequireOk(s.status());
-  return std::move(s).value();
-}
-
-std::vector<int32_t> Slice(const std::vector<int32_t>& v, std::size_t begin, std::size_t n) {
-  return {v.begin() + static_cast<std::ptrdiff_t>(begin), v.begin() + static_cast<std::ptrdiff_t>(begin + n)};
-}
-
 std::vector<double> Widen(const std::vector<float>& v) { return {v.begin(), v.end()}; }
 
 int32_t Argmax(const std::vector<float>& v) {
   return static_cast<int32_t>(std::max_element(v.begin(), v.end()) - v.begin());
-}
-
-// Runs the golden cases of `name` on `model` and returns the worst logits and bank errors.
-std::pair<double, double> GoldenErrors(const Model& model, const std::string& name) {
-  double worst_logits = 0, worst_bank = 0;
-  const auto& cfg = model.config();
-  for (const auto& case_name : kCases) {
-    INFO(name << "/" << case_name);
-    auto golden = LoadGolden(SourceDir() + "/tests/data/golden/" + name + "/" + case_name + ".safetensors");
-    RequireOk(golden.status());
-    const Golden& g = *golden;
-    auto state = NewState(model);
-    std::size_t offset = 0;
-    for (std::size_t k = 0; k < g.segment_lengths.size(); ++k) {
-      const auto n = static_cast<std::size_t>(g.segment_lengths[k]);
-      if (g.context == "reset") model.ResetContext(*state);
-      std::vector<float> logits;
-      RequireOk(model.Forward(*state, Slice(g.tokens, offset, n), LogitsMode::kAll, &logits));
-      REQUIRE(logits.size() == n * static_cast<std::size_t>(cfg.vocab_size));
-      if (n > 0) {
-        const double err =
-            RelativeError(logits.data(), g.logits.data() + offset * static_cast<std::size_t>(g.vocab), logits.size());
-        INFO("segment " << k << " logits rel err " << err);
-        CHECK(err <= kLogitTolerance);
-        worst_logits = std::max(worst_logits, err);
-      }
-      RequireOk(model.EndSegment(*state));
-      auto memory = model.ExportMemory(*state);
-      RequireOk(memory.status());
-      REQUIRE(memory->layers.size() == cfg.memory_layers.size());
-      for (const auto& layer : memory->layers) {
-        const auto& want = g.memory.at({static_cast<int64_t>(k), layer.layer});
-        REQUIRE(want.size() == layer.data.size());
-        const double err = RelativeError(layer.data.data(), want.data(), want.size());
-        INFO("segment " << k << " layer " << layer.layer << " memory rel err " << err);
-        CHECK(err <= kBankTolerance);
-        worst_bank = std::max(worst_bank, err);
-      }
-      offset += n;
-    }
-  }
-  return {worst_logits, worst_bank};
 }
 
 // Greedy decode of `steps` tokens after `prompt` on both models; returns how many tokens
@@ -159,7 +106,7 @@ TEST_CASE("CUDA model matches the float64 golden files within the bf16 bounds", 
     for (auto [chunk, gemm_from] : {std::pair<int64_t, int64_t>{512, 32}, {3, 32}, {512, 2}}) {
       auto model = LoadCuda(files, chunk, gemm_from);
       REQUIRE(model->backend_name() == "cuda:0");
-      const auto [logits_err, bank_err] = GoldenErrors(*model, name);
+      const auto [logits_err, bank_err] = lm2::testing::CheckGoldenCases(*model, name, kLogitTolerance, kBankTolerance);
       std::printf("golden %-13s chunk %3lld, GEMM attention from %2lld tokens: worst logits rel err %.3g, "
                   "worst bank rel err %.3g\n",
                   name.c_str(), static_cast<long long>(chunk), static_cast<long long>(gemm_from), logits_err, bank_err);

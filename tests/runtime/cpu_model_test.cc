@@ -6,7 +6,7 @@
 #include <thread>
 #include <vector>
 
-#include "golden.h"
+#include "golden_check.h"
 #include "lm2/runtime/cpu_backend.h"
 #include "lm2/runtime/model_files.h"
 
@@ -15,15 +15,14 @@ using lm2::runtime::LogitsMode;
 using lm2::runtime::Model;
 using lm2::runtime::ModelFiles;
 using lm2::runtime::SequenceState;
-using lm2::testing::Golden;
-using lm2::testing::LoadGolden;
+using lm2::testing::NewState;
+using lm2::testing::Slice;
 using lm2::testing::RelativeError;
 using lm2::testing::SourceDir;
 
 namespace {
 
 const std::vector<std::string> kModels = {"tiny-lm2", "tiny-partial", "tiny-vanilla"};
-const std::vector<std::string> kCases = {"keep3", "reset3", "empty-segment"};
 constexpr double kTolerance = 1e-4;  // docs/lm2-spec.md: CPU fp32 vs float64 reference
 
 std::unique_ptr<Model> Load(const std::string& name) {
@@ -34,56 +33,12 @@ std::unique_ptr<Model> Load(const std::string& name) {
   return std::move(model).value();
 }
 
-std::unique_ptr<SequenceState> NewState(const Model& m) {
-  auto s = m.NewState();
-  REQUIRE(s.ok());
-  return std::move(s).value();
-}
-
-std::vector<int32_t> Slice(const std::vector<int32_t>& v, std::size_t begin, std::size_t n) {
-  return {v.begin() + static_cast<std::ptrdiff_t>(begin), v.begin() + static_cast<std::ptrdiff_t>(begin + n)};
-}
-
 }  // namespace
 
 TEST_CASE("CPU backend matches the float64 golden files", "[cpu][golden]") {
   for (const auto& name : kModels) {
     auto model = Load(name);
-    const auto& cfg = model->config();
-    for (const auto& case_name : kCases) {
-      INFO(name << "/" << case_name);
-      auto golden = LoadGolden(SourceDir() + "/tests/data/golden/" + name + "/" + case_name + ".safetensors");
-      REQUIRE(golden.ok());
-      const Golden& g = *golden;
-      REQUIRE(g.vocab == cfg.vocab_size);
-      auto state = NewState(*model);
-      std::size_t offset = 0;
-      for (std::size_t k = 0; k < g.segment_lengths.size(); ++k) {
-        const auto n = static_cast<std::size_t>(g.segment_lengths[k]);
-        if (g.context == "reset") model->ResetContext(*state);
-        std::vector<float> logits;
-        REQUIRE(model->Forward(*state, Slice(g.tokens, offset, n), LogitsMode::kAll, &logits).ok());
-        REQUIRE(logits.size() == n * static_cast<std::size_t>(cfg.vocab_size));
-        if (n > 0) {
-          const double err = RelativeError(logits.data(), g.logits.data() + offset * static_cast<std::size_t>(g.vocab),
-                                           logits.size());
-          INFO("segment " << k << " logits rel err " << err);
-          CHECK(err <= kTolerance);
-        }
-        REQUIRE(model->EndSegment(*state).ok());
-        auto memory = model->ExportMemory(*state);
-        REQUIRE(memory.ok());
-        REQUIRE(memory->layers.size() == cfg.memory_layers.size());
-        for (const auto& layer : memory->layers) {
-          const auto& want = g.memory.at({static_cast<int64_t>(k), layer.layer});
-          REQUIRE(want.size() == layer.data.size());
-          const double err = RelativeError(layer.data.data(), want.data(), want.size());
-          INFO("segment " << k << " layer " << layer.layer << " memory rel err " << err);
-          CHECK(err <= kTolerance);
-        }
-        offset += n;
-      }
-    }
+    lm2::testing::CheckGoldenCases(*model, name, kTolerance, kTolerance);
   }
 }
 

@@ -435,9 +435,11 @@ class CudaModel final : public Model {
                   std::vector<float>* logits) const {
     const auto B = static_cast<int64_t>(batch.size());
     for (CudaState* s : batch) {
-      if (!s->segment_open_) LM2_RETURN_IF_ERROR(BeginSegment(*s));
-      LM2_RETURN_IF_ERROR(EnsureKvCapacity(*s, s->pos_ + 1));
-      LM2_RETURN_IF_ERROR(s->stream_.Synchronize());
+      if (!s->segment_open_) {  // its memory K/V are computed on its own stream: wait for them
+        LM2_RETURN_IF_ERROR(BeginSegment(*s));
+        LM2_RETURN_IF_ERROR(s->stream_.Synchronize());
+      }
+      LM2_RETURN_IF_ERROR(EnsureKvCapacity(*s, s->pos_ + 1));  // synchronises when it grows
     }
     CudaState& lead = *batch[0];
     Scratch& sc = lead.scratch_;

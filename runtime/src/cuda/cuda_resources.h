@@ -1,4 +1,5 @@
-// RAII owners for the CUDA backend: device buffers, streams and the cuBLAS handle.
+// RAII owners for the CUDA backend: device and pinned buffers, streams, the cuBLAS handle and
+// CUDA graphs (two templates in `detail`: one for arrays, one for handles).
 //
 // Each is created by a static factory returning Result (no exceptions, no aborts), is
 // move-only, and frees its resource in the destructor (errors there cannot be reported
@@ -19,33 +20,26 @@
 
 namespace lm2::runtime::cuda {
 
-// `count` elements of T in device memory (cudaMalloc; contents undefined until written).
-template <typename T>
-class DeviceBuffer {
+namespace detail {
+
+// Owns `count` elements of T in the memory of `Space` (Alloc / Free / kAlloc name):
+// move-only, freed in the destructor. DeviceBuffer and PinnedBuffer below are its two uses.
+template <typename T, typename Space>
+class OwnedArray {
  public:
-  DeviceBuffer() = default;
-  ~DeviceBuffer() { Reset(); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  DeviceBuffer(DeviceBuffer&& o) noexcept
+  OwnedArray() = default;
+  ~OwnedArray() { Reset(); }
+  OwnedArray(const OwnedArray&) = delete;
+  OwnedArray& operator=(const OwnedArray&) = delete;
+  OwnedArray(OwnedArray&& o) noexcept
       : ptr_(std::exchange(o.ptr_, nullptr)), count_(std::exchange(o.count_, std::size_t{0})) {}
-  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+  OwnedArray& operator=(OwnedArray&& o) noexcept {
     if (this != &o) {
       Reset();
       ptr_ = std::exchange(o.ptr_, nullptr);
       count_ = std::exchange(o.count_, std::size_t{0});
     }
     return *this;
-  }
-
-  static Result<DeviceBuffer> Allocate(std::size_t count) {
-    DeviceBuffer b;
-    if (count == 0) return b;
-    void* p = nullptr;
-    LM2_RETURN_IF_ERROR(CudaStatus(cudaMalloc(&p, count * sizeof(T)), "cudaMalloc"));
-    b.ptr_ = static_cast<T*>(p);
-    b.count_ = count;
-    return b;
   }
 
   T* data() { return ptr_; }
@@ -53,82 +47,117 @@ class DeviceBuffer {
   std::size_t size() const { return count_; }
   std::size_t bytes() const { return count_ * sizeof(T); }
 
+ protected:
+  // Takes `count` new elements (none for 0); the owner must be empty.
+  Status Acquire(std::size_t count) {
+    if (count == 0) return Status::Ok();
+    void* p = nullptr;
+    LM2_RETURN_IF_ERROR(CudaStatus(Space::Alloc(&p, count * sizeof(T)), Space::kAlloc));
+    ptr_ = static_cast<T*>(p);
+    count_ = count;
+    return Status::Ok();
+  }
+
+  T* ptr_ = nullptr;
+  std::size_t count_ = 0;
+
+ private:
+  void Reset() {
+    if (ptr_ != nullptr) Space::Free(ptr_);
+    ptr_ = nullptr;
+    count_ = 0;
+  }
+};
+
+struct DeviceSpace {
+  static constexpr const char* kAlloc = "cudaMalloc";
+  static cudaError_t Alloc(void** p, std::size_t bytes) { return cudaMalloc(p, bytes); }
+  static void Free(void* p) { (void)cudaFree(p); }
+};
+
+struct PinnedSpace {
+  static constexpr const char* kAlloc = "cudaMallocHost";
+  static cudaError_t Alloc(void** p, std::size_t bytes) { return cudaMallocHost(p, bytes); }
+  static void Free(void* p) { (void)cudaFreeHost(p); }
+};
+
+// Owns one handle of a CUDA library object, destroyed by `Destroy` in the destructor:
+// move-only. CudaStream, CublasHandle and CudaGraph below are its uses.
+template <typename H, auto Destroy>
+class OwnedHandle {
+ public:
+  OwnedHandle() = default;
+  ~OwnedHandle() { Reset(); }
+  OwnedHandle(const OwnedHandle&) = delete;
+  OwnedHandle& operator=(const OwnedHandle&) = delete;
+  OwnedHandle(OwnedHandle&& o) noexcept : handle_(std::exchange(o.handle_, nullptr)) {}
+  OwnedHandle& operator=(OwnedHandle&& o) noexcept {
+    if (this != &o) {
+      Reset();
+      handle_ = std::exchange(o.handle_, nullptr);
+    }
+    return *this;
+  }
+
+ protected:
+  H handle_ = nullptr;
+
+ private:
+  void Reset() {
+    if (handle_ != nullptr) (void)Destroy(handle_);
+    handle_ = nullptr;
+  }
+};
+
+}  // namespace detail
+
+// `count` elements of T in device memory (cudaMalloc; contents undefined until written).
+template <typename T>
+class DeviceBuffer : public detail::OwnedArray<T, detail::DeviceSpace> {
+ public:
+  static Result<DeviceBuffer> Allocate(std::size_t count) {
+    DeviceBuffer b;
+    LM2_RETURN_IF_ERROR(b.Acquire(count));
+    return b;
+  }
+
   // Copies `count` (<= size()) elements in on `stream`. With pageable host memory the call
   // returns once the source has been staged; with pinned memory the source must stay
   // untouched until the stream reaches the copy.
   Status CopyFromHost(const T* src, std::size_t count, cudaStream_t stream) {
-    if (count > count_) return Status::InvalidArgument("DeviceBuffer::CopyFromHost: more elements than the buffer");
+    if (count > this->count_) {
+      return Status::InvalidArgument("DeviceBuffer::CopyFromHost: more elements than the buffer");
+    }
     if (count == 0) return Status::Ok();
-    return CudaStatus(cudaMemcpyAsync(ptr_, src, count * sizeof(T), cudaMemcpyHostToDevice, stream),
+    return CudaStatus(cudaMemcpyAsync(this->ptr_, src, count * sizeof(T), cudaMemcpyHostToDevice, stream),
                       "cudaMemcpyAsync(host to device)");
   }
   // Copies `count` (<= size()) elements out and waits for `stream` to finish them.
   Status CopyToHost(T* dst, std::size_t count, cudaStream_t stream) const {
-    if (count > count_) return Status::InvalidArgument("DeviceBuffer::CopyToHost: more elements than the buffer");
+    if (count > this->count_) return Status::InvalidArgument("DeviceBuffer::CopyToHost: more elements than the buffer");
     if (count == 0) return Status::Ok();
-    LM2_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(dst, ptr_, count * sizeof(T), cudaMemcpyDeviceToHost, stream),
+    LM2_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(dst, this->ptr_, count * sizeof(T), cudaMemcpyDeviceToHost, stream),
                                    "cudaMemcpyAsync(device to host)"));
     return CudaStatus(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
   }
   // Sets every byte to `byte` on `stream` (0 to zero; 0xFF poisons floats with NaN).
   Status FillBytes(unsigned char byte, cudaStream_t stream) {
-    if (count_ == 0) return Status::Ok();
-    return CudaStatus(cudaMemsetAsync(ptr_, byte, bytes(), stream), "cudaMemsetAsync");
+    if (this->count_ == 0) return Status::Ok();
+    return CudaStatus(cudaMemsetAsync(this->ptr_, byte, this->bytes(), stream), "cudaMemsetAsync");
   }
-
- private:
-  void Reset() {
-    if (ptr_ != nullptr) (void)cudaFree(ptr_);
-    ptr_ = nullptr;
-    count_ = 0;
-  }
-  T* ptr_ = nullptr;
-  std::size_t count_ = 0;
 };
 
 // `count` elements of T in page-locked host memory (cudaMallocHost): the staging area of
 // asynchronous copies (they overlap with host work and run at full PCIe rate). Contents
 // undefined until written.
 template <typename T>
-class PinnedBuffer {
+class PinnedBuffer : public detail::OwnedArray<T, detail::PinnedSpace> {
  public:
-  PinnedBuffer() = default;
-  ~PinnedBuffer() { Reset(); }
-  PinnedBuffer(const PinnedBuffer&) = delete;
-  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
-  PinnedBuffer(PinnedBuffer&& o) noexcept
-      : ptr_(std::exchange(o.ptr_, nullptr)), count_(std::exchange(o.count_, std::size_t{0})) {}
-  PinnedBuffer& operator=(PinnedBuffer&& o) noexcept {
-    if (this != &o) {
-      Reset();
-      ptr_ = std::exchange(o.ptr_, nullptr);
-      count_ = std::exchange(o.count_, std::size_t{0});
-    }
-    return *this;
-  }
-
   static Result<PinnedBuffer> Allocate(std::size_t count) {
     PinnedBuffer b;
-    if (count == 0) return b;
-    void* p = nullptr;
-    LM2_RETURN_IF_ERROR(CudaStatus(cudaMallocHost(&p, count * sizeof(T)), "cudaMallocHost"));
-    b.ptr_ = static_cast<T*>(p);
-    b.count_ = count;
+    LM2_RETURN_IF_ERROR(b.Acquire(count));
     return b;
   }
-
-  T* data() { return ptr_; }
-  const T* data() const { return ptr_; }
-  std::size_t size() const { return count_; }
-
- private:
-  void Reset() {
-    if (ptr_ != nullptr) (void)cudaFreeHost(ptr_);
-    ptr_ = nullptr;
-    count_ = 0;
-  }
-  T* ptr_ = nullptr;
-  std::size_t count_ = 0;
 };
 
 // Grows `buffer` to at least `count` elements (contents are not kept); a no-op when it is
@@ -143,83 +172,36 @@ Status EnsureCapacity(Buffer& buffer, std::size_t count) {
 
 // A CUDA stream on the current device (non-blocking with respect to the legacy default
 // stream: work on it orders only with itself and explicit events).
-class CudaStream {
+class CudaStream : public detail::OwnedHandle<cudaStream_t, &cudaStreamDestroy> {
  public:
-  CudaStream() = default;
-  ~CudaStream() {
-    if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
-  }
-  CudaStream(const CudaStream&) = delete;
-  CudaStream& operator=(const CudaStream&) = delete;
-  CudaStream(CudaStream&& o) noexcept : stream_(std::exchange(o.stream_, nullptr)) {}
-  CudaStream& operator=(CudaStream&& o) noexcept {
-    if (this != &o) {
-      if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
-      stream_ = std::exchange(o.stream_, nullptr);
-    }
-    return *this;
-  }
-
   static Result<CudaStream> Create() {
     CudaStream s;
-    LM2_RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithFlags(&s.stream_, cudaStreamNonBlocking), "cudaStreamCreate"));
+    LM2_RETURN_IF_ERROR(
+        CudaStatus(cudaStreamCreateWithFlags(&s.handle_, cudaStreamNonBlocking), "cudaStreamCreate"));
     return s;
   }
-  cudaStream_t get() const { return stream_; }
-  Status Synchronize() const { return CudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
-
- private:
-  cudaStream_t stream_ = nullptr;
+  cudaStream_t get() const { return handle_; }
+  Status Synchronize() const { return CudaStatus(cudaStreamSynchronize(handle_), "cudaStreamSynchronize"); }
 };
 
-// A cuBLAS handle (its workspace is cuBLAS's own). Linear sets the stream on each call.
-class CublasHandle {
+// A cuBLAS handle (its workspace is cuBLAS's own unless set). Linear sets the stream on each
+// call.
+class CublasHandle : public detail::OwnedHandle<cublasHandle_t, &cublasDestroy> {
  public:
-  CublasHandle() = default;
-  ~CublasHandle() {
-    if (handle_ != nullptr) (void)cublasDestroy(handle_);
-  }
-  CublasHandle(const CublasHandle&) = delete;
-  CublasHandle& operator=(const CublasHandle&) = delete;
-  CublasHandle(CublasHandle&& o) noexcept : handle_(std::exchange(o.handle_, nullptr)) {}
-  CublasHandle& operator=(CublasHandle&& o) noexcept {
-    if (this != &o) {
-      if (handle_ != nullptr) (void)cublasDestroy(handle_);
-      handle_ = std::exchange(o.handle_, nullptr);
-    }
-    return *this;
-  }
-
   static Result<CublasHandle> Create() {
     CublasHandle h;
     LM2_RETURN_IF_ERROR(CublasStatus(cublasCreate(&h.handle_), "cublasCreate"));
     return h;
   }
   cublasHandle_t get() const { return handle_; }
-
- private:
-  cublasHandle_t handle_ = nullptr;
 };
 
 // An executable CUDA graph, made by capturing the work a function enqueues on a stream
 // (thread-local capture mode: other threads' CUDA calls are unaffected). Replaying it
 // launches the whole sequence at once. The captured work refers to buffers by address:
 // whoever owns the graph must capture again when any of them moves.
-class CudaGraph {
+class CudaGraph : public detail::OwnedHandle<cudaGraphExec_t, &cudaGraphExecDestroy> {
  public:
-  CudaGraph() = default;
-  ~CudaGraph() { Reset(); }
-  CudaGraph(const CudaGraph&) = delete;
-  CudaGraph& operator=(const CudaGraph&) = delete;
-  CudaGraph(CudaGraph&& o) noexcept : exec_(std::exchange(o.exec_, nullptr)) {}
-  CudaGraph& operator=(CudaGraph&& o) noexcept {
-    if (this != &o) {
-      Reset();
-      exec_ = std::exchange(o.exec_, nullptr);
-    }
-    return *this;
-  }
-
   // Captures what `enqueue` (returning Status) puts on `stream`. A failure inside ends the
   // capture and is returned; nothing ran.
   template <typename Fn>
@@ -236,21 +218,14 @@ class CudaGraph {
       return enqueued;
     }
     CudaGraph g;
-    Status made = CudaStatus(cudaGraphInstantiate(&g.exec_, graph, 0), "cudaGraphInstantiate");
+    Status made = CudaStatus(cudaGraphInstantiate(&g.handle_, graph, 0), "cudaGraphInstantiate");
     (void)cudaGraphDestroy(graph);
     if (!made.ok()) return made;
     return g;
   }
 
-  bool empty() const { return exec_ == nullptr; }
-  Status Launch(cudaStream_t stream) const { return CudaStatus(cudaGraphLaunch(exec_, stream), "cudaGraphLaunch"); }
-
- private:
-  void Reset() {
-    if (exec_ != nullptr) (void)cudaGraphExecDestroy(exec_);
-    exec_ = nullptr;
-  }
-  cudaGraphExec_t exec_ = nullptr;
+  bool empty() const { return handle_ == nullptr; }
+  Status Launch(cudaStream_t stream) const { return CudaStatus(cudaGraphLaunch(handle_, stream), "cudaGraphLaunch"); }
 };
 
 }  // namespace lm2::runtime::cuda

@@ -1,6 +1,8 @@
 // Rotary embedding, rotate-half convention, in place. One thread per rotated pair; the
 // angle, its cosine and sine are computed in double and rounded to fp32, exactly as the
 // CPU backend does, so both backends rotate by the same fp32 factors.
+#include <string>
+
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
@@ -83,38 +85,41 @@ Status Rope(float* x, int64_t rows, int64_t heads, int64_t head_dim, const int64
   return CheckLaunch("RopeKernel");
 }
 
-Status SplitQkvRope(const float* proj, int64_t rows, int64_t proj_ld, int64_t heads, int64_t kv_heads,
-                    int64_t head_dim, const int64_t* positions, double theta, float* q_out, float* k_out, float* v_out,
-                    cudaStream_t stream) {
+namespace {
+
+// Both SplitQkvRope forms: the checks, then the kernel writing k and v rows through `dest`.
+template <typename Dest>
+Status LaunchSplitQkvRope(const char* op, const float* proj, int64_t rows, int64_t proj_ld, int64_t heads,
+                          int64_t kv_heads, int64_t head_dim, const int64_t* positions, double theta, float* q_out,
+                          Dest dest, cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(ops::CheckRope(rows, heads, head_dim, theta));
   LM2_RETURN_IF_ERROR(ops::CheckCausalAttention(0, 0, heads, kv_heads, head_dim));
   if (proj_ld < (heads + 2 * kv_heads) * head_dim) {
-    return Status::InvalidArgument("SplitQkvRope: proj_ld " + std::to_string(proj_ld) + " narrower than q, k and v");
+    return Status::InvalidArgument(std::string(op) + ": proj_ld " + std::to_string(proj_ld) +
+                                   " narrower than q, k and v");
   }
   if (rows == 0) return Status::Ok();
-  LM2_RETURN_IF_ERROR(RequireNonNull("SplitQkvRope", {proj, positions, q_out, k_out, v_out}));
+  LM2_RETURN_IF_ERROR(RequireNonNull(op, {proj, positions, q_out, dest.k, dest.v}));
   const int64_t total = rows * (heads + kv_heads) * (head_dim / 2) + rows * kv_heads * head_dim;
-  SplitQkvRopeKernel<<<GridFor(total, kThreads), kThreads, 0, stream>>>(
-      proj, rows, proj_ld, heads, kv_heads, head_dim, positions, theta, q_out,
-      ConsecutiveRows{k_out, v_out, kv_heads * head_dim});
-  return CheckLaunch("SplitQkvRopeKernel");
+  SplitQkvRopeKernel<<<GridFor(total, kThreads), kThreads, 0, stream>>>(proj, rows, proj_ld, heads, kv_heads,
+                                                                        head_dim, positions, theta, q_out, dest);
+  return CheckLaunch(op);
+}
+
+}  // namespace
+
+Status SplitQkvRope(const float* proj, int64_t rows, int64_t proj_ld, int64_t heads, int64_t kv_heads,
+                    int64_t head_dim, const int64_t* positions, double theta, float* q_out, float* k_out, float* v_out,
+                    cudaStream_t stream) {
+  return LaunchSplitQkvRope("SplitQkvRope", proj, rows, proj_ld, heads, kv_heads, head_dim, positions, theta, q_out,
+                            ConsecutiveRows{k_out, v_out, kv_heads * head_dim}, stream);
 }
 
 Status SplitQkvRopeBatch(const float* proj, int64_t rows, int64_t proj_ld, int64_t heads, int64_t kv_heads,
                          int64_t head_dim, const int64_t* positions, double theta, float* q_out, float* const* k_caches,
                          float* const* v_caches, cudaStream_t stream) {
-  LM2_RETURN_IF_ERROR(ops::CheckRope(rows, heads, head_dim, theta));
-  LM2_RETURN_IF_ERROR(ops::CheckCausalAttention(0, 0, heads, kv_heads, head_dim));
-  if (proj_ld < (heads + 2 * kv_heads) * head_dim) {
-    return Status::InvalidArgument("SplitQkvRopeBatch: proj_ld " + std::to_string(proj_ld) + " narrower than q, k and v");
-  }
-  if (rows == 0) return Status::Ok();
-  LM2_RETURN_IF_ERROR(RequireNonNull("SplitQkvRopeBatch", {proj, positions, q_out, k_caches, v_caches}));
-  const int64_t total = rows * (heads + kv_heads) * (head_dim / 2) + rows * kv_heads * head_dim;
-  SplitQkvRopeKernel<<<GridFor(total, kThreads), kThreads, 0, stream>>>(
-      proj, rows, proj_ld, heads, kv_heads, head_dim, positions, theta, q_out,
-      RowPerCache{k_caches, v_caches, kv_heads * head_dim});
-  return CheckLaunch("SplitQkvRopeKernel<RowPerCache>");
+  return LaunchSplitQkvRope("SplitQkvRopeBatch", proj, rows, proj_ld, heads, kv_heads, head_dim, positions, theta,
+                            q_out, RowPerCache{k_caches, v_caches, kv_heads * head_dim}, stream);
 }
 
 }  // namespace lm2::runtime::cuda
