@@ -12,7 +12,9 @@
 //   decode batch 1    single-token Forward calls with last-token logits copied to the host
 //                     and a host argmax (what generation does); tokens/s, and the ratio to
 //                     the roofline: copy bandwidth / bytes the model must move per token
-//                     (matrices but the embedding table, the KV cache read, memory K/V read)
+//                     (the matrices a token multiplies by: all but the embedding table and
+//                     the per-segment memory K/V and write-gate weights; the KV cache and
+//                     the segment's memory K/V read)
 //   prefill T         one Forward of T tokens (segment opening included) per fresh state,
 //                     tokens/s and achieved TFLOP/s / gemm rate
 //   sessions B        B states decoding together, one ForwardBatch per step; total tokens/s
@@ -141,9 +143,14 @@ struct Shape {
 
 // Bytes one decoded token must move at context length S: every matrix but the embedding
 // table (one row of it), the KV cache rows read (fp32), each memory layer's K and V (fp32).
+constexpr double kMemoryKvBytes = 2.0;  // bytes per element of the cached memory K and V (bf16)
+
 double DecodeBytes(const Shape& s, double S) {
   const double per_layer = 2.0 * (s.d * s.qdim * 2 + s.d * s.kvdim * 2 + 3 * s.d * s.F) + 4.0 * 2 * S * s.kvdim;
-  const double memory = 2.0 * 7 * s.d * s.d + 4.0 * 2 * s.N * s.d;
+  // Per token a memory layer reads its query, write-offer and output-gate weights (the
+  // read K/V and the two write gates run once per segment, not per token) and the
+  // segment's memory K and V.
+  const double memory = 2.0 * 3 * s.d * s.d + kMemoryKvBytes * 2 * s.N * s.d;
   return static_cast<double>(s.layers) * per_layer + static_cast<double>(s.memory_layers) * memory + 2.0 * s.V * s.d;
 }
 
@@ -179,7 +186,8 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
   const int64_t H = c.num_heads, Hkv = c.num_kv_heads, Dh = c.head_dim, qdim = H * Dh, kvdim = Hkv * Dh;
   const int64_t big = std::max({N * d, 2 * F * d, c.vocab_size * d, 8 * d * d});
   auto w = Take(cuda::DeviceBuffer<__nv_bfloat16>::Allocate(static_cast<std::size_t>(big)), "alloc");
-  auto xb = Take(cuda::DeviceBuffer<__nv_bfloat16>::Allocate(static_cast<std::size_t>(std::max(F, qdim))), "alloc");
+  auto xb = Take(cuda::DeviceBuffer<__nv_bfloat16>::Allocate(static_cast<std::size_t>(8 * std::max({F, qdim, d}))),
+                 "alloc");
   auto f1 = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(N * d)), "alloc");
   auto f2 = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(N * d)), "alloc");
   auto f3 = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(N * d)), "alloc");
@@ -212,28 +220,50 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
     const char* name;
     double per_step;  // launches of this op per decode step
     double s;
+    double bytes = 0;  // weight bytes streamed (GEMV rows): GB/s shown
   };
   const double L = static_cast<double>(c.num_layers), M = static_cast<double>(c.memory_layers.size());
   const int64_t P = qdim + 2 * kvdim + (c.has_memory() ? 2 * d : 0);  // the stacked x projection
+  // The decode step's linear layers as the model runs them (gemv.cu), one token.
+  auto gemv = [&](cuda::GemvInput in_kind, int64_t in, int64_t out, cuda::GemvOutput out_kind) {
+    cuda::GemvArgs g;
+    g.input = in_kind;
+    g.x = in_kind == cuda::GemvInput::kBf16 ? static_cast<const void*>(xb.data()) : static_cast<const void*>(x);
+    g.x_ld = in_kind == cuda::GemvInput::kSwiGlu ? 2 * in : in;
+    g.norm_weight = f2.data();
+    g.eps = 1e-5f;
+    g.w = w.data();
+    g.rows = 1;
+    g.in = in;
+    g.out = out;
+    g.output = out_kind;
+    g.y = ys.data();
+    g.bias = f2.data();
+    g.residual = f3.data();
+    g.gated = f3.data();
+    return TimeOp(st, [&] { return cuda::Gemv(g, st); });
+  };
+  auto wbytes = [](int64_t in, int64_t out) { return 2.0 * static_cast<double>(in) * static_cast<double>(out); };
+  using cuda::GemvInput;
+  using cuda::GemvOutput;
   std::vector<Row> rows = {
-      {"RmsNormBf16 [1, d]", 2 * L + 1,
-       TimeOp(st, [&] { return cuda::RmsNormBf16(x, x, 1, d, 1e-5f, xb.data(), st); })},
-      {"Linear 1 x d -> q|k|v|mem q|offer (stacked)", L,
-       TimeOp(st, [&] { return cuda::Linear(h, xb.data(), 1, d, w.data(), P, ys.data(), false, st); })},
+      {"EmbeddingLookup", 1,
+       TimeOp(st, [&] { return cuda::EmbeddingLookup(w.data(), c.vocab_size, d, ids.data(), 1, x, st); })},
+      {"Gemv RMSNorm -> q|k|v|mem q|offer (stacked)", L, gemv(GemvInput::kRmsNorm, d, P, GemvOutput::kStore),
+       wbytes(d, P)},
       {"SplitQkvRope", L,
        TimeOp(st, [&] { return cuda::SplitQkvRope(ys.data(), 1, P, H, Hkv, Dh, pos.data(), c.rope_theta, x, f2.data(),
                                                   f3.data(), st); })},
       {"CausalAttention decode", L,
        TimeOp(st, [&] { return cuda::CausalAttention(x, kv.data(), kv.data(), 1, S, H, Hkv, Dh, f2.data(), st); })},
-      {"ConvertF32ToBf16 [d] (attention out, memory e)", L + M,
-       TimeOp(st, [&] { return cuda::ConvertF32ToBf16(x, d, xb.data(), st); })},
-      {"Linear 1 x d -> d (o_proj, out_gate)", L + M,
-       TimeOp(st, [&] { return cuda::Linear(h, xb.data(), 1, d, w.data(), d, ys.data(), false, st); })},
+      {"Gemv fp32 -> o_proj", L, gemv(GemvInput::kF32, qdim, d, GemvOutput::kStore), wbytes(qdim, d)},
       {"MemoryReadOneToken", M,
        TimeOp(st, [&] {
-         return cuda::MemoryReadOneToken(x, d, f2.data(), f3.data(), N, d, Hm, ys.data(), f1.data() + d,
+         return cuda::MemoryReadOneToken(x, d, w.data(), w.data() + N * d, N, d, Hm, ys.data(), f1.data() + d,
                                          f1.data() + 2 * d, st);
        })},
+      {"Gemv fp32 -> out_gate, gated residual", M, gemv(GemvInput::kF32, d, d, GemvOutput::kGatedResidual),
+       wbytes(d, d)},
       {"StageWriteBatch (one session)", M,
        TimeOp(st, [&] {
          return cuda::StageWriteBatch(ys.data(), x, d, 1, N, d, Hm, slot.data(), stage_attn.data(), stage_offer.data(),
@@ -243,25 +273,50 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
        TimeOp(st, [&] {
          return cuda::FlushStagedWrites(h, f2.data(), f3.data(), 16, N, d, Hm, f1.data(), st);
        })},
-      {"AddBias + GatedResidual / AddInPlace [d]", 2 * M + (L - M),
-       TimeOp(st, [&] { return cuda::GatedResidual(x, f2.data(), f3.data(), f2.data(), d, st); })},
-      {"Linear 1 x d -> 2F (gate|up stacked)", L,
-       TimeOp(st, [&] { return cuda::Linear(h, xb.data(), 1, d, w.data(), 2 * F, ys.data(), false, st); })},
-      {"SwiGluBf16 [F]", L, TimeOp(st, [&] { return cuda::SwiGluBf16(ys.data(), 1, F, xb.data(), st); })},
-      {"Linear 1 x F -> d (down, accumulate)", L,
-       TimeOp(st, [&] { return cuda::Linear(h, xb.data(), 1, F, w.data(), d, ys.data(), true, st); })},
-      {"Linear 1 x d -> V (LM head)", 1,
-       TimeOp(st, [&] { return cuda::Linear(h, xb.data(), 1, d, w.data(), c.vocab_size, ys.data(), false, st); })},
-      {"EmbeddingLookup", 1,
-       TimeOp(st, [&] { return cuda::EmbeddingLookup(w.data(), c.vocab_size, d, ids.data(), 1, x, st); })},
+      {"Gemv RMSNorm -> gate|up (stacked)", L, gemv(GemvInput::kRmsNorm, d, 2 * F, GemvOutput::kStore),
+       wbytes(d, 2 * F)},
+      {"Gemv SwiGLU -> down, accumulate", L, gemv(GemvInput::kSwiGlu, F, d, GemvOutput::kAccumulate), wbytes(F, d)},
+      {"Gemv RMSNorm -> LM head", 1, gemv(GemvInput::kRmsNorm, d, c.vocab_size, GemvOutput::kStore),
+       wbytes(d, c.vocab_size)},
   };
   double total = 0;
   std::printf("decode step by op (context %lld; mean of 200 back-to-back launches each):\n", static_cast<long long>(S));
   for (const Row& r : rows) {
-    std::printf("  %-55s %8.1f us x %4.0f = %7.3f ms\n", r.name, r.s * 1e6, r.per_step, r.s * r.per_step * 1e3);
+    std::printf("  %-55s %8.1f us x %4.0f = %7.3f ms", r.name, r.s * 1e6, r.per_step, r.s * r.per_step * 1e3);
+    if (r.bytes > 0) std::printf("  (%.0f GB/s of weights)", r.bytes / r.s / 1e9);
+    std::printf("\n");
     total += r.s * r.per_step;
   }
   std::printf("  %-55s %30.3f ms\n", "sum (one decode step's ops, no host work)", total * 1e3);
+  // The same shapes through cuBLAS (the path of longer chunks), for comparison.
+  const std::pair<const char*, std::pair<int64_t, int64_t>> blas_rows[] = {
+      {"cuBLAS Linear 1 x d -> stacked q|k|v|mem q|offer", {d, P}},
+      {"cuBLAS Linear 1 x d -> 2F", {d, 2 * F}},
+      {"cuBLAS Linear 1 x F -> d", {F, d}},
+      {"cuBLAS Linear 1 x d -> V", {d, c.vocab_size}}};
+  for (const auto& [name, shape] : blas_rows) {
+    const auto [in, out] = shape;
+    const double t = TimeOp(st, [&] { return cuda::Linear(h, xb.data(), 1, in, w.data(), out, ys.data(), false, st); });
+    std::printf("  %-55s %8.1f us  (%.0f GB/s of weights)\n", name, t * 1e6, wbytes(in, out) / t / 1e9);
+  }
+  // Batched decode steps: the gate|up layer for B rows, GEMV (up to its row limit) and cuBLAS.
+  for (int64_t B = 2; B <= cuda::kGemvMaxRows; B *= 2) {
+    cuda::GemvArgs g;
+    g.input = cuda::GemvInput::kRmsNorm;
+    g.x = x;
+    g.x_ld = d;
+    g.norm_weight = f3.data();
+    g.eps = 1e-5f;
+    g.w = w.data();
+    g.rows = B;
+    g.in = d;
+    g.out = 2 * F;
+    g.y = f2.data();
+    const double tg = TimeOp(st, [&] { return cuda::Gemv(g, st); });
+    const double tb = TimeOp(st, [&] { return cuda::Linear(h, xb.data(), B, d, w.data(), 2 * F, f2.data(), false, st); });
+    std::printf("  %lld rows d -> 2F: Gemv %6.1f us (%.0f GB/s), cuBLAS %6.1f us (%.0f GB/s)\n",
+                static_cast<long long>(B), tg * 1e6, wbytes(d, 2 * F) / tg / 1e9, tb * 1e6, wbytes(d, 2 * F) / tb / 1e9);
+  }
 }
 
 }  // namespace

@@ -8,8 +8,11 @@
 //   fp32 reductions (attention, memory ops)   5e-5  (sums of up to thousands of terms)
 //   Linear vs the same bf16-rounded inputs    1e-4  (fp32 accumulation order only)
 //   Linear vs the unrounded fp32 inputs       1e-2  (bf16 rounding of x and W: 2^-9 each)
-//   TF32 GEMM ops (memory read, write sums,   3e-3  (inputs rounded to 10-bit mantissas:
+//   Gemv vs the unfused ops' bf16 inputs      5e-5  (fp32 sums of up to 8200 products)
+//   TF32 GEMM ops (write sums,                3e-3  (inputs rounded to 10-bit mantissas:
 //   GEMM attention)                                  2^-11 each, fp32 accumulation)
+//   MemoryRead (bf16 GEMMs: q and the         1e-2  (operands rounded to 8-bit mantissas;
+//   probabilities rounded)                           memory K/V are bf16 in both)
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -35,6 +38,7 @@ constexpr double kTolReduce = 5e-5;
 constexpr double kTolGemmRounded = 1e-4;
 constexpr double kTolGemmBf16 = 1e-2;
 constexpr double kTolTf32 = 3e-3;  // TF32 tensor-core GEMMs: inputs rounded to 10-bit mantissas
+constexpr double kTolBf16Operands = 1e-2;  // bf16 GEMM operands rounded from fp32 (q, probabilities)
 
 using lm2::testing::RelErr;
 using lm2::testing::Rng;
@@ -101,6 +105,11 @@ float Bf16Value(uint16_t bits) {
   return x;
 }
 float RoundBf16(float x) { return Bf16Value(Bf16Bits(x)); }
+uint16_t Bits(__nv_bfloat16 v) {
+  uint16_t b = 0;
+  std::memcpy(&b, &v, sizeof b);
+  return b;
+}
 
 }  // namespace
 
@@ -164,6 +173,138 @@ TEST_CASE("Linear: bf16 weights and activations, fp32 accumulation (cuBLAS)", "[
   const auto y2 = Download(dy2);
   for (std::size_t i = 0; i < y0.size(); ++i) want_rounded[i] += y0[i];
   CHECK(RelErr(y2, want_rounded) < kTolGemmRounded);
+}
+
+// Gemv's reference: the unfused device op makes x' (bf16), the product is taken in double
+// from the downloaded x' and W, then the epilogue in double. So a prologue that differed from
+// RmsNormBf16 / SwiGluBf16 / the bf16 rounding would show, besides the kernel's sums.
+TEST_CASE("Gemv: fused small-batch linear layers equal the unfused ops", "[cuda][ops]") {
+  const auto [rows, in, out] = GENERATE(std::make_tuple(int64_t{1}, int64_t{64}, int64_t{37}),
+                                        std::make_tuple(int64_t{3}, int64_t{160}, int64_t{100}),
+                                        std::make_tuple(int64_t{8}, int64_t{2048}, int64_t{2053}),
+                                        std::make_tuple(int64_t{5}, int64_t{2112}, int64_t{300}),
+                                        std::make_tuple(int64_t{2}, int64_t{8192}, int64_t{64}),
+                                        std::make_tuple(int64_t{1}, int64_t{8200}, int64_t{33}),
+                                        std::make_tuple(int64_t{3}, int64_t{5000}, int64_t{3001}));
+  const GemvInput input = GENERATE(GemvInput::kBf16, GemvInput::kF32, GemvInput::kRmsNorm, GemvInput::kSwiGlu);
+  const GemvOutput output = GENERATE(GemvOutput::kStore, GemvOutput::kAccumulate, GemvOutput::kGatedResidual);
+  INFO("rows=" << rows << " in=" << in << " out=" << out << " input=" << static_cast<int>(input)
+               << " output=" << static_cast<int>(output));
+  const int64_t x_ld = input == GemvInput::kSwiGlu ? 2 * in : in;
+  auto x = Random(static_cast<std::size_t>(rows * x_ld)), w = Random(static_cast<std::size_t>(out * in));
+  auto norm = Random(static_cast<std::size_t>(in)), y0 = Random(static_cast<std::size_t>(rows * out));
+  auto bias = Random(static_cast<std::size_t>(out)), res = Random(static_cast<std::size_t>(rows * out));
+  auto gated = Random(static_cast<std::size_t>(rows * out));
+  auto dx = Upload(x), dw32 = Upload(w), dnorm = Upload(norm), dbias = Upload(bias), dres = Upload(res);
+  auto dgated = Upload(gated);
+  auto dw = Poisoned<__nv_bfloat16>(w.size());
+  RequireOk(ConvertF32ToBf16(dw32.data(), out * in, dw.data(), Stream()));
+
+  // x' by the unfused ops.
+  auto dxp = Poisoned<__nv_bfloat16>(static_cast<std::size_t>(rows * in));
+  constexpr float kEps = 1e-5f;
+  switch (input) {
+    case GemvInput::kBf16:
+    case GemvInput::kF32: RequireOk(ConvertF32ToBf16(dx.data(), rows * in, dxp.data(), Stream())); break;
+    case GemvInput::kRmsNorm: RequireOk(RmsNormBf16(dx.data(), dnorm.data(), rows, in, kEps, dxp.data(), Stream())); break;
+    case GemvInput::kSwiGlu: RequireOk(SwiGluBf16(dx.data(), rows, in, dxp.data(), Stream())); break;
+  }
+  const auto xp = Download(dxp);
+
+  auto run = [&](int64_t first, int64_t n) {
+    auto dy = output == GemvOutput::kStore ? Poisoned<float>(static_cast<std::size_t>(n * out))
+                                           : Upload(std::vector<float>(y0.begin() + first * out,
+                                                                       y0.begin() + (first + n) * out));
+    GemvArgs g;
+    g.input = input;
+    g.x = input == GemvInput::kBf16 ? static_cast<const void*>(dxp.data() + first * in)
+                                    : static_cast<const void*>(dx.data() + first * x_ld);
+    g.x_ld = x_ld;
+    g.norm_weight = dnorm.data();
+    g.eps = kEps;
+    g.w = dw.data();
+    g.rows = n;
+    g.in = in;
+    g.out = out;
+    g.output = output;
+    g.y = dy.data();
+    g.bias = dbias.data();
+    g.residual = dres.data() + first * out;
+    g.gated = dgated.data() + first * out;
+    RequireOk(Gemv(g, Stream()));
+    return Download(dy);
+  };
+  const auto y = run(0, rows);
+
+  std::vector<double> want(y0.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t o = 0; o < out; ++o) {
+      double acc = 0;
+      for (int64_t i = 0; i < in; ++i) {
+        acc += static_cast<double>(Bf16Value(Bits(xp[r * in + i]))) * RoundBf16(w[o * in + i]);
+      }
+      const std::size_t k = r * out + o;
+      if (output == GemvOutput::kStore) want[k] = acc;
+      if (output == GemvOutput::kAccumulate) want[k] = y0[k] + acc;
+      if (output == GemvOutput::kGatedResidual) want[k] = y0[k] + res[k] + Sig(acc + bias[o]) * gated[k];
+    }
+  }
+  CHECK(RelErr(y, want) < kTolReduce);
+
+  // Each row alone gives the same bits as in the batch.
+  std::size_t differ = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const auto alone = run(r, 1);
+    for (int64_t o = 0; o < out; ++o) differ += std::memcmp(&alone[o], &y[r * out + o], sizeof(float)) != 0;
+  }
+  CHECK(differ == 0);
+}
+
+TEST_CASE("Gemv refuses what it cannot take", "[cuda][ops]") {
+  auto buf = DeviceBuffer<float>::Allocate(1024);
+  RequireOk(buf.status());
+  auto wbuf = DeviceBuffer<__nv_bfloat16>::Allocate(1024);
+  RequireOk(wbuf.status());
+  GemvArgs g;
+  g.x = buf->data();
+  g.x_ld = 64;
+  g.w = wbuf->data();
+  g.rows = 1;
+  g.in = 64;
+  g.out = 8;
+  g.y = buf->data();
+  CHECK(GemvSupports(kGemvMaxRows, 64));
+  CHECK_FALSE(GemvSupports(kGemvMaxRows + 1, 64));
+  CHECK_FALSE(GemvSupports(1, 60));
+  CHECK(GemvSupports(2, kGemvStageElements / 2));
+  CHECK_FALSE(GemvSupports(3, kGemvStageElements / 2));  // x' would not fit in shared memory
+  GemvArgs bad = g;
+  bad.rows = kGemvMaxRows + 1;
+  CHECK(Gemv(bad, Stream()).IsInvalidArgument());
+  bad = g;
+  bad.in = 60;  // not a multiple of 8
+  bad.x_ld = 60;
+  CHECK(Gemv(bad, Stream()).IsInvalidArgument());
+  bad = g;
+  bad.w = wbuf->data() + 1;  // misaligned weights
+  CHECK(Gemv(bad, Stream()).IsInvalidArgument());
+  bad = g;
+  bad.x = buf->data() + 2;  // misaligned input rows
+  CHECK(Gemv(bad, Stream()).IsInvalidArgument());
+  bad = g;
+  bad.input = GemvInput::kSwiGlu;  // x_ld must hold gate and up
+  CHECK(Gemv(bad, Stream()).IsInvalidArgument());
+  bad = g;
+  bad.output = GemvOutput::kGatedResidual;  // no bias, residual, gated
+  CHECK(Gemv(bad, Stream()).IsInvalidArgument());
+  bad = g;
+  bad.input = GemvInput::kRmsNorm;  // no norm weight
+  CHECK(Gemv(bad, Stream()).IsInvalidArgument());
+  bad = g;
+  bad.rows = 0;
+  bad.x = nullptr;
+  CHECK(Gemv(bad, Stream()).ok());  // nothing to do
+  RequireOk(CudaStatus(cudaStreamSynchronize(Stream()), "stream"));
 }
 
 TEST_CASE("RmsNorm", "[cuda][ops]") {
@@ -281,11 +422,22 @@ TEST_CASE("MemoryRead: softmax over slots per memory head, attention-weighted va
                                       std::make_tuple(int64_t{7}, int64_t{33}, int64_t{96}, int64_t{3}),
                                       std::make_tuple(int64_t{3}, int64_t{2048}, int64_t{256}, int64_t{8}),
                                       std::make_tuple(int64_t{1}, int64_t{2048}, int64_t{2048}, int64_t{16}),
+                                      std::make_tuple(int64_t{1}, int64_t{2048}, int64_t{2048}, int64_t{32}),
+                                      std::make_tuple(int64_t{1}, int64_t{509}, int64_t{512}, int64_t{8}),
+                                      std::make_tuple(int64_t{1}, int64_t{13}, int64_t{48}, int64_t{2}),
                                       std::make_tuple(int64_t{2}, int64_t{509}, int64_t{2048}, int64_t{16}));
   INFO("T=" << T << " N=" << N << " d=" << d << " heads=" << Hm);
   const int64_t dh = d / Hm;
   auto q = Random(static_cast<std::size_t>(T * d)), mk = Random(static_cast<std::size_t>(N * d)),
        mv = Random(static_cast<std::size_t>(N * d));
+  // Memory K and V are bf16 on the device: the reference takes the rounded values.
+  auto dmk32 = Upload(mk), dmv32 = Upload(mv);
+  auto dmk = Poisoned<__nv_bfloat16>(mk.size()), dmv = Poisoned<__nv_bfloat16>(mv.size());
+  RequireOk(ConvertF32ToBf16(dmk32.data(), N * d, dmk.data(), Stream()));
+  RequireOk(ConvertF32ToBf16(dmv32.data(), N * d, dmv.data(), Stream()));
+  for (auto* m : {&mk, &mv}) {
+    for (float& v : *m) v = RoundBf16(v);
+  }
   std::vector<double> want_attn(static_cast<std::size_t>(Hm * T * N)), want_e(static_cast<std::size_t>(T * d), 0.0);
   for (int64_t j = 0; j < Hm; ++j)
     for (int64_t t = 0; t < T; ++t)
@@ -300,14 +452,16 @@ TEST_CASE("MemoryRead: softmax over slots per memory head, attention-weighted va
       for (int64_t n = 0; n < N; ++n)
         for (int64_t c = 0; c < dh; ++c)
           want_e[t * d + j * dh + c] += want_attn[(j * T + t) * N + n] * mv[n * d + j * dh + c];
-  auto dq = Upload(q), dmk = Upload(mk), dmv = Upload(mv);
+  auto dq = Upload(q);
   auto dattn = Poisoned<float>(want_attn.size()), de = Poisoned<float>(want_e.size());
-  RequireOk(MemoryRead(Cublas(), dq.data(), d, dmk.data(), dmv.data(), T, N, d, Hm, dattn.data(), de.data(), Stream()));
-  CHECK(RelErr(Download(dattn), want_attn) < kTolTf32);
-  CHECK(RelErr(Download(de), want_e) < kTolTf32);
-  if (T == 1) {  // the decode kernels: fp32, no TF32
+  auto read_b = Poisoned<__nv_bfloat16>(static_cast<std::size_t>(MemoryReadScratch(T, N, d, Hm)));
+  RequireOk(MemoryRead(Cublas(), dq.data(), d, dmk.data(), dmv.data(), T, N, d, Hm, dattn.data(), de.data(),
+                       read_b.data(), Stream()));
+  CHECK(RelErr(Download(dattn), want_attn) < kTolBf16Operands);
+  CHECK(RelErr(Download(de), want_e) < kTolBf16Operands);
+  if (T == 1) {  // the decode kernels: q, scores and probabilities in fp32
     auto dattn1 = Poisoned<float>(want_attn.size()), de1 = Poisoned<float>(want_e.size());
-    auto scratch = Poisoned<float>(static_cast<std::size_t>(MemoryReadDecodeScratch(1, N, d)));
+    auto scratch = Poisoned<float>(static_cast<std::size_t>(MemoryReadDecodeScratch(1, N, d, Hm)));
     RequireOk(MemoryReadOneToken(dq.data(), d, dmk.data(), dmv.data(), N, d, Hm, dattn1.data(), de1.data(),
                                  scratch.data(), Stream()));
     CHECK(RelErr(Download(dattn1), want_attn) < kTolReduce);
@@ -571,13 +725,18 @@ TEST_CASE("Batched decode ops over per-session caches equal the one-cache ops", 
 
 TEST_CASE("Batched memory decode ops equal the one-session ops per session", "[cuda][ops]") {
   const int64_t N = 300, d = 128, Hm = 4, B = 3, ld = d + 40;  // q and offer rows ld apart
-  std::vector<DeviceBuffer<float>> mk, mv, mass, acc;
-  std::vector<const float*> kp, vp;
+  std::vector<DeviceBuffer<__nv_bfloat16>> mk, mv;
+  std::vector<DeviceBuffer<float>> mass, acc;
+  std::vector<const __nv_bfloat16*> kp, vp;
   std::vector<float*> mp, ap;
   std::vector<std::vector<float>> mass0, acc0;
   for (int64_t b = 0; b < B; ++b) {
-    mk.push_back(Upload(Random(static_cast<std::size_t>(N * d))));
-    mv.push_back(Upload(Random(static_cast<std::size_t>(N * d))));
+    for (auto* m : {&mk, &mv}) {
+      auto f = Upload(Random(static_cast<std::size_t>(N * d)));
+      m->push_back(Poisoned<__nv_bfloat16>(static_cast<std::size_t>(N * d)));
+      RequireOk(ConvertF32ToBf16(f.data(), N * d, m->back().data(), Stream()));
+      RequireOk(CudaStatus(cudaStreamSynchronize(Stream()), "convert"));  // f is freed next
+    }
     mass0.push_back(Random(static_cast<std::size_t>(Hm * N)));
     acc0.push_back(Random(static_cast<std::size_t>(N * d)));
     mass.push_back(Upload(mass0.back()));
@@ -592,7 +751,7 @@ TEST_CASE("Batched memory decode ops equal the one-session ops per session", "[c
   const auto rows = Random(static_cast<std::size_t>(B * ld));  // q rows; reused as the write offers
   auto drows = Upload(rows);
   auto attn = Poisoned<float>(static_cast<std::size_t>(B * Hm * N)), e = Poisoned<float>(static_cast<std::size_t>(B * d));
-  auto scratch = Poisoned<float>(static_cast<std::size_t>(MemoryReadDecodeScratch(B, N, d)));
+  auto scratch = Poisoned<float>(static_cast<std::size_t>(MemoryReadDecodeScratch(B, N, d, Hm)));
   RequireOk(MemoryReadBatch(drows.data(), ld, dkp.data(), dvp.data(), B, N, d, Hm, attn.data(), e.data(),
                             scratch.data(), Stream()));
   // Stage each session's write terms in slot b of 3 (zeroed) slots, then flush all 3 slots:
@@ -641,16 +800,20 @@ TEST_CASE("Launchers refuse bad shapes and null pointers; empty work is a no-op"
   float* p = buf->data();
   CHECK(CausalAttention(p, p, p, 1, 4, 6, 4, 8, p, Stream()).IsInvalidArgument());  // 4 does not divide 6
   CHECK(CausalAttention(p, p, p, 5, 4, 4, 4, 8, p, Stream()).IsInvalidArgument());  // T > S
+  CHECK(CausalAttentionDecode(p, p, p, 1, 1, 1, 1, 264, p, Stream()).IsInvalidArgument());  // head_dim > 256
   CHECK(CausalAttention(p, nullptr, p, 1, 4, 4, 4, 8, p, Stream()).IsInvalidArgument());
   CHECK(Rope(p, 1, 1, 7, nullptr, 10000.0, Stream()).IsInvalidArgument());  // odd head_dim
-  CHECK(MemoryRead(Cublas(), p, 10, p, p, 1, 4, 10, 4, p, p, Stream()).IsInvalidArgument());  // 4 does not divide 10
+  auto bbuf = DeviceBuffer<__nv_bfloat16>::Allocate(64);
+  RequireOk(bbuf.status());
+  __nv_bfloat16* pb = bbuf->data();
+  CHECK(MemoryRead(Cublas(), p, 10, pb, pb, 1, 4, 10, 4, p, p, pb, Stream()).IsInvalidArgument());  // 4 does not divide 10
   CHECK(RmsNorm(p, p, 1, 0, 1e-5f, p, Stream()).IsInvalidArgument());
   CHECK(Linear(Cublas(), nullptr, 1, 0, nullptr, 4, p, false, Stream()).IsInvalidArgument());
   CHECK(SwiGlu(p, p, -1, p, Stream()).IsInvalidArgument());
   CHECK(GatedResidual(p, nullptr, p, p, 4, Stream()).IsInvalidArgument());
   // Zero-sized work launches nothing and needs no pointers.
   CHECK(CausalAttention(nullptr, nullptr, nullptr, 0, 0, 4, 2, 8, nullptr, Stream()).ok());
-  CHECK(MemoryRead(nullptr, nullptr, 8, nullptr, nullptr, 0, 4, 8, 2, nullptr, nullptr, Stream()).ok());
+  CHECK(MemoryRead(nullptr, nullptr, 8, nullptr, nullptr, 0, 4, 8, 2, nullptr, nullptr, nullptr, Stream()).ok());
   CHECK(Linear(Cublas(), nullptr, 0, 8, nullptr, 4, nullptr, false, Stream()).ok());
   CHECK(AddInPlace(nullptr, nullptr, 0, Stream()).ok());
   RequireOk(CudaStatus(cudaStreamSynchronize(Stream()), "stream"));

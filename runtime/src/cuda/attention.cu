@@ -1,5 +1,5 @@
 // Causal grouped-query self-attention over a KV cache, fp32: a decode kernel (one block per
-// query row and head) and a tiled prefill kernel (a block per query tile and head, key tiles
+// query row and head, head_dim <= 256) and a tiled prefill kernel (a block per query tile and head, key tiles
 // through shared memory). Both use the online softmax (running max and sum, rescaled
 // partial outputs), so no kernel holds a whole row of S scores and S has no limit.
 // Correctness first: neither uses tensor cores yet (docs/cuda.md).
@@ -15,8 +15,10 @@ namespace {
 
 // ---- Decode: one block per (query t, head h) ----------------------------------------------
 
-constexpr int kDecodeThreads = 128;  // 4 warps; warp w takes keys w, w + 4, ...
+constexpr int kDecodeThreads = 128;  // 4 warps; warp w takes keys [8w, 8w + 8), then 32 further on
 constexpr int kDecodeWarps = kDecodeThreads / 32;
+constexpr int kDecodeKeys = 8;       // keys a warp has in flight at once
+constexpr int kMaxDecodeHeadDim = 256;
 
 // Where query row t's keys and values are, and how many it sees: one cache for T queries at
 // its end (a sequence), or one cache per row at that row's position (a batch of sessions).
@@ -37,65 +39,118 @@ struct CachePerRow {
   __device__ int64_t Visible(int64_t t) const { return positions[t] + 1; }
 };
 
-// Shared: q[D], per-warp output accumulators [warps][D], per-warp max and sum [warps] each.
-template <typename Rows>
-__global__ void AttentionDecodeKernel(const float* __restrict__ q, Rows rows, int heads, int group, int D, float scale,
-                                      float* __restrict__ out) {
-  extern __shared__ float smem[];
-  const int warps = static_cast<int>(blockDim.x) / 32;
+// Lane l owns columns l, l + 32, ... (kCols of them, D <= 32 * kCols) of the query, of each
+// key and value row and of the output, in registers. A warp loads 8 keys' rows at once (their
+// latencies overlap), reduces the 8 dot products, then folds the 8 values into its running
+// output with one online-softmax rescale; the 4 warps' partial results merge at the end.
+template <typename Rows, int kCols>
+__global__ void __launch_bounds__(kDecodeThreads) AttentionDecodeKernel(const float* __restrict__ q, Rows rows,
+                                                                        int heads, int group, int D, float scale,
+                                                                        float* __restrict__ out) {
+  __shared__ float wmax[kDecodeWarps], wsum[kDecodeWarps];
+  __shared__ float wacc[kDecodeWarps][kCols * 32];
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  float* qs = smem;
-  float* acc = qs + D;
-  float* wmax = acc + warps * D;
-  float* wsum = wmax + warps;
-
   const int64_t t = blockIdx.x / heads;
   const int h = static_cast<int>(blockIdx.x % heads), kvh = h / group;
   const int64_t q_stride = static_cast<int64_t>(heads) * D, kv_stride = static_cast<int64_t>(heads / group) * D;
-  for (int c = static_cast<int>(threadIdx.x); c < D; c += static_cast<int>(blockDim.x)) {
-    qs[c] = q[t * q_stride + static_cast<int64_t>(h) * D + c];
+  float qr[kCols], o[kCols];
+#pragma unroll
+  for (int i = 0; i < kCols; ++i) {
+    const int c = lane + 32 * i;
+    qr[i] = c < D ? q[t * q_stride + static_cast<int64_t>(h) * D + c] : 0.0f;
+    o[i] = 0.0f;
   }
-  for (int i = static_cast<int>(threadIdx.x); i < warps * D; i += static_cast<int>(blockDim.x)) acc[i] = 0.0f;
-  __syncthreads();
-
-  const float* __restrict__ k = rows.Keys(t);
-  const float* __restrict__ v = rows.Values(t);
+  const float* __restrict__ k = rows.Keys(t) + static_cast<int64_t>(kvh) * D;
+  const float* __restrict__ v = rows.Values(t) + static_cast<int64_t>(kvh) * D;
   const int64_t visible = rows.Visible(t);
   float m = -INFINITY, l = 0.0f;
-  float* my = acc + warp * D;
-  for (int64_t j = warp; j < visible; j += warps) {
-    const float* kj = k + j * kv_stride + static_cast<int64_t>(kvh) * D;
-    float dot = 0.0f;
-    for (int c = lane; c < D; c += 32) dot += qs[c] * kj[c];
-    const float s = WarpSum(dot) * scale;
-    const float m_new = fmaxf(m, s);
-    const float corr = expf(m - m_new);  // 0 on the first key (m = -inf)
-    const float p = expf(s - m_new);
-    l = l * corr + p;
-    const float* vj = v + j * kv_stride + static_cast<int64_t>(kvh) * D;
-    for (int c = lane; c < D; c += 32) my[c] = my[c] * corr + p * vj[c];
+  float x[kDecodeKeys][kCols];
+  for (int64_t j0 = static_cast<int64_t>(warp) * kDecodeKeys; j0 < visible; j0 += kDecodeWarps * kDecodeKeys) {
+#pragma unroll
+    for (int s = 0; s < kDecodeKeys; ++s) {
+#pragma unroll
+      for (int i = 0; i < kCols; ++i) {
+        const int c = lane + 32 * i;
+        x[s][i] = j0 + s < visible && c < D ? k[(j0 + s) * kv_stride + c] : 0.0f;
+      }
+    }
+    float sc[kDecodeKeys];
+    float gm = -INFINITY;
+#pragma unroll
+    for (int s = 0; s < kDecodeKeys; ++s) {
+      float dot = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kCols; ++i) dot += qr[i] * x[s][i];
+      sc[s] = j0 + s < visible ? WarpSum(dot) * scale : -INFINITY;
+      gm = fmaxf(gm, sc[s]);
+    }
+#pragma unroll
+    for (int s = 0; s < kDecodeKeys; ++s) {
+#pragma unroll
+      for (int i = 0; i < kCols; ++i) {
+        const int c = lane + 32 * i;
+        x[s][i] = j0 + s < visible && c < D ? v[(j0 + s) * kv_stride + c] : 0.0f;
+      }
+    }
+    const float m_new = fmaxf(m, gm);  // finite: key j0 is visible
+    const float corr = expf(m - m_new);  // 0 on the first keys (m = -inf)
+    l *= corr;
+#pragma unroll
+    for (int i = 0; i < kCols; ++i) o[i] *= corr;
+#pragma unroll
+    for (int s = 0; s < kDecodeKeys; ++s) {
+      const float p = expf(sc[s] - m_new);  // 0 past the visible keys
+      l += p;
+#pragma unroll
+      for (int i = 0; i < kCols; ++i) o[i] += p * x[s][i];
+    }
     m = m_new;
   }
   if (lane == 0) {
     wmax[warp] = m;
     wsum[warp] = l;
   }
+#pragma unroll
+  for (int i = 0; i < kCols; ++i) wacc[warp][lane + 32 * i] = o[i];
   __syncthreads();
-  // Merge the warps: every query sees at least its own key, so some warp has a finite max.
+  // Merge the warps: every query sees at least its own key, so warp 0 has a finite max.
   float M = -INFINITY;
-  for (int w = 0; w < warps; ++w) M = fmaxf(M, wmax[w]);
+  for (int w = 0; w < kDecodeWarps; ++w) M = fmaxf(M, wmax[w]);
   float L = 0.0f;
-  for (int w = 0; w < warps; ++w) {
+  for (int w = 0; w < kDecodeWarps; ++w) {
     if (wmax[w] != -INFINITY) L += wsum[w] * expf(wmax[w] - M);
   }
   const float inv = 1.0f / L;
-  for (int c = static_cast<int>(threadIdx.x); c < D; c += static_cast<int>(blockDim.x)) {
-    float o = 0.0f;
-    for (int w = 0; w < warps; ++w) {
-      if (wmax[w] != -INFINITY) o += acc[w * D + c] * expf(wmax[w] - M);
+  for (int c = static_cast<int>(threadIdx.x); c < D; c += kDecodeThreads) {
+    float r = 0.0f;
+    for (int w = 0; w < kDecodeWarps; ++w) {
+      if (wmax[w] != -INFINITY) r += wacc[w][c] * expf(wmax[w] - M);
     }
-    out[t * q_stride + static_cast<int64_t>(h) * D + c] = o * inv;
+    out[t * q_stride + static_cast<int64_t>(h) * D + c] = r * inv;
   }
+}
+
+// Launches the decode kernel with registers for D columns per row.
+template <typename Rows>
+Status LaunchDecode(const float* q, Rows rows, int64_t blocks, int64_t heads, int64_t kv_heads, int64_t D, float* out,
+                    cudaStream_t stream) {
+  if (D > kMaxDecodeHeadDim) {
+    return Status::InvalidArgument("CausalAttention (decode): head_dim " + std::to_string(D) + " above " +
+                                   std::to_string(kMaxDecodeHeadDim));
+  }
+  const float scale = 1.0f / sqrtf(static_cast<float>(D));
+  const auto grid = static_cast<unsigned int>(blocks);
+  const int H = static_cast<int>(heads), group = static_cast<int>(heads / kv_heads), d = static_cast<int>(D);
+  if (D <= 32) {
+    AttentionDecodeKernel<Rows, 1><<<grid, kDecodeThreads, 0, stream>>>(q, rows, H, group, d, scale, out);
+  } else if (D <= 64) {
+    AttentionDecodeKernel<Rows, 2><<<grid, kDecodeThreads, 0, stream>>>(q, rows, H, group, d, scale, out);
+  } else if (D <= 128) {
+    AttentionDecodeKernel<Rows, 4><<<grid, kDecodeThreads, 0, stream>>>(q, rows, H, group, d, scale, out);
+  } else {
+    AttentionDecodeKernel<Rows, 8><<<grid, kDecodeThreads, 0, stream>>>(q, rows, H, group, d, scale, out);
+  }
+  return CheckLaunch("AttentionDecodeKernel");
 }
 
 // ---- Prefill: a block per (query tile, head) ----------------------------------------------
@@ -226,14 +281,7 @@ Status CausalAttentionDecode(const float* q, const float* k_cache, const float* 
   LM2_RETURN_IF_ERROR(CheckAttentionArgs("CausalAttentionDecode", q, k_cache, v_cache, T, S, heads, kv_heads,
                                          head_dim, out));
   if (T == 0) return Status::Ok();
-  const int64_t smem = static_cast<int64_t>(sizeof(float)) * (head_dim * (1 + kDecodeWarps) + 2 * kDecodeWarps);
-  LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&AttentionDecodeKernel<OneCache>), smem,
-                                         "CausalAttentionDecode"));
-  const float scale = 1.0f / sqrtf(static_cast<float>(head_dim));
-  AttentionDecodeKernel<<<static_cast<unsigned int>(T * heads), kDecodeThreads, static_cast<size_t>(smem), stream>>>(
-      q, OneCache{k_cache, v_cache, T, S}, static_cast<int>(heads), static_cast<int>(heads / kv_heads),
-      static_cast<int>(head_dim), scale, out);
-  return CheckLaunch("AttentionDecodeKernel");
+  return LaunchDecode(q, OneCache{k_cache, v_cache, T, S}, T * heads, heads, kv_heads, head_dim, out, stream);
 }
 
 Status CausalAttentionDecodeBatch(const float* q, const float* const* k_caches, const float* const* v_caches,
@@ -245,14 +293,7 @@ Status CausalAttentionDecodeBatch(const float* q, const float* const* k_caches, 
   }
   if (B == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("CausalAttentionDecodeBatch", {q, k_caches, v_caches, positions, out}));
-  const int64_t smem = static_cast<int64_t>(sizeof(float)) * (head_dim * (1 + kDecodeWarps) + 2 * kDecodeWarps);
-  LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&AttentionDecodeKernel<CachePerRow>), smem,
-                                         "CausalAttentionDecodeBatch"));
-  const float scale = 1.0f / sqrtf(static_cast<float>(head_dim));
-  AttentionDecodeKernel<<<static_cast<unsigned int>(B * heads), kDecodeThreads, static_cast<size_t>(smem), stream>>>(
-      q, CachePerRow{k_caches, v_caches, positions}, static_cast<int>(heads), static_cast<int>(heads / kv_heads),
-      static_cast<int>(head_dim), scale, out);
-  return CheckLaunch("AttentionDecodeKernel<CachePerRow>");
+  return LaunchDecode(q, CachePerRow{k_caches, v_caches, positions}, B * heads, heads, kv_heads, head_dim, out, stream);
 }
 
 Status CausalAttentionPrefill(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,

@@ -34,7 +34,7 @@ struct LayerState {
   DeviceBuffer<float> k_cache, v_cache;  // [capacity, Hkv*Dh]
   // Memory layers only ([N, d] unless said):
   DeviceBuffer<float> bank;              // M, fixed during a segment
-  DeviceBuffer<float> mem_k, mem_v;      // memory K/V of the open segment
+  DeviceBuffer<bf16> mem_k, mem_v;       // memory K/V of the open segment (bf16: read every token)
   DeviceBuffer<float> mass;              // Σ_t A [Hm, N]
   DeviceBuffer<float> acc;               // Σ_t Aᵀ C (decode tokens join it when flushed)
   DeviceBuffer<float> pending_attn;      // staged decode tokens' probabilities [flush, Hm, N]
@@ -48,6 +48,8 @@ struct Scratch {
   DeviceBuffer<float> q, attn_out, a, mattn, e, gate, gate_up, logits;
   DeviceBuffer<float> scores;    // [H, T, S] of the GEMM attention path
   DeviceBuffer<float> read_partial;  // the decode memory read's partial sums
+  DeviceBuffer<bf16> read_b;     // the multi-token memory read's bf16 operands (MemoryReadScratch)
+  DeviceBuffer<float> write_u, write_in;  // the segment write's update and input-gate terms [N, d]
   DeviceBuffer<bf16> xb;         // a normed input in bf16, shared by the GEMMs that read it
   DeviceBuffer<bf16> yb;         // other GEMM inputs rounded to bf16
   DeviceBuffer<int32_t> ids;
@@ -69,8 +71,8 @@ struct BatchTable {
   void** Array(int64_t layer, int64_t k) const { return base + (layer * kArrays + k) * B; }
   float* const* KCaches(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 0)); }
   float* const* VCaches(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 1)); }
-  const float* const* MemK(int64_t i) const { return reinterpret_cast<const float* const*>(Array(i, 2)); }
-  const float* const* MemV(int64_t i) const { return reinterpret_cast<const float* const*>(Array(i, 3)); }
+  const bf16* const* MemK(int64_t i) const { return reinterpret_cast<const bf16* const*>(Array(i, 2)); }
+  const bf16* const* MemV(int64_t i) const { return reinterpret_cast<const bf16* const*>(Array(i, 3)); }
   float* const* Mass(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 4)); }
   float* const* PendingAttn(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 5)); }
   float* const* PendingOffer(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 6)); }
@@ -111,7 +113,14 @@ Status UseDevice(int device) { return CudaStatus(cudaSetDevice(device), "cudaSet
 class CudaModel final : public Model {
  public:
   CudaModel(std::shared_ptr<const ModelFiles> files, std::unique_ptr<CudaWeights> w, const CudaOptions& options)
-      : files_(std::move(files)), w_(std::move(w)), cfg_(files_->config()), options_(options) {}
+      : files_(std::move(files)), w_(std::move(w)), cfg_(files_->config()), options_(options) {
+    // The most rows (up to the option) every layer's input width allows.
+    for (int64_t rows = options_.gemv_max_rows; rows > 0 && gemv_rows_ == 0; --rows) {
+      const bool fits = GemvSupports(rows, cfg_.hidden_size) && GemvSupports(rows, cfg_.num_heads * cfg_.head_dim) &&
+                        GemvSupports(rows, cfg_.intermediate_size);
+      if (fits) gemv_rows_ = rows;
+    }
+  }
 
   const ModelConfig& config() const override { return cfg_; }
   const std::string& fingerprint() const override { return files_->Fingerprint(); }
@@ -138,8 +147,8 @@ class CudaModel final : public Model {
       if (!lw.has_memory) continue;
       LayerState& ls = s->layers_[Z(i)];
       LM2_ASSIGN_OR_RETURN(ls.bank, DeviceBuffer<float>::Allocate(Z(N * d)));
-      LM2_ASSIGN_OR_RETURN(ls.mem_k, DeviceBuffer<float>::Allocate(Z(N * d)));
-      LM2_ASSIGN_OR_RETURN(ls.mem_v, DeviceBuffer<float>::Allocate(Z(N * d)));
+      LM2_ASSIGN_OR_RETURN(ls.mem_k, DeviceBuffer<bf16>::Allocate(Z(N * d)));
+      LM2_ASSIGN_OR_RETURN(ls.mem_v, DeviceBuffer<bf16>::Allocate(Z(N * d)));
       LM2_ASSIGN_OR_RETURN(ls.mass, DeviceBuffer<float>::Allocate(Z(Hm * N)));
       LM2_ASSIGN_OR_RETURN(ls.acc, DeviceBuffer<float>::Allocate(Z(N * d)));
       LM2_ASSIGN_OR_RETURN(ls.pending_attn, DeviceBuffer<float>::Allocate(Z(options_.write_flush_tokens * Hm * N)));
@@ -304,8 +313,8 @@ class CudaModel final : public Model {
       LayerState& ls = s.layers_[Z(i)];
       bf16* bank_b = s.scratch_.xb.data();
       LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.bank.data(), N * d, bank_b, st));
-      LM2_RETURN_IF_ERROR(Linear(s.cublas_.get(), bank_b, N, d, lw.memory.read_k, d, ls.mem_k.data(), false, st));
-      LM2_RETURN_IF_ERROR(Linear(s.cublas_.get(), bank_b, N, d, lw.memory.read_v, d, ls.mem_v.data(), false, st));
+      LM2_RETURN_IF_ERROR(LinearToBf16(s.cublas_.get(), bank_b, N, d, lw.memory.read_k, d, ls.mem_k.data(), st));
+      LM2_RETURN_IF_ERROR(LinearToBf16(s.cublas_.get(), bank_b, N, d, lw.memory.read_v, d, ls.mem_v.data(), st));
       LM2_RETURN_IF_ERROR(ls.mass.FillBytes(0, st));
       LM2_RETURN_IF_ERROR(ls.acc.FillBytes(0, st));
     }
@@ -329,17 +338,19 @@ class CudaModel final : public Model {
     return Status::Ok();
   }
 
-  // The gated write of the open segment (eq. 4-6). mem_k, mem_v and acc are dead once the
-  // update u is formed, so they hold u, the input-gate and the forget-gate pre-activations.
+  // The gated write of the open segment (eq. 4-6). acc is dead once the update u is formed,
+  // so it holds the forget-gate pre-activations; u and the input gate's use scratch.
   Status ApplyWrite(CudaState& s) const {
     const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size, Hm = cfg_.memory_heads;
     const cudaStream_t st = s.stream_.get();
+    LM2_RETURN_IF_ERROR(EnsureCapacity(s.scratch_.write_u, Z(N * d)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(s.scratch_.write_in, Z(N * d)));
     for (int64_t i = 0; i < cfg_.num_layers; ++i) {
       const CudaLayerWeights& lw = w_->layers[Z(i)];
       if (!lw.has_memory) continue;
       LayerState& ls = s.layers_[Z(i)];
-      float* u = ls.mem_k.data();
-      float* in_pre = ls.mem_v.data();
+      float* u = s.scratch_.write_u.data();
+      float* in_pre = s.scratch_.write_in.data();
       float* forget_pre = ls.acc.data();
       bf16* u_b = s.scratch_.xb.data();  // N*d since BeginSegment
       LM2_RETURN_IF_ERROR(WriteUpdate(ls.mass.data(), ls.acc.data(), N, d, Hm, u, st));
@@ -390,7 +401,8 @@ class CudaModel final : public Model {
     if (cfg_.has_memory()) {
       for (DeviceBuffer<float>* b : {&sc.e, &sc.gate}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(rows * d)));
       LM2_RETURN_IF_ERROR(EnsureCapacity(sc.mattn, Z(Hm * rows * N)));
-      LM2_RETURN_IF_ERROR(EnsureCapacity(sc.read_partial, Z(MemoryReadDecodeScratch(rows, N, d))));
+      LM2_RETURN_IF_ERROR(EnsureCapacity(sc.read_partial, Z(MemoryReadDecodeScratch(rows, N, d, Hm))));
+      LM2_RETURN_IF_ERROR(EnsureCapacity(sc.read_b, Z(MemoryReadScratch(rows, N, d, Hm))));
     }
     return Status::Ok();
   }
@@ -541,13 +553,10 @@ class CudaModel final : public Model {
     const int64_t d = cfg_.hidden_size, H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, Dh = cfg_.head_dim;
     const int64_t F = cfg_.intermediate_size, N = cfg_.memory_slots, Hm = cfg_.memory_heads, V = cfg_.vocab_size;
     const int64_t qdim = H * Dh, kvdim = Hkv * Dh, S = pos0 + n;
-    const float eps = static_cast<float>(cfg_.rms_norm_eps);
     const cudaStream_t st = s.stream_.get();
     cublasHandle_t blas = s.cublas_.get();
     Scratch& sc = s.scratch_;
     const int64_t* positions = sc.positions.data() + first;
-    bf16* xb = sc.xb.data();
-    bf16* yb = sc.yb.data();
     float* h = sc.h.data();
 
     LM2_RETURN_IF_ERROR(EmbeddingLookup(w_->embed, V, d, sc.ids.data() + first, n, h, st));
@@ -559,8 +568,7 @@ class CudaModel final : public Model {
 
       // Attention: one GEMM for q, k, v (and the memory query and write offer), then RoPE
       // straight into q and the cache rows of this chunk.
-      LM2_RETURN_IF_ERROR(RmsNormBf16(h, lw.input_norm, n, d, eps, xb, st));
-      LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, lw.x_proj, P, proj, false, st));
+      LM2_RETURN_IF_ERROR(NormLinear(s, h, n, lw.input_norm, lw.x_proj, P, proj));
       if (batch != nullptr) {  // one token per session, each with its own cache
         LM2_RETURN_IF_ERROR(SplitQkvRopeBatch(proj, n, P, H, Hkv, Dh, positions, cfg_.rope_theta, sc.q.data(),
                                               batch->KCaches(i), batch->VCaches(i), st));
@@ -580,7 +588,13 @@ class CudaModel final : public Model {
                                               sc.attn_out.data(), st));
         }
       }
-      LM2_RETURN_IF_ERROR(LinearF32(blas, sc.attn_out.data(), n, qdim, lw.o_proj, d, sc.a.data(), false, yb, st));
+      // The attention output: kept apart in layers with memory (the gate adds it), else
+      // added to the residual stream at once.
+      if (lw.has_memory) {
+        LM2_RETURN_IF_ERROR(F32Linear(s, sc.attn_out.data(), n, qdim, lw.o_proj, d, sc.a.data(), false));
+      } else {
+        LM2_RETURN_IF_ERROR(F32Linear(s, sc.attn_out.data(), n, qdim, lw.o_proj, d, h, true));
+      }
 
       if (lw.has_memory) {
         const CudaMemoryWeights& mw = lw.memory;
@@ -594,11 +608,9 @@ class CudaModel final : public Model {
                                                  sc.e.data(), sc.read_partial.data(), st));
         } else {
           LM2_RETURN_IF_ERROR(MemoryRead(blas, mq, P, ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm, sc.mattn.data(),
-                                         sc.e.data(), st));
+                                         sc.e.data(), sc.read_b.data(), st));
         }
-        LM2_RETURN_IF_ERROR(LinearF32(blas, sc.e.data(), n, d, mw.out_gate_w, d, sc.gate.data(), false, yb, st));
-        LM2_RETURN_IF_ERROR(AddBias(sc.gate.data(), n, d, mw.out_gate_b, st));
-        LM2_RETURN_IF_ERROR(GatedResidual(h, sc.a.data(), sc.gate.data(), sc.e.data(), n * d, st));
+        LM2_RETURN_IF_ERROR(OutputGate(s, n, mw, h));
         if (batch != nullptr) {
           LM2_RETURN_IF_ERROR(StageWriteBatch(sc.mattn.data(), offer, P, n, N, d, Hm, sc.slots.data(),
                                               batch->PendingAttn(i), batch->PendingOffer(i), batch->Mass(i), st));
@@ -609,27 +621,120 @@ class CudaModel final : public Model {
           LM2_RETURN_IF_ERROR(
               AccumulateWrite(blas, sc.mattn.data(), offer, P, n, N, d, Hm, ls.mass.data(), ls.acc.data(), st));
         }
-      } else {
-        LM2_RETURN_IF_ERROR(AddInPlace(h, sc.a.data(), n * d, st));
       }
 
-      // SwiGLU FFN: one GEMM for gate and up, the activation straight to bf16.
-      LM2_RETURN_IF_ERROR(RmsNormBf16(h, lw.post_norm, n, d, eps, xb, st));
-      LM2_RETURN_IF_ERROR(Linear(blas, xb, n, d, lw.gate_up, 2 * F, sc.gate_up.data(), false, st));
-      LM2_RETURN_IF_ERROR(SwiGluBf16(sc.gate_up.data(), n, F, yb, st));
-      LM2_RETURN_IF_ERROR(Linear(blas, yb, n, F, lw.down_proj, d, h, true, st));
+      // SwiGLU FFN: one GEMM for gate and up, the activation fused into the down projection's
+      // input.
+      LM2_RETURN_IF_ERROR(NormLinear(s, h, n, lw.post_norm, lw.gate_up, 2 * F, sc.gate_up.data()));
+      LM2_RETURN_IF_ERROR(DownProjection(s, n, lw.down_proj, h));
     }
     return Status::Ok();
+  }
+
+  // The linear layers of a chunk of n rows. Up to gemv_rows_ rows (decode steps) they are
+  // the fused GEMV kernels, one pass over the weights with the neighbouring elementwise op
+  // inside; longer chunks run cuBLAS GEMMs beside the separate elementwise kernels. Both
+  // give the same bf16 inputs; only the fp32 summation order differs.
+  bool Small(int64_t n) const { return n <= gemv_rows_; }
+
+  // y[n, out] = bf16(RMSNorm(x; norm)) · Wᵀ.
+  Status NormLinear(CudaState& s, const float* x, int64_t n, const float* norm, const bf16* w, int64_t out,
+                    float* y) const {
+    const int64_t d = cfg_.hidden_size;
+    const auto eps = static_cast<float>(cfg_.rms_norm_eps);
+    const cudaStream_t st = s.stream_.get();
+    if (Small(n)) {
+      GemvArgs g;
+      g.input = GemvInput::kRmsNorm;
+      g.x = x;
+      g.x_ld = d;
+      g.norm_weight = norm;
+      g.eps = eps;
+      g.w = w;
+      g.rows = n;
+      g.in = d;
+      g.out = out;
+      g.y = y;
+      return Gemv(g, st);
+    }
+    LM2_RETURN_IF_ERROR(RmsNormBf16(x, norm, n, d, eps, s.scratch_.xb.data(), st));
+    return Linear(s.cublas_.get(), s.scratch_.xb.data(), n, d, w, out, y, false, st);
+  }
+
+  // y[n, out] (+)= bf16(x) · Wᵀ for fp32 x [n, in].
+  Status F32Linear(CudaState& s, const float* x, int64_t n, int64_t in, const bf16* w, int64_t out, float* y,
+                   bool accumulate) const {
+    const cudaStream_t st = s.stream_.get();
+    if (Small(n)) {
+      GemvArgs g;
+      g.input = GemvInput::kF32;
+      g.x = x;
+      g.x_ld = in;
+      g.w = w;
+      g.rows = n;
+      g.in = in;
+      g.out = out;
+      g.output = accumulate ? GemvOutput::kAccumulate : GemvOutput::kStore;
+      g.y = y;
+      return Gemv(g, st);
+    }
+    return LinearF32(s.cublas_.get(), x, n, in, w, out, y, accumulate, s.scratch_.yb.data(), st);
+  }
+
+  // The memory output gate and both residual adds: h += a + sigmoid(e W_ogᵀ + b_og) ⊙ e.
+  Status OutputGate(CudaState& s, int64_t n, const CudaMemoryWeights& mw, float* h) const {
+    const int64_t d = cfg_.hidden_size;
+    const cudaStream_t st = s.stream_.get();
+    Scratch& sc = s.scratch_;
+    if (Small(n)) {
+      GemvArgs g;
+      g.input = GemvInput::kF32;
+      g.x = sc.e.data();
+      g.x_ld = d;
+      g.w = mw.out_gate_w;
+      g.rows = n;
+      g.in = d;
+      g.out = d;
+      g.output = GemvOutput::kGatedResidual;
+      g.y = h;
+      g.bias = mw.out_gate_b;
+      g.residual = sc.a.data();
+      g.gated = sc.e.data();
+      return Gemv(g, st);
+    }
+    LM2_RETURN_IF_ERROR(LinearF32(s.cublas_.get(), sc.e.data(), n, d, mw.out_gate_w, d, sc.gate.data(), false,
+                                  sc.yb.data(), st));
+    LM2_RETURN_IF_ERROR(AddBias(sc.gate.data(), n, d, mw.out_gate_b, st));
+    return GatedResidual(h, sc.a.data(), sc.gate.data(), sc.e.data(), n * d, st);
+  }
+
+  // h += bf16(silu(gate) ⊙ up) · W_downᵀ, gate | up the rows of scratch gate_up.
+  Status DownProjection(CudaState& s, int64_t n, const bf16* w_down, float* h) const {
+    const int64_t d = cfg_.hidden_size, F = cfg_.intermediate_size;
+    const cudaStream_t st = s.stream_.get();
+    Scratch& sc = s.scratch_;
+    if (Small(n)) {
+      GemvArgs g;
+      g.input = GemvInput::kSwiGlu;
+      g.x = sc.gate_up.data();
+      g.x_ld = 2 * F;
+      g.w = w_down;
+      g.rows = n;
+      g.in = F;
+      g.out = d;
+      g.output = GemvOutput::kAccumulate;
+      g.y = h;
+      return Gemv(g, st);
+    }
+    LM2_RETURN_IF_ERROR(SwiGluBf16(sc.gate_up.data(), n, F, sc.yb.data(), st));
+    return Linear(s.cublas_.get(), sc.yb.data(), n, F, w_down, d, h, true, st);
   }
 
   // Logits of chunk rows [row, row + rows) into sc.logits [rows, V] (sized by the caller).
   Status LogitsOnDevice(CudaState& s, int64_t row, int64_t rows) const {
     const int64_t d = cfg_.hidden_size, V = cfg_.vocab_size;
-    const cudaStream_t st = s.stream_.get();
     Scratch& sc = s.scratch_;
-    LM2_RETURN_IF_ERROR(RmsNormBf16(sc.h.data() + row * d, w_->final_norm, rows, d,
-                                    static_cast<float>(cfg_.rms_norm_eps), sc.xb.data(), st));
-    return Linear(s.cublas_.get(), sc.xb.data(), rows, d, w_->lm_head, V, sc.logits.data(), false, st);
+    return NormLinear(s, sc.h.data() + row * d, rows, w_->final_norm, w_->lm_head, V, sc.logits.data());
   }
 
   // The same, copied to host `out` [rows, V] (waits for the stream).
@@ -644,6 +749,9 @@ class CudaModel final : public Model {
   std::unique_ptr<CudaWeights> w_;
   const ModelConfig& cfg_;
   CudaOptions options_;
+  // Chunks of at most this many rows take the GEMV path: options_.gemv_max_rows, or fewer
+  // where a layer's input is too wide for that many rows (x' is staged whole on chip).
+  int64_t gemv_rows_ = 0;
 };
 
 }  // namespace
@@ -653,6 +761,10 @@ Result<std::unique_ptr<Model>> LoadCudaModel(std::shared_ptr<const ModelFiles> f
   if (files == nullptr) return Status::InvalidArgument("LoadCudaModel: no model files");
   if (options.max_chunk_tokens <= 0) return Status::InvalidArgument("CudaOptions::max_chunk_tokens must be > 0");
   if (options.write_flush_tokens <= 0) return Status::InvalidArgument("CudaOptions::write_flush_tokens must be > 0");
+  if (options.gemv_max_rows < 0 || options.gemv_max_rows > cuda::kGemvMaxRows) {
+    return Status::InvalidArgument("CudaOptions::gemv_max_rows must be in [0, " +
+                                   std::to_string(cuda::kGemvMaxRows) + "]");
+  }
   if (options.attention_gemm_min_tokens <= 0) {
     return Status::InvalidArgument("CudaOptions::attention_gemm_min_tokens must be > 0");
   }
@@ -666,6 +778,9 @@ Result<std::unique_ptr<Model>> LoadCudaModel(std::shared_ptr<const ModelFiles> f
   const int64_t kMax = int64_t{1} << 31;
   if (cfg.vocab_size >= kMax || cfg.memory_slots * cfg.memory_heads >= kMax) {
     return Status::Unimplemented("model dimensions exceed what the CUDA backend addresses");
+  }
+  if (cfg.head_dim > 256) {  // the decode attention kernel keeps a head's row in registers
+    return Status::Unimplemented("head_dim " + std::to_string(cfg.head_dim) + " above 256 on the CUDA backend");
   }
   LM2_RETURN_IF_ERROR(cuda::UseDevice(options.device));
   LM2_ASSIGN_OR_RETURN(auto weights, cuda::CudaWeights::Upload(*files, options.device));

@@ -29,15 +29,67 @@ namespace lm2::runtime::cuda {
 Status Linear(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w,
               int64_t out, float* y, bool accumulate, cudaStream_t stream);
 
+// Linear with a bf16 result (rounded from the fp32 accumulation): the memory K and V.
+Status LinearToBf16(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in,
+                    const __nv_bfloat16* w, int64_t out, __nv_bfloat16* y, cudaStream_t stream);
+
 // The same from fp32 activations: x is rounded to bf16 into `x_bf16` (scratch of rows*in,
 // caller-owned), then multiplied as above.
 Status LinearF32(cublasHandle_t handle, const float* x, int64_t rows, int64_t in, const __nv_bfloat16* w,
                  int64_t out, float* y, bool accumulate, __nv_bfloat16* x_bf16, cudaStream_t stream);
 
+// ---- Small-batch linear layers (gemv.cu) ---------------------------------------------------
+
+// Decode steps multiply a few rows by each weight matrix: one pass over W at the memory
+// bandwidth, with the op before it and the op after it fused in. cuBLAS serves larger batches.
+inline constexpr int64_t kGemvMaxRows = 8;
+// x' is staged whole in shared memory: rows * in <= this (32 KiB of bf16).
+inline constexpr int64_t kGemvStageElements = 16384;
+
+// How x' (the bf16 rows multiplied by W) is made from x.
+enum class GemvInput {
+  kBf16,     // x is bf16 [rows, in]
+  kF32,      // x fp32 [rows, in], rounded to bf16 (as LinearF32)
+  kRmsNorm,  // bf16(RMSNorm(x; norm_weight, eps)) of fp32 x [rows, in] (as RmsNormBf16)
+  kSwiGlu,   // bf16(silu(gate) * up) of fp32 x [rows, 2*in] = [gate | up] (as SwiGluBf16)
+};
+// What becomes of r = x' · Wᵀ [rows, out].
+enum class GemvOutput {
+  kStore,          // y = r
+  kAccumulate,     // y += r
+  kGatedResidual,  // y += residual + sigmoid(r + bias) ⊙ gated (the memory output gate)
+};
+
+struct GemvArgs {
+  GemvInput input = GemvInput::kF32;
+  const void* x = nullptr;           // device rows, x_ld elements apart (>= in; 2*in for kSwiGlu), 16-byte aligned
+                                     // with x_ld a multiple of 8
+  int64_t x_ld = 0;
+  const float* norm_weight = nullptr;  // kRmsNorm: [in], 16-byte aligned
+  float eps = 0.0f;                    // kRmsNorm
+  const __nv_bfloat16* w = nullptr;  // [out, in] row-major, 16-byte aligned
+  int64_t rows = 0, in = 0, out = 0;  // rows <= kGemvMaxRows, in a multiple of 8, rows * in <= kGemvStageElements
+  GemvOutput output = GemvOutput::kStore;
+  float* y = nullptr;                 // [rows, out]
+  const float* bias = nullptr;        // kGatedResidual: [out]
+  const float* residual = nullptr;    // kGatedResidual: [rows, out]
+  const float* gated = nullptr;       // kGatedResidual: [rows, out]
+};
+
+// Whether Gemv takes this shape (else use Linear).
+bool GemvSupports(int64_t rows, int64_t in);
+
+// The fused linear layer above. A row's result does not depend on how many rows are passed
+// with it (bit-identical alone or batched). x' and W in bf16, fp32 products and sums.
+Status Gemv(const GemvArgs& args, cudaStream_t stream);
+
 // ---- Elementwise (elementwise.cu) --------------------------------------------------------
 
 // dst[n] = bf16(src[n]), round to nearest even: weight upload and GEMM inputs.
 Status ConvertF32ToBf16(const float* src, int64_t n, __nv_bfloat16* dst, cudaStream_t stream);
+// dst[r, c] = bf16(src[r * src_ld + c]) for c < cols: rows of a wider matrix, packed.
+Status ConvertRowsF32ToBf16(const float* src, int64_t rows, int64_t cols, int64_t src_ld, __nv_bfloat16* dst,
+                            cudaStream_t stream);
 // dst[n] = float(src[n]) (exact).
 Status ConvertBf16ToF32(const __nv_bfloat16* src, int64_t n, float* dst, cudaStream_t stream);
 
@@ -105,8 +157,8 @@ Status CausalAttention(const float* q, const float* k_cache, const float* v_cach
                        int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream);
 
 // The two kernels behind CausalAttention, callable directly (tests run both on every
-// shape). Decode: one block per (query, head), warps stream over the keys with an online
-// softmax each. Prefill: a block per (16-query tile, head), 32-key tiles through shared
+// shape). Decode (head_dim <= 256): one block per (query, head), warps stream over the keys
+// 8 at a time with an online softmax each. Prefill: a block per (16-query tile, head), 32-key tiles through shared
 // memory, online softmax per query row.
 Status CausalAttentionDecode(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
                              int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream);
@@ -137,6 +189,12 @@ Status GemmStridedBatchedF32(cublasHandle_t handle, cublasOperation_t op_a, cubl
                              const float* b, int64_t ldb, int64_t stride_b, float beta, float* c, int64_t ldc,
                              int64_t stride_c, int64_t batch, cudaStream_t stream);
 
+// The same on bf16 operands (A and B), fp32 accumulation and fp32 C.
+Status GemmStridedBatchedBf16(cublasHandle_t handle, cublasOperation_t op_a, cublasOperation_t op_b, int64_t m,
+                              int64_t n, int64_t k, float alpha, const __nv_bfloat16* a, int64_t lda,
+                              int64_t stride_a, const __nv_bfloat16* b, int64_t ldb, int64_t stride_b, float beta,
+                              float* c, int64_t ldc, int64_t stride_c, int64_t batch, cudaStream_t stream);
+
 // Softmax of each row of x[rows, cols] in place. causal_T > 0: row r keeps its first
 // causal_offset + r % causal_T + 1 entries (the keys query r % causal_T sees) and the rest
 // become 0; causal_T = 0: every entry counts.
@@ -144,14 +202,17 @@ Status SoftmaxRows(float* x, int64_t rows, int64_t cols, int64_t causal_T, int64
 
 // ---- Memory (memory_read.cu, memory_write.cu) --------------------------------------------
 
-// Memory read, per memory head j of width dh = d / heads:
-//   A_j = softmax_N(q_j · mem_k_jᵀ / sqrt(dh))   -> attn[j, T, N]
-//   e[:, j*dh:(j+1)*dh] = A_j · mem_v_j           -> e[T, d]
-// q[T, d] with rows q_ld >= d apart, mem_k / mem_v [N, d]. fp32 data; the two products are strided-batched cuBLAS
-// GEMMs over the heads with TF32 tensor cores (inputs rounded to 10-bit mantissas, fp32
-// accumulation), the softmax an fp32 kernel. Sets `handle`'s stream.
-Status MemoryRead(cublasHandle_t handle, const float* q, int64_t q_ld, const float* mem_k, const float* mem_v, int64_t T,
-                  int64_t N, int64_t d, int64_t heads, float* attn, float* e, cudaStream_t stream);
+// Memory read, per memory head j of width dh = d / heads, over the segment's memory K and V
+// (bf16, [N, d], as BeginSegment leaves them):
+//   A_j = softmax_N(q_j · mem_k_jᵀ / sqrt(dh))   -> attn[j, T, N] (fp32)
+//   e[:, j*dh:(j+1)*dh] = A_j · mem_v_j           -> e[T, d] (fp32)
+// q[T, d] fp32 with rows q_ld >= d apart. The two products are strided-batched cuBLAS bf16
+// GEMMs over the heads (q and A rounded to bf16 into `scratch`, MemoryReadScratch(T, N, d,
+// heads) elements; fp32 accumulation), the softmax an fp32 kernel. Sets `handle`'s stream.
+int64_t MemoryReadScratch(int64_t T, int64_t N, int64_t d, int64_t heads);
+Status MemoryRead(cublasHandle_t handle, const float* q, int64_t q_ld, const __nv_bfloat16* mem_k,
+                  const __nv_bfloat16* mem_v, int64_t T, int64_t N, int64_t d, int64_t heads, float* attn, float* e,
+                  __nv_bfloat16* scratch, cudaStream_t stream);
 
 // Streaming write sums: mass[j, n] += Σ_t A_j[t, n], acc[n, j*dh + c] += Σ_t A_j[t, n] ·
 // offer[t, j*dh + c]. attn[j, T, N], offer[T, d] with rows offer_ld >= d apart, mass[heads, N], acc[N, d]. The masses by
@@ -159,19 +220,23 @@ Status MemoryRead(cublasHandle_t handle, const float* q, int64_t q_ld, const flo
 Status AccumulateWrite(cublasHandle_t handle, const float* attn, const float* offer, int64_t offer_ld, int64_t T, int64_t N, int64_t d,
                        int64_t heads, float* mass, float* acc, cudaStream_t stream);
 
-// One token per session (decode), as bandwidth-bound fp32 kernels (memory_decode.cu): the
-// same results as MemoryRead / AccumulateWrite with T = 1, without TF32. (Batched decode
-// steps stage their write terms instead: StageWriteBatch below.) Session b's query
-// and write offer are rows b of q / offer (q_ld, offer_ld apart); its memory K, V, masses
-// and sums are the arrays' b-th pointers (device arrays of device pointers); attn is
-// [B, heads, N], e [B, d]; scratch holds MemoryReadDecodeScratch(B, N, d) floats (partial
-// sums of the read, added in a fixed order: results do not vary from run to run).
-int64_t MemoryReadDecodeScratch(int64_t B, int64_t N, int64_t d);
-Status MemoryReadOneToken(const float* q, int64_t q_ld, const float* mem_k, const float* mem_v, int64_t N, int64_t d,
-                          int64_t heads, float* attn, float* e, float* scratch, cudaStream_t stream);
-Status MemoryReadBatch(const float* q, int64_t q_ld, const float* const* mem_k, const float* const* mem_v, int64_t B,
-                       int64_t N, int64_t d, int64_t heads, float* attn, float* e, float* scratch,
-                       cudaStream_t stream);
+// One token per session (decode), as bandwidth-bound kernels (memory_decode.cu): the same
+// results as MemoryRead / AccumulateWrite with T = 1, with q, the scores and the
+// probabilities kept in fp32. (Batched decode steps stage their write terms instead:
+// StageWriteBatch below.) Session b's query and write offer are rows b of q / offer (q_ld,
+// offer_ld apart); its memory K, V, masses and sums are the arrays' b-th pointers (device
+// arrays of device pointers); attn is [B, heads, N], e [B, d]; scratch holds
+// MemoryReadDecodeScratch(B, N, d, heads) floats (partial sums, added in a fixed order:
+// results do not vary from run to run). Head widths that are a multiple of 8 with dh / 8 a
+// power of two take one pass over K and V (flash-decoding, 16 slots a block); others a
+// scores / softmax / values sequence.
+int64_t MemoryReadDecodeScratch(int64_t B, int64_t N, int64_t d, int64_t heads);
+Status MemoryReadOneToken(const float* q, int64_t q_ld, const __nv_bfloat16* mem_k, const __nv_bfloat16* mem_v,
+                          int64_t N, int64_t d, int64_t heads, float* attn, float* e, float* scratch,
+                          cudaStream_t stream);
+Status MemoryReadBatch(const float* q, int64_t q_ld, const __nv_bfloat16* const* mem_k,
+                       const __nv_bfloat16* const* mem_v, int64_t B, int64_t N, int64_t d, int64_t heads, float* attn,
+                       float* e, float* scratch, cudaStream_t stream);
 Status AccumulateWriteOneToken(const float* attn, const float* offer, int64_t N, int64_t d, int64_t heads, float* mass,
                                float* acc, cudaStream_t stream);
 

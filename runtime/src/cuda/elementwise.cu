@@ -10,8 +10,12 @@
 namespace lm2::runtime::cuda {
 namespace {
 
-__global__ void F32ToBf16Kernel(const float* __restrict__ src, int64_t n, __nv_bfloat16* __restrict__ dst) {
-  for (int64_t i = FirstIndex(); i < n; i += GridStride()) dst[i] = __float2bfloat16_rn(src[i]);
+// dst[r, c] = bf16(src[r * src_ld + c]), round to nearest even.
+__global__ void F32ToBf16Kernel(const float* __restrict__ src, int64_t rows, int64_t cols, int64_t src_ld,
+                                __nv_bfloat16* __restrict__ dst) {
+  for (int64_t i = FirstIndex(); i < rows * cols; i += GridStride()) {
+    dst[i] = __float2bfloat16_rn(src[(i / cols) * src_ld + i % cols]);
+  }
 }
 
 __global__ void Bf16ToF32Kernel(const __nv_bfloat16* __restrict__ src, int64_t n, float* __restrict__ dst) {
@@ -71,7 +75,20 @@ Status ConvertF32ToBf16(const float* src, int64_t n, __nv_bfloat16* dst, cudaStr
   LM2_RETURN_IF_ERROR(ops::CheckCount("ConvertF32ToBf16", n));
   if (n == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("ConvertF32ToBf16", {src, dst}));
-  F32ToBf16Kernel<<<GridFor(n, kThreads), kThreads, 0, stream>>>(src, n, dst);
+  F32ToBf16Kernel<<<GridFor(n, kThreads), kThreads, 0, stream>>>(src, 1, n, n, dst);
+  return CheckLaunch("F32ToBf16Kernel");
+}
+
+Status ConvertRowsF32ToBf16(const float* src, int64_t rows, int64_t cols, int64_t src_ld, __nv_bfloat16* dst,
+                            cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckCount("ConvertRowsF32ToBf16", rows * cols));
+  if (rows < 0 || cols < 0 || src_ld < cols) {
+    return Status::InvalidArgument("ConvertRowsF32ToBf16: rows=" + std::to_string(rows) + " cols=" +
+                                   std::to_string(cols) + " src_ld=" + std::to_string(src_ld));
+  }
+  if (rows * cols == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("ConvertRowsF32ToBf16", {src, dst}));
+  F32ToBf16Kernel<<<GridFor(rows * cols, kThreads), kThreads, 0, stream>>>(src, rows, cols, src_ld, dst);
   return CheckLaunch("F32ToBf16Kernel");
 }
 

@@ -1,5 +1,6 @@
 // Linear layers through cuBLAS: bf16 weights W[out, in] (row-major, as in safetensors) and
-// bf16 activations, fp32 accumulation (CUBLAS_COMPUTE_32F), fp32 output.
+// bf16 activations, fp32 accumulation (CUBLAS_COMPUTE_32F), fp32 output (bf16 for the
+// memory K/V). Also the strided-batched GEMMs of the memory and attention ops.
 //
 // Row-major y[rows, out] = x[rows, in] · Wᵀ is, read column-major, yᵀ[out, rows] =
 // W_cm[in, out]ᵀ · x_cm[in, rows]: GEMM with op(A) = T on W (lda = in), op(B) = N on x
@@ -14,19 +15,59 @@
 
 namespace lm2::runtime::cuda {
 
-Status Linear(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w,
-              int64_t out, float* y, bool accumulate, cudaStream_t stream) {
+namespace {
+
+// y (of type y_type) = x · Wᵀ (+ y when beta = 1), cuBLAS with fp32 accumulation.
+Status LinearInto(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w,
+                  int64_t out, void* y, cudaDataType_t y_type, float beta, cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(ops::CheckLinear(rows, in, out));
   if (rows == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("Linear", {handle, x, w, y}));
   LM2_CUBLAS_RETURN_IF_ERROR(cublasSetStream(handle, stream));
   LM2_CUBLAS_RETURN_IF_ERROR(cublasSetPointerMode(handle, CUBLAS_POINTER_MODE_HOST));
-  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  const float alpha = 1.0f;
   const int m = static_cast<int>(out), n = static_cast<int>(rows), k = static_cast<int>(in);
   LM2_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha, w, CUDA_R_16BF, k, x,
-                                          CUDA_R_16BF, k, &beta, y, CUDA_R_32F, m, CUBLAS_COMPUTE_32F,
+                                          CUDA_R_16BF, k, &beta, y, y_type, m, CUBLAS_COMPUTE_32F,
                                           CUBLAS_GEMM_DEFAULT));
   return Status::Ok();
+}
+
+Status CheckStridedBatched(const char* op, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
+                           int64_t batch) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  if (m < 0 || n < 0 || k <= 0 || batch < 0 || m > kMax || n > kMax || k > kMax || lda > kMax || ldb > kMax ||
+      ldc > kMax || batch > kMax) {
+    return Status::InvalidArgument(std::string(op) + ": m=" + std::to_string(m) + " n=" + std::to_string(n) +
+                                   " k=" + std::to_string(k) + " batch=" + std::to_string(batch));
+  }
+  return Status::Ok();
+}
+
+// cublasGemmStridedBatchedEx with fp32 C and the given operand type and compute type.
+Status StridedBatched(cublasHandle_t handle, cublasOperation_t op_a, cublasOperation_t op_b, int64_t m, int64_t n,
+                      int64_t k, float alpha, const void* a, int64_t lda, int64_t stride_a, const void* b, int64_t ldb,
+                      int64_t stride_b, float beta, float* c, int64_t ldc, int64_t stride_c, int64_t batch,
+                      cudaDataType_t ab_type, cublasComputeType_t compute, cudaStream_t stream) {
+  LM2_CUBLAS_RETURN_IF_ERROR(cublasSetStream(handle, stream));
+  LM2_CUBLAS_RETURN_IF_ERROR(cublasSetPointerMode(handle, CUBLAS_POINTER_MODE_HOST));
+  LM2_CUBLAS_RETURN_IF_ERROR(cublasGemmStridedBatchedEx(
+      handle, op_a, op_b, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), &alpha, a, ab_type,
+      static_cast<int>(lda), stride_a, b, ab_type, static_cast<int>(ldb), stride_b, &beta, c, CUDA_R_32F,
+      static_cast<int>(ldc), stride_c, static_cast<int>(batch), compute, CUBLAS_GEMM_DEFAULT));
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status Linear(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w,
+              int64_t out, float* y, bool accumulate, cudaStream_t stream) {
+  return LinearInto(handle, x, rows, in, w, out, y, CUDA_R_32F, accumulate ? 1.0f : 0.0f, stream);
+}
+
+Status LinearToBf16(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w,
+                    int64_t out, __nv_bfloat16* y, cudaStream_t stream) {
+  return LinearInto(handle, x, rows, in, w, out, y, CUDA_R_16BF, 0.0f, stream);
 }
 
 Status LinearF32(cublasHandle_t handle, const float* x, int64_t rows, int64_t in, const __nv_bfloat16* w,
@@ -41,21 +82,22 @@ Status GemmStridedBatchedF32(cublasHandle_t handle, cublasOperation_t op_a, cubl
                              int64_t n, int64_t k, float alpha, const float* a, int64_t lda, int64_t stride_a,
                              const float* b, int64_t ldb, int64_t stride_b, float beta, float* c, int64_t ldc,
                              int64_t stride_c, int64_t batch, cudaStream_t stream) {
-  constexpr int64_t kMax = std::numeric_limits<int>::max();
-  if (m < 0 || n < 0 || k <= 0 || batch < 0 || m > kMax || n > kMax || k > kMax || lda > kMax || ldb > kMax ||
-      ldc > kMax || batch > kMax) {
-    return Status::InvalidArgument("GemmStridedBatchedF32: m=" + std::to_string(m) + " n=" + std::to_string(n) +
-                                   " k=" + std::to_string(k) + " batch=" + std::to_string(batch));
-  }
+  LM2_RETURN_IF_ERROR(CheckStridedBatched("GemmStridedBatchedF32", m, n, k, lda, ldb, ldc, batch));
   if (m == 0 || n == 0 || batch == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("GemmStridedBatchedF32", {handle, a, b, c}));
-  LM2_CUBLAS_RETURN_IF_ERROR(cublasSetStream(handle, stream));
-  LM2_CUBLAS_RETURN_IF_ERROR(cublasSetPointerMode(handle, CUBLAS_POINTER_MODE_HOST));
-  LM2_CUBLAS_RETURN_IF_ERROR(cublasGemmStridedBatchedEx(
-      handle, op_a, op_b, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), &alpha, a, CUDA_R_32F,
-      static_cast<int>(lda), stride_a, b, CUDA_R_32F, static_cast<int>(ldb), stride_b, &beta, c, CUDA_R_32F,
-      static_cast<int>(ldc), stride_c, static_cast<int>(batch), CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
-  return Status::Ok();
+  return StridedBatched(handle, op_a, op_b, m, n, k, alpha, a, lda, stride_a, b, ldb, stride_b, beta, c, ldc, stride_c,
+                        batch, CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32, stream);
+}
+
+Status GemmStridedBatchedBf16(cublasHandle_t handle, cublasOperation_t op_a, cublasOperation_t op_b, int64_t m,
+                              int64_t n, int64_t k, float alpha, const __nv_bfloat16* a, int64_t lda,
+                              int64_t stride_a, const __nv_bfloat16* b, int64_t ldb, int64_t stride_b, float beta,
+                              float* c, int64_t ldc, int64_t stride_c, int64_t batch, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(CheckStridedBatched("GemmStridedBatchedBf16", m, n, k, lda, ldb, ldc, batch));
+  if (m == 0 || n == 0 || batch == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("GemmStridedBatchedBf16", {handle, a, b, c}));
+  return StridedBatched(handle, op_a, op_b, m, n, k, alpha, a, lda, stride_a, b, ldb, stride_b, beta, c, ldc, stride_c,
+                        batch, CUDA_R_16BF, CUBLAS_COMPUTE_32F, stream);
 }
 
 }  // namespace lm2::runtime::cuda

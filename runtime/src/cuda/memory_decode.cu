@@ -1,8 +1,8 @@
 // The memory read and write sums for one token per session (decode), as bandwidth-bound
-// fp32 kernels: at one token the work is a GEMV over each session's memory K and V and a
+// kernels: at one token the work is a GEMV over each session's memory K and V (bf16) and a
 // rank-one update of its write sums, which cuBLAS's (batched) GEMMs run far below the
 // memory bandwidth. One session (B = 1) or many (a device array of per-session pointers,
-// a batched decode step); the same kernels either way.
+// a batched decode step); the same kernels either way. fp32 math throughout.
 #include <cmath>
 
 #include "cuda/cuda_check.h"
@@ -25,6 +25,162 @@ struct PerSession {
   __device__ T* operator()(int64_t b) const { return p[b]; }
 };
 
+using bf16 = __nv_bfloat16;
+
+// ---- The fast read (dh a multiple of 8, dh / 8 a power of two up to 32) ----------------------
+//
+// Flash-decoding over the slots: a block per (16-slot chunk, session). Thread t owns the 8
+// columns [8t, 8t + 8) of every slot row (16-byte loads: a block reads whole rows of K and V,
+// coalesced), so the dh / 8 threads of a memory head hold its query in registers and add
+// their partial dot products by shuffles. Each block keeps a running max, sum and weighted
+// value sum per head over its slots (all 16 slots' K and V loads in flight together) and
+// leaves them, with the raw scores, for the combine kernel.
+
+constexpr int kGroupSlots = 16;  // slots whose K and V loads are in flight together
+constexpr int kGroups = 1;
+constexpr int kChunkSlots = kGroupSlots * kGroups;  // 16
+
+__device__ __forceinline__ void Widen8(const uint4& v, float* out) {
+  const auto* p = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(p[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
+// part[(b * chunks + chunk) * (d + 2 * heads) + ...]: [0, d) the chunk's Σ_n p_n V[n, :] with
+// p_n = exp(s_n - m_j), then (m_j, l_j = Σ_n p_n) per head j. attn gets the raw scores s.
+template <typename KV>
+__global__ void MemoryReadPartialKernel(const float* __restrict__ q, int64_t q_ld, KV mem_k, KV mem_v, int N, int d,
+                                        int heads, int g, float scale, float* __restrict__ attn,
+                                        float* __restrict__ part) {
+  const int b = static_cast<int>(blockIdx.y), chunk = static_cast<int>(blockIdx.x), chunks = static_cast<int>(gridDim.x);
+  const int t = static_cast<int>(threadIdx.x), vt = d / 8, j = t / g;
+  const bool active = t < vt;  // the block is rounded up to whole warps; the rest only shuffle
+  float qv[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) qv[i] = active ? q[b * q_ld + t * 8 + i] : 0.0f;
+  const uint4* K = reinterpret_cast<const uint4*>(mem_k(b));
+  const uint4* V = reinterpret_cast<const uint4*>(mem_v(b));
+  float m = -INFINITY, l = 0.0f, acc[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+  for (int grp = 0; grp < kGroups; ++grp) {
+    const int n0 = chunk * kChunkSlots + grp * kGroupSlots;
+    if (n0 >= N) break;  // uniform over the block
+    uint4 kr[kGroupSlots], vr[kGroupSlots];
+#pragma unroll
+    for (int s = 0; s < kGroupSlots; ++s) {
+      const bool ok = active && n0 + s < N;
+      const int64_t at = static_cast<int64_t>(n0 + s) * vt + t;
+      kr[s] = ok ? __ldcs(K + at) : make_uint4(0, 0, 0, 0);
+      vr[s] = ok ? __ldcs(V + at) : make_uint4(0, 0, 0, 0);
+    }
+    float sc[kGroupSlots];
+    float gm = -INFINITY;
+#pragma unroll
+    for (int s = 0; s < kGroupSlots; ++s) {
+      float kf[8];
+      Widen8(kr[s], kf);
+      float dot = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dot = fmaf(qv[i], kf[i], dot);
+      for (int o = g / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+      sc[s] = n0 + s < N ? dot * scale : -INFINITY;
+      gm = fmaxf(gm, sc[s]);
+    }
+    const float m_new = fmaxf(m, gm);  // finite: the group has a slot
+    const float factor = expf(m - m_new);
+    l *= factor;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] *= factor;
+#pragma unroll
+    for (int s = 0; s < kGroupSlots; ++s) {
+      const float p = expf(sc[s] - m_new);
+      float vf[8];
+      Widen8(vr[s], vf);
+      l += p;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = fmaf(p, vf[i], acc[i]);
+    }
+    m = m_new;
+    if (active && t % g == 0) {
+      float* a = attn + (static_cast<int64_t>(b) * heads + j) * N;
+#pragma unroll
+      for (int s = 0; s < kGroupSlots; ++s) {
+        if (n0 + s < N) a[n0 + s] = sc[s];
+      }
+    }
+  }
+  if (!active) return;
+  float* out = part + (static_cast<int64_t>(b) * chunks + chunk) * (d + 2 * heads);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[t * 8 + i] = acc[i];
+  if (t % g == 0) {
+    out[d + 2 * j] = m;
+    out[d + 2 * j + 1] = l;
+  }
+}
+
+// A block per (head j, session b): the global max M and sum L over the chunks, e = Σ_c
+// exp(m_c - M) acc_c / L (chunks added in a fixed order: the same result every run), and
+// the raw scores in attn turned into probabilities exp(s - M) / L.
+__global__ void MemoryReadCombineKernel(const float* __restrict__ part, int chunks, int N, int d, int heads,
+                                        float* __restrict__ attn, float* __restrict__ e) {
+  constexpr int kTile = 1024;  // chunk weights held in shared memory at a time
+  __shared__ float scratch[32];
+  __shared__ float sums[kThreads];
+  __shared__ float weight[kTile];
+  const int j = static_cast<int>(blockIdx.x), b = static_cast<int>(blockIdx.y), tid = static_cast<int>(threadIdx.x);
+  const int dh = d / heads, stride = d + 2 * heads;
+  const float* pb = part + static_cast<int64_t>(b) * chunks * stride;
+  float mx = -INFINITY;
+  for (int c = tid; c < chunks; c += kThreads) mx = fmaxf(mx, pb[c * stride + d + 2 * j]);
+  const float M = BlockMax(mx, scratch);
+  float ls = 0.0f;
+  for (int c = tid; c < chunks; c += kThreads) ls += pb[c * stride + d + 2 * j + 1] * expf(pb[c * stride + d + 2 * j] - M);
+  const float L = BlockSum(ls, scratch);
+  // Columns in passes of up to kThreads; R groups of threads split the chunks of a column.
+  const int cols = dh < kThreads ? dh : kThreads, R = kThreads / cols;
+  const int r = tid / cols, cc = tid % cols;
+  for (int col0 = 0; col0 < dh; col0 += cols) {
+    const int col = col0 + cc;
+    float s = 0.0f;
+    for (int c0 = 0; c0 < chunks; c0 += kTile) {
+      const int n = chunks - c0 < kTile ? chunks - c0 : kTile;
+      __syncthreads();  // the previous tile's weights are used
+      for (int c = tid; c < n; c += kThreads) weight[c] = expf(pb[(c0 + c) * stride + d + 2 * j] - M);
+      __syncthreads();
+      if (r < R && col < dh) {
+        const float* pc = pb + static_cast<int64_t>(c0) * stride + j * dh + col;
+#pragma unroll 8
+        for (int c = r; c < n; c += R) s += pc[static_cast<int64_t>(c) * stride] * weight[c];
+      }
+    }
+    __syncthreads();
+    sums[tid] = s;
+    __syncthreads();
+    if (r == 0 && col < dh) {
+      float total = 0.0f;
+      for (int k = 0; k < R; ++k) total += sums[k * cols + cc];
+      e[static_cast<int64_t>(b) * d + j * dh + col] = total / L;
+    }
+  }
+  float* a = attn + (static_cast<int64_t>(b) * heads + j) * N;
+  for (int n = tid; n < N; n += kThreads) a[n] = expf(a[n] - M) / L;
+}
+
+bool FastRead(int64_t d, int64_t heads) {
+  const int64_t dh = d / heads, g = dh / 8;
+  return dh % 8 == 0 && g <= 32 && (g & (g - 1)) == 0 && d / 8 <= 1024;
+}
+
+int64_t Chunks(int64_t N) { return (N + kChunkSlots - 1) / kChunkSlots; }
+
+// ---- The general read (any head width) -------------------------------------------------------
+
 constexpr int kSlotsPerWarp = 8;
 constexpr int kSlotsPerBlock = kSlotsPerWarp * (kThreads / 32);  // 64
 
@@ -37,7 +193,7 @@ __global__ void MemoryScoresKernel(const float* __restrict__ q, int64_t q_ld, K 
   const int64_t bj = blockIdx.x, b = bj / heads, j = bj % heads, dh = d / heads;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const float* qr = q + b * q_ld + j * dh;
-  const float* k = mem_k(b) + j * dh;
+  const bf16* k = mem_k(b) + j * dh;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kSlotsPerBlock + warp * kSlotsPerWarp;
   float dot[kSlotsPerWarp];
 #pragma unroll
@@ -46,7 +202,7 @@ __global__ void MemoryScoresKernel(const float* __restrict__ q, int64_t q_ld, K 
     const float qc = qr[c];
 #pragma unroll
     for (int s = 0; s < kSlotsPerWarp; ++s) {
-      if (n0 + s < N) dot[s] += qc * k[(n0 + s) * d + c];
+      if (n0 + s < N) dot[s] += qc * __bfloat162float(k[(n0 + s) * d + c]);
     }
   }
 #pragma unroll
@@ -73,16 +229,16 @@ __global__ void MemoryValuesPartialKernel(const float* __restrict__ attn, V mem_
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kValueSlots;
   const int64_t n1 = n0 + kValueSlots < N ? n0 + kValueSlots : N;
   const float* a = attn + bj * N;
-  const float* v = mem_v(b) + j * dh;
+  const bf16* v = mem_v(b) + j * dh;
   if (g < G) {
     for (int64_t c = c0; c < dh; c += cols) {
       float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // four chains in flight, added in a fixed order
       int64_t n = n0 + g;
       for (; n + 3 * G < n1; n += 4 * G) {
 #pragma unroll
-        for (int u = 0; u < 4; ++u) s[u] += a[n + u * G] * v[(n + u * G) * d + c];
+        for (int u = 0; u < 4; ++u) s[u] += a[n + u * G] * __bfloat162float(v[(n + u * G) * d + c]);
       }
-      for (; n < n1; n += G) s[0] += a[n] * v[n * d + c];
+      for (; n < n1; n += G) s[0] += a[n] * __bfloat162float(v[n * d + c]);
       group_sums[g * dh + c] = (s[0] + s[1]) + (s[2] + s[3]);
     }
   }
@@ -133,11 +289,23 @@ Status CheckDecode(const char* op, int64_t B, int64_t N, int64_t d, int64_t head
   return Status::Ok();
 }
 
-template <typename K, typename V>
-Status LaunchRead(const float* q, int64_t q_ld, K mem_k, V mem_v, int64_t B, int64_t N, int64_t d, int64_t heads,
+template <typename KV>
+Status LaunchRead(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B, int64_t N, int64_t d, int64_t heads,
                   float* attn, float* e, float* scratch, cudaStream_t stream) {
   const int64_t dh = d / heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
+  if (FastRead(d, heads)) {
+    const int64_t chunks = Chunks(N);
+    const auto threads = static_cast<unsigned int>((d / 8 + 31) / 32 * 32);
+    MemoryReadPartialKernel<<<dim3(static_cast<unsigned int>(chunks), static_cast<unsigned int>(B)), threads, 0,
+                              stream>>>(q, q_ld, mem_k, mem_v, static_cast<int>(N), static_cast<int>(d),
+                                        static_cast<int>(heads), static_cast<int>(dh / 8), scale, attn, scratch);
+    LM2_RETURN_IF_ERROR(CheckLaunch("MemoryReadPartialKernel"));
+    MemoryReadCombineKernel<<<dim3(static_cast<unsigned int>(heads), static_cast<unsigned int>(B)), kThreads, 0,
+                              stream>>>(scratch, static_cast<int>(chunks), static_cast<int>(N), static_cast<int>(d),
+                                        static_cast<int>(heads), attn, e);
+    return CheckLaunch("MemoryReadCombineKernel");
+  }
   const dim3 grid(static_cast<unsigned int>(B * heads), static_cast<unsigned int>((N + kSlotsPerBlock - 1) / kSlotsPerBlock));
   MemoryScoresKernel<<<grid, kThreads, 0, stream>>>(q, q_ld, mem_k, N, d, heads, scale, attn);
   LM2_RETURN_IF_ERROR(CheckLaunch("MemoryScoresKernel"));
@@ -155,25 +323,27 @@ Status LaunchRead(const float* q, int64_t q_ld, K mem_k, V mem_v, int64_t B, int
 
 }  // namespace
 
-int64_t MemoryReadDecodeScratch(int64_t B, int64_t N, int64_t d) {
+int64_t MemoryReadDecodeScratch(int64_t B, int64_t N, int64_t d, int64_t heads) {
+  if (FastRead(d, heads)) return B * Chunks(N) * (d + 2 * heads);
   return B * ((N + kValueSlots - 1) / kValueSlots) * d;
 }
 
-Status MemoryReadOneToken(const float* q, int64_t q_ld, const float* mem_k, const float* mem_v, int64_t N, int64_t d,
-                          int64_t heads, float* attn, float* e, float* scratch, cudaStream_t stream) {
+Status MemoryReadOneToken(const float* q, int64_t q_ld, const __nv_bfloat16* mem_k, const __nv_bfloat16* mem_v,
+                          int64_t N, int64_t d, int64_t heads, float* attn, float* e, float* scratch,
+                          cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(CheckDecode("MemoryReadOneToken", 1, N, d, heads, q_ld));
   LM2_RETURN_IF_ERROR(RequireNonNull("MemoryReadOneToken", {q, mem_k, mem_v, attn, e, scratch}));
-  return LaunchRead(q, q_ld, One<const float>{mem_k}, One<const float>{mem_v}, 1, N, d, heads, attn, e, scratch,
+  return LaunchRead(q, q_ld, One<const bf16>{mem_k}, One<const bf16>{mem_v}, 1, N, d, heads, attn, e, scratch,
                     stream);
 }
 
-Status MemoryReadBatch(const float* q, int64_t q_ld, const float* const* mem_k, const float* const* mem_v, int64_t B,
-                       int64_t N, int64_t d, int64_t heads, float* attn, float* e, float* scratch,
-                       cudaStream_t stream) {
+Status MemoryReadBatch(const float* q, int64_t q_ld, const __nv_bfloat16* const* mem_k,
+                       const __nv_bfloat16* const* mem_v, int64_t B, int64_t N, int64_t d, int64_t heads, float* attn,
+                       float* e, float* scratch, cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(CheckDecode("MemoryReadBatch", B, N, d, heads, q_ld));
   if (B == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("MemoryReadBatch", {q, mem_k, mem_v, attn, e, scratch}));
-  return LaunchRead(q, q_ld, PerSession<const float>{mem_k}, PerSession<const float>{mem_v}, B, N, d, heads, attn, e,
+  return LaunchRead(q, q_ld, PerSession<const bf16>{mem_k}, PerSession<const bf16>{mem_v}, B, N, d, heads, attn, e,
                     scratch, stream);
 }
 

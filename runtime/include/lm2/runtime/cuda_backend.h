@@ -37,6 +37,14 @@ struct CudaOptions {
   // the rest at the end of the segment. Costs this many x memory_heads x memory_slots
   // floats per memory layer and state.
   int64_t write_flush_tokens = 16;
+  // Chunks of at most this many rows (decode steps of up to this many states, short
+  // prompts) run their linear layers as fused GEMV kernels: one pass over the weights with
+  // the RMSNorm, SwiGLU, bias and gated residual folded in. Longer chunks use cuBLAS. 0..8;
+  // 0 turns the kernels off; the model lowers it where its widest layer input would not fit
+  // on chip (rows x width <= 16384: 2 rows at FFN 8192). A state's results are bit-identical
+  // whether it decodes alone or in a ForwardBatch within that limit; beyond it they agree to
+  // fp32 rounding (cuBLAS sums in another order).
+  int64_t gemv_max_rows = 8;
 };
 
 // Uploads the weights of `files` to the device and returns a model on it. Unavailable when

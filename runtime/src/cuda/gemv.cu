@@ -1,0 +1,299 @@
+// Small-batch linear layers (decode steps): y[rows, out] = x'[rows, in] · W[out, in]ᵀ for
+// rows <= kGemvMaxRows, one pass over the bf16 weights (the bandwidth-bound part of a decode
+// step), with the op before and after fused in: x' is made from x while it is staged in
+// shared memory (a bf16 copy, an fp32 rounding, an RMSNorm, a SwiGLU), and the result is
+// stored, added, or turned into the memory-gated residual update.
+//
+// Layout: a persistent grid (one 256-thread block per multiprocessor at most). x' is staged
+// whole in shared memory (rows * in <= kGemvStageElements). Each warp streams units of two
+// weight rows x 2048 columns, 16-byte pieces per lane (coalesced), and loads the next unit
+// into registers while it multiplies the current one; the first unit's loads go out before
+// x' is staged.
+//
+// Numerics: x' is bit-identical to what RmsNormBf16 / SwiGluBf16 / ConvertF32ToBf16 give
+// (the same fp32 expressions; the RMS reduction has RmsNormKernel's order), products and
+// sums in fp32. Each output's sum runs in an order that depends only on `in` and the lane
+// layout, never on `rows`: a row's result is the same whether it is computed alone or with
+// others (batched decode steps rely on that).
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <string>
+
+#include "cuda/cuda_check.h"
+#include "cuda/cuda_ops.h"
+#include "cuda/device_math.cuh"
+#include "ops/op_shapes.h"
+
+namespace lm2::runtime::cuda {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kRowsPerWarp = 2;  // rows of a unit
+constexpr int kSegVecs = 8;      // 16-byte pieces per lane per row in a unit: 2048 columns
+static_assert(kThreads == kWarps * 32, "the GEMV block is kThreads wide (the RMS reduction's order)");
+
+using bf16 = __nv_bfloat16;
+
+// Staging x': items of 8 columns (one 16-byte piece of x'), loads of kStageUnroll items in
+// flight per thread before any is converted (the staging is latency-bound otherwise).
+constexpr int kStageUnroll = 4;
+
+// What an item's conversion needs, loaded: x (or gate) columns, and the norm weights or the
+// up columns.
+struct Item {
+  float4 x0, x1, y0, y1;
+  uint4 raw;  // kBf16: the piece as it is
+};
+
+template <GemvInput In>
+__device__ __forceinline__ Item LoadItem(const GemvArgs& a, int b, int64_t c) {
+  Item it{};
+  if constexpr (In == GemvInput::kBf16) {
+    it.raw = *reinterpret_cast<const uint4*>(static_cast<const bf16*>(a.x) + b * a.x_ld + c);
+  } else {
+    const float* x = static_cast<const float*>(a.x) + b * a.x_ld + c;
+    it.x0 = *reinterpret_cast<const float4*>(x);
+    it.x1 = *reinterpret_cast<const float4*>(x + 4);
+    if constexpr (In == GemvInput::kRmsNorm) {
+      it.y0 = *reinterpret_cast<const float4*>(a.norm_weight + c);
+      it.y1 = *reinterpret_cast<const float4*>(a.norm_weight + c + 4);
+    }
+    if constexpr (In == GemvInput::kSwiGlu) {
+      it.y0 = *reinterpret_cast<const float4*>(x + a.in);
+      it.y1 = *reinterpret_cast<const float4*>(x + a.in + 4);
+    }
+  }
+  return it;
+}
+
+// One column of x' from its loaded values: the fp32 expressions of the unfused ops.
+template <GemvInput In>
+__device__ __forceinline__ bf16 Convert(float x, float y, float inv_rms) {
+  if constexpr (In == GemvInput::kRmsNorm) return __float2bfloat16_rn(x * inv_rms * y);
+  if constexpr (In == GemvInput::kSwiGlu) return __float2bfloat16_rn(x * Sigmoid(x) * y);
+  return __float2bfloat16_rn(x);
+}
+
+template <GemvInput In>
+__device__ __forceinline__ uint4 ConvertItem(const Item& it, float inv_rms) {
+  if constexpr (In == GemvInput::kBf16) {
+    return it.raw;
+  } else {
+    const float x[8] = {it.x0.x, it.x0.y, it.x0.z, it.x0.w, it.x1.x, it.x1.y, it.x1.z, it.x1.w};
+    const float y[8] = {it.y0.x, it.y0.y, it.y0.z, it.y0.w, it.y1.x, it.y1.y, it.y1.z, it.y1.w};
+    uint4 out;
+    auto* o = reinterpret_cast<bf16*>(&out);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o[i] = Convert<In>(x[i], y[i], inv_rms);
+    return out;
+  }
+}
+
+// Σ of the 8 products of a 16-byte piece of a weight row and of x', added to acc in order.
+__device__ __forceinline__ float Dot8(const uint4& w, const uint4& x, float acc) {
+  const auto* wp = reinterpret_cast<const __nv_bfloat162*>(&w);
+  const auto* xp = reinterpret_cast<const __nv_bfloat162*>(&x);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 wf = __bfloat1622float2(wp[i]), xf = __bfloat1622float2(xp[i]);
+    acc = fmaf(wf.x, xf.x, acc);
+    acc = fmaf(wf.y, xf.y, acc);
+  }
+  return acc;
+}
+
+// A warp's work is a sequence of units (a group of kRowsPerWarp rows, a 2048-column segment
+// of them): row groups blockIdx * kWarps + warp, then every gridDim * kWarps further; each
+// group's segments in order. The warp loads the next unit while it multiplies the current
+// one, so its weight stream never waits on a multiply; x' sits whole in shared memory.
+template <int B, GemvInput In, GemvOutput Out>
+__global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
+  __shared__ __align__(16) bf16 xs[kGemvStageElements];  // x' [rows][in]
+  __shared__ float scratch[32];
+  __shared__ float inv_rms[B];
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
+  const int rows = static_cast<int>(a.rows);
+  const int vecs = static_cast<int>(a.in / 8);
+  const int segs = (vecs + 32 * kSegVecs - 1) / (32 * kSegVecs);
+  const int64_t groups = (a.out + kRowsPerWarp - 1) / kRowsPerWarp;
+  const int64_t group_stride = static_cast<int64_t>(gridDim.x) * kWarps;
+
+  uint4 cur[kRowsPerWarp][kSegVecs], nxt[kRowsPerWarp][kSegVecs];
+  auto load = [&](uint4 (&buf)[kRowsPerWarp][kSegVecs], int64_t group, int seg) {
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      int64_t row = group * kRowsPerWarp + r;
+      row = row < a.out ? row : a.out - 1;  // past the end: read the last row again, store nothing
+      const uint4* w = reinterpret_cast<const uint4*>(a.w + row * a.in);
+#pragma unroll
+      for (int i = 0; i < kSegVecs; ++i) {
+        const int v = seg * 32 * kSegVecs + 32 * i + lane;
+        buf[r][i] = v < vecs ? __ldcs(w + v) : make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+
+  int64_t group = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  int seg = 0;
+  if (group < groups) load(cur, group, 0);  // in flight while x' is made
+
+  if constexpr (In == GemvInput::kRmsNorm) {
+    for (int b = 0; b < rows; ++b) {  // rows is uniform over the block: every thread reduces
+      const float* x = static_cast<const float*>(a.x) + b * a.x_ld;
+      float ss = 0.0f;
+#pragma unroll 8
+      for (int64_t i = tid; i < a.in; i += kThreads) ss += x[i] * x[i];
+      ss = BlockSum(ss, scratch);
+      if (tid == 0) inv_rms[b] = 1.0f / sqrtf(ss / static_cast<float>(a.in) + a.eps);
+    }
+    __syncthreads();
+  }
+  {
+    const int per_row = vecs, items = rows * per_row;
+    for (int base = tid; base < items; base += kThreads * kStageUnroll) {
+      Item it[kStageUnroll];
+#pragma unroll
+      for (int u = 0; u < kStageUnroll; ++u) {
+        const int i = base + u * kThreads;
+        if (i < items) it[u] = LoadItem<In>(a, i / per_row, static_cast<int64_t>(i % per_row) * 8);
+      }
+#pragma unroll
+      for (int u = 0; u < kStageUnroll; ++u) {
+        const int i = base + u * kThreads;
+        if (i >= items) break;
+        const int b = i / per_row;
+        reinterpret_cast<uint4*>(xs)[i] = ConvertItem<In>(it[u], In == GemvInput::kRmsNorm ? inv_rms[b] : 0.0f);
+      }
+    }
+  }
+  __syncthreads();
+
+  float acc[kRowsPerWarp][B];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+#pragma unroll
+    for (int b = 0; b < B; ++b) acc[r][b] = 0.0f;
+  }
+  while (group < groups) {
+    int64_t next_group = group;
+    int next_seg = seg + 1;
+    if (next_seg == segs) {
+      next_seg = 0;
+      next_group += group_stride;
+    }
+    if (next_group < groups) load(nxt, next_group, next_seg);
+#pragma unroll
+    for (int i = 0; i < kSegVecs; ++i) {
+      const int v = seg * 32 * kSegVecs + 32 * i + lane;
+      if (v >= vecs) break;
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        if (b >= rows) break;
+        const uint4 xv = *reinterpret_cast<const uint4*>(&xs[b * a.in + static_cast<int64_t>(v) * 8]);
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r) acc[r][b] = Dot8(cur[r][i], xv, acc[r][b]);
+      }
+    }
+    if (next_seg == 0) {  // the group's last segment: reduce and store
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        const int64_t row = group * kRowsPerWarp + r;
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
+          const float sum = WarpSum(acc[r][b]);  // every lane holds the sum
+          acc[r][b] = 0.0f;
+          if (lane != b || b >= rows || row >= a.out) continue;
+          float* y = a.y + b * a.out + row;
+          if constexpr (Out == GemvOutput::kStore) *y = sum;
+          if constexpr (Out == GemvOutput::kAccumulate) *y += sum;
+          if constexpr (Out == GemvOutput::kGatedResidual) {
+            const int64_t i = b * a.out + row;
+            *y += a.residual[i] + Sigmoid(sum + a.bias[row]) * a.gated[i];
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+#pragma unroll
+      for (int i = 0; i < kSegVecs; ++i) cur[r][i] = nxt[r][i];
+    }
+    group = next_group;
+    seg = next_seg;
+  }
+}
+
+// Multiprocessors of the current device (one block each: the kernel is persistent).
+Result<int> Multiprocessors() {
+  int device = 0, sms = 0;
+  LM2_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  LM2_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+template <int B, GemvInput In>
+Status LaunchOut(const GemvArgs& a, cudaStream_t stream) {
+  LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());
+  const int64_t warps_needed = (a.out + kRowsPerWarp - 1) / kRowsPerWarp;
+  const int64_t blocks_needed = (warps_needed + kWarps - 1) / kWarps;
+  const auto blocks = static_cast<unsigned int>(blocks_needed < sms ? blocks_needed : sms);
+  switch (a.output) {
+    case GemvOutput::kStore:
+      GemvKernel<B, In, GemvOutput::kStore><<<blocks, kThreads, 0, stream>>>(a);
+      break;
+    case GemvOutput::kAccumulate:
+      GemvKernel<B, In, GemvOutput::kAccumulate><<<blocks, kThreads, 0, stream>>>(a);
+      break;
+    case GemvOutput::kGatedResidual:
+      GemvKernel<B, In, GemvOutput::kGatedResidual><<<blocks, kThreads, 0, stream>>>(a);
+      break;
+  }
+  return CheckLaunch("GemvKernel");
+}
+
+template <int B>
+Status LaunchIn(const GemvArgs& a, cudaStream_t stream) {
+  switch (a.input) {
+    case GemvInput::kBf16: return LaunchOut<B, GemvInput::kBf16>(a, stream);
+    case GemvInput::kF32: return LaunchOut<B, GemvInput::kF32>(a, stream);
+    case GemvInput::kRmsNorm: return LaunchOut<B, GemvInput::kRmsNorm>(a, stream);
+    case GemvInput::kSwiGlu: return LaunchOut<B, GemvInput::kSwiGlu>(a, stream);
+  }
+  return Status::InvalidArgument("Gemv: unknown input kind");
+}
+
+}  // namespace
+
+bool GemvSupports(int64_t rows, int64_t in) {
+  return rows >= 0 && rows <= kGemvMaxRows && in > 0 && in % 8 == 0 && rows * in <= kGemvStageElements;
+}
+
+Status Gemv(const GemvArgs& a, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckLinear(a.rows, a.in, a.out));
+  const int64_t min_ld = a.input == GemvInput::kSwiGlu ? 2 * a.in : a.in;
+  if (!GemvSupports(a.rows, a.in) || a.x_ld < min_ld || a.x_ld % 8 != 0 || a.out >= (int64_t{1} << 31) ||
+      reinterpret_cast<std::uintptr_t>(a.w) % 16 != 0 || reinterpret_cast<std::uintptr_t>(a.x) % 16 != 0 ||
+      reinterpret_cast<std::uintptr_t>(a.norm_weight) % 16 != 0) {
+    return Status::InvalidArgument("Gemv: rows=" + std::to_string(a.rows) + " (at most " +
+                                   std::to_string(kGemvMaxRows) + ") in=" + std::to_string(a.in) +
+                                   " (a multiple of 8, rows * in <= " + std::to_string(kGemvStageElements) +
+                                   ") x_ld=" + std::to_string(a.x_ld) + " (a multiple of 8) out=" +
+                                   std::to_string(a.out) + ", x, weights and norm weights 16-byte aligned");
+  }
+  if (a.rows == 0 || a.out == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("Gemv", {a.x, a.w, a.y}));
+  if (a.input == GemvInput::kRmsNorm) {
+    LM2_RETURN_IF_ERROR(ops::CheckRmsNorm(a.rows, a.in, a.eps));
+    LM2_RETURN_IF_ERROR(RequireNonNull("Gemv (RMSNorm input)", {a.norm_weight}));
+  }
+  if (a.output == GemvOutput::kGatedResidual) {
+    LM2_RETURN_IF_ERROR(RequireNonNull("Gemv (gated residual)", {a.bias, a.residual, a.gated}));
+  }
+  if (a.rows == 1) return LaunchIn<1>(a, stream);
+  if (a.rows == 2) return LaunchIn<2>(a, stream);
+  if (a.rows <= 4) return LaunchIn<4>(a, stream);
+  return LaunchIn<8>(a, stream);
+}
+
+}  // namespace lm2::runtime::cuda
