@@ -9,15 +9,17 @@
 // Figures:
 //   copy bandwidth    device-to-device cudaMemcpy of 1 GiB, bytes read + written per second
 //   gemm rate         bf16 x bf16 -> fp32 GEMM (the backend's Linear op), 8192^3, TFLOP/s
-//   decode batch 1    single-token Forward calls with last-token logits copied to the host
-//                     and a host argmax (what generation does); tokens/s, and the ratio to
-//                     the roofline: copy bandwidth / bytes the model must move per token
+//   decode batch 1    one token per call through ForwardBatchGreedy (what generation does for
+//                     greedy decoding: the argmax on the device); tokens/s, and the ratio to
+//                     the roofline: copy bandwidth / bytes the model must move per token.
+//                     Also with Forward's logits copied to the host for the argmax.
 //                     (the matrices a token multiplies by: all but the embedding table and
 //                     the per-segment memory K/V and write-gate weights; the KV cache and
 //                     the segment's memory K/V read)
 //   prefill T         one Forward of T tokens (segment opening included) per fresh state,
 //                     tokens/s and achieved TFLOP/s / gemm rate
-//   sessions B        B states decoding together, one ForwardBatch per step; total tokens/s
+//   sessions B        B states decoding together, one ForwardBatchGreedy per step; total
+//                     tokens/s
 //   bank export/import one session's banks device <-> host through pinned staging
 #include <cuda_runtime.h>
 
@@ -171,10 +173,20 @@ std::vector<int32_t> Tokens(int64_t n, int64_t vocab, int64_t seed) {
 }
 
 // Decodes `steps` tokens greedily on a state that already holds a prompt; seconds.
-double Decode(const Model& m, SequenceState& s, int64_t steps, std::vector<float>& logits) {
+// Decodes `steps` tokens greedily on a state that already holds a prompt; seconds. With
+// `on_device`, as Generate does for greedy decoding: ForwardBatchGreedy picks each token
+// where the logits are; otherwise each step's logits come to the host for the argmax.
+double Decode(const Model& m, SequenceState& s, int64_t steps, std::vector<float>& logits, bool on_device) {
+  SequenceState* const one[] = {&s};
+  std::vector<int32_t> next = {Argmax(logits)};
   const auto t0 = Clock::now();
   for (int64_t i = 0; i < steps; ++i) {
-    Check(m.Forward(s, std::vector<int32_t>{Argmax(logits)}, LogitsMode::kLast, &logits), "decode");
+    if (on_device) {
+      Check(m.ForwardBatchGreedy(one, std::vector<int32_t>{next[0]}, &next), "decode");
+    } else {
+      Check(m.Forward(s, std::vector<int32_t>{next[0]}, LogitsMode::kLast, &logits), "decode");
+      next[0] = Argmax(logits);
+    }
   }
   return Seconds(t0, Clock::now());
 }
@@ -381,28 +393,36 @@ int main(int argc, char** argv) {
     std::vector<float> logits;
     // Warm-up turn (cuBLAS heuristics, allocations), then a timed turn after a context reset.
     Check(model->Forward(*s, Tokens(prompt_tokens, cfg.vocab_size, 1), LogitsMode::kLast, &logits), "prompt");
-    Decode(*model, *s, 8, logits);
+    Decode(*model, *s, 8, logits, true);
+    Decode(*model, *s, 8, logits, false);
     Check(model->EndSegment(*s), "end");
     model->ResetContext(*s);
-    double best = 1e30;
+    double best = 1e30, best_host = 1e30;
     double end_segment = 1e30;
     for (int64_t r = 0; r < repeats; ++r) {
-      model->ResetContext(*s);
-      Check(model->Forward(*s, Tokens(prompt_tokens, cfg.vocab_size, 2 + r), LogitsMode::kLast, &logits), "prompt");
-      best = std::min(best, Decode(*model, *s, decode_tokens, logits));
-      const auto t0 = Clock::now();
-      Check(model->EndSegment(*s), "end");
-      end_segment = std::min(end_segment, Seconds(t0, Clock::now()));
+      for (bool on_device : {true, false}) {
+        model->ResetContext(*s);
+        Check(model->Forward(*s, Tokens(prompt_tokens, cfg.vocab_size, 2 + r), LogitsMode::kLast, &logits), "prompt");
+        double& b = on_device ? best : best_host;
+        b = std::min(b, Decode(*model, *s, decode_tokens, logits, on_device));
+        const auto t0 = Clock::now();
+        Check(model->EndSegment(*s), "end");
+        end_segment = std::min(end_segment, Seconds(t0, Clock::now()));
+      }
     }
     const double tps = static_cast<double>(decode_tokens) / best;
+    const double tps_host = static_cast<double>(decode_tokens) / best_host;
     const double mid_context = static_cast<double>(prompt_tokens) + static_cast<double>(decode_tokens) / 2;
     const double bytes = DecodeBytes(shape, mid_context);
     const double roofline = bw / bytes;
     std::printf("decode batch 1: %.1f tokens/s (%.3f ms/token); roofline %.1f tokens/s (%.2f GB per token at context "
                 "%.0f): %.1f%% of roofline\n",
                 tps, 1e3 / tps, roofline, bytes / 1e9, mid_context, 100.0 * tps / roofline);
+    std::printf("decode batch 1 with the logits copied to the host for the argmax: %.1f tokens/s (%.3f ms/token)\n",
+                tps_host, 1e3 / tps_host);
     std::printf("end of segment (memory write, %zu layers): %.2f ms\n", cfg.memory_layers.size(), end_segment * 1e3);
-    json << ", \"decode_tps\": " << tps << ", \"decode_bytes_per_token\": " << bytes
+    json << ", \"decode_tps\": " << tps << ", \"decode_host_argmax_tps\": " << tps_host
+         << ", \"decode_bytes_per_token\": " << bytes
          << ", \"decode_roofline_tps\": " << roofline << ", \"end_segment_s\": " << end_segment;
 
     // ---- memory bank export / import -------------------------------------------------------
@@ -479,15 +499,7 @@ int main(int argc, char** argv) {
     for (auto& st : states) ptrs.push_back(st.get());
     std::vector<int32_t> next(static_cast<std::size_t>(B));
     for (int64_t b = 0; b < B; ++b) next[static_cast<std::size_t>(b)] = Argmax(logits[static_cast<std::size_t>(b)]);
-    std::vector<float> batch_logits;
-    const auto V = static_cast<std::size_t>(cfg.vocab_size);
-    auto step = [&] {
-      Check(model->ForwardBatch(ptrs, next, &batch_logits), "ForwardBatch");
-      for (std::size_t b = 0; b < next.size(); ++b) {
-        const auto row = batch_logits.begin() + static_cast<std::ptrdiff_t>(b * V);
-        next[b] = static_cast<int32_t>(std::max_element(row, row + static_cast<std::ptrdiff_t>(V)) - row);
-      }
-    };
+    auto step = [&] { Check(model->ForwardBatchGreedy(ptrs, std::vector<int32_t>(next), &next), "ForwardBatch"); };
     for (int w = 0; w < 2; ++w) step();  // scratch and pointer table for this batch size
     const auto t0 = Clock::now();
     for (int64_t i = 0; i < decode_tokens; ++i) step();

@@ -122,13 +122,19 @@ Result<GenerateResult> Generate(const Model& model, SequenceState& state, const 
 
   t0 = Clock::now();
   const int64_t max_context = model.config().max_position_embeddings;
+  // Greedy decoding without a repetition penalty needs only each step's argmax: the model
+  // picks it where the logits are (on the GPU, no logits cross to the host). The sampler's
+  // greedy choice is the same argmax, and greedy sampling draws nothing from its RNG.
+  const bool argmax_only = sampler.options().temperature == 0.0f && sampler.options().repetition_penalty == 1.0f;
+  SequenceState* const one[] = {&state};
+  std::vector<int32_t> picked;  // the model's argmax of the last step, when argmax_only
   while (true) {
     if (cancelled()) return Status::Cancelled("generation cancelled");
     if (state.context_length() + 1 > max_context) {  // no room to feed another token
       result.stop = StopReason::kContextFull;
       break;
     }
-    const int32_t next = sampler.Sample(logits, history);
+    const int32_t next = picked.empty() ? sampler.Sample(logits, history) : picked[0];
     result.tokens.push_back(next);
     history.push_back(next);
     const bool is_stop = std::find(stop_ids.begin(), stop_ids.end(), next) != stop_ids.end();
@@ -140,8 +146,12 @@ Result<GenerateResult> Generate(const Model& model, SequenceState& state, const 
     // Feed the token so the KV cache and the memory write see the whole reply (a stop
     // token included: training text closes every reply with it).
     const bool last = is_stop || stop_string || static_cast<int32_t>(result.tokens.size()) >= options.max_tokens;
-    LM2_RETURN_IF_ERROR(model.Forward(state, std::span<const int32_t>(&next, 1),
-                                      last ? LogitsMode::kNone : LogitsMode::kLast, &logits));
+    if (!last && argmax_only) {
+      LM2_RETURN_IF_ERROR(model.ForwardBatchGreedy(one, std::span<const int32_t>(&next, 1), &picked));
+    } else {
+      LM2_RETURN_IF_ERROR(model.Forward(state, std::span<const int32_t>(&next, 1),
+                                        last ? LogitsMode::kNone : LogitsMode::kLast, &logits));
+    }
     if (last) {
       result.stop = is_stop ? StopReason::kStopToken
                     : stop_string ? StopReason::kStopString

@@ -27,12 +27,12 @@ Status Model::CheckForward(int64_t context_length, std::span<const int32_t> toke
 }
 
 Status Model::CheckBatch(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
-                         const std::vector<float>* logits) const {
+                         const void* output) const {
   if (states.empty() || states.size() != tokens.size()) {
     return Status::InvalidArgument("ForwardBatch: " + std::to_string(states.size()) + " states and " +
                                    std::to_string(tokens.size()) + " tokens (need one token per state, at least one)");
   }
-  if (logits == nullptr) return Status::InvalidArgument("ForwardBatch: no output vector for the logits");
+  if (output == nullptr) return Status::InvalidArgument("ForwardBatch: no output vector");
   std::vector<const SequenceState*> seen(states.begin(), states.end());
   std::sort(seen.begin(), seen.end());
   if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) {
@@ -42,7 +42,7 @@ Status Model::CheckBatch(std::span<SequenceState* const> states, std::span<const
     const SequenceState* s = states[i];
     if (s == nullptr) return Status::InvalidArgument("ForwardBatch: a null state");
     if (!OwnsState(*s)) return Status::InvalidArgument("ForwardBatch: a state belongs to another model");
-    Status st = CheckForward(s->context_length(), tokens.subspan(i, 1), LogitsMode::kLast, logits);
+    Status st = CheckForward(s->context_length(), tokens.subspan(i, 1), LogitsMode::kNone, nullptr);
     if (!st.ok()) return Status(st.code(), "ForwardBatch: state " + std::to_string(i) + ": " + std::string(st.message()));
   }
   return Status::Ok();
@@ -59,6 +59,21 @@ Status Model::ForwardBatch(std::span<SequenceState* const> states, std::span<con
     std::copy(row.begin(), row.end(), logits->begin() + static_cast<std::ptrdiff_t>(i * V));
   }
   return Status::Ok();
+}
+
+Status Model::ForwardBatchGreedy(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
+                                 std::vector<int32_t>* next) const {
+  LM2_RETURN_IF_ERROR(CheckBatch(states, tokens, next));
+  std::vector<float> logits;
+  LM2_RETURN_IF_ERROR(ForwardBatch(states, tokens, &logits));
+  const int64_t V = config().vocab_size;
+  next->resize(states.size());
+  for (std::size_t i = 0; i < states.size(); ++i) (*next)[i] = Argmax(logits.data() + static_cast<int64_t>(i) * V, V);
+  return Status::Ok();
+}
+
+int32_t Model::Argmax(const float* row, int64_t n) {
+  return static_cast<int32_t>(std::max_element(row, row + n) - row);
 }
 
 Status Model::CheckImport(const MemoryState& memory) const {

@@ -384,6 +384,18 @@ TEST_CASE("CUDA ForwardBatch: one forward for many sessions equals each decoding
     }
     std::printf("batched %-13s: %d sessions x 6 steps, worst logits rel err vs alone %.3g\n", name.c_str(), kSessions,
                 worst);
+    // Greedy steps pick each row's argmax on the device: the same tokens as the host argmax
+    // of the logits, and the same states after (the alone states follow on the host).
+    for (int step = 0; step < 4; ++step) {
+      std::vector<int32_t> picked;
+      RequireOk(gpu->ForwardBatchGreedy(ptrs, next, &picked));
+      REQUIRE(picked.size() == kSessions);
+      for (std::size_t b = 0; b < kSessions; ++b) {
+        RequireOk(gpu->Forward(*alone[b], std::vector<int32_t>{next[b]}, LogitsMode::kLast, &row));
+        CHECK(picked[b] == Argmax(row));
+        next[b] = Argmax(row);
+      }
+    }
     for (std::size_t b = 0; b < kSessions; ++b) {
       CHECK(batched[b]->context_length() == alone[b]->context_length());
       RequireOk(gpu->EndSegment(*batched[b]));

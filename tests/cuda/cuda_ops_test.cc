@@ -307,6 +307,35 @@ TEST_CASE("Gemv refuses what it cannot take", "[cuda][ops]") {
   RequireOk(CudaStatus(cudaStreamSynchronize(Stream()), "stream"));
 }
 
+TEST_CASE("ArgmaxRows picks what std::max_element picks: first maximum, NaNs skipped", "[cuda][ops]") {
+  const int64_t cols = GENERATE(int64_t{1}, int64_t{7}, int64_t{1000}, int64_t{128256});
+  const int64_t rows = 6;
+  INFO("cols=" << cols);
+  auto x = Random(static_cast<std::size_t>(rows * cols));
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  auto at = [&](int64_t r, int64_t c) -> float& { return x[static_cast<std::size_t>(r * cols + c)]; };
+  if (cols > 1) {
+    at(1, cols - 1) = 100.0f;  // a tie: the first wins
+    at(1, cols / 2) = 100.0f;
+    at(2, cols / 3) = nan;     // a NaN inside is skipped
+    at(2, cols - 1) = 50.0f;
+  }
+  at(3, 0) = nan;  // a NaN first: std::max_element answers 0
+  for (int64_t c = 0; c < cols; ++c) at(4, c) = -std::numeric_limits<float>::infinity();  // all -inf: 0
+  for (int64_t c = 0; c < cols; ++c) at(5, c) = 3.0f;  // all equal: 0
+  auto dx = Upload(x);
+  auto dout = Poisoned<int32_t>(static_cast<std::size_t>(rows));
+  RequireOk(ArgmaxRows(dx.data(), rows, cols, dout.data(), Stream()));
+  const auto got = Download(dout);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x.data() + r * cols;
+    INFO("row " << r);
+    CHECK(got[static_cast<std::size_t>(r)] == static_cast<int32_t>(std::max_element(row, row + cols) - row));
+  }
+  CHECK(ArgmaxRows(dx.data(), 1, 0, dout.data(), Stream()).IsInvalidArgument());
+  CHECK(ArgmaxRows(nullptr, 0, 4, nullptr, Stream()).ok());
+}
+
 TEST_CASE("RmsNorm", "[cuda][ops]") {
   const auto [rows, d] = GENERATE(std::make_pair(int64_t{1}, int64_t{7}), std::make_pair(int64_t{5}, int64_t{96}),
                                   std::make_pair(int64_t{3}, int64_t{2048}),
@@ -724,7 +753,11 @@ TEST_CASE("Batched decode ops over per-session caches equal the one-cache ops", 
 }
 
 TEST_CASE("Batched memory decode ops equal the one-session ops per session", "[cuda][ops]") {
-  const int64_t N = 300, d = 128, Hm = 4, B = 3, ld = d + 40;  // q and offer rows ld apart
+  // The one-pass read (dh = 32) and the general one (dh = 24).
+  const auto [N, d, Hm] = GENERATE(std::make_tuple(int64_t{300}, int64_t{128}, int64_t{4}),
+                                   std::make_tuple(int64_t{37}, int64_t{96}, int64_t{4}));
+  const int64_t B = 3, ld = d + 40;  // q and offer rows ld apart
+  INFO("N=" << N << " d=" << d << " heads=" << Hm);
   std::vector<DeviceBuffer<__nv_bfloat16>> mk, mv;
   std::vector<DeviceBuffer<float>> mass, acc;
   std::vector<const __nv_bfloat16*> kp, vp;
@@ -753,7 +786,7 @@ TEST_CASE("Batched memory decode ops equal the one-session ops per session", "[c
   auto attn = Poisoned<float>(static_cast<std::size_t>(B * Hm * N)), e = Poisoned<float>(static_cast<std::size_t>(B * d));
   auto scratch = Poisoned<float>(static_cast<std::size_t>(MemoryReadDecodeScratch(B, N, d, Hm)));
   RequireOk(MemoryReadBatch(drows.data(), ld, dkp.data(), dvp.data(), B, N, d, Hm, attn.data(), e.data(),
-                            scratch.data(), Stream()));
+                            scratch.data(), nullptr, Stream()));
   // Stage each session's write terms in slot b of 3 (zeroed) slots, then flush all 3 slots:
   // the sums must equal the immediate one-token update (TF32 GEMM vs fp32).
   const int64_t kSlots = 3;
@@ -771,6 +804,37 @@ TEST_CASE("Batched memory decode ops equal the one-session ops per session", "[c
   auto dslots = Upload(slots);
   RequireOk(StageWriteBatch(attn.data(), drows.data(), ld, B, N, d, Hm, dslots.data(), dpap.data(), dpop.data(),
                             dmp.data(), Stream()));
+  // The read with the staging fused in leaves the same staged terms, masses and outputs.
+  {
+    std::vector<DeviceBuffer<float>> fa, fo, fm;
+    std::vector<float*> fap, fop, fmp;
+    for (int64_t b = 0; b < B; ++b) {
+      fa.push_back(Upload(std::vector<float>(static_cast<std::size_t>(kSlots * Hm * N), 0.0f)));
+      fo.push_back(Upload(std::vector<float>(static_cast<std::size_t>(kSlots * d), 0.0f)));
+      fm.push_back(Upload(mass0[static_cast<std::size_t>(b)]));
+      fap.push_back(fa.back().data());
+      fop.push_back(fo.back().data());
+      fmp.push_back(fm.back().data());
+    }
+    auto dfap = Upload(fap), dfop = Upload(fop), dfmp = Upload(fmp);
+    MemoryStage stage;
+    stage.offer = drows.data();
+    stage.offer_ld = ld;
+    stage.slots = dslots.data();
+    stage.pending_attn = dfap.data();
+    stage.pending_offer = dfop.data();
+    stage.mass = dfmp.data();
+    auto attn2 = Poisoned<float>(static_cast<std::size_t>(B * Hm * N)), e2 = Poisoned<float>(static_cast<std::size_t>(B * d));
+    RequireOk(MemoryReadBatch(drows.data(), ld, dkp.data(), dvp.data(), B, N, d, Hm, attn2.data(), e2.data(),
+                              scratch.data(), &stage, Stream()));
+    CHECK(Download(e2) == Download(e));
+    for (int64_t b = 0; b < B; ++b) {
+      const auto ub = static_cast<std::size_t>(b);
+      CHECK(Download(fa[ub]) == Download(pend_a[ub]));
+      CHECK(Download(fo[ub]) == Download(pend_o[ub]));
+      CHECK(Download(fm[ub]) == Download(mass[ub]));
+    }
+  }
   for (int64_t b = 0; b < B; ++b) {
     RequireOk(FlushStagedWrites(Cublas(), pap[static_cast<std::size_t>(b)], pop[static_cast<std::size_t>(b)], kSlots,
                                 N, d, Hm, ap[static_cast<std::size_t>(b)], Stream()));

@@ -208,6 +208,16 @@ TEST_CASE("ForwardBatch runs each state's next token; bad input changes no state
     CHECK(std::equal(row.begin(), row.end(), logits.begin() + static_cast<std::ptrdiff_t>(i) * V));
     CHECK(batch_states[i]->context_length() == single_states[i]->context_length());
   }
+  // The greedy form: each state's argmax, the first of equal maxima (std::max_element).
+  std::vector<int32_t> next;
+  const std::vector<int32_t> more = {5, 6, 7};
+  REQUIRE(model->ForwardBatchGreedy(ptrs, more, &next).ok());
+  REQUIRE(next.size() == 3);
+  for (std::size_t i = 0; i < 3; ++i) {
+    REQUIRE(model->Forward(*single_states[i], std::vector<int32_t>{more[i]}, LogitsMode::kLast, &row).ok());
+    CHECK(next[i] == static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin()));
+  }
+  CHECK(model->ForwardBatchGreedy(ptrs, more, nullptr).code() == lm2::StatusCode::kInvalidArgument);
   // Refusals leave every state where it was.
   auto other = Load("tiny-lm2");
   auto foreign = NewState(*other);

@@ -55,6 +55,7 @@ struct Scratch {
   DeviceBuffer<int32_t> ids;
   DeviceBuffer<int64_t> positions;
   DeviceBuffer<int64_t> slots;
+  DeviceBuffer<int32_t> next_ids;  // greedy decode steps: each row's argmax
   // ForwardBatch's pointer table (BatchTable), on the device and as last uploaded.
   DeviceBuffer<void*> table;
   std::vector<void*> table_host;
@@ -101,6 +102,7 @@ class CudaState final : public SequenceState {
   PinnedBuffer<int64_t> slots_host_;  // decode steps: each state's staging slot
   PinnedBuffer<float> staging_;  // one memory layer [N, d]: export and import
   PinnedBuffer<float> logits_host_;  // decode steps' logits
+  PinnedBuffer<int32_t> next_host_;  // greedy decode steps' tokens
   DeviceBuffer<char> cublas_workspace_;  // cuBLAS's, set on the handle (graph capture needs one)
   CudaGraph decode_graph_;       // the last decode step captured with this state as the lead
   std::vector<const void*> decode_graph_key_;  // what it was captured over
@@ -173,7 +175,7 @@ class CudaModel final : public Model {
       }
       if (T == 1 && mode != LogitsMode::kNone) {  // a decode step: the (graph-replayed) batch path
         const std::vector<CudaState*> one = {s};
-        return RunBatch(one, tokens, logits);
+        return RunBatch(one, tokens, logits, nullptr);
       }
       LM2_RETURN_IF_ERROR(RunTokens(*s, tokens, mode, logits));
       s->pos_ += T;
@@ -185,6 +187,19 @@ class CudaModel final : public Model {
   Status ForwardBatch(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
                       std::vector<float>* logits) const override {
     LM2_RETURN_IF_ERROR(CheckBatch(states, tokens, logits));
+    return Batch(states, tokens, logits, nullptr);
+  }
+
+  Status ForwardBatchGreedy(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
+                            std::vector<int32_t>* next) const override {
+    LM2_RETURN_IF_ERROR(CheckBatch(states, tokens, next));
+    return Batch(states, tokens, nullptr, next);
+  }
+
+  // ForwardBatch(Greedy) after the checks: one step of the batch, every state marked broken
+  // if it fails.
+  Status Batch(std::span<SequenceState* const> states, std::span<const int32_t> tokens, std::vector<float>* logits,
+               std::vector<int32_t>* next) const {
     std::vector<CudaState*> batch;
     for (SequenceState* s : states) {
       auto* cs = static_cast<CudaState*>(s);  // OwnsState checked the type
@@ -192,7 +207,7 @@ class CudaModel final : public Model {
       batch.push_back(cs);
     }
     Status st = UseDevice(w_->device);
-    if (st.ok()) st = RunBatch(batch, tokens, logits);
+    if (st.ok()) st = RunBatch(batch, tokens, logits, next);
     if (!st.ok()) {
       for (CudaState* s : batch) s->broken_ = true;
     }
@@ -442,9 +457,10 @@ class CudaModel final : public Model {
 
   // One decode step of every state in `batch` as one forward, on the first state's stream,
   // cuBLAS handle and scratch (the others are idle: every call synchronises before it
-  // returns, and a state is driven by one thread at a time).
-  Status RunBatch(const std::vector<CudaState*>& batch, std::span<const int32_t> tokens,
-                  std::vector<float>* logits) const {
+  // returns, and a state is driven by one thread at a time). Returns the logits [B, V], or
+  // with `next` instead each row's argmax, picked on the device.
+  Status RunBatch(const std::vector<CudaState*>& batch, std::span<const int32_t> tokens, std::vector<float>* logits,
+                  std::vector<int32_t>* next) const {
     const auto B = static_cast<int64_t>(batch.size());
     for (CudaState* s : batch) {
       if (!s->segment_open_) {  // its memory K/V are computed on its own stream: wait for them
@@ -471,21 +487,31 @@ class CudaModel final : public Model {
     LM2_ASSIGN_OR_RETURN(BatchTable table, UploadBatchTable(batch, lead));
     const int64_t V = cfg_.vocab_size;
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.logits, Z(B * V)));
-    LM2_RETURN_IF_ERROR(EnsureCapacity(lead.logits_host_, Z(B * V)));
-    // The step reads ids and positions from pinned memory and leaves the logits there, so
-    // all of it can be captured and replayed.
+    const bool greedy = next != nullptr;
+    if (greedy) {
+      LM2_RETURN_IF_ERROR(EnsureCapacity(sc.next_ids, Z(B)));
+      LM2_RETURN_IF_ERROR(EnsureCapacity(lead.next_host_, Z(B)));
+    } else {
+      LM2_RETURN_IF_ERROR(EnsureCapacity(lead.logits_host_, Z(B * V)));
+    }
+    // The step reads ids and positions from pinned memory and leaves the logits (or the
+    // chosen ids) there, so all of it can be captured and replayed.
     auto step = [&]() -> Status {
       LM2_RETURN_IF_ERROR(sc.ids.CopyFromHost(lead.ids_host_.data(), Z(B), st));
       LM2_RETURN_IF_ERROR(sc.positions.CopyFromHost(lead.positions_host_.data(), Z(B), st));
       LM2_RETURN_IF_ERROR(sc.slots.CopyFromHost(lead.slots_host_.data(), Z(B), st));
       LM2_RETURN_IF_ERROR(RunLayers(lead, 0, B, 0, &table));
       LM2_RETURN_IF_ERROR(LogitsOnDevice(lead, 0, B));
+      if (greedy) {
+        LM2_RETURN_IF_ERROR(ArgmaxRows(sc.logits.data(), B, V, sc.next_ids.data(), st));
+        return sc.next_ids.CopyToHostAsync(lead.next_host_.data(), Z(B), st);
+      }
       return CudaStatus(cudaMemcpyAsync(lead.logits_host_.data(), sc.logits.data(), Z(B * V) * sizeof(float),
                                         cudaMemcpyDeviceToHost, st),
                         "cudaMemcpyAsync(logits)");
     };
     if (options_.cuda_graphs) {
-      const std::vector<const void*> key = GraphKey(lead, B);
+      const std::vector<const void*> key = GraphKey(lead, B, greedy);
       if (lead.decode_graph_.empty() || key != lead.decode_graph_key_) {
         lead.decode_graph_ = CudaGraph();
         LM2_ASSIGN_OR_RETURN(lead.decode_graph_, CudaGraph::Capture(st, step));
@@ -496,24 +522,33 @@ class CudaModel final : public Model {
       LM2_RETURN_IF_ERROR(step());
     }
     LM2_RETURN_IF_ERROR(lead.stream_.Synchronize());
-    logits->assign(lead.logits_host_.data(), lead.logits_host_.data() + B * V);
+    if (greedy) {
+      next->assign(lead.next_host_.data(), lead.next_host_.data() + B);
+    } else {
+      logits->assign(lead.logits_host_.data(), lead.logits_host_.data() + B * V);
+    }
+    // Full staging buffers are flushed, each on its state's stream, then waited for.
+    std::vector<CudaState*> flushed;
     for (CudaState* s : batch) {
       s->pos_ += 1;
       s->segment_tokens_ += 1;
       if (++s->staged_ == options_.write_flush_tokens) {
         LM2_RETURN_IF_ERROR(FlushWrites(*s));
-        LM2_RETURN_IF_ERROR(s->stream_.Synchronize());
+        flushed.push_back(s);
       }
     }
+    for (CudaState* s : flushed) LM2_RETURN_IF_ERROR(s->stream_.Synchronize());
     return Status::Ok();
   }
 
   // Every address a captured decode step of `lead` with B rows uses, besides the weights and
   // what the pointer table holds (read when the graph runs): a graph is replayed only while
   // these are unchanged.
-  std::vector<const void*> GraphKey(CudaState& lead, int64_t B) const {
+  std::vector<const void*> GraphKey(CudaState& lead, int64_t B, bool greedy) const {
     const Scratch& sc = lead.scratch_;
     return {reinterpret_cast<const void*>(static_cast<std::intptr_t>(B)),
+            reinterpret_cast<const void*>(static_cast<std::intptr_t>(greedy)), sc.next_ids.data(),
+            lead.next_host_.data(),
             sc.table.data(), sc.ids.data(), sc.positions.data(), lead.ids_host_.data(), lead.positions_host_.data(),
             sc.slots.data(), lead.slots_host_.data(),
             sc.h.data(), sc.proj.data(), sc.q.data(), sc.attn_out.data(), sc.a.data(), sc.mattn.data(), sc.e.data(),
@@ -600,9 +635,16 @@ class CudaModel final : public Model {
         const CudaMemoryWeights& mw = lw.memory;
         const float* mq = proj + qdim + 2 * kvdim;
         const float* offer = mq + d;
-        if (batch != nullptr) {
+        if (batch != nullptr) {  // the read stages each token's write terms too
+          MemoryStage stage;
+          stage.offer = offer;
+          stage.offer_ld = P;
+          stage.slots = sc.slots.data();
+          stage.pending_attn = batch->PendingAttn(i);
+          stage.pending_offer = batch->PendingOffer(i);
+          stage.mass = batch->Mass(i);
           LM2_RETURN_IF_ERROR(MemoryReadBatch(mq, P, batch->MemK(i), batch->MemV(i), n, N, d, Hm, sc.mattn.data(),
-                                              sc.e.data(), sc.read_partial.data(), st));
+                                              sc.e.data(), sc.read_partial.data(), &stage, st));
         } else if (n == 1) {
           LM2_RETURN_IF_ERROR(MemoryReadOneToken(mq, P, ls.mem_k.data(), ls.mem_v.data(), N, d, Hm, sc.mattn.data(),
                                                  sc.e.data(), sc.read_partial.data(), st));
@@ -612,8 +654,7 @@ class CudaModel final : public Model {
         }
         LM2_RETURN_IF_ERROR(OutputGate(s, n, mw, h));
         if (batch != nullptr) {
-          LM2_RETURN_IF_ERROR(StageWriteBatch(sc.mattn.data(), offer, P, n, N, d, Hm, sc.slots.data(),
-                                              batch->PendingAttn(i), batch->PendingOffer(i), batch->Mass(i), st));
+          // staged by the read
         } else if (n == 1) {
           LM2_RETURN_IF_ERROR(
               AccumulateWriteOneToken(sc.mattn.data(), offer, N, d, Hm, ls.mass.data(), ls.acc.data(), st));

@@ -116,6 +116,11 @@ Status SwiGluBf16(const float* gate_up, int64_t rows, int64_t F, __nv_bfloat16* 
 // x[n] += y[n].
 Status AddInPlace(float* x, const float* y, int64_t n, cudaStream_t stream);
 
+// out[r] = the index of the largest entry of row r of x[rows, cols]: the first of equal
+// maxima, NaNs skipped, 0 when x[r, 0] is NaN (what std::max_element and the host greedy
+// sampler pick). (argmax.cu)
+Status ArgmaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t stream);
+
 // ---- Normalisation and rotary embedding (rms_norm.cu, rope.cu) ----------------------------
 
 // out[rows, d] = x * rsqrt(mean(x²) + eps) * weight. out may alias x. fp32 throughout.
@@ -231,12 +236,22 @@ Status AccumulateWrite(cublasHandle_t handle, const float* attn, const float* of
 // power of two take one pass over K and V (flash-decoding, 16 slots a block); others a
 // scores / softmax / values sequence.
 int64_t MemoryReadDecodeScratch(int64_t B, int64_t N, int64_t d, int64_t heads);
+// Where MemoryReadBatch stages each session's write terms (as StageWriteBatch below, with
+// the same arguments), when given: then attn is only the read's scratch.
+struct MemoryStage {
+  const float* offer = nullptr;  // [B, offer_ld]
+  int64_t offer_ld = 0;
+  const int64_t* slots = nullptr;
+  float* const* pending_attn = nullptr;
+  float* const* pending_offer = nullptr;
+  float* const* mass = nullptr;
+};
 Status MemoryReadOneToken(const float* q, int64_t q_ld, const __nv_bfloat16* mem_k, const __nv_bfloat16* mem_v,
                           int64_t N, int64_t d, int64_t heads, float* attn, float* e, float* scratch,
                           cudaStream_t stream);
 Status MemoryReadBatch(const float* q, int64_t q_ld, const __nv_bfloat16* const* mem_k,
                        const __nv_bfloat16* const* mem_v, int64_t B, int64_t N, int64_t d, int64_t heads, float* attn,
-                       float* e, float* scratch, cudaStream_t stream);
+                       float* e, float* scratch, const MemoryStage* stage, cudaStream_t stream);
 Status AccumulateWriteOneToken(const float* attn, const float* offer, int64_t N, int64_t d, int64_t heads, float* mass,
                                float* acc, cudaStream_t stream);
 

@@ -132,12 +132,17 @@ class DeviceBuffer : public detail::OwnedArray<T, detail::DeviceSpace> {
     return CudaStatus(cudaMemcpyAsync(this->ptr_, src, count * sizeof(T), cudaMemcpyHostToDevice, stream),
                       "cudaMemcpyAsync(host to device)");
   }
-  // Copies `count` (<= size()) elements out and waits for `stream` to finish them.
-  Status CopyToHost(T* dst, std::size_t count, cudaStream_t stream) const {
+  // Enqueues a copy of `count` (<= size()) elements out on `stream` (into pinned memory: the
+  // call returns at once; the data is there when the stream reaches the copy).
+  Status CopyToHostAsync(T* dst, std::size_t count, cudaStream_t stream) const {
     if (count > this->count_) return Status::InvalidArgument("DeviceBuffer::CopyToHost: more elements than the buffer");
     if (count == 0) return Status::Ok();
-    LM2_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(dst, this->ptr_, count * sizeof(T), cudaMemcpyDeviceToHost, stream),
-                                   "cudaMemcpyAsync(device to host)"));
+    return CudaStatus(cudaMemcpyAsync(dst, this->ptr_, count * sizeof(T), cudaMemcpyDeviceToHost, stream),
+                      "cudaMemcpyAsync(device to host)");
+  }
+  // Copies `count` (<= size()) elements out and waits for `stream` to finish them.
+  Status CopyToHost(T* dst, std::size_t count, cudaStream_t stream) const {
+    LM2_RETURN_IF_ERROR(CopyToHostAsync(dst, count, stream));
     return CudaStatus(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
   }
   // Sets every byte to `byte` on `stream` (0 to zero; 0xFF poisons floats with NaN).

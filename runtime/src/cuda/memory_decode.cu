@@ -128,7 +128,7 @@ __global__ void MemoryReadPartialKernel(const float* __restrict__ q, int64_t q_l
 // exp(m_c - M) acc_c / L (chunks added in a fixed order: the same result every run), and
 // the raw scores in attn turned into probabilities exp(s - M) / L.
 __global__ void MemoryReadCombineKernel(const float* __restrict__ part, int chunks, int N, int d, int heads,
-                                        float* __restrict__ attn, float* __restrict__ e) {
+                                        float* __restrict__ attn, float* __restrict__ e, MemoryStage stage) {
   constexpr int kTile = 1024;  // chunk weights held in shared memory at a time
   __shared__ float scratch[32];
   __shared__ float sums[kThreads];
@@ -169,7 +169,22 @@ __global__ void MemoryReadCombineKernel(const float* __restrict__ part, int chun
     }
   }
   float* a = attn + (static_cast<int64_t>(b) * heads + j) * N;
-  for (int n = tid; n < N; n += kThreads) a[n] = expf(a[n] - M) / L;
+  if (stage.pending_attn == nullptr) {
+    for (int n = tid; n < N; n += kThreads) a[n] = expf(a[n] - M) / L;
+    return;
+  }
+  // The token's write terms go straight to its staging slot (StageWriteKernel's work).
+  const int64_t slot = stage.slots[b];
+  float* pa = stage.pending_attn[b] + (slot * heads + j) * N;
+  float* m = stage.mass[b] + static_cast<int64_t>(j) * N;
+  for (int n = tid; n < N; n += kThreads) {
+    const float p = expf(a[n] - M) / L;
+    pa[n] = p;
+    m[n] += p;
+  }
+  const float* o = stage.offer + b * stage.offer_ld + j * dh;
+  float* po = stage.pending_offer[b] + slot * d + j * dh;
+  for (int c = tid; c < dh; c += kThreads) po[c] = o[c];
 }
 
 bool FastRead(int64_t d, int64_t heads) {
@@ -291,7 +306,7 @@ Status CheckDecode(const char* op, int64_t B, int64_t N, int64_t d, int64_t head
 
 template <typename KV>
 Status LaunchRead(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B, int64_t N, int64_t d, int64_t heads,
-                  float* attn, float* e, float* scratch, cudaStream_t stream) {
+                  float* attn, float* e, float* scratch, const MemoryStage* stage, cudaStream_t stream) {
   const int64_t dh = d / heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
   if (FastRead(d, heads)) {
@@ -303,7 +318,7 @@ Status LaunchRead(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B, i
     LM2_RETURN_IF_ERROR(CheckLaunch("MemoryReadPartialKernel"));
     MemoryReadCombineKernel<<<dim3(static_cast<unsigned int>(heads), static_cast<unsigned int>(B)), kThreads, 0,
                               stream>>>(scratch, static_cast<int>(chunks), static_cast<int>(N), static_cast<int>(d),
-                                        static_cast<int>(heads), attn, e);
+                                        static_cast<int>(heads), attn, e, stage != nullptr ? *stage : MemoryStage{});
     return CheckLaunch("MemoryReadCombineKernel");
   }
   const dim3 grid(static_cast<unsigned int>(B * heads), static_cast<unsigned int>((N + kSlotsPerBlock - 1) / kSlotsPerBlock));
@@ -318,7 +333,10 @@ Status LaunchRead(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B, i
                               static_cast<size_t>(smem), stream>>>(attn, mem_v, N, d, heads, scratch);
   LM2_RETURN_IF_ERROR(CheckLaunch("MemoryValuesPartialKernel"));
   MemoryValuesReduceKernel<<<static_cast<unsigned int>(B * heads), 64, 0, stream>>>(scratch, chunks, d, heads, e);
-  return CheckLaunch("MemoryValuesReduceKernel");
+  LM2_RETURN_IF_ERROR(CheckLaunch("MemoryValuesReduceKernel"));
+  if (stage == nullptr) return Status::Ok();
+  return StageWriteBatch(attn, stage->offer, stage->offer_ld, B, N, d, heads, stage->slots, stage->pending_attn,
+                         stage->pending_offer, stage->mass, stream);
 }
 
 }  // namespace
@@ -334,17 +352,22 @@ Status MemoryReadOneToken(const float* q, int64_t q_ld, const __nv_bfloat16* mem
   LM2_RETURN_IF_ERROR(CheckDecode("MemoryReadOneToken", 1, N, d, heads, q_ld));
   LM2_RETURN_IF_ERROR(RequireNonNull("MemoryReadOneToken", {q, mem_k, mem_v, attn, e, scratch}));
   return LaunchRead(q, q_ld, One<const bf16>{mem_k}, One<const bf16>{mem_v}, 1, N, d, heads, attn, e, scratch,
-                    stream);
+                    nullptr, stream);
 }
 
 Status MemoryReadBatch(const float* q, int64_t q_ld, const __nv_bfloat16* const* mem_k,
                        const __nv_bfloat16* const* mem_v, int64_t B, int64_t N, int64_t d, int64_t heads, float* attn,
-                       float* e, float* scratch, cudaStream_t stream) {
+                       float* e, float* scratch, const MemoryStage* stage, cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(CheckDecode("MemoryReadBatch", B, N, d, heads, q_ld));
+  if (stage != nullptr) LM2_RETURN_IF_ERROR(CheckDecode("MemoryReadBatch (staging)", B, N, d, heads, stage->offer_ld));
   if (B == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("MemoryReadBatch", {q, mem_k, mem_v, attn, e, scratch}));
+  if (stage != nullptr) {
+    LM2_RETURN_IF_ERROR(RequireNonNull("MemoryReadBatch (staging)", {stage->offer, stage->slots, stage->pending_attn,
+                                                                      stage->pending_offer, stage->mass}));
+  }
   return LaunchRead(q, q_ld, PerSession<const bf16>{mem_k}, PerSession<const bf16>{mem_v}, B, N, d, heads, attn, e,
-                    scratch, stream);
+                    scratch, stage, stream);
 }
 
 Status AccumulateWriteOneToken(const float* attn, const float* offer, int64_t N, int64_t d, int64_t heads, float* mass,

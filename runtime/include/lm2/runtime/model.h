@@ -81,6 +81,14 @@ class Model {
   virtual Status ForwardBatch(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
                               std::vector<float>* logits) const;
 
+  // ForwardBatch for greedy decoding: next becomes [B], next[i] the argmax of states[i]'s
+  // logits (the first of equal maxima, NaNs skipped: Sampler's greedy choice), and the
+  // logits themselves stay where they were computed. The CUDA backend picks the tokens on
+  // the device and copies B ids to the host instead of B x V logits. Default: ForwardBatch,
+  // then each row's argmax on the host. The same input checks as ForwardBatch.
+  virtual Status ForwardBatchGreedy(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
+                                    std::vector<int32_t>* next) const;
+
   // Applies the memory write of the open segment and closes it. A segment that ran no
   // tokens leaves memory unchanged. No-op when no segment is open.
   virtual Status EndSegment(SequenceState& state) const = 0;
@@ -113,12 +121,16 @@ class Model {
   Status CheckForward(int64_t context_length, std::span<const int32_t> tokens, LogitsMode mode,
                       const std::vector<float>* logits) const;
   // ForwardBatch's: equal sizes, at least one state, each a state of this model and none
-  // twice, then Forward's checks for each state's one token.
+  // twice, then Forward's checks for each state's one token; `output` (the logits or the
+  // next-token vector) must not be null.
   Status CheckBatch(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
-                    const std::vector<float>* logits) const;
+                    const void* output) const;
   // ImportMemory's: this model's fingerprint (FailedPrecondition), its memory layers and
   // shapes (InvalidArgument).
   Status CheckImport(const MemoryState& memory) const;
+  // The first index of the largest non-NaN value of row[0, n) (0 if row[0] is NaN, as
+  // std::max_element): greedy decoding's choice.
+  static int32_t Argmax(const float* row, int64_t n);
   // SegmentReadMass's reduction: one memory layer's masses [memory_heads, memory_slots]
   // summed over the heads, per slot.
   std::vector<float> ReadMassPerSlot(const float* mass) const;
