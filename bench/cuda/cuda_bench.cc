@@ -222,7 +222,20 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
   };
   auto stage_attn = pointer_to(f2.data());  // 16 staged tokens fit in N x d floats
   auto stage_offer = pointer_to(f3.data());
-  auto stage_mass = pointer_to(f1.data() + 4 * d);
+  auto stage_mass = pointer_to(f1.data() + N * d / 2);  // past the read's output and scratch
+  // One session's memory K and V (bf16) for MemoryReadBatch.
+  const __nv_bfloat16* kv_ptrs[2] = {w.data(), w.data() + N * d};
+  auto mem_k = Take(cuda::DeviceBuffer<const __nv_bfloat16*>::Allocate(1), "alloc");
+  auto mem_v = Take(cuda::DeviceBuffer<const __nv_bfloat16*>::Allocate(1), "alloc");
+  Check(mem_k.CopyFromHost(&kv_ptrs[0], 1, nullptr), "copy");
+  Check(mem_v.CopyFromHost(&kv_ptrs[1], 1, nullptr), "copy");
+  cuda::MemoryStage stage;
+  stage.offer = f3.data();
+  stage.offer_ld = d;
+  stage.slots = slot.data();
+  stage.pending_attn = stage_attn.data();
+  stage.pending_offer = stage_offer.data();
+  stage.mass = stage_mass.data();
   auto stream = Take(cuda::CudaStream::Create(), "stream");
   auto blas = Take(cuda::CublasHandle::Create(), "cublas");
   const cudaStream_t st = stream.get();
@@ -232,7 +245,7 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
     const char* name;
     double per_step;  // launches of this op per decode step
     double s;
-    double bytes = 0;  // weight bytes streamed (GEMV rows): GB/s shown
+    double bytes = 0;  // weight or memory K/V bytes streamed: GB/s shown
   };
   const double L = static_cast<double>(c.num_layers), M = static_cast<double>(c.memory_layers.size());
   const int64_t P = qdim + 2 * kvdim + (c.has_memory() ? 2 * d : 0);  // the stacked x projection
@@ -269,18 +282,14 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
       {"CausalAttention decode", L,
        TimeOp(st, [&] { return cuda::CausalAttention(x, kv.data(), kv.data(), 1, S, H, Hkv, Dh, f2.data(), st); })},
       {"Gemv fp32 -> o_proj", L, gemv(GemvInput::kF32, qdim, d, GemvOutput::kStore), wbytes(qdim, d)},
-      {"MemoryReadOneToken", M,
+      {"MemoryReadBatch (one session, write terms staged)", M,
        TimeOp(st, [&] {
-         return cuda::MemoryReadOneToken(x, d, w.data(), w.data() + N * d, N, d, Hm, ys.data(), f1.data() + d,
-                                         f1.data() + 2 * d, st);
-       })},
+         return cuda::MemoryReadBatch(x, d, mem_k.data(), mem_v.data(), 1, N, d, Hm, ys.data(), f1.data() + d,
+                                      f1.data() + 2 * d, &stage, st);
+       }),
+       4.0 * static_cast<double>(N * d)},
       {"Gemv fp32 -> out_gate, gated residual", M, gemv(GemvInput::kF32, d, d, GemvOutput::kGatedResidual),
        wbytes(d, d)},
-      {"StageWriteBatch (one session)", M,
-       TimeOp(st, [&] {
-         return cuda::StageWriteBatch(ys.data(), x, d, 1, N, d, Hm, slot.data(), stage_attn.data(), stage_offer.data(),
-                                      stage_mass.data(), st);
-       })},
       {"FlushStagedWrites (16 tokens), per token", M / 16.0,
        TimeOp(st, [&] {
          return cuda::FlushStagedWrites(h, f2.data(), f3.data(), 16, N, d, Hm, f1.data(), st);
@@ -295,7 +304,7 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
   std::printf("decode step by op (context %lld; mean of 200 back-to-back launches each):\n", static_cast<long long>(S));
   for (const Row& r : rows) {
     std::printf("  %-55s %8.1f us x %4.0f = %7.3f ms", r.name, r.s * 1e6, r.per_step, r.s * r.per_step * 1e3);
-    if (r.bytes > 0) std::printf("  (%.0f GB/s of weights)", r.bytes / r.s / 1e9);
+    if (r.bytes > 0) std::printf("  (%.0f GB/s of weights or memory K/V)", r.bytes / r.s / 1e9);
     std::printf("\n");
     total += r.s * r.per_step;
   }

@@ -21,6 +21,8 @@ __device__ __forceinline__ bool Beats(float v, int64_t i, float w, int64_t j) {
 // A block per row: each thread scans its strided share keeping the first maximum (NaNs never
 // win: NaN > x is false), then the block reduces (value, index) pairs.
 __global__ void ArgmaxRowsKernel(const float* __restrict__ x, int64_t cols, int32_t* __restrict__ out) {
+  WaitForPredecessor();
+  AllowDependents();
   __shared__ float best_v[kThreads];
   __shared__ int64_t best_i[kThreads];
   const int tid = static_cast<int>(threadIdx.x);
@@ -57,8 +59,8 @@ Status ArgmaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out, cuda
   }
   if (rows == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("ArgmaxRows", {x, out}));
-  ArgmaxRowsKernel<<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(x, cols, out);
-  return CheckLaunch("ArgmaxRowsKernel");
+  return CudaStatus(LaunchPdl(&ArgmaxRowsKernel, static_cast<unsigned int>(rows), kThreads, 0, stream, x, cols, out),
+                    "ArgmaxRowsKernel");
 }
 
 }  // namespace lm2::runtime::cuda

@@ -47,6 +47,8 @@ template <typename Rows, int kCols>
 __global__ void __launch_bounds__(kDecodeThreads) AttentionDecodeKernel(const float* __restrict__ q, Rows rows,
                                                                         int heads, int group, int D, float scale,
                                                                         float* __restrict__ out) {
+  WaitForPredecessor();  // q and the cache rows of this step come from the kernels before
+  AllowDependents();
   __shared__ float wmax[kDecodeWarps], wsum[kDecodeWarps];
   __shared__ float wacc[kDecodeWarps][kCols * 32];
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
@@ -141,16 +143,17 @@ Status LaunchDecode(const float* q, Rows rows, int64_t blocks, int64_t heads, in
   const float scale = 1.0f / sqrtf(static_cast<float>(D));
   const auto grid = static_cast<unsigned int>(blocks);
   const int H = static_cast<int>(heads), group = static_cast<int>(heads / kv_heads), d = static_cast<int>(D);
+  cudaError_t err = cudaSuccess;
   if (D <= 32) {
-    AttentionDecodeKernel<Rows, 1><<<grid, kDecodeThreads, 0, stream>>>(q, rows, H, group, d, scale, out);
+    err = LaunchPdl(&AttentionDecodeKernel<Rows, 1>, grid, kDecodeThreads, 0, stream, q, rows, H, group, d, scale, out);
   } else if (D <= 64) {
-    AttentionDecodeKernel<Rows, 2><<<grid, kDecodeThreads, 0, stream>>>(q, rows, H, group, d, scale, out);
+    err = LaunchPdl(&AttentionDecodeKernel<Rows, 2>, grid, kDecodeThreads, 0, stream, q, rows, H, group, d, scale, out);
   } else if (D <= 128) {
-    AttentionDecodeKernel<Rows, 4><<<grid, kDecodeThreads, 0, stream>>>(q, rows, H, group, d, scale, out);
+    err = LaunchPdl(&AttentionDecodeKernel<Rows, 4>, grid, kDecodeThreads, 0, stream, q, rows, H, group, d, scale, out);
   } else {
-    AttentionDecodeKernel<Rows, 8><<<grid, kDecodeThreads, 0, stream>>>(q, rows, H, group, d, scale, out);
+    err = LaunchPdl(&AttentionDecodeKernel<Rows, 8>, grid, kDecodeThreads, 0, stream, q, rows, H, group, d, scale, out);
   }
-  return CheckLaunch("AttentionDecodeKernel");
+  return CudaStatus(err, "AttentionDecodeKernel");
 }
 
 // ---- Prefill: a block per (query tile, head) ----------------------------------------------

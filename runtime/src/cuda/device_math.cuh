@@ -4,6 +4,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
+#include <utility>
 
 namespace lm2::runtime::cuda {
 
@@ -49,6 +52,59 @@ __device__ __forceinline__ float BlockMax(float v, float* scratch) {
 }
 
 __device__ __forceinline__ float Sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// ---- Programmatic dependent launch (sm_90 and later) -------------------------------------
+//
+// A kernel launched by LaunchPdl may start while the kernel before it on the stream still
+// runs, so its launch and any work that reads only what no kernel of the step writes
+// (weights, the segment's memory K/V) overlap the predecessor. Such a kernel calls
+// WaitForPredecessor() before it reads or writes anything else (it returns once the
+// predecessor has finished and its writes are visible), and AllowDependents() right after
+// that wait, never before: its successor may then launch early, but only once every block
+// of this kernel has waited, so when any kernel launches, everything before its direct
+// predecessor has finished. (Triggering at the very start instead lets launches run several
+// kernels ahead; a kernel then read stale results of one three kernels back, seen on the
+// H200 as nondeterministic memory writes.) Both are no-ops in an ordinary launch and before
+// sm_90.
+__device__ __forceinline__ void WaitForPredecessor() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void AllowDependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Whether LaunchPdl asks for the overlap: yes unless the environment sets LM2_CUDA_PDL=0
+// (a diagnostic: every kernel then waits for the one before, as in an ordinary launch).
+inline bool PdlEnabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("LM2_CUDA_PDL");
+    return v == nullptr || std::string_view(v) != "0";
+  }();
+  return enabled;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization
+// allowed (the kernel must follow the rules above).
+template <typename... Params, typename... Args>
+cudaError_t LaunchPdl(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
+                      Args&&... args) {
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attribute;
+  config.numAttrs = PdlEnabled() ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
 
 // Blocks for a grid-stride loop over n elements: enough to fill the device, never more
 // than the work needs (the loop covers any n).

@@ -44,6 +44,8 @@ __global__ void SwiGluKernel(const float* gate, const float* __restrict__ up, in
 // outside the table.
 __global__ void EmbeddingLookupKernel(const __nv_bfloat16* __restrict__ table, int64_t V, int64_t d,
                                       const int32_t* __restrict__ ids, float* __restrict__ out) {
+  WaitForPredecessor();
+  AllowDependents();
   const int64_t t = blockIdx.x;
   const int32_t id = ids[t];
   float* row = out + t * d;
@@ -135,8 +137,9 @@ Status EmbeddingLookup(const __nv_bfloat16* table, int64_t V, int64_t d, const i
   }
   if (T == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("EmbeddingLookup", {table, ids, out}));
-  EmbeddingLookupKernel<<<static_cast<unsigned int>(T), kThreads, 0, stream>>>(table, V, d, ids, out);
-  return CheckLaunch("EmbeddingLookupKernel");
+  return CudaStatus(
+      LaunchPdl(&EmbeddingLookupKernel, static_cast<unsigned int>(T), kThreads, 0, stream, table, V, d, ids, out),
+      "EmbeddingLookupKernel");
 }
 
 Status SwiGluBf16(const float* gate_up, int64_t rows, int64_t F, __nv_bfloat16* out, cudaStream_t stream) {

@@ -136,7 +136,9 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
 
   int64_t group = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   int seg = 0;
-  if (group < groups) load(cur, group, 0);  // in flight while x' is made
+  if (group < groups) load(cur, group, 0);  // weights: in flight while the predecessor ends and x' is made
+  WaitForPredecessor();
+  AllowDependents();
 
   if constexpr (In == GemvInput::kRmsNorm) {
     for (int b = 0; b < rows; ++b) {  // rows is uniform over the block: every thread reduces
@@ -240,16 +242,15 @@ Status LaunchOut(const GemvArgs& a, cudaStream_t stream) {
   const auto blocks = static_cast<unsigned int>(blocks_needed < sms ? blocks_needed : sms);
   switch (a.output) {
     case GemvOutput::kStore:
-      GemvKernel<B, In, GemvOutput::kStore><<<blocks, kThreads, 0, stream>>>(a);
-      break;
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kStore>, blocks, kThreads, 0, stream, a), "GemvKernel");
     case GemvOutput::kAccumulate:
-      GemvKernel<B, In, GemvOutput::kAccumulate><<<blocks, kThreads, 0, stream>>>(a);
-      break;
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kAccumulate>, blocks, kThreads, 0, stream, a),
+                        "GemvKernel");
     case GemvOutput::kGatedResidual:
-      GemvKernel<B, In, GemvOutput::kGatedResidual><<<blocks, kThreads, 0, stream>>>(a);
-      break;
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kGatedResidual>, blocks, kThreads, 0, stream, a),
+                        "GemvKernel");
   }
-  return CheckLaunch("GemvKernel");
+  return Status::InvalidArgument("Gemv: unknown output kind");
 }
 
 template <int B>

@@ -33,12 +33,10 @@ using bf16 = __nv_bfloat16;
 // columns [8t, 8t + 8) of every slot row (16-byte loads: a block reads whole rows of K and V,
 // coalesced), so the dh / 8 threads of a memory head hold its query in registers and add
 // their partial dot products by shuffles. Each block keeps a running max, sum and weighted
-// value sum per head over its slots (all 16 slots' K and V loads in flight together) and
+// value sum per head over its 16 slots (all their K and V loads in flight together) and
 // leaves them, with the raw scores, for the combine kernel.
 
-constexpr int kGroupSlots = 16;  // slots whose K and V loads are in flight together
-constexpr int kGroups = 1;
-constexpr int kChunkSlots = kGroupSlots * kGroups;  // 16
+constexpr int kChunkSlots = 16;  // slots of a block, their K and V loads in flight together
 
 __device__ __forceinline__ void Widen8(const uint4& v, float* out) {
   const auto* p = reinterpret_cast<const __nv_bfloat162*>(&v);
@@ -52,6 +50,8 @@ __device__ __forceinline__ void Widen8(const uint4& v, float* out) {
 
 // part[(b * chunks + chunk) * (d + 2 * heads) + ...]: [0, d) the chunk's Σ_n p_n V[n, :] with
 // p_n = exp(s_n - m_j), then (m_j, l_j = Σ_n p_n) per head j. attn gets the raw scores s.
+// K and V rows are loaded before the wait for the predecessor (the segment's memory K/V are
+// not written during a step); the query after it.
 template <typename KV>
 __global__ void MemoryReadPartialKernel(const float* __restrict__ q, int64_t q_ld, KV mem_k, KV mem_v, int N, int d,
                                         int heads, int g, float scale, float* __restrict__ attn,
@@ -59,62 +59,55 @@ __global__ void MemoryReadPartialKernel(const float* __restrict__ q, int64_t q_l
   const int b = static_cast<int>(blockIdx.y), chunk = static_cast<int>(blockIdx.x), chunks = static_cast<int>(gridDim.x);
   const int t = static_cast<int>(threadIdx.x), vt = d / 8, j = t / g;
   const bool active = t < vt;  // the block is rounded up to whole warps; the rest only shuffle
+  const int n0 = chunk * kChunkSlots;
+  const uint4* K = reinterpret_cast<const uint4*>(mem_k(b));
+  const uint4* V = reinterpret_cast<const uint4*>(mem_v(b));
+  uint4 kr[kChunkSlots], vr[kChunkSlots];
+#pragma unroll
+  for (int s = 0; s < kChunkSlots; ++s) {
+    const bool ok = active && n0 + s < N;
+    const int64_t at = static_cast<int64_t>(n0 + s) * vt + t;
+    kr[s] = ok ? __ldcs(K + at) : make_uint4(0, 0, 0, 0);
+    vr[s] = ok ? __ldcs(V + at) : make_uint4(0, 0, 0, 0);
+  }
+  WaitForPredecessor();  // q is the output of an earlier kernel of the step
+  AllowDependents();
   float qv[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) qv[i] = active ? q[b * q_ld + t * 8 + i] : 0.0f;
-  const uint4* K = reinterpret_cast<const uint4*>(mem_k(b));
-  const uint4* V = reinterpret_cast<const uint4*>(mem_v(b));
-  float m = -INFINITY, l = 0.0f, acc[8];
+  float sc[kChunkSlots];
+  float m = -INFINITY;
+#pragma unroll
+  for (int s = 0; s < kChunkSlots; ++s) {
+    float kf[8];
+    Widen8(kr[s], kf);
+    float dot = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) dot = fmaf(qv[i], kf[i], dot);
+    for (int o = g / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    sc[s] = n0 + s < N ? dot * scale : -INFINITY;
+    m = fmaxf(m, sc[s]);  // finite: the chunk has a slot
+  }
+  float l = 0.0f, acc[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-  for (int grp = 0; grp < kGroups; ++grp) {
-    const int n0 = chunk * kChunkSlots + grp * kGroupSlots;
-    if (n0 >= N) break;  // uniform over the block
-    uint4 kr[kGroupSlots], vr[kGroupSlots];
 #pragma unroll
-    for (int s = 0; s < kGroupSlots; ++s) {
-      const bool ok = active && n0 + s < N;
-      const int64_t at = static_cast<int64_t>(n0 + s) * vt + t;
-      kr[s] = ok ? __ldcs(K + at) : make_uint4(0, 0, 0, 0);
-      vr[s] = ok ? __ldcs(V + at) : make_uint4(0, 0, 0, 0);
-    }
-    float sc[kGroupSlots];
-    float gm = -INFINITY;
+  for (int s = 0; s < kChunkSlots; ++s) {
+    const float p = expf(sc[s] - m);  // 0 past the last slot
+    float vf[8];
+    Widen8(vr[s], vf);
+    l += p;
 #pragma unroll
-    for (int s = 0; s < kGroupSlots; ++s) {
-      float kf[8];
-      Widen8(kr[s], kf);
-      float dot = 0.0f;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) dot = fmaf(qv[i], kf[i], dot);
-      for (int o = g / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-      sc[s] = n0 + s < N ? dot * scale : -INFINITY;
-      gm = fmaxf(gm, sc[s]);
-    }
-    const float m_new = fmaxf(m, gm);  // finite: the group has a slot
-    const float factor = expf(m - m_new);
-    l *= factor;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i] *= factor;
-#pragma unroll
-    for (int s = 0; s < kGroupSlots; ++s) {
-      const float p = expf(sc[s] - m_new);
-      float vf[8];
-      Widen8(vr[s], vf);
-      l += p;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] = fmaf(p, vf[i], acc[i]);
-    }
-    m = m_new;
-    if (active && t % g == 0) {
-      float* a = attn + (static_cast<int64_t>(b) * heads + j) * N;
-#pragma unroll
-      for (int s = 0; s < kGroupSlots; ++s) {
-        if (n0 + s < N) a[n0 + s] = sc[s];
-      }
-    }
+    for (int i = 0; i < 8; ++i) acc[i] = fmaf(p, vf[i], acc[i]);
   }
   if (!active) return;
+  if (t % g == 0) {
+    float* a = attn + (static_cast<int64_t>(b) * heads + j) * N;
+#pragma unroll
+    for (int s = 0; s < kChunkSlots; ++s) {
+      if (n0 + s < N) a[n0 + s] = sc[s];
+    }
+  }
   float* out = part + (static_cast<int64_t>(b) * chunks + chunk) * (d + 2 * heads);
 #pragma unroll
   for (int i = 0; i < 8; ++i) out[t * 8 + i] = acc[i];
@@ -127,23 +120,28 @@ __global__ void MemoryReadPartialKernel(const float* __restrict__ q, int64_t q_l
 // A block per (head j, session b): the global max M and sum L over the chunks, e = Σ_c
 // exp(m_c - M) acc_c / L (chunks added in a fixed order: the same result every run), and
 // the raw scores in attn turned into probabilities exp(s - M) / L.
-__global__ void MemoryReadCombineKernel(const float* __restrict__ part, int chunks, int N, int d, int heads,
-                                        float* __restrict__ attn, float* __restrict__ e, MemoryStage stage) {
+constexpr int kCombineThreads = 1024;
+
+__global__ void __launch_bounds__(kCombineThreads)
+    MemoryReadCombineKernel(const float* __restrict__ part, int chunks, int N, int d, int heads,
+                            float* __restrict__ attn, float* __restrict__ e, MemoryStage stage) {
   constexpr int kTile = 1024;  // chunk weights held in shared memory at a time
   __shared__ float scratch[32];
-  __shared__ float sums[kThreads];
+  __shared__ float sums[kCombineThreads];
   __shared__ float weight[kTile];
+  WaitForPredecessor();
+  AllowDependents();
   const int j = static_cast<int>(blockIdx.x), b = static_cast<int>(blockIdx.y), tid = static_cast<int>(threadIdx.x);
   const int dh = d / heads, stride = d + 2 * heads;
   const float* pb = part + static_cast<int64_t>(b) * chunks * stride;
   float mx = -INFINITY;
-  for (int c = tid; c < chunks; c += kThreads) mx = fmaxf(mx, pb[c * stride + d + 2 * j]);
+  for (int c = tid; c < chunks; c += kCombineThreads) mx = fmaxf(mx, pb[c * stride + d + 2 * j]);
   const float M = BlockMax(mx, scratch);
   float ls = 0.0f;
-  for (int c = tid; c < chunks; c += kThreads) ls += pb[c * stride + d + 2 * j + 1] * expf(pb[c * stride + d + 2 * j] - M);
+  for (int c = tid; c < chunks; c += kCombineThreads) ls += pb[c * stride + d + 2 * j + 1] * expf(pb[c * stride + d + 2 * j] - M);
   const float L = BlockSum(ls, scratch);
-  // Columns in passes of up to kThreads; R groups of threads split the chunks of a column.
-  const int cols = dh < kThreads ? dh : kThreads, R = kThreads / cols;
+  // Columns in passes of up to kCombineThreads; R groups of threads split the chunks of a column.
+  const int cols = dh < kCombineThreads ? dh : kCombineThreads, R = kCombineThreads / cols;
   const int r = tid / cols, cc = tid % cols;
   for (int col0 = 0; col0 < dh; col0 += cols) {
     const int col = col0 + cc;
@@ -151,7 +149,7 @@ __global__ void MemoryReadCombineKernel(const float* __restrict__ part, int chun
     for (int c0 = 0; c0 < chunks; c0 += kTile) {
       const int n = chunks - c0 < kTile ? chunks - c0 : kTile;
       __syncthreads();  // the previous tile's weights are used
-      for (int c = tid; c < n; c += kThreads) weight[c] = expf(pb[(c0 + c) * stride + d + 2 * j] - M);
+      for (int c = tid; c < n; c += kCombineThreads) weight[c] = expf(pb[(c0 + c) * stride + d + 2 * j] - M);
       __syncthreads();
       if (r < R && col < dh) {
         const float* pc = pb + static_cast<int64_t>(c0) * stride + j * dh + col;
@@ -170,21 +168,21 @@ __global__ void MemoryReadCombineKernel(const float* __restrict__ part, int chun
   }
   float* a = attn + (static_cast<int64_t>(b) * heads + j) * N;
   if (stage.pending_attn == nullptr) {
-    for (int n = tid; n < N; n += kThreads) a[n] = expf(a[n] - M) / L;
+    for (int n = tid; n < N; n += kCombineThreads) a[n] = expf(a[n] - M) / L;
     return;
   }
   // The token's write terms go straight to its staging slot (StageWriteKernel's work).
   const int64_t slot = stage.slots[b];
   float* pa = stage.pending_attn[b] + (slot * heads + j) * N;
   float* m = stage.mass[b] + static_cast<int64_t>(j) * N;
-  for (int n = tid; n < N; n += kThreads) {
+  for (int n = tid; n < N; n += kCombineThreads) {
     const float p = expf(a[n] - M) / L;
     pa[n] = p;
     m[n] += p;
   }
   const float* o = stage.offer + b * stage.offer_ld + j * dh;
   float* po = stage.pending_offer[b] + slot * d + j * dh;
-  for (int c = tid; c < dh; c += kThreads) po[c] = o[c];
+  for (int c = tid; c < dh; c += kCombineThreads) po[c] = o[c];
 }
 
 bool FastRead(int64_t d, int64_t heads) {
@@ -312,14 +310,17 @@ Status LaunchRead(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B, i
   if (FastRead(d, heads)) {
     const int64_t chunks = Chunks(N);
     const auto threads = static_cast<unsigned int>((d / 8 + 31) / 32 * 32);
-    MemoryReadPartialKernel<<<dim3(static_cast<unsigned int>(chunks), static_cast<unsigned int>(B)), threads, 0,
-                              stream>>>(q, q_ld, mem_k, mem_v, static_cast<int>(N), static_cast<int>(d),
-                                        static_cast<int>(heads), static_cast<int>(dh / 8), scale, attn, scratch);
-    LM2_RETURN_IF_ERROR(CheckLaunch("MemoryReadPartialKernel"));
-    MemoryReadCombineKernel<<<dim3(static_cast<unsigned int>(heads), static_cast<unsigned int>(B)), kThreads, 0,
-                              stream>>>(scratch, static_cast<int>(chunks), static_cast<int>(N), static_cast<int>(d),
-                                        static_cast<int>(heads), attn, e, stage != nullptr ? *stage : MemoryStage{});
-    return CheckLaunch("MemoryReadCombineKernel");
+    LM2_RETURN_IF_ERROR(CudaStatus(
+        LaunchPdl(&MemoryReadPartialKernel<KV>, dim3(static_cast<unsigned int>(chunks), static_cast<unsigned int>(B)),
+                  threads, 0, stream, q, q_ld, mem_k, mem_v, static_cast<int>(N), static_cast<int>(d),
+                  static_cast<int>(heads), static_cast<int>(dh / 8), scale, attn, scratch),
+        "MemoryReadPartialKernel"));
+    return CudaStatus(
+        LaunchPdl(&MemoryReadCombineKernel, dim3(static_cast<unsigned int>(heads), static_cast<unsigned int>(B)),
+                  kCombineThreads, 0, stream, static_cast<const float*>(scratch), static_cast<int>(chunks),
+                  static_cast<int>(N), static_cast<int>(d), static_cast<int>(heads), attn, e,
+                  stage != nullptr ? *stage : MemoryStage{}),
+        "MemoryReadCombineKernel");
   }
   const dim3 grid(static_cast<unsigned int>(B * heads), static_cast<unsigned int>((N + kSlotsPerBlock - 1) / kSlotsPerBlock));
   MemoryScoresKernel<<<grid, kThreads, 0, stream>>>(q, q_ld, mem_k, N, d, heads, scale, attn);

@@ -46,6 +46,8 @@ template <typename Dest>
 __global__ void SplitQkvRopeKernel(const float* __restrict__ proj, int64_t rows, int64_t proj_ld, int64_t heads,
                                    int64_t kv_heads, int64_t head_dim, const int64_t* __restrict__ positions,
                                    double theta, float* __restrict__ q_out, Dest dest) {
+  WaitForPredecessor();  // proj is the previous kernel's output
+  AllowDependents();
   const int64_t half = head_dim / 2, all_heads = heads + kv_heads, kvdim = kv_heads * head_dim;
   const int64_t pairs = rows * all_heads * half, total = pairs + rows * kvdim;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < total;
@@ -101,9 +103,9 @@ Status LaunchSplitQkvRope(const char* op, const float* proj, int64_t rows, int64
   if (rows == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull(op, {proj, positions, q_out, dest.k, dest.v}));
   const int64_t total = rows * (heads + kv_heads) * (head_dim / 2) + rows * kv_heads * head_dim;
-  SplitQkvRopeKernel<<<GridFor(total, kThreads), kThreads, 0, stream>>>(proj, rows, proj_ld, heads, kv_heads,
-                                                                        head_dim, positions, theta, q_out, dest);
-  return CheckLaunch(op);
+  return CudaStatus(LaunchPdl(&SplitQkvRopeKernel<Dest>, GridFor(total, kThreads), kThreads, 0, stream, proj, rows,
+                              proj_ld, heads, kv_heads, head_dim, positions, theta, q_out, dest),
+                    op);
 }
 
 }  // namespace
