@@ -229,13 +229,9 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
   auto mem_v = Take(cuda::DeviceBuffer<const __nv_bfloat16*>::Allocate(1), "alloc");
   Check(mem_k.CopyFromHost(&kv_ptrs[0], 1, nullptr), "copy");
   Check(mem_v.CopyFromHost(&kv_ptrs[1], 1, nullptr), "copy");
-  cuda::MemoryStage stage;
-  stage.offer = f3.data();
-  stage.offer_ld = d;
-  stage.slots = slot.data();
-  stage.pending_attn = stage_attn.data();
-  stage.pending_offer = stage_offer.data();
-  stage.mass = stage_mass.data();
+  const cuda::MemoryStage stage{.offer = f3.data(), .offer_ld = d, .slots = slot.data(),
+                                .pending_attn = stage_attn.data(), .pending_offer = stage_offer.data(),
+                                .mass = stage_mass.data()};
   auto stream = Take(cuda::CudaStream::Create(), "stream");
   auto blas = Take(cuda::CublasHandle::Create(), "cublas");
   const cudaStream_t st = stream.get();
@@ -251,21 +247,21 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
   const int64_t P = qdim + 2 * kvdim + (c.has_memory() ? 2 * d : 0);  // the stacked x projection
   // The decode step's linear layers as the model runs them (gemv.cu), one token.
   auto gemv = [&](cuda::GemvInput in_kind, int64_t in, int64_t out, cuda::GemvOutput out_kind) {
-    cuda::GemvArgs g;
-    g.input = in_kind;
-    g.x = in_kind == cuda::GemvInput::kBf16 ? static_cast<const void*>(xb.data()) : static_cast<const void*>(x);
-    g.x_ld = in_kind == cuda::GemvInput::kSwiGlu ? 2 * in : in;
-    g.norm_weight = f2.data();
-    g.eps = 1e-5f;
-    g.w = w.data();
-    g.rows = 1;
-    g.in = in;
-    g.out = out;
-    g.output = out_kind;
-    g.y = ys.data();
-    g.bias = f2.data();
-    g.residual = f3.data();
-    g.gated = f3.data();
+    const cuda::GemvArgs g{
+        .input = in_kind,
+        .x = in_kind == cuda::GemvInput::kBf16 ? static_cast<const void*>(xb.data()) : static_cast<const void*>(x),
+        .x_ld = in_kind == cuda::GemvInput::kSwiGlu ? 2 * in : in,
+        .norm_weight = f2.data(),
+        .eps = 1e-5f,
+        .w = w.data(),
+        .rows = 1,
+        .in = in,
+        .out = out,
+        .output = out_kind,
+        .y = ys.data(),
+        .bias = f2.data(),
+        .residual = f3.data(),
+        .gated = f3.data()};
     return TimeOp(st, [&] { return cuda::Gemv(g, st); });
   };
   auto wbytes = [](int64_t in, int64_t out) { return 2.0 * static_cast<double>(in) * static_cast<double>(out); };
@@ -322,17 +318,8 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
   }
   // Batched decode steps: the gate|up layer for B rows, GEMV (up to its row limit) and cuBLAS.
   for (int64_t B = 2; B <= cuda::kGemvMaxRows; B *= 2) {
-    cuda::GemvArgs g;
-    g.input = cuda::GemvInput::kRmsNorm;
-    g.x = x;
-    g.x_ld = d;
-    g.norm_weight = f3.data();
-    g.eps = 1e-5f;
-    g.w = w.data();
-    g.rows = B;
-    g.in = d;
-    g.out = 2 * F;
-    g.y = f2.data();
+    const cuda::GemvArgs g{.input = cuda::GemvInput::kRmsNorm, .x = x, .x_ld = d, .norm_weight = f3.data(),
+                           .eps = 1e-5f, .w = w.data(), .rows = B, .in = d, .out = 2 * F, .y = f2.data()};
     const double tg = TimeOp(st, [&] { return cuda::Gemv(g, st); });
     const double tb = TimeOp(st, [&] { return cuda::Linear(h, xb.data(), B, d, w.data(), 2 * F, f2.data(), false, st); });
     std::printf("  %lld rows d -> 2F: Gemv %6.1f us (%.0f GB/s), cuBLAS %6.1f us (%.0f GB/s)\n",

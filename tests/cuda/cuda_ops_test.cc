@@ -215,22 +215,21 @@ TEST_CASE("Gemv: fused small-batch linear layers equal the unfused ops", "[cuda]
     auto dy = output == GemvOutput::kStore ? Poisoned<float>(static_cast<std::size_t>(n * out))
                                            : Upload(std::vector<float>(y0.begin() + first * out,
                                                                        y0.begin() + (first + n) * out));
-    GemvArgs g;
-    g.input = input;
-    g.x = input == GemvInput::kBf16 ? static_cast<const void*>(dxp.data() + first * in)
-                                    : static_cast<const void*>(dx.data() + first * x_ld);
-    g.x_ld = x_ld;
-    g.norm_weight = dnorm.data();
-    g.eps = kEps;
-    g.w = dw.data();
-    g.rows = n;
-    g.in = in;
-    g.out = out;
-    g.output = output;
-    g.y = dy.data();
-    g.bias = dbias.data();
-    g.residual = dres.data() + first * out;
-    g.gated = dgated.data() + first * out;
+    const GemvArgs g{.input = input,
+                     .x = input == GemvInput::kBf16 ? static_cast<const void*>(dxp.data() + first * in)
+                                                    : static_cast<const void*>(dx.data() + first * x_ld),
+                     .x_ld = x_ld,
+                     .norm_weight = dnorm.data(),
+                     .eps = kEps,
+                     .w = dw.data(),
+                     .rows = n,
+                     .in = in,
+                     .out = out,
+                     .output = output,
+                     .y = dy.data(),
+                     .bias = dbias.data(),
+                     .residual = dres.data() + first * out,
+                     .gated = dgated.data() + first * out};
     RequireOk(Gemv(g, Stream()));
     return Download(dy);
   };
@@ -265,14 +264,7 @@ TEST_CASE("Gemv refuses what it cannot take", "[cuda][ops]") {
   RequireOk(buf.status());
   auto wbuf = DeviceBuffer<__nv_bfloat16>::Allocate(1024);
   RequireOk(wbuf.status());
-  GemvArgs g;
-  g.x = buf->data();
-  g.x_ld = 64;
-  g.w = wbuf->data();
-  g.rows = 1;
-  g.in = 64;
-  g.out = 8;
-  g.y = buf->data();
+  const GemvArgs g{.x = buf->data(), .x_ld = 64, .w = wbuf->data(), .rows = 1, .in = 64, .out = 8, .y = buf->data()};
   CHECK(GemvSupports(kGemvMaxRows, 64));
   CHECK_FALSE(GemvSupports(kGemvMaxRows + 1, 64));
   CHECK_FALSE(GemvSupports(1, 60));
@@ -817,13 +809,8 @@ TEST_CASE("Batched memory decode ops equal the one-session ops per session", "[c
       fmp.push_back(fm.back().data());
     }
     auto dfap = Upload(fap), dfop = Upload(fop), dfmp = Upload(fmp);
-    MemoryStage stage;
-    stage.offer = drows.data();
-    stage.offer_ld = ld;
-    stage.slots = dslots.data();
-    stage.pending_attn = dfap.data();
-    stage.pending_offer = dfop.data();
-    stage.mass = dfmp.data();
+    const MemoryStage stage{.offer = drows.data(), .offer_ld = ld, .slots = dslots.data(),
+                            .pending_attn = dfap.data(), .pending_offer = dfop.data(), .mass = dfmp.data()};
     auto attn2 = Poisoned<float>(static_cast<std::size_t>(B * Hm * N)), e2 = Poisoned<float>(static_cast<std::size_t>(B * d));
     RequireOk(MemoryReadBatch(drows.data(), ld, dkp.data(), dvp.data(), B, N, d, Hm, attn2.data(), e2.data(),
                               scratch.data(), &stage, Stream()));

@@ -636,13 +636,9 @@ class CudaModel final : public Model {
         const float* mq = proj + qdim + 2 * kvdim;
         const float* offer = mq + d;
         if (batch != nullptr) {  // the read stages each token's write terms too
-          MemoryStage stage;
-          stage.offer = offer;
-          stage.offer_ld = P;
-          stage.slots = sc.slots.data();
-          stage.pending_attn = batch->PendingAttn(i);
-          stage.pending_offer = batch->PendingOffer(i);
-          stage.mass = batch->Mass(i);
+          const MemoryStage stage{.offer = offer, .offer_ld = P, .slots = sc.slots.data(),
+                                  .pending_attn = batch->PendingAttn(i), .pending_offer = batch->PendingOffer(i),
+                                  .mass = batch->Mass(i)};
           LM2_RETURN_IF_ERROR(MemoryReadBatch(mq, P, batch->MemK(i), batch->MemV(i), n, N, d, Hm, sc.mattn.data(),
                                               sc.e.data(), sc.read_partial.data(), &stage, st));
         } else if (n == 1) {
@@ -685,18 +681,9 @@ class CudaModel final : public Model {
     const auto eps = static_cast<float>(cfg_.rms_norm_eps);
     const cudaStream_t st = s.stream_.get();
     if (Small(n)) {
-      GemvArgs g;
-      g.input = GemvInput::kRmsNorm;
-      g.x = x;
-      g.x_ld = d;
-      g.norm_weight = norm;
-      g.eps = eps;
-      g.w = w;
-      g.rows = n;
-      g.in = d;
-      g.out = out;
-      g.y = y;
-      return Gemv(g, st);
+      return Gemv({.input = GemvInput::kRmsNorm, .x = x, .x_ld = d, .norm_weight = norm, .eps = eps, .w = w, .rows = n,
+                   .in = d, .out = out, .y = y},
+                  st);
     }
     LM2_RETURN_IF_ERROR(RmsNormBf16(x, norm, n, d, eps, s.scratch_.xb.data(), st));
     return Linear(s.cublas_.get(), s.scratch_.xb.data(), n, d, w, out, y, false, st);
@@ -707,17 +694,9 @@ class CudaModel final : public Model {
                    bool accumulate) const {
     const cudaStream_t st = s.stream_.get();
     if (Small(n)) {
-      GemvArgs g;
-      g.input = GemvInput::kF32;
-      g.x = x;
-      g.x_ld = in;
-      g.w = w;
-      g.rows = n;
-      g.in = in;
-      g.out = out;
-      g.output = accumulate ? GemvOutput::kAccumulate : GemvOutput::kStore;
-      g.y = y;
-      return Gemv(g, st);
+      return Gemv({.input = GemvInput::kF32, .x = x, .x_ld = in, .w = w, .rows = n, .in = in, .out = out,
+                   .output = accumulate ? GemvOutput::kAccumulate : GemvOutput::kStore, .y = y},
+                  st);
     }
     return LinearF32(s.cublas_.get(), x, n, in, w, out, y, accumulate, s.scratch_.yb.data(), st);
   }
@@ -728,20 +707,10 @@ class CudaModel final : public Model {
     const cudaStream_t st = s.stream_.get();
     Scratch& sc = s.scratch_;
     if (Small(n)) {
-      GemvArgs g;
-      g.input = GemvInput::kF32;
-      g.x = sc.e.data();
-      g.x_ld = d;
-      g.w = mw.out_gate_w;
-      g.rows = n;
-      g.in = d;
-      g.out = d;
-      g.output = GemvOutput::kGatedResidual;
-      g.y = h;
-      g.bias = mw.out_gate_b;
-      g.residual = sc.a.data();
-      g.gated = sc.e.data();
-      return Gemv(g, st);
+      return Gemv({.input = GemvInput::kF32, .x = sc.e.data(), .x_ld = d, .w = mw.out_gate_w, .rows = n, .in = d,
+                   .out = d, .output = GemvOutput::kGatedResidual, .y = h, .bias = mw.out_gate_b,
+                   .residual = sc.a.data(), .gated = sc.e.data()},
+                  st);
     }
     LM2_RETURN_IF_ERROR(LinearF32(s.cublas_.get(), sc.e.data(), n, d, mw.out_gate_w, d, sc.gate.data(), false,
                                   sc.yb.data(), st));
@@ -755,17 +724,9 @@ class CudaModel final : public Model {
     const cudaStream_t st = s.stream_.get();
     Scratch& sc = s.scratch_;
     if (Small(n)) {
-      GemvArgs g;
-      g.input = GemvInput::kSwiGlu;
-      g.x = sc.gate_up.data();
-      g.x_ld = 2 * F;
-      g.w = w_down;
-      g.rows = n;
-      g.in = F;
-      g.out = d;
-      g.output = GemvOutput::kAccumulate;
-      g.y = h;
-      return Gemv(g, st);
+      return Gemv({.input = GemvInput::kSwiGlu, .x = sc.gate_up.data(), .x_ld = 2 * F, .w = w_down, .rows = n, .in = F,
+                   .out = d, .output = GemvOutput::kAccumulate, .y = h},
+                  st);
     }
     LM2_RETURN_IF_ERROR(SwiGluBf16(sc.gate_up.data(), n, F, sc.yb.data(), st));
     return Linear(s.cublas_.get(), sc.yb.data(), n, F, w_down, d, h, true, st);
