@@ -128,6 +128,16 @@ Result<GenerateResult> Generate(const Model& model, SequenceState& state, const 
   const bool argmax_only = sampler.options().temperature == 0.0f && sampler.options().repetition_penalty == 1.0f;
   SequenceState* const one[] = {&state};
   std::vector<int32_t> picked;  // the model's argmax of the last step, when argmax_only
+  // One decode step: the argmax or the logits for the token after `token`.
+  const auto step = [&](int32_t token) -> Status {
+    if (options.batcher != nullptr) {
+      picked.resize(argmax_only ? 1 : 0);
+      return options.batcher->Step(state, token, argmax_only ? picked.data() : nullptr,
+                                   argmax_only ? nullptr : &logits);
+    }
+    if (argmax_only) return model.ForwardBatchGreedy(one, std::span<const int32_t>(&token, 1), &picked);
+    return model.Forward(state, std::span<const int32_t>(&token, 1), LogitsMode::kLast, &logits);
+  };
   while (true) {
     if (cancelled()) return Status::Cancelled("generation cancelled");
     if (state.context_length() + 1 > max_context) {  // no room to feed another token
@@ -146,11 +156,10 @@ Result<GenerateResult> Generate(const Model& model, SequenceState& state, const 
     // Feed the token so the KV cache and the memory write see the whole reply (a stop
     // token included: training text closes every reply with it).
     const bool last = is_stop || stop_string || static_cast<int32_t>(result.tokens.size()) >= options.max_tokens;
-    if (!last && argmax_only) {
-      LM2_RETURN_IF_ERROR(model.ForwardBatchGreedy(one, std::span<const int32_t>(&next, 1), &picked));
+    if (last) {
+      LM2_RETURN_IF_ERROR(model.Forward(state, std::span<const int32_t>(&next, 1), LogitsMode::kNone, nullptr));
     } else {
-      LM2_RETURN_IF_ERROR(model.Forward(state, std::span<const int32_t>(&next, 1),
-                                        last ? LogitsMode::kNone : LogitsMode::kLast, &logits));
+      LM2_RETURN_IF_ERROR(step(next));
     }
     if (last) {
       result.stop = is_stop ? StopReason::kStopToken

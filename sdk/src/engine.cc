@@ -43,6 +43,9 @@ Status LoadModel(const EngineOptions& options, internal::EngineCore& core) {
   info.model_dir = options.model_dir;
   info.fingerprint = core.model->fingerprint();
   info.backend = core.model->backend_name();
+  if (options.batch_decode && core.model->BatchesSteps()) {
+    core.batcher = std::make_unique<runtime::DecodeBatcher>(*core.model);
+  }
   info.num_layers = static_cast<int32_t>(cfg.num_layers);
   for (int64_t l : cfg.memory_layers) info.memory_layers.push_back(static_cast<int32_t>(l));
   info.memory_slots = cfg.memory_slots;

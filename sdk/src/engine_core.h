@@ -8,6 +8,7 @@
 #include "lm2/core/memory_state.h"
 #include "lm2/options.h"
 #include "lm2/persistence/session_store.h"
+#include "lm2/runtime/decode_batcher.h"
 #include "lm2/runtime/model.h"
 #include "lm2/runtime/tokenizer.h"
 #include "lm2/types.h"
@@ -22,6 +23,9 @@ struct EngineCore {
   std::unique_ptr<runtime::Tokenizer> tokenizer;
   std::unique_ptr<persistence::SessionStore> store;
   MemoryState initial_memory;  // the bank of a fresh state (identity rows or learned init)
+  // Joins concurrent sessions' decode steps (EngineOptions::batch_decode on a backend that
+  // batches, else null). Internally synchronised.
+  std::unique_ptr<runtime::DecodeBatcher> batcher;
 };
 
 // Metadata keys stored with every version the SDK commits.

@@ -183,6 +183,7 @@ Result<ChatResult> RunTurn(SessionCore& c, const std::vector<int32_t>& prompt, c
   go.max_tokens = options.max_tokens;
   go.stop_strings = options.stop_strings;
   go.cancel = options.cancel;
+  go.batcher = e.batcher.get();
   runtime::Sampler sampler(Sampling(options));
   runtime::TextCallback cb;
   if (on_token) cb = [&](std::string_view t) { on_token(t); };

@@ -8,6 +8,7 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <memory>
 #include <string>
@@ -18,6 +19,8 @@
 #include "lm2/runtime/backend.h"
 #include "lm2/runtime/cpu_backend.h"
 #include "lm2/runtime/cuda_backend.h"
+#include "lm2/runtime/decode_batcher.h"
+#include "lm2/runtime/generate.h"
 #include "lm2/runtime/model_files.h"
 #include "lm2/runtime/tokenizer.h"
 
@@ -462,6 +465,45 @@ TEST_CASE("CUDA graphs replay decode steps bit-identically, also after the buffe
     RequireOk(eager->ForwardBatch(eb, std::vector<int32_t>{5, 6}, &lb));
     CHECK(la == lb);
   }
+}
+
+TEST_CASE("CUDA continuous batching: threads generating at once share steps, replies as alone", "[cuda][model]") {
+  const std::string dir = TestModelDir("tiny-lm2");
+  auto gpu = LoadCuda(Files(dir));
+  REQUIRE(gpu->BatchesSteps());
+  auto tokenizer = lm2::runtime::Tokenizer::Open(dir);
+  RequireOk(tokenizer.status());
+  const std::vector<std::string> messages = {"Mary went to the kitchen.", "Where is the ball?", "John is here.",
+                                             "The cat sleeps.", "Sandra took the milk."};
+  auto reply = [&](const std::string& text, lm2::runtime::DecodeBatcher* batcher) {
+    auto state = NewState(*gpu);
+    auto prompt = (*tokenizer)->RenderUserTurn(text, /*first_turn=*/true);
+    RequireOk(prompt.status());
+    lm2::runtime::Sampler sampler(lm2::runtime::SamplingOptions{});
+    lm2::runtime::GenerateOptions o;
+    o.max_tokens = 20;
+    o.batcher = batcher;
+    auto r = lm2::runtime::Generate(*gpu, *state, **tokenizer, sampler, *prompt, o);
+    RequireOk(r.status());
+    return r->tokens;
+  };
+  std::vector<std::vector<int32_t>> alone, together(messages.size());
+  for (const auto& m : messages) alone.push_back(reply(m, nullptr));
+  lm2::runtime::DecodeBatcherOptions bo;
+  bo.gather = static_cast<int64_t>(messages.size());
+  bo.gather_wait = std::chrono::seconds(10);
+  lm2::runtime::DecodeBatcher batcher(*gpu, bo);
+  std::vector<std::thread> threads;
+  for (std::size_t i = 0; i < messages.size(); ++i) {
+    threads.emplace_back([&, i] { together[i] = reply(messages[i], &batcher); });
+  }
+  for (auto& t : threads) t.join();
+  for (std::size_t i = 0; i < messages.size(); ++i) CHECK(together[i] == alone[i]);
+  const auto stats = batcher.stats();
+  std::printf("continuous batching: %lld steps in %lld batched calls, largest %lld\n",
+              static_cast<long long>(stats.steps), static_cast<long long>(stats.batches),
+              static_cast<long long>(stats.largest));
+  CHECK(stats.largest == static_cast<int64_t>(messages.size()));
 }
 
 TEST_CASE("LoadModel with kAuto picks the GPU when one is present", "[cuda][model]") {

@@ -115,6 +115,43 @@ TEST_CASE("processes: two processes on one session, every turn lands exactly onc
   CHECK(h->size() == 6);
 }
 
+TEST_CASE("on a GPU, sessions chatting at once share decode steps and reply as alone", "[gpu]") {
+  TempDir dir;
+  EngineOptions o = TinyOptions(dir);
+  o.backend = Backend::kCuda;  // batch_decode is on by default
+  auto opened = Engine::Open(o);
+  if (opened.status().code() == StatusCode::kUnavailable || opened.status().code() == StatusCode::kUnimplemented) {
+    WARN("SKIPPED: GPU test: " << opened.status().ToString());
+    return;
+  }
+  REQUIRE(opened.ok());
+  auto engine = std::move(opened).value();
+  const std::vector<std::string> msgs = {"Mary went to the kitchen.", "Where is Mary?"};
+  constexpr int kSessions = 5;
+  std::vector<MemoryState> alone, together(kSessions);
+  std::vector<std::string> alone_text, together_text(kSessions);
+  for (int i = 0; i < kSessions; ++i) {
+    auto s = OpenSession(*engine, "t", "alone" + std::to_string(i));
+    MustChat(*s, msgs[0] + " " + std::to_string(i));
+    alone_text.push_back(MustChat(*s, msgs[1]).text);
+    alone.push_back(MustMemory(*s));
+  }
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kSessions; ++i) {
+    threads.emplace_back([&, i] {
+      auto s = OpenSession(*engine, "t", "together" + std::to_string(i));
+      MustChat(*s, msgs[0] + " " + std::to_string(i));
+      together_text[static_cast<std::size_t>(i)] = MustChat(*s, msgs[1]).text;
+      together[static_cast<std::size_t>(i)] = MustMemory(*s);
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (std::size_t i = 0; i < kSessions; ++i) {
+    CHECK(together_text[i] == alone_text[i]);
+    CHECK(SameBits(together[i], alone[i]));
+  }
+}
+
 TEST_CASE("many sessions on one engine at once give what each gives alone") {
   TempDir dir;
   auto engine = OpenEngine(TinyOptions(dir));

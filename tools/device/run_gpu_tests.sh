@@ -47,6 +47,8 @@ run cuda_ops_tests "$BIN/cuda_ops_tests" --durations yes
 run cuda_model_tests "$BIN/cuda_model_tests" --durations yes
 run gpu_tests "$BIN/gpu_tests"
 run cli_generate bash tests/runtime/cli_generate_test.sh "$BIN/lm2"
+# The SDK on the GPU: concurrent sessions through the engine's decode batcher.
+run sdk_gpu "$BIN/sdk_tests" "[gpu]"
 if [[ "${SKIP_MEMCHECK:-0}" != 1 ]]; then
   run memcheck_ops compute-sanitizer --tool memcheck --error-exitcode 99 --leak-check full "$BIN/cuda_ops_tests"
   run memcheck_model compute-sanitizer --tool memcheck --error-exitcode 99 --leak-check full "$BIN/cuda_model_tests"

@@ -128,6 +128,8 @@ class CudaModel final : public Model {
   const std::string& fingerprint() const override { return files_->Fingerprint(); }
   std::string backend_name() const override { return "cuda:" + std::to_string(w_->device); }
 
+  bool BatchesSteps() const override { return true; }
+
   bool OwnsState(const SequenceState& state) const override {
     const auto* s = dynamic_cast<const CudaState*>(&state);
     return s != nullptr && s->owner_ == this;
@@ -514,10 +516,18 @@ class CudaModel final : public Model {
       const std::vector<const void*> key = GraphKey(lead, B, greedy);
       if (lead.decode_graph_.empty() || key != lead.decode_graph_key_) {
         lead.decode_graph_ = CudaGraph();
-        LM2_ASSIGN_OR_RETURN(lead.decode_graph_, CudaGraph::Capture(st, step));
-        lead.decode_graph_key_ = key;
+        lead.decode_graph_key_.clear();
+        auto captured = CudaGraph::Capture(st, step);
+        if (captured.ok()) {
+          lead.decode_graph_ = std::move(captured).value();
+          lead.decode_graph_key_ = key;
+        } else if (captured.status().code() != StatusCode::kUnavailable) {
+          return captured.status();
+        }
+        // Unavailable: another thread's device work broke the capture; nothing ran. This
+        // step runs without the graph; the next one captures again.
       }
-      LM2_RETURN_IF_ERROR(lead.decode_graph_.Launch(st));
+      LM2_RETURN_IF_ERROR(lead.decode_graph_.empty() ? step() : lead.decode_graph_.Launch(st));
     } else {
       LM2_RETURN_IF_ERROR(step());
     }
@@ -574,7 +584,8 @@ class CudaModel final : public Model {
     Scratch& sc = lead.scratch_;
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.table, next.size()));
     if (next != sc.table_host) {
-      LM2_RETURN_IF_ERROR(sc.table.CopyFromHost(next.data(), next.size(), lead.stream_.get()));  // pageable: staged now
+      DeviceCallScope scope(CaptureExclusion());  // a pageable copy synchronises
+      LM2_RETURN_IF_ERROR(sc.table.CopyFromHost(next.data(), next.size(), lead.stream_.get()));  // staged now
       sc.table_host = std::move(next);
     }
     t.base = sc.table.data();

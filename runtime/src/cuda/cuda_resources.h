@@ -5,7 +5,8 @@
 // move-only, and frees its resource in the destructor (errors there cannot be reported
 // and are ignored: a failed free at teardown changes nothing for the caller). None is
 // thread-safe; a stream or handle belongs to one session at a time. Copies between host
-// and device are explicit calls.
+// and device are explicit calls. Their synchronising, allocating and freeing calls keep
+// clear of graph captures in other threads (CaptureExclusion).
 #pragma once
 
 #include <cublas_v2.h>
@@ -13,12 +14,29 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
+#include <shared_mutex>
 #include <utility>
 
 #include "cuda/cuda_check.h"
 #include "lm2/core/status.h"
 
 namespace lm2::runtime::cuda {
+
+// Graph capture and the CUDA calls that synchronise, allocate or free exclude each other
+// in the process: the driver invalidates a capture when another thread synchronises with
+// the device meanwhile, and fails that thread's call, whatever the capture mode (seen with
+// sessions chatting on several threads). Captures are rare (a decode step's first run at a
+// batch size or after its buffers moved) and short (enqueueing only); the other side costs
+// an uncontended shared lock. Never nested: a holder makes no other call that takes it.
+inline std::shared_mutex& CaptureExclusion() {
+  static std::shared_mutex m;
+  return m;
+}
+// Held around a synchronising, allocating or freeing call.
+using DeviceCallScope = std::shared_lock<std::shared_mutex>;
+// Held while a graph is captured.
+using CaptureScope = std::unique_lock<std::shared_mutex>;
 
 namespace detail {
 
@@ -52,6 +70,7 @@ class OwnedArray {
   Status Acquire(std::size_t count) {
     if (count == 0) return Status::Ok();
     void* p = nullptr;
+    DeviceCallScope scope(CaptureExclusion());
     LM2_RETURN_IF_ERROR(CudaStatus(Space::Alloc(&p, count * sizeof(T)), Space::kAlloc));
     ptr_ = static_cast<T*>(p);
     count_ = count;
@@ -63,7 +82,10 @@ class OwnedArray {
 
  private:
   void Reset() {
-    if (ptr_ != nullptr) Space::Free(ptr_);
+    if (ptr_ != nullptr) {
+      DeviceCallScope scope(CaptureExclusion());
+      Space::Free(ptr_);
+    }
     ptr_ = nullptr;
     count_ = 0;
   }
@@ -104,7 +126,10 @@ class OwnedHandle {
 
  private:
   void Reset() {
-    if (handle_ != nullptr) (void)Destroy(handle_);
+    if (handle_ != nullptr) {
+      DeviceCallScope scope(CaptureExclusion());
+      (void)Destroy(handle_);
+    }
     handle_ = nullptr;
   }
 };
@@ -122,8 +147,9 @@ class DeviceBuffer : public detail::OwnedArray<T, detail::DeviceSpace> {
   }
 
   // Copies `count` (<= size()) elements in on `stream`. With pageable host memory the call
-  // returns once the source has been staged; with pinned memory the source must stay
-  // untouched until the stream reaches the copy.
+  // returns once the source has been staged (it synchronises: outside a capture, hold a
+  // DeviceCallScope); with pinned memory the source must stay untouched until the stream
+  // reaches the copy (capturable).
   Status CopyFromHost(const T* src, std::size_t count, cudaStream_t stream) {
     if (count > this->count_) {
       return Status::InvalidArgument("DeviceBuffer::CopyFromHost: more elements than the buffer");
@@ -143,6 +169,7 @@ class DeviceBuffer : public detail::OwnedArray<T, detail::DeviceSpace> {
   // Copies `count` (<= size()) elements out and waits for `stream` to finish them.
   Status CopyToHost(T* dst, std::size_t count, cudaStream_t stream) const {
     LM2_RETURN_IF_ERROR(CopyToHostAsync(dst, count, stream));
+    DeviceCallScope scope(CaptureExclusion());
     return CudaStatus(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
   }
   // Sets every byte to `byte` on `stream` (0 to zero; 0xFF poisons floats with NaN).
@@ -181,12 +208,16 @@ class CudaStream : public detail::OwnedHandle<cudaStream_t, &cudaStreamDestroy> 
  public:
   static Result<CudaStream> Create() {
     CudaStream s;
+    DeviceCallScope scope(CaptureExclusion());
     LM2_RETURN_IF_ERROR(
         CudaStatus(cudaStreamCreateWithFlags(&s.handle_, cudaStreamNonBlocking), "cudaStreamCreate"));
     return s;
   }
   cudaStream_t get() const { return handle_; }
-  Status Synchronize() const { return CudaStatus(cudaStreamSynchronize(handle_), "cudaStreamSynchronize"); }
+  Status Synchronize() const {
+    DeviceCallScope scope(CaptureExclusion());
+    return CudaStatus(cudaStreamSynchronize(handle_), "cudaStreamSynchronize");
+  }
 };
 
 // A cuBLAS handle (its workspace is cuBLAS's own unless set). Linear sets the stream on each
@@ -195,6 +226,7 @@ class CublasHandle : public detail::OwnedHandle<cublasHandle_t, &cublasDestroy> 
  public:
   static Result<CublasHandle> Create() {
     CublasHandle h;
+    DeviceCallScope scope(CaptureExclusion());
     LM2_RETURN_IF_ERROR(CublasStatus(cublasCreate(&h.handle_), "cublasCreate"));
     return h;
   }
@@ -208,14 +240,24 @@ class CublasHandle : public detail::OwnedHandle<cublasHandle_t, &cublasDestroy> 
 class CudaGraph : public detail::OwnedHandle<cudaGraphExec_t, &cudaGraphExecDestroy> {
  public:
   // Captures what `enqueue` (returning Status) puts on `stream`. A failure inside ends the
-  // capture and is returned; nothing ran.
+  // capture and is returned; nothing ran. Unavailable when the driver invalidated the
+  // capture because of other work on the device at the same time (a synchronising call
+  // from another thread can do that, whatever the capture mode): the caller may run the
+  // work without a graph and capture another time.
   template <typename Fn>
   static Result<CudaGraph> Capture(cudaStream_t stream, Fn&& enqueue) {
+    CaptureScope exclusive(CaptureExclusion());
     LM2_RETURN_IF_ERROR(
         CudaStatus(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture"));
     Status enqueued = enqueue();
     cudaGraph_t graph = nullptr;
-    Status ended = CudaStatus(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
+    const cudaError_t end = cudaStreamEndCapture(stream, &graph);
+    if (end == cudaErrorStreamCaptureInvalidated) {
+      if (graph != nullptr) (void)cudaGraphDestroy(graph);
+      (void)cudaGetLastError();
+      return Status::Unavailable("CUDA graph capture invalidated by concurrent device work");
+    }
+    Status ended = CudaStatus(end, "cudaStreamEndCapture");
     if (enqueued.ok() && !ended.ok()) enqueued = ended;
     if (!enqueued.ok()) {
       if (graph != nullptr) (void)cudaGraphDestroy(graph);
@@ -230,7 +272,10 @@ class CudaGraph : public detail::OwnedHandle<cudaGraphExec_t, &cudaGraphExecDest
   }
 
   bool empty() const { return handle_ == nullptr; }
-  Status Launch(cudaStream_t stream) const { return CudaStatus(cudaGraphLaunch(handle_, stream), "cudaGraphLaunch"); }
+  Status Launch(cudaStream_t stream) const {
+    DeviceCallScope scope(CaptureExclusion());
+    return CudaStatus(cudaGraphLaunch(handle_, stream), "cudaGraphLaunch");
+  }
 };
 
 }  // namespace lm2::runtime::cuda

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cuda/cuda_check.h"
+#include "cuda/cuda_resources.h"
 #include "lm2/runtime/tensor.h"
 
 namespace lm2::runtime::cuda {
@@ -19,6 +20,12 @@ uint16_t FloatToBf16Bits(float value) {
 }
 
 namespace {
+
+// A synchronous host-to-device copy, clear of other threads' graph captures.
+Status CopyIn(void* dst, const void* src, std::size_t bytes) {
+  DeviceCallScope scope(CaptureExclusion());
+  return CudaStatus(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), "cudaMemcpy(weights)");
+}
 
 class Uploader {
  public:
@@ -46,13 +53,13 @@ class Uploader {
       const auto n = static_cast<std::size_t>(NumElements(v.shape));
       __nv_bfloat16* dst = buf.data() + offset;
       if (v.dtype == DType::kBF16) {
-        LM2_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, v.data, n * sizeof(uint16_t), cudaMemcpyHostToDevice));
+        LM2_RETURN_IF_ERROR(CopyIn(dst, v.data, n * sizeof(uint16_t)));
       } else {
         widened_.resize(n);
         ConvertToF32(v.dtype, v.data, widened_.data(), n);
         rounded_.resize(n);
         for (std::size_t i = 0; i < n; ++i) rounded_[i] = FloatToBf16Bits(widened_[i]);
-        LM2_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, rounded_.data(), n * sizeof(uint16_t), cudaMemcpyHostToDevice));
+        LM2_RETURN_IF_ERROR(CopyIn(dst, rounded_.data(), n * sizeof(uint16_t)));
       }
       *(part++)->second = dst;
       offset += n;
@@ -75,7 +82,7 @@ class Uploader {
   // Host fp32 data to a new device buffer.
   Status Upload(const std::vector<float>& host, const float** out) {
     LM2_ASSIGN_OR_RETURN(auto buf, DeviceBuffer<float>::Allocate(host.size()));
-    LM2_CUDA_RETURN_IF_ERROR(cudaMemcpy(buf.data(), host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
+    LM2_RETURN_IF_ERROR(CopyIn(buf.data(), host.data(), host.size() * sizeof(float)));
     *out = buf.data();
     w_.device_bytes += buf.bytes();
     w_.vectors.push_back(std::move(buf));

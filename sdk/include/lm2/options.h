@@ -45,6 +45,10 @@ struct EngineOptions {
   std::string model_dir;    // model directory (config.json, *.safetensors, tokenizer.model). Required
   std::string store_path;   // RocksDB directory of the sessions' memory. Required
   Backend backend = Backend::kAuto;  // Default: kAuto (GPU if present, else CPU); ModelInfo::backend says which
+  // Sessions chatting at the same time on different threads share batched decode steps
+  // (one forward for all of them, each with its own context and memory) where the backend
+  // gains from it: the GPU. Replies are the same as decoding alone. Default: true
+  bool batch_decode = true;
 
   // Keys (tenant KEKs) that encrypt the store, first match wins:
   //   key_provider if set; else the keyring file key_file if non-empty (must be mode 0600;

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "lm2/core/status.h"
+#include "lm2/runtime/decode_batcher.h"
 #include "lm2/runtime/model.h"
 #include "lm2/runtime/sampler.h"
 #include "lm2/runtime/tokenizer.h"
@@ -38,6 +39,10 @@ struct GenerateOptions {
   // so the earlier parts reach the reply through memory only.
   bool split_long_prompt = false;
   const std::atomic<bool>* cancel = nullptr;  // set to true from any thread to stop early
+  // Decode steps go through this batcher, joined with other threads' steps into one batched
+  // forward (continuous batching; the SDK passes its engine's on the GPU). Null: each step
+  // runs by itself. Results are the model's batched ones (docs/runtime.md).
+  DecodeBatcher* batcher = nullptr;
 };
 
 struct GenerateResult {

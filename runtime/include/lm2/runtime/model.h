@@ -81,6 +81,11 @@ class Model {
   virtual Status ForwardBatch(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
                               std::vector<float>* logits) const;
 
+  // Whether ForwardBatch runs its states as one forward (each weight read once per step), so
+  // that joining concurrent conversations' decode steps pays (DecodeBatcher): the CUDA
+  // backend. False for the default, which runs them in turn.
+  virtual bool BatchesSteps() const { return false; }
+
   // ForwardBatch for greedy decoding: next becomes [B], next[i] the argmax of states[i]'s
   // logits (the first of equal maxima, NaNs skipped: Sampler's greedy choice), and the
   // logits themselves stay where they were computed. The CUDA backend picks the tokens on

@@ -1,0 +1,94 @@
+#include "lm2/runtime/decode_batcher.h"
+
+#include <algorithm>
+
+namespace lm2::runtime {
+
+DecodeBatcher::DecodeBatcher(const Model& model, const DecodeBatcherOptions& options)
+    : model_(model), options_(options) {
+  options_.max_batch = std::max<int64_t>(1, options_.max_batch);
+  options_.gather = std::clamp<int64_t>(options_.gather, 1, options_.max_batch);
+}
+
+Status DecodeBatcher::Step(SequenceState& state, int32_t token, int32_t* next, std::vector<float>* logits) {
+  if ((next == nullptr) == (logits == nullptr)) {
+    return Status::InvalidArgument("DecodeBatcher::Step: exactly one of next and logits");
+  }
+  Request req{&state, token, next, logits, Status::Ok()};
+  std::unique_lock<std::mutex> lock(mu_);
+  waiting_.push_back(&req);
+  cv_.notify_all();  // a thread gathering a batch may be waiting for this step
+  while (!req.done) {
+    if (running_) {
+      cv_.wait(lock);
+      continue;
+    }
+    // No batch is running: this thread runs the next one (which may or may not hold its own
+    // step, if more than max_batch were waiting ahead of it).
+    running_ = true;
+    if (options_.gather > 1) {
+      cv_.wait_for(lock, options_.gather_wait,
+                   [&] { return static_cast<int64_t>(waiting_.size()) >= options_.gather; });
+    }
+    std::vector<Request*> batch;
+    while (!waiting_.empty() && static_cast<int64_t>(batch.size()) < options_.max_batch) {
+      batch.push_back(waiting_.front());
+      waiting_.pop_front();
+    }
+    lock.unlock();
+    Run(batch);
+    lock.lock();
+    for (Request* r : batch) r->done = true;
+    ++stats_.batches;
+    stats_.steps += static_cast<int64_t>(batch.size());
+    stats_.largest = std::max(stats_.largest, static_cast<int64_t>(batch.size()));
+    running_ = false;
+    cv_.notify_all();
+  }
+  return req.status;
+}
+
+DecodeBatcher::Stats DecodeBatcher::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
+void DecodeBatcher::Run(const std::vector<Request*>& batch) const {
+  std::vector<Request*> greedy, sampled;
+  for (Request* r : batch) (r->next != nullptr ? greedy : sampled).push_back(r);
+  if (!greedy.empty()) RunGroup(greedy, true);
+  if (!sampled.empty()) RunGroup(sampled, false);
+}
+
+void DecodeBatcher::RunGroup(const std::vector<Request*>& group, bool greedy) const {
+  std::vector<SequenceState*> states;
+  std::vector<int32_t> tokens;
+  for (const Request* r : group) {
+    states.push_back(r->state);
+    tokens.push_back(r->token);
+  }
+  std::vector<int32_t> next;
+  std::vector<float> logits;
+  const Status st = greedy ? model_.ForwardBatchGreedy(states, tokens, &next) : model_.ForwardBatch(states, tokens, &logits);
+  // Input errors are found before any state changes: then each step runs alone and gets its
+  // own answer. Anything else (a device fault) belongs to the whole batch.
+  const bool refused = st.code() == StatusCode::kInvalidArgument || st.code() == StatusCode::kOutOfRange;
+  if (!st.ok() && refused && group.size() > 1) {
+    for (Request* r : group) RunGroup({r}, greedy);
+    return;
+  }
+  const auto V = static_cast<std::size_t>(model_.config().vocab_size);
+  for (std::size_t i = 0; i < group.size(); ++i) {
+    Request* r = group[i];
+    r->status = st;
+    if (!st.ok()) continue;
+    if (greedy) {
+      *r->next = next[i];
+    } else {
+      r->logits->assign(logits.begin() + static_cast<std::ptrdiff_t>(i * V),
+                        logits.begin() + static_cast<std::ptrdiff_t>((i + 1) * V));
+    }
+  }
+}
+
+}  // namespace lm2::runtime
