@@ -2,12 +2,15 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "golden.h"
 #include "lm2/runtime/cpu_backend.h"
+#include "lm2/runtime/decode_batcher.h"
 #include "lm2/runtime/generate.h"
 #include "lm2/runtime/model_files.h"
 
@@ -151,4 +154,69 @@ TEST_CASE("Generate: context limits", "[generate]") {
   REQUIRE(r2.ok());
   CHECK(s2->context_length() < max_ctx);
   CHECK(r2->tokens.size() == 4);
+}
+
+TEST_CASE("DecodeBatcher: threads at once get the replies they get alone, in shared steps", "[generate]") {
+  Fixture f;
+  // A reply of 10 tokens to `text` on a fresh state; with `batcher`, through it.
+  auto reply = [&f](const std::string& text, const SamplingOptions& so, DecodeBatcher* batcher) {
+    auto s = f.State();
+    GenerateOptions o;
+    o.max_tokens = 10;
+    o.batcher = batcher;
+    auto r = f.Run(*s, f.Prompt(text), o, nullptr, so);
+    REQUIRE(r.ok());
+    return r->tokens;
+  };
+  const std::vector<std::string> messages = {"Mary went to the kitchen.", "Where is the ball?", "John is here.",
+                                             "The cat sleeps."};
+  SamplingOptions sampled;
+  sampled.temperature = 0.8f;
+  sampled.top_k = 20;
+  sampled.seed = 7;
+  for (const SamplingOptions& so : {SamplingOptions{}, sampled}) {  // greedy steps, then steps with logits
+    INFO("temperature " << so.temperature);
+    std::vector<std::vector<int32_t>> alone;
+    for (const auto& m : messages) alone.push_back(reply(m, so, nullptr));
+    DecodeBatcherOptions bo;
+    bo.gather = static_cast<int64_t>(messages.size());  // the first steps wait for each other
+    bo.gather_wait = std::chrono::seconds(5);
+    DecodeBatcher batcher(*f.model, bo);
+    std::vector<std::vector<int32_t>> together(messages.size());
+    std::vector<std::thread> threads;
+    for (std::size_t i = 0; i < messages.size(); ++i) {
+      threads.emplace_back([&, i] { together[i] = reply(messages[i], so, &batcher); });
+    }
+    for (auto& t : threads) t.join();
+    for (std::size_t i = 0; i < messages.size(); ++i) CHECK(together[i] == alone[i]);
+    const auto stats = batcher.stats();
+    CHECK(stats.largest == static_cast<int64_t>(messages.size()));
+    CHECK(stats.batches < stats.steps);
+  }
+}
+
+TEST_CASE("DecodeBatcher: a refused step fails alone, and bad arguments are refused", "[generate]") {
+  Fixture f;
+  DecodeBatcherOptions bo;
+  bo.gather = 2;
+  bo.gather_wait = std::chrono::seconds(5);
+  DecodeBatcher batcher(*f.model, bo);
+  auto good = f.State();
+  auto bad = f.State();
+  int32_t next_good = -1, next_bad = -1;
+  lm2::Status st_good, st_bad;
+  std::thread a([&] { st_good = batcher.Step(*good, 5, &next_good, nullptr); });
+  std::thread b([&] { st_bad = batcher.Step(*bad, static_cast<int32_t>(f.model->config().vocab_size), &next_bad, nullptr); });
+  a.join();
+  b.join();
+  CHECK(st_good.ok());
+  CHECK(st_bad.code() == lm2::StatusCode::kInvalidArgument);
+  CHECK(good->context_length() == 1);
+  CHECK(bad->context_length() == 0);
+  std::vector<float> row;
+  REQUIRE(f.model->Forward(*bad, std::vector<int32_t>{5}, LogitsMode::kLast, &row).ok());
+  CHECK(next_good == static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin()));
+  CHECK(batcher.Step(*good, 5, nullptr, nullptr).code() == lm2::StatusCode::kInvalidArgument);
+  std::vector<float> logits;
+  CHECK(batcher.Step(*good, 5, &next_good, &logits).code() == lm2::StatusCode::kInvalidArgument);
 }
