@@ -134,15 +134,75 @@ __global__ void __launch_bounds__(kCombineThreads)
   const int j = static_cast<int>(blockIdx.x), b = static_cast<int>(blockIdx.y), tid = static_cast<int>(threadIdx.x);
   const int dh = d / heads, stride = d + 2 * heads;
   const float* pb = part + static_cast<int64_t>(b) * chunks * stride;
+  // Columns in passes of up to kCombineThreads; R groups of threads split the chunks of a column.
+  const int cols = dh < kCombineThreads ? dh : kCombineThreads, R = kCombineThreads / cols;
+  const int r = tid / cols, cc = tid % cols;
+  float* a = attn + (static_cast<int64_t>(b) * heads + j) * N;
+  constexpr int kPrefetch = 8;  // chunk partials per thread in the one-round form
+  if (chunks <= kCombineThreads && dh <= kCombineThreads && (chunks + R - 1) / R <= kPrefetch &&
+      N <= 2 * kCombineThreads) {
+    // The common shapes: every value this block reads is loaded at once, then reduced (the
+    // same arithmetic in the same order as the general form below, so the same results).
+    const float mc = tid < chunks ? pb[tid * stride + d + 2 * j] : -INFINITY;
+    const float lc = tid < chunks ? pb[tid * stride + d + 2 * j + 1] : 0.0f;
+    float pv[kPrefetch];
+#pragma unroll
+    for (int k = 0; k < kPrefetch; ++k) {
+      const int c = r + k * R;
+      pv[k] = r < R && c < chunks ? pb[c * stride + j * dh + cc] : 0.0f;
+    }
+    float raw[2], old_mass[2] = {0.0f, 0.0f};
+    float* m = stage.pending_attn != nullptr ? stage.mass[b] + static_cast<int64_t>(j) * N : nullptr;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int n = tid + i * kCombineThreads;
+      raw[i] = n < N ? a[n] : 0.0f;
+      if (m != nullptr && n < N) old_mass[i] = m[n];
+    }
+    const float M = BlockMax(mc, scratch);
+    const float w = tid < chunks ? expf(mc - M) : 0.0f;
+    if (tid < chunks) weight[tid] = w;
+    const float L = BlockSum(tid < chunks ? lc * w : 0.0f, scratch);  // its barriers publish weight[]
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kPrefetch; ++k) {
+      const int c = r + k * R;
+      if (r < R && c < chunks) s += pv[k] * weight[c];
+    }
+    sums[tid] = s;
+    __syncthreads();
+    if (r == 0) {
+      float total = 0.0f;
+      for (int k = 0; k < R; ++k) total += sums[k * cols + cc];
+      e[static_cast<int64_t>(b) * d + j * dh + cc] = total / L;
+    }
+    if (m == nullptr) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int n = tid + i * kCombineThreads;
+        if (n < N) a[n] = expf(raw[i] - M) / L;
+      }
+      return;
+    }
+    const int64_t slot = stage.slots[b];
+    float* pa = stage.pending_attn[b] + (slot * heads + j) * N;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int n = tid + i * kCombineThreads;
+      if (n >= N) continue;
+      const float p = expf(raw[i] - M) / L;
+      pa[n] = p;
+      m[n] = old_mass[i] + p;
+    }
+    if (tid < dh) stage.pending_offer[b][slot * d + j * dh + tid] = stage.offer[b * stage.offer_ld + j * dh + tid];
+    return;
+  }
   float mx = -INFINITY;
   for (int c = tid; c < chunks; c += kCombineThreads) mx = fmaxf(mx, pb[c * stride + d + 2 * j]);
   const float M = BlockMax(mx, scratch);
   float ls = 0.0f;
   for (int c = tid; c < chunks; c += kCombineThreads) ls += pb[c * stride + d + 2 * j + 1] * expf(pb[c * stride + d + 2 * j] - M);
   const float L = BlockSum(ls, scratch);
-  // Columns in passes of up to kCombineThreads; R groups of threads split the chunks of a column.
-  const int cols = dh < kCombineThreads ? dh : kCombineThreads, R = kCombineThreads / cols;
-  const int r = tid / cols, cc = tid % cols;
   for (int col0 = 0; col0 < dh; col0 += cols) {
     const int col = col0 + cc;
     float s = 0.0f;
@@ -166,7 +226,6 @@ __global__ void __launch_bounds__(kCombineThreads)
       e[static_cast<int64_t>(b) * d + j * dh + col] = total / L;
     }
   }
-  float* a = attn + (static_cast<int64_t>(b) * heads + j) * N;
   if (stage.pending_attn == nullptr) {
     for (int n = tid; n < N; n += kCombineThreads) a[n] = expf(a[n] - M) / L;
     return;
