@@ -398,22 +398,7 @@ TEST_CASE("CausalAttention: decode and prefill kernels, GQA, over a KV cache", "
   INFO("T=" << T << " S=" << S << " H=" << H << " Hkv=" << Hkv << " D=" << D);
   auto q = Random(static_cast<std::size_t>(T * H * D)), k = Random(static_cast<std::size_t>(S * Hkv * D)),
        v = Random(static_cast<std::size_t>(S * Hkv * D));
-  std::vector<double> want(q.size(), 0.0);
-  for (int64_t h = 0; h < H; ++h) {
-    const int64_t kv = h / (H / Hkv);
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t visible = S - T + t + 1;
-      std::vector<double> s(static_cast<std::size_t>(visible));
-      for (int64_t j = 0; j < visible; ++j) {
-        double dot = 0;
-        for (int64_t c = 0; c < D; ++c) dot += static_cast<double>(q[(t * H + h) * D + c]) * k[(j * Hkv + kv) * D + c];
-        s[j] = dot / std::sqrt(static_cast<double>(D));
-      }
-      SoftmaxRows(s, 1, static_cast<std::size_t>(visible));
-      for (int64_t j = 0; j < visible; ++j)
-        for (int64_t c = 0; c < D; ++c) want[(t * H + h) * D + c] += s[j] * v[(j * Hkv + kv) * D + c];
-    }
-  }
+  const auto want = lm2::testing::CausalAttentionReference(q, k, v, T, S, H, Hkv, D);
   auto dq = Upload(q), dk = Upload(k), dv = Upload(v);
   using Fn = lm2::Status (*)(const float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
                              float*, cudaStream_t);

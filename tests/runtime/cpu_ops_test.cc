@@ -88,22 +88,7 @@ TEST_CASE("CausalAttention with grouped KV heads over a cache", "[ops]") {
     auto q = Random(T * H * D), k = Random(S * Hkv * D), v = Random(S * Hkv * D);
     auto out = Poisoned(T * H * D);
     CausalAttention(q.data(), k.data(), v.data(), T, S, H, Hkv, D, out.data());
-    std::vector<double> want(T * H * D, 0.0);
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t kv = h / (H / Hkv);
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t visible = S - T + t + 1;
-        std::vector<double> s(visible);
-        for (int64_t j = 0; j < visible; ++j) {
-          double dot = 0;
-          for (int64_t c = 0; c < D; ++c) dot += static_cast<double>(q[(t * H + h) * D + c]) * k[(j * Hkv + kv) * D + c];
-          s[j] = dot / std::sqrt(static_cast<double>(D));
-        }
-        SoftmaxRows(s, 1, static_cast<std::size_t>(visible));
-        for (int64_t j = 0; j < visible; ++j)
-          for (int64_t c = 0; c < D; ++c) want[(t * H + h) * D + c] += s[j] * v[(j * Hkv + kv) * D + c];
-      }
-    }
+    const auto want = lm2::testing::CausalAttentionReference(q, k, v, T, S, H, Hkv, D);
     INFO("T=" << T << " S=" << S);
     CHECK(RelErr(out, want) < kTol);
   }

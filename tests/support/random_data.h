@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -42,6 +43,32 @@ inline void SoftmaxRows(std::vector<double>& s, std::size_t rows, std::size_t co
     for (std::size_t c = 0; c < cols; ++c) sum += (s[r * cols + c] = std::exp(s[r * cols + c] - mx));
     for (std::size_t c = 0; c < cols; ++c) s[r * cols + c] /= sum;
   }
+}
+
+// Causal grouped-query attention in double: q [T, H*D] over a cache k, v [S, Hkv*D] whose
+// last T rows are the queries' own positions (query t sees positions <= S - T + t).
+inline std::vector<double> CausalAttentionReference(const std::vector<float>& q, const std::vector<float>& k,
+                                                    const std::vector<float>& v, int64_t T, int64_t S, int64_t H,
+                                                    int64_t Hkv, int64_t D) {
+  std::vector<double> want(static_cast<std::size_t>(T * H * D), 0.0);
+  auto at = [](int64_t i) { return static_cast<std::size_t>(i); };
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t kv = h / (H / Hkv);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t visible = S - T + t + 1;
+      std::vector<double> s(at(visible));
+      for (int64_t j = 0; j < visible; ++j) {
+        double dot = 0;
+        for (int64_t c = 0; c < D; ++c) dot += static_cast<double>(q[at((t * H + h) * D + c)]) * k[at((j * Hkv + kv) * D + c)];
+        s[at(j)] = dot / std::sqrt(static_cast<double>(D));
+      }
+      SoftmaxRows(s, 1, at(visible));
+      for (int64_t j = 0; j < visible; ++j) {
+        for (int64_t c = 0; c < D; ++c) want[at((t * H + h) * D + c)] += s[at(j)] * v[at((j * Hkv + kv) * D + c)];
+      }
+    }
+  }
+  return want;
 }
 
 // ‖got − want‖ / ‖want‖; NaN (so any `< bound` check fails) if an output was skipped and
