@@ -3,6 +3,8 @@
 #include <cstdint>
 #include <string>
 
+#include "model/tensor_names.h"
+
 namespace lm2::runtime::cpu {
 namespace {
 
@@ -48,31 +50,30 @@ Result<std::unique_ptr<CpuWeights>> CpuWeights::Load(std::shared_ptr<const Model
   w->layers.resize(static_cast<std::size_t>(cfg.num_layers));
   for (int64_t i = 0; i < cfg.num_layers; ++i) {
     LayerWeights& l = w->layers[static_cast<std::size_t>(i)];
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    LM2_RETURN_IF_ERROR(b.Bind(p + "self_attn.q_proj.weight", &l.q_proj));
-    LM2_RETURN_IF_ERROR(b.Bind(p + "self_attn.k_proj.weight", &l.k_proj));
-    LM2_RETURN_IF_ERROR(b.Bind(p + "self_attn.v_proj.weight", &l.v_proj));
-    LM2_RETURN_IF_ERROR(b.Bind(p + "self_attn.o_proj.weight", &l.o_proj));
-    LM2_RETURN_IF_ERROR(b.Bind(p + "mlp.gate_proj.weight", &l.gate_proj));
-    LM2_RETURN_IF_ERROR(b.Bind(p + "mlp.up_proj.weight", &l.up_proj));
-    LM2_RETURN_IF_ERROR(b.Bind(p + "mlp.down_proj.weight", &l.down_proj));
-    LM2_RETURN_IF_ERROR(b.Bind(p + "input_layernorm.weight", &l.input_norm));
-    LM2_RETURN_IF_ERROR(b.Bind(p + "post_attention_layernorm.weight", &l.post_norm));
+    const LayerTensorNames n(i);
+    LM2_RETURN_IF_ERROR(b.Bind(n.q_proj(), &l.q_proj));
+    LM2_RETURN_IF_ERROR(b.Bind(n.k_proj(), &l.k_proj));
+    LM2_RETURN_IF_ERROR(b.Bind(n.v_proj(), &l.v_proj));
+    LM2_RETURN_IF_ERROR(b.Bind(n.o_proj(), &l.o_proj));
+    LM2_RETURN_IF_ERROR(b.Bind(n.gate_proj(), &l.gate_proj));
+    LM2_RETURN_IF_ERROR(b.Bind(n.up_proj(), &l.up_proj));
+    LM2_RETURN_IF_ERROR(b.Bind(n.down_proj(), &l.down_proj));
+    LM2_RETURN_IF_ERROR(b.Bind(n.input_norm(), &l.input_norm));
+    LM2_RETURN_IF_ERROR(b.Bind(n.post_norm(), &l.post_norm));
     l.has_memory = cfg.layer_has_memory(i);
     if (!l.has_memory) continue;
-    const std::string m = p + "memory.";
     MemoryWeights& mw = l.memory;
-    LM2_RETURN_IF_ERROR(b.Bind(m + "read_q.weight", &mw.read_q));
-    LM2_RETURN_IF_ERROR(b.Bind(m + "read_k.weight", &mw.read_k));
-    LM2_RETURN_IF_ERROR(b.Bind(m + "read_v.weight", &mw.read_v));
-    LM2_RETURN_IF_ERROR(b.Bind(m + "write_v.weight", &mw.write_v));
-    LM2_RETURN_IF_ERROR(b.Bind(m + "out_gate.weight", &mw.out_gate_w));
-    LM2_RETURN_IF_ERROR(b.Bind(m + "out_gate.bias", &mw.out_gate_b));
-    LM2_RETURN_IF_ERROR(b.Bind(m + "in_gate.weight", &mw.in_gate_w));
-    LM2_RETURN_IF_ERROR(b.Bind(m + "in_gate.bias", &mw.in_gate_b));
-    LM2_RETURN_IF_ERROR(b.Bind(m + "forget_gate.weight", &mw.forget_gate_w));
-    LM2_RETURN_IF_ERROR(b.Bind(m + "forget_gate.bias", &mw.forget_gate_b));
-    if (cfg.memory_learned_init) LM2_RETURN_IF_ERROR(b.Bind(m + "init", &mw.init));
+    LM2_RETURN_IF_ERROR(b.Bind(n.memory_weight("read_q"), &mw.read_q));
+    LM2_RETURN_IF_ERROR(b.Bind(n.memory_weight("read_k"), &mw.read_k));
+    LM2_RETURN_IF_ERROR(b.Bind(n.memory_weight("read_v"), &mw.read_v));
+    LM2_RETURN_IF_ERROR(b.Bind(n.memory_weight("write_v"), &mw.write_v));
+    LM2_RETURN_IF_ERROR(b.Bind(n.memory_weight("out_gate"), &mw.out_gate_w));
+    LM2_RETURN_IF_ERROR(b.Bind(n.memory_bias("out_gate"), &mw.out_gate_b));
+    LM2_RETURN_IF_ERROR(b.Bind(n.memory_weight("in_gate"), &mw.in_gate_w));
+    LM2_RETURN_IF_ERROR(b.Bind(n.memory_bias("in_gate"), &mw.in_gate_b));
+    LM2_RETURN_IF_ERROR(b.Bind(n.memory_weight("forget_gate"), &mw.forget_gate_w));
+    LM2_RETURN_IF_ERROR(b.Bind(n.memory_bias("forget_gate"), &mw.forget_gate_b));
+    if (cfg.memory_learned_init) LM2_RETURN_IF_ERROR(b.Bind(n.memory_init(), &mw.init));
   }
   return w;
 }

@@ -7,6 +7,7 @@
 
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_resources.h"
+#include "model/tensor_names.h"
 #include "lm2/runtime/tensor.h"
 
 namespace lm2::runtime::cuda {
@@ -122,43 +123,39 @@ Result<std::unique_ptr<CudaWeights>> CudaWeights::Upload(const ModelFiles& files
   w->layers.resize(static_cast<std::size_t>(cfg.num_layers));
   for (int64_t i = 0; i < cfg.num_layers; ++i) {
     CudaLayerWeights& l = w->layers[static_cast<std::size_t>(i)];
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    const std::string m = p + "memory.";
+    const LayerTensorNames n(i);
     CudaMemoryWeights& mw = l.memory;
     l.has_memory = cfg.layer_has_memory(i);
     const int64_t qkv_rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim;
     if (l.has_memory) {
-      LM2_RETURN_IF_ERROR(up.Stacked({{p + "self_attn.q_proj.weight", &l.q_proj},
-                                      {p + "self_attn.k_proj.weight", &l.k_proj},
-                                      {p + "self_attn.v_proj.weight", &l.v_proj},
-                                      {m + "read_q.weight", &mw.read_q},
-                                      {m + "write_v.weight", &mw.write_v}},
+      LM2_RETURN_IF_ERROR(up.Stacked({{n.q_proj(), &l.q_proj},
+                                      {n.k_proj(), &l.k_proj},
+                                      {n.v_proj(), &l.v_proj},
+                                      {n.memory_weight("read_q"), &mw.read_q},
+                                      {n.memory_weight("write_v"), &mw.write_v}},
                                      &l.x_proj));
       l.x_proj_rows = qkv_rows + 2 * cfg.hidden_size;
     } else {
-      LM2_RETURN_IF_ERROR(up.Stacked({{p + "self_attn.q_proj.weight", &l.q_proj},
-                                      {p + "self_attn.k_proj.weight", &l.k_proj},
-                                      {p + "self_attn.v_proj.weight", &l.v_proj}},
+      LM2_RETURN_IF_ERROR(up.Stacked({{n.q_proj(), &l.q_proj}, {n.k_proj(), &l.k_proj}, {n.v_proj(), &l.v_proj}},
                                      &l.x_proj));
       l.x_proj_rows = qkv_rows;
     }
-    LM2_RETURN_IF_ERROR(up.Matrix(p + "self_attn.o_proj.weight", &l.o_proj));
-    LM2_RETURN_IF_ERROR(
-        up.Stacked({{p + "mlp.gate_proj.weight", &l.gate_proj}, {p + "mlp.up_proj.weight", &l.up_proj}}, &l.gate_up));
-    LM2_RETURN_IF_ERROR(up.Matrix(p + "mlp.down_proj.weight", &l.down_proj));
-    LM2_RETURN_IF_ERROR(up.Vector(p + "input_layernorm.weight", &l.input_norm));
-    LM2_RETURN_IF_ERROR(up.Vector(p + "post_attention_layernorm.weight", &l.post_norm));
+    LM2_RETURN_IF_ERROR(up.Matrix(n.o_proj(), &l.o_proj));
+    LM2_RETURN_IF_ERROR(up.Stacked({{n.gate_proj(), &l.gate_proj}, {n.up_proj(), &l.up_proj}}, &l.gate_up));
+    LM2_RETURN_IF_ERROR(up.Matrix(n.down_proj(), &l.down_proj));
+    LM2_RETURN_IF_ERROR(up.Vector(n.input_norm(), &l.input_norm));
+    LM2_RETURN_IF_ERROR(up.Vector(n.post_norm(), &l.post_norm));
     if (!l.has_memory) continue;
-    LM2_RETURN_IF_ERROR(up.Matrix(m + "read_k.weight", &mw.read_k));
-    LM2_RETURN_IF_ERROR(up.Matrix(m + "read_v.weight", &mw.read_v));
-    LM2_RETURN_IF_ERROR(up.Matrix(m + "out_gate.weight", &mw.out_gate_w));
-    LM2_RETURN_IF_ERROR(up.Vector(m + "out_gate.bias", &mw.out_gate_b));
-    LM2_RETURN_IF_ERROR(up.Matrix(m + "in_gate.weight", &mw.in_gate_w));
-    LM2_RETURN_IF_ERROR(up.Vector(m + "in_gate.bias", &mw.in_gate_b));
-    LM2_RETURN_IF_ERROR(up.Matrix(m + "forget_gate.weight", &mw.forget_gate_w));
-    LM2_RETURN_IF_ERROR(up.Vector(m + "forget_gate.bias", &mw.forget_gate_b));
+    LM2_RETURN_IF_ERROR(up.Matrix(n.memory_weight("read_k"), &mw.read_k));
+    LM2_RETURN_IF_ERROR(up.Matrix(n.memory_weight("read_v"), &mw.read_v));
+    LM2_RETURN_IF_ERROR(up.Matrix(n.memory_weight("out_gate"), &mw.out_gate_w));
+    LM2_RETURN_IF_ERROR(up.Vector(n.memory_bias("out_gate"), &mw.out_gate_b));
+    LM2_RETURN_IF_ERROR(up.Matrix(n.memory_weight("in_gate"), &mw.in_gate_w));
+    LM2_RETURN_IF_ERROR(up.Vector(n.memory_bias("in_gate"), &mw.in_gate_b));
+    LM2_RETURN_IF_ERROR(up.Matrix(n.memory_weight("forget_gate"), &mw.forget_gate_w));
+    LM2_RETURN_IF_ERROR(up.Vector(n.memory_bias("forget_gate"), &mw.forget_gate_b));
     if (cfg.memory_learned_init) {
-      LM2_RETURN_IF_ERROR(up.Vector(m + "init", &mw.init));
+      LM2_RETURN_IF_ERROR(up.Vector(n.memory_init(), &mw.init));
     } else {
       mw.init = identity;
     }

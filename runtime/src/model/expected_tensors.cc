@@ -2,6 +2,7 @@
 #include <algorithm>
 
 #include "lm2/runtime/model_files.h"
+#include "model/tensor_names.h"
 
 namespace lm2::runtime {
 
@@ -11,24 +12,23 @@ std::vector<TensorSpec> ExpectedTensors(const ModelConfig& c) {
   std::vector<TensorSpec> out = {{"model.embed_tokens.weight", {v, d}}, {"model.norm.weight", {d}}};
   if (!c.tie_word_embeddings) out.push_back({"lm_head.weight", {v, d}});
   for (int64_t i = 0; i < c.num_layers; ++i) {
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    out.push_back({p + "self_attn.q_proj.weight", {q_out, d}});
-    out.push_back({p + "self_attn.k_proj.weight", {kv_out, d}});
-    out.push_back({p + "self_attn.v_proj.weight", {kv_out, d}});
-    out.push_back({p + "self_attn.o_proj.weight", {d, q_out}});
-    out.push_back({p + "mlp.gate_proj.weight", {f, d}});
-    out.push_back({p + "mlp.up_proj.weight", {f, d}});
-    out.push_back({p + "mlp.down_proj.weight", {d, f}});
-    out.push_back({p + "input_layernorm.weight", {d}});
-    out.push_back({p + "post_attention_layernorm.weight", {d}});
+    const LayerTensorNames n(i);
+    out.push_back({n.q_proj(), {q_out, d}});
+    out.push_back({n.k_proj(), {kv_out, d}});
+    out.push_back({n.v_proj(), {kv_out, d}});
+    out.push_back({n.o_proj(), {d, q_out}});
+    out.push_back({n.gate_proj(), {f, d}});
+    out.push_back({n.up_proj(), {f, d}});
+    out.push_back({n.down_proj(), {d, f}});
+    out.push_back({n.input_norm(), {d}});
+    out.push_back({n.post_norm(), {d}});
     if (c.layer_has_memory(i)) {
-      const std::string m = p + "memory.";
-      for (const char* n : {"read_q", "read_k", "read_v", "write_v"}) out.push_back({m + n + ".weight", {d, d}});
-      for (const char* n : {"out_gate", "in_gate", "forget_gate"}) {
-        out.push_back({m + n + ".weight", {d, d}});
-        out.push_back({m + n + ".bias", {d}});
+      for (const char* w : {"read_q", "read_k", "read_v", "write_v"}) out.push_back({n.memory_weight(w), {d, d}});
+      for (const char* g : {"out_gate", "in_gate", "forget_gate"}) {
+        out.push_back({n.memory_weight(g), {d, d}});
+        out.push_back({n.memory_bias(g), {d}});
       }
-      if (c.memory_learned_init) out.push_back({m + "init", {c.memory_slots, d}});
+      if (c.memory_learned_init) out.push_back({n.memory_init(), {c.memory_slots, d}});
     }
   }
   std::sort(out.begin(), out.end(), [](const TensorSpec& a, const TensorSpec& b) { return a.name < b.name; });
