@@ -475,20 +475,25 @@ TEST_CASE("CUDA continuous batching: threads generating at once share steps, rep
   RequireOk(tokenizer.status());
   const std::vector<std::string> messages = {"Mary went to the kitchen.", "Where is the ball?", "John is here.",
                                              "The cat sleeps.", "Sandra took the milk."};
-  auto reply = [&](const std::string& text, lm2::runtime::DecodeBatcher* batcher) {
-    auto state = NewState(*gpu);
-    auto prompt = (*tokenizer)->RenderUserTurn(text, /*first_turn=*/true);
-    RequireOk(prompt.status());
+  // Runs on worker threads: no Catch assertions there (Catch is not thread-safe); the
+  // status comes back and is checked on the main thread.
+  auto reply = [&](const std::string& text, lm2::runtime::DecodeBatcher* batcher) -> lm2::Result<std::vector<int32_t>> {
+    LM2_ASSIGN_OR_RETURN(auto state, gpu->NewState());
+    LM2_ASSIGN_OR_RETURN(auto prompt, (*tokenizer)->RenderUserTurn(text, /*first_turn=*/true));
     lm2::runtime::Sampler sampler(lm2::runtime::SamplingOptions{});
     lm2::runtime::GenerateOptions o;
     o.max_tokens = 20;
     o.batcher = batcher;
-    auto r = lm2::runtime::Generate(*gpu, *state, **tokenizer, sampler, *prompt, o);
-    RequireOk(r.status());
-    return r->tokens;
+    LM2_ASSIGN_OR_RETURN(auto r, lm2::runtime::Generate(*gpu, *state, **tokenizer, sampler, prompt, o));
+    return r.tokens;
   };
-  std::vector<std::vector<int32_t>> alone, together(messages.size());
-  for (const auto& m : messages) alone.push_back(reply(m, nullptr));
+  std::vector<std::vector<int32_t>> alone;
+  std::vector<lm2::Result<std::vector<int32_t>>> together(messages.size(), lm2::Status::Internal("not run"));
+  for (const auto& m : messages) {
+    auto r = reply(m, nullptr);
+    RequireOk(r.status());
+    alone.push_back(*r);
+  }
   lm2::runtime::DecodeBatcherOptions bo;
   bo.gather = static_cast<int64_t>(messages.size());
   bo.gather_wait = std::chrono::seconds(10);
@@ -498,7 +503,10 @@ TEST_CASE("CUDA continuous batching: threads generating at once share steps, rep
     threads.emplace_back([&, i] { together[i] = reply(messages[i], &batcher); });
   }
   for (auto& t : threads) t.join();
-  for (std::size_t i = 0; i < messages.size(); ++i) CHECK(together[i] == alone[i]);
+  for (std::size_t i = 0; i < messages.size(); ++i) {
+    RequireOk(together[i].status());
+    CHECK(*together[i] == alone[i]);
+  }
   const auto stats = batcher.stats();
   std::printf("continuous batching: %lld steps in %lld batched calls, largest %lld\n",
               static_cast<long long>(stats.steps), static_cast<long long>(stats.batches),

@@ -158,15 +158,14 @@ TEST_CASE("Generate: context limits", "[generate]") {
 
 TEST_CASE("DecodeBatcher: threads at once get the replies they get alone, in shared steps", "[generate]") {
   Fixture f;
-  // A reply of 10 tokens to `text` on a fresh state; with `batcher`, through it.
-  auto reply = [&f](const std::string& text, const SamplingOptions& so, DecodeBatcher* batcher) {
-    auto s = f.State();
+  // A reply of 10 tokens on `state`; with `batcher`, through it. Runs on worker threads, so
+  // no Catch assertions inside (Catch is not thread-safe): the result is checked after.
+  auto reply = [&f](SequenceState& state, const std::vector<int32_t>& prompt, const SamplingOptions& so,
+                    DecodeBatcher* batcher) {
     GenerateOptions o;
     o.max_tokens = 10;
     o.batcher = batcher;
-    auto r = f.Run(*s, f.Prompt(text), o, nullptr, so);
-    REQUIRE(r.ok());
-    return r->tokens;
+    return f.Run(state, prompt, o, nullptr, so);
   };
   const std::vector<std::string> messages = {"Mary went to the kitchen.", "Where is the ball?", "John is here.",
                                              "The cat sleeps."};
@@ -177,18 +176,30 @@ TEST_CASE("DecodeBatcher: threads at once get the replies they get alone, in sha
   for (const SamplingOptions& so : {SamplingOptions{}, sampled}) {  // greedy steps, then steps with logits
     INFO("temperature " << so.temperature);
     std::vector<std::vector<int32_t>> alone;
-    for (const auto& m : messages) alone.push_back(reply(m, so, nullptr));
+    std::vector<std::vector<int32_t>> prompts;
+    std::vector<std::unique_ptr<SequenceState>> states;
+    for (const auto& m : messages) {
+      prompts.push_back(f.Prompt(m));
+      auto s = f.State();
+      auto r = reply(*s, prompts.back(), so, nullptr);
+      REQUIRE(r.ok());
+      alone.push_back(r->tokens);
+      states.push_back(f.State());
+    }
     DecodeBatcherOptions bo;
     bo.gather = static_cast<int64_t>(messages.size());  // the first steps wait for each other
     bo.gather_wait = std::chrono::seconds(5);
     DecodeBatcher batcher(*f.model, bo);
-    std::vector<std::vector<int32_t>> together(messages.size());
+    std::vector<lm2::Result<GenerateResult>> together(messages.size(), lm2::Status::Internal("not run"));
     std::vector<std::thread> threads;
     for (std::size_t i = 0; i < messages.size(); ++i) {
-      threads.emplace_back([&, i] { together[i] = reply(messages[i], so, &batcher); });
+      threads.emplace_back([&, i] { together[i] = reply(*states[i], prompts[i], so, &batcher); });
     }
     for (auto& t : threads) t.join();
-    for (std::size_t i = 0; i < messages.size(); ++i) CHECK(together[i] == alone[i]);
+    for (std::size_t i = 0; i < messages.size(); ++i) {
+      REQUIRE(together[i].ok());
+      CHECK(together[i]->tokens == alone[i]);
+    }
     const auto stats = batcher.stats();
     CHECK(stats.largest == static_cast<int64_t>(messages.size()));
     CHECK(stats.batches < stats.steps);
