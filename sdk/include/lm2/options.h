@@ -47,7 +47,8 @@ struct EngineOptions {
   Backend backend = Backend::kAuto;  // Default: kAuto (GPU if present, else CPU); ModelInfo::backend says which
   // Sessions chatting at the same time on different threads share batched decode steps
   // (one forward for all of them, each with its own context and memory) where the backend
-  // gains from it: the GPU. Replies are the same as decoding alone. Default: true
+  // gains from it: the GPU. Bit-identical to decoding alone within the GPU's GEMV row
+  // limit, else equal to fp32 rounding (docs/sdk.md). Default: true
   bool batch_decode = true;
 
   // Keys (tenant KEKs) that encrypt the store, first match wins:
