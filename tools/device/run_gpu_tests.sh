@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs lm2's GPU tests on the GPU machine from the bundle made by make_gpu_bundle.sh:
 # the CUDA op tests, the whole-model tests (golden files, greedy tokens vs the CPU backend,
-# export/import, threads, backend choice), device discovery, `lm2 generate` end to end on
-# the GPU (tests/runtime/cli_generate_test.sh), then compute-sanitizer memcheck over the op
-# and model tests. Run from the repository root; logs go to $OUT (or device_bundle/logs).
+# export/import, threads, backend choice, continuous batching), device discovery, `lm2
+# generate` end to end on the GPU (tests/runtime/cli_generate_test.sh), the SDK's GPU case
+# (sessions chatting at once through the engine's decode batcher: sdk_tests "[gpu]"), then
+# compute-sanitizer memcheck over the op and model tests. Run from the repository root; logs go to $OUT (or device_bundle/logs).
 #
 #   device run: tools/device/run_gpu_tests.sh        (carry device_bundle)
 #
