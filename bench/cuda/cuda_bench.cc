@@ -30,6 +30,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/cuda_ops.h"
@@ -327,6 +328,100 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
   }
 }
 
+// The parts of one batched decode step of B sessions (context S each), per layer, back to
+// back on one stream: where a many-session step's time goes. Each session has its own
+// memory K/V (bf16) and KV cache; the linear layers run cuBLAS at B rows (past the GEMV
+// limit). Printed after the batch-1 breakdown.
+void BatchedStepParts(const lm2::runtime::ModelConfig& c, int64_t S, int64_t B) {
+  const int64_t d = c.hidden_size, F = c.intermediate_size, N = c.memory_slots, Hm = c.memory_heads;
+  const int64_t H = c.num_heads, Hkv = c.num_kv_heads, Dh = c.head_dim, qdim = H * Dh, kvdim = Hkv * Dh;
+  const int64_t P = qdim + 2 * kvdim + (c.has_memory() ? 2 * d : 0);
+  auto kv = Take(cuda::DeviceBuffer<__nv_bfloat16>::Allocate(static_cast<std::size_t>(B * 2 * N * d)), "alloc");
+  auto caches = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(B * 2 * S * kvdim)), "alloc");
+  const int64_t big = std::max({2 * F * d, P * d, c.vocab_size * d});
+  auto w = Take(cuda::DeviceBuffer<__nv_bfloat16>::Allocate(static_cast<std::size_t>(big)), "alloc");
+  auto xb = Take(cuda::DeviceBuffer<__nv_bfloat16>::Allocate(static_cast<std::size_t>(B * std::max(F, d))), "alloc");
+  auto y = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(B * std::max({2 * F, P, c.vocab_size}))),
+                "alloc");
+  auto attn = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(B * Hm * N)), "alloc");
+  auto q = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(B * std::max(P, qdim))), "alloc");
+  auto e = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(B * d)), "alloc");
+  auto scratch = Take(cuda::DeviceBuffer<float>::Allocate(
+                          static_cast<std::size_t>(cuda::MemoryReadDecodeScratch(B, N, d, Hm))), "alloc");
+  auto pos = Take(cuda::DeviceBuffer<int64_t>::Allocate(static_cast<std::size_t>(B)), "alloc");
+  for (auto* buf : {&caches, &y, &attn, &q, &e}) Check(buf->FillBytes(0, nullptr), "fill");
+  Check(kv.FillBytes(0x3c, nullptr), "fill");
+  Check(w.FillBytes(0x3c, nullptr), "fill");
+  Check(xb.FillBytes(0x3c, nullptr), "fill");
+  std::vector<int64_t> positions(static_cast<std::size_t>(B), S - 1);
+  Check(pos.CopyFromHost(positions.data(), positions.size(), nullptr), "copy");
+  std::vector<const __nv_bfloat16*> kp, vp;
+  std::vector<float*> kc, vc;
+  for (int64_t b = 0; b < B; ++b) {
+    kp.push_back(kv.data() + (2 * b) * N * d);
+    vp.push_back(kv.data() + (2 * b + 1) * N * d);
+    kc.push_back(caches.data() + (2 * b) * S * kvdim);
+    vc.push_back(caches.data() + (2 * b + 1) * S * kvdim);
+  }
+  auto upload = [](const auto& host) {
+    using T = typename std::decay_t<decltype(host)>::value_type;
+    auto b = Take(cuda::DeviceBuffer<T>::Allocate(host.size()), "alloc");
+    Check(b.CopyFromHost(host.data(), host.size(), nullptr), "copy");
+    return b;
+  };
+  auto dkp = upload(kp), dvp = upload(vp);
+  auto dkc = upload(kc), dvc = upload(vc);
+  auto stream = Take(cuda::CudaStream::Create(), "stream");
+  auto blas = Take(cuda::CublasHandle::Create(), "cublas");
+  const cudaStream_t st = stream.get();
+  cublasHandle_t h = blas.get();
+  auto linear = [&](int64_t in, int64_t out) {
+    return TimeOp(st, [&] { return cuda::Linear(h, xb.data(), B, in, w.data(), out, y.data(), false, st); }, 50);
+  };
+  struct Part {
+    const char* name;
+    double per_layer;  // launches per layer
+    double s;
+    double bytes;
+  };
+  const double wb = 2.0;  // bf16
+  const std::vector<Part> parts = {
+      {"cuBLAS B x d -> q|k|v|mem q|offer", 1, linear(d, P), wb * static_cast<double>(d * P)},
+      {"SplitQkvRopeBatch", 1,
+       TimeOp(st, [&] {
+         return cuda::SplitQkvRopeBatch(y.data(), B, P, H, Hkv, Dh, pos.data(), c.rope_theta, q.data(), dkc.data(),
+                                        dvc.data(), st);
+       }, 50), 0},
+      {"CausalAttentionDecodeBatch", 1,
+       TimeOp(st, [&] {
+         return cuda::CausalAttentionDecodeBatch(q.data(), dkc.data(), dvc.data(), pos.data(), B, H, Hkv, Dh,
+                                                 y.data(), st);
+       }, 50), 4.0 * static_cast<double>(B * 2 * S * kvdim)},
+      {"cuBLAS B x qdim -> d (o_proj) and B x d -> d (out_gate)", 2, linear(qdim, d), wb * static_cast<double>(d * qdim)},
+      {"MemoryReadBatch (B sessions' K/V)", 1,
+       TimeOp(st, [&] {
+         return cuda::MemoryReadBatch(q.data(), P, dkp.data(), dvp.data(), B, N, d, Hm, attn.data(), e.data(),
+                                      scratch.data(), nullptr, st);
+       }, 20), wb * static_cast<double>(B * 2 * N * d)},
+      {"cuBLAS B x d -> 2F (gate|up)", 1, linear(d, 2 * F), wb * static_cast<double>(d * 2 * F)},
+      {"cuBLAS B x F -> d (down)", 1, linear(F, d), wb * static_cast<double>(F * d)},
+  };
+  const double L = static_cast<double>(c.num_layers);
+  double per_layer = 0;
+  std::printf("a batched decode step of %lld sessions by part (per layer, context %lld):\n", static_cast<long long>(B),
+              static_cast<long long>(S));
+  for (const Part& p : parts) {
+    std::printf("  %-55s %8.1f us x %1.0f", p.name, p.s * 1e6, p.per_layer);
+    if (p.bytes > 0) std::printf("  (%.0f GB/s)", p.bytes / p.s / 1e9);
+    std::printf("\n");
+    per_layer += p.s * p.per_layer;
+  }
+  const double head = TimeOp(st, [&] { return cuda::Linear(h, xb.data(), B, d, w.data(), c.vocab_size, y.data(), false, st); }, 20);
+  std::printf("  %-55s %8.1f us\n", "cuBLAS B x d -> V (LM head, once)", head * 1e6);
+  std::printf("  %-55s %8.3f ms (+ elementwise kernels, staging and flushes)\n", "sum over the layers and the head",
+              (per_layer * L + head) * 1e3);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -380,6 +475,7 @@ int main(int argc, char** argv) {
                     cfg.num_layers,
                     static_cast<int64_t>(cfg.memory_layers.size())};
   DecodeOpBreakdown(cfg, prompt_tokens + decode_tokens / 2);
+  if (!sessions.empty()) BatchedStepParts(cfg, prompt_tokens + decode_tokens / 2, sessions.back());
   std::ostringstream json;
   json << "{\"device\": \"" << dev.name << "\", \"copy_bandwidth_Bps\": " << bw << ", \"gemm_flops\": " << gemm;
 
