@@ -192,6 +192,27 @@ double Decode(const Model& m, SequenceState& s, int64_t steps, std::vector<float
   return Seconds(t0, Clock::now());
 }
 
+// One op's mean time, how often it runs (per step or per layer), and the bytes it must
+// stream (weights or memory K/V; 0: not shown).
+struct OpTime {
+  const char* name;
+  double count;
+  double s;
+  double bytes = 0;
+};
+
+// Prints each op's time x count (and GB/s where bytes are known); returns Σ time x count.
+double PrintOpTimes(const std::vector<OpTime>& ops) {
+  double total = 0;
+  for (const OpTime& op : ops) {
+    std::printf("  %-55s %8.1f us x %4.0f = %7.3f ms", op.name, op.s * 1e6, op.count, op.s * op.count * 1e3);
+    if (op.bytes > 0) std::printf("  (%.0f GB/s)", op.bytes / op.s / 1e9);
+    std::printf("\n");
+    total += op.s * op.count;
+  }
+  return total;
+}
+
 // Each op of one decode step at the model's shapes (one token, context S), back to back on
 // one stream: where a decode step's time goes, and the sum over a step's op counts.
 void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
@@ -238,12 +259,6 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
   const cudaStream_t st = stream.get();
   cublasHandle_t h = blas.get();
   float* x = f1.data();
-  struct Row {
-    const char* name;
-    double per_step;  // launches of this op per decode step
-    double s;
-    double bytes = 0;  // weight or memory K/V bytes streamed: GB/s shown
-  };
   const double L = static_cast<double>(c.num_layers), M = static_cast<double>(c.memory_layers.size());
   const int64_t P = qdim + 2 * kvdim + (c.has_memory() ? 2 * d : 0);  // the stacked x projection
   // The decode step's linear layers as the model runs them (gemv.cu), one token.
@@ -268,7 +283,7 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
   auto wbytes = [](int64_t in, int64_t out) { return 2.0 * static_cast<double>(in) * static_cast<double>(out); };
   using cuda::GemvInput;
   using cuda::GemvOutput;
-  std::vector<Row> rows = {
+  const std::vector<OpTime> rows = {
       {"EmbeddingLookup", 1,
        TimeOp(st, [&] { return cuda::EmbeddingLookup(w.data(), c.vocab_size, d, ids.data(), 1, x, st); })},
       {"Gemv RMSNorm -> q|k|v|mem q|offer (stacked)", L, gemv(GemvInput::kRmsNorm, d, P, GemvOutput::kStore),
@@ -297,14 +312,9 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
       {"Gemv RMSNorm -> LM head", 1, gemv(GemvInput::kRmsNorm, d, c.vocab_size, GemvOutput::kStore),
        wbytes(d, c.vocab_size)},
   };
-  double total = 0;
-  std::printf("decode step by op (context %lld; mean of 200 back-to-back launches each):\n", static_cast<long long>(S));
-  for (const Row& r : rows) {
-    std::printf("  %-55s %8.1f us x %4.0f = %7.3f ms", r.name, r.s * 1e6, r.per_step, r.s * r.per_step * 1e3);
-    if (r.bytes > 0) std::printf("  (%.0f GB/s of weights or memory K/V)", r.bytes / r.s / 1e9);
-    std::printf("\n");
-    total += r.s * r.per_step;
-  }
+  std::printf("decode step by op (context %lld; mean of 200 back-to-back launches each; counts per step):\n",
+              static_cast<long long>(S));
+  const double total = PrintOpTimes(rows);
   std::printf("  %-55s %30.3f ms\n", "sum (one decode step's ops, no host work)", total * 1e3);
   // The same shapes through cuBLAS (the path of longer chunks), for comparison.
   const std::pair<const char*, std::pair<int64_t, int64_t>> blas_rows[] = {
@@ -378,14 +388,8 @@ void BatchedStepParts(const lm2::runtime::ModelConfig& c, int64_t S, int64_t B) 
   auto linear = [&](int64_t in, int64_t out) {
     return TimeOp(st, [&] { return cuda::Linear(h, xb.data(), B, in, w.data(), out, y.data(), false, st); }, 50);
   };
-  struct Part {
-    const char* name;
-    double per_layer;  // launches per layer
-    double s;
-    double bytes;
-  };
   const double wb = 2.0;  // bf16
-  const std::vector<Part> parts = {
+  const std::vector<OpTime> parts = {
       {"cuBLAS B x d -> q|k|v|mem q|offer", 1, linear(d, P), wb * static_cast<double>(d * P)},
       {"SplitQkvRopeBatch", 1,
        TimeOp(st, [&] {
@@ -407,15 +411,9 @@ void BatchedStepParts(const lm2::runtime::ModelConfig& c, int64_t S, int64_t B) 
       {"cuBLAS B x F -> d (down)", 1, linear(F, d), wb * static_cast<double>(F * d)},
   };
   const double L = static_cast<double>(c.num_layers);
-  double per_layer = 0;
-  std::printf("a batched decode step of %lld sessions by part (per layer, context %lld):\n", static_cast<long long>(B),
-              static_cast<long long>(S));
-  for (const Part& p : parts) {
-    std::printf("  %-55s %8.1f us x %1.0f", p.name, p.s * 1e6, p.per_layer);
-    if (p.bytes > 0) std::printf("  (%.0f GB/s)", p.bytes / p.s / 1e9);
-    std::printf("\n");
-    per_layer += p.s * p.per_layer;
-  }
+  std::printf("a batched decode step of %lld sessions by part (context %lld; counts per layer):\n",
+              static_cast<long long>(B), static_cast<long long>(S));
+  const double per_layer = PrintOpTimes(parts);
   const double head = TimeOp(st, [&] { return cuda::Linear(h, xb.data(), B, d, w.data(), c.vocab_size, y.data(), false, st); }, 20);
   std::printf("  %-55s %8.1f us\n", "cuBLAS B x d -> V (LM head, once)", head * 1e6);
   std::printf("  %-55s %8.3f ms (+ elementwise kernels, staging and flushes)\n", "sum over the layers and the head",

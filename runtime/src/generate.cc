@@ -130,13 +130,14 @@ Result<GenerateResult> Generate(const Model& model, SequenceState& state, const 
   std::vector<int32_t> picked;  // the model's argmax of the last step, when argmax_only
   // One decode step: the argmax or the logits for the token after `token`.
   const auto step = [&](int32_t token) -> Status {
-    if (options.batcher != nullptr) {
-      picked.resize(argmax_only ? 1 : 0);
-      return options.batcher->Step(state, token, argmax_only ? picked.data() : nullptr,
-                                   argmax_only ? nullptr : &logits);
+    const std::span<const int32_t> tokens(&token, 1);
+    if (argmax_only) {
+      if (options.batcher == nullptr) return model.ForwardBatchGreedy(one, tokens, &picked);
+      picked.resize(1);
+      return options.batcher->Step(state, token, picked.data(), nullptr);
     }
-    if (argmax_only) return model.ForwardBatchGreedy(one, std::span<const int32_t>(&token, 1), &picked);
-    return model.Forward(state, std::span<const int32_t>(&token, 1), LogitsMode::kLast, &logits);
+    if (options.batcher == nullptr) return model.Forward(state, tokens, LogitsMode::kLast, &logits);
+    return options.batcher->Step(state, token, nullptr, &logits);
   };
   while (true) {
     if (cancelled()) return Status::Cancelled("generation cancelled");
@@ -158,15 +159,12 @@ Result<GenerateResult> Generate(const Model& model, SequenceState& state, const 
     const bool last = is_stop || stop_string || static_cast<int32_t>(result.tokens.size()) >= options.max_tokens;
     if (last) {
       LM2_RETURN_IF_ERROR(model.Forward(state, std::span<const int32_t>(&next, 1), LogitsMode::kNone, nullptr));
-    } else {
-      LM2_RETURN_IF_ERROR(step(next));
-    }
-    if (last) {
       result.stop = is_stop ? StopReason::kStopToken
                     : stop_string ? StopReason::kStopString
                                   : StopReason::kMaxTokens;
       break;
     }
+    LM2_RETURN_IF_ERROR(step(next));
     emit_upto(result.text.size() - matcher.Holdback(result.text));
   }
   if (result.stop != StopReason::kStopString && result.stop != StopReason::kStopToken &&

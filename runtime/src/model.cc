@@ -63,7 +63,8 @@ Status Model::ForwardBatch(std::span<SequenceState* const> states, std::span<con
 
 Status Model::ForwardBatchGreedy(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
                                  std::vector<int32_t>* next) const {
-  LM2_RETURN_IF_ERROR(CheckBatch(states, tokens, next));
+  // ForwardBatch checks the rest.
+  if (next == nullptr) return Status::InvalidArgument("ForwardBatchGreedy: no output vector");
   std::vector<float> logits;
   LM2_RETURN_IF_ERROR(ForwardBatch(states, tokens, &logits));
   const int64_t V = config().vocab_size;

@@ -18,7 +18,6 @@ namespace {
 constexpr int kDecodeThreads = 128;  // 4 warps; warp w takes keys [8w, 8w + 8), then 32 further on
 constexpr int kDecodeWarps = kDecodeThreads / 32;
 constexpr int kDecodeKeys = 8;       // keys a warp has in flight at once
-constexpr int kMaxDecodeHeadDim = 256;
 
 // Where query row t's keys and values are, and how many it sees: one cache for T queries at
 // its end (a sequence), or one cache per row at that row's position (a batch of sessions).

@@ -660,12 +660,11 @@ class CudaModel final : public Model {
                                          sc.e.data(), sc.read_b.data(), st));
         }
         LM2_RETURN_IF_ERROR(OutputGate(s, n, mw, h));
-        if (batch != nullptr) {
-          // staged by the read
-        } else if (n == 1) {
+        // The write sums (a batched step's were staged by its read).
+        if (batch == nullptr && n == 1) {
           LM2_RETURN_IF_ERROR(
               AccumulateWriteOneToken(sc.mattn.data(), offer, N, d, Hm, ls.mass.data(), ls.acc.data(), st));
-        } else {
+        } else if (batch == nullptr) {
           LM2_RETURN_IF_ERROR(
               AccumulateWrite(blas, sc.mattn.data(), offer, P, n, N, d, Hm, ls.mass.data(), ls.acc.data(), st));
         }
@@ -792,8 +791,9 @@ Result<std::unique_ptr<Model>> LoadCudaModel(std::shared_ptr<const ModelFiles> f
   if (cfg.vocab_size >= kMax || cfg.memory_slots * cfg.memory_heads >= kMax) {
     return Status::Unimplemented("model dimensions exceed what the CUDA backend addresses");
   }
-  if (cfg.head_dim > 256) {  // the decode attention kernel keeps a head's row in registers
-    return Status::Unimplemented("head_dim " + std::to_string(cfg.head_dim) + " above 256 on the CUDA backend");
+  if (cfg.head_dim > cuda::kMaxDecodeHeadDim) {  // the decode attention kernel keeps a head's row in registers
+    return Status::Unimplemented("head_dim " + std::to_string(cfg.head_dim) + " above " +
+                                 std::to_string(cuda::kMaxDecodeHeadDim) + " on the CUDA backend");
   }
   LM2_RETURN_IF_ERROR(cuda::UseDevice(options.device));
   LM2_ASSIGN_OR_RETURN(auto weights, cuda::CudaWeights::Upload(*files, options.device));

@@ -162,9 +162,10 @@ Status CausalAttention(const float* q, const float* k_cache, const float* v_cach
                        int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream);
 
 // The two kernels behind CausalAttention, callable directly (tests run both on every
-// shape). Decode (head_dim <= 256): one block per (query, head), warps stream over the keys
-// 8 at a time with an online softmax each. Prefill: a block per (16-query tile, head), 32-key tiles through shared
-// memory, online softmax per query row.
+// shape). Decode (head_dim <= kMaxDecodeHeadDim): one block per (query, head), warps stream
+// over the keys 8 at a time with an online softmax each. Prefill: a block per (16-query
+// tile, head), 32-key tiles through shared memory, online softmax per query row.
+inline constexpr int64_t kMaxDecodeHeadDim = 256;  // the decode kernel keeps a head's row in registers
 Status CausalAttentionDecode(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
                              int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream);
 Status CausalAttentionPrefill(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
