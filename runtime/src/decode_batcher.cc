@@ -10,11 +10,9 @@ DecodeBatcher::DecodeBatcher(const Model& model, const DecodeBatcherOptions& opt
   options_.gather = std::clamp<int64_t>(options_.gather, 1, options_.max_batch);
 }
 
-Status DecodeBatcher::Step(SequenceState& state, int32_t token, int32_t* next, std::vector<float>* logits) {
-  if ((next == nullptr) == (logits == nullptr)) {
-    return Status::InvalidArgument("DecodeBatcher::Step: exactly one of next and logits");
-  }
-  Request req{&state, token, next, logits, Status::Ok()};
+Status DecodeBatcher::Step(SequenceState& state, int32_t token, const TokenRule& rule, int32_t* next) {
+  if (next == nullptr) return Status::InvalidArgument("DecodeBatcher::Step: no output");
+  Request req{&state, token, &rule, next, Status::Ok()};
   std::unique_lock<std::mutex> lock(mu_);
   waiting_.push_back(&req);
   cv_.notify_all();  // a thread gathering a batch may be waiting for this step
@@ -54,40 +52,26 @@ DecodeBatcher::Stats DecodeBatcher::stats() const {
 }
 
 void DecodeBatcher::Run(const std::vector<Request*>& batch) const {
-  std::vector<Request*> greedy, sampled;
-  for (Request* r : batch) (r->next != nullptr ? greedy : sampled).push_back(r);
-  if (!greedy.empty()) RunGroup(greedy, true);
-  if (!sampled.empty()) RunGroup(sampled, false);
-}
-
-void DecodeBatcher::RunGroup(const std::vector<Request*>& group, bool greedy) const {
   std::vector<SequenceState*> states;
   std::vector<int32_t> tokens;
-  for (const Request* r : group) {
+  std::vector<TokenRule> rules;
+  for (const Request* r : batch) {
     states.push_back(r->state);
     tokens.push_back(r->token);
+    rules.push_back(*r->rule);
   }
   std::vector<int32_t> next;
-  std::vector<float> logits;
-  const Status st = greedy ? model_.ForwardBatchGreedy(states, tokens, &next) : model_.ForwardBatch(states, tokens, &logits);
+  const Status st = model_.ForwardBatchSample(states, tokens, rules, &next);
   // Input errors are found before any state changes: then each step runs alone and gets its
   // own answer. Anything else (a device fault) belongs to the whole batch.
   const bool refused = st.code() == StatusCode::kInvalidArgument || st.code() == StatusCode::kOutOfRange;
-  if (!st.ok() && refused && group.size() > 1) {
-    for (Request* r : group) RunGroup({r}, greedy);
+  if (!st.ok() && refused && batch.size() > 1) {
+    for (Request* r : batch) Run({r});
     return;
   }
-  const auto V = static_cast<std::size_t>(model_.config().vocab_size);
-  for (std::size_t i = 0; i < group.size(); ++i) {
-    Request* r = group[i];
-    r->status = st;
-    if (!st.ok()) continue;
-    if (greedy) {
-      *r->next = next[i];
-    } else {
-      r->logits->assign(logits.begin() + static_cast<std::ptrdiff_t>(i * V),
-                        logits.begin() + static_cast<std::ptrdiff_t>((i + 1) * V));
-    }
+  for (std::size_t i = 0; i < batch.size(); ++i) {
+    batch[i]->status = st;
+    if (st.ok()) *batch[i]->next = next[i];
   }
 }
 

@@ -122,22 +122,19 @@ Result<GenerateResult> Generate(const Model& model, SequenceState& state, const 
 
   t0 = Clock::now();
   const int64_t max_context = model.config().max_position_embeddings;
-  // Greedy decoding without a repetition penalty needs only each step's argmax: the model
-  // picks it where the logits are (on the GPU, no logits cross to the host). The sampler's
-  // greedy choice is the same argmax, and greedy sampling draws nothing from its RNG.
-  const bool argmax_only = sampler.options().temperature == 0.0f && sampler.options().repetition_penalty == 1.0f;
+  // Each decode step picks the token after it where the logits are (on the GPU, no logits
+  // cross to the host): the sampler makes its draw here and the model applies the rule.
+  // The first token comes from the prefill's logits.
   SequenceState* const one[] = {&state};
-  std::vector<int32_t> picked;  // the model's argmax of the last step, when argmax_only
-  // One decode step: the argmax or the logits for the token after `token`.
+  std::vector<int32_t> picked;
   const auto step = [&](int32_t token) -> Status {
-    const std::span<const int32_t> tokens(&token, 1);
-    if (argmax_only) {
-      if (options.batcher == nullptr) return model.ForwardBatchGreedy(one, tokens, &picked);
-      picked.resize(1);
-      return options.batcher->Step(state, token, picked.data(), nullptr);
+    const TokenRule rule = sampler.Rule(history);
+    if (options.batcher == nullptr) {
+      return model.ForwardBatchSample(one, std::span<const int32_t>(&token, 1), std::span<const TokenRule>(&rule, 1),
+                                      &picked);
     }
-    if (options.batcher == nullptr) return model.Forward(state, tokens, LogitsMode::kLast, &logits);
-    return options.batcher->Step(state, token, nullptr, &logits);
+    picked.resize(1);
+    return options.batcher->Step(state, token, rule, picked.data());
   };
   while (true) {
     if (cancelled()) return Status::Cancelled("generation cancelled");

@@ -61,20 +61,38 @@ Status Model::ForwardBatch(std::span<SequenceState* const> states, std::span<con
   return Status::Ok();
 }
 
-Status Model::ForwardBatchGreedy(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
-                                 std::vector<int32_t>* next) const {
-  // ForwardBatch checks the rest.
-  if (next == nullptr) return Status::InvalidArgument("ForwardBatchGreedy: no output vector");
-  std::vector<float> logits;
-  LM2_RETURN_IF_ERROR(ForwardBatch(states, tokens, &logits));
-  const int64_t V = config().vocab_size;
-  next->resize(states.size());
-  for (std::size_t i = 0; i < states.size(); ++i) (*next)[i] = Argmax(logits.data() + static_cast<int64_t>(i) * V, V);
+Status Model::CheckSampleBatch(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
+                               std::span<const TokenRule> rules, const std::vector<int32_t>* next) const {
+  LM2_RETURN_IF_ERROR(CheckBatch(states, tokens, next));
+  if (rules.size() != states.size()) {
+    return Status::InvalidArgument("ForwardBatchSample: " + std::to_string(rules.size()) + " rules for " +
+                                   std::to_string(states.size()) + " states");
+  }
+  for (std::size_t i = 0; i < rules.size(); ++i) {
+    Status st = ValidateTokenRule(rules[i]);
+    if (!st.ok()) return Status(st.code(), "ForwardBatchSample: rule " + std::to_string(i) + ": " + std::string(st.message()));
+  }
   return Status::Ok();
 }
 
-int32_t Model::Argmax(const float* row, int64_t n) {
-  return static_cast<int32_t>(std::max_element(row, row + n) - row);
+Status Model::ForwardBatchSample(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
+                                 std::span<const TokenRule> rules, std::vector<int32_t>* next) const {
+  LM2_RETURN_IF_ERROR(CheckSampleBatch(states, tokens, rules, next));
+  std::vector<float> logits;
+  LM2_RETURN_IF_ERROR(ForwardBatch(states, tokens, &logits));
+  const auto V = static_cast<std::size_t>(config().vocab_size);
+  next->resize(states.size());
+  PickScratch scratch;
+  for (std::size_t i = 0; i < states.size(); ++i) {
+    (*next)[i] = PickToken(std::span<const float>(logits).subspan(i * V, V), rules[i], scratch);
+  }
+  return Status::Ok();
+}
+
+Status Model::ForwardBatchGreedy(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
+                                 std::vector<int32_t>* next) const {
+  const std::vector<TokenRule> greedy(states.size());
+  return ForwardBatchSample(states, tokens, greedy, next);
 }
 
 Status Model::CheckImport(const MemoryState& memory) const {

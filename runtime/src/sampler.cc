@@ -18,64 +18,94 @@ Status ValidateSamplingOptions(const SamplingOptions& o) {
   return Status::Ok();
 }
 
-Sampler::Sampler(const SamplingOptions& options) : options_(options), rng_(options.seed) {}
+Status ValidateTokenRule(const TokenRule& r) {
+  LM2_RETURN_IF_ERROR(ValidateSamplingOptions(
+      SamplingOptions{.temperature = r.temperature, .top_k = r.top_k, .top_p = r.top_p,
+                      .repetition_penalty = r.repetition_penalty}));
+  if (!(r.draw >= 0.0 && r.draw < 1.0)) return Status::InvalidArgument("a token rule's draw must be in [0, 1)");
+  return Status::Ok();
+}
 
-int32_t Sampler::Sample(std::span<const float> logits, std::span<const int32_t> history) {
+int32_t PickToken(std::span<const float> logits, const TokenRule& rule, PickScratch& scratch) {
   const auto V = static_cast<int32_t>(logits.size());
-  work_.assign(logits.begin(), logits.end());
-  if (options_.repetition_penalty != 1.0f) {
-    for (int32_t id : history) {
+  if (rule.argmax_only()) {
+    return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  }
+  std::vector<float>& work = scratch.logits;
+  work.assign(logits.begin(), logits.end());
+  if (rule.repetition_penalty != 1.0f) {
+    std::vector<int32_t>& seen = scratch.seen;
+    seen.assign(rule.history.begin(), rule.history.end());
+    std::sort(seen.begin(), seen.end());
+    seen.erase(std::unique(seen.begin(), seen.end()), seen.end());
+    for (int32_t id : seen) {
       if (id < 0 || id >= V) continue;
-      float& l = work_[static_cast<std::size_t>(id)];
-      l = l > 0.0f ? l / options_.repetition_penalty : l * options_.repetition_penalty;
+      float& l = work[static_cast<std::size_t>(id)];
+      l = l > 0.0f ? l / rule.repetition_penalty : l * rule.repetition_penalty;
     }
   }
-  if (options_.temperature == 0.0f) {
-    return static_cast<int32_t>(std::max_element(work_.begin(), work_.end()) - work_.begin());
+  if (rule.temperature == 0.0f) {
+    return static_cast<int32_t>(std::max_element(work.begin(), work.end()) - work.begin());
   }
-  // Candidates sorted by logit (descending; ties by id so results do not depend on the
-  // sort's stability), cut by top-k, then softmax at the temperature, then cut by top-p.
-  order_.resize(static_cast<std::size_t>(V));
-  std::iota(order_.begin(), order_.end(), 0);
-  const auto by_logit = [this](int32_t a, int32_t b) {
-    const float la = work_[static_cast<std::size_t>(a)], lb = work_[static_cast<std::size_t>(b)];
-    return la > lb || (la == lb && a < b);
-  };
-  std::size_t keep = order_.size();
-  if (options_.top_k > 0) keep = std::min(keep, static_cast<std::size_t>(options_.top_k));
-  if (keep < order_.size() || options_.top_p < 1.0f) {
-    std::partial_sort(order_.begin(), order_.begin() + static_cast<std::ptrdiff_t>(keep), order_.end(), by_logit);
+  std::vector<int32_t>& order = scratch.order;
+  order.resize(static_cast<std::size_t>(V));
+  std::iota(order.begin(), order.end(), 0);
+  std::size_t keep = order.size();
+  if (rule.sorts()) {
+    // By logit, descending; ties by id, so the result does not depend on the sort's stability.
+    const auto by_logit = [&work](int32_t a, int32_t b) {
+      const float la = work[static_cast<std::size_t>(a)], lb = work[static_cast<std::size_t>(b)];
+      return la > lb || (la == lb && a < b);
+    };
+    if (rule.top_k > 0) keep = std::min(keep, static_cast<std::size_t>(rule.top_k));
+    std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(keep), order.end(), by_logit);
+    order.resize(keep);
   }
-  order_.resize(keep);
-  float max_logit = -INFINITY;  // order_ is unsorted when neither top-k nor top-p cut
-  for (int32_t id : order_) max_logit = std::max(max_logit, work_[static_cast<std::size_t>(id)]);
-  std::vector<double> probs(keep);
+  float max_logit = -INFINITY;
+  for (int32_t id : order) max_logit = std::max(max_logit, work[static_cast<std::size_t>(id)]);
+  std::vector<double>& w = scratch.weights;
+  w.resize(keep);
   double total = 0.0;
   for (std::size_t i = 0; i < keep; ++i) {
-    probs[i] = std::exp(static_cast<double>((work_[static_cast<std::size_t>(order_[i])] - max_logit) /
-                                            options_.temperature));
-    total += probs[i];
+    w[i] = std::exp(static_cast<double>((work[static_cast<std::size_t>(order[i])] - max_logit) / rule.temperature));
+    total += w[i];
   }
-  if (options_.top_p < 1.0f) {
+  std::size_t cut = keep;
+  if (rule.top_p < 1.0f) {
+    const double target = static_cast<double>(rule.top_p) * total;
     double mass = 0.0;
-    std::size_t cut = keep;
     for (std::size_t i = 0; i < keep; ++i) {
-      mass += probs[i] / total;
-      if (mass >= static_cast<double>(options_.top_p)) {
+      mass += w[i];
+      if (mass >= target) {
         cut = i + 1;
+        total = mass;
         break;
       }
     }
-    probs.resize(cut);
-    total = std::accumulate(probs.begin(), probs.end(), 0.0);
   }
-  std::uniform_real_distribution<double> uniform(0.0, total);
-  double r = uniform(rng_);
-  for (std::size_t i = 0; i < probs.size(); ++i) {
-    r -= probs[i];
-    if (r <= 0.0) return order_[i];
+  const double r = rule.draw * total;
+  double run = 0.0;
+  for (std::size_t i = 0; i < cut; ++i) {
+    run += w[i];
+    if (run >= r) return order[i];
   }
-  return order_[probs.size() - 1];
+  return order[cut - 1];
+}
+
+Sampler::Sampler(const SamplingOptions& options) : options_(options), rng_(options.seed) {}
+
+TokenRule Sampler::Rule(std::span<const int32_t> history) {
+  TokenRule rule{.temperature = options_.temperature, .top_k = options_.top_k, .top_p = options_.top_p,
+                 .repetition_penalty = options_.repetition_penalty, .history = history};
+  if (options_.temperature != 0.0f) {
+    // generate_canonical may round up to 1.0 in some standard libraries (LWG 2524).
+    rule.draw = std::min(std::generate_canonical<double, 53>(rng_), std::nextafter(1.0, 0.0));
+  }
+  return rule;
+}
+
+int32_t Sampler::Sample(std::span<const float> logits, std::span<const int32_t> history) {
+  return PickToken(logits, Rule(history), scratch_);
 }
 
 }  // namespace lm2::runtime

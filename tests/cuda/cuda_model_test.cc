@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cmath>
 #include <memory>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -27,7 +28,10 @@
 using lm2::runtime::LogitsMode;
 using lm2::runtime::Model;
 using lm2::runtime::ModelFiles;
+using lm2::runtime::PickScratch;
+using lm2::runtime::PickToken;
 using lm2::runtime::SequenceState;
+using lm2::runtime::TokenRule;
 using lm2::testing::NewState;
 using lm2::testing::Slice;
 using lm2::testing::RelativeError;
@@ -397,6 +401,29 @@ TEST_CASE("CUDA ForwardBatch: one forward for many sessions equals each decoding
         RequireOk(gpu->Forward(*alone[b], std::vector<int32_t>{next[b]}, LogitsMode::kLast, &row));
         CHECK(picked[b] == Argmax(row));
         next[b] = Argmax(row);
+      }
+    }
+    // Sampled steps pick on the device by each row's own rule (one row greedy): PickToken's
+    // choice from the same logits on the host.
+    const std::vector<int32_t> history = {1, 5, 5, 9, 31, -1};
+    std::vector<TokenRule> rules = {TokenRule{.temperature = 0.8f},
+                                    TokenRule{.temperature = 1.0f, .top_k = 20},
+                                    TokenRule{.temperature = 1.2f, .top_p = 0.9f},
+                                    TokenRule{.repetition_penalty = 1.3f, .history = history},
+                                    TokenRule{.temperature = 0.7f, .top_k = 50, .top_p = 0.8f,
+                                              .repetition_penalty = 1.2f, .history = history}};
+    std::mt19937_64 draws(static_cast<uint64_t>(std::random_device{}()));
+    PickScratch scratch;
+    for (int step = 0; step < 4; ++step) {
+      for (TokenRule& r : rules) r.draw = r.temperature > 0 ? std::generate_canonical<double, 53>(draws) : 0.0;
+      std::vector<int32_t> picked;
+      RequireOk(gpu->ForwardBatchSample(ptrs, next, rules, &picked));
+      REQUIRE(picked.size() == kSessions);
+      for (std::size_t b = 0; b < kSessions; ++b) {
+        RequireOk(gpu->Forward(*alone[b], std::vector<int32_t>{next[b]}, LogitsMode::kLast, &row));
+        INFO("session " << b << " step " << step << " draw " << rules[b].draw);
+        CHECK(picked[b] == PickToken(row, rules[b], scratch));
+        next[b] = picked[b];
       }
     }
     for (std::size_t b = 0; b < kSessions; ++b) {

@@ -22,11 +22,13 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <span>
 #include <tuple>
 #include <vector>
 
 #include "cuda/cuda_ops.h"
 #include "cuda/cuda_resources.h"
+#include "lm2/runtime/sampler.h"
 #include "support/random_data.h"
 
 using namespace lm2::runtime::cuda;
@@ -326,6 +328,92 @@ TEST_CASE("ArgmaxRows picks what std::max_element picks: first maximum, NaNs ski
   }
   CHECK(ArgmaxRows(dx.data(), 1, 0, dout.data(), Stream()).IsInvalidArgument());
   CHECK(ArgmaxRows(nullptr, 0, 4, nullptr, Stream()).ok());
+}
+
+TEST_CASE("SampleRows picks what PickToken picks on the host", "[cuda][ops]") {
+  using lm2::runtime::PickScratch;
+  using lm2::runtime::PickToken;
+  using lm2::runtime::TokenRule;
+  const int64_t cols = GENERATE(int64_t{50}, int64_t{5000}, int64_t{128256});
+  INFO("cols=" << cols);
+  const std::vector<int32_t> history = {3, 3, 17, 40, 40, 40, 2, -1, static_cast<int32_t>(cols) + 5};
+  // Every kind of rule; row 6's logits have many ties (the sort must keep them in id order).
+  const std::vector<TokenRule> kinds = {
+      TokenRule{.temperature = 1.0f},
+      TokenRule{.temperature = 0.7f, .top_k = 40},
+      TokenRule{.temperature = 1.3f, .top_p = 0.9f},
+      TokenRule{.temperature = 0.8f, .top_k = 200, .top_p = 0.5f, .repetition_penalty = 1.3f, .history = history},
+      TokenRule{.repetition_penalty = 1.5f, .history = history},  // greedy with a penalty
+      TokenRule{.temperature = 1.0f, .top_k = 1},
+      TokenRule{.temperature = 1.0f, .top_p = 0.95f},
+      TokenRule{.temperature = 2.0f, .top_k = static_cast<int32_t>(cols) + 10},
+      TokenRule{.temperature = 0.5f, .top_p = 1e-6f},
+      TokenRule{.temperature = 0.9f, .repetition_penalty = 0.8f, .history = history},
+  };
+  const auto rows = static_cast<int64_t>(kinds.size());
+  auto temp_bytes = SampleRowsTempBytes(rows, cols);
+  RequireOk(temp_bytes.status());
+  auto keys = DeviceBuffer<float>::Allocate(static_cast<std::size_t>(rows * cols));
+  auto sorted_keys = DeviceBuffer<float>::Allocate(static_cast<std::size_t>(rows * cols));
+  auto ids = DeviceBuffer<int32_t>::Allocate(static_cast<std::size_t>(rows * cols));
+  auto sorted_ids = DeviceBuffer<int32_t>::Allocate(static_cast<std::size_t>(rows * cols));
+  auto segments = DeviceBuffer<int32_t>::Allocate(static_cast<std::size_t>(2 * rows));
+  auto temp = DeviceBuffer<char>::Allocate(std::max<std::size_t>(*temp_bytes, 1));
+  RequireOk(keys.status());
+  RequireOk(sorted_keys.status());
+  RequireOk(ids.status());
+  RequireOk(sorted_ids.status());
+  RequireOk(segments.status());
+  RequireOk(temp.status());
+  const SampleRowsScratch scratch{.keys = keys->data(), .ids = ids->data(), .sorted_keys = sorted_keys->data(),
+                                  .sorted_ids = sorted_ids->data(), .segment_begin = segments->data(),
+                                  .segment_end = segments->data() + rows, .temp = temp->data(),
+                                  .temp_bytes = *temp_bytes};
+  PickScratch host;
+  std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  for (int trial = 0; trial < 8; ++trial) {
+    INFO("trial " << trial);
+    auto x = Random(static_cast<std::size_t>(rows * cols), 3.0f);
+    for (int64_t c = 0; c < cols; ++c) {
+      float& v = x[static_cast<std::size_t>(6 * cols + c)];
+      v = std::round(v * 2.0f) / 2.0f;
+    }
+    x[static_cast<std::size_t>(2 * cols + 1)] = -0.0f;  // -0 and +0 are one key
+    x[static_cast<std::size_t>(2 * cols + 2)] = 0.0f;
+    std::vector<TokenRule> rules = kinds;
+    std::vector<DeviceTokenRule> device_rules;
+    std::vector<int32_t> penalty_ids;
+    for (TokenRule& r : rules) {
+      r.draw = uniform(Rng());
+      DeviceTokenRule d{.draw = r.draw, .temperature = r.temperature, .top_p = r.top_p,
+                        .repetition_penalty = r.repetition_penalty, .top_k = r.top_k,
+                        .history_begin = static_cast<int32_t>(penalty_ids.size()), .history_end = 0};
+      if (r.repetition_penalty != 1.0f) {  // distinct ids, as the model uploads them
+        std::vector<int32_t> distinct(r.history.begin(), r.history.end());
+        std::sort(distinct.begin(), distinct.end());
+        distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+        penalty_ids.insert(penalty_ids.end(), distinct.begin(), distinct.end());
+      }
+      d.history_end = static_cast<int32_t>(penalty_ids.size());
+      device_rules.push_back(d);
+    }
+    auto dx = Upload(x);
+    auto drules = Upload(device_rules);
+    auto dhistory = Upload(penalty_ids);
+    auto dout = Poisoned<int32_t>(static_cast<std::size_t>(rows));
+    RequireOk(SampleRows(dx.data(), rows, cols, drules.data(), dhistory.data(), true, true, scratch, dout.data(),
+                         Stream()));
+    const auto got = Download(dout);
+    for (int64_t r = 0; r < rows; ++r) {
+      INFO("row " << r << " draw " << rules[static_cast<std::size_t>(r)].draw);
+      const std::span<const float> row(x.data() + r * cols, static_cast<std::size_t>(cols));
+      CHECK(got[static_cast<std::size_t>(r)] == PickToken(row, rules[static_cast<std::size_t>(r)], host));
+    }
+  }
+  CHECK(SampleRows(nullptr, 0, cols, nullptr, nullptr, false, false, scratch, nullptr, Stream()).ok());
+  CHECK(SampleRows(nullptr, 1, 0, nullptr, nullptr, false, false, scratch, nullptr, Stream()).IsInvalidArgument());
+  CHECK(SampleRowsTempBytes(70000, 10).status().IsInvalidArgument());
+  RequireOk(CudaStatus(cudaStreamSynchronize(Stream()), "stream"));
 }
 
 TEST_CASE("RmsNorm", "[cuda][ops]") {

@@ -15,6 +15,7 @@ using lm2::runtime::LogitsMode;
 using lm2::runtime::Model;
 using lm2::runtime::ModelFiles;
 using lm2::runtime::SequenceState;
+using lm2::runtime::TokenRule;
 using lm2::testing::NewState;
 using lm2::testing::Slice;
 using lm2::testing::RelativeError;
@@ -218,6 +219,30 @@ TEST_CASE("ForwardBatch runs each state's next token; bad input changes no state
     CHECK(next[i] == static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin()));
   }
   CHECK(model->ForwardBatchGreedy(ptrs, more, nullptr).code() == lm2::StatusCode::kInvalidArgument);
+  // The sampling form: each row's PickToken under its own rule.
+  const std::vector<int32_t> history = {3, 3, 9};
+  const std::vector<TokenRule> rules = {
+      TokenRule{.temperature = 0.9f, .top_k = 5, .draw = 0.3},
+      TokenRule{.repetition_penalty = 1.3f, .history = history},
+      TokenRule{.temperature = 1.1f, .top_p = 0.8f, .repetition_penalty = 1.2f, .draw = 0.7, .history = history}};
+  const std::vector<int32_t> again = {8, 9, 10};
+  REQUIRE(model->ForwardBatchSample(ptrs, again, rules, &next).ok());
+  lm2::runtime::PickScratch scratch;
+  for (std::size_t i = 0; i < 3; ++i) {
+    REQUIRE(model->Forward(*single_states[i], std::vector<int32_t>{again[i]}, LogitsMode::kLast, &row).ok());
+    CHECK(next[i] == lm2::runtime::PickToken(row, rules[i], scratch));
+  }
+  // Bad rules are refused before anything runs.
+  const auto at = batch_states[0]->context_length();
+  CHECK(model->ForwardBatchSample(ptrs, again, std::span(rules).first(2), &next).code() ==
+        lm2::StatusCode::kInvalidArgument);
+  std::vector<TokenRule> bad = rules;
+  bad[2].draw = 1.0;
+  CHECK(model->ForwardBatchSample(ptrs, again, bad, &next).code() == lm2::StatusCode::kInvalidArgument);
+  bad[2].draw = 0.5;
+  bad[2].top_p = 0.0f;
+  CHECK(model->ForwardBatchSample(ptrs, again, bad, &next).code() == lm2::StatusCode::kInvalidArgument);
+  CHECK(batch_states[0]->context_length() == at);
   // Refusals leave every state where it was.
   auto other = Load("tiny-lm2");
   auto foreign = NewState(*other);

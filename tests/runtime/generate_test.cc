@@ -173,7 +173,7 @@ TEST_CASE("DecodeBatcher: threads at once get the replies they get alone, in sha
   sampled.temperature = 0.8f;
   sampled.top_k = 20;
   sampled.seed = 7;
-  for (const SamplingOptions& so : {SamplingOptions{}, sampled}) {  // greedy steps, then steps with logits
+  for (const SamplingOptions& so : {SamplingOptions{}, sampled}) {  // greedy steps, then sampled ones
     INFO("temperature " << so.temperature);
     std::vector<std::vector<int32_t>> alone;
     std::vector<std::vector<int32_t>> prompts;
@@ -216,8 +216,9 @@ TEST_CASE("DecodeBatcher: a refused step fails alone, and bad arguments are refu
   auto bad = f.State();
   int32_t next_good = -1, next_bad = -1;
   lm2::Status st_good, st_bad;
-  std::thread a([&] { st_good = batcher.Step(*good, 5, &next_good, nullptr); });
-  std::thread b([&] { st_bad = batcher.Step(*bad, static_cast<int32_t>(f.model->config().vocab_size), &next_bad, nullptr); });
+  const TokenRule greedy;
+  std::thread a([&] { st_good = batcher.Step(*good, 5, greedy, &next_good); });
+  std::thread b([&] { st_bad = batcher.Step(*bad, static_cast<int32_t>(f.model->config().vocab_size), greedy, &next_bad); });
   a.join();
   b.join();
   CHECK(st_good.ok());
@@ -227,7 +228,9 @@ TEST_CASE("DecodeBatcher: a refused step fails alone, and bad arguments are refu
   std::vector<float> row;
   REQUIRE(f.model->Forward(*bad, std::vector<int32_t>{5}, LogitsMode::kLast, &row).ok());
   CHECK(next_good == static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin()));
-  CHECK(batcher.Step(*good, 5, nullptr, nullptr).code() == lm2::StatusCode::kInvalidArgument);
-  std::vector<float> logits;
-  CHECK(batcher.Step(*good, 5, &next_good, &logits).code() == lm2::StatusCode::kInvalidArgument);
+  CHECK(batcher.Step(*good, 5, greedy, nullptr).code() == lm2::StatusCode::kInvalidArgument);
+  TokenRule bad_rule;
+  bad_rule.top_p = 2.0f;
+  CHECK(batcher.Step(*good, 5, bad_rule, &next_good).code() == lm2::StatusCode::kInvalidArgument);
+  CHECK(good->context_length() == 1);
 }

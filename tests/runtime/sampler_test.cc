@@ -87,3 +87,55 @@ TEST_CASE("Sampler: invalid options are refused", "[sampler]") {
   o.repetition_penalty = 0.0f;
   CHECK(ValidateSamplingOptions(o).IsInvalidArgument());
 }
+
+TEST_CASE("PickToken: the rule's steps, one by one", "[sampler]") {
+  using lm2::runtime::PickScratch;
+  using lm2::runtime::PickToken;
+  using lm2::runtime::TokenRule;
+  PickScratch scratch;
+  const std::vector<float> logits = {1.0f, 3.0f, 2.0f, 3.0f, -1.0f};
+  // Greedy: the first of equal maxima.
+  CHECK(PickToken(logits, TokenRule{}, scratch) == 1);
+  // The penalty counts each distinct token once: 3.0 / 1.3 = 2.31 still beats 2.0; applied
+  // twice (1.78) it would not.
+  const std::vector<int32_t> twice = {1, 1, 3, 3};
+  CHECK(PickToken(logits, TokenRule{.repetition_penalty = 1.3f, .history = twice}, scratch) == 1);
+  const std::vector<float> neg = {-1.0f, -1.1f};
+  const std::vector<int32_t> zero_thrice = {0, 0, 0};  // -1.05 once; -1.16 if thrice
+  CHECK(PickToken(neg, TokenRule{.repetition_penalty = 1.05f, .history = zero_thrice}, scratch) == 0);
+  // Without top-k / top-p the candidates are in id order: draw 0 takes the first with any
+  // weight, a draw just under 1 the last.
+  CHECK(PickToken(logits, TokenRule{.temperature = 1.0f, .draw = 0.0}, scratch) == 0);
+  CHECK(PickToken(logits, TokenRule{.temperature = 1.0f, .draw = std::nextafter(1.0, 0.0)}, scratch) == 4);
+  // Sorted (ties by id): 1, 3, 2, 0, 4. Top-k 2 keeps the tied pair, equal halves.
+  CHECK(PickToken(logits, TokenRule{.temperature = 1.0f, .top_k = 2, .draw = 0.49}, scratch) == 1);
+  CHECK(PickToken(logits, TokenRule{.temperature = 1.0f, .top_k = 2, .draw = 0.51}, scratch) == 3);
+  // Top-p: weights e^0, e^0, e^-1, e^-2, e^-4 (total 2.52): 0.7 of it is reached at the
+  // second candidate, so a draw of 0.99 still lands there.
+  CHECK(PickToken(logits, TokenRule{.temperature = 1.0f, .top_p = 0.7f, .draw = 0.99}, scratch) == 3);
+  CHECK(PickToken(logits, TokenRule{.temperature = 1.0f, .top_p = 0.9f, .draw = 0.99}, scratch) == 2);
+  // Rules are validated.
+  CHECK(lm2::runtime::ValidateTokenRule(TokenRule{.temperature = 1.0f, .draw = 0.5}).ok());
+  CHECK(lm2::runtime::ValidateTokenRule(TokenRule{.draw = 1.0}).IsInvalidArgument());
+  CHECK(lm2::runtime::ValidateTokenRule(TokenRule{.draw = -0.1}).IsInvalidArgument());
+  CHECK(lm2::runtime::ValidateTokenRule(TokenRule{.top_k = -1}).IsInvalidArgument());
+}
+
+TEST_CASE("Sampler: Sample is PickToken of Rule; only sampled tokens draw", "[sampler]") {
+  const std::vector<float> logits = {0.3f, 1.0f, 0.9f, -2.0f, 0.5f};
+  SamplingOptions o;
+  o.temperature = 0.8f;
+  o.top_p = 0.9f;
+  o.seed = 11;
+  Sampler a(o), b(o);
+  lm2::runtime::PickScratch scratch;
+  for (int i = 0; i < 50; ++i) {
+    const auto rule = b.Rule({});
+    CHECK(rule.draw >= 0.0);
+    CHECK(rule.draw < 1.0);
+    CHECK(a.Sample(logits, {}) == lm2::runtime::PickToken(logits, rule, scratch));
+  }
+  Sampler greedy(SamplingOptions{});
+  CHECK(greedy.Rule({}).draw == 0.0);
+  CHECK(greedy.Rule({}).argmax_only());
+}

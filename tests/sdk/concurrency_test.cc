@@ -127,21 +127,30 @@ TEST_CASE("on a GPU, sessions chatting at once share decode steps and reply as a
   REQUIRE(opened.ok());
   auto engine = std::move(opened).value();
   const std::vector<std::string> msgs = {"Mary went to the kitchen.", "Where is Mary?"};
+  // Greedy replies, then sampled ones (picked on the device, seeded per session).
+  ChatOptions chat = Short();
+  if (GENERATE(false, true)) {
+    chat.temperature = 0.9f;
+    chat.top_p = 0.95f;
+    chat.repetition_penalty = 1.1f;
+    chat.seed = 42;
+  }
+  INFO("temperature " << chat.temperature);
   constexpr int kSessions = 5;
   std::vector<MemoryState> alone, together(kSessions);
   std::vector<std::string> alone_text, together_text(kSessions);
   for (int i = 0; i < kSessions; ++i) {
     auto s = OpenSession(*engine, "t", "alone" + std::to_string(i));
-    MustChat(*s, msgs[0] + " " + std::to_string(i));
-    alone_text.push_back(MustChat(*s, msgs[1]).text);
+    MustChat(*s, msgs[0] + " " + std::to_string(i), chat);
+    alone_text.push_back(MustChat(*s, msgs[1], chat).text);
     alone.push_back(MustMemory(*s));
   }
   std::vector<std::thread> threads;
   for (int i = 0; i < kSessions; ++i) {
     threads.emplace_back([&, i] {
       auto s = OpenSession(*engine, "t", "together" + std::to_string(i));
-      MustChat(*s, msgs[0] + " " + std::to_string(i));
-      together_text[static_cast<std::size_t>(i)] = MustChat(*s, msgs[1]).text;
+      MustChat(*s, msgs[0] + " " + std::to_string(i), chat);
+      together_text[static_cast<std::size_t>(i)] = MustChat(*s, msgs[1], chat).text;
       together[static_cast<std::size_t>(i)] = MustMemory(*s);
     });
   }

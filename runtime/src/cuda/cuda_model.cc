@@ -55,7 +55,13 @@ struct Scratch {
   DeviceBuffer<int32_t> ids;
   DeviceBuffer<int64_t> positions;
   DeviceBuffer<int64_t> slots;
-  DeviceBuffer<int32_t> next_ids;  // greedy decode steps: each row's argmax
+  DeviceBuffer<int32_t> next_ids;  // decode steps that pick: each row's token
+  // Sampled decode steps (SampleRows): the rules, their penalty ids and the sort's buffers.
+  DeviceBuffer<DeviceTokenRule> rules;
+  DeviceBuffer<int32_t> history;
+  DeviceBuffer<float> sample_keys, sorted_keys;
+  DeviceBuffer<int32_t> sample_ids, sorted_ids, segments;
+  DeviceBuffer<char> sort_temp;
   // ForwardBatch's pointer table (BatchTable), on the device and as last uploaded.
   DeviceBuffer<void*> table;
   std::vector<void*> table_host;
@@ -102,7 +108,9 @@ class CudaState final : public SequenceState {
   PinnedBuffer<int64_t> slots_host_;  // decode steps: each state's staging slot
   PinnedBuffer<float> staging_;  // one memory layer [N, d]: export and import
   PinnedBuffer<float> logits_host_;  // decode steps' logits
-  PinnedBuffer<int32_t> next_host_;  // greedy decode steps' tokens
+  PinnedBuffer<int32_t> next_host_;  // decode steps' picked tokens
+  PinnedBuffer<DeviceTokenRule> rules_host_;  // sampled decode steps' rules
+  PinnedBuffer<int32_t> history_host_;        // and their distinct penalty ids
   DeviceBuffer<char> cublas_workspace_;  // cuBLAS's, set on the handle (graph capture needs one)
   CudaGraph decode_graph_;       // the last decode step captured with this state as the lead
   std::vector<const void*> decode_graph_key_;  // what it was captured over
@@ -177,7 +185,7 @@ class CudaModel final : public Model {
       }
       if (T == 1 && mode != LogitsMode::kNone) {  // a decode step: the (graph-replayed) batch path
         const std::vector<CudaState*> one = {s};
-        return RunBatch(one, tokens, logits, nullptr);
+        return RunBatch(one, tokens, logits, nullptr, {});
       }
       LM2_RETURN_IF_ERROR(RunTokens(*s, tokens, mode, logits));
       s->pos_ += T;
@@ -192,16 +200,16 @@ class CudaModel final : public Model {
     return Batch(states, tokens, logits, nullptr);
   }
 
-  Status ForwardBatchGreedy(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
-                            std::vector<int32_t>* next) const override {
-    LM2_RETURN_IF_ERROR(CheckBatch(states, tokens, next));
-    return Batch(states, tokens, nullptr, next);
+  Status ForwardBatchSample(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
+                            std::span<const TokenRule> rules, std::vector<int32_t>* next) const override {
+    LM2_RETURN_IF_ERROR(CheckSampleBatch(states, tokens, rules, next));
+    return Batch(states, tokens, nullptr, next, rules);
   }
 
-  // ForwardBatch(Greedy) after the checks: one step of the batch, every state marked broken
+  // ForwardBatch(Sample) after the checks: one step of the batch, every state marked broken
   // if it fails.
   Status Batch(std::span<SequenceState* const> states, std::span<const int32_t> tokens, std::vector<float>* logits,
-               std::vector<int32_t>* next) const {
+               std::vector<int32_t>* next = nullptr, std::span<const TokenRule> rules = {}) const {
     std::vector<CudaState*> batch;
     for (SequenceState* s : states) {
       auto* cs = static_cast<CudaState*>(s);  // OwnsState checked the type
@@ -209,7 +217,7 @@ class CudaModel final : public Model {
       batch.push_back(cs);
     }
     Status st = UseDevice(w_->device);
-    if (st.ok()) st = RunBatch(batch, tokens, logits, next);
+    if (st.ok()) st = RunBatch(batch, tokens, logits, next, rules);
     if (!st.ok()) {
       for (CudaState* s : batch) s->broken_ = true;
     }
@@ -457,12 +465,19 @@ class CudaModel final : public Model {
     return s.stream_.Synchronize();
   }
 
+  // What a decode step returns.
+  enum class StepOutput {
+    kLogits,   // the logits [B, V] to the host
+    kArgmax,   // each row's argmax, picked inside the step
+    kSampled,  // the logits stay on the device; SampleRows picks after the step
+  };
+
   // One decode step of every state in `batch` as one forward, on the first state's stream,
   // cuBLAS handle and scratch (the others are idle: every call synchronises before it
   // returns, and a state is driven by one thread at a time). Returns the logits [B, V], or
-  // with `next` instead each row's argmax, picked on the device.
+  // with `next` instead the token each of `rules` picks, picked on the device.
   Status RunBatch(const std::vector<CudaState*>& batch, std::span<const int32_t> tokens, std::vector<float>* logits,
-                  std::vector<int32_t>* next) const {
+                  std::vector<int32_t>* next, std::span<const TokenRule> rules) const {
     const auto B = static_cast<int64_t>(batch.size());
     for (CudaState* s : batch) {
       if (!s->segment_open_) {  // its memory K/V are computed on its own stream: wait for them
@@ -489,12 +504,16 @@ class CudaModel final : public Model {
     LM2_ASSIGN_OR_RETURN(BatchTable table, UploadBatchTable(batch, lead));
     const int64_t V = cfg_.vocab_size;
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.logits, Z(B * V)));
-    const bool greedy = next != nullptr;
-    if (greedy) {
+    const StepOutput output =
+        next == nullptr ? StepOutput::kLogits
+        : std::all_of(rules.begin(), rules.end(), [](const TokenRule& r) { return r.argmax_only(); })
+            ? StepOutput::kArgmax
+            : StepOutput::kSampled;
+    if (output == StepOutput::kLogits) {
+      LM2_RETURN_IF_ERROR(EnsureCapacity(lead.logits_host_, Z(B * V)));
+    } else {
       LM2_RETURN_IF_ERROR(EnsureCapacity(sc.next_ids, Z(B)));
       LM2_RETURN_IF_ERROR(EnsureCapacity(lead.next_host_, Z(B)));
-    } else {
-      LM2_RETURN_IF_ERROR(EnsureCapacity(lead.logits_host_, Z(B * V)));
     }
     // The step reads ids and positions from pinned memory and leaves the logits (or the
     // chosen ids) there, so all of it can be captured and replayed.
@@ -504,7 +523,8 @@ class CudaModel final : public Model {
       LM2_RETURN_IF_ERROR(sc.slots.CopyFromHost(lead.slots_host_.data(), Z(B), st));
       LM2_RETURN_IF_ERROR(RunLayers(lead, 0, B, 0, &table));
       LM2_RETURN_IF_ERROR(LogitsOnDevice(lead, 0, B));
-      if (greedy) {
+      if (output == StepOutput::kSampled) return Status::Ok();
+      if (output == StepOutput::kArgmax) {
         LM2_RETURN_IF_ERROR(ArgmaxRows(sc.logits.data(), B, V, sc.next_ids.data(), st));
         return sc.next_ids.CopyToHostAsync(lead.next_host_.data(), Z(B), st);
       }
@@ -513,7 +533,7 @@ class CudaModel final : public Model {
                         "cudaMemcpyAsync(logits)");
     };
     if (options_.cuda_graphs) {
-      const std::vector<const void*> key = GraphKey(lead, B, greedy);
+      const std::vector<const void*> key = GraphKey(lead, B, output);
       if (lead.decode_graph_.empty() || key != lead.decode_graph_key_) {
         lead.decode_graph_ = CudaGraph();
         lead.decode_graph_key_.clear();
@@ -531,11 +551,12 @@ class CudaModel final : public Model {
     } else {
       LM2_RETURN_IF_ERROR(step());
     }
+    if (output == StepOutput::kSampled) LM2_RETURN_IF_ERROR(SampleOnDevice(lead, rules));
     LM2_RETURN_IF_ERROR(lead.stream_.Synchronize());
-    if (greedy) {
-      next->assign(lead.next_host_.data(), lead.next_host_.data() + B);
-    } else {
+    if (output == StepOutput::kLogits) {
       logits->assign(lead.logits_host_.data(), lead.logits_host_.data() + B * V);
+    } else {
+      next->assign(lead.next_host_.data(), lead.next_host_.data() + B);
     }
     // Full staging buffers are flushed, each on its state's stream, then waited for.
     std::vector<CudaState*> flushed;
@@ -551,13 +572,61 @@ class CudaModel final : public Model {
     return Status::Ok();
   }
 
+  // Picks each row's token from the step's logits (in the lead's scratch) by `rules`, on the
+  // lead's stream, into the pinned next_host_: the rules and their distinct penalty ids go up
+  // through pinned buffers, SampleRows runs, B ids come back. The caller synchronises.
+  Status SampleOnDevice(CudaState& lead, std::span<const TokenRule> rules) const {
+    Scratch& sc = lead.scratch_;
+    const cudaStream_t st = lead.stream_.get();
+    const auto B = static_cast<int64_t>(rules.size());
+    const int64_t V = cfg_.vocab_size;
+    std::vector<int32_t> ids;  // every row's distinct penalty ids, concatenated
+    LM2_RETURN_IF_ERROR(EnsureCapacity(lead.rules_host_, Z(B)));
+    bool any_sorts = false;
+    for (int64_t b = 0; b < B; ++b) {
+      const TokenRule& r = rules[Z(b)];
+      DeviceTokenRule& dr = lead.rules_host_.data()[b];
+      dr = DeviceTokenRule{.draw = r.draw, .temperature = r.temperature, .top_p = r.top_p,
+                           .repetition_penalty = r.repetition_penalty, .top_k = r.top_k,
+                           .history_begin = static_cast<int32_t>(ids.size()), .history_end = 0};
+      if (r.repetition_penalty != 1.0f) {
+        const std::size_t from = ids.size();
+        ids.insert(ids.end(), r.history.begin(), r.history.end());
+        std::sort(ids.begin() + static_cast<std::ptrdiff_t>(from), ids.end());
+        ids.erase(std::unique(ids.begin() + static_cast<std::ptrdiff_t>(from), ids.end()), ids.end());
+      }
+      dr.history_end = static_cast<int32_t>(ids.size());
+      any_sorts = any_sorts || r.sorts();
+    }
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.rules, Z(B)));
+    LM2_RETURN_IF_ERROR(sc.rules.CopyFromHost(lead.rules_host_.data(), Z(B), st));
+    if (!ids.empty()) {
+      LM2_RETURN_IF_ERROR(EnsureCapacity(lead.history_host_, ids.size()));
+      LM2_RETURN_IF_ERROR(EnsureCapacity(sc.history, ids.size()));
+      std::copy(ids.begin(), ids.end(), lead.history_host_.data());
+      LM2_RETURN_IF_ERROR(sc.history.CopyFromHost(lead.history_host_.data(), ids.size(), st));
+    }
+    LM2_ASSIGN_OR_RETURN(const std::size_t temp_bytes, SampleRowsTempBytes(B, V));
+    for (DeviceBuffer<float>* buf : {&sc.sample_keys, &sc.sorted_keys}) LM2_RETURN_IF_ERROR(EnsureCapacity(*buf, Z(B * V)));
+    for (DeviceBuffer<int32_t>* buf : {&sc.sample_ids, &sc.sorted_ids}) LM2_RETURN_IF_ERROR(EnsureCapacity(*buf, Z(B * V)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.segments, Z(2 * B)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.sort_temp, std::max<std::size_t>(temp_bytes, 1)));
+    const SampleRowsScratch scratch{.keys = sc.sample_keys.data(), .ids = sc.sample_ids.data(),
+                                    .sorted_keys = sc.sorted_keys.data(), .sorted_ids = sc.sorted_ids.data(),
+                                    .segment_begin = sc.segments.data(), .segment_end = sc.segments.data() + B,
+                                    .temp = sc.sort_temp.data(), .temp_bytes = temp_bytes};
+    LM2_RETURN_IF_ERROR(SampleRows(sc.logits.data(), B, V, sc.rules.data(), ids.empty() ? nullptr : sc.history.data(),
+                                   any_sorts, !ids.empty(), scratch, sc.next_ids.data(), st));
+    return sc.next_ids.CopyToHostAsync(lead.next_host_.data(), Z(B), st);
+  }
+
   // Every address a captured decode step of `lead` with B rows uses, besides the weights and
   // what the pointer table holds (read when the graph runs): a graph is replayed only while
   // these are unchanged.
-  std::vector<const void*> GraphKey(CudaState& lead, int64_t B, bool greedy) const {
+  std::vector<const void*> GraphKey(CudaState& lead, int64_t B, StepOutput output) const {
     const Scratch& sc = lead.scratch_;
     return {reinterpret_cast<const void*>(static_cast<std::intptr_t>(B)),
-            reinterpret_cast<const void*>(static_cast<std::intptr_t>(greedy)), sc.next_ids.data(),
+            reinterpret_cast<const void*>(static_cast<std::intptr_t>(output)), sc.next_ids.data(),
             lead.next_host_.data(),
             sc.table.data(), sc.ids.data(), sc.positions.data(), lead.ids_host_.data(), lead.positions_host_.data(),
             sc.slots.data(), lead.slots_host_.data(),

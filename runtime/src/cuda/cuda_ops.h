@@ -16,6 +16,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "lm2/core/status.h"
@@ -120,6 +121,48 @@ Status AddInPlace(float* x, const float* y, int64_t n, cudaStream_t stream);
 // maxima, NaNs skipped, 0 when x[r, 0] is NaN (what std::max_element and the host greedy
 // sampler pick). (argmax.cu)
 Status ArgmaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t stream);
+
+// ---- Sampling (sample.cu) -------------------------------------------------------------------
+
+// One row's TokenRule (sampler.h) as the device reads it. The row's repetition-penalty ids
+// are history[history_begin, history_end) of SampleRows' id list, distinct (an empty range
+// when the penalty is off).
+struct DeviceTokenRule {
+  double draw;
+  float temperature;
+  float top_p;
+  float repetition_penalty;
+  int32_t top_k;
+  int32_t history_begin;
+  int32_t history_end;
+};
+
+// SampleRows' working buffers for rows x cols, caller-owned: keys, ids, sorted_keys and
+// sorted_ids [rows * cols]; segment_begin and segment_end [rows]; temp of temp_bytes >=
+// SampleRowsTempBytes(rows, cols) (CUB's sort).
+struct SampleRowsScratch {
+  float* keys = nullptr;
+  int32_t* ids = nullptr;
+  float* sorted_keys = nullptr;
+  int32_t* sorted_ids = nullptr;
+  int32_t* segment_begin = nullptr;
+  int32_t* segment_end = nullptr;
+  void* temp = nullptr;
+  std::size_t temp_bytes = 0;
+};
+
+// The bytes of SampleRowsScratch::temp for rows x cols (rows <= 65535, rows * cols < 2^31).
+Result<std::size_t> SampleRowsTempBytes(int64_t rows, int64_t cols);
+
+// out[r] = the token rules[r] picks from row r of logits [rows, cols]: PickToken's rule
+// (sampler.h), computed on the device: the same choice except where rounding of the
+// weights' sums (double, in another order) moves a running total across its target, and
+// NaN logits count as -inf. `rules` and `history` are device memory; `any_sorts` and
+// `any_penalty` say whether some rule sorts (TokenRule::sorts) or has penalty ids, to skip
+// the launches nobody needs.
+Status SampleRows(const float* logits, int64_t rows, int64_t cols, const DeviceTokenRule* rules, const int32_t* history,
+                  bool any_sorts, bool any_penalty, const SampleRowsScratch& scratch, int32_t* out,
+                  cudaStream_t stream);
 
 // ---- Normalisation and rotary embedding (rms_norm.cu, rope.cu) ----------------------------
 

@@ -1,9 +1,9 @@
 // DecodeBatcher: continuous batching of decode steps across threads.
 //
-// Conversations generating on different threads each call Step with their next token; the
-// batcher runs the steps that are waiting together as one Model::ForwardBatchGreedy (greedy
-// steps) or Model::ForwardBatch (steps that want logits), so on the GPU every weight is read
-// once for all of them instead of once per conversation. A step that arrives while a batch
+// Conversations generating on different threads each call Step with their next token and
+// the rule that picks the token after it; the batcher runs the steps that are waiting
+// together as one Model::ForwardBatchSample, so on the GPU every weight is read once for all
+// of them instead of once per conversation. A step that arrives while a batch
 // runs joins the next one; nothing waits for a batch to fill unless the options ask it to.
 //
 // Threading: Step is safe to call from any number of threads at once, each with its own
@@ -42,11 +42,11 @@ class DecodeBatcher {
   explicit DecodeBatcher(const Model& model, const DecodeBatcherOptions& options = {});
 
   // Runs `token` as the next token of `state`'s open segment in a batched step and returns
-  // once it is done. With `next` (greedy) it receives the argmax of the step's logits; with
-  // `logits` (exactly one of the two) the logits [V]. Errors are those of Model::Forward for
-  // this state alone: a step the batched call refuses (a full context, a token outside the
-  // vocabulary) is retried by itself, so one bad step does not fail the others.
-  Status Step(SequenceState& state, int32_t token, int32_t* next, std::vector<float>* logits);
+  // once it is done, with `next` the token `rule` picks from the step's logits. Errors are
+  // those of Model::ForwardBatchSample for this state alone: a step the batched call refuses
+  // (a full context, a token outside the vocabulary, a bad rule) is retried by itself, so
+  // one bad step does not fail the others.
+  Status Step(SequenceState& state, int32_t token, const TokenRule& rule, int32_t* next);
 
   struct Stats {
     int64_t batches = 0;  // batched calls run
@@ -59,16 +59,15 @@ class DecodeBatcher {
   struct Request {
     SequenceState* state;
     int32_t token;
+    const TokenRule* rule;
     int32_t* next;
-    std::vector<float>* logits;
     Status status;
     bool done = false;
   };
 
-  // Runs `batch` (outside the lock) and sets each request's status and output.
+  // Runs `batch` (outside the lock) as one call and sets each request's status and output;
+  // each request alone if the call is refused.
   void Run(const std::vector<Request*>& batch) const;
-  // The greedy or the logits requests of a batch as one call; each alone if the call is refused.
-  void RunGroup(const std::vector<Request*>& group, bool greedy) const;
 
   const Model& model_;
   DecodeBatcherOptions options_;

@@ -23,6 +23,7 @@
 #include "lm2/core/memory_state.h"
 #include "lm2/core/status.h"
 #include "lm2/runtime/model_config.h"
+#include "lm2/runtime/sampler.h"
 
 namespace lm2::runtime {
 
@@ -86,13 +87,19 @@ class Model {
   // backend. False for the default, which runs them in turn.
   virtual bool BatchesSteps() const { return false; }
 
-  // ForwardBatch for greedy decoding: next becomes [B], next[i] the argmax of states[i]'s
-  // logits (the first of equal maxima, NaNs skipped: Sampler's greedy choice), and the
-  // logits themselves stay where they were computed. The CUDA backend picks the tokens on
-  // the device and copies B ids to the host instead of B x V logits. Default: ForwardBatch,
-  // then each row's argmax on the host. The same input checks as ForwardBatch.
-  virtual Status ForwardBatchGreedy(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
-                                    std::vector<int32_t>* next) const;
+  // ForwardBatch that picks each row's next token instead of returning logits: next becomes
+  // [B], next[i] the token rules[i] picks from states[i]'s logits (PickToken, sampler.h), and
+  // the logits stay where they were computed. The CUDA backend picks on the device and
+  // copies B ids to the host instead of B x V logits (greedy rows' argmax inside the step;
+  // sampled rows by a sort on the device). Default: ForwardBatch, then PickToken per row on
+  // the host. The same input checks as ForwardBatch, and each rule's (ValidateTokenRule).
+  virtual Status ForwardBatchSample(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
+                                    std::span<const TokenRule> rules, std::vector<int32_t>* next) const;
+
+  // ForwardBatchSample with every rule greedy: next[i] is the argmax of states[i]'s logits
+  // (std::max_element's choice: the first of equal maxima).
+  Status ForwardBatchGreedy(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
+                            std::vector<int32_t>* next) const;
 
   // Applies the memory write of the open segment and closes it. A segment that ran no
   // tokens leaves memory unchanged. No-op when no segment is open.
@@ -130,12 +137,12 @@ class Model {
   // next-token vector) must not be null.
   Status CheckBatch(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
                     const void* output) const;
+  // ForwardBatchSample's: CheckBatch's, one valid rule per state.
+  Status CheckSampleBatch(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
+                          std::span<const TokenRule> rules, const std::vector<int32_t>* next) const;
   // ImportMemory's: this model's fingerprint (FailedPrecondition), its memory layers and
   // shapes (InvalidArgument).
   Status CheckImport(const MemoryState& memory) const;
-  // The first index of the largest non-NaN value of row[0, n) (0 if row[0] is NaN, as
-  // std::max_element): greedy decoding's choice.
-  static int32_t Argmax(const float* row, int64_t n);
   // SegmentReadMass's reduction: one memory layer's masses [memory_heads, memory_slots]
   // summed over the heads, per slot.
   std::vector<float> ReadMassPerSlot(const float* mass) const;

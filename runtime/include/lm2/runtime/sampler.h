@@ -1,9 +1,13 @@
 // Sampler: picks the next token from logits. Greedy, temperature, top-k, top-p (nucleus),
 // repetition penalty, seeded.
 //
-// A Sampler is per-session state (its RNG advances with every sample, so a session's
-// sampled continuation is reproducible from its seed); not thread-safe. Cost: O(V log V)
-// when top-k/top-p are active (a partial sort of the candidates), O(V) otherwise.
+// A Sampler is per-session state (its RNG advances with every sampled token, so a session's
+// sampled continuation is reproducible from its seed); not thread-safe. Sampling is split in
+// two so that the choice can be made where the logits are: Sampler::Rule makes the random
+// draw on the host and returns a TokenRule; PickToken (host) or the model
+// (Model::ForwardBatchSample; the CUDA backend picks on the device) applies it to the logits.
+// Cost of PickToken: O(V log V) when top-k/top-p are active (a partial sort of the
+// candidates), O(V) otherwise.
 #pragma once
 
 #include <cstdint>
@@ -26,13 +30,55 @@ struct SamplingOptions {
 // InvalidArgument for negative temperature or top_k, top_p outside (0, 1], penalty <= 0.
 Status ValidateSamplingOptions(const SamplingOptions& options);
 
+// One token's choice with its random draw made: everything PickToken needs besides the logits.
+//
+// The rule, for logits l[V]:
+//  1. Repetition penalty: each distinct token of `history` has its logit divided by the
+//     penalty when positive and multiplied when negative (CTRL-style), once.
+//  2. temperature == 0: the first index of the largest logit (greedy; `draw` is unused).
+//  3. Otherwise the candidates are every token, in id order, unless top-k or top-p is on:
+//     then they are sorted by logit, descending, ties by id, and cut to the first top_k.
+//     Weights w = exp((l - max) / temperature) (the subtraction and division in float, the
+//     exponential in double). With top-p, the candidates are cut after the first whose
+//     running mass reaches top_p of their total.
+//  4. The pick is the first candidate whose running weight reaches draw x (total weight).
+struct TokenRule {
+  float temperature = 0.0f;
+  int32_t top_k = 0;
+  float top_p = 1.0f;
+  float repetition_penalty = 1.0f;
+  double draw = 0.0;                 // uniform in [0, 1)
+  std::span<const int32_t> history = {};  // tokens the penalty applies to (may repeat; each counts once)
+
+  // The pick is the argmax of the raw logits.
+  bool argmax_only() const { return temperature == 0.0f && repetition_penalty == 1.0f; }
+  // Step 3 sorts the candidates.
+  bool sorts() const { return temperature != 0.0f && (top_k > 0 || top_p < 1.0f); }
+};
+
+// InvalidArgument for what ValidateSamplingOptions refuses, or a draw outside [0, 1).
+Status ValidateTokenRule(const TokenRule& rule);
+
+// Reusable buffers for PickToken (one per thread).
+struct PickScratch {
+  std::vector<float> logits;     // penalised logits
+  std::vector<int32_t> order;    // candidate ids
+  std::vector<int32_t> seen;     // distinct history ids
+  std::vector<double> weights;   // candidates' weights
+};
+
+// The token `rule` picks from `logits` [V] (the rule above). `logits` is not modified.
+int32_t PickToken(std::span<const float> logits, const TokenRule& rule, PickScratch& scratch);
+
 class Sampler {
  public:
   explicit Sampler(const SamplingOptions& options);
 
-  // The next token for `logits` [V]. `history` (tokens already in the conversation) feeds
-  // the repetition penalty: a seen token's logit is divided by the penalty when positive
-  // and multiplied when negative (CTRL-style). `logits` is not modified.
+  // The rule for the next token: the options with `history`, and a fresh uniform draw from
+  // the RNG when temperature > 0 (greedy draws nothing). `history` must outlive the rule.
+  TokenRule Rule(std::span<const int32_t> history);
+
+  // PickToken(logits, Rule(history)).
   int32_t Sample(std::span<const float> logits, std::span<const int32_t> history);
 
   const SamplingOptions& options() const { return options_; }
@@ -40,8 +86,7 @@ class Sampler {
  private:
   SamplingOptions options_;
   std::mt19937_64 rng_;
-  std::vector<float> work_;       // penalised logits
-  std::vector<int32_t> order_;    // candidate ids
+  PickScratch scratch_;
 };
 
 }  // namespace lm2::runtime
