@@ -12,10 +12,11 @@
 //   decode batch 1    one token per call through ForwardBatchGreedy (what generation does for
 //                     greedy decoding: the argmax on the device); tokens/s, and the ratio to
 //                     the roofline: copy bandwidth / bytes the model must move per token.
-//                     Also with Forward's logits copied to the host for the argmax.
 //                     (the matrices a token multiplies by: all but the embedding table and
 //                     the per-segment memory K/V and write-gate weights; the KV cache and
-//                     the segment's memory K/V read)
+//                     the segment's memory K/V read). Also with Forward's logits copied to
+//                     the host for the argmax, and sampled (temperature 0.8, top-p 0.95)
+//                     through ForwardBatchSample on the device and by Sampler on the host.
 //   prefill T         one Forward of T tokens (segment opening included) per fresh state,
 //                     tokens/s and achieved TFLOP/s / gemm rate
 //   sessions B        B states decoding together, one ForwardBatchGreedy per step; total
@@ -28,6 +29,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <span>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -38,6 +40,7 @@
 #include "lm2/runtime/cuda_backend.h"
 #include "lm2/runtime/cuda_devices.h"
 #include "lm2/runtime/model_files.h"
+#include "lm2/runtime/sampler.h"
 
 namespace {
 
@@ -173,20 +176,37 @@ std::vector<int32_t> Tokens(int64_t n, int64_t vocab, int64_t seed) {
   return t;
 }
 
-// Decodes `steps` tokens greedily on a state that already holds a prompt; seconds.
-// Decodes `steps` tokens greedily on a state that already holds a prompt; seconds. With
-// `on_device`, as Generate does for greedy decoding: ForwardBatchGreedy picks each token
-// where the logits are; otherwise each step's logits come to the host for the argmax.
-double Decode(const Model& m, SequenceState& s, int64_t steps, std::vector<float>& logits, bool on_device) {
+// How a decode step's token is chosen.
+enum class Pick {
+  kGreedyDevice,   // ForwardBatchGreedy: the argmax on the GPU (Generate's greedy decoding)
+  kGreedyHost,     // Forward's logits to the host, the argmax there
+  kSampledDevice,  // ForwardBatchSample: temperature 0.8, top-p 0.95 on the GPU (Generate's sampling)
+  kSampledHost,    // Forward's logits to the host, the same rule there (Sampler)
+};
+
+// Decodes `steps` tokens on a state that already holds a prompt (its last logits in
+// `logits`); seconds.
+double Decode(const Model& m, SequenceState& s, int64_t steps, std::vector<float>& logits, Pick pick) {
   SequenceState* const one[] = {&s};
   std::vector<int32_t> next = {Argmax(logits)};
+  lm2::runtime::Sampler sampler(lm2::runtime::SamplingOptions{.temperature = 0.8f, .top_p = 0.95f, .seed = 1});
   const auto t0 = Clock::now();
   for (int64_t i = 0; i < steps; ++i) {
-    if (on_device) {
-      Check(m.ForwardBatchGreedy(one, std::vector<int32_t>{next[0]}, &next), "decode");
-    } else {
-      Check(m.Forward(s, std::vector<int32_t>{next[0]}, LogitsMode::kLast, &logits), "decode");
-      next[0] = Argmax(logits);
+    const std::vector<int32_t> token = {next[0]};
+    switch (pick) {
+      case Pick::kGreedyDevice:
+        Check(m.ForwardBatchGreedy(one, token, &next), "decode");
+        break;
+      case Pick::kSampledDevice: {
+        const lm2::runtime::TokenRule rule = sampler.Rule({});
+        Check(m.ForwardBatchSample(one, token, std::span(&rule, 1), &next), "decode");
+        break;
+      }
+      case Pick::kGreedyHost:
+      case Pick::kSampledHost:
+        Check(m.Forward(s, token, LogitsMode::kLast, &logits), "decode");
+        next[0] = pick == Pick::kGreedyHost ? Argmax(logits) : sampler.Sample(logits, {});
+        break;
     }
   }
   return Seconds(t0, Clock::now());
@@ -483,25 +503,26 @@ int main(int argc, char** argv) {
     std::vector<float> logits;
     // Warm-up turn (cuBLAS heuristics, allocations), then a timed turn after a context reset.
     Check(model->Forward(*s, Tokens(prompt_tokens, cfg.vocab_size, 1), LogitsMode::kLast, &logits), "prompt");
-    Decode(*model, *s, 8, logits, true);
-    Decode(*model, *s, 8, logits, false);
+    constexpr Pick kPicks[] = {Pick::kGreedyDevice, Pick::kGreedyHost, Pick::kSampledDevice, Pick::kSampledHost};
+    for (Pick pick : kPicks) Decode(*model, *s, 8, logits, pick);
     Check(model->EndSegment(*s), "end");
     model->ResetContext(*s);
-    double best = 1e30, best_host = 1e30;
+    double best[4] = {1e30, 1e30, 1e30, 1e30};
     double end_segment = 1e30;
     for (int64_t r = 0; r < repeats; ++r) {
-      for (bool on_device : {true, false}) {
+      for (Pick pick : kPicks) {
         model->ResetContext(*s);
         Check(model->Forward(*s, Tokens(prompt_tokens, cfg.vocab_size, 2 + r), LogitsMode::kLast, &logits), "prompt");
-        double& b = on_device ? best : best_host;
-        b = std::min(b, Decode(*model, *s, decode_tokens, logits, on_device));
+        double& b = best[static_cast<int>(pick)];
+        b = std::min(b, Decode(*model, *s, decode_tokens, logits, pick));
         const auto t0 = Clock::now();
         Check(model->EndSegment(*s), "end");
         end_segment = std::min(end_segment, Seconds(t0, Clock::now()));
       }
     }
-    const double tps = static_cast<double>(decode_tokens) / best;
-    const double tps_host = static_cast<double>(decode_tokens) / best_host;
+    double tps_of[4];
+    for (int i = 0; i < 4; ++i) tps_of[i] = static_cast<double>(decode_tokens) / best[i];
+    const double tps = tps_of[0];
     const double mid_context = static_cast<double>(prompt_tokens) + static_cast<double>(decode_tokens) / 2;
     const double bytes = DecodeBytes(shape, mid_context);
     const double roofline = bw / bytes;
@@ -509,9 +530,13 @@ int main(int argc, char** argv) {
                 "%.0f): %.1f%% of roofline\n",
                 tps, 1e3 / tps, roofline, bytes / 1e9, mid_context, 100.0 * tps / roofline);
     std::printf("decode batch 1 with the logits copied to the host for the argmax: %.1f tokens/s (%.3f ms/token)\n",
-                tps_host, 1e3 / tps_host);
+                tps_of[1], 1e3 / tps_of[1]);
+    std::printf("decode batch 1 sampled (temperature 0.8, top-p 0.95) on the device: %.1f tokens/s (%.3f ms/token); "
+                "on the host from copied logits: %.1f tokens/s (%.3f ms/token)\n",
+                tps_of[2], 1e3 / tps_of[2], tps_of[3], 1e3 / tps_of[3]);
     std::printf("end of segment (memory write, %zu layers): %.2f ms\n", cfg.memory_layers.size(), end_segment * 1e3);
-    json << ", \"decode_tps\": " << tps << ", \"decode_host_argmax_tps\": " << tps_host
+    json << ", \"decode_tps\": " << tps << ", \"decode_host_argmax_tps\": " << tps_of[1]
+         << ", \"decode_sampled_tps\": " << tps_of[2] << ", \"decode_host_sampled_tps\": " << tps_of[3]
          << ", \"decode_bytes_per_token\": " << bytes
          << ", \"decode_roofline_tps\": " << roofline << ", \"end_segment_s\": " << end_segment;
 
