@@ -30,6 +30,9 @@
 #include <cstdlib>
 #include <fstream>
 #include <span>
+#include <numeric>
+#include <random>
+#include <cmath>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -440,6 +443,74 @@ void BatchedStepParts(const lm2::runtime::ModelConfig& c, int64_t S, int64_t B) 
               (per_layer * L + head) * 1e3);
 }
 
+// SampleRows (the device sampler) at the model's vocabulary, 1 and B rows, per rule kind, on
+// two logit shapes: "peaked" (logit = -1.5 ln rank over a shuffled vocabulary: a language
+// model's long tail; top-p 0.95 keeps ~a hundred tokens) and "flat" (normal, sigma 1: top-p
+// keeps most of the vocabulary, so the rows take the whole-row sort).
+void SamplingOps(int64_t V, int64_t B) {
+  std::vector<float> peaked(static_cast<std::size_t>(V)), flat(peaked.size());
+  std::vector<int32_t> perm(peaked.size());
+  std::iota(perm.begin(), perm.end(), 0);
+  std::mt19937 rng(5);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int64_t i = 0; i < V; ++i) {
+    peaked[static_cast<std::size_t>(perm[static_cast<std::size_t>(i)])] = -1.5f * std::log(static_cast<float>(i + 1));
+    flat[static_cast<std::size_t>(i)] = normal(rng);
+  }
+  auto stream = Take(cuda::CudaStream::Create(), "stream");
+  const cudaStream_t st = stream.get();
+  auto logits = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(B * V)), "alloc");
+  auto keys = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(B * V)), "alloc");
+  auto sorted_keys = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(B * V)), "alloc");
+  auto ids = Take(cuda::DeviceBuffer<int32_t>::Allocate(static_cast<std::size_t>(B * V)), "alloc");
+  auto sorted_ids = Take(cuda::DeviceBuffer<int32_t>::Allocate(static_cast<std::size_t>(B * V)), "alloc");
+  auto segments = Take(cuda::DeviceBuffer<int32_t>::Allocate(static_cast<std::size_t>(2 * B)), "alloc");
+  auto plans = Take(cuda::DeviceBuffer<cuda::SampleRowPlan>::Allocate(static_cast<std::size_t>(B)), "alloc");
+  auto rules = Take(cuda::DeviceBuffer<cuda::DeviceTokenRule>::Allocate(static_cast<std::size_t>(B)), "alloc");
+  auto history = Take(cuda::DeviceBuffer<int32_t>::Allocate(64), "alloc");
+  auto out = Take(cuda::DeviceBuffer<int32_t>::Allocate(static_cast<std::size_t>(B)), "alloc");
+  const std::size_t temp_bytes = Take(cuda::SampleRowsTempBytes(B, V), "temp bytes");
+  auto temp = Take(cuda::DeviceBuffer<char>::Allocate(std::max<std::size_t>(temp_bytes, 1)), "alloc");
+  std::vector<int32_t> hist(64);
+  std::iota(hist.begin(), hist.end(), 100);
+  Check(history.CopyFromHost(hist.data(), hist.size(), nullptr), "copy");
+  const cuda::SampleRowsScratch scratch{.keys = keys.data(), .ids = ids.data(), .sorted_keys = sorted_keys.data(),
+                                        .sorted_ids = sorted_ids.data(), .segment_begin = segments.data(),
+                                        .segment_end = segments.data() + B, .plans = plans.data(),
+                                        .temp = temp.data(), .temp_bytes = temp_bytes};
+  struct Kind {
+    const char* name;
+    cuda::DeviceTokenRule rule;
+  };
+  const Kind kinds[] = {
+      {"greedy, repetition penalty 1.1 (64 ids)", {.repetition_penalty = 1.1f, .history_end = 64}},
+      {"temperature 0.8", {.draw = 0.5, .temperature = 0.8f}},
+      {"temperature 0.8, top-k 40", {.draw = 0.5, .temperature = 0.8f, .top_k = 40}},
+      {"temperature 0.8, top-p 0.95", {.draw = 0.5, .temperature = 0.8f, .top_p = 0.95f}},
+  };
+  std::printf("SampleRows over %lld logits per row (mean of back-to-back calls):\n", static_cast<long long>(V));
+  for (const auto* shape : {&peaked, &flat}) {
+    std::vector<float> all;
+    for (int64_t b = 0; b < B; ++b) all.insert(all.end(), shape->begin(), shape->end());
+    Check(logits.CopyFromHost(all.data(), all.size(), nullptr), "copy");
+    for (const Kind& k : kinds) {
+      for (int64_t rows : {int64_t{1}, B}) {
+        const std::vector<cuda::DeviceTokenRule> host_rules(static_cast<std::size_t>(rows), k.rule);
+        Check(rules.CopyFromHost(host_rules.data(), host_rules.size(), nullptr), "copy");
+        Check(cuda::CudaStatus(cudaStreamSynchronize(nullptr), "sync"), "sync");
+        const bool sorts = k.rule.temperature != 0 && (k.rule.top_k > 0 || k.rule.top_p < 1);
+        const double t = TimeOp(st, [&] {
+          return cuda::SampleRows(logits.data(), rows, V, rules.data(), history.data(), sorts,
+                                  k.rule.history_end > 0, scratch, out.data(), st);
+        }, 50);
+        std::printf("  %-6s %-42s %3lld rows: %8.1f us\n", shape == &peaked ? "peaked" : "flat", k.name,
+                    static_cast<long long>(rows), t * 1e6);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -494,6 +565,7 @@ int main(int argc, char** argv) {
                     static_cast<int64_t>(cfg.memory_layers.size())};
   DecodeOpBreakdown(cfg, prompt_tokens + decode_tokens / 2);
   if (!sessions.empty()) BatchedStepParts(cfg, prompt_tokens + decode_tokens / 2, sessions.back());
+  SamplingOps(cfg.vocab_size, sessions.empty() ? 64 : sessions.back());
   std::ostringstream json;
   json << "{\"device\": \"" << dev.name << "\", \"copy_bandwidth_Bps\": " << bw << ", \"gemm_flops\": " << gemm;
 

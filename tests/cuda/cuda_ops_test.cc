@@ -358,17 +358,19 @@ TEST_CASE("SampleRows picks what PickToken picks on the host", "[cuda][ops]") {
   auto ids = DeviceBuffer<int32_t>::Allocate(static_cast<std::size_t>(rows * cols));
   auto sorted_ids = DeviceBuffer<int32_t>::Allocate(static_cast<std::size_t>(rows * cols));
   auto segments = DeviceBuffer<int32_t>::Allocate(static_cast<std::size_t>(2 * rows));
+  auto plans = DeviceBuffer<SampleRowPlan>::Allocate(static_cast<std::size_t>(rows));
   auto temp = DeviceBuffer<char>::Allocate(std::max<std::size_t>(*temp_bytes, 1));
   RequireOk(keys.status());
   RequireOk(sorted_keys.status());
   RequireOk(ids.status());
   RequireOk(sorted_ids.status());
   RequireOk(segments.status());
+  RequireOk(plans.status());
   RequireOk(temp.status());
   const SampleRowsScratch scratch{.keys = keys->data(), .ids = ids->data(), .sorted_keys = sorted_keys->data(),
                                   .sorted_ids = sorted_ids->data(), .segment_begin = segments->data(),
-                                  .segment_end = segments->data() + rows, .temp = temp->data(),
-                                  .temp_bytes = *temp_bytes};
+                                  .segment_end = segments->data() + rows, .plans = plans->data(),
+                                  .temp = temp->data(), .temp_bytes = *temp_bytes};
   PickScratch host;
   std::uniform_real_distribution<double> uniform(0.0, 1.0);
   for (int trial = 0; trial < 8; ++trial) {

@@ -61,6 +61,7 @@ struct Scratch {
   DeviceBuffer<int32_t> history;
   DeviceBuffer<float> sample_keys, sorted_keys;
   DeviceBuffer<int32_t> sample_ids, sorted_ids, segments;
+  DeviceBuffer<SampleRowPlan> sample_plans;
   DeviceBuffer<char> sort_temp;
   // ForwardBatch's pointer table (BatchTable), on the device and as last uploaded.
   DeviceBuffer<void*> table;
@@ -610,11 +611,13 @@ class CudaModel final : public Model {
     for (DeviceBuffer<float>* buf : {&sc.sample_keys, &sc.sorted_keys}) LM2_RETURN_IF_ERROR(EnsureCapacity(*buf, Z(B * V)));
     for (DeviceBuffer<int32_t>* buf : {&sc.sample_ids, &sc.sorted_ids}) LM2_RETURN_IF_ERROR(EnsureCapacity(*buf, Z(B * V)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.segments, Z(2 * B)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.sample_plans, Z(B)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.sort_temp, std::max<std::size_t>(temp_bytes, 1)));
     const SampleRowsScratch scratch{.keys = sc.sample_keys.data(), .ids = sc.sample_ids.data(),
                                     .sorted_keys = sc.sorted_keys.data(), .sorted_ids = sc.sorted_ids.data(),
                                     .segment_begin = sc.segments.data(), .segment_end = sc.segments.data() + B,
-                                    .temp = sc.sort_temp.data(), .temp_bytes = temp_bytes};
+                                    .plans = sc.sample_plans.data(), .temp = sc.sort_temp.data(),
+                                    .temp_bytes = temp_bytes};
     LM2_RETURN_IF_ERROR(SampleRows(sc.logits.data(), B, V, sc.rules.data(), ids.empty() ? nullptr : sc.history.data(),
                                    any_sorts, !ids.empty(), scratch, sc.next_ids.data(), st));
     return sc.next_ids.CopyToHostAsync(lead.next_host_.data(), Z(B), st);

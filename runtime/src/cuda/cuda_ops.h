@@ -128,18 +128,25 @@ Status ArgmaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out, cuda
 // are history[history_begin, history_end) of SampleRows' id list, distinct (an empty range
 // when the penalty is off).
 struct DeviceTokenRule {
-  double draw;
-  float temperature;
-  float top_p;
-  float repetition_penalty;
-  int32_t top_k;
-  int32_t history_begin;
-  int32_t history_end;
+  double draw = 0.0;
+  float temperature = 0.0f;
+  float top_p = 1.0f;
+  float repetition_penalty = 1.0f;
+  int32_t top_k = 0;
+  int32_t history_begin = 0;
+  int32_t history_end = 0;
+};
+
+// What SampleRows' candidate selection found for a row that sorts (device scratch).
+struct SampleRowPlan {
+  double total;        // the weight of the whole row
+  float max_key;       // its largest (penalised) logit
+  int32_t candidates;  // leading candidates sorted by the selection; -1: the whole row sorted
 };
 
 // SampleRows' working buffers for rows x cols, caller-owned: keys, ids, sorted_keys and
-// sorted_ids [rows * cols]; segment_begin and segment_end [rows]; temp of temp_bytes >=
-// SampleRowsTempBytes(rows, cols) (CUB's sort).
+// sorted_ids [rows * cols]; segment_begin, segment_end and plans [rows]; temp of temp_bytes
+// >= SampleRowsTempBytes(rows, cols) (CUB's sort).
 struct SampleRowsScratch {
   float* keys = nullptr;
   int32_t* ids = nullptr;
@@ -147,6 +154,7 @@ struct SampleRowsScratch {
   int32_t* sorted_ids = nullptr;
   int32_t* segment_begin = nullptr;
   int32_t* segment_end = nullptr;
+  SampleRowPlan* plans = nullptr;
   void* temp = nullptr;
   std::size_t temp_bytes = 0;
 };
