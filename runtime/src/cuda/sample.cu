@@ -53,9 +53,12 @@ __global__ void PenaltyKernel(const float* __restrict__ logits, int64_t cols, co
   }
 }
 
-// w = exp((key - max) / temperature): the difference and the quotient in float, as the host.
+// w = exp((key - max) / temperature), summed in double. The host takes the exponential in
+// double; here it is a float one (a pass of double exponentials over a 128k vocabulary costs
+// one SM ~30 us): the weights differ in their last float bits, which moves a pick only when
+// its draw falls within ~1e-7 of a boundary between two candidates.
 __device__ __forceinline__ double Weight(float key, float max_key, float temperature) {
-  return exp(static_cast<double>((key - max_key) / temperature));
+  return static_cast<double>(expf((key - max_key) / temperature));
 }
 
 // ---- Candidate selection --------------------------------------------------------------------
@@ -125,18 +128,30 @@ __global__ void __launch_bounds__(kSelectThreads)
   }
   __syncthreads();
   if (tid == 0) {
-    // The fewest bins sure to hold the kept candidates: the top k, or (top-p alone) a mass of
-    // top_p x total, counting each key of bin b at its least weight exp(-(b + 2) / 4) (one
-    // bin of margin for the bin's rounding).
+    // The fewest leading bins sure to hold the kept candidates: the top k, or (top-p alone)
+    // all but a tail of weight at most (1 - top_p) x total, bounding each key of bin b by
+    // exp(-(b - 1) / 4) (one bin of margin for the bin's float rounding) and each key past
+    // the last bin by exp(-(kBins - 1) / 4).
     const int64_t need = r.top_k > 0 ? (r.top_k < cols ? int64_t{r.top_k} : cols) : 0;
-    const double mass_needed = static_cast<double>(r.top_p) * sh.total;
-    int64_t count = 0;
-    double mass = 0.0;
+    const double tail_allowed = (1.0 - static_cast<double>(r.top_p)) * sh.total - 1e-9 * sh.total;
+    int64_t binned = 0;
+    for (int b = 0; b < kBins; ++b) binned += sh.counts[b];
+    const auto bound = [](int b) { return exp(-(b - 1) / static_cast<double>(kBinsPerUnit)); };
+    double tail = static_cast<double>(cols - binned) * bound(kBins);  // the keys past the last bin
     int chosen = -1;
-    for (int b = 0; b < kBins && chosen < 0; ++b) {
-      count += sh.counts[b];
-      mass += sh.counts[b] * exp(-(b + 2) / static_cast<double>(kBinsPerUnit));
-      if (need > 0 ? count >= need : mass >= mass_needed) chosen = b;
+    int64_t count = 0;
+    if (need > 0) {
+      for (int b = 0; b < kBins && chosen < 0; ++b) {
+        count += sh.counts[b];
+        if (count >= need) chosen = b;
+      }
+    } else {
+      // From the last bin down: the smallest b whose following bins' bound fits the tail.
+      for (int b = kBins - 1; b >= 0 && tail <= tail_allowed; --b) {
+        chosen = b;
+        tail += sh.counts[b] * bound(b);
+      }
+      for (int b = 0; b <= chosen; ++b) count += sh.counts[b];
     }
     sh.chosen_bin = count <= kBlockSortCapacity ? chosen : -1;
     sh.taken = 0;
