@@ -274,6 +274,11 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
   auto mem_v = Take(cuda::DeviceBuffer<const __nv_bfloat16*>::Allocate(1), "alloc");
   Check(mem_k.CopyFromHost(&kv_ptrs[0], 1, nullptr), "copy");
   Check(mem_v.CopyFromHost(&kv_ptrs[1], 1, nullptr), "copy");
+  // The KV cache for the decode attention: S rows, this token at the last.
+  auto kv_ptr = pointer_to(kv.data());
+  auto last_pos = Take(cuda::DeviceBuffer<int64_t>::Allocate(1), "alloc");
+  const int64_t last = S - 1;
+  Check(last_pos.CopyFromHost(&last, 1, nullptr), "copy");
   const cuda::MemoryStage stage{.offer = f3.data(), .offer_ld = d, .slots = slot.data(),
                                 .pending_attn = stage_attn.data(), .pending_offer = stage_offer.data(),
                                 .mass = stage_mass.data()};
@@ -311,11 +316,11 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
        TimeOp(st, [&] { return cuda::EmbeddingLookup(w.data(), c.vocab_size, d, ids.data(), 1, x, st); })},
       {"Gemv RMSNorm -> q|k|v|mem q|offer (stacked)", L, gemv(GemvInput::kRmsNorm, d, P, GemvOutput::kStore),
        wbytes(d, P)},
-      {"SplitQkvRope", L,
-       TimeOp(st, [&] { return cuda::SplitQkvRope(ys.data(), 1, P, H, Hkv, Dh, pos.data(), c.rope_theta, x, f2.data(),
-                                                  f3.data(), st); })},
-      {"CausalAttention decode", L,
-       TimeOp(st, [&] { return cuda::CausalAttention(x, kv.data(), kv.data(), 1, S, H, Hkv, Dh, f2.data(), st); })},
+      {"RopeAttentionDecodeBatch (RoPE, cache append, attention)", L,
+       TimeOp(st, [&] {
+         return cuda::RopeAttentionDecodeBatch(ys.data(), P, last_pos.data(), c.rope_theta, kv_ptr.data(),
+                                               kv_ptr.data(), 1, H, Hkv, Dh, f2.data(), st);
+       })},
       {"Gemv fp32 -> o_proj", L, gemv(GemvInput::kF32, qdim, d, GemvOutput::kStore), wbytes(qdim, d)},
       {"MemoryReadBatch (one session, write terms staged)", M,
        TimeOp(st, [&] {
@@ -414,15 +419,10 @@ void BatchedStepParts(const lm2::runtime::ModelConfig& c, int64_t S, int64_t B) 
   const double wb = 2.0;  // bf16
   const std::vector<OpTime> parts = {
       {"cuBLAS B x d -> q|k|v|mem q|offer", 1, linear(d, P), wb * static_cast<double>(d * P)},
-      {"SplitQkvRopeBatch", 1,
+      {"RopeAttentionDecodeBatch", 1,
        TimeOp(st, [&] {
-         return cuda::SplitQkvRopeBatch(y.data(), B, P, H, Hkv, Dh, pos.data(), c.rope_theta, q.data(), dkc.data(),
-                                        dvc.data(), st);
-       }, 50), 0},
-      {"CausalAttentionDecodeBatch", 1,
-       TimeOp(st, [&] {
-         return cuda::CausalAttentionDecodeBatch(q.data(), dkc.data(), dvc.data(), pos.data(), B, H, Hkv, Dh,
-                                                 y.data(), st);
+         return cuda::RopeAttentionDecodeBatch(y.data(), P, pos.data(), c.rope_theta, dkc.data(), dvc.data(), B, H,
+                                               Hkv, Dh, q.data(), st);
        }, 50), 4.0 * static_cast<double>(B * 2 * S * kvdim)},
       {"cuBLAS B x qdim -> d (o_proj) and B x d -> d (out_gate)", 2, linear(qdim, d), wb * static_cast<double>(d * qdim)},
       {"MemoryReadBatch (B sessions' K/V)", 1,

@@ -819,6 +819,58 @@ TEST_CASE("Batched decode ops over per-session caches equal the one-cache ops", 
   }
 }
 
+TEST_CASE("RopeAttentionDecodeBatch equals SplitQkvRopeBatch then CausalAttentionDecodeBatch, bit for bit",
+          "[cuda][ops]") {
+  const auto [H, Hkv, D] = GENERATE(std::make_tuple(int64_t{8}, int64_t{2}, int64_t{64}),
+                                    std::make_tuple(int64_t{4}, int64_t{4}, int64_t{48}),
+                                    std::make_tuple(int64_t{6}, int64_t{2}, int64_t{128}),
+                                    std::make_tuple(int64_t{2}, int64_t{1}, int64_t{256}));
+  INFO("H=" << H << " Hkv=" << Hkv << " D=" << D);
+  const int64_t kvdim = Hkv * D, qdim = H * D, P = qdim + 2 * kvdim + 24;  // proj rows carry more after v
+  const std::vector<int64_t> pos = {0, 5, 130, 17, 63};
+  const auto B = static_cast<int64_t>(pos.size());
+  // Two copies of every session's cache (filled up to its position; its row `pos` poisoned).
+  std::vector<DeviceBuffer<float>> caches[2][2];
+  std::vector<float*> ptrs[2][2];
+  for (int64_t p : pos) {
+    for (int kv = 0; kv < 2; ++kv) {
+      auto rows = Random(static_cast<std::size_t>((p + 1) * kvdim));
+      std::fill(rows.begin() + p * kvdim, rows.end(), std::numeric_limits<float>::quiet_NaN());
+      for (int copy = 0; copy < 2; ++copy) {
+        caches[copy][kv].push_back(Upload(rows));
+        ptrs[copy][kv].push_back(caches[copy][kv].back().data());
+      }
+    }
+  }
+  auto dk0 = Upload(ptrs[0][0]), dv0 = Upload(ptrs[0][1]), dk1 = Upload(ptrs[1][0]), dv1 = Upload(ptrs[1][1]);
+  auto dpos = Upload(pos);
+  auto dproj = Upload(Random(static_cast<std::size_t>(B * P)));
+  auto q = Poisoned<float>(static_cast<std::size_t>(B * qdim));
+  auto want = Poisoned<float>(static_cast<std::size_t>(B * qdim));
+  auto got = Poisoned<float>(static_cast<std::size_t>(B * qdim));
+  RequireOk(SplitQkvRopeBatch(dproj.data(), B, P, H, Hkv, D, dpos.data(), 500000.0, q.data(), dk0.data(), dv0.data(),
+                              Stream()));
+  RequireOk(CausalAttentionDecodeBatch(q.data(), reinterpret_cast<const float* const*>(dk0.data()),
+                                       reinterpret_cast<const float* const*>(dv0.data()), dpos.data(), B, H, Hkv, D,
+                                       want.data(), Stream()));
+  RequireOk(RopeAttentionDecodeBatch(dproj.data(), P, dpos.data(), 500000.0, dk1.data(), dv1.data(), B, H, Hkv, D,
+                                     got.data(), Stream()));
+  const auto w = Download(want), g = Download(got);
+  CHECK(std::memcmp(w.data(), g.data(), w.size() * sizeof(float)) == 0);
+  for (std::size_t b = 0; b < pos.size(); ++b) {
+    for (int kv = 0; kv < 2; ++kv) {
+      INFO("session " << b << (kv == 0 ? " keys" : " values"));
+      const auto a = Download(caches[0][kv][b]), c = Download(caches[1][kv][b]);
+      CHECK(std::memcmp(a.data(), c.data(), a.size() * sizeof(float)) == 0);  // the new row too (no NaN left)
+      CHECK(std::none_of(c.begin(), c.end(), [](float x) { return std::isnan(x); }));
+    }
+  }
+  CHECK(RopeAttentionDecodeBatch(dproj.data(), qdim, dpos.data(), 1e4, dk1.data(), dv1.data(), B, H, Hkv, D,
+                                 got.data(), Stream())
+            .IsInvalidArgument());  // proj_ld narrower than q | k | v
+  CHECK(RopeAttentionDecodeBatch(nullptr, P, nullptr, 1e4, nullptr, nullptr, 0, H, Hkv, D, nullptr, Stream()).ok());
+}
+
 TEST_CASE("Batched memory decode ops equal the one-session ops per session", "[cuda][ops]") {
   // The one-pass read (dh = 32) and the general one (dh = 24).
   const auto [N, d, Hm] = GENERATE(std::make_tuple(int64_t{300}, int64_t{128}, int64_t{4}),

@@ -22,6 +22,7 @@ constexpr int kDecodeKeys = 8;       // keys a warp has in flight at once
 // Where query row t's keys and values are, and how many it sees: one cache for T queries at
 // its end (a sequence), or one cache per row at that row's position (a batch of sessions).
 struct OneCache {
+  static constexpr bool kFresh = false;
   const float* k;
   const float* v;
   int64_t T, S;
@@ -30,12 +31,54 @@ struct OneCache {
   __device__ int64_t Visible(int64_t t) const { return S - T + t + 1; }  // query t sits at S - T + t
 };
 struct CachePerRow {
+  static constexpr bool kFresh = false;
   const float* const* k;
   const float* const* v;
   const int64_t* positions;
   __device__ const float* Keys(int64_t t) const { return k[t]; }
   __device__ const float* Values(int64_t t) const { return v[t]; }
   __device__ int64_t Visible(int64_t t) const { return positions[t] + 1; }
+};
+// CachePerRow whose last visible row is this step's token, still in the stacked projection
+// (RopeAttentionDecodeBatch): each block rotates its query head and its KV head's key from
+// proj (SplitQkvRope's arithmetic), the block of the group's first query head writes the new
+// k and v rows into the cache, and every block of the group uses them from shared memory.
+struct FreshRowPerCache {
+  static constexpr bool kFresh = true;
+  float* const* k;
+  float* const* v;
+  const int64_t* positions;
+  const float* proj;
+  int64_t proj_ld;
+  double theta;
+  __device__ const float* Keys(int64_t t) const { return k[t]; }
+  __device__ const float* Values(int64_t t) const { return v[t]; }
+  __device__ int64_t Visible(int64_t t) const { return positions[t] + 1; }
+  // Fills q_new, k_new, v_new [D] for query head h of row t (KV head h / group).
+  __device__ void Prepare(int64_t t, int h, int heads, int group, int D, float* q_new, float* k_new,
+                          float* v_new) const {
+    const int kvh = h / group, kv_heads = heads / group;
+    const float* row = proj + t * proj_ld;
+    for (int c = static_cast<int>(threadIdx.x); c < D; c += blockDim.x) {
+      q_new[c] = row[static_cast<int64_t>(h) * D + c];
+      k_new[c] = row[static_cast<int64_t>(heads + kvh) * D + c];
+      v_new[c] = row[static_cast<int64_t>(heads + kv_heads + kvh) * D + c];
+    }
+    __syncthreads();
+    const int64_t pos = positions[t];
+    for (int i = static_cast<int>(threadIdx.x); i < D / 2; i += blockDim.x) {
+      RotateHalfPair(q_new, q_new, i, D, pos, theta);
+      RotateHalfPair(k_new, k_new, i, D, pos, theta);
+    }
+    __syncthreads();
+    if (h % group == 0) {
+      const int64_t at = pos * kv_heads * D + static_cast<int64_t>(kvh) * D;
+      for (int c = static_cast<int>(threadIdx.x); c < D; c += blockDim.x) {
+        k[t][at + c] = k_new[c];
+        v[t][at + c] = v_new[c];
+      }
+    }
+  }
 };
 
 // Lane l owns columns l, l + 32, ... (kCols of them, D <= 32 * kCols) of the query, of each
@@ -50,20 +93,33 @@ __global__ void __launch_bounds__(kDecodeThreads) AttentionDecodeKernel(const fl
   AllowDependents();
   __shared__ float wmax[kDecodeWarps], wsum[kDecodeWarps];
   __shared__ float wacc[kDecodeWarps][kCols * 32];
+  __shared__ float fresh[Rows::kFresh ? 3 : 1][kCols * 32];  // the new token's q, k, v (FreshRowPerCache)
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int64_t t = blockIdx.x / heads;
   const int h = static_cast<int>(blockIdx.x % heads), kvh = h / group;
   const int64_t q_stride = static_cast<int64_t>(heads) * D, kv_stride = static_cast<int64_t>(heads / group) * D;
+  const float* q_row = q + t * q_stride + static_cast<int64_t>(h) * D;
+  if constexpr (Rows::kFresh) {
+    rows.Prepare(t, h, heads, group, D, fresh[0], fresh[1], fresh[2]);
+    q_row = fresh[0];
+  }
   float qr[kCols], o[kCols];
 #pragma unroll
   for (int i = 0; i < kCols; ++i) {
     const int c = lane + 32 * i;
-    qr[i] = c < D ? q[t * q_stride + static_cast<int64_t>(h) * D + c] : 0.0f;
+    qr[i] = c < D ? q_row[c] : 0.0f;
     o[i] = 0.0f;
   }
   const float* __restrict__ k = rows.Keys(t) + static_cast<int64_t>(kvh) * D;
   const float* __restrict__ v = rows.Values(t) + static_cast<int64_t>(kvh) * D;
   const int64_t visible = rows.Visible(t);
+  // Row j of K (or V) at column c; with a fresh row, the last from shared memory.
+  const auto at = [&](const float* __restrict__ base, int which, int64_t j, int c) -> float {
+    if constexpr (Rows::kFresh) {
+      if (j == visible - 1) return fresh[which][c];
+    }
+    return base[j * kv_stride + c];
+  };
   float m = -INFINITY, l = 0.0f;
   float x[kDecodeKeys][kCols];
   for (int64_t j0 = static_cast<int64_t>(warp) * kDecodeKeys; j0 < visible; j0 += kDecodeWarps * kDecodeKeys) {
@@ -72,7 +128,7 @@ __global__ void __launch_bounds__(kDecodeThreads) AttentionDecodeKernel(const fl
 #pragma unroll
       for (int i = 0; i < kCols; ++i) {
         const int c = lane + 32 * i;
-        x[s][i] = j0 + s < visible && c < D ? k[(j0 + s) * kv_stride + c] : 0.0f;
+        x[s][i] = j0 + s < visible && c < D ? at(k, 1, j0 + s, c) : 0.0f;
       }
     }
     float sc[kDecodeKeys];
@@ -90,7 +146,7 @@ __global__ void __launch_bounds__(kDecodeThreads) AttentionDecodeKernel(const fl
 #pragma unroll
       for (int i = 0; i < kCols; ++i) {
         const int c = lane + 32 * i;
-        x[s][i] = j0 + s < visible && c < D ? v[(j0 + s) * kv_stride + c] : 0.0f;
+        x[s][i] = j0 + s < visible && c < D ? at(v, 2, j0 + s, c) : 0.0f;
       }
     }
     const float m_new = fmaxf(m, gm);  // finite: key j0 is visible
@@ -296,6 +352,23 @@ Status CausalAttentionDecodeBatch(const float* q, const float* const* k_caches, 
   if (B == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("CausalAttentionDecodeBatch", {q, k_caches, v_caches, positions, out}));
   return LaunchDecode(q, CachePerRow{k_caches, v_caches, positions}, B * heads, heads, kv_heads, head_dim, out, stream);
+}
+
+Status RopeAttentionDecodeBatch(const float* proj, int64_t proj_ld, const int64_t* positions, double theta,
+                                float* const* k_caches, float* const* v_caches, int64_t B, int64_t heads,
+                                int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckRope(B, heads, head_dim, theta));
+  LM2_RETURN_IF_ERROR(ops::CheckCausalAttention(0, 0, heads, kv_heads, head_dim));
+  if (proj_ld < (heads + 2 * kv_heads) * head_dim) {
+    return Status::InvalidArgument("RopeAttentionDecodeBatch: proj_ld " + std::to_string(proj_ld) +
+                                   " narrower than q, k and v");
+  }
+  if (B * heads > (int64_t{1} << 31) - 1) return Status::InvalidArgument("RopeAttentionDecodeBatch: B=" + std::to_string(B));
+  if (B == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("RopeAttentionDecodeBatch", {proj, positions, k_caches, v_caches, out}));
+  return LaunchDecode(static_cast<const float*>(nullptr),
+                      FreshRowPerCache{k_caches, v_caches, positions, proj, proj_ld, theta}, B * heads, heads,
+                      kv_heads, head_dim, out, stream);
 }
 
 Status CausalAttentionPrefill(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,

@@ -687,13 +687,9 @@ class CudaModel final : public Model {
       // Attention: one GEMM for q, k, v (and the memory query and write offer), then RoPE
       // straight into q and the cache rows of this chunk.
       LM2_RETURN_IF_ERROR(NormLinear(s, h, n, lw.input_norm, lw.x_proj, P, proj));
-      if (batch != nullptr) {  // one token per session, each with its own cache
-        LM2_RETURN_IF_ERROR(SplitQkvRopeBatch(proj, n, P, H, Hkv, Dh, positions, cfg_.rope_theta, sc.q.data(),
-                                              batch->KCaches(i), batch->VCaches(i), st));
-        LM2_RETURN_IF_ERROR(CausalAttentionDecodeBatch(
-            sc.q.data(), reinterpret_cast<const float* const*>(batch->KCaches(i)),
-            reinterpret_cast<const float* const*>(batch->VCaches(i)), positions, n, H, Hkv, Dh, sc.attn_out.data(),
-            st));
+      if (batch != nullptr) {  // one token per session, each with its own cache: RoPE, cache append and attention
+        LM2_RETURN_IF_ERROR(RopeAttentionDecodeBatch(proj, P, positions, cfg_.rope_theta, batch->KCaches(i),
+                                                     batch->VCaches(i), n, H, Hkv, Dh, sc.attn_out.data(), st));
       } else {
         LM2_RETURN_IF_ERROR(SplitQkvRope(proj, n, P, H, Hkv, Dh, positions, cfg_.rope_theta, sc.q.data(),
                                          ls.k_cache.data() + pos0 * kvdim, ls.v_cache.data() + pos0 * kvdim, st));

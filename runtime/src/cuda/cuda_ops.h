@@ -229,6 +229,14 @@ Status CausalAttentionDecodeBatch(const float* q, const float* const* k_caches, 
                                   const int64_t* positions, int64_t B, int64_t heads, int64_t kv_heads,
                                   int64_t head_dim, float* out, cudaStream_t stream);
 
+// SplitQkvRopeBatch then CausalAttentionDecodeBatch as one kernel (the decode step's): each
+// block rotates its query head and its KV head's new key from proj, the block of each KV
+// group's first query head writes the new k and v rows into the caches at positions[b], and
+// the attention takes the new row from shared memory. Bit-identical to the two ops.
+Status RopeAttentionDecodeBatch(const float* proj, int64_t proj_ld, const int64_t* positions, double theta,
+                                float* const* k_caches, float* const* v_caches, int64_t B, int64_t heads,
+                                int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream);
+
 // Prefill attention through cuBLAS (same semantics as CausalAttention): scores [H, T, S]
 // (caller's scratch, fp32) = q·kᵀ/sqrt(D) by strided-batched TF32 GEMMs, a causal softmax,
 // out = p·v the same way. Tensor cores make it the fast form for long prefills; it costs

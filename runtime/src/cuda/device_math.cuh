@@ -51,6 +51,20 @@ __device__ __forceinline__ float BlockMax(float v, float* scratch) {
   return WarpMax(lane < warps ? scratch[lane] : -INFINITY);
 }
 
+// Rotary embedding, rotate-half: rotates the pair (i, i + D/2) of src into dst (may be the
+// same vector) by position * theta^(-2i/D); the angle, its cosine and sine in double,
+// rounded to fp32, exactly as the CPU backend does.
+__device__ __forceinline__ void RotateHalfPair(const float* src, float* dst, int64_t i, int64_t head_dim,
+                                               int64_t position, double theta) {
+  const int64_t half = head_dim / 2;
+  const double inv_freq = pow(theta, -static_cast<double>(2 * i) / static_cast<double>(head_dim));
+  const double angle = static_cast<double>(position) * inv_freq;
+  const float c = static_cast<float>(cos(angle)), s = static_cast<float>(sin(angle));
+  const float a = src[i], b = src[i + half];
+  dst[i] = a * c - b * s;
+  dst[i + half] = b * c + a * s;
+}
+
 __device__ __forceinline__ float Sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 // ---- Programmatic dependent launch (sm_90 and later) -------------------------------------

@@ -11,18 +11,6 @@
 namespace lm2::runtime::cuda {
 namespace {
 
-// Rotates the pair (i, i + D/2) of the head vector v by position * theta^(-2i/D).
-__device__ __forceinline__ void RotatePair(const float* src, float* dst, int64_t i, int64_t head_dim, int64_t position,
-                                           double theta) {
-  const int64_t half = head_dim / 2;
-  const double inv_freq = pow(theta, -static_cast<double>(2 * i) / static_cast<double>(head_dim));
-  const double angle = static_cast<double>(position) * inv_freq;
-  const float c = static_cast<float>(cos(angle)), s = static_cast<float>(sin(angle));
-  const float a = src[i], b = src[i + half];
-  dst[i] = a * c - b * s;
-  dst[i + half] = b * c + a * s;
-}
-
 // Where row t's k and v go: consecutive rows of one cache, or each row into its own
 // session's cache at its position.
 struct ConsecutiveRows {
@@ -56,7 +44,7 @@ __global__ void SplitQkvRopeKernel(const float* __restrict__ proj, int64_t rows,
       const int64_t i = p % half, th = p / half, t = th / all_heads, h = th % all_heads;
       const float* src = proj + t * proj_ld + h * head_dim;  // k heads follow q heads in proj
       float* dst = h < heads ? q_out + (t * heads + h) * head_dim : dest.K(t, positions) + (h - heads) * head_dim;
-      RotatePair(src, dst, i, head_dim, positions[t], theta);
+      RotateHalfPair(src, dst, i, head_dim, positions[t], theta);
     } else {
       const int64_t e = p - pairs, t = e / kvdim, c = e % kvdim;
       dest.V(t, positions)[c] = proj[t * proj_ld + (heads + kv_heads) * head_dim + c];
@@ -71,7 +59,7 @@ __global__ void RopeKernel(float* __restrict__ x, int64_t rows, int64_t heads, i
        p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = p % half, th = p / half, t = th / heads;
     float* v = x + th * head_dim;
-    RotatePair(v, v, i, head_dim, positions[t], theta);
+    RotateHalfPair(v, v, i, head_dim, positions[t], theta);
   }
 }
 
