@@ -279,6 +279,8 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
   auto last_pos = Take(cuda::DeviceBuffer<int64_t>::Allocate(1), "alloc");
   const int64_t last = S - 1;
   Check(last_pos.CopyFromHost(&last, 1, nullptr), "copy");
+  auto rope = Take(cuda::DeviceBuffer<float2>::Allocate(static_cast<std::size_t>(Dh / 2)), "alloc");
+  Check(cuda::RopeFactorsBatch(last_pos.data(), 1, Dh, c.rope_theta, rope.data(), nullptr), "rope factors");
   const cuda::MemoryStage stage{.offer = f3.data(), .offer_ld = d, .slots = slot.data(),
                                 .pending_attn = stage_attn.data(), .pending_offer = stage_offer.data(),
                                 .mass = stage_mass.data()};
@@ -316,9 +318,11 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
        TimeOp(st, [&] { return cuda::EmbeddingLookup(w.data(), c.vocab_size, d, ids.data(), 1, x, st); })},
       {"Gemv RMSNorm -> q|k|v|mem q|offer (stacked)", L, gemv(GemvInput::kRmsNorm, d, P, GemvOutput::kStore),
        wbytes(d, P)},
+      {"RopeFactorsBatch (rotary factors of the step)", 1,
+       TimeOp(st, [&] { return cuda::RopeFactorsBatch(last_pos.data(), 1, Dh, c.rope_theta, rope.data(), st); })},
       {"RopeAttentionDecodeBatch (RoPE, cache append, attention)", L,
        TimeOp(st, [&] {
-         return cuda::RopeAttentionDecodeBatch(ys.data(), P, last_pos.data(), c.rope_theta, kv_ptr.data(),
+         return cuda::RopeAttentionDecodeBatch(ys.data(), P, last_pos.data(), rope.data(), kv_ptr.data(),
                                                kv_ptr.data(), 1, H, Hkv, Dh, f2.data(), st);
        })},
       {"Gemv fp32 -> o_proj", L, gemv(GemvInput::kF32, qdim, d, GemvOutput::kStore), wbytes(qdim, d)},
@@ -409,6 +413,8 @@ void BatchedStepParts(const lm2::runtime::ModelConfig& c, int64_t S, int64_t B) 
   };
   auto dkp = upload(kp), dvp = upload(vp);
   auto dkc = upload(kc), dvc = upload(vc);
+  auto rope = Take(cuda::DeviceBuffer<float2>::Allocate(static_cast<std::size_t>(B * Dh / 2)), "alloc");
+  Check(cuda::RopeFactorsBatch(pos.data(), B, Dh, c.rope_theta, rope.data(), nullptr), "rope factors");
   auto stream = Take(cuda::CudaStream::Create(), "stream");
   auto blas = Take(cuda::CublasHandle::Create(), "cublas");
   const cudaStream_t st = stream.get();
@@ -421,7 +427,7 @@ void BatchedStepParts(const lm2::runtime::ModelConfig& c, int64_t S, int64_t B) 
       {"cuBLAS B x d -> q|k|v|mem q|offer", 1, linear(d, P), wb * static_cast<double>(d * P)},
       {"RopeAttentionDecodeBatch", 1,
        TimeOp(st, [&] {
-         return cuda::RopeAttentionDecodeBatch(y.data(), P, pos.data(), c.rope_theta, dkc.data(), dvc.data(), B, H,
+         return cuda::RopeAttentionDecodeBatch(y.data(), P, pos.data(), rope.data(), dkc.data(), dvc.data(), B, H,
                                                Hkv, Dh, q.data(), st);
        }, 50), 4.0 * static_cast<double>(B * 2 * S * kvdim)},
       {"cuBLAS B x qdim -> d (o_proj) and B x d -> d (out_gate)", 2, linear(qdim, d), wb * static_cast<double>(d * qdim)},

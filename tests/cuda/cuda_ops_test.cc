@@ -819,7 +819,7 @@ TEST_CASE("Batched decode ops over per-session caches equal the one-cache ops", 
   }
 }
 
-TEST_CASE("RopeAttentionDecodeBatch equals SplitQkvRopeBatch then CausalAttentionDecodeBatch, bit for bit",
+TEST_CASE("RopeAttentionDecodeBatch (with RopeFactorsBatch) equals SplitQkvRopeBatch then CausalAttentionDecodeBatch, bit for bit",
           "[cuda][ops]") {
   const auto [H, Hkv, D] = GENERATE(std::make_tuple(int64_t{8}, int64_t{2}, int64_t{64}),
                                     std::make_tuple(int64_t{4}, int64_t{4}, int64_t{48}),
@@ -853,8 +853,10 @@ TEST_CASE("RopeAttentionDecodeBatch equals SplitQkvRopeBatch then CausalAttentio
   RequireOk(CausalAttentionDecodeBatch(q.data(), reinterpret_cast<const float* const*>(dk0.data()),
                                        reinterpret_cast<const float* const*>(dv0.data()), dpos.data(), B, H, Hkv, D,
                                        want.data(), Stream()));
-  RequireOk(RopeAttentionDecodeBatch(dproj.data(), P, dpos.data(), 500000.0, dk1.data(), dv1.data(), B, H, Hkv, D,
-                                     got.data(), Stream()));
+  auto factors = Poisoned<float2>(static_cast<std::size_t>(B * D / 2));
+  RequireOk(RopeFactorsBatch(dpos.data(), B, D, 500000.0, factors.data(), Stream()));
+  RequireOk(RopeAttentionDecodeBatch(dproj.data(), P, dpos.data(), factors.data(), dk1.data(), dv1.data(), B, H, Hkv,
+                                     D, got.data(), Stream()));
   const auto w = Download(want), g = Download(got);
   CHECK(std::memcmp(w.data(), g.data(), w.size() * sizeof(float)) == 0);
   for (std::size_t b = 0; b < pos.size(); ++b) {
@@ -865,10 +867,11 @@ TEST_CASE("RopeAttentionDecodeBatch equals SplitQkvRopeBatch then CausalAttentio
       CHECK(std::none_of(c.begin(), c.end(), [](float x) { return std::isnan(x); }));
     }
   }
-  CHECK(RopeAttentionDecodeBatch(dproj.data(), qdim, dpos.data(), 1e4, dk1.data(), dv1.data(), B, H, Hkv, D,
-                                 got.data(), Stream())
+  CHECK(RopeAttentionDecodeBatch(dproj.data(), qdim, dpos.data(), factors.data(), dk1.data(), dv1.data(), B, H, Hkv,
+                                 D, got.data(), Stream())
             .IsInvalidArgument());  // proj_ld narrower than q | k | v
-  CHECK(RopeAttentionDecodeBatch(nullptr, P, nullptr, 1e4, nullptr, nullptr, 0, H, Hkv, D, nullptr, Stream()).ok());
+  CHECK(RopeAttentionDecodeBatch(nullptr, P, nullptr, nullptr, nullptr, nullptr, 0, H, Hkv, D, nullptr, Stream()).ok());
+  CHECK(RopeFactorsBatch(dpos.data(), B, 7, 1e4, factors.data(), Stream()).IsInvalidArgument());  // odd head_dim
 }
 
 TEST_CASE("Batched memory decode ops equal the one-session ops per session", "[cuda][ops]") {

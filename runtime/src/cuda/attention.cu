@@ -50,7 +50,7 @@ struct FreshRowPerCache {
   const int64_t* positions;
   const float* proj;
   int64_t proj_ld;
-  double theta;
+  const float2* factors;  // [rows, D/2]: RopeFactorsBatch of the positions
   __device__ const float* Keys(int64_t t) const { return k[t]; }
   __device__ const float* Values(int64_t t) const { return v[t]; }
   __device__ int64_t Visible(int64_t t) const { return positions[t] + 1; }
@@ -66,9 +66,10 @@ struct FreshRowPerCache {
     }
     __syncthreads();
     const int64_t pos = positions[t];
-    for (int i = static_cast<int>(threadIdx.x); i < D / 2; i += blockDim.x) {
-      RotateHalfPair(q_new, q_new, i, D, pos, theta);
-      RotateHalfPair(k_new, k_new, i, D, pos, theta);
+    const int half = D / 2;
+    for (int i = static_cast<int>(threadIdx.x); i < D; i += blockDim.x) {  // q's pairs, then k's
+      const int pair = i < half ? i : i - half;
+      RotateHalfPair(i < half ? q_new : k_new, i < half ? q_new : k_new, pair, half, factors[t * half + pair]);
     }
     __syncthreads();
     if (h % group == 0) {
@@ -354,10 +355,10 @@ Status CausalAttentionDecodeBatch(const float* q, const float* const* k_caches, 
   return LaunchDecode(q, CachePerRow{k_caches, v_caches, positions}, B * heads, heads, kv_heads, head_dim, out, stream);
 }
 
-Status RopeAttentionDecodeBatch(const float* proj, int64_t proj_ld, const int64_t* positions, double theta,
+Status RopeAttentionDecodeBatch(const float* proj, int64_t proj_ld, const int64_t* positions, const float2* factors,
                                 float* const* k_caches, float* const* v_caches, int64_t B, int64_t heads,
                                 int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream) {
-  LM2_RETURN_IF_ERROR(ops::CheckRope(B, heads, head_dim, theta));
+  LM2_RETURN_IF_ERROR(ops::CheckRope(B, heads, head_dim, 10000.0));  // the shapes (the factors are given)
   LM2_RETURN_IF_ERROR(ops::CheckCausalAttention(0, 0, heads, kv_heads, head_dim));
   if (proj_ld < (heads + 2 * kv_heads) * head_dim) {
     return Status::InvalidArgument("RopeAttentionDecodeBatch: proj_ld " + std::to_string(proj_ld) +
@@ -365,9 +366,9 @@ Status RopeAttentionDecodeBatch(const float* proj, int64_t proj_ld, const int64_
   }
   if (B * heads > (int64_t{1} << 31) - 1) return Status::InvalidArgument("RopeAttentionDecodeBatch: B=" + std::to_string(B));
   if (B == 0) return Status::Ok();
-  LM2_RETURN_IF_ERROR(RequireNonNull("RopeAttentionDecodeBatch", {proj, positions, k_caches, v_caches, out}));
+  LM2_RETURN_IF_ERROR(RequireNonNull("RopeAttentionDecodeBatch", {proj, positions, factors, k_caches, v_caches, out}));
   return LaunchDecode(static_cast<const float*>(nullptr),
-                      FreshRowPerCache{k_caches, v_caches, positions, proj, proj_ld, theta}, B * heads, heads,
+                      FreshRowPerCache{k_caches, v_caches, positions, proj, proj_ld, factors}, B * heads, heads,
                       kv_heads, head_dim, out, stream);
 }
 

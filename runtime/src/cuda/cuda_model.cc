@@ -54,6 +54,7 @@ struct Scratch {
   DeviceBuffer<bf16> yb;         // other GEMM inputs rounded to bf16
   DeviceBuffer<int32_t> ids;
   DeviceBuffer<int64_t> positions;
+  DeviceBuffer<float2> rope;  // decode steps: each row's rotary factors [rows, head_dim / 2]
   DeviceBuffer<int64_t> slots;
   DeviceBuffer<int32_t> next_ids;  // decode steps that pick: each row's token
   // Sampled decode steps (SampleRows): the rules, their penalty ids and the sort's buffers.
@@ -422,6 +423,7 @@ class CudaModel final : public Model {
     for (DeviceBuffer<float>* b : {&sc.q, &sc.attn_out}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(rows * qdim)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.proj, Z(rows * proj_rows)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.gate_up, Z(rows * 2 * F)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.rope, Z(rows * (cfg_.head_dim / 2))));
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.xb, Z(rows * d)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.yb, Z(rows * std::max({d, qdim, F}))));
     if (cfg_.has_memory()) {
@@ -632,7 +634,7 @@ class CudaModel final : public Model {
             reinterpret_cast<const void*>(static_cast<std::intptr_t>(output)), sc.next_ids.data(),
             lead.next_host_.data(),
             sc.table.data(), sc.ids.data(), sc.positions.data(), lead.ids_host_.data(), lead.positions_host_.data(),
-            sc.slots.data(), lead.slots_host_.data(),
+            sc.slots.data(), lead.slots_host_.data(), sc.rope.data(),
             sc.h.data(), sc.proj.data(), sc.q.data(), sc.attn_out.data(), sc.a.data(), sc.mattn.data(), sc.e.data(),
             sc.gate.data(), sc.gate_up.data(), sc.xb.data(), sc.yb.data(), sc.read_partial.data(), sc.logits.data(),
             lead.logits_host_.data(), lead.cublas_workspace_.data()};
@@ -678,6 +680,8 @@ class CudaModel final : public Model {
     float* h = sc.h.data();
 
     LM2_RETURN_IF_ERROR(EmbeddingLookup(w_->embed, V, d, sc.ids.data() + first, n, h, st));
+    // A decode step's rotary factors, once for all its layers.
+    if (batch != nullptr) LM2_RETURN_IF_ERROR(RopeFactorsBatch(positions, n, Dh, cfg_.rope_theta, sc.rope.data(), st));
     for (int64_t i = 0; i < cfg_.num_layers; ++i) {
       const CudaLayerWeights& lw = w_->layers[Z(i)];
       LayerState& ls = s.layers_[Z(i)];
@@ -688,7 +692,7 @@ class CudaModel final : public Model {
       // straight into q and the cache rows of this chunk.
       LM2_RETURN_IF_ERROR(NormLinear(s, h, n, lw.input_norm, lw.x_proj, P, proj));
       if (batch != nullptr) {  // one token per session, each with its own cache: RoPE, cache append and attention
-        LM2_RETURN_IF_ERROR(RopeAttentionDecodeBatch(proj, P, positions, cfg_.rope_theta, batch->KCaches(i),
+        LM2_RETURN_IF_ERROR(RopeAttentionDecodeBatch(proj, P, positions, sc.rope.data(), batch->KCaches(i),
                                                      batch->VCaches(i), n, H, Hkv, Dh, sc.attn_out.data(), st));
       } else {
         LM2_RETURN_IF_ERROR(SplitQkvRope(proj, n, P, H, Hkv, Dh, positions, cfg_.rope_theta, sc.q.data(),

@@ -197,6 +197,11 @@ Status SplitQkvRopeBatch(const float* proj, int64_t rows, int64_t proj_ld, int64
                          int64_t head_dim, const int64_t* positions, double theta, float* q_out, float* const* k_caches,
                          float* const* v_caches, cudaStream_t stream);
 
+// The rotary factors of one decode step, shared by its layers: factors[t, i] = (cos, sin) of
+// pair i (of head_dim / 2) at positions[t], the values Rope and SplitQkvRope compute.
+Status RopeFactorsBatch(const int64_t* positions, int64_t rows, int64_t head_dim, double theta, float2* factors,
+                        cudaStream_t stream);
+
 // Rotary embedding in place, rotate-half: x[t, h, :], pairs (i, i + head_dim/2) rotated by
 // positions[t] * theta^(-2i/head_dim); angles, cos and sin in double, rounded to fp32 as
 // the CPU backend does. positions is a device array of `rows`.
@@ -230,10 +235,11 @@ Status CausalAttentionDecodeBatch(const float* q, const float* const* k_caches, 
                                   int64_t head_dim, float* out, cudaStream_t stream);
 
 // SplitQkvRopeBatch then CausalAttentionDecodeBatch as one kernel (the decode step's): each
-// block rotates its query head and its KV head's new key from proj, the block of each KV
-// group's first query head writes the new k and v rows into the caches at positions[b], and
-// the attention takes the new row from shared memory. Bit-identical to the two ops.
-Status RopeAttentionDecodeBatch(const float* proj, int64_t proj_ld, const int64_t* positions, double theta,
+// block rotates its query head and its KV head's new key from proj by `factors`
+// (RopeFactorsBatch of the positions and the model's theta), the block of each KV group's
+// first query head writes the new k and v rows into the caches at positions[b], and the
+// attention takes the new row from shared memory. Bit-identical to the two ops.
+Status RopeAttentionDecodeBatch(const float* proj, int64_t proj_ld, const int64_t* positions, const float2* factors,
                                 float* const* k_caches, float* const* v_caches, int64_t B, int64_t heads,
                                 int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream);
 

@@ -51,18 +51,20 @@ __device__ __forceinline__ float BlockMax(float v, float* scratch) {
   return WarpMax(lane < warps ? scratch[lane] : -INFINITY);
 }
 
-// Rotary embedding, rotate-half: rotates the pair (i, i + D/2) of src into dst (may be the
-// same vector) by position * theta^(-2i/D); the angle, its cosine and sine in double,
-// rounded to fp32, exactly as the CPU backend does.
-__device__ __forceinline__ void RotateHalfPair(const float* src, float* dst, int64_t i, int64_t head_dim,
-                                               int64_t position, double theta) {
-  const int64_t half = head_dim / 2;
+// Rotary embedding, rotate-half. The factors (cos, sin) of pair (i, i + D/2) at `position`:
+// the angle position * theta^(-2i/D), its cosine and sine in double, rounded to fp32,
+// exactly as the CPU backend does.
+__device__ __forceinline__ float2 RopeFactors(int64_t i, int64_t head_dim, int64_t position, double theta) {
   const double inv_freq = pow(theta, -static_cast<double>(2 * i) / static_cast<double>(head_dim));
   const double angle = static_cast<double>(position) * inv_freq;
-  const float c = static_cast<float>(cos(angle)), s = static_cast<float>(sin(angle));
+  return make_float2(static_cast<float>(cos(angle)), static_cast<float>(sin(angle)));
+}
+
+// Rotates the pair (i, i + half) of src into dst (may be the same vector) by `f` (RopeFactors).
+__device__ __forceinline__ void RotateHalfPair(const float* src, float* dst, int64_t i, int64_t half, float2 f) {
   const float a = src[i], b = src[i + half];
-  dst[i] = a * c - b * s;
-  dst[i + half] = b * c + a * s;
+  dst[i] = a * f.x - b * f.y;
+  dst[i + half] = b * f.x + a * f.y;
 }
 
 __device__ __forceinline__ float Sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }

@@ -44,7 +44,7 @@ __global__ void SplitQkvRopeKernel(const float* __restrict__ proj, int64_t rows,
       const int64_t i = p % half, th = p / half, t = th / all_heads, h = th % all_heads;
       const float* src = proj + t * proj_ld + h * head_dim;  // k heads follow q heads in proj
       float* dst = h < heads ? q_out + (t * heads + h) * head_dim : dest.K(t, positions) + (h - heads) * head_dim;
-      RotateHalfPair(src, dst, i, head_dim, positions[t], theta);
+      RotateHalfPair(src, dst, i, half, RopeFactors(i, head_dim, positions[t], theta));
     } else {
       const int64_t e = p - pairs, t = e / kvdim, c = e % kvdim;
       dest.V(t, positions)[c] = proj[t * proj_ld + (heads + kv_heads) * head_dim + c];
@@ -59,7 +59,18 @@ __global__ void RopeKernel(float* __restrict__ x, int64_t rows, int64_t heads, i
        p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = p % half, th = p / half, t = th / heads;
     float* v = x + th * head_dim;
-    RotateHalfPair(v, v, i, head_dim, positions[t], theta);
+    RotateHalfPair(v, v, i, half, RopeFactors(i, head_dim, positions[t], theta));
+  }
+}
+
+// factors[t, i] for every pair i of row t's position.
+__global__ void RopeFactorsKernel(const int64_t* __restrict__ positions, int64_t rows, int64_t head_dim, double theta,
+                                  float2* __restrict__ factors) {
+  WaitForPredecessor();  // the positions are this step's
+  AllowDependents();
+  const int64_t half = head_dim / 2;
+  for (int64_t p = FirstIndex(); p < rows * half; p += GridStride()) {
+    factors[p] = RopeFactors(p % half, head_dim, positions[p / half], theta);
   }
 }
 
@@ -73,6 +84,17 @@ Status Rope(float* x, int64_t rows, int64_t heads, int64_t head_dim, const int64
   const int64_t pairs = rows * heads * (head_dim / 2);
   RopeKernel<<<GridFor(pairs, kThreads), kThreads, 0, stream>>>(x, rows, heads, head_dim, positions, theta);
   return CheckLaunch("RopeKernel");
+}
+
+Status RopeFactorsBatch(const int64_t* positions, int64_t rows, int64_t head_dim, double theta, float2* factors,
+                        cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckRope(rows, 1, head_dim, theta));
+  if (rows == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("RopeFactorsBatch", {positions, factors}));
+  const int64_t pairs = rows * (head_dim / 2);
+  return CudaStatus(LaunchPdl(&RopeFactorsKernel, GridFor(pairs, kThreads), kThreads, 0, stream, positions, rows,
+                              head_dim, theta, factors),
+                    "RopeFactorsKernel");
 }
 
 namespace {
