@@ -41,8 +41,10 @@ struct CachePerRow {
 };
 // CachePerRow whose last visible row is this step's token, still in the stacked projection
 // (RopeAttentionDecodeBatch): each block rotates its query head and its KV head's key from
-// proj (SplitQkvRope's arithmetic), the block of the group's first query head writes the new
-// k and v rows into the cache, and every block of the group uses them from shared memory.
+// proj (SplitQkvRope's arithmetic) and writes the new k and v rows into the cache before
+// attending. Every block of a KV group writes the same values to the same row (a benign
+// race: identical bits), so no block reads a row another has not written yet, and the
+// attention loop stays the plain one.
 struct FreshRowPerCache {
   static constexpr bool kFresh = true;
   float* const* k;
@@ -72,15 +74,25 @@ struct FreshRowPerCache {
       RotateHalfPair(i < half ? q_new : k_new, i < half ? q_new : k_new, pair, half, factors[t * half + pair]);
     }
     __syncthreads();
-    if (h % group == 0) {
-      const int64_t at = pos * kv_heads * D + static_cast<int64_t>(kvh) * D;
-      for (int c = static_cast<int>(threadIdx.x); c < D; c += blockDim.x) {
-        k[t][at + c] = k_new[c];
-        v[t][at + c] = v_new[c];
-      }
+    const int64_t at = pos * kv_heads * D + static_cast<int64_t>(kvh) * D;
+    for (int c = static_cast<int>(threadIdx.x); c < D; c += blockDim.x) {
+      k[t][at + c] = k_new[c];
+      v[t][at + c] = v_new[c];
     }
+    __syncthreads();  // the block's own writes are visible to its threads from here
   }
 };
+
+// A cache element: through the read-only path, unless this kernel wrote into the cache (a
+// fresh row), which that path would not see.
+template <bool kWritten>
+__device__ __forceinline__ float CacheLoad(const float* p) {
+  if constexpr (kWritten) {
+    return *p;
+  } else {
+    return __ldg(p);
+  }
+}
 
 // Lane l owns columns l, l + 32, ... (kCols of them, D <= 32 * kCols) of the query, of each
 // key and value row and of the output, in registers. A warp loads 8 keys' rows at once (their
@@ -111,16 +123,9 @@ __global__ void __launch_bounds__(kDecodeThreads) AttentionDecodeKernel(const fl
     qr[i] = c < D ? q_row[c] : 0.0f;
     o[i] = 0.0f;
   }
-  const float* __restrict__ k = rows.Keys(t) + static_cast<int64_t>(kvh) * D;
-  const float* __restrict__ v = rows.Values(t) + static_cast<int64_t>(kvh) * D;
+  const float* k = rows.Keys(t) + static_cast<int64_t>(kvh) * D;
+  const float* v = rows.Values(t) + static_cast<int64_t>(kvh) * D;
   const int64_t visible = rows.Visible(t);
-  // Row j of K (or V) at column c; with a fresh row, the last from shared memory.
-  const auto at = [&](const float* __restrict__ base, int which, int64_t j, int c) -> float {
-    if constexpr (Rows::kFresh) {
-      if (j == visible - 1) return fresh[which][c];
-    }
-    return base[j * kv_stride + c];
-  };
   float m = -INFINITY, l = 0.0f;
   float x[kDecodeKeys][kCols];
   for (int64_t j0 = static_cast<int64_t>(warp) * kDecodeKeys; j0 < visible; j0 += kDecodeWarps * kDecodeKeys) {
@@ -129,7 +134,7 @@ __global__ void __launch_bounds__(kDecodeThreads) AttentionDecodeKernel(const fl
 #pragma unroll
       for (int i = 0; i < kCols; ++i) {
         const int c = lane + 32 * i;
-        x[s][i] = j0 + s < visible && c < D ? at(k, 1, j0 + s, c) : 0.0f;
+        x[s][i] = j0 + s < visible && c < D ? CacheLoad<Rows::kFresh>(k + (j0 + s) * kv_stride + c) : 0.0f;
       }
     }
     float sc[kDecodeKeys];
@@ -147,7 +152,7 @@ __global__ void __launch_bounds__(kDecodeThreads) AttentionDecodeKernel(const fl
 #pragma unroll
       for (int i = 0; i < kCols; ++i) {
         const int c = lane + 32 * i;
-        x[s][i] = j0 + s < visible && c < D ? at(v, 2, j0 + s, c) : 0.0f;
+        x[s][i] = j0 + s < visible && c < D ? CacheLoad<Rows::kFresh>(v + (j0 + s) * kv_stride + c) : 0.0f;
       }
     }
     const float m_new = fmaxf(m, gm);  // finite: key j0 is visible

@@ -61,10 +61,13 @@ __device__ __forceinline__ float2 RopeFactors(int64_t i, int64_t head_dim, int64
 }
 
 // Rotates the pair (i, i + half) of src into dst (may be the same vector) by `f` (RopeFactors).
+// Each product rounded, then the sum, as the CPU does: explicit roundings, so that no kernel's
+// compilation fuses a multiply-add (contraction differs between kernels, and their results
+// must agree bit for bit).
 __device__ __forceinline__ void RotateHalfPair(const float* src, float* dst, int64_t i, int64_t half, float2 f) {
   const float a = src[i], b = src[i + half];
-  dst[i] = a * f.x - b * f.y;
-  dst[i + half] = b * f.x + a * f.y;
+  dst[i] = __fsub_rn(__fmul_rn(a, f.x), __fmul_rn(b, f.y));
+  dst[i + half] = __fadd_rn(__fmul_rn(b, f.x), __fmul_rn(a, f.y));
 }
 
 __device__ __forceinline__ float Sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
