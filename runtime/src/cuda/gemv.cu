@@ -142,12 +142,8 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
 
   if constexpr (In == GemvInput::kRmsNorm) {
     for (int b = 0; b < rows; ++b) {  // rows is uniform over the block: every thread reduces
-      const float* x = static_cast<const float*>(a.x) + b * a.x_ld;
-      float ss = 0.0f;
-#pragma unroll 8
-      for (int64_t i = tid; i < a.in; i += kThreads) ss += x[i] * x[i];
-      ss = BlockSum(ss, scratch);
-      if (tid == 0) inv_rms[b] = 1.0f / sqrtf(ss / static_cast<float>(a.in) + a.eps);
+      const float inv = InvRms(static_cast<const float*>(a.x) + b * a.x_ld, a.in, a.eps, scratch);
+      if (tid == 0) inv_rms[b] = inv;
     }
     __syncthreads();
   }

@@ -24,10 +24,7 @@ __global__ void RmsNormKernel(const float* x, const float* __restrict__ weight, 
   const int64_t row = blockIdx.x;
   const float* xr = x + row * d;
   Out* o = out + row * d;
-  float ss = 0.0f;
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
-  ss = BlockSum(ss, scratch);
-  const float scale = 1.0f / sqrtf(ss / static_cast<float>(d) + eps);
+  const float scale = InvRms(xr, d, eps, scratch);
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) o[i] = FromFloat<Out>(xr[i] * scale * weight[i]);
 }
 
