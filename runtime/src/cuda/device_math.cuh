@@ -70,13 +70,14 @@ __device__ __forceinline__ void RotateHalfPair(const float* src, float* dst, int
   dst[i + half] = __fadd_rn(__fmul_rn(b, f.x), __fmul_rn(a, f.y));
 }
 
-// 1 / sqrt(mean(x[0, d)²) + eps), reduced over the block and returned to every thread: the
-// RMSNorm statistic, one definition for RmsNorm and the fused GEMV (their outputs must agree
-// bit for bit). `scratch` as BlockSum's.
+// 1 / sqrt(mean(x[0, d)²) + eps), reduced over a block of kThreads threads and returned to
+// every thread: the RMSNorm statistic, one definition for RmsNorm and the fused GEMV (their
+// outputs must agree bit for bit). The stride is the compile-time block width (a runtime
+// one made the GEMV's prologue ~1 µs slower). `scratch` as BlockSum's.
 __device__ __forceinline__ float InvRms(const float* x, int64_t d, float eps, float* scratch) {
   float ss = 0.0f;
 #pragma unroll 8
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) ss += x[i] * x[i];
+  for (int64_t i = threadIdx.x; i < d; i += kThreads) ss += x[i] * x[i];
   ss = BlockSum(ss, scratch);
   return 1.0f / sqrtf(ss / static_cast<float>(d) + eps);
 }
