@@ -8,7 +8,6 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
-#include <cstdint>
 #include <initializer_list>
 #include <string>
 
@@ -43,25 +42,6 @@ inline Status RequireNonNull(const char* op, std::initializer_list<const void*> 
     if (p == nullptr) return Status::InvalidArgument(std::string(op) + ": null device pointer");
   }
   return Status::Ok();
-}
-
-// Lets `kernel` (a __global__ function's address) use `bytes` of dynamic shared memory per
-// block on the current device (past the 48 KiB every kernel may use); InvalidArgument when
-// the device allows less.
-inline Status EnsureSharedMemory(const void* kernel, int64_t bytes, const char* op) {
-  constexpr int64_t kDefault = 48 * 1024;
-  if (bytes <= kDefault) return Status::Ok();
-  int device = 0, optin = 0;
-  Status st = CudaStatus(cudaGetDevice(&device), "cudaGetDevice");
-  if (st.ok()) st = CudaStatus(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                               "cudaDeviceGetAttribute");
-  if (!st.ok()) return st;
-  if (bytes > optin) {
-    return Status::InvalidArgument(std::string(op) + ": needs " + std::to_string(bytes) +
-                                   " bytes of shared memory per block, the device allows " + std::to_string(optin));
-  }
-  return CudaStatus(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-                    "cudaFuncSetAttribute");
 }
 
 }  // namespace lm2::runtime::cuda

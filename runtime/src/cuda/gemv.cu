@@ -6,12 +6,9 @@
 //
 // Layout: a persistent grid (one 256-thread block per multiprocessor at most). x' is staged
 // whole in shared memory (rows * in <= kGemvStageElements). Each warp streams units of two
-// weight rows x 1024 columns, 16-byte pieces per lane (coalesced), through a ring of
-// kStages units in shared memory filled by cp.async: kStages - 1 units are in flight while
-// it multiplies one, and the first kStages - 1 go out before the kernel waits for its
-// predecessor and stages x'. A lane reads back only the pieces it copied itself, so the ring
-// needs no synchronisation beyond cp.async's own wait. (A two-unit register pipeline left
-// the 8-32 MB projections at a third of DRAM bandwidth: a warp streams only a few units.)
+// weight rows x 2048 columns, 16-byte pieces per lane (coalesced), and loads the next unit
+// into registers while it multiplies the current one; the first unit's loads go out before
+// x' is staged.
 //
 // Numerics: x' is bit-identical to what RmsNormBf16 / SwiGluBf16 / ConvertF32ToBf16 give
 // (the same fp32 expressions; the RMS reduction has RmsNormKernel's order), products and
@@ -33,11 +30,7 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kRowsPerWarp = 2;  // rows of a unit
-constexpr int kSegVecs = 4;      // 16-byte pieces per lane per row in a unit: 1024 columns
-constexpr int kStages = 5;       // units of a warp's ring
-constexpr int kUnitVecs = kRowsPerWarp * kSegVecs * 32;  // 16-byte pieces of a unit (4 KiB)
-constexpr std::size_t kSharedBytes =
-    kGemvStageElements * sizeof(__nv_bfloat16) + std::size_t{kWarps} * kStages * kUnitVecs * sizeof(uint4);
+constexpr int kSegVecs = 8;      // 16-byte pieces per lane per row in a unit: 2048 columns
 static_assert(kThreads == kWarps * 32, "the GEMV block is kThreads wide (the RMS reduction's order)");
 
 using bf16 = __nv_bfloat16;
@@ -110,36 +103,13 @@ __device__ __forceinline__ float Dot8(const uint4& w, const uint4& x, float acc)
   return acc;
 }
 
-// 16 bytes global -> shared without passing through registers (sm_80+; a plain copy before).
-__device__ __forceinline__ void CopyAsync16(uint4* dst, const uint4* src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const auto s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src) : "memory");
-#else
-  *dst = *src;
-#endif
-}
-__device__ __forceinline__ void CopyAsyncCommit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-// Waits until at most `kPending` of this thread's committed groups are still in flight.
-template <int kPending>
-__device__ __forceinline__ void CopyAsyncWait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-#endif
-}
-
 // A warp's work is a sequence of units (a group of kRowsPerWarp rows, a 2048-column segment
 // of them): row groups blockIdx * kWarps + warp, then every gridDim * kWarps further; each
-// group's segments in order. kStages - 1 units are in flight while the warp multiplies one,
-// so its weight stream never waits on a multiply; x' sits whole in shared memory.
+// group's segments in order. The warp loads the next unit while it multiplies the current
+// one, so its weight stream never waits on a multiply; x' sits whole in shared memory.
 template <int B, GemvInput In, GemvOutput Out>
 __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
-  extern __shared__ __align__(16) unsigned char shared[];
-  bf16* const xs = reinterpret_cast<bf16*>(shared);  // x' [rows][in]
+  __shared__ __align__(16) bf16 xs[kGemvStageElements];  // x' [rows][in]
   __shared__ float scratch[32];
   __shared__ float inv_rms[B];
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
@@ -149,44 +119,24 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
   const int64_t groups = (a.out + kRowsPerWarp - 1) / kRowsPerWarp;
   const int64_t group_stride = static_cast<int64_t>(gridDim.x) * kWarps;
 
-  // This lane's slots of the warp's ring: piece (r, i) of stage k at ring[k * kUnitVecs + (r * kSegVecs + i) * 32].
-  uint4* const ring = reinterpret_cast<uint4*>(shared + kGemvStageElements * sizeof(bf16)) +
-                      static_cast<int64_t>(warp) * kStages * kUnitVecs + lane;
-  // Starts copying unit (group, seg) into ring stage `stage` (nothing past the last group).
-  auto issue = [&](int stage, int64_t group, int seg) {
-    if (group < groups) {
+  uint4 cur[kRowsPerWarp][kSegVecs], nxt[kRowsPerWarp][kSegVecs];
+  auto load = [&](uint4 (&buf)[kRowsPerWarp][kSegVecs], int64_t group, int seg) {
 #pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) {
-        int64_t row = group * kRowsPerWarp + r;
-        row = row < a.out ? row : a.out - 1;  // past the end: read the last row again, store nothing
-        const uint4* w = reinterpret_cast<const uint4*>(a.w + row * a.in);
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      int64_t row = group * kRowsPerWarp + r;
+      row = row < a.out ? row : a.out - 1;  // past the end: read the last row again, store nothing
+      const uint4* w = reinterpret_cast<const uint4*>(a.w + row * a.in);
 #pragma unroll
-        for (int i = 0; i < kSegVecs; ++i) {
-          const int v = seg * 32 * kSegVecs + 32 * i + lane;
-          if (v < vecs) CopyAsync16(ring + stage * kUnitVecs + (r * kSegVecs + i) * 32, w + v);
-        }
+      for (int i = 0; i < kSegVecs; ++i) {
+        const int v = seg * 32 * kSegVecs + 32 * i + lane;
+        buf[r][i] = v < vecs ? __ldcs(w + v) : make_uint4(0, 0, 0, 0);
       }
     }
-    CopyAsyncCommit();  // one group per unit, empty past the end: the wait counts stay exact
   };
-  // Units in order: a warp's row groups, each group's segments; the issue cursor runs
-  // kStages - 1 units ahead of the multiply.
-  auto advance = [&](int64_t& g, int& sg) {
-    if (++sg == segs) {
-      sg = 0;
-      g += group_stride;
-    }
-  };
+
   int64_t group = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   int seg = 0;
-  int64_t issue_group = group;
-  int issue_seg = 0;
-  // Weights are in flight while the predecessor ends and x' is made.
-#pragma unroll
-  for (int k = 0; k < kStages - 1; ++k) {
-    issue(k, issue_group, issue_seg);
-    advance(issue_group, issue_seg);
-  }
+  if (group < groups) load(cur, group, 0);  // weights: in flight while the predecessor ends and x' is made
   WaitForPredecessor();
   AllowDependents();
 
@@ -223,28 +173,24 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
 #pragma unroll
     for (int b = 0; b < B; ++b) acc[r][b] = 0.0f;
   }
-  int stage = 0;
   while (group < groups) {
-    CopyAsyncWait<kStages - 2>();  // this unit's group is done (kStages - 2 committed after it)
-    issue(stage == 0 ? kStages - 1 : stage - 1, issue_group, issue_seg);  // into the stage used last
-    advance(issue_group, issue_seg);
     int64_t next_group = group;
-    int next_seg = seg;
-    advance(next_group, next_seg);
-    const uint4* unit = ring + stage * kUnitVecs;
+    int next_seg = seg + 1;
+    if (next_seg == segs) {
+      next_seg = 0;
+      next_group += group_stride;
+    }
+    if (next_group < groups) load(nxt, next_group, next_seg);
 #pragma unroll
     for (int i = 0; i < kSegVecs; ++i) {
       const int v = seg * 32 * kSegVecs + 32 * i + lane;
       if (v >= vecs) break;
-      uint4 wv[kRowsPerWarp];
-#pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) wv[r] = unit[(r * kSegVecs + i) * 32];
 #pragma unroll
       for (int b = 0; b < B; ++b) {
         if (b >= rows) break;
         const uint4 xv = *reinterpret_cast<const uint4*>(&xs[b * a.in + static_cast<int64_t>(v) * 8]);
 #pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) acc[r][b] = Dot8(wv[r], xv, acc[r][b]);
+        for (int r = 0; r < kRowsPerWarp; ++r) acc[r][b] = Dot8(cur[r][i], xv, acc[r][b]);
       }
     }
     if (next_seg == 0) {  // the group's last segment: reduce and store
@@ -266,11 +212,14 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
         }
       }
     }
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+#pragma unroll
+      for (int i = 0; i < kSegVecs; ++i) cur[r][i] = nxt[r][i];
+    }
     group = next_group;
     seg = next_seg;
-    stage = stage == kStages - 1 ? 0 : stage + 1;
   }
-  CopyAsyncWait<0>();  // no copy outlives the kernel
 }
 
 // Multiprocessors of the current device (one block each: the kernel is persistent).
@@ -281,14 +230,6 @@ Result<int> Multiprocessors() {
   return sms;
 }
 
-// The kernel for (B, In, Out) with its shared memory allowed, launched.
-template <int B, GemvInput In, GemvOutput Out>
-Status LaunchKernel(const GemvArgs& a, unsigned int blocks, cudaStream_t stream) {
-  void (*kernel)(GemvArgs) = &GemvKernel<B, In, Out>;
-  LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(kernel), kSharedBytes, "Gemv"));
-  return CudaStatus(LaunchPdl(kernel, blocks, kThreads, kSharedBytes, stream, a), "GemvKernel");
-}
-
 template <int B, GemvInput In>
 Status LaunchOut(const GemvArgs& a, cudaStream_t stream) {
   LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());
@@ -296,9 +237,14 @@ Status LaunchOut(const GemvArgs& a, cudaStream_t stream) {
   const int64_t blocks_needed = (warps_needed + kWarps - 1) / kWarps;
   const auto blocks = static_cast<unsigned int>(blocks_needed < sms ? blocks_needed : sms);
   switch (a.output) {
-    case GemvOutput::kStore: return LaunchKernel<B, In, GemvOutput::kStore>(a, blocks, stream);
-    case GemvOutput::kAccumulate: return LaunchKernel<B, In, GemvOutput::kAccumulate>(a, blocks, stream);
-    case GemvOutput::kGatedResidual: return LaunchKernel<B, In, GemvOutput::kGatedResidual>(a, blocks, stream);
+    case GemvOutput::kStore:
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kStore>, blocks, kThreads, 0, stream, a), "GemvKernel");
+    case GemvOutput::kAccumulate:
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kAccumulate>, blocks, kThreads, 0, stream, a),
+                        "GemvKernel");
+    case GemvOutput::kGatedResidual:
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kGatedResidual>, blocks, kThreads, 0, stream, a),
+                        "GemvKernel");
   }
   return Status::InvalidArgument("Gemv: unknown output kind");
 }
