@@ -65,6 +65,7 @@ __device__ __forceinline__ double Weight(float key, float max_key, float tempera
 
 constexpr int kSelectThreads = 1024;
 constexpr int kSortItems = 4;  // per thread in the block sort
+constexpr int kCompactItems = 16;  // consecutive keys per thread in a compaction tile
 constexpr int kBlockSortCapacity = kSelectThreads * kSortItems;
 constexpr int kBins = 128;        // histogram bins of (max - key) / temperature ...
 constexpr float kBinsPerUnit = 4.0f;  // ... each a quarter wide: keys beyond 32 are left out
@@ -101,7 +102,7 @@ struct SelectShared {
 // sorted_keys / sorted_ids (row-major, the row's first plan.candidates entries) with an
 // empty sort segment, or plan.candidates = -1 and the whole row as its segment.
 __global__ void __launch_bounds__(kSelectThreads)
-    SelectCandidatesKernel(const float* __restrict__ keys, const int32_t* __restrict__ ids, int64_t cols,
+    SelectCandidatesKernel(const float* __restrict__ keys, int64_t cols,
                            const DeviceTokenRule* __restrict__ rules, float* __restrict__ sorted_keys,
                            int32_t* __restrict__ sorted_ids, int32_t* __restrict__ seg_begin,
                            int32_t* __restrict__ seg_end, SampleRowPlan* __restrict__ plans) {
@@ -114,14 +115,17 @@ __global__ void __launch_bounds__(kSelectThreads)
   if (!RuleSorts(r)) return;
 
   float m = -INFINITY;
+#pragma unroll 8  // loads in flight together: a row pass is one block's
   for (int64_t i = tid; i < cols; i += kSelectThreads) m = fmaxf(m, row[i]);
   const float max_key = BlockMax(m, sh.scratch);
   double part = 0.0;
+#pragma unroll 8  // loads in flight together: a row pass is one block's
   for (int64_t i = tid; i < cols; i += kSelectThreads) part += Weight(row[i], max_key, r.temperature);
   for (int b = tid; b < kBins; b += kSelectThreads) sh.counts[b] = 0;
   const double total = SelectReduce(sh.reduce).Sum(part);
   if (tid == 0) sh.total = total;
   __syncthreads();
+#pragma unroll 8  // loads in flight together: a row pass is one block's
   for (int64_t i = tid; i < cols; i += kSelectThreads) {
     const int b = BinOf(row[i], max_key, r.temperature);
     if (b < kBins) atomicAdd(&sh.counts[b], 1);
@@ -162,20 +166,21 @@ __global__ void __launch_bounds__(kSelectThreads)
   __syncthreads();
   const int chosen = sh.chosen_bin;
   if (chosen < 0) return;
-  // Compaction in id order: tiles of kSelectThreads x kSortItems consecutive keys.
-  for (int64_t tile = 0; tile < cols; tile += kBlockSortCapacity) {
-    const int64_t first = tile + int64_t{tid} * kSortItems;
+  // Compaction in id order: tiles of kSelectThreads x kCompactItems consecutive keys.
+  for (int64_t tile = 0; tile < cols; tile += int64_t{kSelectThreads} * kCompactItems) {
+    const int64_t first = tile + int64_t{tid} * kCompactItems;
     int flags = 0;
-    for (int k = 0; k < kSortItems; ++k) {
+#pragma unroll
+    for (int k = 0; k < kCompactItems; ++k) {
       if (first + k < cols && BinOf(row[first + k], max_key, r.temperature) <= chosen) flags |= 1 << k;
     }
     int before, in_tile;
     SelectScan(sh.scan).ExclusiveSum(__popc(flags), before, in_tile);
     int at = sh.taken + before;
-    for (int k = 0; k < kSortItems; ++k) {
+    for (int k = 0; k < kCompactItems; ++k) {
       if ((flags & (1 << k)) && at < kBlockSortCapacity) {  // the count said it fits; never overrun
         sh.cand.keys[at] = row[first + k];
-        sh.cand.ids[at] = ids[base + first + k];
+        sh.cand.ids[at] = static_cast<int32_t>(first + k);
         ++at;
       }
     }
@@ -290,6 +295,7 @@ __global__ void __launch_bounds__(kPickThreads)
     // Each thread keeps its first maximum (its indices ascend); keys hold no NaN.
     float best = -INFINITY;
     int64_t at = cols;
+  #pragma unroll 8  // loads in flight together: a row pass is one block's
     for (int64_t i = tid; i < cols; i += kPickThreads) {
       if (at == cols || row[i] > best) {
         best = row[i];
@@ -317,14 +323,17 @@ __global__ void __launch_bounds__(kPickThreads)
     total = plan.total;
     if (r.top_k > 0) {  // the total of the kept
       double part = 0.0;
+#pragma unroll 8  // loads in flight together: a row pass is one block's
       for (int64_t i = tid; i < keep; i += kPickThreads) part += Weight(cand[i], max_key, r.temperature);
       total = PickTotal(part, sh);
     }
   } else {
     float m = -INFINITY;
+  #pragma unroll 8  // loads in flight together: a row pass is one block's
     for (int64_t i = tid; i < cols; i += kPickThreads) m = fmaxf(m, cand[i]);
     max_key = BlockMax(m, sh.scratch);
     double part = 0.0;
+  #pragma unroll 8  // loads in flight together: a row pass is one block's
     for (int64_t i = tid; i < keep; i += kPickThreads) part += Weight(cand[i], max_key, r.temperature);
     total = PickTotal(part, sh);
   }
@@ -386,7 +395,7 @@ Status SampleRows(const float* logits, int64_t rows, int64_t cols, const DeviceT
   if (any_sorts) {
     LM2_RETURN_IF_ERROR(RequireNonNull("SampleRows", {scratch.temp}));
     SelectCandidatesKernel<<<grid_rows, kSelectThreads, 0, stream>>>(
-        scratch.keys, scratch.ids, cols, rules, scratch.sorted_keys, scratch.sorted_ids, scratch.segment_begin,
+        scratch.keys, cols, rules, scratch.sorted_keys, scratch.sorted_ids, scratch.segment_begin,
         scratch.segment_end, scratch.plans);
     LM2_CUDA_RETURN_IF_ERROR(cudaGetLastError());
     std::size_t bytes = scratch.temp_bytes;
