@@ -4,11 +4,12 @@
 # export/import, threads, backend choice, continuous batching), device discovery, `lm2
 # generate` end to end on the GPU (tests/runtime/cli_generate_test.sh), the SDK's GPU case
 # (sessions chatting at once through the engine's decode batcher: sdk_tests "[gpu]"), then
-# compute-sanitizer memcheck over the op and model tests. Run from the repository root; logs go to $OUT (or device_bundle/logs).
+# compute-sanitizer memcheck over the op and model tests and racecheck over the kernels that
+# reuse shared memory. Run from the repository root; logs go to $OUT (or device_bundle/logs).
 #
 #   device run: tools/device/run_gpu_tests.sh        (carry device_bundle)
 #
-# Environment: SKIP_MEMCHECK=1 skips the sanitizer pass. Exit status 0 when all pass.
+# Environment: SKIP_MEMCHECK=1 skips the sanitizer passes. Exit status 0 when all pass.
 set -uo pipefail
 ROOT=$(pwd)
 BUNDLE=${BUNDLE:-$ROOT/device_bundle/lm2-gpu.tar.xz}
@@ -53,6 +54,10 @@ run sdk_gpu "$BIN/sdk_tests" "[gpu]"
 if [[ "${SKIP_MEMCHECK:-0}" != 1 ]]; then
   run memcheck_ops compute-sanitizer --tool memcheck --error-exitcode 99 --leak-check full "$BIN/cuda_ops_tests"
   run memcheck_model compute-sanitizer --tool memcheck --error-exitcode 99 --leak-check full "$BIN/cuda_model_tests"
+  # Shared-memory hazards in the kernels that reuse shared memory between phases (the
+  # sampler's candidate selection and pick, the fused RoPE + attention, the argmax).
+  run racecheck_ops compute-sanitizer --tool racecheck --error-exitcode 99 "$BIN/cuda_ops_tests" \
+    "SampleRows*,RopeAttentionDecodeBatch*,ArgmaxRows*"
 fi
 echo "== done: status $status (logs in $LOG_DIR)"
 exit "$status"
