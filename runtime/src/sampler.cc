@@ -50,38 +50,71 @@ int32_t PickToken(std::span<const float> logits, const TokenRule& rule, PickScra
   std::vector<int32_t>& order = scratch.order;
   order.resize(static_cast<std::size_t>(V));
   std::iota(order.begin(), order.end(), 0);
-  std::size_t keep = order.size();
-  if (rule.sorts()) {
-    // By logit, descending; ties by id, so the result does not depend on the sort's stability.
-    const auto by_logit = [&work](int32_t a, int32_t b) {
-      const float la = work[static_cast<std::size_t>(a)], lb = work[static_cast<std::size_t>(b)];
-      return la > lb || (la == lb && a < b);
-    };
-    if (rule.top_k > 0) keep = std::min(keep, static_cast<std::size_t>(rule.top_k));
-    std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(keep), order.end(), by_logit);
-    order.resize(keep);
-  }
-  float max_logit = -INFINITY;
-  for (int32_t id : order) max_logit = std::max(max_logit, work[static_cast<std::size_t>(id)]);
+  // By logit, descending; ties by id: a strict total order, so every sort of it agrees.
+  const auto by_logit = [&work](int32_t a, int32_t b) {
+    const float la = work[static_cast<std::size_t>(a)], lb = work[static_cast<std::size_t>(b)];
+    return la > lb || (la == lb && a < b);
+  };
+  const auto weight = [&](int32_t id, float max_logit) {
+    return std::exp(static_cast<double>((work[static_cast<std::size_t>(id)] - max_logit) / rule.temperature));
+  };
   std::vector<double>& w = scratch.weights;
-  w.resize(keep);
   double total = 0.0;
-  for (std::size_t i = 0; i < keep; ++i) {
-    w[i] = std::exp(static_cast<double>((work[static_cast<std::size_t>(order[i])] - max_logit) / rule.temperature));
-    total += w[i];
-  }
-  std::size_t cut = keep;
-  if (rule.top_p < 1.0f) {
-    const double target = static_cast<double>(rule.top_p) * total;
-    double mass = 0.0;
-    for (std::size_t i = 0; i < keep; ++i) {
-      mass += w[i];
-      if (mass >= target) {
-        cut = i + 1;
-        total = mass;
-        break;
+  std::size_t cut = order.size();  // candidates the pick may land on: order[0, cut), weights w
+  if (rule.sorts() && rule.top_k > 0 && static_cast<std::size_t>(rule.top_k) < order.size()) {
+    // Top-k: the k best in order, then (top-p) the cut among them.
+    cut = static_cast<std::size_t>(rule.top_k);
+    std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(cut), order.end(), by_logit);
+    const float max_logit = work[static_cast<std::size_t>(order[0])];
+    w.resize(cut);
+    for (std::size_t i = 0; i < cut; ++i) total += (w[i] = weight(order[i], max_logit));
+    if (rule.top_p < 1.0f) {
+      const double target = static_cast<double>(rule.top_p) * total;
+      double mass = 0.0;
+      for (std::size_t i = 0; i < cut; ++i) {
+        mass += w[i];
+        if (mass >= target) {
+          cut = i + 1;
+          total = mass;
+          break;
+        }
       }
     }
+  } else if (rule.sorts()) {
+    // Top-p over the whole vocabulary: the total in id order, then sorted prefixes of 256,
+    // 1024, ... candidates (nth_element, then a sort of the prefix) until one reaches top_p
+    // of it. A prefix of the sorted order is the same whichever way it is found, and a
+    // language model's top-p set is usually a few dozen tokens: no full sort of V logits.
+    const float max_logit = *std::max_element(work.begin(), work.end());
+    for (int32_t id : order) total += weight(id, max_logit);
+    const double target = static_cast<double>(rule.top_p) * total;
+    bool reached = false;
+    for (std::size_t m = std::min<std::size_t>(256, order.size()); !reached; m = std::min(4 * m, order.size())) {
+      if (m < order.size()) {
+        std::nth_element(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(m - 1), order.end(), by_logit);
+      }
+      std::sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(m), by_logit);
+      w.resize(m);
+      double mass = 0.0;
+      for (std::size_t i = 0; i < m && !reached; ++i) {
+        mass += (w[i] = weight(order[i], max_logit));
+        if (mass >= target) {
+          cut = i + 1;
+          total = mass;
+          reached = true;
+        }
+      }
+      if (!reached && m == order.size()) {  // all sorted, and rounding kept the mass under the target
+        cut = m;
+        total = mass;
+        reached = true;
+      }
+    }
+  } else {
+    // Temperature alone: every token, in id order.
+    const float max_logit = *std::max_element(work.begin(), work.end());
+    w.resize(order.size());
+    for (std::size_t i = 0; i < order.size(); ++i) total += (w[i] = weight(order[i], max_logit));
   }
   const double r = rule.draw * total;
   double run = 0.0;

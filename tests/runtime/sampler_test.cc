@@ -1,7 +1,9 @@
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
+#include <random>
 #include <vector>
 
 #include "lm2/runtime/sampler.h"
@@ -138,4 +140,60 @@ TEST_CASE("Sampler: Sample is PickToken of Rule; only sampled tokens draw", "[sa
   Sampler greedy(SamplingOptions{});
   CHECK(greedy.Rule({}).draw == 0.0);
   CHECK(greedy.Rule({}).argmax_only());
+}
+
+TEST_CASE("PickToken: top-p over a large vocabulary picks what a full sort picks", "[sampler]") {
+  using lm2::runtime::PickScratch;
+  using lm2::runtime::PickToken;
+  using lm2::runtime::TokenRule;
+  // The reference: every candidate sorted (logit descending, ties by id), the total in id
+  // order as PickToken states, the cut and the pick by running weights.
+  const auto reference = [](const std::vector<float>& l, const TokenRule& r) {
+    std::vector<int32_t> order(l.size());
+    for (std::size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int32_t>(i);
+    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+      return l[static_cast<std::size_t>(a)] > l[static_cast<std::size_t>(b)] ||
+             (l[static_cast<std::size_t>(a)] == l[static_cast<std::size_t>(b)] && a < b);
+    });
+    const float mx = l[static_cast<std::size_t>(order[0])];
+    const auto w = [&](int32_t id) { return std::exp(static_cast<double>((l[static_cast<std::size_t>(id)] - mx) / r.temperature)); };
+    double total = 0.0;
+    for (std::size_t i = 0; i < l.size(); ++i) total += w(static_cast<int32_t>(i));
+    double mass = 0.0;
+    std::size_t cut = order.size();
+    for (std::size_t i = 0; i < order.size(); ++i) {
+      mass += w(order[i]);
+      if (mass >= static_cast<double>(r.top_p) * total) {
+        cut = i + 1;
+        total = mass;
+        break;
+      }
+    }
+    double run = 0.0;
+    for (std::size_t i = 0; i < cut; ++i) {
+      run += w(order[i]);
+      if (run >= r.draw * total) return order[i];
+    }
+    return order[cut - 1];
+  };
+  std::mt19937 rng(1234);
+  std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  PickScratch scratch;
+  // Peaked logits (a long tail: the top-p set is small) and flat ones (most of the vocabulary,
+  // past the first sorted prefixes), with ties.
+  for (int shape = 0; shape < 2; ++shape) {
+    std::vector<float> l(20000);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (std::size_t i = 0; i < l.size(); ++i) {
+      l[i] = shape == 0 ? -1.5f * std::log(static_cast<float>(1 + (i * 7919) % l.size())) : normal(rng);
+      if (i % 50 == 0) l[i] = std::round(l[i]);  // some exact ties
+    }
+    for (float top_p : {0.1f, 0.5f, 0.9f, 0.95f, 0.999f}) {
+      for (int trial = 0; trial < 20; ++trial) {
+        const TokenRule r{.temperature = 0.8f, .top_p = top_p, .draw = uniform(rng)};
+        INFO("shape " << shape << " top_p " << top_p << " draw " << r.draw);
+        CHECK(PickToken(l, r, scratch) == reference(l, r));
+      }
+    }
+  }
 }
