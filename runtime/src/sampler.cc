@@ -26,6 +26,13 @@ Status ValidateTokenRule(const TokenRule& r) {
   return Status::Ok();
 }
 
+void AppendDistinctIds(std::span<const int32_t> history, std::vector<int32_t>& out) {
+  const auto from = static_cast<std::ptrdiff_t>(out.size());
+  out.insert(out.end(), history.begin(), history.end());
+  std::sort(out.begin() + from, out.end());
+  out.erase(std::unique(out.begin() + from, out.end()), out.end());
+}
+
 int32_t PickToken(std::span<const float> logits, const TokenRule& rule, PickScratch& scratch) {
   const auto V = static_cast<int32_t>(logits.size());
   if (rule.argmax_only()) {
@@ -35,9 +42,8 @@ int32_t PickToken(std::span<const float> logits, const TokenRule& rule, PickScra
   work.assign(logits.begin(), logits.end());
   if (rule.repetition_penalty != 1.0f) {
     std::vector<int32_t>& seen = scratch.seen;
-    seen.assign(rule.history.begin(), rule.history.end());
-    std::sort(seen.begin(), seen.end());
-    seen.erase(std::unique(seen.begin(), seen.end()), seen.end());
+    seen.clear();
+    AppendDistinctIds(rule.history, seen);
     for (int32_t id : seen) {
       if (id < 0 || id >= V) continue;
       float& l = work[static_cast<std::size_t>(id)];

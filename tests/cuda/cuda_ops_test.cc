@@ -390,12 +390,7 @@ TEST_CASE("SampleRows picks what PickToken picks on the host", "[cuda][ops]") {
       DeviceTokenRule d{.draw = r.draw, .temperature = r.temperature, .top_p = r.top_p,
                         .repetition_penalty = r.repetition_penalty, .top_k = r.top_k,
                         .history_begin = static_cast<int32_t>(penalty_ids.size()), .history_end = 0};
-      if (r.repetition_penalty != 1.0f) {  // distinct ids, as the model uploads them
-        std::vector<int32_t> distinct(r.history.begin(), r.history.end());
-        std::sort(distinct.begin(), distinct.end());
-        distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
-        penalty_ids.insert(penalty_ids.end(), distinct.begin(), distinct.end());
-      }
+      if (r.repetition_penalty != 1.0f) lm2::runtime::AppendDistinctIds(r.history, penalty_ids);  // as the model uploads them
       d.history_end = static_cast<int32_t>(penalty_ids.size());
       device_rules.push_back(d);
     }

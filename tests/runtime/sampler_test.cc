@@ -197,3 +197,11 @@ TEST_CASE("PickToken: top-p over a large vocabulary picks what a full sort picks
     }
   }
 }
+
+TEST_CASE("AppendDistinctIds appends each id once, ascending, after what is there", "[sampler]") {
+  std::vector<int32_t> out = {99};
+  lm2::runtime::AppendDistinctIds(std::vector<int32_t>{7, 3, 7, -1, 3, 500}, out);
+  CHECK(out == std::vector<int32_t>{99, -1, 3, 7, 500});
+  lm2::runtime::AppendDistinctIds({}, out);
+  CHECK(out.size() == 5);
+}

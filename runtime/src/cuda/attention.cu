@@ -363,13 +363,15 @@ Status CausalAttentionDecodeBatch(const float* q, const float* const* k_caches, 
 Status RopeAttentionDecodeBatch(const float* proj, int64_t proj_ld, const int64_t* positions, const float2* factors,
                                 float* const* k_caches, float* const* v_caches, int64_t B, int64_t heads,
                                 int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream) {
-  LM2_RETURN_IF_ERROR(ops::CheckRope(B, heads, head_dim, 10000.0));  // the shapes (the factors are given)
   LM2_RETURN_IF_ERROR(ops::CheckCausalAttention(0, 0, heads, kv_heads, head_dim));
+  if (B < 0 || B * heads > (int64_t{1} << 31) - 1 || head_dim % 2 != 0) {
+    return Status::InvalidArgument("RopeAttentionDecodeBatch: B=" + std::to_string(B) + " head_dim=" +
+                                   std::to_string(head_dim) + " (need 0 <= B * heads < 2^31, even head_dim)");
+  }
   if (proj_ld < (heads + 2 * kv_heads) * head_dim) {
     return Status::InvalidArgument("RopeAttentionDecodeBatch: proj_ld " + std::to_string(proj_ld) +
                                    " narrower than q, k and v");
   }
-  if (B * heads > (int64_t{1} << 31) - 1) return Status::InvalidArgument("RopeAttentionDecodeBatch: B=" + std::to_string(B));
   if (B == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("RopeAttentionDecodeBatch", {proj, positions, factors, k_caches, v_caches, out}));
   return LaunchDecode(static_cast<const float*>(nullptr),

@@ -592,12 +592,7 @@ class CudaModel final : public Model {
       dr = DeviceTokenRule{.draw = r.draw, .temperature = r.temperature, .top_p = r.top_p,
                            .repetition_penalty = r.repetition_penalty, .top_k = r.top_k,
                            .history_begin = static_cast<int32_t>(ids.size()), .history_end = 0};
-      if (r.repetition_penalty != 1.0f) {
-        const std::size_t from = ids.size();
-        ids.insert(ids.end(), r.history.begin(), r.history.end());
-        std::sort(ids.begin() + static_cast<std::ptrdiff_t>(from), ids.end());
-        ids.erase(std::unique(ids.begin() + static_cast<std::ptrdiff_t>(from), ids.end()), ids.end());
-      }
+      if (r.repetition_penalty != 1.0f) AppendDistinctIds(r.history, ids);
       dr.history_end = static_cast<int32_t>(ids.size());
       any_sorts = any_sorts || r.sorts();
     }

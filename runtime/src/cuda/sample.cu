@@ -115,17 +115,14 @@ __global__ void __launch_bounds__(kSelectThreads)
   if (!RuleSorts(r)) return;
 
   float m = -INFINITY;
-#pragma unroll 8  // loads in flight together: a row pass is one block's
   for (int64_t i = tid; i < cols; i += kSelectThreads) m = fmaxf(m, row[i]);
   const float max_key = BlockMax(m, sh.scratch);
   double part = 0.0;
-#pragma unroll 8  // loads in flight together: a row pass is one block's
   for (int64_t i = tid; i < cols; i += kSelectThreads) part += Weight(row[i], max_key, r.temperature);
   for (int b = tid; b < kBins; b += kSelectThreads) sh.counts[b] = 0;
   const double total = SelectReduce(sh.reduce).Sum(part);
   if (tid == 0) sh.total = total;
   __syncthreads();
-#pragma unroll 8  // loads in flight together: a row pass is one block's
   for (int64_t i = tid; i < cols; i += kSelectThreads) {
     const int b = BinOf(row[i], max_key, r.temperature);
     if (b < kBins) atomicAdd(&sh.counts[b], 1);
@@ -295,8 +292,7 @@ __global__ void __launch_bounds__(kPickThreads)
     // Each thread keeps its first maximum (its indices ascend); keys hold no NaN.
     float best = -INFINITY;
     int64_t at = cols;
-  #pragma unroll 8  // loads in flight together: a row pass is one block's
-    for (int64_t i = tid; i < cols; i += kPickThreads) {
+      for (int64_t i = tid; i < cols; i += kPickThreads) {
       if (at == cols || row[i] > best) {
         best = row[i];
         at = i;
@@ -323,18 +319,15 @@ __global__ void __launch_bounds__(kPickThreads)
     total = plan.total;
     if (r.top_k > 0) {  // the total of the kept
       double part = 0.0;
-#pragma unroll 8  // loads in flight together: a row pass is one block's
       for (int64_t i = tid; i < keep; i += kPickThreads) part += Weight(cand[i], max_key, r.temperature);
       total = PickTotal(part, sh);
     }
   } else {
     float m = -INFINITY;
-  #pragma unroll 8  // loads in flight together: a row pass is one block's
-    for (int64_t i = tid; i < cols; i += kPickThreads) m = fmaxf(m, cand[i]);
+      for (int64_t i = tid; i < cols; i += kPickThreads) m = fmaxf(m, cand[i]);
     max_key = BlockMax(m, sh.scratch);
     double part = 0.0;
-  #pragma unroll 8  // loads in flight together: a row pass is one block's
-    for (int64_t i = tid; i < keep; i += kPickThreads) part += Weight(cand[i], max_key, r.temperature);
+      for (int64_t i = tid; i < keep; i += kPickThreads) part += Weight(cand[i], max_key, r.temperature);
     total = PickTotal(part, sh);
   }
   if (r.top_p < 1.0f) {

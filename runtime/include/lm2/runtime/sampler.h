@@ -70,6 +70,10 @@ struct PickScratch {
   std::vector<double> weights;   // candidates' weights
 };
 
+// The distinct ids of `history`, ascending, appended to `out`: what the repetition penalty
+// applies to, each once (ids outside the vocabulary included; the penalty skips them).
+void AppendDistinctIds(std::span<const int32_t> history, std::vector<int32_t>& out);
+
 // The token `rule` picks from `logits` [V] (the rule above). `logits` is not modified.
 int32_t PickToken(std::span<const float> logits, const TokenRule& rule, PickScratch& scratch);
 
