@@ -4,7 +4,12 @@
 //   bench/cuda/run_cuda_bench      (device machine: makes the paper-size model, runs this and
 //                                   the PyTorch baseline, writes the report; docs/benchmarks.md)
 //   lm2_cuda_bench --model DIR [--decode-tokens 128] [--prompt-tokens 32] [--prefill 512,4096]
-//                  [--sessions 8,32,64] [--repeats 3] [--json OUT]
+//                  [--sessions 8,32,64] [--repeats 3] [--json OUT] [--profile-prefill T]
+//
+//   --profile-prefill T: only a warm-up prefill of T tokens and then one more between
+//   cudaProfilerStart and cudaProfilerStop, for a profiler that starts off, e.g.
+//     ncu --profile-from-start off --metrics gpu__time_duration.sum --csv lm2_cuda_bench ...
+//   (bench/cuda/profile_prefill sums the kernels of that run by name).
 //
 // Figures:
 //   copy bandwidth    device-to-device cudaMemcpy of 1 GiB, bytes read + written per second
@@ -22,6 +27,7 @@
 //   sessions B        B states decoding together, one ForwardBatchGreedy per step; total
 //                     tokens/s
 //   bank export/import one session's banks device <-> host through pinned staging
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -521,7 +527,7 @@ void SamplingOps(int64_t V, int64_t B) {
 
 int main(int argc, char** argv) {
   std::string model_dir, json_path;
-  int64_t decode_tokens = 128, prompt_tokens = 32, repeats = 3;
+  int64_t decode_tokens = 128, prompt_tokens = 32, repeats = 3, profile_prefill = 0;
   std::vector<int64_t> prefill = {512, 4096}, sessions = {8, 32, 64};
   for (int i = 1; i < argc; ++i) {
     const std::string k = argv[i];
@@ -534,6 +540,7 @@ int main(int argc, char** argv) {
     else if (k == "--repeats") repeats = std::stoll(v);
     else if (k == "--prefill") prefill = ParseList(v);
     else if (k == "--sessions") sessions = ParseList(v);
+    else if (k == "--profile-prefill") profile_prefill = std::stoll(v);
     else Die("unknown option " + k);
   }
   if (model_dir.empty()) Die("usage: lm2_cuda_bench --model DIR [options] (see the source's header)");
@@ -569,6 +576,22 @@ int main(int argc, char** argv) {
                     static_cast<double>(cfg.memory_heads),
                     cfg.num_layers,
                     static_cast<int64_t>(cfg.memory_layers.size())};
+  if (profile_prefill > 0) {
+    std::vector<float> logits;
+    for (int r = 0; r < 2; ++r) {
+      auto s = Take(model->NewState(), "state");
+      const auto tokens = Tokens(profile_prefill, cfg.vocab_size, 100 + r);
+      if (r == 1) Check(cuda::CudaStatus(cudaProfilerStart(), "cudaProfilerStart"), "profiler");
+      const auto t0 = Clock::now();
+      Check(model->Forward(*s, tokens, LogitsMode::kLast, &logits), "prefill");
+      if (r == 1) {
+        Check(cuda::CudaStatus(cudaProfilerStop(), "cudaProfilerStop"), "profiler");
+        std::printf("profiled prefill %lld: %.1f ms\n", static_cast<long long>(profile_prefill),
+                    Seconds(t0, Clock::now()) * 1e3);
+      }
+    }
+    return 0;
+  }
   DecodeOpBreakdown(cfg, prompt_tokens + decode_tokens / 2);
   if (!sessions.empty()) BatchedStepParts(cfg, prompt_tokens + decode_tokens / 2, sessions.back());
   SamplingOps(cfg.vocab_size, sessions.empty() ? 64 : sessions.back());
