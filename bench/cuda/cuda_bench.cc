@@ -5,6 +5,7 @@
 //                                   the PyTorch baseline, writes the report; docs/benchmarks.md)
 //   lm2_cuda_bench --model DIR [--decode-tokens 128] [--prompt-tokens 32] [--prefill 512,4096]
 //                  [--sessions 8,32,64] [--repeats 3] [--json OUT] [--profile-prefill T]
+//                  [--tiled-memory 0|1]       (--decode-tokens 0: prefill only)
 //
 //   --profile-prefill T: only a warm-up prefill of T tokens and then one more between
 //   cudaProfilerStart and cudaProfilerStop, for a profiler that starts off, e.g.
@@ -528,6 +529,7 @@ void SamplingOps(int64_t V, int64_t B) {
 int main(int argc, char** argv) {
   std::string model_dir, json_path;
   int64_t decode_tokens = 128, prompt_tokens = 32, repeats = 3, profile_prefill = 0;
+  lm2::runtime::CudaOptions options;
   std::vector<int64_t> prefill = {512, 4096}, sessions = {8, 32, 64};
   for (int i = 1; i < argc; ++i) {
     const std::string k = argv[i];
@@ -541,6 +543,7 @@ int main(int argc, char** argv) {
     else if (k == "--prefill") prefill = ParseList(v);
     else if (k == "--sessions") sessions = ParseList(v);
     else if (k == "--profile-prefill") profile_prefill = std::stoll(v);
+    else if (k == "--tiled-memory") options.tiled_memory = v != "0";
     else Die("unknown option " + k);
   }
   if (model_dir.empty()) Die("usage: lm2_cuda_bench --model DIR [options] (see the source's header)");
@@ -558,7 +561,7 @@ int main(int argc, char** argv) {
   auto t_load = Clock::now();
   auto files = std::shared_ptr<const lm2::runtime::ModelFiles>(
       Take(lm2::runtime::ModelFiles::Open(model_dir), "open model"));
-  auto model = Take(lm2::runtime::LoadCudaModel(files), "load model");
+  auto model = Take(lm2::runtime::LoadCudaModel(files, options), "load model");
   const auto& cfg = model->config();
   std::printf("model: %s: %lld layers, d=%lld, FFN %lld, %lld heads / %lld KV heads, %lld slots x %lld memory heads "
               "in %zu layers, vocab %lld; loaded in %.1f s\n",
@@ -592,14 +595,17 @@ int main(int argc, char** argv) {
     }
     return 0;
   }
-  DecodeOpBreakdown(cfg, prompt_tokens + decode_tokens / 2);
-  if (!sessions.empty()) BatchedStepParts(cfg, prompt_tokens + decode_tokens / 2, sessions.back());
-  SamplingOps(cfg.vocab_size, sessions.empty() ? 64 : sessions.back());
+  if (decode_tokens == 0) sessions.clear();  // prefill only
+  if (decode_tokens > 0) {
+    DecodeOpBreakdown(cfg, prompt_tokens + decode_tokens / 2);
+    if (!sessions.empty()) BatchedStepParts(cfg, prompt_tokens + decode_tokens / 2, sessions.back());
+    SamplingOps(cfg.vocab_size, sessions.empty() ? 64 : sessions.back());
+  }
   std::ostringstream json;
   json << "{\"device\": \"" << dev.name << "\", \"copy_bandwidth_Bps\": " << bw << ", \"gemm_flops\": " << gemm;
 
   // ---- batch-1 decode ------------------------------------------------------------------
-  {
+  if (decode_tokens > 0) {
     auto s = Take(model->NewState(), "state");
     std::vector<float> logits;
     // Warm-up turn (cuBLAS heuristics, allocations), then a timed turn after a context reset.

@@ -57,8 +57,10 @@ std::shared_ptr<const ModelFiles> Files(const std::string& dir) {
 
 std::unique_ptr<Model> LoadCuda(const std::shared_ptr<const ModelFiles>& files, int64_t chunk = 512,
                                 int64_t gemm_attention_from = 32, bool graphs = true, int64_t flush = 16,
-                                int64_t gemv_rows = lm2::runtime::CudaOptions{}.gemv_max_rows) {
+                                int64_t gemv_rows = lm2::runtime::CudaOptions{}.gemv_max_rows,
+                                bool tiled_memory = true) {
   lm2::runtime::CudaOptions options;
+  options.tiled_memory = tiled_memory;
   options.gemv_max_rows = gemv_rows;
   options.write_flush_tokens = flush;
   options.max_chunk_tokens = chunk;
@@ -113,13 +115,22 @@ TEST_CASE("CUDA model matches the float64 golden files within the bf16 bounds", 
     // A chunk of 3 tokens splits every golden segment: chunking must not change results.
     // Attention from 2 tokens on runs every multi-token chunk through the GEMM path.
     // Chunks of 3 run every linear layer through the GEMV kernels, the default 512 through cuBLAS.
-    for (auto [chunk, gemm_from] : {std::pair<int64_t, int64_t>{512, 32}, {3, 32}, {512, 2}}) {
-      auto model = LoadCuda(files, chunk, gemm_from);
+    // Multi-token chunks read memory tile by tile (MemoryReadWrite) where the head width
+    // allows (tiny-lm2), and through the GEMM form when that is turned off (and in tiny-partial:
+    // 24-wide heads are tiled too, so the off switch is what tests the GEMM form there).
+    struct Config {
+      int64_t chunk, gemm_from;
+      bool tiled;
+    };
+    for (const Config c : {Config{512, 32, true}, Config{3, 32, true}, Config{512, 2, true}, Config{512, 32, false},
+                           Config{3, 32, false}}) {
+      auto model = LoadCuda(files, c.chunk, c.gemm_from, true, 16, lm2::runtime::CudaOptions{}.gemv_max_rows, c.tiled);
       REQUIRE(model->backend_name() == "cuda:0");
       const auto [logits_err, bank_err] = lm2::testing::CheckGoldenCases(*model, name, kLogitTolerance, kBankTolerance);
-      std::printf("golden %-13s chunk %3lld, GEMM attention from %2lld tokens: worst logits rel err %.3g, "
+      std::printf("golden %-13s chunk %3lld, GEMM attention from %2lld tokens, memory %s: worst logits rel err %.3g, "
                   "worst bank rel err %.3g\n",
-                  name.c_str(), static_cast<long long>(chunk), static_cast<long long>(gemm_from), logits_err, bank_err);
+                  name.c_str(), static_cast<long long>(c.chunk), static_cast<long long>(c.gemm_from),
+                  c.tiled ? "tiled" : "GEMMs", logits_err, bank_err);
     }
   }
 }

@@ -12,7 +12,7 @@
 //   TF32 GEMM ops (write sums,                3e-3  (inputs rounded to 10-bit mantissas:
 //   GEMM attention)                                  2^-11 each, fp32 accumulation)
 //   MemoryRead (bf16 GEMMs: q and the         1e-2  (operands rounded to 8-bit mantissas;
-//   probabilities rounded)                           memory K/V are bf16 in both)
+//   probabilities rounded), MemoryReadWrite          memory K/V are bf16 in both)
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -636,6 +636,74 @@ TEST_CASE("Memory write: streamed sums, write update, gated commit", "[cuda][ops
   CHECK(RelErr(Download(dbank), want_bank) < kTolF32);
 }
 
+TEST_CASE("MemoryReadWrite: the read and the write sums in tiles, without the probabilities", "[cuda][ops]") {
+  // {T, N, d, heads}: head widths 16 / 12 (element loads: not 8-aligned) / 24 (padded to 32) /
+  // 96 (padded to 128) / 128 / 64; token and slot counts off the 64-row tiles.
+  const auto [T, N, d, Hm] = GENERATE(std::make_tuple(int64_t{2}, int64_t{12}, int64_t{64}, int64_t{4}),
+                                      std::make_tuple(int64_t{5}, int64_t{20}, int64_t{36}, int64_t{3}),
+                                      std::make_tuple(int64_t{65}, int64_t{100}, int64_t{48}, int64_t{2}),
+                                      std::make_tuple(int64_t{7}, int64_t{33}, int64_t{192}, int64_t{2}),
+                                      std::make_tuple(int64_t{130}, int64_t{64}, int64_t{256}, int64_t{2}),
+                                      std::make_tuple(int64_t{64}, int64_t{129}, int64_t{256}, int64_t{4}),
+                                      std::make_tuple(int64_t{130}, int64_t{2048}, int64_t{2048}, int64_t{32}));
+  INFO("T=" << T << " N=" << N << " d=" << d << " heads=" << Hm);
+  REQUIRE(MemoryReadWriteSupported(d, Hm));
+  const int64_t dh = d / Hm, ld = d + 24;  // q and offer rows inside wider rows, as in the model's projection
+  auto q = Random(static_cast<std::size_t>(T * ld)), offer = Random(static_cast<std::size_t>(T * ld));
+  auto mk = Random(static_cast<std::size_t>(N * d)), mv = Random(static_cast<std::size_t>(N * d));
+  auto mass0 = Random(static_cast<std::size_t>(Hm * N)), acc0 = Random(static_cast<std::size_t>(N * d));
+  for (auto& m : mass0) m = std::abs(m);
+  auto dmk32 = Upload(mk), dmv32 = Upload(mv);
+  auto dmk = Poisoned<__nv_bfloat16>(mk.size()), dmv = Poisoned<__nv_bfloat16>(mv.size());
+  RequireOk(ConvertF32ToBf16(dmk32.data(), N * d, dmk.data(), Stream()));
+  RequireOk(ConvertF32ToBf16(dmv32.data(), N * d, dmv.data(), Stream()));
+  // The reference takes the kernel's bf16 operands: memory K/V, q and the offer rounded.
+  for (auto* m : {&mk, &mv, &q, &offer}) {
+    for (float& v : *m) v = RoundBf16(v);
+  }
+  std::vector<double> want_e(static_cast<std::size_t>(T * d), 0.0), want_mass(mass0.begin(), mass0.end()),
+      want_acc(acc0.begin(), acc0.end()), a(static_cast<std::size_t>(N));
+  for (int64_t j = 0; j < Hm; ++j)
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t n = 0; n < N; ++n) {
+        double dot = 0;
+        for (int64_t c = 0; c < dh; ++c) dot += static_cast<double>(q[t * ld + j * dh + c]) * mk[n * d + j * dh + c];
+        a[n] = dot / std::sqrt(static_cast<double>(dh));
+      }
+      SoftmaxRows(a, 1, static_cast<std::size_t>(N));
+      for (int64_t n = 0; n < N; ++n) {
+        want_mass[j * N + n] += a[n];
+        for (int64_t c = 0; c < dh; ++c) {
+          want_e[t * d + j * dh + c] += a[n] * mv[n * d + j * dh + c];
+          want_acc[n * d + j * dh + c] += a[n] * offer[t * ld + j * dh + c];
+        }
+      }
+    }
+  auto dq = Upload(q), doffer = Upload(offer), dmass = Upload(mass0), dacc = Upload(acc0);
+  auto de = Poisoned<float>(want_e.size());
+  auto scratch = Poisoned<float>(static_cast<std::size_t>(MemoryReadWriteScratch(T, Hm)));
+  RequireOk(MemoryReadWrite(dq.data(), ld, doffer.data(), ld, dmk.data(), dmv.data(), T, N, d, Hm, de.data(),
+                            dmass.data(), dacc.data(), scratch.data(), Stream()));
+  // e and acc: sums of products with the probabilities rounded to bf16 (2^-9 each); the
+  // masses: fp32 probabilities.
+  CHECK(RelErr(Download(de), want_e) < kTolBf16Operands);
+  CHECK(RelErr(Download(dmass), want_mass) < kTolReduce);
+  CHECK(RelErr(Download(dacc), want_acc) < kTolBf16Operands);
+  // What the sums gained, alone (the starting values would hide a small error in them).
+  // fp32 differences of the sums: exact enough against the gains' 1e-2 / 1e-4 bounds.
+  const auto gain = [](const std::vector<float>& got, const std::vector<float>& start, const std::vector<double>& want) {
+    std::vector<float> got_gain(got.size());
+    std::vector<double> want_gain(got.size());
+    for (std::size_t i = 0; i < got.size(); ++i) {
+      got_gain[i] = got[i] - start[i];
+      want_gain[i] = want[i] - start[i];
+    }
+    return RelErr(got_gain, want_gain);
+  };
+  CHECK(gain(Download(dacc), acc0, want_acc) < kTolBf16Operands);
+  CHECK(gain(Download(dmass), mass0, want_mass) < 1e-4);
+}
+
 TEST_CASE("GatedResidual, SwiGlu, AddInPlace, AddBias", "[cuda][ops]") {
   const int64_t n = GENERATE(1, 257, 100003);
   INFO("n=" << n);
@@ -983,6 +1051,10 @@ TEST_CASE("Launchers refuse bad shapes and null pointers; empty work is a no-op"
   RequireOk(bbuf.status());
   __nv_bfloat16* pb = bbuf->data();
   CHECK(MemoryRead(Cublas(), p, 10, pb, pb, 1, 4, 10, 4, p, p, pb, Stream()).IsInvalidArgument());  // 4 does not divide 10
+  CHECK(MemoryReadWrite(p, 10, p, 10, pb, pb, 1, 4, 10, 4, p, p, p, p, Stream()).IsInvalidArgument());
+  CHECK(MemoryReadWrite(p, 264, p, 264, pb, pb, 1, 4, 264, 2, p, p, p, p, Stream()).IsInvalidArgument());  // dh 132
+  CHECK(MemoryReadWrite(p, 7, p, 8, pb, pb, 1, 4, 8, 2, p, p, p, p, Stream()).IsInvalidArgument());  // q_ld < d
+  CHECK(MemoryReadWrite(p, 8, nullptr, 8, pb, pb, 1, 4, 8, 2, p, p, p, p, Stream()).IsInvalidArgument());
   CHECK(RmsNorm(p, p, 1, 0, 1e-5f, p, Stream()).IsInvalidArgument());
   CHECK(Linear(Cublas(), nullptr, 1, 0, nullptr, 4, p, false, Stream()).IsInvalidArgument());
   CHECK(SwiGlu(p, p, -1, p, Stream()).IsInvalidArgument());
@@ -990,6 +1062,8 @@ TEST_CASE("Launchers refuse bad shapes and null pointers; empty work is a no-op"
   // Zero-sized work launches nothing and needs no pointers.
   CHECK(CausalAttention(nullptr, nullptr, nullptr, 0, 0, 4, 2, 8, nullptr, Stream()).ok());
   CHECK(MemoryRead(nullptr, nullptr, 8, nullptr, nullptr, 0, 4, 8, 2, nullptr, nullptr, nullptr, Stream()).ok());
+  CHECK(MemoryReadWrite(nullptr, 8, nullptr, 8, nullptr, nullptr, 0, 4, 8, 2, nullptr, nullptr, nullptr, nullptr,
+                        Stream()).ok());
   CHECK(Linear(Cublas(), nullptr, 0, 8, nullptr, 4, nullptr, false, Stream()).ok());
   CHECK(AddInPlace(nullptr, nullptr, 0, Stream()).ok());
   RequireOk(CudaStatus(cudaStreamSynchronize(Stream()), "stream"));

@@ -322,22 +322,6 @@ Status CheckAttentionArgs(const char* op, const float* q, const float* k, const 
   return RequireNonNull(op, {q, k, v, out});
 }
 
-// Raises the kernel's dynamic shared-memory limit when `bytes` needs more than the default
-// 48 KiB, or reports that the device cannot give that much.
-Status EnsureSharedMemory(const void* kernel, int64_t bytes, const char* op) {
-  constexpr int64_t kDefault = 48 * 1024;
-  if (bytes <= kDefault) return Status::Ok();
-  int device = 0, optin = 0;
-  LM2_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  LM2_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (bytes > optin) {
-    return Status::InvalidArgument(std::string(op) + ": head_dim needs " + std::to_string(bytes) +
-                                   " bytes of shared memory, the device has " + std::to_string(optin));
-  }
-  return CudaStatus(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-                    "cudaFuncSetAttribute");
-}
-
 }  // namespace
 
 Status CausalAttentionDecode(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,

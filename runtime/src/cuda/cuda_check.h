@@ -8,6 +8,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <initializer_list>
 #include <string>
 
@@ -42,6 +43,27 @@ inline Status RequireNonNull(const char* op, std::initializer_list<const void*> 
     if (p == nullptr) return Status::InvalidArgument(std::string(op) + ": null device pointer");
   }
   return Status::Ok();
+}
+
+
+// Raises `kernel`'s dynamic shared-memory limit when `bytes` needs more than the default
+// 48 KiB, or reports (InvalidArgument, naming `op`) that the device cannot give that much.
+inline Status EnsureSharedMemory(const void* kernel, int64_t bytes, const char* op) {
+  constexpr int64_t kDefault = 48 * 1024;
+  if (bytes <= kDefault) return Status::Ok();
+  int device = 0, optin = 0;
+  if (Status st = CudaStatus(cudaGetDevice(&device), "cudaGetDevice"); !st.ok()) return st;
+  if (Status st = CudaStatus(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                             "cudaDeviceGetAttribute");
+      !st.ok()) {
+    return st;
+  }
+  if (bytes > optin) {
+    return Status::InvalidArgument(std::string(op) + ": needs " + std::to_string(bytes) +
+                                   " bytes of shared memory per block, the device has " + std::to_string(optin));
+  }
+  return CudaStatus(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+                    "cudaFuncSetAttribute");
 }
 
 }  // namespace lm2::runtime::cuda

@@ -49,6 +49,7 @@ struct Scratch {
   DeviceBuffer<float> scores;    // [H, T, S] of the GEMM attention path
   DeviceBuffer<float> read_partial;  // the decode memory read's partial sums
   DeviceBuffer<bf16> read_b;     // the multi-token memory read's bf16 operands (MemoryReadScratch)
+  DeviceBuffer<float> read_stats;  // the tiled multi-token read's softmax statistics (MemoryReadWriteScratch)
   DeviceBuffer<float> write_u, write_in;  // the segment write's update and input-gate terms [N, d]
   DeviceBuffer<bf16> xb;         // a normed input in bf16, shared by the GEMMs that read it
   DeviceBuffer<bf16> yb;         // other GEMM inputs rounded to bf16
@@ -132,6 +133,15 @@ class CudaModel final : public Model {
                         GemvSupports(rows, cfg_.intermediate_size);
       if (fits) gemv_rows_ = rows;
     }
+    // Multi-token chunks read and write memory tile by tile on tensor cores where the head
+    // width and the device allow (bf16 WMMA: compute capability 8.0 and later).
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, w_->device) != cudaSuccess) {
+      (void)cudaGetLastError();
+      major = 0;
+    }
+    tiled_memory_ = options_.tiled_memory && cfg_.has_memory() && major >= 8 &&
+                    MemoryReadWriteSupported(cfg_.hidden_size, cfg_.memory_heads);
   }
 
   const ModelConfig& config() const override { return cfg_; }
@@ -413,7 +423,8 @@ class CudaModel final : public Model {
     return Status::Ok();
   }
 
-  Status EnsureScratch(CudaState& s, int64_t rows) const {
+  // Scratch for chunks of up to `rows` tokens, or (batch_step) a decode step of `rows` sessions.
+  Status EnsureScratch(CudaState& s, int64_t rows, bool batch_step = false) const {
     const int64_t d = cfg_.hidden_size, qdim = cfg_.num_heads * cfg_.head_dim, F = cfg_.intermediate_size;
     const int64_t N = cfg_.memory_slots, Hm = cfg_.memory_heads;
     Scratch& sc = s.scratch_;
@@ -428,9 +439,15 @@ class CudaModel final : public Model {
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.yb, Z(rows * std::max({d, qdim, F}))));
     if (cfg_.has_memory()) {
       for (DeviceBuffer<float>* b : {&sc.e, &sc.gate}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(rows * d)));
-      LM2_RETURN_IF_ERROR(EnsureCapacity(sc.mattn, Z(Hm * rows * N)));
+      // The probabilities [Hm, rows, N]: a decode step's, or every chunk's when not tiled.
+      const int64_t attn_rows = batch_step || !tiled_memory_ ? rows : 1;
+      LM2_RETURN_IF_ERROR(EnsureCapacity(sc.mattn, Z(Hm * attn_rows * N)));
       LM2_RETURN_IF_ERROR(EnsureCapacity(sc.read_partial, Z(MemoryReadDecodeScratch(rows, N, d, Hm))));
-      LM2_RETURN_IF_ERROR(EnsureCapacity(sc.read_b, Z(MemoryReadScratch(rows, N, d, Hm))));
+      if (tiled_memory_) {
+        LM2_RETURN_IF_ERROR(EnsureCapacity(sc.read_stats, Z(MemoryReadWriteScratch(rows, Hm))));
+      } else {
+        LM2_RETURN_IF_ERROR(EnsureCapacity(sc.read_b, Z(MemoryReadScratch(rows, N, d, Hm))));
+      }
     }
     return Status::Ok();
   }
@@ -492,7 +509,7 @@ class CudaModel final : public Model {
     CudaState& lead = *batch[0];
     Scratch& sc = lead.scratch_;
     const cudaStream_t st = lead.stream_.get();
-    LM2_RETURN_IF_ERROR(EnsureScratch(lead, B));
+    LM2_RETURN_IF_ERROR(EnsureScratch(lead, B, /*batch_step=*/true));
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.ids, Z(B)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.positions, Z(B)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(lead.ids_host_, Z(B)));
@@ -722,16 +739,19 @@ class CudaModel final : public Model {
         } else if (n == 1) {
           LM2_RETURN_IF_ERROR(MemoryReadOneToken(mq, P, ls.mem_k.data(), ls.mem_v.data(), N, d, Hm, sc.mattn.data(),
                                                  sc.e.data(), sc.read_partial.data(), st));
+        } else if (tiled_memory_) {  // the write sums too
+          LM2_RETURN_IF_ERROR(MemoryReadWrite(mq, P, offer, P, ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm,
+                                              sc.e.data(), ls.mass.data(), ls.acc.data(), sc.read_stats.data(), st));
         } else {
           LM2_RETURN_IF_ERROR(MemoryRead(blas, mq, P, ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm, sc.mattn.data(),
                                          sc.e.data(), sc.read_b.data(), st));
         }
         LM2_RETURN_IF_ERROR(OutputGate(s, n, mw, h));
-        // The write sums (a batched step's were staged by its read).
+        // The write sums (a batched step's were staged by its read, a tiled chunk's added by it).
         if (batch == nullptr && n == 1) {
           LM2_RETURN_IF_ERROR(
               AccumulateWriteOneToken(sc.mattn.data(), offer, N, d, Hm, ls.mass.data(), ls.acc.data(), st));
-        } else if (batch == nullptr) {
+        } else if (batch == nullptr && !tiled_memory_) {
           LM2_RETURN_IF_ERROR(
               AccumulateWrite(blas, sc.mattn.data(), offer, P, n, N, d, Hm, ls.mass.data(), ls.acc.data(), st));
         }
@@ -831,6 +851,8 @@ class CudaModel final : public Model {
   // Chunks of at most this many rows take the GEMV path: options_.gemv_max_rows, or fewer
   // where a layer's input is too wide for that many rows (x' is staged whole on chip).
   int64_t gemv_rows_ = 0;
+  // Multi-token chunks take MemoryReadWrite (else MemoryRead, then AccumulateWrite).
+  bool tiled_memory_ = false;
 };
 
 }  // namespace

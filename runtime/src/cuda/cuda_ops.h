@@ -271,7 +271,7 @@ Status GemmStridedBatchedBf16(cublasHandle_t handle, cublasOperation_t op_a, cub
 // become 0; causal_T = 0: every entry counts.
 Status SoftmaxRows(float* x, int64_t rows, int64_t cols, int64_t causal_T, int64_t causal_offset, cudaStream_t stream);
 
-// ---- Memory (memory_read.cu, memory_write.cu) --------------------------------------------
+// ---- Memory (memory_read.cu, memory_write.cu, memory_tiled.cu) --------------------------
 
 // Memory read, per memory head j of width dh = d / heads, over the segment's memory K and V
 // (bf16, [N, d], as BeginSegment leaves them):
@@ -290,6 +290,19 @@ Status MemoryRead(cublasHandle_t handle, const float* q, int64_t q_ld, const __n
 // an fp32 kernel, acc by a strided-batched TF32 GEMM with fp32 accumulation.
 Status AccumulateWrite(cublasHandle_t handle, const float* attn, const float* offer, int64_t offer_ld, int64_t T, int64_t N, int64_t d,
                        int64_t heads, float* mass, float* acc, cudaStream_t stream);
+
+// The read and the write sums of a multi-token chunk together, tile by tile on tensor cores
+// (memory_tiled.cu; sm_80 and later), never storing the probabilities: e as MemoryRead
+// gives it, and mass / acc += as AccumulateWrite of those probabilities adds. Scores from
+// bf16(q) and the bf16 memory K, probabilities fp32 for the softmax statistics and the
+// masses, rounded to bf16 (like the offer) for the two products, fp32 accumulation.
+// q[T, d] and offer[T, d] with rows q_ld / offer_ld >= d apart; scratch holds
+// MemoryReadWriteScratch(T, heads) floats. Head widths up to 128 (MemoryReadWriteSupported).
+bool MemoryReadWriteSupported(int64_t d, int64_t heads);
+int64_t MemoryReadWriteScratch(int64_t T, int64_t heads);
+Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld,
+                       const __nv_bfloat16* mem_k, const __nv_bfloat16* mem_v, int64_t T, int64_t N, int64_t d,
+                       int64_t heads, float* e, float* mass, float* acc, float* scratch, cudaStream_t stream);
 
 // One token per session (decode), as bandwidth-bound kernels (memory_decode.cu): the same
 // results as MemoryRead / AccumulateWrite with T = 1, with q, the scores and the

@@ -21,9 +21,14 @@ namespace lm2::runtime {
 struct CudaOptions {
   int device = 0;  // the CUDA device ordinal (ListCudaDevices)
   // Longest run of tokens one kernel sequence handles; longer Forward calls are split
-  // (results are the same). Bounds the per-state scratch: the memory read's probabilities
-  // alone are memory_heads x chunk x memory_slots floats.
+  // (results are the same). Bounds the per-state scratch (without tiled_memory the memory
+  // read's probabilities alone are memory_heads x chunk x memory_slots floats).
   int64_t max_chunk_tokens = 512;
+  // Chunks of more than one token read memory and add their write sums tile by tile on
+  // tensor cores (bf16 probabilities, never stored) where the memory head width is at most
+  // 128 and the device has compute capability 8.0 or later; false, or elsewhere: cuBLAS
+  // GEMMs around the [memory_heads, chunk, memory_slots] fp32 probabilities.
+  bool tiled_memory = true;
   // Chunks of at least this many tokens run self-attention as cuBLAS GEMMs (TF32 tensor
   // cores, scores materialised: heads x chunk x context floats of scratch); shorter ones,
   // decode included, use the fp32 online-softmax kernels.
