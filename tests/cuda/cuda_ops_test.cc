@@ -681,7 +681,7 @@ TEST_CASE("MemoryReadWrite: the read and the write sums in tiles, without the pr
     }
   auto dq = Upload(q), doffer = Upload(offer), dmass = Upload(mass0), dacc = Upload(acc0);
   auto de = Poisoned<float>(want_e.size());
-  auto scratch = Poisoned<float>(static_cast<std::size_t>(MemoryReadWriteScratch(T, Hm)));
+  auto scratch = Poisoned<float>(static_cast<std::size_t>(MemoryReadWriteScratch(T, d, Hm)));
   RequireOk(MemoryReadWrite(dq.data(), ld, doffer.data(), ld, dmk.data(), dmv.data(), T, N, d, Hm, de.data(),
                             dmass.data(), dacc.data(), scratch.data(), Stream()));
   // e and acc: sums of products with the probabilities rounded to bf16 (2^-9 each); the

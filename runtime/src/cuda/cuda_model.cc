@@ -444,7 +444,7 @@ class CudaModel final : public Model {
       LM2_RETURN_IF_ERROR(EnsureCapacity(sc.mattn, Z(Hm * attn_rows * N)));
       LM2_RETURN_IF_ERROR(EnsureCapacity(sc.read_partial, Z(MemoryReadDecodeScratch(rows, N, d, Hm))));
       if (tiled_memory_) {
-        LM2_RETURN_IF_ERROR(EnsureCapacity(sc.read_stats, Z(MemoryReadWriteScratch(rows, Hm))));
+        LM2_RETURN_IF_ERROR(EnsureCapacity(sc.read_stats, Z(MemoryReadWriteScratch(rows, d, Hm))));
       } else {
         LM2_RETURN_IF_ERROR(EnsureCapacity(sc.read_b, Z(MemoryReadScratch(rows, N, d, Hm))));
       }

@@ -297,9 +297,9 @@ Status AccumulateWrite(cublasHandle_t handle, const float* attn, const float* of
 // bf16(q) and the bf16 memory K, probabilities fp32 for the softmax statistics and the
 // masses, rounded to bf16 (like the offer) for the two products, fp32 accumulation.
 // q[T, d] and offer[T, d] with rows q_ld / offer_ld >= d apart; scratch holds
-// MemoryReadWriteScratch(T, heads) floats. Head widths up to 128 (MemoryReadWriteSupported).
+// MemoryReadWriteScratch(T, d, heads) floats. Head widths up to 128 (MemoryReadWriteSupported).
 bool MemoryReadWriteSupported(int64_t d, int64_t heads);
-int64_t MemoryReadWriteScratch(int64_t T, int64_t heads);
+int64_t MemoryReadWriteScratch(int64_t T, int64_t d, int64_t heads);
 Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld,
                        const __nv_bfloat16* mem_k, const __nv_bfloat16* mem_v, int64_t T, int64_t N, int64_t d,
                        int64_t heads, float* e, float* mass, float* acc, float* scratch, cudaStream_t stream);

@@ -5,307 +5,368 @@
 // 4096-token prefill).
 //
 // Per memory head j (width dh = d / heads, zero-padded to DHP, a multiple of 16):
-//   read kernel, a block per (64 tokens, head): pass 1 over the slots in tiles of 64 takes
-//     each token's score maximum m and sum l (online); pass 2 recomputes the scores, forms
-//     p = exp(s - m) / l exactly (no rescaling needed) and accumulates e = p · V. m and 1/l
-//     go to `stats` for the write kernel.
-//   write kernel, a block per (64 slots, head): over the tokens in tiles of 64, the same
-//     scores (transposed: K · Qᵀ), the same p from the read's statistics, mass += Σ_t p,
-//     acc += pᵀ · offer. Each block owns its slots' sums, so no atomics.
-// Scores: bf16(q) · mem_k (bf16) with fp32 accumulation, as the GEMM form; p is fp32 for
-// the statistics and the masses, rounded to bf16 for the two products (the GEMM form: bf16
-// for the read, TF32 for the write sums); the offer is rounded to bf16.
+//   read kernel, a block per (64 tokens, head), each warp 16 tokens: pass 1 over the slots
+//     in tiles of 64 takes each token's score maximum m and sum l (online); pass 2
+//     recomputes the scores, forms p = exp(s - m) / l exactly (no rescaling) and
+//     accumulates e = p · V. It leaves m and 1/l, and the chunk's q and offer in bf16, in
+//     the scratch for the write kernel.
+//   write kernel, a block per (64 slots, head), each warp 16 slots: over the tokens in
+//     tiles of 64, the same scores transposed (K · Qᵀ), the same p from the read's
+//     statistics, mass += Σ_t p, acc += pᵀ · offer. Each block owns its slots' sums: no
+//     atomics.
+// Scores: bf16(q) · mem_k (bf16), fp32 accumulation, as the GEMM form; p is fp32 for the
+// statistics and the masses, rounded to bf16 for the two products (the GEMM form: bf16 for
+// the read, TF32 for the write sums); the offer is rounded to bf16.
 //
-// nvcuda::wmma 16x16x16 bf16 fragments (sm_80 and later); 4 warps per block, each warp 16
-// rows of the block's 64.
+// The scores and probabilities never leave registers: mma.sync m16n8k16 (mma.cuh), the
+// scores' accumulator fragments packed to bf16 are the next product's A fragments; tiles
+// come through shared memory by cp.async, the next tile's copy in flight while the
+// current one is used.
 #include <cuda_bf16.h>
-#include <mma.h>
 
 #include <cmath>
 
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
+#include "cuda/mma.cuh"
 #include "ops/op_shapes.h"
 
 namespace lm2::runtime::cuda {
 namespace {
 
-namespace wmma = nvcuda::wmma;
 using bf16 = __nv_bfloat16;
 
-constexpr int kTile = 64;                 // rows of a block, and columns of a score tile
-constexpr int kWarps = 4;                 // each warp takes 16 of the block's rows
+constexpr int kTile = 64;                  // rows of a block, and columns of a score tile
+constexpr int kWarps = 4;                  // each warp takes 16 of the block's rows
 constexpr int kBlockThreads = 32 * kWarps;
-constexpr int kSLd = kTile + 4;           // fp32 score tile row stride (floats)
-constexpr int kPLd = kTile + 8;           // bf16 probability tile row stride (elements)
+constexpr float kLog2e = 1.4426950408889634f;
+
+__host__ __device__ constexpr int64_t PaddedWidth(int64_t dh) { return dh <= 16 ? 16 : dh <= 32 ? 32 : dh <= 64 ? 64 : 128; }
+__host__ __device__ constexpr int64_t PaddedTokens(int64_t T) { return (T + kTile - 1) / kTile * kTile; }
+
+// The scratch: per head, the softmax statistics (m in log2 units, 1/l) [Tp] as float2,
+// then q and the offer in bf16 [Tp, DHP] each (Tp = T rounded up to 64; padding rows and
+// columns zero).
+struct Scratch {
+  float2* stats;
+  bf16* q;
+  bf16* offer;
+};
+Scratch Carve(float* base, int64_t T, int64_t heads, int64_t dhp) {
+  const int64_t Tp = PaddedTokens(T);
+  auto* stats = reinterpret_cast<float2*>(base);
+  auto* q = reinterpret_cast<bf16*>(stats + heads * Tp);
+  return {stats, q, q + heads * Tp * dhp};
+}
 
 template <int DHP>
 struct Layout {
-  static constexpr int kLd = DHP + 8;                                  // bf16 row tile stride
-  static constexpr int kStageLd = DHP + 4;                             // fp32 output staging stride
-  static constexpr int kRowTileBytes = kTile * kLd * 2;                // a 64 x DHP bf16 tile
-  static constexpr int kScoreBytes = kWarps * 16 * kSLd * 4;           // each warp's 16 x 64 scores
-  static constexpr int kProbBytes = kWarps * 16 * kPLd * 2;            // each warp's 16 x 64 bf16 p
-  static constexpr int kStatBytes = 2 * kTile * 4;                     // the write's m and 1/l
-  // Three row tiles (read: Q, K, V; write: K, Q, offer), the scores, the probabilities and
-  // the statistics. The fp32 output staging (4 warps x 16 x kStageLd floats) reuses the
-  // last two row tiles.
-  static constexpr int kBytes = 3 * kRowTileBytes + kScoreBytes + kProbBytes + kStatBytes;
-  static_assert(kWarps * 16 * kStageLd * 4 <= 2 * kRowTileBytes, "the output staging fits in two row tiles");
-  static_assert(DHP % 16 == 0 && DHP <= 128, "DHP: a multiple of 16, at most 128");
+  static constexpr int kLd = DHP + 8;                      // bf16 tile row stride (16-byte rows, no bank conflicts)
+  static constexpr int kTileElems = kTile * kLd;
+  static constexpr int kChunks = DHP / 8;                   // 16-byte pieces of a row
 };
 
-// rows [0, 64) x columns [0, DHP) of `tile` (stride kLd) from bf16 `src` (rows `ld` apart):
-// src rows < rows_valid and columns < cols, zeros elsewhere. `vec`: cols, ld and src are
-// 8-element aligned (16-byte copies).
+// Rows [0, 64) x columns [0, DHP) of `tile` from bf16 `src` (rows `ld` apart): rows below
+// rows_valid and columns below cols, zeros elsewhere. `vec` (cols, ld and src 8-element
+// aligned): 16-byte cp.async copies, completed by the caller's CopyAsyncWait; else element
+// loads, complete on return.
 template <int DHP>
-__device__ __forceinline__ void LoadBf16Tile(const bf16* __restrict__ src, int64_t ld, int64_t rows_valid, int cols,
-                                             bool vec, bf16* tile) {
-  constexpr int kLd = Layout<DHP>::kLd;
+__device__ __forceinline__ void LoadTile(const bf16* __restrict__ src, int64_t ld, int64_t rows_valid, int cols,
+                                         bool vec, bf16* tile) {
+  using L = Layout<DHP>;
   if (vec) {
-    constexpr int kChunks = DHP / 8;
-    for (int i = threadIdx.x; i < kTile * kChunks; i += kBlockThreads) {
-      const int r = i / kChunks, c = (i % kChunks) * 8;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (r < rows_valid && c < cols) v = *reinterpret_cast<const uint4*>(src + r * ld + c);
-      *reinterpret_cast<uint4*>(tile + r * kLd + c) = v;
+    for (int i = threadIdx.x; i < kTile * L::kChunks; i += kBlockThreads) {
+      const int r = i / L::kChunks, c = (i % L::kChunks) * 8;
+      const bool in = r < rows_valid && c < cols;
+      CopyAsync16(tile + r * L::kLd + c, in ? src + r * ld + c : src, in);
     }
   } else {
     for (int i = threadIdx.x; i < kTile * DHP; i += kBlockThreads) {
       const int r = i / DHP, c = i % DHP;
-      tile[r * kLd + c] = r < rows_valid && c < cols ? src[r * ld + c] : __float2bfloat16(0.0f);
+      tile[r * L::kLd + c] = r < rows_valid && c < cols ? src[r * ld + c] : __float2bfloat16(0.0f);
     }
   }
 }
 
-// The same from fp32 `src`, each value rounded to bf16.
+// A whole bf16 [64, DHP] scratch tile (padded: always complete and aligned) by cp.async.
 template <int DHP>
-__device__ __forceinline__ void LoadF32Tile(const float* __restrict__ src, int64_t ld, int64_t rows_valid, int cols,
-                                            bf16* tile) {
-  constexpr int kLd = Layout<DHP>::kLd;
-  for (int i = threadIdx.x; i < kTile * DHP; i += kBlockThreads) {
-    const int r = i / DHP, c = i % DHP;
-    tile[r * kLd + c] = __float2bfloat16(r < rows_valid && c < cols ? src[r * ld + c] : 0.0f);
+__device__ __forceinline__ void LoadScratchTile(const bf16* __restrict__ src, bf16* tile) {
+  using L = Layout<DHP>;
+  for (int i = threadIdx.x; i < kTile * L::kChunks; i += kBlockThreads) {
+    const int r = i / L::kChunks, c = (i % L::kChunks) * 8;
+    CopyAsync16(tile + r * L::kLd + c, src + r * DHP + c, true);
   }
 }
 
-// s[16, 64] (stride kSLd) = a[16, DHP] · b[64, DHP]ᵀ, both bf16 row tiles (stride kLd).
+// s[8][4]: the 16 x 64 scores of a warp's rows (A fragments `a`, DHP/16 of them) against
+// the 64 rows of `tile` (row-major [64][DHP]): a · tileᵀ.
 template <int DHP>
-__device__ __forceinline__ void ScoreTile(const bf16* a, const bf16* b, float* s) {
-  constexpr int kLd = Layout<DHP>::kLd;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kTile / 16];
+__device__ __forceinline__ void Scores(const uint32_t (&a)[DHP / 16][4], const bf16* tile, float (&s)[8][4]) {
 #pragma unroll
-  for (int i = 0; i < kTile / 16; ++i) wmma::fill_fragment(acc[i], 0.0f);
+  for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
 #pragma unroll
-  for (int k = 0; k < DHP / 16; ++k) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa;
-    wmma::load_matrix_sync(fa, a + k * 16, kLd);
+  for (int kc = 0; kc < DHP / 16; ++kc) {
 #pragma unroll
-    for (int i = 0; i < kTile / 16; ++i) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> fb;  // b's rows are bᵀ's columns
-      wmma::load_matrix_sync(fb, b + i * 16 * kLd + k * 16, kLd);
-      wmma::mma_sync(acc[i], fa, fb, acc[i]);
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < kTile / 16; ++i) wmma::store_matrix_sync(s + i * 16, acc[i], kSLd, wmma::mem_row_major);
-}
-
-template <int DHP>
-using OutFragments = wmma::fragment<wmma::accumulator, 16, 16, 16, float>[DHP / 16];
-
-// out[16, DHP] += p[16, 64] (bf16, stride kPLd) · v[64, DHP] (bf16 row tile).
-template <int DHP>
-__device__ __forceinline__ void AccumulateTile(const bf16* p, const bf16* v, OutFragments<DHP>& out) {
-  constexpr int kLd = Layout<DHP>::kLd;
-#pragma unroll
-  for (int k = 0; k < kTile / 16; ++k) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa;
-    wmma::load_matrix_sync(fa, p + k * 16, kPLd);
-#pragma unroll
-    for (int c = 0; c < DHP / 16; ++c) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> fb;
-      wmma::load_matrix_sync(fb, v + k * 16 * kLd + c * 16, kLd);
-      wmma::mma_sync(out[c], fa, fb, out[c]);
+    for (int np = 0; np < 4; ++np) {
+      uint32_t b[4];
+      LoadBTransposed(b, tile, Layout<DHP>::kLd, np * 16, kc * 16);
+      MmaBf16(s[2 * np], a[kc], b[0], b[1]);
+      MmaBf16(s[2 * np + 1], a[kc], b[2], b[3]);
     }
   }
 }
 
-// Stages a warp's out[16, DHP] in shared memory (stride kStageLd) and returns the warp's
-// staging rows.
+// out[DHP/8][4] += p · tile: p the 16 x 64 probabilities in score-fragment form, `tile`
+// row-major [64][DHP].
 template <int DHP>
-__device__ __forceinline__ const float* StageOut(OutFragments<DHP>& out, float* stage_base, int warp) {
-  float* stage = stage_base + warp * 16 * Layout<DHP>::kStageLd;
+__device__ __forceinline__ void AccumulateProducts(const float (&p)[8][4], const bf16* tile, float (&out)[DHP / 8][4]) {
 #pragma unroll
-  for (int c = 0; c < DHP / 16; ++c) wmma::store_matrix_sync(stage + c * 16, out[c], Layout<DHP>::kStageLd, wmma::mem_row_major);
-  __syncwarp();
-  return stage;
+  for (int kc = 0; kc < 4; ++kc) {
+    const uint32_t a[4] = {PackBf16x2(p[2 * kc][0], p[2 * kc][1]), PackBf16x2(p[2 * kc][2], p[2 * kc][3]),
+                           PackBf16x2(p[2 * kc + 1][0], p[2 * kc + 1][1]),
+                           PackBf16x2(p[2 * kc + 1][2], p[2 * kc + 1][3])};
+#pragma unroll
+    for (int np = 0; np < DHP / 16; ++np) {
+      uint32_t b[4];
+      LoadB(b, tile, Layout<DHP>::kLd, kc * 16, np * 16);
+      MmaBf16(out[2 * np], a, b[0], b[1]);
+      MmaBf16(out[2 * np + 1], a, b[2], b[3]);
+    }
+  }
 }
 
-// Read: a block per (64 tokens, head). Each lane pair owns one of its warp's 16 rows (lanes
-// 2r and 2r + 1: the even and the odd columns of each score tile).
+__device__ __forceinline__ float QuadMax(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float QuadSum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// Read: a block per (64 tokens, head).
 template <int DHP>
 __global__ void __launch_bounds__(kBlockThreads) MemoryReadTiledKernel(
-    const float* __restrict__ q, int64_t q_ld, const bf16* __restrict__ mem_k, const bf16* __restrict__ mem_v,
-    int64_t T, int64_t N, int64_t d, int dh, float scale, bool vec, float* __restrict__ e, float* __restrict__ stats) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    const float* __restrict__ q, int64_t q_ld, const float* __restrict__ offer, int64_t offer_ld,
+    const bf16* __restrict__ mem_k, const bf16* __restrict__ mem_v, int64_t T, int64_t N, int64_t d, int dh,
+    float scale_log2, bool vec, float* __restrict__ e, Scratch scratch) {
   using L = Layout<DHP>;
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* qs = reinterpret_cast<bf16*>(smem);
-  bf16* ks = reinterpret_cast<bf16*>(smem + L::kRowTileBytes);
-  bf16* vs = reinterpret_cast<bf16*>(smem + 2 * L::kRowTileBytes);
+  bf16* ks = qs + L::kTileElems;      // two buffers
+  bf16* vs = ks + 2 * L::kTileElems;  // two buffers
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  float* s = reinterpret_cast<float*>(smem + 3 * L::kRowTileBytes) + warp * 16 * kSLd;
-  bf16* p = reinterpret_cast<bf16*>(smem + 3 * L::kRowTileBytes + L::kScoreBytes) + warp * 16 * kPLd;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kTile, j = blockIdx.y;
-  const int row = lane / 2, half = lane % 2;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kTile, j = blockIdx.y, Tp = PaddedTokens(T);
   const bf16* k_head = mem_k + j * dh;
   const bf16* v_head = mem_v + j * dh;
+  const int tiles = static_cast<int>((N + kTile - 1) / kTile);
 
-  LoadF32Tile<DHP>(q + t0 * q_ld + j * dh, q_ld, T - t0, dh, qs);
-  const bf16* q_rows = qs + warp * 16 * L::kLd;
-
-  // Pass 1: each row's maximum and sum of exponentials over all N slots.
-  float m = -INFINITY, l = 0.0f;
-  for (int64_t n0 = 0; n0 < N; n0 += kTile) {
-    __syncthreads();  // the previous tile's readers are done (and, first time, qs is loaded)
-    LoadBf16Tile<DHP>(k_head + n0 * d, d, N - n0, dh, vec, ks);
-    __syncthreads();
-    ScoreTile<DHP>(q_rows, ks, s);
-    __syncwarp();
-    const int valid = N - n0 < kTile ? static_cast<int>(N - n0) : kTile;
-    float tile_max = -INFINITY;
-    for (int c = half; c < kTile; c += 2) {
-      if (c < valid) tile_max = fmaxf(tile_max, s[row * kSLd + c] * scale);
-    }
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-    const float m_new = fmaxf(m, tile_max);
-    float sum = 0.0f;
-    for (int c = half; c < kTile; c += 2) {
-      if (c < valid) sum += expf(s[row * kSLd + c] * scale - m_new);
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    l = l * expf(m - m_new) + sum;
-    m = m_new;
-    __syncwarp();  // s is rewritten by the next tile
+  LoadTile<DHP>(k_head, d, N, dh, vec, ks);
+  CopyAsyncCommit();
+  // This block's q and offer rows in bf16: q into shared memory and both into the scratch
+  // for the write kernel (padding rows and columns zero).
+  bf16* q_out = scratch.q + (j * Tp + t0) * DHP;
+  bf16* offer_out = scratch.offer + (j * Tp + t0) * DHP;
+  for (int i = threadIdx.x; i < kTile * DHP; i += kBlockThreads) {
+    const int r = i / DHP, c = i % DHP;
+    const bool in = t0 + r < T && c < dh;
+    const bf16 qv = __float2bfloat16(in ? q[(t0 + r) * q_ld + j * dh + c] : 0.0f);
+    qs[r * L::kLd + c] = qv;
+    q_out[r * DHP + c] = qv;
+    offer_out[r * DHP + c] = __float2bfloat16(in ? offer[(t0 + r) * offer_ld + j * dh + c] : 0.0f);
   }
-  const float inv_l = 1.0f / l;
+  __syncthreads();
+  uint32_t qa[DHP / 16][4];
+#pragma unroll
+  for (int kc = 0; kc < DHP / 16; ++kc) LoadA(qa[kc], qs, L::kLd, warp * 16, kc * 16);
+
+  // Pass 1: each row's maximum (log2 units) and sum of exponentials over all N slots; this
+  // lane's rows are g and g + 8 of the warp's 16, its columns 2t, 2t + 1 of each 8.
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  for (int it = 0; it < tiles; ++it) {
+    if (it + 1 < tiles) {
+      LoadTile<DHP>(k_head + (it + 1) * kTile * d, d, N - (it + 1) * kTile, dh, vec, ks + ((it + 1) & 1) * L::kTileElems);
+      CopyAsyncCommit();
+      CopyAsyncWait<1>();
+    } else {
+      CopyAsyncWait<0>();
+    }
+    __syncthreads();
+    float s[8][4];
+    Scores<DHP>(qa, ks + (it & 1) * L::kTileElems, s);
+    const int valid = static_cast<int>(N - static_cast<int64_t>(it) * kTile);
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        s[nt][c] = nt * 8 + 2 * t + (c & 1) < valid ? s[nt][c] * scale_log2 : -INFINITY;
+        mx[c >> 1] = fmaxf(mx[c >> 1], s[nt][c]);
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float m_new = fmaxf(m[r], QuadMax(mx[r]));
+      float sum = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) sum += exp2f(s[nt][2 * r] - m_new) + exp2f(s[nt][2 * r + 1] - m_new);
+      l[r] = l[r] * exp2f(m[r] - m_new) + sum;  // this lane's share; the quad's shares add at the end
+      m[r] = m_new;
+    }
+    __syncthreads();  // the buffer is refilled next
+  }
+  const float inv_l[2] = {1.0f / QuadSum(l[0]), 1.0f / QuadSum(l[1])};
 
   // Pass 2: p = exp(s - m) / l, e += p · V.
-  OutFragments<DHP> out;
+  float out[DHP / 8][4];
 #pragma unroll
-  for (int c = 0; c < DHP / 16; ++c) wmma::fill_fragment(out[c], 0.0f);
-  for (int64_t n0 = 0; n0 < N; n0 += kTile) {
-    __syncthreads();
-    LoadBf16Tile<DHP>(k_head + n0 * d, d, N - n0, dh, vec, ks);
-    LoadBf16Tile<DHP>(v_head + n0 * d, d, N - n0, dh, vec, vs);
-    __syncthreads();
-    ScoreTile<DHP>(q_rows, ks, s);
-    __syncwarp();
-    const int valid = N - n0 < kTile ? static_cast<int>(N - n0) : kTile;
-    for (int c = half; c < kTile; c += 2) {
-      const float pv = c < valid ? expf(s[row * kSLd + c] * scale - m) * inv_l : 0.0f;
-      p[row * kPLd + c] = __float2bfloat16(pv);
+  for (int i = 0; i < DHP / 8; ++i) out[i][0] = out[i][1] = out[i][2] = out[i][3] = 0.0f;
+  LoadTile<DHP>(k_head, d, N, dh, vec, ks);
+  LoadTile<DHP>(v_head, d, N, dh, vec, vs);
+  CopyAsyncCommit();
+  for (int it = 0; it < tiles; ++it) {
+    if (it + 1 < tiles) {
+      const int64_t next = static_cast<int64_t>(it + 1) * kTile;
+      LoadTile<DHP>(k_head + next * d, d, N - next, dh, vec, ks + ((it + 1) & 1) * L::kTileElems);
+      LoadTile<DHP>(v_head + next * d, d, N - next, dh, vec, vs + ((it + 1) & 1) * L::kTileElems);
+      CopyAsyncCommit();
+      CopyAsyncWait<1>();
+    } else {
+      CopyAsyncWait<0>();
     }
-    __syncwarp();
-    AccumulateTile<DHP>(p, vs, out);
+    __syncthreads();
+    float s[8][4];
+    Scores<DHP>(qa, ks + (it & 1) * L::kTileElems, s);
+    const int valid = static_cast<int>(N - static_cast<int64_t>(it) * kTile);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        s[nt][c] = nt * 8 + 2 * t + (c & 1) < valid ? exp2f(s[nt][c] * scale_log2 - m[c >> 1]) * inv_l[c >> 1] : 0.0f;
+      }
+    AccumulateProducts<DHP>(s, vs + (it & 1) * L::kTileElems, out);
+    __syncthreads();
   }
 
-  __syncthreads();  // ks and vs become the output staging
-  const float* stage = StageOut<DHP>(out, reinterpret_cast<float*>(ks), warp);
-  const int64_t r0 = t0 + warp * 16;
-  for (int i = lane; i < 16 * dh; i += 32) {
-    const int r = i / dh, c = i % dh;
-    if (r0 + r < T) e[(r0 + r) * d + j * dh + c] = stage[r * L::kStageLd + c];
+  // e rows g and g + 8 of the warp's 16; this lane's columns 2t, 2t + 1 of each 8.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = t0 + warp * 16 + g + 8 * r;
+    if (row < T) {
+#pragma unroll
+      for (int nt = 0; nt < DHP / 8; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int col = nt * 8 + 2 * t + c;
+          if (col < dh) e[row * d + j * dh + col] = out[nt][2 * r + c];
+        }
+    }
+    // The statistics of every row of the tile, padding rows (1/l = 0: no weight) included.
+    if (t == 0) scratch.stats[j * Tp + row] = row < T ? make_float2(m[r], inv_l[r]) : make_float2(0.0f, 0.0f);
   }
-  if (half == 0 && r0 + row < T) {
-    stats[(j * T + r0 + row) * 2] = m;
-    stats[(j * T + r0 + row) * 2 + 1] = inv_l;
-  }
-#else
-  __trap();
-#endif
 }
 
-// Write sums: a block per (64 slots, head), over the chunk's tokens 64 at a time. Each lane
-// pair owns one of its warp's 16 slots.
+// Write sums: a block per (64 slots, head), over the chunk's tokens 64 at a time.
 template <int DHP>
 __global__ void __launch_bounds__(kBlockThreads) MemoryWriteTiledKernel(
-    const float* __restrict__ q, int64_t q_ld, const float* __restrict__ offer, int64_t offer_ld,
-    const bf16* __restrict__ mem_k, int64_t T, int64_t N, int64_t d, int dh, float scale, bool vec,
-    const float* __restrict__ stats, float* __restrict__ mass, float* __restrict__ acc) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    const bf16* __restrict__ mem_k, int64_t T, int64_t N, int64_t d, int dh, float scale_log2, bool vec,
+    Scratch scratch, float* __restrict__ mass, float* __restrict__ acc) {
   using L = Layout<DHP>;
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* ks = reinterpret_cast<bf16*>(smem);
-  bf16* qs = reinterpret_cast<bf16*>(smem + L::kRowTileBytes);
-  bf16* cs = reinterpret_cast<bf16*>(smem + 2 * L::kRowTileBytes);
+  bf16* qs = ks + L::kTileElems;      // two buffers
+  bf16* cs = qs + 2 * L::kTileElems;  // two buffers
+  auto* stats = reinterpret_cast<float2*>(cs + 2 * L::kTileElems);  // two buffers of 64
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  float* s = reinterpret_cast<float*>(smem + 3 * L::kRowTileBytes) + warp * 16 * kSLd;
-  bf16* p = reinterpret_cast<bf16*>(smem + 3 * L::kRowTileBytes + L::kScoreBytes) + warp * 16 * kPLd;
-  float* tile_m = reinterpret_cast<float*>(smem + 3 * L::kRowTileBytes + L::kScoreBytes + L::kProbBytes);
-  float* tile_inv_l = tile_m + kTile;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTile, j = blockIdx.y;
-  const int row = lane / 2, half = lane % 2;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTile, j = blockIdx.y, Tp = PaddedTokens(T);
+  const bf16* q_head = scratch.q + j * Tp * DHP;
+  const bf16* offer_head = scratch.offer + j * Tp * DHP;
+  const float2* stats_head = scratch.stats + j * Tp;
+  const int tiles = static_cast<int>(Tp / kTile);
+  const auto load_tokens = [&](int it, int buf) {
+    LoadScratchTile<DHP>(q_head + it * kTile * DHP, qs + buf * L::kTileElems);
+    LoadScratchTile<DHP>(offer_head + it * kTile * DHP, cs + buf * L::kTileElems);
+    if (threadIdx.x < kTile / 2) {  // 64 float2 = 32 copies of 16 bytes
+      CopyAsync16(stats + buf * kTile + 2 * threadIdx.x, stats_head + it * kTile + 2 * threadIdx.x, true);
+    }
+  };
 
-  LoadBf16Tile<DHP>(mem_k + n0 * d + j * dh, d, N - n0, dh, vec, ks);
-  const bf16* k_rows = ks + warp * 16 * L::kLd;
-  OutFragments<DHP> out;
+  LoadTile<DHP>(mem_k + n0 * d + j * dh, d, N - n0, dh, vec, ks);
+  load_tokens(0, 0);
+  CopyAsyncCommit();
+  float out[DHP / 8][4];
 #pragma unroll
-  for (int c = 0; c < DHP / 16; ++c) wmma::fill_fragment(out[c], 0.0f);
-  float slot_mass = 0.0f;
-  for (int64_t t0 = 0; t0 < T; t0 += kTile) {
-    __syncthreads();  // the previous tile's readers are done
-    LoadF32Tile<DHP>(q + t0 * q_ld + j * dh, q_ld, T - t0, dh, qs);
-    LoadF32Tile<DHP>(offer + t0 * offer_ld + j * dh, offer_ld, T - t0, dh, cs);
-    for (int i = threadIdx.x; i < kTile; i += kBlockThreads) {
-      const bool in = t0 + i < T;
-      tile_m[i] = in ? stats[(j * T + t0 + i) * 2] : 0.0f;
-      tile_inv_l[i] = in ? stats[(j * T + t0 + i) * 2 + 1] : 0.0f;  // p = 0 for padding tokens
+  for (int i = 0; i < DHP / 8; ++i) out[i][0] = out[i][1] = out[i][2] = out[i][3] = 0.0f;
+  float slot_mass[2] = {0.0f, 0.0f};
+  uint32_t ka[DHP / 16][4];
+  for (int it = 0; it < tiles; ++it) {
+    if (it + 1 < tiles) {
+      load_tokens(it + 1, (it + 1) & 1);
+      CopyAsyncCommit();
+      CopyAsyncWait<1>();
+    } else {
+      CopyAsyncWait<0>();
     }
     __syncthreads();
-    ScoreTile<DHP>(k_rows, qs, s);  // s[slot, token]
-    __syncwarp();
-    for (int c = half; c < kTile; c += 2) {
-      const float pv = tile_inv_l[c] == 0.0f ? 0.0f : expf(s[row * kSLd + c] * scale - tile_m[c]) * tile_inv_l[c];
-      slot_mass += pv;
-      p[row * kPLd + c] = __float2bfloat16(pv);
+    if (it == 0) {
+#pragma unroll
+      for (int kc = 0; kc < DHP / 16; ++kc) LoadA(ka[kc], ks, L::kLd, warp * 16, kc * 16);
     }
-    __syncwarp();
-    AccumulateTile<DHP>(p, cs, out);
+    float s[8][4];
+    Scores<DHP>(ka, qs + (it & 1) * L::kTileElems, s);  // s[slot, token]
+    const float2* st = stats + (it & 1) * kTile;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const float2 mi = st[nt * 8 + 2 * t + (c & 1)];  // padding tokens: 1/l = 0, q = 0 (s = 0): p = 0
+        s[nt][c] = exp2f(s[nt][c] * scale_log2 - mi.x) * mi.y;
+        slot_mass[c >> 1] += s[nt][c];
+      }
+    AccumulateProducts<DHP>(s, cs + (it & 1) * L::kTileElems, out);
+    __syncthreads();
   }
-  slot_mass += __shfl_xor_sync(0xffffffffu, slot_mass, 1);
 
-  __syncthreads();  // qs and cs become the output staging
-  const float* stage = StageOut<DHP>(out, reinterpret_cast<float*>(qs), warp);
-  const int64_t r0 = n0 + warp * 16;
-  for (int i = lane; i < 16 * dh; i += 32) {
-    const int r = i / dh, c = i % dh;
-    if (r0 + r < N) acc[(r0 + r) * d + j * dh + c] += stage[r * L::kStageLd + c];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t slot = n0 + warp * 16 + g + 8 * r;
+    const float total = QuadSum(slot_mass[r]);
+    if (slot < N) {
+#pragma unroll
+      for (int nt = 0; nt < DHP / 8; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int col = nt * 8 + 2 * t + c;
+          if (col < dh) acc[slot * d + j * dh + col] += out[nt][2 * r + c];
+        }
+      if (t == 0) mass[j * N + slot] += total;
+    }
   }
-  if (half == 0 && r0 + row < N) mass[j * N + r0 + row] += slot_mass;
-#else
-  __trap();
-#endif
 }
 
 template <int DHP>
 Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, const bf16* mem_k,
                    const bf16* mem_v, int64_t T, int64_t N, int64_t d, int dh, float* e, float* mass, float* acc,
-                   float* stats, cudaStream_t stream) {
-  constexpr int kBytes = Layout<DHP>::kBytes;
+                   float* scratch, cudaStream_t stream) {
+  using L = Layout<DHP>;
+  constexpr int kReadBytes = 5 * L::kTileElems * 2;
+  constexpr int kWriteBytes = 5 * L::kTileElems * 2 + 2 * kTile * 8;
   LM2_RETURN_IF_ERROR(
-      EnsureSharedMemory(reinterpret_cast<const void*>(&MemoryReadTiledKernel<DHP>), kBytes, "MemoryReadWrite"));
+      EnsureSharedMemory(reinterpret_cast<const void*>(&MemoryReadTiledKernel<DHP>), kReadBytes, "MemoryReadWrite"));
   LM2_RETURN_IF_ERROR(
-      EnsureSharedMemory(reinterpret_cast<const void*>(&MemoryWriteTiledKernel<DHP>), kBytes, "MemoryReadWrite"));
-  const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
-  const bool vec = dh % 8 == 0 && d % 8 == 0;  // mem_k/mem_v rows and head offsets 16-byte aligned
+      EnsureSharedMemory(reinterpret_cast<const void*>(&MemoryWriteTiledKernel<DHP>), kWriteBytes, "MemoryReadWrite"));
+  const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(dh));
+  const bool vec = dh % 8 == 0 && d % 8 == 0;  // memory K/V rows and head offsets 16-byte aligned
   const auto heads = static_cast<unsigned int>(d / dh);
-  MemoryReadTiledKernel<DHP><<<dim3(static_cast<unsigned int>((T + kTile - 1) / kTile), heads), kBlockThreads, kBytes, stream>>>(
-      q, q_ld, mem_k, mem_v, T, N, d, dh, scale, vec, e, stats);
+  const Scratch parts = Carve(scratch, T, heads, DHP);
+  const dim3 read_grid(static_cast<unsigned int>(PaddedTokens(T) / kTile), heads);
+  MemoryReadTiledKernel<DHP><<<read_grid, kBlockThreads, kReadBytes, stream>>>(
+      q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, dh, scale_log2, vec, e, parts);
   LM2_RETURN_IF_ERROR(CheckLaunch("MemoryReadTiledKernel"));
-  MemoryWriteTiledKernel<DHP><<<dim3(static_cast<unsigned int>((N + kTile - 1) / kTile), heads), kBlockThreads, kBytes, stream>>>(
-      q, q_ld, offer, offer_ld, mem_k, T, N, d, dh, scale, vec, stats, mass, acc);
+  const dim3 write_grid(static_cast<unsigned int>((N + kTile - 1) / kTile), heads);
+  MemoryWriteTiledKernel<DHP><<<write_grid, kBlockThreads, kWriteBytes, stream>>>(mem_k, T, N, d, dh, scale_log2, vec,
+                                                                                  parts, mass, acc);
   return CheckLaunch("MemoryWriteTiledKernel");
 }
 
@@ -315,7 +376,10 @@ bool MemoryReadWriteSupported(int64_t d, int64_t heads) {
   return heads > 0 && d % heads == 0 && d / heads <= 128;
 }
 
-int64_t MemoryReadWriteScratch(int64_t T, int64_t heads) { return 2 * heads * T; }
+int64_t MemoryReadWriteScratch(int64_t T, int64_t d, int64_t heads) {
+  // float2 statistics, then q and the offer as bf16 pairs, per head and padded token.
+  return heads * PaddedTokens(T) * (2 + PaddedWidth(d / heads));
+}
 
 Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, const bf16* mem_k,
                        const bf16* mem_v, int64_t T, int64_t N, int64_t d, int64_t heads, float* e, float* mass,

@@ -1,0 +1,101 @@
+// bf16 tensor-core building blocks (sm_80 and later) for kernels that keep their tiles in
+// registers: mma.sync m16n8k16 with fp32 accumulation, ldmatrix fragment loads from shared
+// memory, and cp.async copies into it.
+//
+// Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16"), lane = 4g + t:
+//   A (16 x 16, row-major): a[0] = (row g, cols 2t, 2t+1), a[1] = (row g+8, same cols),
+//                           a[2] = (row g, cols 2t+8, 2t+9), a[3] = (row g+8, same cols)
+//   B (16 x 8):             b[0] = (rows 2t, 2t+1, col g), b[1] = (rows 2t+8, 2t+9, col g)
+//   C (16 x 8, fp32):       c[0], c[1] = (row g, cols 2t, 2t+1), c[2], c[3] = (row g+8, same)
+// so the C fragments of two neighbouring 16 x 8 tiles, packed to bf16 pairs, are the A
+// fragment of the 16 x 16 product that follows (probabilities times values).
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+namespace lm2::runtime::cuda {
+
+__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Two floats as a bf16 pair (round to nearest even), `lo` in the low half.
+__device__ __forceinline__ uint32_t PackBf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// d += a · b for one 16 x 8 output tile.
+__device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// Four 8 x 8 bf16 matrices from shared memory; lane L gives the address of row L % 8 of
+// matrix L / 8 (16-byte aligned). `Trans`: each matrix transposed on the way.
+template <bool Trans>
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* row_address) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (Trans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(SharedAddress(row_address)));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(SharedAddress(row_address)));
+  }
+#endif
+}
+
+// The A fragment of rows [row0, row0 + 16) x columns [k0, k0 + 16) of a row-major bf16 tile.
+__device__ __forceinline__ void LoadA(uint32_t (&a)[4], const __nv_bfloat16* tile, int ld, int row0, int k0) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  LdMatrixX4<false>(a, tile + (row0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
+}
+
+// B fragments of the product with a tile's transpose: `tile` row-major [n][k]; b[0], b[1]
+// for output columns [n0, n0 + 8), b[2], b[3] for [n0 + 8, n0 + 16); k in [k0, k0 + 16).
+__device__ __forceinline__ void LoadBTransposed(uint32_t (&b)[4], const __nv_bfloat16* tile, int ld, int n0, int k0) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  LdMatrixX4<false>(b, tile + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
+}
+
+// B fragments of the product with a tile as it is: `tile` row-major [k][n]; b[0], b[1] for
+// output columns [n0, n0 + 8), b[2], b[3] for [n0 + 8, n0 + 16); k in [k0, k0 + 16).
+__device__ __forceinline__ void LoadB(uint32_t (&b)[4], const __nv_bfloat16* tile, int ld, int k0, int n0) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  LdMatrixX4<true>(b, tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
+}
+
+// 16 bytes global -> shared without passing through registers; zeros when !valid (then
+// `global` is not read, but must still be a valid address).
+__device__ __forceinline__ void CopyAsync16(void* shared, const void* global, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SharedAddress(shared)), "l"(global),
+               "r"(valid ? 16 : 0));
+#endif
+}
+
+__device__ __forceinline__ void CopyAsyncCommit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most `Pending` committed groups of this thread are still in flight.
+template <int Pending>
+__device__ __forceinline__ void CopyAsyncWait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
+#endif
+}
+
+}  // namespace lm2::runtime::cuda
