@@ -58,9 +58,10 @@ std::shared_ptr<const ModelFiles> Files(const std::string& dir) {
 std::unique_ptr<Model> LoadCuda(const std::shared_ptr<const ModelFiles>& files, int64_t chunk = 512,
                                 int64_t gemm_attention_from = 32, bool graphs = true, int64_t flush = 16,
                                 int64_t gemv_rows = lm2::runtime::CudaOptions{}.gemv_max_rows,
-                                bool tiled_memory = true) {
+                                bool tiled = true) {
   lm2::runtime::CudaOptions options;
-  options.tiled_memory = tiled_memory;
+  options.tiled_memory = tiled;
+  options.tiled_attention = tiled;
   options.gemv_max_rows = gemv_rows;
   options.write_flush_tokens = flush;
   options.max_chunk_tokens = chunk;
@@ -115,9 +116,8 @@ TEST_CASE("CUDA model matches the float64 golden files within the bf16 bounds", 
     // A chunk of 3 tokens splits every golden segment: chunking must not change results.
     // Attention from 2 tokens on runs every multi-token chunk through the GEMM path.
     // Chunks of 3 run every linear layer through the GEMV kernels, the default 512 through cuBLAS.
-    // Multi-token chunks read memory tile by tile (MemoryReadWrite) where the head width
-    // allows (tiny-lm2), and through the GEMM form when that is turned off (and in tiny-partial:
-    // 24-wide heads are tiled too, so the off switch is what tests the GEMM form there).
+    // Multi-token chunks read memory and (from gemm_from tokens) attend tile by tile on tensor
+    // cores (MemoryReadWrite, CausalAttentionTiled); turned off, through cuBLAS GEMMs.
     struct Config {
       int64_t chunk, gemm_from;
       bool tiled;
@@ -127,7 +127,7 @@ TEST_CASE("CUDA model matches the float64 golden files within the bf16 bounds", 
       auto model = LoadCuda(files, c.chunk, c.gemm_from, true, 16, lm2::runtime::CudaOptions{}.gemv_max_rows, c.tiled);
       REQUIRE(model->backend_name() == "cuda:0");
       const auto [logits_err, bank_err] = lm2::testing::CheckGoldenCases(*model, name, kLogitTolerance, kBankTolerance);
-      std::printf("golden %-13s chunk %3lld, GEMM attention from %2lld tokens, memory %s: worst logits rel err %.3g, "
+      std::printf("golden %-13s chunk %3lld, tensor-core attention from %2lld tokens, %s: worst logits rel err %.3g, "
                   "worst bank rel err %.3g\n",
                   name.c_str(), static_cast<long long>(c.chunk), static_cast<long long>(c.gemm_from),
                   c.tiled ? "tiled" : "GEMMs", logits_err, bank_err);

@@ -479,7 +479,12 @@ TEST_CASE("CausalAttention: decode and prefill kernels, GQA, over a KV cache", "
       std::make_tuple(int64_t{33}, int64_t{100}, int64_t{12}, int64_t{3}, int64_t{128}),
       std::make_tuple(int64_t{70}, int64_t{70}, int64_t{4}, int64_t{1}, int64_t{96}),
       std::make_tuple(int64_t{17}, int64_t{50}, int64_t{3}, int64_t{3}, int64_t{40}),
-      std::make_tuple(int64_t{16}, int64_t{16}, int64_t{2}, int64_t{1}, int64_t{256}));
+      std::make_tuple(int64_t{16}, int64_t{16}, int64_t{2}, int64_t{1}, int64_t{256}),
+      // several 64-query and 64-key tiles, a context longer than the chunk, odd widths
+      std::make_tuple(int64_t{130}, int64_t{300}, int64_t{8}, int64_t{2}, int64_t{64}),
+      std::make_tuple(int64_t{64}, int64_t{64}, int64_t{4}, int64_t{4}, int64_t{16}),
+      std::make_tuple(int64_t{100}, int64_t{229}, int64_t{6}, int64_t{3}, int64_t{30}),
+      std::make_tuple(int64_t{129}, int64_t{129}, int64_t{4}, int64_t{2}, int64_t{128}));
   INFO("T=" << T << " S=" << S << " H=" << H << " Hkv=" << Hkv << " D=" << D);
   auto q = Random(static_cast<std::size_t>(T * H * D)), k = Random(static_cast<std::size_t>(S * Hkv * D)),
        v = Random(static_cast<std::size_t>(S * Hkv * D));
@@ -504,6 +509,12 @@ TEST_CASE("CausalAttention: decode and prefill kernels, GQA, over a KV cache", "
   RequireOk(CausalAttentionGemm(Cublas(), dq.data(), dk.data(), dv.data(), T, S, H, Hkv, D, scores.data(), dout.data(),
                                 Stream()));
   CHECK(RelErr(Download(dout), want) < kTolTf32);
+  if (CausalAttentionTiledSupported(D)) {  // tensor cores: bf16 operands
+    INFO("CausalAttentionTiled");
+    auto tout = Poisoned<float>(q.size());
+    RequireOk(CausalAttentionTiled(dq.data(), dk.data(), dv.data(), T, S, H, Hkv, D, tout.data(), Stream()));
+    CHECK(RelErr(Download(tout), want) < kTolBf16Operands);
+  }
 }
 
 TEST_CASE("MemoryRead: softmax over slots per memory head, attention-weighted values", "[cuda][ops]") {
@@ -1045,6 +1056,8 @@ TEST_CASE("Launchers refuse bad shapes and null pointers; empty work is a no-op"
   CHECK(CausalAttention(p, p, p, 1, 4, 6, 4, 8, p, Stream()).IsInvalidArgument());  // 4 does not divide 6
   CHECK(CausalAttention(p, p, p, 5, 4, 4, 4, 8, p, Stream()).IsInvalidArgument());  // T > S
   CHECK(CausalAttentionDecode(p, p, p, 1, 1, 1, 1, 264, p, Stream()).IsInvalidArgument());  // head_dim > 256
+  CHECK(CausalAttentionTiled(p, p, p, 1, 1, 1, 1, 136, p, Stream()).IsInvalidArgument());  // head_dim > 128
+  CHECK(CausalAttentionTiled(p, p, p, 5, 4, 4, 4, 8, p, Stream()).IsInvalidArgument());    // T > S
   CHECK(CausalAttention(p, nullptr, p, 1, 4, 4, 4, 8, p, Stream()).IsInvalidArgument());
   CHECK(Rope(p, 1, 1, 7, nullptr, 10000.0, Stream()).IsInvalidArgument());  // odd head_dim
   auto bbuf = DeviceBuffer<__nv_bfloat16>::Allocate(64);

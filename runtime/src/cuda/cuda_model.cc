@@ -142,6 +142,7 @@ class CudaModel final : public Model {
     }
     tiled_memory_ = options_.tiled_memory && cfg_.has_memory() && major >= 8 &&
                     MemoryReadWriteSupported(cfg_.hidden_size, cfg_.memory_heads);
+    tiled_attention_ = options_.tiled_attention && major >= 8 && CausalAttentionTiledSupported(cfg_.head_dim);
   }
 
   const ModelConfig& config() const override { return cfg_; }
@@ -709,7 +710,10 @@ class CudaModel final : public Model {
       } else {
         LM2_RETURN_IF_ERROR(SplitQkvRope(proj, n, P, H, Hkv, Dh, positions, cfg_.rope_theta, sc.q.data(),
                                          ls.k_cache.data() + pos0 * kvdim, ls.v_cache.data() + pos0 * kvdim, st));
-        if (n >= options_.attention_gemm_min_tokens) {
+        if (n >= options_.attention_gemm_min_tokens && tiled_attention_) {
+          LM2_RETURN_IF_ERROR(CausalAttentionTiled(sc.q.data(), ls.k_cache.data(), ls.v_cache.data(), n, S, H, Hkv, Dh,
+                                                   sc.attn_out.data(), st));
+        } else if (n >= options_.attention_gemm_min_tokens) {
           LM2_RETURN_IF_ERROR(EnsureCapacity(sc.scores, Z(H * n * S)));
           LM2_RETURN_IF_ERROR(CausalAttentionGemm(blas, sc.q.data(), ls.k_cache.data(), ls.v_cache.data(), n, S, H,
                                                   Hkv, Dh, sc.scores.data(), sc.attn_out.data(), st));
@@ -853,6 +857,8 @@ class CudaModel final : public Model {
   int64_t gemv_rows_ = 0;
   // Multi-token chunks take MemoryReadWrite (else MemoryRead, then AccumulateWrite).
   bool tiled_memory_ = false;
+  // Chunks of attention_gemm_min_tokens or more take CausalAttentionTiled (else the GEMMs).
+  bool tiled_attention_ = false;
 };
 
 }  // namespace

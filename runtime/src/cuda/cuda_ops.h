@@ -243,6 +243,14 @@ Status RopeAttentionDecodeBatch(const float* proj, int64_t proj_ld, const int64_
                                 float* const* k_caches, float* const* v_caches, int64_t B, int64_t heads,
                                 int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream);
 
+// Prefill attention on tensor cores, flash style (attention_tiled.cu; sm_80 and later):
+// same semantics as CausalAttention, q, k and v rounded to bf16, the probabilities too
+// before they multiply v, fp32 scores, softmax and accumulation; no scratch. Head widths up
+// to 128 (CausalAttentionTiledSupported); q, the caches and out 16-byte aligned.
+bool CausalAttentionTiledSupported(int64_t head_dim);
+Status CausalAttentionTiled(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
+                            int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream);
+
 // Prefill attention through cuBLAS (same semantics as CausalAttention): scores [H, T, S]
 // (caller's scratch, fp32) = q·kᵀ/sqrt(D) by strided-batched TF32 GEMMs, a causal softmax,
 // out = p·v the same way. Tensor cores make it the fast form for long prefills; it costs

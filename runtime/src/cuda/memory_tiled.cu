@@ -61,9 +61,9 @@ Scratch Carve(float* base, int64_t T, int64_t heads, int64_t dhp) {
 
 template <int DHP>
 struct Layout {
-  static constexpr int kLd = DHP + 8;                      // bf16 tile row stride (16-byte rows, no bank conflicts)
+  static constexpr int kLd = TileLd<DHP>;
   static constexpr int kTileElems = kTile * kLd;
-  static constexpr int kChunks = DHP / 8;                   // 16-byte pieces of a row
+  static constexpr int kChunks = DHP / 8;  // 16-byte pieces of a row
 };
 
 // Rows [0, 64) x columns [0, DHP) of `tile` from bf16 `src` (rows `ld` apart): rows below
@@ -96,52 +96,6 @@ __device__ __forceinline__ void LoadScratchTile(const bf16* __restrict__ src, bf
     const int r = i / L::kChunks, c = (i % L::kChunks) * 8;
     CopyAsync16(tile + r * L::kLd + c, src + r * DHP + c, true);
   }
-}
-
-// s[8][4]: the 16 x 64 scores of a warp's rows (A fragments `a`, DHP/16 of them) against
-// the 64 rows of `tile` (row-major [64][DHP]): a · tileᵀ.
-template <int DHP>
-__device__ __forceinline__ void Scores(const uint32_t (&a)[DHP / 16][4], const bf16* tile, float (&s)[8][4]) {
-#pragma unroll
-  for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
-#pragma unroll
-  for (int kc = 0; kc < DHP / 16; ++kc) {
-#pragma unroll
-    for (int np = 0; np < 4; ++np) {
-      uint32_t b[4];
-      LoadBTransposed(b, tile, Layout<DHP>::kLd, np * 16, kc * 16);
-      MmaBf16(s[2 * np], a[kc], b[0], b[1]);
-      MmaBf16(s[2 * np + 1], a[kc], b[2], b[3]);
-    }
-  }
-}
-
-// out[DHP/8][4] += p · tile: p the 16 x 64 probabilities in score-fragment form, `tile`
-// row-major [64][DHP].
-template <int DHP>
-__device__ __forceinline__ void AccumulateProducts(const float (&p)[8][4], const bf16* tile, float (&out)[DHP / 8][4]) {
-#pragma unroll
-  for (int kc = 0; kc < 4; ++kc) {
-    const uint32_t a[4] = {PackBf16x2(p[2 * kc][0], p[2 * kc][1]), PackBf16x2(p[2 * kc][2], p[2 * kc][3]),
-                           PackBf16x2(p[2 * kc + 1][0], p[2 * kc + 1][1]),
-                           PackBf16x2(p[2 * kc + 1][2], p[2 * kc + 1][3])};
-#pragma unroll
-    for (int np = 0; np < DHP / 16; ++np) {
-      uint32_t b[4];
-      LoadB(b, tile, Layout<DHP>::kLd, kc * 16, np * 16);
-      MmaBf16(out[2 * np], a, b[0], b[1]);
-      MmaBf16(out[2 * np + 1], a, b[2], b[3]);
-    }
-  }
-}
-
-__device__ __forceinline__ float QuadMax(float v) {
-  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-__device__ __forceinline__ float QuadSum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
 // Read: a block per (64 tokens, head).
@@ -194,7 +148,7 @@ __global__ void __launch_bounds__(kBlockThreads) MemoryReadTiledKernel(
     }
     __syncthreads();
     float s[8][4];
-    Scores<DHP>(qa, ks + (it & 1) * L::kTileElems, s);
+    TileScores<DHP>(qa, ks + (it & 1) * L::kTileElems, s);
     const int valid = static_cast<int>(N - static_cast<int64_t>(it) * kTile);
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -236,7 +190,7 @@ __global__ void __launch_bounds__(kBlockThreads) MemoryReadTiledKernel(
     }
     __syncthreads();
     float s[8][4];
-    Scores<DHP>(qa, ks + (it & 1) * L::kTileElems, s);
+    TileScores<DHP>(qa, ks + (it & 1) * L::kTileElems, s);
     const int valid = static_cast<int>(N - static_cast<int64_t>(it) * kTile);
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
@@ -244,7 +198,7 @@ __global__ void __launch_bounds__(kBlockThreads) MemoryReadTiledKernel(
       for (int c = 0; c < 4; ++c) {
         s[nt][c] = nt * 8 + 2 * t + (c & 1) < valid ? exp2f(s[nt][c] * scale_log2 - m[c >> 1]) * inv_l[c >> 1] : 0.0f;
       }
-    AccumulateProducts<DHP>(s, vs + (it & 1) * L::kTileElems, out);
+    TileProducts<DHP>(s, vs + (it & 1) * L::kTileElems, out);
     __syncthreads();
   }
 
@@ -314,7 +268,7 @@ __global__ void __launch_bounds__(kBlockThreads) MemoryWriteTiledKernel(
       for (int kc = 0; kc < DHP / 16; ++kc) LoadA(ka[kc], ks, L::kLd, warp * 16, kc * 16);
     }
     float s[8][4];
-    Scores<DHP>(ka, qs + (it & 1) * L::kTileElems, s);  // s[slot, token]
+    TileScores<DHP>(ka, qs + (it & 1) * L::kTileElems, s);  // s[slot, token]
     const float2* st = stats + (it & 1) * kTile;
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
@@ -324,7 +278,7 @@ __global__ void __launch_bounds__(kBlockThreads) MemoryWriteTiledKernel(
         s[nt][c] = exp2f(s[nt][c] * scale_log2 - mi.x) * mi.y;
         slot_mass[c >> 1] += s[nt][c];
       }
-    AccumulateProducts<DHP>(s, cs + (it & 1) * L::kTileElems, out);
+    TileProducts<DHP>(s, cs + (it & 1) * L::kTileElems, out);
     __syncthreads();
   }
 

@@ -98,4 +98,57 @@ __device__ __forceinline__ void CopyAsyncWait() {
 #endif
 }
 
+// ---- 64-column tiles of a warp's 16 rows ------------------------------------------------
+//
+// Row-major bf16 tiles of up to 64 rows and DHP columns (a multiple of 16) in shared
+// memory, rows TileLd apart (16-byte aligned, and 8 rows of ldmatrix hit distinct banks).
+template <int DHP>
+inline constexpr int TileLd = DHP + 8;
+
+// s[8][4]: the 16 x 64 scores of a warp's rows (A fragments `a`, DHP/16 of them) against
+// the 64 rows of `tile` (row-major [64][DHP]): a · tileᵀ.
+template <int DHP>
+__device__ __forceinline__ void TileScores(const uint32_t (&a)[DHP / 16][4], const __nv_bfloat16* tile, float (&s)[8][4]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+#pragma unroll
+  for (int kc = 0; kc < DHP / 16; ++kc) {
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      uint32_t b[4];
+      LoadBTransposed(b, tile, TileLd<DHP>, np * 16, kc * 16);
+      MmaBf16(s[2 * np], a[kc], b[0], b[1]);
+      MmaBf16(s[2 * np + 1], a[kc], b[2], b[3]);
+    }
+  }
+}
+
+// out[DHP/8][4] += p · tile: p the 16 x 64 probabilities in score-fragment form, `tile`
+// row-major [64][DHP].
+template <int DHP>
+__device__ __forceinline__ void TileProducts(const float (&p)[8][4], const __nv_bfloat16* tile, float (&out)[DHP / 8][4]) {
+#pragma unroll
+  for (int kc = 0; kc < 4; ++kc) {
+    const uint32_t a[4] = {PackBf16x2(p[2 * kc][0], p[2 * kc][1]), PackBf16x2(p[2 * kc][2], p[2 * kc][3]),
+                           PackBf16x2(p[2 * kc + 1][0], p[2 * kc + 1][1]),
+                           PackBf16x2(p[2 * kc + 1][2], p[2 * kc + 1][3])};
+#pragma unroll
+    for (int np = 0; np < DHP / 16; ++np) {
+      uint32_t b[4];
+      LoadB(b, tile, TileLd<DHP>, kc * 16, np * 16);
+      MmaBf16(out[2 * np], a, b[0], b[1]);
+      MmaBf16(out[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+__device__ __forceinline__ float QuadMax(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float QuadSum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
 }  // namespace lm2::runtime::cuda

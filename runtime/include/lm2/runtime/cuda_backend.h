@@ -29,10 +29,13 @@ struct CudaOptions {
   // 128 and the device has compute capability 8.0 or later; false, or elsewhere: cuBLAS
   // GEMMs around the [memory_heads, chunk, memory_slots] fp32 probabilities.
   bool tiled_memory = true;
-  // Chunks of at least this many tokens run self-attention as cuBLAS GEMMs (TF32 tensor
-  // cores, scores materialised: heads x chunk x context floats of scratch); shorter ones,
-  // decode included, use the fp32 online-softmax kernels.
+  // Chunks of at least this many tokens run self-attention on tensor cores: flash style
+  // with bf16 operands (CausalAttentionTiled) where the head width is at most 128 and the
+  // device has compute capability 8.0 or later and tiled_attention is on, else as cuBLAS
+  // GEMMs (TF32, scores materialised: heads x chunk x context floats of scratch). Shorter
+  // chunks, decode included, use the fp32 online-softmax kernels.
   int64_t attention_gemm_min_tokens = 32;
+  bool tiled_attention = true;
   // Decode steps (one token per state, Forward or ForwardBatch) replay a CUDA graph of the
   // whole step, captured on first use and again whenever a buffer it uses moved: one launch
   // instead of ~250. Results are bit-identical either way (tested).

@@ -1,0 +1,174 @@
+// Prefill self-attention on tensor cores, flash style: causal, GQA, over the fp32 KV
+// cache, with the scores and probabilities in registers (the GEMM form in attention.cu
+// writes [heads, T, S] fp32 scores and passes over them three times; Nsight Compute put it
+// at ~1.5 ms of a 512-token prefill of the paper's model, ~25 ms of a 4096-token one).
+//
+// A block per (64 queries, head), each of its 4 warps 16 queries. Over the key tiles of 64
+// up to the block's last visible key: the K and V rows of the head's KV group are rounded
+// to bf16 into shared memory, s = q · kᵀ (mma.sync, fp32 accumulation), the online
+// softmax rescales the running output rows by exp(m_old - m_new) (FA2), and out += p · v
+// with p rounded to bf16. The output is divided by the row sums at the end.
+#include <cuda_bf16.h>
+
+#include <cmath>
+
+#include "cuda/cuda_check.h"
+#include "cuda/cuda_ops.h"
+#include "cuda/mma.cuh"
+#include "ops/op_shapes.h"
+
+namespace lm2::runtime::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kTile = 64;
+constexpr int kBlockThreads = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Rows [row0, row0 + 64) x columns [col0, col0 + DHP) of fp32 `src` (rows `ld` apart) into
+// a bf16 tile: rows below rows_valid (counted from row0) and columns below cols, zeros
+// elsewhere. `vec`: ld, col0 and cols multiples of 4 (float4 loads).
+template <int DHP>
+__device__ __forceinline__ void LoadRoundedTile(const float* __restrict__ src, int64_t ld, int64_t rows_valid, int cols,
+                                                bool vec, bf16* tile) {
+  constexpr int kLd = TileLd<DHP>;
+  if (vec) {
+    for (int i = threadIdx.x; i < kTile * DHP / 4; i += kBlockThreads) {
+      const int r = i / (DHP / 4), c = (i % (DHP / 4)) * 4;
+      float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (r < rows_valid && c < cols) v = *reinterpret_cast<const float4*>(src + r * ld + c);
+      auto* dst = reinterpret_cast<uint32_t*>(tile + r * kLd + c);  // 8-byte aligned: c is a multiple of 4
+      dst[0] = PackBf16x2(v.x, v.y);
+      dst[1] = PackBf16x2(v.z, v.w);
+    }
+  } else {
+    for (int i = threadIdx.x; i < kTile * DHP; i += kBlockThreads) {
+      const int r = i / DHP, c = i % DHP;
+      tile[r * kLd + c] = __float2bfloat16(r < rows_valid && c < cols ? src[r * ld + c] : 0.0f);
+    }
+  }
+}
+
+template <int DHP>
+__global__ void __launch_bounds__(kBlockThreads) AttentionTiledKernel(
+    const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache, int64_t T,
+    int64_t S, int heads, int kv_heads, int head_dim, float scale_log2, bool vec, float* __restrict__ out) {
+  constexpr int kLd = TileLd<DHP>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  bf16* qs = reinterpret_cast<bf16*>(smem);
+  bf16* ks = qs + kTile * kLd;
+  bf16* vs = ks + kTile * kLd;
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int h = static_cast<int>(blockIdx.y), hk = h / (heads / kv_heads);
+  const int64_t qdim = static_cast<int64_t>(heads) * head_dim, kvdim = static_cast<int64_t>(kv_heads) * head_dim;
+  const int64_t offset = S - T;  // query i sees keys [0, offset + i]
+  const float* k_head = k_cache + static_cast<int64_t>(hk) * head_dim;
+  const float* v_head = v_cache + static_cast<int64_t>(hk) * head_dim;
+
+  LoadRoundedTile<DHP>(q + q0 * qdim + static_cast<int64_t>(h) * head_dim, qdim, T - q0, head_dim, vec, qs);
+  __syncthreads();
+  uint32_t qa[DHP / 16][4];
+#pragma unroll
+  for (int kc = 0; kc < DHP / 16; ++kc) LoadA(qa[kc], qs, kLd, warp * 16, kc * 16);
+
+  // This lane's rows: g and g + 8 of the warp's 16 (row index in the chunk).
+  const int64_t row0 = q0 + warp * 16 + g;
+  const int64_t keys = min(S, offset + q0 + kTile);  // the block's last row sees keys [0, keys)
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float acc[DHP / 8][4];
+#pragma unroll
+  for (int i = 0; i < DHP / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+  for (int64_t k0 = 0; k0 < keys; k0 += kTile) {
+    __syncthreads();  // the previous tile's readers are done
+    LoadRoundedTile<DHP>(k_head + k0 * kvdim, kvdim, S - k0, head_dim, vec, ks);
+    LoadRoundedTile<DHP>(v_head + k0 * kvdim, kvdim, S - k0, head_dim, vec, vs);
+    __syncthreads();
+    float s[8][4];
+    TileScores<DHP>(qa, ks, s);
+    // Masked: keys past a row's position (and past S, the tile's padding rows).
+    const bool edge = k0 + kTile - 1 > offset + q0 || k0 + kTile > S;
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int64_t key = k0 + nt * 8 + 2 * t + (c & 1);
+        const bool visible = !edge || (key <= offset + row0 + 8 * (c >> 1) && key < S);
+        s[nt][c] = visible ? s[nt][c] * scale_log2 : -INFINITY;
+        mx[c >> 1] = fmaxf(mx[c >> 1], s[nt][c]);
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float m_new = fmaxf(m[r], QuadMax(mx[r]));  // finite: every row sees key 0
+      const float alpha = exp2f(m[r] - m_new);
+      float sum = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        s[nt][2 * r] = exp2f(s[nt][2 * r] - m_new);
+        s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - m_new);
+        sum += s[nt][2 * r] + s[nt][2 * r + 1];
+      }
+      l[r] = l[r] * alpha + sum;  // this lane's share; the quad's shares add at the end
+      m[r] = m_new;
+#pragma unroll
+      for (int i = 0; i < DHP / 8; ++i) {
+        acc[i][2 * r] *= alpha;
+        acc[i][2 * r + 1] *= alpha;
+      }
+    }
+    TileProducts<DHP>(s, vs, acc);
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float inv_l = 1.0f / QuadSum(l[r]);
+    const int64_t row = row0 + 8 * r;
+    if (row >= T) continue;
+    float* o = out + row * qdim + static_cast<int64_t>(h) * head_dim;
+#pragma unroll
+    for (int i = 0; i < DHP / 8; ++i)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int col = i * 8 + 2 * t + c;
+        if (col < head_dim) o[col] = acc[i][2 * r + c] * inv_l;
+      }
+  }
+}
+
+template <int DHP>
+Status LaunchAttentionTiled(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
+                            int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream) {
+  const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(head_dim));
+  const bool vec = head_dim % 4 == 0;  // rows (heads or kv_heads x head_dim wide) and head offsets float4-aligned
+  constexpr int kBytes = 3 * kTile * TileLd<DHP> * 2;
+  LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&AttentionTiledKernel<DHP>), kBytes,
+                                         "CausalAttentionTiled"));
+  const dim3 grid(static_cast<unsigned int>((T + kTile - 1) / kTile), static_cast<unsigned int>(heads));
+  AttentionTiledKernel<DHP><<<grid, kBlockThreads, kBytes, stream>>>(q, k_cache, v_cache, T, S, static_cast<int>(heads),
+                                                                static_cast<int>(kv_heads), static_cast<int>(head_dim),
+                                                                scale_log2, vec, out);
+  return CheckLaunch("AttentionTiledKernel");
+}
+
+}  // namespace
+
+bool CausalAttentionTiledSupported(int64_t head_dim) { return head_dim >= 1 && head_dim <= 128; }
+
+Status CausalAttentionTiled(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
+                            int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckCausalAttention(T, S, heads, kv_heads, head_dim));
+  if (!CausalAttentionTiledSupported(head_dim)) {
+    return Status::InvalidArgument("CausalAttentionTiled: head_dim " + std::to_string(head_dim) + " > 128");
+  }
+  if (T == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("CausalAttentionTiled", {q, k_cache, v_cache, out}));
+  if (head_dim <= 16) return LaunchAttentionTiled<16>(q, k_cache, v_cache, T, S, heads, kv_heads, head_dim, out, stream);
+  if (head_dim <= 32) return LaunchAttentionTiled<32>(q, k_cache, v_cache, T, S, heads, kv_heads, head_dim, out, stream);
+  if (head_dim <= 64) return LaunchAttentionTiled<64>(q, k_cache, v_cache, T, S, heads, kv_heads, head_dim, out, stream);
+  return LaunchAttentionTiled<128>(q, k_cache, v_cache, T, S, heads, kv_heads, head_dim, out, stream);
+}
+
+}  // namespace lm2::runtime::cuda
