@@ -5,10 +5,11 @@
 //                                   the PyTorch baseline, writes the report; docs/benchmarks.md)
 //   lm2_cuda_bench --model DIR [--decode-tokens 128] [--prompt-tokens 32] [--prefill 512,4096]
 //                  [--sessions 8,32,64] [--repeats 3] [--json OUT] [--profile-prefill T]
-//                  [--tiled 0|1]       (--decode-tokens 0: prefill only)
+//                  [--tiled 0|1] [--chunk 512]       (--decode-tokens 0: prefill only)
 //
 //   --tiled 0: multi-token chunks read memory and attend through the cuBLAS GEMM forms
-//   instead of the tensor-core tile kernels (CudaOptions::tiled_memory, tiled_attention).
+//   instead of the tensor-core tile kernels (CudaOptions::tiled_memory, tiled_attention);
+//   --chunk: CudaOptions::max_chunk_tokens.
 //
 //   --profile-prefill T: only a warm-up prefill of T tokens and then one more between
 //   cudaProfilerStart and cudaProfilerStop, for a profiler that starts off, e.g.
@@ -547,6 +548,7 @@ int main(int argc, char** argv) {
     else if (k == "--sessions") sessions = ParseList(v);
     else if (k == "--profile-prefill") profile_prefill = std::stoll(v);
     else if (k == "--tiled") options.tiled_memory = options.tiled_attention = v != "0";
+    else if (k == "--chunk") options.max_chunk_tokens = std::stoll(v);
     else Die("unknown option " + k);
   }
   if (model_dir.empty()) Die("usage: lm2_cuda_bench --model DIR [options] (see the source's header)");

@@ -90,7 +90,6 @@ __global__ void __launch_bounds__(kBlockThreads) AttentionTiledKernel(
     TileScores<DHP>(qa, ks, s);
     // Masked: keys past a row's position (and past S, the tile's padding rows).
     const bool edge = k0 + kTile - 1 > offset + q0 || k0 + kTile > S;
-    float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -98,27 +97,8 @@ __global__ void __launch_bounds__(kBlockThreads) AttentionTiledKernel(
         const int64_t key = k0 + nt * 8 + 2 * t + (c & 1);
         const bool visible = !edge || (key <= offset + row0 + 8 * (c >> 1) && key < S);
         s[nt][c] = visible ? s[nt][c] * scale_log2 : -INFINITY;
-        mx[c >> 1] = fmaxf(mx[c >> 1], s[nt][c]);
       }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float m_new = fmaxf(m[r], QuadMax(mx[r]));  // finite: every row sees key 0
-      const float alpha = exp2f(m[r] - m_new);
-      float sum = 0.0f;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        s[nt][2 * r] = exp2f(s[nt][2 * r] - m_new);
-        s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - m_new);
-        sum += s[nt][2 * r] + s[nt][2 * r + 1];
-      }
-      l[r] = l[r] * alpha + sum;  // this lane's share; the quad's shares add at the end
-      m[r] = m_new;
-#pragma unroll
-      for (int i = 0; i < DHP / 8; ++i) {
-        acc[i][2 * r] *= alpha;
-        acc[i][2 * r + 1] *= alpha;
-      }
-    }
+    OnlineSoftmaxTile<DHP>(s, m, l, acc);  // every row sees key 0 in the first tile
     TileProducts<DHP>(s, vs, acc);
   }
 

@@ -5,13 +5,13 @@
 // 4096-token prefill).
 //
 // Per memory head j (width dh = d / heads, zero-padded to DHP, a multiple of 16):
-//   read kernel, a block per (64 tokens, head), each warp 16 tokens: pass 1 over the slots
-//     in tiles of 64 takes each token's score maximum m and sum l (online); pass 2
-//     recomputes the scores, forms p = exp(s - m) / l exactly (no rescaling) and
-//     accumulates e = p · V. It leaves m and 1/l, and the chunk's q and offer in bf16, in
-//     the scratch for the write kernel.
+//   read kernel, a block per (64 tokens, head), each warp 16 tokens: one pass over the
+//     slots in tiles of 64, e = softmax(s) · V by the online softmax (FA2: the running
+//     output rescaled as the row maxima grow, divided by the row sums at the end). It
+//     leaves each token's maximum m and 1/l, and the chunk's q and offer in bf16, in the
+//     scratch for the write kernel.
 //   write kernel, a block per (64 slots, head), each warp 16 slots: over the tokens in
-//     tiles of 64, the same scores transposed (K · Qᵀ), the same p from the read's
+//     tiles of 64, the same scores transposed (K · Qᵀ), p = exp(s - m) / l from the read's
 //     statistics, mass += Σ_t p, acc += pᵀ · offer. Each block owns its slots' sums: no
 //     atomics.
 // Scores: bf16(q) · mem_k (bf16), fp32 accumulation, as the GEMM form; p is fp32 for the
@@ -117,6 +117,7 @@ __global__ void __launch_bounds__(kBlockThreads) MemoryReadTiledKernel(
   const int tiles = static_cast<int>((N + kTile - 1) / kTile);
 
   LoadTile<DHP>(k_head, d, N, dh, vec, ks);
+  LoadTile<DHP>(v_head, d, N, dh, vec, vs);
   CopyAsyncCommit();
   // This block's q and offer rows in bf16: q into shared memory and both into the scratch
   // for the write kernel (padding rows and columns zero).
@@ -135,49 +136,12 @@ __global__ void __launch_bounds__(kBlockThreads) MemoryReadTiledKernel(
 #pragma unroll
   for (int kc = 0; kc < DHP / 16; ++kc) LoadA(qa[kc], qs, L::kLd, warp * 16, kc * 16);
 
-  // Pass 1: each row's maximum (log2 units) and sum of exponentials over all N slots; this
-  // lane's rows are g and g + 8 of the warp's 16, its columns 2t, 2t + 1 of each 8.
+  // One pass over the slots, the online softmax (the maxima in log2 units); this lane's
+  // rows are g and g + 8 of the warp's 16, its columns 2t, 2t + 1 of each 8.
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  for (int it = 0; it < tiles; ++it) {
-    if (it + 1 < tiles) {
-      LoadTile<DHP>(k_head + (it + 1) * kTile * d, d, N - (it + 1) * kTile, dh, vec, ks + ((it + 1) & 1) * L::kTileElems);
-      CopyAsyncCommit();
-      CopyAsyncWait<1>();
-    } else {
-      CopyAsyncWait<0>();
-    }
-    __syncthreads();
-    float s[8][4];
-    TileScores<DHP>(qa, ks + (it & 1) * L::kTileElems, s);
-    const int valid = static_cast<int>(N - static_cast<int64_t>(it) * kTile);
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        s[nt][c] = nt * 8 + 2 * t + (c & 1) < valid ? s[nt][c] * scale_log2 : -INFINITY;
-        mx[c >> 1] = fmaxf(mx[c >> 1], s[nt][c]);
-      }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float m_new = fmaxf(m[r], QuadMax(mx[r]));
-      float sum = 0.0f;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) sum += exp2f(s[nt][2 * r] - m_new) + exp2f(s[nt][2 * r + 1] - m_new);
-      l[r] = l[r] * exp2f(m[r] - m_new) + sum;  // this lane's share; the quad's shares add at the end
-      m[r] = m_new;
-    }
-    __syncthreads();  // the buffer is refilled next
-  }
-  const float inv_l[2] = {1.0f / QuadSum(l[0]), 1.0f / QuadSum(l[1])};
-
-  // Pass 2: p = exp(s - m) / l, e += p · V.
   float out[DHP / 8][4];
 #pragma unroll
   for (int i = 0; i < DHP / 8; ++i) out[i][0] = out[i][1] = out[i][2] = out[i][3] = 0.0f;
-  LoadTile<DHP>(k_head, d, N, dh, vec, ks);
-  LoadTile<DHP>(v_head, d, N, dh, vec, vs);
-  CopyAsyncCommit();
   for (int it = 0; it < tiles; ++it) {
     if (it + 1 < tiles) {
       const int64_t next = static_cast<int64_t>(it + 1) * kTile;
@@ -195,12 +159,12 @@ __global__ void __launch_bounds__(kBlockThreads) MemoryReadTiledKernel(
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        s[nt][c] = nt * 8 + 2 * t + (c & 1) < valid ? exp2f(s[nt][c] * scale_log2 - m[c >> 1]) * inv_l[c >> 1] : 0.0f;
-      }
+      for (int c = 0; c < 4; ++c) s[nt][c] = nt * 8 + 2 * t + (c & 1) < valid ? s[nt][c] * scale_log2 : -INFINITY;
+    OnlineSoftmaxTile<DHP>(s, m, l, out);  // the first tile has a valid slot
     TileProducts<DHP>(s, vs + (it & 1) * L::kTileElems, out);
-    __syncthreads();
+    __syncthreads();  // the buffers are refilled next
   }
+  const float inv_l[2] = {1.0f / QuadSum(l[0]), 1.0f / QuadSum(l[1])};
 
   // e rows g and g + 8 of the warp's 16; this lane's columns 2t, 2t + 1 of each 8.
 #pragma unroll
@@ -212,7 +176,7 @@ __global__ void __launch_bounds__(kBlockThreads) MemoryReadTiledKernel(
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int col = nt * 8 + 2 * t + c;
-          if (col < dh) e[row * d + j * dh + col] = out[nt][2 * r + c];
+          if (col < dh) e[row * d + j * dh + col] = out[nt][2 * r + c] * inv_l[r];
         }
     }
     // The statistics of every row of the tile, padding rows (1/l = 0: no weight) included.

@@ -151,4 +151,35 @@ __device__ __forceinline__ float QuadSum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// One tile of the online softmax (FA2) over a warp's 16 rows: `s` holds the tile's scores
+// in log2 units (masked entries -inf) and leaves with exp2(s - m_new); the row maxima `m`,
+// this lane's shares `l` of the row sums and the running output rows `out` are rescaled
+// from the old maxima to the new. Every row must have seen a finite score by now.
+template <int DHP>
+__device__ __forceinline__ void OnlineSoftmaxTile(float (&s)[8][4], float (&m)[2], float (&l)[2],
+                                                  float (&out)[DHP / 8][4]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+    const float m_new = fmaxf(m[r], QuadMax(mx));
+    const float alpha = exp2f(m[r] - m_new);  // 0 on the first tile (m = -inf)
+    float sum = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      s[nt][2 * r] = exp2f(s[nt][2 * r] - m_new);
+      s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - m_new);
+      sum += s[nt][2 * r] + s[nt][2 * r + 1];
+    }
+    l[r] = l[r] * alpha + sum;  // this lane's share; QuadSum adds the quad's at the end
+    m[r] = m_new;
+#pragma unroll
+    for (int i = 0; i < DHP / 8; ++i) {
+      out[i][2 * r] *= alpha;
+      out[i][2 * r + 1] *= alpha;
+    }
+  }
+}
+
 }  // namespace lm2::runtime::cuda
