@@ -292,6 +292,7 @@ __global__ void AttentionPrefillKernel(const float* __restrict__ q, const float*
       const float corr = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
       const float tile_sum = WarpSum(p);
       ps[r * kTileK + lane] = p;
+      __syncwarp();  // every lane has read row_max[r] before lane 0 replaces it
       if (lane == 0) {
         row_max[r] = m_new;
         row_sum[r] = row_sum[r] * corr + tile_sum;

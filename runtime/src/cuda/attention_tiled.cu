@@ -4,10 +4,11 @@
 // at ~1.5 ms of a 512-token prefill of the paper's model, ~25 ms of a 4096-token one).
 //
 // A block per (64 queries, head), each of its 4 warps 16 queries. Over the key tiles of 64
-// up to the block's last visible key: the K and V rows of the head's KV group are rounded
-// to bf16 into shared memory, s = q · kᵀ (mma.sync, fp32 accumulation), the online
-// softmax rescales the running output rows by exp(m_old - m_new) (FA2), and out += p · v
-// with p rounded to bf16. The output is divided by the row sums at the end.
+// up to the block's last visible key: the K and V rows of the head's KV group come by
+// cp.async into an fp32 staging area (the next tile's copy in flight while the current one
+// is used) and are rounded to bf16 tiles, s = q · kᵀ (mma.sync, fp32 accumulation), the
+// online softmax rescales the running output rows by exp(m_old - m_new) (FA2), and
+// out += p · v with p rounded to bf16. The output is divided by the row sums at the end.
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -50,6 +51,31 @@ __device__ __forceinline__ void LoadRoundedTile(const float* __restrict__ src, i
   }
 }
 
+// fp32 rows [0, 64) x columns [0, DHP) of `src` (rows `ld` apart) into the staging area
+// (rows DHP floats apart) by 16-byte cp.async: rows below rows_valid and columns below
+// cols, zeros elsewhere (ld, cols and src 4-float aligned).
+template <int DHP>
+__device__ __forceinline__ void StageTile(const float* __restrict__ src, int64_t ld, int64_t rows_valid, int cols,
+                                          float* stage) {
+  for (int i = threadIdx.x; i < kTile * DHP / 4; i += kBlockThreads) {
+    const int r = i / (DHP / 4), c = (i % (DHP / 4)) * 4;
+    const bool in = r < rows_valid && c < cols;
+    CopyAsync16(stage + r * DHP + c, in ? src + r * ld + c : src, in);
+  }
+}
+
+// The staged fp32 tile rounded into a bf16 tile.
+template <int DHP>
+__device__ __forceinline__ void RoundStagedTile(const float* stage, bf16* tile) {
+  for (int i = threadIdx.x; i < kTile * DHP / 4; i += kBlockThreads) {
+    const int r = i / (DHP / 4), c = (i % (DHP / 4)) * 4;
+    const float4 v = *reinterpret_cast<const float4*>(stage + r * DHP + c);
+    auto* dst = reinterpret_cast<uint32_t*>(tile + r * TileLd<DHP> + c);
+    dst[0] = PackBf16x2(v.x, v.y);
+    dst[1] = PackBf16x2(v.z, v.w);
+  }
+}
+
 template <int DHP>
 __global__ void __launch_bounds__(kBlockThreads) AttentionTiledKernel(
     const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache, int64_t T,
@@ -59,6 +85,8 @@ __global__ void __launch_bounds__(kBlockThreads) AttentionTiledKernel(
   bf16* qs = reinterpret_cast<bf16*>(smem);
   bf16* ks = qs + kTile * kLd;
   bf16* vs = ks + kTile * kLd;
+  float* k_stage = reinterpret_cast<float*>(vs + kTile * kLd);  // vec only
+  float* v_stage = k_stage + kTile * DHP;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -68,6 +96,12 @@ __global__ void __launch_bounds__(kBlockThreads) AttentionTiledKernel(
   const float* k_head = k_cache + static_cast<int64_t>(hk) * head_dim;
   const float* v_head = v_cache + static_cast<int64_t>(hk) * head_dim;
 
+  const int64_t keys = min(S, offset + q0 + kTile);  // the block's last row sees keys [0, keys)
+  if (vec) {
+    StageTile<DHP>(k_head, kvdim, S, head_dim, k_stage);
+    StageTile<DHP>(v_head, kvdim, S, head_dim, v_stage);
+    CopyAsyncCommit();
+  }
   LoadRoundedTile<DHP>(q + q0 * qdim + static_cast<int64_t>(h) * head_dim, qdim, T - q0, head_dim, vec, qs);
   __syncthreads();
   uint32_t qa[DHP / 16][4];
@@ -76,16 +110,28 @@ __global__ void __launch_bounds__(kBlockThreads) AttentionTiledKernel(
 
   // This lane's rows: g and g + 8 of the warp's 16 (row index in the chunk).
   const int64_t row0 = q0 + warp * 16 + g;
-  const int64_t keys = min(S, offset + q0 + kTile);  // the block's last row sees keys [0, keys)
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   float acc[DHP / 8][4];
 #pragma unroll
   for (int i = 0; i < DHP / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
   for (int64_t k0 = 0; k0 < keys; k0 += kTile) {
-    __syncthreads();  // the previous tile's readers are done
-    LoadRoundedTile<DHP>(k_head + k0 * kvdim, kvdim, S - k0, head_dim, vec, ks);
-    LoadRoundedTile<DHP>(v_head + k0 * kvdim, kvdim, S - k0, head_dim, vec, vs);
-    __syncthreads();
+    if (vec) {
+      CopyAsyncWait<0>();
+      __syncthreads();  // the tile is staged, and the previous tile's readers are done
+      RoundStagedTile<DHP>(k_stage, ks);
+      RoundStagedTile<DHP>(v_stage, vs);
+      __syncthreads();  // the staging area is free: the next tile's copy overlaps this one's use
+      if (k0 + kTile < keys) {
+        StageTile<DHP>(k_head + (k0 + kTile) * kvdim, kvdim, S - k0 - kTile, head_dim, k_stage);
+        StageTile<DHP>(v_head + (k0 + kTile) * kvdim, kvdim, S - k0 - kTile, head_dim, v_stage);
+        CopyAsyncCommit();
+      }
+    } else {
+      __syncthreads();  // the previous tile's readers are done
+      LoadRoundedTile<DHP>(k_head + k0 * kvdim, kvdim, S - k0, head_dim, false, ks);
+      LoadRoundedTile<DHP>(v_head + k0 * kvdim, kvdim, S - k0, head_dim, false, vs);
+      __syncthreads();
+    }
     float s[8][4];
     TileScores<DHP>(qa, ks, s);
     // Masked: keys past a row's position (and past S, the tile's padding rows).
@@ -123,7 +169,7 @@ Status LaunchAttentionTiled(const float* q, const float* k_cache, const float* v
                             int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream) {
   const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(head_dim));
   const bool vec = head_dim % 4 == 0;  // rows (heads or kv_heads x head_dim wide) and head offsets float4-aligned
-  constexpr int kBytes = 3 * kTile * TileLd<DHP> * 2;
+  constexpr int kBytes = 3 * kTile * TileLd<DHP> * 2 + 2 * kTile * DHP * 4;  // bf16 q, k, v; fp32 k, v staging
   LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&AttentionTiledKernel<DHP>), kBytes,
                                          "CausalAttentionTiled"));
   const dim3 grid(static_cast<unsigned int>((T + kTile - 1) / kTile), static_cast<unsigned int>(heads));
