@@ -55,9 +55,10 @@ if [[ "${SKIP_MEMCHECK:-0}" != 1 ]]; then
   run memcheck_ops compute-sanitizer --tool memcheck --error-exitcode 99 --leak-check full "$BIN/cuda_ops_tests"
   run memcheck_model compute-sanitizer --tool memcheck --error-exitcode 99 --leak-check full "$BIN/cuda_model_tests"
   # Shared-memory hazards in the kernels that reuse shared memory between phases (the
-  # sampler's candidate selection and pick, the fused RoPE + attention, the argmax).
+  # sampler's candidate selection and pick, the fused RoPE + attention, the argmax, the
+  # tensor-core tile kernels, the attention kernels).
   run racecheck_ops compute-sanitizer --tool racecheck --error-exitcode 99 "$BIN/cuda_ops_tests" \
-    "SampleRows*,RopeAttentionDecodeBatch*,ArgmaxRows*"
+    "SampleRows*,RopeAttentionDecodeBatch*,ArgmaxRows*,MemoryReadWrite*,CausalAttention*"
 fi
 echo "== done: status $status (logs in $LOG_DIR)"
 exit "$status"

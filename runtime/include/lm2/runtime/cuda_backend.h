@@ -21,9 +21,13 @@ namespace lm2::runtime {
 struct CudaOptions {
   int device = 0;  // the CUDA device ordinal (ListCudaDevices)
   // Longest run of tokens one kernel sequence handles; longer Forward calls are split
-  // (results are the same). Bounds the per-state scratch (without tiled_memory the memory
-  // read's probabilities alone are memory_heads x chunk x memory_slots floats).
-  int64_t max_chunk_tokens = 512;
+  // (results agree to rounding). Bounds the per-state scratch, which grows to the longest
+  // chunk a state has run: ~170 KB per token for the paper's model (350 MB at 2048; without
+  // tiled_memory the memory read's probabilities add memory_heads x chunk x memory_slots
+  // floats). Longer chunks give the prefill kernels more blocks and the GEMMs more rows:
+  // a 4096-token prefill of that model ran at 63k / 73-77k / 83-84k tokens/s with chunks of
+  // 512 / 1024 / 2048 on an H200 (docs/benchmarks.md).
+  int64_t max_chunk_tokens = 2048;
   // Chunks of more than one token read memory and add their write sums tile by tile on
   // tensor cores (bf16 probabilities, never stored) where the memory head width is at most
   // 128 and the device has compute capability 8.0 or later; false, or elsewhere: cuBLAS
