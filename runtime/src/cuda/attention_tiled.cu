@@ -3,7 +3,7 @@
 // writes [heads, T, S] fp32 scores and passes over them three times; Nsight Compute put it
 // at ~1.5 ms of a 512-token prefill of the paper's model, ~25 ms of a 4096-token one).
 //
-// A block per (64 queries, head), each of its 4 warps 16 queries. Over the key tiles of 64
+// A block per (128 queries, head), each of its 8 warps 16 queries. Over the key tiles of 64
 // up to the block's last visible key: the K and V rows of the head's KV group come by
 // cp.async into an fp32 staging area (the next tile's copy in flight while the current one
 // is used) and are rounded to bf16 tiles, s = q · kᵀ (mma.sync, fp32 accumulation), the
@@ -23,19 +23,21 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-constexpr int kTile = 64;
-constexpr int kBlockThreads = 128;
+constexpr int kTile = 64;                // keys per tile
+constexpr int kWarps = 8;                // each warp takes 16 of the block's queries
+constexpr int kRows = 16 * kWarps;       // queries per block
+constexpr int kBlockThreads = 32 * kWarps;
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Rows [row0, row0 + 64) x columns [col0, col0 + DHP) of fp32 `src` (rows `ld` apart) into
+// Rows [0, Rows) x columns [0, DHP) of fp32 `src` (rows `ld` apart) into
 // a bf16 tile: rows below rows_valid (counted from row0) and columns below cols, zeros
 // elsewhere. `vec`: ld, col0 and cols multiples of 4 (float4 loads).
-template <int DHP>
+template <int DHP, int Rows = kTile>
 __device__ __forceinline__ void LoadRoundedTile(const float* __restrict__ src, int64_t ld, int64_t rows_valid, int cols,
                                                 bool vec, bf16* tile) {
   constexpr int kLd = TileLd<DHP>;
   if (vec) {
-    for (int i = threadIdx.x; i < kTile * DHP / 4; i += kBlockThreads) {
+    for (int i = threadIdx.x; i < Rows * DHP / 4; i += kBlockThreads) {
       const int r = i / (DHP / 4), c = (i % (DHP / 4)) * 4;
       float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       if (r < rows_valid && c < cols) v = *reinterpret_cast<const float4*>(src + r * ld + c);
@@ -44,7 +46,7 @@ __device__ __forceinline__ void LoadRoundedTile(const float* __restrict__ src, i
       dst[1] = PackBf16x2(v.z, v.w);
     }
   } else {
-    for (int i = threadIdx.x; i < kTile * DHP; i += kBlockThreads) {
+    for (int i = threadIdx.x; i < Rows * DHP; i += kBlockThreads) {
       const int r = i / DHP, c = i % DHP;
       tile[r * kLd + c] = __float2bfloat16(r < rows_valid && c < cols ? src[r * ld + c] : 0.0f);
     }
@@ -77,32 +79,32 @@ __device__ __forceinline__ void RoundStagedTile(const float* stage, bf16* tile) 
 }
 
 template <int DHP>
-__global__ void __launch_bounds__(kBlockThreads) AttentionTiledKernel(
+__global__ void __launch_bounds__(kBlockThreads, DHP <= 64 ? 2 : 1) AttentionTiledKernel(
     const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache, int64_t T,
     int64_t S, int heads, int kv_heads, int head_dim, float scale_log2, bool vec, float* __restrict__ out) {
   constexpr int kLd = TileLd<DHP>;
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* qs = reinterpret_cast<bf16*>(smem);
-  bf16* ks = qs + kTile * kLd;
+  bf16* ks = qs + kRows * kLd;
   bf16* vs = ks + kTile * kLd;
   float* k_stage = reinterpret_cast<float*>(vs + kTile * kLd);  // vec only
   float* v_stage = k_stage + kTile * DHP;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kRows;
   const int h = static_cast<int>(blockIdx.y), hk = h / (heads / kv_heads);
   const int64_t qdim = static_cast<int64_t>(heads) * head_dim, kvdim = static_cast<int64_t>(kv_heads) * head_dim;
   const int64_t offset = S - T;  // query i sees keys [0, offset + i]
   const float* k_head = k_cache + static_cast<int64_t>(hk) * head_dim;
   const float* v_head = v_cache + static_cast<int64_t>(hk) * head_dim;
 
-  const int64_t keys = min(S, offset + q0 + kTile);  // the block's last row sees keys [0, keys)
+  const int64_t keys = min(S, offset + q0 + kRows);  // the block's last row sees keys [0, keys)
   if (vec) {
     StageTile<DHP>(k_head, kvdim, S, head_dim, k_stage);
     StageTile<DHP>(v_head, kvdim, S, head_dim, v_stage);
     CopyAsyncCommit();
   }
-  LoadRoundedTile<DHP>(q + q0 * qdim + static_cast<int64_t>(h) * head_dim, qdim, T - q0, head_dim, vec, qs);
+  LoadRoundedTile<DHP, kRows>(q + q0 * qdim + static_cast<int64_t>(h) * head_dim, qdim, T - q0, head_dim, vec, qs);
   __syncthreads();
   uint32_t qa[DHP / 16][4];
 #pragma unroll
@@ -169,10 +171,10 @@ Status LaunchAttentionTiled(const float* q, const float* k_cache, const float* v
                             int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream) {
   const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(head_dim));
   const bool vec = head_dim % 4 == 0;  // rows (heads or kv_heads x head_dim wide) and head offsets float4-aligned
-  constexpr int kBytes = 3 * kTile * TileLd<DHP> * 2 + 2 * kTile * DHP * 4;  // bf16 q, k, v; fp32 k, v staging
+  constexpr int kBytes = (kRows + 2 * kTile) * TileLd<DHP> * 2 + 2 * kTile * DHP * 4;  // bf16 q, k, v; fp32 k, v staging
   LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&AttentionTiledKernel<DHP>), kBytes,
                                          "CausalAttentionTiled"));
-  const dim3 grid(static_cast<unsigned int>((T + kTile - 1) / kTile), static_cast<unsigned int>(heads));
+  const dim3 grid(static_cast<unsigned int>((T + kRows - 1) / kRows), static_cast<unsigned int>(heads));
   AttentionTiledKernel<DHP><<<grid, kBlockThreads, kBytes, stream>>>(q, k_cache, v_cache, T, S, static_cast<int>(heads),
                                                                 static_cast<int>(kv_heads), static_cast<int>(head_dim),
                                                                 scale_log2, vec, out);

@@ -5,12 +5,12 @@
 // 4096-token prefill).
 //
 // Per memory head j (width dh = d / heads, zero-padded to DHP, a multiple of 16):
-//   read kernel, a block per (64 tokens, head), each warp 16 tokens: one pass over the
+//   read kernel, a block per (128 tokens, head), each of 8 warps 16 tokens: one pass over the
 //     slots in tiles of 64, e = softmax(s) · V by the online softmax (FA2: the running
 //     output rescaled as the row maxima grow, divided by the row sums at the end). It
 //     leaves each token's maximum m and 1/l, and the chunk's q and offer in bf16, in the
 //     scratch for the write kernel.
-//   write kernel, a block per (64 slots, head), each warp 16 slots: over the tokens in
+//   write kernel, a block per (128 slots, head), each warp 16 slots: over the tokens in
 //     tiles of 64, the same scores transposed (K · Qᵀ), p = exp(s - m) / l from the read's
 //     statistics, mass += Σ_t p, acc += pᵀ · offer. Each block owns its slots' sums: no
 //     atomics.
@@ -36,17 +36,18 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-constexpr int kTile = 64;                  // rows of a block, and columns of a score tile
-constexpr int kWarps = 4;                  // each warp takes 16 of the block's rows
+constexpr int kTile = 64;                  // columns of a score tile: slots (read), tokens (write)
+constexpr int kWarps = 8;                  // each warp takes 16 of the block's rows
+constexpr int kRows = 16 * kWarps;         // rows of a block: tokens (read), slots (write)
 constexpr int kBlockThreads = 32 * kWarps;
 constexpr float kLog2e = 1.4426950408889634f;
 
 __host__ __device__ constexpr int64_t PaddedWidth(int64_t dh) { return dh <= 16 ? 16 : dh <= 32 ? 32 : dh <= 64 ? 64 : 128; }
-__host__ __device__ constexpr int64_t PaddedTokens(int64_t T) { return (T + kTile - 1) / kTile * kTile; }
+__host__ __device__ constexpr int64_t PaddedTokens(int64_t T) { return (T + kRows - 1) / kRows * kRows; }
 
 // The scratch: per head, the softmax statistics (m in log2 units, 1/l) [Tp] as float2,
-// then q and the offer in bf16 [Tp, DHP] each (Tp = T rounded up to 64; padding rows and
-// columns zero).
+// then q and the offer in bf16 [Tp, DHP] each (Tp = T rounded up to kRows; padding rows
+// and columns zero).
 struct Scratch {
   float2* stats;
   bf16* q;
@@ -62,26 +63,27 @@ Scratch Carve(float* base, int64_t T, int64_t heads, int64_t dhp) {
 template <int DHP>
 struct Layout {
   static constexpr int kLd = TileLd<DHP>;
-  static constexpr int kTileElems = kTile * kLd;
+  static constexpr int kTileElems = kTile * kLd;  // a score tile's 64 rows
+  static constexpr int kRowsElems = kRows * kLd;  // a block's rows
   static constexpr int kChunks = DHP / 8;  // 16-byte pieces of a row
 };
 
-// Rows [0, 64) x columns [0, DHP) of `tile` from bf16 `src` (rows `ld` apart): rows below
+// Rows [0, Rows) x columns [0, DHP) of `tile` from bf16 `src` (rows `ld` apart): rows below
 // rows_valid and columns below cols, zeros elsewhere. `vec` (cols, ld and src 8-element
 // aligned): 16-byte cp.async copies, completed by the caller's CopyAsyncWait; else element
 // loads, complete on return.
-template <int DHP>
+template <int DHP, int Rows = kTile>
 __device__ __forceinline__ void LoadTile(const bf16* __restrict__ src, int64_t ld, int64_t rows_valid, int cols,
                                          bool vec, bf16* tile) {
   using L = Layout<DHP>;
   if (vec) {
-    for (int i = threadIdx.x; i < kTile * L::kChunks; i += kBlockThreads) {
+    for (int i = threadIdx.x; i < Rows * L::kChunks; i += kBlockThreads) {
       const int r = i / L::kChunks, c = (i % L::kChunks) * 8;
       const bool in = r < rows_valid && c < cols;
       CopyAsync16(tile + r * L::kLd + c, in ? src + r * ld + c : src, in);
     }
   } else {
-    for (int i = threadIdx.x; i < kTile * DHP; i += kBlockThreads) {
+    for (int i = threadIdx.x; i < Rows * DHP; i += kBlockThreads) {
       const int r = i / DHP, c = i % DHP;
       tile[r * L::kLd + c] = r < rows_valid && c < cols ? src[r * ld + c] : __float2bfloat16(0.0f);
     }
@@ -98,20 +100,23 @@ __device__ __forceinline__ void LoadScratchTile(const bf16* __restrict__ src, bf
   }
 }
 
-// Read: a block per (64 tokens, head).
+// Two blocks per SM where the head width allows (DHP <= 64: at most 128 registers).
+constexpr int MinBlocks(int dhp) { return dhp <= 64 ? 2 : 1; }
+
+// Read: a block per (kRows tokens, head).
 template <int DHP>
-__global__ void __launch_bounds__(kBlockThreads) MemoryReadTiledKernel(
+__global__ void __launch_bounds__(kBlockThreads, MinBlocks(DHP)) MemoryReadTiledKernel(
     const float* __restrict__ q, int64_t q_ld, const float* __restrict__ offer, int64_t offer_ld,
     const bf16* __restrict__ mem_k, const bf16* __restrict__ mem_v, int64_t T, int64_t N, int64_t d, int dh,
     float scale_log2, bool vec, float* __restrict__ e, Scratch scratch) {
   using L = Layout<DHP>;
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* qs = reinterpret_cast<bf16*>(smem);
-  bf16* ks = qs + L::kTileElems;      // two buffers
+  bf16* ks = qs + L::kRowsElems;     // two buffers
   bf16* vs = ks + 2 * L::kTileElems;  // two buffers
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kTile, j = blockIdx.y, Tp = PaddedTokens(T);
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = PaddedTokens(T);
   const bf16* k_head = mem_k + j * dh;
   const bf16* v_head = mem_v + j * dh;
   const int tiles = static_cast<int>((N + kTile - 1) / kTile);
@@ -123,7 +128,7 @@ __global__ void __launch_bounds__(kBlockThreads) MemoryReadTiledKernel(
   // for the write kernel (padding rows and columns zero).
   bf16* q_out = scratch.q + (j * Tp + t0) * DHP;
   bf16* offer_out = scratch.offer + (j * Tp + t0) * DHP;
-  for (int i = threadIdx.x; i < kTile * DHP; i += kBlockThreads) {
+  for (int i = threadIdx.x; i < kRows * DHP; i += kBlockThreads) {
     const int r = i / DHP, c = i % DHP;
     const bool in = t0 + r < T && c < dh;
     const bf16 qv = __float2bfloat16(in ? q[(t0 + r) * q_ld + j * dh + c] : 0.0f);
@@ -184,20 +189,20 @@ __global__ void __launch_bounds__(kBlockThreads) MemoryReadTiledKernel(
   }
 }
 
-// Write sums: a block per (64 slots, head), over the chunk's tokens 64 at a time.
+// Write sums: a block per (kRows slots, head), over the chunk's tokens 64 at a time.
 template <int DHP>
-__global__ void __launch_bounds__(kBlockThreads) MemoryWriteTiledKernel(
+__global__ void __launch_bounds__(kBlockThreads, MinBlocks(DHP)) MemoryWriteTiledKernel(
     const bf16* __restrict__ mem_k, int64_t T, int64_t N, int64_t d, int dh, float scale_log2, bool vec,
     Scratch scratch, float* __restrict__ mass, float* __restrict__ acc) {
   using L = Layout<DHP>;
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* ks = reinterpret_cast<bf16*>(smem);
-  bf16* qs = ks + L::kTileElems;      // two buffers
+  bf16* qs = ks + L::kRowsElems;     // two buffers
   bf16* cs = qs + 2 * L::kTileElems;  // two buffers
   auto* stats = reinterpret_cast<float2*>(cs + 2 * L::kTileElems);  // two buffers of 64
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTile, j = blockIdx.y, Tp = PaddedTokens(T);
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = PaddedTokens(T);
   const bf16* q_head = scratch.q + j * Tp * DHP;
   const bf16* offer_head = scratch.offer + j * Tp * DHP;
   const float2* stats_head = scratch.stats + j * Tp;
@@ -210,7 +215,7 @@ __global__ void __launch_bounds__(kBlockThreads) MemoryWriteTiledKernel(
     }
   };
 
-  LoadTile<DHP>(mem_k + n0 * d + j * dh, d, N - n0, dh, vec, ks);
+  LoadTile<DHP, kRows>(mem_k + n0 * d + j * dh, d, N - n0, dh, vec, ks);
   load_tokens(0, 0);
   CopyAsyncCommit();
   float out[DHP / 8][4];
@@ -268,8 +273,8 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
                    const bf16* mem_v, int64_t T, int64_t N, int64_t d, int dh, float* e, float* mass, float* acc,
                    float* scratch, cudaStream_t stream) {
   using L = Layout<DHP>;
-  constexpr int kReadBytes = 5 * L::kTileElems * 2;
-  constexpr int kWriteBytes = 5 * L::kTileElems * 2 + 2 * kTile * 8;
+  constexpr int kReadBytes = (L::kRowsElems + 4 * L::kTileElems) * 2;
+  constexpr int kWriteBytes = (L::kRowsElems + 4 * L::kTileElems) * 2 + 2 * kTile * 8;
   LM2_RETURN_IF_ERROR(
       EnsureSharedMemory(reinterpret_cast<const void*>(&MemoryReadTiledKernel<DHP>), kReadBytes, "MemoryReadWrite"));
   LM2_RETURN_IF_ERROR(
@@ -278,11 +283,11 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
   const bool vec = dh % 8 == 0 && d % 8 == 0;  // memory K/V rows and head offsets 16-byte aligned
   const auto heads = static_cast<unsigned int>(d / dh);
   const Scratch parts = Carve(scratch, T, heads, DHP);
-  const dim3 read_grid(static_cast<unsigned int>(PaddedTokens(T) / kTile), heads);
+  const dim3 read_grid(static_cast<unsigned int>(PaddedTokens(T) / kRows), heads);
   MemoryReadTiledKernel<DHP><<<read_grid, kBlockThreads, kReadBytes, stream>>>(
       q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, dh, scale_log2, vec, e, parts);
   LM2_RETURN_IF_ERROR(CheckLaunch("MemoryReadTiledKernel"));
-  const dim3 write_grid(static_cast<unsigned int>((N + kTile - 1) / kTile), heads);
+  const dim3 write_grid(static_cast<unsigned int>((N + kRows - 1) / kRows), heads);
   MemoryWriteTiledKernel<DHP><<<write_grid, kBlockThreads, kWriteBytes, stream>>>(mem_k, T, N, d, dh, scale_log2, vec,
                                                                                   parts, mass, acc);
   return CheckLaunch("MemoryWriteTiledKernel");
