@@ -8,9 +8,13 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 
 #include "lm2/core/status.h"
 
@@ -48,11 +52,20 @@ inline Status RequireNonNull(const char* op, std::initializer_list<const void*> 
 
 // Raises `kernel`'s dynamic shared-memory limit when `bytes` needs more than the default
 // 48 KiB, or reports (InvalidArgument, naming `op`) that the device cannot give that much.
+// Each (kernel, device) is raised once: launchers call this before every launch.
 inline Status EnsureSharedMemory(const void* kernel, int64_t bytes, const char* op) {
   constexpr int64_t kDefault = 48 * 1024;
   if (bytes <= kDefault) return Status::Ok();
-  int device = 0, optin = 0;
+  int device = 0;
   if (Status st = CudaStatus(cudaGetDevice(&device), "cudaGetDevice"); !st.ok()) return st;
+  static std::mutex mu;
+  static auto* raised = new std::map<std::pair<const void*, int>, int64_t>();  // never destroyed: used at exit
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    const auto it = raised->find({kernel, device});
+    if (it != raised->end() && it->second >= bytes) return Status::Ok();
+  }
+  int optin = 0;
   if (Status st = CudaStatus(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
                              "cudaDeviceGetAttribute");
       !st.ok()) {
@@ -62,8 +75,16 @@ inline Status EnsureSharedMemory(const void* kernel, int64_t bytes, const char* 
     return Status::InvalidArgument(std::string(op) + ": needs " + std::to_string(bytes) +
                                    " bytes of shared memory per block, the device has " + std::to_string(optin));
   }
-  return CudaStatus(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-                    "cudaFuncSetAttribute");
+  if (Status st = CudaStatus(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+          "cudaFuncSetAttribute");
+      !st.ok()) {
+    return st;
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  int64_t& at = (*raised)[{kernel, device}];
+  at = std::max(at, bytes);
+  return Status::Ok();
 }
 
 }  // namespace lm2::runtime::cuda
