@@ -695,9 +695,9 @@ int main(int argc, char** argv) {
     std::printf("prefill %lld: %.0f tokens/s (%.1f ms), %.0f TFLOP/s = %.1f%% of the GEMM rate\n",
                 static_cast<long long>(T), static_cast<double>(T) / best, best * 1e3, flops / best / 1e12,
                 100.0 * flops / best / gemm);
+    double reused = 1e30;
     {  // The same on a state that has run it before (its buffers allocated): a session's next turn.
       auto s = Take(model->NewState(), "state");
-      double reused = 1e30;
       for (int64_t r = 0; r < repeats + 1; ++r) {
         Check(model->EndSegment(*s), "end");  // the timed call opens a segment, as on a fresh state
         model->ResetContext(*s);
@@ -711,7 +711,7 @@ int main(int argc, char** argv) {
                   100.0 * flops / reused / gemm);
     }
     json << (first ? "" : ", ") << "\"" << T << "\": {\"tps\": " << static_cast<double>(T) / best
-         << ", \"flops\": " << flops << ", \"s\": " << best << "}";
+         << ", \"flops\": " << flops << ", \"s\": " << best << ", \"reused_s\": " << reused << "}";
     first = false;
   }
   json << "}";
