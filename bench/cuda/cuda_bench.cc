@@ -5,7 +5,7 @@
 //                                   the PyTorch baseline, writes the report; docs/benchmarks.md)
 //   lm2_cuda_bench --model DIR [--decode-tokens 128] [--prompt-tokens 32] [--prefill 512,4096]
 //                  [--sessions 8,32,64] [--repeats 3] [--json OUT] [--profile-prefill T]
-//                  [--tiled 0|1] [--chunk 512]       (--decode-tokens 0: prefill only)
+//                  [--tiled 0|1] [--chunk N]       (--decode-tokens 0: prefill only)
 //
 //   --tiled 0: multi-token chunks read memory and attend through the cuBLAS GEMM forms
 //   instead of the tensor-core tile kernels (CudaOptions::tiled_memory, tiled_attention);

@@ -27,11 +27,10 @@ constexpr int kTile = 64;                // keys per tile
 constexpr int kWarps = 8;                // each warp takes 16 of the block's queries
 constexpr int kRows = 16 * kWarps;       // queries per block
 constexpr int kBlockThreads = 32 * kWarps;
-constexpr float kLog2e = 1.4426950408889634f;
 
-// Rows [0, Rows) x columns [0, DHP) of fp32 `src` (rows `ld` apart) into
-// a bf16 tile: rows below rows_valid (counted from row0) and columns below cols, zeros
-// elsewhere. `vec`: ld, col0 and cols multiples of 4 (float4 loads).
+// Rows [0, Rows) x columns [0, DHP) of fp32 `src` (rows `ld` apart) into a bf16 tile: rows
+// below rows_valid and columns below cols, zeros elsewhere. `vec`: ld, cols and src 4-float
+// aligned (float4 loads).
 template <int DHP, int Rows = kTile>
 __device__ __forceinline__ void LoadRoundedTile(const float* __restrict__ src, int64_t ld, int64_t rows_valid, int cols,
                                                 bool vec, bf16* tile) {
@@ -183,20 +182,20 @@ Status LaunchAttentionTiled(const float* q, const float* k_cache, const float* v
 
 }  // namespace
 
-bool CausalAttentionTiledSupported(int64_t head_dim) { return head_dim >= 1 && head_dim <= 128; }
+bool CausalAttentionTiledSupported(int64_t head_dim) { return head_dim >= 1 && head_dim <= kMaxTileWidth; }
 
 Status CausalAttentionTiled(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
                             int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(ops::CheckCausalAttention(T, S, heads, kv_heads, head_dim));
   if (!CausalAttentionTiledSupported(head_dim)) {
-    return Status::InvalidArgument("CausalAttentionTiled: head_dim " + std::to_string(head_dim) + " > 128");
+    return Status::InvalidArgument("CausalAttentionTiled: head_dim " + std::to_string(head_dim) + " > " +
+                                   std::to_string(kMaxTileWidth));
   }
   if (T == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("CausalAttentionTiled", {q, k_cache, v_cache, out}));
-  if (head_dim <= 16) return LaunchAttentionTiled<16>(q, k_cache, v_cache, T, S, heads, kv_heads, head_dim, out, stream);
-  if (head_dim <= 32) return LaunchAttentionTiled<32>(q, k_cache, v_cache, T, S, heads, kv_heads, head_dim, out, stream);
-  if (head_dim <= 64) return LaunchAttentionTiled<64>(q, k_cache, v_cache, T, S, heads, kv_heads, head_dim, out, stream);
-  return LaunchAttentionTiled<128>(q, k_cache, v_cache, T, S, heads, kv_heads, head_dim, out, stream);
+  return WithPaddedTileWidth(head_dim, [&](auto dhp) {
+    return LaunchAttentionTiled<decltype(dhp)::value>(q, k_cache, v_cache, T, S, heads, kv_heads, head_dim, out, stream);
+  });
 }
 
 }  // namespace lm2::runtime::cuda

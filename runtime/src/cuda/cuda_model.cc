@@ -133,8 +133,9 @@ class CudaModel final : public Model {
                         GemvSupports(rows, cfg_.intermediate_size);
       if (fits) gemv_rows_ = rows;
     }
-    // Multi-token chunks read and write memory tile by tile on tensor cores where the head
-    // width and the device allow (bf16 WMMA: compute capability 8.0 and later).
+    // Multi-token chunks read and write memory, and attend, tile by tile on tensor cores
+    // where the head width and the device allow (mma.sync bf16: compute capability 8.0 and
+    // later).
     int major = 0;
     if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, w_->device) != cudaSuccess) {
       (void)cudaGetLastError();

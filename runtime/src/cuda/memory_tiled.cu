@@ -40,9 +40,7 @@ constexpr int kTile = 64;                  // columns of a score tile: slots (re
 constexpr int kWarps = 8;                  // each warp takes 16 of the block's rows
 constexpr int kRows = 16 * kWarps;         // rows of a block: tokens (read), slots (write)
 constexpr int kBlockThreads = 32 * kWarps;
-constexpr float kLog2e = 1.4426950408889634f;
 
-__host__ __device__ constexpr int64_t PaddedWidth(int64_t dh) { return dh <= 16 ? 16 : dh <= 32 ? 32 : dh <= 64 ? 64 : 128; }
 __host__ __device__ constexpr int64_t PaddedTokens(int64_t T) { return (T + kRows - 1) / kRows * kRows; }
 
 // The scratch: per head, the softmax statistics (m in log2 units, 1/l) [Tp] as float2,
@@ -296,12 +294,12 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
 }  // namespace
 
 bool MemoryReadWriteSupported(int64_t d, int64_t heads) {
-  return heads > 0 && d % heads == 0 && d / heads <= 128;
+  return heads > 0 && d % heads == 0 && d / heads <= kMaxTileWidth;
 }
 
 int64_t MemoryReadWriteScratch(int64_t T, int64_t d, int64_t heads) {
   // float2 statistics, then q and the offer as bf16 pairs, per head and padded token.
-  return heads * PaddedTokens(T) * (2 + PaddedWidth(d / heads));
+  return heads * PaddedTokens(T) * (2 + PaddedTileWidth(d / heads));
 }
 
 Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, const bf16* mem_k,
@@ -309,7 +307,8 @@ Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t
                        float* acc, float* scratch, cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(ops::CheckMemory("MemoryReadWrite", T, N, d, heads));
   if (!MemoryReadWriteSupported(d, heads)) {
-    return Status::InvalidArgument("MemoryReadWrite: head width " + std::to_string(d / heads) + " > 128");
+    return Status::InvalidArgument("MemoryReadWrite: head width " + std::to_string(d / heads) + " > " +
+                                   std::to_string(kMaxTileWidth));
   }
   if (q_ld < d || offer_ld < d) {
     return Status::InvalidArgument("MemoryReadWrite: q_ld " + std::to_string(q_ld) + " or offer_ld " +
@@ -318,10 +317,9 @@ Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t
   if (T == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("MemoryReadWrite", {q, offer, mem_k, mem_v, e, mass, acc, scratch}));
   const int dh = static_cast<int>(d / heads);
-  if (dh <= 16) return LaunchTiled<16>(q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, dh, e, mass, acc, scratch, stream);
-  if (dh <= 32) return LaunchTiled<32>(q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, dh, e, mass, acc, scratch, stream);
-  if (dh <= 64) return LaunchTiled<64>(q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, dh, e, mass, acc, scratch, stream);
-  return LaunchTiled<128>(q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, dh, e, mass, acc, scratch, stream);
+  return WithPaddedTileWidth(dh, [&](auto dhp) {
+    return LaunchTiled<decltype(dhp)::value>(q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, dh, e, mass, acc, scratch, stream);
+  });
 }
 
 }  // namespace lm2::runtime::cuda

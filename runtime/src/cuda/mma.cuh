@@ -14,6 +14,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace lm2::runtime::cuda {
 
@@ -104,6 +105,27 @@ __device__ __forceinline__ void CopyAsyncWait() {
 // memory, rows TileLd apart (16-byte aligned, and 8 rows of ldmatrix hit distinct banks).
 template <int DHP>
 inline constexpr int TileLd = DHP + 8;
+
+// Head widths the tile kernels take, zero-padded to the tile width: 16, 32, 64 or 128.
+inline constexpr int64_t kMaxTileWidth = 128;
+__host__ __device__ constexpr int64_t PaddedTileWidth(int64_t width) {
+  return width <= 16 ? 16 : width <= 32 ? 32 : width <= 64 ? 64 : 128;
+}
+
+// fn(std::integral_constant<int, PaddedTileWidth(width)>{}): the kernel instance for a
+// head width in [1, kMaxTileWidth].
+template <typename Fn>
+auto WithPaddedTileWidth(int64_t width, Fn&& fn) {
+  switch (PaddedTileWidth(width)) {
+    case 16: return fn(std::integral_constant<int, 16>{});
+    case 32: return fn(std::integral_constant<int, 32>{});
+    case 64: return fn(std::integral_constant<int, 64>{});
+    default: return fn(std::integral_constant<int, 128>{});
+  }
+}
+
+// exp(x) = exp2(x · log2 e): the tile kernels' softmaxes work in log2 units.
+inline constexpr float kLog2e = 1.4426950408889634f;
 
 // s[8][4]: the 16 x 64 scores of a warp's rows (A fragments `a`, DHP/16 of them) against
 // the 64 rows of `tile` (row-major [64][DHP]): a · tileᵀ.
