@@ -441,10 +441,14 @@ class CudaModel final : public Model {
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.yb, Z(rows * std::max({d, qdim, F}))));
     if (cfg_.has_memory()) {
       for (DeviceBuffer<float>* b : {&sc.e, &sc.gate}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(rows * d)));
+      // The decode memory read's rows: a batched step's sessions, else one (a one-token
+      // chunk; longer chunks take MemoryReadWrite or MemoryRead, which do not use its
+      // partial sums: sized by the chunk they were 1.1 MB per row at the paper's shape).
+      const int64_t decode_rows = batch_step ? rows : 1;
+      LM2_RETURN_IF_ERROR(EnsureCapacity(sc.read_partial, Z(MemoryReadDecodeScratch(decode_rows, N, d, Hm))));
       // The probabilities [Hm, rows, N]: a decode step's, or every chunk's when not tiled.
       const int64_t attn_rows = batch_step || !tiled_memory_ ? rows : 1;
       LM2_RETURN_IF_ERROR(EnsureCapacity(sc.mattn, Z(Hm * attn_rows * N)));
-      LM2_RETURN_IF_ERROR(EnsureCapacity(sc.read_partial, Z(MemoryReadDecodeScratch(rows, N, d, Hm))));
       if (tiled_memory_) {
         LM2_RETURN_IF_ERROR(EnsureCapacity(sc.read_stats, Z(MemoryReadWriteScratch(rows, d, Hm))));
       } else {
