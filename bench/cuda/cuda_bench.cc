@@ -5,7 +5,8 @@
 //                                   the PyTorch baseline, writes the report; docs/benchmarks.md)
 //   lm2_cuda_bench --model DIR [--decode-tokens 128] [--prompt-tokens 32] [--prefill 512,4096]
 //                  [--sessions 8,32,64] [--repeats 3] [--json OUT] [--profile-prefill T]
-//                  [--tiled 0|1] [--chunk N]       (--decode-tokens 0: prefill only)
+//                  [--tiled 0|1] [--chunk N] [--profile-decode N]
+//                                                  (--decode-tokens 0: prefill only)
 //
 //   --tiled 0: multi-token chunks read memory and attend through the cuBLAS GEMM forms
 //   instead of the tensor-core tile kernels (CudaOptions::tiled_memory, tiled_attention);
@@ -15,6 +16,9 @@
 //   cudaProfilerStart and cudaProfilerStop, for a profiler that starts off, e.g.
 //     ncu --profile-from-start off --metrics gpu__time_duration.sum --csv lm2_cuda_bench ...
 //   (bench/cuda/profile_prefill sums the kernels of that run by name).
+//   --profile-decode N: only a 32-token prompt, 32 warm-up greedy decode steps, then N more
+//   between cudaProfilerStart and cudaProfilerStop (bench/cuda/profile_decode: Nsight
+//   Compute's figures for each kernel of a step).
 //
 // Figures:
 //   copy bandwidth    device-to-device cudaMemcpy of 1 GiB, bytes read + written per second
@@ -532,7 +536,7 @@ void SamplingOps(int64_t V, int64_t B) {
 
 int main(int argc, char** argv) {
   std::string model_dir, json_path;
-  int64_t decode_tokens = 128, prompt_tokens = 32, repeats = 3, profile_prefill = 0;
+  int64_t decode_tokens = 128, prompt_tokens = 32, repeats = 3, profile_prefill = 0, profile_decode = 0;
   lm2::runtime::CudaOptions options;
   std::vector<int64_t> prefill = {512, 4096}, sessions = {8, 32, 64};
   for (int i = 1; i < argc; ++i) {
@@ -547,6 +551,7 @@ int main(int argc, char** argv) {
     else if (k == "--prefill") prefill = ParseList(v);
     else if (k == "--sessions") sessions = ParseList(v);
     else if (k == "--profile-prefill") profile_prefill = std::stoll(v);
+    else if (k == "--profile-decode") profile_decode = std::stoll(v);
     else if (k == "--tiled") options.tiled_memory = options.tiled_attention = v != "0";
     else if (k == "--chunk") options.max_chunk_tokens = std::stoll(v);
     else Die("unknown option " + k);
@@ -598,6 +603,19 @@ int main(int argc, char** argv) {
                     Seconds(t0, Clock::now()) * 1e3);
       }
     }
+    return 0;
+  }
+  if (profile_decode > 0) {
+    auto s = Take(model->NewState(), "state");
+    std::vector<float> logits;
+    Check(model->Forward(*s, Tokens(prompt_tokens, cfg.vocab_size, 1), LogitsMode::kLast, &logits), "prompt");
+    // Warm-up past the first write flush (its first run loads kernels and allocates).
+    Decode(*model, *s, 2 * options.write_flush_tokens, logits, Pick::kGreedyDevice);
+    Check(cuda::CudaStatus(cudaProfilerStart(), "cudaProfilerStart"), "profiler");
+    const double t = Decode(*model, *s, profile_decode, logits, Pick::kGreedyDevice);
+    Check(cuda::CudaStatus(cudaProfilerStop(), "cudaProfilerStop"), "profiler");
+    std::printf("profiled decode: %lld steps, %.3f ms per step\n", static_cast<long long>(profile_decode),
+                t / static_cast<double>(profile_decode) * 1e3);
     return 0;
   }
   if (decode_tokens == 0) sessions.clear();  // prefill only

@@ -189,7 +189,9 @@ TEST_CASE("Gemv: fused small-batch linear layers equal the unfused ops", "[cuda]
                                         std::make_tuple(int64_t{1}, int64_t{8200}, int64_t{33}),
                                         std::make_tuple(int64_t{3}, int64_t{5000}, int64_t{3001}));
   const GemvInput input = GENERATE(GemvInput::kBf16, GemvInput::kF32, GemvInput::kRmsNorm, GemvInput::kSwiGlu);
-  const GemvOutput output = GENERATE(GemvOutput::kStore, GemvOutput::kAccumulate, GemvOutput::kGatedResidual);
+  const GemvOutput output =
+      GENERATE(GemvOutput::kStore, GemvOutput::kAccumulate, GemvOutput::kGatedResidual, GemvOutput::kStoreArgmax);
+  const bool stores = output == GemvOutput::kStore || output == GemvOutput::kStoreArgmax;
   INFO("rows=" << rows << " in=" << in << " out=" << out << " input=" << static_cast<int>(input)
                << " output=" << static_cast<int>(output));
   const int64_t x_ld = input == GemvInput::kSwiGlu ? 2 * in : in;
@@ -213,8 +215,10 @@ TEST_CASE("Gemv: fused small-batch linear layers equal the unfused ops", "[cuda]
   }
   const auto xp = Download(dxp);
 
+  std::vector<uint64_t> keys;  // kStoreArgmax: the last run's
   auto run = [&](int64_t first, int64_t n) {
-    auto dy = output == GemvOutput::kStore ? Poisoned<float>(static_cast<std::size_t>(n * out))
+    auto dkeys = Upload(std::vector<uint64_t>(static_cast<std::size_t>(n), 0));
+    auto dy = stores ? Poisoned<float>(static_cast<std::size_t>(n * out))
                                            : Upload(std::vector<float>(y0.begin() + first * out,
                                                                        y0.begin() + (first + n) * out));
     const GemvArgs g{.input = input,
@@ -231,8 +235,16 @@ TEST_CASE("Gemv: fused small-batch linear layers equal the unfused ops", "[cuda]
                      .y = dy.data(),
                      .bias = dbias.data(),
                      .residual = dres.data() + first * out,
-                     .gated = dgated.data() + first * out};
+                     .gated = dgated.data() + first * out,
+                     .argmax_keys = dkeys.data()};
     RequireOk(Gemv(g, Stream()));
+    if (output == GemvOutput::kStoreArgmax) {
+      keys = Download(dkeys);
+      // The same keys as ArgmaxRows over the stored logits.
+      auto want_keys = Poisoned<uint64_t>(static_cast<std::size_t>(n));
+      RequireOk(ArgmaxRows(dy.data(), n, out, want_keys.data(), Stream()));
+      CHECK(keys == Download(want_keys));
+    }
     return Download(dy);
   };
   const auto y = run(0, rows);
@@ -245,12 +257,18 @@ TEST_CASE("Gemv: fused small-batch linear layers equal the unfused ops", "[cuda]
         acc += static_cast<double>(Bf16Value(Bits(xp[r * in + i]))) * RoundBf16(w[o * in + i]);
       }
       const std::size_t k = r * out + o;
-      if (output == GemvOutput::kStore) want[k] = acc;
+      if (stores) want[k] = acc;
       if (output == GemvOutput::kAccumulate) want[k] = y0[k] + acc;
       if (output == GemvOutput::kGatedResidual) want[k] = y0[k] + res[k] + Sig(acc + bias[o]) * gated[k];
     }
   }
   CHECK(RelErr(y, want) < kTolReduce);
+  if (output == GemvOutput::kStoreArgmax) {  // each row's pick is std::max_element's
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* yr = y.data() + r * out;
+      CHECK(ArgmaxKeyToken(keys[static_cast<std::size_t>(r)]) == std::max_element(yr, yr + out) - yr);
+    }
+  }
 
   // Each row alone gives the same bits as in the batch.
   std::size_t differ = 0;
@@ -303,7 +321,7 @@ TEST_CASE("Gemv refuses what it cannot take", "[cuda][ops]") {
 
 TEST_CASE("ArgmaxRows picks what std::max_element picks: first maximum, NaNs skipped", "[cuda][ops]") {
   const int64_t cols = GENERATE(int64_t{1}, int64_t{7}, int64_t{1000}, int64_t{128256});
-  const int64_t rows = 6;
+  const int64_t rows = 8;
   INFO("cols=" << cols);
   auto x = Random(static_cast<std::size_t>(rows * cols));
   const float nan = std::numeric_limits<float>::quiet_NaN();
@@ -315,18 +333,25 @@ TEST_CASE("ArgmaxRows picks what std::max_element picks: first maximum, NaNs ski
     at(2, cols - 1) = 50.0f;
   }
   at(3, 0) = nan;  // a NaN first: std::max_element answers 0
+  if (cols > 2) at(3, cols - 2) = 1e6f;
   for (int64_t c = 0; c < cols; ++c) at(4, c) = -std::numeric_limits<float>::infinity();  // all -inf: 0
   for (int64_t c = 0; c < cols; ++c) at(5, c) = 3.0f;  // all equal: 0
+  for (int64_t c = 0; c < cols; ++c) at(6, c) = -1.0f;  // -0 and +0 are equal: the first wins
+  if (cols > 5) {
+    at(6, 2) = -0.0f;
+    at(6, 5) = 0.0f;
+  }
+  for (int64_t c = 0; c < cols; ++c) at(7, c) = nan;  // all NaN: 0
   auto dx = Upload(x);
-  auto dout = Poisoned<int32_t>(static_cast<std::size_t>(rows));
-  RequireOk(ArgmaxRows(dx.data(), rows, cols, dout.data(), Stream()));
-  const auto got = Download(dout);
+  auto dkeys = Poisoned<uint64_t>(static_cast<std::size_t>(rows));
+  RequireOk(ArgmaxRows(dx.data(), rows, cols, dkeys.data(), Stream()));
+  const auto got = Download(dkeys);
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = x.data() + r * cols;
     INFO("row " << r);
-    CHECK(got[static_cast<std::size_t>(r)] == static_cast<int32_t>(std::max_element(row, row + cols) - row));
+    CHECK(ArgmaxKeyToken(got[static_cast<std::size_t>(r)]) == static_cast<int32_t>(std::max_element(row, row + cols) - row));
   }
-  CHECK(ArgmaxRows(dx.data(), 1, 0, dout.data(), Stream()).IsInvalidArgument());
+  CHECK(ArgmaxRows(dx.data(), 1, 0, dkeys.data(), Stream()).IsInvalidArgument());
   CHECK(ArgmaxRows(nullptr, 0, 4, nullptr, Stream()).ok());
 }
 
@@ -527,7 +552,11 @@ TEST_CASE("MemoryRead: softmax over slots per memory head, attention-weighted va
                                       std::make_tuple(int64_t{1}, int64_t{2048}, int64_t{2048}, int64_t{32}),
                                       std::make_tuple(int64_t{1}, int64_t{509}, int64_t{512}, int64_t{8}),
                                       std::make_tuple(int64_t{1}, int64_t{13}, int64_t{48}, int64_t{2}),
-                                      std::make_tuple(int64_t{2}, int64_t{509}, int64_t{2048}, int64_t{16}));
+                                      std::make_tuple(int64_t{2}, int64_t{509}, int64_t{2048}, int64_t{16}),
+                                      // Decode reads: more slots (5000), head widths 8 and 256.
+                                      std::make_tuple(int64_t{1}, int64_t{5000}, int64_t{256}, int64_t{8}),
+                                      std::make_tuple(int64_t{1}, int64_t{700}, int64_t{64}, int64_t{8}),
+                                      std::make_tuple(int64_t{1}, int64_t{300}, int64_t{512}, int64_t{2}));
   INFO("T=" << T << " N=" << N << " d=" << d << " heads=" << Hm);
   const int64_t dh = d / Hm;
   auto q = Random(static_cast<std::size_t>(T * d)), mk = Random(static_cast<std::size_t>(N * d)),

@@ -56,9 +56,12 @@ if [[ "${SKIP_MEMCHECK:-0}" != 1 ]]; then
   run memcheck_model compute-sanitizer --tool memcheck --error-exitcode 99 --leak-check full "$BIN/cuda_model_tests"
   # Shared-memory hazards in the kernels that reuse shared memory between phases (the
   # sampler's candidate selection and pick, the fused RoPE + attention, the argmax, the
-  # tensor-core tile kernels, the attention kernels).
-  run racecheck_ops compute-sanitizer --tool racecheck --error-exitcode 99 "$BIN/cuda_ops_tests" \
-    "SampleRows*,RopeAttentionDecodeBatch*,ArgmaxRows*,MemoryReadWrite*,CausalAttention*"
+  # tensor-core tile kernels, the attention kernels, the decode memory reads).
+  # cuBLAS's own GEMM kernels (nvjet_*, run by some of these tests) are left out: racecheck
+  # reports hazards inside them (seen 2026-11-27), which are outside lm2's code.
+  run racecheck_ops compute-sanitizer --tool racecheck --error-exitcode 99 --kernel-name-exclude kns=nvjet \
+    "$BIN/cuda_ops_tests" \
+    "SampleRows*,RopeAttentionDecodeBatch*,ArgmaxRows*,MemoryRead*,Batched memory decode*,CausalAttention*"
 fi
 echo "== done: status $status (logs in $LOG_DIR)"
 exit "$status"

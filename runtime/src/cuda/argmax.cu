@@ -1,5 +1,6 @@
-// Greedy token choice on the device: the argmax of each logits row, so a decode step copies
-// B token ids to the host instead of B x V logits.
+// Greedy token choice on the device: the argmax of each logits row as a 64-bit key
+// (ArgmaxKeyToken), so a decode step copies B keys to the host instead of B x V logits.
+// (Steps whose LM head runs through the GEMV get the keys from it directly.)
 #include <cmath>
 #include <string>
 
@@ -10,56 +11,62 @@
 namespace lm2::runtime::cuda {
 namespace {
 
-// Whether candidate (v, i) beats (w, j): the larger value, the smaller index on a tie; an
-// empty candidate (index -1) loses to any.
-__device__ __forceinline__ bool Beats(float v, int64_t i, float w, int64_t j) {
-  if (i < 0) return false;
-  if (j < 0) return true;
-  return v > w || (v == w && i < j);
+constexpr int kColsPerBlock = 8 * kThreads;  // 8 independent loads in flight per thread
+
+__device__ __forceinline__ unsigned long long WarpMaxKey(unsigned long long k) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const unsigned long long other = __shfl_xor_sync(0xffffffffu, k, o);
+    k = other > k ? other : k;
+  }
+  return k;
 }
 
-// A block per row: each thread scans its strided share keeping the first maximum (NaNs never
-// win: NaN > x is false), then the block reduces (value, index) pairs.
-__global__ void ArgmaxRowsKernel(const float* __restrict__ x, int64_t cols, int32_t* __restrict__ out) {
+// A block per (slice of kColsPerBlock columns, row): the slice's best key, then one
+// atomicMax into the row's key (zeroed before the launch).
+__global__ void ArgmaxRowsKernel(const float* __restrict__ x, int64_t cols, unsigned long long* __restrict__ keys) {
   WaitForPredecessor();
   AllowDependents();
-  __shared__ float best_v[kThreads];
-  __shared__ int64_t best_i[kThreads];
+  __shared__ unsigned long long warp_best[kThreads / 32];
   const int tid = static_cast<int>(threadIdx.x);
-  const float* row = x + static_cast<int64_t>(blockIdx.x) * cols;
-  float v = 0.0f;
-  int64_t i = -1;
-  for (int64_t c = tid; c < cols; c += kThreads) {
-    const float y = row[c];
-    if (!isnan(y) && (i < 0 || y > v)) {
-      v = y;
-      i = c;
-    }
+  const int64_t row = blockIdx.y;
+  const float* xr = x + row * cols;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kColsPerBlock;
+  float v[8];
+#pragma unroll
+  for (int u = 0; u < 8; ++u) {
+    const int64_t c = c0 + u * kThreads + tid;
+    v[u] = c < cols ? xr[c] : NAN;
   }
-  best_v[tid] = v;
-  best_i[tid] = i;
+  unsigned long long best = 0;
+#pragma unroll
+  for (int u = 0; u < 8; ++u) {
+    const unsigned long long k = isnan(v[u]) ? 0ull : ArgmaxKey(v[u], c0 + u * kThreads + tid);
+    best = k > best ? k : best;
+  }
+  if (c0 == 0 && tid == 0 && isnan(v[0])) best = kArgmaxFirstNaN;  // std::max_element answers 0
+  best = WarpMaxKey(best);
+  if ((tid & 31) == 0) warp_best[tid >> 5] = best;
   __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
-    if (tid < stride && Beats(best_v[tid + stride], best_i[tid + stride], best_v[tid], best_i[tid])) {
-      best_v[tid] = best_v[tid + stride];
-      best_i[tid] = best_i[tid + stride];
-    }
-    __syncthreads();
+  if (tid < 32) {
+    best = WarpMaxKey(tid < kThreads / 32 ? warp_best[tid] : 0ull);
+    if (tid == 0 && best != 0) atomicMax(keys + row, best);
   }
-  // std::max_element's answer: 0 when the first entry is NaN (nothing compares above it) or
-  // every entry is.
-  if (tid == 0) out[blockIdx.x] = static_cast<int32_t>(isnan(row[0]) || best_i[0] < 0 ? 0 : best_i[0]);
 }
 
 }  // namespace
 
-Status ArgmaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t stream) {
-  if (rows < 0 || cols <= 0 || rows > (int64_t{1} << 31) - 1 || cols > (int64_t{1} << 31) - 1) {
-    return Status::InvalidArgument("ArgmaxRows: rows=" + std::to_string(rows) + " cols=" + std::to_string(cols));
+Status ArgmaxRows(const float* x, int64_t rows, int64_t cols, uint64_t* keys, cudaStream_t stream) {
+  if (rows < 0 || cols <= 0 || rows > 65535 || cols > (int64_t{1} << 31) - 1) {
+    return Status::InvalidArgument("ArgmaxRows: rows=" + std::to_string(rows) + " (at most 65535) cols=" +
+                                   std::to_string(cols));
   }
   if (rows == 0) return Status::Ok();
-  LM2_RETURN_IF_ERROR(RequireNonNull("ArgmaxRows", {x, out}));
-  return CudaStatus(LaunchPdl(&ArgmaxRowsKernel, static_cast<unsigned int>(rows), kThreads, 0, stream, x, cols, out),
+  LM2_RETURN_IF_ERROR(RequireNonNull("ArgmaxRows", {x, keys}));
+  LM2_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(keys, 0, static_cast<std::size_t>(rows) * sizeof(uint64_t), stream));
+  const dim3 grid(static_cast<unsigned int>((cols + kColsPerBlock - 1) / kColsPerBlock), static_cast<unsigned int>(rows));
+  static_assert(sizeof(unsigned long long) == sizeof(uint64_t));
+  return CudaStatus(LaunchPdl(&ArgmaxRowsKernel, grid, kThreads, 0, stream, x, cols,
+                              reinterpret_cast<unsigned long long*>(keys)),
                     "ArgmaxRowsKernel");
 }
 

@@ -57,7 +57,8 @@ struct Scratch {
   DeviceBuffer<int64_t> positions;
   DeviceBuffer<float2> rope;  // decode steps: each row's rotary factors [rows, head_dim / 2]
   DeviceBuffer<int64_t> slots;
-  DeviceBuffer<int32_t> next_ids;  // decode steps that pick: each row's token
+  DeviceBuffer<int32_t> next_ids;  // sampled decode steps: each row's token
+  DeviceBuffer<uint64_t> next_keys;  // greedy decode steps: each row's pick (ArgmaxKeyToken)
   // Sampled decode steps (SampleRows): the rules, their penalty ids and the sort's buffers.
   DeviceBuffer<DeviceTokenRule> rules;
   DeviceBuffer<int32_t> history;
@@ -111,7 +112,8 @@ class CudaState final : public SequenceState {
   PinnedBuffer<int64_t> slots_host_;  // decode steps: each state's staging slot
   PinnedBuffer<float> staging_;  // one memory layer [N, d]: export and import
   PinnedBuffer<float> logits_host_;  // decode steps' logits
-  PinnedBuffer<int32_t> next_host_;  // decode steps' picked tokens
+  PinnedBuffer<int32_t> next_host_;  // sampled decode steps' tokens
+  PinnedBuffer<uint64_t> next_keys_host_;  // greedy decode steps' picks, as keys
   PinnedBuffer<DeviceTokenRule> rules_host_;  // sampled decode steps' rules
   PinnedBuffer<int32_t> history_host_;        // and their distinct penalty ids
   DeviceBuffer<char> cublas_workspace_;  // cuBLAS's, set on the handle (graph capture needs one)
@@ -537,6 +539,9 @@ class CudaModel final : public Model {
             : StepOutput::kSampled;
     if (output == StepOutput::kLogits) {
       LM2_RETURN_IF_ERROR(EnsureCapacity(lead.logits_host_, Z(B * V)));
+    } else if (output == StepOutput::kArgmax) {
+      LM2_RETURN_IF_ERROR(EnsureCapacity(sc.next_keys, Z(B)));
+      LM2_RETURN_IF_ERROR(EnsureCapacity(lead.next_keys_host_, Z(B)));
     } else {
       LM2_RETURN_IF_ERROR(EnsureCapacity(sc.next_ids, Z(B)));
       LM2_RETURN_IF_ERROR(EnsureCapacity(lead.next_host_, Z(B)));
@@ -544,16 +549,19 @@ class CudaModel final : public Model {
     // The step reads ids and positions from pinned memory and leaves the logits (or the
     // chosen ids) there, so all of it can be captured and replayed.
     auto step = [&]() -> Status {
+      if (output == StepOutput::kArgmax) {  // the LM head's GEMV adds each row's pick by atomicMax
+        LM2_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(sc.next_keys.data(), 0, Z(B) * sizeof(uint64_t), st));
+      }
       LM2_RETURN_IF_ERROR(sc.ids.CopyFromHost(lead.ids_host_.data(), Z(B), st));
       LM2_RETURN_IF_ERROR(sc.positions.CopyFromHost(lead.positions_host_.data(), Z(B), st));
       LM2_RETURN_IF_ERROR(sc.slots.CopyFromHost(lead.slots_host_.data(), Z(B), st));
       LM2_RETURN_IF_ERROR(RunLayers(lead, 0, B, 0, &table));
-      LM2_RETURN_IF_ERROR(LogitsOnDevice(lead, 0, B));
-      if (output == StepOutput::kSampled) return Status::Ok();
+      if (output == StepOutput::kSampled) return LogitsOnDevice(lead, 0, B);
       if (output == StepOutput::kArgmax) {
-        LM2_RETURN_IF_ERROR(ArgmaxRows(sc.logits.data(), B, V, sc.next_ids.data(), st));
-        return sc.next_ids.CopyToHostAsync(lead.next_host_.data(), Z(B), st);
+        LM2_RETURN_IF_ERROR(LogitsOnDevice(lead, 0, B, sc.next_keys.data()));
+        return sc.next_keys.CopyToHostAsync(lead.next_keys_host_.data(), Z(B), st);
       }
+      LM2_RETURN_IF_ERROR(LogitsOnDevice(lead, 0, B));
       return CudaStatus(cudaMemcpyAsync(lead.logits_host_.data(), sc.logits.data(), Z(B * V) * sizeof(float),
                                         cudaMemcpyDeviceToHost, st),
                         "cudaMemcpyAsync(logits)");
@@ -581,6 +589,9 @@ class CudaModel final : public Model {
     LM2_RETURN_IF_ERROR(lead.stream_.Synchronize());
     if (output == StepOutput::kLogits) {
       logits->assign(lead.logits_host_.data(), lead.logits_host_.data() + B * V);
+    } else if (output == StepOutput::kArgmax) {
+      next->resize(Z(B));
+      for (int64_t b = 0; b < B; ++b) (*next)[Z(b)] = ArgmaxKeyToken(lead.next_keys_host_.data()[b]);
     } else {
       next->assign(lead.next_host_.data(), lead.next_host_.data() + B);
     }
@@ -650,7 +661,7 @@ class CudaModel final : public Model {
     const Scratch& sc = lead.scratch_;
     return {reinterpret_cast<const void*>(static_cast<std::intptr_t>(B)),
             reinterpret_cast<const void*>(static_cast<std::intptr_t>(output)), sc.next_ids.data(),
-            lead.next_host_.data(),
+            lead.next_host_.data(), sc.next_keys.data(), lead.next_keys_host_.data(),
             sc.table.data(), sc.ids.data(), sc.positions.data(), lead.ids_host_.data(), lead.positions_host_.data(),
             sc.slots.data(), lead.slots_host_.data(), sc.rope.data(),
             sc.h.data(), sc.proj.data(), sc.q.data(), sc.attn_out.data(), sc.a.data(), sc.mattn.data(), sc.e.data(),
@@ -838,11 +849,22 @@ class CudaModel final : public Model {
     return Linear(s.cublas_.get(), sc.yb.data(), n, F, w_down, d, h, true, st);
   }
 
-  // Logits of chunk rows [row, row + rows) into sc.logits [rows, V] (sized by the caller).
-  Status LogitsOnDevice(CudaState& s, int64_t row, int64_t rows) const {
+  // Logits of chunk rows [row, row + rows) into sc.logits [rows, V] (sized by the caller);
+  // with argmax_keys, also each row's greedy pick (ArgmaxRows' keys): from the LM head's
+  // GEMV itself (keys zeroed by the caller), else a pass over the logits.
+  Status LogitsOnDevice(CudaState& s, int64_t row, int64_t rows, uint64_t* argmax_keys = nullptr) const {
     const int64_t d = cfg_.hidden_size, V = cfg_.vocab_size;
     Scratch& sc = s.scratch_;
-    return NormLinear(s, sc.h.data() + row * d, rows, w_->final_norm, w_->lm_head, V, sc.logits.data());
+    const float* x = sc.h.data() + row * d;
+    if (argmax_keys != nullptr && Small(rows)) {
+      return Gemv({.input = GemvInput::kRmsNorm, .x = x, .x_ld = d, .norm_weight = w_->final_norm,
+                   .eps = static_cast<float>(cfg_.rms_norm_eps), .w = w_->lm_head, .rows = rows, .in = d, .out = V,
+                   .output = GemvOutput::kStoreArgmax, .y = sc.logits.data(), .argmax_keys = argmax_keys},
+                  s.stream_.get());
+    }
+    LM2_RETURN_IF_ERROR(NormLinear(s, x, rows, w_->final_norm, w_->lm_head, V, sc.logits.data()));
+    if (argmax_keys == nullptr) return Status::Ok();
+    return ArgmaxRows(sc.logits.data(), rows, V, argmax_keys, s.stream_.get());
   }
 
   // The same, copied to host `out` [rows, V] (waits for the stream).

@@ -59,6 +59,7 @@ enum class GemvOutput {
   kStore,          // y = r
   kAccumulate,     // y += r
   kGatedResidual,  // y += residual + sigmoid(r + bias) ⊙ gated (the memory output gate)
+  kStoreArgmax,    // y = r, and each row's greedy pick into argmax_keys (ArgmaxRows' keys)
 };
 
 struct GemvArgs {
@@ -75,6 +76,7 @@ struct GemvArgs {
   const float* bias = nullptr;        // kGatedResidual: [out]
   const float* residual = nullptr;    // kGatedResidual: [rows, out]
   const float* gated = nullptr;       // kGatedResidual: [rows, out]
+  uint64_t* argmax_keys = nullptr;    // kStoreArgmax: [rows], zero on entry (atomicMax)
 };
 
 // Whether Gemv takes this shape (else use Linear).
@@ -117,10 +119,17 @@ Status SwiGluBf16(const float* gate_up, int64_t rows, int64_t F, __nv_bfloat16* 
 // x[n] += y[n].
 Status AddInPlace(float* x, const float* y, int64_t n, cudaStream_t stream);
 
-// out[r] = the index of the largest entry of row r of x[rows, cols]: the first of equal
-// maxima, NaNs skipped, 0 when x[r, 0] is NaN (what std::max_element and the host greedy
-// sampler pick). (argmax.cu)
-Status ArgmaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t stream);
+// Greedy picks (argmax.cu, and fused into the LM head's GEMV): the index of the largest
+// entry of a row, the first of equal maxima, NaNs skipped, 0 when the row's first entry is
+// NaN (what std::max_element and the host greedy sampler pick). Computed as 64-bit keys so
+// that blocks combine their candidates with one atomicMax: a larger value has a larger key,
+// of equal values the smaller index; 0 means no candidate (all NaN), and a first entry that
+// is NaN gets the largest key. ArgmaxKeyToken reads a key back.
+inline int32_t ArgmaxKeyToken(uint64_t key) {
+  return key == 0 ? 0 : static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(key & 0xFFFFFFFFu));
+}
+// keys[r] = the key of row r of x[rows, cols] (keys are zeroed first, on the stream).
+Status ArgmaxRows(const float* x, int64_t rows, int64_t cols, uint64_t* keys, cudaStream_t stream);
 
 // ---- Sampling (sample.cu) -------------------------------------------------------------------
 

@@ -109,6 +109,17 @@ __device__ __forceinline__ void AllowDependents() {
 #endif
 }
 
+// A greedy-pick key (ArgmaxKeyToken in cuda_ops.h): the float's bits ordered as unsigned
+// (negatives flipped; -0 taken as +0), then the index counted down so that equal values
+// favour the smaller.
+// Not for NaN values (never candidates); kArgmaxFirstNaN stands for a NaN first entry.
+__device__ __forceinline__ unsigned long long ArgmaxKey(float v, int64_t i) {
+  const unsigned int u = __float_as_uint(v == 0.0f ? 0.0f : v);  // -0 and +0 compare equal
+  const unsigned int ordered = (u & 0x80000000u) != 0 ? ~u : (u | 0x80000000u);
+  return (static_cast<unsigned long long>(ordered) << 32) | (0xFFFFFFFFu - static_cast<unsigned int>(i));
+}
+constexpr unsigned long long kArgmaxFirstNaN = ~0ull;
+
 // Whether LaunchPdl asks for the overlap: yes unless the environment sets LM2_CUDA_PDL=0
 // (a diagnostic: every kernel then waits for the one before, as in an ordinary launch).
 inline bool PdlEnabled() {

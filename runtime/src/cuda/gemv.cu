@@ -2,7 +2,8 @@
 // rows <= kGemvMaxRows, one pass over the bf16 weights (the bandwidth-bound part of a decode
 // step), with the op before and after fused in: x' is made from x while it is staged in
 // shared memory (a bf16 copy, an fp32 rounding, an RMSNorm, a SwiGLU), and the result is
-// stored, added, or turned into the memory-gated residual update.
+// stored, added, or turned into the memory-gated residual update, or stored with each row's
+// greedy pick (the LM head of a greedy decode step: no separate argmax pass over the logits).
 //
 // Layout: a persistent grid (one 256-thread block per multiprocessor at most). x' is staged
 // whole in shared memory (rows * in <= kGemvStageElements). Each warp streams units of two
@@ -167,6 +168,7 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
   }
   __syncthreads();
 
+  unsigned long long best = 0;  // kStoreArgmax: lane b's best key of row b so far
   float acc[kRowsPerWarp][B];
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) {
@@ -204,6 +206,11 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
           if (lane != b || b >= rows || row >= a.out) continue;
           float* y = a.y + b * a.out + row;
           if constexpr (Out == GemvOutput::kStore) *y = sum;
+          if constexpr (Out == GemvOutput::kStoreArgmax) {
+            *y = sum;
+            const unsigned long long k = isnan(sum) ? (row == 0 ? kArgmaxFirstNaN : 0ull) : ArgmaxKey(sum, row);
+            best = k > best ? k : best;
+          }
           if constexpr (Out == GemvOutput::kAccumulate) *y += sum;
           if constexpr (Out == GemvOutput::kGatedResidual) {
             const int64_t i = b * a.out + row;
@@ -219,6 +226,9 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
     }
     group = next_group;
     seg = next_seg;
+  }
+  if constexpr (Out == GemvOutput::kStoreArgmax) {
+    if (lane < rows && best != 0) atomicMax(reinterpret_cast<unsigned long long*>(a.argmax_keys) + lane, best);
   }
 }
 
@@ -244,6 +254,9 @@ Status LaunchOut(const GemvArgs& a, cudaStream_t stream) {
                         "GemvKernel");
     case GemvOutput::kGatedResidual:
       return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kGatedResidual>, blocks, kThreads, 0, stream, a),
+                        "GemvKernel");
+    case GemvOutput::kStoreArgmax:
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kStoreArgmax>, blocks, kThreads, 0, stream, a),
                         "GemvKernel");
   }
   return Status::InvalidArgument("Gemv: unknown output kind");
@@ -283,6 +296,9 @@ Status Gemv(const GemvArgs& a, cudaStream_t stream) {
   if (a.input == GemvInput::kRmsNorm) {
     LM2_RETURN_IF_ERROR(ops::CheckRmsNorm(a.rows, a.in, a.eps));
     LM2_RETURN_IF_ERROR(RequireNonNull("Gemv (RMSNorm input)", {a.norm_weight}));
+  }
+  if (a.output == GemvOutput::kStoreArgmax) {
+    LM2_RETURN_IF_ERROR(RequireNonNull("Gemv (argmax)", {a.argmax_keys}));
   }
   if (a.output == GemvOutput::kGatedResidual) {
     LM2_RETURN_IF_ERROR(RequireNonNull("Gemv (gated residual)", {a.bias, a.residual, a.gated}));
