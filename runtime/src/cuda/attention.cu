@@ -15,9 +15,14 @@ namespace {
 
 // ---- Decode: one block per (query t, head h) ----------------------------------------------
 
-constexpr int kDecodeThreads = 128;  // 4 warps; warp w takes keys [8w, 8w + 8), then 32 further on
-constexpr int kDecodeWarps = kDecodeThreads / 32;
-constexpr int kDecodeKeys = 8;       // keys a warp has in flight at once
+// Warps per block (W): warp w takes keys [Kw, Kw + K), then W·K further on. 8 while the step
+// has few rows (up to kGemvMaxRows: few blocks, each should finish fast), 4 for larger
+// batches (many blocks: 8 warps each measured slower at 64 sessions). The warp count sets the
+// order of the sums, so a row's result is the same at any batch size up to kGemvMaxRows.
+constexpr int kDecodeWarpsFew = 8, kDecodeWarpsMany = 4;
+// Keys (K) a warp has in flight at once, their key and value rows together: 8 for head widths
+// up to 64, fewer for wider heads (kCols registers per row and lane).
+__host__ __device__ constexpr int DecodeKeys(int cols) { return cols <= 2 ? 8 : 16 / cols; }
 
 // Where query row t's keys and values are, and how many it sees: one cache for T queries at
 // its end (a sequence), or one cache per row at that row's position (a batch of sessions).
@@ -95,11 +100,12 @@ __device__ __forceinline__ float CacheLoad(const float* p) {
 }
 
 // Lane l owns columns l, l + 32, ... (kCols of them, D <= 32 * kCols) of the query, of each
-// key and value row and of the output, in registers. A warp loads 8 keys' rows at once (their
-// latencies overlap), reduces the 8 dot products, then folds the 8 values into its running
-// output with one online-softmax rescale; the 4 warps' partial results merge at the end.
-template <typename Rows, int kCols>
-__global__ void __launch_bounds__(kDecodeThreads) AttentionDecodeKernel(const float* __restrict__ q, Rows rows,
+// key and value row and of the output, in registers. A warp loads K keys' key and value rows
+// at once (one memory round trip: their latencies overlap), reduces the K dot products, then
+// folds the K values into its running output with one online-softmax rescale; the 8 warps'
+// partial results merge at the end.
+template <typename Rows, int kCols, int kDecodeWarps>
+__global__ void __launch_bounds__(kDecodeWarps * 32) AttentionDecodeKernel(const float* __restrict__ q, Rows rows,
                                                                         int heads, int group, int D, float scale,
                                                                         float* __restrict__ out) {
   WaitForPredecessor();  // q and the cache rows of this step come from the kernels before
@@ -126,34 +132,29 @@ __global__ void __launch_bounds__(kDecodeThreads) AttentionDecodeKernel(const fl
   const float* k = rows.Keys(t) + static_cast<int64_t>(kvh) * D;
   const float* v = rows.Values(t) + static_cast<int64_t>(kvh) * D;
   const int64_t visible = rows.Visible(t);
+  constexpr int kKeys = DecodeKeys(kCols);
   float m = -INFINITY, l = 0.0f;
-  float x[kDecodeKeys][kCols];
-  for (int64_t j0 = static_cast<int64_t>(warp) * kDecodeKeys; j0 < visible; j0 += kDecodeWarps * kDecodeKeys) {
+  float x[kKeys][kCols], y[kKeys][kCols];  // key rows, value rows
+  for (int64_t j0 = static_cast<int64_t>(warp) * kKeys; j0 < visible; j0 += kDecodeWarps * kKeys) {
 #pragma unroll
-    for (int s = 0; s < kDecodeKeys; ++s) {
+    for (int s = 0; s < kKeys; ++s) {
 #pragma unroll
       for (int i = 0; i < kCols; ++i) {
         const int c = lane + 32 * i;
-        x[s][i] = j0 + s < visible && c < D ? CacheLoad<Rows::kFresh>(k + (j0 + s) * kv_stride + c) : 0.0f;
+        const bool ok = j0 + s < visible && c < D;
+        x[s][i] = ok ? CacheLoad<Rows::kFresh>(k + (j0 + s) * kv_stride + c) : 0.0f;
+        y[s][i] = ok ? CacheLoad<Rows::kFresh>(v + (j0 + s) * kv_stride + c) : 0.0f;
       }
     }
-    float sc[kDecodeKeys];
+    float sc[kKeys];
     float gm = -INFINITY;
 #pragma unroll
-    for (int s = 0; s < kDecodeKeys; ++s) {
+    for (int s = 0; s < kKeys; ++s) {
       float dot = 0.0f;
 #pragma unroll
       for (int i = 0; i < kCols; ++i) dot += qr[i] * x[s][i];
       sc[s] = j0 + s < visible ? WarpSum(dot) * scale : -INFINITY;
       gm = fmaxf(gm, sc[s]);
-    }
-#pragma unroll
-    for (int s = 0; s < kDecodeKeys; ++s) {
-#pragma unroll
-      for (int i = 0; i < kCols; ++i) {
-        const int c = lane + 32 * i;
-        x[s][i] = j0 + s < visible && c < D ? CacheLoad<Rows::kFresh>(v + (j0 + s) * kv_stride + c) : 0.0f;
-      }
     }
     const float m_new = fmaxf(m, gm);  // finite: key j0 is visible
     const float corr = expf(m - m_new);  // 0 on the first keys (m = -inf)
@@ -161,11 +162,11 @@ __global__ void __launch_bounds__(kDecodeThreads) AttentionDecodeKernel(const fl
 #pragma unroll
     for (int i = 0; i < kCols; ++i) o[i] *= corr;
 #pragma unroll
-    for (int s = 0; s < kDecodeKeys; ++s) {
+    for (int s = 0; s < kKeys; ++s) {
       const float p = expf(sc[s] - m_new);  // 0 past the visible keys
       l += p;
 #pragma unroll
-      for (int i = 0; i < kCols; ++i) o[i] += p * x[s][i];
+      for (int i = 0; i < kCols; ++i) o[i] += p * y[s][i];
     }
     m = m_new;
   }
@@ -184,13 +185,25 @@ __global__ void __launch_bounds__(kDecodeThreads) AttentionDecodeKernel(const fl
     if (wmax[w] != -INFINITY) L += wsum[w] * expf(wmax[w] - M);
   }
   const float inv = 1.0f / L;
-  for (int c = static_cast<int>(threadIdx.x); c < D; c += kDecodeThreads) {
+  for (int c = static_cast<int>(threadIdx.x); c < D; c += kDecodeWarps * 32) {
     float r = 0.0f;
     for (int w = 0; w < kDecodeWarps; ++w) {
       if (wmax[w] != -INFINITY) r += wacc[w][c] * expf(wmax[w] - M);
     }
     out[t * q_stride + static_cast<int64_t>(h) * D + c] = r * inv;
   }
+}
+
+// The decode kernel with kWarps warps per block and registers for D columns per row.
+template <int kWarps, typename Rows>
+cudaError_t LaunchDecodeWarps(const float* q, Rows rows, int64_t blocks, int H, int group, int D, float scale,
+                              float* out, cudaStream_t stream) {
+  const auto grid = static_cast<unsigned int>(blocks);
+  const dim3 block(kWarps * 32);
+  if (D <= 32) return LaunchPdl(&AttentionDecodeKernel<Rows, 1, kWarps>, grid, block, 0, stream, q, rows, H, group, D, scale, out);
+  if (D <= 64) return LaunchPdl(&AttentionDecodeKernel<Rows, 2, kWarps>, grid, block, 0, stream, q, rows, H, group, D, scale, out);
+  if (D <= 128) return LaunchPdl(&AttentionDecodeKernel<Rows, 4, kWarps>, grid, block, 0, stream, q, rows, H, group, D, scale, out);
+  return LaunchPdl(&AttentionDecodeKernel<Rows, 8, kWarps>, grid, block, 0, stream, q, rows, H, group, D, scale, out);
 }
 
 // Launches the decode kernel with registers for D columns per row.
@@ -202,19 +215,11 @@ Status LaunchDecode(const float* q, Rows rows, int64_t blocks, int64_t heads, in
                                    std::to_string(kMaxDecodeHeadDim));
   }
   const float scale = 1.0f / sqrtf(static_cast<float>(D));
-  const auto grid = static_cast<unsigned int>(blocks);
   const int H = static_cast<int>(heads), group = static_cast<int>(heads / kv_heads), d = static_cast<int>(D);
-  cudaError_t err = cudaSuccess;
-  if (D <= 32) {
-    err = LaunchPdl(&AttentionDecodeKernel<Rows, 1>, grid, kDecodeThreads, 0, stream, q, rows, H, group, d, scale, out);
-  } else if (D <= 64) {
-    err = LaunchPdl(&AttentionDecodeKernel<Rows, 2>, grid, kDecodeThreads, 0, stream, q, rows, H, group, d, scale, out);
-  } else if (D <= 128) {
-    err = LaunchPdl(&AttentionDecodeKernel<Rows, 4>, grid, kDecodeThreads, 0, stream, q, rows, H, group, d, scale, out);
-  } else {
-    err = LaunchPdl(&AttentionDecodeKernel<Rows, 8>, grid, kDecodeThreads, 0, stream, q, rows, H, group, d, scale, out);
-  }
-  return CudaStatus(err, "AttentionDecodeKernel");
+  const bool few_rows = blocks / heads <= kGemvMaxRows;
+  return CudaStatus(few_rows ? LaunchDecodeWarps<kDecodeWarpsFew>(q, rows, blocks, H, group, d, scale, out, stream)
+                             : LaunchDecodeWarps<kDecodeWarpsMany>(q, rows, blocks, H, group, d, scale, out, stream),
+                    "AttentionDecodeKernel");
 }
 
 // ---- Prefill: a block per (query tile, head) ----------------------------------------------
