@@ -155,13 +155,7 @@ __global__ void __launch_bounds__(kBlockThreads, DHP <= 64 ? 2 : 1) AttentionTil
     const int64_t row = row0 + 8 * r;
     if (row >= T) continue;
     float* o = out + row * qdim + static_cast<int64_t>(h) * head_dim;
-#pragma unroll
-    for (int i = 0; i < DHP / 8; ++i)
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int col = i * 8 + 2 * t + c;
-        if (col < head_dim) o[col] = acc[i][2 * r + c] * inv_l;
-      }
+    ForEachOwnedElement(acc, r, t, head_dim, [&](int col, float v) { o[col] = v * inv_l; });
   }
 }
 

@@ -56,9 +56,8 @@ struct Scratch {
   DeviceBuffer<int32_t> ids;
   DeviceBuffer<int64_t> positions;
   DeviceBuffer<float2> rope;  // decode steps: each row's rotary factors [rows, head_dim / 2]
-  DeviceBuffer<int64_t> slots;
   DeviceBuffer<int32_t> next_ids;  // sampled decode steps: each row's token
-  DeviceBuffer<uint64_t> next_keys;  // greedy decode steps: each row's pick (ArgmaxKeyToken)
+  DeviceBuffer<int64_t> step_in;   // a decode step's inputs (StepInputs)
   // Sampled decode steps (SampleRows): the rules, their penalty ids and the sort's buffers.
   DeviceBuffer<DeviceTokenRule> rules;
   DeviceBuffer<int32_t> history;
@@ -78,6 +77,12 @@ struct Scratch {
 struct BatchTable {
   void** base = nullptr;
   int64_t B = 0;
+  // The step's inputs (StepInputs, uploaded in one copy): each row's token, position and
+  // write-staging slot, and the greedy picks' keys (zero until the LM head adds them).
+  const int32_t* ids = nullptr;
+  const int64_t* positions = nullptr;
+  const int64_t* slots = nullptr;
+  uint64_t* keys = nullptr;
   static constexpr int64_t kArrays = 7;
   void** Array(int64_t layer, int64_t k) const { return base + (layer * kArrays + k) * B; }
   float* const* KCaches(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 0)); }
@@ -87,6 +92,15 @@ struct BatchTable {
   float* const* Mass(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 4)); }
   float* const* PendingAttn(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 5)); }
   float* const* PendingOffer(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 6)); }
+};
+
+// Where a decode step's inputs sit in its one upload (int64 elements, B rows): positions,
+// write-staging slots, the greedy picks' keys (uploaded as zeros), then the token ids as
+// int32 (two per element).
+struct StepInputs {
+  int64_t B;
+  int64_t positions = 0, slots = B, keys = 2 * B, ids = 3 * B;
+  int64_t Elements() const { return 3 * B + (B + 1) / 2; }
 };
 
 class CudaState final : public SequenceState {
@@ -109,11 +123,11 @@ class CudaState final : public SequenceState {
   Scratch scratch_;
   PinnedBuffer<int32_t> ids_host_;
   PinnedBuffer<int64_t> positions_host_;
-  PinnedBuffer<int64_t> slots_host_;  // decode steps: each state's staging slot
   PinnedBuffer<float> staging_;  // one memory layer [N, d]: export and import
   PinnedBuffer<float> logits_host_;  // decode steps' logits
   PinnedBuffer<int32_t> next_host_;  // sampled decode steps' tokens
   PinnedBuffer<uint64_t> next_keys_host_;  // greedy decode steps' picks, as keys
+  PinnedBuffer<int64_t> step_host_;  // a decode step's inputs as uploaded (StepInputs)
   PinnedBuffer<DeviceTokenRule> rules_host_;  // sampled decode steps' rules
   PinnedBuffer<int32_t> history_host_;        // and their distinct penalty ids
   DeviceBuffer<char> cublas_workspace_;  // cuBLAS's, set on the handle (graph capture needs one)
@@ -518,18 +532,23 @@ class CudaModel final : public Model {
     Scratch& sc = lead.scratch_;
     const cudaStream_t st = lead.stream_.get();
     LM2_RETURN_IF_ERROR(EnsureScratch(lead, B, /*batch_step=*/true));
-    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.ids, Z(B)));
-    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.positions, Z(B)));
-    LM2_RETURN_IF_ERROR(EnsureCapacity(lead.ids_host_, Z(B)));
-    LM2_RETURN_IF_ERROR(EnsureCapacity(lead.positions_host_, Z(B)));
-    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.slots, Z(B)));
-    LM2_RETURN_IF_ERROR(EnsureCapacity(lead.slots_host_, Z(B)));
+    // The step's inputs, one upload (StepInputs): positions, staging slots, zeroed keys, ids.
+    const StepInputs in{B};
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.step_in, Z(in.Elements())));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(lead.step_host_, Z(in.Elements())));
+    int64_t* host_in = lead.step_host_.data();
     for (int64_t b = 0; b < B; ++b) {
-      lead.ids_host_.data()[b] = tokens[Z(b)];
-      lead.positions_host_.data()[b] = batch[Z(b)]->pos_;
-      lead.slots_host_.data()[b] = batch[Z(b)]->staged_;
+      host_in[in.positions + b] = batch[Z(b)]->pos_;
+      host_in[in.slots + b] = batch[Z(b)]->staged_;
+      host_in[in.keys + b] = 0;
     }
+    std::memcpy(host_in + in.ids, tokens.data(), Z(B) * sizeof(int32_t));
     LM2_ASSIGN_OR_RETURN(BatchTable table, UploadBatchTable(batch, lead));
+    int64_t* dev_in = sc.step_in.data();
+    table.positions = dev_in + in.positions;
+    table.slots = dev_in + in.slots;
+    table.keys = reinterpret_cast<uint64_t*>(dev_in + in.keys);
+    table.ids = reinterpret_cast<const int32_t*>(dev_in + in.ids);
     const int64_t V = cfg_.vocab_size;
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.logits, Z(B * V)));
     const StepOutput output =
@@ -540,7 +559,6 @@ class CudaModel final : public Model {
     if (output == StepOutput::kLogits) {
       LM2_RETURN_IF_ERROR(EnsureCapacity(lead.logits_host_, Z(B * V)));
     } else if (output == StepOutput::kArgmax) {
-      LM2_RETURN_IF_ERROR(EnsureCapacity(sc.next_keys, Z(B)));
       LM2_RETURN_IF_ERROR(EnsureCapacity(lead.next_keys_host_, Z(B)));
     } else {
       LM2_RETURN_IF_ERROR(EnsureCapacity(sc.next_ids, Z(B)));
@@ -549,17 +567,14 @@ class CudaModel final : public Model {
     // The step reads ids and positions from pinned memory and leaves the logits (or the
     // chosen ids) there, so all of it can be captured and replayed.
     auto step = [&]() -> Status {
-      if (output == StepOutput::kArgmax) {  // the LM head's GEMV adds each row's pick by atomicMax
-        LM2_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(sc.next_keys.data(), 0, Z(B) * sizeof(uint64_t), st));
-      }
-      LM2_RETURN_IF_ERROR(sc.ids.CopyFromHost(lead.ids_host_.data(), Z(B), st));
-      LM2_RETURN_IF_ERROR(sc.positions.CopyFromHost(lead.positions_host_.data(), Z(B), st));
-      LM2_RETURN_IF_ERROR(sc.slots.CopyFromHost(lead.slots_host_.data(), Z(B), st));
+      LM2_RETURN_IF_ERROR(sc.step_in.CopyFromHost(host_in, Z(in.Elements()), st));
       LM2_RETURN_IF_ERROR(RunLayers(lead, 0, B, 0, &table));
       if (output == StepOutput::kSampled) return LogitsOnDevice(lead, 0, B);
       if (output == StepOutput::kArgmax) {
-        LM2_RETURN_IF_ERROR(LogitsOnDevice(lead, 0, B, sc.next_keys.data()));
-        return sc.next_keys.CopyToHostAsync(lead.next_keys_host_.data(), Z(B), st);
+        LM2_RETURN_IF_ERROR(LogitsOnDevice(lead, 0, B, table.keys));
+        return CudaStatus(cudaMemcpyAsync(lead.next_keys_host_.data(), table.keys, Z(B) * sizeof(uint64_t),
+                                          cudaMemcpyDeviceToHost, st),
+                          "cudaMemcpyAsync(keys)");
       }
       LM2_RETURN_IF_ERROR(LogitsOnDevice(lead, 0, B));
       return CudaStatus(cudaMemcpyAsync(lead.logits_host_.data(), sc.logits.data(), Z(B * V) * sizeof(float),
@@ -661,9 +676,8 @@ class CudaModel final : public Model {
     const Scratch& sc = lead.scratch_;
     return {reinterpret_cast<const void*>(static_cast<std::intptr_t>(B)),
             reinterpret_cast<const void*>(static_cast<std::intptr_t>(output)), sc.next_ids.data(),
-            lead.next_host_.data(), sc.next_keys.data(), lead.next_keys_host_.data(),
-            sc.table.data(), sc.ids.data(), sc.positions.data(), lead.ids_host_.data(), lead.positions_host_.data(),
-            sc.slots.data(), lead.slots_host_.data(), sc.rope.data(),
+            lead.next_host_.data(), lead.next_keys_host_.data(), sc.table.data(), sc.step_in.data(),
+            lead.step_host_.data(), sc.rope.data(),
             sc.h.data(), sc.proj.data(), sc.q.data(), sc.attn_out.data(), sc.a.data(), sc.mattn.data(), sc.e.data(),
             sc.gate.data(), sc.gate_up.data(), sc.xb.data(), sc.yb.data(), sc.read_partial.data(), sc.logits.data(),
             lead.logits_host_.data(), lead.cublas_workspace_.data()};
@@ -705,10 +719,11 @@ class CudaModel final : public Model {
     const cudaStream_t st = s.stream_.get();
     cublasHandle_t blas = s.cublas_.get();
     Scratch& sc = s.scratch_;
-    const int64_t* positions = sc.positions.data() + first;
+    const int64_t* positions = batch != nullptr ? batch->positions : sc.positions.data() + first;
+    const int32_t* ids = batch != nullptr ? batch->ids : sc.ids.data() + first;
     float* h = sc.h.data();
 
-    LM2_RETURN_IF_ERROR(EmbeddingLookup(w_->embed, V, d, sc.ids.data() + first, n, h, st));
+    LM2_RETURN_IF_ERROR(EmbeddingLookup(w_->embed, V, d, ids, n, h, st));
     // A decode step's rotary factors, once for all its layers.
     if (batch != nullptr) LM2_RETURN_IF_ERROR(RopeFactorsBatch(positions, n, Dh, cfg_.rope_theta, sc.rope.data(), st));
     for (int64_t i = 0; i < cfg_.num_layers; ++i) {
@@ -751,7 +766,7 @@ class CudaModel final : public Model {
         const float* mq = proj + qdim + 2 * kvdim;
         const float* offer = mq + d;
         if (batch != nullptr) {  // the read stages each token's write terms too
-          const MemoryStage stage{.offer = offer, .offer_ld = P, .slots = sc.slots.data(),
+          const MemoryStage stage{.offer = offer, .offer_ld = P, .slots = batch->slots,
                                   .pending_attn = batch->PendingAttn(i), .pending_offer = batch->PendingOffer(i),
                                   .mass = batch->Mass(i)};
           LM2_RETURN_IF_ERROR(MemoryReadBatch(mq, P, batch->MemK(i), batch->MemV(i), n, N, d, Hm, sc.mattn.data(),

@@ -174,13 +174,7 @@ __global__ void __launch_bounds__(kBlockThreads, MinBlocks(DHP)) MemoryReadTiled
   for (int r = 0; r < 2; ++r) {
     const int64_t row = t0 + warp * 16 + g + 8 * r;
     if (row < T) {
-#pragma unroll
-      for (int nt = 0; nt < DHP / 8; ++nt)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int col = nt * 8 + 2 * t + c;
-          if (col < dh) e[row * d + j * dh + col] = out[nt][2 * r + c] * inv_l[r];
-        }
+      ForEachOwnedElement(out, r, t, dh, [&](int col, float v) { e[row * d + j * dh + col] = v * inv_l[r]; });
     }
     // The statistics of every row of the tile, padding rows (1/l = 0: no weight) included.
     if (t == 0) scratch.stats[j * Tp + row] = row < T ? make_float2(m[r], inv_l[r]) : make_float2(0.0f, 0.0f);
@@ -254,13 +248,7 @@ __global__ void __launch_bounds__(kBlockThreads, MinBlocks(DHP)) MemoryWriteTile
     const int64_t slot = n0 + warp * 16 + g + 8 * r;
     const float total = QuadSum(slot_mass[r]);
     if (slot < N) {
-#pragma unroll
-      for (int nt = 0; nt < DHP / 8; ++nt)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int col = nt * 8 + 2 * t + c;
-          if (col < dh) acc[slot * d + j * dh + col] += out[nt][2 * r + c];
-        }
+      ForEachOwnedElement(out, r, t, dh, [&](int col, float v) { acc[slot * d + j * dh + col] += v; });
       if (t == 0) mass[j * N + slot] += total;
     }
   }

@@ -164,6 +164,20 @@ __device__ __forceinline__ void TileProducts(const float (&p)[8][4], const __nv_
   }
 }
 
+// This lane's elements of row g + 8r of a row of output tiles (C fragments tiles[i], columns
+// [8i, 8i + 8)): fn(col, value) for its columns 8i + 2t and 8i + 2t + 1 below `width` (the
+// rest is padding).
+template <int kTiles, typename Fn>
+__device__ __forceinline__ void ForEachOwnedElement(const float (&tiles)[kTiles][4], int r, int t, int width, Fn&& fn) {
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int col = i * 8 + 2 * t + c;
+      if (col < width) fn(col, tiles[i][2 * r + c]);
+    }
+}
+
 __device__ __forceinline__ float QuadMax(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
   return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
