@@ -542,62 +542,84 @@ TEST_CASE("CausalAttention: decode and prefill kernels, GQA, over a KV cache", "
   }
 }
 
+// A memory read's inputs (q [T, d] fp32, memory K and V [N, d] in bf16 on the device) and
+// its double reference (probabilities [heads, T, N], e [T, d]) from the rounded K and V.
+struct MemoryReadCase {
+  DeviceBuffer<float> q;
+  DeviceBuffer<__nv_bfloat16> k, v;
+  std::vector<double> attn, e;
+};
+
+MemoryReadCase MakeMemoryReadCase(int64_t T, int64_t N, int64_t d, int64_t Hm) {
+  const int64_t dh = d / Hm;
+  auto q = Random(static_cast<std::size_t>(T * d)), mk = Random(static_cast<std::size_t>(N * d)),
+       mv = Random(static_cast<std::size_t>(N * d));
+  MemoryReadCase c{Upload(q), Poisoned<__nv_bfloat16>(mk.size()), Poisoned<__nv_bfloat16>(mv.size()), {}, {}};
+  auto dmk32 = Upload(mk), dmv32 = Upload(mv);
+  RequireOk(ConvertF32ToBf16(dmk32.data(), N * d, c.k.data(), Stream()));
+  RequireOk(ConvertF32ToBf16(dmv32.data(), N * d, c.v.data(), Stream()));
+  RequireOk(CudaStatus(cudaStreamSynchronize(Stream()), "convert"));  // the fp32 copies are freed next
+  for (auto* m : {&mk, &mv}) {
+    for (float& x : *m) x = RoundBf16(x);
+  }
+  c.attn.assign(static_cast<std::size_t>(Hm * T * N), 0.0);
+  c.e.assign(static_cast<std::size_t>(T * d), 0.0);
+  for (int64_t j = 0; j < Hm; ++j)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = 0; n < N; ++n) {
+        double dot = 0;
+        for (int64_t i = 0; i < dh; ++i) dot += static_cast<double>(q[t * d + j * dh + i]) * mk[n * d + j * dh + i];
+        c.attn[(j * T + t) * N + n] = dot / std::sqrt(static_cast<double>(dh));
+      }
+  SoftmaxRows(c.attn, static_cast<std::size_t>(Hm * T), static_cast<std::size_t>(N));
+  for (int64_t j = 0; j < Hm; ++j)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t i = 0; i < dh; ++i)
+          c.e[t * d + j * dh + i] += c.attn[(j * T + t) * N + n] * mv[n * d + j * dh + i];
+  return c;
+}
+
 TEST_CASE("MemoryRead: softmax over slots per memory head, attention-weighted values", "[cuda][ops]") {
   // {T, N, d, heads}
   const auto [T, N, d, Hm] = GENERATE(std::make_tuple(int64_t{1}, int64_t{12}, int64_t{16}, int64_t{4}),
                                       std::make_tuple(int64_t{5}, int64_t{12}, int64_t{16}, int64_t{4}),
                                       std::make_tuple(int64_t{7}, int64_t{33}, int64_t{96}, int64_t{3}),
                                       std::make_tuple(int64_t{3}, int64_t{2048}, int64_t{256}, int64_t{8}),
-                                      std::make_tuple(int64_t{1}, int64_t{2048}, int64_t{2048}, int64_t{16}),
                                       std::make_tuple(int64_t{1}, int64_t{2048}, int64_t{2048}, int64_t{32}),
-                                      std::make_tuple(int64_t{1}, int64_t{509}, int64_t{512}, int64_t{8}),
                                       std::make_tuple(int64_t{1}, int64_t{13}, int64_t{48}, int64_t{2}),
-                                      std::make_tuple(int64_t{2}, int64_t{509}, int64_t{2048}, int64_t{16}),
-                                      // Decode reads: more slots (5000), head widths 8 and 256.
-                                      std::make_tuple(int64_t{1}, int64_t{5000}, int64_t{256}, int64_t{8}),
-                                      std::make_tuple(int64_t{1}, int64_t{700}, int64_t{64}, int64_t{8}),
-                                      std::make_tuple(int64_t{1}, int64_t{300}, int64_t{512}, int64_t{2}));
+                                      std::make_tuple(int64_t{2}, int64_t{509}, int64_t{2048}, int64_t{16}));
   INFO("T=" << T << " N=" << N << " d=" << d << " heads=" << Hm);
-  const int64_t dh = d / Hm;
-  auto q = Random(static_cast<std::size_t>(T * d)), mk = Random(static_cast<std::size_t>(N * d)),
-       mv = Random(static_cast<std::size_t>(N * d));
-  // Memory K and V are bf16 on the device: the reference takes the rounded values.
-  auto dmk32 = Upload(mk), dmv32 = Upload(mv);
-  auto dmk = Poisoned<__nv_bfloat16>(mk.size()), dmv = Poisoned<__nv_bfloat16>(mv.size());
-  RequireOk(ConvertF32ToBf16(dmk32.data(), N * d, dmk.data(), Stream()));
-  RequireOk(ConvertF32ToBf16(dmv32.data(), N * d, dmv.data(), Stream()));
-  for (auto* m : {&mk, &mv}) {
-    for (float& v : *m) v = RoundBf16(v);
-  }
-  std::vector<double> want_attn(static_cast<std::size_t>(Hm * T * N)), want_e(static_cast<std::size_t>(T * d), 0.0);
-  for (int64_t j = 0; j < Hm; ++j)
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t n = 0; n < N; ++n) {
-        double dot = 0;
-        for (int64_t c = 0; c < dh; ++c) dot += static_cast<double>(q[t * d + j * dh + c]) * mk[n * d + j * dh + c];
-        want_attn[(j * T + t) * N + n] = dot / std::sqrt(static_cast<double>(dh));
-      }
-  SoftmaxRows(want_attn, static_cast<std::size_t>(Hm * T), static_cast<std::size_t>(N));
-  for (int64_t j = 0; j < Hm; ++j)
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t c = 0; c < dh; ++c)
-          want_e[t * d + j * dh + c] += want_attn[(j * T + t) * N + n] * mv[n * d + j * dh + c];
-  auto dq = Upload(q);
-  auto dattn = Poisoned<float>(want_attn.size()), de = Poisoned<float>(want_e.size());
+  auto c = MakeMemoryReadCase(T, N, d, Hm);
+  auto dattn = Poisoned<float>(c.attn.size()), de = Poisoned<float>(c.e.size());
   auto read_b = Poisoned<__nv_bfloat16>(static_cast<std::size_t>(MemoryReadScratch(T, N, d, Hm)));
-  RequireOk(MemoryRead(Cublas(), dq.data(), d, dmk.data(), dmv.data(), T, N, d, Hm, dattn.data(), de.data(),
+  RequireOk(MemoryRead(Cublas(), c.q.data(), d, c.k.data(), c.v.data(), T, N, d, Hm, dattn.data(), de.data(),
                        read_b.data(), Stream()));
-  CHECK(RelErr(Download(dattn), want_attn) < kTolBf16Operands);
-  CHECK(RelErr(Download(de), want_e) < kTolBf16Operands);
-  if (T == 1) {  // the decode kernels: q, scores and probabilities in fp32
-    auto dattn1 = Poisoned<float>(want_attn.size()), de1 = Poisoned<float>(want_e.size());
-    auto scratch = Poisoned<float>(static_cast<std::size_t>(MemoryReadDecodeScratch(1, N, d, Hm)));
-    RequireOk(MemoryReadOneToken(dq.data(), d, dmk.data(), dmv.data(), N, d, Hm, dattn1.data(), de1.data(),
-                                 scratch.data(), Stream()));
-    CHECK(RelErr(Download(dattn1), want_attn) < kTolReduce);
-    CHECK(RelErr(Download(de1), want_e) < kTolReduce);
-  }
+  CHECK(RelErr(Download(dattn), c.attn) < kTolBf16Operands);
+  CHECK(RelErr(Download(de), c.e) < kTolBf16Operands);
+}
+
+// The decode kernels (q, scores and probabilities in fp32), without cuBLAS: racecheck runs
+// this case (tools/device/run_gpu_tests.sh).
+TEST_CASE("MemoryReadOneToken: the decode read kernels", "[cuda][ops]") {
+  // {N, d, heads}: the one-pass read (dh / 8 a power of two: 8 ... 256, slot tails) and the
+  // general one (dh 4, 24).
+  const auto [N, d, Hm] = GENERATE(std::make_tuple(int64_t{12}, int64_t{16}, int64_t{4}),
+                                   std::make_tuple(int64_t{2048}, int64_t{2048}, int64_t{16}),
+                                   std::make_tuple(int64_t{2048}, int64_t{2048}, int64_t{32}),
+                                   std::make_tuple(int64_t{509}, int64_t{512}, int64_t{8}),
+                                   std::make_tuple(int64_t{13}, int64_t{48}, int64_t{2}),
+                                   std::make_tuple(int64_t{5000}, int64_t{256}, int64_t{8}),
+                                   std::make_tuple(int64_t{700}, int64_t{64}, int64_t{8}),
+                                   std::make_tuple(int64_t{300}, int64_t{512}, int64_t{2}));
+  INFO("N=" << N << " d=" << d << " heads=" << Hm);
+  auto c = MakeMemoryReadCase(1, N, d, Hm);
+  auto dattn = Poisoned<float>(c.attn.size()), de = Poisoned<float>(c.e.size());
+  auto scratch = Poisoned<float>(static_cast<std::size_t>(MemoryReadDecodeScratch(1, N, d, Hm)));
+  RequireOk(MemoryReadOneToken(c.q.data(), d, c.k.data(), c.v.data(), N, d, Hm, dattn.data(), de.data(),
+                               scratch.data(), Stream()));
+  CHECK(RelErr(Download(dattn), c.attn) < kTolReduce);
+  CHECK(RelErr(Download(de), c.e) < kTolReduce);
 }
 
 TEST_CASE("Memory write: streamed sums, write update, gated commit", "[cuda][ops]") {
