@@ -58,8 +58,9 @@ std::shared_ptr<const ModelFiles> Files(const std::string& dir) {
 std::unique_ptr<Model> LoadCuda(const std::shared_ptr<const ModelFiles>& files, int64_t chunk = 512,
                                 int64_t gemm_attention_from = 32, bool graphs = true, int64_t flush = 16,
                                 int64_t gemv_rows = lm2::runtime::CudaOptions{}.gemv_max_rows,
-                                bool tiled = true) {
+                                bool tiled = true, bool side_read = true) {
   lm2::runtime::CudaOptions options;
+  options.concurrent_memory_read = side_read;
   options.tiled_memory = tiled;
   options.tiled_attention = tiled;
   options.gemv_max_rows = gemv_rows;
@@ -458,6 +459,44 @@ TEST_CASE("CUDA ForwardBatch: one forward for many sessions equals each decoding
     CHECK(gpu->ForwardBatch(mixed, std::vector<int32_t>{1, 2}, &logits).code() == lm2::StatusCode::kInvalidArgument);
     CHECK(batched[0]->context_length() == before);
   }
+}
+
+TEST_CASE("Memory reads on the side stream give the same bits as on the main stream", "[cuda][model]") {
+  // Tiled chunks (the read and write sums beside tensor-core attention), decode steps
+  // (graphs, staged writes, a flush every 3) and a batched step: logits and banks equal.
+  auto files = Files(TestModelDir("tiny-lm2"));
+  auto side = LoadCuda(files, 512, 32, true, /*flush=*/3, lm2::runtime::CudaOptions{}.gemv_max_rows, true, true);
+  auto one = LoadCuda(files, 512, 32, true, /*flush=*/3, lm2::runtime::CudaOptions{}.gemv_max_rows, true, false);
+  auto a = NewState(*side), a2 = NewState(*side);
+  auto b = NewState(*one), b2 = NewState(*one);
+  std::vector<float> la, lb;
+  std::vector<int32_t> prompt(45);
+  for (std::size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 53 + 7) % 500);
+  RequireOk(side->Forward(*a, prompt, LogitsMode::kAll, &la));
+  RequireOk(one->Forward(*b, prompt, LogitsMode::kAll, &lb));
+  CHECK(la == lb);
+  for (int i = 0; i < 7; ++i) {
+    const int32_t token = i == 0 ? 17 : Argmax(lb);  // lb: the last step's logits (the prompt's: every row)
+    RequireOk(side->Forward(*a, std::vector<int32_t>{token}, LogitsMode::kLast, &la));
+    RequireOk(one->Forward(*b, std::vector<int32_t>{token}, LogitsMode::kLast, &lb));
+    CHECK(la == lb);
+  }
+  RequireOk(side->Forward(*a2, prompt, LogitsMode::kLast, &la));
+  RequireOk(one->Forward(*b2, prompt, LogitsMode::kLast, &lb));
+  std::vector<SequenceState*> sa = {a.get(), a2.get()}, sb = {b.get(), b2.get()};
+  std::vector<int32_t> na, nb;
+  for (int i = 0; i < 3; ++i) {
+    RequireOk(side->ForwardBatchGreedy(sa, std::vector<int32_t>{5 + i, 9 + i}, &na));
+    RequireOk(one->ForwardBatchGreedy(sb, std::vector<int32_t>{5 + i, 9 + i}, &nb));
+    CHECK(na == nb);
+  }
+  RequireOk(side->EndSegment(*a));
+  RequireOk(one->EndSegment(*b));
+  auto ma = side->ExportMemory(*a);
+  auto mb = one->ExportMemory(*b);
+  REQUIRE((ma.ok() && mb.ok()));
+  REQUIRE(ma->layers.size() == mb->layers.size());
+  for (std::size_t l = 0; l < ma->layers.size(); ++l) CHECK(ma->layers[l].data == mb->layers[l].data);
 }
 
 TEST_CASE("CUDA graphs replay decode steps bit-identically, also after the buffers they use move",

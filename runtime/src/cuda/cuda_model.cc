@@ -112,6 +112,8 @@ class CudaState final : public SequenceState {
 
   const void* owner_;
   CudaStream stream_;
+  CudaStream side_stream_;    // the memory reads beside attention (concurrent_memory_read)
+  CudaEvent fork_, join_;     // ordering the side stream after / before the main one
   CublasHandle cublas_;
   std::vector<LayerState> layers_;
   int64_t kv_capacity_ = 0;  // rows of every layer's k_cache / v_cache
@@ -177,6 +179,9 @@ class CudaModel final : public Model {
     LM2_RETURN_IF_ERROR(UseDevice(w_->device));
     auto s = std::make_unique<CudaState>(this);
     LM2_ASSIGN_OR_RETURN(s->stream_, CudaStream::Create());
+    LM2_ASSIGN_OR_RETURN(s->side_stream_, CudaStream::Create());
+    LM2_ASSIGN_OR_RETURN(s->fork_, CudaEvent::Create());
+    LM2_ASSIGN_OR_RETURN(s->join_, CudaEvent::Create());
     LM2_ASSIGN_OR_RETURN(s->cublas_, CublasHandle::Create());
     constexpr std::size_t kWorkspace = std::size_t{8} << 20;
     LM2_ASSIGN_OR_RETURN(s->cublas_workspace_, DeviceBuffer<char>::Allocate(kWorkspace));
@@ -735,6 +740,39 @@ class CudaModel final : public Model {
       // Attention: one GEMM for q, k, v (and the memory query and write offer), then RoPE
       // straight into q and the cache rows of this chunk.
       LM2_RETURN_IF_ERROR(NormLinear(s, h, n, lw.input_norm, lw.x_proj, P, proj));
+
+      // The memory read (decode: with the write terms staged; tiled chunks: with the write
+      // sums) needs only the projection: without cuBLAS it runs on the side stream beside
+      // self-attention and o_proj, joined before the output gate.
+      const float* mq = proj + qdim + 2 * kvdim;
+      const float* offer = mq + d;
+      auto read_memory = [&](cudaStream_t mst) -> Status {
+        if (batch != nullptr) {  // the read stages each token's write terms too
+          const MemoryStage stage{.offer = offer, .offer_ld = P, .slots = batch->slots,
+                                  .pending_attn = batch->PendingAttn(i), .pending_offer = batch->PendingOffer(i),
+                                  .mass = batch->Mass(i)};
+          return MemoryReadBatch(mq, P, batch->MemK(i), batch->MemV(i), n, N, d, Hm, sc.mattn.data(), sc.e.data(),
+                                 sc.read_partial.data(), &stage, mst);
+        }
+        if (n == 1) {
+          return MemoryReadOneToken(mq, P, ls.mem_k.data(), ls.mem_v.data(), N, d, Hm, sc.mattn.data(), sc.e.data(),
+                                    sc.read_partial.data(), mst);
+        }
+        if (tiled_memory_) {  // the write sums too
+          return MemoryReadWrite(mq, P, offer, P, ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm, sc.e.data(),
+                                 ls.mass.data(), ls.acc.data(), sc.read_stats.data(), mst);
+        }
+        return MemoryRead(blas, mq, P, ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm, sc.mattn.data(), sc.e.data(),
+                          sc.read_b.data(), mst);
+      };
+      const bool side_read =
+          lw.has_memory && options_.concurrent_memory_read && (batch != nullptr || n == 1 || tiled_memory_);
+      if (side_read) {
+        const cudaStream_t side = s.side_stream_.get();
+        LM2_RETURN_IF_ERROR(s.fork_.Order(st, side));
+        LM2_RETURN_IF_ERROR(read_memory(side));
+      }
+
       if (batch != nullptr) {  // one token per session, each with its own cache: RoPE, cache append and attention
         LM2_RETURN_IF_ERROR(RopeAttentionDecodeBatch(proj, P, positions, sc.rope.data(), batch->KCaches(i),
                                                      batch->VCaches(i), n, H, Hkv, Dh, sc.attn_out.data(), st));
@@ -762,26 +800,12 @@ class CudaModel final : public Model {
       }
 
       if (lw.has_memory) {
-        const CudaMemoryWeights& mw = lw.memory;
-        const float* mq = proj + qdim + 2 * kvdim;
-        const float* offer = mq + d;
-        if (batch != nullptr) {  // the read stages each token's write terms too
-          const MemoryStage stage{.offer = offer, .offer_ld = P, .slots = batch->slots,
-                                  .pending_attn = batch->PendingAttn(i), .pending_offer = batch->PendingOffer(i),
-                                  .mass = batch->Mass(i)};
-          LM2_RETURN_IF_ERROR(MemoryReadBatch(mq, P, batch->MemK(i), batch->MemV(i), n, N, d, Hm, sc.mattn.data(),
-                                              sc.e.data(), sc.read_partial.data(), &stage, st));
-        } else if (n == 1) {
-          LM2_RETURN_IF_ERROR(MemoryReadOneToken(mq, P, ls.mem_k.data(), ls.mem_v.data(), N, d, Hm, sc.mattn.data(),
-                                                 sc.e.data(), sc.read_partial.data(), st));
-        } else if (tiled_memory_) {  // the write sums too
-          LM2_RETURN_IF_ERROR(MemoryReadWrite(mq, P, offer, P, ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm,
-                                              sc.e.data(), ls.mass.data(), ls.acc.data(), sc.read_stats.data(), st));
+        if (side_read) {
+          LM2_RETURN_IF_ERROR(s.join_.Order(s.side_stream_.get(), st));
         } else {
-          LM2_RETURN_IF_ERROR(MemoryRead(blas, mq, P, ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm, sc.mattn.data(),
-                                         sc.e.data(), sc.read_b.data(), st));
+          LM2_RETURN_IF_ERROR(read_memory(st));
         }
-        LM2_RETURN_IF_ERROR(OutputGate(s, n, mw, h));
+        LM2_RETURN_IF_ERROR(OutputGate(s, n, lw.memory, h));
         // The write sums (a batched step's were staged by its read, a tiled chunk's added by it).
         if (batch == nullptr && n == 1) {
           LM2_RETURN_IF_ERROR(

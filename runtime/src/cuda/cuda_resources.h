@@ -220,6 +220,23 @@ class CudaStream : public detail::OwnedHandle<cudaStream_t, &cudaStreamDestroy> 
   }
 };
 
+// A CUDA event without timing: orders work between streams (record on one, wait on
+// another), also inside a graph capture, where it becomes an edge of the graph.
+class CudaEvent : public detail::OwnedHandle<cudaEvent_t, &cudaEventDestroy> {
+ public:
+  static Result<CudaEvent> Create() {
+    CudaEvent e;
+    DeviceCallScope scope(CaptureExclusion());
+    LM2_RETURN_IF_ERROR(CudaStatus(cudaEventCreateWithFlags(&e.handle_, cudaEventDisableTiming), "cudaEventCreate"));
+    return e;
+  }
+  // Work enqueued on `waiter` from now on runs after what was enqueued on `signaller` so far.
+  Status Order(cudaStream_t signaller, cudaStream_t waiter) const {
+    LM2_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(handle_, signaller), "cudaEventRecord"));
+    return CudaStatus(cudaStreamWaitEvent(waiter, handle_, 0), "cudaStreamWaitEvent");
+  }
+};
+
 // A cuBLAS handle (its workspace is cuBLAS's own unless set). Linear sets the stream on each
 // call.
 class CublasHandle : public detail::OwnedHandle<cublasHandle_t, &cublasDestroy> {

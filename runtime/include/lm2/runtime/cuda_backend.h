@@ -57,6 +57,10 @@ struct CudaOptions {
   // whether it decodes alone or in a ForwardBatch within that limit; beyond it they agree to
   // fp32 rounding (cuBLAS sums in another order).
   int64_t gemv_max_rows = 8;
+  // Each memory layer's read runs on a second stream of the state, beside the layer's
+  // self-attention and output projection (they are independent), where the read uses no
+  // cuBLAS (decode steps, and tiled_memory chunks). Same results either way; off: one stream.
+  bool concurrent_memory_read = true;
 };
 
 // Uploads the weights of `files` to the device and returns a model on it. Unavailable when
