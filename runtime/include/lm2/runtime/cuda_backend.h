@@ -60,6 +60,7 @@ struct CudaOptions {
   // Each memory layer's read runs on a second stream of the state, beside the layer's
   // self-attention and output projection (they are independent), where the read uses no
   // cuBLAS (decode steps, and tiled_memory chunks). Same results either way; off: one stream.
+  // Decode 790 -> 839 tokens/s, prefill of 4096 tokens 86.5k -> 94.2k on an H200.
   bool concurrent_memory_read = true;
 };
 
