@@ -102,7 +102,7 @@ __device__ __forceinline__ float CacheLoad(const float* p) {
 // Lane l owns columns l, l + 32, ... (kCols of them, D <= 32 * kCols) of the query, of each
 // key and value row and of the output, in registers. A warp loads K keys' key and value rows
 // at once (one memory round trip: their latencies overlap), reduces the K dot products, then
-// folds the K values into its running output with one online-softmax rescale; the 8 warps'
+// folds the K values into its running output with one online-softmax rescale; the warps'
 // partial results merge at the end.
 template <typename Rows, int kCols, int kDecodeWarps>
 __global__ void __launch_bounds__(kDecodeWarps * 32) AttentionDecodeKernel(const float* __restrict__ q, Rows rows,
@@ -200,10 +200,11 @@ cudaError_t LaunchDecodeWarps(const float* q, Rows rows, int64_t blocks, int H, 
                               float* out, cudaStream_t stream) {
   const auto grid = static_cast<unsigned int>(blocks);
   const dim3 block(kWarps * 32);
-  if (D <= 32) return LaunchPdl(&AttentionDecodeKernel<Rows, 1, kWarps>, grid, block, 0, stream, q, rows, H, group, D, scale, out);
-  if (D <= 64) return LaunchPdl(&AttentionDecodeKernel<Rows, 2, kWarps>, grid, block, 0, stream, q, rows, H, group, D, scale, out);
-  if (D <= 128) return LaunchPdl(&AttentionDecodeKernel<Rows, 4, kWarps>, grid, block, 0, stream, q, rows, H, group, D, scale, out);
-  return LaunchPdl(&AttentionDecodeKernel<Rows, 8, kWarps>, grid, block, 0, stream, q, rows, H, group, D, scale, out);
+  auto launch = [&](auto kernel) { return LaunchPdl(kernel, grid, block, 0, stream, q, rows, H, group, D, scale, out); };
+  if (D <= 32) return launch(&AttentionDecodeKernel<Rows, 1, kWarps>);
+  if (D <= 64) return launch(&AttentionDecodeKernel<Rows, 2, kWarps>);
+  if (D <= 128) return launch(&AttentionDecodeKernel<Rows, 4, kWarps>);
+  return launch(&AttentionDecodeKernel<Rows, 8, kWarps>);
 }
 
 // Launches the decode kernel with registers for D columns per row.

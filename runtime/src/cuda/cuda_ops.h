@@ -128,7 +128,8 @@ Status AddInPlace(float* x, const float* y, int64_t n, cudaStream_t stream);
 inline int32_t ArgmaxKeyToken(uint64_t key) {
   return key == 0 ? 0 : static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(key & 0xFFFFFFFFu));
 }
-// keys[r] = the key of row r of x[rows, cols] (keys are zeroed first, on the stream).
+// keys[r] = the key of row r of x[rows, cols], rows <= 65535 (keys are zeroed first, on the
+// stream).
 Status ArgmaxRows(const float* x, int64_t rows, int64_t cols, uint64_t* keys, cudaStream_t stream);
 
 // ---- Sampling (sample.cu) -------------------------------------------------------------------
