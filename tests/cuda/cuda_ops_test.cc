@@ -313,6 +313,9 @@ TEST_CASE("Gemv refuses what it cannot take", "[cuda][ops]") {
   bad.input = GemvInput::kRmsNorm;  // no norm weight
   CHECK(Gemv(bad, Stream()).IsInvalidArgument());
   bad = g;
+  bad.output = GemvOutput::kStoreArgmax;  // no keys for the picks
+  CHECK(Gemv(bad, Stream()).IsInvalidArgument());
+  bad = g;
   bad.rows = 0;
   bad.x = nullptr;
   CHECK(Gemv(bad, Stream()).ok());  // nothing to do

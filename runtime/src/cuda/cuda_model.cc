@@ -569,8 +569,8 @@ class CudaModel final : public Model {
       LM2_RETURN_IF_ERROR(EnsureCapacity(sc.next_ids, Z(B)));
       LM2_RETURN_IF_ERROR(EnsureCapacity(lead.next_host_, Z(B)));
     }
-    // The step reads ids and positions from pinned memory and leaves the logits (or the
-    // chosen ids) there, so all of it can be captured and replayed.
+    // The step reads its inputs from pinned memory (one upload) and leaves the logits (or
+    // the picks) there, so all of it can be captured and replayed.
     auto step = [&]() -> Status {
       LM2_RETURN_IF_ERROR(sc.step_in.CopyFromHost(host_in, Z(in.Elements()), st));
       LM2_RETURN_IF_ERROR(RunLayers(lead, 0, B, 0, &table));
@@ -830,19 +830,23 @@ class CudaModel final : public Model {
   // give the same bf16 inputs; only the fp32 summation order differs.
   bool Small(int64_t n) const { return n <= gemv_rows_; }
 
-  // y[n, out] = bf16(RMSNorm(x; norm)) · Wᵀ.
+  // y[n, out] = bf16(RMSNorm(x; norm)) · Wᵀ; with argmax_keys, also each row's greedy pick
+  // (ArgmaxRows' keys): from the GEMV itself (keys zeroed by the caller), else a pass over y.
   Status NormLinear(CudaState& s, const float* x, int64_t n, const float* norm, const bf16* w, int64_t out,
-                    float* y) const {
+                    float* y, uint64_t* argmax_keys = nullptr) const {
     const int64_t d = cfg_.hidden_size;
     const auto eps = static_cast<float>(cfg_.rms_norm_eps);
     const cudaStream_t st = s.stream_.get();
     if (Small(n)) {
       return Gemv({.input = GemvInput::kRmsNorm, .x = x, .x_ld = d, .norm_weight = norm, .eps = eps, .w = w, .rows = n,
-                   .in = d, .out = out, .y = y},
+                   .in = d, .out = out,
+                   .output = argmax_keys != nullptr ? GemvOutput::kStoreArgmax : GemvOutput::kStore, .y = y,
+                   .argmax_keys = argmax_keys},
                   st);
     }
     LM2_RETURN_IF_ERROR(RmsNormBf16(x, norm, n, d, eps, s.scratch_.xb.data(), st));
-    return Linear(s.cublas_.get(), s.scratch_.xb.data(), n, d, w, out, y, false, st);
+    LM2_RETURN_IF_ERROR(Linear(s.cublas_.get(), s.scratch_.xb.data(), n, d, w, out, y, false, st));
+    return argmax_keys != nullptr ? ArgmaxRows(y, n, out, argmax_keys, st) : Status::Ok();
   }
 
   // y[n, out] (+)= bf16(x) · Wᵀ for fp32 x [n, in].
@@ -888,22 +892,12 @@ class CudaModel final : public Model {
     return Linear(s.cublas_.get(), sc.yb.data(), n, F, w_down, d, h, true, st);
   }
 
-  // Logits of chunk rows [row, row + rows) into sc.logits [rows, V] (sized by the caller);
-  // with argmax_keys, also each row's greedy pick (ArgmaxRows' keys): from the LM head's
-  // GEMV itself (keys zeroed by the caller), else a pass over the logits.
+  // Logits of chunk rows [row, row + rows) into sc.logits [rows, V] (sized by the caller),
+  // with argmax_keys each row's greedy pick too (NormLinear).
   Status LogitsOnDevice(CudaState& s, int64_t row, int64_t rows, uint64_t* argmax_keys = nullptr) const {
     const int64_t d = cfg_.hidden_size, V = cfg_.vocab_size;
     Scratch& sc = s.scratch_;
-    const float* x = sc.h.data() + row * d;
-    if (argmax_keys != nullptr && Small(rows)) {
-      return Gemv({.input = GemvInput::kRmsNorm, .x = x, .x_ld = d, .norm_weight = w_->final_norm,
-                   .eps = static_cast<float>(cfg_.rms_norm_eps), .w = w_->lm_head, .rows = rows, .in = d, .out = V,
-                   .output = GemvOutput::kStoreArgmax, .y = sc.logits.data(), .argmax_keys = argmax_keys},
-                  s.stream_.get());
-    }
-    LM2_RETURN_IF_ERROR(NormLinear(s, x, rows, w_->final_norm, w_->lm_head, V, sc.logits.data()));
-    if (argmax_keys == nullptr) return Status::Ok();
-    return ArgmaxRows(sc.logits.data(), rows, V, argmax_keys, s.stream_.get());
+    return NormLinear(s, sc.h.data() + row * d, rows, w_->final_norm, w_->lm_head, V, sc.logits.data(), argmax_keys);
   }
 
   // The same, copied to host `out` [rows, V] (waits for the stream).
