@@ -115,6 +115,32 @@ uint16_t Bits(__nv_bfloat16 v) {
 
 }  // namespace
 
+TEST_CASE("Device memory freed while another stream still writes it is not handed out before that ends",
+          "[cuda][ops]") {
+  // A buffer being filled on one stream is freed at once; a new buffer of the same size
+  // (the pool's reuse makes it the same memory, as cudaMalloc may) is filled on another
+  // stream. The free must wait for the first fill, or its tail lands in the new buffer.
+  auto other = CudaStream::Create();
+  RequireOk(other.status());
+  const std::size_t n = std::size_t{1} << 28;  // 256 MiB: ~0.1 ms of memset
+  for (int round = 0; round < 3; ++round) {
+    auto old_buffer = DeviceBuffer<unsigned char>::Allocate(n);
+    RequireOk(old_buffer.status());
+    for (int i = 0; i < 8; ++i) RequireOk(old_buffer->FillBytes(1, other->get()));
+    *old_buffer = DeviceBuffer<unsigned char>();
+    auto fresh = DeviceBuffer<unsigned char>::Allocate(n);
+    RequireOk(fresh.status());
+    RequireOk(fresh->FillBytes(2, Stream()));
+    const auto bytes = Download(*fresh);
+    CHECK(std::count(bytes.begin(), bytes.end(), static_cast<unsigned char>(2)) == static_cast<std::ptrdiff_t>(n));
+  }
+  TrimDevicePool(0);  // hands the unused memory back; later allocations still work
+  auto after = DeviceBuffer<float>::Allocate(1024);
+  RequireOk(after.status());
+  RequireOk(after->FillBytes(0, Stream()));
+  CHECK(Download(*after) == std::vector<float>(1024, 0.0f));
+}
+
 TEST_CASE("ConvertF32ToBf16 rounds to nearest even, ConvertBf16ToF32 is exact", "[cuda][ops]") {
   const int64_t n = GENERATE(1, 1001, 70001);
   auto x = Random(static_cast<std::size_t>(n), 10.0f);

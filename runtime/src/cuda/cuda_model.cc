@@ -164,6 +164,16 @@ class CudaModel final : public Model {
     tiled_attention_ = options_.tiled_attention && major >= 8 && CausalAttentionTiledSupported(cfg_.head_dim);
   }
 
+  // The weights go back to the device's memory pool, which then hands what it keeps unused
+  // back to the driver (states still alive keep theirs).
+  ~CudaModel() override {
+    const int device = w_->device;
+    w_.reset();
+    TrimDevicePool(device);
+  }
+  CudaModel(const CudaModel&) = delete;
+  CudaModel& operator=(const CudaModel&) = delete;
+
   const ModelConfig& config() const override { return cfg_; }
   const std::string& fingerprint() const override { return files_->Fingerprint(); }
   std::string backend_name() const override { return "cuda:" + std::to_string(w_->device); }

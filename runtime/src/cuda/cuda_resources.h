@@ -38,6 +38,15 @@ using DeviceCallScope = std::shared_lock<std::shared_mutex>;
 // Held while a graph is captured.
 using CaptureScope = std::unique_lock<std::shared_mutex>;
 
+// Device memory (device_pool.cc): from lm2's stream-ordered pool of the current device,
+// which keeps freed memory for the next allocation (LM2_CUDA_POOL=0: cudaMalloc). Usable
+// from every stream when DeviceAlloc returns; DeviceFree waits for the device's queued work
+// first, as cudaFree does. TrimDevicePool hands what the pool keeps unused back to the
+// driver (when a model's weights are freed).
+cudaError_t DeviceAlloc(void** p, std::size_t bytes);
+void DeviceFree(void* p);
+void TrimDevicePool(int device);
+
 namespace detail {
 
 // Owns `count` elements of T in the memory of `Space` (Alloc / Free / kAlloc name):
@@ -92,9 +101,9 @@ class OwnedArray {
 };
 
 struct DeviceSpace {
-  static constexpr const char* kAlloc = "cudaMalloc";
-  static cudaError_t Alloc(void** p, std::size_t bytes) { return cudaMalloc(p, bytes); }
-  static void Free(void* p) { (void)cudaFree(p); }
+  static constexpr const char* kAlloc = "device memory allocation";
+  static cudaError_t Alloc(void** p, std::size_t bytes) { return DeviceAlloc(p, bytes); }
+  static void Free(void* p) { DeviceFree(p); }
 };
 
 struct PinnedSpace {
@@ -136,7 +145,7 @@ class OwnedHandle {
 
 }  // namespace detail
 
-// `count` elements of T in device memory (cudaMalloc; contents undefined until written).
+// `count` elements of T in device memory (DeviceAlloc; contents undefined until written).
 template <typename T>
 class DeviceBuffer : public detail::OwnedArray<T, detail::DeviceSpace> {
  public:
