@@ -5,13 +5,14 @@
 //                                   the PyTorch baseline, writes the report; docs/benchmarks.md)
 //   lm2_cuda_bench --model DIR [--decode-tokens 128] [--prompt-tokens 32] [--prefill 512,4096]
 //                  [--sessions 8,32,64] [--repeats 3] [--json OUT] [--profile-prefill T]
-//                  [--tiled 0|1] [--chunk N] [--side-read 0|1] [--profile-decode N]
+//                  [--tiled 0|1] [--chunk N] [--side-read 0|1] [--warm-up 0|1] [--profile-decode N]
 //                                                  (--decode-tokens 0: prefill only)
 //
 //   --tiled 0: multi-token chunks read memory and attend through the cuBLAS GEMM forms
 //   instead of the tensor-core tile kernels (CudaOptions::tiled_memory, tiled_attention);
 //   --chunk: CudaOptions::max_chunk_tokens; --side-read 0: the memory reads on the main
-//   stream (CudaOptions::concurrent_memory_read).
+//   stream (CudaOptions::concurrent_memory_read); --warm-up 0: no warm-up turn at load
+//   (CudaOptions::warm_up), so the first turn's figure shows the kernels' first-use costs.
 //
 //   --profile-prefill T: only a warm-up prefill of T tokens and then one more between
 //   cudaProfilerStart and cudaProfilerStop, for a profiler that starts off, e.g.
@@ -557,6 +558,7 @@ int main(int argc, char** argv) {
     else if (k == "--tiled") options.tiled_memory = options.tiled_attention = v != "0";
     else if (k == "--chunk") options.max_chunk_tokens = std::stoll(v);
     else if (k == "--side-read") options.concurrent_memory_read = v != "0";
+    else if (k == "--warm-up") options.warm_up = v != "0";
     else Die("unknown option " + k);
   }
   if (model_dir.empty()) Die("usage: lm2_cuda_bench --model DIR [options] (see the source's header)");
@@ -583,6 +585,26 @@ int main(int argc, char** argv) {
               static_cast<long long>(cfg.num_kv_heads), static_cast<long long>(cfg.memory_slots),
               static_cast<long long>(cfg.memory_heads), cfg.memory_layers.size(),
               static_cast<long long>(cfg.vocab_size), Seconds(t_load, Clock::now()));
+  double first_turn = 0, second_turn = 0;
+  {  // A session's first turn right after the load, and the same again: what the first reply pays.
+    auto turn = [&] {
+      const auto t0 = Clock::now();
+      auto s = Take(model->NewState(), "state");
+      std::vector<float> logits;
+      Check(model->Forward(*s, Tokens(prompt_tokens, cfg.vocab_size, 7), LogitsMode::kLast, &logits), "prompt");
+      lm2::runtime::SequenceState* const one[] = {s.get()};
+      std::vector<int32_t> next = {1};
+      for (int64_t i = 0; i < 32; ++i) Check(model->ForwardBatchGreedy(one, std::vector<int32_t>(next), &next), "step");
+      Check(model->EndSegment(*s), "end");
+      return Seconds(t0, Clock::now());
+    };
+    first_turn = turn();
+    second_turn = turn();
+    std::printf("first turn after the load (new state, %lld-token prompt, 32 greedy steps, segment end; warm-up %s): "
+                "%.1f ms; the same again: %.1f ms\n",
+                static_cast<long long>(prompt_tokens), options.warm_up ? "on" : "off", first_turn * 1e3,
+                second_turn * 1e3);
+  }
   const Shape shape{static_cast<double>(cfg.hidden_size),
                     static_cast<double>(cfg.num_heads * cfg.head_dim),
                     static_cast<double>(cfg.num_kv_heads * cfg.head_dim),
@@ -628,7 +650,8 @@ int main(int argc, char** argv) {
     SamplingOps(cfg.vocab_size, sessions.empty() ? 64 : sessions.back());
   }
   std::ostringstream json;
-  json << "{\"device\": \"" << dev.name << "\", \"copy_bandwidth_Bps\": " << bw << ", \"gemm_flops\": " << gemm;
+  json << "{\"device\": \"" << dev.name << "\", \"copy_bandwidth_Bps\": " << bw << ", \"gemm_flops\": " << gemm
+       << ", \"first_turn_s\": " << first_turn << ", \"second_turn_s\": " << second_turn;
 
   // ---- batch-1 decode ------------------------------------------------------------------
   if (decode_tokens > 0) {

@@ -499,6 +499,39 @@ TEST_CASE("Memory reads on the side stream give the same bits as on the main str
   for (std::size_t l = 0; l < ma->layers.size(); ++l) CHECK(ma->layers[l].data == mb->layers[l].data);
 }
 
+TEST_CASE("The warm-up turn at load leaves no trace: the same bits with and without it", "[cuda][model]") {
+  auto files = Files(TestModelDir("tiny-lm2"));
+  std::vector<std::unique_ptr<Model>> models;
+  for (const bool warm : {true, false}) {
+    lm2::runtime::CudaOptions options;
+    options.warm_up = warm;
+    options.write_flush_tokens = 3;
+    auto model = lm2::runtime::LoadCudaModel(files, options);
+    RequireOk(model.status());
+    models.push_back(std::move(model).value());
+  }
+  auto a = NewState(*models[0]), b = NewState(*models[1]);
+  std::vector<float> la, lb;
+  std::vector<int32_t> prompt(37);
+  for (std::size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 29 + 5) % 500);
+  RequireOk(models[0]->Forward(*a, prompt, LogitsMode::kLast, &la));
+  RequireOk(models[1]->Forward(*b, prompt, LogitsMode::kLast, &lb));
+  CHECK(la == lb);
+  for (int i = 0; i < 7; ++i) {
+    const int32_t token = Argmax(lb);
+    RequireOk(models[0]->Forward(*a, std::vector<int32_t>{token}, LogitsMode::kLast, &la));
+    RequireOk(models[1]->Forward(*b, std::vector<int32_t>{token}, LogitsMode::kLast, &lb));
+    CHECK(la == lb);
+  }
+  RequireOk(models[0]->EndSegment(*a));
+  RequireOk(models[1]->EndSegment(*b));
+  auto ma = models[0]->ExportMemory(*a);
+  auto mb = models[1]->ExportMemory(*b);
+  REQUIRE((ma.ok() && mb.ok()));
+  REQUIRE(ma->layers.size() == mb->layers.size());
+  for (std::size_t l = 0; l < ma->layers.size(); ++l) CHECK(ma->layers[l].data == mb->layers[l].data);
+}
+
 TEST_CASE("CUDA graphs replay decode steps bit-identically, also after the buffers they use move",
           "[cuda][model]") {
   auto files = Files(TestModelDir("tiny-lm2"));

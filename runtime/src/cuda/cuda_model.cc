@@ -174,6 +174,34 @@ class CudaModel final : public Model {
   CudaModel(const CudaModel&) = delete;
   CudaModel& operator=(const CudaModel&) = delete;
 
+  // One short turn on a throwaway state (CudaOptions::warm_up): a prompt long enough for
+  // the multi-token paths, greedy steps across a memory-write flush, a sampled step, a step
+  // with the logits copied out, the segment's end. Its buffers go back to the memory pool
+  // for the first real state.
+  Status WarmUp() const {
+    LM2_ASSIGN_OR_RETURN(auto state, NewState());
+    const int64_t max_pos = cfg_.max_position_embeddings;
+    const int64_t steps = std::min<int64_t>(options_.write_flush_tokens + 1, std::max<int64_t>(max_pos - 2, 0));
+    const int64_t prompt =
+        std::max<int64_t>(1, std::min<int64_t>(options_.attention_gemm_min_tokens + 1, max_pos - steps - 1));
+    std::vector<int32_t> tokens(static_cast<std::size_t>(prompt));
+    for (std::size_t i = 0; i < tokens.size(); ++i) {
+      tokens[i] = static_cast<int32_t>(static_cast<int64_t>(i) % cfg_.vocab_size);
+    }
+    std::vector<float> logits;
+    LM2_RETURN_IF_ERROR(Forward(*state, tokens, LogitsMode::kLast, &logits));
+    SequenceState* const one[] = {state.get()};
+    std::vector<int32_t> next = {0};
+    for (int64_t i = 0; i < steps; ++i) LM2_RETURN_IF_ERROR(ForwardBatchGreedy(one, std::vector<int32_t>(next), &next));
+    if (state->context_length() + 2 <= max_pos) {
+      const TokenRule rule{.temperature = 0.8f, .top_p = 0.9f, .repetition_penalty = 1.1f, .draw = 0.5,
+                           .history = tokens};
+      LM2_RETURN_IF_ERROR(ForwardBatchSample(one, std::vector<int32_t>(next), std::span(&rule, 1), &next));
+      LM2_RETURN_IF_ERROR(Forward(*state, next, LogitsMode::kLast, &logits));
+    }
+    return EndSegment(*state);
+  }
+
   const ModelConfig& config() const override { return cfg_; }
   const std::string& fingerprint() const override { return files_->Fingerprint(); }
   std::string backend_name() const override { return "cuda:" + std::to_string(w_->device); }
@@ -962,7 +990,9 @@ Result<std::unique_ptr<Model>> LoadCudaModel(std::shared_ptr<const ModelFiles> f
   }
   LM2_RETURN_IF_ERROR(cuda::UseDevice(options.device));
   LM2_ASSIGN_OR_RETURN(auto weights, cuda::CudaWeights::Upload(*files, options.device));
-  return std::unique_ptr<Model>(std::make_unique<cuda::CudaModel>(std::move(files), std::move(weights), options));
+  auto model = std::make_unique<cuda::CudaModel>(std::move(files), std::move(weights), options);
+  if (options.warm_up) LM2_RETURN_IF_ERROR(model->WarmUp());
+  return std::unique_ptr<Model>(std::move(model));
 }
 
 }  // namespace lm2::runtime

@@ -62,12 +62,18 @@ struct CudaOptions {
   // cuBLAS (decode steps, and tiled_memory chunks). Same results either way; off: one stream.
   // Decode 790 -> 839 tokens/s, prefill of 4096 tokens 86.5k -> 94.2k on an H200.
   bool concurrent_memory_read = true;
+  // LoadCudaModel runs one short conversation turn on a throwaway state before it returns
+  // (a prompt through the tensor-core and cuBLAS paths, greedy and sampled decode steps
+  // across a memory-write flush, the segment's end), so that the kernels' first-use costs
+  // (CUDA's lazy module loading, cuBLAS's first calls of each kind) are paid at load, not
+  // by the first session's reply. Costs the load that turn (docs/cuda.md).
+  bool warm_up = true;
 };
 
 // Uploads the weights of `files` to the device and returns a model on it. Unavailable when
 // this build has no CUDA backend or the device cannot be used, ResourceExhausted when the
 // weights do not fit, InvalidArgument for bad options. Cost: one pass over the weights
-// (conversion to bf16 on the host, one copy to the device).
+// (conversion to bf16 on the host, one copy to the device), and the warm-up turn.
 Result<std::unique_ptr<Model>> LoadCudaModel(std::shared_ptr<const ModelFiles> files,
                                              const CudaOptions& options = {});
 
