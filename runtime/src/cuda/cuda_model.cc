@@ -472,11 +472,14 @@ class CudaModel final : public Model {
     for (LayerState& ls : s.layers_) {
       for (DeviceBuffer<float>* cache : {&ls.k_cache, &ls.v_cache}) {
         LM2_ASSIGN_OR_RETURN(auto grown, DeviceBuffer<float>::Allocate(Z(cap * kvdim)));
+        // The rows so far move over; the copy ends before the old buffer is freed and before a
+        // batched step reads the new one on another stream. A fresh state has no rows: no wait
+        // then, so its first prefill is enqueued while the segment's opening still runs.
         if (s.pos_ > 0) {
           LM2_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(grown.data(), cache->data(), Z(s.pos_ * kvdim) * sizeof(float),
                                                    cudaMemcpyDeviceToDevice, st));
+          LM2_RETURN_IF_ERROR(s.stream_.Synchronize());
         }
-        LM2_RETURN_IF_ERROR(s.stream_.Synchronize());  // the old buffer is freed next
         *cache = std::move(grown);
       }
     }
@@ -569,7 +572,7 @@ class CudaModel final : public Model {
         LM2_RETURN_IF_ERROR(BeginSegment(*s));
         LM2_RETURN_IF_ERROR(s->stream_.Synchronize());
       }
-      LM2_RETURN_IF_ERROR(EnsureKvCapacity(*s, s->pos_ + 1));  // synchronises when it grows
+      LM2_RETURN_IF_ERROR(EnsureKvCapacity(*s, s->pos_ + 1));  // synchronises when it moves rows
     }
     CudaState& lead = *batch[0];
     Scratch& sc = lead.scratch_;
