@@ -40,10 +40,9 @@ __global__ void ArgmaxRowsKernel(const float* __restrict__ x, int64_t cols, unsi
   unsigned long long best = 0;
 #pragma unroll
   for (int u = 0; u < 8; ++u) {
-    const unsigned long long k = isnan(v[u]) ? 0ull : ArgmaxKey(v[u], c0 + u * kThreads + tid);
+    const unsigned long long k = CandidateKey(v[u], c0 + u * kThreads + tid);  // columns past cols: NaN, no key
     best = k > best ? k : best;
   }
-  if (c0 == 0 && tid == 0 && isnan(v[0])) best = kArgmaxFirstNaN;  // std::max_element answers 0
   best = WarpMaxKey(best);
   if ((tid & 31) == 0) warp_best[tid >> 5] = best;
   __syncthreads();

@@ -120,6 +120,12 @@ __device__ __forceinline__ unsigned long long ArgmaxKey(float v, int64_t i) {
 }
 constexpr unsigned long long kArgmaxFirstNaN = ~0ull;
 
+// The key entry i of a row offers: ArgmaxKey for a number; none (0) for a NaN, except a NaN
+// first entry, which std::max_element answers (kArgmaxFirstNaN).
+__device__ __forceinline__ unsigned long long CandidateKey(float v, int64_t i) {
+  return isnan(v) ? (i == 0 ? kArgmaxFirstNaN : 0ull) : ArgmaxKey(v, i);
+}
+
 // Whether LaunchPdl asks for the overlap: yes unless the environment sets LM2_CUDA_PDL=0
 // (a diagnostic: every kernel then waits for the one before, as in an ordinary launch).
 inline bool PdlEnabled() {

@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
           if constexpr (Out == GemvOutput::kStore) *y = sum;
           if constexpr (Out == GemvOutput::kStoreArgmax) {
             *y = sum;
-            const unsigned long long k = isnan(sum) ? (row == 0 ? kArgmaxFirstNaN : 0ull) : ArgmaxKey(sum, row);
+            const unsigned long long k = CandidateKey(sum, row);
             best = k > best ? k : best;
           }
           if constexpr (Out == GemvOutput::kAccumulate) *y += sum;
