@@ -142,7 +142,7 @@ TEST_CASE("Device memory freed while another stream still writes it is not hande
 }
 
 TEST_CASE("ConvertF32ToBf16 rounds to nearest even, ConvertBf16ToF32 is exact", "[cuda][ops]") {
-  const int64_t n = GENERATE(1, 1001, 70001);
+  const int64_t n = GENERATE(1, 1001, 4096, 70001);  // 4096: the four-element kernel
   auto x = Random(static_cast<std::size_t>(n), 10.0f);
   x[0] = 1.0f + 1.0f / 256.0f;  // exactly halfway between two bf16 values: rounds to even (1.0)
   auto dx = Upload(x);
@@ -161,6 +161,25 @@ TEST_CASE("ConvertF32ToBf16 rounds to nearest even, ConvertBf16ToF32 is exact", 
   INFO("n=" << n);
   CHECK(wrong == 0);
   CHECK(got[0] == 1.0f);
+
+  // ConvertRowsF32ToBf16: the first `cols` of each row of a wider matrix, packed (cols 12 of
+  // 16: the four-element kernel; 7 of 9: one element a thread).
+  for (const auto& [cols, ld] : {std::pair<int64_t, int64_t>{12, 16}, std::pair<int64_t, int64_t>{7, 9}}) {
+    const int64_t rows = std::min<int64_t>(n, 37);
+    INFO("rows of " << cols << " of " << ld);
+    if (rows * ld > n) continue;
+    auto packed = Poisoned<__nv_bfloat16>(static_cast<std::size_t>(rows * cols));
+    RequireOk(ConvertRowsF32ToBf16(dx.data(), rows, cols, ld, packed.data(), Stream()));
+    const auto pbits = Download(packed);
+    std::size_t wrong_rows = 0;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) {
+        uint16_t b = 0;
+        std::memcpy(&b, &pbits[static_cast<std::size_t>(r * cols + c)], sizeof b);
+        if (b != Bf16Bits(x[static_cast<std::size_t>(r * ld + c)])) ++wrong_rows;
+      }
+    CHECK(wrong_rows == 0);
+  }
 }
 
 TEST_CASE("Linear: bf16 weights and activations, fp32 accumulation (cuBLAS)", "[cuda][ops]") {
@@ -563,10 +582,13 @@ TEST_CASE("CausalAttention: decode and prefill kernels, GQA, over a KV cache", "
   RequireOk(CausalAttentionGemm(Cublas(), dq.data(), dk.data(), dv.data(), T, S, H, Hkv, D, scores.data(), dout.data(),
                                 Stream()));
   CHECK(RelErr(Download(dout), want) < kTolTf32);
-  if (CausalAttentionTiledSupported(D)) {  // tensor cores: bf16 operands
+  if (CausalAttentionTiledSupported(D)) {  // tensor cores: bf16 operands, over the cache rounded to bf16
     INFO("CausalAttentionTiled");
+    auto kb = Poisoned<__nv_bfloat16>(k.size()), vb = Poisoned<__nv_bfloat16>(v.size());
+    RequireOk(ConvertF32ToBf16(dk.data(), S * Hkv * D, kb.data(), Stream()));
+    RequireOk(ConvertF32ToBf16(dv.data(), S * Hkv * D, vb.data(), Stream()));
     auto tout = Poisoned<float>(q.size());
-    RequireOk(CausalAttentionTiled(dq.data(), dk.data(), dv.data(), T, S, H, Hkv, D, tout.data(), Stream()));
+    RequireOk(CausalAttentionTiled(dq.data(), kb.data(), vb.data(), T, S, H, Hkv, D, tout.data(), Stream()));
     CHECK(RelErr(Download(tout), want) < kTolBf16Operands);
   }
 }
@@ -796,16 +818,25 @@ TEST_CASE("MemoryReadWrite: the read and the write sums in tiles, without the pr
 }
 
 TEST_CASE("GatedResidual, SwiGlu, AddInPlace, AddBias", "[cuda][ops]") {
-  const int64_t n = GENERATE(1, 257, 100003);
+  const int64_t n = GENERATE(1, 257, 4096, 100003);  // 4096: the four-element kernels
   INFO("n=" << n);
   const auto un = static_cast<std::size_t>(n);
   auto h = Random(un), a = Random(un), g = Random(un, 2.0f), e = Random(un), up = Random(un);
   auto dh = Upload(h), da = Upload(a), dg = Upload(g), de = Upload(e), dup = Upload(up);
   std::vector<double> want(un);
 
-  RequireOk(GatedResidual(dh.data(), da.data(), dg.data(), de.data(), n, Stream()));
-  for (std::size_t i = 0; i < un; ++i) want[i] = static_cast<double>(h[i]) + a[i] + Sig(g[i]) * e[i];
-  CHECK(RelErr(Download(dh), want) < kTolF32);
+  {  // GatedResidual over [3, n] rows, the gate's bias (n) broadcast over them.
+    const std::size_t rows = 3;
+    auto h3 = Random(rows * un), a3 = Random(rows * un), g3 = Random(rows * un, 2.0f), e3 = Random(rows * un);
+    auto dh3 = Upload(h3), da3 = Upload(a3), dg3 = Upload(g3), de3 = Upload(e3);
+    RequireOk(GatedResidual(dh3.data(), da3.data(), dg3.data(), dup.data(), static_cast<int64_t>(rows), n, de3.data(),
+                            Stream()));
+    std::vector<double> want3(rows * un);
+    for (std::size_t i = 0; i < rows * un; ++i) {
+      want3[i] = static_cast<double>(h3[i]) + a3[i] + Sig(static_cast<double>(g3[i]) + up[i % un]) * e3[i];
+    }
+    CHECK(RelErr(Download(dh3), want3) < kTolF32);
+  }
 
   auto dout = Poisoned<float>(un);
   RequireOk(SwiGlu(dg.data(), dup.data(), n, dout.data(), Stream()));
@@ -867,9 +898,10 @@ TEST_CASE("EmbeddingLookup widens the bf16 rows of the ids; a bad id gives NaN, 
 
 TEST_CASE("Fused forms: RmsNormBf16, SplitQkvRope, SwiGluBf16 equal the unfused ops", "[cuda][ops]") {
   const int64_t rows = GENERATE(int64_t{1}, int64_t{7});
-  const int64_t H = 6, Hkv = 2, D = 16, d = 40, F = 33;
+  const int64_t F = GENERATE(int64_t{33}, int64_t{64});  // 64: SwiGluBf16's four-element kernel
+  const int64_t H = 6, Hkv = 2, D = 16, d = 40;
   const int64_t qdim = H * D, kvdim = Hkv * D, P = qdim + 2 * kvdim + 5;  // 5 trailing columns
-  INFO("rows=" << rows);
+  INFO("rows=" << rows << " F=" << F);
   const auto ur = static_cast<std::size_t>(rows);
   // RmsNormBf16 = bf16(RmsNorm).
   auto x = Random(ur * d), w = Random(static_cast<std::size_t>(d));
@@ -897,13 +929,16 @@ TEST_CASE("Fused forms: RmsNormBf16, SplitQkvRope, SwiGluBf16 equal the unfused 
   RequireOk(Rope(dq.data(), rows, H, D, dpos.data(), 10000.0, Stream()));
   RequireOk(Rope(dk.data(), rows, Hkv, D, dpos.data(), 10000.0, Stream()));
   auto gq = Poisoned<float>(q.size()), gk = Poisoned<float>(k.size()), gv = Poisoned<float>(v.size());
-  RequireOk(SplitQkvRope(dproj.data(), rows, P, H, Hkv, D, dpos.data(), 10000.0, gq.data(), gk.data(), gv.data(),
-                         Stream()));
+  auto factors = Poisoned<float2>(ur * D / 2);  // the table SplitQkvRope rotates by: Rope's factors
+  RequireOk(RopeFactorsBatch(dpos.data(), rows, D, 10000.0, factors.data(), Stream()));
+  RequireOk(SplitQkvRope(dproj.data(), rows, P, H, Hkv, D, factors.data(), gq.data(), gk.data(), gv.data(), Stream()));
   CHECK(Download(gq) == Download(dq));
   CHECK(Download(gk) == Download(dk));
   CHECK(Download(gv) == v);
-  CHECK(SplitQkvRope(dproj.data(), rows, qdim, H, Hkv, D, dpos.data(), 1e4, gq.data(), gk.data(), gv.data(), Stream())
+  CHECK(SplitQkvRope(dproj.data(), rows, qdim, H, Hkv, D, factors.data(), gq.data(), gk.data(), gv.data(), Stream())
             .IsInvalidArgument());  // proj_ld narrower than q | k | v
+  CHECK(SplitQkvRope(dproj.data(), rows, P, H, Hkv, D, nullptr, gq.data(), gk.data(), gv.data(), Stream())
+            .IsInvalidArgument());  // no factors
 
   // SwiGluBf16 = bf16(SwiGlu(gate, up)) over [gate | up] rows.
   auto gu = Random(ur * 2 * F, 2.0f);
@@ -940,8 +975,10 @@ TEST_CASE("Batched decode ops over per-session caches equal the one-cache ops", 
   auto proj = Random(static_cast<std::size_t>(B * P));
   auto dproj = Upload(proj);
   auto q = Poisoned<float>(static_cast<std::size_t>(B * qdim));
-  RequireOk(SplitQkvRopeBatch(dproj.data(), B, P, H, Hkv, D, dpos.data(), 10000.0, q.data(), dk.data(), dv.data(),
-                              Stream()));
+  auto factors = Poisoned<float2>(static_cast<std::size_t>(B * D / 2));
+  RequireOk(RopeFactorsBatch(dpos.data(), B, D, 10000.0, factors.data(), Stream()));
+  RequireOk(SplitQkvRopeBatch(dproj.data(), B, P, H, Hkv, D, dpos.data(), factors.data(), q.data(), dk.data(),
+                              dv.data(), Stream()));
   auto out = Poisoned<float>(static_cast<std::size_t>(B * qdim));
   RequireOk(CausalAttentionDecodeBatch(q.data(), reinterpret_cast<const float* const*>(dk.data()),
                                        reinterpret_cast<const float* const*>(dv.data()), dpos.data(), B, H, Hkv, D,
@@ -959,9 +996,11 @@ TEST_CASE("Batched decode ops over per-session caches equal the one-cache ops", 
     auto k1 = Upload(k_host), v1 = Upload(v_host);
     auto q1 = Poisoned<float>(static_cast<std::size_t>(qdim));
     auto one_pos = Upload(std::vector<int64_t>{pos[ub]});
+    auto one_factors = Poisoned<float2>(static_cast<std::size_t>(D / 2));
+    RequireOk(RopeFactorsBatch(one_pos.data(), 1, D, 10000.0, one_factors.data(), Stream()));
     auto proj1 = Upload(std::vector<float>(proj.begin() + b * P, proj.begin() + (b + 1) * P));
-    RequireOk(SplitQkvRope(proj1.data(), 1, P, H, Hkv, D, one_pos.data(), 10000.0, q1.data(),
-                           k1.data() + pos[ub] * kvdim, v1.data() + pos[ub] * kvdim, Stream()));
+    RequireOk(SplitQkvRope(proj1.data(), 1, P, H, Hkv, D, one_factors.data(), q1.data(), k1.data() + pos[ub] * kvdim,
+                           v1.data() + pos[ub] * kvdim, Stream()));
     auto o1 = Poisoned<float>(static_cast<std::size_t>(qdim));
     RequireOk(CausalAttentionDecode(q1.data(), k1.data(), v1.data(), 1, pos[ub] + 1, H, Hkv, D, o1.data(), Stream()));
     const auto want_q = Download(q1);
@@ -1002,13 +1041,13 @@ TEST_CASE("RopeAttentionDecodeBatch (with RopeFactorsBatch) equals SplitQkvRopeB
   auto q = Poisoned<float>(static_cast<std::size_t>(B * qdim));
   auto want = Poisoned<float>(static_cast<std::size_t>(B * qdim));
   auto got = Poisoned<float>(static_cast<std::size_t>(B * qdim));
-  RequireOk(SplitQkvRopeBatch(dproj.data(), B, P, H, Hkv, D, dpos.data(), 500000.0, q.data(), dk0.data(), dv0.data(),
-                              Stream()));
+  auto factors = Poisoned<float2>(static_cast<std::size_t>(B * D / 2));
+  RequireOk(RopeFactorsBatch(dpos.data(), B, D, 500000.0, factors.data(), Stream()));
+  RequireOk(SplitQkvRopeBatch(dproj.data(), B, P, H, Hkv, D, dpos.data(), factors.data(), q.data(), dk0.data(),
+                              dv0.data(), Stream()));
   RequireOk(CausalAttentionDecodeBatch(q.data(), reinterpret_cast<const float* const*>(dk0.data()),
                                        reinterpret_cast<const float* const*>(dv0.data()), dpos.data(), B, H, Hkv, D,
                                        want.data(), Stream()));
-  auto factors = Poisoned<float2>(static_cast<std::size_t>(B * D / 2));
-  RequireOk(RopeFactorsBatch(dpos.data(), B, D, 500000.0, factors.data(), Stream()));
   RequireOk(RopeAttentionDecodeBatch(dproj.data(), P, dpos.data(), factors.data(), dk1.data(), dv1.data(), B, H, Hkv,
                                      D, got.data(), Stream()));
   const auto w = Download(want), g = Download(got);
@@ -1136,13 +1175,13 @@ TEST_CASE("Launchers refuse bad shapes and null pointers; empty work is a no-op"
   CHECK(CausalAttention(p, p, p, 1, 4, 6, 4, 8, p, Stream()).IsInvalidArgument());  // 4 does not divide 6
   CHECK(CausalAttention(p, p, p, 5, 4, 4, 4, 8, p, Stream()).IsInvalidArgument());  // T > S
   CHECK(CausalAttentionDecode(p, p, p, 1, 1, 1, 1, 264, p, Stream()).IsInvalidArgument());  // head_dim > 256
-  CHECK(CausalAttentionTiled(p, p, p, 1, 1, 1, 1, 136, p, Stream()).IsInvalidArgument());  // head_dim > 128
-  CHECK(CausalAttentionTiled(p, p, p, 5, 4, 4, 4, 8, p, Stream()).IsInvalidArgument());    // T > S
   CHECK(CausalAttention(p, nullptr, p, 1, 4, 4, 4, 8, p, Stream()).IsInvalidArgument());
   CHECK(Rope(p, 1, 1, 7, nullptr, 10000.0, Stream()).IsInvalidArgument());  // odd head_dim
   auto bbuf = DeviceBuffer<__nv_bfloat16>::Allocate(64);
   RequireOk(bbuf.status());
   __nv_bfloat16* pb = bbuf->data();
+  CHECK(CausalAttentionTiled(p, pb, pb, 1, 1, 1, 1, 136, p, Stream()).IsInvalidArgument());  // head_dim > 128
+  CHECK(CausalAttentionTiled(p, pb, pb, 5, 4, 4, 4, 8, p, Stream()).IsInvalidArgument());    // T > S
   CHECK(MemoryRead(Cublas(), p, 10, pb, pb, 1, 4, 10, 4, p, p, pb, Stream()).IsInvalidArgument());  // 4 does not divide 10
   CHECK(MemoryReadWrite(p, 10, p, 10, pb, pb, 1, 4, 10, 4, p, p, p, p, Stream()).IsInvalidArgument());
   CHECK(MemoryReadWrite(p, 264, p, 264, pb, pb, 1, 4, 264, 2, p, p, p, p, Stream()).IsInvalidArgument());  // dh 132
@@ -1151,7 +1190,8 @@ TEST_CASE("Launchers refuse bad shapes and null pointers; empty work is a no-op"
   CHECK(RmsNorm(p, p, 1, 0, 1e-5f, p, Stream()).IsInvalidArgument());
   CHECK(Linear(Cublas(), nullptr, 1, 0, nullptr, 4, p, false, Stream()).IsInvalidArgument());
   CHECK(SwiGlu(p, p, -1, p, Stream()).IsInvalidArgument());
-  CHECK(GatedResidual(p, nullptr, p, p, 4, Stream()).IsInvalidArgument());
+  CHECK(GatedResidual(p, nullptr, p, p, 1, 4, p, Stream()).IsInvalidArgument());
+  CHECK(GatedResidual(p, p, p, p, 1, 0, p, Stream()).IsInvalidArgument());  // no width
   // Zero-sized work launches nothing and needs no pointers.
   CHECK(CausalAttention(nullptr, nullptr, nullptr, 0, 0, 4, 2, 8, nullptr, Stream()).ok());
   CHECK(MemoryRead(nullptr, nullptr, 8, nullptr, nullptr, 0, 4, 8, 2, nullptr, nullptr, nullptr, Stream()).ok());

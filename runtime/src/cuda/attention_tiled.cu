@@ -1,14 +1,17 @@
-// Prefill self-attention on tensor cores, flash style: causal, GQA, over the fp32 KV
-// cache, with the scores and probabilities in registers (the GEMM form in attention.cu
+// Prefill self-attention on tensor cores, flash style: causal, GQA, over a bf16 copy of the
+// KV cache, with the scores and probabilities in registers (the GEMM form in attention.cu
 // writes [heads, T, S] fp32 scores and passes over them three times; Nsight Compute put it
 // at ~1.5 ms of a 512-token prefill of the paper's model, ~25 ms of a 4096-token one).
 //
 // A block per (128 queries, head), each of its 8 warps 16 queries. Over the key tiles of 64
 // up to the block's last visible key: the K and V rows of the head's KV group come by
-// cp.async into an fp32 staging area (the next tile's copy in flight while the current one
-// is used) and are rounded to bf16 tiles, s = q · kᵀ (mma.sync, fp32 accumulation), the
-// online softmax rescales the running output rows by exp(m_old - m_new) (FA2), and
-// out += p · v with p rounded to bf16. The output is divided by the row sums at the end.
+// cp.async into bf16 tiles (two buffers: the next tile's copy in flight while the current
+// one is used), s = q · kᵀ (mma.sync, fp32 accumulation), the online softmax rescales the
+// running output rows by exp(m_old - m_new) (FA2), and out += p · v with p rounded to bf16.
+// The output is divided by the row sums at the end. The caller rounds the fp32 cache to
+// bf16 once per call (ConvertF32ToBf16): every block used to stage fp32 tiles and round
+// them itself, each tile once per head of its group and per query block after it, which
+// took a third of the kernel's time.
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -28,15 +31,15 @@ constexpr int kWarps = 8;                // each warp takes 16 of the block's qu
 constexpr int kRows = 16 * kWarps;       // queries per block
 constexpr int kBlockThreads = 32 * kWarps;
 
-// Rows [0, Rows) x columns [0, DHP) of fp32 `src` (rows `ld` apart) into a bf16 tile: rows
-// below rows_valid and columns below cols, zeros elsewhere. `vec`: ld, cols and src 4-float
-// aligned (float4 loads).
-template <int DHP, int Rows = kTile>
-__device__ __forceinline__ void LoadRoundedTile(const float* __restrict__ src, int64_t ld, int64_t rows_valid, int cols,
-                                                bool vec, bf16* tile) {
+// Rows [0, kRows) x columns [0, DHP) of fp32 `src` (rows `ld` apart) into a bf16 tile: rows
+// below rows_valid and columns below cols, zeros elsewhere. `vec`: ld, cols and src
+// 4-float aligned (float4 loads).
+template <int DHP>
+__device__ __forceinline__ void LoadRoundedRows(const float* __restrict__ src, int64_t ld, int64_t rows_valid,
+                                                int cols, bool vec, bf16* tile) {
   constexpr int kLd = TileLd<DHP>;
   if (vec) {
-    for (int i = threadIdx.x; i < Rows * DHP / 4; i += kBlockThreads) {
+    for (int i = threadIdx.x; i < kRows * DHP / 4; i += kBlockThreads) {
       const int r = i / (DHP / 4), c = (i % (DHP / 4)) * 4;
       float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       if (r < rows_valid && c < cols) v = *reinterpret_cast<const float4*>(src + r * ld + c);
@@ -45,65 +48,40 @@ __device__ __forceinline__ void LoadRoundedTile(const float* __restrict__ src, i
       dst[1] = PackBf16x2(v.z, v.w);
     }
   } else {
-    for (int i = threadIdx.x; i < Rows * DHP; i += kBlockThreads) {
+    for (int i = threadIdx.x; i < kRows * DHP; i += kBlockThreads) {
       const int r = i / DHP, c = i % DHP;
       tile[r * kLd + c] = __float2bfloat16(r < rows_valid && c < cols ? src[r * ld + c] : 0.0f);
     }
   }
 }
 
-// fp32 rows [0, 64) x columns [0, DHP) of `src` (rows `ld` apart) into the staging area
-// (rows DHP floats apart) by 16-byte cp.async: rows below rows_valid and columns below
-// cols, zeros elsewhere (ld, cols and src 4-float aligned).
-template <int DHP>
-__device__ __forceinline__ void StageTile(const float* __restrict__ src, int64_t ld, int64_t rows_valid, int cols,
-                                          float* stage) {
-  for (int i = threadIdx.x; i < kTile * DHP / 4; i += kBlockThreads) {
-    const int r = i / (DHP / 4), c = (i % (DHP / 4)) * 4;
-    const bool in = r < rows_valid && c < cols;
-    CopyAsync16(stage + r * DHP + c, in ? src + r * ld + c : src, in);
-  }
-}
-
-// The staged fp32 tile rounded into a bf16 tile.
-template <int DHP>
-__device__ __forceinline__ void RoundStagedTile(const float* stage, bf16* tile) {
-  for (int i = threadIdx.x; i < kTile * DHP / 4; i += kBlockThreads) {
-    const int r = i / (DHP / 4), c = (i % (DHP / 4)) * 4;
-    const float4 v = *reinterpret_cast<const float4*>(stage + r * DHP + c);
-    auto* dst = reinterpret_cast<uint32_t*>(tile + r * TileLd<DHP> + c);
-    dst[0] = PackBf16x2(v.x, v.y);
-    dst[1] = PackBf16x2(v.z, v.w);
-  }
-}
-
 template <int DHP>
 __global__ void __launch_bounds__(kBlockThreads, DHP <= 64 ? 2 : 1) AttentionTiledKernel(
-    const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache, int64_t T,
-    int64_t S, int heads, int kv_heads, int head_dim, float scale_log2, bool vec, float* __restrict__ out) {
-  constexpr int kLd = TileLd<DHP>;
+    const float* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v, int64_t T, int64_t S,
+    int heads, int kv_heads, int head_dim, float scale_log2, bool q_vec, bool kv_vec, float* __restrict__ out) {
+  constexpr int kLd = TileLd<DHP>, kTileElems = kTile * kLd;
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* qs = reinterpret_cast<bf16*>(smem);
-  bf16* ks = qs + kRows * kLd;
-  bf16* vs = ks + kTile * kLd;
-  float* k_stage = reinterpret_cast<float*>(vs + kTile * kLd);  // vec only
-  float* v_stage = k_stage + kTile * DHP;
+  bf16* ks = qs + kRows * kLd;      // two buffers
+  bf16* vs = ks + 2 * kTileElems;  // two buffers
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kRows;
   const int h = static_cast<int>(blockIdx.y), hk = h / (heads / kv_heads);
   const int64_t qdim = static_cast<int64_t>(heads) * head_dim, kvdim = static_cast<int64_t>(kv_heads) * head_dim;
   const int64_t offset = S - T;  // query i sees keys [0, offset + i]
-  const float* k_head = k_cache + static_cast<int64_t>(hk) * head_dim;
-  const float* v_head = v_cache + static_cast<int64_t>(hk) * head_dim;
+  const bf16* k_head = k + static_cast<int64_t>(hk) * head_dim;
+  const bf16* v_head = v + static_cast<int64_t>(hk) * head_dim;
+  const auto load_keys = [&](int64_t k0, int buf) {
+    LoadBf16Tile<DHP, kTile, kBlockThreads>(k_head + k0 * kvdim, kvdim, S - k0, head_dim, kv_vec, ks + buf * kTileElems);
+    LoadBf16Tile<DHP, kTile, kBlockThreads>(v_head + k0 * kvdim, kvdim, S - k0, head_dim, kv_vec, vs + buf * kTileElems);
+    CopyAsyncCommit();
+  };
 
   const int64_t keys = min(S, offset + q0 + kRows);  // the block's last row sees keys [0, keys)
-  if (vec) {
-    StageTile<DHP>(k_head, kvdim, S, head_dim, k_stage);
-    StageTile<DHP>(v_head, kvdim, S, head_dim, v_stage);
-    CopyAsyncCommit();
-  }
-  LoadRoundedTile<DHP, kRows>(q + q0 * qdim + static_cast<int64_t>(h) * head_dim, qdim, T - q0, head_dim, vec, qs);
+  const int tiles = static_cast<int>((keys + kTile - 1) / kTile);
+  load_keys(0, 0);
+  LoadRoundedRows<DHP>(q + q0 * qdim + static_cast<int64_t>(h) * head_dim, qdim, T - q0, head_dim, q_vec, qs);
   __syncthreads();
   uint32_t qa[DHP / 16][4];
 #pragma unroll
@@ -115,26 +93,17 @@ __global__ void __launch_bounds__(kBlockThreads, DHP <= 64 ? 2 : 1) AttentionTil
   float acc[DHP / 8][4];
 #pragma unroll
   for (int i = 0; i < DHP / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-  for (int64_t k0 = 0; k0 < keys; k0 += kTile) {
-    if (vec) {
-      CopyAsyncWait<0>();
-      __syncthreads();  // the tile is staged, and the previous tile's readers are done
-      RoundStagedTile<DHP>(k_stage, ks);
-      RoundStagedTile<DHP>(v_stage, vs);
-      __syncthreads();  // the staging area is free: the next tile's copy overlaps this one's use
-      if (k0 + kTile < keys) {
-        StageTile<DHP>(k_head + (k0 + kTile) * kvdim, kvdim, S - k0 - kTile, head_dim, k_stage);
-        StageTile<DHP>(v_head + (k0 + kTile) * kvdim, kvdim, S - k0 - kTile, head_dim, v_stage);
-        CopyAsyncCommit();
-      }
+  for (int it = 0; it < tiles; ++it) {
+    const int64_t k0 = static_cast<int64_t>(it) * kTile;
+    if (it + 1 < tiles) {
+      load_keys(k0 + kTile, (it + 1) & 1);
+      CopyAsyncWait<1>();
     } else {
-      __syncthreads();  // the previous tile's readers are done
-      LoadRoundedTile<DHP>(k_head + k0 * kvdim, kvdim, S - k0, head_dim, false, ks);
-      LoadRoundedTile<DHP>(v_head + k0 * kvdim, kvdim, S - k0, head_dim, false, vs);
-      __syncthreads();
+      CopyAsyncWait<0>();
     }
+    __syncthreads();  // the tile is in
     float s[8][4];
-    TileScores<DHP>(qa, ks, s);
+    TileScores<DHP>(qa, ks + (it & 1) * kTileElems, s);
     // Masked: keys past a row's position (and past S, the tile's padding rows).
     const bool edge = k0 + kTile - 1 > offset + q0 || k0 + kTile > S;
 #pragma unroll
@@ -146,7 +115,8 @@ __global__ void __launch_bounds__(kBlockThreads, DHP <= 64 ? 2 : 1) AttentionTil
         s[nt][c] = visible ? s[nt][c] * scale_log2 : -INFINITY;
       }
     OnlineSoftmaxTile<DHP>(s, m, l, acc);  // every row sees key 0 in the first tile
-    TileProducts<DHP>(s, vs, acc);
+    TileProducts<DHP>(s, vs + (it & 1) * kTileElems, acc);
+    __syncthreads();  // the buffer is refilled next
   }
 
 #pragma unroll
@@ -160,17 +130,18 @@ __global__ void __launch_bounds__(kBlockThreads, DHP <= 64 ? 2 : 1) AttentionTil
 }
 
 template <int DHP>
-Status LaunchAttentionTiled(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
-                            int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream) {
+Status LaunchAttentionTiled(const float* q, const bf16* k, const bf16* v, int64_t T, int64_t S, int64_t heads,
+                            int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream) {
   const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(head_dim));
-  const bool vec = head_dim % 4 == 0;  // rows (heads or kv_heads x head_dim wide) and head offsets float4-aligned
-  constexpr int kBytes = (kRows + 2 * kTile) * TileLd<DHP> * 2 + 2 * kTile * DHP * 4;  // bf16 q, k, v; fp32 k, v staging
+  const bool q_vec = head_dim % 4 == 0;   // q rows and head offsets float4-aligned
+  const bool kv_vec = head_dim % 8 == 0;  // K/V rows and head offsets 16-byte aligned
+  constexpr int kBytes = (kRows + 4 * kTile) * TileLd<DHP> * 2;  // bf16 q, two K and two V tiles
   LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&AttentionTiledKernel<DHP>), kBytes,
                                          "CausalAttentionTiled"));
   const dim3 grid(static_cast<unsigned int>((T + kRows - 1) / kRows), static_cast<unsigned int>(heads));
-  AttentionTiledKernel<DHP><<<grid, kBlockThreads, kBytes, stream>>>(q, k_cache, v_cache, T, S, static_cast<int>(heads),
+  AttentionTiledKernel<DHP><<<grid, kBlockThreads, kBytes, stream>>>(q, k, v, T, S, static_cast<int>(heads),
                                                                 static_cast<int>(kv_heads), static_cast<int>(head_dim),
-                                                                scale_log2, vec, out);
+                                                                scale_log2, q_vec, kv_vec, out);
   return CheckLaunch("AttentionTiledKernel");
 }
 
@@ -178,17 +149,17 @@ Status LaunchAttentionTiled(const float* q, const float* k_cache, const float* v
 
 bool CausalAttentionTiledSupported(int64_t head_dim) { return head_dim >= 1 && head_dim <= kMaxTileWidth; }
 
-Status CausalAttentionTiled(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
-                            int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream) {
+Status CausalAttentionTiled(const float* q, const bf16* k, const bf16* v, int64_t T, int64_t S, int64_t heads,
+                            int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(ops::CheckCausalAttention(T, S, heads, kv_heads, head_dim));
   if (!CausalAttentionTiledSupported(head_dim)) {
     return Status::InvalidArgument("CausalAttentionTiled: head_dim " + std::to_string(head_dim) + " > " +
                                    std::to_string(kMaxTileWidth));
   }
   if (T == 0) return Status::Ok();
-  LM2_RETURN_IF_ERROR(RequireNonNull("CausalAttentionTiled", {q, k_cache, v_cache, out}));
+  LM2_RETURN_IF_ERROR(RequireNonNull("CausalAttentionTiled", {q, k, v, out}));
   return WithPaddedTileWidth(head_dim, [&](auto dhp) {
-    return LaunchAttentionTiled<decltype(dhp)::value>(q, k_cache, v_cache, T, S, heads, kv_heads, head_dim, out, stream);
+    return LaunchAttentionTiled<decltype(dhp)::value>(q, k, v, T, S, heads, kv_heads, head_dim, out, stream);
   });
 }
 

@@ -53,9 +53,10 @@ struct Scratch {
   DeviceBuffer<float> write_u, write_in;  // the segment write's update and input-gate terms [N, d]
   DeviceBuffer<bf16> xb;         // a normed input in bf16, shared by the GEMMs that read it
   DeviceBuffer<bf16> yb;         // other GEMM inputs rounded to bf16
+  DeviceBuffer<bf16> kv_b;       // tiled attention: a layer's KV cache rows [0, S) in bf16, K then V
   DeviceBuffer<int32_t> ids;
   DeviceBuffer<int64_t> positions;
-  DeviceBuffer<float2> rope;  // decode steps: each row's rotary factors [rows, head_dim / 2]
+  DeviceBuffer<float2> rope;  // each row's rotary factors [rows, head_dim / 2], for all the layers
   DeviceBuffer<int32_t> next_ids;  // sampled decode steps: each row's token
   DeviceBuffer<int64_t> step_in;   // a decode step's inputs (StepInputs)
   // Sampled decode steps (SampleRows): the rules, their penalty ids and the sort's buffers.
@@ -528,6 +529,9 @@ class CudaModel final : public Model {
     const cudaStream_t st = s.stream_.get();
     LM2_RETURN_IF_ERROR(EnsureKvCapacity(s, s.pos_ + T));
     LM2_RETURN_IF_ERROR(EnsureScratch(s, chunk));
+    if (TiledAttention(chunk)) {
+      LM2_RETURN_IF_ERROR(EnsureCapacity(s.scratch_.kv_b, Z(2 * (s.pos_ + T) * cfg_.num_kv_heads * cfg_.head_dim)));
+    }
     // Token ids and positions of the whole call, through pinned memory.
     Scratch& sc = s.scratch_;
     for (auto* b : {&sc.ids}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(T)));
@@ -770,8 +774,8 @@ class CudaModel final : public Model {
     float* h = sc.h.data();
 
     LM2_RETURN_IF_ERROR(EmbeddingLookup(w_->embed, V, d, ids, n, h, st));
-    // A decode step's rotary factors, once for all its layers.
-    if (batch != nullptr) LM2_RETURN_IF_ERROR(RopeFactorsBatch(positions, n, Dh, cfg_.rope_theta, sc.rope.data(), st));
+    // The rows' rotary factors, once for all the layers.
+    LM2_RETURN_IF_ERROR(RopeFactorsBatch(positions, n, Dh, cfg_.rope_theta, sc.rope.data(), st));
     for (int64_t i = 0; i < cfg_.num_layers; ++i) {
       const CudaLayerWeights& lw = w_->layers[Z(i)];
       LayerState& ls = s.layers_[Z(i)];
@@ -818,11 +822,14 @@ class CudaModel final : public Model {
         LM2_RETURN_IF_ERROR(RopeAttentionDecodeBatch(proj, P, positions, sc.rope.data(), batch->KCaches(i),
                                                      batch->VCaches(i), n, H, Hkv, Dh, sc.attn_out.data(), st));
       } else {
-        LM2_RETURN_IF_ERROR(SplitQkvRope(proj, n, P, H, Hkv, Dh, positions, cfg_.rope_theta, sc.q.data(),
+        LM2_RETURN_IF_ERROR(SplitQkvRope(proj, n, P, H, Hkv, Dh, sc.rope.data(), sc.q.data(),
                                          ls.k_cache.data() + pos0 * kvdim, ls.v_cache.data() + pos0 * kvdim, st));
-        if (n >= options_.attention_gemm_min_tokens && tiled_attention_) {
-          LM2_RETURN_IF_ERROR(CausalAttentionTiled(sc.q.data(), ls.k_cache.data(), ls.v_cache.data(), n, S, H, Hkv, Dh,
-                                                   sc.attn_out.data(), st));
+        if (TiledAttention(n)) {  // over the cache rounded to bf16 once (sized by RunTokens)
+          bf16* k_b = sc.kv_b.data();
+          bf16* v_b = k_b + S * kvdim;
+          LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.k_cache.data(), S * kvdim, k_b, st));
+          LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.v_cache.data(), S * kvdim, v_b, st));
+          LM2_RETURN_IF_ERROR(CausalAttentionTiled(sc.q.data(), k_b, v_b, n, S, H, Hkv, Dh, sc.attn_out.data(), st));
         } else if (n >= options_.attention_gemm_min_tokens) {
           LM2_RETURN_IF_ERROR(EnsureCapacity(sc.scores, Z(H * n * S)));
           LM2_RETURN_IF_ERROR(CausalAttentionGemm(blas, sc.q.data(), ls.k_cache.data(), ls.v_cache.data(), n, S, H,
@@ -871,6 +878,9 @@ class CudaModel final : public Model {
   // give the same bf16 inputs; only the fp32 summation order differs.
   bool Small(int64_t n) const { return n <= gemv_rows_; }
 
+  // Whether a chunk of n rows takes CausalAttentionTiled.
+  bool TiledAttention(int64_t n) const { return tiled_attention_ && n >= options_.attention_gemm_min_tokens; }
+
   // y[n, out] = bf16(RMSNorm(x; norm)) · Wᵀ; with argmax_keys, also each row's greedy pick
   // (ArgmaxRows' keys): from the GEMV itself (keys zeroed by the caller), else a pass over y.
   Status NormLinear(CudaState& s, const float* x, int64_t n, const float* norm, const bf16* w, int64_t out,
@@ -915,8 +925,7 @@ class CudaModel final : public Model {
     }
     LM2_RETURN_IF_ERROR(LinearF32(s.cublas_.get(), sc.e.data(), n, d, mw.out_gate_w, d, sc.gate.data(), false,
                                   sc.yb.data(), st));
-    LM2_RETURN_IF_ERROR(AddBias(sc.gate.data(), n, d, mw.out_gate_b, st));
-    return GatedResidual(h, sc.a.data(), sc.gate.data(), sc.e.data(), n * d, st);
+    return GatedResidual(h, sc.a.data(), sc.gate.data(), mw.out_gate_b, n, d, sc.e.data(), st);
   }
 
   // h += bf16(silu(gate) ⊙ up) · W_downᵀ, gate | up the rows of scratch gate_up.

@@ -99,9 +99,10 @@ Status ConvertBf16ToF32(const __nv_bfloat16* src, int64_t n, float* dst, cudaStr
 // y[rows, out] += bias[out] broadcast over rows.
 Status AddBias(float* y, int64_t rows, int64_t out, const float* bias, cudaStream_t stream);
 
-// h += a + sigmoid(gate_pre) ⊙ e (the memory output gate and both residual adds), [n].
-Status GatedResidual(float* h, const float* a, const float* gate_pre, const float* e, int64_t n,
-                     cudaStream_t stream);
+// h += a + sigmoid(gate_pre + gate_bias) ⊙ e over [rows, width] (the memory output gate,
+// its bias broadcast over the rows, and both residual adds).
+Status GatedResidual(float* h, const float* a, const float* gate_pre, const float* gate_bias, int64_t rows,
+                     int64_t width, const float* e, cudaStream_t stream);
 
 // out[n] = silu(gate[n]) * up[n]. out may alias gate.
 Status SwiGlu(const float* gate, const float* up, int64_t n, float* out, cudaStream_t stream);
@@ -195,20 +196,21 @@ Status RmsNormBf16(const float* x, const float* weight, int64_t rows, int64_t d,
 // The fused attention input: proj[rows, proj_ld] holds [q (heads*D) | k (kv_heads*D) |
 // v (kv_heads*D) | anything] per row (one GEMM over the stacked projections). q and k are
 // rotated as Rope does into q_out[rows, heads*D] and k_out[rows, kv_heads*D] (the KV cache
-// rows), v copied to v_out[rows, kv_heads*D].
+// rows), v copied to v_out[rows, kv_heads*D]. factors[rows, D/2]: the rows' rotary factors
+// from RopeFactorsBatch (computed once per forward and shared by its layers).
 Status SplitQkvRope(const float* proj, int64_t rows, int64_t proj_ld, int64_t heads, int64_t kv_heads,
-                    int64_t head_dim, const int64_t* positions, double theta, float* q_out, float* k_out, float* v_out,
+                    int64_t head_dim, const float2* factors, float* q_out, float* k_out, float* v_out,
                     cudaStream_t stream);
 
 // SplitQkvRope for one token of each of `rows` sessions: row t's k and v go to
 // k_caches[t] / v_caches[t] (device arrays of device pointers, one KV cache per session) at
-// row positions[t], which is also its rotary position.
+// row positions[t], the position its factors are for.
 Status SplitQkvRopeBatch(const float* proj, int64_t rows, int64_t proj_ld, int64_t heads, int64_t kv_heads,
-                         int64_t head_dim, const int64_t* positions, double theta, float* q_out, float* const* k_caches,
-                         float* const* v_caches, cudaStream_t stream);
+                         int64_t head_dim, const int64_t* positions, const float2* factors, float* q_out,
+                         float* const* k_caches, float* const* v_caches, cudaStream_t stream);
 
-// The rotary factors of one decode step, shared by its layers: factors[t, i] = (cos, sin) of
-// pair i (of head_dim / 2) at positions[t], the values Rope and SplitQkvRope compute.
+// The rotary factors of a forward's rows, shared by its layers: factors[t, i] = (cos, sin)
+// of pair i (of head_dim / 2) at positions[t], the values Rope computes.
 Status RopeFactorsBatch(const int64_t* positions, int64_t rows, int64_t head_dim, double theta, float2* factors,
                         cudaStream_t stream);
 
@@ -254,11 +256,12 @@ Status RopeAttentionDecodeBatch(const float* proj, int64_t proj_ld, const int64_
                                 int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream);
 
 // Prefill attention on tensor cores, flash style (attention_tiled.cu; sm_80 and later):
-// same semantics as CausalAttention, q, k and v rounded to bf16, the probabilities too
-// before they multiply v, fp32 scores, softmax and accumulation; no scratch. Head widths up
-// to 128 (CausalAttentionTiledSupported); q, the caches and out 16-byte aligned.
+// same semantics as CausalAttention over k and v, a bf16 copy of the KV cache [S, Hkv*D]
+// (ConvertF32ToBf16 of its first S rows); q rounded to bf16, the probabilities too before
+// they multiply v, fp32 scores, softmax and accumulation; no scratch. Head widths up to 128
+// (CausalAttentionTiledSupported); q, k, v and out 16-byte aligned.
 bool CausalAttentionTiledSupported(int64_t head_dim);
-Status CausalAttentionTiled(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
+Status CausalAttentionTiled(const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, int64_t T, int64_t S,
                             int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream);
 
 // Prefill attention through cuBLAS (same semantics as CausalAttention): scores [H, T, S]

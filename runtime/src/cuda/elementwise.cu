@@ -2,6 +2,9 @@
 // kernels over int64 counts, then their launchers.
 #include <cuda_bf16.h>
 
+#include <cstdint>
+#include <initializer_list>
+
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
@@ -10,11 +13,33 @@
 namespace lm2::runtime::cuda {
 namespace {
 
+// Four floats as four bf16 (round to nearest even), 8 bytes.
+__device__ __forceinline__ uint2 PackBf16x4(float4 v) {
+  const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+  return make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+}
+
+// Whether the pointers are 16-byte aligned: the x4 kernels' condition (with counts and row
+// strides multiples of 4 elements).
+bool Aligned16(std::initializer_list<const void*> ptrs) {
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
 // dst[r, c] = bf16(src[r * src_ld + c]), round to nearest even.
 __global__ void F32ToBf16Kernel(const float* __restrict__ src, int64_t rows, int64_t cols, int64_t src_ld,
                                 __nv_bfloat16* __restrict__ dst) {
   for (int64_t i = FirstIndex(); i < rows * cols; i += GridStride()) {
     dst[i] = __float2bfloat16_rn(src[(i / cols) * src_ld + i % cols]);
+  }
+}
+
+// The same four elements a thread (cols4, ld4: cols and src_ld in units of 4).
+__global__ void F32ToBf16x4Kernel(const float4* __restrict__ src, int64_t rows, int64_t cols4, int64_t ld4,
+                                  uint2* __restrict__ dst) {
+  for (int64_t i = FirstIndex(); i < rows * cols4; i += GridStride()) {
+    dst[i] = PackBf16x4(src[(i / cols4) * ld4 + i % cols4]);
   }
 }
 
@@ -26,17 +51,32 @@ __global__ void AddBiasKernel(float* __restrict__ y, int64_t total, int64_t out,
   for (int64_t i = FirstIndex(); i < total; i += GridStride()) y[i] += bias[i % out];
 }
 
+// Over [n / width, width]: four elements a thread (width a multiple of 4, 16-byte aligned).
+__global__ void GatedResidualx4Kernel(float4* __restrict__ h, const float4* __restrict__ a,
+                                      const float4* __restrict__ gate_pre, const float4* __restrict__ bias,
+                                      int64_t width4, const float4* __restrict__ e, int64_t n4) {
+  for (int64_t i = FirstIndex(); i < n4; i += GridStride()) {
+    float4 x = h[i];
+    const float4 av = a[i], gv = gate_pre[i], bv = bias[i % width4], ev = e[i];
+    x.x = GatedResidualOf(x.x, av.x, gv.x, bv.x, ev.x);
+    x.y = GatedResidualOf(x.y, av.y, gv.y, bv.y, ev.y);
+    x.z = GatedResidualOf(x.z, av.z, gv.z, bv.z, ev.z);
+    x.w = GatedResidualOf(x.w, av.w, gv.w, bv.w, ev.w);
+    h[i] = x;
+  }
+}
+
 __global__ void GatedResidualKernel(float* __restrict__ h, const float* __restrict__ a,
-                                    const float* __restrict__ gate_pre, const float* __restrict__ e, int64_t n) {
-  for (int64_t i = FirstIndex(); i < n; i += GridStride()) h[i] += a[i] + Sigmoid(gate_pre[i]) * e[i];
+                                    const float* __restrict__ gate_pre, const float* __restrict__ bias, int64_t width,
+                                    const float* __restrict__ e, int64_t n) {
+  for (int64_t i = FirstIndex(); i < n; i += GridStride()) {
+    h[i] = GatedResidualOf(h[i], a[i], gate_pre[i], bias[i % width], e[i]);
+  }
 }
 
 // out may alias gate: each element is read then written by the same thread.
 __global__ void SwiGluKernel(const float* gate, const float* __restrict__ up, int64_t n, float* out) {
-  for (int64_t i = FirstIndex(); i < n; i += GridStride()) {
-    const float g = gate[i];
-    out[i] = g * Sigmoid(g) * up[i];
-  }
+  for (int64_t i = FirstIndex(); i < n; i += GridStride()) out[i] = SwiGluOf(gate[i], up[i]);
 }
 
 // A block per token: out[t, :] = table[ids[t], :] widened to fp32. An id outside [0, V)
@@ -62,8 +102,17 @@ __global__ void SwiGluBf16Kernel(const float* __restrict__ gate_up, int64_t rows
                                  __nv_bfloat16* __restrict__ out) {
   for (int64_t i = FirstIndex(); i < rows * F; i += GridStride()) {
     const int64_t t = i / F, c = i % F;
-    const float g = gate_up[t * 2 * F + c];
-    out[i] = __float2bfloat16_rn(g * Sigmoid(g) * gate_up[t * 2 * F + F + c]);
+    out[i] = __float2bfloat16_rn(SwiGluOf(gate_up[t * 2 * F + c], gate_up[t * 2 * F + F + c]));
+  }
+}
+
+// The same four elements a thread (F4 = F / 4).
+__global__ void SwiGluBf16x4Kernel(const float4* __restrict__ gate_up, int64_t rows, int64_t F4,
+                                   uint2* __restrict__ out) {
+  for (int64_t i = FirstIndex(); i < rows * F4; i += GridStride()) {
+    const int64_t t = i / F4, c = i % F4;
+    const float4 g = gate_up[t * 2 * F4 + c], u = gate_up[t * 2 * F4 + F4 + c];
+    out[i] = PackBf16x4(make_float4(SwiGluOf(g.x, u.x), SwiGluOf(g.y, u.y), SwiGluOf(g.z, u.z), SwiGluOf(g.w, u.w)));
   }
 }
 
@@ -77,8 +126,7 @@ Status ConvertF32ToBf16(const float* src, int64_t n, __nv_bfloat16* dst, cudaStr
   LM2_RETURN_IF_ERROR(ops::CheckCount("ConvertF32ToBf16", n));
   if (n == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("ConvertF32ToBf16", {src, dst}));
-  F32ToBf16Kernel<<<GridFor(n, kThreads), kThreads, 0, stream>>>(src, 1, n, n, dst);
-  return CheckLaunch("F32ToBf16Kernel");
+  return ConvertRowsF32ToBf16(src, 1, n, n, dst, stream);
 }
 
 Status ConvertRowsF32ToBf16(const float* src, int64_t rows, int64_t cols, int64_t src_ld, __nv_bfloat16* dst,
@@ -90,6 +138,11 @@ Status ConvertRowsF32ToBf16(const float* src, int64_t rows, int64_t cols, int64_
   }
   if (rows * cols == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("ConvertRowsF32ToBf16", {src, dst}));
+  if (cols % 4 == 0 && src_ld % 4 == 0 && Aligned16({src, dst})) {
+    F32ToBf16x4Kernel<<<GridFor(rows * cols / 4, kThreads), kThreads, 0, stream>>>(
+        reinterpret_cast<const float4*>(src), rows, cols / 4, src_ld / 4, reinterpret_cast<uint2*>(dst));
+    return CheckLaunch("F32ToBf16x4Kernel");
+  }
   F32ToBf16Kernel<<<GridFor(rows * cols, kThreads), kThreads, 0, stream>>>(src, rows, cols, src_ld, dst);
   return CheckLaunch("F32ToBf16Kernel");
 }
@@ -112,12 +165,22 @@ Status AddBias(float* y, int64_t rows, int64_t out, const float* bias, cudaStrea
   return CheckLaunch("AddBiasKernel");
 }
 
-Status GatedResidual(float* h, const float* a, const float* gate_pre, const float* e, int64_t n,
-                     cudaStream_t stream) {
+Status GatedResidual(float* h, const float* a, const float* gate_pre, const float* gate_bias, int64_t rows,
+                     int64_t width, const float* e, cudaStream_t stream) {
+  if (rows < 0 || width <= 0) {
+    return Status::InvalidArgument("GatedResidual: rows=" + std::to_string(rows) + " width=" + std::to_string(width));
+  }
+  const int64_t n = rows * width;
   LM2_RETURN_IF_ERROR(ops::CheckCount("GatedResidual", n));
   if (n == 0) return Status::Ok();
-  LM2_RETURN_IF_ERROR(RequireNonNull("GatedResidual", {h, a, gate_pre, e}));
-  GatedResidualKernel<<<GridFor(n, kThreads), kThreads, 0, stream>>>(h, a, gate_pre, e, n);
+  LM2_RETURN_IF_ERROR(RequireNonNull("GatedResidual", {h, a, gate_pre, gate_bias, e}));
+  if (width % 4 == 0 && Aligned16({h, a, gate_pre, gate_bias, e})) {
+    GatedResidualx4Kernel<<<GridFor(n / 4, kThreads), kThreads, 0, stream>>>(
+        reinterpret_cast<float4*>(h), reinterpret_cast<const float4*>(a), reinterpret_cast<const float4*>(gate_pre),
+        reinterpret_cast<const float4*>(gate_bias), width / 4, reinterpret_cast<const float4*>(e), n / 4);
+    return CheckLaunch("GatedResidualx4Kernel");
+  }
+  GatedResidualKernel<<<GridFor(n, kThreads), kThreads, 0, stream>>>(h, a, gate_pre, gate_bias, width, e, n);
   return CheckLaunch("GatedResidualKernel");
 }
 
@@ -148,6 +211,11 @@ Status SwiGluBf16(const float* gate_up, int64_t rows, int64_t F, __nv_bfloat16* 
   }
   if (rows == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("SwiGluBf16", {gate_up, out}));
+  if (F % 4 == 0 && Aligned16({gate_up, out})) {
+    SwiGluBf16x4Kernel<<<GridFor(rows * F / 4, kThreads), kThreads, 0, stream>>>(
+        reinterpret_cast<const float4*>(gate_up), rows, F / 4, reinterpret_cast<uint2*>(out));
+    return CheckLaunch("SwiGluBf16x4Kernel");
+  }
   SwiGluBf16Kernel<<<GridFor(rows * F, kThreads), kThreads, 0, stream>>>(gate_up, rows, F, out);
   return CheckLaunch("SwiGluBf16Kernel");
 }

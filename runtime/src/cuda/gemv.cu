@@ -72,7 +72,7 @@ __device__ __forceinline__ Item LoadItem(const GemvArgs& a, int b, int64_t c) {
 template <GemvInput In>
 __device__ __forceinline__ bf16 Convert(float x, float y, float inv_rms) {
   if constexpr (In == GemvInput::kRmsNorm) return __float2bfloat16_rn(x * inv_rms * y);
-  if constexpr (In == GemvInput::kSwiGlu) return __float2bfloat16_rn(x * Sigmoid(x) * y);
+  if constexpr (In == GemvInput::kSwiGlu) return __float2bfloat16_rn(SwiGluOf(x, y));
   return __float2bfloat16_rn(x);
 }
 
@@ -214,7 +214,7 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
           if constexpr (Out == GemvOutput::kAccumulate) *y += sum;
           if constexpr (Out == GemvOutput::kGatedResidual) {
             const int64_t i = b * a.out + row;
-            *y += a.residual[i] + Sigmoid(sum + a.bias[row]) * a.gated[i];
+            *y = GatedResidualOf(*y, a.residual[i], sum, a.bias[row], a.gated[i]);
           }
         }
       }

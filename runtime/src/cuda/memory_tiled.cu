@@ -66,26 +66,10 @@ struct Layout {
   static constexpr int kChunks = DHP / 8;  // 16-byte pieces of a row
 };
 
-// Rows [0, Rows) x columns [0, DHP) of `tile` from bf16 `src` (rows `ld` apart): rows below
-// rows_valid and columns below cols, zeros elsewhere. `vec` (cols, ld and src 8-element
-// aligned): 16-byte cp.async copies, completed by the caller's CopyAsyncWait; else element
-// loads, complete on return.
 template <int DHP, int Rows = kTile>
 __device__ __forceinline__ void LoadTile(const bf16* __restrict__ src, int64_t ld, int64_t rows_valid, int cols,
                                          bool vec, bf16* tile) {
-  using L = Layout<DHP>;
-  if (vec) {
-    for (int i = threadIdx.x; i < Rows * L::kChunks; i += kBlockThreads) {
-      const int r = i / L::kChunks, c = (i % L::kChunks) * 8;
-      const bool in = r < rows_valid && c < cols;
-      CopyAsync16(tile + r * L::kLd + c, in ? src + r * ld + c : src, in);
-    }
-  } else {
-    for (int i = threadIdx.x; i < Rows * DHP; i += kBlockThreads) {
-      const int r = i / DHP, c = i % DHP;
-      tile[r * L::kLd + c] = r < rows_valid && c < cols ? src[r * ld + c] : __float2bfloat16(0.0f);
-    }
-  }
+  LoadBf16Tile<DHP, Rows, kBlockThreads>(src, ld, rows_valid, cols, vec, tile);
 }
 
 // A whole bf16 [64, DHP] scratch tile (padded: always complete and aligned) by cp.async.

@@ -106,6 +106,28 @@ __device__ __forceinline__ void CopyAsyncWait() {
 template <int DHP>
 inline constexpr int TileLd = DHP + 8;
 
+// Rows [0, Rows) x columns [0, DHP) of a tile (rows TileLd<DHP> apart) from bf16 `src`
+// (rows `ld` apart), by a block of Threads threads: rows below rows_valid and columns below
+// cols, zeros elsewhere. `vec` (cols, ld and src 8-element aligned): 16-byte cp.async
+// copies, completed by the caller's CopyAsyncWait; else element loads, complete on return.
+template <int DHP, int Rows, int Threads>
+__device__ __forceinline__ void LoadBf16Tile(const __nv_bfloat16* __restrict__ src, int64_t ld, int64_t rows_valid,
+                                             int cols, bool vec, __nv_bfloat16* tile) {
+  constexpr int kLd = TileLd<DHP>, kChunks = DHP / 8;  // 16-byte pieces of a row
+  if (vec) {
+    for (int i = threadIdx.x; i < Rows * kChunks; i += Threads) {
+      const int r = i / kChunks, c = (i % kChunks) * 8;
+      const bool in = r < rows_valid && c < cols;
+      CopyAsync16(tile + r * kLd + c, in ? src + r * ld + c : src, in);
+    }
+  } else {
+    for (int i = threadIdx.x; i < Rows * DHP; i += Threads) {
+      const int r = i / DHP, c = i % DHP;
+      tile[r * kLd + c] = r < rows_valid && c < cols ? src[r * ld + c] : __float2bfloat16(0.0f);
+    }
+  }
+}
+
 // Head widths the tile kernels take, zero-padded to the tile width: 16, 32, 64 or 128.
 inline constexpr int64_t kMaxTileWidth = 128;
 __host__ __device__ constexpr int64_t PaddedTileWidth(int64_t width) {

@@ -29,27 +29,29 @@ struct RowPerCache {
 };
 
 // proj[t] = [q (H*D) | k (Hkv*D) | v (Hkv*D) | ...]: q and k rotated into q_out and the k
-// row, v copied to the v row. Items: every rotated pair of q and k, then every element of v.
+// row, v copied to the v row. A block per row: its q and k pairs rotated by the row's
+// factors (RopeFactorsBatch: computed once per forward, not per layer and pair), then its v
+// elements; 32-bit index math within the row.
 template <typename Dest>
-__global__ void SplitQkvRopeKernel(const float* __restrict__ proj, int64_t rows, int64_t proj_ld, int64_t heads,
-                                   int64_t kv_heads, int64_t head_dim, const int64_t* __restrict__ positions,
-                                   double theta, float* __restrict__ q_out, Dest dest) {
+__global__ void SplitQkvRopeKernel(const float* __restrict__ proj, int64_t proj_ld, int heads, int kv_heads,
+                                   int head_dim, const float2* __restrict__ factors,
+                                   const int64_t* __restrict__ positions, float* __restrict__ q_out, Dest dest) {
   WaitForPredecessor();  // proj is the previous kernel's output
   AllowDependents();
-  const int64_t half = head_dim / 2, all_heads = heads + kv_heads, kvdim = kv_heads * head_dim;
-  const int64_t pairs = rows * all_heads * half, total = pairs + rows * kvdim;
-  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < total;
-       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if (p < pairs) {
-      const int64_t i = p % half, th = p / half, t = th / all_heads, h = th % all_heads;
-      const float* src = proj + t * proj_ld + h * head_dim;  // k heads follow q heads in proj
-      float* dst = h < heads ? q_out + (t * heads + h) * head_dim : dest.K(t, positions) + (h - heads) * head_dim;
-      RotateHalfPair(src, dst, i, half, RopeFactors(i, head_dim, positions[t], theta));
-    } else {
-      const int64_t e = p - pairs, t = e / kvdim, c = e % kvdim;
-      dest.V(t, positions)[c] = proj[t * proj_ld + (heads + kv_heads) * head_dim + c];
-    }
+  const int64_t t = blockIdx.x;
+  const int half = head_dim / 2, pairs = (heads + kv_heads) * half, kvdim = kv_heads * head_dim;
+  const float* src_row = proj + t * proj_ld;
+  const float2* f = factors + t * half;
+  float* q_row = q_out + t * heads * head_dim;
+  float* k_row = dest.K(t, positions);
+  for (int p = static_cast<int>(threadIdx.x); p < pairs; p += static_cast<int>(blockDim.x)) {
+    const int h = p / half, i = p % half;  // k heads follow q heads in proj
+    float* dst = h < heads ? q_row + h * head_dim : k_row + (h - heads) * head_dim;
+    RotateHalfPair(src_row + h * head_dim, dst, i, half, f[i]);
   }
+  const float* v_src = src_row + (heads + kv_heads) * head_dim;
+  float* v_row = dest.V(t, positions);
+  for (int c = static_cast<int>(threadIdx.x); c < kvdim; c += static_cast<int>(blockDim.x)) v_row[c] = v_src[c];
 }
 
 __global__ void RopeKernel(float* __restrict__ x, int64_t rows, int64_t heads, int64_t head_dim,
@@ -102,35 +104,37 @@ namespace {
 // Both SplitQkvRope forms: the checks, then the kernel writing k and v rows through `dest`.
 template <typename Dest>
 Status LaunchSplitQkvRope(const char* op, const float* proj, int64_t rows, int64_t proj_ld, int64_t heads,
-                          int64_t kv_heads, int64_t head_dim, const int64_t* positions, double theta, float* q_out,
-                          Dest dest, cudaStream_t stream) {
-  LM2_RETURN_IF_ERROR(ops::CheckRope(rows, heads, head_dim, theta));
+                          int64_t kv_heads, int64_t head_dim, const float2* factors, const int64_t* positions,
+                          float* q_out, Dest dest, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckRope(rows, heads, head_dim, /*theta=*/1.0));
   LM2_RETURN_IF_ERROR(ops::CheckCausalAttention(0, 0, heads, kv_heads, head_dim));
   if (proj_ld < (heads + 2 * kv_heads) * head_dim) {
     return Status::InvalidArgument(std::string(op) + ": proj_ld " + std::to_string(proj_ld) +
                                    " narrower than q, k and v");
   }
   if (rows == 0) return Status::Ok();
-  LM2_RETURN_IF_ERROR(RequireNonNull(op, {proj, positions, q_out, dest.k, dest.v}));
-  const int64_t total = rows * (heads + kv_heads) * (head_dim / 2) + rows * kv_heads * head_dim;
-  return CudaStatus(LaunchPdl(&SplitQkvRopeKernel<Dest>, GridFor(total, kThreads), kThreads, 0, stream, proj, rows,
-                              proj_ld, heads, kv_heads, head_dim, positions, theta, q_out, dest),
+  LM2_RETURN_IF_ERROR(RequireNonNull(op, {proj, factors, q_out, dest.k, dest.v}));
+  if (rows > ops::detail::kInt32Max) return Status::InvalidArgument(std::string(op) + ": too many rows");
+  return CudaStatus(LaunchPdl(&SplitQkvRopeKernel<Dest>, static_cast<unsigned int>(rows), kThreads, 0, stream, proj,
+                              proj_ld, static_cast<int>(heads), static_cast<int>(kv_heads),
+                              static_cast<int>(head_dim), factors, positions, q_out, dest),
                     op);
 }
 
 }  // namespace
 
 Status SplitQkvRope(const float* proj, int64_t rows, int64_t proj_ld, int64_t heads, int64_t kv_heads,
-                    int64_t head_dim, const int64_t* positions, double theta, float* q_out, float* k_out, float* v_out,
+                    int64_t head_dim, const float2* factors, float* q_out, float* k_out, float* v_out,
                     cudaStream_t stream) {
-  return LaunchSplitQkvRope("SplitQkvRope", proj, rows, proj_ld, heads, kv_heads, head_dim, positions, theta, q_out,
+  return LaunchSplitQkvRope("SplitQkvRope", proj, rows, proj_ld, heads, kv_heads, head_dim, factors, nullptr, q_out,
                             ConsecutiveRows{k_out, v_out, kv_heads * head_dim}, stream);
 }
 
 Status SplitQkvRopeBatch(const float* proj, int64_t rows, int64_t proj_ld, int64_t heads, int64_t kv_heads,
-                         int64_t head_dim, const int64_t* positions, double theta, float* q_out, float* const* k_caches,
-                         float* const* v_caches, cudaStream_t stream) {
-  return LaunchSplitQkvRope("SplitQkvRopeBatch", proj, rows, proj_ld, heads, kv_heads, head_dim, positions, theta,
+                         int64_t head_dim, const int64_t* positions, const float2* factors, float* q_out,
+                         float* const* k_caches, float* const* v_caches, cudaStream_t stream) {
+  if (rows > 0 && positions == nullptr) return Status::InvalidArgument("SplitQkvRopeBatch: null positions");
+  return LaunchSplitQkvRope("SplitQkvRopeBatch", proj, rows, proj_ld, heads, kv_heads, head_dim, factors, positions,
                             q_out, RowPerCache{k_caches, v_caches, kv_heads * head_dim}, stream);
 }
 
