@@ -112,9 +112,9 @@ __global__ void __launch_bounds__(kBlockThreads, DHP <= 64 ? 2 : 1) AttentionTil
       for (int c = 0; c < 4; ++c) {
         const int64_t key = k0 + nt * 8 + 2 * t + (c & 1);
         const bool visible = !edge || (key <= offset + row0 + 8 * (c >> 1) && key < S);
-        s[nt][c] = visible ? s[nt][c] * scale_log2 : -INFINITY;
+        if (!visible) s[nt][c] = -INFINITY;
       }
-    OnlineSoftmaxTile<DHP>(s, m, l, acc);  // every row sees key 0 in the first tile
+    OnlineSoftmaxTile<DHP>(s, scale_log2, m, l, acc);  // every row sees key 0 in the first tile
     TileProducts<DHP>(s, vs + (it & 1) * kTileElems, acc);
     __syncthreads();  // the buffer is refilled next
   }

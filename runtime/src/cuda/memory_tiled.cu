@@ -10,8 +10,8 @@
 //     output rescaled as the row maxima grow, divided by the row sums at the end). It
 //     leaves each token's maximum m and 1/l, and the chunk's q and offer in bf16, in the
 //     scratch for the write kernel.
-//   write kernel, a block per (128 slots, head), each warp 16 slots: over the tokens in
-//     tiles of 64, the same scores transposed (K · Qᵀ), p = exp(s - m) / l from the read's
+//   write kernel, a block per (128 slots, head), each warp 32 slots (16 past width 64):
+//     over the tokens in tiles of 64, the same scores transposed (K · Qᵀ), p = exp(s - m) / l from the read's
 //     statistics, mass += Σ_t p, acc += pᵀ · offer. Each block owns its slots' sums: no
 //     atomics.
 // Scores: bf16(q) · mem_k (bf16), fp32 accumulation, as the GEMM form; p is fp32 for the
@@ -72,11 +72,12 @@ __device__ __forceinline__ void LoadTile(const bf16* __restrict__ src, int64_t l
   LoadBf16Tile<DHP, Rows, kBlockThreads>(src, ld, rows_valid, cols, vec, tile);
 }
 
-// A whole bf16 [64, DHP] scratch tile (padded: always complete and aligned) by cp.async.
-template <int DHP>
+// A whole bf16 [64, DHP] scratch tile (padded: always complete and aligned) by cp.async, by
+// a block of Threads threads.
+template <int DHP, int Threads>
 __device__ __forceinline__ void LoadScratchTile(const bf16* __restrict__ src, bf16* tile) {
   using L = Layout<DHP>;
-  for (int i = threadIdx.x; i < kTile * L::kChunks; i += kBlockThreads) {
+  for (int i = threadIdx.x; i < kTile * L::kChunks; i += Threads) {
     const int r = i / L::kChunks, c = (i % L::kChunks) * 8;
     CopyAsync16(tile + r * L::kLd + c, src + r * DHP + c, true);
   }
@@ -142,12 +143,15 @@ __global__ void __launch_bounds__(kBlockThreads, MinBlocks(DHP)) MemoryReadTiled
     __syncthreads();
     float s[8][4];
     TileScores<DHP>(qa, ks + (it & 1) * L::kTileElems, s);
-    const int valid = static_cast<int>(N - static_cast<int64_t>(it) * kTile);
+    const int64_t valid = N - static_cast<int64_t>(it) * kTile;
+    if (valid < kTile) {  // the last tile's padding slots
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+      for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) s[nt][c] = nt * 8 + 2 * t + (c & 1) < valid ? s[nt][c] * scale_log2 : -INFINITY;
-    OnlineSoftmaxTile<DHP>(s, m, l, out);  // the first tile has a valid slot
+        for (int c = 0; c < 4; ++c)
+          if (nt * 8 + 2 * t + (c & 1) >= valid) s[nt][c] = -INFINITY;
+    }
+    OnlineSoftmaxTile<DHP>(s, scale_log2, m, l, out);  // the first tile has a valid slot
     TileProducts<DHP>(s, vs + (it & 1) * L::kTileElems, out);
     __syncthreads();  // the buffers are refilled next
   }
@@ -165,12 +169,19 @@ __global__ void __launch_bounds__(kBlockThreads, MinBlocks(DHP)) MemoryReadTiled
   }
 }
 
-// Write sums: a block per (kRows slots, head), over the chunk's tokens 64 at a time.
+// Write sums: a block per (kRows slots, head), over the chunk's tokens 64 at a time. Up to
+// head width 64 each warp takes two 16-slot groups (4 warps), so that every q and offer
+// fragment read from shared memory serves two products (with one group a warp the kernel
+// was bound by those reads); wider heads one group (8 warps: the registers).
+__host__ __device__ constexpr int WriteGroups(int dhp) { return dhp <= 64 ? 2 : 1; }
+__host__ __device__ constexpr int WriteThreads(int dhp) { return 32 * kRows / (16 * WriteGroups(dhp)); }
+
 template <int DHP>
-__global__ void __launch_bounds__(kBlockThreads, MinBlocks(DHP)) MemoryWriteTiledKernel(
+__global__ void __launch_bounds__(WriteThreads(DHP), MinBlocks(DHP)) MemoryWriteTiledKernel(
     const bf16* __restrict__ mem_k, int64_t T, int64_t N, int64_t d, int dh, float scale_log2, bool vec,
     Scratch scratch, float* __restrict__ mass, float* __restrict__ acc) {
   using L = Layout<DHP>;
+  constexpr int M = WriteGroups(DHP), kWriteThreads = WriteThreads(DHP);
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* ks = reinterpret_cast<bf16*>(smem);
   bf16* qs = ks + L::kRowsElems;     // two buffers
@@ -184,21 +195,23 @@ __global__ void __launch_bounds__(kBlockThreads, MinBlocks(DHP)) MemoryWriteTile
   const float2* stats_head = scratch.stats + j * Tp;
   const int tiles = static_cast<int>(Tp / kTile);
   const auto load_tokens = [&](int it, int buf) {
-    LoadScratchTile<DHP>(q_head + it * kTile * DHP, qs + buf * L::kTileElems);
-    LoadScratchTile<DHP>(offer_head + it * kTile * DHP, cs + buf * L::kTileElems);
+    LoadScratchTile<DHP, kWriteThreads>(q_head + it * kTile * DHP, qs + buf * L::kTileElems);
+    LoadScratchTile<DHP, kWriteThreads>(offer_head + it * kTile * DHP, cs + buf * L::kTileElems);
     if (threadIdx.x < kTile / 2) {  // 64 float2 = 32 copies of 16 bytes
       CopyAsync16(stats + buf * kTile + 2 * threadIdx.x, stats_head + it * kTile + 2 * threadIdx.x, true);
     }
   };
 
-  LoadTile<DHP, kRows>(mem_k + n0 * d + j * dh, d, N - n0, dh, vec, ks);
+  LoadBf16Tile<DHP, kRows, kWriteThreads>(mem_k + n0 * d + j * dh, d, N - n0, dh, vec, ks);
   load_tokens(0, 0);
   CopyAsyncCommit();
-  float out[DHP / 8][4];
+  float out[M][DHP / 8][4];
 #pragma unroll
-  for (int i = 0; i < DHP / 8; ++i) out[i][0] = out[i][1] = out[i][2] = out[i][3] = 0.0f;
-  float slot_mass[2] = {0.0f, 0.0f};
-  uint32_t ka[DHP / 16][4];
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int i = 0; i < DHP / 8; ++i) out[m][i][0] = out[m][i][1] = out[m][i][2] = out[m][i][3] = 0.0f;
+  float slot_mass[M][2] = {};
+  uint32_t ka[M][DHP / 16][4];
   for (int it = 0; it < tiles; ++it) {
     if (it + 1 < tiles) {
       load_tokens(it + 1, (it + 1) & 1);
@@ -210,32 +223,42 @@ __global__ void __launch_bounds__(kBlockThreads, MinBlocks(DHP)) MemoryWriteTile
     __syncthreads();
     if (it == 0) {
 #pragma unroll
-      for (int kc = 0; kc < DHP / 16; ++kc) LoadA(ka[kc], ks, L::kLd, warp * 16, kc * 16);
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int kc = 0; kc < DHP / 16; ++kc) LoadA(ka[m][kc], ks, L::kLd, (warp * M + m) * 16, kc * 16);
     }
-    float s[8][4];
-    TileScores<DHP>(ka, qs + (it & 1) * L::kTileElems, s);  // s[slot, token]
+    float s[M][8][4];
+    TileScoresM<DHP, M>(ka, qs + (it & 1) * L::kTileElems, s);  // s[slot, token]
     const float2* st = stats + (it & 1) * kTile;
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const float2 mi = st[nt * 8 + 2 * t + (c & 1)];  // padding tokens: 1/l = 0, q = 0 (s = 0): p = 0
-        s[nt][c] = exp2f(s[nt][c] * scale_log2 - mi.x) * mi.y;
-        slot_mass[c >> 1] += s[nt][c];
+      for (int c = 0; c < 2; ++c) {
+        const float2 mi = st[nt * 8 + 2 * t + c];  // padding tokens: 1/l = 0, q = 0 (s = 0): p = 0
+#pragma unroll
+        for (int m = 0; m < M; ++m)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            float& x = s[m][nt][2 * r + c];
+            x = SoftmaxWeight(x, scale_log2, mi.x) * mi.y;
+            slot_mass[m][r] += x;
+          }
       }
-    TileProducts<DHP>(s, cs + (it & 1) * L::kTileElems, out);
+    TileProductsM<DHP, M>(s, cs + (it & 1) * L::kTileElems, out);
     __syncthreads();
   }
 
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t slot = n0 + warp * 16 + g + 8 * r;
-    const float total = QuadSum(slot_mass[r]);
-    if (slot < N) {
-      ForEachOwnedElement(out, r, t, dh, [&](int col, float v) { acc[slot * d + j * dh + col] += v; });
-      if (t == 0) mass[j * N + slot] += total;
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t slot = n0 + (warp * M + m) * 16 + g + 8 * r;
+      const float total = QuadSum(slot_mass[m][r]);
+      if (slot < N) {
+        ForEachOwnedElement(out[m], r, t, dh, [&](int col, float v) { acc[slot * d + j * dh + col] += v; });
+        if (t == 0) mass[j * N + slot] += total;
+      }
     }
-  }
 }
 
 template <int DHP>
@@ -258,7 +281,7 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
       q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, dh, scale_log2, vec, e, parts);
   LM2_RETURN_IF_ERROR(CheckLaunch("MemoryReadTiledKernel"));
   const dim3 write_grid(static_cast<unsigned int>((N + kRows - 1) / kRows), heads);
-  MemoryWriteTiledKernel<DHP><<<write_grid, kBlockThreads, kWriteBytes, stream>>>(mem_k, T, N, d, dh, scale_log2, vec,
+  MemoryWriteTiledKernel<DHP><<<write_grid, WriteThreads(DHP), kWriteBytes, stream>>>(mem_k, T, N, d, dh, scale_log2, vec,
                                                                                   parts, mass, acc);
   return CheckLaunch("MemoryWriteTiledKernel");
 }

@@ -149,41 +149,77 @@ auto WithPaddedTileWidth(int64_t width, Fn&& fn) {
 // exp(x) = exp2(x · log2 e): the tile kernels' softmaxes work in log2 units.
 inline constexpr float kLog2e = 1.4426950408889634f;
 
-// s[8][4]: the 16 x 64 scores of a warp's rows (A fragments `a`, DHP/16 of them) against
-// the 64 rows of `tile` (row-major [64][DHP]): a · tileᵀ.
-template <int DHP>
-__device__ __forceinline__ void TileScores(const uint32_t (&a)[DHP / 16][4], const __nv_bfloat16* tile, float (&s)[8][4]) {
+// 2^x by one SFU instruction (ex2.approx.ftz: results below 2^-126 flush to 0, which a
+// softmax weight may; exp2f wraps the same instruction in denormal handling, three more
+// instructions per weight in kernels whose issue slots are the limit). 2^-inf = 0.
+__device__ __forceinline__ float FastExp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// s[m][8][4]: the 16 x 64 scores of each of a warp's M groups of 16 rows (A fragments
+// a[m], DHP/16 of them) against the 64 rows of `tile` (row-major [64][DHP]): a · tileᵀ.
+// Each B fragment is loaded once for the M groups (M = 2 halves the shared-memory reads per
+// product).
+template <int DHP, int M>
+__device__ __forceinline__ void TileScoresM(const uint32_t (&a)[M][DHP / 16][4], const __nv_bfloat16* tile,
+                                            float (&s)[M][8][4]) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s[m][i][0] = s[m][i][1] = s[m][i][2] = s[m][i][3] = 0.0f;
 #pragma unroll
   for (int kc = 0; kc < DHP / 16; ++kc) {
 #pragma unroll
     for (int np = 0; np < 4; ++np) {
       uint32_t b[4];
       LoadBTransposed(b, tile, TileLd<DHP>, np * 16, kc * 16);
-      MmaBf16(s[2 * np], a[kc], b[0], b[1]);
-      MmaBf16(s[2 * np + 1], a[kc], b[2], b[3]);
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        MmaBf16(s[m][2 * np], a[m][kc], b[0], b[1]);
+        MmaBf16(s[m][2 * np + 1], a[m][kc], b[2], b[3]);
+      }
     }
   }
 }
 
-// out[DHP/8][4] += p · tile: p the 16 x 64 probabilities in score-fragment form, `tile`
-// row-major [64][DHP].
-template <int DHP>
-__device__ __forceinline__ void TileProducts(const float (&p)[8][4], const __nv_bfloat16* tile, float (&out)[DHP / 8][4]) {
+// out[m][DHP/8][4] += p[m] · tile for each of M groups of 16 rows: p[m] the 16 x 64
+// probabilities in score-fragment form, `tile` row-major [64][DHP].
+template <int DHP, int M>
+__device__ __forceinline__ void TileProductsM(const float (&p)[M][8][4], const __nv_bfloat16* tile,
+                                              float (&out)[M][DHP / 8][4]) {
 #pragma unroll
   for (int kc = 0; kc < 4; ++kc) {
-    const uint32_t a[4] = {PackBf16x2(p[2 * kc][0], p[2 * kc][1]), PackBf16x2(p[2 * kc][2], p[2 * kc][3]),
-                           PackBf16x2(p[2 * kc + 1][0], p[2 * kc + 1][1]),
-                           PackBf16x2(p[2 * kc + 1][2], p[2 * kc + 1][3])};
+    uint32_t a[M][4];
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      a[m][0] = PackBf16x2(p[m][2 * kc][0], p[m][2 * kc][1]);
+      a[m][1] = PackBf16x2(p[m][2 * kc][2], p[m][2 * kc][3]);
+      a[m][2] = PackBf16x2(p[m][2 * kc + 1][0], p[m][2 * kc + 1][1]);
+      a[m][3] = PackBf16x2(p[m][2 * kc + 1][2], p[m][2 * kc + 1][3]);
+    }
 #pragma unroll
     for (int np = 0; np < DHP / 16; ++np) {
       uint32_t b[4];
       LoadB(b, tile, TileLd<DHP>, kc * 16, np * 16);
-      MmaBf16(out[2 * np], a, b[0], b[1]);
-      MmaBf16(out[2 * np + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        MmaBf16(out[m][2 * np], a[m], b[0], b[1]);
+        MmaBf16(out[m][2 * np + 1], a[m], b[2], b[3]);
+      }
     }
   }
+}
+
+// The same for one group of 16 rows.
+template <int DHP>
+__device__ __forceinline__ void TileScores(const uint32_t (&a)[DHP / 16][4], const __nv_bfloat16* tile, float (&s)[8][4]) {
+  TileScoresM<DHP, 1>(reinterpret_cast<const uint32_t(&)[1][DHP / 16][4]>(a), tile, reinterpret_cast<float(&)[1][8][4]>(s));
+}
+template <int DHP>
+__device__ __forceinline__ void TileProducts(const float (&p)[8][4], const __nv_bfloat16* tile, float (&out)[DHP / 8][4]) {
+  TileProductsM<DHP, 1>(reinterpret_cast<const float(&)[1][8][4]>(p), tile, reinterpret_cast<float(&)[1][DHP / 8][4]>(out));
 }
 
 // This lane's elements of row g + 8r of a row of output tiles (C fragments tiles[i], columns
@@ -209,25 +245,33 @@ __device__ __forceinline__ float QuadSum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// One tile of the online softmax (FA2) over a warp's 16 rows: `s` holds the tile's scores
-// in log2 units (masked entries -inf) and leaves with exp2(s - m_new); the row maxima `m`,
-// this lane's shares `l` of the row sums and the running output rows `out` are rescaled
-// from the old maxima to the new. Every row must have seen a finite score by now.
+// The softmax weight of raw score s in log2 units against the maximum m (log2 units):
+// 2^(s · scale_log2 - m), the scaling and the subtraction one fused multiply-add. The
+// tiled read and write kernels compute their weights alike.
+__device__ __forceinline__ float SoftmaxWeight(float s, float scale_log2, float m) {
+  return FastExp2(fmaf(s, scale_log2, -m));
+}
+
+// One tile of the online softmax (FA2) over a warp's 16 rows: `s` holds the tile's raw
+// scores (masked entries -inf) and leaves with SoftmaxWeight(s, scale_log2, m_new); the row
+// maxima `m` (log2 units: the raw maxima times scale_log2 > 0), this lane's shares `l` of
+// the row sums and the running output rows `out` are rescaled from the old maxima to the
+// new. Every row must have seen a finite score by now.
 template <int DHP>
-__device__ __forceinline__ void OnlineSoftmaxTile(float (&s)[8][4], float (&m)[2], float (&l)[2],
+__device__ __forceinline__ void OnlineSoftmaxTile(float (&s)[8][4], float scale_log2, float (&m)[2], float (&l)[2],
                                                   float (&out)[DHP / 8][4]) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float mx = -INFINITY;
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-    const float m_new = fmaxf(m[r], QuadMax(mx));
-    const float alpha = exp2f(m[r] - m_new);  // 0 on the first tile (m = -inf)
+    const float m_new = fmaxf(m[r], QuadMax(mx) * scale_log2);
+    const float alpha = FastExp2(m[r] - m_new);  // 0 on the first tile (m = -inf)
     float sum = 0.0f;
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
-      s[nt][2 * r] = exp2f(s[nt][2 * r] - m_new);
-      s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - m_new);
+      s[nt][2 * r] = SoftmaxWeight(s[nt][2 * r], scale_log2, m_new);
+      s[nt][2 * r + 1] = SoftmaxWeight(s[nt][2 * r + 1], scale_log2, m_new);
       sum += s[nt][2 * r] + s[nt][2 * r + 1];
     }
     l[r] = l[r] * alpha + sum;  // this lane's share; QuadSum adds the quad's at the end
