@@ -5,7 +5,7 @@
 // 4096-token prefill).
 //
 // Per memory head j (width dh = d / heads, zero-padded to DHP, a multiple of 16):
-//   read kernel, a block per (128 tokens, head), each of 8 warps 16 tokens: one pass over the
+//   read kernel, a block per (128 tokens, head), each warp 32 tokens (16 past width 64): one pass over the
 //     slots in tiles of 64, e = softmax(s) · V by the online softmax (FA2: the running
 //     output rescaled as the row maxima grow, divided by the row sums at the end). It
 //     leaves each token's maximum m and 1/l, and the chunk's q and offer in bf16, in the
@@ -37,9 +37,7 @@ namespace {
 using bf16 = __nv_bfloat16;
 
 constexpr int kTile = 64;                  // columns of a score tile: slots (read), tokens (write)
-constexpr int kWarps = 8;                  // each warp takes 16 of the block's rows
-constexpr int kRows = 16 * kWarps;         // rows of a block: tokens (read), slots (write)
-constexpr int kBlockThreads = 32 * kWarps;
+constexpr int kRows = 128;                 // rows of a block: tokens (read), slots (write)
 
 __host__ __device__ constexpr int64_t PaddedTokens(int64_t T) { return (T + kRows - 1) / kRows * kRows; }
 
@@ -66,12 +64,6 @@ struct Layout {
   static constexpr int kChunks = DHP / 8;  // 16-byte pieces of a row
 };
 
-template <int DHP, int Rows = kTile>
-__device__ __forceinline__ void LoadTile(const bf16* __restrict__ src, int64_t ld, int64_t rows_valid, int cols,
-                                         bool vec, bf16* tile) {
-  LoadBf16Tile<DHP, Rows, kBlockThreads>(src, ld, rows_valid, cols, vec, tile);
-}
-
 // A whole bf16 [64, DHP] scratch tile (padded: always complete and aligned) by cp.async, by
 // a block of Threads threads.
 template <int DHP, int Threads>
@@ -86,13 +78,21 @@ __device__ __forceinline__ void LoadScratchTile(const bf16* __restrict__ src, bf
 // Two blocks per SM where the head width allows (DHP <= 64: at most 128 registers).
 constexpr int MinBlocks(int dhp) { return dhp <= 64 ? 2 : 1; }
 
+// Up to head width 64 each warp of the read and write kernels takes two 16-row groups of
+// the block's kRows (4 warps), so that every fragment read from shared memory serves two
+// products (with one group a warp the write kernel was bound by those reads); wider heads
+// one group (8 warps: the registers).
+__host__ __device__ constexpr int RowGroups(int dhp) { return dhp <= 64 ? 2 : 1; }
+__host__ __device__ constexpr int GroupThreads(int dhp) { return 32 * kRows / (16 * RowGroups(dhp)); }
+
 // Read: a block per (kRows tokens, head).
 template <int DHP>
-__global__ void __launch_bounds__(kBlockThreads, MinBlocks(DHP)) MemoryReadTiledKernel(
+__global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadTiledKernel(
     const float* __restrict__ q, int64_t q_ld, const float* __restrict__ offer, int64_t offer_ld,
     const bf16* __restrict__ mem_k, const bf16* __restrict__ mem_v, int64_t T, int64_t N, int64_t d, int dh,
     float scale_log2, bool vec, float* __restrict__ e, Scratch scratch) {
   using L = Layout<DHP>;
+  constexpr int M = RowGroups(DHP), kThreadsRead = GroupThreads(DHP);
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* qs = reinterpret_cast<bf16*>(smem);
   bf16* ks = qs + L::kRowsElems;     // two buffers
@@ -104,14 +104,17 @@ __global__ void __launch_bounds__(kBlockThreads, MinBlocks(DHP)) MemoryReadTiled
   const bf16* v_head = mem_v + j * dh;
   const int tiles = static_cast<int>((N + kTile - 1) / kTile);
 
-  LoadTile<DHP>(k_head, d, N, dh, vec, ks);
-  LoadTile<DHP>(v_head, d, N, dh, vec, vs);
-  CopyAsyncCommit();
+  const auto load_slots = [&](int64_t n0, int buf) {
+    LoadBf16Tile<DHP, kTile, kThreadsRead>(k_head + n0 * d, d, N - n0, dh, vec, ks + buf * L::kTileElems);
+    LoadBf16Tile<DHP, kTile, kThreadsRead>(v_head + n0 * d, d, N - n0, dh, vec, vs + buf * L::kTileElems);
+    CopyAsyncCommit();
+  };
+  load_slots(0, 0);
   // This block's q and offer rows in bf16: q into shared memory and both into the scratch
   // for the write kernel (padding rows and columns zero).
   bf16* q_out = scratch.q + (j * Tp + t0) * DHP;
   bf16* offer_out = scratch.offer + (j * Tp + t0) * DHP;
-  for (int i = threadIdx.x; i < kRows * DHP; i += kBlockThreads) {
+  for (int i = threadIdx.x; i < kRows * DHP; i += kThreadsRead) {
     const int r = i / DHP, c = i % DHP;
     const bool in = t0 + r < T && c < dh;
     const bf16 qv = __float2bfloat16(in ? q[(t0 + r) * q_ld + j * dh + c] : 0.0f);
@@ -120,68 +123,71 @@ __global__ void __launch_bounds__(kBlockThreads, MinBlocks(DHP)) MemoryReadTiled
     offer_out[r * DHP + c] = __float2bfloat16(in ? offer[(t0 + r) * offer_ld + j * dh + c] : 0.0f);
   }
   __syncthreads();
-  uint32_t qa[DHP / 16][4];
+  uint32_t qa[M][DHP / 16][4];
 #pragma unroll
-  for (int kc = 0; kc < DHP / 16; ++kc) LoadA(qa[kc], qs, L::kLd, warp * 16, kc * 16);
+  for (int mg = 0; mg < M; ++mg)
+#pragma unroll
+    for (int kc = 0; kc < DHP / 16; ++kc) LoadA(qa[mg][kc], qs, L::kLd, (warp * M + mg) * 16, kc * 16);
 
   // One pass over the slots, the online softmax (the maxima in log2 units); this lane's
-  // rows are g and g + 8 of the warp's 16, its columns 2t, 2t + 1 of each 8.
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  float out[DHP / 8][4];
+  // rows are g and g + 8 of each of the warp's groups of 16, its columns 2t, 2t + 1 of
+  // each 8.
+  float m[M][2], l[M][2], out[M][DHP / 8][4];
 #pragma unroll
-  for (int i = 0; i < DHP / 8; ++i) out[i][0] = out[i][1] = out[i][2] = out[i][3] = 0.0f;
+  for (int mg = 0; mg < M; ++mg) {
+    m[mg][0] = m[mg][1] = -INFINITY;
+    l[mg][0] = l[mg][1] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < DHP / 8; ++i) out[mg][i][0] = out[mg][i][1] = out[mg][i][2] = out[mg][i][3] = 0.0f;
+  }
   for (int it = 0; it < tiles; ++it) {
     if (it + 1 < tiles) {
-      const int64_t next = static_cast<int64_t>(it + 1) * kTile;
-      LoadTile<DHP>(k_head + next * d, d, N - next, dh, vec, ks + ((it + 1) & 1) * L::kTileElems);
-      LoadTile<DHP>(v_head + next * d, d, N - next, dh, vec, vs + ((it + 1) & 1) * L::kTileElems);
-      CopyAsyncCommit();
+      load_slots(static_cast<int64_t>(it + 1) * kTile, (it + 1) & 1);
       CopyAsyncWait<1>();
     } else {
       CopyAsyncWait<0>();
     }
     __syncthreads();
-    float s[8][4];
-    TileScores<DHP>(qa, ks + (it & 1) * L::kTileElems, s);
+    float s[M][8][4];
+    TileScoresM<DHP, M>(qa, ks + (it & 1) * L::kTileElems, s);
     const int64_t valid = N - static_cast<int64_t>(it) * kTile;
-    if (valid < kTile) {  // the last tile's padding slots
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
+    for (int mg = 0; mg < M; ++mg) {
+      if (valid < kTile) {  // the last tile's padding slots
 #pragma unroll
-        for (int c = 0; c < 4; ++c)
-          if (nt * 8 + 2 * t + (c & 1) >= valid) s[nt][c] = -INFINITY;
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c)
+            if (nt * 8 + 2 * t + (c & 1) >= valid) s[mg][nt][c] = -INFINITY;
+      }
+      OnlineSoftmaxTile<DHP>(s[mg], scale_log2, m[mg], l[mg], out[mg]);  // the first tile has a valid slot
     }
-    OnlineSoftmaxTile<DHP>(s, scale_log2, m, l, out);  // the first tile has a valid slot
-    TileProducts<DHP>(s, vs + (it & 1) * L::kTileElems, out);
+    TileProductsM<DHP, M>(s, vs + (it & 1) * L::kTileElems, out);
     __syncthreads();  // the buffers are refilled next
   }
-  const float inv_l[2] = {1.0f / QuadSum(l[0]), 1.0f / QuadSum(l[1])};
 
-  // e rows g and g + 8 of the warp's 16; this lane's columns 2t, 2t + 1 of each 8.
+  // e rows g and g + 8 of each group; this lane's columns 2t, 2t + 1 of each 8.
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t row = t0 + warp * 16 + g + 8 * r;
-    if (row < T) {
-      ForEachOwnedElement(out, r, t, dh, [&](int col, float v) { e[row * d + j * dh + col] = v * inv_l[r]; });
+  for (int mg = 0; mg < M; ++mg)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float inv_l = 1.0f / QuadSum(l[mg][r]);
+      const int64_t row = t0 + (warp * M + mg) * 16 + g + 8 * r;
+      if (row < T) {
+        ForEachOwnedElement(out[mg], r, t, dh, [&](int col, float v) { e[row * d + j * dh + col] = v * inv_l; });
+      }
+      // The statistics of every row of the tile, padding rows (1/l = 0: no weight) included.
+      if (t == 0) scratch.stats[j * Tp + row] = row < T ? make_float2(m[mg][r], inv_l) : make_float2(0.0f, 0.0f);
     }
-    // The statistics of every row of the tile, padding rows (1/l = 0: no weight) included.
-    if (t == 0) scratch.stats[j * Tp + row] = row < T ? make_float2(m[r], inv_l[r]) : make_float2(0.0f, 0.0f);
-  }
 }
 
-// Write sums: a block per (kRows slots, head), over the chunk's tokens 64 at a time. Up to
-// head width 64 each warp takes two 16-slot groups (4 warps), so that every q and offer
-// fragment read from shared memory serves two products (with one group a warp the kernel
-// was bound by those reads); wider heads one group (8 warps: the registers).
-__host__ __device__ constexpr int WriteGroups(int dhp) { return dhp <= 64 ? 2 : 1; }
-__host__ __device__ constexpr int WriteThreads(int dhp) { return 32 * kRows / (16 * WriteGroups(dhp)); }
-
+// Write sums: a block per (kRows slots, head), over the chunk's tokens 64 at a time.
 template <int DHP>
-__global__ void __launch_bounds__(WriteThreads(DHP), MinBlocks(DHP)) MemoryWriteTiledKernel(
+__global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryWriteTiledKernel(
     const bf16* __restrict__ mem_k, int64_t T, int64_t N, int64_t d, int dh, float scale_log2, bool vec,
     Scratch scratch, float* __restrict__ mass, float* __restrict__ acc) {
   using L = Layout<DHP>;
-  constexpr int M = WriteGroups(DHP), kWriteThreads = WriteThreads(DHP);
+  constexpr int M = RowGroups(DHP), kWriteThreads = GroupThreads(DHP);
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* ks = reinterpret_cast<bf16*>(smem);
   bf16* qs = ks + L::kRowsElems;     // two buffers
@@ -277,11 +283,11 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
   const auto heads = static_cast<unsigned int>(d / dh);
   const Scratch parts = Carve(scratch, T, heads, DHP);
   const dim3 read_grid(static_cast<unsigned int>(PaddedTokens(T) / kRows), heads);
-  MemoryReadTiledKernel<DHP><<<read_grid, kBlockThreads, kReadBytes, stream>>>(
+  MemoryReadTiledKernel<DHP><<<read_grid, GroupThreads(DHP), kReadBytes, stream>>>(
       q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, dh, scale_log2, vec, e, parts);
   LM2_RETURN_IF_ERROR(CheckLaunch("MemoryReadTiledKernel"));
   const dim3 write_grid(static_cast<unsigned int>((N + kRows - 1) / kRows), heads);
-  MemoryWriteTiledKernel<DHP><<<write_grid, WriteThreads(DHP), kWriteBytes, stream>>>(mem_k, T, N, d, dh, scale_log2, vec,
+  MemoryWriteTiledKernel<DHP><<<write_grid, GroupThreads(DHP), kWriteBytes, stream>>>(mem_k, T, N, d, dh, scale_log2, vec,
                                                                                   parts, mass, acc);
   return CheckLaunch("MemoryWriteTiledKernel");
 }
