@@ -102,20 +102,23 @@ __global__ void __launch_bounds__(kBlockThreads, DHP <= 64 ? 2 : 1) AttentionTil
       CopyAsyncWait<0>();
     }
     __syncthreads();  // the tile is in
-    float s[8][4];
-    TileScores<DHP>(qa, ks + (it & 1) * kTileElems, s);
-    // Masked: keys past a row's position (and past S, the tile's padding rows).
-    const bool edge = k0 + kTile - 1 > offset + q0 || k0 + kTile > S;
+    // A tile past every row of this warp (the block's diagonal) adds nothing to them.
+    if (k0 <= offset + q0 + warp * 16 + 15) {
+      float s[8][4];
+      TileScores<DHP>(qa, ks + (it & 1) * kTileElems, s);
+      // Masked: keys past a row's position (and past S, the tile's padding rows).
+      const bool edge = k0 + kTile - 1 > offset + q0 || k0 + kTile > S;
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+      for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int64_t key = k0 + nt * 8 + 2 * t + (c & 1);
-        const bool visible = !edge || (key <= offset + row0 + 8 * (c >> 1) && key < S);
-        if (!visible) s[nt][c] = -INFINITY;
-      }
-    OnlineSoftmaxTile<DHP>(s, scale_log2, m, l, acc);  // every row sees key 0 in the first tile
-    TileProducts<DHP>(s, vs + (it & 1) * kTileElems, acc);
+        for (int c = 0; c < 4; ++c) {
+          const int64_t key = k0 + nt * 8 + 2 * t + (c & 1);
+          const bool visible = !edge || (key <= offset + row0 + 8 * (c >> 1) && key < S);
+          if (!visible) s[nt][c] = -INFINITY;
+        }
+      OnlineSoftmaxTile<DHP>(s, scale_log2, m, l, acc);  // every row sees key 0 in the first tile
+      TileProducts<DHP>(s, vs + (it & 1) * kTileElems, acc);
+    }
     __syncthreads();  // the buffer is refilled next
   }
 

@@ -5,15 +5,16 @@
 // 4096-token prefill).
 //
 // Per memory head j (width dh = d / heads, zero-padded to DHP, a multiple of 16):
-//   read kernel, a block per (128 tokens, head), each warp 32 tokens (16 past width 64): one pass over the
-//     slots in tiles of 64, e = softmax(s) · V by the online softmax (FA2: the running
-//     output rescaled as the row maxima grow, divided by the row sums at the end). It
-//     leaves each token's maximum m and 1/l, and the chunk's q and offer in bf16, in the
-//     scratch for the write kernel.
+//   read kernel, a block per (128 tokens, head), each warp 32 tokens (16 past width 64):
+//     one pass over the slots in tiles of 64, e = softmax(s) · V by the online softmax
+//     (FA2: the running output rescaled as the row maxima grow, divided by the row sums at
+//     the end). It leaves each token's maximum m (the one its weights were taken against:
+//     within kRescaleSlack of the true maximum) and 1/l, and the chunk's q and offer in
+//     bf16, in the scratch for the write kernel.
 //   write kernel, a block per (128 slots, head), each warp 32 slots (16 past width 64):
-//     over the tokens in tiles of 64, the same scores transposed (K · Qᵀ), p = exp(s - m) / l from the read's
-//     statistics, mass += Σ_t p, acc += pᵀ · offer. Each block owns its slots' sums: no
-//     atomics.
+//     over the tokens in tiles of 64, the same scores transposed (K · Qᵀ), p = exp(s - m) / l
+//     from the read's statistics, mass += Σ_t p, acc += pᵀ · offer. Each block owns its
+//     slots' sums: no atomics.
 // Scores: bf16(q) · mem_k (bf16), fp32 accumulation, as the GEMM form; p is fp32 for the
 // statistics and the masses, rounded to bf16 for the two products (the GEMM form: bf16 for
 // the read, TF32 for the write sums); the offer is rounded to bf16.

@@ -252,35 +252,55 @@ __device__ __forceinline__ float SoftmaxWeight(float s, float scale_log2, float 
   return FastExp2(fmaf(s, scale_log2, -m));
 }
 
+// How far (log2 units) a row's running maximum may lag its true maximum before the online
+// softmax rescales: the weights then reach up to 2^8, harmless in fp32 sums and bf16
+// products, and the final division by the row sums (taken against the same maximum) cancels
+// it exactly.
+inline constexpr float kRescaleSlack = 8.0f;
+
 // One tile of the online softmax (FA2) over a warp's 16 rows: `s` holds the tile's raw
-// scores (masked entries -inf) and leaves with SoftmaxWeight(s, scale_log2, m_new); the row
-// maxima `m` (log2 units: the raw maxima times scale_log2 > 0), this lane's shares `l` of
-// the row sums and the running output rows `out` are rescaled from the old maxima to the
-// new. Every row must have seen a finite score by now.
+// scores (masked entries -inf) and leaves with SoftmaxWeight(s, scale_log2, m); the row
+// maxima `m` (log2 units: raw maxima times scale_log2 > 0), this lane's shares `l` of the
+// row sums and the running output rows `out` are rescaled to the new maxima only when some
+// row of the warp has outgrown its maximum by more than kRescaleSlack (a warp-uniform
+// branch; after the first tiles it is rarely taken), so `m` may lag the true maxima by up
+// to that slack. Every row must have seen a finite score by now.
 template <int DHP>
 __device__ __forceinline__ void OnlineSoftmaxTile(float (&s)[8][4], float scale_log2, float (&m)[2], float (&l)[2],
                                                   float (&out)[DHP / 8][4]) {
+  float m_new[2];
+  bool grown = false;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float mx = -INFINITY;
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-    const float m_new = fmaxf(m[r], QuadMax(mx) * scale_log2);
-    const float alpha = FastExp2(m[r] - m_new);  // 0 on the first tile (m = -inf)
+    m_new[r] = fmaxf(m[r], QuadMax(mx) * scale_log2);
+    grown |= m_new[r] > m[r] + kRescaleSlack;  // always on the first tile (m = -inf)
+  }
+  if (__any_sync(0xffffffffu, grown)) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float alpha = FastExp2(m[r] - m_new[r]);  // 0 on the first tile, 1 where m stays
+      l[r] *= alpha;
+      m[r] = m_new[r];
+#pragma unroll
+      for (int i = 0; i < DHP / 8; ++i) {
+        out[i][2 * r] *= alpha;
+        out[i][2 * r + 1] *= alpha;
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
     float sum = 0.0f;
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
-      s[nt][2 * r] = SoftmaxWeight(s[nt][2 * r], scale_log2, m_new);
-      s[nt][2 * r + 1] = SoftmaxWeight(s[nt][2 * r + 1], scale_log2, m_new);
+      s[nt][2 * r] = SoftmaxWeight(s[nt][2 * r], scale_log2, m[r]);
+      s[nt][2 * r + 1] = SoftmaxWeight(s[nt][2 * r + 1], scale_log2, m[r]);
       sum += s[nt][2 * r] + s[nt][2 * r + 1];
     }
-    l[r] = l[r] * alpha + sum;  // this lane's share; QuadSum adds the quad's at the end
-    m[r] = m_new;
-#pragma unroll
-    for (int i = 0; i < DHP / 8; ++i) {
-      out[i][2 * r] *= alpha;
-      out[i][2 * r + 1] *= alpha;
-    }
+    l[r] += sum;  // this lane's share; QuadSum adds the quad's at the end
   }
 }
 
