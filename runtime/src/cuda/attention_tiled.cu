@@ -55,10 +55,14 @@ __device__ __forceinline__ void LoadRoundedRows(const float* __restrict__ src, i
   }
 }
 
-template <int DHP>
+__device__ __forceinline__ void Store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void Store(bf16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// Out: float, or bf16 (the o_proj GEMM's input, rounded as ConvertF32ToBf16 would).
+template <int DHP, typename Out>
 __global__ void __launch_bounds__(kBlockThreads, DHP <= 64 ? 2 : 1) AttentionTiledKernel(
     const float* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v, int64_t T, int64_t S,
-    int heads, int kv_heads, int head_dim, float scale_log2, bool q_vec, bool kv_vec, float* __restrict__ out) {
+    int heads, int kv_heads, int head_dim, float scale_log2, bool q_vec, bool kv_vec, Out* __restrict__ out) {
   constexpr int kLd = TileLd<DHP>, kTileElems = kTile * kLd;
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* qs = reinterpret_cast<bf16*>(smem);
@@ -73,8 +77,10 @@ __global__ void __launch_bounds__(kBlockThreads, DHP <= 64 ? 2 : 1) AttentionTil
   const bf16* k_head = k + static_cast<int64_t>(hk) * head_dim;
   const bf16* v_head = v + static_cast<int64_t>(hk) * head_dim;
   const auto load_keys = [&](int64_t k0, int buf) {
-    LoadBf16Tile<DHP, kTile, kBlockThreads>(k_head + k0 * kvdim, kvdim, S - k0, head_dim, kv_vec, ks + buf * kTileElems);
-    LoadBf16Tile<DHP, kTile, kBlockThreads>(v_head + k0 * kvdim, kvdim, S - k0, head_dim, kv_vec, vs + buf * kTileElems);
+    bf16* k_tile = ks + buf * kTileElems;
+    bf16* v_tile = vs + buf * kTileElems;
+    LoadBf16Tile<DHP, kTile, kBlockThreads>(k_head + k0 * kvdim, kvdim, S - k0, head_dim, kv_vec, k_tile);
+    LoadBf16Tile<DHP, kTile, kBlockThreads>(v_head + k0 * kvdim, kvdim, S - k0, head_dim, kv_vec, v_tile);
     CopyAsyncCommit();
   };
 
@@ -127,33 +133,30 @@ __global__ void __launch_bounds__(kBlockThreads, DHP <= 64 ? 2 : 1) AttentionTil
     const float inv_l = 1.0f / QuadSum(l[r]);
     const int64_t row = row0 + 8 * r;
     if (row >= T) continue;
-    float* o = out + row * qdim + static_cast<int64_t>(h) * head_dim;
-    ForEachOwnedElement(acc, r, t, head_dim, [&](int col, float v) { o[col] = v * inv_l; });
+    Out* o = out + row * qdim + static_cast<int64_t>(h) * head_dim;
+    ForEachOwnedElement(acc, r, t, head_dim, [&](int col, float v) { Store(o + col, v * inv_l); });
   }
 }
 
-template <int DHP>
+template <int DHP, typename Out>
 Status LaunchAttentionTiled(const float* q, const bf16* k, const bf16* v, int64_t T, int64_t S, int64_t heads,
-                            int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream) {
+                            int64_t kv_heads, int64_t head_dim, Out* out, cudaStream_t stream) {
   const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(head_dim));
   const bool q_vec = head_dim % 4 == 0;   // q rows and head offsets float4-aligned
   const bool kv_vec = head_dim % 8 == 0;  // K/V rows and head offsets 16-byte aligned
   constexpr int kBytes = (kRows + 4 * kTile) * TileLd<DHP> * 2;  // bf16 q, two K and two V tiles
-  LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&AttentionTiledKernel<DHP>), kBytes,
+  LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&AttentionTiledKernel<DHP, Out>), kBytes,
                                          "CausalAttentionTiled"));
   const dim3 grid(static_cast<unsigned int>((T + kRows - 1) / kRows), static_cast<unsigned int>(heads));
-  AttentionTiledKernel<DHP><<<grid, kBlockThreads, kBytes, stream>>>(q, k, v, T, S, static_cast<int>(heads),
-                                                                static_cast<int>(kv_heads), static_cast<int>(head_dim),
-                                                                scale_log2, q_vec, kv_vec, out);
+  AttentionTiledKernel<DHP, Out><<<grid, kBlockThreads, kBytes, stream>>>(
+      q, k, v, T, S, static_cast<int>(heads), static_cast<int>(kv_heads), static_cast<int>(head_dim), scale_log2, q_vec,
+      kv_vec, out);
   return CheckLaunch("AttentionTiledKernel");
 }
 
-}  // namespace
-
-bool CausalAttentionTiledSupported(int64_t head_dim) { return head_dim >= 1 && head_dim <= kMaxTileWidth; }
-
-Status CausalAttentionTiled(const float* q, const bf16* k, const bf16* v, int64_t T, int64_t S, int64_t heads,
-                            int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream) {
+template <typename Out>
+Status AttentionTiled(const float* q, const bf16* k, const bf16* v, int64_t T, int64_t S, int64_t heads,
+                      int64_t kv_heads, int64_t head_dim, Out* out, cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(ops::CheckCausalAttention(T, S, heads, kv_heads, head_dim));
   if (!CausalAttentionTiledSupported(head_dim)) {
     return Status::InvalidArgument("CausalAttentionTiled: head_dim " + std::to_string(head_dim) + " > " +
@@ -164,6 +167,20 @@ Status CausalAttentionTiled(const float* q, const bf16* k, const bf16* v, int64_
   return WithPaddedTileWidth(head_dim, [&](auto dhp) {
     return LaunchAttentionTiled<decltype(dhp)::value>(q, k, v, T, S, heads, kv_heads, head_dim, out, stream);
   });
+}
+
+}  // namespace
+
+bool CausalAttentionTiledSupported(int64_t head_dim) { return head_dim >= 1 && head_dim <= kMaxTileWidth; }
+
+Status CausalAttentionTiled(const float* q, const bf16* k, const bf16* v, int64_t T, int64_t S, int64_t heads,
+                            int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream) {
+  return AttentionTiled(q, k, v, T, S, heads, kv_heads, head_dim, out, stream);
+}
+
+Status CausalAttentionTiled(const float* q, const bf16* k, const bf16* v, int64_t T, int64_t S, int64_t heads,
+                            int64_t kv_heads, int64_t head_dim, bf16* out, cudaStream_t stream) {
+  return AttentionTiled(q, k, v, T, S, heads, kv_heads, head_dim, out, stream);
 }
 
 }  // namespace lm2::runtime::cuda

@@ -54,6 +54,7 @@ struct Scratch {
   DeviceBuffer<bf16> xb;         // a normed input in bf16, shared by the GEMMs that read it
   DeviceBuffer<bf16> yb;         // other GEMM inputs rounded to bf16
   DeviceBuffer<bf16> kv_b;       // tiled attention: a layer's KV cache rows [0, S) in bf16, K then V
+  DeviceBuffer<bf16> eb;         // the tiled memory read's e in bf16 [T, d] (the output gate GEMM's input)
   DeviceBuffer<int32_t> ids;
   DeviceBuffer<int64_t> positions;
   DeviceBuffer<float2> rope;  // each row's rotary factors [rows, head_dim / 2], for all the layers
@@ -514,6 +515,7 @@ class CudaModel final : public Model {
       LM2_RETURN_IF_ERROR(EnsureCapacity(sc.mattn, Z(Hm * attn_rows * N)));
       if (tiled_memory_) {
         LM2_RETURN_IF_ERROR(EnsureCapacity(sc.read_stats, Z(MemoryReadWriteScratch(rows, d, Hm))));
+        LM2_RETURN_IF_ERROR(EnsureCapacity(sc.eb, Z(rows * d)));
       } else {
         LM2_RETURN_IF_ERROR(EnsureCapacity(sc.read_b, Z(MemoryReadScratch(rows, N, d, Hm))));
       }
@@ -803,21 +805,24 @@ class CudaModel final : public Model {
           return MemoryReadOneToken(mq, P, ls.mem_k.data(), ls.mem_v.data(), N, d, Hm, sc.mattn.data(), sc.e.data(),
                                     sc.read_partial.data(), mst);
         }
-        if (tiled_memory_) {  // the write sums too
+        if (tiled_memory_) {  // the write sums too, and e in bf16 for the output gate's GEMM
           return MemoryReadWrite(mq, P, offer, P, ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm, sc.e.data(),
-                                 ls.mass.data(), ls.acc.data(), sc.read_stats.data(), mst);
+                                 sc.eb.data(), ls.mass.data(), ls.acc.data(), sc.read_stats.data(), mst);
         }
         return MemoryRead(blas, mq, P, ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm, sc.mattn.data(), sc.e.data(),
                           sc.read_b.data(), mst);
       };
+      const bool tiled_read = batch == nullptr && n != 1 && tiled_memory_;  // read_memory's MemoryReadWrite
       const bool side_read =
-          lw.has_memory && options_.concurrent_memory_read && (batch != nullptr || n == 1 || tiled_memory_);
+          lw.has_memory && options_.concurrent_memory_read && (batch != nullptr || n == 1 || tiled_read);
       if (side_read) {
         const cudaStream_t side = s.side_stream_.get();
         LM2_RETURN_IF_ERROR(s.fork_.Order(st, side));
         LM2_RETURN_IF_ERROR(read_memory(side));
       }
 
+      // The attention output, in bf16 (sc.yb) where the tiled kernel writes it for o_proj's GEMM.
+      bool attn_bf16 = false;
       if (batch != nullptr) {  // one token per session, each with its own cache: RoPE, cache append and attention
         LM2_RETURN_IF_ERROR(RopeAttentionDecodeBatch(proj, P, positions, sc.rope.data(), batch->KCaches(i),
                                                      batch->VCaches(i), n, H, Hkv, Dh, sc.attn_out.data(), st));
@@ -829,7 +834,13 @@ class CudaModel final : public Model {
           bf16* v_b = k_b + S * kvdim;
           LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.k_cache.data(), S * kvdim, k_b, st));
           LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.v_cache.data(), S * kvdim, v_b, st));
-          LM2_RETURN_IF_ERROR(CausalAttentionTiled(sc.q.data(), k_b, v_b, n, S, H, Hkv, Dh, sc.attn_out.data(), st));
+          attn_bf16 = !Small(n);  // (the GEMV takes the fp32 rows)
+          if (attn_bf16) {
+            LM2_RETURN_IF_ERROR(CausalAttentionTiled(sc.q.data(), k_b, v_b, n, S, H, Hkv, Dh, sc.yb.data(), st));
+          } else {
+            LM2_RETURN_IF_ERROR(
+                CausalAttentionTiled(sc.q.data(), k_b, v_b, n, S, H, Hkv, Dh, sc.attn_out.data(), st));
+          }
         } else if (n >= options_.attention_gemm_min_tokens) {
           LM2_RETURN_IF_ERROR(EnsureCapacity(sc.scores, Z(H * n * S)));
           LM2_RETURN_IF_ERROR(CausalAttentionGemm(blas, sc.q.data(), ls.k_cache.data(), ls.v_cache.data(), n, S, H,
@@ -841,10 +852,11 @@ class CudaModel final : public Model {
       }
       // The attention output: kept apart in layers with memory (the gate adds it), else
       // added to the residual stream at once.
-      if (lw.has_memory) {
-        LM2_RETURN_IF_ERROR(F32Linear(s, sc.attn_out.data(), n, qdim, lw.o_proj, d, sc.a.data(), false));
+      float* o_proj_out = lw.has_memory ? sc.a.data() : h;
+      if (attn_bf16) {
+        LM2_RETURN_IF_ERROR(Linear(blas, sc.yb.data(), n, qdim, lw.o_proj, d, o_proj_out, !lw.has_memory, st));
       } else {
-        LM2_RETURN_IF_ERROR(F32Linear(s, sc.attn_out.data(), n, qdim, lw.o_proj, d, h, true));
+        LM2_RETURN_IF_ERROR(F32Linear(s, sc.attn_out.data(), n, qdim, lw.o_proj, d, o_proj_out, !lw.has_memory));
       }
 
       if (lw.has_memory) {
@@ -853,7 +865,7 @@ class CudaModel final : public Model {
         } else {
           LM2_RETURN_IF_ERROR(read_memory(st));
         }
-        LM2_RETURN_IF_ERROR(OutputGate(s, n, lw.memory, h));
+        LM2_RETURN_IF_ERROR(OutputGate(s, n, lw.memory, tiled_read, h));
         // The write sums (a batched step's were staged by its read, a tiled chunk's added by it).
         if (batch == nullptr && n == 1) {
           LM2_RETURN_IF_ERROR(
@@ -913,7 +925,8 @@ class CudaModel final : public Model {
   }
 
   // The memory output gate and both residual adds: h += a + sigmoid(e W_ogᵀ + b_og) ⊙ e.
-  Status OutputGate(CudaState& s, int64_t n, const CudaMemoryWeights& mw, float* h) const {
+  // e_bf16: the read left bf16(e) in sc.eb too.
+  Status OutputGate(CudaState& s, int64_t n, const CudaMemoryWeights& mw, bool e_bf16, float* h) const {
     const int64_t d = cfg_.hidden_size;
     const cudaStream_t st = s.stream_.get();
     Scratch& sc = s.scratch_;
@@ -923,8 +936,12 @@ class CudaModel final : public Model {
                    .residual = sc.a.data(), .gated = sc.e.data()},
                   st);
     }
-    LM2_RETURN_IF_ERROR(LinearF32(s.cublas_.get(), sc.e.data(), n, d, mw.out_gate_w, d, sc.gate.data(), false,
-                                  sc.yb.data(), st));
+    if (e_bf16) {
+      LM2_RETURN_IF_ERROR(Linear(s.cublas_.get(), sc.eb.data(), n, d, mw.out_gate_w, d, sc.gate.data(), false, st));
+    } else {
+      LM2_RETURN_IF_ERROR(LinearF32(s.cublas_.get(), sc.e.data(), n, d, mw.out_gate_w, d, sc.gate.data(), false,
+                                    sc.yb.data(), st));
+    }
     return GatedResidual(h, sc.a.data(), sc.gate.data(), mw.out_gate_b, n, d, sc.e.data(), st);
   }
 

@@ -259,10 +259,14 @@ Status RopeAttentionDecodeBatch(const float* proj, int64_t proj_ld, const int64_
 // same semantics as CausalAttention over k and v, a bf16 copy of the KV cache [S, Hkv*D]
 // (ConvertF32ToBf16 of its first S rows); q rounded to bf16, the probabilities too before
 // they multiply v, fp32 scores, softmax and accumulation; no scratch. Head widths up to 128
-// (CausalAttentionTiledSupported); q, k, v and out 16-byte aligned.
+// (CausalAttentionTiledSupported); q, k, v and out 16-byte aligned. The bf16 form rounds the
+// output as ConvertF32ToBf16 of the fp32 form's would (the next GEMM's input).
 bool CausalAttentionTiledSupported(int64_t head_dim);
 Status CausalAttentionTiled(const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, int64_t T, int64_t S,
                             int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream);
+Status CausalAttentionTiled(const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v, int64_t T, int64_t S,
+                            int64_t heads, int64_t kv_heads, int64_t head_dim, __nv_bfloat16* out,
+                            cudaStream_t stream);
 
 // Prefill attention through cuBLAS (same semantics as CausalAttention): scores [H, T, S]
 // (caller's scratch, fp32) = q·kᵀ/sqrt(D) by strided-batched TF32 GEMMs, a causal softmax,
@@ -319,11 +323,13 @@ Status AccumulateWrite(cublasHandle_t handle, const float* attn, const float* of
 // masses, rounded to bf16 (like the offer) for the two products, fp32 accumulation.
 // q[T, d] and offer[T, d] with rows q_ld / offer_ld >= d apart; scratch holds
 // MemoryReadWriteScratch(T, d, heads) floats. Head widths up to 128 (MemoryReadWriteSupported).
+// e_bf16, when not null, receives bf16(e) [T, d] too (the output gate GEMM's input).
 bool MemoryReadWriteSupported(int64_t d, int64_t heads);
 int64_t MemoryReadWriteScratch(int64_t T, int64_t d, int64_t heads);
 Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld,
                        const __nv_bfloat16* mem_k, const __nv_bfloat16* mem_v, int64_t T, int64_t N, int64_t d,
-                       int64_t heads, float* e, float* mass, float* acc, float* scratch, cudaStream_t stream);
+                       int64_t heads, float* e, __nv_bfloat16* e_bf16, float* mass, float* acc, float* scratch,
+                       cudaStream_t stream);
 
 // One token per session (decode), as bandwidth-bound kernels (memory_decode.cu): the same
 // results as MemoryRead / AccumulateWrite with T = 1, with q, the scores and the

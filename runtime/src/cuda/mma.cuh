@@ -214,12 +214,16 @@ __device__ __forceinline__ void TileProductsM(const float (&p)[M][8][4], const _
 
 // The same for one group of 16 rows.
 template <int DHP>
-__device__ __forceinline__ void TileScores(const uint32_t (&a)[DHP / 16][4], const __nv_bfloat16* tile, float (&s)[8][4]) {
-  TileScoresM<DHP, 1>(reinterpret_cast<const uint32_t(&)[1][DHP / 16][4]>(a), tile, reinterpret_cast<float(&)[1][8][4]>(s));
+__device__ __forceinline__ void TileScores(const uint32_t (&a)[DHP / 16][4], const __nv_bfloat16* tile,
+                                           float (&s)[8][4]) {
+  TileScoresM<DHP, 1>(reinterpret_cast<const uint32_t(&)[1][DHP / 16][4]>(a), tile,
+                      reinterpret_cast<float(&)[1][8][4]>(s));
 }
 template <int DHP>
-__device__ __forceinline__ void TileProducts(const float (&p)[8][4], const __nv_bfloat16* tile, float (&out)[DHP / 8][4]) {
-  TileProductsM<DHP, 1>(reinterpret_cast<const float(&)[1][8][4]>(p), tile, reinterpret_cast<float(&)[1][DHP / 8][4]>(out));
+__device__ __forceinline__ void TileProducts(const float (&p)[8][4], const __nv_bfloat16* tile,
+                                             float (&out)[DHP / 8][4]) {
+  TileProductsM<DHP, 1>(reinterpret_cast<const float(&)[1][8][4]>(p), tile,
+                        reinterpret_cast<float(&)[1][DHP / 8][4]>(out));
 }
 
 // This lane's elements of row g + 8r of a row of output tiles (C fragments tiles[i], columns
