@@ -801,15 +801,8 @@ TEST_CASE("MemoryReadWrite: the read and the write sums in tiles, without the pr
   auto dq = Upload(q), doffer = Upload(offer), dmass = Upload(mass0), dacc = Upload(acc0);
   auto de = Poisoned<float>(want_e.size());
   auto scratch = Poisoned<float>(static_cast<std::size_t>(MemoryReadWriteScratch(T, d, Hm)));
-  auto de_b = Poisoned<__nv_bfloat16>(want_e.size());
   RequireOk(MemoryReadWrite(dq.data(), ld, doffer.data(), ld, dmk.data(), dmv.data(), T, N, d, Hm, de.data(),
-                            de_b.data(), dmass.data(), dacc.data(), scratch.data(), Stream()));
-  {  // e_bf16: e rounded as ConvertF32ToBf16 rounds it
-    auto want_b = Poisoned<__nv_bfloat16>(want_e.size());
-    RequireOk(ConvertF32ToBf16(de.data(), T * d, want_b.data(), Stream()));
-    const auto want_bits = Download(want_b), got_bits = Download(de_b);
-    CHECK(std::memcmp(want_bits.data(), got_bits.data(), want_bits.size() * sizeof(__nv_bfloat16)) == 0);
-  }
+                            dmass.data(), dacc.data(), scratch.data(), Stream()));
   // e and acc: sums of products with the probabilities rounded to bf16 (2^-9 each); the
   // masses: fp32 probabilities.
   CHECK(RelErr(Download(de), want_e) < kTolBf16Operands);
@@ -1196,10 +1189,10 @@ TEST_CASE("Launchers refuse bad shapes and null pointers; empty work is a no-op"
   CHECK(CausalAttentionTiled(p, pb, pb, 1, 1, 1, 1, 136, p, Stream()).IsInvalidArgument());  // head_dim > 128
   CHECK(CausalAttentionTiled(p, pb, pb, 5, 4, 4, 4, 8, p, Stream()).IsInvalidArgument());    // T > S
   CHECK(MemoryRead(Cublas(), p, 10, pb, pb, 1, 4, 10, 4, p, p, pb, Stream()).IsInvalidArgument());  // 4 does not divide 10
-  CHECK(MemoryReadWrite(p, 10, p, 10, pb, pb, 1, 4, 10, 4, p, pb, p, p, p, Stream()).IsInvalidArgument());
-  CHECK(MemoryReadWrite(p, 264, p, 264, pb, pb, 1, 4, 264, 2, p, pb, p, p, p, Stream()).IsInvalidArgument());  // dh 132
-  CHECK(MemoryReadWrite(p, 7, p, 8, pb, pb, 1, 4, 8, 2, p, pb, p, p, p, Stream()).IsInvalidArgument());  // q_ld < d
-  CHECK(MemoryReadWrite(p, 8, nullptr, 8, pb, pb, 1, 4, 8, 2, p, pb, p, p, p, Stream()).IsInvalidArgument());
+  CHECK(MemoryReadWrite(p, 10, p, 10, pb, pb, 1, 4, 10, 4, p, p, p, p, Stream()).IsInvalidArgument());
+  CHECK(MemoryReadWrite(p, 264, p, 264, pb, pb, 1, 4, 264, 2, p, p, p, p, Stream()).IsInvalidArgument());  // dh 132
+  CHECK(MemoryReadWrite(p, 7, p, 8, pb, pb, 1, 4, 8, 2, p, p, p, p, Stream()).IsInvalidArgument());  // q_ld < d
+  CHECK(MemoryReadWrite(p, 8, nullptr, 8, pb, pb, 1, 4, 8, 2, p, p, p, p, Stream()).IsInvalidArgument());
   CHECK(RmsNorm(p, p, 1, 0, 1e-5f, p, Stream()).IsInvalidArgument());
   CHECK(Linear(Cublas(), nullptr, 1, 0, nullptr, 4, p, false, Stream()).IsInvalidArgument());
   CHECK(SwiGlu(p, p, -1, p, Stream()).IsInvalidArgument());
@@ -1209,7 +1202,7 @@ TEST_CASE("Launchers refuse bad shapes and null pointers; empty work is a no-op"
   CHECK(CausalAttention(nullptr, nullptr, nullptr, 0, 0, 4, 2, 8, nullptr, Stream()).ok());
   CHECK(MemoryRead(nullptr, nullptr, 8, nullptr, nullptr, 0, 4, 8, 2, nullptr, nullptr, nullptr, Stream()).ok());
   CHECK(MemoryReadWrite(nullptr, 8, nullptr, 8, nullptr, nullptr, 0, 4, 8, 2, nullptr, nullptr, nullptr, nullptr,
-                        nullptr, Stream()).ok());
+                        Stream()).ok());
   CHECK(Linear(Cublas(), nullptr, 0, 8, nullptr, 4, nullptr, false, Stream()).ok());
   CHECK(AddInPlace(nullptr, nullptr, 0, Stream()).ok());
   RequireOk(CudaStatus(cudaStreamSynchronize(Stream()), "stream"));

@@ -3,15 +3,16 @@
 // writes [heads, T, S] fp32 scores and passes over them three times; Nsight Compute put it
 // at ~1.5 ms of a 512-token prefill of the paper's model, ~25 ms of a 4096-token one).
 //
-// A block per (128 queries, head), each of its 8 warps 16 queries. Over the key tiles of 64
-// up to the block's last visible key: the K and V rows of the head's KV group come by
-// cp.async into bf16 tiles (two buffers: the next tile's copy in flight while the current
-// one is used), s = q · kᵀ (mma.sync, fp32 accumulation), the online softmax rescales the
-// running output rows by exp(m_old - m_new) (FA2), and out += p · v with p rounded to bf16.
-// The output is divided by the row sums at the end. The caller rounds the fp32 cache to
-// bf16 once per call (ConvertF32ToBf16): every block used to stage fp32 tiles and round
-// them itself, each tile once per head of its group and per query block after it, which
-// took a third of the kernel's time.
+// A block per (128 queries, head), each warp 32 queries (16 past head width 64: RowGroups).
+// Over the key tiles of 64 up to the block's last visible key: the K and V rows of the
+// head's KV group come by cp.async into bf16 tiles (two buffers: the next tile's copy in
+// flight while the current one is used), s = q · kᵀ (mma.sync, fp32 accumulation), the
+// online softmax rescales the running output rows by exp(m_old - m_new) (FA2) when a
+// maximum has grown by more than kRescaleSlack, and out += p · v with p rounded to bf16; a
+// warp skips the tiles past all its rows. The output is divided by the row sums at the
+// end. The caller rounds the fp32 cache to bf16 once per call (ConvertF32ToBf16): every
+// block used to stage fp32 tiles and round them itself, each tile once per head of its
+// group and per query block after it, which took a third of the kernel's time.
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -26,20 +27,18 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-constexpr int kTile = 64;                // keys per tile
-constexpr int kWarps = 8;                // each warp takes 16 of the block's queries
-constexpr int kRows = 16 * kWarps;       // queries per block
-constexpr int kBlockThreads = 32 * kWarps;
+constexpr int kTile = 64;               // keys per tile
+constexpr int kRows = kTileBlockRows;   // queries per block, RowGroups(DHP) groups of 16 a warp
 
 // Rows [0, kRows) x columns [0, DHP) of fp32 `src` (rows `ld` apart) into a bf16 tile: rows
 // below rows_valid and columns below cols, zeros elsewhere. `vec`: ld, cols and src
 // 4-float aligned (float4 loads).
-template <int DHP>
+template <int DHP, int Threads>
 __device__ __forceinline__ void LoadRoundedRows(const float* __restrict__ src, int64_t ld, int64_t rows_valid,
                                                 int cols, bool vec, bf16* tile) {
   constexpr int kLd = TileLd<DHP>;
   if (vec) {
-    for (int i = threadIdx.x; i < kRows * DHP / 4; i += kBlockThreads) {
+    for (int i = threadIdx.x; i < kRows * DHP / 4; i += Threads) {
       const int r = i / (DHP / 4), c = (i % (DHP / 4)) * 4;
       float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       if (r < rows_valid && c < cols) v = *reinterpret_cast<const float4*>(src + r * ld + c);
@@ -48,7 +47,7 @@ __device__ __forceinline__ void LoadRoundedRows(const float* __restrict__ src, i
       dst[1] = PackBf16x2(v.z, v.w);
     }
   } else {
-    for (int i = threadIdx.x; i < kRows * DHP; i += kBlockThreads) {
+    for (int i = threadIdx.x; i < kRows * DHP; i += Threads) {
       const int r = i / DHP, c = i % DHP;
       tile[r * kLd + c] = __float2bfloat16(r < rows_valid && c < cols ? src[r * ld + c] : 0.0f);
     }
@@ -60,9 +59,10 @@ __device__ __forceinline__ void Store(bf16* p, float v) { *p = __float2bfloat16_
 
 // Out: float, or bf16 (the o_proj GEMM's input, rounded as ConvertF32ToBf16 would).
 template <int DHP, typename Out>
-__global__ void __launch_bounds__(kBlockThreads, DHP <= 64 ? 2 : 1) AttentionTiledKernel(
+__global__ void __launch_bounds__(GroupThreads(DHP), DHP <= 64 ? 2 : 1) AttentionTiledKernel(
     const float* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v, int64_t T, int64_t S,
     int heads, int kv_heads, int head_dim, float scale_log2, bool q_vec, bool kv_vec, Out* __restrict__ out) {
+  constexpr int M = RowGroups(DHP), kThreads = GroupThreads(DHP);
   constexpr int kLd = TileLd<DHP>, kTileElems = kTile * kLd;
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* qs = reinterpret_cast<bf16*>(smem);
@@ -79,26 +79,34 @@ __global__ void __launch_bounds__(kBlockThreads, DHP <= 64 ? 2 : 1) AttentionTil
   const auto load_keys = [&](int64_t k0, int buf) {
     bf16* k_tile = ks + buf * kTileElems;
     bf16* v_tile = vs + buf * kTileElems;
-    LoadBf16Tile<DHP, kTile, kBlockThreads>(k_head + k0 * kvdim, kvdim, S - k0, head_dim, kv_vec, k_tile);
-    LoadBf16Tile<DHP, kTile, kBlockThreads>(v_head + k0 * kvdim, kvdim, S - k0, head_dim, kv_vec, v_tile);
+    LoadBf16Tile<DHP, kTile, kThreads>(k_head + k0 * kvdim, kvdim, S - k0, head_dim, kv_vec, k_tile);
+    LoadBf16Tile<DHP, kTile, kThreads>(v_head + k0 * kvdim, kvdim, S - k0, head_dim, kv_vec, v_tile);
     CopyAsyncCommit();
   };
 
   const int64_t keys = min(S, offset + q0 + kRows);  // the block's last row sees keys [0, keys)
   const int tiles = static_cast<int>((keys + kTile - 1) / kTile);
   load_keys(0, 0);
-  LoadRoundedRows<DHP>(q + q0 * qdim + static_cast<int64_t>(h) * head_dim, qdim, T - q0, head_dim, q_vec, qs);
+  LoadRoundedRows<DHP, kThreads>(q + q0 * qdim + static_cast<int64_t>(h) * head_dim, qdim, T - q0, head_dim, q_vec,
+                                 qs);
   __syncthreads();
-  uint32_t qa[DHP / 16][4];
+  // The warp's rows: groups (warp * M + mg) * 16 of the block's; this lane's rows g and g + 8
+  // of each.
+  const int64_t warp_row0 = q0 + warp * M * 16;
+  uint32_t qa[M][DHP / 16][4];
 #pragma unroll
-  for (int kc = 0; kc < DHP / 16; ++kc) LoadA(qa[kc], qs, kLd, warp * 16, kc * 16);
+  for (int mg = 0; mg < M; ++mg)
+#pragma unroll
+    for (int kc = 0; kc < DHP / 16; ++kc) LoadA(qa[mg][kc], qs, kLd, (warp * M + mg) * 16, kc * 16);
 
-  // This lane's rows: g and g + 8 of the warp's 16 (row index in the chunk).
-  const int64_t row0 = q0 + warp * 16 + g;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  float acc[DHP / 8][4];
+  float m[M][2], l[M][2], acc[M][DHP / 8][4];
 #pragma unroll
-  for (int i = 0; i < DHP / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+  for (int mg = 0; mg < M; ++mg) {
+    m[mg][0] = m[mg][1] = -INFINITY;
+    l[mg][0] = l[mg][1] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < DHP / 8; ++i) acc[mg][i][0] = acc[mg][i][1] = acc[mg][i][2] = acc[mg][i][3] = 0.0f;
+  }
   for (int it = 0; it < tiles; ++it) {
     const int64_t k0 = static_cast<int64_t>(it) * kTile;
     if (it + 1 < tiles) {
@@ -109,33 +117,40 @@ __global__ void __launch_bounds__(kBlockThreads, DHP <= 64 ? 2 : 1) AttentionTil
     }
     __syncthreads();  // the tile is in
     // A tile past every row of this warp (the block's diagonal) adds nothing to them.
-    if (k0 <= offset + q0 + warp * 16 + 15) {
-      float s[8][4];
-      TileScores<DHP>(qa, ks + (it & 1) * kTileElems, s);
+    if (k0 <= offset + warp_row0 + M * 16 - 1) {
+      float s[M][8][4];
+      TileScoresM<DHP, M>(qa, ks + (it & 1) * kTileElems, s);
       // Masked: keys past a row's position (and past S, the tile's padding rows).
-      const bool edge = k0 + kTile - 1 > offset + q0 || k0 + kTile > S;
+      const bool edge = k0 + kTile - 1 > offset + warp_row0 || k0 + kTile > S;
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
+      for (int mg = 0; mg < M; ++mg) {
+        if (edge) {
+          const int64_t row0 = warp_row0 + mg * 16 + g;
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int64_t key = k0 + nt * 8 + 2 * t + (c & 1);
-          const bool visible = !edge || (key <= offset + row0 + 8 * (c >> 1) && key < S);
-          if (!visible) s[nt][c] = -INFINITY;
+          for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              const int64_t key = k0 + nt * 8 + 2 * t + (c & 1);
+              if (key > offset + row0 + 8 * (c >> 1) || key >= S) s[mg][nt][c] = -INFINITY;
+            }
         }
-      OnlineSoftmaxTile<DHP>(s, scale_log2, m, l, acc);  // every row sees key 0 in the first tile
-      TileProducts<DHP>(s, vs + (it & 1) * kTileElems, acc);
+        OnlineSoftmaxTile<DHP>(s[mg], scale_log2, m[mg], l[mg], acc[mg]);  // every row sees key 0 in the first tile
+      }
+      TileProductsM<DHP, M>(s, vs + (it & 1) * kTileElems, acc);
     }
     __syncthreads();  // the buffer is refilled next
   }
 
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float inv_l = 1.0f / QuadSum(l[r]);
-    const int64_t row = row0 + 8 * r;
-    if (row >= T) continue;
-    Out* o = out + row * qdim + static_cast<int64_t>(h) * head_dim;
-    ForEachOwnedElement(acc, r, t, head_dim, [&](int col, float v) { Store(o + col, v * inv_l); });
-  }
+  for (int mg = 0; mg < M; ++mg)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float inv_l = 1.0f / QuadSum(l[mg][r]);
+      const int64_t row = warp_row0 + mg * 16 + g + 8 * r;
+      if (row >= T) continue;
+      Out* o = out + row * qdim + static_cast<int64_t>(h) * head_dim;
+      ForEachOwnedElement(acc[mg], r, t, head_dim, [&](int col, float v) { Store(o + col, v * inv_l); });
+    }
 }
 
 template <int DHP, typename Out>
@@ -148,7 +163,7 @@ Status LaunchAttentionTiled(const float* q, const bf16* k, const bf16* v, int64_
   LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&AttentionTiledKernel<DHP, Out>), kBytes,
                                          "CausalAttentionTiled"));
   const dim3 grid(static_cast<unsigned int>((T + kRows - 1) / kRows), static_cast<unsigned int>(heads));
-  AttentionTiledKernel<DHP, Out><<<grid, kBlockThreads, kBytes, stream>>>(
+  AttentionTiledKernel<DHP, Out><<<grid, GroupThreads(DHP), kBytes, stream>>>(
       q, k, v, T, S, static_cast<int>(heads), static_cast<int>(kv_heads), static_cast<int>(head_dim), scale_log2, q_vec,
       kv_vec, out);
   return CheckLaunch("AttentionTiledKernel");

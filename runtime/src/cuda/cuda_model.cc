@@ -54,7 +54,6 @@ struct Scratch {
   DeviceBuffer<bf16> xb;         // a normed input in bf16, shared by the GEMMs that read it
   DeviceBuffer<bf16> yb;         // other GEMM inputs rounded to bf16
   DeviceBuffer<bf16> kv_b;       // tiled attention: a layer's KV cache rows [0, S) in bf16, K then V
-  DeviceBuffer<bf16> eb;         // the tiled memory read's e in bf16 [T, d] (the output gate GEMM's input)
   DeviceBuffer<int32_t> ids;
   DeviceBuffer<int64_t> positions;
   DeviceBuffer<float2> rope;  // each row's rotary factors [rows, head_dim / 2], for all the layers
@@ -515,7 +514,6 @@ class CudaModel final : public Model {
       LM2_RETURN_IF_ERROR(EnsureCapacity(sc.mattn, Z(Hm * attn_rows * N)));
       if (tiled_memory_) {
         LM2_RETURN_IF_ERROR(EnsureCapacity(sc.read_stats, Z(MemoryReadWriteScratch(rows, d, Hm))));
-        LM2_RETURN_IF_ERROR(EnsureCapacity(sc.eb, Z(rows * d)));
       } else {
         LM2_RETURN_IF_ERROR(EnsureCapacity(sc.read_b, Z(MemoryReadScratch(rows, N, d, Hm))));
       }
@@ -805,16 +803,15 @@ class CudaModel final : public Model {
           return MemoryReadOneToken(mq, P, ls.mem_k.data(), ls.mem_v.data(), N, d, Hm, sc.mattn.data(), sc.e.data(),
                                     sc.read_partial.data(), mst);
         }
-        if (tiled_memory_) {  // the write sums too, and e in bf16 for the output gate's GEMM
+        if (tiled_memory_) {  // the write sums too
           return MemoryReadWrite(mq, P, offer, P, ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm, sc.e.data(),
-                                 sc.eb.data(), ls.mass.data(), ls.acc.data(), sc.read_stats.data(), mst);
+                                 ls.mass.data(), ls.acc.data(), sc.read_stats.data(), mst);
         }
         return MemoryRead(blas, mq, P, ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm, sc.mattn.data(), sc.e.data(),
                           sc.read_b.data(), mst);
       };
-      const bool tiled_read = batch == nullptr && n != 1 && tiled_memory_;  // read_memory's MemoryReadWrite
       const bool side_read =
-          lw.has_memory && options_.concurrent_memory_read && (batch != nullptr || n == 1 || tiled_read);
+          lw.has_memory && options_.concurrent_memory_read && (batch != nullptr || n == 1 || tiled_memory_);
       if (side_read) {
         const cudaStream_t side = s.side_stream_.get();
         LM2_RETURN_IF_ERROR(s.fork_.Order(st, side));
@@ -865,7 +862,7 @@ class CudaModel final : public Model {
         } else {
           LM2_RETURN_IF_ERROR(read_memory(st));
         }
-        LM2_RETURN_IF_ERROR(OutputGate(s, n, lw.memory, tiled_read, h));
+        LM2_RETURN_IF_ERROR(OutputGate(s, n, lw.memory, h));
         // The write sums (a batched step's were staged by its read, a tiled chunk's added by it).
         if (batch == nullptr && n == 1) {
           LM2_RETURN_IF_ERROR(
@@ -925,8 +922,7 @@ class CudaModel final : public Model {
   }
 
   // The memory output gate and both residual adds: h += a + sigmoid(e W_ogᵀ + b_og) ⊙ e.
-  // e_bf16: the read left bf16(e) in sc.eb too.
-  Status OutputGate(CudaState& s, int64_t n, const CudaMemoryWeights& mw, bool e_bf16, float* h) const {
+  Status OutputGate(CudaState& s, int64_t n, const CudaMemoryWeights& mw, float* h) const {
     const int64_t d = cfg_.hidden_size;
     const cudaStream_t st = s.stream_.get();
     Scratch& sc = s.scratch_;
@@ -936,12 +932,8 @@ class CudaModel final : public Model {
                    .residual = sc.a.data(), .gated = sc.e.data()},
                   st);
     }
-    if (e_bf16) {
-      LM2_RETURN_IF_ERROR(Linear(s.cublas_.get(), sc.eb.data(), n, d, mw.out_gate_w, d, sc.gate.data(), false, st));
-    } else {
-      LM2_RETURN_IF_ERROR(LinearF32(s.cublas_.get(), sc.e.data(), n, d, mw.out_gate_w, d, sc.gate.data(), false,
-                                    sc.yb.data(), st));
-    }
+    LM2_RETURN_IF_ERROR(LinearF32(s.cublas_.get(), sc.e.data(), n, d, mw.out_gate_w, d, sc.gate.data(), false,
+                                  sc.yb.data(), st));
     return GatedResidual(h, sc.a.data(), sc.gate.data(), mw.out_gate_b, n, d, sc.e.data(), st);
   }
 

@@ -323,13 +323,11 @@ Status AccumulateWrite(cublasHandle_t handle, const float* attn, const float* of
 // masses, rounded to bf16 (like the offer) for the two products, fp32 accumulation.
 // q[T, d] and offer[T, d] with rows q_ld / offer_ld >= d apart; scratch holds
 // MemoryReadWriteScratch(T, d, heads) floats. Head widths up to 128 (MemoryReadWriteSupported).
-// e_bf16, when not null, receives bf16(e) [T, d] too (the output gate GEMM's input).
 bool MemoryReadWriteSupported(int64_t d, int64_t heads);
 int64_t MemoryReadWriteScratch(int64_t T, int64_t d, int64_t heads);
 Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld,
                        const __nv_bfloat16* mem_k, const __nv_bfloat16* mem_v, int64_t T, int64_t N, int64_t d,
-                       int64_t heads, float* e, __nv_bfloat16* e_bf16, float* mass, float* acc, float* scratch,
-                       cudaStream_t stream);
+                       int64_t heads, float* e, float* mass, float* acc, float* scratch, cudaStream_t stream);
 
 // One token per session (decode), as bandwidth-bound kernels (memory_decode.cu): the same
 // results as MemoryRead / AccumulateWrite with T = 1, with q, the scores and the

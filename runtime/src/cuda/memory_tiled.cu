@@ -38,7 +38,7 @@ namespace {
 using bf16 = __nv_bfloat16;
 
 constexpr int kTile = 64;                  // columns of a score tile: slots (read), tokens (write)
-constexpr int kRows = 128;                 // rows of a block: tokens (read), slots (write)
+constexpr int kRows = kTileBlockRows;      // rows of a block: tokens (read), slots (write)
 
 __host__ __device__ constexpr int64_t PaddedTokens(int64_t T) { return (T + kRows - 1) / kRows * kRows; }
 
@@ -79,19 +79,12 @@ __device__ __forceinline__ void LoadScratchTile(const bf16* __restrict__ src, bf
 // Two blocks per SM where the head width allows (DHP <= 64: at most 128 registers).
 constexpr int MinBlocks(int dhp) { return dhp <= 64 ? 2 : 1; }
 
-// Up to head width 64 each warp of the read and write kernels takes two 16-row groups of
-// the block's kRows (4 warps), so that every fragment read from shared memory serves two
-// products (with one group a warp the write kernel was bound by those reads); wider heads
-// one group (8 warps: the registers).
-__host__ __device__ constexpr int RowGroups(int dhp) { return dhp <= 64 ? 2 : 1; }
-__host__ __device__ constexpr int GroupThreads(int dhp) { return 32 * kRows / (16 * RowGroups(dhp)); }
-
 // Read: a block per (kRows tokens, head).
 template <int DHP>
 __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadTiledKernel(
     const float* __restrict__ q, int64_t q_ld, const float* __restrict__ offer, int64_t offer_ld,
     const bf16* __restrict__ mem_k, const bf16* __restrict__ mem_v, int64_t T, int64_t N, int64_t d, int dh,
-    float scale_log2, bool vec, float* __restrict__ e, bf16* __restrict__ e_bf16, Scratch scratch) {
+    float scale_log2, bool vec, float* __restrict__ e, Scratch scratch) {
   using L = Layout<DHP>;
   constexpr int M = RowGroups(DHP), kThreadsRead = GroupThreads(DHP);
   extern __shared__ __align__(128) unsigned char smem[];
@@ -175,11 +168,7 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadT
       const float inv_l = 1.0f / QuadSum(l[mg][r]);
       const int64_t row = t0 + (warp * M + mg) * 16 + g + 8 * r;
       if (row < T) {
-        ForEachOwnedElement(out[mg], r, t, dh, [&](int col, float v) {
-          const int64_t i = row * d + j * dh + col;
-          e[i] = v * inv_l;
-          if (e_bf16 != nullptr) e_bf16[i] = __float2bfloat16_rn(v * inv_l);
-        });
+        ForEachOwnedElement(out[mg], r, t, dh, [&](int col, float v) { e[row * d + j * dh + col] = v * inv_l; });
       }
       // The statistics of every row of the tile, padding rows (1/l = 0: no weight) included.
       if (t == 0) scratch.stats[j * Tp + row] = row < T ? make_float2(m[mg][r], inv_l) : make_float2(0.0f, 0.0f);
@@ -274,8 +263,8 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryWrite
 
 template <int DHP>
 Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, const bf16* mem_k,
-                   const bf16* mem_v, int64_t T, int64_t N, int64_t d, int dh, float* e, bf16* e_bf16, float* mass,
-                   float* acc, float* scratch, cudaStream_t stream) {
+                   const bf16* mem_v, int64_t T, int64_t N, int64_t d, int dh, float* e, float* mass, float* acc,
+                   float* scratch, cudaStream_t stream) {
   using L = Layout<DHP>;
   constexpr int kReadBytes = (L::kRowsElems + 4 * L::kTileElems) * 2;
   constexpr int kWriteBytes = (L::kRowsElems + 4 * L::kTileElems) * 2 + 2 * kTile * 8;
@@ -289,7 +278,7 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
   const Scratch parts = Carve(scratch, T, heads, DHP);
   const dim3 read_grid(static_cast<unsigned int>(PaddedTokens(T) / kRows), heads);
   MemoryReadTiledKernel<DHP><<<read_grid, GroupThreads(DHP), kReadBytes, stream>>>(
-      q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, dh, scale_log2, vec, e, e_bf16, parts);
+      q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, dh, scale_log2, vec, e, parts);
   LM2_RETURN_IF_ERROR(CheckLaunch("MemoryReadTiledKernel"));
   const dim3 write_grid(static_cast<unsigned int>((N + kRows - 1) / kRows), heads);
   MemoryWriteTiledKernel<DHP><<<write_grid, GroupThreads(DHP), kWriteBytes, stream>>>(
@@ -309,8 +298,8 @@ int64_t MemoryReadWriteScratch(int64_t T, int64_t d, int64_t heads) {
 }
 
 Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, const bf16* mem_k,
-                       const bf16* mem_v, int64_t T, int64_t N, int64_t d, int64_t heads, float* e, bf16* e_bf16,
-                       float* mass, float* acc, float* scratch, cudaStream_t stream) {
+                       const bf16* mem_v, int64_t T, int64_t N, int64_t d, int64_t heads, float* e, float* mass,
+                       float* acc, float* scratch, cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(ops::CheckMemory("MemoryReadWrite", T, N, d, heads));
   if (!MemoryReadWriteSupported(d, heads)) {
     return Status::InvalidArgument("MemoryReadWrite: head width " + std::to_string(d / heads) + " > " +
@@ -324,8 +313,8 @@ Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t
   LM2_RETURN_IF_ERROR(RequireNonNull("MemoryReadWrite", {q, offer, mem_k, mem_v, e, mass, acc, scratch}));
   const int dh = static_cast<int>(d / heads);
   return WithPaddedTileWidth(dh, [&](auto dhp) {
-    return LaunchTiled<decltype(dhp)::value>(q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, dh, e, e_bf16, mass,
-                                             acc, scratch, stream);
+    return LaunchTiled<decltype(dhp)::value>(q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, dh, e, mass, acc,
+                                             scratch, stream);
   });
 }
 

@@ -146,6 +146,13 @@ auto WithPaddedTileWidth(int64_t width, Fn&& fn) {
   }
 }
 
+// The tile kernels' blocks: 128 rows (queries, tokens or slots), each warp taking
+// RowGroups groups of 16: two up to head width 64, so that every fragment read from shared
+// memory serves two products, one past it (the registers).
+inline constexpr int kTileBlockRows = 128;
+__host__ __device__ constexpr int RowGroups(int dhp) { return dhp <= 64 ? 2 : 1; }
+__host__ __device__ constexpr int GroupThreads(int dhp) { return 32 * kTileBlockRows / (16 * RowGroups(dhp)); }
+
 // exp(x) = exp2(x · log2 e): the tile kernels' softmaxes work in log2 units.
 inline constexpr float kLog2e = 1.4426950408889634f;
 
