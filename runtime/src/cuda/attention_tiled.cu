@@ -100,13 +100,7 @@ __global__ void __launch_bounds__(GroupThreads(DHP), DHP <= 64 ? 2 : 1) Attentio
     for (int kc = 0; kc < DHP / 16; ++kc) LoadA(qa[mg][kc], qs, kLd, (warp * M + mg) * 16, kc * 16);
 
   float m[M][2], l[M][2], acc[M][DHP / 8][4];
-#pragma unroll
-  for (int mg = 0; mg < M; ++mg) {
-    m[mg][0] = m[mg][1] = -INFINITY;
-    l[mg][0] = l[mg][1] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < DHP / 8; ++i) acc[mg][i][0] = acc[mg][i][1] = acc[mg][i][2] = acc[mg][i][3] = 0.0f;
-  }
+  OnlineSoftmaxStart<DHP, M>(m, l, acc);
   for (int it = 0; it < tiles; ++it) {
     const int64_t k0 = static_cast<int64_t>(it) * kTile;
     if (it + 1 < tiles) {

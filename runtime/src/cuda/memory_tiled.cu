@@ -127,13 +127,7 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadT
   // rows are g and g + 8 of each of the warp's groups of 16, its columns 2t, 2t + 1 of
   // each 8.
   float m[M][2], l[M][2], out[M][DHP / 8][4];
-#pragma unroll
-  for (int mg = 0; mg < M; ++mg) {
-    m[mg][0] = m[mg][1] = -INFINITY;
-    l[mg][0] = l[mg][1] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < DHP / 8; ++i) out[mg][i][0] = out[mg][i][1] = out[mg][i][2] = out[mg][i][3] = 0.0f;
-  }
+  OnlineSoftmaxStart<DHP, M>(m, l, out);
   for (int it = 0; it < tiles; ++it) {
     if (it + 1 < tiles) {
       load_slots(static_cast<int64_t>(it + 1) * kTile, (it + 1) & 1);

@@ -219,20 +219,6 @@ __device__ __forceinline__ void TileProductsM(const float (&p)[M][8][4], const _
   }
 }
 
-// The same for one group of 16 rows.
-template <int DHP>
-__device__ __forceinline__ void TileScores(const uint32_t (&a)[DHP / 16][4], const __nv_bfloat16* tile,
-                                           float (&s)[8][4]) {
-  TileScoresM<DHP, 1>(reinterpret_cast<const uint32_t(&)[1][DHP / 16][4]>(a), tile,
-                      reinterpret_cast<float(&)[1][8][4]>(s));
-}
-template <int DHP>
-__device__ __forceinline__ void TileProducts(const float (&p)[8][4], const __nv_bfloat16* tile,
-                                             float (&out)[DHP / 8][4]) {
-  TileProductsM<DHP, 1>(reinterpret_cast<const float(&)[1][8][4]>(p), tile,
-                        reinterpret_cast<float(&)[1][DHP / 8][4]>(out));
-}
-
 // This lane's elements of row g + 8r of a row of output tiles (C fragments tiles[i], columns
 // [8i, 8i + 8)): fn(col, value) for its columns 8i + 2t and 8i + 2t + 1 below `width` (the
 // rest is padding).
@@ -261,6 +247,19 @@ __device__ __forceinline__ float QuadSum(float v) {
 // tiled read and write kernels compute their weights alike.
 __device__ __forceinline__ float SoftmaxWeight(float s, float scale_log2, float m) {
   return FastExp2(fmaf(s, scale_log2, -m));
+}
+
+// The online softmax's state of M groups of 16 rows before the first tile: maxima -inf,
+// sums and output rows 0.
+template <int DHP, int M>
+__device__ __forceinline__ void OnlineSoftmaxStart(float (&m)[M][2], float (&l)[M][2], float (&out)[M][DHP / 8][4]) {
+#pragma unroll
+  for (int mg = 0; mg < M; ++mg) {
+    m[mg][0] = m[mg][1] = -INFINITY;
+    l[mg][0] = l[mg][1] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < DHP / 8; ++i) out[mg][i][0] = out[mg][i][1] = out[mg][i][2] = out[mg][i][3] = 0.0f;
+  }
 }
 
 // How far (log2 units) a row's running maximum may lag its true maximum before the online
