@@ -1,10 +1,12 @@
 // Device helpers shared by the kernels: warp/block reductions, grid sizing.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <cstdlib>
+#include <initializer_list>
 #include <string_view>
 #include <utility>
 
@@ -162,6 +164,21 @@ cudaError_t LaunchPdl(void (*kernel)(Params...), dim3 grid, dim3 block, std::siz
   config.attrs = attribute;
   config.numAttrs = PdlEnabled() ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+// Four floats as four bf16 (round to nearest even, as __float2bfloat16_rn), 8 bytes: the
+// four-element kernels' bf16 stores.
+__device__ __forceinline__ uint2 PackBf16x4(float4 v) {
+  const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+  return make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+}
+
+// Whether the pointers are 16-byte aligned: with widths and row strides multiples of 4
+// elements, the four-element kernels' condition.
+inline bool Aligned16(std::initializer_list<const void*> ptrs) {
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
 }
 
 // Blocks for a grid-stride loop over n elements: enough to fill the device, never more

@@ -2,9 +2,6 @@
 // kernels over int64 counts, then their launchers.
 #include <cuda_bf16.h>
 
-#include <cstdint>
-#include <initializer_list>
-
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
@@ -12,20 +9,6 @@
 
 namespace lm2::runtime::cuda {
 namespace {
-
-// Four floats as four bf16 (round to nearest even), 8 bytes.
-__device__ __forceinline__ uint2 PackBf16x4(float4 v) {
-  const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
-  return make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
-}
-
-// Whether the pointers are 16-byte aligned: the x4 kernels' condition (with counts and row
-// strides multiples of 4 elements).
-bool Aligned16(std::initializer_list<const void*> ptrs) {
-  for (const void* p : ptrs)
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
-  return true;
-}
 
 // dst[r, c] = bf16(src[r * src_ld + c]), round to nearest even.
 __global__ void F32ToBf16Kernel(const float* __restrict__ src, int64_t rows, int64_t cols, int64_t src_ld,

@@ -1,8 +1,6 @@
 // RMSNorm: one block per row, fp32 sum of squares reduced across the block.
 #include <cuda_bf16.h>
 
-#include <cstdint>
-
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
@@ -22,11 +20,7 @@ __device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) { ret
 
 // Four outputs at once (16-byte loads of x and the weight).
 __device__ __forceinline__ void Store4(float* o, float4 v) { *reinterpret_cast<float4*>(o) = v; }
-__device__ __forceinline__ void Store4(__nv_bfloat16* o, float4 v) {
-  const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
-  *reinterpret_cast<uint2*>(o) =
-      make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
-}
+__device__ __forceinline__ void Store4(__nv_bfloat16* o, float4 v) { *reinterpret_cast<uint2*>(o) = PackBf16x4(v); }
 
 // `vec`: d a multiple of 4, x, weight and out 16-byte aligned: the output pass four
 // elements a thread (the same products; the statistic is InvRms's either way).
@@ -49,8 +43,7 @@ __global__ void RmsNormKernel(const float* x, const float* __restrict__ weight, 
 }
 
 bool Vectorizable(const float* x, const float* weight, const void* out, int64_t d) {
-  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return d % 4 == 0 && aligned(x) && aligned(weight) && aligned(out);
+  return d % 4 == 0 && Aligned16({x, weight, out});
 }
 
 }  // namespace
