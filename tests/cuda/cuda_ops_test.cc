@@ -232,6 +232,7 @@ TEST_CASE("Gemv: fused small-batch linear layers equal the unfused ops", "[cuda]
                                         std::make_tuple(int64_t{5}, int64_t{2112}, int64_t{300}),
                                         std::make_tuple(int64_t{2}, int64_t{8192}, int64_t{64}),
                                         std::make_tuple(int64_t{1}, int64_t{8200}, int64_t{33}),
+                                        std::make_tuple(int64_t{1}, int64_t{2048}, int64_t{20000}),
                                         std::make_tuple(int64_t{3}, int64_t{5000}, int64_t{3001}));
   const GemvInput input = GENERATE(GemvInput::kBf16, GemvInput::kF32, GemvInput::kRmsNorm, GemvInput::kSwiGlu);
   const GemvOutput output =
