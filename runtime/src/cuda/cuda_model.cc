@@ -163,12 +163,6 @@ class CudaModel final : public Model {
     tiled_memory_ = options_.tiled_memory && cfg_.has_memory() && major >= 8 &&
                     MemoryReadWriteSupported(cfg_.hidden_size, cfg_.memory_heads);
     tiled_attention_ = options_.tiled_attention && major >= 8 && CausalAttentionTiledSupported(cfg_.head_dim);
-    int l2 = 0;
-    if (cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, w_->device) != cudaSuccess) {
-      (void)cudaGetLastError();
-      l2 = 0;
-    }
-    l2_bytes_ = l2;
   }
 
   // The weights go back to the device's memory pool, which then hands what it keeps unused
@@ -787,15 +781,6 @@ class CudaModel final : public Model {
       LayerState& ls = s.layers_[Z(i)];
       const int64_t P = lw.x_proj_rows;
       float* proj = sc.proj.data();
-      const bool side_read =
-          lw.has_memory && options_.concurrent_memory_read && (batch != nullptr || n == 1 || tiled_memory_);
-      const cudaStream_t side = s.side_stream_.get();
-      if (side_read && (batch != nullptr || n == 1) && PrefetchMemory(n)) {  // the read's K and V into L2 meanwhile
-        LM2_RETURN_IF_ERROR(s.fork_.Order(st, side));
-        LM2_RETURN_IF_ERROR(batch != nullptr
-                                ? PrefetchMemoryBatch(batch->MemK(i), batch->MemV(i), n, N, d, side)
-                                : PrefetchMemoryOneToken(ls.mem_k.data(), ls.mem_v.data(), N, d, side));
-      }
 
       // Attention: one GEMM for q, k, v (and the memory query and write offer), then RoPE
       // straight into q and the cache rows of this chunk.
@@ -825,7 +810,10 @@ class CudaModel final : public Model {
         return MemoryRead(blas, mq, P, ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm, sc.mattn.data(), sc.e.data(),
                           sc.read_b.data(), mst);
       };
+      const bool side_read =
+          lw.has_memory && options_.concurrent_memory_read && (batch != nullptr || n == 1 || tiled_memory_);
       if (side_read) {
+        const cudaStream_t side = s.side_stream_.get();
         LM2_RETURN_IF_ERROR(s.fork_.Order(st, side));
         LM2_RETURN_IF_ERROR(read_memory(side));
       }
@@ -898,13 +886,6 @@ class CudaModel final : public Model {
   // inside; longer chunks run cuBLAS GEMMs beside the separate elementwise kernels. Both
   // give the same bf16 inputs; only the fp32 summation order differs.
   bool Small(int64_t n) const { return n <= gemv_rows_; }
-
-  // Whether a decode step of n states pulls each memory layer's K and V into L2 ahead of
-  // the read (CudaOptions::prefetch_memory): where they fit in half the L2.
-  bool PrefetchMemory(int64_t n) const {
-    const int64_t bytes = n * 2 * cfg_.memory_slots * cfg_.hidden_size * static_cast<int64_t>(sizeof(bf16));
-    return options_.prefetch_memory && bytes <= l2_bytes_ / 2;
-  }
 
   // Whether a chunk of n rows takes CausalAttentionTiled.
   bool TiledAttention(int64_t n) const { return tiled_attention_ && n >= options_.attention_gemm_min_tokens; }
@@ -997,8 +978,6 @@ class CudaModel final : public Model {
   bool tiled_memory_ = false;
   // Chunks of attention_gemm_min_tokens or more take CausalAttentionTiled (else the GEMMs).
   bool tiled_attention_ = false;
-  // The device's L2 (PrefetchMemory).
-  int64_t l2_bytes_ = 0;
 };
 
 }  // namespace

@@ -356,15 +356,6 @@ Status MemoryReadOneToken(const float* q, int64_t q_ld, const __nv_bfloat16* mem
 Status MemoryReadBatch(const float* q, int64_t q_ld, const __nv_bfloat16* const* mem_k,
                        const __nv_bfloat16* const* mem_v, int64_t B, int64_t N, int64_t d, int64_t heads, float* attn,
                        float* e, float* scratch, const MemoryStage* stage, cudaStream_t stream);
-// Starts pulling one session's (or B sessions': device arrays of pointers) memory K and V
-// [N, d] into L2 for a read that follows on another stream: bulk prefetches that nothing
-// waits for (the kernel ends once they are issued); no effect before sm_90. The decode step
-// issues them at a memory layer's start, so that the read, which must wait for the layer's
-// projection, finds its K and V in L2 (CudaOptions::prefetch_memory).
-Status PrefetchMemoryOneToken(const __nv_bfloat16* mem_k, const __nv_bfloat16* mem_v, int64_t N, int64_t d,
-                              cudaStream_t stream);
-Status PrefetchMemoryBatch(const __nv_bfloat16* const* mem_k, const __nv_bfloat16* const* mem_v, int64_t B, int64_t N,
-                           int64_t d, cudaStream_t stream);
 Status AccumulateWriteOneToken(const float* attn, const float* offer, int64_t N, int64_t d, int64_t heads, float* mass,
                                float* acc, cudaStream_t stream);
 

@@ -415,61 +415,6 @@ Status MemoryReadOneToken(const float* q, int64_t q_ld, const __nv_bfloat16* mem
                     nullptr, stream);
 }
 
-namespace {
-
-// ---- The read's K and V pulled into L2 ahead of it ------------------------------------------
-
-constexpr int64_t kPrefetchPiece = 2048;  // bytes of one bulk prefetch
-// A warp a block: the prefetches spread over the multiprocessors (each one's copy engine takes
-// its prefetches in turn; 32 KiB pieces from two blocks made the decode step 24% slower).
-constexpr int kPrefetchThreads = 32;
-
-// Session blockIdx.y's K and V, kPrefetchPiece bytes a thread per pass: bulk L2 prefetches
-// (sm_90), nothing waits for them; a no-op before sm_90.
-template <typename KV>
-__global__ void __launch_bounds__(kPrefetchThreads) PrefetchMemoryKernel(KV mem_k, KV mem_v, int64_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const int64_t b = blockIdx.y;
-  const char* ks = reinterpret_cast<const char*>(mem_k(b));
-  const char* vs = reinterpret_cast<const char*>(mem_v(b));
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * kPrefetchPiece;
-  for (int64_t at = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kPrefetchPiece; at < bytes;
-       at += stride) {
-    const auto size = static_cast<uint32_t>(bytes - at < kPrefetchPiece ? bytes - at : kPrefetchPiece) & ~15u;
-    if (size == 0) break;  // (a tail under 16 bytes: the prefetch's unit)
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ks + at), "r"(size) : "memory");
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(vs + at), "r"(size) : "memory");
-  }
-#endif
-}
-
-template <typename KV>
-Status LaunchPrefetch(KV mem_k, KV mem_v, int64_t B, int64_t N, int64_t d, cudaStream_t stream) {
-  const int64_t bytes = N * d * static_cast<int64_t>(sizeof(bf16));
-  const int64_t pieces = (bytes + kPrefetchPiece - 1) / kPrefetchPiece;
-  const dim3 grid(static_cast<unsigned int>((pieces + kPrefetchThreads - 1) / kPrefetchThreads),
-                  static_cast<unsigned int>(B));
-  PrefetchMemoryKernel<<<grid, kPrefetchThreads, 0, stream>>>(mem_k, mem_v, bytes);
-  return CheckLaunch("PrefetchMemoryKernel");
-}
-
-}  // namespace
-
-Status PrefetchMemoryOneToken(const __nv_bfloat16* mem_k, const __nv_bfloat16* mem_v, int64_t N, int64_t d,
-                              cudaStream_t stream) {
-  LM2_RETURN_IF_ERROR(CheckDecode("PrefetchMemoryOneToken", 1, N, d, 1, d));
-  LM2_RETURN_IF_ERROR(RequireNonNull("PrefetchMemoryOneToken", {mem_k, mem_v}));
-  return LaunchPrefetch(One<const bf16>{mem_k}, One<const bf16>{mem_v}, 1, N, d, stream);
-}
-
-Status PrefetchMemoryBatch(const __nv_bfloat16* const* mem_k, const __nv_bfloat16* const* mem_v, int64_t B, int64_t N,
-                           int64_t d, cudaStream_t stream) {
-  LM2_RETURN_IF_ERROR(CheckDecode("PrefetchMemoryBatch", B, N, d, 1, d));
-  if (B == 0) return Status::Ok();
-  LM2_RETURN_IF_ERROR(RequireNonNull("PrefetchMemoryBatch", {mem_k, mem_v}));
-  return LaunchPrefetch(PerSession<const bf16>{mem_k}, PerSession<const bf16>{mem_v}, B, N, d, stream);
-}
-
 Status MemoryReadBatch(const float* q, int64_t q_ld, const __nv_bfloat16* const* mem_k,
                        const __nv_bfloat16* const* mem_v, int64_t B, int64_t N, int64_t d, int64_t heads, float* attn,
                        float* e, float* scratch, const MemoryStage* stage, cudaStream_t stream) {

@@ -62,11 +62,6 @@ struct CudaOptions {
   // cuBLAS (decode steps, and tiled_memory chunks). Same results either way; off: one stream.
   // Decode 790 -> 839 tokens/s, prefill of 4096 tokens 86.5k -> 94.2k on an H200.
   bool concurrent_memory_read = true;
-  // With concurrent_memory_read, a decode step of one state pulls each memory layer's
-  // segment K and V (16 MiB at the paper's shape) into L2 on the second stream while the
-  // layer's projection runs, so that the read, which waits for the projection, reads L2.
-  // Only where the states' K and V fit in half the L2. Same results either way.
-  bool prefetch_memory = true;
   // LoadCudaModel runs one short conversation turn on a throwaway state before it returns
   // (a prompt through the tensor-core and cuBLAS paths, greedy and sampled decode steps
   // across a memory-write flush, the segment's end), so that the kernels' first-use costs
