@@ -783,22 +783,13 @@ class CudaModel final : public Model {
       float* proj = sc.proj.data();
 
       // Attention: one GEMM for q, k, v (and the memory query and write offer), then RoPE
-      // straight into q and the cache rows of this chunk. The memory read (decode: with the
-      // write terms staged; tiled chunks: with the write sums) needs only the memory query
-      // and offer: without cuBLAS it runs on the side stream beside self-attention and
-      // o_proj, joined before the output gate. In decode steps it starts before q, k and v
-      // are made too: the GEMV makes the query and offer rows first, then the rest.
-      const bool side_read =
-          lw.has_memory && options_.concurrent_memory_read && (batch != nullptr || n == 1 || tiled_memory_);
-      const bool early_read = side_read && Small(n) && options_.early_memory_read;
-      const int64_t qkv_rows = qdim + 2 * kvdim;
-      if (early_read) {
-        LM2_RETURN_IF_ERROR(NormLinear(s, h, n, lw.input_norm, lw.x_proj + qkv_rows * d, P - qkv_rows,
-                                       proj + qkv_rows, nullptr, P));
-      } else {
-        LM2_RETURN_IF_ERROR(NormLinear(s, h, n, lw.input_norm, lw.x_proj, P, proj));
-      }
-      const float* mq = proj + qkv_rows;
+      // straight into q and the cache rows of this chunk.
+      LM2_RETURN_IF_ERROR(NormLinear(s, h, n, lw.input_norm, lw.x_proj, P, proj));
+
+      // The memory read (decode: with the write terms staged; tiled chunks: with the write
+      // sums) needs only the projection: without cuBLAS it runs on the side stream beside
+      // self-attention and o_proj, joined before the output gate.
+      const float* mq = proj + qdim + 2 * kvdim;
       const float* offer = mq + d;
       auto read_memory = [&](cudaStream_t mst) -> Status {
         if (batch != nullptr) {  // the read stages each token's write terms too
@@ -819,12 +810,13 @@ class CudaModel final : public Model {
         return MemoryRead(blas, mq, P, ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm, sc.mattn.data(), sc.e.data(),
                           sc.read_b.data(), mst);
       };
+      const bool side_read =
+          lw.has_memory && options_.concurrent_memory_read && (batch != nullptr || n == 1 || tiled_memory_);
       if (side_read) {
         const cudaStream_t side = s.side_stream_.get();
         LM2_RETURN_IF_ERROR(s.fork_.Order(st, side));
         LM2_RETURN_IF_ERROR(read_memory(side));
       }
-      if (early_read) LM2_RETURN_IF_ERROR(NormLinear(s, h, n, lw.input_norm, lw.x_proj, qkv_rows, proj, nullptr, P));
 
       // The attention output, in bf16 (sc.yb) where the tiled kernel writes it for o_proj's GEMM.
       bool attn_bf16 = false;
@@ -900,10 +892,8 @@ class CudaModel final : public Model {
 
   // y[n, out] = bf16(RMSNorm(x; norm)) · Wᵀ; with argmax_keys, also each row's greedy pick
   // (ArgmaxRows' keys): from the GEMV itself (keys zeroed by the caller), else a pass over y.
-  // Small(n) only: y_ld (elements between y's rows; 0: out) lets it fill some columns of a
-  // wider output.
   Status NormLinear(CudaState& s, const float* x, int64_t n, const float* norm, const bf16* w, int64_t out,
-                    float* y, uint64_t* argmax_keys = nullptr, int64_t y_ld = 0) const {
+                    float* y, uint64_t* argmax_keys = nullptr) const {
     const int64_t d = cfg_.hidden_size;
     const auto eps = static_cast<float>(cfg_.rms_norm_eps);
     const cudaStream_t st = s.stream_.get();
@@ -911,10 +901,9 @@ class CudaModel final : public Model {
       return Gemv({.input = GemvInput::kRmsNorm, .x = x, .x_ld = d, .norm_weight = norm, .eps = eps, .w = w, .rows = n,
                    .in = d, .out = out,
                    .output = argmax_keys != nullptr ? GemvOutput::kStoreArgmax : GemvOutput::kStore, .y = y,
-                   .y_ld = y_ld, .argmax_keys = argmax_keys},
+                   .argmax_keys = argmax_keys},
                   st);
     }
-    if (y_ld != 0 && y_ld != out) return Status::Internal("NormLinear: y_ld needs the GEMV path");
     LM2_RETURN_IF_ERROR(RmsNormBf16(x, norm, n, d, eps, s.scratch_.xb.data(), st));
     LM2_RETURN_IF_ERROR(Linear(s.cublas_.get(), s.scratch_.xb.data(), n, d, w, out, y, false, st));
     return argmax_keys != nullptr ? ArgmaxRows(y, n, out, argmax_keys, st) : Status::Ok();

@@ -72,8 +72,7 @@ struct GemvArgs {
   const __nv_bfloat16* w = nullptr;  // [out, in] row-major, 16-byte aligned
   int64_t rows = 0, in = 0, out = 0;  // rows <= kGemvMaxRows, in a multiple of 8, rows * in <= kGemvStageElements
   GemvOutput output = GemvOutput::kStore;
-  float* y = nullptr;                 // [rows, out], rows y_ld elements apart
-  int64_t y_ld = 0;                   // >= out; 0: out (a part of a wider output: its columns)
+  float* y = nullptr;                 // [rows, out]
   const float* bias = nullptr;        // kGatedResidual: [out]
   const float* residual = nullptr;    // kGatedResidual: [rows, out]
   const float* gated = nullptr;       // kGatedResidual: [rows, out]

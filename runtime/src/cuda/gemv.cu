@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
           const float sum = WarpSum(acc[r][b]);  // every lane holds the sum
           acc[r][b] = 0.0f;
           if (lane != b || b >= rows || row >= a.out) continue;
-          float* y = a.y + b * (a.y_ld != 0 ? a.y_ld : a.out) + row;
+          float* y = a.y + b * a.out + row;
           if constexpr (Out == GemvOutput::kStore) *y = sum;
           if constexpr (Out == GemvOutput::kStoreArgmax) {
             *y = sum;
@@ -283,16 +283,13 @@ Status Gemv(const GemvArgs& a, cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(ops::CheckLinear(a.rows, a.in, a.out));
   const int64_t min_ld = a.input == GemvInput::kSwiGlu ? 2 * a.in : a.in;
   if (!GemvSupports(a.rows, a.in) || a.x_ld < min_ld || a.x_ld % 8 != 0 || a.out >= (int64_t{1} << 31) ||
-      (a.y_ld != 0 && (a.y_ld < a.out || a.output == GemvOutput::kGatedResidual)) ||
       reinterpret_cast<std::uintptr_t>(a.w) % 16 != 0 || reinterpret_cast<std::uintptr_t>(a.x) % 16 != 0 ||
       reinterpret_cast<std::uintptr_t>(a.norm_weight) % 16 != 0) {
     return Status::InvalidArgument("Gemv: rows=" + std::to_string(a.rows) + " (at most " +
                                    std::to_string(kGemvMaxRows) + ") in=" + std::to_string(a.in) +
                                    " (a multiple of 8, rows * in <= " + std::to_string(kGemvStageElements) +
                                    ") x_ld=" + std::to_string(a.x_ld) + " (a multiple of 8) out=" +
-                                   std::to_string(a.out) + " y_ld=" + std::to_string(a.y_ld) +
-                                   " (0 or >= out; 0 for the gated residual), x, weights and norm weights 16-byte "
-                                   "aligned");
+                                   std::to_string(a.out) + ", x, weights and norm weights 16-byte aligned");
   }
   if (a.rows == 0 || a.out == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("Gemv", {a.x, a.w, a.y}));

@@ -62,10 +62,6 @@ struct CudaOptions {
   // cuBLAS (decode steps, and tiled_memory chunks). Same results either way; off: one stream.
   // Decode 790 -> 839 tokens/s, prefill of 4096 tokens 86.5k -> 94.2k on an H200.
   bool concurrent_memory_read = true;
-  // With concurrent_memory_read, decode steps (the GEMV path) make each memory layer's
-  // memory query and write offer in a GEMV of their own before q, k and v, so that the read
-  // starts one kernel earlier and also overlaps the q|k|v projection. Same results either way.
-  bool early_memory_read = true;
   // LoadCudaModel runs one short conversation turn on a throwaway state before it returns
   // (a prompt through the tensor-core and cuBLAS paths, greedy and sampled decode steps
   // across a memory-write flush, the segment's end), so that the kernels' first-use costs
