@@ -15,7 +15,7 @@ cd "$(dirname "$0")/../.."
 BUILD_DIR=${1:-build}
 OUT_DIR=device_bundle
 TARGETS=(cuda_ops_tests cuda_model_tests gpu_tests lm2_cli sdk_tests)
-if [[ -f bench/cuda/CMakeLists.txt ]]; then TARGETS+=(lm2_cuda_bench); fi
+if [[ -f bench/cuda/CMakeLists.txt ]]; then TARGETS+=(lm2_cuda_bench lm2_cuda_sync_bench); fi
 
 echo "bundle: building ${TARGETS[*]} in $BUILD_DIR"
 cmake --build "$BUILD_DIR" -j"$(nproc)" --target "${TARGETS[@]}"
@@ -24,7 +24,7 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/bin" "$stage/lib"
 for exe in tests/cuda/cuda_ops_tests tests/cuda/cuda_model_tests tests/runtime/gpu_tests tools/cli/lm2 \
-           tests/sdk/sdk_tests bench/cuda/lm2_cuda_bench; do
+           tests/sdk/sdk_tests bench/cuda/lm2_cuda_bench bench/cuda/lm2_cuda_sync_bench; do
   [[ -f "$BUILD_DIR/$exe" ]] || continue
   strip -o "$stage/bin/$(basename "$exe")" "$BUILD_DIR/$exe"
 done
