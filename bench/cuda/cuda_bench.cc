@@ -314,7 +314,7 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
     const cuda::GemvArgs g{
         .input = in_kind,
         .x = in_kind == cuda::GemvInput::kBf16 ? static_cast<const void*>(xb.data()) : static_cast<const void*>(x),
-        .x_ld = in_kind == cuda::GemvInput::kSwiGlu ? 2 * in : in,
+        .x_ld = in,
         .norm_weight = f2.data(),
         .eps = 1e-5f,
         .w = w.data(),
@@ -325,7 +325,8 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
         .y = ys.data(),
         .bias = f2.data(),
         .residual = f3.data(),
-        .gated = f3.data()};
+        .gated = f3.data(),
+        .y_bf16 = xb.data()};
     return TimeOp(st, [&] { return cuda::Gemv(g, st); });
   };
   auto wbytes = [](int64_t in, int64_t out) { return 2.0 * static_cast<double>(in) * static_cast<double>(out); };
@@ -356,9 +357,9 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
        TimeOp(st, [&] {
          return cuda::FlushStagedWrites(h, f2.data(), f3.data(), 16, N, d, Hm, f1.data(), st);
        })},
-      {"Gemv RMSNorm -> gate|up (stacked)", L, gemv(GemvInput::kRmsNorm, d, 2 * F, GemvOutput::kStore),
+      {"Gemv RMSNorm -> gate|up (stacked) -> SwiGLU", L, gemv(GemvInput::kRmsNorm, d, 2 * F, GemvOutput::kSwiGluBf16),
        wbytes(d, 2 * F)},
-      {"Gemv SwiGLU -> down, accumulate", L, gemv(GemvInput::kSwiGlu, F, d, GemvOutput::kAccumulate), wbytes(F, d)},
+      {"Gemv bf16 -> down, accumulate", L, gemv(GemvInput::kBf16, F, d, GemvOutput::kAccumulate), wbytes(F, d)},
       {"Gemv RMSNorm -> LM head", 1, gemv(GemvInput::kRmsNorm, d, c.vocab_size, GemvOutput::kStore),
        wbytes(d, c.vocab_size)},
   };

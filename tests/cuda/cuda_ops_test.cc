@@ -234,13 +234,13 @@ TEST_CASE("Gemv: fused small-batch linear layers equal the unfused ops", "[cuda]
                                         std::make_tuple(int64_t{1}, int64_t{8200}, int64_t{33}),
                                         std::make_tuple(int64_t{1}, int64_t{2048}, int64_t{20000}),
                                         std::make_tuple(int64_t{3}, int64_t{5000}, int64_t{3001}));
-  const GemvInput input = GENERATE(GemvInput::kBf16, GemvInput::kF32, GemvInput::kRmsNorm, GemvInput::kSwiGlu);
+  const GemvInput input = GENERATE(GemvInput::kBf16, GemvInput::kF32, GemvInput::kRmsNorm);
   const GemvOutput output =
       GENERATE(GemvOutput::kStore, GemvOutput::kAccumulate, GemvOutput::kGatedResidual, GemvOutput::kStoreArgmax);
   const bool stores = output == GemvOutput::kStore || output == GemvOutput::kStoreArgmax;
   INFO("rows=" << rows << " in=" << in << " out=" << out << " input=" << static_cast<int>(input)
                << " output=" << static_cast<int>(output));
-  const int64_t x_ld = input == GemvInput::kSwiGlu ? 2 * in : in;
+  const int64_t x_ld = in;
   auto x = Random(static_cast<std::size_t>(rows * x_ld)), w = Random(static_cast<std::size_t>(out * in));
   auto norm = Random(static_cast<std::size_t>(in)), y0 = Random(static_cast<std::size_t>(rows * out));
   auto bias = Random(static_cast<std::size_t>(out)), res = Random(static_cast<std::size_t>(rows * out));
@@ -257,7 +257,6 @@ TEST_CASE("Gemv: fused small-batch linear layers equal the unfused ops", "[cuda]
     case GemvInput::kBf16:
     case GemvInput::kF32: RequireOk(ConvertF32ToBf16(dx.data(), rows * in, dxp.data(), Stream())); break;
     case GemvInput::kRmsNorm: RequireOk(RmsNormBf16(dx.data(), dnorm.data(), rows, in, kEps, dxp.data(), Stream())); break;
-    case GemvInput::kSwiGlu: RequireOk(SwiGluBf16(dx.data(), rows, in, dxp.data(), Stream())); break;
   }
   const auto xp = Download(dxp);
 
@@ -325,6 +324,48 @@ TEST_CASE("Gemv: fused small-batch linear layers equal the unfused ops", "[cuda]
   CHECK(differ == 0);
 }
 
+TEST_CASE("Gemv's SwiGLU output: the bits of SwiGluBf16 over the stored gate | up rows", "[cuda][ops]") {
+  const auto [rows, in, width] = GENERATE(std::make_tuple(int64_t{1}, int64_t{64}, int64_t{37}),
+                                         std::make_tuple(int64_t{3}, int64_t{160}, int64_t{100}),
+                                         std::make_tuple(int64_t{2}, int64_t{2048}, int64_t{4100}),
+                                         std::make_tuple(int64_t{8}, int64_t{2048}, int64_t{300}),
+                                         std::make_tuple(int64_t{1}, int64_t{5000}, int64_t{1500}));
+  const GemvInput input = GENERATE(GemvInput::kF32, GemvInput::kRmsNorm);
+  INFO("rows=" << rows << " in=" << in << " out=" << 2 * width << " input=" << static_cast<int>(input));
+  const int64_t out = 2 * width;
+  const auto x = Random(static_cast<std::size_t>(rows * in)), w = Random(static_cast<std::size_t>(out * in));
+  const auto norm = Random(static_cast<std::size_t>(in));
+  auto dx = Upload(x), dw32 = Upload(w), dnorm = Upload(norm);
+  auto dw = Poisoned<__nv_bfloat16>(w.size());
+  RequireOk(ConvertF32ToBf16(dw32.data(), out * in, dw.data(), Stream()));
+  // The unfused way: gate | up stored in fp32, then SwiGluBf16.
+  auto dr = Poisoned<float>(static_cast<std::size_t>(rows * out));
+  GemvArgs g{.input = input, .x = dx.data(), .x_ld = in, .norm_weight = dnorm.data(), .eps = 1e-5f, .w = dw.data(),
+             .rows = rows, .in = in, .out = out, .y = dr.data()};
+  RequireOk(Gemv(g, Stream()));
+  auto dwant = Poisoned<__nv_bfloat16>(static_cast<std::size_t>(rows * width));
+  RequireOk(SwiGluBf16(dr.data(), rows, width, dwant.data(), Stream()));
+  const auto want = Download(dwant);
+  auto run = [&](int64_t first, int64_t n) {
+    auto dy = Poisoned<__nv_bfloat16>(static_cast<std::size_t>(n * width));
+    GemvArgs f = g;
+    f.x = dx.data() + first * in;
+    f.rows = n;
+    f.output = GemvOutput::kSwiGluBf16;
+    f.y = nullptr;
+    f.y_bf16 = dy.data();
+    RequireOk(Gemv(f, Stream()));
+    return Download(dy);
+  };
+  const auto got = run(0, rows);
+  REQUIRE(got.size() == want.size());
+  CHECK(std::memcmp(got.data(), want.data(), got.size() * sizeof(got[0])) == 0);
+  for (int64_t r = 0; r < rows; ++r) {  // each row alone: the same bits
+    const auto alone = run(r, 1);
+    CHECK(std::memcmp(alone.data(), want.data() + r * width, alone.size() * sizeof(alone[0])) == 0);
+  }
+}
+
 TEST_CASE("Gemv refuses what it cannot take", "[cuda][ops]") {
   auto buf = DeviceBuffer<float>::Allocate(1024);
   RequireOk(buf.status());
@@ -350,7 +391,7 @@ TEST_CASE("Gemv refuses what it cannot take", "[cuda][ops]") {
   bad.x = buf->data() + 2;  // misaligned input rows
   CHECK(Gemv(bad, Stream()).IsInvalidArgument());
   bad = g;
-  bad.input = GemvInput::kSwiGlu;  // x_ld must hold gate and up
+  bad.x_ld = 56;  // rows of x narrower than in
   CHECK(Gemv(bad, Stream()).IsInvalidArgument());
   bad = g;
   bad.output = GemvOutput::kGatedResidual;  // no bias, residual, gated
@@ -360,6 +401,12 @@ TEST_CASE("Gemv refuses what it cannot take", "[cuda][ops]") {
   CHECK(Gemv(bad, Stream()).IsInvalidArgument());
   bad = g;
   bad.output = GemvOutput::kStoreArgmax;  // no keys for the picks
+  CHECK(Gemv(bad, Stream()).IsInvalidArgument());
+  bad = g;
+  bad.output = GemvOutput::kSwiGluBf16;  // no bf16 output
+  CHECK(Gemv(bad, Stream()).IsInvalidArgument());
+  bad.y_bf16 = wbuf->data();
+  bad.out = 7;  // gate and up rows must pair up
   CHECK(Gemv(bad, Stream()).IsInvalidArgument());
   bad = g;
   bad.rows = 0;

@@ -764,7 +764,7 @@ class CudaModel final : public Model {
   // through the table; `s` is the batch's lead).
   Status RunLayers(CudaState& s, int64_t first, int64_t n, int64_t pos0, const BatchTable* batch = nullptr) const {
     const int64_t d = cfg_.hidden_size, H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, Dh = cfg_.head_dim;
-    const int64_t F = cfg_.intermediate_size, N = cfg_.memory_slots, Hm = cfg_.memory_heads, V = cfg_.vocab_size;
+    const int64_t N = cfg_.memory_slots, Hm = cfg_.memory_heads, V = cfg_.vocab_size;
     const int64_t qdim = H * Dh, kvdim = Hkv * Dh, S = pos0 + n;
     const cudaStream_t st = s.stream_.get();
     cublasHandle_t blas = s.cublas_.get();
@@ -873,10 +873,7 @@ class CudaModel final : public Model {
         }
       }
 
-      // SwiGLU FFN: one GEMM for gate and up, the activation fused into the down projection's
-      // input.
-      LM2_RETURN_IF_ERROR(NormLinear(s, h, n, lw.post_norm, lw.gate_up, 2 * F, sc.gate_up.data()));
-      LM2_RETURN_IF_ERROR(DownProjection(s, n, lw.down_proj, h));
+      LM2_RETURN_IF_ERROR(FeedForward(s, n, lw, h));
     }
     return Status::Ok();
   }
@@ -937,18 +934,26 @@ class CudaModel final : public Model {
     return GatedResidual(h, sc.a.data(), sc.gate.data(), mw.out_gate_b, n, d, sc.e.data(), st);
   }
 
-  // h += bf16(silu(gate) ⊙ up) · W_downᵀ, gate | up the rows of scratch gate_up.
-  Status DownProjection(CudaState& s, int64_t n, const bf16* w_down, float* h) const {
+  // The SwiGLU FFN: h += bf16(silu(gate) ⊙ up) · W_downᵀ with gate | up = bf16(RMSNorm(h)) ·
+  // W_gate_upᵀ. Up to gemv_rows_ rows the gate|up GEMV stores the activation itself, in bf16
+  // (sc.yb), and the down GEMV reads it; longer chunks run a GEMM into sc.gate_up, SwiGluBf16
+  // and a GEMM. The same bf16 activation either way.
+  Status FeedForward(CudaState& s, int64_t n, const CudaLayerWeights& lw, float* h) const {
     const int64_t d = cfg_.hidden_size, F = cfg_.intermediate_size;
     const cudaStream_t st = s.stream_.get();
     Scratch& sc = s.scratch_;
     if (Small(n)) {
-      return Gemv({.input = GemvInput::kSwiGlu, .x = sc.gate_up.data(), .x_ld = 2 * F, .w = w_down, .rows = n, .in = F,
+      LM2_RETURN_IF_ERROR(Gemv({.input = GemvInput::kRmsNorm, .x = h, .x_ld = d, .norm_weight = lw.post_norm,
+                                .eps = static_cast<float>(cfg_.rms_norm_eps), .w = lw.gate_up, .rows = n, .in = d,
+                                .out = 2 * F, .output = GemvOutput::kSwiGluBf16, .y_bf16 = sc.yb.data()},
+                               st));
+      return Gemv({.input = GemvInput::kBf16, .x = sc.yb.data(), .x_ld = F, .w = lw.down_proj, .rows = n, .in = F,
                    .out = d, .output = GemvOutput::kAccumulate, .y = h},
                   st);
     }
+    LM2_RETURN_IF_ERROR(NormLinear(s, h, n, lw.post_norm, lw.gate_up, 2 * F, sc.gate_up.data()));
     LM2_RETURN_IF_ERROR(SwiGluBf16(sc.gate_up.data(), n, F, sc.yb.data(), st));
-    return Linear(s.cublas_.get(), sc.yb.data(), n, F, w_down, d, h, true, st);
+    return Linear(s.cublas_.get(), sc.yb.data(), n, F, lw.down_proj, d, h, true, st);
   }
 
   // Logits of chunk rows [row, row + rows) into sc.logits [rows, V] (sized by the caller),

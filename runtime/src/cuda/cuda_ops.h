@@ -52,7 +52,6 @@ enum class GemvInput {
   kBf16,     // x is bf16 [rows, in]
   kF32,      // x fp32 [rows, in], rounded to bf16 (as LinearF32)
   kRmsNorm,  // bf16(RMSNorm(x; norm_weight, eps)) of fp32 x [rows, in] (as RmsNormBf16)
-  kSwiGlu,   // bf16(silu(gate) * up) of fp32 x [rows, 2*in] = [gate | up] (as SwiGluBf16)
 };
 // What becomes of r = x' · Wᵀ [rows, out].
 enum class GemvOutput {
@@ -60,11 +59,13 @@ enum class GemvOutput {
   kAccumulate,     // y += r
   kGatedResidual,  // y += residual + sigmoid(r + bias) ⊙ gated (the memory output gate)
   kStoreArgmax,    // y = r, and each row's greedy pick into argmax_keys (ArgmaxRows' keys)
+  kSwiGluBf16,     // y_bf16[:, i] = bf16(silu(r[:, i]) * r[:, out/2 + i]): the stacked gate | up
+                   // layer's SwiGLU, as SwiGluBf16 gives it from r (out even)
 };
 
 struct GemvArgs {
   GemvInput input = GemvInput::kF32;
-  const void* x = nullptr;           // device rows, x_ld elements apart (>= in; 2*in for kSwiGlu), 16-byte aligned
+  const void* x = nullptr;           // device rows, x_ld elements apart (>= in), 16-byte aligned
                                      // with x_ld a multiple of 8
   int64_t x_ld = 0;
   const float* norm_weight = nullptr;  // kRmsNorm: [in], 16-byte aligned
@@ -77,6 +78,7 @@ struct GemvArgs {
   const float* residual = nullptr;    // kGatedResidual: [rows, out]
   const float* gated = nullptr;       // kGatedResidual: [rows, out]
   uint64_t* argmax_keys = nullptr;    // kStoreArgmax: [rows], zero on entry (atomicMax)
+  __nv_bfloat16* y_bf16 = nullptr;    // kSwiGluBf16: [rows, out/2] (y unused)
 };
 
 // Whether Gemv takes this shape (else use Linear).

@@ -87,7 +87,7 @@ __device__ __forceinline__ float InvRms(const float* x, int64_t d, float eps, fl
 __device__ __forceinline__ float Sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 // silu(g) * up: the SwiGLU activation, one definition for the elementwise kernels and the
-// GEMV's fused input (their results agree bit for bit).
+// GEMV's fused output (their results agree bit for bit).
 __device__ __forceinline__ float SwiGluOf(float g, float up) { return g * Sigmoid(g) * up; }
 
 // h + a + sigmoid(gate_pre + bias) ⊙ e for one element: the memory output gate with both

@@ -1,9 +1,10 @@
 // Small-batch linear layers (decode steps): y[rows, out] = x'[rows, in] · W[out, in]ᵀ for
 // rows <= kGemvMaxRows, one pass over the bf16 weights (the bandwidth-bound part of a decode
 // step), with the op before and after fused in: x' is made from x while it is staged in
-// shared memory (a bf16 copy, an fp32 rounding, an RMSNorm, a SwiGLU), and the result is
-// stored, added, or turned into the memory-gated residual update, or stored with each row's
-// greedy pick (the LM head of a greedy decode step: no separate argmax pass over the logits).
+// shared memory (a bf16 copy, an fp32 rounding, an RMSNorm), and the result is stored, added,
+// turned into the memory-gated residual update, stored with each row's greedy pick (the LM
+// head of a greedy decode step: no separate argmax pass over the logits), or, for the stacked
+// gate | up layer, turned into the SwiGLU activation in bf16 (the down projection's x').
 //
 // Layout: a persistent grid (one 256-thread block per multiprocessor at most). x' is staged
 // whole in shared memory (rows * in <= kGemvStageElements). Each warp streams units of two
@@ -11,9 +12,9 @@
 // into registers while it multiplies the current one; the first unit's loads go out before
 // x' is staged.
 //
-// Numerics: x' is bit-identical to what RmsNormBf16 / SwiGluBf16 / ConvertF32ToBf16 give
-// (the same fp32 expressions; the RMS reduction has RmsNormKernel's order), products and
-// sums in fp32. Each output's sum runs in an order that depends only on `in` and the lane
+// Numerics: x' is bit-identical to what RmsNormBf16 / ConvertF32ToBf16 give, the SwiGLU
+// output to what SwiGluBf16 gives from the stored gate | up rows (the same fp32 expressions;
+// the RMS reduction has RmsNormKernel's order), products and sums in fp32. Each output's sum runs in an order that depends only on `in` and the lane
 // layout, never on `rows`: a row's result is the same whether it is computed alone or with
 // others (batched decode steps rely on that).
 #include <cuda_bf16.h>
@@ -40,8 +41,7 @@ using bf16 = __nv_bfloat16;
 // flight per thread before any is converted (the staging is latency-bound otherwise).
 constexpr int kStageUnroll = 4;
 
-// What an item's conversion needs, loaded: x (or gate) columns, and the norm weights or the
-// up columns.
+// What an item's conversion needs, loaded: x columns, and (kRmsNorm) the norm weights.
 struct Item {
   float4 x0, x1, y0, y1;
   uint4 raw;  // kBf16: the piece as it is
@@ -60,10 +60,6 @@ __device__ __forceinline__ Item LoadItem(const GemvArgs& a, int b, int64_t c) {
       it.y0 = *reinterpret_cast<const float4*>(a.norm_weight + c);
       it.y1 = *reinterpret_cast<const float4*>(a.norm_weight + c + 4);
     }
-    if constexpr (In == GemvInput::kSwiGlu) {
-      it.y0 = *reinterpret_cast<const float4*>(x + a.in);
-      it.y1 = *reinterpret_cast<const float4*>(x + a.in + 4);
-    }
   }
   return it;
 }
@@ -72,7 +68,6 @@ __device__ __forceinline__ Item LoadItem(const GemvArgs& a, int b, int64_t c) {
 template <GemvInput In>
 __device__ __forceinline__ bf16 Convert(float x, float y, float inv_rms) {
   if constexpr (In == GemvInput::kRmsNorm) return __float2bfloat16_rn(x * inv_rms * y);
-  if constexpr (In == GemvInput::kSwiGlu) return __float2bfloat16_rn(SwiGluOf(x, y));
   return __float2bfloat16_rn(x);
 }
 
@@ -106,8 +101,10 @@ __device__ __forceinline__ float Dot8(const uint4& w, const uint4& x, float acc)
 
 // A warp's work is a sequence of units (a group of kRowsPerWarp rows, a 2048-column segment
 // of them): row groups blockIdx * kWarps + warp, then every gridDim * kWarps further; each
-// group's segments in order. The warp loads the next unit while it multiplies the current
-// one, so its weight stream never waits on a multiply; x' sits whole in shared memory.
+// group's segments in order. Group g is rows 2g and 2g + 1, or, for kSwiGluBf16, rows g and
+// out/2 + g (a gate row and its up row, whose SwiGLU the warp stores). The warp loads the
+// next unit while it multiplies the current one, so its weight stream never waits on a
+// multiply; x' sits whole in shared memory.
 template <int B, GemvInput In, GemvOutput Out>
 __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
   __shared__ __align__(16) bf16 xs[kGemvStageElements];  // x' [rows][in]
@@ -117,14 +114,16 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
   const int rows = static_cast<int>(a.rows);
   const int vecs = static_cast<int>(a.in / 8);
   const int segs = (vecs + 32 * kSegVecs - 1) / (32 * kSegVecs);
-  const int64_t groups = (a.out + kRowsPerWarp - 1) / kRowsPerWarp;
+  constexpr bool kPairs = Out == GemvOutput::kSwiGluBf16;
+  static_assert(!kPairs || kRowsPerWarp == 2, "a SwiGLU group is a gate row and its up row");
+  const int64_t groups = kPairs ? a.out / 2 : (a.out + kRowsPerWarp - 1) / kRowsPerWarp;
   const int64_t group_stride = static_cast<int64_t>(gridDim.x) * kWarps;
 
   uint4 cur[kRowsPerWarp][kSegVecs], nxt[kRowsPerWarp][kSegVecs];
   auto load = [&](uint4 (&buf)[kRowsPerWarp][kSegVecs], int64_t group, int seg) {
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
-      int64_t row = group * kRowsPerWarp + r;
+      int64_t row = kPairs ? group + r * (a.out / 2) : group * kRowsPerWarp + r;
       row = row < a.out ? row : a.out - 1;  // past the end: read the last row again, store nothing
       const uint4* w = reinterpret_cast<const uint4*>(a.w + row * a.in);
 #pragma unroll
@@ -195,7 +194,14 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
         for (int r = 0; r < kRowsPerWarp; ++r) acc[r][b] = Dot8(cur[r][i], xv, acc[r][b]);
       }
     }
-    if (next_seg == 0) {  // the group's last segment: reduce and store
+    if (kPairs && next_seg == 0) {  // the group's last segment: gate and up, their SwiGLU
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        const float gate = WarpSum(acc[0][b]), up = WarpSum(acc[1][b]);  // every lane holds both
+        acc[0][b] = acc[1][b] = 0.0f;
+        if (lane == b && b < rows) a.y_bf16[b * (a.out / 2) + group] = __float2bfloat16_rn(SwiGluOf(gate, up));
+      }
+    } else if (next_seg == 0) {  // the group's last segment: reduce and store
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) {
         const int64_t row = group * kRowsPerWarp + r;
@@ -258,6 +264,9 @@ Status LaunchOut(const GemvArgs& a, cudaStream_t stream) {
     case GemvOutput::kStoreArgmax:
       return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kStoreArgmax>, blocks, kThreads, 0, stream, a),
                         "GemvKernel");
+    case GemvOutput::kSwiGluBf16:
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kSwiGluBf16>, blocks, kThreads, 0, stream, a),
+                        "GemvKernel");
   }
   return Status::InvalidArgument("Gemv: unknown output kind");
 }
@@ -268,7 +277,6 @@ Status LaunchIn(const GemvArgs& a, cudaStream_t stream) {
     case GemvInput::kBf16: return LaunchOut<B, GemvInput::kBf16>(a, stream);
     case GemvInput::kF32: return LaunchOut<B, GemvInput::kF32>(a, stream);
     case GemvInput::kRmsNorm: return LaunchOut<B, GemvInput::kRmsNorm>(a, stream);
-    case GemvInput::kSwiGlu: return LaunchOut<B, GemvInput::kSwiGlu>(a, stream);
   }
   return Status::InvalidArgument("Gemv: unknown input kind");
 }
@@ -281,8 +289,7 @@ bool GemvSupports(int64_t rows, int64_t in) {
 
 Status Gemv(const GemvArgs& a, cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(ops::CheckLinear(a.rows, a.in, a.out));
-  const int64_t min_ld = a.input == GemvInput::kSwiGlu ? 2 * a.in : a.in;
-  if (!GemvSupports(a.rows, a.in) || a.x_ld < min_ld || a.x_ld % 8 != 0 || a.out >= (int64_t{1} << 31) ||
+  if (!GemvSupports(a.rows, a.in) || a.x_ld < a.in || a.x_ld % 8 != 0 || a.out >= (int64_t{1} << 31) ||
       reinterpret_cast<std::uintptr_t>(a.w) % 16 != 0 || reinterpret_cast<std::uintptr_t>(a.x) % 16 != 0 ||
       reinterpret_cast<std::uintptr_t>(a.norm_weight) % 16 != 0) {
     return Status::InvalidArgument("Gemv: rows=" + std::to_string(a.rows) + " (at most " +
@@ -292,7 +299,14 @@ Status Gemv(const GemvArgs& a, cudaStream_t stream) {
                                    std::to_string(a.out) + ", x, weights and norm weights 16-byte aligned");
   }
   if (a.rows == 0 || a.out == 0) return Status::Ok();
-  LM2_RETURN_IF_ERROR(RequireNonNull("Gemv", {a.x, a.w, a.y}));
+  if (a.output == GemvOutput::kSwiGluBf16) {
+    if (a.out % 2 != 0) {
+      return Status::InvalidArgument("Gemv (SwiGLU output): out=" + std::to_string(a.out) + ", not even");
+    }
+    LM2_RETURN_IF_ERROR(RequireNonNull("Gemv (SwiGLU output)", {a.x, a.w, a.y_bf16}));
+  } else {
+    LM2_RETURN_IF_ERROR(RequireNonNull("Gemv", {a.x, a.w, a.y}));
+  }
   if (a.input == GemvInput::kRmsNorm) {
     LM2_RETURN_IF_ERROR(ops::CheckRmsNorm(a.rows, a.in, a.eps));
     LM2_RETURN_IF_ERROR(RequireNonNull("Gemv (RMSNorm input)", {a.norm_weight}));
