@@ -378,6 +378,14 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
     const double t = TimeOp(st, [&] { return cuda::Linear(h, xb.data(), 1, in, w.data(), out, ys.data(), false, st); });
     std::printf("  %-55s %8.1f us  (%.0f GB/s of weights)\n", name, t * 1e6, wbytes(in, out) / t / 1e9);
   }
+  // What staging the input costs the GEMVs that make it by an RMSNorm (a block-wide
+  // reduction, then a second pass over x): the same layers from an fp32 input (a rounding).
+  {
+    const double t_qkv = gemv(GemvInput::kF32, d, P, GemvOutput::kStore);
+    const double t_gu = gemv(GemvInput::kF32, d, 2 * F, GemvOutput::kSwiGluBf16);
+    std::printf("  the RMSNorm GEMVs from an fp32 input instead: q|k|v|... %6.1f us (%.0f GB/s), gate|up %6.1f us (%.0f GB/s)\n",
+                t_qkv * 1e6, wbytes(d, P) / t_qkv / 1e9, t_gu * 1e6, wbytes(d, 2 * F) / t_gu / 1e9);
+  }
   // Batched decode steps: the gate|up layer for B rows, GEMV (up to its row limit) and cuBLAS.
   for (int64_t B = 2; B <= cuda::kGemvMaxRows; B *= 2) {
     const cuda::GemvArgs g{.input = cuda::GemvInput::kRmsNorm, .x = x, .x_ld = d, .norm_weight = f3.data(),
