@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Packs what the GPU machine needs to run lm2's GPU tests and benchmarks, built HERE (it has
 # CUDA but none of lm2's Debian libraries): the GPU test executables, the SDK tests (their
-# GPU case), the CLI and the CUDA benchmark, stripped, plus the shared libraries they load that the GPU machine lacks
-# (RocksDB, OpenSSL, sentencepiece, OpenBLAS and their dependencies; not glibc, libstdc++ or
-# CUDA's own, which it has). One compressed archive, under the device tool's size limit.
+# GPU case), the CLI and the CUDA benchmarks (lm2_cuda_bench, lm2_cuda_sync_bench), stripped,
+# plus the shared libraries they load that the GPU machine lacks (RocksDB, OpenSSL,
+# sentencepiece, OpenBLAS and their dependencies; not glibc, libstdc++ or CUDA's own, which
+# it has). One compressed archive, under the device tool's size limit.
 #
 #   tools/device/make_gpu_bundle.sh [BUILD_DIR]     (default: build; configured with CUDA)
 #
