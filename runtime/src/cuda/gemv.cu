@@ -14,9 +14,10 @@
 //
 // Numerics: x' is bit-identical to what RmsNormBf16 / ConvertF32ToBf16 give, the SwiGLU
 // output to what SwiGluBf16 gives from the stored gate | up rows (the same fp32 expressions;
-// the RMS reduction has RmsNormKernel's order), products and sums in fp32. Each output's sum runs in an order that depends only on `in` and the lane
-// layout, never on `rows`: a row's result is the same whether it is computed alone or with
-// others (batched decode steps rely on that).
+// the RMS reduction has RmsNormKernel's order), products and sums in fp32. Each output's sum
+// runs in an order that depends only on `in` and the lane layout, never on `rows`: a row's
+// result is the same whether it is computed alone or with others (batched decode steps rely
+// on that).
 #include <cuda_bf16.h>
 
 #include <cstdint>
