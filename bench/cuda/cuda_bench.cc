@@ -383,7 +383,8 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
   {
     const double t_qkv = gemv(GemvInput::kF32, d, P, GemvOutput::kStore);
     const double t_gu = gemv(GemvInput::kF32, d, 2 * F, GemvOutput::kSwiGluBf16);
-    std::printf("  the RMSNorm GEMVs from an fp32 input instead: q|k|v|... %6.1f us (%.0f GB/s), gate|up %6.1f us (%.0f GB/s)\n",
+    std::printf("  the RMSNorm GEMVs from an fp32 input instead: q|k|v|... %6.1f us (%.0f GB/s), "
+                "gate|up %6.1f us (%.0f GB/s)\n",
                 t_qkv * 1e6, wbytes(d, P) / t_qkv / 1e9, t_gu * 1e6, wbytes(d, 2 * F) / t_gu / 1e9);
   }
   // Batched decode steps: the gate|up layer for B rows, GEMV (up to its row limit) and cuBLAS.

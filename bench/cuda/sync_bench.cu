@@ -5,8 +5,9 @@
 //
 //   lm2_cuda_sync_bench [--steps 200] [--repeats 20]
 //
-// Each figure is the mean per step over `repeats` replays of `steps` steps, one block of 256
-// threads per multiprocessor:
+// Each figure is the mean per step over `repeats` replays of `steps` steps (a CUDA graph of
+// the launches; the persistent kernel: one cooperative launch), one block of 256 threads per
+// multiprocessor:
 //   - empty kernels, a CUDA graph of ordinary launches, and of launches with programmatic
 //     dependent launch (PDL: each waits for its predecessor with griddepcontrol.wait, as the
 //     model's kernels do);
@@ -50,7 +51,8 @@ __global__ void EmptyKernel() {
 // of `in`.
 __device__ __forceinline__ void Relay(const float* in, float* out, float* scratch) {
   float s = 0.0f;
-  for (int i = static_cast<int>(threadIdx.x); i < kWidth; i += kThreads) s += __ldcg(in + i);  // L2: other blocks wrote it
+  // Through L2 (other blocks wrote it).
+  for (int i = static_cast<int>(threadIdx.x); i < kWidth; i += kThreads) s += __ldcg(in + i);
   s = BlockSum(s, scratch);
   const int per_block = (kWidth + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
   for (int i = static_cast<int>(threadIdx.x); i < per_block; i += kThreads) {
@@ -89,15 +91,17 @@ __global__ void PersistentRelayKernel(float* a, float* b, unsigned int* counter,
   }
 }
 
-// Mean milliseconds per replay of `graph`.
-float TimeGraph(cudaGraphExec_t graph, cudaStream_t stream, int repeats) {
-  Check(cudaGraphLaunch(graph, stream), "cudaGraphLaunch");  // warm
+// Mean milliseconds per call of `enqueue` (work it puts on `stream`), after one call to
+// warm up.
+template <typename Enqueue>
+float MeanMs(cudaStream_t stream, int repeats, Enqueue enqueue) {
+  enqueue();
   Check(cudaStreamSynchronize(stream), "sync");
   cudaEvent_t t0, t1;
   Check(cudaEventCreate(&t0), "event");
   Check(cudaEventCreate(&t1), "event");
   Check(cudaEventRecord(t0, stream), "record");
-  for (int i = 0; i < repeats; ++i) Check(cudaGraphLaunch(graph, stream), "cudaGraphLaunch");
+  for (int i = 0; i < repeats; ++i) enqueue();
   Check(cudaEventRecord(t1, stream), "record");
   Check(cudaEventSynchronize(t1), "sync");
   float ms = 0.0f;
@@ -155,51 +159,35 @@ int main(int argc, char** argv) {
   Check(cudaMemset(b, 0, kWidth * sizeof(float)), "memset");
 
   const auto grid = static_cast<unsigned int>(sms);
-  auto report = [&](const char* what, cudaGraphExec_t g, int per_replay) {
-    const float ms = TimeGraph(g, stream, repeats);
-    std::printf("  %-62s %7.2f us per step\n", what, 1000.0f * ms / static_cast<float>(per_replay));
+  auto report = [&](const char* what, float ms_per_replay) {
+    std::printf("  %-62s %7.2f us per step\n", what, 1000.0f * ms_per_replay / static_cast<float>(steps));
+  };
+  auto report_graph = [&](const char* what, cudaGraphExec_t g) {
+    report(what, MeanMs(stream, repeats, [&] { Check(cudaGraphLaunch(g, stream), "cudaGraphLaunch"); }));
     Check(cudaGraphExecDestroy(g), "destroy");
   };
-  report("empty kernels, ordinary launches", Capture(stream, [&] {
-           for (int i = 0; i < steps; ++i) EmptyKernel<<<grid, kThreads, 0, stream>>>();
-           Check(cudaGetLastError(), "EmptyKernel");
-         }),
-         steps);
-  report("empty kernels, PDL", Capture(stream, [&] {
-           for (int i = 0; i < steps; ++i) Check(LaunchPdl(&EmptyKernel, grid, kThreads, 0, stream), "EmptyKernel");
-         }),
-         steps);
-  report("relay kernels (2,048 floats, full-vector dependency), PDL", Capture(stream, [&] {
-           for (int i = 0; i < steps; ++i) {
-             Check(LaunchPdl(&RelayKernel, grid, kThreads, 0, stream, i % 2 == 0 ? a : b, i % 2 == 0 ? b : a),
-                   "RelayKernel");
-           }
-         }),
-         steps);
-  {  // one cooperative launch per replay (all blocks resident), timed directly
-    void* args[] = {&a, &b, &counter, &steps};
-    auto launch = [&] {
-      Check(cudaMemsetAsync(counter, 0, sizeof(unsigned int), stream), "memset");
-      Check(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(&PersistentRelayKernel), dim3(grid), dim3(kThreads),
-                                        args, 0, stream),
-            "PersistentRelayKernel");
-    };
-    launch();
-    Check(cudaStreamSynchronize(stream), "sync");
-    cudaEvent_t t0, t1;
-    Check(cudaEventCreate(&t0), "event");
-    Check(cudaEventCreate(&t1), "event");
-    Check(cudaEventRecord(t0, stream), "record");
-    for (int i = 0; i < repeats; ++i) launch();
-    Check(cudaEventRecord(t1, stream), "record");
-    Check(cudaEventSynchronize(t1), "sync");
-    float ms = 0.0f;
-    Check(cudaEventElapsedTime(&ms, t0, t1), "elapsed");
-    std::printf("  %-62s %7.2f us per step\n", "the relay as rounds of one persistent kernel, grid barriers",
-                1000.0f * ms / static_cast<float>(repeats) / static_cast<float>(steps));
-    Check(cudaEventDestroy(t0), "event");
-    Check(cudaEventDestroy(t1), "event");
-  }
+  report_graph("empty kernels, ordinary launches", Capture(stream, [&] {
+                 for (int i = 0; i < steps; ++i) EmptyKernel<<<grid, kThreads, 0, stream>>>();
+                 Check(cudaGetLastError(), "EmptyKernel");
+               }));
+  report_graph("empty kernels, PDL", Capture(stream, [&] {
+                 for (int i = 0; i < steps; ++i) {
+                   Check(LaunchPdl(&EmptyKernel, grid, kThreads, 0, stream), "EmptyKernel");
+                 }
+               }));
+  report_graph("relay kernels (2,048 floats, full-vector dependency), PDL", Capture(stream, [&] {
+                 for (int i = 0; i < steps; ++i) {
+                   Check(LaunchPdl(&RelayKernel, grid, kThreads, 0, stream, i % 2 == 0 ? a : b, i % 2 == 0 ? b : a),
+                         "RelayKernel");
+                 }
+               }));
+  void* args[] = {&a, &b, &counter, &steps};  // one cooperative launch per replay: every block resident
+  report("the relay as rounds of one persistent kernel, grid barriers", MeanMs(stream, repeats, [&] {
+           Check(cudaMemsetAsync(counter, 0, sizeof(unsigned int), stream), "memset");
+           Check(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(&PersistentRelayKernel), dim3(grid),
+                                             dim3(kThreads), args, 0, stream),
+                 "PersistentRelayKernel");
+         }));
   Check(cudaStreamSynchronize(stream), "sync");
   Check(cudaFree(a), "cudaFree");
   Check(cudaFree(b), "cudaFree");
