@@ -46,10 +46,12 @@ struct CachePerRow {
 };
 // CachePerRow whose last visible row is this step's token, still in the stacked projection
 // (RopeAttentionDecodeBatch): each block rotates its query head and its KV head's key from
-// proj (SplitQkvRope's arithmetic) and writes the new k and v rows into the cache before
-// attending. Every block of a KV group writes the same values to the same row (a benign
-// race: identical bits), so no block reads a row another has not written yet, and the
-// attention loop stays the plain one.
+// proj (SplitQkvRope's arithmetic) and writes the new k and v rows into the cache for the
+// steps after; it attends to them from its shared-memory copy (every block of a KV group
+// writes the same values to the same row: a benign race, identical bits, and no block reads
+// that row from memory). The older rows, the rotary factors and the positions were written
+// before the step's previous kernel ran, so the kernel loads its first keys and the factors
+// before it waits for that kernel (PDL).
 struct FreshRowPerCache {
   static constexpr bool kFresh = true;
   float* const* k;
@@ -61,8 +63,14 @@ struct FreshRowPerCache {
   __device__ const float* Keys(int64_t t) const { return k[t]; }
   __device__ const float* Values(int64_t t) const { return v[t]; }
   __device__ int64_t Visible(int64_t t) const { return positions[t] + 1; }
-  // Fills q_new, k_new, v_new [D] for query head h of row t (KV head h / group).
-  __device__ void Prepare(int64_t t, int h, int heads, int group, int D, float* q_new, float* k_new,
+  // Row t's rotary factors [D/2] into f (shared memory): before the wait.
+  __device__ void LoadFactors(int64_t t, int D, float2* f) const {
+    const int half = D / 2;
+    for (int p = static_cast<int>(threadIdx.x); p < half; p += blockDim.x) f[p] = factors[t * half + p];
+  }
+  // Fills q_new, k_new, v_new [D] for query head h of row t (KV head h / group), rotated by
+  // f (LoadFactors).
+  __device__ void Prepare(int64_t t, int h, int heads, int group, int D, const float2* f, float* q_new, float* k_new,
                           float* v_new) const {
     const int kvh = h / group, kv_heads = heads / group;
     const float* row = proj + t * proj_ld;
@@ -76,7 +84,7 @@ struct FreshRowPerCache {
     const int half = D / 2;
     for (int i = static_cast<int>(threadIdx.x); i < D; i += blockDim.x) {  // q's pairs, then k's
       const int pair = i < half ? i : i - half;
-      RotateHalfPair(i < half ? q_new : k_new, i < half ? q_new : k_new, pair, half, factors[t * half + pair]);
+      RotateHalfPair(i < half ? q_new : k_new, i < half ? q_new : k_new, pair, half, f[pair]);
     }
     __syncthreads();
     const int64_t at = pos * kv_heads * D + static_cast<int64_t>(kvh) * D;
@@ -84,20 +92,8 @@ struct FreshRowPerCache {
       k[t][at + c] = k_new[c];
       v[t][at + c] = v_new[c];
     }
-    __syncthreads();  // the block's own writes are visible to its threads from here
   }
 };
-
-// A cache element: through the read-only path, unless this kernel wrote into the cache (a
-// fresh row), which that path would not see.
-template <bool kWritten>
-__device__ __forceinline__ float CacheLoad(const float* p) {
-  if constexpr (kWritten) {
-    return *p;
-  } else {
-    return __ldg(p);
-  }
-}
 
 // Lane l owns columns l, l + 32, ... (kCols of them, D <= 32 * kCols) of the query, of each
 // key and value row and of the output, in registers. A warp loads K keys' key and value rows
@@ -108,19 +104,52 @@ template <typename Rows, int kCols, int kDecodeWarps>
 __global__ void __launch_bounds__(kDecodeWarps * 32) AttentionDecodeKernel(const float* __restrict__ q, Rows rows,
                                                                         int heads, int group, int D, float scale,
                                                                         float* __restrict__ out) {
-  WaitForPredecessor();  // q and the cache rows of this step come from the kernels before
-  AllowDependents();
   __shared__ float wmax[kDecodeWarps], wsum[kDecodeWarps];
   __shared__ float wacc[kDecodeWarps][kCols * 32];
   __shared__ float fresh[Rows::kFresh ? 3 : 1][kCols * 32];  // the new token's q, k, v (FreshRowPerCache)
+  __shared__ float2 rope_f[Rows::kFresh ? kCols * 16 : 1];  // its rotary factors
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int64_t t = blockIdx.x / heads;
   const int h = static_cast<int>(blockIdx.x % heads), kvh = h / group;
   const int64_t q_stride = static_cast<int64_t>(heads) * D, kv_stride = static_cast<int64_t>(heads / group) * D;
+  constexpr int kKeys = DecodeKeys(kCols);
+  float x[kKeys][kCols], y[kKeys][kCols];  // key rows, value rows
+  // Keys [j0, j0 + kKeys) into x and y, except a fresh row (FreshRowPerCache: this step's
+  // token, taken from shared memory after Prepare); past the visible ones, zeros.
+  auto load = [&](const float* k, const float* v, int64_t j0, int64_t visible, int64_t fresh_row) {
+#pragma unroll
+    for (int s = 0; s < kKeys; ++s) {
+#pragma unroll
+      for (int i = 0; i < kCols; ++i) {
+        const int c = lane + 32 * i;
+        const bool ok = j0 + s < visible && j0 + s != fresh_row && c < D;
+        x[s][i] = ok ? __ldg(k + (j0 + s) * kv_stride + c) : 0.0f;
+        y[s][i] = ok ? __ldg(v + (j0 + s) * kv_stride + c) : 0.0f;
+      }
+    }
+  };
+  const float* k = nullptr;
+  const float* v = nullptr;
+  int64_t visible = 0, fresh_row = -1;
+  const int64_t first = static_cast<int64_t>(warp) * kKeys;
+  if constexpr (Rows::kFresh) {  // written before the previous kernel: loaded while it ends
+    k = rows.Keys(t) + static_cast<int64_t>(kvh) * D;
+    v = rows.Values(t) + static_cast<int64_t>(kvh) * D;
+    visible = rows.Visible(t);
+    fresh_row = visible - 1;
+    rows.LoadFactors(t, D, rope_f);
+    if (first < visible) load(k, v, first, visible, fresh_row);
+  }
+  WaitForPredecessor();  // q and (but for FreshRowPerCache) the cache rows come from the kernels before
+  AllowDependents();
   const float* q_row = q + t * q_stride + static_cast<int64_t>(h) * D;
   if constexpr (Rows::kFresh) {
-    rows.Prepare(t, h, heads, group, D, fresh[0], fresh[1], fresh[2]);
+    rows.Prepare(t, h, heads, group, D, rope_f, fresh[0], fresh[1], fresh[2]);
     q_row = fresh[0];
+  } else {
+    k = rows.Keys(t) + static_cast<int64_t>(kvh) * D;
+    v = rows.Values(t) + static_cast<int64_t>(kvh) * D;
+    visible = rows.Visible(t);
   }
   float qr[kCols], o[kCols];
 #pragma unroll
@@ -129,21 +158,19 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) AttentionDecodeKernel(const
     qr[i] = c < D ? q_row[c] : 0.0f;
     o[i] = 0.0f;
   }
-  const float* k = rows.Keys(t) + static_cast<int64_t>(kvh) * D;
-  const float* v = rows.Values(t) + static_cast<int64_t>(kvh) * D;
-  const int64_t visible = rows.Visible(t);
-  constexpr int kKeys = DecodeKeys(kCols);
   float m = -INFINITY, l = 0.0f;
-  float x[kKeys][kCols], y[kKeys][kCols];  // key rows, value rows
-  for (int64_t j0 = static_cast<int64_t>(warp) * kKeys; j0 < visible; j0 += kDecodeWarps * kKeys) {
+  for (int64_t j0 = first; j0 < visible; j0 += kDecodeWarps * kKeys) {
+    if (!Rows::kFresh || j0 != first) load(k, v, j0, visible, fresh_row);
+    if constexpr (Rows::kFresh) {
 #pragma unroll
-    for (int s = 0; s < kKeys; ++s) {
+      for (int s = 0; s < kKeys; ++s) {
+        if (j0 + s != fresh_row) continue;
 #pragma unroll
-      for (int i = 0; i < kCols; ++i) {
-        const int c = lane + 32 * i;
-        const bool ok = j0 + s < visible && c < D;
-        x[s][i] = ok ? CacheLoad<Rows::kFresh>(k + (j0 + s) * kv_stride + c) : 0.0f;
-        y[s][i] = ok ? CacheLoad<Rows::kFresh>(v + (j0 + s) * kv_stride + c) : 0.0f;
+        for (int i = 0; i < kCols; ++i) {
+          const int c = lane + 32 * i;
+          x[s][i] = c < D ? fresh[1][c] : 0.0f;
+          y[s][i] = c < D ? fresh[2][c] : 0.0f;
+        }
       }
     }
     float sc[kKeys];
