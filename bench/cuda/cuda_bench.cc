@@ -5,13 +5,16 @@
 //                                   the PyTorch baseline, writes the report; docs/benchmarks.md)
 //   lm2_cuda_bench --model DIR [--decode-tokens 128] [--prompt-tokens 32] [--prefill 512,4096]
 //                  [--sessions 8,32,64] [--repeats 3] [--json OUT] [--profile-prefill T]
-//                  [--tiled 0|1] [--chunk N] [--side-read 0|1] [--warm-up 0|1] [--profile-decode N]
+//                  [--tiled 0|1] [--chunk N] [--side-read 0|1] [--read-leads 0|1] [--warm-up 0|1]
+//                  [--profile-decode N]
 //                                                  (--decode-tokens 0: prefill only)
 //
 //   --tiled 0: multi-token chunks read memory and attend through the cuBLAS GEMM forms
 //   instead of the tensor-core tile kernels (CudaOptions::tiled_memory, tiled_attention);
 //   --chunk: CudaOptions::max_chunk_tokens; --side-read 0: the memory reads on the main
-//   stream (CudaOptions::concurrent_memory_read); --warm-up 0: no warm-up turn at load
+//   stream (CudaOptions::concurrent_memory_read); --read-leads 0: one-session decode steps keep
+//   attention on the main stream and the read beside it (CudaOptions::memory_read_leads);
+//   --warm-up 0: no warm-up turn at load
 //   (CudaOptions::warm_up), so the first turn's figure shows the kernels' first-use costs.
 //
 //   --profile-prefill T: only a warm-up prefill of T tokens and then one more between
@@ -568,6 +571,7 @@ int main(int argc, char** argv) {
     else if (k == "--tiled") options.tiled_memory = options.tiled_attention = v != "0";
     else if (k == "--chunk") options.max_chunk_tokens = std::stoll(v);
     else if (k == "--side-read") options.concurrent_memory_read = v != "0";
+    else if (k == "--read-leads") options.memory_read_leads = v != "0";
     else if (k == "--warm-up") options.warm_up = v != "0";
     else Die("unknown option " + k);
   }

@@ -58,9 +58,10 @@ std::shared_ptr<const ModelFiles> Files(const std::string& dir) {
 std::unique_ptr<Model> LoadCuda(const std::shared_ptr<const ModelFiles>& files, int64_t chunk = 512,
                                 int64_t gemm_attention_from = 32, bool graphs = true, int64_t flush = 16,
                                 int64_t gemv_rows = lm2::runtime::CudaOptions{}.gemv_max_rows,
-                                bool tiled = true, bool side_read = true) {
+                                bool tiled = true, bool side_read = true, bool read_leads = true) {
   lm2::runtime::CudaOptions options;
   options.concurrent_memory_read = side_read;
+  options.memory_read_leads = read_leads;
   options.tiled_memory = tiled;
   options.tiled_attention = tiled;
   options.gemv_max_rows = gemv_rows;
@@ -463,9 +464,13 @@ TEST_CASE("CUDA ForwardBatch: one forward for many sessions equals each decoding
 
 TEST_CASE("Memory reads on the side stream give the same bits as on the main stream", "[cuda][model]") {
   // Tiled chunks (the read and write sums beside tensor-core attention), decode steps
-  // (graphs, staged writes, a flush every 3) and a batched step: logits and banks equal.
+  // (graphs, staged writes, a flush every 3; the read beside attention, or attention beside
+  // the read) and a batched step: logits and banks equal.
+  const bool leads = GENERATE(true, false);
+  INFO("memory_read_leads=" << leads);
   auto files = Files(TestModelDir("tiny-lm2"));
-  auto side = LoadCuda(files, 512, 32, true, /*flush=*/3, lm2::runtime::CudaOptions{}.gemv_max_rows, true, true);
+  auto side =
+      LoadCuda(files, 512, 32, true, /*flush=*/3, lm2::runtime::CudaOptions{}.gemv_max_rows, true, true, leads);
   auto one = LoadCuda(files, 512, 32, true, /*flush=*/3, lm2::runtime::CudaOptions{}.gemv_max_rows, true, false);
   auto a = NewState(*side), a2 = NewState(*side);
   auto b = NewState(*one), b2 = NewState(*one);

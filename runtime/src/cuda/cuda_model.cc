@@ -812,6 +812,24 @@ class CudaModel final : public Model {
       };
       const bool side_read =
           lw.has_memory && options_.concurrent_memory_read && (batch != nullptr || n == 1 || tiled_memory_);
+      // One-session decode steps may instead keep the read on the main stream, right after the
+      // projection (PDL: its K/V loads overlap the projection's end), with self-attention and
+      // o_proj on the side stream (CudaOptions::memory_read_leads).
+      const bool read_leads = side_read && batch != nullptr && n == 1 && options_.memory_read_leads;
+      if (read_leads) {
+        const cudaStream_t side = s.side_stream_.get();
+        LM2_RETURN_IF_ERROR(s.fork_.Order(st, side));
+        LM2_RETURN_IF_ERROR(RopeAttentionDecodeBatch(proj, P, positions, sc.rope.data(), batch->KCaches(i),
+                                                     batch->VCaches(i), n, H, Hkv, Dh, sc.attn_out.data(), side));
+        LM2_RETURN_IF_ERROR(Gemv({.input = GemvInput::kF32, .x = sc.attn_out.data(), .x_ld = qdim, .w = lw.o_proj,
+                                  .rows = n, .in = qdim, .out = d, .output = GemvOutput::kStore, .y = sc.a.data()},
+                                 side));
+        LM2_RETURN_IF_ERROR(read_memory(st));
+        LM2_RETURN_IF_ERROR(s.join_.Order(side, st));
+        LM2_RETURN_IF_ERROR(OutputGate(s, n, lw.memory, h));
+        LM2_RETURN_IF_ERROR(FeedForward(s, n, lw, h));
+        continue;
+      }
       if (side_read) {
         const cudaStream_t side = s.side_stream_.get();
         LM2_RETURN_IF_ERROR(s.fork_.Order(st, side));
