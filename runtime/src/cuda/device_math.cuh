@@ -43,6 +43,22 @@ __device__ __forceinline__ float BlockSum(float v, float* scratch) {
   return WarpSum(lane < warps ? scratch[lane] : 0.0f);
 }
 
+// BlockSum of B values at once, behind one barrier: v[b] becomes the block's sum of v[b], the
+// bits BlockSum(v[b]) gives. `scratch` (B x 32) must not be in use by an earlier reduction.
+template <int B>
+__device__ __forceinline__ void BlockSums(float (&v)[B], float (*scratch)[32]) {
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+  const int warps = static_cast<int>(blockDim.x) >> 5;
+#pragma unroll
+  for (int b = 0; b < B; ++b) {
+    v[b] = WarpSum(v[b]);
+    if (lane == 0) scratch[b][warp] = v[b];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int b = 0; b < B; ++b) v[b] = WarpSum(lane < warps ? scratch[b][lane] : 0.0f);
+}
+
 __device__ __forceinline__ float BlockMax(float v, float* scratch) {
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
   const int warps = static_cast<int>(blockDim.x) >> 5;
@@ -72,16 +88,44 @@ __device__ __forceinline__ void RotateHalfPair(const float* src, float* dst, int
   dst[i + half] = __fadd_rn(__fmul_rn(b, f.x), __fmul_rn(a, f.y));
 }
 
-// 1 / sqrt(mean(x[0, d)²) + eps), reduced over a block of kThreads threads and returned to
-// every thread: the RMSNorm statistic, one definition for RmsNorm and the fused GEMV (their
-// outputs must agree bit for bit). The stride is the compile-time block width (a runtime
-// one made the GEMV's prologue ~1 µs slower). `scratch` as BlockSum's.
-__device__ __forceinline__ float InvRms(const float* x, int64_t d, float eps, float* scratch) {
+// The RMSNorm statistic, one definition for RmsNorm and the fused GEMV (their outputs must
+// agree bit for bit). Its order: thread t of a kThreads-wide block sums the squares of the
+// 8-column pieces t, t + kThreads, t + 2 kThreads, ... in order, each piece's columns in order
+// (explicit fma: no kernel's contraction choice changes a bit); the block then reduces the
+// threads' parts as BlockSum does. Pieces are what the GEMV stages x' in, so it sums the
+// squares of the pieces it holds in registers anyway.
+__device__ __forceinline__ float SumSquares8(const float4& a, const float4& b, float ss) {
+  const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int j = 0; j < 8; ++j) ss = __fmaf_rn(v[j], v[j], ss);
+  return ss;
+}
+
+// This thread's part of Σ x[0, d)² in that order (any d; 16-byte loads where x allows).
+__device__ __forceinline__ float SumSquaresPart(const float* x, int64_t d) {
   float ss = 0.0f;
-#pragma unroll 8
-  for (int64_t i = threadIdx.x; i < d; i += kThreads) ss += x[i] * x[i];
-  ss = BlockSum(ss, scratch);
-  return 1.0f / sqrtf(ss / static_cast<float>(d) + eps);
+  const int64_t first = 8 * static_cast<int64_t>(threadIdx.x);
+  if (d % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+    for (int64_t c = first; c < d; c += 8 * kThreads) {
+      ss = SumSquares8(*reinterpret_cast<const float4*>(x + c), *reinterpret_cast<const float4*>(x + c + 4), ss);
+    }
+    return ss;
+  }
+  for (int64_t c = first; c < d; c += 8 * kThreads) {
+    for (int64_t j = c; j < c + 8 && j < d; ++j) ss = __fmaf_rn(x[j], x[j], ss);
+  }
+  return ss;
+}
+
+// 1 / sqrt(mean(x²) + eps) from the block's Σ x² over d columns.
+__device__ __forceinline__ float InvRmsOf(float sum_squares, int64_t d, float eps) {
+  return 1.0f / sqrtf(sum_squares / static_cast<float>(d) + eps);
+}
+
+// 1 / sqrt(mean(x[0, d)²) + eps), reduced over a block of kThreads threads and returned to
+// every thread. `scratch` as BlockSum's.
+__device__ __forceinline__ float InvRms(const float* x, int64_t d, float eps, float* scratch) {
+  return InvRmsOf(BlockSum(SumSquaresPart(x, d), scratch), d, eps);
 }
 
 __device__ __forceinline__ float Sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }

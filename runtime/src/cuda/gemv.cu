@@ -100,6 +100,78 @@ __device__ __forceinline__ float Dot8(const uint4& w, const uint4& x, float acc)
   return acc;
 }
 
+// x' of kF32 / kBf16 inputs into xs: kStageUnroll items in flight per thread.
+template <GemvInput In>
+__device__ __forceinline__ void Stage(const GemvArgs& a, int tid, bf16* xs) {
+  const int per_row = static_cast<int>(a.in / 8), items = static_cast<int>(a.rows) * per_row;
+  for (int base = tid; base < items; base += kThreads * kStageUnroll) {
+    Item it[kStageUnroll];
+#pragma unroll
+    for (int u = 0; u < kStageUnroll; ++u) {
+      const int i = base + u * kThreads;
+      if (i < items) it[u] = LoadItem<In>(a, i / per_row, static_cast<int64_t>(i % per_row) * 8);
+    }
+#pragma unroll
+    for (int u = 0; u < kStageUnroll; ++u) {
+      const int i = base + u * kThreads;
+      if (i >= items) break;
+      reinterpret_cast<uint4*>(xs)[i] = ConvertItem<In>(it[u], 0.0f);
+    }
+  }
+}
+
+// x' of a kRmsNorm input into xs, around the PDL wait. Thread t owns pieces (8 columns) t,
+// t + kThreads, ... of each row: InvRms's order, so the squares are summed from the pieces as
+// loaded. Its first piece of each row and of the norm weights stay in registers (the whole
+// row at in <= 8 kThreads, every decode projection of the paper's model): the norm weights
+// load before the wait, x once after it, and one barrier reduces every row's sum. Further
+// pieces are loaded again for the conversion (L1 hits).
+template <int B>
+__device__ __forceinline__ void StageRmsNorm(const GemvArgs& a, int tid, bf16* xs, float (*scratch)[32]) {
+  const int rows = static_cast<int>(a.rows);
+  const int64_t first = 8 * static_cast<int64_t>(tid), stride = 8 * kThreads;
+  const bool holds = first < a.in;  // this thread owns a piece of each row
+  float4 y0{}, y1{};
+  if (holds) {
+    y0 = *reinterpret_cast<const float4*>(a.norm_weight + first);
+    y1 = *reinterpret_cast<const float4*>(a.norm_weight + first + 4);
+  }
+  WaitForPredecessor();
+  AllowDependents();
+  float4 x0[B], x1[B];
+  float ss[B];
+#pragma unroll
+  for (int b = 0; b < B; ++b) {
+    ss[b] = 0.0f;
+    if (b >= rows || !holds) continue;
+    const float* xr = static_cast<const float*>(a.x) + b * a.x_ld;
+    x0[b] = *reinterpret_cast<const float4*>(xr + first);
+    x1[b] = *reinterpret_cast<const float4*>(xr + first + 4);
+  }
+#pragma unroll
+  for (int b = 0; b < B; ++b) {
+    if (b >= rows || !holds) continue;
+    ss[b] = SumSquares8(x0[b], x1[b], 0.0f);
+    const float* xr = static_cast<const float*>(a.x) + b * a.x_ld;
+    for (int64_t c = first + stride; c < a.in; c += stride) {
+      ss[b] = SumSquares8(*reinterpret_cast<const float4*>(xr + c), *reinterpret_cast<const float4*>(xr + c + 4),
+                          ss[b]);
+    }
+  }
+  BlockSums<B>(ss, scratch);
+#pragma unroll
+  for (int b = 0; b < B; ++b) {
+    if (b >= rows || !holds) continue;
+    const float inv_rms = InvRmsOf(ss[b], a.in, a.eps);
+    Item it{.x0 = x0[b], .x1 = x1[b], .y0 = y0, .y1 = y1, .raw = {}};
+    reinterpret_cast<uint4*>(xs + b * a.in)[tid] = ConvertItem<GemvInput::kRmsNorm>(it, inv_rms);
+    for (int64_t c = first + stride; c < a.in; c += stride) {
+      it = LoadItem<GemvInput::kRmsNorm>(a, b, c);
+      *reinterpret_cast<uint4*>(xs + b * a.in + c) = ConvertItem<GemvInput::kRmsNorm>(it, inv_rms);
+    }
+  }
+}
+
 // A warp's work is a sequence of units (a group of kRowsPerWarp rows, a 2048-column segment
 // of them): row groups blockIdx * kWarps + warp, then every gridDim * kWarps further; each
 // group's segments in order. Group g is rows 2g and 2g + 1, or, for kSwiGluBf16, rows g and
@@ -109,8 +181,7 @@ __device__ __forceinline__ float Dot8(const uint4& w, const uint4& x, float acc)
 template <int B, GemvInput In, GemvOutput Out>
 __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
   __shared__ __align__(16) bf16 xs[kGemvStageElements];  // x' [rows][in]
-  __shared__ float scratch[32];
-  __shared__ float inv_rms[B];
+  __shared__ float scratch[B][32];  // kRmsNorm: the rows' sums of squares
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
   const int rows = static_cast<int>(a.rows);
   const int vecs = static_cast<int>(a.in / 8);
@@ -138,33 +209,12 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
   int64_t group = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   int seg = 0;
   if (group < groups) load(cur, group, 0);  // weights: in flight while the predecessor ends and x' is made
-  WaitForPredecessor();
-  AllowDependents();
-
   if constexpr (In == GemvInput::kRmsNorm) {
-    for (int b = 0; b < rows; ++b) {  // rows is uniform over the block: every thread reduces
-      const float inv = InvRms(static_cast<const float*>(a.x) + b * a.x_ld, a.in, a.eps, scratch);
-      if (tid == 0) inv_rms[b] = inv;
-    }
-    __syncthreads();
-  }
-  {
-    const int per_row = vecs, items = rows * per_row;
-    for (int base = tid; base < items; base += kThreads * kStageUnroll) {
-      Item it[kStageUnroll];
-#pragma unroll
-      for (int u = 0; u < kStageUnroll; ++u) {
-        const int i = base + u * kThreads;
-        if (i < items) it[u] = LoadItem<In>(a, i / per_row, static_cast<int64_t>(i % per_row) * 8);
-      }
-#pragma unroll
-      for (int u = 0; u < kStageUnroll; ++u) {
-        const int i = base + u * kThreads;
-        if (i >= items) break;
-        const int b = i / per_row;
-        reinterpret_cast<uint4*>(xs)[i] = ConvertItem<In>(it[u], In == GemvInput::kRmsNorm ? inv_rms[b] : 0.0f);
-      }
-    }
+    StageRmsNorm<B>(a, tid, xs, scratch);
+  } else {
+    WaitForPredecessor();
+    AllowDependents();
+    Stage<In>(a, tid, xs);
   }
   __syncthreads();
 
