@@ -707,9 +707,10 @@ TEST_CASE("MemoryRead: softmax over slots per memory head, attention-weighted va
 // The decode kernels (q, scores and probabilities in fp32), without cuBLAS: racecheck runs
 // this case (tools/device/run_gpu_tests.sh).
 TEST_CASE("MemoryReadOneToken: the decode read kernels", "[cuda][ops]") {
-  // {N, d, heads}: the one-pass read (dh / 8 a power of two: 8 ... 256, slot tails) and the
-  // general one (dh 4, 24).
+  // {N, d, heads}: the one-pass read (dh / 8 a power of two: 8 ... 256, slot tails, d up to
+  // 2048) and the general one (dh 4, 24; d 4096, once a launch failure of the one-pass read).
   const auto [N, d, Hm] = GENERATE(std::make_tuple(int64_t{12}, int64_t{16}, int64_t{4}),
+                                   std::make_tuple(int64_t{100}, int64_t{4096}, int64_t{16}),
                                    std::make_tuple(int64_t{2048}, int64_t{2048}, int64_t{16}),
                                    std::make_tuple(int64_t{2048}, int64_t{2048}, int64_t{32}),
                                    std::make_tuple(int64_t{509}, int64_t{512}, int64_t{8}),

@@ -244,9 +244,11 @@ __global__ void __launch_bounds__(kCombineThreads)
   for (int c = tid; c < dh; c += kCombineThreads) po[c] = o[c];
 }
 
+// The one-pass read: a thread per 8 columns, at most kThreads of them (its 32 loads in
+// flight take ~170 registers a thread: a 512-thread block at d 4096 would not launch).
 bool FastRead(int64_t d, int64_t heads) {
   const int64_t dh = d / heads, g = dh / 8;
-  return dh % 8 == 0 && g <= 32 && (g & (g - 1)) == 0 && d / 8 <= 1024;
+  return dh % 8 == 0 && g <= 32 && (g & (g - 1)) == 0 && d / 8 <= kThreads;
 }
 
 int64_t Chunks(int64_t N) { return (N + kChunkSlots - 1) / kChunkSlots; }
