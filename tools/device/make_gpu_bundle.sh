@@ -11,12 +11,24 @@
 # Writes device_bundle/lm2-gpu.tar.xz (device_bundle/ is in .git/info/exclude), to be
 # carried to the GPU machine and unpacked there by tools/device/run_gpu_tests.sh and
 # bench/cuda/run_cuda_bench.
+#
+# SLIM=1 writes device_bundle/lm2-gpu-slim.tar.xz instead: the CUDA benchmark and the CUDA
+# op and model tests only, no libraries (~2.5 MB against ~15: the libraries are the same
+# in every build). bench/cuda/compare_builds runs it with the other build's libraries, so
+# two builds fit the device tool's carry limit beside the working tree.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD_DIR=${1:-build}
 OUT_DIR=device_bundle
-TARGETS=(cuda_ops_tests cuda_model_tests gpu_tests lm2_cli sdk_tests)
-if [[ -f bench/cuda/CMakeLists.txt ]]; then TARGETS+=(lm2_cuda_bench lm2_cuda_sync_bench); fi
+SLIM=${SLIM:-0}
+if [[ "$SLIM" == 1 ]]; then
+  TARGETS=(cuda_ops_tests cuda_model_tests lm2_cuda_bench)
+  NAME=lm2-gpu-slim.tar.xz
+else
+  TARGETS=(cuda_ops_tests cuda_model_tests gpu_tests lm2_cli sdk_tests)
+  if [[ -f bench/cuda/CMakeLists.txt ]]; then TARGETS+=(lm2_cuda_bench lm2_cuda_sync_bench); fi
+  NAME=lm2-gpu.tar.xz
+fi
 
 echo "bundle: building ${TARGETS[*]} in $BUILD_DIR"
 cmake --build "$BUILD_DIR" -j"$(nproc)" --target "${TARGETS[@]}"
@@ -27,6 +39,9 @@ mkdir -p "$stage/bin" "$stage/lib"
 for exe in tests/cuda/cuda_ops_tests tests/cuda/cuda_model_tests tests/runtime/gpu_tests tools/cli/lm2 \
            tests/sdk/sdk_tests bench/cuda/lm2_cuda_bench bench/cuda/lm2_cuda_sync_bench; do
   [[ -f "$BUILD_DIR/$exe" ]] || continue
+  target=$(basename "$exe")
+  [[ "$target" == lm2 ]] && target=lm2_cli
+  [[ " ${TARGETS[*]} " == *" $target "* ]] || continue
   strip -o "$stage/bin/$(basename "$exe")" "$BUILD_DIR/$exe"
 done
 # Libraries the executables resolve here, minus what every Linux and the CUDA image have.
@@ -34,11 +49,15 @@ skip='^(linux-vdso|ld-linux|libc\.so|libm\.so|libpthread|libdl|librt|libstdc\+\+
 for exe in "$stage"/bin/*; do
   ldd "$exe" | awk '$3 ~ /^\// {print $1, $3}'
 done | sort -u | while read -r name path; do
-  if [[ ! "$name" =~ $skip ]]; then cp -L "$path" "$stage/lib/$name"; fi
+  if [[ "$SLIM" != 1 && ! "$name" =~ $skip ]]; then cp -L "$path" "$stage/lib/$name"; fi
 done
 git rev-parse HEAD >"$stage/COMMIT" 2>/dev/null || echo unknown >"$stage/COMMIT"
 git diff --quiet HEAD -- . 2>/dev/null || echo "(+ local changes)" >>"$stage/COMMIT"
 mkdir -p "$OUT_DIR"
-tar -C "$stage" -cJf "$OUT_DIR/lm2-gpu.tar.xz" .
-echo "bundle: $OUT_DIR/lm2-gpu.tar.xz ($(du -h "$OUT_DIR/lm2-gpu.tar.xz" | cut -f1)): $(ls "$stage/bin" | tr '\n' ' ')"
-echo "bundle: libraries: $(ls "$stage/lib" | tr '\n' ' ')"
+tar -C "$stage" -cJf "$OUT_DIR/$NAME" .
+echo "bundle: $OUT_DIR/$NAME ($(du -h "$OUT_DIR/$NAME" | cut -f1)): $(ls "$stage/bin" | tr '\n' ' ')"
+if [[ "$SLIM" == 1 ]]; then
+  echo "bundle: no libraries (slim: compare_builds runs it with the other build's)"
+else
+  echo "bundle: libraries: $(ls "$stage/lib" | tr '\n' ' ')"
+fi
