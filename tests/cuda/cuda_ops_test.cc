@@ -708,8 +708,7 @@ TEST_CASE("MemoryRead: softmax over slots per memory head, attention-weighted va
 // this case (tools/device/run_gpu_tests.sh).
 TEST_CASE("MemoryReadOneToken: the decode read kernels", "[cuda][ops]") {
   // {N, d, heads}: the one-pass read (dh / 8 a power of two: 8 ... 256, slot tails, d up to
-  // 2048; on sm_90 one session's chunks come by bulk copies) and the general one (dh 4, 24;
-  // d 4096, once a launch failure of the one-pass read).
+  // 2048) and the general one (dh 4, 24; d 4096, once a launch failure of the one-pass read).
   const auto [N, d, Hm] = GENERATE(std::make_tuple(int64_t{12}, int64_t{16}, int64_t{4}),
                                    std::make_tuple(int64_t{100}, int64_t{4096}, int64_t{16}),
                                    std::make_tuple(int64_t{2048}, int64_t{2048}, int64_t{16}),

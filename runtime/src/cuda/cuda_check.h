@@ -13,7 +13,6 @@
 #include <initializer_list>
 #include <map>
 #include <mutex>
-#include <set>
 #include <string>
 #include <utility>
 
@@ -50,23 +49,6 @@ inline Status RequireNonNull(const char* op, std::initializer_list<const void*> 
   return Status::Ok();
 }
 
-
-// Asks for the multiprocessors that run `kernel` to be configured with the most shared memory
-// (cudaSharedmemCarveoutMaxShared) instead of the least that its own blocks need, so that a
-// block of the kernel after it that needs much shared memory can be resident beside it (and,
-// launched early by programmatic dependent launch, load while it runs). Once per (kernel,
-// device); the carve-out is a preference, so nothing fails where the driver ignores it.
-inline Status PreferSharedCarveout(const void* kernel) {
-  int device = 0;
-  if (Status st = CudaStatus(cudaGetDevice(&device), "cudaGetDevice"); !st.ok()) return st;
-  static std::mutex mu;
-  static auto* done = new std::set<std::pair<const void*, int>>();  // never destroyed: used at exit
-  std::lock_guard<std::mutex> lock(mu);
-  if (!done->insert({kernel, device}).second) return Status::Ok();
-  return CudaStatus(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                         cudaSharedmemCarveoutMaxShared),
-                    "cudaFuncSetAttribute(carveout)");
-}
 
 // Raises `kernel`'s dynamic shared-memory limit when `bytes` needs more than the default
 // 48 KiB, or reports (InvalidArgument, naming `op`) that the device cannot give that much.

@@ -21,7 +21,6 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 
 #include "cuda/cuda_check.h"
@@ -298,25 +297,6 @@ Result<int> Multiprocessors() {
   return sms;
 }
 
-// LM2_CUDA_GEMV_CARVEOUT=0 leaves the GEMVs' shared-memory carve-out to the driver (a
-// comparison switch for the benchmark); otherwise each GEMV asks for the most shared memory,
-// so that the decode memory read's block (its chunk in 128 KiB of shared memory, launched
-// early after the projection GEMV) can be resident beside a GEMV block and load while it runs.
-bool GemvCarveout() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("LM2_CUDA_GEMV_CARVEOUT");
-    return v == nullptr || std::string(v) != "0";
-  }();
-  return enabled;
-}
-
-template <int B, GemvInput In, GemvOutput Out>
-Status LaunchKernel(unsigned int blocks, const GemvArgs& a, cudaStream_t stream) {
-  const auto kernel = &GemvKernel<B, In, Out>;
-  if (GemvCarveout()) LM2_RETURN_IF_ERROR(PreferSharedCarveout(reinterpret_cast<const void*>(kernel)));
-  return CudaStatus(LaunchPdl(kernel, blocks, kThreads, 0, stream, a), "GemvKernel");
-}
-
 template <int B, GemvInput In>
 Status LaunchOut(const GemvArgs& a, cudaStream_t stream) {
   LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());
@@ -324,11 +304,20 @@ Status LaunchOut(const GemvArgs& a, cudaStream_t stream) {
   const int64_t blocks_needed = (warps_needed + kWarps - 1) / kWarps;
   const auto blocks = static_cast<unsigned int>(blocks_needed < sms ? blocks_needed : sms);
   switch (a.output) {
-    case GemvOutput::kStore: return LaunchKernel<B, In, GemvOutput::kStore>(blocks, a, stream);
-    case GemvOutput::kAccumulate: return LaunchKernel<B, In, GemvOutput::kAccumulate>(blocks, a, stream);
-    case GemvOutput::kGatedResidual: return LaunchKernel<B, In, GemvOutput::kGatedResidual>(blocks, a, stream);
-    case GemvOutput::kStoreArgmax: return LaunchKernel<B, In, GemvOutput::kStoreArgmax>(blocks, a, stream);
-    case GemvOutput::kSwiGluBf16: return LaunchKernel<B, In, GemvOutput::kSwiGluBf16>(blocks, a, stream);
+    case GemvOutput::kStore:
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kStore>, blocks, kThreads, 0, stream, a), "GemvKernel");
+    case GemvOutput::kAccumulate:
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kAccumulate>, blocks, kThreads, 0, stream, a),
+                        "GemvKernel");
+    case GemvOutput::kGatedResidual:
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kGatedResidual>, blocks, kThreads, 0, stream, a),
+                        "GemvKernel");
+    case GemvOutput::kStoreArgmax:
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kStoreArgmax>, blocks, kThreads, 0, stream, a),
+                        "GemvKernel");
+    case GemvOutput::kSwiGluBf16:
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kSwiGluBf16>, blocks, kThreads, 0, stream, a),
+                        "GemvKernel");
   }
   return Status::InvalidArgument("Gemv: unknown output kind");
 }

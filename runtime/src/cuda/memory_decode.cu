@@ -4,10 +4,7 @@
 // memory bandwidth. One session (B = 1) or many (a device array of per-session pointers,
 // a batched decode step); the same kernels either way. fp32 math throughout.
 #include <cmath>
-#include <cstdlib>
-#include <string>
 
-#include "cuda/bulk_copy.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
@@ -54,58 +51,27 @@ __device__ __forceinline__ void Widen8(const uint4& v, float* out) {
 // part[(b * chunks + chunk) * (d + 2 * heads) + ...]: [0, d) the chunk's Σ_n p_n V[n, :] with
 // p_n = exp(s_n - m_j), then (m_j, l_j = Σ_n p_n) per head j. attn gets the raw scores s.
 // K and V rows are loaded before the wait for the predecessor (the segment's memory K/V are
-// not written during a step); the query after it. kBulk (sm_90): the chunk's K and V rows
-// (two contiguous runs of kChunkSlots x d bf16) come into shared memory by two bulk copies
-// (TMA) that one thread starts, instead of 2 x kChunkSlots 16-byte loads per thread in
-// registers: the copy engine keeps the whole chunk in flight without the per-thread loads.
-template <typename KV, bool kBulk>
+// not written during a step); the query after it.
+template <typename KV>
 __global__ void MemoryReadPartialKernel(const float* __restrict__ q, int64_t q_ld, KV mem_k, KV mem_v, int N, int d,
                                         int heads, int g, float scale, float* __restrict__ attn,
                                         float* __restrict__ part) {
-  extern __shared__ __align__(128) unsigned char chunk_rows[];  // kBulk: K rows, then V rows
-  __shared__ uint64_t rows_landed;
   const int b = static_cast<int>(blockIdx.y), chunk = static_cast<int>(blockIdx.x), chunks = static_cast<int>(gridDim.x);
   const int t = static_cast<int>(threadIdx.x), vt = d / 8, j = t / g;
   const bool active = t < vt;  // the block is rounded up to whole warps; the rest only shuffle
   const int n0 = chunk * kChunkSlots;
   const uint4* K = reinterpret_cast<const uint4*>(mem_k(b));
   const uint4* V = reinterpret_cast<const uint4*>(mem_v(b));
-  const uint4* ks = reinterpret_cast<const uint4*>(chunk_rows);
-  const uint4* vs = ks + kChunkSlots * vt;
-  uint4 kr[kBulk ? 1 : kChunkSlots], vr[kBulk ? 1 : kChunkSlots];
-  if constexpr (kBulk) {
-    if (t == 0) {
-      BarrierInit(&rows_landed);
-      const int rows = N - n0 < kChunkSlots ? N - n0 : kChunkSlots;
-      const auto bytes = static_cast<uint32_t>(rows) * static_cast<uint32_t>(d) * 2u;
-      const uint64_t policy = EvictFirstPolicy();
-      BarrierExpectBytes(&rows_landed, 2 * bytes);
-      BulkCopy(chunk_rows, K + static_cast<int64_t>(n0) * vt, bytes, &rows_landed, policy);
-      BulkCopy(chunk_rows + static_cast<int64_t>(kChunkSlots) * d * 2, V + static_cast<int64_t>(n0) * vt, bytes,
-               &rows_landed, policy);
-    }
-    __syncthreads();  // the barrier is initialised before anyone waits on it
-  } else {
+  uint4 kr[kChunkSlots], vr[kChunkSlots];
 #pragma unroll
-    for (int s = 0; s < kChunkSlots; ++s) {
-      const bool ok = active && n0 + s < N;
-      const int64_t at = static_cast<int64_t>(n0 + s) * vt + t;
-      kr[s] = ok ? __ldcs(K + at) : make_uint4(0, 0, 0, 0);
-      vr[s] = ok ? __ldcs(V + at) : make_uint4(0, 0, 0, 0);
-    }
+  for (int s = 0; s < kChunkSlots; ++s) {
+    const bool ok = active && n0 + s < N;
+    const int64_t at = static_cast<int64_t>(n0 + s) * vt + t;
+    kr[s] = ok ? __ldcs(K + at) : make_uint4(0, 0, 0, 0);
+    vr[s] = ok ? __ldcs(V + at) : make_uint4(0, 0, 0, 0);
   }
-  // Slot s's 16-byte pieces of this thread's columns (zeros past N and for idle threads).
-  auto key = [&](int s) {
-    if constexpr (kBulk) return active && n0 + s < N ? ks[s * vt + t] : make_uint4(0, 0, 0, 0);
-    else return kr[s];
-  };
-  auto value = [&](int s) {
-    if constexpr (kBulk) return active && n0 + s < N ? vs[s * vt + t] : make_uint4(0, 0, 0, 0);
-    else return vr[s];
-  };
   WaitForPredecessor();  // q is the output of an earlier kernel of the step
   AllowDependents();
-  if constexpr (kBulk) BarrierWait(&rows_landed, 0);
   float qv[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) qv[i] = active ? q[b * q_ld + t * 8 + i] : 0.0f;
@@ -114,7 +80,7 @@ __global__ void MemoryReadPartialKernel(const float* __restrict__ q, int64_t q_l
 #pragma unroll
   for (int s = 0; s < kChunkSlots; ++s) {
     float kf[8];
-    Widen8(key(s), kf);
+    Widen8(kr[s], kf);
     float dot = 0.0f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) dot = fmaf(qv[i], kf[i], dot);
@@ -129,7 +95,7 @@ __global__ void MemoryReadPartialKernel(const float* __restrict__ q, int64_t q_l
   for (int s = 0; s < kChunkSlots; ++s) {
     const float p = expf(sc[s] - m);  // 0 past the last slot
     float vf[8];
-    Widen8(value(s), vf);
+    Widen8(vr[s], vf);
     l += p;
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = fmaf(p, vf[i], acc[i]);
@@ -397,22 +363,6 @@ Status CheckDecode(const char* op, int64_t B, int64_t N, int64_t d, int64_t head
   return Status::Ok();
 }
 
-// Whether the read's chunks come by bulk copies: an sm_90 device whose blocks can hold a
-// chunk's K and V rows (`bytes`) in shared memory, unless LM2_CUDA_BULK_READ=0 (a
-// comparison switch for the benchmark).
-Result<bool> BulkReadFits(int64_t bytes) {
-  static const bool enabled = [] {
-    const char* v = std::getenv("LM2_CUDA_BULK_READ");
-    return v == nullptr || std::string(v) != "0";
-  }();
-  if (!enabled) return false;
-  int device = 0, major = 0, optin = 0;
-  LM2_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  LM2_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  LM2_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return major >= 9 && bytes + 1024 <= optin;
-}
-
 template <typename KV>
 Status LaunchRead(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B, int64_t N, int64_t d, int64_t heads,
                   float* attn, float* e, float* scratch, const MemoryStage* stage, cudaStream_t stream) {
@@ -421,26 +371,11 @@ Status LaunchRead(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B, i
   if (FastRead(d, heads)) {
     const int64_t chunks = Chunks(N);
     const auto threads = static_cast<unsigned int>((d / 8 + 31) / 32 * 32);
-    const dim3 grid(static_cast<unsigned int>(chunks), static_cast<unsigned int>(B));
-    const int64_t rows_bytes = 2 * kChunkSlots * d * static_cast<int64_t>(sizeof(bf16));
-    // Bulk copies for one session only: with 8 and 64 sessions they cost 9-12% (each SM's
-    // copy engine serialises what the threads' own loads overlap: b86fa54's figures).
-    LM2_ASSIGN_OR_RETURN(const bool bulk_fits, BulkReadFits(rows_bytes));
-    if (B == 1 && bulk_fits) {
-      const auto kernel = &MemoryReadPartialKernel<KV, true>;
-      LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(kernel), rows_bytes, "MemoryReadBatch"));
-      LM2_RETURN_IF_ERROR(CudaStatus(LaunchPdl(kernel, grid, threads, static_cast<std::size_t>(rows_bytes), stream, q,
-                                               q_ld, mem_k, mem_v, static_cast<int>(N), static_cast<int>(d),
-                                               static_cast<int>(heads), static_cast<int>(dh / 8), scale, attn,
-                                               scratch),
-                                     "MemoryReadPartialKernel"));
-    } else {
-      LM2_RETURN_IF_ERROR(CudaStatus(LaunchPdl(&MemoryReadPartialKernel<KV, false>, grid, threads, 0, stream, q, q_ld,
-                                               mem_k, mem_v, static_cast<int>(N), static_cast<int>(d),
-                                               static_cast<int>(heads), static_cast<int>(dh / 8), scale, attn,
-                                               scratch),
-                                     "MemoryReadPartialKernel"));
-    }
+    LM2_RETURN_IF_ERROR(CudaStatus(
+        LaunchPdl(&MemoryReadPartialKernel<KV>, dim3(static_cast<unsigned int>(chunks), static_cast<unsigned int>(B)),
+                  threads, 0, stream, q, q_ld, mem_k, mem_v, static_cast<int>(N), static_cast<int>(d),
+                  static_cast<int>(heads), static_cast<int>(dh / 8), scale, attn, scratch),
+        "MemoryReadPartialKernel"));
     return CudaStatus(
         LaunchPdl(&MemoryReadCombineKernel, dim3(static_cast<unsigned int>(heads), static_cast<unsigned int>(B)),
                   kCombineThreads, 0, stream, static_cast<const float*>(scratch), static_cast<int>(chunks),
