@@ -62,12 +62,12 @@ struct CudaOptions {
   // cuBLAS (decode steps, and tiled_memory chunks). Same results either way; off: one stream.
   // Decode 790 -> 839 tokens/s, prefill of 4096 tokens 86.5k -> 94.2k on an H200.
   bool concurrent_memory_read = true;
-  // With concurrent_memory_read, one-session decode steps (ForwardBatch* of one state) keep
-  // the read on the main stream right after the projection, where programmatic dependent
-  // launch lets its K/V loads start while the projection ends, and run self-attention and
-  // o_proj on the second stream instead. Same results either way. (Measured on an H200: batch-1
-  // decode gains; 2 sessions lost ~3% this way, so steps of several sessions keep the read
-  // on the side stream.)
+  // With concurrent_memory_read, one-session decode steps (a one-token Forward, or a
+  // ForwardBatch* of one state) keep the read on the main stream right after the projection,
+  // where programmatic dependent launch lets it start while the projection ends, and run
+  // self-attention and o_proj on the second stream instead. Same results either way.
+  // Measured on an H200: batch-1 decode 884-892 -> 904-909 tokens/s; 2 sessions lost ~3%
+  // this way, so steps of several sessions keep the read on the second stream.
   bool memory_read_leads = true;
   // LoadCudaModel runs one short conversation turn on a throwaway state before it returns
   // (a prompt through the tensor-core and cuBLAS paths, greedy and sampled decode steps
