@@ -812,18 +812,21 @@ class CudaModel final : public Model {
       };
       const bool side_read =
           lw.has_memory && options_.concurrent_memory_read && (batch != nullptr || n == 1 || tiled_memory_);
-      // One-session decode steps may instead keep the read on the main stream, right after the
-      // projection (PDL: its K/V loads overlap the projection's end), with self-attention and
-      // o_proj on the side stream (CudaOptions::memory_read_leads).
-      const bool read_leads = side_read && batch != nullptr && n == 1 && options_.memory_read_leads;
+      // A batched step's RoPE, cache append and self-attention, on stream `on`.
+      auto attend_batch = [&](cudaStream_t on) {
+        return RopeAttentionDecodeBatch(proj, P, positions, sc.rope.data(), batch->KCaches(i), batch->VCaches(i), n,
+                                        H, Hkv, Dh, sc.attn_out.data(), on);
+      };
+      // One-session decode steps on the GEMV path may instead keep the read on the main
+      // stream, right after the projection (PDL: its K/V loads overlap the projection's end),
+      // with self-attention and o_proj (a GEMV: no cuBLAS) on the side stream
+      // (CudaOptions::memory_read_leads).
+      const bool read_leads = side_read && batch != nullptr && n == 1 && Small(n) && options_.memory_read_leads;
       if (read_leads) {
         const cudaStream_t side = s.side_stream_.get();
         LM2_RETURN_IF_ERROR(s.fork_.Order(st, side));
-        LM2_RETURN_IF_ERROR(RopeAttentionDecodeBatch(proj, P, positions, sc.rope.data(), batch->KCaches(i),
-                                                     batch->VCaches(i), n, H, Hkv, Dh, sc.attn_out.data(), side));
-        LM2_RETURN_IF_ERROR(Gemv({.input = GemvInput::kF32, .x = sc.attn_out.data(), .x_ld = qdim, .w = lw.o_proj,
-                                  .rows = n, .in = qdim, .out = d, .output = GemvOutput::kStore, .y = sc.a.data()},
-                                 side));
+        LM2_RETURN_IF_ERROR(attend_batch(side));
+        LM2_RETURN_IF_ERROR(F32Linear(s, sc.attn_out.data(), n, qdim, lw.o_proj, d, sc.a.data(), false, side));
         LM2_RETURN_IF_ERROR(read_memory(st));
         LM2_RETURN_IF_ERROR(s.join_.Order(side, st));
         LM2_RETURN_IF_ERROR(OutputGate(s, n, lw.memory, h));
@@ -839,8 +842,7 @@ class CudaModel final : public Model {
       // The attention output, in bf16 (sc.yb) where the tiled kernel writes it for o_proj's GEMM.
       bool attn_bf16 = false;
       if (batch != nullptr) {  // one token per session, each with its own cache: RoPE, cache append and attention
-        LM2_RETURN_IF_ERROR(RopeAttentionDecodeBatch(proj, P, positions, sc.rope.data(), batch->KCaches(i),
-                                                     batch->VCaches(i), n, H, Hkv, Dh, sc.attn_out.data(), st));
+        LM2_RETURN_IF_ERROR(attend_batch(st));
       } else {
         LM2_RETURN_IF_ERROR(SplitQkvRope(proj, n, P, H, Hkv, Dh, sc.rope.data(), sc.q.data(),
                                          ls.k_cache.data() + pos0 * kvdim, ls.v_cache.data() + pos0 * kvdim, st));
@@ -871,7 +873,7 @@ class CudaModel final : public Model {
       if (attn_bf16) {
         LM2_RETURN_IF_ERROR(Linear(blas, sc.yb.data(), n, qdim, lw.o_proj, d, o_proj_out, !lw.has_memory, st));
       } else {
-        LM2_RETURN_IF_ERROR(F32Linear(s, sc.attn_out.data(), n, qdim, lw.o_proj, d, o_proj_out, !lw.has_memory));
+        LM2_RETURN_IF_ERROR(F32Linear(s, sc.attn_out.data(), n, qdim, lw.o_proj, d, o_proj_out, !lw.has_memory, st));
       }
 
       if (lw.has_memory) {
@@ -924,16 +926,18 @@ class CudaModel final : public Model {
     return argmax_keys != nullptr ? ArgmaxRows(y, n, out, argmax_keys, st) : Status::Ok();
   }
 
-  // y[n, out] (+)= bf16(x) · Wᵀ for fp32 x [n, in].
+  // y[n, out] (+)= bf16(x) · Wᵀ for fp32 x [n, in], on stream `on`: the state's main stream,
+  // or its second one for chunks of the GEMV's rows (cuBLAS and its workspace belong to the
+  // main stream).
   Status F32Linear(CudaState& s, const float* x, int64_t n, int64_t in, const bf16* w, int64_t out, float* y,
-                   bool accumulate) const {
-    const cudaStream_t st = s.stream_.get();
+                   bool accumulate, cudaStream_t on) const {
     if (Small(n)) {
       return Gemv({.input = GemvInput::kF32, .x = x, .x_ld = in, .w = w, .rows = n, .in = in, .out = out,
                    .output = accumulate ? GemvOutput::kAccumulate : GemvOutput::kStore, .y = y},
-                  st);
+                  on);
     }
-    return LinearF32(s.cublas_.get(), x, n, in, w, out, y, accumulate, s.scratch_.yb.data(), st);
+    if (on != s.stream_.get()) return Status::FailedPrecondition("F32Linear: cuBLAS off the state's main stream");
+    return LinearF32(s.cublas_.get(), x, n, in, w, out, y, accumulate, s.scratch_.yb.data(), on);
   }
 
   // The memory output gate and both residual adds: h += a + sigmoid(e W_ogᵀ + b_og) ⊙ e.

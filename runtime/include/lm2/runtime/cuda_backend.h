@@ -63,7 +63,8 @@ struct CudaOptions {
   // Decode 790 -> 839 tokens/s, prefill of 4096 tokens 86.5k -> 94.2k on an H200.
   bool concurrent_memory_read = true;
   // With concurrent_memory_read, one-session decode steps (a one-token Forward, or a
-  // ForwardBatch* of one state) keep the read on the main stream right after the projection,
+  // ForwardBatch* of one state) on the GEMV path (gemv_max_rows > 0: the second stream runs
+  // no cuBLAS) keep the read on the main stream right after the projection,
   // where programmatic dependent launch lets it start while the projection ends, and run
   // self-attention and o_proj on the second stream instead. Same results either way.
   // Measured on an H200: batch-1 decode 884-892 -> 904-909 tokens/s; 2 sessions lost ~3%
