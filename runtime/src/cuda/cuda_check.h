@@ -49,6 +49,17 @@ inline Status RequireNonNull(const char* op, std::initializer_list<const void*> 
   return Status::Ok();
 }
 
+// Multiprocessors of the current device.
+inline Result<int> Multiprocessors() {
+  int device = 0, sms = 0;
+  if (Status st = CudaStatus(cudaGetDevice(&device), "cudaGetDevice"); !st.ok()) return st;
+  if (Status st = CudaStatus(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+                             "cudaDeviceGetAttribute");
+      !st.ok()) {
+    return st;
+  }
+  return sms;
+}
 
 // Raises `kernel`'s dynamic shared-memory limit when `bytes` needs more than the default
 // 48 KiB, or reports (InvalidArgument, naming `op`) that the device cannot give that much.

@@ -289,17 +289,9 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
   }
 }
 
-// Multiprocessors of the current device (one block each: the kernel is persistent).
-Result<int> Multiprocessors() {
-  int device = 0, sms = 0;
-  LM2_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  LM2_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
-
 template <int B, GemvInput In>
 Status LaunchOut(const GemvArgs& a, cudaStream_t stream) {
-  LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());
+  LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());  // one block each: the kernel is persistent
   const int64_t warps_needed = (a.out + kRowsPerWarp - 1) / kRowsPerWarp;
   const int64_t blocks_needed = (warps_needed + kWarps - 1) / kWarps;
   const auto blocks = static_cast<unsigned int>(blocks_needed < sms ? blocks_needed : sms);

@@ -10,7 +10,12 @@
 //     (FA2: the running output rescaled as the row maxima grow, divided by the row sums at
 //     the end). It leaves each token's maximum m (the one its weights were taken against:
 //     within kRescaleSlack of the true maximum) and 1/l, and the chunk's q and offer in
-//     bf16, in the scratch for the write kernel.
+//     bf16, in the scratch for the write kernel. Short chunks have too few (tokens, head)
+//     pairs to fill the GPU (512 tokens of 32 heads: 128 blocks of 4 warps, one an SM), so
+//     there a cluster of P blocks (ReadSplits) shares each pair, each over 1/P of the slot
+//     tiles; they leave their unnormalised rows and (m, l) in shared memory, and after a
+//     cluster barrier each combines 128/P of the rows from all P through distributed shared
+//     memory (m = the largest of the P maxima, the others' rows and sums scaled to it).
 //   write kernel, a block per (128 slots, head), each warp 32 slots (16 past width 64):
 //     over the tokens in tiles of 64, the same scores transposed (K · Qᵀ), p = exp(s - m) / l
 //     from the read's statistics, mass += Σ_t p, acc += pᵀ · offer. Each block owns its
@@ -23,6 +28,7 @@
 // scores' accumulator fragments packed to bf16 are the next product's A fragments; tiles
 // come through shared memory by cp.async, the next tile's copy in flight while the
 // current one is used.
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -79,7 +85,83 @@ __device__ __forceinline__ void LoadScratchTile(const bf16* __restrict__ src, bf
 // Two blocks per SM where the head width allows (DHP <= 64: at most 128 registers).
 constexpr int MinBlocks(int dhp) { return dhp <= 64 ? 2 : 1; }
 
-// Read: a block per (kRows tokens, head).
+// A split read's unnormalised rows in shared memory (over the K/V buffers, free by then):
+// [kRows][DHP + 4] floats (the 4 spread a quad's rows over the banks), then (m, l) per row.
+template <int DHP>
+struct SplitRows {
+  static constexpr int kLd = DHP + 4;
+  static constexpr int kBytes = kRows * kLd * 4 + kRows * 8;
+  static_assert(kBytes <= 4 * Layout<DHP>::kTileElems * 2, "fits the K/V buffers");
+};
+
+// The end of a split read: this block's rows (the online softmax's m, this lane's share of
+// l, the unnormalised output fragments) into its shared memory; after a cluster barrier
+// block z combines rows [kRows z / P, kRows (z + 1) / P) from the P blocks' shared memory
+// into e and the statistics (of padding rows too: (0, 0)); a second barrier keeps every
+// block's shared memory alive until the others have read it.
+template <int DHP>
+__device__ __forceinline__ void CombineSplits(const float (&m)[RowGroups(DHP)][2], const float (&l)[RowGroups(DHP)][2],
+                                              const float (&out)[RowGroups(DHP)][DHP / 8][4], int64_t t0, int64_t j,
+                                              int64_t T, int64_t d, int dh, float* __restrict__ e,
+                                              float2* __restrict__ stats) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // clusters need sm_90: ReadSplits gives 1 before it
+#else
+  using R = SplitRows<DHP>;
+  constexpr int M = RowGroups(DHP), kThreads = GroupThreads(DHP);
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* rows = reinterpret_cast<float*>(smem + Layout<DHP>::kRowsElems * 2);  // over the K/V buffers
+  auto* ml = reinterpret_cast<float2*>(rows + kRows * R::kLd);
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int g = lane / 4, t = lane % 4;
+  __syncthreads();  // the last tile's K/V reads are done (the loop's closing barrier)
+#pragma unroll
+  for (int mg = 0; mg < M; ++mg)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = (warp * M + mg) * 16 + g + 8 * r;
+      const float sum = QuadSum(l[mg][r]);
+#pragma unroll
+      for (int i = 0; i < DHP / 8; ++i) {
+        *reinterpret_cast<float2*>(rows + row * R::kLd + i * 8 + 2 * t) =
+            make_float2(out[mg][i][2 * r], out[mg][i][2 * r + 1]);
+      }
+      if (t == 0) ml[row] = make_float2(m[mg][r], sum);
+    }
+  cluster.sync();
+  const int splits = static_cast<int>(cluster.num_blocks()), part = static_cast<int>(cluster.block_rank());
+  const int own0 = kRows * part / splits, own = kRows / splits;
+  // Each thread takes one (row, column pair) at a time of the block's own rows.
+  for (int i = threadIdx.x; i < own * (DHP / 2); i += kThreads) {
+    const int row = own0 + i / (DHP / 2), col = 2 * (i % (DHP / 2));
+    float mx = -INFINITY;
+    for (int p = 0; p < splits; ++p) mx = fmaxf(mx, cluster.map_shared_rank(ml, p)[row].x);
+    float sum = 0.0f;
+    float2 acc = make_float2(0.0f, 0.0f);
+    for (int p = 0; p < splits; ++p) {
+      const float2 mp = cluster.map_shared_rank(ml, p)[row];
+      const float w = FastExp2(mp.x - mx);  // 1 for the largest; a power of two at most 2^slack off otherwise
+      const float2 v = *reinterpret_cast<const float2*>(cluster.map_shared_rank(rows, p) + row * R::kLd + col);
+      sum += mp.y * w;
+      acc.x += v.x * w;
+      acc.y += v.y * w;
+    }
+    const float inv_l = 1.0f / sum;
+    const int64_t token = t0 + row;
+    if (token < T) {
+      if (col < dh) e[token * d + j * dh + col] = acc.x * inv_l;
+      if (col + 1 < dh) e[token * d + j * dh + col + 1] = acc.y * inv_l;
+    }
+    if (col == 0) stats[t0 + row] = token < T ? make_float2(mx, inv_l) : make_float2(0.0f, 0.0f);
+  }
+  cluster.sync();
+#endif
+}
+
+// Read: a block per (kRows tokens, head), or a cluster of gridDim.z blocks per pair, block
+// z over slot tiles [z tiles / P, (z + 1) tiles / P) (P a power of two, at most the tiles).
 template <int DHP>
 __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadTiledKernel(
     const float* __restrict__ q, int64_t q_ld, const float* __restrict__ offer, int64_t offer_ld,
@@ -96,25 +178,47 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadT
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = PaddedTokens(T);
   const bf16* k_head = mem_k + j * dh;
   const bf16* v_head = mem_v + j * dh;
-  const int tiles = static_cast<int>((N + kTile - 1) / kTile);
+  const int splits = static_cast<int>(gridDim.z), part = static_cast<int>(blockIdx.z);
+  const int all_tiles = static_cast<int>((N + kTile - 1) / kTile);
+  const int first_tile = all_tiles * part / splits;
+  const int tiles = all_tiles * (part + 1) / splits - first_tile;
+  // The rows this block writes to the scratch and (split) combines.
+  const int own0 = kRows * part / splits, own1 = kRows * (part + 1) / splits;
 
   const auto load_slots = [&](int64_t n0, int buf) {
     LoadBf16Tile<DHP, kTile, kThreadsRead>(k_head + n0 * d, d, N - n0, dh, vec, ks + buf * L::kTileElems);
     LoadBf16Tile<DHP, kTile, kThreadsRead>(v_head + n0 * d, d, N - n0, dh, vec, vs + buf * L::kTileElems);
     CopyAsyncCommit();
   };
-  load_slots(0, 0);
-  // This block's q and offer rows in bf16: q into shared memory and both into the scratch
-  // for the write kernel (padding rows and columns zero).
+  load_slots(static_cast<int64_t>(first_tile) * kTile, 0);
+  // This block's q rows in bf16 into shared memory, and its own rows' q and offer into the
+  // scratch for the write kernel (padding rows and columns zero). The loads kBatch at a
+  // time, all issued before the first store (one at a time, each waited for before the
+  // stores that might alias it, they took ~20 us a block).
   bf16* q_out = scratch.q + (j * Tp + t0) * DHP;
   bf16* offer_out = scratch.offer + (j * Tp + t0) * DHP;
-  for (int i = threadIdx.x; i < kRows * DHP; i += kThreadsRead) {
-    const int r = i / DHP, c = i % DHP;
-    const bool in = t0 + r < T && c < dh;
-    const bf16 qv = __float2bfloat16(in ? q[(t0 + r) * q_ld + j * dh + c] : 0.0f);
-    qs[r * L::kLd + c] = qv;
-    q_out[r * DHP + c] = qv;
-    offer_out[r * DHP + c] = __float2bfloat16(in ? offer[(t0 + r) * offer_ld + j * dh + c] : 0.0f);
+  constexpr int kPerThread = kRows * DHP / kThreadsRead, kBatch = 16;
+  static_assert(kPerThread % kBatch == 0, "whole batches");
+#pragma unroll 1
+  for (int b = 0; b < kPerThread; b += kBatch) {
+    float qv[kBatch], ov[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = static_cast<int>(threadIdx.x) + (b + u) * kThreadsRead, r = i / DHP, c = i % DHP;
+      const bool in = t0 + r < T && c < dh;
+      qv[u] = in ? q[(t0 + r) * q_ld + j * dh + c] : 0.0f;
+      ov[u] = in && r >= own0 && r < own1 ? offer[(t0 + r) * offer_ld + j * dh + c] : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = static_cast<int>(threadIdx.x) + (b + u) * kThreadsRead, r = i / DHP, c = i % DHP;
+      const bf16 qb = __float2bfloat16(qv[u]);
+      qs[r * L::kLd + c] = qb;
+      if (r >= own0 && r < own1) {
+        q_out[r * DHP + c] = qb;
+        offer_out[r * DHP + c] = __float2bfloat16(ov[u]);
+      }
+    }
   }
   __syncthreads();
   uint32_t qa[M][DHP / 16][4];
@@ -130,7 +234,7 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadT
   OnlineSoftmaxStart<DHP, M>(m, l, out);
   for (int it = 0; it < tiles; ++it) {
     if (it + 1 < tiles) {
-      load_slots(static_cast<int64_t>(it + 1) * kTile, (it + 1) & 1);
+      load_slots(static_cast<int64_t>(first_tile + it + 1) * kTile, (it + 1) & 1);
       CopyAsyncWait<1>();
     } else {
       CopyAsyncWait<0>();
@@ -138,7 +242,7 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadT
     __syncthreads();
     float s[M][8][4];
     TileScoresM<DHP, M>(qa, ks + (it & 1) * L::kTileElems, s);
-    const int64_t valid = N - static_cast<int64_t>(it) * kTile;
+    const int64_t valid = N - static_cast<int64_t>(first_tile + it) * kTile;
 #pragma unroll
     for (int mg = 0; mg < M; ++mg) {
       if (valid < kTile) {  // the last tile's padding slots
@@ -154,6 +258,10 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadT
     __syncthreads();  // the buffers are refilled next
   }
 
+  if (splits > 1) {
+    CombineSplits<DHP>(m, l, out, t0, j, T, d, dh, e, scratch.stats + j * Tp);
+    return;
+  }
   // e rows g and g + 8 of each group; this lane's columns 2t, 2t + 1 of each 8.
 #pragma unroll
   for (int mg = 0; mg < M; ++mg)
@@ -242,17 +350,56 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryWrite
     __syncthreads();
   }
 
+  // The sums added to acc and mass, a row group's loads all issued before its stores (one
+  // read-modify-write at a time, each waited for, took ~20 us a block).
 #pragma unroll
-  for (int m = 0; m < M; ++m)
+  for (int m = 0; m < M; ++m) {
+    float old[2][DHP / 8][2], old_mass[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t slot = n0 + (warp * M + m) * 16 + g + 8 * r;
+      old_mass[r] = slot < N && t == 0 ? mass[j * N + slot] : 0.0f;
+#pragma unroll
+      for (int i = 0; i < DHP / 8; ++i)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int col = i * 8 + 2 * t + c;
+          old[r][i][c] = slot < N && col < dh ? acc[slot * d + j * dh + col] : 0.0f;
+        }
+    }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t slot = n0 + (warp * M + m) * 16 + g + 8 * r;
       const float total = QuadSum(slot_mass[m][r]);
       if (slot < N) {
-        ForEachOwnedElement(out[m], r, t, dh, [&](int col, float v) { acc[slot * d + j * dh + col] += v; });
-        if (t == 0) mass[j * N + slot] += total;
+#pragma unroll
+        for (int i = 0; i < DHP / 8; ++i)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int col = i * 8 + 2 * t + c;
+            if (col < dh) acc[slot * d + j * dh + col] = old[r][i][c] + out[m][i][2 * r + c];
+          }
+        if (t == 0) mass[j * N + slot] = old_mass[r] + total;
       }
     }
+  }
+}
+
+// Blocks a split read's cluster takes per (tokens, head) pair: the largest power of two (at
+// most 8, the portable cluster size, and at most the slot tiles) whose blocks all fit in one
+// wave of two blocks a multiprocessor (the read kernel's residency at head width 64): at 32
+// memory heads on 132 multiprocessors, 8 up to 128 tokens, 2 at 512, 1 from 640 on (each
+// block of a split read repeats the q staging and adds the combine: a second wave of them
+// lost); 1 before sm_90 (no clusters).
+Result<int> ReadSplits(int64_t blocks, int64_t tiles) {
+  int device = 0, major = 0;
+  LM2_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  LM2_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (major < 9) return 1;
+  LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());
+  int splits = 1;
+  while (splits < 8 && 2 * splits <= tiles && 2 * splits * blocks <= 2 * static_cast<int64_t>(sms)) splits *= 2;
+  return splits;
 }
 
 template <int DHP>
@@ -270,10 +417,20 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
   const bool vec = dh % 8 == 0 && d % 8 == 0;  // memory K/V rows and head offsets 16-byte aligned
   const auto heads = static_cast<unsigned int>(d / dh);
   const Scratch parts = Carve(scratch, T, heads, DHP);
-  const dim3 read_grid(static_cast<unsigned int>(PaddedTokens(T) / kRows), heads);
-  MemoryReadTiledKernel<DHP><<<read_grid, GroupThreads(DHP), kReadBytes, stream>>>(
-      q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, dh, scale_log2, vec, e, parts);
-  LM2_RETURN_IF_ERROR(CheckLaunch("MemoryReadTiledKernel"));
+  const auto pairs = static_cast<unsigned int>(PaddedTokens(T) / kRows);
+  LM2_ASSIGN_OR_RETURN(const int splits, ReadSplits(pairs * heads, (N + kTile - 1) / kTile));
+  cudaLaunchAttribute cluster[1];
+  cluster[0].id = cudaLaunchAttributeClusterDimension;
+  cluster[0].val.clusterDim = {1, 1, static_cast<unsigned int>(splits)};
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(pairs, heads, static_cast<unsigned int>(splits));
+  config.blockDim = dim3(GroupThreads(DHP));
+  config.dynamicSmemBytes = kReadBytes;
+  config.stream = stream;
+  config.attrs = cluster;
+  config.numAttrs = splits > 1 ? 1 : 0;
+  LM2_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, MemoryReadTiledKernel<DHP>, q, q_ld, offer, offer_ld, mem_k,
+                                              mem_v, T, N, d, dh, scale_log2, vec, e, parts));
   const dim3 write_grid(static_cast<unsigned int>((N + kRows - 1) / kRows), heads);
   MemoryWriteTiledKernel<DHP><<<write_grid, GroupThreads(DHP), kWriteBytes, stream>>>(
       mem_k, T, N, d, dh, scale_log2, vec, parts, mass, acc);
