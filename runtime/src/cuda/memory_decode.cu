@@ -29,19 +29,14 @@ using bf16 = __nv_bfloat16;
 
 // ---- The fast read (dh a multiple of 8, dh / 8 a power of two up to 32) ----------------------
 //
-// Flash-decoding over the slots: a block per (8-slot chunk, session). Thread t owns the 8
+// Flash-decoding over the slots: a block per (16-slot chunk, session). Thread t owns the 8
 // columns [8t, 8t + 8) of every slot row (16-byte loads: a block reads whole rows of K and V,
 // coalesced), so the dh / 8 threads of a memory head hold its query in registers and add
 // their partial dot products by shuffles. Each block keeps a running max, sum and weighted
-// value sum per head over its 8 slots (all their K and V loads in flight together) and
+// value sum per head over its 16 slots (all their K and V loads in flight together) and
 // leaves them, with the raw scores, for the combine kernel.
 
-// Slots of a block, their K and V loads in flight together: 8, so that a 256-thread partial
-// block (96 registers) fits beside the projection GEMV's (256 x 152 registers) that comes
-// right before it at one session, and issues its K/V loads while the GEMV still runs (PDL)
-// instead of after it. The same at every batch size: a session's results do not depend on
-// the sessions it is batched with.
-constexpr int kChunkSlots = 8;
+constexpr int kChunkSlots = 16;  // slots of a block, their K and V loads in flight together
 
 __device__ __forceinline__ void Widen8(const uint4& v, float* out) {
   const auto* p = reinterpret_cast<const __nv_bfloat162*>(&v);
@@ -58,7 +53,7 @@ __device__ __forceinline__ void Widen8(const uint4& v, float* out) {
 // K and V rows are loaded before the wait for the predecessor (the segment's memory K/V are
 // not written during a step); the query after it.
 template <typename KV>
-__global__ void __launch_bounds__(kThreads, 3) MemoryReadPartialKernel(const float* __restrict__ q, int64_t q_ld, KV mem_k, KV mem_v, int N, int d,
+__global__ void MemoryReadPartialKernel(const float* __restrict__ q, int64_t q_ld, KV mem_k, KV mem_v, int N, int d,
                                         int heads, int g, float scale, float* __restrict__ attn,
                                         float* __restrict__ part) {
   const int b = static_cast<int>(blockIdx.y), chunk = static_cast<int>(blockIdx.x), chunks = static_cast<int>(gridDim.x);
@@ -143,7 +138,7 @@ __global__ void __launch_bounds__(kCombineThreads)
   const int cols = dh < kCombineThreads ? dh : kCombineThreads, R = kCombineThreads / cols;
   const int r = tid / cols, cc = tid % cols;
   float* a = attn + (static_cast<int64_t>(b) * heads + j) * N;
-  constexpr int kPrefetch = 16;  // chunk partials per thread in the one-round form
+  constexpr int kPrefetch = 8;  // chunk partials per thread in the one-round form
   if (chunks <= kCombineThreads && dh <= kCombineThreads && (chunks + R - 1) / R <= kPrefetch &&
       N <= 2 * kCombineThreads) {
     // The common shapes: every value this block reads is loaded at once, then reduced (the
