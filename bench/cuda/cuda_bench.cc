@@ -25,6 +25,10 @@
 //   between cudaProfilerStart and cudaProfilerStop (bench/cuda/profile_decode: Nsight
 //   Compute's figures for each kernel of a step).
 //
+// Breakdowns (printed first): each kernel of a decode step, of a batched step, and of a
+// prefill chunk (each distinct chunk length of --prefill: min(T, --chunk)), timed back to
+// back on one stream at the model's shapes, with GB/s or TFLOP/s.
+//
 // Figures:
 //   copy bandwidth    device-to-device cudaMemcpy of 1 GiB, bytes read + written per second
 //   gemm rate         bf16 x bf16 -> fp32 GEMM (the backend's Linear op), 8192^3, TFLOP/s
@@ -243,14 +247,17 @@ struct OpTime {
   double count;
   double s;
   double bytes = 0;
+  double flops = 0;
 };
 
-// Prints each op's time x count (and GB/s where bytes are known); returns Σ time x count.
+// Prints each op's time x count (and GB/s or TFLOP/s where bytes or FLOPs are known);
+// returns Σ time x count.
 double PrintOpTimes(const std::vector<OpTime>& ops) {
   double total = 0;
   for (const OpTime& op : ops) {
     std::printf("  %-55s %8.1f us x %4.0f = %7.3f ms", op.name, op.s * 1e6, op.count, op.s * op.count * 1e3);
     if (op.bytes > 0) std::printf("  (%.0f GB/s)", op.bytes / op.s / 1e9);
+    if (op.flops > 0) std::printf("  (%.0f TFLOP/s)", op.flops / op.s / 1e12);
     std::printf("\n");
     total += op.s * op.count;
   }
@@ -498,6 +505,88 @@ void BatchedStepParts(const lm2::runtime::ModelConfig& c, int64_t S, int64_t B) 
               (per_layer * L + head) * 1e3);
 }
 
+// Each kernel of one prefill chunk of T tokens (from an empty cache) at the model's shapes,
+// back to back on one stream, per layer: where a prefill's time goes, without the profiler
+// (Nsight Compute runs kernels one at a time at whatever clock the card idles at). The
+// memory read and write sums and attention are timed alone here; in the model they run on
+// two streams side by side.
+void PrefillChunkParts(const lm2::runtime::ModelConfig& c, int64_t T) {
+  const int64_t d = c.hidden_size, F = c.intermediate_size, N = c.memory_slots, Hm = c.memory_heads;
+  const int64_t H = c.num_heads, Hkv = c.num_kv_heads, Dh = c.head_dim, qdim = H * Dh, kvdim = Hkv * Dh;
+  const int64_t P = qdim + 2 * kvdim + (c.has_memory() ? 2 * d : 0);
+  auto alloc_f = [](int64_t n) { return Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(n)), "alloc"); };
+  auto alloc_b = [](int64_t n) {
+    return Take(cuda::DeviceBuffer<__nv_bfloat16>::Allocate(static_cast<std::size_t>(n)), "alloc");
+  };
+  const int64_t widest = std::max({P, 2 * F, qdim});
+  auto w = alloc_b(std::max({d * P, 2 * F * d, 2 * N * d}));
+  auto xb = alloc_b(T * std::max({F, qdim, d}));
+  auto x = alloc_f(T * d), y = alloc_f(T * widest), q = alloc_f(T * qdim), kc = alloc_f(T * kvdim),
+       vc = alloc_f(T * kvdim), e = alloc_f(T * d), a = alloc_f(T * d), norm = alloc_f(d);
+  auto kvb = alloc_b(2 * T * kvdim);
+  auto mass = alloc_f(Hm * N), acc = alloc_f(N * d), scratch = alloc_f(cuda::MemoryReadWriteScratch(T, d, Hm));
+  auto rope = Take(cuda::DeviceBuffer<float2>::Allocate(static_cast<std::size_t>(T * Dh / 2)), "alloc");
+  auto pos = Take(cuda::DeviceBuffer<int64_t>::Allocate(static_cast<std::size_t>(T)), "alloc");
+  std::vector<int64_t> positions(static_cast<std::size_t>(T));
+  std::iota(positions.begin(), positions.end(), int64_t{0});
+  Check(pos.CopyFromHost(positions.data(), positions.size(), nullptr), "copy");
+  Check(cuda::RopeFactorsBatch(pos.data(), T, Dh, c.rope_theta, rope.data(), nullptr), "rope factors");
+  // Small finite values everywhere (0x3c3c: about 0.0115 as bf16; fp32 buffers the same bytes).
+  for (auto* b : {&x, &y, &q, &kc, &vc, &e, &a, &norm, &mass, &acc}) Check(b->FillBytes(0x3c, nullptr), "fill");
+  for (auto* b : {&w, &xb, &kvb}) Check(b->FillBytes(0x3c, nullptr), "fill");
+  auto stream = Take(cuda::CudaStream::Create(), "stream");
+  auto blas = Take(cuda::CublasHandle::Create(), "cublas");
+  const cudaStream_t st = stream.get();
+  cublasHandle_t h = blas.get();
+  const auto D = [](int64_t v) { return static_cast<double>(v); };
+  const double t = D(T), reps = 20;
+  auto linear = [&](int64_t in, int64_t out) {
+    return TimeOp(st, [&] { return cuda::Linear(h, xb.data(), T, in, w.data(), out, y.data(), false, st); }, 20);
+  };
+  auto gemm_flops = [&](int64_t in, int64_t out) { return 2.0 * t * static_cast<double>(in * out); };
+  const __nv_bfloat16* mem_k = w.data();
+  const __nv_bfloat16* mem_v = w.data() + N * d;
+  std::vector<OpTime> parts = {
+      {"RmsNormBf16", 2, TimeOp(st, [&] { return cuda::RmsNormBf16(x.data(), norm.data(), T, d, 1e-5f, xb.data(), st); }),
+       t * D(d) * (4.0 + 2.0)},
+      {"cuBLAS T x d -> q|k|v|mem q|offer", 1, linear(d, P), 0, gemm_flops(d, P)},
+      {"SplitQkvRope", 1,
+       TimeOp(st, [&] {
+         return cuda::SplitQkvRope(y.data(), T, P, H, Hkv, Dh, rope.data(), q.data(), kc.data(), vc.data(), st);
+       }),
+       4.0 * t * static_cast<double>(2 * (qdim + 2 * kvdim))},
+      {"ConvertF32ToBf16 (the K and V cache)", 2,
+       TimeOp(st, [&] { return cuda::ConvertF32ToBf16(kc.data(), T * kvdim, kvb.data(), st); }), 6.0 * t * D(kvdim)},
+      {"CausalAttentionTiled (bf16 out)", 1,
+       TimeOp(st, [&] {
+         return cuda::CausalAttentionTiled(q.data(), kvb.data(), kvb.data() + T * kvdim, T, T, H, Hkv, Dh, xb.data(), st);
+       }, reps),
+       0, 2.0 * 2 * (t * t / 2) * static_cast<double>(qdim)},
+      {"cuBLAS T x qdim -> d (o_proj), T x d -> d (out_gate)", 2, linear(qdim, d), 0, gemm_flops(qdim, d)},
+  };
+  if (c.has_memory()) {
+    parts.push_back({"MemoryReadWrite (read and write sums)", 1,
+                     TimeOp(st, [&] {
+                       const float* mq = y.data() + qdim + 2 * kvdim;  // the memory query, then the offer
+                       return cuda::MemoryReadWrite(mq, P, mq + d, P, mem_k, mem_v, T, N, d, Hm, a.data(), mass.data(),
+                                                    acc.data(), scratch.data(), st);
+                     }, reps),
+                     0, 2.0 * 3 * t * static_cast<double>(N * d)});
+    parts.push_back({"GatedResidual", 1,
+                     TimeOp(st, [&] { return cuda::GatedResidual(x.data(), a.data(), y.data(), norm.data(), T, d, e.data(), st); }),
+                     t * D(d) * 4.0 * 5});
+  }
+  parts.push_back({"cuBLAS T x d -> 2F (gate|up)", 1, linear(d, 2 * F), 0, gemm_flops(d, 2 * F)});
+  parts.push_back({"SwiGluBf16", 1, TimeOp(st, [&] { return cuda::SwiGluBf16(y.data(), T, F, xb.data(), st); }),
+                   t * D(F) * (8.0 + 2.0)});
+  parts.push_back({"cuBLAS T x F -> d (down)", 1, linear(F, d), 0, gemm_flops(F, d)});
+  std::printf("a prefill chunk of %lld tokens by kernel (empty cache; mean of back-to-back launches; counts per layer):\n",
+              static_cast<long long>(T));
+  const double per_layer = PrintOpTimes(parts);
+  std::printf("  %-55s %8.3f ms for %lld layers (+ the segment opening and the LM head)\n", "sum over the layers",
+              per_layer * static_cast<double>(c.num_layers) * 1e3, static_cast<long long>(c.num_layers));
+}
+
 // SampleRows (the device sampler) at the model's vocabulary, 1 and B rows, per rule kind, on
 // two logit shapes: "peaked" (logit = -1.5 ln rank over a shuffled vocabulary: a language
 // model's long tail; top-p 0.95 keeps ~a hundred tokens) and "flat" (normal, sigma 1: top-p
@@ -676,6 +765,16 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (decode_tokens == 0) sessions.clear();  // prefill only
+  {  // The kernels of each distinct prefill chunk length.
+    std::vector<int64_t> chunks;
+    for (int64_t T : prefill) {
+      const int64_t chunk = std::min(T, options.max_chunk_tokens);
+      if (T <= cfg.max_position_embeddings && std::find(chunks.begin(), chunks.end(), chunk) == chunks.end()) {
+        chunks.push_back(chunk);
+        PrefillChunkParts(cfg, chunk);
+      }
+    }
+  }
   if (decode_tokens > 0) {
     DecodeOpBreakdown(cfg, prompt_tokens + decode_tokens / 2);
     if (!sessions.empty()) BatchedStepParts(cfg, prompt_tokens + decode_tokens / 2, sessions.back());
