@@ -49,18 +49,6 @@ inline Status RequireNonNull(const char* op, std::initializer_list<const void*> 
   return Status::Ok();
 }
 
-// Multiprocessors of the current device.
-inline Result<int> Multiprocessors() {
-  int device = 0, sms = 0;
-  if (Status st = CudaStatus(cudaGetDevice(&device), "cudaGetDevice"); !st.ok()) return st;
-  if (Status st = CudaStatus(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-                             "cudaDeviceGetAttribute");
-      !st.ok()) {
-    return st;
-  }
-  return sms;
-}
-
 // Raises `kernel`'s dynamic shared-memory limit when `bytes` needs more than the default
 // 48 KiB, or reports (InvalidArgument, naming `op`) that the device cannot give that much.
 // Each (kernel, device) is raised once: launchers call this before every launch.
@@ -102,3 +90,17 @@ inline Status EnsureSharedMemory(const void* kernel, int64_t bytes, const char* 
 
 #define LM2_CUDA_RETURN_IF_ERROR(call) LM2_RETURN_IF_ERROR(::lm2::runtime::cuda::CudaStatus((call), #call))
 #define LM2_CUBLAS_RETURN_IF_ERROR(call) LM2_RETURN_IF_ERROR(::lm2::runtime::cuda::CublasStatus((call), #call))
+
+namespace lm2::runtime::cuda {
+
+// An attribute of the current device.
+inline Result<int> CurrentDeviceAttribute(cudaDeviceAttr attribute) {
+  int device = 0, value = 0;
+  LM2_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  LM2_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&value, attribute, device));
+  return value;
+}
+
+inline Result<int> Multiprocessors() { return CurrentDeviceAttribute(cudaDevAttrMultiProcessorCount); }
+
+}  // namespace lm2::runtime::cuda

@@ -392,9 +392,7 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryWrite
 // block of a split read repeats the q staging and adds the combine: a second wave of them
 // lost); 1 before sm_90 (no clusters).
 Result<int> ReadSplits(int64_t blocks, int64_t tiles) {
-  int device = 0, major = 0;
-  LM2_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  LM2_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  LM2_ASSIGN_OR_RETURN(const int major, CurrentDeviceAttribute(cudaDevAttrComputeCapabilityMajor));
   if (major < 9) return 1;
   LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());
   int splits = 1;
