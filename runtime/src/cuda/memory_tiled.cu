@@ -75,11 +75,7 @@ struct Layout {
 // a block of Threads threads.
 template <int DHP, int Threads>
 __device__ __forceinline__ void LoadScratchTile(const bf16* __restrict__ src, bf16* tile) {
-  using L = Layout<DHP>;
-  for (int i = threadIdx.x; i < kTile * L::kChunks; i += Threads) {
-    const int r = i / L::kChunks, c = (i % L::kChunks) * 8;
-    CopyAsync16(tile + r * L::kLd + c, src + r * DHP + c, true);
-  }
+  LoadBf16Tile<DHP, kTile, Threads>(src, DHP, kTile, DHP, true, tile);
 }
 
 // Two blocks per SM where the head width allows (DHP <= 64: at most 128 registers).
