@@ -1018,6 +1018,20 @@ TEST_CASE("Fused forms: RmsNormBf16, SplitQkvRope, SwiGluBf16 equal the unfused 
   RequireOk(SwiGluBf16(dgu.data(), rows, F, fused.data(), Stream()));
   auto a = Download(sw_b), b = Download(fused);
   CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(__nv_bfloat16)) == 0);
+
+  // From bf16 [gate | up] rows (64: the eight-element kernel) = the fp32 form over the same
+  // rows widened (bf16 -> fp32 is exact).
+  auto gu_b = Poisoned<__nv_bfloat16>(gu.size());
+  RequireOk(ConvertF32ToBf16(dgu.data(), rows * 2 * F, gu_b.data(), Stream()));
+  std::vector<float> gu_wide;
+  for (__nv_bfloat16 x_b : Download(gu_b)) gu_wide.push_back(__bfloat162float(x_b));
+  auto dgu_wide = Upload(gu_wide);
+  auto want_b = Poisoned<__nv_bfloat16>(gate.size()), from_b = Poisoned<__nv_bfloat16>(gate.size());
+  RequireOk(SwiGluBf16(dgu_wide.data(), rows, F, want_b.data(), Stream()));
+  RequireOk(SwiGluBf16(gu_b.data(), rows, F, from_b.data(), Stream()));
+  auto c = Download(want_b), e = Download(from_b);
+  CHECK(std::memcmp(c.data(), e.data(), c.size() * sizeof(__nv_bfloat16)) == 0);
+  CHECK(SwiGluBf16(gu_b.data(), rows, 0, from_b.data(), Stream()).IsInvalidArgument());
 }
 
 TEST_CASE("Batched decode ops over per-session caches equal the one-cache ops", "[cuda][ops]") {

@@ -118,6 +118,9 @@ Status EmbeddingLookup(const __nv_bfloat16* table, int64_t V, int64_t d, const i
 // stacked gate and up projections); out[rows, F] = bf16(silu(gate) * up), the down
 // projection's input.
 Status SwiGluBf16(const float* gate_up, int64_t rows, int64_t F, __nv_bfloat16* out, cudaStream_t stream);
+// The same from bf16 [gate | up] rows (the gate|up GEMM's output rounded to bf16: half the
+// bytes to store and read again of the fp32 form).
+Status SwiGluBf16(const __nv_bfloat16* gate_up, int64_t rows, int64_t F, __nv_bfloat16* out, cudaStream_t stream);
 
 // x[n] += y[n].
 Status AddInPlace(float* x, const float* y, int64_t n, cudaStream_t stream);

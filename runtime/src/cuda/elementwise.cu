@@ -99,6 +99,34 @@ __global__ void SwiGluBf16x4Kernel(const float4* __restrict__ gate_up, int64_t r
   }
 }
 
+// From bf16 [gate | up] rows: one element a thread, or (F8 = F / 8) eight, 16-byte loads.
+__global__ void SwiGluFromBf16Kernel(const __nv_bfloat16* __restrict__ gate_up, int64_t rows, int64_t F,
+                                     __nv_bfloat16* __restrict__ out) {
+  for (int64_t i = FirstIndex(); i < rows * F; i += GridStride()) {
+    const int64_t t = i / F, c = i % F;
+    out[i] = __float2bfloat16_rn(
+        SwiGluOf(__bfloat162float(gate_up[t * 2 * F + c]), __bfloat162float(gate_up[t * 2 * F + F + c])));
+  }
+}
+
+__global__ void SwiGluFromBf16x8Kernel(const uint4* __restrict__ gate_up, int64_t rows, int64_t F8,
+                                       uint4* __restrict__ out) {
+  for (int64_t i = FirstIndex(); i < rows * F8; i += GridStride()) {
+    const int64_t t = i / F8, c = i % F8;
+    const uint4 g = gate_up[t * 2 * F8 + c], u = gate_up[t * 2 * F8 + F8 + c];
+    const auto* gp = reinterpret_cast<const __nv_bfloat162*>(&g);
+    const auto* up = reinterpret_cast<const __nv_bfloat162*>(&u);
+    uint4 o;
+    auto* op = reinterpret_cast<__nv_bfloat162*>(&o);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 gf = __bfloat1622float2(gp[k]), uf = __bfloat1622float2(up[k]);
+      op[k] = __floats2bfloat162_rn(SwiGluOf(gf.x, uf.x), SwiGluOf(gf.y, uf.y));
+    }
+    out[i] = o;
+  }
+}
+
 __global__ void AddInPlaceKernel(float* __restrict__ x, const float* __restrict__ y, int64_t n) {
   for (int64_t i = FirstIndex(); i < n; i += GridStride()) x[i] += y[i];
 }
@@ -201,6 +229,21 @@ Status SwiGluBf16(const float* gate_up, int64_t rows, int64_t F, __nv_bfloat16* 
   }
   SwiGluBf16Kernel<<<GridFor(rows * F, kThreads), kThreads, 0, stream>>>(gate_up, rows, F, out);
   return CheckLaunch("SwiGluBf16Kernel");
+}
+
+Status SwiGluBf16(const __nv_bfloat16* gate_up, int64_t rows, int64_t F, __nv_bfloat16* out, cudaStream_t stream) {
+  if (rows < 0 || F <= 0) {
+    return Status::InvalidArgument("SwiGluBf16: rows=" + std::to_string(rows) + " F=" + std::to_string(F));
+  }
+  if (rows == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("SwiGluBf16", {gate_up, out}));
+  if (F % 8 == 0 && Aligned16({gate_up, out})) {
+    SwiGluFromBf16x8Kernel<<<GridFor(rows * F / 8, kThreads), kThreads, 0, stream>>>(
+        reinterpret_cast<const uint4*>(gate_up), rows, F / 8, reinterpret_cast<uint4*>(out));
+    return CheckLaunch("SwiGluFromBf16x8Kernel");
+  }
+  SwiGluFromBf16Kernel<<<GridFor(rows * F, kThreads), kThreads, 0, stream>>>(gate_up, rows, F, out);
+  return CheckLaunch("SwiGluFromBf16Kernel");
 }
 
 Status AddInPlace(float* x, const float* y, int64_t n, cudaStream_t stream) {
