@@ -576,9 +576,13 @@ void PrefillChunkParts(const lm2::runtime::ModelConfig& c, int64_t T) {
                      TimeOp(st, [&] { return cuda::GatedResidual(x.data(), a.data(), y.data(), norm.data(), T, d, e.data(), st); }),
                      t * D(d) * 4.0 * 5});
   }
-  parts.push_back({"cuBLAS T x d -> 2F (gate|up)", 1, linear(d, 2 * F), 0, gemm_flops(d, 2 * F)});
-  parts.push_back({"SwiGluBf16", 1, TimeOp(st, [&] { return cuda::SwiGluBf16(y.data(), T, F, xb.data(), st); }),
-                   t * D(F) * (8.0 + 2.0)});
+  // gate | up in bf16, as the model stores it (in y's bytes), then the activation from it.
+  auto* gate_up = reinterpret_cast<__nv_bfloat16*>(y.data());
+  parts.push_back({"cuBLAS T x d -> 2F (gate|up, bf16 out)", 1,
+                   TimeOp(st, [&] { return cuda::LinearToBf16(h, xb.data(), T, d, w.data(), 2 * F, gate_up, st); }, 20),
+                   0, gemm_flops(d, 2 * F)});
+  parts.push_back({"SwiGluBf16 (from bf16)", 1,
+                   TimeOp(st, [&] { return cuda::SwiGluBf16(gate_up, T, F, xb.data(), st); }), t * D(F) * (4.0 + 2.0)});
   parts.push_back({"cuBLAS T x F -> d (down)", 1, linear(F, d), 0, gemm_flops(F, d)});
   std::printf("a prefill chunk of %lld tokens by kernel (empty cache; mean of back-to-back launches; counts per layer):\n",
               static_cast<long long>(T));
