@@ -68,7 +68,6 @@ struct Layout {
   static constexpr int kLd = TileLd<DHP>;
   static constexpr int kTileElems = kTile * kLd;  // a score tile's 64 rows
   static constexpr int kRowsElems = kRows * kLd;  // a block's rows
-  static constexpr int kChunks = DHP / 8;  // 16-byte pieces of a row
 };
 
 // A whole bf16 [64, DHP] scratch tile (padded: always complete and aligned) by cp.async, by
