@@ -5,8 +5,8 @@
 //
 // A block per (128 queries, head), each warp 32 queries (16 past head width 64: RowGroups).
 // Over the key tiles of 64 up to the block's last visible key: the K and V rows of the
-// head's KV group come by cp.async into bf16 tiles (two buffers: the next tile's copy in
-// flight while the current one is used), s = q · kᵀ (mma.sync, fp32 accumulation), the
+// head's KV group come by cp.async into bf16 tiles (a ring of kTileStages: the next two
+// tiles' copies in flight while the current one is used), s = q · kᵀ (mma.sync, fp32 accumulation), the
 // online softmax rescales the running output rows by exp(m_old - m_new) (FA2) when a
 // maximum has grown by more than kRescaleSlack, and out += p · v with p rounded to bf16; a
 // warp skips the tiles past all its rows. The output is divided by the row sums at the
@@ -66,8 +66,8 @@ __global__ void __launch_bounds__(GroupThreads(DHP), DHP <= 64 ? 2 : 1) Attentio
   constexpr int kLd = TileLd<DHP>, kTileElems = kTile * kLd;
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* qs = reinterpret_cast<bf16*>(smem);
-  bf16* ks = qs + kRows * kLd;      // two buffers
-  bf16* vs = ks + 2 * kTileElems;  // two buffers
+  bf16* ks = qs + kRows * kLd;              // kTileStages buffers
+  bf16* vs = ks + kTileStages * kTileElems;  // kTileStages buffers
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kRows;
@@ -87,6 +87,7 @@ __global__ void __launch_bounds__(GroupThreads(DHP), DHP <= 64 ? 2 : 1) Attentio
   const int64_t keys = min(S, offset + q0 + kRows);  // the block's last row sees keys [0, keys)
   const int tiles = static_cast<int>((keys + kTile - 1) / kTile);
   load_keys(0, 0);
+  if (tiles > 1) load_keys(kTile, 1);
   LoadRoundedRows<DHP, kThreads>(q + q0 * qdim + static_cast<int64_t>(h) * head_dim, qdim, T - q0, head_dim, q_vec,
                                  qs);
   __syncthreads();
@@ -101,19 +102,19 @@ __global__ void __launch_bounds__(GroupThreads(DHP), DHP <= 64 ? 2 : 1) Attentio
 
   float m[M][2], l[M][2], acc[M][DHP / 8][4];
   OnlineSoftmaxStart<DHP, M>(m, l, acc);
-  for (int it = 0; it < tiles; ++it) {
+  for (int it = 0, stage = 0; it < tiles; ++it, stage = NextStage(stage)) {
     const int64_t k0 = static_cast<int64_t>(it) * kTile;
     if (it + 1 < tiles) {
-      load_keys(k0 + kTile, (it + 1) & 1);
       CopyAsyncWait<1>();
     } else {
       CopyAsyncWait<0>();
     }
-    __syncthreads();  // the tile is in
+    __syncthreads();  // the tile is in; every warp is done with the one before (kTileStages)
+    if (it + 2 < tiles) load_keys(k0 + 2 * kTile, NextStage(NextStage(stage)));
     // A tile past every row of this warp (the block's diagonal) adds nothing to them.
     if (k0 <= offset + warp_row0 + M * 16 - 1) {
       float s[M][8][4];
-      TileScoresM<DHP, M>(qa, ks + (it & 1) * kTileElems, s);
+      TileScoresM<DHP, M>(qa, ks + stage * kTileElems, s);
       // Masked: keys past a row's position (and past S, the tile's padding rows).
       const bool edge = k0 + kTile - 1 > offset + warp_row0 || k0 + kTile > S;
 #pragma unroll
@@ -130,9 +131,8 @@ __global__ void __launch_bounds__(GroupThreads(DHP), DHP <= 64 ? 2 : 1) Attentio
         }
         OnlineSoftmaxTile<DHP>(s[mg], scale_log2, m[mg], l[mg], acc[mg]);  // every row sees key 0 in the first tile
       }
-      TileProductsM<DHP, M>(s, vs + (it & 1) * kTileElems, acc);
+      TileProductsM<DHP, M>(s, vs + stage * kTileElems, acc);
     }
-    __syncthreads();  // the buffer is refilled next
   }
 
 #pragma unroll
@@ -153,7 +153,7 @@ Status LaunchAttentionTiled(const float* q, const bf16* k, const bf16* v, int64_
   const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(head_dim));
   const bool q_vec = head_dim % 4 == 0;   // q rows and head offsets float4-aligned
   const bool kv_vec = head_dim % 8 == 0;  // K/V rows and head offsets 16-byte aligned
-  constexpr int kBytes = (kRows + 4 * kTile) * TileLd<DHP> * 2;  // bf16 q, two K and two V tiles
+  constexpr int kBytes = (kRows + 2 * kTileStages * kTile) * TileLd<DHP> * 2;  // bf16 q, the K and V tiles
   LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&AttentionTiledKernel<DHP, Out>), kBytes,
                                          "CausalAttentionTiled"));
   const dim3 grid(static_cast<unsigned int>((T + kRows - 1) / kRows), static_cast<unsigned int>(heads));

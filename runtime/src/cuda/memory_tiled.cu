@@ -26,8 +26,8 @@
 //
 // The scores and probabilities never leave registers: mma.sync m16n8k16 (mma.cuh), the
 // scores' accumulator fragments packed to bf16 are the next product's A fragments; tiles
-// come through shared memory by cp.async, the next tile's copy in flight while the
-// current one is used.
+// come through shared memory by cp.async, a ring of kTileStages: the next two tiles' copies
+// in flight while the current one is used.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
@@ -86,7 +86,7 @@ template <int DHP>
 struct SplitRows {
   static constexpr int kLd = DHP + 4;
   static constexpr int kBytes = kRows * kLd * 4 + kRows * 8;
-  static_assert(kBytes <= 4 * Layout<DHP>::kTileElems * 2, "fits the K/V buffers");
+  static_assert(kBytes <= 2 * kTileStages * Layout<DHP>::kTileElems * 2, "fits the K/V buffers");
 };
 
 // The end of a split read: this block's rows (the online softmax's m, this lane's share of
@@ -111,7 +111,7 @@ __device__ __forceinline__ void CombineSplits(const float (&m)[RowGroups(DHP)][2
   auto* ml = reinterpret_cast<float2*>(rows + kRows * R::kLd);
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, t = lane % 4;
-  __syncthreads();  // the last tile's K/V reads are done (the loop's closing barrier)
+  __syncthreads();  // every warp's last tile's K/V reads are done
 #pragma unroll
   for (int mg = 0; mg < M; ++mg)
 #pragma unroll
@@ -166,8 +166,8 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadT
   constexpr int M = RowGroups(DHP), kThreadsRead = GroupThreads(DHP);
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* qs = reinterpret_cast<bf16*>(smem);
-  bf16* ks = qs + L::kRowsElems;     // two buffers
-  bf16* vs = ks + 2 * L::kTileElems;  // two buffers
+  bf16* ks = qs + L::kRowsElems;                // kTileStages buffers
+  bf16* vs = ks + kTileStages * L::kTileElems;  // kTileStages buffers
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = PaddedTokens(T);
@@ -186,6 +186,7 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadT
     CopyAsyncCommit();
   };
   load_slots(static_cast<int64_t>(first_tile) * kTile, 0);
+  if (tiles > 1) load_slots(static_cast<int64_t>(first_tile + 1) * kTile, 1);
   // This block's q rows in bf16 into shared memory, and its own rows' q and offer into the
   // scratch for the write kernel (padding rows and columns zero). The loads kBatch at a
   // time, all issued before the first store (one at a time, each waited for before the
@@ -227,16 +228,16 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadT
   // each 8.
   float m[M][2], l[M][2], out[M][DHP / 8][4];
   OnlineSoftmaxStart<DHP, M>(m, l, out);
-  for (int it = 0; it < tiles; ++it) {
+  for (int it = 0, stage = 0; it < tiles; ++it, stage = NextStage(stage)) {
     if (it + 1 < tiles) {
-      load_slots(static_cast<int64_t>(first_tile + it + 1) * kTile, (it + 1) & 1);
       CopyAsyncWait<1>();
     } else {
       CopyAsyncWait<0>();
     }
-    __syncthreads();
+    __syncthreads();  // the tile is in; every warp is done with the one before (kTileStages)
+    if (it + 2 < tiles) load_slots(static_cast<int64_t>(first_tile + it + 2) * kTile, NextStage(NextStage(stage)));
     float s[M][8][4];
-    TileScoresM<DHP, M>(qa, ks + (it & 1) * L::kTileElems, s);
+    TileScoresM<DHP, M>(qa, ks + stage * L::kTileElems, s);
     const int64_t valid = N - static_cast<int64_t>(first_tile + it) * kTile;
 #pragma unroll
     for (int mg = 0; mg < M; ++mg) {
@@ -249,8 +250,7 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadT
       }
       OnlineSoftmaxTile<DHP>(s[mg], scale_log2, m[mg], l[mg], out[mg]);  // the first tile has a valid slot
     }
-    TileProductsM<DHP, M>(s, vs + (it & 1) * L::kTileElems, out);
-    __syncthreads();  // the buffers are refilled next
+    TileProductsM<DHP, M>(s, vs + stage * L::kTileElems, out);
   }
 
   if (splits > 1) {
@@ -281,9 +281,9 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryWrite
   constexpr int M = RowGroups(DHP), kWriteThreads = GroupThreads(DHP);
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* ks = reinterpret_cast<bf16*>(smem);
-  bf16* qs = ks + L::kRowsElems;     // two buffers
-  bf16* cs = qs + 2 * L::kTileElems;  // two buffers
-  auto* stats = reinterpret_cast<float2*>(cs + 2 * L::kTileElems);  // two buffers of 64
+  bf16* qs = ks + L::kRowsElems;                // kTileStages buffers
+  bf16* cs = qs + kTileStages * L::kTileElems;  // kTileStages buffers
+  auto* stats = reinterpret_cast<float2*>(cs + kTileStages * L::kTileElems);  // kTileStages buffers of 64
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = PaddedTokens(T);
@@ -302,6 +302,10 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryWrite
   LoadBf16Tile<DHP, kRows, kWriteThreads>(mem_k + n0 * d + j * dh, d, N - n0, dh, vec, ks);
   load_tokens(0, 0);
   CopyAsyncCommit();
+  if (tiles > 1) {
+    load_tokens(1, 1);
+    CopyAsyncCommit();
+  }
   float out[M][DHP / 8][4];
 #pragma unroll
   for (int m = 0; m < M; ++m)
@@ -309,15 +313,17 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryWrite
     for (int i = 0; i < DHP / 8; ++i) out[m][i][0] = out[m][i][1] = out[m][i][2] = out[m][i][3] = 0.0f;
   float slot_mass[M][2] = {};
   uint32_t ka[M][DHP / 16][4];
-  for (int it = 0; it < tiles; ++it) {
+  for (int it = 0, stage = 0; it < tiles; ++it, stage = NextStage(stage)) {
     if (it + 1 < tiles) {
-      load_tokens(it + 1, (it + 1) & 1);
-      CopyAsyncCommit();
       CopyAsyncWait<1>();
     } else {
       CopyAsyncWait<0>();
     }
-    __syncthreads();
+    __syncthreads();  // the tile is in; every warp is done with the one before (kTileStages)
+    if (it + 2 < tiles) {
+      load_tokens(it + 2, NextStage(NextStage(stage)));
+      CopyAsyncCommit();
+    }
     if (it == 0) {
 #pragma unroll
       for (int m = 0; m < M; ++m)
@@ -325,8 +331,8 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryWrite
         for (int kc = 0; kc < DHP / 16; ++kc) LoadA(ka[m][kc], ks, L::kLd, (warp * M + m) * 16, kc * 16);
     }
     float s[M][8][4];
-    TileScoresM<DHP, M>(ka, qs + (it & 1) * L::kTileElems, s);  // s[slot, token]
-    const float2* st = stats + (it & 1) * kTile;
+    TileScoresM<DHP, M>(ka, qs + stage * L::kTileElems, s);  // s[slot, token]
+    const float2* st = stats + stage * kTile;
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -341,8 +347,7 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryWrite
             slot_mass[m][r] += x;
           }
       }
-    TileProductsM<DHP, M>(s, cs + (it & 1) * L::kTileElems, out);
-    __syncthreads();
+    TileProductsM<DHP, M>(s, cs + stage * L::kTileElems, out);
   }
 
   // The sums added to acc and mass, a row group's loads all issued before its stores (one
@@ -400,8 +405,8 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
                    const bf16* mem_v, int64_t T, int64_t N, int64_t d, int dh, float* e, float* mass, float* acc,
                    float* scratch, cudaStream_t stream) {
   using L = Layout<DHP>;
-  constexpr int kReadBytes = (L::kRowsElems + 4 * L::kTileElems) * 2;
-  constexpr int kWriteBytes = (L::kRowsElems + 4 * L::kTileElems) * 2 + 2 * kTile * 8;
+  constexpr int kReadBytes = (L::kRowsElems + 2 * kTileStages * L::kTileElems) * 2;
+  constexpr int kWriteBytes = (L::kRowsElems + 2 * kTileStages * L::kTileElems) * 2 + kTileStages * kTile * 8;
   LM2_RETURN_IF_ERROR(
       EnsureSharedMemory(reinterpret_cast<const void*>(&MemoryReadTiledKernel<DHP>), kReadBytes, "MemoryReadWrite"));
   LM2_RETURN_IF_ERROR(

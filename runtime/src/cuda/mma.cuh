@@ -143,6 +143,13 @@ __device__ __forceinline__ void LoadBf16Tile(const __nv_bfloat16* __restrict__ s
   }
 }
 
+// The tile kernels' copy ring: the tile in use, the next one landing and the one after
+// being copied. At the top of tile i a single block barrier shows tile i complete to every
+// thread and every warp done with tile i - 1, whose buffers the copy of tile i + 2 then
+// refills (two buffers needed a second barrier a tile, before the refill).
+inline constexpr int kTileStages = 3;
+__host__ __device__ constexpr int NextStage(int stage) { return stage + 1 == kTileStages ? 0 : stage + 1; }
+
 // Head widths the tile kernels take, zero-padded to the tile width: 16, 32, 64 or 128.
 inline constexpr int64_t kMaxTileWidth = 128;
 __host__ __device__ constexpr int64_t PaddedTileWidth(int64_t width) {
