@@ -523,7 +523,7 @@ void PrefillChunkParts(const lm2::runtime::ModelConfig& c, int64_t T) {
   auto xb = alloc_b(T * std::max({F, qdim, d}));
   auto x = alloc_f(T * d), y = alloc_f(T * widest), q = alloc_f(T * qdim), kc = alloc_f(T * kvdim),
        vc = alloc_f(T * kvdim), e = alloc_f(T * d), a = alloc_f(T * d), norm = alloc_f(d);
-  auto kvb = alloc_b(2 * T * kvdim);
+  auto kvb = alloc_b(4 * T * kvdim);  // K and V of up to 2T positions
   auto mass = alloc_f(Hm * N), acc = alloc_f(N * d), scratch = alloc_f(cuda::MemoryReadWriteScratch(T, d, Hm));
   auto rope = Take(cuda::DeviceBuffer<float2>::Allocate(static_cast<std::size_t>(T * Dh / 2)), "alloc");
   auto pos = Take(cuda::DeviceBuffer<int64_t>::Allocate(static_cast<std::size_t>(T)), "alloc");
@@ -562,6 +562,12 @@ void PrefillChunkParts(const lm2::runtime::ModelConfig& c, int64_t T) {
          return cuda::CausalAttentionTiled(q.data(), kvb.data(), kvb.data() + T * kvdim, T, T, H, Hkv, Dh, xb.data(), st);
        }, reps),
        0, 2.0 * 2 * (t * t / 2) * static_cast<double>(qdim)},
+      {"CausalAttentionTiled, a second chunk (T after T cached)", 0,
+       TimeOp(st, [&] {
+         return cuda::CausalAttentionTiled(q.data(), kvb.data(), kvb.data() + 2 * T * kvdim, T, 2 * T, H, Hkv, Dh,
+                                           xb.data(), st);
+       }, reps),
+       0, 2.0 * 2 * (t * t * 1.5) * static_cast<double>(qdim)},
       {"cuBLAS T x qdim -> d (o_proj), T x d -> d (out_gate)", 2, linear(qdim, d), 0, gemm_flops(qdim, d)},
   };
   if (c.has_memory()) {

@@ -61,7 +61,8 @@ __device__ __forceinline__ void Store(bf16* p, float v) { *p = __float2bfloat16_
 template <int DHP, typename Out>
 __global__ void __launch_bounds__(GroupThreads(DHP), DHP <= 64 ? 2 : 1) AttentionTiledKernel(
     const float* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v, int64_t T, int64_t S,
-    int heads, int kv_heads, int head_dim, float scale_log2, bool q_vec, bool kv_vec, Out* __restrict__ out) {
+    int heads, int kv_heads, int head_dim, float scale_log2, bool q_vec, bool kv_vec, bool paired,
+    Out* __restrict__ out) {
   constexpr int M = RowGroups(DHP), kThreads = GroupThreads(DHP);
   constexpr int kLd = TileLd<DHP>, kTileElems = kTile * kLd;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -70,7 +71,6 @@ __global__ void __launch_bounds__(GroupThreads(DHP), DHP <= 64 ? 2 : 1) Attentio
   bf16* vs = ks + kTileStages * kTileElems;  // kTileStages buffers
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kRows;
   const int h = static_cast<int>(blockIdx.y), hk = h / (heads / kv_heads);
   const int64_t qdim = static_cast<int64_t>(heads) * head_dim, kvdim = static_cast<int64_t>(kv_heads) * head_dim;
   const int64_t offset = S - T;  // query i sees keys [0, offset + i]
@@ -84,67 +84,76 @@ __global__ void __launch_bounds__(GroupThreads(DHP), DHP <= 64 ? 2 : 1) Attentio
     CopyAsyncCommit();
   };
 
-  const int64_t keys = min(S, offset + q0 + kRows);  // the block's last row sees keys [0, keys)
-  const int tiles = static_cast<int>((keys + kTile - 1) / kTile);
-  load_keys(0, 0);
-  if (tiles > 1) load_keys(kTile, 1);
-  LoadRoundedRows<DHP, kThreads>(q + q0 * qdim + static_cast<int64_t>(h) * head_dim, qdim, T - q0, head_dim, q_vec,
-                                 qs);
-  __syncthreads();
-  // The warp's rows: groups (warp * M + mg) * 16 of the block's; this lane's rows g and g + 8
-  // of each.
-  const int64_t warp_row0 = q0 + warp * M * 16;
-  uint32_t qa[M][DHP / 16][4];
+  // Paired (see LaunchAttentionTiled): query blocks x and the x-th from the end, the later
+  // (more keys) first; else query block x.
+  const int64_t row_blocks = (T + kRows - 1) / kRows, x = blockIdx.x, last = row_blocks - 1 - x;
+  const int passes = paired && last != x ? 2 : 1;
+#pragma unroll 1
+  for (int pass = 0; pass < passes; ++pass) {
+    const int64_t q0 = (paired && pass == 0 ? last : x) * kRows;
+    if (pass > 0) __syncthreads();  // every warp is done with the q tile and the K/V ring
+    const int64_t keys = min(S, offset + q0 + kRows);  // the block's last row sees keys [0, keys)
+    const int tiles = static_cast<int>((keys + kTile - 1) / kTile);
+    load_keys(0, 0);
+    if (tiles > 1) load_keys(kTile, 1);
+    LoadRoundedRows<DHP, kThreads>(q + q0 * qdim + static_cast<int64_t>(h) * head_dim, qdim, T - q0, head_dim, q_vec,
+                                   qs);
+    __syncthreads();
+    // The warp's rows: groups (warp * M + mg) * 16 of the block's; this lane's rows g and g + 8
+    // of each.
+    const int64_t warp_row0 = q0 + warp * M * 16;
+    uint32_t qa[M][DHP / 16][4];
 #pragma unroll
-  for (int mg = 0; mg < M; ++mg)
+    for (int mg = 0; mg < M; ++mg)
 #pragma unroll
-    for (int kc = 0; kc < DHP / 16; ++kc) LoadA(qa[mg][kc], qs, kLd, (warp * M + mg) * 16, kc * 16);
+      for (int kc = 0; kc < DHP / 16; ++kc) LoadA(qa[mg][kc], qs, kLd, (warp * M + mg) * 16, kc * 16);
 
-  float m[M][2], l[M][2], acc[M][DHP / 8][4];
-  OnlineSoftmaxStart<DHP, M>(m, l, acc);
-  for (int it = 0, stage = 0; it < tiles; ++it, stage = NextStage(stage)) {
-    const int64_t k0 = static_cast<int64_t>(it) * kTile;
-    if (it + 1 < tiles) {
-      CopyAsyncWait<1>();
-    } else {
-      CopyAsyncWait<0>();
-    }
-    __syncthreads();  // the tile is in; every warp is done with the one before (kTileStages)
-    if (it + 2 < tiles) load_keys(k0 + 2 * kTile, NextStage(NextStage(stage)));
-    // A tile past every row of this warp (the block's diagonal) adds nothing to them.
-    if (k0 <= offset + warp_row0 + M * 16 - 1) {
-      float s[M][8][4];
-      TileScoresM<DHP, M>(qa, ks + stage * kTileElems, s);
-      // Masked: keys past a row's position (and past S, the tile's padding rows).
-      const bool edge = k0 + kTile - 1 > offset + warp_row0 || k0 + kTile > S;
-#pragma unroll
-      for (int mg = 0; mg < M; ++mg) {
-        if (edge) {
-          const int64_t row0 = warp_row0 + mg * 16 + g;
-#pragma unroll
-          for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-              const int64_t key = k0 + nt * 8 + 2 * t + (c & 1);
-              if (key > offset + row0 + 8 * (c >> 1) || key >= S) s[mg][nt][c] = -INFINITY;
-            }
-        }
-        OnlineSoftmaxTile<DHP>(s[mg], scale_log2, m[mg], l[mg], acc[mg]);  // every row sees key 0 in the first tile
+    float m[M][2], l[M][2], acc[M][DHP / 8][4];
+    OnlineSoftmaxStart<DHP, M>(m, l, acc);
+    for (int it = 0, stage = 0; it < tiles; ++it, stage = NextStage(stage)) {
+      const int64_t k0 = static_cast<int64_t>(it) * kTile;
+      if (it + 1 < tiles) {
+        CopyAsyncWait<1>();
+      } else {
+        CopyAsyncWait<0>();
       }
-      TileProductsM<DHP, M>(s, vs + stage * kTileElems, acc);
+      __syncthreads();  // the tile is in; every warp is done with the one before (kTileStages)
+      if (it + 2 < tiles) load_keys(k0 + 2 * kTile, NextStage(NextStage(stage)));
+      // A tile past every row of this warp (the block's diagonal) adds nothing to them.
+      if (k0 <= offset + warp_row0 + M * 16 - 1) {
+        float s[M][8][4];
+        TileScoresM<DHP, M>(qa, ks + stage * kTileElems, s);
+        // Masked: keys past a row's position (and past S, the tile's padding rows).
+        const bool edge = k0 + kTile - 1 > offset + warp_row0 || k0 + kTile > S;
+#pragma unroll
+        for (int mg = 0; mg < M; ++mg) {
+          if (edge) {
+            const int64_t row0 = warp_row0 + mg * 16 + g;
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+              for (int c = 0; c < 4; ++c) {
+                const int64_t key = k0 + nt * 8 + 2 * t + (c & 1);
+                if (key > offset + row0 + 8 * (c >> 1) || key >= S) s[mg][nt][c] = -INFINITY;
+              }
+          }
+          OnlineSoftmaxTile<DHP>(s[mg], scale_log2, m[mg], l[mg], acc[mg]);  // every row sees key 0 in the first tile
+        }
+        TileProductsM<DHP, M>(s, vs + stage * kTileElems, acc);
+      }
     }
-  }
 
 #pragma unroll
-  for (int mg = 0; mg < M; ++mg)
+    for (int mg = 0; mg < M; ++mg)
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float inv_l = 1.0f / QuadSum(l[mg][r]);
-      const int64_t row = warp_row0 + mg * 16 + g + 8 * r;
-      if (row >= T) continue;
-      Out* o = out + row * qdim + static_cast<int64_t>(h) * head_dim;
-      ForEachOwnedElement(acc[mg], r, t, head_dim, [&](int col, float v) { Store(o + col, v * inv_l); });
-    }
+      for (int r = 0; r < 2; ++r) {
+        const float inv_l = 1.0f / QuadSum(l[mg][r]);
+        const int64_t row = warp_row0 + mg * 16 + g + 8 * r;
+        if (row >= T) continue;
+        Out* o = out + row * qdim + static_cast<int64_t>(h) * head_dim;
+        ForEachOwnedElement(acc[mg], r, t, head_dim, [&](int col, float v) { Store(o + col, v * inv_l); });
+      }
+  }
 }
 
 template <int DHP, typename Out>
@@ -156,10 +165,18 @@ Status LaunchAttentionTiled(const float* q, const bf16* k, const bf16* v, int64_
   constexpr int kBytes = (kRows + 2 * kTileStages * kTile) * TileLd<DHP> * 2;  // bf16 q, the K and V tiles
   LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&AttentionTiledKernel<DHP, Out>), kBytes,
                                          "CausalAttentionTiled"));
-  const dim3 grid(static_cast<unsigned int>((T + kRows - 1) / kRows), static_cast<unsigned int>(heads));
+  // Causal blocks' work grows with their position (block x of the chunk sees offset + 128 (x
+  // + 1) keys). Where the blocks fill more than one wave (two an SM at head width 64), each
+  // block takes a query block from each end instead, so that all do the same work in one
+  // wave, not a first wave of mixed lengths and a tail of idle SMs.
+  const int64_t row_blocks = (T + kRows - 1) / kRows;
+  LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());
+  const bool paired = row_blocks >= 2 && row_blocks * heads > static_cast<int64_t>(DHP <= 64 ? 2 : 1) * sms;
+  const dim3 grid(static_cast<unsigned int>(paired ? (row_blocks + 1) / 2 : row_blocks),
+                  static_cast<unsigned int>(heads));
   AttentionTiledKernel<DHP, Out><<<grid, GroupThreads(DHP), kBytes, stream>>>(
       q, k, v, T, S, static_cast<int>(heads), static_cast<int>(kv_heads), static_cast<int>(head_dim), scale_log2, q_vec,
-      kv_vec, out);
+      kv_vec, paired, out);
   return CheckLaunch("AttentionTiledKernel");
 }
 
