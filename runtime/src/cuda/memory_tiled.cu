@@ -8,9 +8,9 @@
 //   read kernel, a block per (128 tokens, head), each warp 32 tokens (16 past width 64):
 //     one pass over the slots in tiles of 64, e = softmax(s) · V by the online softmax
 //     (FA2: the running output rescaled as the row maxima grow, divided by the row sums at
-//     the end). It leaves each token's maximum m (the one its weights were taken against:
-//     within kRescaleSlack of the true maximum) and 1/l, and the chunk's q and offer in
-//     bf16, in the scratch for the write kernel. Short chunks have too few (tokens, head)
+//     the end). It leaves each token's shift m + log2 l (m the maximum its weights were
+//     taken against, within kRescaleSlack of the true one; l their sum), and the chunk's q
+//     and offer in bf16, in the scratch for the write kernel. Short chunks have too few (tokens, head)
 //     pairs to fill the GPU (512 tokens of 32 heads: 128 blocks of 4 warps, one an SM), so
 //     there a cluster of P blocks (ReadSplits) shares each pair, each over 1/P of the slot
 //     tiles; they leave their unnormalised rows and (m, l) in shared memory, and after a
@@ -18,7 +18,8 @@
 //     memory (m = the largest of the P maxima, the others' rows and sums scaled to it).
 //   write kernel, a block per (128 slots, head), each warp 32 slots (16 past width 64):
 //     over the tokens in tiles of 64, the same scores transposed (K · Qᵀ), p = exp(s - m) / l
-//     from the read's statistics, mass += Σ_t p, acc += pᵀ · offer. Each block owns its
+//     = 2^(s' - shift) from the read's shifts (one FMA and one exp2 a weight, no division),
+//     mass += Σ_t p, acc += pᵀ · offer. Each block owns its
 //     slots' sums: no atomics.
 // Scores: bf16(q) · mem_k (bf16), fp32 accumulation, as the GEMM form; p is fp32 for the
 // statistics and the masses, rounded to bf16 for the two products (the GEMM form: bf16 for
@@ -48,20 +49,22 @@ constexpr int kRows = kTileBlockRows;      // rows of a block: tokens (read), sl
 
 __host__ __device__ constexpr int64_t PaddedTokens(int64_t T) { return (T + kRows - 1) / kRows * kRows; }
 
-// The scratch: per head, the softmax statistics (m in log2 units, 1/l) [Tp] as float2,
-// then q and the offer in bf16 [Tp, DHP] each (Tp = T rounded up to kRows; padding rows
-// and columns zero).
+// The scratch: per head, each token's softmax shift m + log2 l (log2 units; +inf for
+// padding tokens: weight 0) [Tp], then q and the offer in bf16 [Tp, DHP] each (Tp = T
+// rounded up to kRows; padding rows and columns zero).
 struct Scratch {
-  float2* stats;
+  float* shift;
   bf16* q;
   bf16* offer;
 };
 Scratch Carve(float* base, int64_t T, int64_t heads, int64_t dhp) {
   const int64_t Tp = PaddedTokens(T);
-  auto* stats = reinterpret_cast<float2*>(base);
-  auto* q = reinterpret_cast<bf16*>(stats + heads * Tp);
-  return {stats, q, q + heads * Tp * dhp};
+  auto* q = reinterpret_cast<bf16*>(base + heads * Tp);  // 16-byte aligned: Tp is a multiple of 128
+  return {base, q, q + heads * Tp * dhp};
 }
+
+// A token's shift for the write kernel: its weights 2^(s' - m) / l = 2^(s' - (m + log2 l)).
+__device__ __forceinline__ float SoftmaxShift(float m, float l) { return m + log2f(l); }
 
 template <int DHP>
 struct Layout {
@@ -98,7 +101,7 @@ template <int DHP>
 __device__ __forceinline__ void CombineSplits(const float (&m)[RowGroups(DHP)][2], const float (&l)[RowGroups(DHP)][2],
                                               const float (&out)[RowGroups(DHP)][DHP / 8][4], int64_t t0, int64_t j,
                                               int64_t T, int64_t d, int dh, float* __restrict__ e,
-                                              float2* __restrict__ stats) {
+                                              float* __restrict__ shift) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // clusters need sm_90: ReadSplits gives 1 before it
 #else
@@ -149,7 +152,7 @@ __device__ __forceinline__ void CombineSplits(const float (&m)[RowGroups(DHP)][2
       if (col < dh) e[token * d + j * dh + col] = acc.x * inv_l;
       if (col + 1 < dh) e[token * d + j * dh + col + 1] = acc.y * inv_l;
     }
-    if (col == 0) stats[t0 + row] = token < T ? make_float2(mx, inv_l) : make_float2(0.0f, 0.0f);
+    if (col == 0) shift[t0 + row] = token < T ? SoftmaxShift(mx, sum) : INFINITY;
   }
   cluster.sync();
 #endif
@@ -254,7 +257,7 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadT
   }
 
   if (splits > 1) {
-    CombineSplits<DHP>(m, l, out, t0, j, T, d, dh, e, scratch.stats + j * Tp);
+    CombineSplits<DHP>(m, l, out, t0, j, T, d, dh, e, scratch.shift + j * Tp);
     return;
   }
   // e rows g and g + 8 of each group; this lane's columns 2t, 2t + 1 of each 8.
@@ -262,13 +265,13 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadT
   for (int mg = 0; mg < M; ++mg)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float inv_l = 1.0f / QuadSum(l[mg][r]);
+      const float sum = QuadSum(l[mg][r]), inv_l = 1.0f / sum;
       const int64_t row = t0 + (warp * M + mg) * 16 + g + 8 * r;
       if (row < T) {
         ForEachOwnedElement(out[mg], r, t, dh, [&](int col, float v) { e[row * d + j * dh + col] = v * inv_l; });
       }
-      // The statistics of every row of the tile, padding rows (1/l = 0: no weight) included.
-      if (t == 0) scratch.stats[j * Tp + row] = row < T ? make_float2(m[mg][r], inv_l) : make_float2(0.0f, 0.0f);
+      // The shifts of every row of the tile, padding rows (+inf: no weight) included.
+      if (t == 0) scratch.shift[j * Tp + row] = row < T ? SoftmaxShift(m[mg][r], sum) : INFINITY;
     }
 }
 
@@ -283,19 +286,19 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryWrite
   bf16* ks = reinterpret_cast<bf16*>(smem);
   bf16* qs = ks + L::kRowsElems;                // kTileStages buffers
   bf16* cs = qs + kTileStages * L::kTileElems;  // kTileStages buffers
-  auto* stats = reinterpret_cast<float2*>(cs + kTileStages * L::kTileElems);  // kTileStages buffers of 64
+  auto* shifts = reinterpret_cast<float*>(cs + kTileStages * L::kTileElems);  // kTileStages buffers of 64
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = PaddedTokens(T);
   const bf16* q_head = scratch.q + j * Tp * DHP;
   const bf16* offer_head = scratch.offer + j * Tp * DHP;
-  const float2* stats_head = scratch.stats + j * Tp;
+  const float* shift_head = scratch.shift + j * Tp;
   const int tiles = static_cast<int>(Tp / kTile);
   const auto load_tokens = [&](int it, int buf) {
     LoadScratchTile<DHP, kWriteThreads>(q_head + it * kTile * DHP, qs + buf * L::kTileElems);
     LoadScratchTile<DHP, kWriteThreads>(offer_head + it * kTile * DHP, cs + buf * L::kTileElems);
-    if (threadIdx.x < kTile / 2) {  // 64 float2 = 32 copies of 16 bytes
-      CopyAsync16(stats + buf * kTile + 2 * threadIdx.x, stats_head + it * kTile + 2 * threadIdx.x, true);
+    if (threadIdx.x < kTile / 4) {  // 64 floats = 16 copies of 16 bytes
+      CopyAsync16(shifts + buf * kTile + 4 * threadIdx.x, shift_head + it * kTile + 4 * threadIdx.x, true);
     }
   };
 
@@ -332,21 +335,22 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryWrite
     }
     float s[M][8][4];
     TileScoresM<DHP, M>(ka, qs + stage * L::kTileElems, s);  // s[slot, token]
-    const float2* st = stats + stage * kTile;
+    const float* st = shifts + stage * kTile;
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+    for (int nt = 0; nt < 8; ++nt) {
+      // This lane's two tokens (columns 2t, 2t + 1 of the 8); padding tokens: shift +inf, p = 0.
+      const float2 sh = *reinterpret_cast<const float2*>(st + nt * 8 + 2 * t);
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const float2 mi = st[nt * 8 + 2 * t + c];  // padding tokens: 1/l = 0, q = 0 (s = 0): p = 0
+      for (int c = 0; c < 2; ++c)
 #pragma unroll
         for (int m = 0; m < M; ++m)
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             float& x = s[m][nt][2 * r + c];
-            x = SoftmaxWeight(x, scale_log2, mi.x) * mi.y;
+            x = SoftmaxWeight(x, scale_log2, c == 0 ? sh.x : sh.y);
             slot_mass[m][r] += x;
           }
-      }
+    }
     TileProductsM<DHP, M>(s, cs + stage * L::kTileElems, out);
   }
 
@@ -406,7 +410,7 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
                    float* scratch, cudaStream_t stream) {
   using L = Layout<DHP>;
   constexpr int kReadBytes = (L::kRowsElems + 2 * kTileStages * L::kTileElems) * 2;
-  constexpr int kWriteBytes = (L::kRowsElems + 2 * kTileStages * L::kTileElems) * 2 + kTileStages * kTile * 8;
+  constexpr int kWriteBytes = (L::kRowsElems + 2 * kTileStages * L::kTileElems) * 2 + kTileStages * kTile * 4;
   LM2_RETURN_IF_ERROR(
       EnsureSharedMemory(reinterpret_cast<const void*>(&MemoryReadTiledKernel<DHP>), kReadBytes, "MemoryReadWrite"));
   LM2_RETURN_IF_ERROR(
@@ -442,8 +446,8 @@ bool MemoryReadWriteSupported(int64_t d, int64_t heads) {
 }
 
 int64_t MemoryReadWriteScratch(int64_t T, int64_t d, int64_t heads) {
-  // float2 statistics, then q and the offer as bf16 pairs, per head and padded token.
-  return heads * PaddedTokens(T) * (2 + PaddedTileWidth(d / heads));
+  // The shift, then q and the offer as bf16 pairs, per head and padded token.
+  return heads * PaddedTokens(T) * (1 + PaddedTileWidth(d / heads));
 }
 
 Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, const bf16* mem_k,
