@@ -80,12 +80,16 @@ __global__ void EmbeddingLookupKernel(const __nv_bfloat16* __restrict__ table, i
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) row[c] = __bfloat162float(src[c]);
 }
 
-// gate_up[t] = [gate (F) | up (F)]; out[t, c] = bf16(silu(gate) * up).
-__global__ void SwiGluBf16Kernel(const float* __restrict__ gate_up, int64_t rows, int64_t F,
+__device__ __forceinline__ float Wide(float v) { return v; }
+__device__ __forceinline__ float Wide(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// gate_up[t] = [gate (F) | up (F)] (fp32 or bf16); out[t, c] = bf16(silu(gate) * up).
+template <typename T>
+__global__ void SwiGluBf16Kernel(const T* __restrict__ gate_up, int64_t rows, int64_t F,
                                  __nv_bfloat16* __restrict__ out) {
   for (int64_t i = FirstIndex(); i < rows * F; i += GridStride()) {
     const int64_t t = i / F, c = i % F;
-    out[i] = __float2bfloat16_rn(SwiGluOf(gate_up[t * 2 * F + c], gate_up[t * 2 * F + F + c]));
+    out[i] = __float2bfloat16_rn(SwiGluOf(Wide(gate_up[t * 2 * F + c]), Wide(gate_up[t * 2 * F + F + c])));
   }
 }
 
@@ -99,16 +103,7 @@ __global__ void SwiGluBf16x4Kernel(const float4* __restrict__ gate_up, int64_t r
   }
 }
 
-// From bf16 [gate | up] rows: one element a thread, or (F8 = F / 8) eight, 16-byte loads.
-__global__ void SwiGluFromBf16Kernel(const __nv_bfloat16* __restrict__ gate_up, int64_t rows, int64_t F,
-                                     __nv_bfloat16* __restrict__ out) {
-  for (int64_t i = FirstIndex(); i < rows * F; i += GridStride()) {
-    const int64_t t = i / F, c = i % F;
-    out[i] = __float2bfloat16_rn(
-        SwiGluOf(__bfloat162float(gate_up[t * 2 * F + c]), __bfloat162float(gate_up[t * 2 * F + F + c])));
-  }
-}
-
+// The same from bf16 rows, eight elements a thread (F8 = F / 8): 16-byte loads.
 __global__ void SwiGluFromBf16x8Kernel(const uint4* __restrict__ gate_up, int64_t rows, int64_t F8,
                                        uint4* __restrict__ out) {
   for (int64_t i = FirstIndex(); i < rows * F8; i += GridStride()) {
@@ -129,6 +124,24 @@ __global__ void SwiGluFromBf16x8Kernel(const uint4* __restrict__ gate_up, int64_
 
 __global__ void AddInPlaceKernel(float* __restrict__ x, const float* __restrict__ y, int64_t n) {
   for (int64_t i = FirstIndex(); i < n; i += GridStride()) x[i] += y[i];
+}
+
+// SwiGluBf16 of either input type: the checks, then `launch_vec` (`vec` elements a thread)
+// where F and the pointers allow, else one element a thread.
+template <typename T, typename LaunchVec>
+Status SwiGluBf16Rows(const T* gate_up, int64_t rows, int64_t F, __nv_bfloat16* out, cudaStream_t stream,
+                      int64_t vec, const char* vec_kernel, LaunchVec&& launch_vec) {
+  if (rows < 0 || F <= 0) {
+    return Status::InvalidArgument("SwiGluBf16: rows=" + std::to_string(rows) + " F=" + std::to_string(F));
+  }
+  if (rows == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("SwiGluBf16", {gate_up, out}));
+  if (F % vec == 0 && Aligned16({gate_up, out})) {
+    launch_vec(GridFor(rows * F / vec, kThreads));
+    return CheckLaunch(vec_kernel);
+  }
+  SwiGluBf16Kernel<T><<<GridFor(rows * F, kThreads), kThreads, 0, stream>>>(gate_up, rows, F, out);
+  return CheckLaunch("SwiGluBf16Kernel");
 }
 
 }  // namespace
@@ -217,33 +230,17 @@ Status EmbeddingLookup(const __nv_bfloat16* table, int64_t V, int64_t d, const i
 }
 
 Status SwiGluBf16(const float* gate_up, int64_t rows, int64_t F, __nv_bfloat16* out, cudaStream_t stream) {
-  if (rows < 0 || F <= 0) {
-    return Status::InvalidArgument("SwiGluBf16: rows=" + std::to_string(rows) + " F=" + std::to_string(F));
-  }
-  if (rows == 0) return Status::Ok();
-  LM2_RETURN_IF_ERROR(RequireNonNull("SwiGluBf16", {gate_up, out}));
-  if (F % 4 == 0 && Aligned16({gate_up, out})) {
-    SwiGluBf16x4Kernel<<<GridFor(rows * F / 4, kThreads), kThreads, 0, stream>>>(
-        reinterpret_cast<const float4*>(gate_up), rows, F / 4, reinterpret_cast<uint2*>(out));
-    return CheckLaunch("SwiGluBf16x4Kernel");
-  }
-  SwiGluBf16Kernel<<<GridFor(rows * F, kThreads), kThreads, 0, stream>>>(gate_up, rows, F, out);
-  return CheckLaunch("SwiGluBf16Kernel");
+  return SwiGluBf16Rows(gate_up, rows, F, out, stream, 4, "SwiGluBf16x4Kernel", [&](unsigned int grid) {
+    SwiGluBf16x4Kernel<<<grid, kThreads, 0, stream>>>(reinterpret_cast<const float4*>(gate_up), rows, F / 4,
+                                                      reinterpret_cast<uint2*>(out));
+  });
 }
 
 Status SwiGluBf16(const __nv_bfloat16* gate_up, int64_t rows, int64_t F, __nv_bfloat16* out, cudaStream_t stream) {
-  if (rows < 0 || F <= 0) {
-    return Status::InvalidArgument("SwiGluBf16: rows=" + std::to_string(rows) + " F=" + std::to_string(F));
-  }
-  if (rows == 0) return Status::Ok();
-  LM2_RETURN_IF_ERROR(RequireNonNull("SwiGluBf16", {gate_up, out}));
-  if (F % 8 == 0 && Aligned16({gate_up, out})) {
-    SwiGluFromBf16x8Kernel<<<GridFor(rows * F / 8, kThreads), kThreads, 0, stream>>>(
-        reinterpret_cast<const uint4*>(gate_up), rows, F / 8, reinterpret_cast<uint4*>(out));
-    return CheckLaunch("SwiGluFromBf16x8Kernel");
-  }
-  SwiGluFromBf16Kernel<<<GridFor(rows * F, kThreads), kThreads, 0, stream>>>(gate_up, rows, F, out);
-  return CheckLaunch("SwiGluFromBf16Kernel");
+  return SwiGluBf16Rows(gate_up, rows, F, out, stream, 8, "SwiGluFromBf16x8Kernel", [&](unsigned int grid) {
+    SwiGluFromBf16x8Kernel<<<grid, kThreads, 0, stream>>>(reinterpret_cast<const uint4*>(gate_up), rows, F / 8,
+                                                          reinterpret_cast<uint4*>(out));
+  });
 }
 
 Status AddInPlace(float* x, const float* y, int64_t n, cudaStream_t stream) {
