@@ -10,17 +10,17 @@
 //     (FA2: the running output rescaled as the row maxima grow, divided by the row sums at
 //     the end). It leaves each token's shift m + log2 l (m the maximum its weights were
 //     taken against, within kRescaleSlack of the true one; l their sum), and the chunk's q
-//     and offer in bf16, in the scratch for the write kernel. Short chunks have too few (tokens, head)
-//     pairs to fill the GPU (512 tokens of 32 heads: 128 blocks of 4 warps, one an SM), so
-//     there a cluster of P blocks (ReadSplits) shares each pair, each over 1/P of the slot
-//     tiles; they leave their unnormalised rows and (m, l) in shared memory, and after a
-//     cluster barrier each combines 128/P of the rows from all P through distributed shared
-//     memory (m = the largest of the P maxima, the others' rows and sums scaled to it).
+//     and offer in bf16, in the scratch for the write kernel. Short chunks have too few
+//     (tokens, head) pairs to fill the GPU (512 tokens of 32 heads: 128 blocks of 4 warps,
+//     one an SM), so there a cluster of P blocks (ReadSplits) shares each pair, each over
+//     1/P of the slot tiles; they leave their unnormalised rows and (m, l) in shared memory,
+//     and after a cluster barrier each combines 128/P of the rows from all P through
+//     distributed shared memory (m = the largest of the P maxima, the others' rows and sums
+//     scaled to it).
 //   write kernel, a block per (128 slots, head), each warp 32 slots (16 past width 64):
 //     over the tokens in tiles of 64, the same scores transposed (K · Qᵀ), p = exp(s - m) / l
-//     = 2^(s' - shift) from the read's shifts (one FMA and one exp2 a weight, no division),
-//     mass += Σ_t p, acc += pᵀ · offer. Each block owns its
-//     slots' sums: no atomics.
+//     = 2^(s' - shift) from the read's shifts (one FMA and one exp2 a weight), mass += Σ_t p,
+//     acc += pᵀ · offer. Each block owns its slots' sums: no atomics.
 // Scores: bf16(q) · mem_k (bf16), fp32 accumulation, as the GEMM form; p is fp32 for the
 // statistics and the masses, rounded to bf16 for the two products (the GEMM form: bf16 for
 // the read, TF32 for the write sums); the offer is rounded to bf16.
