@@ -8,7 +8,7 @@
 #
 #   tools/device/make_gpu_bundle.sh [BUILD_DIR]     (default: build; configured with CUDA)
 #
-# Writes device_bundle/lm2-gpu.tar.xz (device_bundle/ is in .git/info/exclude), to be
+# Writes device_bundle/lm2-gpu.tar.xz (device_bundle/ is git-ignored: name it in the device tool's carry), to be
 # carried to the GPU machine and unpacked there by tools/device/run_gpu_tests.sh and
 # bench/cuda/run_cuda_bench.
 #
