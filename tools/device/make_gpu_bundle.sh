@@ -8,9 +8,9 @@
 #
 #   tools/device/make_gpu_bundle.sh [BUILD_DIR]     (default: build; configured with CUDA)
 #
-# Writes device_bundle/lm2-gpu.tar.xz (device_bundle/ is git-ignored: name it in the device tool's carry), to be
-# carried to the GPU machine and unpacked there by tools/device/run_gpu_tests.sh and
-# bench/cuda/run_cuda_bench.
+# Writes device_bundle/lm2-gpu.tar.xz (device_bundle/ is git-ignored: name it in the device
+# tool's carry), to be carried to the GPU machine and unpacked there by
+# tools/device/run_gpu_tests.sh and bench/cuda/run_cuda_bench.
 #
 # SLIM=1 writes device_bundle/lm2-gpu-slim.tar.xz instead: the CUDA benchmark and the CUDA
 # op and model tests only, no libraries (~2.5 MB against ~15: the libraries are the same
