@@ -607,7 +607,8 @@ TEST_CASE("CausalAttention: decode and prefill kernels, GQA, over a KV cache", "
       std::make_tuple(int64_t{100}, int64_t{229}, int64_t{6}, int64_t{3}, int64_t{30}),
       std::make_tuple(int64_t{129}, int64_t{129}, int64_t{4}, int64_t{2}, int64_t{128}),
       // more query blocks x heads than two waves' worth up to 143 multiprocessors: the tiled
-      // kernel pairs them from both ends (9 blocks: the middle one alone), chunk first and not
+      // kernel pairs them from both ends (9 blocks: the middle one alone), a first chunk and
+      // one after a cache
       std::make_tuple(int64_t{1100}, int64_t{1100}, int64_t{32}, int64_t{8}, int64_t{64}),
       std::make_tuple(int64_t{1030}, int64_t{1290}, int64_t{36}, int64_t{4}, int64_t{64}));
   INFO("T=" << T << " S=" << S << " H=" << H << " Hkv=" << Hkv << " D=" << D);

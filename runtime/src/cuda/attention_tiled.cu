@@ -6,11 +6,11 @@
 // A block per (128 queries, head), each warp 32 queries (16 past head width 64: RowGroups).
 // Over the key tiles of 64 up to the block's last visible key: the K and V rows of the
 // head's KV group come by cp.async into bf16 tiles (a ring of kTileStages: the next two
-// tiles' copies in flight while the current one is used), s = q · kᵀ (mma.sync, fp32 accumulation), the
-// online softmax rescales the running output rows by exp(m_old - m_new) (FA2) when a
-// maximum has grown by more than kRescaleSlack, and out += p · v with p rounded to bf16; a
-// warp skips the tiles past all its rows. The output is divided by the row sums at the
-// end. The caller rounds the fp32 cache to bf16 once per call (ConvertF32ToBf16): every
+// tiles' copies in flight while the current one is used), s = q · kᵀ (mma.sync, fp32
+// accumulation), the online softmax rescales the running output rows by exp(m_old - m_new)
+// (FA2) when a maximum has grown by more than kRescaleSlack, and out += p · v with p rounded
+// to bf16; a warp skips the tiles past all its rows. The output is divided by the row sums
+// at the end. The caller rounds the fp32 cache to bf16 once per call (ConvertF32ToBf16): every
 // block used to stage fp32 tiles and round them itself, each tile once per head of its
 // group and per query block after it, which took a third of the kernel's time.
 #include <cuda_bf16.h>

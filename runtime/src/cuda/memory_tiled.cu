@@ -95,7 +95,7 @@ struct SplitRows {
 // The end of a split read: this block's rows (the online softmax's m, this lane's share of
 // l, the unnormalised output fragments) into its shared memory; after a cluster barrier
 // block z combines rows [kRows z / P, kRows (z + 1) / P) from the P blocks' shared memory
-// into e and the statistics (of padding rows too: (0, 0)); a second barrier keeps every
+// into e and the shifts (of padding rows too: +inf); a second barrier keeps every
 // block's shared memory alive until the others have read it.
 template <int DHP>
 __device__ __forceinline__ void CombineSplits(const float (&m)[RowGroups(DHP)][2], const float (&l)[RowGroups(DHP)][2],
