@@ -543,7 +543,8 @@ void PrefillChunkParts(const lm2::runtime::ModelConfig& c, int64_t T) {
   auto linear = [&](int64_t in, int64_t out) {
     return TimeOp(st, [&] { return cuda::Linear(h, xb.data(), T, in, w.data(), out, y.data(), false, st); }, 20);
   };
-  auto gemm_flops = [&](int64_t in, int64_t out) { return 2.0 * t * static_cast<double>(in * out); };
+  auto gemm_flops_rows = [](int64_t rows, int64_t in, int64_t out) { return 2.0 * static_cast<double>(rows * in * out); };
+  auto gemm_flops = [&](int64_t in, int64_t out) { return gemm_flops_rows(T, in, out); };
   const __nv_bfloat16* mem_k = w.data();
   const __nv_bfloat16* mem_v = w.data() + N * d;
   std::vector<OpTime> parts = {
@@ -574,10 +575,33 @@ void PrefillChunkParts(const lm2::runtime::ModelConfig& c, int64_t T) {
     parts.push_back({"MemoryReadWrite (read and write sums)", 1,
                      TimeOp(st, [&] {
                        const float* mq = y.data() + qdim + 2 * kvdim;  // the memory query, then the offer
-                       return cuda::MemoryReadWrite(mq, P, mq + d, P, mem_k, mem_v, T, N, d, Hm, a.data(), mass.data(),
-                                                    acc.data(), scratch.data(), st);
+                       return cuda::MemoryReadWrite(mq, P, mq + d, P, mem_k, mem_v, T, N, d, Hm, a.data(), true,
+                                                    mass.data(), acc.data(), scratch.data(), st);
                      }, reps),
                      0, 2.0 * 3 * t * static_cast<double>(N * d)});
+    parts.push_back({"MemoryReadWrite, a segment's first chunk (sums stored)", 0,
+                     TimeOp(st, [&] {
+                       const float* mq = y.data() + qdim + 2 * kvdim;
+                       return cuda::MemoryReadWrite(mq, P, mq + d, P, mem_k, mem_v, T, N, d, Hm, a.data(), false,
+                                                    mass.data(), acc.data(), scratch.data(), st);
+                     }, reps),
+                     0, 2.0 * 3 * t * static_cast<double>(N * d)});
+    // A segment's opening (once a segment, not a layer of the chunk: count 0): the bank's
+    // memory K and V as one batched GEMM, against the two GEMMs it replaced.
+    auto bank_b = alloc_b(N * d), kv_out = alloc_b(2 * N * d);
+    Check(bank_b.FillBytes(0x3c, nullptr), "fill");
+    parts.push_back({"segment opening: memory K|V, one batched GEMM (a layer)", 0,
+                     TimeOp(st, [&] {
+                       return cuda::LinearPairToBf16(h, bank_b.data(), N, d, w.data(), d, kv_out.data(), st);
+                     }, 20),
+                     0, 2 * gemm_flops_rows(N, d, d)});
+    parts.push_back({"segment opening: the same as two GEMMs (a layer)", 0,
+                     TimeOp(st, [&] {
+                       lm2::Status k = cuda::LinearToBf16(h, bank_b.data(), N, d, w.data(), d, kv_out.data(), st);
+                       if (!k.ok()) return k;
+                       return cuda::LinearToBf16(h, bank_b.data(), N, d, w.data() + d * d, d, kv_out.data() + N * d, st);
+                     }, 20),
+                     0, 2 * gemm_flops_rows(N, d, d)});
     parts.push_back({"GatedResidual", 1,
                      TimeOp(st, [&] { return cuda::GatedResidual(x.data(), a.data(), y.data(), norm.data(), T, d, e.data(), st); }),
                      t * D(d) * 4.0 * 5});

@@ -537,6 +537,85 @@ TEST_CASE("The warm-up turn at load leaves no trace: the same bits with and with
   for (std::size_t l = 0; l < ma->layers.size(); ++l) CHECK(ma->layers[l].data == mb->layers[l].data);
 }
 
+TEST_CASE("The initial bank's memory K/V shared by new states, and write sums zeroed lazily, give the same bits",
+          "[cuda][model]") {
+  // share_initial_memory_kv on and off. Segments that start with a prompt in chunks of 16
+  // (the first chunk stores the write sums, the rest add), with a decode step (the sums
+  // zeroed first), and with no tokens (SegmentReadMass of an empty segment: zeros); a
+  // second segment on the committed bank (the state's own K/V), and a state whose bank was
+  // imported (never the model's).
+  auto files = Files(TestModelDir("tiny-lm2"));
+  std::vector<std::unique_ptr<Model>> models;
+  for (const bool share : {true, false}) {
+    lm2::runtime::CudaOptions options;
+    options.share_initial_memory_kv = share;
+    options.max_chunk_tokens = 16;
+    options.write_flush_tokens = 3;
+    auto model = lm2::runtime::LoadCudaModel(files, options);
+    RequireOk(model.status());
+    models.push_back(std::move(model).value());
+  }
+  std::vector<int32_t> prompt(45);
+  for (std::size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 31 + 3) % 500);
+  std::vector<lm2::MemoryState> banks;
+  for (const bool decode_first : {false, true}) {
+    INFO("decode_first=" << decode_first);
+    std::vector<std::vector<float>> logits(2);
+    std::vector<lm2::MemoryState> exported;
+    for (std::size_t m = 0; m < 2; ++m) {
+      const Model& model = *models[m];
+      auto s = NewState(model);
+      std::vector<float>& l = logits[m];
+      std::vector<float> step;
+      if (decode_first) {
+        RequireOk(model.Forward(*s, std::vector<int32_t>{11}, LogitsMode::kLast, &step));
+        l.insert(l.end(), step.begin(), step.end());
+      }
+      RequireOk(model.Forward(*s, prompt, LogitsMode::kAll, &step));
+      l.insert(l.end(), step.begin(), step.end());
+      step.erase(step.begin(), step.end() - static_cast<std::ptrdiff_t>(model.config().vocab_size));  // the last row
+      for (int i = 0; i < 4; ++i) {
+        RequireOk(model.Forward(*s, std::vector<int32_t>{Argmax(step)}, LogitsMode::kLast, &step));
+        l.insert(l.end(), step.begin(), step.end());
+      }
+      auto mass = model.SegmentReadMass(*s);
+      RequireOk(mass.status());
+      for (const auto& layer : *mass) l.insert(l.end(), layer.begin(), layer.end());
+      RequireOk(model.EndSegment(*s));
+      // An empty segment reads nothing.
+      RequireOk(model.Forward(*s, std::vector<int32_t>{}, LogitsMode::kNone, nullptr));
+      auto empty = model.SegmentReadMass(*s);
+      RequireOk(empty.status());
+      for (const auto& layer : *empty) CHECK(std::all_of(layer.begin(), layer.end(), [](float v) { return v == 0; }));
+      // The second segment reads the committed bank's memory K/V.
+      RequireOk(model.Forward(*s, std::vector<int32_t>(prompt.begin(), prompt.begin() + 20), LogitsMode::kAll, &step));
+      l.insert(l.end(), step.begin(), step.end());
+      RequireOk(model.EndSegment(*s));
+      auto memory = model.ExportMemory(*s);
+      RequireOk(memory.status());
+      exported.push_back(std::move(memory).value());
+    }
+    CHECK(logits[0] == logits[1]);
+    REQUIRE(exported[0].layers.size() == exported[1].layers.size());
+    for (std::size_t l = 0; l < exported[0].layers.size(); ++l) {
+      CHECK(exported[0].layers[l].data == exported[1].layers[l].data);
+    }
+    banks.push_back(std::move(exported[0]));
+  }
+  // A new state given an exported bank computes its own memory K/V from it.
+  std::vector<std::vector<float>> logits(2);
+  for (std::size_t m = 0; m < 2; ++m) {
+    auto s = NewState(*models[m]);
+    RequireOk(models[m]->ImportMemory(*s, banks[0]));
+    RequireOk(models[m]->Forward(*s, prompt, LogitsMode::kLast, &logits[m]));
+  }
+  CHECK(logits[0] == logits[1]);
+  std::vector<float> fresh;
+  auto s = NewState(*models[0]);
+  RequireOk(models[0]->Forward(*s, prompt, LogitsMode::kLast, &fresh));
+  CHECK(fresh != logits[0]);  // the imported bank is not the initial one
+}
+
 TEST_CASE("CUDA graphs replay decode steps bit-identically, also after the buffers they use move",
           "[cuda][model]") {
   auto files = Files(TestModelDir("tiny-lm2"));

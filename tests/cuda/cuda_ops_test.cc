@@ -220,6 +220,33 @@ TEST_CASE("Linear: bf16 weights and activations, fp32 accumulation (cuBLAS)", "[
   const auto y2 = Download(dy2);
   for (std::size_t i = 0; i < y0.size(); ++i) want_rounded[i] += y0[i];
   CHECK(RelErr(y2, want_rounded) < kTolGemmRounded);
+
+  // LinearPairToBf16: W and a second matrix stacked [2, out, in] against the one x; each
+  // half rounded to bf16 from its fp32 sums (2^-9 at most).
+  auto w1 = Random(w.size());
+  std::vector<float> pair(w);
+  pair.insert(pair.end(), w1.begin(), w1.end());
+  auto dpair32 = Upload(pair);
+  auto dpair = Poisoned<__nv_bfloat16>(pair.size());
+  RequireOk(ConvertF32ToBf16(dpair32.data(), 2 * out * in, dpair.data(), Stream()));
+  auto dyp = Poisoned<__nv_bfloat16>(2 * y0.size());
+  RequireOk(LinearPairToBf16(Cublas(), dxb.data(), rows, in, dpair.data(), out, dyp.data(), Stream()));
+  const auto yp = Download(dyp);
+  std::vector<float> half0, half1;
+  std::vector<double> want1(y0.size());
+  for (std::size_t i = 0; i < y0.size(); ++i) {
+    half0.push_back(__bfloat162float(yp[i]));
+    half1.push_back(__bfloat162float(yp[y0.size() + i]));
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < out; ++o) {
+      double acc = 0;
+      for (int64_t i = 0; i < in; ++i) acc += static_cast<double>(RoundBf16(x[r * in + i])) * RoundBf16(w1[o * in + i]);
+      want1[r * out + o] = acc;
+    }
+  for (std::size_t i = 0; i < y0.size(); ++i) want_rounded[i] -= y0[i];
+  CHECK(RelErr(half0, want_rounded) < kTolGemmBf16);
+  CHECK(RelErr(half1, want1) < kTolGemmBf16);
 }
 
 // Gemv's reference: the unfused device op makes x' (bf16), the product is taken in double
@@ -862,7 +889,7 @@ TEST_CASE("MemoryReadWrite: the read and the write sums in tiles, without the pr
   auto dq = Upload(q), doffer = Upload(offer), dmass = Upload(mass0), dacc = Upload(acc0);
   auto de = Poisoned<float>(want_e.size());
   auto scratch = Poisoned<float>(static_cast<std::size_t>(MemoryReadWriteScratch(T, d, Hm)));
-  RequireOk(MemoryReadWrite(dq.data(), ld, doffer.data(), ld, dmk.data(), dmv.data(), T, N, d, Hm, de.data(),
+  RequireOk(MemoryReadWrite(dq.data(), ld, doffer.data(), ld, dmk.data(), dmv.data(), T, N, d, Hm, de.data(), true,
                             dmass.data(), dacc.data(), scratch.data(), Stream()));
   // e and acc: sums of products with the probabilities rounded to bf16 (2^-9 each); the
   // masses: fp32 probabilities.
@@ -882,6 +909,21 @@ TEST_CASE("MemoryReadWrite: the read and the write sums in tiles, without the pr
   };
   CHECK(gain(Download(dacc), acc0, want_acc) < kTolBf16Operands);
   CHECK(gain(Download(dmass), mass0, want_mass) < 1e-4);
+
+  // accumulate = false into poisoned sums: the bits of adding to zeroed ones.
+  const auto e = Download(de);
+  auto zmass = Poisoned<float>(mass0.size()), zacc = Poisoned<float>(acc0.size());
+  RequireOk(zmass.FillBytes(0, Stream()));
+  RequireOk(zacc.FillBytes(0, Stream()));
+  auto smass = Poisoned<float>(mass0.size()), sacc = Poisoned<float>(acc0.size());
+  RequireOk(MemoryReadWrite(dq.data(), ld, doffer.data(), ld, dmk.data(), dmv.data(), T, N, d, Hm, de.data(), true,
+                            zmass.data(), zacc.data(), scratch.data(), Stream()));
+  RequireOk(MemoryReadWrite(dq.data(), ld, doffer.data(), ld, dmk.data(), dmv.data(), T, N, d, Hm, de.data(), false,
+                            smass.data(), sacc.data(), scratch.data(), Stream()));
+  const auto zm = Download(zmass), sm = Download(smass), za = Download(zacc), sa = Download(sacc);
+  CHECK(std::memcmp(zm.data(), sm.data(), zm.size() * sizeof(float)) == 0);
+  CHECK(std::memcmp(za.data(), sa.data(), za.size() * sizeof(float)) == 0);
+  CHECK(Download(de) == e);
 }
 
 TEST_CASE("GatedResidual, SwiGlu, AddInPlace, AddBias", "[cuda][ops]") {
@@ -1264,10 +1306,12 @@ TEST_CASE("Launchers refuse bad shapes and null pointers; empty work is a no-op"
   CHECK(CausalAttentionTiled(p, pb, pb, 1, 1, 1, 1, 136, p, Stream()).IsInvalidArgument());  // head_dim > 128
   CHECK(CausalAttentionTiled(p, pb, pb, 5, 4, 4, 4, 8, p, Stream()).IsInvalidArgument());    // T > S
   CHECK(MemoryRead(Cublas(), p, 10, pb, pb, 1, 4, 10, 4, p, p, pb, Stream()).IsInvalidArgument());  // 4 does not divide 10
-  CHECK(MemoryReadWrite(p, 10, p, 10, pb, pb, 1, 4, 10, 4, p, p, p, p, Stream()).IsInvalidArgument());
-  CHECK(MemoryReadWrite(p, 264, p, 264, pb, pb, 1, 4, 264, 2, p, p, p, p, Stream()).IsInvalidArgument());  // dh 132
-  CHECK(MemoryReadWrite(p, 7, p, 8, pb, pb, 1, 4, 8, 2, p, p, p, p, Stream()).IsInvalidArgument());  // q_ld < d
-  CHECK(MemoryReadWrite(p, 8, nullptr, 8, pb, pb, 1, 4, 8, 2, p, p, p, p, Stream()).IsInvalidArgument());
+  CHECK(MemoryReadWrite(p, 10, p, 10, pb, pb, 1, 4, 10, 4, p, true, p, p, p, Stream()).IsInvalidArgument());
+  CHECK(MemoryReadWrite(p, 264, p, 264, pb, pb, 1, 4, 264, 2, p, true, p, p, p, Stream())
+            .IsInvalidArgument());  // dh 132
+  CHECK(MemoryReadWrite(p, 7, p, 8, pb, pb, 1, 4, 8, 2, p, true, p, p, p, Stream())
+            .IsInvalidArgument());  // q_ld < d
+  CHECK(MemoryReadWrite(p, 8, nullptr, 8, pb, pb, 1, 4, 8, 2, p, true, p, p, p, Stream()).IsInvalidArgument());
   CHECK(RmsNorm(p, p, 1, 0, 1e-5f, p, Stream()).IsInvalidArgument());
   CHECK(Linear(Cublas(), nullptr, 1, 0, nullptr, 4, p, false, Stream()).IsInvalidArgument());
   CHECK(SwiGlu(p, p, -1, p, Stream()).IsInvalidArgument());
@@ -1276,8 +1320,9 @@ TEST_CASE("Launchers refuse bad shapes and null pointers; empty work is a no-op"
   // Zero-sized work launches nothing and needs no pointers.
   CHECK(CausalAttention(nullptr, nullptr, nullptr, 0, 0, 4, 2, 8, nullptr, Stream()).ok());
   CHECK(MemoryRead(nullptr, nullptr, 8, nullptr, nullptr, 0, 4, 8, 2, nullptr, nullptr, nullptr, Stream()).ok());
-  CHECK(MemoryReadWrite(nullptr, 8, nullptr, 8, nullptr, nullptr, 0, 4, 8, 2, nullptr, nullptr, nullptr, nullptr,
-                        Stream()).ok());
+  CHECK(MemoryReadWrite(nullptr, 8, nullptr, 8, nullptr, nullptr, 0, 4, 8, 2, nullptr, true, nullptr, nullptr, nullptr,
+                        Stream())
+            .ok());
   CHECK(Linear(Cublas(), nullptr, 0, 8, nullptr, 4, nullptr, false, Stream()).ok());
   CHECK(AddInPlace(nullptr, nullptr, 0, Stream()).ok());
   RequireOk(CudaStatus(cudaStreamSynchronize(Stream()), "stream"));

@@ -30,11 +30,17 @@ using bf16 = __nv_bfloat16;
 
 inline std::size_t Z(int64_t v) { return static_cast<std::size_t>(v); }
 
+// Each cuBLAS handle's workspace (a state's, set on its handle: graph capture needs one).
+constexpr std::size_t kCublasWorkspace = std::size_t{8} << 20;
+
 struct LayerState {
   DeviceBuffer<float> k_cache, v_cache;  // [capacity, Hkv*Dh]
   // Memory layers only ([N, d] unless said):
   DeviceBuffer<float> bank;              // M, fixed during a segment
-  DeviceBuffer<bf16> mem_k, mem_v;       // memory K/V of the open segment (bf16: read every token)
+  DeviceBuffer<bf16> own_kv;             // memory K then V of this bank [2, N, d] (MemoryKv), made
+                                         // when a segment opens on a bank not the model's initial one
+  const bf16* mem_k = nullptr;           // the open segment's memory K / V (bf16: read every token):
+  const bf16* mem_v = nullptr;           // own_kv's halves, or the model's for the initial bank
   DeviceBuffer<float> mass;              // Σ_t A [Hm, N]
   DeviceBuffer<float> acc;               // Σ_t Aᵀ C (decode tokens join it when flushed)
   DeviceBuffer<float> pending_attn;      // staged decode tokens' probabilities [flush, Hm, N]
@@ -121,6 +127,13 @@ class CudaState final : public SequenceState {
   int64_t pos_ = 0;
   bool segment_open_ = false;
   int64_t segment_tokens_ = 0;
+  // The banks are the model's initial ones (a new state): a segment opening on them reads
+  // the model's memory K/V (CudaModel::initial_kv_) instead of computing its own.
+  bool bank_initial_ = true;
+  // The open segment has added nothing to the write sums yet, and BeginSegment leaves mass
+  // and acc as they were: the first tiled chunk stores its sums, any other first writer
+  // zeroes them first (ZeroSums).
+  bool sums_empty_ = false;
   int64_t staged_ = 0;       // decode tokens staged for the write sums, not yet flushed
   bool broken_ = false;      // a device error left the state inconsistent
   Scratch scratch_;
@@ -141,6 +154,14 @@ class CudaState final : public SequenceState {
 // Makes the model's device current for the calling thread (CUDA's current device is
 // per thread; a session may move between threads).
 Status UseDevice(int device) { return CudaStatus(cudaSetDevice(device), "cudaSetDevice"); }
+
+// A bank's memory K then V into kv [2, N, d] (bf16): bank_b = bf16(bank) (scratch, N x d),
+// then both products in one batched GEMM (LinearPairToBf16).
+Status MemoryKv(cublasHandle_t blas, const float* bank, bf16* bank_b, const CudaMemoryWeights& mw, int64_t N,
+                int64_t d, bf16* kv, cudaStream_t st) {
+  LM2_RETURN_IF_ERROR(ConvertF32ToBf16(bank, N * d, bank_b, st));
+  return LinearPairToBf16(blas, bank_b, N, d, mw.read_kv, d, kv, st);
+}
 
 class CudaModel final : public Model {
  public:
@@ -175,10 +196,34 @@ class CudaModel final : public Model {
   CudaModel(const CudaModel&) = delete;
   CudaModel& operator=(const CudaModel&) = delete;
 
+  // The initial bank's memory K/V of every memory layer, which every new state's first
+  // segment reads (CudaOptions::share_initial_memory_kv): made once at load, on a stream,
+  // handle and workspace like a state's.
+  Status PrepareInitialMemoryKv() {
+    if (!cfg_.has_memory() || !options_.share_initial_memory_kv) return Status::Ok();
+    const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size;
+    LM2_ASSIGN_OR_RETURN(CudaStream stream, CudaStream::Create());
+    LM2_ASSIGN_OR_RETURN(CublasHandle blas, CublasHandle::Create());
+    LM2_ASSIGN_OR_RETURN(auto workspace, DeviceBuffer<char>::Allocate(kCublasWorkspace));
+    LM2_CUBLAS_RETURN_IF_ERROR(cublasSetWorkspace(blas.get(), workspace.data(), kCublasWorkspace));
+    LM2_ASSIGN_OR_RETURN(auto bank_b, DeviceBuffer<bf16>::Allocate(Z(N * d)));
+    std::vector<DeviceBuffer<bf16>> kv(Z(cfg_.num_layers));
+    for (int64_t i = 0; i < cfg_.num_layers; ++i) {
+      const CudaLayerWeights& lw = w_->layers[Z(i)];
+      if (!lw.has_memory) continue;
+      LM2_ASSIGN_OR_RETURN(kv[Z(i)], DeviceBuffer<bf16>::Allocate(Z(2 * N * d)));
+      LM2_RETURN_IF_ERROR(
+          MemoryKv(blas.get(), lw.memory.init, bank_b.data(), lw.memory, N, d, kv[Z(i)].data(), stream.get()));
+    }
+    LM2_RETURN_IF_ERROR(stream.Synchronize());
+    initial_kv_ = std::move(kv);
+    return Status::Ok();
+  }
+
   // One short turn on a throwaway state (CudaOptions::warm_up): a prompt long enough for
   // the multi-token paths, greedy steps across a memory-write flush, a sampled step, a step
-  // with the logits copied out, the segment's end. Its buffers go back to the memory pool
-  // for the first real state.
+  // with the logits copied out, the segment's end, and a token of a second segment. Its
+  // buffers go back to the memory pool for the first real state.
   Status WarmUp() const {
     LM2_ASSIGN_OR_RETURN(auto state, NewState());
     const int64_t max_pos = cfg_.max_position_embeddings;
@@ -200,6 +245,9 @@ class CudaModel final : public Model {
       LM2_RETURN_IF_ERROR(ForwardBatchSample(one, std::vector<int32_t>(next), std::span(&rule, 1), &next));
       LM2_RETURN_IF_ERROR(Forward(*state, next, LogitsMode::kLast, &logits));
     }
+    LM2_RETURN_IF_ERROR(EndSegment(*state));
+    // A second segment opens on the committed bank: its memory K/V made by the state.
+    if (state->context_length() + 1 <= max_pos) LM2_RETURN_IF_ERROR(Forward(*state, next, LogitsMode::kNone, nullptr));
     return EndSegment(*state);
   }
 
@@ -222,9 +270,9 @@ class CudaModel final : public Model {
     LM2_ASSIGN_OR_RETURN(s->fork_, CudaEvent::Create());
     LM2_ASSIGN_OR_RETURN(s->join_, CudaEvent::Create());
     LM2_ASSIGN_OR_RETURN(s->cublas_, CublasHandle::Create());
-    constexpr std::size_t kWorkspace = std::size_t{8} << 20;
-    LM2_ASSIGN_OR_RETURN(s->cublas_workspace_, DeviceBuffer<char>::Allocate(kWorkspace));
-    LM2_CUBLAS_RETURN_IF_ERROR(cublasSetWorkspace(s->cublas_.get(), s->cublas_workspace_.data(), kWorkspace));
+    LM2_ASSIGN_OR_RETURN(s->cublas_workspace_, DeviceBuffer<char>::Allocate(kCublasWorkspace));
+    LM2_CUBLAS_RETURN_IF_ERROR(
+        cublasSetWorkspace(s->cublas_.get(), s->cublas_workspace_.data(), kCublasWorkspace));
     s->layers_.resize(Z(cfg_.num_layers));
     const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size, Hm = cfg_.memory_heads;
     const cudaStream_t st = s->stream_.get();
@@ -233,8 +281,6 @@ class CudaModel final : public Model {
       if (!lw.has_memory) continue;
       LayerState& ls = s->layers_[Z(i)];
       LM2_ASSIGN_OR_RETURN(ls.bank, DeviceBuffer<float>::Allocate(Z(N * d)));
-      LM2_ASSIGN_OR_RETURN(ls.mem_k, DeviceBuffer<bf16>::Allocate(Z(N * d)));
-      LM2_ASSIGN_OR_RETURN(ls.mem_v, DeviceBuffer<bf16>::Allocate(Z(N * d)));
       LM2_ASSIGN_OR_RETURN(ls.mass, DeviceBuffer<float>::Allocate(Z(Hm * N)));
       LM2_ASSIGN_OR_RETURN(ls.acc, DeviceBuffer<float>::Allocate(Z(N * d)));
       LM2_ASSIGN_OR_RETURN(ls.pending_attn, DeviceBuffer<float>::Allocate(Z(options_.write_flush_tokens * Hm * N)));
@@ -303,7 +349,10 @@ class CudaModel final : public Model {
     if (!s->segment_open_) return Status::Ok();
     return Guarded(*s, [&]() -> Status {
       LM2_RETURN_IF_ERROR(FlushWrites(*s));
-      if (s->segment_tokens_ > 0) LM2_RETURN_IF_ERROR(ApplyWrite(*s));
+      if (s->segment_tokens_ > 0) {
+        LM2_RETURN_IF_ERROR(ApplyWrite(*s));
+        s->bank_initial_ = false;
+      }
       LM2_RETURN_IF_ERROR(s->stream_.Synchronize());
       s->segment_open_ = false;
       s->segment_tokens_ = 0;
@@ -347,6 +396,7 @@ class CudaModel final : public Model {
     LM2_RETURN_IF_ERROR(CheckImport(memory));
     if (memory.layers.empty()) return Status::Ok();
     const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size;
+    s->bank_initial_ = false;
     // A failed copy may leave some layers replaced and others not: that breaks the state.
     return Guarded(*s, [&]() -> Status {
       LM2_RETURN_IF_ERROR(EnsureCapacity(s->staging_, Z(N * d)));
@@ -372,6 +422,10 @@ class CudaModel final : public Model {
     std::vector<std::vector<float>> out;
     std::vector<float> mass(Z(Hm * N));
     for (int64_t layer : cfg_.memory_layers) {
+      if (s->sums_empty_) {  // nothing read yet (the buffer is not zeroed until a write)
+        out.emplace_back(Z(N), 0.0f);
+        continue;
+      }
       LM2_RETURN_IF_ERROR(s->layers_[Z(layer)].mass.CopyToHost(mass.data(), mass.size(), s->stream_.get()));
       out.push_back(ReadMassPerSlot(mass.data()));
     }
@@ -401,25 +455,46 @@ class CudaModel final : public Model {
     return st;
   }
 
-  // Opens a segment: memory K/V from the bank as it is now, write sums zeroed.
+  // Opens a segment: memory K/V from the bank as it is now (the model's own for the
+  // initial bank), the write sums empty (sums_empty_: zeroed by their first writer).
   Status BeginSegment(CudaState& s) const {
     const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size;
     const cudaStream_t st = s.stream_.get();
-    if (cfg_.has_memory()) LM2_RETURN_IF_ERROR(EnsureCapacity(s.scratch_.xb, Z(N * d)));
+    const bool shared = s.bank_initial_ && !initial_kv_.empty();
+    if (cfg_.has_memory() && !shared) LM2_RETURN_IF_ERROR(EnsureCapacity(s.scratch_.xb, Z(N * d)));
     for (int64_t i = 0; i < cfg_.num_layers; ++i) {
       const CudaLayerWeights& lw = w_->layers[Z(i)];
       if (!lw.has_memory) continue;
       LayerState& ls = s.layers_[Z(i)];
-      bf16* bank_b = s.scratch_.xb.data();
-      LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.bank.data(), N * d, bank_b, st));
-      LM2_RETURN_IF_ERROR(LinearToBf16(s.cublas_.get(), bank_b, N, d, lw.memory.read_k, d, ls.mem_k.data(), st));
-      LM2_RETURN_IF_ERROR(LinearToBf16(s.cublas_.get(), bank_b, N, d, lw.memory.read_v, d, ls.mem_v.data(), st));
-      LM2_RETURN_IF_ERROR(ls.mass.FillBytes(0, st));
-      LM2_RETURN_IF_ERROR(ls.acc.FillBytes(0, st));
+      const bf16* kv = nullptr;
+      if (shared) {
+        kv = initial_kv_[Z(i)].data();
+      } else {
+        LM2_RETURN_IF_ERROR(EnsureCapacity(ls.own_kv, Z(2 * N * d)));
+        LM2_RETURN_IF_ERROR(
+            MemoryKv(s.cublas_.get(), ls.bank.data(), s.scratch_.xb.data(), lw.memory, N, d, ls.own_kv.data(), st));
+        kv = ls.own_kv.data();
+      }
+      ls.mem_k = kv;
+      ls.mem_v = kv + N * d;
     }
     s.segment_open_ = true;
     s.segment_tokens_ = 0;
     s.staged_ = 0;
+    s.sums_empty_ = cfg_.has_memory();
+    return Status::Ok();
+  }
+
+  // Zeroes the open segment's write sums (sums_empty_) before a writer that adds to them.
+  Status ZeroSums(CudaState& s) const {
+    if (!s.sums_empty_) return Status::Ok();
+    for (int64_t i = 0; i < cfg_.num_layers; ++i) {
+      if (!w_->layers[Z(i)].has_memory) continue;
+      LayerState& ls = s.layers_[Z(i)];
+      LM2_RETURN_IF_ERROR(ls.mass.FillBytes(0, s.stream_.get()));
+      LM2_RETURN_IF_ERROR(ls.acc.FillBytes(0, s.stream_.get()));
+    }
+    s.sums_empty_ = false;
     return Status::Ok();
   }
 
@@ -444,6 +519,7 @@ class CudaModel final : public Model {
     const cudaStream_t st = s.stream_.get();
     LM2_RETURN_IF_ERROR(EnsureCapacity(s.scratch_.write_u, Z(N * d)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(s.scratch_.write_in, Z(N * d)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(s.scratch_.xb, Z(N * d)));
     for (int64_t i = 0; i < cfg_.num_layers; ++i) {
       const CudaLayerWeights& lw = w_->layers[Z(i)];
       if (!lw.has_memory) continue;
@@ -451,7 +527,7 @@ class CudaModel final : public Model {
       float* u = s.scratch_.write_u.data();
       float* in_pre = s.scratch_.write_in.data();
       float* forget_pre = ls.acc.data();
-      bf16* u_b = s.scratch_.xb.data();  // N*d since BeginSegment
+      bf16* u_b = s.scratch_.xb.data();
       LM2_RETURN_IF_ERROR(WriteUpdate(ls.mass.data(), ls.acc.data(), N, d, Hm, u, st));
       LM2_RETURN_IF_ERROR(ConvertF32ToBf16(u, N * d, u_b, st));
       LM2_RETURN_IF_ERROR(Linear(s.cublas_.get(), u_b, N, d, lw.memory.in_gate_w, d, in_pre, false, st));
@@ -545,9 +621,12 @@ class CudaModel final : public Model {
 
     if (mode == LogitsMode::kAll) logits->resize(Z(T * V));
     if (mode == LogitsMode::kLast) logits->resize(Z(V));
+    // A first chunk on the tiled path stores the write sums (sums_empty_); others add to them.
+    if (!(tiled_memory_ && chunk > 1)) LM2_RETURN_IF_ERROR(ZeroSums(s));
     for (int64_t c = 0; c < T; c += chunk) {
       const int64_t n = std::min(chunk, T - c);
       LM2_RETURN_IF_ERROR(RunLayers(s, c, n, s.pos_ + c));
+      s.sums_empty_ = false;
       if (mode == LogitsMode::kAll) {
         LM2_RETURN_IF_ERROR(ComputeLogits(s, 0, n, logits->data() + c * V));
       } else if (mode == LogitsMode::kLast && c + n == T) {
@@ -572,8 +651,11 @@ class CudaModel final : public Model {
                   std::vector<int32_t>* next, std::span<const TokenRule> rules) const {
     const auto B = static_cast<int64_t>(batch.size());
     for (CudaState* s : batch) {
-      if (!s->segment_open_) {  // its memory K/V are computed on its own stream: wait for them
-        LM2_RETURN_IF_ERROR(BeginSegment(*s));
+      if (!s->segment_open_) LM2_RETURN_IF_ERROR(BeginSegment(*s));
+      if (s->sums_empty_) {
+        // The step adds to the sums: zeroed first, on the state's own stream (as its memory
+        // K/V were made); the batch runs on the lead's, so wait for both.
+        LM2_RETURN_IF_ERROR(ZeroSums(*s));
         LM2_RETURN_IF_ERROR(s->stream_.Synchronize());
       }
       LM2_RETURN_IF_ERROR(EnsureKvCapacity(*s, s->pos_ + 1));  // synchronises when it moves rows
@@ -742,8 +824,12 @@ class CudaModel final : public Model {
     for (int64_t i = 0; i < cfg_.num_layers; ++i) {
       for (int64_t b = 0; b < t.B; ++b) {
         LayerState& ls = batch[Z(b)]->layers_[Z(i)];
-        void* ptrs[BatchTable::kArrays] = {ls.k_cache.data(), ls.v_cache.data(),      ls.mem_k.data(),
-                                           ls.mem_v.data(),   ls.mass.data(),         ls.pending_attn.data(),
+        void* ptrs[BatchTable::kArrays] = {ls.k_cache.data(),
+                                           ls.v_cache.data(),
+                                           const_cast<bf16*>(ls.mem_k),
+                                           const_cast<bf16*>(ls.mem_v),
+                                           ls.mass.data(),
+                                           ls.pending_attn.data(),
                                            ls.pending_offer.data()};
         for (int64_t k = 0; k < BatchTable::kArrays; ++k) next[Z((i * BatchTable::kArrays + k) * t.B + b)] = ptrs[k];
       }
@@ -800,14 +886,14 @@ class CudaModel final : public Model {
                                  sc.read_partial.data(), &stage, mst);
         }
         if (n == 1) {
-          return MemoryReadOneToken(mq, P, ls.mem_k.data(), ls.mem_v.data(), N, d, Hm, sc.mattn.data(), sc.e.data(),
+          return MemoryReadOneToken(mq, P, ls.mem_k, ls.mem_v, N, d, Hm, sc.mattn.data(), sc.e.data(),
                                     sc.read_partial.data(), mst);
         }
-        if (tiled_memory_) {  // the write sums too
-          return MemoryReadWrite(mq, P, offer, P, ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm, sc.e.data(),
+        if (tiled_memory_) {  // the write sums too (stored by a segment's first chunk)
+          return MemoryReadWrite(mq, P, offer, P, ls.mem_k, ls.mem_v, n, N, d, Hm, sc.e.data(), !s.sums_empty_,
                                  ls.mass.data(), ls.acc.data(), sc.read_stats.data(), mst);
         }
-        return MemoryRead(blas, mq, P, ls.mem_k.data(), ls.mem_v.data(), n, N, d, Hm, sc.mattn.data(), sc.e.data(),
+        return MemoryRead(blas, mq, P, ls.mem_k, ls.mem_v, n, N, d, Hm, sc.mattn.data(), sc.e.data(),
                           sc.read_b.data(), mst);
       };
       const bool side_read =
@@ -1010,6 +1096,9 @@ class CudaModel final : public Model {
   bool tiled_memory_ = false;
   // Chunks of attention_gemm_min_tokens or more take CausalAttentionTiled (else the GEMMs).
   bool tiled_attention_ = false;
+  // Per layer, the initial bank's memory K then V [2, N, d] (PrepareInitialMemoryKv; empty
+  // buffers in layers without memory, none at all with share_initial_memory_kv off).
+  std::vector<DeviceBuffer<bf16>> initial_kv_;
 };
 
 }  // namespace
@@ -1044,6 +1133,7 @@ Result<std::unique_ptr<Model>> LoadCudaModel(std::shared_ptr<const ModelFiles> f
   LM2_RETURN_IF_ERROR(cuda::UseDevice(options.device));
   LM2_ASSIGN_OR_RETURN(auto weights, cuda::CudaWeights::Upload(*files, options.device));
   auto model = std::make_unique<cuda::CudaModel>(std::move(files), std::move(weights), options);
+  LM2_RETURN_IF_ERROR(model->PrepareInitialMemoryKv());
   if (options.warm_up) LM2_RETURN_IF_ERROR(model->WarmUp());
   return std::unique_ptr<Model>(std::move(model));
 }

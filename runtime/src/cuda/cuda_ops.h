@@ -34,6 +34,13 @@ Status Linear(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64
 Status LinearToBf16(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in,
                     const __nv_bfloat16* w, int64_t out, __nv_bfloat16* y, cudaStream_t stream);
 
+// LinearToBf16 with two weights stacked [2, out, in] (w_pair) against one x: y_pair [2,
+// rows, out] = bf16(x · W_0ᵀ), bf16(x · W_1ᵀ), as one strided-batched GEMM (the memory K
+// and V of a bank: at 2048 x 2048 x 2048 one GEMM's tiles fill less than a wave of the
+// GPU, two do better). The sums as LinearToBf16's up to their order.
+Status LinearPairToBf16(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in,
+                        const __nv_bfloat16* w_pair, int64_t out, __nv_bfloat16* y_pair, cudaStream_t stream);
+
 // The same from fp32 activations: x is rounded to bf16 into `x_bf16` (scratch of rows*in,
 // caller-owned), then multiplied as above.
 Status LinearF32(cublasHandle_t handle, const float* x, int64_t rows, int64_t in, const __nv_bfloat16* w,
@@ -327,12 +334,15 @@ Status AccumulateWrite(cublasHandle_t handle, const float* attn, const float* of
 // bf16(q) and the bf16 memory K, probabilities fp32 for the softmax statistics and the
 // masses, rounded to bf16 (like the offer) for the two products, fp32 accumulation.
 // q[T, d] and offer[T, d] with rows q_ld / offer_ld >= d apart; scratch holds
-// MemoryReadWriteScratch(T, d, heads) floats. Head widths up to 128 (MemoryReadWriteSupported).
+// MemoryReadWriteScratch(T, d, heads) floats. accumulate = false stores the sums instead of
+// adding them (the first chunk of a segment: mass and acc need no zeroing; the bits adding
+// to zeros gives). Head widths up to 128 (MemoryReadWriteSupported).
 bool MemoryReadWriteSupported(int64_t d, int64_t heads);
 int64_t MemoryReadWriteScratch(int64_t T, int64_t d, int64_t heads);
 Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld,
                        const __nv_bfloat16* mem_k, const __nv_bfloat16* mem_v, int64_t T, int64_t N, int64_t d,
-                       int64_t heads, float* e, float* mass, float* acc, float* scratch, cudaStream_t stream);
+                       int64_t heads, float* e, bool accumulate, float* mass, float* acc, float* scratch,
+                       cudaStream_t stream);
 
 // One token per session (decode), as bandwidth-bound kernels (memory_decode.cu): the same
 // results as MemoryRead / AccumulateWrite with T = 1, with q, the scores and the

@@ -146,8 +146,8 @@ Result<std::unique_ptr<CudaWeights>> CudaWeights::Upload(const ModelFiles& files
     LM2_RETURN_IF_ERROR(up.Vector(n.input_norm(), &l.input_norm));
     LM2_RETURN_IF_ERROR(up.Vector(n.post_norm(), &l.post_norm));
     if (!l.has_memory) continue;
-    LM2_RETURN_IF_ERROR(up.Matrix(n.memory_weight("read_k"), &mw.read_k));
-    LM2_RETURN_IF_ERROR(up.Matrix(n.memory_weight("read_v"), &mw.read_v));
+    LM2_RETURN_IF_ERROR(
+        up.Stacked({{n.memory_weight("read_k"), &mw.read_k}, {n.memory_weight("read_v"), &mw.read_v}}, &mw.read_kv));
     LM2_RETURN_IF_ERROR(up.Matrix(n.memory_weight("out_gate"), &mw.out_gate_w));
     LM2_RETURN_IF_ERROR(up.Vector(n.memory_bias("out_gate"), &mw.out_gate_b));
     LM2_RETURN_IF_ERROR(up.Matrix(n.memory_weight("in_gate"), &mw.in_gate_w));

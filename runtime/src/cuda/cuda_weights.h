@@ -21,6 +21,7 @@ namespace lm2::runtime::cuda {
 
 struct CudaMemoryWeights {
   const __nv_bfloat16* read_q = nullptr;         // [d, d]
+  const __nv_bfloat16* read_kv = nullptr;        // [2, d, d]: read_k then read_v (LinearPairToBf16)
   const __nv_bfloat16* read_k = nullptr;         // [d, d]
   const __nv_bfloat16* read_v = nullptr;         // [d, d]
   const __nv_bfloat16* write_v = nullptr;        // [d, d]
@@ -36,7 +37,8 @@ struct CudaMemoryWeights {
 // The projections that read the same input are stacked row-wise in one buffer, so one GEMM
 // computes them all: x_proj = [q_proj; k_proj; v_proj; memory.read_q; memory.write_v]
 // ([x_proj_rows, d], the memory rows only in memory layers) and gate_up = [gate_proj;
-// up_proj] ([2F, d]). The per-tensor pointers point into them.
+// up_proj] ([2F, d]); memory.read_kv = [read_k; read_v], the two products of the bank at a
+// segment's opening. The per-tensor pointers point into them.
 struct CudaLayerWeights {
   const __nv_bfloat16* x_proj = nullptr;     // [x_proj_rows, d]
   int64_t x_proj_rows = 0;

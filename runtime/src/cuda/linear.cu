@@ -44,16 +44,17 @@ Status CheckStridedBatched(const char* op, int64_t m, int64_t n, int64_t k, int6
   return Status::Ok();
 }
 
-// cublasGemmStridedBatchedEx with fp32 C and the given operand type and compute type.
+// cublasGemmStridedBatchedEx with the given operand, C and compute types.
 Status StridedBatched(cublasHandle_t handle, cublasOperation_t op_a, cublasOperation_t op_b, int64_t m, int64_t n,
                       int64_t k, float alpha, const void* a, int64_t lda, int64_t stride_a, const void* b, int64_t ldb,
-                      int64_t stride_b, float beta, float* c, int64_t ldc, int64_t stride_c, int64_t batch,
-                      cudaDataType_t ab_type, cublasComputeType_t compute, cudaStream_t stream) {
+                      int64_t stride_b, float beta, void* c, int64_t ldc, int64_t stride_c, int64_t batch,
+                      cudaDataType_t ab_type, cudaDataType_t c_type, cublasComputeType_t compute,
+                      cudaStream_t stream) {
   LM2_CUBLAS_RETURN_IF_ERROR(cublasSetStream(handle, stream));
   LM2_CUBLAS_RETURN_IF_ERROR(cublasSetPointerMode(handle, CUBLAS_POINTER_MODE_HOST));
   LM2_CUBLAS_RETURN_IF_ERROR(cublasGemmStridedBatchedEx(
       handle, op_a, op_b, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), &alpha, a, ab_type,
-      static_cast<int>(lda), stride_a, b, ab_type, static_cast<int>(ldb), stride_b, &beta, c, CUDA_R_32F,
+      static_cast<int>(lda), stride_a, b, ab_type, static_cast<int>(ldb), stride_b, &beta, c, c_type,
       static_cast<int>(ldc), stride_c, static_cast<int>(batch), compute, CUBLAS_GEMM_DEFAULT));
   return Status::Ok();
 }
@@ -68,6 +69,17 @@ Status Linear(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64
 Status LinearToBf16(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w,
                     int64_t out, __nv_bfloat16* y, cudaStream_t stream) {
   return LinearInto(handle, x, rows, in, w, out, y, CUDA_R_16BF, 0.0f, stream);
+}
+
+Status LinearPairToBf16(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in,
+                        const __nv_bfloat16* w_pair, int64_t out, __nv_bfloat16* y_pair, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckLinear(rows, in, out));
+  if (rows == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("LinearPairToBf16", {handle, x, w_pair, y_pair}));
+  // As LinearInto's GEMM, twice: W_i at w_pair + i·out·in, the one x (stride 0), y_i at
+  // y_pair + i·rows·out.
+  return StridedBatched(handle, CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, 1.0f, w_pair, in, out * in, x, in, 0, 0.0f,
+                        y_pair, out, rows * out, 2, CUDA_R_16BF, CUDA_R_16BF, CUBLAS_COMPUTE_32F, stream);
 }
 
 Status LinearF32(cublasHandle_t handle, const float* x, int64_t rows, int64_t in, const __nv_bfloat16* w,
@@ -86,7 +98,7 @@ Status GemmStridedBatchedF32(cublasHandle_t handle, cublasOperation_t op_a, cubl
   if (m == 0 || n == 0 || batch == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("GemmStridedBatchedF32", {handle, a, b, c}));
   return StridedBatched(handle, op_a, op_b, m, n, k, alpha, a, lda, stride_a, b, ldb, stride_b, beta, c, ldc, stride_c,
-                        batch, CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32, stream);
+                        batch, CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32, stream);
 }
 
 Status GemmStridedBatchedBf16(cublasHandle_t handle, cublasOperation_t op_a, cublasOperation_t op_b, int64_t m,
@@ -97,7 +109,7 @@ Status GemmStridedBatchedBf16(cublasHandle_t handle, cublasOperation_t op_a, cub
   if (m == 0 || n == 0 || batch == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("GemmStridedBatchedBf16", {handle, a, b, c}));
   return StridedBatched(handle, op_a, op_b, m, n, k, alpha, a, lda, stride_a, b, ldb, stride_b, beta, c, ldc, stride_c,
-                        batch, CUDA_R_16BF, CUBLAS_COMPUTE_32F, stream);
+                        batch, CUDA_R_16BF, CUDA_R_32F, CUBLAS_COMPUTE_32F, stream);
 }
 
 }  // namespace lm2::runtime::cuda

@@ -70,6 +70,13 @@ struct CudaOptions {
   // Measured on an H200: batch-1 decode 884-892 -> 904-909 tokens/s; 2 sessions lost ~3%
   // this way, so steps of several sessions keep the read on the second stream.
   bool memory_read_leads = true;
+  // LoadCudaModel computes the memory K/V of the model's initial bank once (memory_slots x
+  // hidden_size x 2 bf16 per memory layer: 256 MiB for the paper's model) and every state's
+  // segments read those until its bank changes (EndSegment after tokens, ImportMemory),
+  // instead of computing the same products at each new state's first segment (~0.6 ms of
+  // GEMMs for the paper's model, and 256 MiB per new state). Same results either way
+  // (tested). false: each state computes its own.
+  bool share_initial_memory_kv = true;
   // LoadCudaModel runs one short conversation turn on a throwaway state before it returns
   // (a prompt through the tensor-core and cuBLAS paths, greedy and sampled decode steps
   // across a memory-write flush, the segment's end), so that the kernels' first-use costs
