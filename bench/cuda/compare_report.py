@@ -24,6 +24,9 @@ def figures(run):
             out.append((f"prefill {n}, reused state (tokens/s)", tokens / p["reused_s"], "rate"))
         if "new_state_s" in p:
             out.append((f"new state before prefill {n} (ms)", 1e3 * p["new_state_s"], "ms"))
+    late = run.get("late_prompt")
+    if late:
+        out.append((f"a {late['tokens']}-token prompt after {late['context']} tokens (ms)", 1e3 * late["s"], "ms"))
     for b, s in sorted(run.get("sessions", {}).items(), key=lambda kv: int(kv[0])):
         out.append((f"{b} sessions (tokens/s)", s.get("tps"), "rate"))
     for key, name in (("first_turn_s", "first turn after the load (ms)"), ("end_segment_s", "end of segment (ms)"),

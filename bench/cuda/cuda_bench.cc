@@ -41,6 +41,7 @@
 //                     the host for the argmax, and sampled (temperature 0.8, top-p 0.95)
 //                     through ForwardBatchSample on the device and by Sampler on the host.
 //   prefill T         one Forward of T tokens (segment opening included) per fresh state,
+//                     and on a reused state;
 //                     tokens/s and achieved TFLOP/s / gemm rate; also the time NewState
 //                     took for that state (the session's buffers, its banks initialised)
 //   sessions B        B states decoding together, one ForwardBatchGreedy per step; total
@@ -73,6 +74,9 @@
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// The prompt of the late-turn figure (LatePrompt).
+constexpr int64_t kLatePromptTokens = 64;
 using lm2::runtime::LogitsMode;
 using lm2::runtime::Model;
 using lm2::runtime::SequenceState;
@@ -505,6 +509,23 @@ void BatchedStepParts(const lm2::runtime::ModelConfig& c, int64_t S, int64_t B) 
               (per_layer * L + head) * 1e3);
 }
 
+// The best time of a `tokens`-token prompt after `context` tokens in the same segment (each
+// repeat on a state reset to an empty context first; the first run warms up).
+double LatePrompt(const Model& model, int64_t context, int64_t tokens, int64_t repeats) {
+  const auto& cfg = model.config();
+  auto s = Take(model.NewState(), "state");
+  std::vector<float> logits;
+  double best = 1e30;
+  for (int64_t r = 0; r < repeats + 1; ++r) {
+    model.ResetContext(*s);
+    Check(model.Forward(*s, Tokens(context, cfg.vocab_size, 300 + r), LogitsMode::kNone, nullptr), "context");
+    const auto t0 = Clock::now();
+    Check(model.Forward(*s, Tokens(tokens, cfg.vocab_size, 7), LogitsMode::kLast, &logits), "prompt");
+    if (r > 0) best = std::min(best, Seconds(t0, Clock::now()));
+  }
+  return best;
+}
+
 // Each kernel of one prefill chunk of T tokens (from an empty cache) at the model's shapes,
 // back to back on one stream, per layer: where a prefill's time goes, without the profiler
 // (Nsight Compute runs kernels one at a time at whatever clock the card idles at). The
@@ -926,10 +947,21 @@ int main(int argc, char** argv) {
     }
     json << (first ? "" : ", ") << "\"" << T << "\": {\"tps\": " << static_cast<double>(T) / best
          << ", \"flops\": " << flops << ", \"s\": " << best << ", \"reused_s\": " << reused
+
          << ", \"new_state_s\": " << new_state << "}";
     first = false;
   }
   json << "}";
+  {  // A short prompt late in a conversation: the cache's rows up to the last position already there.
+    const int64_t context = cfg.max_position_embeddings - kLatePromptTokens;
+    if (context > 0) {
+      const double late = LatePrompt(*model, context, kLatePromptTokens, repeats);
+      std::printf("a %lld-token prompt after %lld cached tokens: %.2f ms\n", static_cast<long long>(kLatePromptTokens),
+                  static_cast<long long>(context), late * 1e3);
+      json << ", \"late_prompt\": {\"context\": " << context << ", \"tokens\": " << kLatePromptTokens
+           << ", \"s\": " << late << "}";
+    }
+  }
 
   // ---- concurrent sessions -----------------------------------------------------------------
   json << ", \"sessions\": {";

@@ -243,6 +243,50 @@ TEST_CASE("CUDA decode token by token equals one prefill; chunked prefill equals
   }
 }
 
+TEST_CASE("Prompts after decode steps attend over every cached row", "[cuda][model]") {
+  // The demo model (1,024 positions): a prompt, decode steps, a prompt that grows the KV
+  // cache past 256 rows, decode steps, a prompt (the tiled attention over the rows decode
+  // steps appended); each prompt's logits against the same tokens as one prefill on another
+  // state (decode and prefill differ by their precision, ~1e-3; a missing or stale row
+  // would be off by far more). Then ResetContext and the first prompt again: the same bits
+  // as the first time.
+  auto files = Files(SourceDir() + "/models/lm2-demo");
+  auto model = LoadCuda(files);
+  const auto V = static_cast<std::size_t>(model->config().vocab_size);
+  std::vector<int32_t> all;
+  auto s = NewState(*model);
+  std::vector<float> logits, first;
+  std::vector<std::pair<std::size_t, std::vector<float>>> prompt_ends;  // (tokens so far, last logits)
+  int32_t next = 1;
+  for (const int prompt_len : {100, 300, 50}) {
+    std::vector<int32_t> prompt(static_cast<std::size_t>(prompt_len));
+    for (std::size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((all.size() + i) * 37 % V);
+    RequireOk(model->Forward(*s, prompt, LogitsMode::kLast, &logits));
+    if (first.empty()) first = logits;
+    all.insert(all.end(), prompt.begin(), prompt.end());
+    prompt_ends.emplace_back(all.size(), logits);
+    next = Argmax(logits);
+    for (int i = 0; i < 5; ++i) {
+      RequireOk(model->Forward(*s, std::vector<int32_t>{next}, LogitsMode::kLast, &logits));
+      all.push_back(next);
+      next = Argmax(logits);
+    }
+  }
+  auto whole = NewState(*model);
+  std::vector<float> every;
+  RequireOk(model->Forward(*whole, all, LogitsMode::kAll, &every));
+  for (const auto& [end, last] : prompt_ends) {
+    INFO("prompt ending at token " << end);
+    const std::vector<double> want(every.begin() + static_cast<std::ptrdiff_t>((end - 1) * V),
+                                   every.begin() + static_cast<std::ptrdiff_t>(end * V));
+    CHECK(RelativeError(last.data(), want.data(), want.size()) < 1e-2);
+  }
+  model->ResetContext(*s);
+  std::vector<int32_t> prompt(all.begin(), all.begin() + 100);
+  RequireOk(model->Forward(*s, prompt, LogitsMode::kLast, &logits));
+  CHECK(logits == first);
+}
+
 TEST_CASE("CUDA memory export and import: exact continuation, and banks move between backends",
           "[cuda][model]") {
   auto files = Files(TestModelDir("tiny-lm2"));
