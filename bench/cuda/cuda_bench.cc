@@ -47,6 +47,8 @@
 //   sessions B        B states decoding together, one ForwardBatchGreedy per step; total
 //                     tokens/s
 //   bank export/import one session's banks device <-> host through pinned staging
+//   setup costs       what a new state's resources cost each: streams, events, cuBLAS
+//                     handles, device buffers from the pool, pinned host buffers
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
@@ -509,6 +511,29 @@ void BatchedStepParts(const lm2::runtime::ModelConfig& c, int64_t S, int64_t B) 
               (per_layer * L + head) * 1e3);
 }
 
+// What a new state's first call pays before its kernels run, one resource kind at a time
+// (the mean of `n` of each, made and then released): streams, events, cuBLAS handles, device
+// buffers from lm2's pool, pinned host buffers. Printed in microseconds each.
+void SetupCosts(int n) {
+  const auto mean_us = [n](auto make) {
+    std::vector<decltype(make())> held;
+    const auto t0 = Clock::now();
+    for (int i = 0; i < n; ++i) held.push_back(make());
+    const double s = Seconds(t0, Clock::now());
+    return s / n * 1e6;
+  };
+  const double stream = mean_us([] { return Take(cuda::CudaStream::Create(), "stream"); });
+  const double event = mean_us([] { return Take(cuda::CudaEvent::Create(), "event"); });
+  const double blas = mean_us([] { return Take(cuda::CublasHandle::Create(), "cublas"); });
+  const double dev_1m = mean_us([] { return Take(cuda::DeviceBuffer<float>::Allocate(1 << 18), "alloc"); });
+  const double dev_16m = mean_us([] { return Take(cuda::DeviceBuffer<float>::Allocate(1 << 22), "alloc"); });
+  const double pin_4k = mean_us([] { return Take(cuda::PinnedBuffer<int32_t>::Allocate(1 << 10), "pinned"); });
+  const double pin_1m = mean_us([] { return Take(cuda::PinnedBuffer<float>::Allocate(1 << 18), "pinned"); });
+  std::printf("setup costs (us each, mean of %d): stream %.1f, event %.1f, cuBLAS handle %.1f, device buffer from the "
+              "pool 1 MiB %.1f / 16 MiB %.1f, pinned host buffer 4 KiB %.1f / 1 MiB %.1f\n",
+              n, stream, event, blas, dev_1m, dev_16m, pin_4k, pin_1m);
+}
+
 // The best time of a `tokens`-token prompt after `context` tokens in the same segment (each
 // repeat on a state reset to an empty context first; the first run warms up).
 double LatePrompt(const Model& model, int64_t context, int64_t tokens, int64_t repeats) {
@@ -781,6 +806,7 @@ int main(int argc, char** argv) {
                 static_cast<long long>(prompt_tokens), options.warm_up ? "on" : "off", first_turn * 1e3,
                 second_turn * 1e3);
   }
+  SetupCosts(32);
   const Shape shape{static_cast<double>(cfg.hidden_size),
                     static_cast<double>(cfg.num_heads * cfg.head_dim),
                     static_cast<double>(cfg.num_kv_heads * cfg.head_dim),
