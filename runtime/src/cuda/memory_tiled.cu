@@ -33,6 +33,9 @@
 #include <cuda_bf16.h>
 
 #include <cmath>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
@@ -392,18 +395,51 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryWrite
   }
 }
 
-// Blocks a split read's cluster takes per (tokens, head) pair: the largest power of two (at
-// most 8, the portable cluster size, and at most the slot tiles) whose blocks all fit in one
-// wave of two blocks a multiprocessor (the read kernel's residency at head width 64): at 32
-// memory heads on 132 multiprocessors, 8 up to 128 tokens, 2 at 512, 1 from 640 on (each
-// block of a split read repeats the q staging and adds the combine: a second wave of them
-// lost); 1 before sm_90 (no clusters).
-Result<int> ReadSplits(int64_t blocks, int64_t tiles) {
+// How many clusters of `size` blocks of `kernel` (`threads` threads, `smem` bytes of dynamic
+// shared memory each) the current device holds at once (cudaOccupancyMaxActiveClusters:
+// a cluster's blocks share one GPC, so it is fewer than multiprocessors x residency / size
+// where a GPC's blocks do not divide evenly: 30 clusters of 8 of the read kernel on an
+// H200, 240 blocks, not 264). Cached per device, kernel and size.
+Result<int> MaxActiveClusters(const void* kernel, int size, int threads, int smem) {
+  static std::mutex mu;
+  static auto* cache = new std::map<std::tuple<int, const void*, int>, int>();
+  int device = 0;
+  LM2_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(device, kernel, size);
+  if (auto it = cache->find(key); it != cache->end()) return it->second;
+  cudaLaunchAttribute cluster[1];
+  cluster[0].id = cudaLaunchAttributeClusterDimension;
+  cluster[0].val.clusterDim = {1, 1, static_cast<unsigned int>(size)};
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(1, 1, static_cast<unsigned int>(size));
+  config.blockDim = dim3(static_cast<unsigned int>(threads));
+  config.dynamicSmemBytes = static_cast<std::size_t>(smem);
+  config.attrs = cluster;
+  config.numAttrs = 1;
+  int clusters = 0;
+  LM2_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+  cache->emplace(key, clusters);
+  return clusters;
+}
+
+// Blocks a split read's cluster takes per (tokens, head) pair, for `pairs` pairs: the largest
+// power of two (at most 8, the portable cluster size, and at most the slot tiles) whose
+// blocks all fit in one wave of two blocks a multiprocessor (the read kernel's residency at
+// head width 64) and whose clusters all fit at once (MaxActiveClusters): at 32 memory heads
+// on an H200, 4 up to 128 tokens (32 clusters of 8 would be two waves: 30 fit), 2 at 512, 1
+// from 640 on (each block of a split read repeats the q staging and adds the combine: a
+// second wave of them lost); 1 before sm_90 (no clusters).
+Result<int> ReadSplits(int64_t pairs, int64_t tiles, const void* kernel, int threads, int smem) {
   LM2_ASSIGN_OR_RETURN(const int major, CurrentDeviceAttribute(cudaDevAttrComputeCapabilityMajor));
   if (major < 9) return 1;
   LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());
   int splits = 1;
-  while (splits < 8 && 2 * splits <= tiles && 2 * splits * blocks <= 2 * static_cast<int64_t>(sms)) splits *= 2;
+  while (splits < 8 && 2 * splits <= tiles && 2 * splits * pairs <= 2 * static_cast<int64_t>(sms)) {
+    LM2_ASSIGN_OR_RETURN(const int clusters, MaxActiveClusters(kernel, 2 * splits, threads, smem));
+    if (pairs > clusters) break;
+    splits *= 2;
+  }
   return splits;
 }
 
@@ -424,7 +460,10 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
   const auto heads = static_cast<unsigned int>(d / dh);
   const Scratch parts = Carve(scratch, T, heads, DHP);
   const auto pairs = static_cast<unsigned int>(PaddedTokens(T) / kRows);
-  LM2_ASSIGN_OR_RETURN(const int splits, ReadSplits(pairs * heads, (N + kTile - 1) / kTile));
+  LM2_ASSIGN_OR_RETURN(const int splits,
+                       ReadSplits(pairs * heads, (N + kTile - 1) / kTile,
+                                  reinterpret_cast<const void*>(&MemoryReadTiledKernel<DHP>), GroupThreads(DHP),
+                                  kReadBytes));
   cudaLaunchAttribute cluster[1];
   cluster[0].id = cudaLaunchAttributeClusterDimension;
   cluster[0].val.clusterDim = {1, 1, static_cast<unsigned int>(splits)};
