@@ -20,7 +20,8 @@
 //   write kernel, a block per (128 slots, head), each warp 32 slots (16 past width 64):
 //     over the tokens in tiles of 64, the same scores transposed (K · Qᵀ), p = exp(s - m) / l
 //     = 2^(s' - shift) from the read's shifts (one FMA and one exp2 a weight), mass += Σ_t p,
-//     acc += pᵀ · offer. Each block owns its slots' sums: no atomics.
+//     acc += pᵀ · offer (a segment's first chunk stores them instead: no zeroing). Each
+//     block owns its slots' sums: no atomics.
 // Scores: bf16(q) · mem_k (bf16), fp32 accumulation, as the GEMM form; p is fp32 for the
 // statistics and the masses, rounded to bf16 for the two products (the GEMM form: bf16 for
 // the read, TF32 for the write sums); the offer is rounded to bf16.
