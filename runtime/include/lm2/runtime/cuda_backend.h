@@ -73,7 +73,7 @@ struct CudaOptions {
   // LoadCudaModel computes the memory K/V of the model's initial bank once (memory_slots x
   // hidden_size x 2 bf16 per memory layer: 256 MiB for the paper's model) and every state's
   // segments read those until its bank changes (EndSegment after tokens, ImportMemory),
-  // instead of computing the same products at each new state's first segment (~0.6 ms of
+  // instead of computing the same products at each new state's first segment (~0.7 ms of
   // GEMMs for the paper's model, and 256 MiB per new state). Same results either way
   // (tested). false: each state computes its own.
   bool share_initial_memory_kv = true;
