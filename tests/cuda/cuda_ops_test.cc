@@ -247,6 +247,14 @@ TEST_CASE("Linear: bf16 weights and activations, fp32 accumulation (cuBLAS)", "[
   for (std::size_t i = 0; i < y0.size(); ++i) want_rounded[i] -= y0[i];
   CHECK(RelErr(half0, want_rounded) < kTolGemmBf16);
   CHECK(RelErr(half1, want1) < kTolGemmBf16);
+  // LinearPair: the same in fp32.
+  auto dyf = Poisoned<float>(2 * y0.size());
+  RequireOk(LinearPair(Cublas(), dxb.data(), rows, in, dpair.data(), out, dyf.data(), Stream()));
+  const auto yf = Download(dyf);
+  const std::vector<float> f0(yf.begin(), yf.begin() + static_cast<std::ptrdiff_t>(y0.size()));
+  const std::vector<float> f1(yf.begin() + static_cast<std::ptrdiff_t>(y0.size()), yf.end());
+  CHECK(RelErr(f0, want_rounded) < kTolGemmRounded);
+  CHECK(RelErr(f1, want1) < kTolGemmRounded);
 }
 
 // Gemv's reference: the unfused device op makes x' (bf16), the product is taken in double
@@ -816,9 +824,10 @@ TEST_CASE("Memory write: streamed sums, write update, gated commit", "[cuda][ops
     CHECK(RelErr(Download(a1), wa) < kTolF32);
   }
 
-  // u from the device's sums (so this checks WriteUpdate alone).
+  // u from the device's sums (so this checks WriteUpdate alone), with its bf16 rounding.
   auto du = Poisoned<float>(acc.size());
-  RequireOk(WriteUpdate(dmass.data(), dacc.data(), N, d, Hm, du.data(), Stream()));
+  auto du_b = Poisoned<__nv_bfloat16>(acc.size());
+  RequireOk(WriteUpdate(dmass.data(), dacc.data(), N, d, Hm, du.data(), du_b.data(), Stream()));
   std::vector<double> want_u(acc.size());
   for (int64_t n = 0; n < N; ++n)
     for (int64_t j = 0; j < Hm; ++j)
@@ -826,14 +835,31 @@ TEST_CASE("Memory write: streamed sums, write update, gated commit", "[cuda][ops
         want_u[n * d + j * dh + c] = static_cast<double>(acc[n * d + j * dh + c]) / (mass[j * N + n] + 1.0);
   const auto u = Download(du);
   CHECK(RelErr(u, want_u) < kTolF32);
+  const auto u_b = Download(du_b);
+  std::size_t wrong_b = 0;
+  for (std::size_t i = 0; i < u.size(); ++i) wrong_b += Bits(u_b[i]) != Bf16Bits(u[i]) ? 1 : 0;
+  CHECK(wrong_b == 0);
 
+  // The gated commit with the gates' biases [d] broadcast over the slots; the same bits as
+  // AddBias first.
   auto in_pre = Random(u.size(), 2.0f), f_pre = Random(u.size(), 2.0f), bank = Random(u.size());
-  auto din = Upload(in_pre), dfg = Upload(f_pre), dbank = Upload(bank);
-  RequireOk(GatedMemoryUpdate(du.data(), din.data(), dfg.data(), N * d, dbank.data(), Stream()));
+  auto in_b = Random(static_cast<std::size_t>(d)), f_b = Random(static_cast<std::size_t>(d));
+  auto din = Upload(in_pre), dfg = Upload(f_pre), dbank = Upload(bank), dinb = Upload(in_b), dfb = Upload(f_b);
+  RequireOk(GatedMemoryUpdate(du.data(), din.data(), dinb.data(), dfg.data(), dfb.data(), N, d, dbank.data(), Stream()));
   std::vector<double> want_bank(u.size());
-  for (std::size_t i = 0; i < u.size(); ++i)
-    want_bank[i] = Sig(in_pre[i]) * std::tanh(static_cast<double>(u[i])) + Sig(f_pre[i]) * bank[i];
-  CHECK(RelErr(Download(dbank), want_bank) < kTolF32);
+  for (std::size_t i = 0; i < u.size(); ++i) {
+    const std::size_t c = i % static_cast<std::size_t>(d);
+    want_bank[i] = Sig(static_cast<double>(in_pre[i]) + in_b[c]) * std::tanh(static_cast<double>(u[i])) +
+                   Sig(static_cast<double>(f_pre[i]) + f_b[c]) * bank[i];
+  }
+  const auto got_bank = Download(dbank);
+  CHECK(RelErr(got_bank, want_bank) < kTolF32);
+  auto zero = Upload(std::vector<float>(static_cast<std::size_t>(d), 0.0f));
+  auto dbank2 = Upload(bank);
+  RequireOk(AddBias(din.data(), N, d, dinb.data(), Stream()));
+  RequireOk(AddBias(dfg.data(), N, d, dfb.data(), Stream()));
+  RequireOk(GatedMemoryUpdate(du.data(), din.data(), zero.data(), dfg.data(), zero.data(), N, d, dbank2.data(), Stream()));
+  CHECK(Download(dbank2) == got_bank);
 }
 
 TEST_CASE("MemoryReadWrite: the read and the write sums in tiles, without the probabilities", "[cuda][ops]") {

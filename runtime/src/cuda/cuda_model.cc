@@ -56,7 +56,8 @@ struct Scratch {
   DeviceBuffer<float> read_partial;  // the decode memory read's partial sums
   DeviceBuffer<bf16> read_b;     // the multi-token memory read's bf16 operands (MemoryReadScratch)
   DeviceBuffer<float> read_stats;  // the tiled multi-token read's softmax statistics (MemoryReadWriteScratch)
-  DeviceBuffer<float> write_u, write_in;  // the segment write's update and input-gate terms [N, d]
+  DeviceBuffer<float> write_u;   // the segment write's update u [N, d]
+  DeviceBuffer<float> write_in;  // and its two gates' pre-activations [2, N, d]
   DeviceBuffer<bf16> xb;         // a normed input in bf16, shared by the GEMMs that read it
   DeviceBuffer<bf16> yb;         // other GEMM inputs rounded to bf16
   DeviceBuffer<bf16> kv_b;       // tiled attention: a layer's KV cache rows [0, S) in bf16, K then V
@@ -512,29 +513,25 @@ class CudaModel final : public Model {
     return Status::Ok();
   }
 
-  // The gated write of the open segment (eq. 4-6). acc is dead once the update u is formed,
-  // so it holds the forget-gate pre-activations; u and the input gate's use scratch.
+  // The gated write of the open segment (eq. 4-6): the update u (fp32, and in bf16 for the
+  // gates), both gates' pre-activations by one batched GEMM, the commit with their biases.
   Status ApplyWrite(CudaState& s) const {
     const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size, Hm = cfg_.memory_heads;
     const cudaStream_t st = s.stream_.get();
     LM2_RETURN_IF_ERROR(EnsureCapacity(s.scratch_.write_u, Z(N * d)));
-    LM2_RETURN_IF_ERROR(EnsureCapacity(s.scratch_.write_in, Z(N * d)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(s.scratch_.write_in, Z(2 * N * d)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(s.scratch_.xb, Z(N * d)));
     for (int64_t i = 0; i < cfg_.num_layers; ++i) {
       const CudaLayerWeights& lw = w_->layers[Z(i)];
       if (!lw.has_memory) continue;
       LayerState& ls = s.layers_[Z(i)];
       float* u = s.scratch_.write_u.data();
-      float* in_pre = s.scratch_.write_in.data();
-      float* forget_pre = ls.acc.data();
+      float* gates_pre = s.scratch_.write_in.data();  // [2, N, d]: input gate, forget gate
       bf16* u_b = s.scratch_.xb.data();
-      LM2_RETURN_IF_ERROR(WriteUpdate(ls.mass.data(), ls.acc.data(), N, d, Hm, u, st));
-      LM2_RETURN_IF_ERROR(ConvertF32ToBf16(u, N * d, u_b, st));
-      LM2_RETURN_IF_ERROR(Linear(s.cublas_.get(), u_b, N, d, lw.memory.in_gate_w, d, in_pre, false, st));
-      LM2_RETURN_IF_ERROR(AddBias(in_pre, N, d, lw.memory.in_gate_b, st));
-      LM2_RETURN_IF_ERROR(Linear(s.cublas_.get(), u_b, N, d, lw.memory.forget_gate_w, d, forget_pre, false, st));
-      LM2_RETURN_IF_ERROR(AddBias(forget_pre, N, d, lw.memory.forget_gate_b, st));
-      LM2_RETURN_IF_ERROR(GatedMemoryUpdate(u, in_pre, forget_pre, N * d, ls.bank.data(), st));
+      LM2_RETURN_IF_ERROR(WriteUpdate(ls.mass.data(), ls.acc.data(), N, d, Hm, u, u_b, st));
+      LM2_RETURN_IF_ERROR(LinearPair(s.cublas_.get(), u_b, N, d, lw.memory.gates, d, gates_pre, st));
+      LM2_RETURN_IF_ERROR(GatedMemoryUpdate(u, gates_pre, lw.memory.in_gate_b, gates_pre + N * d,
+                                            lw.memory.forget_gate_b, N, d, ls.bank.data(), st));
     }
     return Status::Ok();
   }

@@ -34,10 +34,12 @@ Status Linear(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64
 Status LinearToBf16(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in,
                     const __nv_bfloat16* w, int64_t out, __nv_bfloat16* y, cudaStream_t stream);
 
-// LinearToBf16 with two weights stacked [2, out, in] (w_pair) against one x: y_pair [2,
-// rows, out] = bf16(x · W_0ᵀ), bf16(x · W_1ᵀ), as one strided-batched GEMM (the memory K
-// and V of a bank: at 2048 x 2048 x 2048 one GEMM's tiles fill less than a wave of the
-// GPU, two do better). The sums as LinearToBf16's up to their order.
+// Two weights stacked [2, out, in] (w_pair) against one x: y_pair [2, rows, out] = x · W_0ᵀ,
+// x · W_1ᵀ, as one strided-batched GEMM (a bank's memory K and V, the two memory gates: at
+// 2048 x 2048 x 2048 one GEMM's tiles fill less than a wave of the GPU, two do better). The
+// sums as Linear's up to their order; fp32 results, or rounded to bf16.
+Status LinearPair(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in,
+                  const __nv_bfloat16* w_pair, int64_t out, float* y_pair, cudaStream_t stream);
 Status LinearPairToBf16(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in,
                         const __nv_bfloat16* w_pair, int64_t out, __nv_bfloat16* y_pair, cudaStream_t stream);
 
@@ -386,12 +388,15 @@ Status StageWriteBatch(const float* attn, const float* offer, int64_t offer_ld, 
 Status FlushStagedWrites(cublasHandle_t handle, const float* pending_attn, const float* pending_offer, int64_t tokens,
                          int64_t N, int64_t d, int64_t heads, float* acc, cudaStream_t stream);
 
-// u[n, j*dh + c] = acc[n, j*dh + c] / (mass[j, n] + 1).
+// u[n, j*dh + c] = acc[n, j*dh + c] / (mass[j, n] + 1); u_b (optional) receives u rounded
+// to bf16 (the gate GEMMs' input).
 Status WriteUpdate(const float* mass, const float* acc, int64_t N, int64_t d, int64_t heads, float* u,
-                   cudaStream_t stream);
+                   __nv_bfloat16* u_b, cudaStream_t stream);
 
-// bank = sigmoid(in_pre) ⊙ tanh(u) + sigmoid(forget_pre) ⊙ bank, all [n], fp32.
-Status GatedMemoryUpdate(const float* u, const float* in_pre, const float* forget_pre, int64_t n, float* bank,
-                         cudaStream_t stream);
+// bank = sigmoid(in_pre + in_bias) ⊙ tanh(u) + sigmoid(forget_pre + forget_bias) ⊙ bank over
+// [rows, width], the biases [width] broadcast over the rows (the gates' biases added here:
+// the bits AddBias then the update give), fp32.
+Status GatedMemoryUpdate(const float* u, const float* in_pre, const float* in_bias, const float* forget_pre,
+                         const float* forget_bias, int64_t rows, int64_t width, float* bank, cudaStream_t stream);
 
 }  // namespace lm2::runtime::cuda

@@ -150,9 +150,9 @@ Result<std::unique_ptr<CudaWeights>> CudaWeights::Upload(const ModelFiles& files
         up.Stacked({{n.memory_weight("read_k"), &mw.read_k}, {n.memory_weight("read_v"), &mw.read_v}}, &mw.read_kv));
     LM2_RETURN_IF_ERROR(up.Matrix(n.memory_weight("out_gate"), &mw.out_gate_w));
     LM2_RETURN_IF_ERROR(up.Vector(n.memory_bias("out_gate"), &mw.out_gate_b));
-    LM2_RETURN_IF_ERROR(up.Matrix(n.memory_weight("in_gate"), &mw.in_gate_w));
+    LM2_RETURN_IF_ERROR(up.Stacked(
+        {{n.memory_weight("in_gate"), &mw.in_gate_w}, {n.memory_weight("forget_gate"), &mw.forget_gate_w}}, &mw.gates));
     LM2_RETURN_IF_ERROR(up.Vector(n.memory_bias("in_gate"), &mw.in_gate_b));
-    LM2_RETURN_IF_ERROR(up.Matrix(n.memory_weight("forget_gate"), &mw.forget_gate_w));
     LM2_RETURN_IF_ERROR(up.Vector(n.memory_bias("forget_gate"), &mw.forget_gate_b));
     if (cfg.memory_learned_init) {
       LM2_RETURN_IF_ERROR(up.Vector(n.memory_init(), &mw.init));

@@ -26,6 +26,7 @@ struct CudaMemoryWeights {
   const __nv_bfloat16* read_v = nullptr;         // [d, d]
   const __nv_bfloat16* write_v = nullptr;        // [d, d]
   const __nv_bfloat16* out_gate_w = nullptr;     // [d, d]
+  const __nv_bfloat16* gates = nullptr;          // [2, d, d]: in_gate_w then forget_gate_w
   const __nv_bfloat16* in_gate_w = nullptr;      // [d, d]
   const __nv_bfloat16* forget_gate_w = nullptr;  // [d, d]
   const float* out_gate_b = nullptr;             // [d]
@@ -38,7 +39,8 @@ struct CudaMemoryWeights {
 // computes them all: x_proj = [q_proj; k_proj; v_proj; memory.read_q; memory.write_v]
 // ([x_proj_rows, d], the memory rows only in memory layers) and gate_up = [gate_proj;
 // up_proj] ([2F, d]); memory.read_kv = [read_k; read_v], the two products of the bank at a
-// segment's opening. The per-tensor pointers point into them.
+// segment's opening, and memory.gates = [in_gate; forget_gate], the two of the update u at
+// its end. The per-tensor pointers point into them.
 struct CudaLayerWeights {
   const __nv_bfloat16* x_proj = nullptr;     // [x_proj_rows, d]
   int64_t x_proj_rows = 0;

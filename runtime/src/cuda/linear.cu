@@ -59,6 +59,18 @@ Status StridedBatched(cublasHandle_t handle, cublasOperation_t op_a, cublasOpera
   return Status::Ok();
 }
 
+// LinearInto's GEMM twice, as one strided-batched call: W_i at w_pair + i·out·in, the one x
+// (stride 0), y_i at y_pair + i·rows·out (elements of y_type).
+Status LinearPairInto(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in,
+                      const __nv_bfloat16* w_pair, int64_t out, void* y_pair, cudaDataType_t y_type,
+                      cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckLinear(rows, in, out));
+  if (rows == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("LinearPair", {handle, x, w_pair, y_pair}));
+  return StridedBatched(handle, CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, 1.0f, w_pair, in, out * in, x, in, 0, 0.0f,
+                        y_pair, out, rows * out, 2, CUDA_R_16BF, y_type, CUBLAS_COMPUTE_32F, stream);
+}
+
 }  // namespace
 
 Status Linear(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w,
@@ -71,15 +83,14 @@ Status LinearToBf16(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows,
   return LinearInto(handle, x, rows, in, w, out, y, CUDA_R_16BF, 0.0f, stream);
 }
 
+Status LinearPair(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in,
+                  const __nv_bfloat16* w_pair, int64_t out, float* y_pair, cudaStream_t stream) {
+  return LinearPairInto(handle, x, rows, in, w_pair, out, y_pair, CUDA_R_32F, stream);
+}
+
 Status LinearPairToBf16(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in,
                         const __nv_bfloat16* w_pair, int64_t out, __nv_bfloat16* y_pair, cudaStream_t stream) {
-  LM2_RETURN_IF_ERROR(ops::CheckLinear(rows, in, out));
-  if (rows == 0) return Status::Ok();
-  LM2_RETURN_IF_ERROR(RequireNonNull("LinearPairToBf16", {handle, x, w_pair, y_pair}));
-  // As LinearInto's GEMM, twice: W_i at w_pair + i·out·in, the one x (stride 0), y_i at
-  // y_pair + i·rows·out.
-  return StridedBatched(handle, CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, 1.0f, w_pair, in, out * in, x, in, 0, 0.0f,
-                        y_pair, out, rows * out, 2, CUDA_R_16BF, CUDA_R_16BF, CUBLAS_COMPUTE_32F, stream);
+  return LinearPairInto(handle, x, rows, in, w_pair, out, y_pair, CUDA_R_16BF, stream);
 }
 
 Status LinearF32(cublasHandle_t handle, const float* x, int64_t rows, int64_t in, const __nv_bfloat16* w,

@@ -24,19 +24,23 @@ __global__ void AccumulateMassKernel(const float* __restrict__ attn, int64_t T, 
   }
 }
 
-// u[n, col] = acc[n, col] / (mass[j, n] + 1).
+// u[n, col] = acc[n, col] / (mass[j, n] + 1), and its bf16 rounding into u_b where asked.
 __global__ void WriteUpdateKernel(const float* __restrict__ mass, const float* __restrict__ acc, int64_t N,
-                                  int64_t d, int64_t dh, float* __restrict__ u) {
+                                  int64_t d, int64_t dh, float* __restrict__ u, __nv_bfloat16* __restrict__ u_b) {
   for (int64_t i = FirstIndex(); i < N * d; i += GridStride()) {
     const int64_t n = i / d, j = (i % d) / dh;
     u[i] = acc[i] * (1.0f / (mass[j * N + n] + 1.0f));
+    if (u_b != nullptr) u_b[i] = __float2bfloat16_rn(u[i]);
   }
 }
 
 __global__ void GatedMemoryUpdateKernel(const float* __restrict__ u, const float* __restrict__ in_pre,
-                                        const float* __restrict__ forget_pre, int64_t n, float* __restrict__ bank) {
+                                        const float* __restrict__ in_bias, const float* __restrict__ forget_pre,
+                                        const float* __restrict__ forget_bias, int64_t n, int64_t width,
+                                        float* __restrict__ bank) {
   for (int64_t i = FirstIndex(); i < n; i += GridStride()) {
-    bank[i] = Sigmoid(in_pre[i]) * tanhf(u[i]) + Sigmoid(forget_pre[i]) * bank[i];
+    const int64_t c = i % width;
+    bank[i] = Sigmoid(in_pre[i] + in_bias[c]) * tanhf(u[i]) + Sigmoid(forget_pre[i] + forget_bias[c]) * bank[i];
   }
 }
 
@@ -58,19 +62,24 @@ Status AccumulateWrite(cublasHandle_t handle, const float* attn, const float* of
 }
 
 Status WriteUpdate(const float* mass, const float* acc, int64_t N, int64_t d, int64_t heads, float* u,
-                   cudaStream_t stream) {
+                   __nv_bfloat16* u_b, cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(ops::CheckMemory("WriteUpdate", 0, N, d, heads));
   LM2_RETURN_IF_ERROR(RequireNonNull("WriteUpdate", {mass, acc, u}));
-  WriteUpdateKernel<<<GridFor(N * d, kThreads), kThreads, 0, stream>>>(mass, acc, N, d, d / heads, u);
+  WriteUpdateKernel<<<GridFor(N * d, kThreads), kThreads, 0, stream>>>(mass, acc, N, d, d / heads, u, u_b);
   return CheckLaunch("WriteUpdateKernel");
 }
 
-Status GatedMemoryUpdate(const float* u, const float* in_pre, const float* forget_pre, int64_t n, float* bank,
-                         cudaStream_t stream) {
+Status GatedMemoryUpdate(const float* u, const float* in_pre, const float* in_bias, const float* forget_pre,
+                         const float* forget_bias, int64_t rows, int64_t width, float* bank, cudaStream_t stream) {
+  if (rows < 0 || width <= 0) {
+    return Status::InvalidArgument("GatedMemoryUpdate: rows=" + std::to_string(rows) + " width=" + std::to_string(width));
+  }
+  const int64_t n = rows * width;
   LM2_RETURN_IF_ERROR(ops::CheckCount("GatedMemoryUpdate", n));
   if (n == 0) return Status::Ok();
-  LM2_RETURN_IF_ERROR(RequireNonNull("GatedMemoryUpdate", {u, in_pre, forget_pre, bank}));
-  GatedMemoryUpdateKernel<<<GridFor(n, kThreads), kThreads, 0, stream>>>(u, in_pre, forget_pre, n, bank);
+  LM2_RETURN_IF_ERROR(RequireNonNull("GatedMemoryUpdate", {u, in_pre, in_bias, forget_pre, forget_bias, bank}));
+  GatedMemoryUpdateKernel<<<GridFor(n, kThreads), kThreads, 0, stream>>>(u, in_pre, in_bias, forget_pre, forget_bias,
+                                                                         n, width, bank);
   return CheckLaunch("GatedMemoryUpdateKernel");
 }
 
