@@ -57,7 +57,7 @@ struct Scratch {
   DeviceBuffer<bf16> read_b;     // the multi-token memory read's bf16 operands (MemoryReadScratch)
   DeviceBuffer<float> read_stats;  // the tiled multi-token read's softmax statistics (MemoryReadWriteScratch)
   DeviceBuffer<float> write_u;   // the segment write's update u [N, d]
-  DeviceBuffer<float> write_in;  // and its two gates' pre-activations [2, N, d]
+  DeviceBuffer<float> write_gates;  // and its two gates' pre-activations [2, N, d]
   DeviceBuffer<bf16> xb;         // a normed input in bf16, shared by the GEMMs that read it
   DeviceBuffer<bf16> yb;         // other GEMM inputs rounded to bf16
   DeviceBuffer<bf16> kv_b;       // tiled attention: a layer's KV cache rows [0, S) in bf16, K then V
@@ -519,14 +519,14 @@ class CudaModel final : public Model {
     const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size, Hm = cfg_.memory_heads;
     const cudaStream_t st = s.stream_.get();
     LM2_RETURN_IF_ERROR(EnsureCapacity(s.scratch_.write_u, Z(N * d)));
-    LM2_RETURN_IF_ERROR(EnsureCapacity(s.scratch_.write_in, Z(2 * N * d)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(s.scratch_.write_gates, Z(2 * N * d)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(s.scratch_.xb, Z(N * d)));
     for (int64_t i = 0; i < cfg_.num_layers; ++i) {
       const CudaLayerWeights& lw = w_->layers[Z(i)];
       if (!lw.has_memory) continue;
       LayerState& ls = s.layers_[Z(i)];
       float* u = s.scratch_.write_u.data();
-      float* gates_pre = s.scratch_.write_in.data();  // [2, N, d]: input gate, forget gate
+      float* gates_pre = s.scratch_.write_gates.data();  // [2, N, d]: input gate, forget gate
       bf16* u_b = s.scratch_.xb.data();
       LM2_RETURN_IF_ERROR(WriteUpdate(ls.mass.data(), ls.acc.data(), N, d, Hm, u, u_b, st));
       LM2_RETURN_IF_ERROR(LinearPair(s.cublas_.get(), u_b, N, d, lw.memory.gates, d, gates_pre, st));
