@@ -1339,6 +1339,10 @@ TEST_CASE("Launchers refuse bad shapes and null pointers; empty work is a no-op"
   CHECK(MemoryReadWrite(p, 7, p, 8, pb, pb, 1, 4, 8, 2, p, true, p, p, p, Stream())
             .IsInvalidArgument());  // q_ld < d
   CHECK(MemoryReadWrite(p, 8, nullptr, 8, pb, pb, 1, 4, 8, 2, p, true, p, p, p, Stream()).IsInvalidArgument());
+  CHECK(WriteUpdate(p, p, 4, 8, 2, p, nullptr, Stream()).IsInvalidArgument());  // no bf16 u
+  CHECK(WriteUpdate(p, p, 4, 8, 2, p, pb, Stream()).ok());
+  CHECK(GatedMemoryUpdate(p, p, nullptr, p, p, 4, 8, p, Stream()).IsInvalidArgument());  // no input-gate bias
+  CHECK(GatedMemoryUpdate(p, p, p, p, p, 4, 0, p, Stream()).IsInvalidArgument());        // width 0
   CHECK(RmsNorm(p, p, 1, 0, 1e-5f, p, Stream()).IsInvalidArgument());
   CHECK(Linear(Cublas(), nullptr, 1, 0, nullptr, 4, p, false, Stream()).IsInvalidArgument());
   CHECK(SwiGlu(p, p, -1, p, Stream()).IsInvalidArgument());

@@ -388,8 +388,8 @@ Status StageWriteBatch(const float* attn, const float* offer, int64_t offer_ld, 
 Status FlushStagedWrites(cublasHandle_t handle, const float* pending_attn, const float* pending_offer, int64_t tokens,
                          int64_t N, int64_t d, int64_t heads, float* acc, cudaStream_t stream);
 
-// u[n, j*dh + c] = acc[n, j*dh + c] / (mass[j, n] + 1); u_b (optional) receives u rounded
-// to bf16 (the gate GEMMs' input).
+// u[n, j*dh + c] = acc[n, j*dh + c] / (mass[j, n] + 1), and u rounded to bf16 into u_b (the
+// gate GEMMs' input).
 Status WriteUpdate(const float* mass, const float* acc, int64_t N, int64_t d, int64_t heads, float* u,
                    __nv_bfloat16* u_b, cudaStream_t stream);
 

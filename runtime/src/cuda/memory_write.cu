@@ -24,13 +24,13 @@ __global__ void AccumulateMassKernel(const float* __restrict__ attn, int64_t T, 
   }
 }
 
-// u[n, col] = acc[n, col] / (mass[j, n] + 1), and its bf16 rounding into u_b where asked.
+// u[n, col] = acc[n, col] / (mass[j, n] + 1), and its bf16 rounding into u_b.
 __global__ void WriteUpdateKernel(const float* __restrict__ mass, const float* __restrict__ acc, int64_t N,
                                   int64_t d, int64_t dh, float* __restrict__ u, __nv_bfloat16* __restrict__ u_b) {
   for (int64_t i = FirstIndex(); i < N * d; i += GridStride()) {
     const int64_t n = i / d, j = (i % d) / dh;
     u[i] = acc[i] * (1.0f / (mass[j * N + n] + 1.0f));
-    if (u_b != nullptr) u_b[i] = __float2bfloat16_rn(u[i]);
+    u_b[i] = __float2bfloat16_rn(u[i]);
   }
 }
 
@@ -64,7 +64,7 @@ Status AccumulateWrite(cublasHandle_t handle, const float* attn, const float* of
 Status WriteUpdate(const float* mass, const float* acc, int64_t N, int64_t d, int64_t heads, float* u,
                    __nv_bfloat16* u_b, cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(ops::CheckMemory("WriteUpdate", 0, N, d, heads));
-  LM2_RETURN_IF_ERROR(RequireNonNull("WriteUpdate", {mass, acc, u}));
+  LM2_RETURN_IF_ERROR(RequireNonNull("WriteUpdate", {mass, acc, u, u_b}));
   WriteUpdateKernel<<<GridFor(N * d, kThreads), kThreads, 0, stream>>>(mass, acc, N, d, d / heads, u, u_b);
   return CheckLaunch("WriteUpdateKernel");
 }
