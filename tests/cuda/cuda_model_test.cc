@@ -55,6 +55,13 @@ std::shared_ptr<const ModelFiles> Files(const std::string& dir) {
   return std::shared_ptr<const ModelFiles>(std::move(files).value());
 }
 
+std::unique_ptr<Model> LoadCudaWith(const std::shared_ptr<const ModelFiles>& files,
+                                    const lm2::runtime::CudaOptions& options) {
+  auto model = lm2::runtime::LoadCudaModel(files, options);
+  RequireOk(model.status());
+  return std::move(model).value();
+}
+
 std::unique_ptr<Model> LoadCuda(const std::shared_ptr<const ModelFiles>& files, int64_t chunk = 512,
                                 int64_t gemm_attention_from = 32, bool graphs = true, int64_t flush = 16,
                                 int64_t gemv_rows = lm2::runtime::CudaOptions{}.gemv_max_rows,
@@ -69,9 +76,7 @@ std::unique_ptr<Model> LoadCuda(const std::shared_ptr<const ModelFiles>& files, 
   options.max_chunk_tokens = chunk;
   options.attention_gemm_min_tokens = gemm_attention_from;
   options.cuda_graphs = graphs;
-  auto model = lm2::runtime::LoadCudaModel(files, options);
-  RequireOk(model.status());
-  return std::move(model).value();
+  return LoadCudaWith(files, options);
 }
 
 std::unique_ptr<Model> LoadCpu(const std::shared_ptr<const ModelFiles>& files) {
@@ -555,9 +560,7 @@ TEST_CASE("The warm-up turn at load leaves no trace: the same bits with and with
     lm2::runtime::CudaOptions options;
     options.warm_up = warm;
     options.write_flush_tokens = 3;
-    auto model = lm2::runtime::LoadCudaModel(files, options);
-    RequireOk(model.status());
-    models.push_back(std::move(model).value());
+    models.push_back(LoadCudaWith(files, options));
   }
   auto a = NewState(*models[0]), b = NewState(*models[1]);
   std::vector<float> la, lb;
@@ -595,9 +598,7 @@ TEST_CASE("The initial bank's memory K/V shared by new states, and write sums ze
     options.share_initial_memory_kv = share;
     options.max_chunk_tokens = 16;
     options.write_flush_tokens = 3;
-    auto model = lm2::runtime::LoadCudaModel(files, options);
-    RequireOk(model.status());
-    models.push_back(std::move(model).value());
+    models.push_back(LoadCudaWith(files, options));
   }
   std::vector<int32_t> prompt(45);
   for (std::size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 31 + 3) % 500);
