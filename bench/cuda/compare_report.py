@@ -30,7 +30,8 @@ def figures(run):
     for b, s in sorted(run.get("sessions", {}).items(), key=lambda kv: int(kv[0])):
         out.append((f"{b} sessions (tokens/s)", s.get("tps"), "rate"))
     for key, name in (("first_turn_s", "first turn after the load (ms)"), ("end_segment_s", "end of segment (ms)"),
-                      ("export_s", "bank export (ms)"), ("import_s", "bank import (ms)")):
+                      ("export_s", "bank export into a kept bank (ms)"),
+                      ("export_fresh_s", "bank export into a new bank (ms)"), ("import_s", "bank import (ms)")):
         if key in run:
             out.append((name, 1e3 * run[key], "ms"))
     return [f for f in out if f[1] is not None]

@@ -95,6 +95,31 @@ Status Model::ForwardBatchGreedy(std::span<SequenceState* const> states, std::sp
   return ForwardBatchSample(states, tokens, greedy, next);
 }
 
+Result<MemoryState> Model::ExportMemory(const SequenceState& state) const {
+  MemoryState out;
+  LM2_RETURN_IF_ERROR(ExportMemoryInto(state, out));
+  return out;
+}
+
+Status Model::ExportMemoryInto(const SequenceState& state, MemoryState& out) const {
+  Status s = ExportBanks(state, out);
+  if (!s.ok()) out = MemoryState();
+  return s;
+}
+
+void Model::ShapeExport(MemoryState& out) const {
+  const ModelConfig& cfg = config();
+  out.model_fingerprint = fingerprint();
+  out.layers.resize(cfg.memory_layers.size());
+  for (std::size_t k = 0; k < out.layers.size(); ++k) {
+    MemoryLayer& ml = out.layers[k];
+    ml.layer = static_cast<int32_t>(cfg.memory_layers[k]);
+    ml.slots = cfg.memory_slots;
+    ml.dim = cfg.hidden_size;
+    ml.data.resize(static_cast<std::size_t>(cfg.memory_slots * cfg.hidden_size));
+  }
+}
+
 Status Model::CheckImport(const MemoryState& memory) const {
   if (memory.model_fingerprint != fingerprint()) {
     return Status::FailedPrecondition("memory bank was computed by another model (fingerprint " +

@@ -37,6 +37,7 @@ Status LoadModel(const EngineOptions& options, internal::EngineCore& core) {
   LM2_ASSIGN_OR_RETURN(core.tokenizer, runtime::Tokenizer::Open(options.model_dir));
   LM2_ASSIGN_OR_RETURN(std::unique_ptr<runtime::SequenceState> fresh, core.model->NewState());
   LM2_ASSIGN_OR_RETURN(core.initial_memory, core.model->ExportMemory(*fresh));
+  core.spare_banks = std::make_unique<internal::BankPool>(internal::kKeptBanks);
 
   const runtime::ModelConfig& cfg = core.model->config();
   ModelInfo& info = core.info;

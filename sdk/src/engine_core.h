@@ -5,6 +5,7 @@
 #include <memory>
 #include <string>
 
+#include "bank_pool.h"
 #include "lm2/core/memory_state.h"
 #include "lm2/options.h"
 #include "lm2/persistence/session_store.h"
@@ -26,7 +27,14 @@ struct EngineCore {
   // Joins concurrent sessions' decode steps (EngineOptions::batch_decode on a backend that
   // batches, else null). Internally synchronised.
   std::unique_ptr<runtime::DecodeBatcher> batcher;
+  // Host banks kept for the sessions' exports after each turn (at most kKeptBanks).
+  // Internally synchronised.
+  std::unique_ptr<BankPool> spare_banks;
 };
+
+// Banks an engine keeps for reuse (BankPool): two turns committing at once export without
+// fresh host memory.
+inline constexpr std::size_t kKeptBanks = 2;
 
 // Metadata keys stored with every version the SDK commits.
 inline constexpr const char* kMetaKind = "lm2.kind";          // turn | clear | forget

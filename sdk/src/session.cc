@@ -225,8 +225,10 @@ Result<ChatResult> Session::Chat(std::string_view message, const ChatOptions& op
   // A cancel that arrives after the last token but before the commit still cancels: the
   // caller asked before anything was committed.
   if (options.cancel != nullptr && options.cancel->load()) return discard(Status::Cancelled("turn cancelled"));
-  auto bank = c.model().ExportMemory(*c.state);
-  if (!bank.ok()) return discard(bank.status());
+  // Into a kept bank where the engine has one (BankPool: no fresh host memory to touch).
+  internal::BankPool& spares = *c.engine->spare_banks;
+  MemoryState bank = spares.Take();
+  if (Status exported = c.model().ExportMemoryInto(*c.state, bank); !exported.ok()) return discard(exported);
 
   persistence::CommitOptions co;
   co.metadata[internal::kMetaKind] = "turn";
@@ -235,7 +237,7 @@ Result<ChatResult> Session::Chat(std::string_view message, const ChatOptions& op
   co.metadata[internal::kMetaReplyTokens] = std::to_string(transcript.reply_tokens.size());
   co.turns = 1;
   const auto t0 = Clock::now();
-  auto version = c.store().Commit(c.id, c.head, *bank, transcript, co);
+  auto version = c.store().Commit(c.id, c.head, bank, transcript, co);
   r.commit_seconds = Since(t0);
   if (!version.ok()) {
     Status s = version.status();
@@ -243,11 +245,12 @@ Result<ChatResult> Session::Chat(std::string_view message, const ChatOptions& op
       s = Status::Conflict(std::string(s.message()) + " (another handle committed to session '" + c.id.session +
                            "' first: call Reload() and send the message again)");
     }
+    spares.Give(std::move(bank));
     return discard(s);
   }
-  auto writes = internal::SlotDiff(c.memory, *bank);
+  auto writes = internal::SlotDiff(c.memory, bank);
   if (writes.ok()) r.slot_writes = std::move(writes).value();
-  c.memory = std::move(bank).value();
+  spares.Give(std::exchange(c.memory, std::move(bank)));
   c.head = *version;
   c.turn_count += 1;
   r.version = *version;

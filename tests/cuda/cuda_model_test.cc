@@ -292,6 +292,51 @@ TEST_CASE("Prompts after decode steps attend over every cached row", "[cuda][mod
   CHECK(logits == first);
 }
 
+TEST_CASE("CUDA bank export and import in pinned pieces, into a kept bank", "[cuda][model]") {
+  auto files = Files(TestModelDir("tiny-lm2"));
+  auto whole = LoadCuda(files);  // default pieces: a layer (16 x 64 floats) in one
+  lm2::runtime::CudaOptions small;
+  small.bank_transfer_piece_bytes = 1000;  // 250 floats: 5 pieces a layer, the last short
+  auto pieces = LoadCudaWith(files, small);
+  const std::vector<int32_t> seg1 = {4, 8, 15, 16, 23, 42, 108}, seg2 = {7, 300, 2, 9};
+  auto a = NewState(*whole);
+  auto b = NewState(*pieces);
+  for (const auto& seg : {seg1, seg2}) {
+    RequireOk(whole->Forward(*a, seg, LogitsMode::kNone, nullptr));
+    RequireOk(whole->EndSegment(*a));
+    RequireOk(pieces->Forward(*b, seg, LogitsMode::kNone, nullptr));
+    RequireOk(pieces->EndSegment(*b));
+  }
+  lm2::testing::CheckExportInto(*whole, *a);
+  lm2::testing::CheckExportInto(*pieces, *b);
+  auto ma = whole->ExportMemory(*a);
+  auto mb = pieces->ExportMemory(*b);
+  RequireOk(ma.status());
+  RequireOk(mb.status());
+  REQUIRE(ma->layers.size() == mb->layers.size());
+  for (std::size_t k = 0; k < ma->layers.size(); ++k) CHECK(ma->layers[k].data == mb->layers[k].data);
+
+  // Import in pieces: a fresh state holds exactly the bank (read back whole), and continues
+  // as the state it came from.
+  auto c = NewState(*pieces);
+  RequireOk(pieces->ImportMemory(*c, *ma));
+  auto mc = pieces->ExportMemory(*c);
+  RequireOk(mc.status());
+  for (std::size_t k = 0; k < ma->layers.size(); ++k) CHECK(mc->layers[k].data == ma->layers[k].data);
+  std::vector<float> lb, lc;
+  pieces->ResetContext(*b);
+  RequireOk(pieces->Forward(*b, seg1, LogitsMode::kAll, &lb));
+  RequireOk(pieces->Forward(*c, seg1, LogitsMode::kAll, &lc));
+  CHECK(lb == lc);
+
+  // Refused with a segment open: the caller's bank is left empty.
+  CHECK(pieces->ExportMemoryInto(*b, *mb).code() == lm2::StatusCode::kFailedPrecondition);
+  CHECK(mb->layers.empty());
+  lm2::runtime::CudaOptions bad;
+  bad.bank_transfer_piece_bytes = 8;
+  CHECK(lm2::runtime::LoadCudaModel(files, bad).status().code() == lm2::StatusCode::kInvalidArgument);
+}
+
 TEST_CASE("CUDA memory export and import: exact continuation, and banks move between backends",
           "[cuda][model]") {
   auto files = Files(TestModelDir("tiny-lm2"));

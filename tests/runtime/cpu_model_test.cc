@@ -145,6 +145,23 @@ TEST_CASE("Bad input gets a clear status and leaves the state usable", "[cpu]") 
   CHECK(model->ImportMemory(*s, bad).code() == lm2::StatusCode::kInvalidArgument);
 }
 
+TEST_CASE("ExportMemoryInto reuses the caller's bank and empties it when refused", "[cpu]") {
+  for (const auto& name : kModels) {
+    INFO(name);
+    auto model = Load(name);
+    auto s = NewState(*model);
+    REQUIRE(model->Forward(*s, std::vector<int32_t>{5, 6, 7}, LogitsMode::kNone, nullptr).ok());
+    REQUIRE(model->EndSegment(*s).ok());
+    lm2::testing::CheckExportInto(*model, *s);
+    auto kept = model->ExportMemory(*s);
+    REQUIRE(kept.ok());
+    REQUIRE(model->Forward(*s, std::vector<int32_t>{8}, LogitsMode::kNone, nullptr).ok());
+    CHECK(model->ExportMemoryInto(*s, *kept).code() == lm2::StatusCode::kFailedPrecondition);
+    CHECK(kept->layers.empty());
+    CHECK(kept->model_fingerprint.empty());
+  }
+}
+
 TEST_CASE("An empty segment leaves memory unchanged", "[cpu]") {
   auto model = Load("tiny-lm2");
   auto s = NewState(*model);

@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <string>
 #include <utility>
@@ -70,6 +71,44 @@ inline std::pair<double, double> CheckGoldenCases(const runtime::Model& model, c
     }
   }
   return {worst_logits, worst_bank};
+}
+
+// ExportMemoryInto against ExportMemory on `state` (no segment open): into a bank of the
+// export's shape (its values poisoned), each layer's vector keeps its memory and gets the
+// exported values; into a misshapen bank (another fingerprint, a layer of another index and
+// size, an extra layer), the export's shape and values.
+inline void CheckExportInto(const runtime::Model& model, const runtime::SequenceState& state) {
+  auto want = model.ExportMemory(state);
+  INFO(want.status().ToString());
+  REQUIRE(want.ok());
+  MemoryState kept = want->Clone();
+  std::vector<const float*> where;
+  for (MemoryLayer& l : kept.layers) {
+    std::fill(l.data.begin(), l.data.end(), std::nanf(""));
+    where.push_back(l.data.data());
+  }
+  REQUIRE(model.ExportMemoryInto(state, kept).ok());
+  REQUIRE(kept.layers.size() == want->layers.size());
+  for (std::size_t k = 0; k < kept.layers.size(); ++k) {
+    CHECK(kept.layers[k].data.data() == where[k]);  // reused, not reallocated
+    CHECK(kept.layers[k].data == want->layers[k].data);
+  }
+  MemoryState odd = want->Clone();
+  odd.model_fingerprint = "another model";
+  if (!odd.layers.empty()) {
+    odd.layers[0].layer = 99;
+    odd.layers[0].data.resize(3);
+  }
+  odd.layers.push_back(MemoryLayer{7, 1, 1, {1.0f}});
+  REQUIRE(model.ExportMemoryInto(state, odd).ok());
+  CHECK(odd.model_fingerprint == want->model_fingerprint);
+  REQUIRE(odd.layers.size() == want->layers.size());
+  for (std::size_t k = 0; k < odd.layers.size(); ++k) {
+    CHECK(odd.layers[k].layer == want->layers[k].layer);
+    CHECK(odd.layers[k].slots == want->layers[k].slots);
+    CHECK(odd.layers[k].dim == want->layers[k].dim);
+    CHECK(odd.layers[k].data == want->layers[k].data);
+  }
 }
 
 }  // namespace lm2::testing

@@ -1,10 +1,12 @@
 // Concurrency: two handles (threads, processes) on one session never lose or fork a turn;
-// many sessions on one engine at once compute what they compute alone.
+// many sessions on one engine at once compute what they compute alone (their turns export
+// into banks the engine keeps, BankPool, which passes between them).
 #include <catch2/catch.hpp>
 
 #include <set>
 #include <thread>
 
+#include "../../sdk/src/bank_pool.h"
 #include "sdk_test_util.h"
 
 using namespace lm2;
@@ -184,4 +186,26 @@ TEST_CASE("many sessions on one engine at once give what each gives alone") {
   }
   for (auto& t : threads) t.join();
   for (std::size_t i = 0; i < 4; ++i) CHECK(SameBits(together[i], alone[i]));
+}
+
+TEST_CASE("the engine's bank pool keeps at most its capacity and hands the kept memory back") {
+  internal::BankPool pool(2);
+  CHECK(pool.Take().layers.empty());  // none kept: an empty bank
+  auto bank = [](float v) {
+    MemoryState m;
+    m.layers.push_back(MemoryLayer{0, 2, 2, std::vector<float>(4, v)});
+    return m;
+  };
+  pool.Give(MemoryState());  // nothing to keep
+  CHECK(pool.kept() == 0);
+  MemoryState a = bank(1.0f);
+  const float* a_data = a.layers[0].data.data();
+  pool.Give(std::move(a));
+  pool.Give(bank(2.0f));
+  pool.Give(bank(3.0f));  // over the capacity: freed
+  CHECK(pool.kept() == 2);
+  std::set<const float*> taken;
+  for (int i = 0; i < 2; ++i) taken.insert(pool.Take().layers.at(0).data.data());
+  CHECK(taken.count(a_data) == 1);  // the same memory comes back
+  CHECK(pool.kept() == 0);
 }

@@ -128,20 +128,18 @@ class CpuModel final : public Model {
     s->pos_ = 0;  // the caches' contents past pos_ are dead; their capacity is reused
   }
 
-  Result<MemoryState> ExportMemory(const SequenceState& base) const override {
+  Status ExportBanks(const SequenceState& base, MemoryState& out) const override {
     const auto* s = dynamic_cast<const CpuState*>(&base);
     if (s == nullptr || s->owner_ != this) return Status::InvalidArgument("state belongs to another model");
     if (s->segment_open_) {
       return Status::FailedPrecondition("ExportMemory: a segment is open; end it first");
     }
-    MemoryState out;
-    out.model_fingerprint = fingerprint();
-    for (int64_t i = 0; i < cfg_.num_layers; ++i) {
-      if (!w_->layers[Z(i)].has_memory) continue;
-      out.layers.push_back(MemoryLayer{static_cast<int32_t>(i), cfg_.memory_slots, cfg_.hidden_size,
-                                       s->layers_[Z(i)].bank});
+    ShapeExport(out);
+    for (MemoryLayer& ml : out.layers) {
+      const std::vector<float>& bank = s->layers_[Z(ml.layer)].bank;
+      std::copy(bank.begin(), bank.end(), ml.data.begin());
     }
-    return out;
+    return Status::Ok();
   }
 
   Result<std::vector<std::vector<float>>> SegmentReadMass(const SequenceState& base) const override {

@@ -140,7 +140,8 @@ class CudaState final : public SequenceState {
   Scratch scratch_;
   PinnedBuffer<int32_t> ids_host_;
   PinnedBuffer<int64_t> positions_host_;
-  PinnedBuffer<float> staging_;  // one memory layer [N, d]: export and import
+  PinnedBuffer<float> staging_;  // bank export and import: two pieces (TransferPieceFloats)
+  CudaEvent transferred_[2];      // the device copy last enqueued on each staging piece
   PinnedBuffer<float> logits_host_;  // decode steps' logits
   PinnedBuffer<int32_t> next_host_;  // sampled decode steps' tokens
   PinnedBuffer<uint64_t> next_keys_host_;  // greedy decode steps' picks, as keys
@@ -270,6 +271,8 @@ class CudaModel final : public Model {
     LM2_ASSIGN_OR_RETURN(s->side_stream_, CudaStream::Create());
     LM2_ASSIGN_OR_RETURN(s->fork_, CudaEvent::Create());
     LM2_ASSIGN_OR_RETURN(s->join_, CudaEvent::Create());
+    LM2_ASSIGN_OR_RETURN(s->transferred_[0], CudaEvent::Create());
+    LM2_ASSIGN_OR_RETURN(s->transferred_[1], CudaEvent::Create());
     LM2_ASSIGN_OR_RETURN(s->cublas_, CublasHandle::Create());
     LM2_ASSIGN_OR_RETURN(s->cublas_workspace_, DeviceBuffer<char>::Allocate(kCublasWorkspace));
     LM2_CUBLAS_RETURN_IF_ERROR(
@@ -367,28 +370,21 @@ class CudaModel final : public Model {
     s->pos_ = 0;  // rows past pos_ are dead; the cache's capacity is reused
   }
 
-  Result<MemoryState> ExportMemory(const SequenceState& base) const override {
+  Status ExportBanks(const SequenceState& base, MemoryState& out) const override {
     const auto* cs = dynamic_cast<const CudaState*>(&base);
     if (cs == nullptr || cs->owner_ != this) return Status::InvalidArgument("state belongs to another model");
     if (cs->broken_) return Broken();
     if (cs->segment_open_) return Status::FailedPrecondition("ExportMemory: a segment is open; end it first");
-    // The staging buffer is scratch, not state: exporting does not change the state.
+    // The staging buffer and its events are scratch, not state: exporting does not change
+    // the state.
     auto* s = const_cast<CudaState*>(cs);
     LM2_RETURN_IF_ERROR(UseDevice(w_->device));
-    const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size;
-    MemoryState out;
-    out.model_fingerprint = fingerprint();
-    if (!cfg_.has_memory()) return out;
-    LM2_RETURN_IF_ERROR(EnsureCapacity(s->staging_, Z(N * d)));
-    for (int64_t layer : cfg_.memory_layers) {
-      const LayerState& ls = s->layers_[Z(layer)];
-      LM2_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s->staging_.data(), ls.bank.data(), ls.bank.bytes(),
-                                               cudaMemcpyDeviceToHost, s->stream_.get()));
-      LM2_RETURN_IF_ERROR(s->stream_.Synchronize());
-      out.layers.push_back(MemoryLayer{static_cast<int32_t>(layer), N, d,
-                                       std::vector<float>(s->staging_.data(), s->staging_.data() + N * d)});
+    ShapeExport(out);
+    std::vector<BankPiece> pieces;
+    for (MemoryLayer& ml : out.layers) {
+      AddPieces(s->layers_[Z(ml.layer)].bank.data(), ml.data.data(), static_cast<int64_t>(ml.data.size()), pieces);
     }
-    return out;
+    return BanksToHost(*s, pieces);
   }
 
   Status ImportMemory(SequenceState& base, const MemoryState& memory) const override {
@@ -396,21 +392,14 @@ class CudaModel final : public Model {
     if (s->segment_open_) return Status::FailedPrecondition("ImportMemory: a segment is open");
     LM2_RETURN_IF_ERROR(CheckImport(memory));
     if (memory.layers.empty()) return Status::Ok();
-    const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size;
     s->bank_initial_ = false;
+    std::vector<BankPiece> pieces;
+    for (const MemoryLayer& ml : memory.layers) {
+      AddPieces(s->layers_[Z(ml.layer)].bank.data(), const_cast<float*>(ml.data.data()),
+                static_cast<int64_t>(ml.data.size()), pieces);
+    }
     // A failed copy may leave some layers replaced and others not: that breaks the state.
-    return Guarded(*s, [&]() -> Status {
-      LM2_RETURN_IF_ERROR(EnsureCapacity(s->staging_, Z(N * d)));
-      for (const MemoryLayer& ml : memory.layers) {
-        // One staging buffer: wait for each copy before refilling it.
-        std::memcpy(s->staging_.data(), ml.data.data(), ml.data.size() * sizeof(float));
-        LayerState& ls = s->layers_[Z(ml.layer)];
-        LM2_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ls.bank.data(), s->staging_.data(), ls.bank.bytes(),
-                                                 cudaMemcpyHostToDevice, s->stream_.get()));
-        LM2_RETURN_IF_ERROR(s->stream_.Synchronize());
-      }
-      return Status::Ok();
-    });
+    return Guarded(*s, [&]() -> Status { return BanksToDevice(*s, pieces); });
   }
 
   Result<std::vector<std::vector<float>>> SegmentReadMass(const SequenceState& base) const override {
@@ -454,6 +443,66 @@ class CudaModel final : public Model {
     if (st.ok()) st = fn();
     if (!st.ok()) s.broken_ = true;
     return st;
+  }
+
+  // Bank transfers: `count` floats between a device bank and pageable host memory, in pieces
+  // of at most TransferPieceFloats(), each through one of the state's two pinned staging
+  // pieces. Two pieces are in flight at once: while the device copies one, the host copies
+  // the other between the staging and the caller's memory.
+  struct BankPiece {
+    float* device;
+    float* host;
+    int64_t count;
+  };
+  int64_t TransferPieceFloats() const { return options_.bank_transfer_piece_bytes / int64_t{sizeof(float)}; }
+  void AddPieces(float* device, float* host, int64_t count, std::vector<BankPiece>& pieces) const {
+    const int64_t piece = TransferPieceFloats();
+    for (int64_t at = 0; at < count; at += piece) {
+      pieces.push_back({device + at, host + at, std::min(piece, count - at)});
+    }
+  }
+  float* StagingPiece(CudaState& s, std::size_t k) const {
+    return s.staging_.data() + static_cast<int64_t>(k % 2) * TransferPieceFloats();
+  }
+
+  // Device -> host: piece k's copy into staging piece k % 2 (and an event), the host waits
+  // for it, copies it out, then enqueues piece k + 2 into the same staging piece.
+  Status BanksToHost(CudaState& s, const std::vector<BankPiece>& pieces) const {
+    LM2_RETURN_IF_ERROR(EnsureCapacity(s.staging_, Z(2 * TransferPieceFloats())));
+    const cudaStream_t st = s.stream_.get();
+    const auto enqueue = [&](std::size_t k) -> Status {
+      const BankPiece& p = pieces[k];
+      LM2_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(StagingPiece(s, k), p.device, Z(p.count) * sizeof(float),
+                                               cudaMemcpyDeviceToHost, st));
+      return s.transferred_[k % 2].Record(st);
+    };
+    Status status = Status::Ok();
+    for (std::size_t k = 0; k < pieces.size() && k < 2 && status.ok(); ++k) status = enqueue(k);
+    for (std::size_t k = 0; k < pieces.size() && status.ok(); ++k) {
+      status = s.transferred_[k % 2].Synchronize();
+      if (!status.ok()) break;
+      std::memcpy(pieces[k].host, StagingPiece(s, k), Z(pieces[k].count) * sizeof(float));
+      if (k + 2 < pieces.size()) status = enqueue(k + 2);
+    }
+    // After a failure no copy may still be writing into the staging when it is next used.
+    if (!status.ok()) (void)s.stream_.Synchronize();
+    return status;
+  }
+
+  // Host -> device: piece k into staging piece k % 2 once the device copy that last read
+  // that piece (piece k - 2) is done, then its copy to the device enqueued.
+  Status BanksToDevice(CudaState& s, const std::vector<BankPiece>& pieces) const {
+    LM2_RETURN_IF_ERROR(EnsureCapacity(s.staging_, Z(2 * TransferPieceFloats())));
+    const cudaStream_t st = s.stream_.get();
+    for (std::size_t k = 0; k < pieces.size(); ++k) {
+      const BankPiece& p = pieces[k];
+      if (k >= 2) LM2_RETURN_IF_ERROR(s.transferred_[k % 2].Synchronize());
+      std::memcpy(StagingPiece(s, k), p.host, Z(p.count) * sizeof(float));
+      LM2_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(p.device, StagingPiece(s, k), Z(p.count) * sizeof(float),
+                                               cudaMemcpyHostToDevice, st));
+      LM2_RETURN_IF_ERROR(s.transferred_[k % 2].Record(st));
+    }
+    return s.stream_.Synchronize();
   }
 
   // Opens a segment: memory K/V from the bank as it is now (the model's own for the
@@ -1111,6 +1160,9 @@ Result<std::unique_ptr<Model>> LoadCudaModel(std::shared_ptr<const ModelFiles> f
   }
   if (options.attention_gemm_min_tokens <= 0) {
     return Status::InvalidArgument("CudaOptions::attention_gemm_min_tokens must be > 0");
+  }
+  if (options.bank_transfer_piece_bytes < 16) {
+    return Status::InvalidArgument("CudaOptions::bank_transfer_piece_bytes must be >= 16");
   }
   LM2_ASSIGN_OR_RETURN(auto devices, ListCudaDevices());
   if (options.device < 0 || static_cast<std::size_t>(options.device) >= devices.size()) {

@@ -241,8 +241,14 @@ class CudaEvent : public detail::OwnedHandle<cudaEvent_t, &cudaEventDestroy> {
   }
   // Work enqueued on `waiter` from now on runs after what was enqueued on `signaller` so far.
   Status Order(cudaStream_t signaller, cudaStream_t waiter) const {
-    LM2_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(handle_, signaller), "cudaEventRecord"));
+    LM2_RETURN_IF_ERROR(Record(signaller));
     return CudaStatus(cudaStreamWaitEvent(waiter, handle_, 0), "cudaStreamWaitEvent");
+  }
+  // Marks what was enqueued on `stream` so far; Synchronize waits on the host until it ran.
+  Status Record(cudaStream_t stream) const { return CudaStatus(cudaEventRecord(handle_, stream), "cudaEventRecord"); }
+  Status Synchronize() const {
+    DeviceCallScope scope(CaptureExclusion());
+    return CudaStatus(cudaEventSynchronize(handle_), "cudaEventSynchronize");
   }
 };
 

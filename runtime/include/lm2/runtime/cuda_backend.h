@@ -77,6 +77,11 @@ struct CudaOptions {
   // GEMMs for the paper's model, and 256 MiB per new state). Same results either way
   // (tested). false: each state computes its own.
   bool share_initial_memory_kv = true;
+  // Bank export and import move the banks through two pieces of page-locked host memory of
+  // this many bytes per state (allocated at its first export or import): while the device
+  // copies one piece, the host copies the other between page-locked and the caller's
+  // memory. At least 16 (whole floats are taken: the bytes / 4 rounded down).
+  int64_t bank_transfer_piece_bytes = int64_t{4} << 20;
   // LoadCudaModel runs one short conversation turn on a throwaway state before it returns
   // (a prompt through the tensor-core and cuBLAS paths, greedy and sampled decode steps
   // across a memory-write flush, the segment's end), so that the kernels' first-use costs

@@ -111,7 +111,14 @@ class Model {
 
   // Copies the memory banks out (per memory layer N x d fp32) with the model fingerprint.
   // FailedPrecondition while a segment is open (its write is not applied yet).
-  virtual Result<MemoryState> ExportMemory(const SequenceState& state) const = 0;
+  // (ExportMemoryInto into a new MemoryState.)
+  Result<MemoryState> ExportMemory(const SequenceState& state) const;
+  // ExportMemory into `out`, reusing its buffers: a layer whose vector already holds N x d
+  // values is overwritten in place. For callers that export again and again (a chat
+  // session after every turn): a bank-sized vector in fresh host memory costs its first
+  // touch (page faults: on the machines measured more than the copy itself), a reused one
+  // does not. On error `out` is left empty.
+  Status ExportMemoryInto(const SequenceState& state, MemoryState& out) const;
   // Replaces the state's memory banks. FailedPrecondition for another model's fingerprint
   // or while a segment is open; InvalidArgument for layers or shapes that do not match.
   virtual Status ImportMemory(SequenceState& state, const MemoryState& memory) const = 0;
@@ -143,6 +150,13 @@ class Model {
   // ImportMemory's: this model's fingerprint (FailedPrecondition), its memory layers and
   // shapes (InvalidArgument).
   Status CheckImport(const MemoryState& memory) const;
+  // ExportMemoryInto's work, after the backend's own checks: ShapeExport(out), then each
+  // layer's data filled. (The caller empties `out` when it fails.)
+  virtual Status ExportBanks(const SequenceState& state, MemoryState& out) const = 0;
+  // `out` made this model's export shape: its fingerprint, one layer per memory layer (in
+  // order) with N x d values; vectors of that size keep their memory (and, until
+  // overwritten, their contents), others are resized.
+  void ShapeExport(MemoryState& out) const;
   // SegmentReadMass's reduction: one memory layer's masses [memory_heads, memory_slots]
   // summed over the heads, per slot.
   std::vector<float> ReadMassPerSlot(const float* mass) const;
