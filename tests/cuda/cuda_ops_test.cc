@@ -869,7 +869,9 @@ TEST_CASE("MemoryReadWrite: the read and the write sums in tiles, without the pr
   // tokens, N 100; 64 tokens, N 129), 4 (N 200 at width 16; N 300 at width 128: 5 tiles,
   // uneven; 130 tokens of the paper's 32 heads) and, on an H200, 8 (100 tokens of 16 heads, N
   // 600: 16 clusters of 8; of 32 heads, 32 would not fit at once, ReadSplits takes 4) blocks a
-  // pair.
+  // pair. Unsplit chunks of head width 64 run the wgmma kernels on compute capability 9.0
+  // (memory_tiled_sm90.cu): 700 tokens of 32 heads over 200 slots and 1,100 of 16 over 129
+  // (token and slot counts off the tiles; one valid slot in the last tile).
   const auto [T, N, d, Hm] = GENERATE(std::make_tuple(int64_t{2}, int64_t{12}, int64_t{64}, int64_t{4}),
                                       std::make_tuple(int64_t{5}, int64_t{20}, int64_t{36}, int64_t{3}),
                                       std::make_tuple(int64_t{65}, int64_t{100}, int64_t{48}, int64_t{2}),
@@ -879,7 +881,9 @@ TEST_CASE("MemoryReadWrite: the read and the write sums in tiles, without the pr
                                       std::make_tuple(int64_t{33}, int64_t{200}, int64_t{64}, int64_t{4}),
                                       std::make_tuple(int64_t{40}, int64_t{300}, int64_t{256}, int64_t{2}),
                                       std::make_tuple(int64_t{100}, int64_t{600}, int64_t{1024}, int64_t{16}),
-                                      std::make_tuple(int64_t{130}, int64_t{2048}, int64_t{2048}, int64_t{32}));
+                                      std::make_tuple(int64_t{130}, int64_t{2048}, int64_t{2048}, int64_t{32}),
+                                      std::make_tuple(int64_t{700}, int64_t{200}, int64_t{2048}, int64_t{32}),
+                                      std::make_tuple(int64_t{1100}, int64_t{129}, int64_t{1024}, int64_t{16}));
   INFO("T=" << T << " N=" << N << " d=" << d << " heads=" << Hm);
   REQUIRE(MemoryReadWriteSupported(d, Hm));
   const int64_t dh = d / Hm, ld = d + 24;  // q and offer rows inside wider rows, as in the model's projection

@@ -40,6 +40,7 @@
 
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
+#include "cuda/memory_tiled.cuh"
 #include "cuda/mma.cuh"
 #include "ops/op_shapes.h"
 
@@ -48,27 +49,12 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-constexpr int kTile = 64;                  // columns of a score tile: slots (read), tokens (write)
-constexpr int kRows = kTileBlockRows;      // rows of a block: tokens (read), slots (write)
-
-__host__ __device__ constexpr int64_t PaddedTokens(int64_t T) { return (T + kRows - 1) / kRows * kRows; }
-
-// The scratch: per head, each token's softmax shift m + log2 l (log2 units; +inf for
-// padding tokens: weight 0) [Tp], then q and the offer in bf16 [Tp, DHP] each (Tp = T
-// rounded up to kRows; padding rows and columns zero).
-struct Scratch {
-  float* shift;
-  bf16* q;
-  bf16* offer;
-};
-Scratch Carve(float* base, int64_t T, int64_t heads, int64_t dhp) {
-  const int64_t Tp = PaddedTokens(T);
-  auto* q = reinterpret_cast<bf16*>(base + heads * Tp);  // 16-byte aligned: Tp is a multiple of 128
-  return {base, q, q + heads * Tp * dhp};
-}
-
-// A token's shift for the write kernel: its weights 2^(s' - m) / l = 2^(s' - (m + log2 l)).
-__device__ __forceinline__ float SoftmaxShift(float m, float l) { return m + log2f(l); }
+using tiled::Carve;
+using tiled::kRows;
+using tiled::kTile;
+using tiled::PaddedTokens;
+using tiled::Scratch;
+using tiled::SoftmaxShift;
 
 template <int DHP>
 struct Layout {
@@ -465,18 +451,34 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
                        ReadSplits(pairs * heads, (N + kTile - 1) / kTile,
                                   reinterpret_cast<const void*>(&MemoryReadTiledKernel<DHP>), GroupThreads(DHP),
                                   kReadBytes));
-  cudaLaunchAttribute cluster[1];
-  cluster[0].id = cudaLaunchAttributeClusterDimension;
-  cluster[0].val.clusterDim = {1, 1, static_cast<unsigned int>(splits)};
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(pairs, heads, static_cast<unsigned int>(splits));
-  config.blockDim = dim3(GroupThreads(DHP));
-  config.dynamicSmemBytes = kReadBytes;
-  config.stream = stream;
-  config.attrs = cluster;
-  config.numAttrs = splits > 1 ? 1 : 0;
-  LM2_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, MemoryReadTiledKernel<DHP>, q, q_ld, offer, offer_ld, mem_k,
-                                              mem_v, T, N, d, dh, scale_log2, vec, e, parts));
+  // Hopper, head width 64: the same kernels on wgmma (memory_tiled_sm90.cu); a split read
+  // (short chunks) keeps the kernel below, with the wgmma write after it.
+  bool sm90 = false;
+  if constexpr (DHP == 64) {
+    if (dh == 64 && vec && tiled::Sm90KernelsBuilt()) {
+      LM2_ASSIGN_OR_RETURN(const int major, CurrentDeviceAttribute(cudaDevAttrComputeCapabilityMajor));
+      LM2_ASSIGN_OR_RETURN(const int minor, CurrentDeviceAttribute(cudaDevAttrComputeCapabilityMinor));
+      sm90 = major == 9 && minor == 0;
+    }
+  }
+  if (sm90 && splits == 1) {
+    LM2_RETURN_IF_ERROR(
+        tiled::ReadSm90(q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, scale_log2, e, parts, stream));
+  } else {
+    cudaLaunchAttribute cluster[1];
+    cluster[0].id = cudaLaunchAttributeClusterDimension;
+    cluster[0].val.clusterDim = {1, 1, static_cast<unsigned int>(splits)};
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(pairs, heads, static_cast<unsigned int>(splits));
+    config.blockDim = dim3(GroupThreads(DHP));
+    config.dynamicSmemBytes = kReadBytes;
+    config.stream = stream;
+    config.attrs = cluster;
+    config.numAttrs = splits > 1 ? 1 : 0;
+    LM2_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, MemoryReadTiledKernel<DHP>, q, q_ld, offer, offer_ld,
+                                                mem_k, mem_v, T, N, d, dh, scale_log2, vec, e, parts));
+  }
+  if (sm90) return tiled::WriteSm90(mem_k, T, N, d, scale_log2, accumulate, mass, acc, parts, stream);
   const dim3 write_grid(static_cast<unsigned int>((N + kRows - 1) / kRows), heads);
   write_kernel<<<write_grid, GroupThreads(DHP), kWriteBytes, stream>>>(mem_k, T, N, d, dh, scale_log2, vec, parts,
                                                                       mass, acc);

@@ -1,0 +1,377 @@
+// The tiled memory read and write sums of memory_tiled.cu on Hopper's warpgroup MMA
+// (wgmma, sm_90a), for head width 64: the same algorithm, scratch and results to rounding,
+// with each tile product one asynchronous warpgroup instruction per 16-wide step instead
+// of 32 mma.sync per warp.
+//
+// A block is two warpgroups of 64 rows each (read: tokens; write: slots), 8 warps of 16
+// rows. The block's own rows are A operands in registers, ldmatrix fragments from shared
+// memory loaded again for each tile (held across tiles, as memory_tiled.cu does, the scores
+// of every tile after the first came out wrong on an H200: registers a wgmma reads must not
+// be kept live across the loop); the other side's 64-row tiles (read: K and V slots;
+// write: q and offer tokens) come through shared memory by cp.async, a ring of
+// kTileStages, in the 128-byte swizzled layout wgmma reads through a matrix descriptor:
+// 16-byte piece c of row r at r · 128 + (c ⊕ r mod 8) · 16 (tiles 1024-byte aligned). For
+// the scores a tile is B "K-major" (a row's 64 head columns contiguous), for the products
+// "MN-major" (the transpose flag): the same bytes either way.
+//
+// Scores: wgmma accumulators of m64n64 hold, per warp, rows g and g + 8 of its 16 and columns
+// 8i + 2t, 8i + 2t + 1: the layout of mma.sync's C fragments, so memory_tiled's online
+// softmax, weights and epilogues apply unchanged, and the weights packed to bf16 pairs are
+// the next product's A fragments.
+#include <cuda_bf16.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "cuda/cuda_check.h"
+#include "cuda/memory_tiled.cuh"
+#include "cuda/mma.cuh"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LM2_WGMMA 1  // this compilation pass has the sm_90a instructions
+#else
+#define LM2_WGMMA 0
+#endif
+
+namespace lm2::runtime::cuda::tiled {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kDh = 64;                         // head width: one 128-byte row of bf16
+constexpr int kThreads = 256;                   // two warpgroups of 64 rows
+constexpr int kRowBytes = kDh * 2;              // 128
+constexpr int kTileBytes = kTile * kRowBytes;   // a 64-row tile: 8 KiB
+constexpr int kAtomBytes = 8 * kRowBytes;       // the swizzle's repeat: 8 rows, 1 KiB
+constexpr int kOwnLd = TileLd<kDh>;             // the block's own rows, padded (ldmatrix)
+constexpr int kOwnBytes = kRows * kOwnLd * 2;
+static_assert(kOwnBytes % kAtomBytes == 0, "tiles after the own rows stay 1 KiB aligned");
+
+// Shared-memory writes of this thread (cp.async, completed) made visible to wgmma's reads.
+__device__ __forceinline__ void FenceProxyAsync() {
+#if LM2_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// The matrix descriptor of a swizzled tile: start address, stride between 8-row groups
+// (1 KiB), 128-byte swizzle. Adding b / 16 moves its start b bytes on (a 16-column step
+// along a row: 32 bytes; a 16-row step: 2 KiB).
+__device__ __forceinline__ uint64_t TileDescriptor(const void* tile) {
+  const uint64_t address = SharedAddress(tile);
+  return ((address & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{kAtomBytes >> 4} << 32) | (uint64_t{1} << 62);
+}
+constexpr uint64_t kColumnStep = 32 >> 4;             // 16 columns of a row
+constexpr uint64_t kRowStep = 16 * kRowBytes >> 4;    // 16 rows
+
+// d[64 x 64] (+)= a[64 x 64] · B[64 x 64] for the warpgroup, as four 16-wide steps: a[kc]
+// this warp's A fragments of its 16 rows, b[kc] the descriptors of the steps of a tile
+// (kTransB 0: the tile's rows are B's columns, the scores' K ·; 1: its rows are B's rows,
+// the products' · V); accumulate false: d = a · B. One asm statement from the fence to the
+// wait: the compiler sees a wgmma as done when issued and would otherwise reuse its operand
+// registers (or move the accumulators' reads) before the wait that actually completes it.
+template <int kTransB>
+__device__ __forceinline__ void Mma64x64x64(float (&d)[8][4], const uint32_t (&a)[4][4], const uint64_t (&b)[4],
+                                            bool accumulate) {
+#if LM2_WGMMA
+#define LM2_WGMMA_STEP(A0, A1, A2, A3, B, P)                                                                    \
+  "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "                                                     \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                  \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "                        \
+  "{" A0 ", " A1 ", " A2 ", " A3 "}, " B ", " P ", 1, 1, %53;\n"
+  asm volatile(
+      "{\n"
+      ".reg .pred first, rest;\n"
+      "setp.ne.b32 first, %52, 0;\n"
+      "setp.eq.b32 rest, 0, 0;\n"
+      "wgmma.fence.sync.aligned;\n"
+      LM2_WGMMA_STEP("%32", "%33", "%34", "%35", "%48", "first")
+      LM2_WGMMA_STEP("%36", "%37", "%38", "%39", "%49", "rest")
+      LM2_WGMMA_STEP("%40", "%41", "%42", "%43", "%50", "rest")
+      LM2_WGMMA_STEP("%44", "%45", "%46", "%47", "%51", "rest")
+      "wgmma.commit_group.sync.aligned;\n"
+      "wgmma.wait_group.sync.aligned 0;\n"
+      "}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
+        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
+        "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]),
+        "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : "r"(a[0][0]), "r"(a[0][1]), "r"(a[0][2]), "r"(a[0][3]), "r"(a[1][0]), "r"(a[1][1]), "r"(a[1][2]),
+        "r"(a[1][3]), "r"(a[2][0]), "r"(a[2][1]), "r"(a[2][2]), "r"(a[2][3]), "r"(a[3][0]), "r"(a[3][1]),
+        "r"(a[3][2]), "r"(a[3][3]), "l"(b[0]), "l"(b[1]), "l"(b[2]), "l"(b[3]), "r"(static_cast<int>(accumulate)),
+        "n"(kTransB)
+      : "memory");
+#undef LM2_WGMMA_STEP
+#endif
+}
+
+// The scores' accumulators of 64 columns as the A fragments of the four 16-wide steps of
+// the product that follows (bf16 pairs).
+__device__ __forceinline__ void PackWeights(const float (&p)[8][4], uint32_t (&a)[4][4]) {
+#pragma unroll
+  for (int kc = 0; kc < 4; ++kc) {
+    a[kc][0] = PackBf16x2(p[2 * kc][0], p[2 * kc][1]);
+    a[kc][1] = PackBf16x2(p[2 * kc][2], p[2 * kc][3]);
+    a[kc][2] = PackBf16x2(p[2 * kc + 1][0], p[2 * kc + 1][1]);
+    a[kc][3] = PackBf16x2(p[2 * kc + 1][2], p[2 * kc + 1][3]);
+  }
+}
+
+// s = own · tileᵀ over the 64 head columns (four steps), then out += weights(s) · tile2 after
+// `weigh` turns s into weights: one tile of either kernel.
+template <typename Weigh>
+__device__ __forceinline__ void TileStep(const uint32_t (&own)[4][4], const void* tile, const void* tile2,
+                                         float (&out)[8][4], Weigh&& weigh) {
+  float s[8][4] = {};  // (the first step overwrites them: zeros only keep them defined)
+  const uint64_t first = TileDescriptor(tile), second = TileDescriptor(tile2);
+  const uint64_t scores[4] = {first, first + kColumnStep, first + 2 * kColumnStep, first + 3 * kColumnStep};
+  const uint64_t products[4] = {second, second + kRowStep, second + 2 * kRowStep, second + 3 * kRowStep};
+  Mma64x64x64<0>(s, own, scores, false);
+  weigh(s);
+  uint32_t a[4][4];
+  PackWeights(s, a);
+  Mma64x64x64<1>(out, a, products, true);
+}
+
+// Rows [0, 64) of a tile of 64-column bf16 rows `ld` elements apart in `src` into `tile`
+// (1 KiB aligned), swizzled; rows at or past rows_valid zero. Completed by CopyAsyncWait.
+__device__ __forceinline__ void LoadSwizzledTile(const bf16* __restrict__ src, int64_t ld, int64_t rows_valid,
+                                                 char* tile) {
+  const int c = static_cast<int>(threadIdx.x) % 8;
+#pragma unroll
+  for (int k = 0; k < kTile * 8 / kThreads; ++k) {
+    const int r = static_cast<int>(threadIdx.x) / 8 + k * (kThreads / 8);
+    const bool in = r < rows_valid;
+    CopyAsync16(tile + r * kRowBytes + ((c ^ (r & 7)) << 4), in ? src + r * ld + c * 8 : src, in);
+  }
+}
+
+// The dynamic shared memory, its start rounded up to 1 KiB (the swizzle's alignment; the
+// launch asks for 1 KiB more).
+__device__ __forceinline__ char* AlignedSharedMemory() {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const uint32_t address = SharedAddress(smem);
+  return reinterpret_cast<char*>(smem) + ((kAtomBytes - address % kAtomBytes) % kAtomBytes);
+}
+
+// Read: a block per (128 tokens, head). memory_tiled.cu's MemoryReadTiledKernel (no split).
+__global__ void __launch_bounds__(kThreads, 2)
+    ReadKernel(const float* __restrict__ q, int64_t q_ld, const float* __restrict__ offer, int64_t offer_ld,
+               const bf16* __restrict__ mem_k, const bf16* __restrict__ mem_v, int64_t T, int64_t N, int64_t d,
+               float scale_log2, float* __restrict__ e, Scratch scratch) {
+#if LM2_WGMMA
+  char* ks = AlignedSharedMemory();                                      // kTileStages tiles
+  char* vs = ks + kTileStages * kTileBytes;                              // kTileStages tiles
+  bf16* qs = reinterpret_cast<bf16*>(vs + kTileStages * kTileBytes);    // [kRows][kOwnLd]
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = PaddedTokens(T);
+  const bf16* k_head = mem_k + j * kDh;
+  const bf16* v_head = mem_v + j * kDh;
+  const int tiles = static_cast<int>((N + kTile - 1) / kTile);
+  const auto load_slots = [&](int it, int buf) {
+    const int64_t n0 = static_cast<int64_t>(it) * kTile;
+    LoadSwizzledTile(k_head + n0 * d, d, N - n0, ks + buf * kTileBytes);
+    LoadSwizzledTile(v_head + n0 * d, d, N - n0, vs + buf * kTileBytes);
+    CopyAsyncCommit();
+  };
+  load_slots(0, 0);
+  if (tiles > 1) load_slots(1, 1);
+  // The block's q rows in bf16 into shared memory, and its q and offer rows into the
+  // scratch for the write kernel (padding rows zero), the loads a batch ahead of the stores.
+  bf16* q_out = scratch.q + (j * Tp + t0) * kDh;
+  bf16* offer_out = scratch.offer + (j * Tp + t0) * kDh;
+  constexpr int kPerThread = kRows * kDh / kThreads, kBatch = 16;
+  static_assert(kPerThread % kBatch == 0, "whole batches");
+#pragma unroll 1
+  for (int b = 0; b < kPerThread; b += kBatch) {
+    float qv[kBatch], ov[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = static_cast<int>(threadIdx.x) + (b + u) * kThreads, r = i / kDh, c = i % kDh;
+      const bool in = t0 + r < T;
+      qv[u] = in ? q[(t0 + r) * q_ld + j * kDh + c] : 0.0f;
+      ov[u] = in ? offer[(t0 + r) * offer_ld + j * kDh + c] : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = static_cast<int>(threadIdx.x) + (b + u) * kThreads, r = i / kDh, c = i % kDh;
+      const bf16 qb = __float2bfloat16(qv[u]);
+      qs[r * kOwnLd + c] = qb;
+      q_out[r * kDh + c] = qb;
+      offer_out[r * kDh + c] = __float2bfloat16(ov[u]);
+    }
+  }
+  float m[2], l[2], out[8][4];
+  m[0] = m[1] = -INFINITY;
+  l[0] = l[1] = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i][0] = out[i][1] = out[i][2] = out[i][3] = 0.0f;
+  for (int it = 0, stage = 0; it < tiles; ++it, stage = NextStage(stage)) {
+    if (it + 1 < tiles) {
+      CopyAsyncWait<1>();
+    } else {
+      CopyAsyncWait<0>();
+    }
+    FenceProxyAsync();
+    __syncthreads();  // the tile is in; every warp is done with the one before (kTileStages)
+    if (it + 2 < tiles) load_slots(it + 2, NextStage(NextStage(stage)));
+    const int64_t valid = N - static_cast<int64_t>(it) * kTile;
+    uint32_t qa[4][4];  // (the first barrier above also shows the staged q rows)
+#pragma unroll
+    for (int kc = 0; kc < 4; ++kc) LoadA(qa[kc], qs, kOwnLd, warp * 16, kc * 16);
+    TileStep(qa, ks + stage * kTileBytes, vs + stage * kTileBytes, out, [&](float (&s)[8][4]) {
+      if (valid < kTile) {  // the last tile's padding slots
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c)
+            if (nt * 8 + 2 * t + (c & 1) >= valid) s[nt][c] = -INFINITY;
+      }
+      OnlineSoftmaxTile<kDh>(s, scale_log2, m, l, out);
+    });
+  }
+  // e rows g and g + 8 of the warp's 16; this lane's columns 2t, 2t + 1 of each 8.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float sum = QuadSum(l[r]), inv_l = 1.0f / sum;
+    const int64_t row = t0 + warp * 16 + g + 8 * r;
+    if (row < T) {
+      ForEachOwnedElement(out, r, t, kDh, [&](int col, float v) { e[row * d + j * kDh + col] = v * inv_l; });
+    }
+    if (t == 0) scratch.shift[j * Tp + row] = row < T ? SoftmaxShift(m[r], sum) : INFINITY;
+  }
+#else
+  __trap();  // launched only where the build has sm_90a code (Sm90KernelsBuilt)
+#endif
+}
+
+// Write sums: a block per (128 slots, head), over the chunk's tokens 64 at a time.
+// memory_tiled.cu's MemoryWriteTiledKernel.
+template <bool kAccumulate>
+__global__ void __launch_bounds__(kThreads, 2)
+    WriteKernel(const bf16* __restrict__ mem_k, int64_t T, int64_t N, int64_t d, float scale_log2, Scratch scratch,
+                float* __restrict__ mass, float* __restrict__ acc) {
+#if LM2_WGMMA
+  char* qt = AlignedSharedMemory();                                          // kTileStages tiles
+  char* ot = qt + kTileStages * kTileBytes;                                  // kTileStages tiles
+  bf16* ks = reinterpret_cast<bf16*>(ot + kTileStages * kTileBytes);        // [kRows][kOwnLd]
+  auto* shifts = reinterpret_cast<float*>(reinterpret_cast<char*>(ks) + kOwnBytes);  // kTileStages x 64
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = PaddedTokens(T);
+  const bf16* q_head = scratch.q + j * Tp * kDh;
+  const bf16* offer_head = scratch.offer + j * Tp * kDh;
+  const float* shift_head = scratch.shift + j * Tp;
+  const int tiles = static_cast<int>(Tp / kTile);
+  const auto load_tokens = [&](int it, int buf) {
+    LoadSwizzledTile(q_head + static_cast<int64_t>(it) * kTile * kDh, kDh, kTile, qt + buf * kTileBytes);
+    LoadSwizzledTile(offer_head + static_cast<int64_t>(it) * kTile * kDh, kDh, kTile, ot + buf * kTileBytes);
+    if (threadIdx.x < kTile / 4) {  // 64 floats = 16 copies of 16 bytes
+      CopyAsync16(shifts + buf * kTile + 4 * threadIdx.x, shift_head + it * kTile + 4 * threadIdx.x, true);
+    }
+    CopyAsyncCommit();
+  };
+  LoadBf16Tile<kDh, kRows, kThreads>(mem_k + n0 * d + j * kDh, d, N - n0, kDh, true, ks);
+  load_tokens(0, 0);  // the slots' K rows complete with the first tokens' group
+  if (tiles > 1) load_tokens(1, 1);
+
+  float out[8][4];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i][0] = out[i][1] = out[i][2] = out[i][3] = 0.0f;
+  float slot_mass[2] = {0.0f, 0.0f};
+  for (int it = 0, stage = 0; it < tiles; ++it, stage = NextStage(stage)) {
+    if (it + 1 < tiles) {
+      CopyAsyncWait<1>();
+    } else {
+      CopyAsyncWait<0>();
+    }
+    FenceProxyAsync();
+    __syncthreads();  // the tile is in; every warp is done with the one before (kTileStages)
+    if (it + 2 < tiles) load_tokens(it + 2, NextStage(NextStage(stage)));
+    uint32_t ka[4][4];
+#pragma unroll
+    for (int kc = 0; kc < 4; ++kc) LoadA(ka[kc], ks, kOwnLd, warp * 16, kc * 16);
+    const float* st = shifts + stage * kTile;
+    TileStep(ka, qt + stage * kTileBytes, ot + stage * kTileBytes, out, [&](float (&s)[8][4]) {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        // This lane's two tokens (columns 2t, 2t + 1 of the 8); padding tokens: shift +inf, p = 0.
+        const float2 sh = *reinterpret_cast<const float2*>(st + nt * 8 + 2 * t);
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            float& x = s[nt][2 * r + c];
+            x = SoftmaxWeight(x, scale_log2, c == 0 ? sh.x : sh.y);
+            slot_mass[r] += x;
+          }
+      }
+    });
+  }
+
+  // The sums added to acc and mass (or stored as 0 + sum), the loads before the stores.
+  float old[2][8][2], old_mass[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t slot = n0 + warp * 16 + g + 8 * r;
+    old_mass[r] = kAccumulate && slot < N && t == 0 ? mass[j * N + slot] : 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        old[r][i][c] = kAccumulate && slot < N ? acc[slot * d + j * kDh + i * 8 + 2 * t + c] : 0.0f;
+      }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t slot = n0 + warp * 16 + g + 8 * r;
+    const float total = QuadSum(slot_mass[r]);
+    if (slot < N) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) acc[slot * d + j * kDh + i * 8 + 2 * t + c] = old[r][i][c] + out[i][2 * r + c];
+      if (t == 0) mass[j * N + slot] = old_mass[r] + total;
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+constexpr int kReadBytes = kAtomBytes + 2 * kTileStages * kTileBytes + kOwnBytes;
+constexpr int kWriteBytes = kReadBytes + kTileStages * kTile * 4;
+
+}  // namespace
+
+bool Sm90KernelsBuilt() {
+#if defined(LM2_CUDA_SM90A)
+  const char* off = std::getenv("LM2_CUDA_WGMMA");  // "0": the mma.sync kernels instead
+  return off == nullptr || std::strcmp(off, "0") != 0;
+#else
+  return false;
+#endif
+}
+
+Status ReadSm90(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, const bf16* mem_k,
+               const bf16* mem_v, int64_t T, int64_t N, int64_t d, float scale_log2, float* e, Scratch scratch,
+               cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&ReadKernel), kReadBytes, "MemoryReadWrite"));
+  const dim3 grid(static_cast<unsigned int>(PaddedTokens(T) / kRows), static_cast<unsigned int>(d / kDh));
+  ReadKernel<<<grid, kThreads, kReadBytes, stream>>>(q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, scale_log2, e,
+                                                      scratch);
+  return CheckLaunch("MemoryReadWrite (wgmma read)");
+}
+
+Status WriteSm90(const bf16* mem_k, int64_t T, int64_t N, int64_t d, float scale_log2, bool accumulate, float* mass,
+                 float* acc, Scratch scratch, cudaStream_t stream) {
+  const auto kernel = accumulate ? &WriteKernel<true> : &WriteKernel<false>;
+  LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(kernel), kWriteBytes, "MemoryReadWrite"));
+  const dim3 grid(static_cast<unsigned int>((N + kRows - 1) / kRows), static_cast<unsigned int>(d / kDh));
+  kernel<<<grid, kThreads, kWriteBytes, stream>>>(mem_k, T, N, d, scale_log2, scratch, mass, acc);
+  return CheckLaunch("MemoryReadWrite (wgmma write)");
+}
+
+}  // namespace lm2::runtime::cuda::tiled
