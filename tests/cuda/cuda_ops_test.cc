@@ -869,9 +869,10 @@ TEST_CASE("MemoryReadWrite: the read and the write sums in tiles, without the pr
   // tokens, N 100; 64 tokens, N 129), 4 (N 200 at width 16; N 300 at width 128: 5 tiles,
   // uneven; 130 tokens of the paper's 32 heads) and, on an H200, 8 (100 tokens of 16 heads, N
   // 600: 16 clusters of 8; of 32 heads, 32 would not fit at once, ReadSplits takes 4) blocks a
-  // pair. Unsplit chunks of head width 64 run the wgmma kernels on compute capability 9.0
-  // (memory_tiled_sm90.cu): 700 tokens of 32 heads over 200 slots and 1,100 of 16 over 129
-  // (token and slot counts off the tiles; one valid slot in the last tile).
+  // pair (the mma.sync read kernel's occupancy; the wgmma one's may split otherwise). Head
+  // width 64 runs the wgmma kernels on compute capability 9.0 (memory_tiled_sm90.cu): split
+  // at 64 / 100 / 130 tokens, unsplit at 700 tokens of 32 heads over 200 slots and 1,100 of
+  // 16 over 129 (token and slot counts off the tiles; one valid slot in the last tile).
   const auto [T, N, d, Hm] = GENERATE(std::make_tuple(int64_t{2}, int64_t{12}, int64_t{64}, int64_t{4}),
                                       std::make_tuple(int64_t{5}, int64_t{20}, int64_t{36}, int64_t{3}),
                                       std::make_tuple(int64_t{65}, int64_t{100}, int64_t{48}, int64_t{2}),

@@ -50,6 +50,8 @@ namespace {
 using bf16 = __nv_bfloat16;
 
 using tiled::Carve;
+using tiled::CombineSplits;
+using tiled::ReadSplits;
 using tiled::kRows;
 using tiled::kTile;
 using tiled::PaddedTokens;
@@ -72,81 +74,6 @@ __device__ __forceinline__ void LoadScratchTile(const bf16* __restrict__ src, bf
 
 // Two blocks per SM where the head width allows (DHP <= 64: at most 128 registers).
 constexpr int MinBlocks(int dhp) { return dhp <= 64 ? 2 : 1; }
-
-// A split read's unnormalised rows in shared memory (over the K/V buffers, free by then):
-// [kRows][DHP + 4] floats (the 4 spread a quad's rows over the banks), then (m, l) per row.
-template <int DHP>
-struct SplitRows {
-  static constexpr int kLd = DHP + 4;
-  static constexpr int kBytes = kRows * kLd * 4 + kRows * 8;
-  static_assert(kBytes <= 2 * kTileStages * Layout<DHP>::kTileElems * 2, "fits the K/V buffers");
-};
-
-// The end of a split read: this block's rows (the online softmax's m, this lane's share of
-// l, the unnormalised output fragments) into its shared memory; after a cluster barrier
-// block z combines rows [kRows z / P, kRows (z + 1) / P) from the P blocks' shared memory
-// into e and the shifts (of padding rows too: +inf); a second barrier keeps every
-// block's shared memory alive until the others have read it.
-template <int DHP>
-__device__ __forceinline__ void CombineSplits(const float (&m)[RowGroups(DHP)][2], const float (&l)[RowGroups(DHP)][2],
-                                              const float (&out)[RowGroups(DHP)][DHP / 8][4], int64_t t0, int64_t j,
-                                              int64_t T, int64_t d, int dh, float* __restrict__ e,
-                                              float* __restrict__ shift) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  __trap();  // clusters need sm_90: ReadSplits gives 1 before it
-#else
-  using R = SplitRows<DHP>;
-  constexpr int M = RowGroups(DHP), kThreads = GroupThreads(DHP);
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  extern __shared__ __align__(128) unsigned char smem[];
-  float* rows = reinterpret_cast<float*>(smem + Layout<DHP>::kRowsElems * 2);  // over the K/V buffers
-  auto* ml = reinterpret_cast<float2*>(rows + kRows * R::kLd);
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const int g = lane / 4, t = lane % 4;
-  __syncthreads();  // every warp's last tile's K/V reads are done
-#pragma unroll
-  for (int mg = 0; mg < M; ++mg)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = (warp * M + mg) * 16 + g + 8 * r;
-      const float sum = QuadSum(l[mg][r]);
-#pragma unroll
-      for (int i = 0; i < DHP / 8; ++i) {
-        *reinterpret_cast<float2*>(rows + row * R::kLd + i * 8 + 2 * t) =
-            make_float2(out[mg][i][2 * r], out[mg][i][2 * r + 1]);
-      }
-      if (t == 0) ml[row] = make_float2(m[mg][r], sum);
-    }
-  cluster.sync();
-  const int splits = static_cast<int>(cluster.num_blocks()), part = static_cast<int>(cluster.block_rank());
-  const int own0 = kRows * part / splits, own = kRows / splits;
-  // Each thread takes one (row, column pair) at a time of the block's own rows.
-  for (int i = threadIdx.x; i < own * (DHP / 2); i += kThreads) {
-    const int row = own0 + i / (DHP / 2), col = 2 * (i % (DHP / 2));
-    float mx = -INFINITY;
-    for (int p = 0; p < splits; ++p) mx = fmaxf(mx, cluster.map_shared_rank(ml, p)[row].x);
-    float sum = 0.0f;
-    float2 acc = make_float2(0.0f, 0.0f);
-    for (int p = 0; p < splits; ++p) {
-      const float2 mp = cluster.map_shared_rank(ml, p)[row];
-      const float w = FastExp2(mp.x - mx);  // 1 for the largest; a power of two at most 2^slack off otherwise
-      const float2 v = *reinterpret_cast<const float2*>(cluster.map_shared_rank(rows, p) + row * R::kLd + col);
-      sum += mp.y * w;
-      acc.x += v.x * w;
-      acc.y += v.y * w;
-    }
-    const float inv_l = 1.0f / sum;
-    const int64_t token = t0 + row;
-    if (token < T) {
-      if (col < dh) e[token * d + j * dh + col] = acc.x * inv_l;
-      if (col + 1 < dh) e[token * d + j * dh + col + 1] = acc.y * inv_l;
-    }
-    if (col == 0) shift[t0 + row] = token < T ? SoftmaxShift(mx, sum) : INFINITY;
-  }
-  cluster.sync();
-#endif
-}
 
 // Read: a block per (kRows tokens, head), or a cluster of gridDim.z blocks per pair, block
 // z over slot tiles [z tiles / P, (z + 1) tiles / P) (P a power of two, at most the tiles).
@@ -247,7 +174,9 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadT
   }
 
   if (splits > 1) {
-    CombineSplits<DHP>(m, l, out, t0, j, T, d, dh, e, scratch.shift + j * Tp);
+    static_assert(tiled::SplitRowsBytes<DHP>() <= 2 * kTileStages * L::kTileElems * 2, "fits the K/V buffers");
+    CombineSplits<DHP, M, kThreadsRead>(m, l, out, t0, j, T, d, dh, e, scratch.shift + j * Tp,
+                                        reinterpret_cast<float*>(smem + L::kRowsElems * 2));
     return;
   }
   // e rows g and g + 8 of each group; this lane's columns 2t, 2t + 1 of each 8.
@@ -382,6 +311,93 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryWrite
   }
 }
 
+template <int DHP>
+Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, const bf16* mem_k,
+                   const bf16* mem_v, int64_t T, int64_t N, int64_t d, int dh, float* e, bool accumulate,
+                   float* mass, float* acc, float* scratch, cudaStream_t stream) {
+  using L = Layout<DHP>;
+  constexpr int kReadBytes = (L::kRowsElems + 2 * kTileStages * L::kTileElems) * 2;
+  constexpr int kWriteBytes = (L::kRowsElems + 2 * kTileStages * L::kTileElems) * 2 + kTileStages * kTile * 4;
+  LM2_RETURN_IF_ERROR(
+      EnsureSharedMemory(reinterpret_cast<const void*>(&MemoryReadTiledKernel<DHP>), kReadBytes, "MemoryReadWrite"));
+  const auto write_kernel = accumulate ? &MemoryWriteTiledKernel<DHP, true> : &MemoryWriteTiledKernel<DHP, false>;
+  LM2_RETURN_IF_ERROR(
+      EnsureSharedMemory(reinterpret_cast<const void*>(write_kernel), kWriteBytes, "MemoryReadWrite"));
+  const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(dh));
+  const bool vec = dh % 8 == 0 && d % 8 == 0;  // memory K/V rows and head offsets 16-byte aligned
+  const auto heads = static_cast<unsigned int>(d / dh);
+  const Scratch parts = Carve(scratch, T, heads, DHP);
+  const auto pairs = static_cast<unsigned int>(PaddedTokens(T) / kRows);
+  // Hopper, head width 64: the same kernels on wgmma (memory_tiled_sm90.cu).
+  if constexpr (DHP == 64) {
+    if (dh == 64 && vec && tiled::Sm90KernelsBuilt()) {
+      LM2_ASSIGN_OR_RETURN(const int major, CurrentDeviceAttribute(cudaDevAttrComputeCapabilityMajor));
+      LM2_ASSIGN_OR_RETURN(const int minor, CurrentDeviceAttribute(cudaDevAttrComputeCapabilityMinor));
+      if (major == 9 && minor == 0) {
+        LM2_RETURN_IF_ERROR(
+            tiled::ReadSm90(q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, scale_log2, e, parts, stream));
+        return tiled::WriteSm90(mem_k, T, N, d, scale_log2, accumulate, mass, acc, parts, stream);
+      }
+    }
+  }
+  LM2_ASSIGN_OR_RETURN(const int splits,
+                       ReadSplits(pairs * heads, (N + kTile - 1) / kTile,
+                                  reinterpret_cast<const void*>(&MemoryReadTiledKernel<DHP>), GroupThreads(DHP),
+                                  kReadBytes));
+  cudaLaunchAttribute cluster[1];
+  cluster[0].id = cudaLaunchAttributeClusterDimension;
+  cluster[0].val.clusterDim = {1, 1, static_cast<unsigned int>(splits)};
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(pairs, heads, static_cast<unsigned int>(splits));
+  config.blockDim = dim3(GroupThreads(DHP));
+  config.dynamicSmemBytes = kReadBytes;
+  config.stream = stream;
+  config.attrs = cluster;
+  config.numAttrs = splits > 1 ? 1 : 0;
+  LM2_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, MemoryReadTiledKernel<DHP>, q, q_ld, offer, offer_ld, mem_k,
+                                              mem_v, T, N, d, dh, scale_log2, vec, e, parts));
+  const dim3 write_grid(static_cast<unsigned int>((N + kRows - 1) / kRows), heads);
+  write_kernel<<<write_grid, GroupThreads(DHP), kWriteBytes, stream>>>(mem_k, T, N, d, dh, scale_log2, vec, parts,
+                                                                      mass, acc);
+  return CheckLaunch("MemoryWriteTiledKernel");
+}
+
+}  // namespace
+
+bool MemoryReadWriteSupported(int64_t d, int64_t heads) {
+  return heads > 0 && d % heads == 0 && d / heads <= kMaxTileWidth;
+}
+
+int64_t MemoryReadWriteScratch(int64_t T, int64_t d, int64_t heads) {
+  // The shift, then q and the offer as bf16 pairs, per head and padded token.
+  return heads * PaddedTokens(T) * (1 + PaddedTileWidth(d / heads));
+}
+
+Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, const bf16* mem_k,
+                       const bf16* mem_v, int64_t T, int64_t N, int64_t d, int64_t heads, float* e, bool accumulate,
+                       float* mass, float* acc, float* scratch, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckMemory("MemoryReadWrite", T, N, d, heads));
+  if (!MemoryReadWriteSupported(d, heads)) {
+    return Status::InvalidArgument("MemoryReadWrite: head width " + std::to_string(d / heads) + " > " +
+                                   std::to_string(kMaxTileWidth));
+  }
+  if (q_ld < d || offer_ld < d) {
+    return Status::InvalidArgument("MemoryReadWrite: q_ld " + std::to_string(q_ld) + " or offer_ld " +
+                                   std::to_string(offer_ld) + " < d");
+  }
+  if (T == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("MemoryReadWrite", {q, offer, mem_k, mem_v, e, mass, acc, scratch}));
+  const int dh = static_cast<int>(d / heads);
+  return WithPaddedTileWidth(dh, [&](auto dhp) {
+    return LaunchTiled<decltype(dhp)::value>(q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, dh, e, accumulate,
+                                             mass, acc, scratch, stream);
+  });
+}
+
+}  // namespace lm2::runtime::cuda
+
+namespace lm2::runtime::cuda::tiled {
+
 // How many clusters of `size` blocks of `kernel` (`threads` threads, `smem` bytes of dynamic
 // shared memory each) the current device holds at once (cudaOccupancyMaxActiveClusters:
 // a cluster's blocks share one GPC, so it is fewer than multiprocessors x residency / size
@@ -430,91 +446,4 @@ Result<int> ReadSplits(int64_t pairs, int64_t tiles, const void* kernel, int thr
   return splits;
 }
 
-template <int DHP>
-Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, const bf16* mem_k,
-                   const bf16* mem_v, int64_t T, int64_t N, int64_t d, int dh, float* e, bool accumulate,
-                   float* mass, float* acc, float* scratch, cudaStream_t stream) {
-  using L = Layout<DHP>;
-  constexpr int kReadBytes = (L::kRowsElems + 2 * kTileStages * L::kTileElems) * 2;
-  constexpr int kWriteBytes = (L::kRowsElems + 2 * kTileStages * L::kTileElems) * 2 + kTileStages * kTile * 4;
-  LM2_RETURN_IF_ERROR(
-      EnsureSharedMemory(reinterpret_cast<const void*>(&MemoryReadTiledKernel<DHP>), kReadBytes, "MemoryReadWrite"));
-  const auto write_kernel = accumulate ? &MemoryWriteTiledKernel<DHP, true> : &MemoryWriteTiledKernel<DHP, false>;
-  LM2_RETURN_IF_ERROR(
-      EnsureSharedMemory(reinterpret_cast<const void*>(write_kernel), kWriteBytes, "MemoryReadWrite"));
-  const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(dh));
-  const bool vec = dh % 8 == 0 && d % 8 == 0;  // memory K/V rows and head offsets 16-byte aligned
-  const auto heads = static_cast<unsigned int>(d / dh);
-  const Scratch parts = Carve(scratch, T, heads, DHP);
-  const auto pairs = static_cast<unsigned int>(PaddedTokens(T) / kRows);
-  LM2_ASSIGN_OR_RETURN(const int splits,
-                       ReadSplits(pairs * heads, (N + kTile - 1) / kTile,
-                                  reinterpret_cast<const void*>(&MemoryReadTiledKernel<DHP>), GroupThreads(DHP),
-                                  kReadBytes));
-  // Hopper, head width 64: the same kernels on wgmma (memory_tiled_sm90.cu); a split read
-  // (short chunks) keeps the kernel below, with the wgmma write after it.
-  bool sm90 = false;
-  if constexpr (DHP == 64) {
-    if (dh == 64 && vec && tiled::Sm90KernelsBuilt()) {
-      LM2_ASSIGN_OR_RETURN(const int major, CurrentDeviceAttribute(cudaDevAttrComputeCapabilityMajor));
-      LM2_ASSIGN_OR_RETURN(const int minor, CurrentDeviceAttribute(cudaDevAttrComputeCapabilityMinor));
-      sm90 = major == 9 && minor == 0;
-    }
-  }
-  if (sm90 && splits == 1) {
-    LM2_RETURN_IF_ERROR(
-        tiled::ReadSm90(q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, scale_log2, e, parts, stream));
-  } else {
-    cudaLaunchAttribute cluster[1];
-    cluster[0].id = cudaLaunchAttributeClusterDimension;
-    cluster[0].val.clusterDim = {1, 1, static_cast<unsigned int>(splits)};
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(pairs, heads, static_cast<unsigned int>(splits));
-    config.blockDim = dim3(GroupThreads(DHP));
-    config.dynamicSmemBytes = kReadBytes;
-    config.stream = stream;
-    config.attrs = cluster;
-    config.numAttrs = splits > 1 ? 1 : 0;
-    LM2_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, MemoryReadTiledKernel<DHP>, q, q_ld, offer, offer_ld,
-                                                mem_k, mem_v, T, N, d, dh, scale_log2, vec, e, parts));
-  }
-  if (sm90) return tiled::WriteSm90(mem_k, T, N, d, scale_log2, accumulate, mass, acc, parts, stream);
-  const dim3 write_grid(static_cast<unsigned int>((N + kRows - 1) / kRows), heads);
-  write_kernel<<<write_grid, GroupThreads(DHP), kWriteBytes, stream>>>(mem_k, T, N, d, dh, scale_log2, vec, parts,
-                                                                      mass, acc);
-  return CheckLaunch("MemoryWriteTiledKernel");
-}
-
-}  // namespace
-
-bool MemoryReadWriteSupported(int64_t d, int64_t heads) {
-  return heads > 0 && d % heads == 0 && d / heads <= kMaxTileWidth;
-}
-
-int64_t MemoryReadWriteScratch(int64_t T, int64_t d, int64_t heads) {
-  // The shift, then q and the offer as bf16 pairs, per head and padded token.
-  return heads * PaddedTokens(T) * (1 + PaddedTileWidth(d / heads));
-}
-
-Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, const bf16* mem_k,
-                       const bf16* mem_v, int64_t T, int64_t N, int64_t d, int64_t heads, float* e, bool accumulate,
-                       float* mass, float* acc, float* scratch, cudaStream_t stream) {
-  LM2_RETURN_IF_ERROR(ops::CheckMemory("MemoryReadWrite", T, N, d, heads));
-  if (!MemoryReadWriteSupported(d, heads)) {
-    return Status::InvalidArgument("MemoryReadWrite: head width " + std::to_string(d / heads) + " > " +
-                                   std::to_string(kMaxTileWidth));
-  }
-  if (q_ld < d || offer_ld < d) {
-    return Status::InvalidArgument("MemoryReadWrite: q_ld " + std::to_string(q_ld) + " or offer_ld " +
-                                   std::to_string(offer_ld) + " < d");
-  }
-  if (T == 0) return Status::Ok();
-  LM2_RETURN_IF_ERROR(RequireNonNull("MemoryReadWrite", {q, offer, mem_k, mem_v, e, mass, acc, scratch}));
-  const int dh = static_cast<int>(d / heads);
-  return WithPaddedTileWidth(dh, [&](auto dhp) {
-    return LaunchTiled<decltype(dhp)::value>(q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, dh, e, accumulate,
-                                             mass, acc, scratch, stream);
-  });
-}
-
-}  // namespace lm2::runtime::cuda
+}  // namespace lm2::runtime::cuda::tiled

@@ -155,7 +155,9 @@ __device__ __forceinline__ char* AlignedSharedMemory() {
   return reinterpret_cast<char*>(smem) + ((kAtomBytes - address % kAtomBytes) % kAtomBytes);
 }
 
-// Read: a block per (128 tokens, head). memory_tiled.cu's MemoryReadTiledKernel (no split).
+// Read: a block per (128 tokens, head), or a cluster of gridDim.z blocks per pair, block z
+// over slot tiles [z tiles / P, (z + 1) tiles / P), combined through distributed shared
+// memory (CombineSplits). memory_tiled.cu's MemoryReadTiledKernel.
 __global__ void __launch_bounds__(kThreads, 2)
     ReadKernel(const float* __restrict__ q, int64_t q_ld, const float* __restrict__ offer, int64_t offer_ld,
                const bf16* __restrict__ mem_k, const bf16* __restrict__ mem_v, int64_t T, int64_t N, int64_t d,
@@ -169,16 +171,21 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = PaddedTokens(T);
   const bf16* k_head = mem_k + j * kDh;
   const bf16* v_head = mem_v + j * kDh;
-  const int tiles = static_cast<int>((N + kTile - 1) / kTile);
+  const int splits = static_cast<int>(gridDim.z), part = static_cast<int>(blockIdx.z);
+  const int all_tiles = static_cast<int>((N + kTile - 1) / kTile);
+  const int first_tile = all_tiles * part / splits;
+  const int tiles = all_tiles * (part + 1) / splits - first_tile;
+  // The rows this block writes to the scratch and (split) combines.
+  const int own0 = kRows * part / splits, own1 = kRows * (part + 1) / splits;
   const auto load_slots = [&](int it, int buf) {
-    const int64_t n0 = static_cast<int64_t>(it) * kTile;
+    const int64_t n0 = static_cast<int64_t>(first_tile + it) * kTile;
     LoadSwizzledTile(k_head + n0 * d, d, N - n0, ks + buf * kTileBytes);
     LoadSwizzledTile(v_head + n0 * d, d, N - n0, vs + buf * kTileBytes);
     CopyAsyncCommit();
   };
   load_slots(0, 0);
   if (tiles > 1) load_slots(1, 1);
-  // The block's q rows in bf16 into shared memory, and its q and offer rows into the
+  // The block's q rows in bf16 into shared memory, and its own rows' q and offer into the
   // scratch for the write kernel (padding rows zero), the loads a batch ahead of the stores.
   bf16* q_out = scratch.q + (j * Tp + t0) * kDh;
   bf16* offer_out = scratch.offer + (j * Tp + t0) * kDh;
@@ -192,22 +199,26 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int i = static_cast<int>(threadIdx.x) + (b + u) * kThreads, r = i / kDh, c = i % kDh;
       const bool in = t0 + r < T;
       qv[u] = in ? q[(t0 + r) * q_ld + j * kDh + c] : 0.0f;
-      ov[u] = in ? offer[(t0 + r) * offer_ld + j * kDh + c] : 0.0f;
+      ov[u] = in && r >= own0 && r < own1 ? offer[(t0 + r) * offer_ld + j * kDh + c] : 0.0f;
     }
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
       const int i = static_cast<int>(threadIdx.x) + (b + u) * kThreads, r = i / kDh, c = i % kDh;
       const bf16 qb = __float2bfloat16(qv[u]);
       qs[r * kOwnLd + c] = qb;
-      q_out[r * kDh + c] = qb;
-      offer_out[r * kDh + c] = __float2bfloat16(ov[u]);
+      if (r >= own0 && r < own1) {
+        q_out[r * kDh + c] = qb;
+        offer_out[r * kDh + c] = __float2bfloat16(ov[u]);
+      }
     }
   }
-  float m[2], l[2], out[8][4];
-  m[0] = m[1] = -INFINITY;
-  l[0] = l[1] = 0.0f;
+
+  // One row group of 16 a warp (CombineSplits' M = 1).
+  float m[1][2], l[1][2], out[1][8][4];
+  m[0][0] = m[0][1] = -INFINITY;
+  l[0][0] = l[0][1] = 0.0f;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) out[i][0] = out[i][1] = out[i][2] = out[i][3] = 0.0f;
+  for (int i = 0; i < 8; ++i) out[0][i][0] = out[0][i][1] = out[0][i][2] = out[0][i][3] = 0.0f;
   for (int it = 0, stage = 0; it < tiles; ++it, stage = NextStage(stage)) {
     if (it + 1 < tiles) {
       CopyAsyncWait<1>();
@@ -217,11 +228,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     FenceProxyAsync();
     __syncthreads();  // the tile is in; every warp is done with the one before (kTileStages)
     if (it + 2 < tiles) load_slots(it + 2, NextStage(NextStage(stage)));
-    const int64_t valid = N - static_cast<int64_t>(it) * kTile;
+    const int64_t valid = N - static_cast<int64_t>(first_tile + it) * kTile;
     uint32_t qa[4][4];  // (the first barrier above also shows the staged q rows)
 #pragma unroll
     for (int kc = 0; kc < 4; ++kc) LoadA(qa[kc], qs, kOwnLd, warp * 16, kc * 16);
-    TileStep(qa, ks + stage * kTileBytes, vs + stage * kTileBytes, out, [&](float (&s)[8][4]) {
+    TileStep(qa, ks + stage * kTileBytes, vs + stage * kTileBytes, out[0], [&](float (&s)[8][4]) {
       if (valid < kTile) {  // the last tile's padding slots
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
@@ -229,18 +240,24 @@ __global__ void __launch_bounds__(kThreads, 2)
           for (int c = 0; c < 4; ++c)
             if (nt * 8 + 2 * t + (c & 1) >= valid) s[nt][c] = -INFINITY;
       }
-      OnlineSoftmaxTile<kDh>(s, scale_log2, m, l, out);
+      OnlineSoftmaxTile<kDh>(s, scale_log2, m[0], l[0], out[0]);
     });
+  }
+  if (splits > 1) {
+    static_assert(SplitRowsBytes<kDh>() <= 2 * kTileStages * kTileBytes, "the rows fit over the K/V tiles");
+    CombineSplits<kDh, 1, kThreads>(m, l, out, t0, j, T, d, kDh, e, scratch.shift + j * Tp,
+                                    reinterpret_cast<float*>(ks));
+    return;
   }
   // e rows g and g + 8 of the warp's 16; this lane's columns 2t, 2t + 1 of each 8.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float sum = QuadSum(l[r]), inv_l = 1.0f / sum;
+    const float sum = QuadSum(l[0][r]), inv_l = 1.0f / sum;
     const int64_t row = t0 + warp * 16 + g + 8 * r;
     if (row < T) {
-      ForEachOwnedElement(out, r, t, kDh, [&](int col, float v) { e[row * d + j * kDh + col] = v * inv_l; });
+      ForEachOwnedElement(out[0], r, t, kDh, [&](int col, float v) { e[row * d + j * kDh + col] = v * inv_l; });
     }
-    if (t == 0) scratch.shift[j * Tp + row] = row < T ? SoftmaxShift(m[r], sum) : INFINITY;
+    if (t == 0) scratch.shift[j * Tp + row] = row < T ? SoftmaxShift(m[0][r], sum) : INFINITY;
   }
 #else
   __trap();  // launched only where the build has sm_90a code (Sm90KernelsBuilt)
@@ -358,11 +375,24 @@ bool Sm90KernelsBuilt() {
 Status ReadSm90(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, const bf16* mem_k,
                const bf16* mem_v, int64_t T, int64_t N, int64_t d, float scale_log2, float* e, Scratch scratch,
                cudaStream_t stream) {
-  LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&ReadKernel), kReadBytes, "MemoryReadWrite"));
-  const dim3 grid(static_cast<unsigned int>(PaddedTokens(T) / kRows), static_cast<unsigned int>(d / kDh));
-  ReadKernel<<<grid, kThreads, kReadBytes, stream>>>(q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, scale_log2, e,
-                                                      scratch);
-  return CheckLaunch("MemoryReadWrite (wgmma read)");
+  const void* kernel = reinterpret_cast<const void*>(&ReadKernel);
+  LM2_RETURN_IF_ERROR(EnsureSharedMemory(kernel, kReadBytes, "MemoryReadWrite"));
+  const auto pairs = static_cast<unsigned int>(PaddedTokens(T) / kRows), heads = static_cast<unsigned int>(d / kDh);
+  LM2_ASSIGN_OR_RETURN(const int splits,
+                       ReadSplits(int64_t{pairs} * heads, (N + kTile - 1) / kTile, kernel, kThreads, kReadBytes));
+  cudaLaunchAttribute cluster[1];
+  cluster[0].id = cudaLaunchAttributeClusterDimension;
+  cluster[0].val.clusterDim = {1, 1, static_cast<unsigned int>(splits)};
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(pairs, heads, static_cast<unsigned int>(splits));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = kReadBytes;
+  config.stream = stream;
+  config.attrs = cluster;
+  config.numAttrs = splits > 1 ? 1 : 0;
+  return CudaStatus(cudaLaunchKernelEx(&config, ReadKernel, q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d,
+                                       scale_log2, e, scratch),
+                    "MemoryReadWrite (wgmma read)");
 }
 
 Status WriteSm90(const bf16* mem_k, int64_t T, int64_t N, int64_t d, float scale_log2, bool accumulate, float* mass,
