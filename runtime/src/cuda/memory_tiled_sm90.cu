@@ -5,9 +5,10 @@
 //
 // A block is two warpgroups of 64 rows each (read: tokens; write: slots), 8 warps of 16
 // rows. The block's own rows are A operands in registers, ldmatrix fragments from shared
-// memory loaded again for each tile (held across tiles, as memory_tiled.cu does, the scores
-// of every tile after the first came out wrong on an H200: registers a wgmma reads must not
-// be kept live across the loop); the other side's 64-row tiles (read: K and V slots;
+// memory loaded again for each tile (held in registers across the tile loop, as
+// memory_tiled.cu holds them, every tile's scores after the first came out wrong on an
+// H200, also with each product's wgmmas in one asm statement; the cause was not found); the
+// other side's 64-row tiles (read: K and V slots;
 // write: q and offer tokens) come through shared memory by cp.async, a ring of
 // kTileStages, in the 128-byte swizzled layout wgmma reads through a matrix descriptor:
 // 16-byte piece c of row r at r · 128 + (c ⊕ r mod 8) · 16 (tiles 1024-byte aligned). For
@@ -106,18 +107,6 @@ __device__ __forceinline__ void Mma64x64x64(float (&d)[8][4], const uint32_t (&a
 #endif
 }
 
-// The scores' accumulators of 64 columns as the A fragments of the four 16-wide steps of
-// the product that follows (bf16 pairs).
-__device__ __forceinline__ void PackWeights(const float (&p)[8][4], uint32_t (&a)[4][4]) {
-#pragma unroll
-  for (int kc = 0; kc < 4; ++kc) {
-    a[kc][0] = PackBf16x2(p[2 * kc][0], p[2 * kc][1]);
-    a[kc][1] = PackBf16x2(p[2 * kc][2], p[2 * kc][3]);
-    a[kc][2] = PackBf16x2(p[2 * kc + 1][0], p[2 * kc + 1][1]);
-    a[kc][3] = PackBf16x2(p[2 * kc + 1][2], p[2 * kc + 1][3]);
-  }
-}
-
 // s = own · tileᵀ over the 64 head columns (four steps), then out += weights(s) · tile2 after
 // `weigh` turns s into weights: one tile of either kernel.
 template <typename Weigh>
@@ -129,8 +118,9 @@ __device__ __forceinline__ void TileStep(const uint32_t (&own)[4][4], const void
   const uint64_t products[4] = {second, second + kRowStep, second + 2 * kRowStep, second + 3 * kRowStep};
   Mma64x64x64<0>(s, own, scores, false);
   weigh(s);
-  uint32_t a[4][4];
-  PackWeights(s, a);
+  uint32_t a[4][4];  // the weights in bf16: the A fragments of the product's four steps
+#pragma unroll
+  for (int kc = 0; kc < 4; ++kc) PackStepA(s, kc, a[kc]);
   Mma64x64x64<1>(out, a, products, true);
 }
 

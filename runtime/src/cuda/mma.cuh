@@ -213,6 +213,15 @@ __device__ __forceinline__ void TileScoresM(const uint32_t (&a)[M][DHP / 16][4],
   }
 }
 
+// The A fragment of the 16-wide step kc of the product that follows a 16 x 64 score tile
+// (C fragments p, 8 of 8 columns): columns [16 kc, 16 kc + 16) packed to bf16 pairs.
+__device__ __forceinline__ void PackStepA(const float (&p)[8][4], int kc, uint32_t (&a)[4]) {
+  a[0] = PackBf16x2(p[2 * kc][0], p[2 * kc][1]);
+  a[1] = PackBf16x2(p[2 * kc][2], p[2 * kc][3]);
+  a[2] = PackBf16x2(p[2 * kc + 1][0], p[2 * kc + 1][1]);
+  a[3] = PackBf16x2(p[2 * kc + 1][2], p[2 * kc + 1][3]);
+}
+
 // out[m][DHP/8][4] += p[m] · tile for each of M groups of 16 rows: p[m] the 16 x 64
 // probabilities in score-fragment form, `tile` row-major [64][DHP].
 template <int DHP, int M>
@@ -222,12 +231,7 @@ __device__ __forceinline__ void TileProductsM(const float (&p)[M][8][4], const _
   for (int kc = 0; kc < 4; ++kc) {
     uint32_t a[M][4];
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-      a[m][0] = PackBf16x2(p[m][2 * kc][0], p[m][2 * kc][1]);
-      a[m][1] = PackBf16x2(p[m][2 * kc][2], p[m][2 * kc][3]);
-      a[m][2] = PackBf16x2(p[m][2 * kc + 1][0], p[m][2 * kc + 1][1]);
-      a[m][3] = PackBf16x2(p[m][2 * kc + 1][2], p[m][2 * kc + 1][3]);
-    }
+    for (int m = 0; m < M; ++m) PackStepA(p[m], kc, a[m]);
 #pragma unroll
     for (int np = 0; np < DHP / 16; ++np) {
       uint32_t b[4];
