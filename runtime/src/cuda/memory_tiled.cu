@@ -93,12 +93,9 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadT
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = PaddedTokens(T);
   const bf16* k_head = mem_k + j * dh;
   const bf16* v_head = mem_v + j * dh;
-  const int splits = static_cast<int>(gridDim.z), part = static_cast<int>(blockIdx.z);
-  const int all_tiles = static_cast<int>((N + kTile - 1) / kTile);
-  const int first_tile = all_tiles * part / splits;
-  const int tiles = all_tiles * (part + 1) / splits - first_tile;
-  // The rows this block writes to the scratch and (split) combines.
-  const int own0 = kRows * part / splits, own1 = kRows * (part + 1) / splits;
+  const int splits = static_cast<int>(gridDim.z);
+  const tiled::ReadPart part = tiled::ThisReadPart(N);
+  const int first_tile = part.first_tile, tiles = part.tiles;
 
   const auto load_slots = [&](int64_t n0, int buf) {
     LoadBf16Tile<DHP, kTile, kThreadsRead>(k_head + n0 * d, d, N - n0, dh, vec, ks + buf * L::kTileElems);
@@ -107,35 +104,8 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadT
   };
   load_slots(static_cast<int64_t>(first_tile) * kTile, 0);
   if (tiles > 1) load_slots(static_cast<int64_t>(first_tile + 1) * kTile, 1);
-  // This block's q rows in bf16 into shared memory, and its own rows' q and offer into the
-  // scratch for the write kernel (padding rows and columns zero). The loads kBatch at a
-  // time, all issued before the first store (one at a time, each waited for before the
-  // stores that might alias it, they took ~20 us a block).
-  bf16* q_out = scratch.q + (j * Tp + t0) * DHP;
-  bf16* offer_out = scratch.offer + (j * Tp + t0) * DHP;
-  constexpr int kPerThread = kRows * DHP / kThreadsRead, kBatch = 16;
-  static_assert(kPerThread % kBatch == 0, "whole batches");
-#pragma unroll 1
-  for (int b = 0; b < kPerThread; b += kBatch) {
-    float qv[kBatch], ov[kBatch];
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int i = static_cast<int>(threadIdx.x) + (b + u) * kThreadsRead, r = i / DHP, c = i % DHP;
-      const bool in = t0 + r < T && c < dh;
-      qv[u] = in ? q[(t0 + r) * q_ld + j * dh + c] : 0.0f;
-      ov[u] = in && r >= own0 && r < own1 ? offer[(t0 + r) * offer_ld + j * dh + c] : 0.0f;
-    }
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int i = static_cast<int>(threadIdx.x) + (b + u) * kThreadsRead, r = i / DHP, c = i % DHP;
-      const bf16 qb = __float2bfloat16(qv[u]);
-      qs[r * L::kLd + c] = qb;
-      if (r >= own0 && r < own1) {
-        q_out[r * DHP + c] = qb;
-        offer_out[r * DHP + c] = __float2bfloat16(ov[u]);
-      }
-    }
-  }
+  tiled::StageReadRows<DHP, kThreadsRead, L::kLd>(q, q_ld, offer, offer_ld, t0, j, T, dh, part, qs,
+                                                  scratch.q + (j * Tp + t0) * DHP, scratch.offer + (j * Tp + t0) * DHP);
   __syncthreads();
   uint32_t qa[M][DHP / 16][4];
 #pragma unroll
@@ -209,7 +179,7 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryWrite
   bf16* cs = qs + kTileStages * L::kTileElems;  // kTileStages buffers
   auto* shifts = reinterpret_cast<float*>(cs + kTileStages * L::kTileElems);  // kTileStages buffers of 64
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const int g = lane / 4, t = lane % 4;
+  const int t = lane % 4;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = PaddedTokens(T);
   const bf16* q_head = scratch.q + j * Tp * DHP;
   const bf16* offer_head = scratch.offer + j * Tp * DHP;
@@ -275,40 +245,7 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryWrite
     TileProductsM<DHP, M>(s, cs + stage * L::kTileElems, out);
   }
 
-  // The sums added to acc and mass (or, not accumulating, stored as 0 + sum: the bits a
-  // zero-filled buffer would give), a row group's loads all issued before its stores (one
-  // read-modify-write at a time, each waited for, took ~20 us a block).
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    float old[2][DHP / 8][2], old_mass[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t slot = n0 + (warp * M + m) * 16 + g + 8 * r;
-      old_mass[r] = kAccumulate && slot < N && t == 0 ? mass[j * N + slot] : 0.0f;
-#pragma unroll
-      for (int i = 0; i < DHP / 8; ++i)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int col = i * 8 + 2 * t + c;
-          old[r][i][c] = kAccumulate && slot < N && col < dh ? acc[slot * d + j * dh + col] : 0.0f;
-        }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t slot = n0 + (warp * M + m) * 16 + g + 8 * r;
-      const float total = QuadSum(slot_mass[m][r]);
-      if (slot < N) {
-#pragma unroll
-        for (int i = 0; i < DHP / 8; ++i)
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int col = i * 8 + 2 * t + c;
-            if (col < dh) acc[slot * d + j * dh + col] = old[r][i][c] + out[m][i][2 * r + c];
-          }
-        if (t == 0) mass[j * N + slot] = old_mass[r] + total;
-      }
-    }
-  }
+  tiled::StoreSlotSums<DHP, M, kAccumulate>(out, slot_mass, n0, j, N, d, dh, mass, acc);
 }
 
 template <int DHP>

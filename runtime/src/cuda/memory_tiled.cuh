@@ -36,6 +36,98 @@ inline Scratch Carve(float* base, int64_t T, int64_t heads, int64_t dhp) {
 // A token's shift for the write kernel: its weights 2^(s' - m) / l = 2^(s' - (m + log2 l)).
 __device__ __forceinline__ float SoftmaxShift(float m, float l) { return m + log2f(l); }
 
+// The part of the slots a block of a read takes: a cluster of gridDim.z blocks shares a
+// (tokens, head) pair, block z over slot tiles [z tiles / P, (z + 1) tiles / P); its own
+// rows [own0, own1) are the ones it writes to the scratch and, split, combines.
+struct ReadPart {
+  int first_tile, tiles, own0, own1;
+};
+__device__ __forceinline__ ReadPart ThisReadPart(int64_t N) {
+  const int splits = static_cast<int>(gridDim.z), part = static_cast<int>(blockIdx.z);
+  const int all_tiles = static_cast<int>((N + kTile - 1) / kTile);
+  const int first_tile = all_tiles * part / splits;
+  return {first_tile, all_tiles * (part + 1) / splits - first_tile, kRows * part / splits,
+          kRows * (part + 1) / splits};
+}
+
+// A read block's q rows [t0, t0 + kRows) of head j in bf16 into shared memory `qs` (rows
+// kLd apart), and its own rows' q and offer into the scratch rows q_out / offer_out (DHP
+// apart) for the write kernel: padding rows and columns zero. The loads kBatch at a time,
+// all issued before the first store (one at a time, each waited for before the stores that
+// might alias it, they took ~20 us a block). By a block of kThreads threads.
+template <int DHP, int kThreads, int kLd>
+__device__ __forceinline__ void StageReadRows(const float* __restrict__ q, int64_t q_ld,
+                                              const float* __restrict__ offer, int64_t offer_ld, int64_t t0,
+                                              int64_t j, int64_t T, int dh, const ReadPart& p, __nv_bfloat16* qs,
+                                              __nv_bfloat16* q_out, __nv_bfloat16* offer_out) {
+  constexpr int kPerThread = kRows * DHP / kThreads, kBatch = 16;
+  static_assert(kPerThread % kBatch == 0, "whole batches");
+#pragma unroll 1
+  for (int b = 0; b < kPerThread; b += kBatch) {
+    float qv[kBatch], ov[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = static_cast<int>(threadIdx.x) + (b + u) * kThreads, r = i / DHP, c = i % DHP;
+      const bool in = t0 + r < T && c < dh;
+      qv[u] = in ? q[(t0 + r) * q_ld + j * dh + c] : 0.0f;
+      ov[u] = in && r >= p.own0 && r < p.own1 ? offer[(t0 + r) * offer_ld + j * dh + c] : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = static_cast<int>(threadIdx.x) + (b + u) * kThreads, r = i / DHP, c = i % DHP;
+      const __nv_bfloat16 qb = __float2bfloat16(qv[u]);
+      qs[r * kLd + c] = qb;
+      if (r >= p.own0 && r < p.own1) {
+        q_out[r * DHP + c] = qb;
+        offer_out[r * DHP + c] = __float2bfloat16(ov[u]);
+      }
+    }
+  }
+}
+
+// The end of a write block (slots n0 + (warp M + m) 16 + g + 8r of head j): its sums out
+// and slot_mass (this lane's share) added to acc and mass, or (kAccumulate false) stored
+// as 0 + sum: the bits a zero-filled buffer would give. A row group's loads all issued
+// before its stores (one read-modify-write at a time, each waited for, took ~20 us a block).
+template <int DHP, int M, bool kAccumulate>
+__device__ __forceinline__ void StoreSlotSums(const float (&out)[M][DHP / 8][4], const float (&slot_mass)[M][2],
+                                              int64_t n0, int64_t j, int64_t N, int64_t d, int dh,
+                                              float* __restrict__ mass, float* __restrict__ acc) {
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float old[2][DHP / 8][2], old_mass[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t slot = n0 + (warp * M + m) * 16 + g + 8 * r;
+      old_mass[r] = kAccumulate && slot < N && t == 0 ? mass[j * N + slot] : 0.0f;
+#pragma unroll
+      for (int i = 0; i < DHP / 8; ++i)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int col = i * 8 + 2 * t + c;
+          old[r][i][c] = kAccumulate && slot < N && col < dh ? acc[slot * d + j * dh + col] : 0.0f;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t slot = n0 + (warp * M + m) * 16 + g + 8 * r;
+      const float total = QuadSum(slot_mass[m][r]);
+      if (slot < N) {
+#pragma unroll
+        for (int i = 0; i < DHP / 8; ++i)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int col = i * 8 + 2 * t + c;
+            if (col < dh) acc[slot * d + j * dh + col] = old[r][i][c] + out[m][i][2 * r + c];
+          }
+        if (t == 0) mass[j * N + slot] = old_mass[r] + total;
+      }
+    }
+  }
+}
+
 // A split read's unnormalised rows in shared memory (over the K/V buffers, free by then):
 // [kRows][DHP + 4] floats (the 4 spread a quad's rows over the banks), then (m, l) per row.
 template <int DHP>

@@ -55,6 +55,19 @@ __device__ __forceinline__ void FenceProxyAsync() {
 #endif
 }
 
+// The top of tile `it` of `tiles` in a copy ring of kTileStages: this thread's copies of it
+// complete and fenced for wgmma, then a block barrier (the tile is in for every thread, and
+// every warp is done with the tile before, whose buffers the caller may refill).
+__device__ __forceinline__ void TileArrived(int it, int tiles) {
+  if (it + 1 < tiles) {
+    CopyAsyncWait<1>();
+  } else {
+    CopyAsyncWait<0>();
+  }
+  FenceProxyAsync();
+  __syncthreads();
+}
+
 // The matrix descriptor of a swizzled tile: start address, stride between 8-row groups
 // (1 KiB), 128-byte swizzle. Adding b / 16 moves its start b bytes on (a 16-column step
 // along a row: 32 bytes; a 16-row step: 2 KiB).
@@ -161,12 +174,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = PaddedTokens(T);
   const bf16* k_head = mem_k + j * kDh;
   const bf16* v_head = mem_v + j * kDh;
-  const int splits = static_cast<int>(gridDim.z), part = static_cast<int>(blockIdx.z);
-  const int all_tiles = static_cast<int>((N + kTile - 1) / kTile);
-  const int first_tile = all_tiles * part / splits;
-  const int tiles = all_tiles * (part + 1) / splits - first_tile;
-  // The rows this block writes to the scratch and (split) combines.
-  const int own0 = kRows * part / splits, own1 = kRows * (part + 1) / splits;
+  const int splits = static_cast<int>(gridDim.z);
+  const ReadPart part = ThisReadPart(N);
+  const int first_tile = part.first_tile, tiles = part.tiles;
   const auto load_slots = [&](int it, int buf) {
     const int64_t n0 = static_cast<int64_t>(first_tile + it) * kTile;
     LoadSwizzledTile(k_head + n0 * d, d, N - n0, ks + buf * kTileBytes);
@@ -175,33 +185,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   };
   load_slots(0, 0);
   if (tiles > 1) load_slots(1, 1);
-  // The block's q rows in bf16 into shared memory, and its own rows' q and offer into the
-  // scratch for the write kernel (padding rows zero), the loads a batch ahead of the stores.
-  bf16* q_out = scratch.q + (j * Tp + t0) * kDh;
-  bf16* offer_out = scratch.offer + (j * Tp + t0) * kDh;
-  constexpr int kPerThread = kRows * kDh / kThreads, kBatch = 16;
-  static_assert(kPerThread % kBatch == 0, "whole batches");
-#pragma unroll 1
-  for (int b = 0; b < kPerThread; b += kBatch) {
-    float qv[kBatch], ov[kBatch];
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int i = static_cast<int>(threadIdx.x) + (b + u) * kThreads, r = i / kDh, c = i % kDh;
-      const bool in = t0 + r < T;
-      qv[u] = in ? q[(t0 + r) * q_ld + j * kDh + c] : 0.0f;
-      ov[u] = in && r >= own0 && r < own1 ? offer[(t0 + r) * offer_ld + j * kDh + c] : 0.0f;
-    }
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int i = static_cast<int>(threadIdx.x) + (b + u) * kThreads, r = i / kDh, c = i % kDh;
-      const bf16 qb = __float2bfloat16(qv[u]);
-      qs[r * kOwnLd + c] = qb;
-      if (r >= own0 && r < own1) {
-        q_out[r * kDh + c] = qb;
-        offer_out[r * kDh + c] = __float2bfloat16(ov[u]);
-      }
-    }
-  }
+  StageReadRows<kDh, kThreads, kOwnLd>(q, q_ld, offer, offer_ld, t0, j, T, kDh, part, qs,
+                                       scratch.q + (j * Tp + t0) * kDh, scratch.offer + (j * Tp + t0) * kDh);
 
   // One row group of 16 a warp (CombineSplits' M = 1).
   float m[1][2], l[1][2], out[1][8][4];
@@ -210,13 +195,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
   for (int i = 0; i < 8; ++i) out[0][i][0] = out[0][i][1] = out[0][i][2] = out[0][i][3] = 0.0f;
   for (int it = 0, stage = 0; it < tiles; ++it, stage = NextStage(stage)) {
-    if (it + 1 < tiles) {
-      CopyAsyncWait<1>();
-    } else {
-      CopyAsyncWait<0>();
-    }
-    FenceProxyAsync();
-    __syncthreads();  // the tile is in; every warp is done with the one before (kTileStages)
+    TileArrived(it, tiles);
     if (it + 2 < tiles) load_slots(it + 2, NextStage(NextStage(stage)));
     const int64_t valid = N - static_cast<int64_t>(first_tile + it) * kTile;
     uint32_t qa[4][4];  // (the first barrier above also shows the staged q rows)
@@ -266,7 +245,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   bf16* ks = reinterpret_cast<bf16*>(ot + kTileStages * kTileBytes);        // [kRows][kOwnLd]
   auto* shifts = reinterpret_cast<float*>(reinterpret_cast<char*>(ks) + kOwnBytes);  // kTileStages x 64
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const int g = lane / 4, t = lane % 4;
+  const int t = lane % 4;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = PaddedTokens(T);
   const bf16* q_head = scratch.q + j * Tp * kDh;
   const bf16* offer_head = scratch.offer + j * Tp * kDh;
@@ -284,24 +263,17 @@ __global__ void __launch_bounds__(kThreads, 2)
   load_tokens(0, 0);  // the slots' K rows complete with the first tokens' group
   if (tiles > 1) load_tokens(1, 1);
 
-  float out[8][4];
+  float out[1][8][4], slot_mass[1][2] = {{0.0f, 0.0f}};  // one row group of 16 a warp
 #pragma unroll
-  for (int i = 0; i < 8; ++i) out[i][0] = out[i][1] = out[i][2] = out[i][3] = 0.0f;
-  float slot_mass[2] = {0.0f, 0.0f};
+  for (int i = 0; i < 8; ++i) out[0][i][0] = out[0][i][1] = out[0][i][2] = out[0][i][3] = 0.0f;
   for (int it = 0, stage = 0; it < tiles; ++it, stage = NextStage(stage)) {
-    if (it + 1 < tiles) {
-      CopyAsyncWait<1>();
-    } else {
-      CopyAsyncWait<0>();
-    }
-    FenceProxyAsync();
-    __syncthreads();  // the tile is in; every warp is done with the one before (kTileStages)
+    TileArrived(it, tiles);
     if (it + 2 < tiles) load_tokens(it + 2, NextStage(NextStage(stage)));
     uint32_t ka[4][4];
 #pragma unroll
     for (int kc = 0; kc < 4; ++kc) LoadA(ka[kc], ks, kOwnLd, warp * 16, kc * 16);
     const float* st = shifts + stage * kTile;
-    TileStep(ka, qt + stage * kTileBytes, ot + stage * kTileBytes, out, [&](float (&s)[8][4]) {
+    TileStep(ka, qt + stage * kTileBytes, ot + stage * kTileBytes, out[0], [&](float (&s)[8][4]) {
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
         // This lane's two tokens (columns 2t, 2t + 1 of the 8); padding tokens: shift +inf, p = 0.
@@ -312,37 +284,13 @@ __global__ void __launch_bounds__(kThreads, 2)
           for (int r = 0; r < 2; ++r) {
             float& x = s[nt][2 * r + c];
             x = SoftmaxWeight(x, scale_log2, c == 0 ? sh.x : sh.y);
-            slot_mass[r] += x;
+            slot_mass[0][r] += x;
           }
       }
     });
   }
 
-  // The sums added to acc and mass (or stored as 0 + sum), the loads before the stores.
-  float old[2][8][2], old_mass[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t slot = n0 + warp * 16 + g + 8 * r;
-    old_mass[r] = kAccumulate && slot < N && t == 0 ? mass[j * N + slot] : 0.0f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        old[r][i][c] = kAccumulate && slot < N ? acc[slot * d + j * kDh + i * 8 + 2 * t + c] : 0.0f;
-      }
-  }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t slot = n0 + warp * 16 + g + 8 * r;
-    const float total = QuadSum(slot_mass[r]);
-    if (slot < N) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) acc[slot * d + j * kDh + i * 8 + 2 * t + c] = old[r][i][c] + out[i][2 * r + c];
-      if (t == 0) mass[j * N + slot] = old_mass[r] + total;
-    }
-  }
+  StoreSlotSums<kDh, 1, kAccumulate>(out, slot_mass, n0, j, N, d, kDh, mass, acc);
 #else
   __trap();
 #endif
