@@ -303,8 +303,11 @@ constexpr int kWriteBytes = kReadBytes + kTileStages * kTile * 4;
 
 bool Sm90KernelsBuilt() {
 #if defined(LM2_CUDA_SM90A)
-  const char* off = std::getenv("LM2_CUDA_WGMMA");  // "0": the mma.sync kernels instead
-  return off == nullptr || std::strcmp(off, "0") != 0;
+  static const bool on = [] {  // read once per process; "0": the mma.sync kernels instead
+    const char* v = std::getenv("LM2_CUDA_WGMMA");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
 #else
   return false;
 #endif
