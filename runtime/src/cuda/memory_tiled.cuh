@@ -51,10 +51,12 @@ __device__ __forceinline__ ReadPart ThisReadPart(int64_t N) {
 }
 
 // A read block's q rows [t0, t0 + kRows) of head j in bf16 into shared memory `qs` (rows
-// kLd apart), and its own rows' q and offer into the scratch rows q_out / offer_out (DHP
-// apart) for the write kernel: padding rows and columns zero. The loads kBatch at a time,
-// all issued before the first store (one at a time, each waited for before the stores that
-// might alias it, they took ~20 us a block). By a block of kThreads threads.
+// kLd apart; kLd 0: 64-column rows of 128 bytes in wgmma's 128-byte swizzle, 16-byte piece
+// c of row r at r · 128 + (c ⊕ r mod 8) · 16), and its own rows' q and offer into the
+// scratch rows q_out / offer_out (DHP apart) for the write kernel: padding rows and columns
+// zero. The loads kBatch at a time, all issued before the first store (one at a time, each
+// waited for before the stores that might alias it, they took ~20 us a block). By a block
+// of kThreads threads.
 template <int DHP, int kThreads, int kLd>
 __device__ __forceinline__ void StageReadRows(const float* __restrict__ q, int64_t q_ld,
                                               const float* __restrict__ offer, int64_t offer_ld, int64_t t0,
@@ -62,6 +64,8 @@ __device__ __forceinline__ void StageReadRows(const float* __restrict__ q, int64
                                               __nv_bfloat16* q_out, __nv_bfloat16* offer_out) {
   constexpr int kPerThread = kRows * DHP / kThreads, kBatch = 16;
   static_assert(kPerThread % kBatch == 0, "whole batches");
+  static_assert(kLd > 0 || DHP == 64, "the swizzled rows are 64 columns");
+  const auto at = [](int r, int c) { return kLd > 0 ? r * kLd + c : r * 64 + (((c >> 3) ^ (r & 7)) << 3) + (c & 7); };
 #pragma unroll 1
   for (int b = 0; b < kPerThread; b += kBatch) {
     float qv[kBatch], ov[kBatch];
@@ -76,7 +80,7 @@ __device__ __forceinline__ void StageReadRows(const float* __restrict__ q, int64
     for (int u = 0; u < kBatch; ++u) {
       const int i = static_cast<int>(threadIdx.x) + (b + u) * kThreads, r = i / DHP, c = i % DHP;
       const __nv_bfloat16 qb = __float2bfloat16(qv[u]);
-      qs[r * kLd + c] = qb;
+      qs[at(r, c)] = qb;
       if (r >= p.own0 && r < p.own1) {
         q_out[r * DHP + c] = qb;
         offer_out[r * DHP + c] = __float2bfloat16(ov[u]);

@@ -4,13 +4,10 @@
 // of 32 mma.sync per warp.
 //
 // A block is two warpgroups of 64 rows each (read: tokens; write: slots), 8 warps of 16
-// rows. The block's own rows are A operands in registers, ldmatrix fragments from shared
-// memory loaded again for each tile (held in registers across the tile loop, as
-// memory_tiled.cu holds them, every tile's scores after the first came out wrong on an
-// H200, also with each product's wgmmas in one asm statement; the cause was not found); the
-// other side's 64-row tiles (read: K and V slots;
-// write: q and offer tokens) come through shared memory by cp.async, a ring of
-// kTileStages, in the 128-byte swizzled layout wgmma reads through a matrix descriptor:
+// rows. Every operand but the weights comes from shared memory through wgmma's matrix
+// descriptors: the block's own rows (read: q, staged by the block; write: K slots) once,
+// the other side's 64-row tiles (read: K and V slots; write: q and offer tokens) by
+// cp.async, a ring of kTileStages, all in the 128-byte swizzled layout wgmma reads:
 // 16-byte piece c of row r at r · 128 + (c ⊕ r mod 8) · 16 (tiles 1024-byte aligned). For
 // the scores a tile is B "K-major" (a row's 64 head columns contiguous), for the products
 // "MN-major" (the transpose flag): the same bytes either way.
@@ -44,9 +41,7 @@ constexpr int kThreads = 256;                   // two warpgroups of 64 rows
 constexpr int kRowBytes = kDh * 2;              // 128
 constexpr int kTileBytes = kTile * kRowBytes;   // a 64-row tile: 8 KiB
 constexpr int kAtomBytes = 8 * kRowBytes;       // the swizzle's repeat: 8 rows, 1 KiB
-constexpr int kOwnLd = TileLd<kDh>;             // the block's own rows, padded (ldmatrix)
-constexpr int kOwnBytes = kRows * kOwnLd * 2;
-static_assert(kOwnBytes % kAtomBytes == 0, "tiles after the own rows stay 1 KiB aligned");
+constexpr int kOwnBytes = kRows * kRowBytes;     // the block's own rows, swizzled: a tile per warpgroup
 
 // Shared-memory writes of this thread (cp.async, completed) made visible to wgmma's reads.
 __device__ __forceinline__ void FenceProxyAsync() {
@@ -78,63 +73,108 @@ __device__ __forceinline__ uint64_t TileDescriptor(const void* tile) {
 constexpr uint64_t kColumnStep = 32 >> 4;             // 16 columns of a row
 constexpr uint64_t kRowStep = 16 * kRowBytes >> 4;    // 16 rows
 
-// d[64 x 64] (+)= a[64 x 64] · B[64 x 64] for the warpgroup, as four 16-wide steps: a[kc]
-// this warp's A fragments of its 16 rows, b[kc] the descriptors of the steps of a tile
-// (kTransB 0: the tile's rows are B's columns, the scores' K ·; 1: its rows are B's rows,
-// the products' · V); accumulate false: d = a · B. One asm statement from the fence to the
-// wait: the compiler sees a wgmma as done when issued and would otherwise reuse its operand
-// registers (or move the accumulators' reads) before the wait that actually completes it.
+// d[64 x 64] (+)= A[64 x 64] · B[64 x 64] for the warpgroup, as four 16-wide steps, b[kc]
+// the descriptors of B's steps (kTransB 0: the tile's rows are B's columns, the scores'
+// · Kᵀ; 1: its rows are B's rows, the products' · V); accumulate false: d = A · B. A is
+// either the descriptors of a shared-memory tile's steps (the scores: the block's own rows,
+// "K-major") or, for the products, this warp's register fragments of its 16 rows. One asm
+// statement from the fence to the wait: the compiler sees a wgmma as done when issued, and
+// would otherwise be free to reuse its operand registers (or move the accumulators' reads)
+// before the wait that actually completes it.
+#define LM2_WGMMA_STEP(A, B, P)                                                               \
+  "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "                                    \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                 \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, " A ", " \
+  B ", " P ", 1, 1"
+#define LM2_WGMMA_ACCUMULATORS                                                                                  \
+  "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),     \
+      "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), \
+      "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), \
+      "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), \
+      "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+
+template <int kTransB>
+__device__ __forceinline__ void Mma64x64x64(float (&d)[8][4], const uint64_t (&a)[4], const uint64_t (&b)[4],
+                                            bool accumulate) {
+#if LM2_WGMMA
+  asm volatile(
+      "{\n"
+      ".reg .pred first, rest;\n"
+      "setp.ne.b32 first, %40, 0;\n"
+      "setp.eq.b32 rest, 0, 0;\n"
+      "wgmma.fence.sync.aligned;\n"
+      LM2_WGMMA_STEP("%32", "%36", "first") ", 0, %41;\n"
+      LM2_WGMMA_STEP("%33", "%37", "rest") ", 0, %41;\n"
+      LM2_WGMMA_STEP("%34", "%38", "rest") ", 0, %41;\n"
+      LM2_WGMMA_STEP("%35", "%39", "rest") ", 0, %41;\n"
+      "wgmma.commit_group.sync.aligned;\n"
+      "wgmma.wait_group.sync.aligned 0;\n"
+      "}\n"
+      : LM2_WGMMA_ACCUMULATORS
+      : "l"(a[0]), "l"(a[1]), "l"(a[2]), "l"(a[3]), "l"(b[0]), "l"(b[1]), "l"(b[2]), "l"(b[3]),
+        "r"(static_cast<int>(accumulate)), "n"(kTransB)
+      : "memory");
+#endif
+}
+
 template <int kTransB>
 __device__ __forceinline__ void Mma64x64x64(float (&d)[8][4], const uint32_t (&a)[4][4], const uint64_t (&b)[4],
                                             bool accumulate) {
 #if LM2_WGMMA
-#define LM2_WGMMA_STEP(A0, A1, A2, A3, B, P)                                                                    \
-  "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "                                                     \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                  \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "                        \
-  "{" A0 ", " A1 ", " A2 ", " A3 "}, " B ", " P ", 1, 1, %53;\n"
   asm volatile(
       "{\n"
       ".reg .pred first, rest;\n"
       "setp.ne.b32 first, %52, 0;\n"
       "setp.eq.b32 rest, 0, 0;\n"
       "wgmma.fence.sync.aligned;\n"
-      LM2_WGMMA_STEP("%32", "%33", "%34", "%35", "%48", "first")
-      LM2_WGMMA_STEP("%36", "%37", "%38", "%39", "%49", "rest")
-      LM2_WGMMA_STEP("%40", "%41", "%42", "%43", "%50", "rest")
-      LM2_WGMMA_STEP("%44", "%45", "%46", "%47", "%51", "rest")
+      LM2_WGMMA_STEP("{%32, %33, %34, %35}", "%48", "first") ", %53;\n"
+      LM2_WGMMA_STEP("{%36, %37, %38, %39}", "%49", "rest") ", %53;\n"
+      LM2_WGMMA_STEP("{%40, %41, %42, %43}", "%50", "rest") ", %53;\n"
+      LM2_WGMMA_STEP("{%44, %45, %46, %47}", "%51", "rest") ", %53;\n"
       "wgmma.commit_group.sync.aligned;\n"
       "wgmma.wait_group.sync.aligned 0;\n"
       "}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
-        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
-        "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]),
-        "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
-        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : LM2_WGMMA_ACCUMULATORS
       : "r"(a[0][0]), "r"(a[0][1]), "r"(a[0][2]), "r"(a[0][3]), "r"(a[1][0]), "r"(a[1][1]), "r"(a[1][2]),
         "r"(a[1][3]), "r"(a[2][0]), "r"(a[2][1]), "r"(a[2][2]), "r"(a[2][3]), "r"(a[3][0]), "r"(a[3][1]),
         "r"(a[3][2]), "r"(a[3][3]), "l"(b[0]), "l"(b[1]), "l"(b[2]), "l"(b[3]), "r"(static_cast<int>(accumulate)),
         "n"(kTransB)
       : "memory");
-#undef LM2_WGMMA_STEP
 #endif
 }
+#undef LM2_WGMMA_ACCUMULATORS
+#undef LM2_WGMMA_STEP
 
-// s = own · tileᵀ over the 64 head columns (four steps), then out += weights(s) · tile2 after
-// `weigh` turns s into weights: one tile of either kernel.
-template <typename Weigh>
-__device__ __forceinline__ void TileStep(const uint32_t (&own)[4][4], const void* tile, const void* tile2,
-                                         float (&out)[8][4], Weigh&& weigh) {
-  float s[8][4] = {};  // (the first step overwrites them: zeros only keep them defined)
-  const uint64_t first = TileDescriptor(tile), second = TileDescriptor(tile2);
-  const uint64_t scores[4] = {first, first + kColumnStep, first + 2 * kColumnStep, first + 3 * kColumnStep};
-  const uint64_t products[4] = {second, second + kRowStep, second + 2 * kRowStep, second + 3 * kRowStep};
-  Mma64x64x64<0>(s, own, scores, false);
-  weigh(s);
-  uint32_t a[4][4];  // the weights in bf16: the A fragments of the product's four steps
+// A tile's four 16-wide steps: along its rows' 64 columns (step 32 bytes) or down 16 rows at
+// a time (2 KiB).
+__device__ __forceinline__ void ColumnSteps(const void* tile, uint64_t (&steps)[4]) {
+  const uint64_t first = TileDescriptor(tile);
 #pragma unroll
-  for (int kc = 0; kc < 4; ++kc) PackStepA(s, kc, a[kc]);
-  Mma64x64x64<1>(out, a, products, true);
+  for (int kc = 0; kc < 4; ++kc) steps[kc] = first + kc * kColumnStep;
+}
+__device__ __forceinline__ void RowSteps(const void* tile, uint64_t (&steps)[4]) {
+  const uint64_t first = TileDescriptor(tile);
+#pragma unroll
+  for (int kc = 0; kc < 4; ++kc) steps[kc] = first + kc * kRowStep;
+}
+
+// s = own · tileᵀ over the 64 head columns (four steps; `own` this warpgroup's 64 rows, a
+// swizzled tile like the others), then out += weights(s) · tile2 after `weigh` turns s into
+// weights: one tile of either kernel.
+template <typename Weigh>
+__device__ __forceinline__ void TileStep(const void* own, const void* tile, const void* tile2, float (&out)[8][4],
+                                         Weigh&& weigh) {
+  float s[8][4] = {};  // (the first step overwrites them: zeros only keep them defined)
+  uint64_t a[4], b[4];
+  ColumnSteps(own, a);
+  ColumnSteps(tile, b);
+  Mma64x64x64<0>(s, a, b, false);
+  weigh(s);
+  uint32_t p[4][4];  // the weights in bf16: the A fragments of the product's four steps
+#pragma unroll
+  for (int kc = 0; kc < 4; ++kc) PackStepA(s, kc, p[kc]);
+  RowSteps(tile2, b);
+  Mma64x64x64<1>(out, p, b, true);
 }
 
 // Rows [0, 64) of a tile of 64-column bf16 rows `ld` elements apart in `src` into `tile`
@@ -168,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #if LM2_WGMMA
   char* ks = AlignedSharedMemory();                                      // kTileStages tiles
   char* vs = ks + kTileStages * kTileBytes;                              // kTileStages tiles
-  bf16* qs = reinterpret_cast<bf16*>(vs + kTileStages * kTileBytes);    // [kRows][kOwnLd]
+  char* qs = vs + kTileStages * kTileBytes;                              // a tile per warpgroup
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = PaddedTokens(T);
@@ -185,7 +225,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   };
   load_slots(0, 0);
   if (tiles > 1) load_slots(1, 1);
-  StageReadRows<kDh, kThreads, kOwnLd>(q, q_ld, offer, offer_ld, t0, j, T, kDh, part, qs,
+  StageReadRows<kDh, kThreads, 0>(q, q_ld, offer, offer_ld, t0, j, T, kDh, part, reinterpret_cast<bf16*>(qs),
                                        scratch.q + (j * Tp + t0) * kDh, scratch.offer + (j * Tp + t0) * kDh);
 
   // One row group of 16 a warp (CombineSplits' M = 1).
@@ -198,10 +238,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     TileArrived(it, tiles);
     if (it + 2 < tiles) load_slots(it + 2, NextStage(NextStage(stage)));
     const int64_t valid = N - static_cast<int64_t>(first_tile + it) * kTile;
-    uint32_t qa[4][4];  // (the first barrier above also shows the staged q rows)
-#pragma unroll
-    for (int kc = 0; kc < 4; ++kc) LoadA(qa[kc], qs, kOwnLd, warp * 16, kc * 16);
-    TileStep(qa, ks + stage * kTileBytes, vs + stage * kTileBytes, out[0], [&](float (&s)[8][4]) {
+    // (The first TileArrived also fenced and published the staged q rows.)
+    const char* own = qs + (warp / 4) * kTileBytes;  // this warpgroup's 64 rows
+    TileStep(own, ks + stage * kTileBytes, vs + stage * kTileBytes, out[0], [&](float (&s)[8][4]) {
       if (valid < kTile) {  // the last tile's padding slots
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
@@ -242,8 +281,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 #if LM2_WGMMA
   char* qt = AlignedSharedMemory();                                          // kTileStages tiles
   char* ot = qt + kTileStages * kTileBytes;                                  // kTileStages tiles
-  bf16* ks = reinterpret_cast<bf16*>(ot + kTileStages * kTileBytes);        // [kRows][kOwnLd]
-  auto* shifts = reinterpret_cast<float*>(reinterpret_cast<char*>(ks) + kOwnBytes);  // kTileStages x 64
+  char* ks = ot + kTileStages * kTileBytes;                                  // a tile per warpgroup
+  auto* shifts = reinterpret_cast<float*>(ks + kOwnBytes);                   // kTileStages x 64
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int t = lane % 4;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = PaddedTokens(T);
@@ -259,7 +298,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     CopyAsyncCommit();
   };
-  LoadBf16Tile<kDh, kRows, kThreads>(mem_k + n0 * d + j * kDh, d, N - n0, kDh, true, ks);
+  // The block's 128 slots' K rows, a tile per warpgroup (past N zeros: the second tile's
+  // source stays the first's where it starts past the last slot, an address never read).
+  LoadSwizzledTile(mem_k + n0 * d + j * kDh, d, N - n0, ks);
+  LoadSwizzledTile(mem_k + (N - n0 > kTile ? n0 + kTile : n0) * d + j * kDh, d, N - n0 - kTile, ks + kTileBytes);
   load_tokens(0, 0);  // the slots' K rows complete with the first tokens' group
   if (tiles > 1) load_tokens(1, 1);
 
@@ -269,11 +311,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int it = 0, stage = 0; it < tiles; ++it, stage = NextStage(stage)) {
     TileArrived(it, tiles);
     if (it + 2 < tiles) load_tokens(it + 2, NextStage(NextStage(stage)));
-    uint32_t ka[4][4];
-#pragma unroll
-    for (int kc = 0; kc < 4; ++kc) LoadA(ka[kc], ks, kOwnLd, warp * 16, kc * 16);
     const float* st = shifts + stage * kTile;
-    TileStep(ka, qt + stage * kTileBytes, ot + stage * kTileBytes, out[0], [&](float (&s)[8][4]) {
+    const char* own = ks + (warp / 4) * kTileBytes;  // this warpgroup's 64 slots
+    TileStep(own, qt + stage * kTileBytes, ot + stage * kTileBytes, out[0], [&](float (&s)[8][4]) {
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
         // This lane's two tokens (columns 2t, 2t + 1 of the 8); padding tokens: shift +inf, p = 0.
