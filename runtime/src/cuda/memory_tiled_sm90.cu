@@ -74,8 +74,9 @@ constexpr uint64_t kColumnStep = 32 >> 4;             // 16 columns of a row
 constexpr uint64_t kRowStep = 16 * kRowBytes >> 4;    // 16 rows
 
 // d[64 x 64] (+)= A[64 x 64] · B[64 x 64] for the warpgroup, as four 16-wide steps, b[kc]
-// the descriptors of B's steps (kTransB 0: the tile's rows are B's columns, the scores'
-// · Kᵀ; 1: its rows are B's rows, the products' · V); accumulate false: d = A · B. A is
+// the descriptors of B's steps (kTransB 0: the tile's rows are B's columns, as in the
+// scores q · Kᵀ; 1: its rows are B's rows, as in the products p · V); accumulate false:
+// d = A · B. A is
 // either the descriptors of a shared-memory tile's steps (the scores: the block's own rows,
 // "K-major") or, for the products, this warp's register fragments of its 16 rows. One asm
 // statement from the fence to the wait: the compiler sees a wgmma as done when issued, and
