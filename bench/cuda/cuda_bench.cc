@@ -982,7 +982,6 @@ int main(int argc, char** argv) {
     }
     json << (first ? "" : ", ") << "\"" << T << "\": {\"tps\": " << static_cast<double>(T) / best
          << ", \"flops\": " << flops << ", \"s\": " << best << ", \"reused_s\": " << reused
-
          << ", \"new_state_s\": " << new_state << "}";
     first = false;
   }

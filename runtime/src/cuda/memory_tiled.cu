@@ -255,16 +255,10 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
   using L = Layout<DHP>;
   constexpr int kReadBytes = (L::kRowsElems + 2 * kTileStages * L::kTileElems) * 2;
   constexpr int kWriteBytes = (L::kRowsElems + 2 * kTileStages * L::kTileElems) * 2 + kTileStages * kTile * 4;
-  LM2_RETURN_IF_ERROR(
-      EnsureSharedMemory(reinterpret_cast<const void*>(&MemoryReadTiledKernel<DHP>), kReadBytes, "MemoryReadWrite"));
-  const auto write_kernel = accumulate ? &MemoryWriteTiledKernel<DHP, true> : &MemoryWriteTiledKernel<DHP, false>;
-  LM2_RETURN_IF_ERROR(
-      EnsureSharedMemory(reinterpret_cast<const void*>(write_kernel), kWriteBytes, "MemoryReadWrite"));
   const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(dh));
   const bool vec = dh % 8 == 0 && d % 8 == 0;  // memory K/V rows and head offsets 16-byte aligned
   const auto heads = static_cast<unsigned int>(d / dh);
   const Scratch parts = Carve(scratch, T, heads, DHP);
-  const auto pairs = static_cast<unsigned int>(PaddedTokens(T) / kRows);
   // Hopper, head width 64: the same kernels on wgmma (memory_tiled_sm90.cu).
   if constexpr (DHP == 64) {
     if (dh == 64 && vec && tiled::Sm90KernelsBuilt()) {
@@ -277,22 +271,18 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
       }
     }
   }
-  LM2_ASSIGN_OR_RETURN(const int splits,
-                       ReadSplits(pairs * heads, (N + kTile - 1) / kTile,
-                                  reinterpret_cast<const void*>(&MemoryReadTiledKernel<DHP>), GroupThreads(DHP),
-                                  kReadBytes));
-  cudaLaunchAttribute cluster[1];
-  cluster[0].id = cudaLaunchAttributeClusterDimension;
-  cluster[0].val.clusterDim = {1, 1, static_cast<unsigned int>(splits)};
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(pairs, heads, static_cast<unsigned int>(splits));
-  config.blockDim = dim3(GroupThreads(DHP));
-  config.dynamicSmemBytes = kReadBytes;
-  config.stream = stream;
-  config.attrs = cluster;
-  config.numAttrs = splits > 1 ? 1 : 0;
-  LM2_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, MemoryReadTiledKernel<DHP>, q, q_ld, offer, offer_ld, mem_k,
-                                              mem_v, T, N, d, dh, scale_log2, vec, e, parts));
+  const void* read_kernel = reinterpret_cast<const void*>(&MemoryReadTiledKernel<DHP>);
+  LM2_RETURN_IF_ERROR(EnsureSharedMemory(read_kernel, kReadBytes, "MemoryReadWrite"));
+  const auto write_kernel = accumulate ? &MemoryWriteTiledKernel<DHP, true> : &MemoryWriteTiledKernel<DHP, false>;
+  LM2_RETURN_IF_ERROR(
+      EnsureSharedMemory(reinterpret_cast<const void*>(write_kernel), kWriteBytes, "MemoryReadWrite"));
+  const auto pairs = static_cast<unsigned int>(PaddedTokens(T) / kRows);
+  LM2_ASSIGN_OR_RETURN(const int splits, ReadSplits(pairs * heads, (N + kTile - 1) / kTile, read_kernel,
+                                                    GroupThreads(DHP), kReadBytes));
+  const tiled::ClusterLaunch launch(dim3(pairs, heads, static_cast<unsigned int>(splits)), GroupThreads(DHP),
+                                    kReadBytes, stream, splits);
+  LM2_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&launch.config, MemoryReadTiledKernel<DHP>, q, q_ld, offer, offer_ld,
+                                              mem_k, mem_v, T, N, d, dh, scale_log2, vec, e, parts));
   const dim3 write_grid(static_cast<unsigned int>((N + kRows - 1) / kRows), heads);
   write_kernel<<<write_grid, GroupThreads(DHP), kWriteBytes, stream>>>(mem_k, T, N, d, dh, scale_log2, vec, parts,
                                                                       mass, acc);
@@ -348,17 +338,9 @@ Result<int> MaxActiveClusters(const void* kernel, int size, int threads, int sme
   std::lock_guard<std::mutex> lock(mu);
   const auto key = std::make_tuple(device, kernel, size);
   if (auto it = cache->find(key); it != cache->end()) return it->second;
-  cudaLaunchAttribute cluster[1];
-  cluster[0].id = cudaLaunchAttributeClusterDimension;
-  cluster[0].val.clusterDim = {1, 1, static_cast<unsigned int>(size)};
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(1, 1, static_cast<unsigned int>(size));
-  config.blockDim = dim3(static_cast<unsigned int>(threads));
-  config.dynamicSmemBytes = static_cast<std::size_t>(smem);
-  config.attrs = cluster;
-  config.numAttrs = 1;
+  const ClusterLaunch launch(dim3(1, 1, static_cast<unsigned int>(size)), threads, smem, nullptr, size);
   int clusters = 0;
-  LM2_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+  LM2_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.config));
   cache->emplace(key, clusters);
   return clusters;
 }

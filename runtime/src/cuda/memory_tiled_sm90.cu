@@ -362,17 +362,9 @@ Status ReadSm90(const float* q, int64_t q_ld, const float* offer, int64_t offer_
   const auto pairs = static_cast<unsigned int>(PaddedTokens(T) / kRows), heads = static_cast<unsigned int>(d / kDh);
   LM2_ASSIGN_OR_RETURN(const int splits,
                        ReadSplits(int64_t{pairs} * heads, (N + kTile - 1) / kTile, kernel, kThreads, kReadBytes));
-  cudaLaunchAttribute cluster[1];
-  cluster[0].id = cudaLaunchAttributeClusterDimension;
-  cluster[0].val.clusterDim = {1, 1, static_cast<unsigned int>(splits)};
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(pairs, heads, static_cast<unsigned int>(splits));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = kReadBytes;
-  config.stream = stream;
-  config.attrs = cluster;
-  config.numAttrs = splits > 1 ? 1 : 0;
-  return CudaStatus(cudaLaunchKernelEx(&config, ReadKernel, q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d,
+  const ClusterLaunch launch(dim3(pairs, heads, static_cast<unsigned int>(splits)), kThreads, kReadBytes, stream,
+                             splits);
+  return CudaStatus(cudaLaunchKernelEx(&launch.config, ReadKernel, q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d,
                                        scale_log2, e, scratch),
                     "MemoryReadWrite (wgmma read)");
 }
