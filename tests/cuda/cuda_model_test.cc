@@ -559,7 +559,8 @@ TEST_CASE("CUDA ForwardBatch: one forward for many sessions equals each decoding
 TEST_CASE("Memory reads on the side stream give the same bits as on the main stream", "[cuda][model]") {
   // Tiled chunks (the read and write sums beside tensor-core attention), decode steps
   // (graphs, staged writes, a flush every 3; the read beside attention, or attention beside
-  // the read) and a batched step: logits and banks equal.
+  // the read), a batched step, and second segments on the committed banks: logits and banks
+  // equal.
   const bool leads = GENERATE(true, false);
   INFO("memory_read_leads=" << leads);
   auto files = Files(TestModelDir("tiny-lm2"));
@@ -589,13 +590,31 @@ TEST_CASE("Memory reads on the side stream give the same bits as on the main str
     RequireOk(one->ForwardBatchGreedy(sb, std::vector<int32_t>{5 + i, 9 + i}, &nb));
     CHECK(na == nb);
   }
-  RequireOk(side->EndSegment(*a));
-  RequireOk(one->EndSegment(*b));
-  auto ma = side->ExportMemory(*a);
-  auto mb = one->ExportMemory(*b);
-  REQUIRE((ma.ok() && mb.ok()));
-  REQUIRE(ma->layers.size() == mb->layers.size());
-  for (std::size_t l = 0; l < ma->layers.size(); ++l) CHECK(ma->layers[l].data == mb->layers[l].data);
+  // Second segments on the committed banks: a prompt first (the side stream makes each
+  // layer's own memory K/V ahead of its read; the main stream all of them first), and a
+  // batched step first (all of them first, on each state's stream).
+  for (auto* s : {a.get(), a2.get()}) RequireOk(side->EndSegment(*s));
+  for (auto* s : {b.get(), b2.get()}) RequireOk(one->EndSegment(*s));
+  RequireOk(side->Forward(*a, prompt, LogitsMode::kAll, &la));
+  RequireOk(one->Forward(*b, prompt, LogitsMode::kAll, &lb));
+  CHECK(la == lb);
+  for (int i = 0; i < 3; ++i) {
+    RequireOk(side->ForwardBatchGreedy(sa, std::vector<int32_t>{21 + i, 3 + i}, &na));
+    RequireOk(one->ForwardBatchGreedy(sb, std::vector<int32_t>{21 + i, 3 + i}, &nb));
+    CHECK(na == nb);
+  }
+  RequireOk(side->Forward(*a2, prompt, LogitsMode::kAll, &la));
+  RequireOk(one->Forward(*b2, prompt, LogitsMode::kAll, &lb));
+  CHECK(la == lb);
+  for (auto* s : {a.get(), a2.get()}) RequireOk(side->EndSegment(*s));
+  for (auto* s : {b.get(), b2.get()}) RequireOk(one->EndSegment(*s));
+  for (const auto& [x, y] : {std::pair{a.get(), b.get()}, std::pair{a2.get(), b2.get()}}) {
+    auto ma = side->ExportMemory(*x);
+    auto mb = one->ExportMemory(*y);
+    REQUIRE((ma.ok() && mb.ok()));
+    REQUIRE(ma->layers.size() == mb->layers.size());
+    for (std::size_t l = 0; l < ma->layers.size(); ++l) CHECK(ma->layers[l].data == mb->layers[l].data);
+  }
 }
 
 TEST_CASE("The warm-up turn at load leaves no trace: the same bits with and without it", "[cuda][model]") {

@@ -33,12 +33,29 @@ inline std::size_t Z(int64_t v) { return static_cast<std::size_t>(v); }
 // Each cuBLAS handle's workspace (a state's, set on its handle: graph capture needs one).
 constexpr std::size_t kCublasWorkspace = std::size_t{8} << 20;
 
+// A cuBLAS handle with a workspace of its own set on it: GEMMs on different streams at once
+// need a handle (and workspace) each.
+struct Blas {
+  CublasHandle handle;
+  DeviceBuffer<char> workspace;
+
+  static Result<Blas> Create() {
+    Blas b;
+    LM2_ASSIGN_OR_RETURN(b.handle, CublasHandle::Create());
+    LM2_ASSIGN_OR_RETURN(b.workspace, DeviceBuffer<char>::Allocate(kCublasWorkspace));
+    LM2_CUBLAS_RETURN_IF_ERROR(cublasSetWorkspace(b.handle.get(), b.workspace.data(), kCublasWorkspace));
+    return b;
+  }
+  cublasHandle_t get() const { return handle.get(); }
+  bool empty() const { return handle.get() == nullptr; }
+};
+
 struct LayerState {
   DeviceBuffer<float> k_cache, v_cache;  // [capacity, Hkv*Dh]
   // Memory layers only ([N, d] unless said):
   DeviceBuffer<float> bank;              // M, fixed during a segment
   DeviceBuffer<bf16> own_kv;             // memory K then V of this bank [2, N, d] (MemoryKv), made
-                                         // when a segment opens on a bank not the model's initial one
+                                         // for a segment on a bank not the model's initial one
   const bf16* mem_k = nullptr;           // the open segment's memory K / V (bf16: read every token):
   const bf16* mem_v = nullptr;           // own_kv's halves, or the model's for the initial bank
   DeviceBuffer<float> mass;              // Σ_t A [Hm, N]
@@ -122,7 +139,10 @@ class CudaState final : public SequenceState {
   CudaStream stream_;
   CudaStream side_stream_;    // the memory reads beside attention (concurrent_memory_read)
   CudaEvent fork_, join_;     // ordering the side stream after / before the main one
-  CublasHandle cublas_;
+  Blas cublas_;
+  // The side stream's GEMMs: a segment's own memory K/V made layer by layer beside the main
+  // stream's work (kv_pending_). Made with the first such segment.
+  Blas side_cublas_;
   std::vector<LayerState> layers_;
   int64_t kv_capacity_ = 0;  // rows of every layer's k_cache / v_cache
   int64_t pos_ = 0;
@@ -131,6 +151,12 @@ class CudaState final : public SequenceState {
   // The banks are the model's initial ones (a new state): a segment opening on them reads
   // the model's memory K/V (CudaModel::initial_kv_) instead of computing its own.
   bool bank_initial_ = true;
+  // The open segment reads its own memory K/V (own_kv), not made yet: BeginSegment leaves
+  // them to the segment's first forward, whose first tiled chunk makes each layer's on the
+  // side stream ahead of that layer's read (MakeMemoryKv); other first forwards make them
+  // all at once first.
+  bool kv_pending_ = false;
+  DeviceBuffer<bf16> bank_b_;  // a bank in bf16, the memory K/V GEMMs' input [N, d]
   // The open segment has added nothing to the write sums yet, and BeginSegment leaves mass
   // and acc as they were: the first tiled chunk stores its sums, any other first writer
   // zeroes them first (ZeroSums).
@@ -148,7 +174,6 @@ class CudaState final : public SequenceState {
   PinnedBuffer<int64_t> step_host_;  // a decode step's inputs as uploaded (StepInputs)
   PinnedBuffer<DeviceTokenRule> rules_host_;  // sampled decode steps' rules
   PinnedBuffer<int32_t> history_host_;        // and their distinct penalty ids
-  DeviceBuffer<char> cublas_workspace_;  // cuBLAS's, set on the handle (graph capture needs one)
   CudaGraph decode_graph_;       // the last decode step captured with this state as the lead
   std::vector<const void*> decode_graph_key_;  // what it was captured over
 };
@@ -205,9 +230,7 @@ class CudaModel final : public Model {
     if (!cfg_.has_memory() || !options_.share_initial_memory_kv) return Status::Ok();
     const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size;
     LM2_ASSIGN_OR_RETURN(CudaStream stream, CudaStream::Create());
-    LM2_ASSIGN_OR_RETURN(CublasHandle blas, CublasHandle::Create());
-    LM2_ASSIGN_OR_RETURN(auto workspace, DeviceBuffer<char>::Allocate(kCublasWorkspace));
-    LM2_CUBLAS_RETURN_IF_ERROR(cublasSetWorkspace(blas.get(), workspace.data(), kCublasWorkspace));
+    LM2_ASSIGN_OR_RETURN(Blas blas, Blas::Create());
     LM2_ASSIGN_OR_RETURN(auto bank_b, DeviceBuffer<bf16>::Allocate(Z(N * d)));
     std::vector<DeviceBuffer<bf16>> kv(Z(cfg_.num_layers));
     for (int64_t i = 0; i < cfg_.num_layers; ++i) {
@@ -224,7 +247,7 @@ class CudaModel final : public Model {
 
   // One short turn on a throwaway state (CudaOptions::warm_up): a prompt long enough for
   // the multi-token paths, greedy steps across a memory-write flush, a sampled step, a step
-  // with the logits copied out, the segment's end, and a token of a second segment. Its
+  // with the logits copied out, the segment's end, and a second segment's prompt (or token). Its
   // buffers go back to the memory pool for the first real state.
   Status WarmUp() const {
     LM2_ASSIGN_OR_RETURN(auto state, NewState());
@@ -248,8 +271,14 @@ class CudaModel final : public Model {
       LM2_RETURN_IF_ERROR(Forward(*state, next, LogitsMode::kLast, &logits));
     }
     LM2_RETURN_IF_ERROR(EndSegment(*state));
-    // A second segment opens on the committed bank: its memory K/V made by the state.
-    if (state->context_length() + 1 <= max_pos) LM2_RETURN_IF_ERROR(Forward(*state, next, LogitsMode::kNone, nullptr));
+    // A second segment opens on the committed bank with a prompt: its memory K/V made by the
+    // state, beside the prompt's layers (the side stream's own cuBLAS handle).
+    const int64_t context = state->context_length();
+    if (context + prompt <= max_pos) {
+      LM2_RETURN_IF_ERROR(Forward(*state, tokens, LogitsMode::kLast, &logits));
+    } else if (context + 1 <= max_pos) {
+      LM2_RETURN_IF_ERROR(Forward(*state, next, LogitsMode::kNone, nullptr));
+    }
     return EndSegment(*state);
   }
 
@@ -273,10 +302,7 @@ class CudaModel final : public Model {
     LM2_ASSIGN_OR_RETURN(s->join_, CudaEvent::Create());
     LM2_ASSIGN_OR_RETURN(s->transferred_[0], CudaEvent::Create());
     LM2_ASSIGN_OR_RETURN(s->transferred_[1], CudaEvent::Create());
-    LM2_ASSIGN_OR_RETURN(s->cublas_, CublasHandle::Create());
-    LM2_ASSIGN_OR_RETURN(s->cublas_workspace_, DeviceBuffer<char>::Allocate(kCublasWorkspace));
-    LM2_CUBLAS_RETURN_IF_ERROR(
-        cublasSetWorkspace(s->cublas_.get(), s->cublas_workspace_.data(), kCublasWorkspace));
+    LM2_ASSIGN_OR_RETURN(s->cublas_, Blas::Create());
     s->layers_.resize(Z(cfg_.num_layers));
     const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size, Hm = cfg_.memory_heads;
     const cudaStream_t st = s->stream_.get();
@@ -506,12 +532,17 @@ class CudaModel final : public Model {
   }
 
   // Opens a segment: memory K/V from the bank as it is now (the model's own for the
-  // initial bank), the write sums empty (sums_empty_: zeroed by their first writer).
+  // initial bank; the state's own are made by the segment's first forward: kv_pending_),
+  // the write sums empty (sums_empty_: zeroed by their first writer).
   Status BeginSegment(CudaState& s) const {
     const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size;
-    const cudaStream_t st = s.stream_.get();
     const bool shared = s.bank_initial_ && !initial_kv_.empty();
-    if (cfg_.has_memory() && !shared) LM2_RETURN_IF_ERROR(EnsureCapacity(s.scratch_.xb, Z(N * d)));
+    if (cfg_.has_memory() && !shared) {
+      LM2_RETURN_IF_ERROR(EnsureCapacity(s.bank_b_, Z(N * d)));
+      if (s.side_cublas_.empty()) {
+        LM2_ASSIGN_OR_RETURN(s.side_cublas_, Blas::Create());
+      }
+    }
     for (int64_t i = 0; i < cfg_.num_layers; ++i) {
       const CudaLayerWeights& lw = w_->layers[Z(i)];
       if (!lw.has_memory) continue;
@@ -521,19 +552,45 @@ class CudaModel final : public Model {
         kv = initial_kv_[Z(i)].data();
       } else {
         LM2_RETURN_IF_ERROR(EnsureCapacity(ls.own_kv, Z(2 * N * d)));
-        LM2_RETURN_IF_ERROR(
-            MemoryKv(s.cublas_.get(), ls.bank.data(), s.scratch_.xb.data(), lw.memory, N, d, ls.own_kv.data(), st));
         kv = ls.own_kv.data();
       }
       ls.mem_k = kv;
       ls.mem_v = kv + N * d;
     }
+    s.kv_pending_ = cfg_.has_memory() && !shared;
     s.segment_open_ = true;
     s.segment_tokens_ = 0;
     s.staged_ = 0;
     s.sums_empty_ = cfg_.has_memory();
     return Status::Ok();
   }
+
+  // Layer i's memory K/V of the open segment from the state's bank, on `st` with `blas`.
+  Status MakeMemoryKv(CudaState& s, int64_t i, cublasHandle_t blas, cudaStream_t st) const {
+    LayerState& ls = s.layers_[Z(i)];
+    return MemoryKv(blas, ls.bank.data(), s.bank_b_.data(), w_->layers[Z(i)].memory, cfg_.memory_slots,
+                    cfg_.hidden_size, ls.own_kv.data(), st);
+  }
+
+  // The first memory layer from layer `from` on (num_layers if none).
+  int64_t NextMemoryLayer(int64_t from) const {
+    while (from < cfg_.num_layers && !w_->layers[Z(from)].has_memory) ++from;
+    return from;
+  }
+
+  // Makes every memory layer's K/V still pending (kv_pending_), on the state's stream.
+  Status MakeAllMemoryKv(CudaState& s) const {
+    if (!s.kv_pending_) return Status::Ok();
+    for (int64_t i = NextMemoryLayer(0); i < cfg_.num_layers; i = NextMemoryLayer(i + 1)) {
+      LM2_RETURN_IF_ERROR(MakeMemoryKv(s, i, s.cublas_.get(), s.stream_.get()));
+    }
+    s.kv_pending_ = false;
+    return Status::Ok();
+  }
+
+  // Whether a chunk of n tokens reads memory on the side stream in every memory layer
+  // (RunLayers' side_read), so that it can make the pending memory K/V there too.
+  bool SideReadsChunk(int64_t n) const { return options_.concurrent_memory_read && tiled_memory_ && n > 1; }
 
   // Zeroes the open segment's write sums (sums_empty_) before a writer that adds to them.
   Status ZeroSums(CudaState& s) const {
@@ -669,6 +726,9 @@ class CudaModel final : public Model {
     if (mode == LogitsMode::kLast) logits->resize(Z(V));
     // A first chunk on the tiled path stores the write sums (sums_empty_); others add to them.
     if (!(tiled_memory_ && chunk > 1)) LM2_RETURN_IF_ERROR(ZeroSums(s));
+    // Pending memory K/V: made layer by layer beside the first chunk where its reads run on
+    // the side stream (RunLayers), else all of them first.
+    if (!SideReadsChunk(chunk)) LM2_RETURN_IF_ERROR(MakeAllMemoryKv(s));
     for (int64_t c = 0; c < T; c += chunk) {
       const int64_t n = std::min(chunk, T - c);
       LM2_RETURN_IF_ERROR(RunLayers(s, c, n, s.pos_ + c));
@@ -698,9 +758,10 @@ class CudaModel final : public Model {
     const auto B = static_cast<int64_t>(batch.size());
     for (CudaState* s : batch) {
       if (!s->segment_open_) LM2_RETURN_IF_ERROR(BeginSegment(*s));
-      if (s->sums_empty_) {
-        // The step adds to the sums: zeroed first, on the state's own stream (as its memory
-        // K/V were made); the batch runs on the lead's, so wait for both.
+      if (s->kv_pending_ || s->sums_empty_) {
+        // The segment's first step: its memory K/V made and the sums it adds to zeroed, on
+        // the state's own stream; the batch runs on the lead's, so wait for both.
+        LM2_RETURN_IF_ERROR(MakeAllMemoryKv(*s));
         LM2_RETURN_IF_ERROR(ZeroSums(*s));
         LM2_RETURN_IF_ERROR(s->stream_.Synchronize());
       }
@@ -858,7 +919,7 @@ class CudaModel final : public Model {
             lead.step_host_.data(), sc.rope.data(),
             sc.h.data(), sc.proj.data(), sc.q.data(), sc.attn_out.data(), sc.a.data(), sc.mattn.data(), sc.e.data(),
             sc.gate.data(), sc.gate_up.data(), sc.xb.data(), sc.yb.data(), sc.read_partial.data(), sc.logits.data(),
-            lead.logits_host_.data(), lead.cublas_workspace_.data()};
+            lead.logits_host_.data(), lead.cublas_.workspace.data()};
   }
 
   // Builds the batch's pointer table and uploads it when it differs from the last one (it
@@ -904,6 +965,17 @@ class CudaModel final : public Model {
     const int64_t* positions = batch != nullptr ? batch->positions : sc.positions.data() + first;
     const int32_t* ids = batch != nullptr ? batch->ids : sc.ids.data() + first;
     float* h = sc.h.data();
+    // The segment's own memory K/V, still to make (RunTokens left them to this chunk): each
+    // memory layer's on the side stream, after the previous layer's read and before its own,
+    // so that the GEMMs run beside the main stream's work (the first behind nothing but
+    // what the main stream holds so far).
+    const bool make_kv = batch == nullptr && s.kv_pending_;
+    if (make_kv) {
+      if (!SideReadsChunk(n)) return Status::Internal("RunLayers: memory K/V pending on a chunk without side reads");
+      const cudaStream_t side = s.side_stream_.get();
+      LM2_RETURN_IF_ERROR(s.fork_.Order(st, side));
+      LM2_RETURN_IF_ERROR(MakeMemoryKv(s, NextMemoryLayer(0), s.side_cublas_.get(), side));
+    }
 
     LM2_RETURN_IF_ERROR(EmbeddingLookup(w_->embed, V, d, ids, n, h, st));
     // The rows' rotary factors, once for all the layers.
@@ -969,6 +1041,11 @@ class CudaModel final : public Model {
         const cudaStream_t side = s.side_stream_.get();
         LM2_RETURN_IF_ERROR(s.fork_.Order(st, side));
         LM2_RETURN_IF_ERROR(read_memory(side));
+        LM2_RETURN_IF_ERROR(s.join_.Record(side));  // the main stream waits for the read only
+        const int64_t next_kv = NextMemoryLayer(i + 1);
+        if (make_kv && next_kv < cfg_.num_layers) {
+          LM2_RETURN_IF_ERROR(MakeMemoryKv(s, next_kv, s.side_cublas_.get(), side));
+        }
       }
 
       // The attention output, in bf16 (sc.yb) where the tiled kernel writes it for o_proj's GEMM.
@@ -1010,7 +1087,7 @@ class CudaModel final : public Model {
 
       if (lw.has_memory) {
         if (side_read) {
-          LM2_RETURN_IF_ERROR(s.join_.Order(s.side_stream_.get(), st));
+          LM2_RETURN_IF_ERROR(s.join_.Wait(st));
         } else {
           LM2_RETURN_IF_ERROR(read_memory(st));
         }
@@ -1027,6 +1104,7 @@ class CudaModel final : public Model {
 
       LM2_RETURN_IF_ERROR(FeedForward(s, n, lw, h));
     }
+    if (make_kv) s.kv_pending_ = false;
     return Status::Ok();
   }
 

@@ -242,10 +242,14 @@ class CudaEvent : public detail::OwnedHandle<cudaEvent_t, &cudaEventDestroy> {
   // Work enqueued on `waiter` from now on runs after what was enqueued on `signaller` so far.
   Status Order(cudaStream_t signaller, cudaStream_t waiter) const {
     LM2_RETURN_IF_ERROR(Record(signaller));
-    return CudaStatus(cudaStreamWaitEvent(waiter, handle_, 0), "cudaStreamWaitEvent");
+    return Wait(waiter);
   }
   // Marks what was enqueued on `stream` so far; Synchronize waits on the host until it ran.
   Status Record(cudaStream_t stream) const { return CudaStatus(cudaEventRecord(handle_, stream), "cudaEventRecord"); }
+  // Work enqueued on `waiter` from now on runs after what the last Record marked.
+  Status Wait(cudaStream_t waiter) const {
+    return CudaStatus(cudaStreamWaitEvent(waiter, handle_, 0), "cudaStreamWaitEvent");
+  }
   Status Synchronize() const {
     DeviceCallScope scope(CaptureExclusion());
     return CudaStatus(cudaEventSynchronize(handle_), "cudaEventSynchronize");
