@@ -21,6 +21,7 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <random>
 #include <span>
 #include <tuple>
@@ -139,6 +140,45 @@ TEST_CASE("Device memory freed while another stream still writes it is not hande
   RequireOk(after.status());
   RequireOk(after->FillBytes(0, Stream()));
   CHECK(Download(*after) == std::vector<float>(1024, 0.0f));
+}
+
+TEST_CASE("Page-locked host buffers are kept for reuse, up to a bound, and stage copies correctly", "[cuda][ops]") {
+  TrimDevicePool(0);  // nothing kept from earlier cases
+  REQUIRE(KeptPinnedBytes() == 0);
+  void* first = nullptr;
+  {
+    auto a = PinnedBuffer<int32_t>::Allocate(1000);
+    RequireOk(a.status());
+    first = a->data();
+  }
+  CHECK(KeptPinnedBytes() == 4000);
+  auto small = PinnedBuffer<int32_t>::Allocate(100);  // 400 bytes: under half the kept block
+  RequireOk(small.status());
+  CHECK(static_cast<void*>(small->data()) != first);
+  CHECK(KeptPinnedBytes() == 4000);
+  auto b = PinnedBuffer<int32_t>::Allocate(600);  // 2400 bytes: takes the kept block
+  RequireOk(b.status());
+  CHECK(static_cast<void*>(b->data()) == first);
+  CHECK(KeptPinnedBytes() == 0);
+  // The reused block stages an asynchronous copy like a new one.
+  std::iota(b->data(), b->data() + 600, 7);
+  auto dev = DeviceBuffer<int32_t>::Allocate(600);
+  RequireOk(dev.status());
+  RequireOk(dev->CopyFromHost(b->data(), 600, Stream()));
+  std::vector<int32_t> want(600);
+  std::iota(want.begin(), want.end(), 7);
+  CHECK(Download(*dev) == want);
+  {  // a block past the bound on what is kept goes back at once
+    auto big = PinnedBuffer<char>::Allocate(std::size_t{300} << 20);
+    RequireOk(big.status());
+  }
+  CHECK(KeptPinnedBytes() == 0);
+  *small = PinnedBuffer<int32_t>();
+  CHECK(KeptPinnedBytes() == 400);
+  *b = PinnedBuffer<int32_t>();
+  CHECK(KeptPinnedBytes() == 4400);
+  TrimDevicePool(0);  // every kept block freed (memcheck's leak check sees none)
+  CHECK(KeptPinnedBytes() == 0);
 }
 
 TEST_CASE("ConvertF32ToBf16 rounds to nearest even, ConvertBf16ToF32 is exact", "[cuda][ops]") {

@@ -47,6 +47,15 @@ cudaError_t DeviceAlloc(void** p, std::size_t bytes);
 void DeviceFree(void* p);
 void TrimDevicePool(int device);
 
+// Page-locked host memory (device_pool.cc), cached process-wide the same way: freed blocks
+// are kept (up to 256 MiB in all) for the next request of at least half their size
+// (LM2_CUDA_POOL=0: cudaMallocHost / cudaFreeHost). PinnedFree waits for the current
+// device's queued work first, as cudaFreeHost does. TrimDevicePool frees the kept blocks
+// too; KeptPinnedBytes says how much is kept.
+cudaError_t PinnedAlloc(void** p, std::size_t bytes);
+void PinnedFree(void* p);
+std::size_t KeptPinnedBytes();
+
 namespace detail {
 
 // Owns `count` elements of T in the memory of `Space` (Alloc / Free / kAlloc name):
@@ -107,9 +116,9 @@ struct DeviceSpace {
 };
 
 struct PinnedSpace {
-  static constexpr const char* kAlloc = "cudaMallocHost";
-  static cudaError_t Alloc(void** p, std::size_t bytes) { return cudaMallocHost(p, bytes); }
-  static void Free(void* p) { (void)cudaFreeHost(p); }
+  static constexpr const char* kAlloc = "cudaHostAlloc";
+  static cudaError_t Alloc(void** p, std::size_t bytes) { return PinnedAlloc(p, bytes); }
+  static void Free(void* p) { PinnedFree(p); }
 };
 
 // Owns one handle of a CUDA library object, destroyed by `Destroy` in the destructor:
@@ -188,7 +197,7 @@ class DeviceBuffer : public detail::OwnedArray<T, detail::DeviceSpace> {
   }
 };
 
-// `count` elements of T in page-locked host memory (cudaMallocHost): the staging area of
+// `count` elements of T in page-locked host memory (PinnedAlloc): the staging area of
 // asynchronous copies (they overlap with host work and run at full PCIe rate). Contents
 // undefined until written.
 template <typename T>
