@@ -27,9 +27,15 @@ def figures(run):
     late = run.get("late_prompt")
     if late:
         out.append((f"a {late['tokens']}-token prompt after {late['context']} tokens (ms)", 1e3 * late["s"], "ms"))
+    fresh = run.get("new_lengths")
+    if fresh:
+        out.append(("prompts of new lengths, first time (ms)", 1e3 * fresh["first_s"], "ms"))
+        out.append(("the same prompts again (ms)", 1e3 * fresh["again_s"], "ms"))
     for b, s in sorted(run.get("sessions", {}).items(), key=lambda kv: int(kv[0])):
         out.append((f"{b} sessions (tokens/s)", s.get("tps"), "rate"))
-    for key, name in (("first_turn_s", "first turn after the load (ms)"), ("end_segment_s", "end of segment (ms)"),
+    for key, name in (("first_turn_s", "first turn after the load (ms)"),
+                      ("second_turn_s", "a new session's first turn (ms)"),
+                      ("next_turn_s", "that session's next turn (ms)"), ("end_segment_s", "end of segment (ms)"),
                       ("export_s", "bank export into a kept bank (ms)"),
                       ("export_fresh_s", "bank export into a new bank (ms)"), ("import_s", "bank import (ms)")):
         if key in run:

@@ -44,6 +44,11 @@
 //                     and on a reused state;
 //                     tokens/s and achieved TFLOP/s / gemm rate; also the time NewState
 //                     took for that state (the session's buffers, its banks initialised)
+//   late prompt       64 tokens after a context of max_position_embeddings - 64
+//   new lengths       prompts of lengths nothing else here uses (kNewPromptLengths), each
+//                     twice on a warmed state: the first time pays a call shape's first use
+//   turns             a new state's prompt, 32 greedy steps and segment end right after the
+//                     load, again on another new state, then that state's next turn
 //   sessions B        B states decoding together, one ForwardBatchGreedy per step; total
 //                     tokens/s
 //   bank export/import one session's banks device <-> host through pinned staging: export
@@ -82,6 +87,8 @@ using Clock = std::chrono::steady_clock;
 
 // The prompt of the late-turn figure (LatePrompt).
 constexpr int64_t kLatePromptTokens = 64;
+// Prompt lengths no other figure uses (the "prompts of new lengths" line).
+constexpr int64_t kNewPromptLengths[] = {37, 100, 203, 301, 450};
 using lm2::runtime::LogitsMode;
 using lm2::runtime::Model;
 using lm2::runtime::SequenceState;
@@ -789,25 +796,33 @@ int main(int argc, char** argv) {
               static_cast<long long>(cfg.num_kv_heads), static_cast<long long>(cfg.memory_slots),
               static_cast<long long>(cfg.memory_heads), cfg.memory_layers.size(),
               static_cast<long long>(cfg.vocab_size), Seconds(t_load, Clock::now()));
-  double first_turn = 0, second_turn = 0;
-  {  // A session's first turn right after the load, and the same again: what the first reply pays.
-    auto turn = [&] {
+  double first_turn = 0, second_turn = 0, next_turn = 0;
+  {  // A session's first turn right after the load, a new session's the same again (what a
+     // new or resumed session's first reply pays), and that session's next turn (a chat's
+     // every later reply: its state, buffers and decode graph kept).
+    auto turn = [&](lm2::runtime::SequenceState& s, int64_t seed) {
       const auto t0 = Clock::now();
-      auto s = Take(model->NewState(), "state");
       std::vector<float> logits;
-      Check(model->Forward(*s, Tokens(prompt_tokens, cfg.vocab_size, 7), LogitsMode::kLast, &logits), "prompt");
-      lm2::runtime::SequenceState* const one[] = {s.get()};
-      std::vector<int32_t> next = {1};
+      Check(model->Forward(s, Tokens(prompt_tokens, cfg.vocab_size, seed), LogitsMode::kLast, &logits), "prompt");
+      lm2::runtime::SequenceState* const one[] = {&s};
+      std::vector<int32_t> next = {Argmax(logits)};
       for (int64_t i = 0; i < 32; ++i) Check(model->ForwardBatchGreedy(one, std::vector<int32_t>(next), &next), "step");
-      Check(model->EndSegment(*s), "end");
+      Check(model->EndSegment(s), "end");
       return Seconds(t0, Clock::now());
     };
-    first_turn = turn();
-    second_turn = turn();
+    auto new_session_turn = [&](std::unique_ptr<lm2::runtime::SequenceState>& s) {
+      const auto t0 = Clock::now();
+      s = Take(model->NewState(), "state");
+      return Seconds(t0, Clock::now()) + turn(*s, 7);
+    };
+    std::unique_ptr<lm2::runtime::SequenceState> s;
+    first_turn = new_session_turn(s);
+    second_turn = new_session_turn(s);
+    next_turn = turn(*s, 8);
     std::printf("first turn after the load (new state, %lld-token prompt, 32 greedy steps, segment end; warm-up %s): "
-                "%.1f ms; the same again: %.1f ms\n",
+                "%.1f ms; the same again: %.1f ms; that session's next turn: %.1f ms\n",
                 static_cast<long long>(prompt_tokens), options.warm_up ? "on" : "off", first_turn * 1e3,
-                second_turn * 1e3);
+                second_turn * 1e3, next_turn * 1e3);
   }
   SetupCosts(32);
   const Shape shape{static_cast<double>(cfg.hidden_size),
@@ -866,7 +881,8 @@ int main(int argc, char** argv) {
   }
   std::ostringstream json;
   json << "{\"device\": \"" << dev.name << "\", \"copy_bandwidth_Bps\": " << bw << ", \"gemm_flops\": " << gemm
-       << ", \"first_turn_s\": " << first_turn << ", \"second_turn_s\": " << second_turn;
+       << ", \"first_turn_s\": " << first_turn << ", \"second_turn_s\": " << second_turn
+       << ", \"next_turn_s\": " << next_turn;
 
   // ---- batch-1 decode ------------------------------------------------------------------
   if (decode_tokens > 0) {
@@ -995,6 +1011,29 @@ int main(int argc, char** argv) {
       json << ", \"late_prompt\": {\"context\": " << context << ", \"tokens\": " << kLatePromptTokens
            << ", \"s\": " << late << "}";
     }
+  }
+  {  // Prompts of lengths nothing before used, each twice on one warmed state: the first time
+     // pays whatever a call shape's first use in the process costs (cuBLAS's set-up).
+    auto s = Take(model->NewState(), "state");
+    std::vector<float> logits;
+    Check(model->Forward(*s, Tokens(512, cfg.vocab_size, 3), LogitsMode::kLast, &logits), "prefill");
+    double first_s = 0, again_s = 0;
+    std::printf("prompts of new lengths, first time / again (ms):");
+    for (const int64_t T : kNewPromptLengths) {
+      if (T > cfg.max_position_embeddings) continue;
+      double t[2];
+      for (double& ti : t) {
+        model->ResetContext(*s);
+        const auto t0 = Clock::now();
+        Check(model->Forward(*s, Tokens(T, cfg.vocab_size, 5), LogitsMode::kLast, &logits), "prefill");
+        ti = Seconds(t0, Clock::now());
+      }
+      std::printf(" %lld: %.2f / %.2f;", static_cast<long long>(T), t[0] * 1e3, t[1] * 1e3);
+      first_s += t[0];
+      again_s += t[1];
+    }
+    std::printf(" all: %.2f / %.2f\n", first_s * 1e3, again_s * 1e3);
+    json << ", \"new_lengths\": {\"first_s\": " << first_s << ", \"again_s\": " << again_s << "}";
   }
 
   // ---- concurrent sessions -----------------------------------------------------------------

@@ -33,6 +33,11 @@ inline std::size_t Z(int64_t v) { return static_cast<std::size_t>(v); }
 // Each cuBLAS handle's workspace (a state's, set on its handle: graph capture needs one).
 constexpr std::size_t kCublasWorkspace = std::size_t{8} << 20;
 
+// cuBLAS GEMMs over a chunk's rows run over a multiple of this many rows (GemmRows), and the
+// warm-up at load runs every such count up to kWarmGemmRows.
+constexpr int64_t kGemmRowStep = 64;
+constexpr int64_t kWarmGemmRows = 512;
+
 // A cuBLAS handle with a workspace of its own set on it: GEMMs on different streams at once
 // need a handle (and workspace) each.
 struct Blas {
@@ -247,8 +252,9 @@ class CudaModel final : public Model {
 
   // One short turn on a throwaway state (CudaOptions::warm_up): a prompt long enough for
   // the multi-token paths, greedy steps across a memory-write flush, a sampled step, a step
-  // with the logits copied out, the segment's end, and a second segment's prompt (or token). Its
-  // buffers go back to the memory pool for the first real state.
+  // with the logits copied out, the segment's end, a second segment's prompt (or token), and
+  // prompts of every GEMM row count up to kWarmGemmRows. Its buffers (scratch for 512 rows:
+  // ~90 MB at the paper's shape) go back to the memory pool for the first real state.
   Status WarmUp() const {
     LM2_ASSIGN_OR_RETURN(auto state, NewState());
     const int64_t max_pos = cfg_.max_position_embeddings;
@@ -278,6 +284,15 @@ class CudaModel final : public Model {
       LM2_RETURN_IF_ERROR(Forward(*state, tokens, LogitsMode::kLast, &logits));
     } else if (context + 1 <= max_pos) {
       LM2_RETURN_IF_ERROR(Forward(*state, next, LogitsMode::kNone, nullptr));
+    }
+    // A prompt of each GEMM row count (GemmRows) up to kWarmGemmRows, so that no later prompt
+    // up to that length makes a cuBLAS call the process has not made before.
+    const int64_t longest = std::min({kWarmGemmRows, options_.max_chunk_tokens, max_pos});
+    for (int64_t rows = kGemmRowStep; rows <= longest; rows += kGemmRowStep) {
+      ResetContext(*state);
+      tokens.resize(Z(rows));
+      for (int64_t i = 0; i < rows; ++i) tokens[Z(i)] = static_cast<int32_t>(i % cfg_.vocab_size);
+      LM2_RETURN_IF_ERROR(Forward(*state, tokens, LogitsMode::kLast, &logits));
     }
     return EndSegment(*state);
   }
@@ -674,15 +689,18 @@ class CudaModel final : public Model {
     Scratch& sc = s.scratch_;
     int64_t proj_rows = 0;
     for (const CudaLayerWeights& lw : w_->layers) proj_rows = std::max(proj_rows, lw.x_proj_rows);
-    for (DeviceBuffer<float>* b : {&sc.h, &sc.a}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(rows * d)));
-    for (DeviceBuffer<float>* b : {&sc.q, &sc.attn_out}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(rows * qdim)));
-    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.proj, Z(rows * proj_rows)));
-    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.gate_up, Z(rows * 2 * F)));
+    // What a chunk's GEMMs read or write holds their rounded rows (GemmRows).
+    const int64_t g = batch_step ? rows : GemmRows(rows);
+    for (DeviceBuffer<float>* b : {&sc.h, &sc.a}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(g * d)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.q, Z(rows * qdim)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.attn_out, Z(g * qdim)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.proj, Z(g * proj_rows)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.gate_up, Z(g * 2 * F)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.rope, Z(rows * (cfg_.head_dim / 2))));
-    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.xb, Z(rows * d)));
-    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.yb, Z(rows * std::max({d, qdim, F}))));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.xb, Z(g * d)));
+    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.yb, Z(g * std::max({d, qdim, F}))));
     if (cfg_.has_memory()) {
-      for (DeviceBuffer<float>* b : {&sc.e, &sc.gate}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(rows * d)));
+      for (DeviceBuffer<float>* b : {&sc.e, &sc.gate}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(g * d)));
       // The decode memory read's rows: a batched step's sessions, else one (a one-token
       // chunk; longer chunks take MemoryReadWrite or MemoryRead, which do not use its
       // partial sums: sized by the chunk they were 1.1 MB per row at the paper's shape).
@@ -965,6 +983,7 @@ class CudaModel final : public Model {
     const int64_t* positions = batch != nullptr ? batch->positions : sc.positions.data() + first;
     const int32_t* ids = batch != nullptr ? batch->ids : sc.ids.data() + first;
     float* h = sc.h.data();
+    const int64_t m = batch != nullptr ? n : GemmRows(n);  // the GEMMs' rows
     // The segment's own memory K/V, still to make (RunTokens left them to this chunk): each
     // memory layer's on the side stream, after the previous layer's read and before its own,
     // so that the GEMMs run beside the main stream's work (the first behind nothing but
@@ -988,7 +1007,7 @@ class CudaModel final : public Model {
 
       // Attention: one GEMM for q, k, v (and the memory query and write offer), then RoPE
       // straight into q and the cache rows of this chunk.
-      LM2_RETURN_IF_ERROR(NormLinear(s, h, n, lw.input_norm, lw.x_proj, P, proj));
+      LM2_RETURN_IF_ERROR(NormLinear(s, h, n, m, lw.input_norm, lw.x_proj, P, proj));
 
       // The memory read (decode: with the write terms staged; tiled chunks: with the write
       // sums) needs only the projection: without cuBLAS it runs on the side stream beside
@@ -1030,11 +1049,11 @@ class CudaModel final : public Model {
         const cudaStream_t side = s.side_stream_.get();
         LM2_RETURN_IF_ERROR(s.fork_.Order(st, side));
         LM2_RETURN_IF_ERROR(attend_batch(side));
-        LM2_RETURN_IF_ERROR(F32Linear(s, sc.attn_out.data(), n, qdim, lw.o_proj, d, sc.a.data(), false, side));
+        LM2_RETURN_IF_ERROR(F32Linear(s, sc.attn_out.data(), n, m, qdim, lw.o_proj, d, sc.a.data(), false, side));
         LM2_RETURN_IF_ERROR(read_memory(st));
         LM2_RETURN_IF_ERROR(s.join_.Order(side, st));
-        LM2_RETURN_IF_ERROR(OutputGate(s, n, lw.memory, h));
-        LM2_RETURN_IF_ERROR(FeedForward(s, n, lw, h));
+        LM2_RETURN_IF_ERROR(OutputGate(s, n, m, lw.memory, h));
+        LM2_RETURN_IF_ERROR(FeedForward(s, n, m, lw, h));
         continue;
       }
       if (side_read) {
@@ -1080,9 +1099,10 @@ class CudaModel final : public Model {
       // added to the residual stream at once.
       float* o_proj_out = lw.has_memory ? sc.a.data() : h;
       if (attn_bf16) {
-        LM2_RETURN_IF_ERROR(Linear(blas, sc.yb.data(), n, qdim, lw.o_proj, d, o_proj_out, !lw.has_memory, st));
+        LM2_RETURN_IF_ERROR(Linear(blas, sc.yb.data(), m, qdim, lw.o_proj, d, o_proj_out, !lw.has_memory, st));
       } else {
-        LM2_RETURN_IF_ERROR(F32Linear(s, sc.attn_out.data(), n, qdim, lw.o_proj, d, o_proj_out, !lw.has_memory, st));
+        LM2_RETURN_IF_ERROR(
+            F32Linear(s, sc.attn_out.data(), n, m, qdim, lw.o_proj, d, o_proj_out, !lw.has_memory, st));
       }
 
       if (lw.has_memory) {
@@ -1091,7 +1111,7 @@ class CudaModel final : public Model {
         } else {
           LM2_RETURN_IF_ERROR(read_memory(st));
         }
-        LM2_RETURN_IF_ERROR(OutputGate(s, n, lw.memory, h));
+        LM2_RETURN_IF_ERROR(OutputGate(s, n, m, lw.memory, h));
         // The write sums (a batched step's were staged by its read, a tiled chunk's added by it).
         if (batch == nullptr && n == 1) {
           LM2_RETURN_IF_ERROR(
@@ -1102,7 +1122,7 @@ class CudaModel final : public Model {
         }
       }
 
-      LM2_RETURN_IF_ERROR(FeedForward(s, n, lw, h));
+      LM2_RETURN_IF_ERROR(FeedForward(s, n, m, lw, h));
     }
     if (make_kv) s.kv_pending_ = false;
     return Status::Ok();
@@ -1114,13 +1134,27 @@ class CudaModel final : public Model {
   // give the same bf16 inputs; only the fp32 summation order differs.
   bool Small(int64_t n) const { return n <= gemv_rows_; }
 
+  // The rows a chunk of n rows' cuBLAS GEMMs run over: n rounded up to a multiple of
+  // kGemmRowStep. cuBLAS chooses (and the driver loads) a kernel, and sets up a call shape,
+  // the first time the process makes that call: 0.3-4 ms each (H200), which a prompt of a
+  // length not seen before paid in each of its five GEMMs. Rounded, all lengths up to 2048
+  // share 32 row counts, and the warm-up at load runs those up to kWarmGemmRows. The extra
+  // rows hold whatever the scratch held (no op reads their results: every row of a GEMM is
+  // computed on its own), and cost next to nothing: cuBLAS's tiles are 64 rows or more.
+  // Batched decode steps and the LM head keep their exact rows (a batch of 8 rounded to 64
+  // decoded 2% slower; the head's logits are copied out whole).
+  int64_t GemmRows(int64_t n) const {
+    return Small(n) ? n : (n + kGemmRowStep - 1) / kGemmRowStep * kGemmRowStep;
+  }
+
   // Whether a chunk of n rows takes CausalAttentionTiled.
   bool TiledAttention(int64_t n) const { return tiled_attention_ && n >= options_.attention_gemm_min_tokens; }
 
   // y[n, out] = bf16(RMSNorm(x; norm)) · Wᵀ; with argmax_keys, also each row's greedy pick
   // (ArgmaxRows' keys): from the GEMV itself (keys zeroed by the caller), else a pass over y.
-  Status NormLinear(CudaState& s, const float* x, int64_t n, const float* norm, const bf16* w, int64_t out,
-                    float* y, uint64_t* argmax_keys = nullptr) const {
+  // Here and below, a GEMM runs over m >= n rows (GemmRows; x and y hold them).
+  Status NormLinear(CudaState& s, const float* x, int64_t n, int64_t m, const float* norm, const bf16* w,
+                    int64_t out, float* y, uint64_t* argmax_keys = nullptr) const {
     const int64_t d = cfg_.hidden_size;
     const auto eps = static_cast<float>(cfg_.rms_norm_eps);
     const cudaStream_t st = s.stream_.get();
@@ -1132,26 +1166,26 @@ class CudaModel final : public Model {
                   st);
     }
     LM2_RETURN_IF_ERROR(RmsNormBf16(x, norm, n, d, eps, s.scratch_.xb.data(), st));
-    LM2_RETURN_IF_ERROR(Linear(s.cublas_.get(), s.scratch_.xb.data(), n, d, w, out, y, false, st));
+    LM2_RETURN_IF_ERROR(Linear(s.cublas_.get(), s.scratch_.xb.data(), m, d, w, out, y, false, st));
     return argmax_keys != nullptr ? ArgmaxRows(y, n, out, argmax_keys, st) : Status::Ok();
   }
 
   // y[n, out] (+)= bf16(x) · Wᵀ for fp32 x [n, in], on stream `on`: the state's main stream,
   // or its second one for chunks of the GEMV's rows (cuBLAS and its workspace belong to the
   // main stream).
-  Status F32Linear(CudaState& s, const float* x, int64_t n, int64_t in, const bf16* w, int64_t out, float* y,
-                   bool accumulate, cudaStream_t on) const {
+  Status F32Linear(CudaState& s, const float* x, int64_t n, int64_t m, int64_t in, const bf16* w, int64_t out,
+                   float* y, bool accumulate, cudaStream_t on) const {
     if (Small(n)) {
       return Gemv({.input = GemvInput::kF32, .x = x, .x_ld = in, .w = w, .rows = n, .in = in, .out = out,
                    .output = accumulate ? GemvOutput::kAccumulate : GemvOutput::kStore, .y = y},
                   on);
     }
     if (on != s.stream_.get()) return Status::FailedPrecondition("F32Linear: cuBLAS off the state's main stream");
-    return LinearF32(s.cublas_.get(), x, n, in, w, out, y, accumulate, s.scratch_.yb.data(), on);
+    return LinearF32(s.cublas_.get(), x, m, in, w, out, y, accumulate, s.scratch_.yb.data(), on);
   }
 
   // The memory output gate and both residual adds: h += a + sigmoid(e W_ogᵀ + b_og) ⊙ e.
-  Status OutputGate(CudaState& s, int64_t n, const CudaMemoryWeights& mw, float* h) const {
+  Status OutputGate(CudaState& s, int64_t n, int64_t m, const CudaMemoryWeights& mw, float* h) const {
     const int64_t d = cfg_.hidden_size;
     const cudaStream_t st = s.stream_.get();
     Scratch& sc = s.scratch_;
@@ -1161,8 +1195,8 @@ class CudaModel final : public Model {
                    .residual = sc.a.data(), .gated = sc.e.data()},
                   st);
     }
-    LM2_RETURN_IF_ERROR(LinearF32(s.cublas_.get(), sc.e.data(), n, d, mw.out_gate_w, d, sc.gate.data(), false,
-                                  sc.yb.data(), st));
+    LM2_RETURN_IF_ERROR(
+        LinearF32(s.cublas_.get(), sc.e.data(), m, d, mw.out_gate_w, d, sc.gate.data(), false, sc.yb.data(), st));
     return GatedResidual(h, sc.a.data(), sc.gate.data(), mw.out_gate_b, n, d, sc.e.data(), st);
   }
 
@@ -1171,7 +1205,7 @@ class CudaModel final : public Model {
   // (sc.yb), and the down GEMV reads it, gate and up taken in fp32; longer chunks run a GEMM
   // into sc.gate_up in bf16, SwiGluBf16 and a GEMM (gate and up rounded to bf16 first: the
   // two forms' activations differ in the last bits).
-  Status FeedForward(CudaState& s, int64_t n, const CudaLayerWeights& lw, float* h) const {
+  Status FeedForward(CudaState& s, int64_t n, int64_t m, const CudaLayerWeights& lw, float* h) const {
     const int64_t d = cfg_.hidden_size, F = cfg_.intermediate_size;
     const cudaStream_t st = s.stream_.get();
     Scratch& sc = s.scratch_;
@@ -1188,9 +1222,9 @@ class CudaModel final : public Model {
     // SwiGluBf16 reads, half the bytes.
     auto* gate_up = reinterpret_cast<bf16*>(sc.gate_up.data());
     LM2_RETURN_IF_ERROR(RmsNormBf16(h, lw.post_norm, n, d, static_cast<float>(cfg_.rms_norm_eps), sc.xb.data(), st));
-    LM2_RETURN_IF_ERROR(LinearToBf16(s.cublas_.get(), sc.xb.data(), n, d, lw.gate_up, 2 * F, gate_up, st));
+    LM2_RETURN_IF_ERROR(LinearToBf16(s.cublas_.get(), sc.xb.data(), m, d, lw.gate_up, 2 * F, gate_up, st));
     LM2_RETURN_IF_ERROR(SwiGluBf16(gate_up, n, F, sc.yb.data(), st));
-    return Linear(s.cublas_.get(), sc.yb.data(), n, F, lw.down_proj, d, h, true, st);
+    return Linear(s.cublas_.get(), sc.yb.data(), m, F, lw.down_proj, d, h, true, st);
   }
 
   // Logits of chunk rows [row, row + rows) into sc.logits [rows, V] (sized by the caller),
@@ -1198,7 +1232,8 @@ class CudaModel final : public Model {
   Status LogitsOnDevice(CudaState& s, int64_t row, int64_t rows, uint64_t* argmax_keys = nullptr) const {
     const int64_t d = cfg_.hidden_size, V = cfg_.vocab_size;
     Scratch& sc = s.scratch_;
-    return NormLinear(s, sc.h.data() + row * d, rows, w_->final_norm, w_->lm_head, V, sc.logits.data(), argmax_keys);
+    return NormLinear(s, sc.h.data() + row * d, rows, rows, w_->final_norm, w_->lm_head, V, sc.logits.data(),
+                      argmax_keys);
   }
 
   // The same, copied to host `out` [rows, V] (waits for the stream).
