@@ -421,7 +421,7 @@ class CudaModel final : public Model {
     auto* s = const_cast<CudaState*>(cs);
     LM2_RETURN_IF_ERROR(UseDevice(w_->device));
     ShapeExport(out);
-    std::vector<BankPiece> pieces;
+    std::vector<BankPiece<float>> pieces;
     for (MemoryLayer& ml : out.layers) {
       AddPieces(s->layers_[Z(ml.layer)].bank.data(), ml.data.data(), static_cast<int64_t>(ml.data.size()), pieces);
     }
@@ -434,10 +434,9 @@ class CudaModel final : public Model {
     LM2_RETURN_IF_ERROR(CheckImport(memory));
     if (memory.layers.empty()) return Status::Ok();
     s->bank_initial_ = false;
-    std::vector<BankPiece> pieces;
+    std::vector<BankPiece<const float>> pieces;
     for (const MemoryLayer& ml : memory.layers) {
-      AddPieces(s->layers_[Z(ml.layer)].bank.data(), const_cast<float*>(ml.data.data()),
-                static_cast<int64_t>(ml.data.size()), pieces);
+      AddPieces(s->layers_[Z(ml.layer)].bank.data(), ml.data.data(), static_cast<int64_t>(ml.data.size()), pieces);
     }
     // A failed copy may leave some layers replaced and others not: that breaks the state.
     return Guarded(*s, [&]() -> Status { return BanksToDevice(*s, pieces); });
@@ -489,14 +488,17 @@ class CudaModel final : public Model {
   // Bank transfers: `count` floats between a device bank and pageable host memory, in pieces
   // of at most TransferPieceFloats(), each through one of the state's two pinned staging
   // pieces. Two pieces are in flight at once: while the device copies one, the host copies
-  // the other between the staging and the caller's memory.
+  // the other between the staging and the caller's memory. Host is float (export) or const
+  // float (import).
+  template <typename Host>
   struct BankPiece {
     float* device;
-    float* host;
+    Host* host;
     int64_t count;
   };
   int64_t TransferPieceFloats() const { return options_.bank_transfer_piece_bytes / int64_t{sizeof(float)}; }
-  void AddPieces(float* device, float* host, int64_t count, std::vector<BankPiece>& pieces) const {
+  template <typename Host>
+  void AddPieces(float* device, Host* host, int64_t count, std::vector<BankPiece<Host>>& pieces) const {
     const int64_t piece = TransferPieceFloats();
     for (int64_t at = 0; at < count; at += piece) {
       pieces.push_back({device + at, host + at, std::min(piece, count - at)});
@@ -508,11 +510,11 @@ class CudaModel final : public Model {
 
   // Device -> host: piece k's copy into staging piece k % 2 (and an event), the host waits
   // for it, copies it out, then enqueues piece k + 2 into the same staging piece.
-  Status BanksToHost(CudaState& s, const std::vector<BankPiece>& pieces) const {
+  Status BanksToHost(CudaState& s, const std::vector<BankPiece<float>>& pieces) const {
     LM2_RETURN_IF_ERROR(EnsureCapacity(s.staging_, Z(2 * TransferPieceFloats())));
     const cudaStream_t st = s.stream_.get();
     const auto enqueue = [&](std::size_t k) -> Status {
-      const BankPiece& p = pieces[k];
+      const BankPiece<float>& p = pieces[k];
       LM2_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(StagingPiece(s, k), p.device, Z(p.count) * sizeof(float),
                                                cudaMemcpyDeviceToHost, st));
       return s.transferred_[k % 2].Record(st);
@@ -532,11 +534,11 @@ class CudaModel final : public Model {
 
   // Host -> device: piece k into staging piece k % 2 once the device copy that last read
   // that piece (piece k - 2) is done, then its copy to the device enqueued.
-  Status BanksToDevice(CudaState& s, const std::vector<BankPiece>& pieces) const {
+  Status BanksToDevice(CudaState& s, const std::vector<BankPiece<const float>>& pieces) const {
     LM2_RETURN_IF_ERROR(EnsureCapacity(s.staging_, Z(2 * TransferPieceFloats())));
     const cudaStream_t st = s.stream_.get();
     for (std::size_t k = 0; k < pieces.size(); ++k) {
-      const BankPiece& p = pieces[k];
+      const BankPiece<const float>& p = pieces[k];
       if (k >= 2) LM2_RETURN_IF_ERROR(s.transferred_[k % 2].Synchronize());
       std::memcpy(StagingPiece(s, k), p.host, Z(p.count) * sizeof(float));
       LM2_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(p.device, StagingPiece(s, k), Z(p.count) * sizeof(float),
