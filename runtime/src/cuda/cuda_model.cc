@@ -56,7 +56,8 @@ struct Blas {
 };
 
 struct LayerState {
-  DeviceBuffer<float> k_cache, v_cache;  // [capacity, Hkv*Dh]
+  float* k_cache = nullptr;  // this layer's KV cache [capacity, Hkv*Dh] in CudaState::kv_cache_
+  float* v_cache = nullptr;
   // Memory layers only ([N, d] unless said):
   DeviceBuffer<float> bank;              // M, fixed during a segment
   DeviceBuffer<bf16> own_kv;             // memory K then V of this bank [2, N, d] (MemoryKv), made
@@ -149,6 +150,9 @@ class CudaState final : public SequenceState {
   // stream's work (kv_pending_). Made with the first such segment.
   Blas side_cublas_;
   std::vector<LayerState> layers_;
+  // Every layer's KV cache in one allocation [layers, 2 (K, V), kv_capacity_, Hkv*Dh]: a new
+  // state's first prompt makes one device allocation for it, not two a layer.
+  DeviceBuffer<float> kv_cache_;
   int64_t kv_capacity_ = 0;  // rows of every layer's k_cache / v_cache
   int64_t pos_ = 0;
   bool segment_open_ = false;
@@ -666,20 +670,27 @@ class CudaModel final : public Model {
     cap = std::min(std::max(cap, rows), cfg_.max_position_embeddings);
     const int64_t kvdim = cfg_.num_kv_heads * cfg_.head_dim;
     const cudaStream_t st = s.stream_.get();
-    for (LayerState& ls : s.layers_) {
-      for (DeviceBuffer<float>* cache : {&ls.k_cache, &ls.v_cache}) {
-        LM2_ASSIGN_OR_RETURN(auto grown, DeviceBuffer<float>::Allocate(Z(cap * kvdim)));
-        // The rows so far move over; the copy ends before the old buffer is freed and before a
-        // batched step reads the new one on another stream. A fresh state has no rows: no wait
-        // then, so its first prefill is enqueued while the segment's opening still runs.
-        if (s.pos_ > 0) {
-          LM2_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(grown.data(), cache->data(), Z(s.pos_ * kvdim) * sizeof(float),
-                                                   cudaMemcpyDeviceToDevice, st));
-          LM2_RETURN_IF_ERROR(s.stream_.Synchronize());
+    LM2_ASSIGN_OR_RETURN(auto grown, DeviceBuffer<float>::Allocate(Z(cfg_.num_layers * 2 * cap * kvdim)));
+    const auto k_rows = [&](int64_t layer) { return grown.data() + 2 * layer * cap * kvdim; };
+    // The rows so far move over; the copies end before the old buffer is freed and before a
+    // batched step reads the new one on another stream. A fresh state has no rows: no wait
+    // then, so its first prefill is enqueued at once.
+    if (s.pos_ > 0) {
+      for (int64_t i = 0; i < cfg_.num_layers; ++i) {
+        const LayerState& ls = s.layers_[Z(i)];
+        float* const k = k_rows(i);
+        for (const auto& [to, from] : {std::pair{k, ls.k_cache}, std::pair{k + cap * kvdim, ls.v_cache}}) {
+          LM2_CUDA_RETURN_IF_ERROR(
+              cudaMemcpyAsync(to, from, Z(s.pos_ * kvdim) * sizeof(float), cudaMemcpyDeviceToDevice, st));
         }
-        *cache = std::move(grown);
       }
+      LM2_RETURN_IF_ERROR(s.stream_.Synchronize());
     }
+    for (int64_t i = 0; i < cfg_.num_layers; ++i) {
+      s.layers_[Z(i)].k_cache = k_rows(i);
+      s.layers_[Z(i)].v_cache = k_rows(i) + cap * kvdim;
+    }
+    s.kv_cache_ = std::move(grown);
     s.kv_capacity_ = cap;
     return Status::Ok();
   }
@@ -951,8 +962,8 @@ class CudaModel final : public Model {
     for (int64_t i = 0; i < cfg_.num_layers; ++i) {
       for (int64_t b = 0; b < t.B; ++b) {
         LayerState& ls = batch[Z(b)]->layers_[Z(i)];
-        void* ptrs[BatchTable::kArrays] = {ls.k_cache.data(),
-                                           ls.v_cache.data(),
+        void* ptrs[BatchTable::kArrays] = {ls.k_cache,
+                                           ls.v_cache,
                                            const_cast<bf16*>(ls.mem_k),
                                            const_cast<bf16*>(ls.mem_v),
                                            ls.mass.data(),
@@ -1075,12 +1086,12 @@ class CudaModel final : public Model {
         LM2_RETURN_IF_ERROR(attend_batch(st));
       } else {
         LM2_RETURN_IF_ERROR(SplitQkvRope(proj, n, P, H, Hkv, Dh, sc.rope.data(), sc.q.data(),
-                                         ls.k_cache.data() + pos0 * kvdim, ls.v_cache.data() + pos0 * kvdim, st));
+                                         ls.k_cache + pos0 * kvdim, ls.v_cache + pos0 * kvdim, st));
         if (TiledAttention(n)) {  // over the cache rounded to bf16 once (sized by RunTokens)
           bf16* k_b = sc.kv_b.data();
           bf16* v_b = k_b + S * kvdim;
-          LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.k_cache.data(), S * kvdim, k_b, st));
-          LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.v_cache.data(), S * kvdim, v_b, st));
+          LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.k_cache, S * kvdim, k_b, st));
+          LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.v_cache, S * kvdim, v_b, st));
           attn_bf16 = !Small(n);  // (the GEMV takes the fp32 rows)
           if (attn_bf16) {
             LM2_RETURN_IF_ERROR(CausalAttentionTiled(sc.q.data(), k_b, v_b, n, S, H, Hkv, Dh, sc.yb.data(), st));
@@ -1090,10 +1101,10 @@ class CudaModel final : public Model {
           }
         } else if (n >= options_.attention_gemm_min_tokens) {
           LM2_RETURN_IF_ERROR(EnsureCapacity(sc.scores, Z(H * n * S)));
-          LM2_RETURN_IF_ERROR(CausalAttentionGemm(blas, sc.q.data(), ls.k_cache.data(), ls.v_cache.data(), n, S, H,
+          LM2_RETURN_IF_ERROR(CausalAttentionGemm(blas, sc.q.data(), ls.k_cache, ls.v_cache, n, S, H,
                                                   Hkv, Dh, sc.scores.data(), sc.attn_out.data(), st));
         } else {
-          LM2_RETURN_IF_ERROR(CausalAttention(sc.q.data(), ls.k_cache.data(), ls.v_cache.data(), n, S, H, Hkv, Dh,
+          LM2_RETURN_IF_ERROR(CausalAttention(sc.q.data(), ls.k_cache, ls.v_cache, n, S, H, Hkv, Dh,
                                               sc.attn_out.data(), st));
         }
       }
