@@ -702,8 +702,8 @@ class CudaModel final : public Model {
     Scratch& sc = s.scratch_;
     int64_t proj_rows = 0;
     for (const CudaLayerWeights& lw : w_->layers) proj_rows = std::max(proj_rows, lw.x_proj_rows);
-    // What a chunk's GEMMs read or write holds their rounded rows (GemmRows).
-    const int64_t g = batch_step ? rows : GemmRows(rows);
+    // What the GEMMs read or write holds their rows (GemmRows).
+    const int64_t g = GemmRows(rows, batch_step);
     for (DeviceBuffer<float>* b : {&sc.h, &sc.a}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(g * d)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.q, Z(rows * qdim)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.attn_out, Z(g * qdim)));
@@ -996,7 +996,7 @@ class CudaModel final : public Model {
     const int64_t* positions = batch != nullptr ? batch->positions : sc.positions.data() + first;
     const int32_t* ids = batch != nullptr ? batch->ids : sc.ids.data() + first;
     float* h = sc.h.data();
-    const int64_t m = batch != nullptr ? n : GemmRows(n);  // the GEMMs' rows
+    const int64_t m = GemmRows(n, /*batch_step=*/batch != nullptr);
     // The segment's own memory K/V, still to make (RunTokens left them to this chunk): each
     // memory layer's on the side stream, after the previous layer's read and before its own,
     // so that the GEMMs run beside the main stream's work (the first behind nothing but
@@ -1147,8 +1147,8 @@ class CudaModel final : public Model {
   // give the same bf16 inputs; only the fp32 summation order differs.
   bool Small(int64_t n) const { return n <= gemv_rows_; }
 
-  // The rows a chunk of n rows' cuBLAS GEMMs run over: n rounded up to a multiple of
-  // kGemmRowStep. cuBLAS chooses (and the driver loads) a kernel, and sets up a call shape,
+  // The rows the cuBLAS GEMMs of a chunk of n rows (or of a batched decode step of n
+  // sessions) run over: a chunk's n rounded up to a multiple of kGemmRowStep. cuBLAS chooses (and the driver loads) a kernel, and sets up a call shape,
   // the first time the process makes that call: 0.3-4 ms each (H200), which a prompt of a
   // length not seen before paid in each of its five GEMMs. Rounded, all lengths up to 2048
   // share 32 row counts, and the warm-up at load runs those up to kWarmGemmRows. The extra
@@ -1156,8 +1156,8 @@ class CudaModel final : public Model {
   // computed on its own), and cost next to nothing: cuBLAS's tiles are 64 rows or more.
   // Batched decode steps and the LM head keep their exact rows (a batch of 8 rounded to 64
   // decoded 2% slower; the head's logits are copied out whole).
-  int64_t GemmRows(int64_t n) const {
-    return Small(n) ? n : (n + kGemmRowStep - 1) / kGemmRowStep * kGemmRowStep;
+  int64_t GemmRows(int64_t n, bool batch_step) const {
+    return batch_step || Small(n) ? n : (n + kGemmRowStep - 1) / kGemmRowStep * kGemmRowStep;
   }
 
   // Whether a chunk of n rows takes CausalAttentionTiled.
