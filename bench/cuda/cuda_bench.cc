@@ -733,10 +733,12 @@ void SamplingOps(int64_t V, int64_t B) {
         const std::vector<cuda::DeviceTokenRule> host_rules(static_cast<std::size_t>(rows), k.rule);
         Check(rules.CopyFromHost(host_rules.data(), host_rules.size(), nullptr), "copy");
         Check(cuda::CudaStatus(cudaStreamSynchronize(nullptr), "sync"), "sync");
-        const bool sorts = k.rule.temperature != 0 && (k.rule.top_k > 0 || k.rule.top_p < 1);
+        const cuda::SampleRowKinds row_kinds{
+            .temperature = k.rule.temperature != 0,
+            .sorts = k.rule.temperature != 0 && (k.rule.top_k > 0 || k.rule.top_p < 1),
+            .penalty = k.rule.history_end > 0};
         const double t = TimeOp(st, [&] {
-          return cuda::SampleRows(logits.data(), rows, V, rules.data(), history.data(), sorts,
-                                  k.rule.history_end > 0, scratch, out.data(), st);
+          return cuda::SampleRows(logits.data(), rows, V, rules.data(), history.data(), row_kinds, scratch, out.data(), st);
         }, 50);
         std::printf("  %-6s %-42s %3lld rows: %8.1f us\n", shape == &peaked ? "peaked" : "flat", k.name,
                     static_cast<long long>(rows), t * 1e6);

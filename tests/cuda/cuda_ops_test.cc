@@ -545,6 +545,9 @@ TEST_CASE("SampleRows picks what PickToken picks on the host", "[cuda][ops]") {
       TokenRule{.temperature = 2.0f, .top_k = static_cast<int32_t>(cols) + 10},
       TokenRule{.temperature = 0.5f, .top_p = 1e-6f},
       TokenRule{.temperature = 0.9f, .repetition_penalty = 0.8f, .history = history},
+      // Over 1,024 candidates at 5,000 columns (the pick's radix sort, not its rank sort);
+      // too many for either at 128,256 (the whole-row sort).
+      TokenRule{.temperature = 1.0f, .top_k = 1500},
   };
   const auto rows = static_cast<int64_t>(kinds.size());
   auto temp_bytes = SampleRowsTempBytes(rows, cols);
@@ -569,6 +572,9 @@ TEST_CASE("SampleRows picks what PickToken picks on the host", "[cuda][ops]") {
                                   .temp = temp->data(), .temp_bytes = *temp_bytes};
   PickScratch host;
   std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  // Which of the pick's sorts the sorting rows took (their plans): rank (at most 1,024
+  // candidates), radix (more, up to 4,096), the whole row (CUB).
+  bool saw_rank = false, saw_radix = false, saw_whole = false;
   for (int trial = 0; trial < 8; ++trial) {
     INFO("trial " << trial);
     auto x = Random(static_cast<std::size_t>(rows * cols), 3.0f);
@@ -594,17 +600,58 @@ TEST_CASE("SampleRows picks what PickToken picks on the host", "[cuda][ops]") {
     auto drules = Upload(device_rules);
     auto dhistory = Upload(penalty_ids);
     auto dout = Poisoned<int32_t>(static_cast<std::size_t>(rows));
-    RequireOk(SampleRows(dx.data(), rows, cols, drules.data(), dhistory.data(), true, true, scratch, dout.data(),
+    RequireOk(SampleRows(dx.data(), rows, cols, drules.data(), dhistory.data(), SampleRowKinds{}, scratch, dout.data(),
                          Stream()));
     const auto got = Download(dout);
+    std::vector<SampleRowPlan> row_plans(static_cast<std::size_t>(rows));
+    RequireOk(plans->CopyToHost(row_plans.data(), row_plans.size(), Stream()));
     for (int64_t r = 0; r < rows; ++r) {
       INFO("row " << r << " draw " << rules[static_cast<std::size_t>(r)].draw);
       const std::span<const float> row(x.data() + r * cols, static_cast<std::size_t>(cols));
       CHECK(got[static_cast<std::size_t>(r)] == PickToken(row, rules[static_cast<std::size_t>(r)], host));
+      if (!rules[static_cast<std::size_t>(r)].sorts()) continue;
+      const int32_t n = row_plans[static_cast<std::size_t>(r)].candidates;
+      saw_rank = saw_rank || (n >= 0 && n <= 1024);
+      saw_radix = saw_radix || n > 1024;
+      saw_whole = saw_whole || n < 0;
     }
   }
-  CHECK(SampleRows(nullptr, 0, cols, nullptr, nullptr, false, false, scratch, nullptr, Stream()).ok());
-  CHECK(SampleRows(nullptr, 1, 0, nullptr, nullptr, false, false, scratch, nullptr, Stream()).IsInvalidArgument());
+  CHECK(saw_rank);
+  if (cols == 5000) CHECK(saw_radix);
+  if (cols == 128256) CHECK(saw_whole);
+
+  // Greedy rows alone (with and without a penalty), their launches skipped as the model
+  // skips them: PlanKernel's picks.
+  {
+    const std::vector<TokenRule> greedy = {TokenRule{.repetition_penalty = 1.5f, .history = history}, TokenRule{},
+                                           TokenRule{.repetition_penalty = 0.7f, .history = history}};
+    const auto n = static_cast<int64_t>(greedy.size());
+    std::vector<DeviceTokenRule> device_rules;
+    std::vector<int32_t> penalty_ids;
+    for (const TokenRule& r : greedy) {
+      DeviceTokenRule d{.repetition_penalty = r.repetition_penalty,
+                        .history_begin = static_cast<int32_t>(penalty_ids.size())};
+      if (r.repetition_penalty != 1.0f) lm2::runtime::AppendDistinctIds(r.history, penalty_ids);
+      d.history_end = static_cast<int32_t>(penalty_ids.size());
+      device_rules.push_back(d);
+    }
+    const auto x = Random(static_cast<std::size_t>(n * cols), 3.0f);
+    auto dx = Upload(x);
+    auto drules = Upload(device_rules);
+    auto dhistory = Upload(penalty_ids);
+    auto dout = Poisoned<int32_t>(static_cast<std::size_t>(n));
+    RequireOk(SampleRows(dx.data(), n, cols, drules.data(), dhistory.data(),
+                         SampleRowKinds{.temperature = false, .sorts = false, .penalty = true}, scratch, dout.data(),
+                         Stream()));
+    const auto got = Download(dout);
+    for (int64_t r = 0; r < n; ++r) {
+      INFO("greedy row " << r);
+      const std::span<const float> row(x.data() + r * cols, static_cast<std::size_t>(cols));
+      CHECK(got[static_cast<std::size_t>(r)] == PickToken(row, greedy[static_cast<std::size_t>(r)], host));
+    }
+  }
+  CHECK(SampleRows(nullptr, 0, cols, nullptr, nullptr, SampleRowKinds{}, scratch, nullptr, Stream()).ok());
+  CHECK(SampleRows(nullptr, 1, 0, nullptr, nullptr, SampleRowKinds{}, scratch, nullptr, Stream()).IsInvalidArgument());
   CHECK(SampleRowsTempBytes(70000, 10).status().IsInvalidArgument());
   RequireOk(CudaStatus(cudaStreamSynchronize(Stream()), "stream"));
 }

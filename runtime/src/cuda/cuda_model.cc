@@ -904,7 +904,7 @@ class CudaModel final : public Model {
     const int64_t V = cfg_.vocab_size;
     std::vector<int32_t> ids;  // every row's distinct penalty ids, concatenated
     LM2_RETURN_IF_ERROR(EnsureCapacity(lead.rules_host_, Z(B)));
-    bool any_sorts = false;
+    SampleRowKinds kinds{.temperature = false, .sorts = false, .penalty = false};
     for (int64_t b = 0; b < B; ++b) {
       const TokenRule& r = rules[Z(b)];
       DeviceTokenRule& dr = lead.rules_host_.data()[b];
@@ -913,8 +913,10 @@ class CudaModel final : public Model {
                            .history_begin = static_cast<int32_t>(ids.size()), .history_end = 0};
       if (r.repetition_penalty != 1.0f) AppendDistinctIds(r.history, ids);
       dr.history_end = static_cast<int32_t>(ids.size());
-      any_sorts = any_sorts || r.sorts();
+      kinds.temperature = kinds.temperature || r.temperature != 0.0f;
+      kinds.sorts = kinds.sorts || r.sorts();
     }
+    kinds.penalty = !ids.empty();
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.rules, Z(B)));
     LM2_RETURN_IF_ERROR(sc.rules.CopyFromHost(lead.rules_host_.data(), Z(B), st));
     if (!ids.empty()) {
@@ -935,7 +937,7 @@ class CudaModel final : public Model {
                                     .plans = sc.sample_plans.data(), .temp = sc.sort_temp.data(),
                                     .temp_bytes = temp_bytes};
     LM2_RETURN_IF_ERROR(SampleRows(sc.logits.data(), B, V, sc.rules.data(), ids.empty() ? nullptr : sc.history.data(),
-                                   any_sorts, !ids.empty(), scratch, sc.next_ids.data(), st));
+                                   kinds, scratch, sc.next_ids.data(), st));
     return sc.next_ids.CopyToHostAsync(lead.next_host_.data(), Z(B), st);
   }
 

@@ -162,16 +162,18 @@ struct DeviceTokenRule {
   int32_t history_end = 0;
 };
 
-// What SampleRows' candidate selection found for a row that sorts (device scratch).
+// What SampleRows' planning found for a row with a temperature (device scratch).
 struct SampleRowPlan {
   double total;        // the weight of the whole row
   float max_key;       // its largest (penalised) logit
-  int32_t candidates;  // leading candidates sorted by the selection; -1: the whole row sorted
+  int32_t candidates;  // rows that sort: the leading candidates compacted for the pick's own
+                       // sort; -1: the whole row sorted (CUB)
+  int32_t chosen_bin;  // with candidates >= 0: they are the keys of bins <= chosen_bin
 };
 
 // SampleRows' working buffers for rows x cols, caller-owned: keys, ids, sorted_keys and
 // sorted_ids [rows * cols]; segment_begin, segment_end and plans [rows]; temp of temp_bytes
-// >= SampleRowsTempBytes(rows, cols) (CUB's sort).
+// >= SampleRowsTempBytes(rows, cols) (the row slices' partial results, then CUB's sort).
 struct SampleRowsScratch {
   float* keys = nullptr;
   int32_t* ids = nullptr;
@@ -187,15 +189,20 @@ struct SampleRowsScratch {
 // The bytes of SampleRowsScratch::temp for rows x cols (rows <= 65535, rows * cols < 2^31).
 Result<std::size_t> SampleRowsTempBytes(int64_t rows, int64_t cols);
 
+// What SampleRows' rows ask for, so that it skips the launches none needs (true is always
+// correct, false only where no row asks).
+struct SampleRowKinds {
+  bool temperature = true;  // some rule samples (a temperature other than 0)
+  bool sorts = true;        // some rule sorts (TokenRule::sorts)
+  bool penalty = true;      // some rule has penalty ids
+};
+
 // out[r] = the token rules[r] picks from row r of logits [rows, cols]: PickToken's rule
 // (sampler.h), computed on the device: the same choice except where rounding of the
 // weights' sums (double, in another order) moves a running total across its target, and
-// NaN logits count as -inf. `rules` and `history` are device memory; `any_sorts` and
-// `any_penalty` say whether some rule sorts (TokenRule::sorts) or has penalty ids, to skip
-// the launches nobody needs.
+// NaN logits count as -inf. `rules` and `history` are device memory.
 Status SampleRows(const float* logits, int64_t rows, int64_t cols, const DeviceTokenRule* rules, const int32_t* history,
-                  bool any_sorts, bool any_penalty, const SampleRowsScratch& scratch, int32_t* out,
-                  cudaStream_t stream);
+                  SampleRowKinds kinds, const SampleRowsScratch& scratch, int32_t* out, cudaStream_t stream);
 
 // ---- Normalisation and rotary embedding (rms_norm.cu, rope.cu) ----------------------------
 
