@@ -23,8 +23,13 @@ int main(int argc, char** argv) {
     return 77;
   }
   for (const auto& d : *devices) {
-    std::printf("GPU %d: %s, sm_%d%d, %.1f GiB\n", d.ordinal, d.name.c_str(), d.compute_major,
-                d.compute_minor, static_cast<double>(d.total_memory) / (1024.0 * 1024.0 * 1024.0));
+    std::printf("GPU %d: %s, sm_%d%d, %.1f GiB%s\n", d.ordinal, d.name.c_str(), d.compute_major,
+                d.compute_minor, static_cast<double>(d.total_memory) / (1024.0 * 1024.0 * 1024.0),
+                d.supported ? "" : " (not supported by this build's LM2_CUDA_ARCHITECTURES)");
+  }
+  if (!devices->front().supported) {
+    std::printf("SKIPPED: GPU tests: device 0 is not among this build's CUDA architectures\n");
+    return 77;
   }
   return Catch::Session().run(argc, argv);
 }

@@ -14,7 +14,7 @@ std::optional<BackendKind> ParseBackendKind(std::string_view name) {
 BackendKind ResolveBackend(BackendKind requested) {
   if (requested != BackendKind::kAuto) return requested;
   auto devices = ListCudaDevices();
-  return devices.ok() && !devices->empty() ? BackendKind::kCuda : BackendKind::kCpu;
+  return devices.ok() && !devices->empty() && devices->front().supported ? BackendKind::kCuda : BackendKind::kCpu;
 }
 
 Result<std::unique_ptr<Model>> LoadModel(std::shared_ptr<const ModelFiles> files, const BackendOptions& options) {

@@ -24,6 +24,7 @@
 #include <numeric>
 #include <random>
 #include <span>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -524,6 +525,25 @@ TEST_CASE("ArgmaxRows picks what std::max_element picks: first maximum, NaNs ski
   }
   CHECK(ArgmaxRows(dx.data(), 1, 0, dkeys.data(), Stream()).IsInvalidArgument());
   CHECK(ArgmaxRows(nullptr, 0, 4, nullptr, Stream()).ok());
+}
+
+TEST_CASE("the sm_90 code runs where the build has it and the card takes it", "[cuda][ops]") {
+  int device = 0, major = 0, minor = 0;
+  RequireOk(CudaStatus(cudaGetDevice(&device), "device"));
+  RequireOk(CudaStatus(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "major"));
+  RequireOk(CudaStatus(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "minor"));
+  // The highest configured architecture the card takes (e.g. "80,90" or "80-real,90a").
+  const std::string archs = LM2_TEST_CUDA_ARCHITECTURES;
+  int runs = 0;
+  for (std::size_t at = 0; at < archs.size();) {
+    const std::size_t end = std::min(archs.find(',', at), archs.size());
+    const int arch = std::atoi(archs.substr(at, end - at).c_str());
+    if (arch <= 10 * major + minor && arch > runs) runs = arch;
+    at = end + 1;
+  }
+  INFO("architectures " << archs << ", compute capability " << major << "." << minor);
+  CHECK(runs > 0);
+  CHECK(Sm90CodeOnCurrentDevice() == (runs >= 90));
 }
 
 TEST_CASE("SampleRows picks what PickToken picks on the host", "[cuda][ops]") {

@@ -12,4 +12,5 @@ TEST_CASE("CUDA devices report sane properties", "[gpu]") {
     CHECK(d.total_memory > (std::size_t{1} << 30));
     CHECK(d.multiprocessors > 0);
   }
+  CHECK(devices->front().supported);  // gpu_main skips before we get here otherwise
 }

@@ -103,4 +103,11 @@ inline Result<int> CurrentDeviceAttribute(cudaDeviceAttr attribute) {
 
 inline Result<int> Multiprocessors() { return CurrentDeviceAttribute(cudaDevAttrMultiProcessorCount); }
 
+// Whether the current device runs this library's sm_90 code (compute capability 9.0 or
+// later with 90 among the compiled architectures): what programmatic dependent launch and
+// thread block clusters need. A Hopper card running PTX of an earlier architecture has the
+// hardware but not the code: its kernels' griddepcontrol instructions are compiled out and
+// its cluster kernels trap. Cached per device (cuda_devices.cu).
+bool Sm90CodeOnCurrentDevice();
+
 }  // namespace lm2::runtime::cuda

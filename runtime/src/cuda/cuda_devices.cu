@@ -1,8 +1,29 @@
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 #include "lm2/runtime/cuda_devices.h"
 
 namespace lm2::runtime {
+namespace {
+
+// The virtual architectures the kernels were compiled for (nvcc's list, e.g. 800,900), each
+// as PTX beside its machine code (CMake's plain "80;90"), in ascending order.
+constexpr int kCompiledArchs[] = {__CUDA_ARCH_LIST__};
+
+// The architecture whose code runs on a device of compute capability major.minor: the
+// highest compiled one not above it (its machine code, or its PTX compiled by the driver);
+// 0 when none.
+int CompiledArchFor(int major, int minor) {
+  const int cc = 100 * major + 10 * minor;
+  int best = 0;
+  for (int arch : kCompiledArchs) {
+    if (arch <= cc && arch > best) best = arch;
+  }
+  return best;
+}
+
+}  // namespace
 
 bool CudaBackendCompiled() { return true; }
 
@@ -27,9 +48,37 @@ Result<std::vector<CudaDeviceInfo>> ListCudaDevices() {
       return Status::Unavailable(std::string("cudaGetDeviceProperties: ") + cudaGetErrorString(err));
     }
     devices.push_back(CudaDeviceInfo{i, prop.name, prop.major, prop.minor, prop.totalGlobalMem,
-                                     prop.multiProcessorCount});
+                                     prop.multiProcessorCount, CompiledArchFor(prop.major, prop.minor) > 0});
   }
   return devices;
 }
 
 }  // namespace lm2::runtime
+
+namespace lm2::runtime::cuda {
+
+bool Sm90CodeOnCurrentDevice() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<signed char> cached[kMaxDevices];  // 0: not asked yet; 1 yes; -1 no
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  if (cacheable) {
+    const signed char v = cached[device].load(std::memory_order_relaxed);
+    if (v != 0) return v > 0;
+  }
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  const bool yes = CompiledArchFor(major, minor) >= 900;
+  if (cacheable) cached[device].store(yes ? 1 : -1, std::memory_order_relaxed);
+  return yes;
+}
+
+}  // namespace lm2::runtime::cuda

@@ -1297,6 +1297,13 @@ Result<std::unique_ptr<Model>> LoadCudaModel(std::shared_ptr<const ModelFiles> f
     return Status::Unavailable("CUDA device " + std::to_string(options.device) + " not present (" +
                                std::to_string(devices.size()) + " device(s) found)");
   }
+  if (const CudaDeviceInfo& dev = devices[static_cast<std::size_t>(options.device)]; !dev.supported) {
+    return Status::Unavailable("CUDA device " + std::to_string(options.device) + " (" + dev.name +
+                               ", compute capability " + std::to_string(dev.compute_major) + "." +
+                               std::to_string(dev.compute_minor) +
+                               ") is not supported by this build: rebuild with its architecture in "
+                               "LM2_CUDA_ARCHITECTURES");
+  }
   const ModelConfig& cfg = files->config();
   // cuBLAS and the kernels' grids take 32-bit dimensions.
   const int64_t kMax = int64_t{1} << 31;

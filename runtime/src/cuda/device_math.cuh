@@ -10,6 +10,8 @@
 #include <string_view>
 #include <utility>
 
+#include "cuda/cuda_check.h"
+
 namespace lm2::runtime::cuda {
 
 // Threads per block of the element-wise and row kernels.
@@ -183,7 +185,8 @@ __device__ __forceinline__ unsigned long long CandidateKey(float v, int64_t i) {
 }
 
 // Whether LaunchPdl asks for the overlap: yes unless the environment sets LM2_CUDA_PDL=0
-// (a diagnostic: every kernel then waits for the one before, as in an ordinary launch).
+// (a diagnostic: every kernel then waits for the one before, as in an ordinary launch), and
+// only where the device runs the sm_90 code.
 inline bool PdlEnabled() {
   static const bool enabled = [] {
     const char* v = std::getenv("LM2_CUDA_PDL");
@@ -206,7 +209,7 @@ cudaError_t LaunchPdl(void (*kernel)(Params...), dim3 grid, dim3 block, std::siz
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = attribute;
-  config.numAttrs = PdlEnabled() ? 1 : 0;
+  config.numAttrs = PdlEnabled() && Sm90CodeOnCurrentDevice() ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 

@@ -40,6 +40,7 @@
 
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
+#include "cuda/device_math.cuh"
 #include "cuda/memory_tiled.cuh"
 #include "cuda/mma.cuh"
 #include "ops/op_shapes.h"
@@ -351,10 +352,9 @@ Result<int> MaxActiveClusters(const void* kernel, int size, int threads, int sme
 // head width 64) and whose clusters all fit at once (MaxActiveClusters): at 32 memory heads
 // on an H200, 4 up to 128 tokens (32 clusters of 8 would be two waves: 30 fit), 2 at 512, 1
 // from 640 on (each block of a split read repeats the q staging and adds the combine: a
-// second wave of them lost); 1 before sm_90 (no clusters).
+// second wave of them lost); 1 where the device does not run the sm_90 code (no clusters).
 Result<int> ReadSplits(int64_t pairs, int64_t tiles, const void* kernel, int threads, int smem) {
-  LM2_ASSIGN_OR_RETURN(const int major, CurrentDeviceAttribute(cudaDevAttrComputeCapabilityMajor));
-  if (major < 9) return 1;
+  if (!Sm90CodeOnCurrentDevice()) return 1;
   LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());
   int splits = 1;
   while (splits < 8 && 2 * splits <= tiles && 2 * splits * pairs <= 2 * static_cast<int64_t>(sms)) {

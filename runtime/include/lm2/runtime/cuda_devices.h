@@ -21,12 +21,17 @@ struct CudaDeviceInfo {
   int compute_minor = 0;
   std::size_t total_memory = 0;    // bytes of device memory
   int multiprocessors = 0;
+  // Whether this build's kernels run on it: compiled for its architecture or an earlier
+  // one (LM2_CUDA_ARCHITECTURES; the default, 80 and 90, covers Ampere, Ada and Hopper).
+  // Automatic backend choice takes the GPU only when device 0 is supported.
+  bool supported = false;
 };
 
 // True when this build includes the CUDA backend.
 bool CudaBackendCompiled();
 
-// The usable CUDA devices; empty when none (or no backend compiled in).
+// The CUDA devices the driver reports (each with whether this build's kernels run on it);
+// empty when none (or no backend compiled in).
 Result<std::vector<CudaDeviceInfo>> ListCudaDevices();
 
 }  // namespace lm2::runtime
