@@ -10,13 +10,16 @@
 #   device run: tools/device/run_gpu_tests.sh        (carry device_bundle)
 #
 # Environment: SKIP_MEMCHECK=1 skips the sanitizer passes, SKIP_RACECHECK=1 the racecheck
-# pass alone, RACECHECK_ONLY=1 runs only it. Exit status 0 when all pass. On an H200 the
+# pass alone, RACECHECK_ONLY=1 runs only it. When device_bundle/lm2-gpu-sm80.tar.xz exists
+# (SM80_BUNDLE names another), its op and model tests run too: a SLIM bundle of a build
+# configured with -DCMAKE_CUDA_ARCHITECTURES=80 (the sm_80 code, on this card through PTX). Exit status 0 when all pass. On an H200 the
 # suite without racecheck takes ~2 minutes and racecheck ~7 (431 s at 24edf3b; its
 # MemoryReadWrite case 13 s of them), together more than the device tool allows one
 # command: run it as SKIP_RACECHECK=1, then RACECHECK_ONLY=1.
 set -uo pipefail
 ROOT=$(pwd)
 BUNDLE=${BUNDLE:-$ROOT/device_bundle/lm2-gpu.tar.xz}
+SM80_BUNDLE=${SM80_BUNDLE:-$ROOT/device_bundle/lm2-gpu-sm80.tar.xz}
 LOG_DIR=${OUT:-$ROOT/device_bundle/logs}
 mkdir -p "$LOG_DIR"
 if [[ ! -f "$BUNDLE" ]]; then
@@ -56,6 +59,14 @@ if [[ "${RACECHECK_ONLY:-0}" != 1 ]]; then
   run cli_generate bash tests/runtime/cli_generate_test.sh "$BIN/lm2"
   # The SDK on the GPU: concurrent sessions through the engine's decode batcher.
   run sdk_gpu "$BIN/sdk_tests" "[gpu]"
+  # The sm_80 code (what Ampere and Ada run) on this card: a slim bundle built with 80
+  # alone, its PTX compiled by the driver, run with this bundle's libraries.
+  if [[ -f "$SM80_BUNDLE" ]]; then
+    SM80=$(mktemp -d /tmp/lm2-sm80.XXXXXX)
+    tar -C "$SM80" -xJf "$SM80_BUNDLE"
+    run sm80_ops_tests "$SM80/bin/cuda_ops_tests"
+    run sm80_model_tests "$SM80/bin/cuda_model_tests"
+  fi
 fi
 if [[ "${SKIP_MEMCHECK:-0}" != 1 && "${RACECHECK_ONLY:-0}" != 1 ]]; then
   run memcheck_ops compute-sanitizer --tool memcheck --error-exitcode 99 --leak-check full "$BIN/cuda_ops_tests"
