@@ -6,7 +6,7 @@
 //   lm2_cuda_bench --model DIR [--decode-tokens 128] [--prompt-tokens 32] [--prefill 512,4096]
 //                  [--sessions 8,32,64] [--repeats 3] [--json OUT] [--profile-prefill T]
 //                  [--tiled 0|1] [--chunk N] [--side-read 0|1] [--read-leads 0|1] [--warm-up 0|1]
-//                  [--profile-decode N]
+//                  [--profile-decode N] [--bank-threads N]
 //                                                  (--decode-tokens 0: prefill only)
 //
 //   --tiled 0: multi-token chunks read memory and attend through the cuBLAS GEMM forms
@@ -16,6 +16,7 @@
 //   attention on the main stream and the read beside it (CudaOptions::memory_read_leads);
 //   --warm-up 0: no warm-up turn at load
 //   (CudaOptions::warm_up), so the first turn's figure shows the kernels' first-use costs.
+//   --bank-threads N: CudaOptions::bank_transfer_threads (bank export / import).
 //
 //   --profile-prefill T: only a warm-up prefill of T tokens and then one more between
 //   cudaProfilerStart and cudaProfilerStop, for a profiler that starts off, e.g.
@@ -772,6 +773,7 @@ int main(int argc, char** argv) {
     else if (k == "--side-read") options.concurrent_memory_read = v != "0";
     else if (k == "--read-leads") options.memory_read_leads = v != "0";
     else if (k == "--warm-up") options.warm_up = v != "0";
+    else if (k == "--bank-threads") options.bank_transfer_threads = std::stoi(v);
     else Die("unknown option " + k);
   }
   if (model_dir.empty()) Die("usage: lm2_cuda_bench --model DIR [options] (see the source's header)");

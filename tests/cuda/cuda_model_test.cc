@@ -294,9 +294,12 @@ TEST_CASE("Prompts after decode steps attend over every cached row", "[cuda][mod
 
 TEST_CASE("CUDA bank export and import in pinned pieces, into a kept bank", "[cuda][model]") {
   auto files = Files(TestModelDir("tiny-lm2"));
-  auto whole = LoadCuda(files);  // default pieces: a layer (16 x 64 floats) in one
+  lm2::runtime::CudaOptions one_thread;
+  one_thread.bank_transfer_threads = 1;
+  auto whole = LoadCudaWith(files, one_thread);  // default pieces: a layer (16 x 64 floats) in one
   lm2::runtime::CudaOptions small;
   small.bank_transfer_piece_bytes = 1000;  // 250 floats: 5 pieces a layer, the last short
+  small.bank_transfer_threads = 3;         // slices of 83, 83 and 84 floats (50 in the last piece)
   auto pieces = LoadCudaWith(files, small);
   const std::vector<int32_t> seg1 = {4, 8, 15, 16, 23, 42, 108}, seg2 = {7, 300, 2, 9};
   auto a = NewState(*whole);
@@ -335,6 +338,9 @@ TEST_CASE("CUDA bank export and import in pinned pieces, into a kept bank", "[cu
   lm2::runtime::CudaOptions bad;
   bad.bank_transfer_piece_bytes = 8;
   CHECK(lm2::runtime::LoadCudaModel(files, bad).status().code() == lm2::StatusCode::kInvalidArgument);
+  lm2::runtime::CudaOptions no_threads;
+  no_threads.bank_transfer_threads = 0;
+  CHECK(lm2::runtime::LoadCudaModel(files, no_threads).status().code() == lm2::StatusCode::kInvalidArgument);
 }
 
 TEST_CASE("CUDA memory export and import: exact continuation, and banks move between backends",

@@ -7,12 +7,15 @@
 // the state unusable: its write sums may hold half a step, and continuing would compute a
 // wrong memory silently.
 #include <algorithm>
+#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <latch>
 #include <mutex>
 #include <numeric>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cuda/cuda_check.h"
@@ -492,8 +495,9 @@ class CudaModel final : public Model {
   // Bank transfers: `count` floats between a device bank and pageable host memory, in pieces
   // of at most TransferPieceFloats(), each through one of the state's two pinned staging
   // pieces. Two pieces are in flight at once: while the device copies one, the host copies
-  // the other between the staging and the caller's memory. Host is float (export) or const
-  // float (import).
+  // the other between the staging and the caller's memory, in slices on
+  // bank_transfer_threads threads (one host thread copies ~7-8 GB/s). Host is float
+  // (export) or const float (import).
   template <typename Host>
   struct BankPiece {
     float* device;
@@ -512,6 +516,54 @@ class CudaModel final : public Model {
     return s.staging_.data() + static_cast<int64_t>(k % 2) * TransferPieceFloats();
   }
 
+  // Runs copy(k, first, count) for every piece k of n in order, each piece's floats split
+  // into slices copied at once by the calling thread and up to bank_transfer_threads - 1
+  // threads started for the call; once every slice of piece k is copied, between(k) runs on
+  // one of them (the device work around the next piece) before any slice of piece k + 1.
+  // The first failure of between stops the copies and is returned.
+  template <typename Copy, typename Between>
+  Status CopyPieces(std::size_t n, const std::vector<int64_t>& counts, Copy&& copy, Between&& between) const {
+    if (n == 0) return Status::Ok();
+    Status status = Status::Ok();
+    std::size_t done = 0;
+    auto completion = [&]() noexcept {
+      if (status.ok()) status = between(done);
+      ++done;
+    };
+    int threads = 1;  // the helpers that started, and this thread
+    std::latch ready(1);
+    std::barrier<decltype(completion)>* sync = nullptr;
+    auto work = [&](int t) {
+      for (std::size_t k = 0; k < n; ++k) {
+        if (status.ok()) {
+          const int64_t first = counts[k] * t / threads, last = counts[k] * (t + 1) / threads;
+          copy(k, first, last - first);
+        }
+        sync->arrive_and_wait();
+      }
+    };
+    std::vector<std::jthread> helpers;
+    const int wanted = options_.bank_transfer_threads;
+    for (int t = 1; t < wanted && n > 0; ++t) {
+      try {
+        helpers.emplace_back([&, t] {
+          (void)UseDevice(w_->device);  // between() may run here
+          ready.wait();
+          work(t);
+        });
+      } catch (const std::system_error&) {
+        break;  // fewer threads, the same copies
+      }
+      ++threads;
+    }
+    std::barrier<decltype(completion)> barrier(threads, completion);
+    sync = &barrier;
+    ready.count_down();
+    work(0);
+    helpers.clear();  // joined
+    return status;
+  }
+
   // Device -> host: piece k's copy into staging piece k % 2 (and an event), the host waits
   // for it, copies it out, then enqueues piece k + 2 into the same staging piece.
   Status BanksToHost(CudaState& s, const std::vector<BankPiece<float>>& pieces) const {
@@ -523,13 +575,22 @@ class CudaModel final : public Model {
                                                cudaMemcpyDeviceToHost, st));
       return s.transferred_[k % 2].Record(st);
     };
+    const std::size_t n = pieces.size();
+    std::vector<int64_t> counts;
+    for (const BankPiece<float>& p : pieces) counts.push_back(p.count);
     Status status = Status::Ok();
-    for (std::size_t k = 0; k < pieces.size() && k < 2 && status.ok(); ++k) status = enqueue(k);
-    for (std::size_t k = 0; k < pieces.size() && status.ok(); ++k) {
-      status = s.transferred_[k % 2].Synchronize();
-      if (!status.ok()) break;
-      std::memcpy(pieces[k].host, StagingPiece(s, k), Z(pieces[k].count) * sizeof(float));
-      if (k + 2 < pieces.size()) status = enqueue(k + 2);
+    for (std::size_t k = 0; k < n && k < 2 && status.ok(); ++k) status = enqueue(k);
+    if (status.ok() && n > 0) status = s.transferred_[0].Synchronize();
+    if (status.ok()) {
+      status = CopyPieces(
+          n, counts,
+          [&](std::size_t k, int64_t first, int64_t count) {
+            std::memcpy(pieces[k].host + first, StagingPiece(s, k) + first, Z(count) * sizeof(float));
+          },
+          [&](std::size_t k) -> Status {
+            if (k + 2 < n) LM2_RETURN_IF_ERROR(enqueue(k + 2));
+            return k + 1 < n ? s.transferred_[(k + 1) % 2].Synchronize() : Status::Ok();
+          });
     }
     // After a failure no copy may still be writing into the staging when it is next used.
     if (!status.ok()) (void)s.stream_.Synchronize();
@@ -541,15 +602,23 @@ class CudaModel final : public Model {
   Status BanksToDevice(CudaState& s, const std::vector<BankPiece<const float>>& pieces) const {
     LM2_RETURN_IF_ERROR(EnsureCapacity(s.staging_, Z(2 * TransferPieceFloats())));
     const cudaStream_t st = s.stream_.get();
-    for (std::size_t k = 0; k < pieces.size(); ++k) {
-      const BankPiece<const float>& p = pieces[k];
-      if (k >= 2) LM2_RETURN_IF_ERROR(s.transferred_[k % 2].Synchronize());
-      std::memcpy(StagingPiece(s, k), p.host, Z(p.count) * sizeof(float));
-      LM2_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(p.device, StagingPiece(s, k), Z(p.count) * sizeof(float),
-                                               cudaMemcpyHostToDevice, st));
-      LM2_RETURN_IF_ERROR(s.transferred_[k % 2].Record(st));
-    }
-    return s.stream_.Synchronize();
+    const std::size_t n = pieces.size();
+    std::vector<int64_t> counts;
+    for (const BankPiece<const float>& p : pieces) counts.push_back(p.count);
+    Status status = CopyPieces(
+        n, counts,
+        [&](std::size_t k, int64_t first, int64_t count) {
+          std::memcpy(StagingPiece(s, k) + first, pieces[k].host + first, Z(count) * sizeof(float));
+        },
+        [&](std::size_t k) -> Status {
+          const BankPiece<const float>& p = pieces[k];
+          LM2_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(p.device, StagingPiece(s, k), Z(p.count) * sizeof(float),
+                                                   cudaMemcpyHostToDevice, st));
+          LM2_RETURN_IF_ERROR(s.transferred_[k % 2].Record(st));
+          return k + 1 < n && k + 1 >= 2 ? s.transferred_[(k + 1) % 2].Synchronize() : Status::Ok();
+        });
+    const Status synced = s.stream_.Synchronize();
+    return status.ok() ? synced : status;
   }
 
   // Opens a segment: memory K/V from the bank as it is now (the model's own for the
@@ -1291,6 +1360,9 @@ Result<std::unique_ptr<Model>> LoadCudaModel(std::shared_ptr<const ModelFiles> f
   }
   if (options.bank_transfer_piece_bytes < 16) {
     return Status::InvalidArgument("CudaOptions::bank_transfer_piece_bytes must be >= 16");
+  }
+  if (options.bank_transfer_threads < 1 || options.bank_transfer_threads > 64) {
+    return Status::InvalidArgument("CudaOptions::bank_transfer_threads must be in [1, 64]");
   }
   LM2_ASSIGN_OR_RETURN(auto devices, ListCudaDevices());
   if (options.device < 0 || static_cast<std::size_t>(options.device) >= devices.size()) {

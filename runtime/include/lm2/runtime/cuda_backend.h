@@ -82,6 +82,10 @@ struct CudaOptions {
   // copies one piece, the host copies the other between page-locked and the caller's
   // memory. At least 16 (whole floats are taken: the bytes / 4 rounded down).
   int64_t bank_transfer_piece_bytes = int64_t{4} << 20;
+  // Host threads that copy each piece between the page-locked staging and the caller's
+  // memory, in slices: the calling thread and up to this many - 1 started per export or
+  // import (one copies ~7-8 GB/s). In [1, 64].
+  int bank_transfer_threads = 4;
   // LoadCudaModel runs one short conversation turn on a throwaway state before it returns
   // (a prompt through the tensor-core and cuBLAS paths, greedy and sampled decode steps
   // across a memory-write flush, the segment's end, a second segment, then a prompt of each
