@@ -542,9 +542,10 @@ class CudaModel final : public Model {
         sync->arrive_and_wait();
       }
     };
-    std::vector<std::jthread> helpers;
     const int wanted = options_.bank_transfer_threads;
-    for (int t = 1; t < wanted && n > 0; ++t) {
+    std::vector<std::jthread> helpers;
+    helpers.reserve(static_cast<std::size_t>(wanted - 1));  // no allocation once a helper waits
+    for (int t = 1; t < wanted; ++t) {
       try {
         helpers.emplace_back([&, t] {
           (void)UseDevice(w_->device);  // between() may run here

@@ -185,8 +185,7 @@ __device__ __forceinline__ unsigned long long CandidateKey(float v, int64_t i) {
 }
 
 // Whether LaunchPdl asks for the overlap: yes unless the environment sets LM2_CUDA_PDL=0
-// (a diagnostic: every kernel then waits for the one before, as in an ordinary launch), and
-// only where the device runs the sm_90 code.
+// (a diagnostic: every kernel then waits for the one before, as in an ordinary launch).
 inline bool PdlEnabled() {
   static const bool enabled = [] {
     const char* v = std::getenv("LM2_CUDA_PDL");
@@ -196,7 +195,7 @@ inline bool PdlEnabled() {
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization
-// allowed (the kernel must follow the rules above).
+// allowed (the kernel must follow the rules above) where the device runs the sm_90 code.
 template <typename... Params, typename... Args>
 cudaError_t LaunchPdl(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
                       Args&&... args) {
