@@ -206,11 +206,15 @@ double DecodeBytes(const Shape& s, double S) {
 }
 
 // FLOPs of a T-token prefill from an empty context, segment opening included.
-double PrefillFlops(const Shape& s, double T) {
+// The FLOPs of a T-token prefill; with segment_kv, also the bank's memory K/V (2 N d² a
+// layer, twice), which only a call that makes them does: a fresh state reads the ones the
+// model made once at load (CudaOptions::share_initial_memory_kv), a reused state makes its
+// own in its segment's first call.
+double PrefillFlops(const Shape& s, double T, bool segment_kv) {
   const double gemm = 2.0 * T * (s.d * s.qdim * 2 + s.d * s.kvdim * 2 + 3 * s.d * s.F);
   const double attention = 2.0 * 2 * (T * T / 2) * s.qdim;  // QK and PV over the causal half
   const double mem_tokens = 2.0 * T * 3 * s.d * s.d + 2.0 * 2 * T * s.N * s.d + 2.0 * T * s.N * s.d;  // q,offer,gate; read; write
-  const double mem_segment = 2.0 * 2 * s.N * s.d * s.d;  // memory K and V of the bank
+  const double mem_segment = segment_kv ? 2.0 * 2 * s.N * s.d * s.d : 0.0;  // memory K and V of the bank
   return static_cast<double>(s.layers) * (gemm + attention) +
          static_cast<double>(s.memory_layers) * (mem_tokens + mem_segment) + 2.0 * s.V * s.d;
 }
@@ -980,7 +984,8 @@ int main(int argc, char** argv) {
         new_state = std::min(new_state, Seconds(s0, t0));
       }
     }
-    const double flops = PrefillFlops(shape, static_cast<double>(T));
+    const double flops = PrefillFlops(shape, static_cast<double>(T), !options.share_initial_memory_kv);
+    const double reused_flops = PrefillFlops(shape, static_cast<double>(T), true);
     std::printf("prefill %lld: %.0f tokens/s (%.1f ms), %.0f TFLOP/s = %.1f%% of the GEMM rate; the state made "
                 "before it in %.2f ms\n",
                 static_cast<long long>(T), static_cast<double>(T) / best, best * 1e3, flops / best / 1e12,
@@ -998,10 +1003,11 @@ int main(int argc, char** argv) {
       }
       std::printf("prefill %lld on a reused state: %.0f tokens/s (%.1f ms), %.1f%% of the GEMM rate\n",
                   static_cast<long long>(T), static_cast<double>(T) / reused, reused * 1e3,
-                  100.0 * flops / reused / gemm);
+                  100.0 * reused_flops / reused / gemm);
     }
     json << (first ? "" : ", ") << "\"" << T << "\": {\"tps\": " << static_cast<double>(T) / best
-         << ", \"flops\": " << flops << ", \"s\": " << best << ", \"reused_s\": " << reused
+         << ", \"flops\": " << flops << ", \"s\": " << best << ", \"reused_flops\": " << reused_flops
+         << ", \"reused_s\": " << reused
          << ", \"new_state_s\": " << new_state << "}";
     first = false;
   }
