@@ -6,7 +6,7 @@
 //   lm2_cuda_bench --model DIR [--decode-tokens 128] [--prompt-tokens 32] [--prefill 512,4096]
 //                  [--sessions 8,32,64] [--repeats 3] [--json OUT] [--profile-prefill T]
 //                  [--tiled 0|1] [--chunk N] [--side-read 0|1] [--read-leads 0|1] [--warm-up 0|1]
-//                  [--profile-decode N] [--bank-threads N]
+//                  [--profile-decode N] [--bank-threads N] [--kv-at-end 0|1]
 //                                                  (--decode-tokens 0: prefill only)
 //
 //   --tiled 0: multi-token chunks read memory and attend through the cuBLAS GEMM forms
@@ -17,6 +17,8 @@
 //   --warm-up 0: no warm-up turn at load
 //   (CudaOptions::warm_up), so the first turn's figure shows the kernels' first-use costs.
 //   --bank-threads N: CudaOptions::bank_transfer_threads (bank export / import).
+//   --kv-at-end 0: a segment's memory K/V made by its first forward, not at the end of the
+//   segment before (CudaOptions::memory_kv_at_segment_end).
 //
 //   --profile-prefill T: only a warm-up prefill of T tokens and then one more between
 //   cudaProfilerStart and cudaProfilerStop, for a profiler that starts off, e.g.
@@ -42,7 +44,8 @@
 //                     the host for the argmax, and sampled (temperature 0.8, top-p 0.95)
 //                     through ForwardBatchSample on the device and by Sampler on the host.
 //   prefill T         one Forward of T tokens (segment opening included) per fresh state,
-//                     and on a reused state;
+//                     and on a reused state (after EndSegment and ResetContext, the device
+//                     idle: a chat's next turn);
 //                     tokens/s and achieved TFLOP/s / gemm rate; also the time NewState
 //                     took for that state (the session's buffers, its banks initialised)
 //   late prompt       64 tokens after a context of max_position_embeddings - 64
@@ -205,11 +208,11 @@ double DecodeBytes(const Shape& s, double S) {
   return static_cast<double>(s.layers) * per_layer + static_cast<double>(s.memory_layers) * memory + 2.0 * s.V * s.d;
 }
 
-// FLOPs of a T-token prefill from an empty context, segment opening included.
-// The FLOPs of a T-token prefill; with segment_kv, also the bank's memory K/V (2 N d² a
-// layer, twice), which only a call that makes them does: a fresh state reads the ones the
-// model made once at load (CudaOptions::share_initial_memory_kv), a reused state makes its
-// own in its segment's first call.
+// The FLOPs of a T-token prefill from an empty context; with segment_kv, also the bank's
+// memory K/V (2 N d² a layer, twice), which only a call that makes them does: a fresh state
+// reads the ones the model made once at load (CudaOptions::share_initial_memory_kv), a
+// reused state's were made at its last segment's end (CudaOptions::memory_kv_at_segment_end)
+// or are made by the call.
 double PrefillFlops(const Shape& s, double T, bool segment_kv) {
   const double gemm = 2.0 * T * (s.d * s.qdim * 2 + s.d * s.kvdim * 2 + 3 * s.d * s.F);
   const double attention = 2.0 * 2 * (T * T / 2) * s.qdim;  // QK and PV over the causal half
@@ -778,6 +781,7 @@ int main(int argc, char** argv) {
     else if (k == "--read-leads") options.memory_read_leads = v != "0";
     else if (k == "--warm-up") options.warm_up = v != "0";
     else if (k == "--bank-threads") options.bank_transfer_threads = std::stoi(v);
+    else if (k == "--kv-at-end") options.memory_kv_at_segment_end = v != "0";
     else Die("unknown option " + k);
   }
   if (model_dir.empty()) Die("usage: lm2_cuda_bench --model DIR [options] (see the source's header)");
@@ -985,7 +989,8 @@ int main(int argc, char** argv) {
       }
     }
     const double flops = PrefillFlops(shape, static_cast<double>(T), !options.share_initial_memory_kv);
-    const double reused_flops = PrefillFlops(shape, static_cast<double>(T), true);
+    // A reused state's call makes its memory K/V unless the last segment's end made them.
+    const double reused_flops = PrefillFlops(shape, static_cast<double>(T), !options.memory_kv_at_segment_end);
     std::printf("prefill %lld: %.0f tokens/s (%.1f ms), %.0f TFLOP/s = %.1f%% of the GEMM rate; the state made "
                 "before it in %.2f ms\n",
                 static_cast<long long>(T), static_cast<double>(T) / best, best * 1e3, flops / best / 1e12,
@@ -996,6 +1001,9 @@ int main(int argc, char** argv) {
       for (int64_t r = 0; r < repeats + 1; ++r) {
         Check(model->EndSegment(*s), "end");  // the timed call opens a segment, as on a fresh state
         model->ResetContext(*s);
+        // The device idle first, as when a chat's next prompt arrives: work the segment's end
+        // left running (its memory K/V) is not timed.
+        Check(cuda::CudaStatus(cudaDeviceSynchronize(), "sync"), "sync");
         const auto tokens = Tokens(T, cfg.vocab_size, 100 + r);
         const auto t0 = Clock::now();
         Check(model->Forward(*s, tokens, LogitsMode::kLast, &logits), "prefill");

@@ -654,30 +654,34 @@ TEST_CASE("The warm-up turn at load leaves no trace: the same bits with and with
   for (std::size_t l = 0; l < ma->layers.size(); ++l) CHECK(ma->layers[l].data == mb->layers[l].data);
 }
 
-TEST_CASE("The initial bank's memory K/V shared by new states, and write sums zeroed lazily, give the same bits",
+TEST_CASE("The initial bank's memory K/V shared by new states, the next segment's made at a segment's end, and "
+          "write sums zeroed lazily, give the same bits",
           "[cuda][model]") {
-  // share_initial_memory_kv on and off. Segments that start with a prompt in chunks of 16
-  // (the first chunk stores the write sums, the rest add), with a decode step (the sums
-  // zeroed first), and with no tokens (SegmentReadMass of an empty segment: zeros); a
-  // second segment on the committed bank (the state's own K/V), and a state whose bank was
-  // imported (never the model's).
+  // share_initial_memory_kv and memory_kv_at_segment_end on and off. Segments that start
+  // with a prompt in chunks of 16 (the first chunk stores the write sums, the rest add),
+  // with a decode step (the sums zeroed first), and with no tokens (SegmentReadMass of an
+  // empty segment: zeros); a second segment on the committed bank (the state's own K/V), a
+  // bank imported right after a segment's end (while its K/V may still be in the making),
+  // and a state whose bank was imported (never the model's).
   auto files = Files(TestModelDir("tiny-lm2"));
   std::vector<std::unique_ptr<Model>> models;
-  for (const bool share : {true, false}) {
+  for (const auto& [share, at_end] : {std::pair{true, true}, std::pair{false, false}, std::pair{true, false}}) {
     lm2::runtime::CudaOptions options;
     options.share_initial_memory_kv = share;
+    options.memory_kv_at_segment_end = at_end;
     options.max_chunk_tokens = 16;
     options.write_flush_tokens = 3;
     models.push_back(LoadCudaWith(files, options));
   }
+  const std::size_t M = models.size();
   std::vector<int32_t> prompt(45);
   for (std::size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 31 + 3) % 500);
   std::vector<lm2::MemoryState> banks;
   for (const bool decode_first : {false, true}) {
     INFO("decode_first=" << decode_first);
-    std::vector<std::vector<float>> logits(2);
+    std::vector<std::vector<float>> logits(M);
     std::vector<lm2::MemoryState> exported;
-    for (std::size_t m = 0; m < 2; ++m) {
+    for (std::size_t m = 0; m < M; ++m) {
       const Model& model = *models[m];
       auto s = NewState(model);
       std::vector<float>& l = logits[m];
@@ -709,22 +713,35 @@ TEST_CASE("The initial bank's memory K/V shared by new states, and write sums ze
       auto memory = model.ExportMemory(*s);
       RequireOk(memory.status());
       exported.push_back(std::move(memory).value());
+      // Another segment, then a bank imported at once over the one it committed.
+      RequireOk(model.Forward(*s, std::vector<int32_t>(prompt.begin(), prompt.begin() + 33), LogitsMode::kNone,
+                              nullptr));
+      RequireOk(model.EndSegment(*s));
+      if (!banks.empty()) {
+        RequireOk(model.ImportMemory(*s, banks[0]));
+        model.ResetContext(*s);
+        RequireOk(model.Forward(*s, prompt, LogitsMode::kLast, &step));
+        l.insert(l.end(), step.begin(), step.end());
+      }
     }
-    CHECK(logits[0] == logits[1]);
-    REQUIRE(exported[0].layers.size() == exported[1].layers.size());
-    for (std::size_t l = 0; l < exported[0].layers.size(); ++l) {
-      CHECK(exported[0].layers[l].data == exported[1].layers[l].data);
+    for (std::size_t m = 1; m < M; ++m) {
+      INFO("model " << m);
+      CHECK(logits[0] == logits[m]);
+      REQUIRE(exported[0].layers.size() == exported[m].layers.size());
+      for (std::size_t l = 0; l < exported[0].layers.size(); ++l) {
+        CHECK(exported[0].layers[l].data == exported[m].layers[l].data);
+      }
     }
     banks.push_back(std::move(exported[0]));
   }
   // A new state given an exported bank computes its own memory K/V from it.
-  std::vector<std::vector<float>> logits(2);
-  for (std::size_t m = 0; m < 2; ++m) {
+  std::vector<std::vector<float>> logits(M);
+  for (std::size_t m = 0; m < M; ++m) {
     auto s = NewState(*models[m]);
     RequireOk(models[m]->ImportMemory(*s, banks[0]));
     RequireOk(models[m]->Forward(*s, prompt, LogitsMode::kLast, &logits[m]));
   }
-  CHECK(logits[0] == logits[1]);
+  for (std::size_t m = 1; m < M; ++m) CHECK(logits[0] == logits[m]);
   std::vector<float> fresh;
   auto s = NewState(*models[0]);
   RequireOk(models[0]->Forward(*s, prompt, LogitsMode::kLast, &fresh));

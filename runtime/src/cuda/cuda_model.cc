@@ -168,6 +168,13 @@ class CudaState final : public SequenceState {
   // side stream ahead of that layer's read (MakeMemoryKv); other first forwards make them
   // all at once first.
   bool kv_pending_ = false;
+  // own_kv holds the memory K/V of the banks as they are now (made since they last
+  // changed): a segment opening on them makes none. EndSegment makes them on the side stream
+  // right after its write (CudaOptions::memory_kv_at_segment_end; kv_made_ records their
+  // end, which the next segment's work and an import wait for); a segment's first forward
+  // makes them otherwise. Cleared when the banks change.
+  bool kv_current_ = false;
+  CudaEvent kv_made_;
   DeviceBuffer<bf16> bank_b_;  // a bank in bf16, the memory K/V GEMMs' input [N, d]
   // The open segment has added nothing to the write sums yet, and BeginSegment leaves mass
   // and acc as they were: the first tiled chunk stores its sums, any other first writer
@@ -322,6 +329,7 @@ class CudaModel final : public Model {
     LM2_ASSIGN_OR_RETURN(s->side_stream_, CudaStream::Create());
     LM2_ASSIGN_OR_RETURN(s->fork_, CudaEvent::Create());
     LM2_ASSIGN_OR_RETURN(s->join_, CudaEvent::Create());
+    LM2_ASSIGN_OR_RETURN(s->kv_made_, CudaEvent::Create());
     LM2_ASSIGN_OR_RETURN(s->transferred_[0], CudaEvent::Create());
     LM2_ASSIGN_OR_RETURN(s->transferred_[1], CudaEvent::Create());
     LM2_ASSIGN_OR_RETURN(s->cublas_, Blas::Create());
@@ -404,6 +412,19 @@ class CudaModel final : public Model {
       if (s->segment_tokens_ > 0) {
         LM2_RETURN_IF_ERROR(ApplyWrite(*s));
         s->bank_initial_ = false;
+        s->kv_current_ = false;
+        if (options_.memory_kv_at_segment_end && cfg_.has_memory()) {
+          // The next segment's memory K/V, on the side stream behind the write: they run
+          // while the caller goes on (a chat's next prompt finds them made).
+          LM2_RETURN_IF_ERROR(EnsureOwnKv(*s));
+          const cudaStream_t side = s->side_stream_.get();
+          LM2_RETURN_IF_ERROR(s->fork_.Order(s->stream_.get(), side));
+          for (int64_t i = NextMemoryLayer(0); i < cfg_.num_layers; i = NextMemoryLayer(i + 1)) {
+            LM2_RETURN_IF_ERROR(MakeMemoryKv(*s, i, s->side_cublas_.get(), side));
+          }
+          LM2_RETURN_IF_ERROR(s->kv_made_.Record(side));
+          s->kv_current_ = true;
+        }
       }
       LM2_RETURN_IF_ERROR(s->stream_.Synchronize());
       s->segment_open_ = false;
@@ -441,12 +462,17 @@ class CudaModel final : public Model {
     LM2_RETURN_IF_ERROR(CheckImport(memory));
     if (memory.layers.empty()) return Status::Ok();
     s->bank_initial_ = false;
+    s->kv_current_ = false;
     std::vector<BankPiece<const float>> pieces;
     for (const MemoryLayer& ml : memory.layers) {
       AddPieces(s->layers_[Z(ml.layer)].bank.data(), ml.data.data(), static_cast<int64_t>(ml.data.size()), pieces);
     }
     // A failed copy may leave some layers replaced and others not: that breaks the state.
-    return Guarded(*s, [&]() -> Status { return BanksToDevice(*s, pieces); });
+    // The copies wait for memory K/V still being made from the banks they replace.
+    return Guarded(*s, [&]() -> Status {
+      LM2_RETURN_IF_ERROR(s->kv_made_.Wait(s->stream_.get()));
+      return BanksToDevice(*s, pieces);
+    });
   }
 
   Result<std::vector<std::vector<float>>> SegmentReadMass(const SequenceState& base) const override {
@@ -628,31 +654,36 @@ class CudaModel final : public Model {
   Status BeginSegment(CudaState& s) const {
     const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size;
     const bool shared = s.bank_initial_ && !initial_kv_.empty();
-    if (cfg_.has_memory() && !shared) {
-      LM2_RETURN_IF_ERROR(EnsureCapacity(s.bank_b_, Z(N * d)));
-      if (s.side_cublas_.empty()) {
-        LM2_ASSIGN_OR_RETURN(s.side_cublas_, Blas::Create());
-      }
-    }
+    if (cfg_.has_memory() && !shared) LM2_RETURN_IF_ERROR(EnsureOwnKv(s));
     for (int64_t i = 0; i < cfg_.num_layers; ++i) {
       const CudaLayerWeights& lw = w_->layers[Z(i)];
       if (!lw.has_memory) continue;
       LayerState& ls = s.layers_[Z(i)];
-      const bf16* kv = nullptr;
-      if (shared) {
-        kv = initial_kv_[Z(i)].data();
-      } else {
-        LM2_RETURN_IF_ERROR(EnsureCapacity(ls.own_kv, Z(2 * N * d)));
-        kv = ls.own_kv.data();
-      }
+      const bf16* kv = shared ? initial_kv_[Z(i)].data() : ls.own_kv.data();
       ls.mem_k = kv;
       ls.mem_v = kv + N * d;
     }
-    s.kv_pending_ = cfg_.has_memory() && !shared;
+    // K/V made at the last segment's end: the segment's work waits for them on the device.
+    if (!shared && s.kv_current_) LM2_RETURN_IF_ERROR(s.kv_made_.Wait(s.stream_.get()));
+    s.kv_pending_ = cfg_.has_memory() && !shared && !s.kv_current_;
     s.segment_open_ = true;
     s.segment_tokens_ = 0;
     s.staged_ = 0;
     s.sums_empty_ = cfg_.has_memory();
+    return Status::Ok();
+  }
+
+  // The buffers a state's own memory K/V need: each memory layer's own_kv, the bf16 bank
+  // the GEMMs read and the side stream's cuBLAS handle.
+  Status EnsureOwnKv(CudaState& s) const {
+    const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size;
+    LM2_RETURN_IF_ERROR(EnsureCapacity(s.bank_b_, Z(N * d)));
+    if (s.side_cublas_.empty()) {
+      LM2_ASSIGN_OR_RETURN(s.side_cublas_, Blas::Create());
+    }
+    for (int64_t i = NextMemoryLayer(0); i < cfg_.num_layers; i = NextMemoryLayer(i + 1)) {
+      LM2_RETURN_IF_ERROR(EnsureCapacity(s.layers_[Z(i)].own_kv, Z(2 * N * d)));
+    }
     return Status::Ok();
   }
 
@@ -676,6 +707,7 @@ class CudaModel final : public Model {
       LM2_RETURN_IF_ERROR(MakeMemoryKv(s, i, s.cublas_.get(), s.stream_.get()));
     }
     s.kv_pending_ = false;
+    s.kv_current_ = true;
     return Status::Ok();
   }
 
@@ -1209,7 +1241,10 @@ class CudaModel final : public Model {
 
       LM2_RETURN_IF_ERROR(FeedForward(s, n, m, lw, h));
     }
-    if (make_kv) s.kv_pending_ = false;
+    if (make_kv) {
+      s.kv_pending_ = false;
+      s.kv_current_ = true;
+    }
     return Status::Ok();
   }
 

@@ -77,6 +77,12 @@ struct CudaOptions {
   // GEMMs for the paper's model, and 256 MiB per new state). Same results either way
   // (tested). false: each state computes its own.
   bool share_initial_memory_kv = true;
+  // EndSegment starts the next segment's memory K/V (2 N d² a layer, twice: ~0.7 ms of GEMMs
+  // for the paper's model) on the state's second stream right after the write and returns
+  // without waiting for them, so that the next prompt does not compute them first (a chat's
+  // next turn: its prompt arrives long after). false: the next segment's first forward makes
+  // them (beside its first chunk where it can). Same results either way (tested).
+  bool memory_kv_at_segment_end = true;
   // Bank export and import move the banks through two pieces of page-locked host memory of
   // this many bytes per state (allocated at its first export or import): while the device
   // copies one piece, the host copies the other between page-locked and the caller's
