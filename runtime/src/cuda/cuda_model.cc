@@ -149,8 +149,8 @@ class CudaState final : public SequenceState {
   CudaStream side_stream_;    // the memory reads beside attention (concurrent_memory_read)
   CudaEvent fork_, join_;     // ordering the side stream after / before the main one
   Blas cublas_;
-  // The side stream's GEMMs: a segment's own memory K/V made layer by layer beside the main
-  // stream's work (kv_pending_). Made with the first such segment.
+  // The side stream's GEMMs: a segment's own memory K/V made beside the main stream's work
+  // (KvPending, memory_kv_at_segment_end). Made with the first such segment.
   Blas side_cublas_;
   std::vector<LayerState> layers_;
   // Every layer's KV cache in one allocation [layers, 2 (K, V), kv_capacity_, Hkv*Dh]: a new
@@ -163,16 +163,14 @@ class CudaState final : public SequenceState {
   // The banks are the model's initial ones (a new state): a segment opening on them reads
   // the model's memory K/V (CudaModel::initial_kv_) instead of computing its own.
   bool bank_initial_ = true;
-  // The open segment reads its own memory K/V (own_kv), not made yet: BeginSegment leaves
-  // them to the segment's first forward, whose first tiled chunk makes each layer's on the
-  // side stream ahead of that layer's read (MakeMemoryKv); other first forwards make them
-  // all at once first.
-  bool kv_pending_ = false;
+  // The open segment reads the model's memory K/V (CudaModel::initial_kv_), set when it
+  // opens; else its own (own_kv).
+  bool kv_shared_ = false;
   // own_kv holds the memory K/V of the banks as they are now (made since they last
   // changed): a segment opening on them makes none. EndSegment makes them on the side stream
   // right after its write (CudaOptions::memory_kv_at_segment_end; kv_made_ records their
   // end, which the next segment's work and an import wait for); a segment's first forward
-  // makes them otherwise. Cleared when the banks change.
+  // makes them otherwise (KvPending). Cleared when the banks change.
   bool kv_current_ = false;
   CudaEvent kv_made_;
   DeviceBuffer<bf16> bank_b_;  // a bank in bf16, the memory K/V GEMMs' input [N, d]
@@ -419,11 +417,8 @@ class CudaModel final : public Model {
           LM2_RETURN_IF_ERROR(EnsureOwnKv(*s));
           const cudaStream_t side = s->side_stream_.get();
           LM2_RETURN_IF_ERROR(s->fork_.Order(s->stream_.get(), side));
-          for (int64_t i = NextMemoryLayer(0); i < cfg_.num_layers; i = NextMemoryLayer(i + 1)) {
-            LM2_RETURN_IF_ERROR(MakeMemoryKv(*s, i, s->side_cublas_.get(), side));
-          }
+          LM2_RETURN_IF_ERROR(MakeEveryMemoryKv(*s, s->side_cublas_.get(), side));
           LM2_RETURN_IF_ERROR(s->kv_made_.Record(side));
-          s->kv_current_ = true;
         }
       }
       LM2_RETURN_IF_ERROR(s->stream_.Synchronize());
@@ -542,13 +537,14 @@ class CudaModel final : public Model {
     return s.staging_.data() + static_cast<int64_t>(k % 2) * TransferPieceFloats();
   }
 
-  // Runs copy(k, first, count) for every piece k of n in order, each piece's floats split
-  // into slices copied at once by the calling thread and up to bank_transfer_threads - 1
-  // threads started for the call; once every slice of piece k is copied, between(k) runs on
-  // one of them (the device work around the next piece) before any slice of piece k + 1.
-  // The first failure of between stops the copies and is returned.
-  template <typename Copy, typename Between>
-  Status CopyPieces(std::size_t n, const std::vector<int64_t>& counts, Copy&& copy, Between&& between) const {
+  // Runs copy(k, first, count) for every piece k in order, each piece's floats split into
+  // slices copied at once by the calling thread and up to bank_transfer_threads - 1 threads
+  // started for the call; once every slice of piece k is copied, between(k) runs on one of
+  // them (the device work around the next piece) before any slice of piece k + 1. The first
+  // failure of between stops the copies and is returned.
+  template <typename Host, typename Copy, typename Between>
+  Status CopyPieces(const std::vector<BankPiece<Host>>& pieces, Copy&& copy, Between&& between) const {
+    const std::size_t n = pieces.size();
     if (n == 0) return Status::Ok();
     Status status = Status::Ok();
     std::size_t done = 0;
@@ -562,7 +558,7 @@ class CudaModel final : public Model {
     auto work = [&](int t) {
       for (std::size_t k = 0; k < n; ++k) {
         if (status.ok()) {
-          const int64_t first = counts[k] * t / threads, last = counts[k] * (t + 1) / threads;
+          const int64_t first = pieces[k].count * t / threads, last = pieces[k].count * (t + 1) / threads;
           copy(k, first, last - first);
         }
         sync->arrive_and_wait();
@@ -603,14 +599,12 @@ class CudaModel final : public Model {
       return s.transferred_[k % 2].Record(st);
     };
     const std::size_t n = pieces.size();
-    std::vector<int64_t> counts;
-    for (const BankPiece<float>& p : pieces) counts.push_back(p.count);
     Status status = Status::Ok();
     for (std::size_t k = 0; k < n && k < 2 && status.ok(); ++k) status = enqueue(k);
     if (status.ok() && n > 0) status = s.transferred_[0].Synchronize();
     if (status.ok()) {
       status = CopyPieces(
-          n, counts,
+          pieces,
           [&](std::size_t k, int64_t first, int64_t count) {
             std::memcpy(pieces[k].host + first, StagingPiece(s, k) + first, Z(count) * sizeof(float));
           },
@@ -630,10 +624,8 @@ class CudaModel final : public Model {
     LM2_RETURN_IF_ERROR(EnsureCapacity(s.staging_, Z(2 * TransferPieceFloats())));
     const cudaStream_t st = s.stream_.get();
     const std::size_t n = pieces.size();
-    std::vector<int64_t> counts;
-    for (const BankPiece<const float>& p : pieces) counts.push_back(p.count);
     Status status = CopyPieces(
-        n, counts,
+        pieces,
         [&](std::size_t k, int64_t first, int64_t count) {
           std::memcpy(StagingPiece(s, k) + first, pieces[k].host + first, Z(count) * sizeof(float));
         },
@@ -649,7 +641,8 @@ class CudaModel final : public Model {
   }
 
   // Opens a segment: memory K/V from the bank as it is now (the model's own for the
-  // initial bank; the state's own are made by the segment's first forward: kv_pending_),
+  // initial bank; the state's own, unless made since the banks last changed, by the
+  // segment's first forward: KvPending),
   // the write sums empty (sums_empty_: zeroed by their first writer).
   Status BeginSegment(CudaState& s) const {
     const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size;
@@ -665,7 +658,7 @@ class CudaModel final : public Model {
     }
     // K/V made at the last segment's end: the segment's work waits for them on the device.
     if (!shared && s.kv_current_) LM2_RETURN_IF_ERROR(s.kv_made_.Wait(s.stream_.get()));
-    s.kv_pending_ = cfg_.has_memory() && !shared && !s.kv_current_;
+    s.kv_shared_ = shared;
     s.segment_open_ = true;
     s.segment_tokens_ = 0;
     s.staged_ = 0;
@@ -700,15 +693,26 @@ class CudaModel final : public Model {
     return from;
   }
 
-  // Makes every memory layer's K/V still pending (kv_pending_), on the state's stream.
-  Status MakeAllMemoryKv(CudaState& s) const {
-    if (!s.kv_pending_) return Status::Ok();
+  // Every memory layer's K/V from the state's banks, on `st` with `blas`; they are then
+  // current (kv_current_).
+  Status MakeEveryMemoryKv(CudaState& s, cublasHandle_t blas, cudaStream_t st) const {
     for (int64_t i = NextMemoryLayer(0); i < cfg_.num_layers; i = NextMemoryLayer(i + 1)) {
-      LM2_RETURN_IF_ERROR(MakeMemoryKv(s, i, s.cublas_.get(), s.stream_.get()));
+      LM2_RETURN_IF_ERROR(MakeMemoryKv(s, i, blas, st));
     }
-    s.kv_pending_ = false;
     s.kv_current_ = true;
     return Status::Ok();
+  }
+
+  // Whether the open segment reads its own memory K/V and they are still to make: its first
+  // forward makes them, on the side stream beside its first tiled chunk, layer by layer
+  // ahead of each layer's read (RunLayers), or all at once first (MakePendingMemoryKv).
+  bool KvPending(const CudaState& s) const {
+    return s.segment_open_ && cfg_.has_memory() && !s.kv_shared_ && !s.kv_current_;
+  }
+
+  // Makes the open segment's memory K/V if still pending, on the state's stream.
+  Status MakePendingMemoryKv(CudaState& s) const {
+    return KvPending(s) ? MakeEveryMemoryKv(s, s.cublas_.get(), s.stream_.get()) : Status::Ok();
   }
 
   // Whether a chunk of n tokens reads memory on the side stream in every memory layer
@@ -861,7 +865,7 @@ class CudaModel final : public Model {
     if (!(tiled_memory_ && chunk > 1)) LM2_RETURN_IF_ERROR(ZeroSums(s));
     // Pending memory K/V: made layer by layer beside the first chunk where its reads run on
     // the side stream (RunLayers), else all of them first.
-    if (!SideReadsChunk(chunk)) LM2_RETURN_IF_ERROR(MakeAllMemoryKv(s));
+    if (!SideReadsChunk(chunk)) LM2_RETURN_IF_ERROR(MakePendingMemoryKv(s));
     for (int64_t c = 0; c < T; c += chunk) {
       const int64_t n = std::min(chunk, T - c);
       LM2_RETURN_IF_ERROR(RunLayers(s, c, n, s.pos_ + c));
@@ -891,10 +895,10 @@ class CudaModel final : public Model {
     const auto B = static_cast<int64_t>(batch.size());
     for (CudaState* s : batch) {
       if (!s->segment_open_) LM2_RETURN_IF_ERROR(BeginSegment(*s));
-      if (s->kv_pending_ || s->sums_empty_) {
+      if (KvPending(*s) || s->sums_empty_) {
         // The segment's first step: its memory K/V made and the sums it adds to zeroed, on
         // the state's own stream; the batch runs on the lead's, so wait for both.
-        LM2_RETURN_IF_ERROR(MakeAllMemoryKv(*s));
+        LM2_RETURN_IF_ERROR(MakePendingMemoryKv(*s));
         LM2_RETURN_IF_ERROR(ZeroSums(*s));
         LM2_RETURN_IF_ERROR(s->stream_.Synchronize());
       }
@@ -1105,7 +1109,7 @@ class CudaModel final : public Model {
     // memory layer's on the side stream, after the previous layer's read and before its own,
     // so that the GEMMs run beside the main stream's work (the first behind nothing but
     // what the main stream holds so far).
-    const bool make_kv = batch == nullptr && s.kv_pending_;
+    const bool make_kv = batch == nullptr && KvPending(s);
     if (make_kv) {
       if (!SideReadsChunk(n)) return Status::Internal("RunLayers: memory K/V pending on a chunk without side reads");
       const cudaStream_t side = s.side_stream_.get();
@@ -1241,10 +1245,7 @@ class CudaModel final : public Model {
 
       LM2_RETURN_IF_ERROR(FeedForward(s, n, m, lw, h));
     }
-    if (make_kv) {
-      s.kv_pending_ = false;
-      s.kv_current_ = true;
-    }
+    if (make_kv) s.kv_current_ = true;
     return Status::Ok();
   }
 
@@ -1255,9 +1256,10 @@ class CudaModel final : public Model {
   bool Small(int64_t n) const { return n <= gemv_rows_; }
 
   // The rows the cuBLAS GEMMs of a chunk of n rows (or of a batched decode step of n
-  // sessions) run over: a chunk's n rounded up to a multiple of kGemmRowStep. cuBLAS chooses (and the driver loads) a kernel, and sets up a call shape,
-  // the first time the process makes that call: 0.3-4 ms each (H200), which a prompt of a
-  // length not seen before paid in each of its five GEMMs. Rounded, all lengths up to 2048
+  // sessions) run over: a chunk's n rounded up to a multiple of kGemmRowStep. cuBLAS chooses
+  // (and the driver loads) a kernel, and sets up a call shape, the first time the process
+  // makes that call: 0.3-4 ms each (H200), which a prompt of a length not seen before paid
+  // in each of its five GEMMs. Rounded, all lengths up to 2048
   // share 32 row counts, and the warm-up at load runs those up to kWarmGemmRows. The extra
   // rows hold whatever the scratch held (no op reads their results: every row of a GEMM is
   // computed on its own), and cost next to nothing: cuBLAS's tiles are 64 rows or more.

@@ -73,9 +73,9 @@ constexpr int kSliceItems = 8;  // keys per thread
 constexpr int64_t kSliceKeys = int64_t{kSliceThreads} * kSliceItems;
 constexpr int kBins = 128;            // histogram bins of (max - key) / temperature ...
 constexpr float kBinsPerUnit = 4.0f;  // ... each a quarter wide: keys beyond 32 are left out
-constexpr int kSelectThreads = 1024;  // the pick's block
-constexpr int kSortItems = 4;         // per thread in the pick's block sort
-constexpr int kBlockSortCapacity = kSelectThreads * kSortItems;
+constexpr int kPickThreads = 1024;  // the pick's block
+constexpr int kSortItems = 4;       // per thread in the pick's block sort
+constexpr int kBlockSortCapacity = kPickThreads * kSortItems;
 
 __host__ __device__ constexpr int64_t SlicesOf(int64_t cols) { return (cols + kSliceKeys - 1) / kSliceKeys; }
 
@@ -329,7 +329,6 @@ __global__ void __launch_bounds__(kSliceThreads)
 
 // ---- The pick ---------------------------------------------------------------------------------
 
-constexpr int kPickThreads = kSelectThreads;
 constexpr int kPickItems = 8;  // consecutive candidates per thread in a scan tile
 constexpr int64_t kPickTile = int64_t{kPickThreads} * kPickItems;
 
