@@ -670,6 +670,18 @@ TEST_CASE("SampleRows picks what PickToken picks on the host", "[cuda][ops]") {
       CHECK(got[static_cast<std::size_t>(r)] == PickToken(row, greedy[static_cast<std::size_t>(r)], host));
     }
   }
+  // A temp buffer below SampleRowsTempBytes is refused before any launch.
+  {
+    SampleRowsScratch short_temp = scratch;
+    short_temp.temp_bytes = 16;
+    auto dx = Upload(Random(static_cast<std::size_t>(rows * cols)));
+    std::vector<DeviceTokenRule> device_rules(static_cast<std::size_t>(rows), DeviceTokenRule{.temperature = 1.0f});
+    auto drules = Upload(device_rules);
+    auto dout = Poisoned<int32_t>(static_cast<std::size_t>(rows));
+    CHECK(SampleRows(dx.data(), rows, cols, drules.data(), nullptr, SampleRowKinds{.penalty = false}, short_temp,
+                     dout.data(), Stream())
+              .IsInvalidArgument());
+  }
   CHECK(SampleRows(nullptr, 0, cols, nullptr, nullptr, SampleRowKinds{}, scratch, nullptr, Stream()).ok());
   CHECK(SampleRows(nullptr, 1, 0, nullptr, nullptr, SampleRowKinds{}, scratch, nullptr, Stream()).IsInvalidArgument());
   CHECK(SampleRowsTempBytes(70000, 10).status().IsInvalidArgument());
