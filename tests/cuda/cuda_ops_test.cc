@@ -991,7 +991,8 @@ TEST_CASE("MemoryReadWrite: the read and the write sums in tiles, without the pr
   // pair (the mma.sync read kernel's occupancy; the wgmma one's may split otherwise). Head
   // width 64 runs the wgmma kernels on compute capability 9.0 (memory_tiled_sm90.cu): split
   // at 64 / 100 / 130 tokens, unsplit at 700 tokens of 32 heads over 200 slots and 1,100 of
-  // 16 over 129 (token and slot counts off the tiles; one valid slot in the last tile).
+  // 16 over 129 (token and slot counts off the tiles; one valid slot in the last tile). 64,
+  // 33, 130 and 700 tokens leave a wgmma read block's second warpgroup only padding rows.
   const auto [T, N, d, Hm] = GENERATE(std::make_tuple(int64_t{2}, int64_t{12}, int64_t{64}, int64_t{4}),
                                       std::make_tuple(int64_t{5}, int64_t{20}, int64_t{36}, int64_t{3}),
                                       std::make_tuple(int64_t{65}, int64_t{100}, int64_t{48}, int64_t{2}),
@@ -1006,7 +1007,9 @@ TEST_CASE("MemoryReadWrite: the read and the write sums in tiles, without the pr
                                       std::make_tuple(int64_t{1100}, int64_t{129}, int64_t{1024}, int64_t{16}));
   INFO("T=" << T << " N=" << N << " d=" << d << " heads=" << Hm);
   REQUIRE(MemoryReadWriteSupported(d, Hm));
-  const int64_t dh = d / Hm, ld = d + 24;  // q and offer rows inside wider rows, as in the model's projection
+  // q and offer rows inside wider rows, as in the model's projection; for odd T rows 2 floats
+  // off 16-byte alignment, so that the read stages them element by element (StageRowsByPieces).
+  const int64_t dh = d / Hm, ld = d + 24 + 2 * (T % 2);
   auto q = Random(static_cast<std::size_t>(T * ld)), offer = Random(static_cast<std::size_t>(T * ld));
   auto mk = Random(static_cast<std::size_t>(N * d)), mv = Random(static_cast<std::size_t>(N * d));
   auto mass0 = Random(static_cast<std::size_t>(Hm * N)), acc0 = Random(static_cast<std::size_t>(N * d));

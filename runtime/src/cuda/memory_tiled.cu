@@ -82,7 +82,7 @@ template <int DHP>
 __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadTiledKernel(
     const float* __restrict__ q, int64_t q_ld, const float* __restrict__ offer, int64_t offer_ld,
     const bf16* __restrict__ mem_k, const bf16* __restrict__ mem_v, int64_t T, int64_t N, int64_t d, int dh,
-    float scale_log2, bool vec, float* __restrict__ e, Scratch scratch) {
+    float scale_log2, bool vec, bool rows_vec, float* __restrict__ e, Scratch scratch) {
   using L = Layout<DHP>;
   constexpr int M = RowGroups(DHP), kThreadsRead = GroupThreads(DHP);
   extern __shared__ __align__(128) unsigned char smem[];
@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadT
   };
   load_slots(static_cast<int64_t>(first_tile) * kTile, 0);
   if (tiles > 1) load_slots(static_cast<int64_t>(first_tile + 1) * kTile, 1);
-  tiled::StageReadRows<DHP, kThreadsRead, L::kLd>(q, q_ld, offer, offer_ld, t0, j, T, dh, part, qs,
+  tiled::StageReadRows<DHP, kThreadsRead, L::kLd>(q, q_ld, offer, offer_ld, t0, j, T, dh, part, rows_vec, qs,
                                                   scratch.q + (j * Tp + t0) * DHP, scratch.offer + (j * Tp + t0) * DHP);
   __syncthreads();
   uint32_t qa[M][DHP / 16][4];
@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryWrite
   const bf16* q_head = scratch.q + j * Tp * DHP;
   const bf16* offer_head = scratch.offer + j * Tp * DHP;
   const float* shift_head = scratch.shift + j * Tp;
-  const int tiles = static_cast<int>(Tp / kTile);
+  const int tiles = static_cast<int>((T + kTile - 1) / kTile);  // past them only padding (weight 0)
   const auto load_tokens = [&](int it, int buf) {
     LoadScratchTile<DHP, kWriteThreads>(q_head + it * kTile * DHP, qs + buf * L::kTileElems);
     LoadScratchTile<DHP, kWriteThreads>(offer_head + it * kTile * DHP, cs + buf * L::kTileElems);
@@ -258,6 +258,7 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
   constexpr int kWriteBytes = (L::kRowsElems + 2 * kTileStages * L::kTileElems) * 2 + kTileStages * kTile * 4;
   const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(dh));
   const bool vec = dh % 8 == 0 && d % 8 == 0;  // memory K/V rows and head offsets 16-byte aligned
+  const bool rows_vec = tiled::StageRowsByPieces(q, q_ld, offer, offer_ld, dh);
   const auto heads = static_cast<unsigned int>(d / dh);
   const Scratch parts = Carve(scratch, T, heads, DHP);
   // Hopper, head width 64: the same kernels on wgmma (memory_tiled_sm90.cu).
@@ -267,7 +268,7 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
       LM2_ASSIGN_OR_RETURN(const int minor, CurrentDeviceAttribute(cudaDevAttrComputeCapabilityMinor));
       if (major == 9 && minor == 0) {
         LM2_RETURN_IF_ERROR(
-            tiled::ReadSm90(q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, scale_log2, e, parts, stream));
+            tiled::ReadSm90(q, q_ld, offer, offer_ld, rows_vec, mem_k, mem_v, T, N, d, scale_log2, e, parts, stream));
         return tiled::WriteSm90(mem_k, T, N, d, scale_log2, accumulate, mass, acc, parts, stream);
       }
     }
@@ -283,7 +284,7 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
   const tiled::ClusterLaunch launch(dim3(pairs, heads, static_cast<unsigned int>(splits)), GroupThreads(DHP),
                                     kReadBytes, stream, splits);
   LM2_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&launch.config, MemoryReadTiledKernel<DHP>, q, q_ld, offer, offer_ld,
-                                              mem_k, mem_v, T, N, d, dh, scale_log2, vec, e, parts));
+                                              mem_k, mem_v, T, N, d, dh, scale_log2, vec, rows_vec, e, parts));
   const dim3 write_grid(static_cast<unsigned int>((N + kRows - 1) / kRows), heads);
   write_kernel<<<write_grid, GroupThreads(DHP), kWriteBytes, stream>>>(mem_k, T, N, d, dh, scale_log2, vec, parts,
                                                                       mass, acc);

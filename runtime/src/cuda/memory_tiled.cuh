@@ -52,40 +52,67 @@ __device__ __forceinline__ ReadPart ThisReadPart(int64_t N) {
           kRows * (part + 1) / splits};
 }
 
+// Whether StageReadRows may load q and offer 16 bytes at a time: both 16-byte aligned, their
+// row strides and the head width multiples of 4 floats and 8 columns (a piece of 8 columns
+// then lies wholly inside a head or wholly past it).
+inline bool StageRowsByPieces(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, int64_t dh) {
+  const auto aligned = [](const float* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+  return dh % 8 == 0 && q_ld % 4 == 0 && offer_ld % 4 == 0 && aligned(q) && aligned(offer);
+}
+
 // A read block's q rows [t0, t0 + kRows) of head j in bf16 into shared memory `qs` (rows
 // kLd apart; kLd 0: 64-column rows of 128 bytes in wgmma's 128-byte swizzle, 16-byte piece
 // c of row r at r · 128 + (c ⊕ r mod 8) · 16), and its own rows' q and offer into the
 // scratch rows q_out / offer_out (DHP apart) for the write kernel: padding rows and columns
-// zero. The loads kBatch at a time, all issued before the first store (one at a time, each
-// waited for before the stores that might alias it, they took ~20 us a block). By a block
-// of kThreads threads.
+// zero. Each thread takes pieces of 8 columns, kBatch at a time, their loads all issued
+// before the first store (one load at a time, each waited for before the stores that might
+// alias it, took ~20 us a block): with `vec` (StageRowsByPieces) two 16-byte loads of each
+// row a piece, else element by element; one 16-byte store to each destination. By a block of kThreads threads.
 template <int DHP, int kThreads, int kLd>
 __device__ __forceinline__ void StageReadRows(const float* __restrict__ q, int64_t q_ld,
                                               const float* __restrict__ offer, int64_t offer_ld, int64_t t0,
-                                              int64_t j, int64_t T, int dh, const ReadPart& p, __nv_bfloat16* qs,
-                                              __nv_bfloat16* q_out, __nv_bfloat16* offer_out) {
-  constexpr int kPerThread = kRows * DHP / kThreads, kBatch = 16;
-  static_assert(kPerThread % kBatch == 0, "whole batches");
+                                              int64_t j, int64_t T, int dh, const ReadPart& p, bool vec,
+                                              __nv_bfloat16* qs, __nv_bfloat16* q_out, __nv_bfloat16* offer_out) {
+  constexpr int kPieces = kRows * DHP / 8, kPerThread = kPieces / kThreads, kBatch = kPerThread < 2 ? kPerThread : 2;
+  static_assert(kPieces % kThreads == 0 && kPerThread % kBatch == 0, "whole batches");
   static_assert(kLd > 0 || DHP == 64, "the swizzled rows are 64 columns");
-  const auto at = [](int r, int c) { return kLd > 0 ? r * kLd + c : r * 64 + (((c >> 3) ^ (r & 7)) << 3) + (c & 7); };
+  const auto at = [](int r, int c8) { return kLd > 0 ? r * kLd + c8 * 8 : r * 64 + ((c8 ^ (r & 7)) << 3); };
 #pragma unroll 1
   for (int b = 0; b < kPerThread; b += kBatch) {
-    float qv[kBatch], ov[kBatch];
+    float qv[kBatch][8], ov[kBatch][8];
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
-      const int i = static_cast<int>(threadIdx.x) + (b + u) * kThreads, r = i / DHP, c = i % DHP;
-      const bool in = t0 + r < T && c < dh;
-      qv[u] = in ? q[(t0 + r) * q_ld + j * dh + c] : 0.0f;
-      ov[u] = in && r >= p.own0 && r < p.own1 ? offer[(t0 + r) * offer_ld + j * dh + c] : 0.0f;
+      const int i = static_cast<int>(threadIdx.x) + (b + u) * kThreads, r = i / (DHP / 8), c = i % (DHP / 8) * 8;
+      const bool row_in = t0 + r < T, own = r >= p.own0 && r < p.own1;
+      const float* qr = q + (t0 + r) * q_ld + j * dh + c;
+      const float* orow = offer + (t0 + r) * offer_ld + j * dh + c;
+      if (vec) {  // a piece lies wholly inside the head or wholly past it
+        const bool in = row_in && c < dh;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float4 qh = in ? reinterpret_cast<const float4*>(qr)[h] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          const float4 oh =
+              in && own ? reinterpret_cast<const float4*>(orow)[h] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          qv[u][4 * h] = qh.x, qv[u][4 * h + 1] = qh.y, qv[u][4 * h + 2] = qh.z, qv[u][4 * h + 3] = qh.w;
+          ov[u][4 * h] = oh.x, ov[u][4 * h + 1] = oh.y, ov[u][4 * h + 2] = oh.z, ov[u][4 * h + 3] = oh.w;
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          const bool in = row_in && c + k < dh;
+          qv[u][k] = in ? qr[k] : 0.0f;
+          ov[u][k] = in && own ? orow[k] : 0.0f;
+        }
+      }
     }
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
-      const int i = static_cast<int>(threadIdx.x) + (b + u) * kThreads, r = i / DHP, c = i % DHP;
-      const __nv_bfloat16 qb = __float2bfloat16(qv[u]);
-      qs[at(r, c)] = qb;
+      const int i = static_cast<int>(threadIdx.x) + (b + u) * kThreads, r = i / (DHP / 8), c8 = i % (DHP / 8);
+      const uint4 qb = PackBf16x8(qv[u]);
+      *reinterpret_cast<uint4*>(qs + at(r, c8)) = qb;
       if (r >= p.own0 && r < p.own1) {
-        q_out[r * DHP + c] = qb;
-        offer_out[r * DHP + c] = __float2bfloat16(ov[u]);
+        *reinterpret_cast<uint4*>(q_out + r * DHP + c8 * 8) = qb;
+        *reinterpret_cast<uint4*>(offer_out + r * DHP + c8 * 8) = PackBf16x8(ov[u]);
       }
     }
   }
@@ -242,9 +269,9 @@ struct ClusterLaunch {
 // (sm_90a code; LM2_CUDA_WGMMA=0 in the environment turns them off), the read of an
 // unsplit chunk, and the write sums (after either read: the scratch is the same).
 bool Sm90KernelsBuilt();
-Status ReadSm90(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, const __nv_bfloat16* mem_k,
-                const __nv_bfloat16* mem_v, int64_t T, int64_t N, int64_t d, float scale_log2, float* e,
-                Scratch scratch, cudaStream_t stream);
+Status ReadSm90(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, bool rows_vec,
+                const __nv_bfloat16* mem_k, const __nv_bfloat16* mem_v, int64_t T, int64_t N, int64_t d,
+                float scale_log2, float* e, Scratch scratch, cudaStream_t stream);
 Status WriteSm90(const __nv_bfloat16* mem_k, int64_t T, int64_t N, int64_t d, float scale_log2, bool accumulate,
                  float* mass, float* acc, Scratch scratch, cudaStream_t stream);
 

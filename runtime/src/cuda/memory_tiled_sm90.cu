@@ -204,8 +204,8 @@ __device__ __forceinline__ char* AlignedSharedMemory() {
 // memory (CombineSplits). memory_tiled.cu's MemoryReadTiledKernel.
 __global__ void __launch_bounds__(kThreads, 2)
     ReadKernel(const float* __restrict__ q, int64_t q_ld, const float* __restrict__ offer, int64_t offer_ld,
-               const bf16* __restrict__ mem_k, const bf16* __restrict__ mem_v, int64_t T, int64_t N, int64_t d,
-               float scale_log2, float* __restrict__ e, Scratch scratch) {
+               bool rows_vec, const bf16* __restrict__ mem_k, const bf16* __restrict__ mem_v, int64_t T, int64_t N,
+               int64_t d, float scale_log2, float* __restrict__ e, Scratch scratch) {
 #if LM2_WGMMA
   char* ks = AlignedSharedMemory();                                      // kTileStages tiles
   char* vs = ks + kTileStages * kTileBytes;                              // kTileStages tiles
@@ -226,8 +226,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   };
   load_slots(0, 0);
   if (tiles > 1) load_slots(1, 1);
-  StageReadRows<kDh, kThreads, 0>(q, q_ld, offer, offer_ld, t0, j, T, kDh, part, reinterpret_cast<bf16*>(qs),
-                                       scratch.q + (j * Tp + t0) * kDh, scratch.offer + (j * Tp + t0) * kDh);
+  StageReadRows<kDh, kThreads, 0>(q, q_ld, offer, offer_ld, t0, j, T, kDh, part, rows_vec,
+                                  reinterpret_cast<bf16*>(qs), scratch.q + (j * Tp + t0) * kDh,
+                                  scratch.offer + (j * Tp + t0) * kDh);
 
   // One row group of 16 a warp (CombineSplits' M = 1).
   float m[1][2], l[1][2], out[1][8][4];
@@ -235,9 +236,14 @@ __global__ void __launch_bounds__(kThreads, 2)
   l[0][0] = l[0][1] = 0.0f;
 #pragma unroll
   for (int i = 0; i < 8; ++i) out[0][i][0] = out[0][i][1] = out[0][i][2] = out[0][i][3] = 0.0f;
+  // A warpgroup whose 64 rows are all padding (a chunk's last 128 rows holding 64 tokens or
+  // fewer) only helps load the tiles: its rows' (m, l) stay (-inf, 0) and nothing reads them
+  // but for the shift they get, +inf.
+  const bool live = t0 + (warp / 4) * kTile < T;
   for (int it = 0, stage = 0; it < tiles; ++it, stage = NextStage(stage)) {
     TileArrived(it, tiles);
     if (it + 2 < tiles) load_slots(it + 2, NextStage(NextStage(stage)));
+    if (!live) continue;
     const int64_t valid = N - static_cast<int64_t>(first_tile + it) * kTile;
     // (The first TileArrived also fenced and published the staged q rows.)
     const char* own = qs + (warp / 4) * kTileBytes;  // this warpgroup's 64 rows
@@ -290,7 +296,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bf16* q_head = scratch.q + j * Tp * kDh;
   const bf16* offer_head = scratch.offer + j * Tp * kDh;
   const float* shift_head = scratch.shift + j * Tp;
-  const int tiles = static_cast<int>(Tp / kTile);
+  const int tiles = static_cast<int>((T + kTile - 1) / kTile);  // past them only padding (weight 0)
   const auto load_tokens = [&](int it, int buf) {
     LoadSwizzledTile(q_head + static_cast<int64_t>(it) * kTile * kDh, kDh, kTile, qt + buf * kTileBytes);
     LoadSwizzledTile(offer_head + static_cast<int64_t>(it) * kTile * kDh, kDh, kTile, ot + buf * kTileBytes);
@@ -354,9 +360,9 @@ bool Sm90KernelsBuilt() {
 #endif
 }
 
-Status ReadSm90(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, const bf16* mem_k,
-               const bf16* mem_v, int64_t T, int64_t N, int64_t d, float scale_log2, float* e, Scratch scratch,
-               cudaStream_t stream) {
+Status ReadSm90(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, bool rows_vec,
+               const bf16* mem_k, const bf16* mem_v, int64_t T, int64_t N, int64_t d, float scale_log2, float* e,
+               Scratch scratch, cudaStream_t stream) {
   const void* kernel = reinterpret_cast<const void*>(&ReadKernel);
   LM2_RETURN_IF_ERROR(EnsureSharedMemory(kernel, kReadBytes, "MemoryReadWrite"));
   const auto pairs = static_cast<unsigned int>(PaddedTokens(T) / kRows), heads = static_cast<unsigned int>(d / kDh);
@@ -364,8 +370,8 @@ Status ReadSm90(const float* q, int64_t q_ld, const float* offer, int64_t offer_
                        ReadSplits(int64_t{pairs} * heads, (N + kTile - 1) / kTile, kernel, kThreads, kReadBytes));
   const ClusterLaunch launch(dim3(pairs, heads, static_cast<unsigned int>(splits)), kThreads, kReadBytes, stream,
                              splits);
-  return CudaStatus(cudaLaunchKernelEx(&launch.config, ReadKernel, q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d,
-                                       scale_log2, e, scratch),
+  return CudaStatus(cudaLaunchKernelEx(&launch.config, ReadKernel, q, q_ld, offer, offer_ld, rows_vec, mem_k, mem_v, T,
+                                       N, d, scale_log2, e, scratch),
                     "MemoryReadWrite (wgmma read)");
 }
 
