@@ -67,7 +67,8 @@ inline bool StageRowsByPieces(const float* q, int64_t q_ld, const float* offer, 
 // zero. Each thread takes pieces of 8 columns, kBatch at a time, their loads all issued
 // before the first store (one load at a time, each waited for before the stores that might
 // alias it, took ~20 us a block): with `vec` (StageRowsByPieces) two 16-byte loads of each
-// row a piece, else element by element; one 16-byte store to each destination. By a block of kThreads threads.
+// row a piece, else element by element; one 16-byte store to each destination. By a block
+// of kThreads threads.
 template <int DHP, int kThreads, int kLd>
 __device__ __forceinline__ void StageReadRows(const float* __restrict__ q, int64_t q_ld,
                                               const float* __restrict__ offer, int64_t offer_ld, int64_t t0,
