@@ -237,8 +237,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
   for (int i = 0; i < 8; ++i) out[0][i][0] = out[0][i][1] = out[0][i][2] = out[0][i][3] = 0.0f;
   // A warpgroup whose 64 rows are all padding (a chunk's last 128 rows holding 64 tokens or
-  // fewer) only helps load the tiles: its rows' (m, l) stay (-inf, 0) and nothing reads them
-  // but for the shift they get, +inf.
+  // fewer) only helps load the tiles: its rows' (m, l) stay (-inf, 0), and what the epilogue
+  // or a split's combine makes of them is never stored but their shift, +inf (weight 0).
   const bool live = t0 + (warp / 4) * kTile < T;
   for (int it = 0, stage = 0; it < tiles; ++it, stage = NextStage(stage)) {
     TileArrived(it, tiles);
