@@ -553,7 +553,8 @@ TEST_CASE("SampleRows picks what PickToken picks on the host", "[cuda][ops]") {
   const int64_t cols = GENERATE(int64_t{50}, int64_t{5000}, int64_t{128256});
   INFO("cols=" << cols);
   const std::vector<int32_t> history = {3, 3, 17, 40, 40, 40, 2, -1, static_cast<int32_t>(cols) + 5};
-  // Every kind of rule; row 6's logits have many ties (the sort must keep them in id order).
+  // Every kind of rule; row 6's logits have many ties (the sort must keep them in id order)
+  // and some -inf (at 128,256 columns its top-p 0.95 takes the whole-row sort).
   const std::vector<TokenRule> kinds = {
       TokenRule{.temperature = 1.0f},
       TokenRule{.temperature = 0.7f, .top_k = 40},
@@ -593,14 +594,14 @@ TEST_CASE("SampleRows picks what PickToken picks on the host", "[cuda][ops]") {
   PickScratch host;
   std::uniform_real_distribution<double> uniform(0.0, 1.0);
   // Which of the pick's sorts the sorting rows took (their plans): rank (at most 1,024
-  // candidates), radix (more, up to 4,096), the whole row (CUB).
+  // candidates), radix (more, up to 4,096), the whole row (SortSegmentsDescending).
   bool saw_rank = false, saw_radix = false, saw_whole = false;
   for (int trial = 0; trial < 8; ++trial) {
     INFO("trial " << trial);
     auto x = Random(static_cast<std::size_t>(rows * cols), 3.0f);
     for (int64_t c = 0; c < cols; ++c) {
       float& v = x[static_cast<std::size_t>(6 * cols + c)];
-      v = std::round(v * 2.0f) / 2.0f;
+      v = c % 37 == 5 ? -std::numeric_limits<float>::infinity() : std::round(v * 2.0f) / 2.0f;
     }
     x[static_cast<std::size_t>(2 * cols + 1)] = -0.0f;  // -0 and +0 are one key
     x[static_cast<std::size_t>(2 * cols + 2)] = 0.0f;
@@ -685,6 +686,92 @@ TEST_CASE("SampleRows picks what PickToken picks on the host", "[cuda][ops]") {
   CHECK(SampleRows(nullptr, 0, cols, nullptr, nullptr, SampleRowKinds{}, scratch, nullptr, Stream()).ok());
   CHECK(SampleRows(nullptr, 1, 0, nullptr, nullptr, SampleRowKinds{}, scratch, nullptr, Stream()).IsInvalidArgument());
   CHECK(SampleRowsTempBytes(70000, 10).status().IsInvalidArgument());
+  RequireOk(CudaStatus(cudaStreamSynchronize(Stream()), "stream"));
+}
+
+TEST_CASE("SortSegmentsDescending: std::stable_sort's descending order, empty segments untouched", "[cuda][ops]") {
+  // Rows of a vocabulary's width, each one segment: ties, -inf, -0 and +0, one key, all keys
+  // equal, a range not a multiple of the sort's tile, keys that differ in 1, 2 or 3 of the 4
+  // radix passes' bytes (the others skipped), and an empty segment.
+  const int64_t cols = 128256, rows = 9;
+  const auto total = static_cast<std::size_t>(rows * cols);
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> keys = Random(total, 3.0f);
+  std::vector<int32_t> ids(total);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), Rng());  // distinct ids: the order of ties shows
+  std::uniform_int_distribution<int> small(0, 7), wide(0, (1 << 15) - 1);
+  std::uniform_real_distribution<float> one_two(1.0f, 2.0f);
+  std::vector<int32_t> begin(static_cast<std::size_t>(rows)), end(begin.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    float* k = keys.data() + r * cols;
+    int64_t first = 0, last = cols;
+    for (int64_t c = 0; c < cols; ++c) {
+      switch (r) {
+        case 0: k[c] = std::round(k[c] * 8.0f) / 8.0f; break;  // many ties, both signs
+        case 1: if (c % 10 == 3) k[c] = -inf; break;             // -inf among distinct keys
+        case 2: {  // -inf, ties, -0 and +0 (one key)
+          const float v = std::round(k[c]);
+          k[c] = c % 3 == 0 ? -inf : v == 0.0f && c % 2 == 0 ? -0.0f : v;
+          break;
+        }
+        case 3: k[c] = 1.25f; break;                              // all equal
+        case 5: k[c] = c % 5 == 0 ? 1.5f : one_two(Rng()); break;  // the top byte alone the same
+        case 6: k[c] = 1.0f + static_cast<float>(small(Rng())) / 8.0f; break;  // one byte differs
+        case 7: k[c] = 1.0f + static_cast<float>(wide(Rng())) / 32768.0f; break;  // two bytes differ
+        default: break;
+      }
+    }
+    if (r == 4) first = 5, last = 6;  // one key
+    if (r == 5) first = 100, last = 100 + 2 * 8192 + 37;
+    if (r == 8) last = 0;  // empty
+    begin[static_cast<std::size_t>(r)] = static_cast<int32_t>(r * cols + first);
+    end[static_cast<std::size_t>(r)] = static_cast<int32_t>(r * cols + last);
+  }
+  // The wanted outputs: every byte 0xFF outside the segments, as the poisoned buffers.
+  std::vector<uint32_t> want_bits(total, 0xFFFFFFFFu);
+  std::vector<int32_t> want_ids(total, -1);
+  std::vector<int32_t> order;
+  for (std::size_t r = 0; r < begin.size(); ++r) {
+    order.resize(static_cast<std::size_t>(end[r] - begin[r]));
+    std::iota(order.begin(), order.end(), begin[r]);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+      return keys[static_cast<std::size_t>(a)] > keys[static_cast<std::size_t>(b)];
+    });
+    for (std::size_t j = 0; j < order.size(); ++j) {
+      const auto at = static_cast<std::size_t>(begin[r]) + j;
+      const float key = keys[static_cast<std::size_t>(order[j])] + 0.0f;  // -0 comes out as +0
+      std::memcpy(&want_bits[at], &key, sizeof key);
+      want_ids[at] = ids[static_cast<std::size_t>(order[j])];
+    }
+  }
+  std::vector<int32_t> segments = begin;
+  segments.insert(segments.end(), end.begin(), end.end());
+  auto dkeys = Upload(keys);
+  auto dids = Upload(ids);
+  auto dsegments = Upload(segments);
+  auto sorted_keys = Poisoned<float>(total);
+  auto sorted_ids = Poisoned<int32_t>(total);
+  auto alt_keys = Poisoned<float>(total);
+  auto alt_ids = Poisoned<int32_t>(total);
+  const auto n = static_cast<int64_t>(total);
+  RequireOk(SortSegmentsDescending(dkeys.data(), dids.data(), n, rows, dsegments.data(), dsegments.data() + rows,
+                                   sorted_keys.data(), sorted_ids.data(), alt_keys.data(), alt_ids.data(), Stream()));
+  const auto got_keys = Download(sorted_keys);
+  std::vector<uint32_t> got_bits(total);
+  std::memcpy(got_bits.data(), got_keys.data(), total * sizeof(float));
+  const bool keys_equal = got_bits == want_bits, ids_equal = Download(sorted_ids) == want_ids;
+  CHECK(keys_equal);
+  CHECK(ids_equal);
+
+  CHECK(SortSegmentsDescending(dkeys.data(), dids.data(), -1, rows, dsegments.data(), dsegments.data() + rows,
+                               sorted_keys.data(), sorted_ids.data(), alt_keys.data(), alt_ids.data(), Stream())
+            .IsInvalidArgument());
+  CHECK(SortSegmentsDescending(dkeys.data(), dids.data(), n, rows, dsegments.data(), dsegments.data() + rows,
+                               sorted_keys.data(), sorted_ids.data(), nullptr, alt_ids.data(), Stream())
+            .IsInvalidArgument());
+  CHECK(SortSegmentsDescending(nullptr, nullptr, 0, 0, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, Stream())
+            .ok());
   RequireOk(CudaStatus(cudaStreamSynchronize(Stream()), "stream"));
 }
 

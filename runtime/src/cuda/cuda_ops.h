@@ -167,13 +167,14 @@ struct SampleRowPlan {
   double total;        // the weight of the whole row
   float max_key;       // its largest (penalised) logit
   int32_t candidates;  // rows that sort: the leading candidates compacted for the pick's own
-                       // sort; -1: the whole row sorted (CUB)
+                       // sort; -1: the whole row sorted (SortSegmentsDescending)
   int32_t chosen_bin;  // with candidates >= 0: they are the keys of bins <= chosen_bin
 };
 
 // SampleRows' working buffers for rows x cols, caller-owned: keys, ids, sorted_keys and
 // sorted_ids [rows * cols]; segment_begin, segment_end and plans [rows]; temp of temp_bytes
-// >= SampleRowsTempBytes(rows, cols) (the row slices' partial results, then CUB's sort).
+// >= SampleRowsTempBytes(rows, cols) (the row slices' partial results, then the whole-row
+// sort's second keys and ids, rows * cols each).
 struct SampleRowsScratch {
   float* keys = nullptr;
   int32_t* ids = nullptr;
@@ -196,6 +197,18 @@ struct SampleRowKinds {
   bool sorts = true;        // some rule sorts (TokenRule::sorts)
   bool penalty = true;      // some rule has penalty ids
 };
+
+// Sorts each of `segments` ranges [segment_begin[s], segment_end[s]) of keys / ids (indices
+// into arrays of n, the ranges disjoint) into the same places of sorted_keys / sorted_ids:
+// descending by key, equal keys in their input order (CUB's SortPairsDescending's order).
+// Keys hold no NaN; -0 sorts as +0 and comes out as +0. An empty range (end <= begin) is
+// left alone, its outputs unwritten. alt_keys / alt_ids (n each) hold the passes between.
+// A block per range (a stable radix sort, ~4 passes over the range); a block of an empty
+// range returns at once. SampleRows' whole-row sort, segment_begin / segment_end device
+// memory.
+Status SortSegmentsDescending(const float* keys, const int32_t* ids, int64_t n, int64_t segments,
+                              const int32_t* segment_begin, const int32_t* segment_end, float* sorted_keys,
+                              int32_t* sorted_ids, float* alt_keys, int32_t* alt_ids, cudaStream_t stream);
 
 // out[r] = the token rules[r] picks from row r of logits [rows, cols]: PickToken's rule
 // (sampler.h), computed on the device: the same choice except where rounding of the

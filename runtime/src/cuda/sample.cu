@@ -12,12 +12,13 @@
 // the top k, or mass enough for top-p, with each slice's offset among those candidates. When
 // they number at most kBlockSortCapacity, each slice compacts its own (in id order) and the
 // pick sorts them in shared memory (by rank up to 1,024 candidates, else a block radix
-// sort); otherwise the row is left to CUB's segmented radix sort of all its keys (much
-// slower). Both sorts are stable and descending, so ties stay in id
-// order. Last, a block per row walks its candidates: the total weight of a top-k, the top-p
-// cut and the pick, each a block scan in double over tiles, stopping at the tile where the
-// running weight reaches its target; a row without a sort walks only the slice where the
-// slices' running weight reaches the draw.
+// sort); otherwise the row is left to the whole-row sort (SortSegmentsDescending: a block
+// per row, a stable radix sort of all its keys through global memory; much slower), one
+// launch whose blocks return at once for the rows that do not need it. Both sorts are stable
+// and descending, so ties stay in id order. Last, a block per row walks its candidates: the
+// total weight of a top-k, the top-p cut and the pick, each a block scan in double over
+// tiles, stopping at the tile where the running weight reaches its target; a row without a
+// sort walks only the slice where the slices' running weight reaches the draw.
 #include <cub/cub.cuh>
 
 #include <cmath>
@@ -79,24 +80,28 @@ constexpr int kBlockSortCapacity = kPickThreads * kSortItems;
 
 __host__ __device__ constexpr int64_t SlicesOf(int64_t cols) { return (cols + kSliceKeys - 1) / kSliceKeys; }
 
-// One slice's partial results (SampleRows' temp, before CUB's storage).
+// One slice's partial results (SampleRows' temp).
 struct SlicePart {
   unsigned long long best;  // ArgmaxKey of its largest key (the first of equals)
   double weight;            // Σ Weight(key, the row's largest, temperature) over it
   int32_t before;           // a row that sorts: its candidates in earlier slices
 };
 
-// Where the parts and the bin counts [rows * slices][kBins] lie in temp, and CUB's storage.
+// Where the parts, the bin counts [rows * slices][kBins] and the whole-row sort's second
+// keys and ids [rows * cols] (its passes alternate between them and sorted_keys / sorted_ids)
+// lie in temp.
 struct TempLayout {
-  std::size_t parts = 0, counts = 0, cub = 0, end = 0;
+  std::size_t parts = 0, counts = 0, alt_keys = 0, alt_ids = 0, end = 0;
 };
 constexpr std::size_t AlignUp(std::size_t n) { return (n + 255) / 256 * 256; }
-TempLayout LayoutFor(int64_t rows, int64_t cols, std::size_t cub_bytes) {
+TempLayout LayoutFor(int64_t rows, int64_t cols) {
   TempLayout t;
   const auto items = static_cast<std::size_t>(rows * SlicesOf(cols));
+  const auto keys = static_cast<std::size_t>(rows * cols);
   t.counts = AlignUp(items * sizeof(SlicePart));
-  t.cub = t.counts + AlignUp(items * kBins * sizeof(int32_t));
-  t.end = t.cub + cub_bytes;
+  t.alt_keys = t.counts + AlignUp(items * kBins * sizeof(int32_t));
+  t.alt_ids = t.alt_keys + AlignUp(keys * sizeof(float));
+  t.end = t.alt_ids + AlignUp(keys * sizeof(int32_t));
   return t;
 }
 
@@ -210,7 +215,7 @@ struct PlanShared {
 
 // A block per row: a greedy row's pick into out; else plans[row] and, for a row that sorts,
 // either each slice's offset among the candidates (their count <= kBlockSortCapacity) or
-// the whole row as its CUB sort segment.
+// the whole row as its segment of the whole-row sort (every other row's segment is empty).
 __global__ void __launch_bounds__(kSliceThreads)
     PlanKernel(int64_t cols, const DeviceTokenRule* __restrict__ rules, SlicePart* __restrict__ parts,
                const int32_t* __restrict__ counts, int32_t* __restrict__ seg_begin, int32_t* __restrict__ seg_end,
@@ -323,6 +328,185 @@ __global__ void __launch_bounds__(kSliceThreads)
       cand_keys[base + at] = k[first + i];
       cand_ids[base + at] = static_cast<int32_t>(first + i);
       ++at;
+    }
+  }
+}
+
+// ---- The whole-row sort -----------------------------------------------------------------------
+//
+// A block per segment: a stable LSD radix sort of the segment's (key, id) pairs, descending by
+// key (the order of CUB's DeviceSegmentedRadixSort::SortPairsDescending), through global
+// memory. One read of the segment counts the digits of all four 8-bit passes; each pass then
+// walks the segment in tiles, in order: the tile's keys are ranked by digit (stable in the
+// tile's order), staged in shared memory in rank order and written to their digit's next
+// places, so that consecutive threads write a digit's run. A pass whose digit is one for all
+// keys is skipped (it would move none); the passes alternate between the alt and the sorted
+// arrays so that the last writes the sorted ones.
+
+constexpr int kRowSortThreads = 1024;
+constexpr int kRowSortItems = 8;  // keys per thread in a tile
+constexpr int kRowSortTile = kRowSortThreads * kRowSortItems;
+constexpr int kRadixBits = 8;
+constexpr int kDigits = 1 << kRadixBits;
+constexpr int kRadixPasses = 32 / kRadixBits;
+static_assert(kRadixPasses * kDigits == kRowSortThreads, "the places' scan takes a (pass, digit) a thread");
+
+using RowRank = cub::BlockRadixRankMatch<kRowSortThreads, kRadixBits, false>;
+using RowScan = cub::BlockScan<unsigned, kRowSortThreads>;
+static_assert(RowRank::BINS_TRACKED_PER_THREAD == 1, "digit d's tile offset in thread d");
+
+// A key's sort bits: ascending in them is descending in the key (the float's order bits,
+// inverted). -0 sorts as +0 (as in CUB) and comes out as +0; keys hold no NaN.
+__device__ __forceinline__ uint32_t DescendingBits(float key) {
+  uint32_t b = __float_as_uint(key);
+  if (b == 0x80000000u) b = 0u;
+  return (b & 0x80000000u) != 0 ? b : b ^ 0x7FFFFFFFu;
+}
+__device__ __forceinline__ float KeyOfDescendingBits(uint32_t u) {
+  return __uint_as_float((u & 0x80000000u) != 0 ? u : u ^ 0x7FFFFFFFu);
+}
+
+struct RadixDigit {
+  int shift;
+  __device__ __forceinline__ uint32_t Digit(uint32_t u) const { return (u >> shift) & (kDigits - 1); }
+};
+
+struct RowSortShared {
+  union {
+    typename RowRank::TempStorage rank;
+    typename RowScan::TempStorage scan;
+    uint32_t exchange[kRowSortTile];  // a tile's sort bits or ids, in rank order
+  };
+  unsigned start[kRadixPasses][kDigits];  // the segment's digit counts, then each digit's first place
+  int tile_first[kDigits];                // the tile's keys of smaller digits
+  int to[kDigits];                        // where the tile's rank r of digit d goes: to[d] + r
+  int same[kRadixPasses];                 // the pass's digit is one for all keys
+};
+
+// Block s sorts [segment_begin[s], segment_end[s]) of keys / ids into the same places of
+// sorted_keys / sorted_ids (alt_keys / alt_ids: the passes' other side), descending, equal
+// keys in their input order. An empty segment returns at once, writing nothing. Places are
+// relative to the segment; tile indices unsigned (a segment near 2^31 keys: no overflow).
+__global__ void __launch_bounds__(kRowSortThreads)
+    SortSegmentsKernel(const float* __restrict__ keys, const int32_t* __restrict__ ids,
+                       const int32_t* __restrict__ segment_begin, const int32_t* __restrict__ segment_end,
+                       float* sorted_keys, int32_t* sorted_ids, float* alt_keys, int32_t* alt_ids) {
+  __shared__ RowSortShared sh;
+  const int32_t begin = segment_begin[blockIdx.x], end = segment_end[blockIdx.x];
+  if (end <= begin) return;
+  const auto n = static_cast<unsigned>(end - begin);
+  const auto tid = static_cast<unsigned>(threadIdx.x), lane = tid & 31u;
+  keys += begin;
+  ids += begin;
+  sorted_keys += begin;
+  sorted_ids += begin;
+  alt_keys += begin;
+  alt_ids += begin;
+
+  // The digit counts of every pass, in one read of the keys. A warp whose keys share the
+  // digit adds once (a run of equal keys, -inf say, would otherwise serialise its adds).
+  unsigned* const start = &sh.start[0][0];
+  start[tid] = 0;
+  if (tid < kRadixPasses) sh.same[tid] = 0;
+  __syncthreads();
+  for (unsigned first = 0; first < n; first += kRowSortThreads) {
+    const unsigned i = first + tid;
+    const bool valid = i < n;  // the valid lanes are the warp's first ones
+    const uint32_t u = valid ? DescendingBits(keys[i]) : 0u;
+    const uint32_t valid_lanes = __ballot_sync(0xFFFFFFFFu, valid);
+#pragma unroll
+    for (int p = 0; p < kRadixPasses; ++p) {
+      const uint32_t d = (u >> (p * kRadixBits)) & (kDigits - 1);
+      const uint32_t d0 = __shfl_sync(0xFFFFFFFFu, d, 0);
+      if (__all_sync(0xFFFFFFFFu, !valid || d == d0)) {
+        if (lane == 0 && valid) atomicAdd(&sh.start[p][d0], static_cast<unsigned>(__popc(valid_lanes)));
+      } else if (valid) {
+        atomicAdd(&sh.start[p][d], 1u);
+      }
+    }
+  }
+  __syncthreads();
+  // Each digit's first place: one exclusive scan over (pass, digit), less the passes before
+  // (pass x n; unsigned, so the sum past 2^32 wraps and the difference is exact).
+  {
+    const unsigned pass = tid / kDigits, count = start[tid];
+    if (count == n) sh.same[pass] = 1;
+    unsigned before;
+    RowScan(sh.scan).ExclusiveSum(count, before);
+    start[tid] = before - pass * n;
+  }
+  __syncthreads();
+  int passes = 0;
+#pragma unroll
+  for (int p = 0; p < kRadixPasses; ++p) passes += sh.same[p] ? 0 : 1;
+  if (passes == 0) {  // one key, or all equal: already in order
+    for (unsigned i = tid; i < n; i += kRowSortThreads) {
+      sorted_keys[i] = KeyOfDescendingBits(DescendingBits(keys[i]));
+      sorted_ids[i] = ids[i];
+    }
+    return;
+  }
+
+  int done = 0;
+  for (int p = 0; p < kRadixPasses; ++p) {
+    if (sh.same[p]) continue;
+    // The last pass writes the sorted arrays; each reads what the one before wrote.
+    const bool to_sorted = (passes - 1 - done) % 2 == 0;
+    const float* src_keys = done == 0 ? keys : to_sorted ? alt_keys : sorted_keys;
+    const int32_t* src_ids = done == 0 ? ids : to_sorted ? alt_ids : sorted_ids;
+    float* dst_keys = to_sorted ? sorted_keys : alt_keys;
+    int32_t* dst_ids = to_sorted ? sorted_ids : alt_ids;
+    ++done;
+    const RadixDigit digit{p * kRadixBits};
+    int next = tid < kDigits ? static_cast<int>(sh.start[p][tid]) : 0;  // thread d: digit d's next place
+    for (unsigned tile = 0; tile < n; tile += kRowSortTile) {
+      // Warp-striped, as the ranking expects (its ranks are stable in that order): warp w's
+      // keys are tile + w * kRowSortItems * 32 + k * 32 + lane.
+      uint32_t u[kRowSortItems], id[kRowSortItems];
+      const unsigned warp_first = tile + (tid >> 5) * kRowSortItems * 32 + lane;
+#pragma unroll
+      for (int k = 0; k < kRowSortItems; ++k) {
+        const unsigned i = warp_first + k * 32;
+        // Past the end: all bits set, the last digit of every pass and the tile's last
+        // ranks, so the ranks below `valid` are the segment's keys.
+        u[k] = i < n ? DescendingBits(src_keys[i]) : 0xFFFFFFFFu;
+      }
+      int rank[kRowSortItems], tile_first[1];
+      RowRank(sh.rank).RankKeys(u, rank, digit, tile_first);
+#pragma unroll
+      for (int k = 0; k < kRowSortItems; ++k) {  // the ids, needed only after the keys' scatter
+        const unsigned i = warp_first + k * 32;
+        id[k] = i < n ? static_cast<uint32_t>(src_ids[i]) : 0u;
+      }
+      if (tid < kDigits) sh.tile_first[tid] = tile_first[0];
+      __syncthreads();  // the ranking's storage is free for the exchange
+      if (tid < kDigits) {
+        const int after = tid + 1 < kDigits ? sh.tile_first[tid + 1] : kRowSortTile;
+        sh.to[tid] = next - tile_first[0];
+        next += after - tile_first[0];  // (past the last tile it counts the padding: unused)
+      }
+      const int valid = n - tile < kRowSortTile ? static_cast<int>(n - tile) : kRowSortTile;
+#pragma unroll
+      for (int k = 0; k < kRowSortItems; ++k) sh.exchange[rank[k]] = u[k];
+      __syncthreads();
+      int place[kRowSortItems];
+#pragma unroll
+      for (int k = 0; k < kRowSortItems; ++k) {
+        const int r = k * kRowSortThreads + static_cast<int>(tid);
+        const uint32_t s = sh.exchange[r];
+        place[k] = sh.to[digit.Digit(s)] + r;
+        if (r < valid) dst_keys[place[k]] = KeyOfDescendingBits(s);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < kRowSortItems; ++k) sh.exchange[rank[k]] = id[k];
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < kRowSortItems; ++k) {
+        const int r = k * kRowSortThreads + static_cast<int>(tid);
+        if (r < valid) dst_ids[place[k]] = static_cast<int32_t>(sh.exchange[r]);
+      }
+      __syncthreads();  // the exchange and `to` are reused by the next tile
     }
   }
 }
@@ -533,21 +717,26 @@ Status CheckSampleShape(int64_t rows, int64_t cols) {
   return Status::Ok();
 }
 
-// CUB's segmented sort of the keys; with temp == nullptr only its size into *temp_bytes.
-cudaError_t SortSegments(void* temp, std::size_t* temp_bytes, const SampleRowsScratch& s, int64_t rows, int64_t cols,
-                         cudaStream_t stream) {
-  return cub::DeviceSegmentedRadixSort::SortPairsDescending(
-      temp, *temp_bytes, s.keys, s.sorted_keys, s.ids, s.sorted_ids, static_cast<int>(rows * cols),
-      static_cast<int>(rows), s.segment_begin, s.segment_end, 0, 32, stream);
-}
-
 }  // namespace
+
+Status SortSegmentsDescending(const float* keys, const int32_t* ids, int64_t n, int64_t segments,
+                              const int32_t* segment_begin, const int32_t* segment_end, float* sorted_keys,
+                              int32_t* sorted_ids, float* alt_keys, int32_t* alt_ids, cudaStream_t stream) {
+  if (n < 0 || n > (int64_t{1} << 31) - 1 || segments < 0 || segments > (int64_t{1} << 31) - 1) {
+    return Status::InvalidArgument("SortSegmentsDescending: n=" + std::to_string(n) +
+                                   " segments=" + std::to_string(segments));
+  }
+  if (segments == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("SortSegmentsDescending", {keys, ids, segment_begin, segment_end, sorted_keys,
+                                                                sorted_ids, alt_keys, alt_ids}));
+  SortSegmentsKernel<<<static_cast<unsigned int>(segments), kRowSortThreads, 0, stream>>>(
+      keys, ids, segment_begin, segment_end, sorted_keys, sorted_ids, alt_keys, alt_ids);
+  return CudaStatus(cudaGetLastError(), "SortSegmentsKernel");
+}
 
 Result<std::size_t> SampleRowsTempBytes(int64_t rows, int64_t cols) {
   LM2_RETURN_IF_ERROR(CheckSampleShape(rows, cols));
-  std::size_t cub_bytes = 0;
-  LM2_CUDA_RETURN_IF_ERROR(SortSegments(nullptr, &cub_bytes, SampleRowsScratch{}, rows, cols, nullptr));
-  return LayoutFor(rows, cols, cub_bytes).end;
+  return LayoutFor(rows, cols).end;
 }
 
 Status SampleRows(const float* logits, int64_t rows, int64_t cols, const DeviceTokenRule* rules, const int32_t* history,
@@ -557,7 +746,7 @@ Status SampleRows(const float* logits, int64_t rows, int64_t cols, const DeviceT
   LM2_RETURN_IF_ERROR(RequireNonNull("SampleRows", {logits, rules, out, scratch.keys, scratch.ids,
                                                     scratch.sorted_keys, scratch.sorted_ids, scratch.segment_begin,
                                                     scratch.segment_end, scratch.plans, scratch.temp}));
-  const TempLayout layout = LayoutFor(rows, cols, 0);
+  const TempLayout layout = LayoutFor(rows, cols);
   if (scratch.temp_bytes < layout.end) {
     return Status::InvalidArgument("SampleRows: temp_bytes " + std::to_string(scratch.temp_bytes) +
                                    " below SampleRowsTempBytes(" + std::to_string(rows) + ", " + std::to_string(cols) +
@@ -589,8 +778,12 @@ Status SampleRows(const float* logits, int64_t rows, int64_t cols, const DeviceT
     CompactKernel<<<slice_grid, kSliceThreads, 0, stream>>>(scratch.keys, cols, rules, parts, scratch.plans,
                                                            scratch.sorted_keys, scratch.sorted_ids);
     LM2_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-    std::size_t bytes = scratch.temp_bytes - layout.cub;
-    LM2_CUDA_RETURN_IF_ERROR(SortSegments(temp + layout.cub, &bytes, scratch, rows, cols, stream));
+    // The rows whose candidates did not fit the pick's sort (PlanKernel gave every other
+    // row an empty segment, which this launch's block leaves at once).
+    LM2_RETURN_IF_ERROR(SortSegmentsDescending(scratch.keys, scratch.ids, rows * cols, rows, scratch.segment_begin,
+                                               scratch.segment_end, scratch.sorted_keys, scratch.sorted_ids,
+                                               reinterpret_cast<float*>(temp + layout.alt_keys),
+                                               reinterpret_cast<int32_t*>(temp + layout.alt_ids), stream));
   }
   if (!kinds.temperature) return Status::Ok();  // PlanKernel picked every row
   PickKernel<<<grid_rows, kPickThreads, 0, stream>>>(scratch.keys, scratch.sorted_keys, scratch.sorted_ids, cols,
