@@ -279,6 +279,54 @@ __global__ void __launch_bounds__(kThreads, 2)
 #endif
 }
 
+// The write's end: the block's 128 slot rows of sums, (+)= into acc [N, d] at columns
+// [j 64, j 64 + 64), and their masses. The fragments go to shared memory first (`rows`, over
+// the token tiles, free by then: the caller's barrier) and leave as whole rows, 16 bytes a
+// thread and a row's 256 bytes by 16 neighbouring threads: storing the fragments directly
+// (StoreSlotSums) wrote 8-byte pieces of eight rows per warp instruction, half of each
+// 32-byte sector. The same sums, so the same bits.
+constexpr int kStagedLd = kDh + 8;  // floats a staged row: float2 stores of a half-warp hit 32 banks
+constexpr int kStagedBytes = kRows * kStagedLd * 4;
+
+template <bool kAccumulate>
+__device__ __forceinline__ void StoreSlotSumsStaged(const float (&out)[1][8][4], const float (&slot_mass)[1][2],
+                                                    int64_t n0, int64_t j, int64_t N, int64_t d, float* rows,
+                                                    float* __restrict__ mass, float* __restrict__ acc) {
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = warp * 16 + g + 8 * r;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      *reinterpret_cast<float2*>(rows + row * kStagedLd + i * 8 + 2 * t) =
+          make_float2(out[0][i][2 * r], out[0][i][2 * r + 1]);
+    }
+    const float total = QuadSum(slot_mass[0][r]);
+    const int64_t slot = n0 + row;
+    if (t == 0 && slot < N) mass[j * N + slot] = (kAccumulate ? mass[j * N + slot] : 0.0f) + total;
+  }
+  __syncthreads();
+  constexpr int kPieces = kDh / 4;                      // float4 pieces of a row
+  constexpr int kPerThread = kRows * kPieces / kThreads;  // 8
+  const int64_t valid = N - n0;
+  float4 old[kPerThread];
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int f = static_cast<int>(threadIdx.x) + k * kThreads, row = f / kPieces, c = (f % kPieces) * 4;
+    old[k] = kAccumulate && row < valid ? *reinterpret_cast<const float4*>(acc + (n0 + row) * d + j * kDh + c)
+                                        : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int f = static_cast<int>(threadIdx.x) + k * kThreads, row = f / kPieces, c = (f % kPieces) * 4;
+    if (row >= valid) continue;
+    const float4 v = *reinterpret_cast<const float4*>(rows + row * kStagedLd + c);
+    *reinterpret_cast<float4*>(acc + (n0 + row) * d + j * kDh + c) =
+        make_float4(old[k].x + v.x, old[k].y + v.y, old[k].z + v.z, old[k].w + v.w);
+  }
+}
+
 // Write sums: a block per (128 slots, head), over the chunk's tokens 64 at a time.
 // memory_tiled.cu's MemoryWriteTiledKernel.
 template <bool kAccumulate>
@@ -337,7 +385,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     });
   }
 
-  StoreSlotSums<kDh, 1, kAccumulate>(out, slot_mass, n0, j, N, d, kDh, mass, acc);
+  __syncthreads();  // every warpgroup is done with the token tiles: their buffers take the sums
+  StoreSlotSumsStaged<kAccumulate>(out, slot_mass, n0, j, N, d, reinterpret_cast<float*>(qt), mass, acc);
 #else
   __trap();
 #endif
@@ -345,6 +394,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 constexpr int kReadBytes = kAtomBytes + 2 * kTileStages * kTileBytes + kOwnBytes;
 constexpr int kWriteBytes = kReadBytes + kTileStages * kTile * 4;
+static_assert(kStagedBytes <= 2 * kTileStages * kTileBytes, "the staged sums fit over the token tiles");
 
 }  // namespace
 
