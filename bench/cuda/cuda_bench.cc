@@ -163,6 +163,16 @@ double TimeOp(cudaStream_t stream, Fn&& fn, int reps = 200) {
   return Elapsed(stream, fn, reps) / reps;
 }
 
+// The weights of call `call` among the copies of `elems` elements that fit in a buffer of
+// `total` (bf16 elements; elems a multiple of 8, so each copy is 16-byte aligned): timed
+// back to back, each call streams other weights than the call before, as a forward streams
+// its layers'. With one copy for every call, weights of up to the L2's ~50 MB were partly
+// found there: the 8 MB GEMVs (o_proj, out_gate) and the memory read timed 0.5 µs faster.
+const __nv_bfloat16* WeightCopy(const __nv_bfloat16* base, int64_t total, int64_t elems, int64_t call) {
+  const int64_t copies = std::max<int64_t>(1, total / elems);
+  return base + (call % copies) * elems;
+}
+
 // Device-to-device copy rate of 1 GiB, counting bytes read and written: best of 10.
 double CopyBandwidth() {
   const std::size_t bytes = std::size_t{1} << 30;
@@ -320,12 +330,18 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
   auto stage_attn = pointer_to(f2.data());  // 16 staged tokens fit in N x d floats
   auto stage_offer = pointer_to(f3.data());
   auto stage_mass = pointer_to(f1.data() + N * d / 2);  // past the read's output and scratch
-  // One session's memory K and V (bf16) for MemoryReadBatch.
-  const __nv_bfloat16* kv_ptrs[2] = {w.data(), w.data() + N * d};
-  auto mem_k = Take(cuda::DeviceBuffer<const __nv_bfloat16*>::Allocate(1), "alloc");
-  auto mem_v = Take(cuda::DeviceBuffer<const __nv_bfloat16*>::Allocate(1), "alloc");
-  Check(mem_k.CopyFromHost(&kv_ptrs[0], 1, nullptr), "copy");
-  Check(mem_v.CopyFromHost(&kv_ptrs[1], 1, nullptr), "copy");
+  // One session's memory K and V (bf16) for MemoryReadBatch: kv_copies copies of the pair in
+  // w, one pointer pair each.
+  const int64_t kv_copies = std::max<int64_t>(1, big / (2 * N * d));
+  std::vector<const __nv_bfloat16*> k_ptrs, v_ptrs;
+  for (int64_t i = 0; i < kv_copies; ++i) {
+    k_ptrs.push_back(w.data() + 2 * i * N * d);
+    v_ptrs.push_back(w.data() + (2 * i + 1) * N * d);
+  }
+  auto mem_k = Take(cuda::DeviceBuffer<const __nv_bfloat16*>::Allocate(k_ptrs.size()), "alloc");
+  auto mem_v = Take(cuda::DeviceBuffer<const __nv_bfloat16*>::Allocate(v_ptrs.size()), "alloc");
+  Check(mem_k.CopyFromHost(k_ptrs.data(), k_ptrs.size(), nullptr), "copy");
+  Check(mem_v.CopyFromHost(v_ptrs.data(), v_ptrs.size(), nullptr), "copy");
   // The KV cache for the decode attention: S rows, this token at the last.
   auto kv_ptr = pointer_to(kv.data());
   auto last_pos = Take(cuda::DeviceBuffer<int64_t>::Allocate(1), "alloc");
@@ -362,14 +378,21 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
         .gated = f3.data(),
         .y_bf16 = xb.data()};
   };
+  int64_t call = 0;  // rotates the weight copies (WeightCopy)
+  auto run_gemv = [&](cuda::GemvArgs g) {
+    g.w = WeightCopy(w.data(), big, g.in * g.out, call++);
+    return cuda::Gemv(g, st);
+  };
   auto gemv = [&](cuda::GemvInput in_kind, int64_t in, int64_t out, cuda::GemvOutput out_kind) {
     const cuda::GemvArgs g = gemv_args(in_kind, in, out, out_kind);
-    return TimeOp(st, [&] { return cuda::Gemv(g, st); });
+    return TimeOp(st, [&] { return run_gemv(g); });
   };
-  // One session's memory read with its write terms staged, as a decode step runs it.
+  // One session's memory read with its write terms staged, as a decode step runs it (each
+  // call on another copy of the K/V, as the layers' reads are).
   auto read_memory = [&] {
-    return cuda::MemoryReadBatch(x, d, mem_k.data(), mem_v.data(), 1, N, d, Hm, ys.data(), f1.data() + d,
-                                 f1.data() + 2 * d, &stage, st);
+    const int64_t copy = call++ % kv_copies;
+    return cuda::MemoryReadBatch(x, d, mem_k.data() + copy, mem_v.data() + copy, 1, N, d, Hm, ys.data(),
+                                 f1.data() + d, f1.data() + 2 * d, &stage, st);
   };
   auto wbytes = [](int64_t in, int64_t out) { return 2.0 * static_cast<double>(in) * static_cast<double>(out); };
   using cuda::GemvInput;
@@ -401,7 +424,8 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
       {"Gemv RMSNorm -> LM head", 1, gemv(GemvInput::kRmsNorm, d, c.vocab_size, GemvOutput::kStore),
        wbytes(d, c.vocab_size)},
   };
-  std::printf("decode step by op (context %lld; mean of 200 back-to-back launches each; counts per step):\n",
+  std::printf("decode step by op (context %lld; mean of 200 back-to-back launches each, each on other weights; counts "
+              "per step):\n",
               static_cast<long long>(S));
   const double total = PrintOpTimes(rows);
   std::printf("  %-55s %30.3f ms\n", "sum (one decode step's ops, no host work)", total * 1e3);
@@ -413,7 +437,9 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
       {"cuBLAS Linear 1 x d -> V", {d, c.vocab_size}}};
   for (const auto& [name, shape] : blas_rows) {
     const auto [in, out] = shape;
-    const double t = TimeOp(st, [&] { return cuda::Linear(h, xb.data(), 1, in, w.data(), out, ys.data(), false, st); });
+    const double t = TimeOp(st, [&] {
+      return cuda::Linear(h, xb.data(), 1, in, WeightCopy(w.data(), big, in * out, call++), out, ys.data(), false, st);
+    });
     std::printf("  %-55s %8.1f us  (%.0f GB/s of weights)\n", name, t * 1e6, wbytes(in, out) / t / 1e9);
   }
   // What staging the input costs the GEMVs that make it by an RMSNorm (a block-wide
@@ -430,10 +456,10 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
   // while the projection ends), against the two apart: how much of the read the chain hides.
   if (c.has_memory()) {
     const cuda::GemvArgs proj = gemv_args(GemvInput::kRmsNorm, d, P, GemvOutput::kStore);
-    const double t_proj = TimeOp(st, [&] { return cuda::Gemv(proj, st); });
+    const double t_proj = TimeOp(st, [&] { return run_gemv(proj); });
     const double t_read = TimeOp(st, read_memory);
     const double t_pair = TimeOp(st, [&] {
-      const lm2::Status s = cuda::Gemv(proj, st);
+      const lm2::Status s = run_gemv(proj);
       return s.ok() ? read_memory() : s;
     });
     std::printf("  the q|k|v GEMV, then the memory read (chained as at batch 1): %6.1f us; apart %6.1f + %6.1f us\n",
@@ -443,8 +469,11 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
   for (int64_t B = 2; B <= cuda::kGemvMaxRows; B *= 2) {
     const cuda::GemvArgs g{.input = cuda::GemvInput::kRmsNorm, .x = x, .x_ld = d, .norm_weight = f3.data(),
                            .eps = 1e-5f, .w = w.data(), .rows = B, .in = d, .out = 2 * F, .y = f2.data()};
-    const double tg = TimeOp(st, [&] { return cuda::Gemv(g, st); });
-    const double tb = TimeOp(st, [&] { return cuda::Linear(h, xb.data(), B, d, w.data(), 2 * F, f2.data(), false, st); });
+    const double tg = TimeOp(st, [&] { return run_gemv(g); });
+    const double tb = TimeOp(st, [&] {
+      return cuda::Linear(h, xb.data(), B, d, WeightCopy(w.data(), big, d * 2 * F, call++), 2 * F, f2.data(), false,
+                          st);
+    });
     std::printf("  %lld rows d -> 2F: Gemv %6.1f us (%.0f GB/s), cuBLAS %6.1f us (%.0f GB/s)\n",
                 static_cast<long long>(B), tg * 1e6, wbytes(d, 2 * F) / tg / 1e9, tb * 1e6, wbytes(d, 2 * F) / tb / 1e9);
   }
@@ -499,8 +528,11 @@ void BatchedStepParts(const lm2::runtime::ModelConfig& c, int64_t S, int64_t B) 
   auto blas = Take(cuda::CublasHandle::Create(), "cublas");
   const cudaStream_t st = stream.get();
   cublasHandle_t h = blas.get();
+  int64_t call = 0;  // rotates the weight copies (WeightCopy)
   auto linear = [&](int64_t in, int64_t out) {
-    return TimeOp(st, [&] { return cuda::Linear(h, xb.data(), B, in, w.data(), out, y.data(), false, st); }, 50);
+    return TimeOp(st, [&] {
+      return cuda::Linear(h, xb.data(), B, in, WeightCopy(w.data(), big, in * out, call++), out, y.data(), false, st);
+    }, 50);
   };
   const double wb = 2.0;  // bf16
   const std::vector<OpTime> parts = {
@@ -583,7 +615,8 @@ void PrefillChunkParts(const lm2::runtime::ModelConfig& c, int64_t T) {
     return Take(cuda::DeviceBuffer<__nv_bfloat16>::Allocate(static_cast<std::size_t>(n)), "alloc");
   };
   const int64_t widest = std::max({P, 2 * F, qdim});
-  auto w = alloc_b(std::max({d * P, 2 * F * d, 2 * N * d}));
+  const int64_t w_elems = 4 * std::max({d * P, 2 * F * d, 2 * N * d});  // 4 copies of the largest (WeightCopy)
+  auto w = alloc_b(w_elems);
   auto xb = alloc_b(T * std::max({F, qdim, d}));
   auto x = alloc_f(T * d), y = alloc_f(T * widest), q = alloc_f(T * qdim), kc = alloc_f(T * kvdim),
        vc = alloc_f(T * kvdim), e = alloc_f(T * d), a = alloc_f(T * d), norm = alloc_f(d);
@@ -604,8 +637,12 @@ void PrefillChunkParts(const lm2::runtime::ModelConfig& c, int64_t T) {
   cublasHandle_t h = blas.get();
   const auto D = [](int64_t v) { return static_cast<double>(v); };
   const double t = D(T), reps = 20;
+  int64_t call = 0;
   auto linear = [&](int64_t in, int64_t out) {
-    return TimeOp(st, [&] { return cuda::Linear(h, xb.data(), T, in, w.data(), out, y.data(), false, st); }, 20);
+    return TimeOp(st, [&] {
+      return cuda::Linear(h, xb.data(), T, in, WeightCopy(w.data(), w_elems, in * out, call++), out, y.data(), false,
+                          st);
+    }, 20);
   };
   auto gemm_flops_rows = [](int64_t rows, int64_t in, int64_t out) { return 2.0 * static_cast<double>(rows * in * out); };
   auto gemm_flops = [&](int64_t in, int64_t out) { return gemm_flops_rows(T, in, out); };
@@ -678,7 +715,8 @@ void PrefillChunkParts(const lm2::runtime::ModelConfig& c, int64_t T) {
   parts.push_back({"SwiGluBf16 (from bf16)", 1,
                    TimeOp(st, [&] { return cuda::SwiGluBf16(gate_up, T, F, xb.data(), st); }), t * D(F) * (4.0 + 2.0)});
   parts.push_back({"cuBLAS T x F -> d (down)", 1, linear(F, d), 0, gemm_flops(F, d)});
-  std::printf("a prefill chunk of %lld tokens by kernel (empty cache; mean of back-to-back launches; counts per layer):\n",
+  std::printf("a prefill chunk of %lld tokens by kernel (empty cache; mean of back-to-back launches, GEMMs each on "
+              "other weights; counts per layer):\n",
               static_cast<long long>(T));
   const double per_layer = PrintOpTimes(parts);
   std::printf("  %-55s %8.3f ms for %lld layers (+ the segment opening and the LM head)\n", "sum over the layers",
