@@ -261,10 +261,10 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
   const bool rows_vec = tiled::StageRowsByPieces(q, q_ld, offer, offer_ld, dh);
   const auto heads = static_cast<unsigned int>(d / dh);
   const Scratch parts = Carve(scratch, T, heads, DHP);
-  // Hopper, head width 64: the same kernels on wgmma (memory_tiled_sm90.cu; its write stores
-  // whole 16-byte pieces of the sums' rows).
+  // Hopper, head width 64: the same kernels on wgmma (memory_tiled_sm90.cu; they store whole
+  // 16-byte pieces of e's and the sums' rows).
   if constexpr (DHP == 64) {
-    if (dh == 64 && vec && Aligned16({acc}) && tiled::Sm90KernelsBuilt()) {
+    if (dh == 64 && vec && Aligned16({acc, e}) && tiled::Sm90KernelsBuilt()) {
       LM2_ASSIGN_OR_RETURN(const int major, CurrentDeviceAttribute(cudaDevAttrComputeCapabilityMajor));
       LM2_ASSIGN_OR_RETURN(const int minor, CurrentDeviceAttribute(cudaDevAttrComputeCapabilityMinor));
       if (major == 9 && minor == 0) {

@@ -199,6 +199,52 @@ __device__ __forceinline__ char* AlignedSharedMemory() {
   return reinterpret_cast<char*>(smem) + ((kAtomBytes - address % kAtomBytes) % kAtomBytes);
 }
 
+// A block's 128 output rows leave through shared memory (`rows`: over the other side's
+// tiles, free by then: the caller's barrier) as whole rows, 16 bytes a thread and a row's
+// 256 bytes by 16 neighbouring threads: storing the fragments directly wrote 8-byte pieces
+// of eight rows per warp instruction, half of each 32-byte sector (Nsight Compute had the
+// write's warps stalled on the store queue at its end). The values are unchanged.
+constexpr int kStagedLd = kDh + 8;  // floats a staged row: float2 stores of a half-warp hit 32 banks
+constexpr int kStagedBytes = kRows * kStagedLd * 4;
+
+// This warp's 16 rows of fragments into `rows`, row g + 8r of the warp scaled by scale[r].
+__device__ __forceinline__ void StageFragments(const float (&out)[8][4], const float (&scale)[2], float* rows) {
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = warp * 16 + g + 8 * r;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      *reinterpret_cast<float2*>(rows + row * kStagedLd + i * 8 + 2 * t) =
+          make_float2(out[i][2 * r] * scale[r], out[i][2 * r + 1] * scale[r]);
+    }
+  }
+}
+
+// After a barrier: staged rows [0, valid) into dst (row i at dst + i ld; 16-byte aligned),
+// added to what dst holds where kAccumulate (its loads all issued before the first store).
+template <bool kAccumulate>
+__device__ __forceinline__ void StoreStagedRows(const float* rows, int64_t valid, float* __restrict__ dst, int64_t ld) {
+  constexpr int kPieces = kDh / 4;                        // float4 pieces of a row
+  constexpr int kPerThread = kRows * kPieces / kThreads;  // 8
+  float4 old[kPerThread];
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int f = static_cast<int>(threadIdx.x) + k * kThreads, row = f / kPieces, c = (f % kPieces) * 4;
+    old[k] = kAccumulate && row < valid ? *reinterpret_cast<const float4*>(dst + row * ld + c)
+                                        : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int f = static_cast<int>(threadIdx.x) + k * kThreads, row = f / kPieces, c = (f % kPieces) * 4;
+    if (row >= valid) continue;
+    const float4 v = *reinterpret_cast<const float4*>(rows + row * kStagedLd + c);
+    *reinterpret_cast<float4*>(dst + row * ld + c) =
+        make_float4(old[k].x + v.x, old[k].y + v.y, old[k].z + v.z, old[k].w + v.w);
+  }
+}
+
 // Read: a block per (128 tokens, head), or a cluster of gridDim.z blocks per pair, block z
 // over slot tiles [z tiles / P, (z + 1) tiles / P), combined through distributed shared
 // memory (CombineSplits). memory_tiled.cu's MemoryReadTiledKernel.
@@ -264,67 +310,43 @@ __global__ void __launch_bounds__(kThreads, 2)
                                     reinterpret_cast<float*>(ks));
     return;
   }
-  // e rows g and g + 8 of the warp's 16; this lane's columns 2t, 2t + 1 of each 8.
+  // e: the rows normalised (row g + 8r of the warp's 16 by its 1 / l), staged over the K/V
+  // tiles and stored whole; each row's shift.
+  float inv_l[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float sum = QuadSum(l[0][r]), inv_l = 1.0f / sum;
+    const float sum = QuadSum(l[0][r]);
+    inv_l[r] = 1.0f / sum;
     const int64_t row = t0 + warp * 16 + g + 8 * r;
-    if (row < T) {
-      ForEachOwnedElement(out[0], r, t, kDh, [&](int col, float v) { e[row * d + j * kDh + col] = v * inv_l; });
-    }
     if (t == 0) scratch.shift[j * Tp + row] = row < T ? SoftmaxShift(m[0][r], sum) : INFINITY;
   }
+  float* rows = reinterpret_cast<float*>(ks);
+  __syncthreads();  // every warp's last tile's K/V reads are done
+  StageFragments(out[0], inv_l, rows);
+  __syncthreads();
+  StoreStagedRows<false>(rows, T - t0, e + t0 * d + j * kDh, d);
 #else
   __trap();  // launched only where the build has sm_90a code (Sm90KernelsBuilt)
 #endif
 }
 
-// The write's end: the block's 128 slot rows of sums, (+)= into acc [N, d] at columns
-// [j 64, j 64 + 64), and their masses. The fragments go to shared memory first (`rows`, over
-// the token tiles, free by then: the caller's barrier) and leave as whole rows, 16 bytes a
-// thread and a row's 256 bytes by 16 neighbouring threads: storing the fragments directly
-// (StoreSlotSums) wrote 8-byte pieces of eight rows per warp instruction, half of each
-// 32-byte sector. The same sums, so the same bits.
-constexpr int kStagedLd = kDh + 8;  // floats a staged row: float2 stores of a half-warp hit 32 banks
-constexpr int kStagedBytes = kRows * kStagedLd * 4;
-
+// The write's end: the block's 128 slot rows of sums (+)= into acc [N, d] at columns
+// [j 64, j 64 + 64), staged as above, and their masses.
 template <bool kAccumulate>
 __device__ __forceinline__ void StoreSlotSumsStaged(const float (&out)[1][8][4], const float (&slot_mass)[1][2],
                                                     int64_t n0, int64_t j, int64_t N, int64_t d, float* rows,
                                                     float* __restrict__ mass, float* __restrict__ acc) {
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, t = lane % 4;
+  StageFragments(out[0], {1.0f, 1.0f}, rows);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int row = warp * 16 + g + 8 * r;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      *reinterpret_cast<float2*>(rows + row * kStagedLd + i * 8 + 2 * t) =
-          make_float2(out[0][i][2 * r], out[0][i][2 * r + 1]);
-    }
     const float total = QuadSum(slot_mass[0][r]);
-    const int64_t slot = n0 + row;
+    const int64_t slot = n0 + warp * 16 + g + 8 * r;
     if (t == 0 && slot < N) mass[j * N + slot] = (kAccumulate ? mass[j * N + slot] : 0.0f) + total;
   }
   __syncthreads();
-  constexpr int kPieces = kDh / 4;                      // float4 pieces of a row
-  constexpr int kPerThread = kRows * kPieces / kThreads;  // 8
-  const int64_t valid = N - n0;
-  float4 old[kPerThread];
-#pragma unroll
-  for (int k = 0; k < kPerThread; ++k) {
-    const int f = static_cast<int>(threadIdx.x) + k * kThreads, row = f / kPieces, c = (f % kPieces) * 4;
-    old[k] = kAccumulate && row < valid ? *reinterpret_cast<const float4*>(acc + (n0 + row) * d + j * kDh + c)
-                                        : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  }
-#pragma unroll
-  for (int k = 0; k < kPerThread; ++k) {
-    const int f = static_cast<int>(threadIdx.x) + k * kThreads, row = f / kPieces, c = (f % kPieces) * 4;
-    if (row >= valid) continue;
-    const float4 v = *reinterpret_cast<const float4*>(rows + row * kStagedLd + c);
-    *reinterpret_cast<float4*>(acc + (n0 + row) * d + j * kDh + c) =
-        make_float4(old[k].x + v.x, old[k].y + v.y, old[k].z + v.z, old[k].w + v.w);
-  }
+  StoreStagedRows<kAccumulate>(rows, N - n0, acc + n0 * d + j * kDh, d);
 }
 
 // Write sums: a block per (128 slots, head), over the chunk's tokens 64 at a time.
@@ -394,7 +416,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 constexpr int kReadBytes = kAtomBytes + 2 * kTileStages * kTileBytes + kOwnBytes;
 constexpr int kWriteBytes = kReadBytes + kTileStages * kTile * 4;
-static_assert(kStagedBytes <= 2 * kTileStages * kTileBytes, "the staged sums fit over the token tiles");
+static_assert(kStagedBytes <= 2 * kTileStages * kTileBytes, "the staged rows fit over the other side's tiles");
 
 }  // namespace
 
