@@ -5,7 +5,7 @@
 //                                   the PyTorch baseline, writes the report; docs/benchmarks.md)
 //   lm2_cuda_bench --model DIR [--decode-tokens 128] [--prompt-tokens 32] [--prefill 512,4096]
 //                  [--sessions 8,32,64] [--repeats 3] [--json OUT] [--profile-prefill T]
-//                  [--tiled 0|1] [--chunk N] [--side-read 0|1] [--read-leads 0|1] [--warm-up 0|1]
+//                  [--tiled 0|1] [--chunk N] [--side-read 0|1] [--read-leads 0|1] [--defer-write 0|1] [--warm-up 0|1]
 //                  [--profile-decode N] [--bank-threads N] [--kv-at-end 0|1]
 //                                                  (--decode-tokens 0: prefill only)
 //
@@ -14,6 +14,8 @@
 //   --chunk: CudaOptions::max_chunk_tokens; --side-read 0: the memory reads on the main
 //   stream (CudaOptions::concurrent_memory_read); --read-leads 0: one-session decode steps keep
 //   attention on the main stream and the read beside it (CudaOptions::memory_read_leads);
+//   --defer-write 1: a tiled chunk's memory write sums past the output gate's join
+//   (CudaOptions::defer_memory_write);
 //   --warm-up 0: no warm-up turn at load
 //   (CudaOptions::warm_up), so the first turn's figure shows the kernels' first-use costs.
 //   --bank-threads N: CudaOptions::bank_transfer_threads (bank export / import).
@@ -817,6 +819,7 @@ int main(int argc, char** argv) {
     else if (k == "--chunk") options.max_chunk_tokens = std::stoll(v);
     else if (k == "--side-read") options.concurrent_memory_read = v != "0";
     else if (k == "--read-leads") options.memory_read_leads = v != "0";
+    else if (k == "--defer-write") options.defer_memory_write = v != "0";
     else if (k == "--warm-up") options.warm_up = v != "0";
     else if (k == "--bank-threads") options.bank_transfer_threads = std::stoi(v);
     else if (k == "--kv-at-end") options.memory_kv_at_segment_end = v != "0";

@@ -563,15 +563,21 @@ TEST_CASE("CUDA ForwardBatch: one forward for many sessions equals each decoding
 }
 
 TEST_CASE("Memory reads on the side stream give the same bits as on the main stream", "[cuda][model]") {
-  // Tiled chunks (the read and write sums beside tensor-core attention), decode steps
-  // (graphs, staged writes, a flush every 3; the read beside attention, or attention beside
-  // the read), a batched step, and second segments on the committed banks: logits and banks
-  // equal.
-  const bool leads = GENERATE(true, false);
-  INFO("memory_read_leads=" << leads);
+  // Tiled chunks (the read and write sums beside tensor-core attention; or the write sums
+  // past the output gate's join, defer_memory_write), decode steps (graphs, staged writes, a
+  // flush every 3; the read beside attention, or attention beside the read), a batched step,
+  // and second segments on the committed banks: logits and banks equal.
+  const auto [leads, defer] =
+      GENERATE(std::make_pair(true, false), std::make_pair(false, false), std::make_pair(true, true));
+  INFO("memory_read_leads=" << leads << " defer_memory_write=" << defer);
   auto files = Files(TestModelDir("tiny-lm2"));
-  auto side =
-      LoadCuda(files, 512, 32, true, /*flush=*/3, lm2::runtime::CudaOptions{}.gemv_max_rows, true, true, leads);
+  lm2::runtime::CudaOptions side_options;
+  side_options.max_chunk_tokens = 512;
+  side_options.attention_gemm_min_tokens = 32;
+  side_options.write_flush_tokens = 3;
+  side_options.memory_read_leads = leads;
+  side_options.defer_memory_write = defer;
+  auto side = LoadCudaWith(files, side_options);
   auto one = LoadCuda(files, 512, 32, true, /*flush=*/3, lm2::runtime::CudaOptions{}.gemv_max_rows, true, false);
   auto a = NewState(*side), a2 = NewState(*side);
   auto b = NewState(*one), b2 = NewState(*one);

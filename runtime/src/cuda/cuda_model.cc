@@ -1120,6 +1120,7 @@ class CudaModel final : public Model {
     LM2_RETURN_IF_ERROR(EmbeddingLookup(w_->embed, V, d, ids, n, h, st));
     // The rows' rotary factors, once for all the layers.
     LM2_RETURN_IF_ERROR(RopeFactorsBatch(positions, n, Dh, cfg_.rope_theta, sc.rope.data(), st));
+    bool deferred_write = false;  // a write sums kernel runs on the side stream past its join
     for (int64_t i = 0; i < cfg_.num_layers; ++i) {
       const CudaLayerWeights& lw = w_->layers[Z(i)];
       LayerState& ls = s.layers_[Z(i)];
@@ -1135,6 +1136,11 @@ class CudaModel final : public Model {
       // self-attention and o_proj, joined before the output gate.
       const float* mq = proj + qdim + 2 * kvdim;
       const float* offer = mq + d;
+      const bool side_read =
+          lw.has_memory && options_.concurrent_memory_read && (batch != nullptr || n == 1 || tiled_memory_);
+      // A tiled chunk's write sums may run past the join (CudaOptions::defer_memory_write).
+      const bool defer_write = side_read && batch == nullptr && n > 1 && tiled_memory_ &&
+                               options_.defer_memory_write;
       auto read_memory = [&](cudaStream_t mst) -> Status {
         if (batch != nullptr) {  // the read stages each token's write terms too
           const MemoryStage stage{.offer = offer, .offer_ld = P, .slots = batch->slots,
@@ -1147,15 +1153,14 @@ class CudaModel final : public Model {
           return MemoryReadOneToken(mq, P, ls.mem_k, ls.mem_v, N, d, Hm, sc.mattn.data(), sc.e.data(),
                                     sc.read_partial.data(), mst);
         }
-        if (tiled_memory_) {  // the write sums too (stored by a segment's first chunk)
+        if (tiled_memory_) {  // the write sums too (stored by a segment's first chunk), or after the join
           return MemoryReadWrite(mq, P, offer, P, ls.mem_k, ls.mem_v, n, N, d, Hm, sc.e.data(), !s.sums_empty_,
-                                 ls.mass.data(), ls.acc.data(), sc.read_stats.data(), mst);
+                                 ls.mass.data(), ls.acc.data(), sc.read_stats.data(), mst,
+                                 defer_write ? MemoryReadWriteParts::kRead : MemoryReadWriteParts::kBoth);
         }
         return MemoryRead(blas, mq, P, ls.mem_k, ls.mem_v, n, N, d, Hm, sc.mattn.data(), sc.e.data(),
                           sc.read_b.data(), mst);
       };
-      const bool side_read =
-          lw.has_memory && options_.concurrent_memory_read && (batch != nullptr || n == 1 || tiled_memory_);
       // A batched step's RoPE, cache append and self-attention, on stream `on`.
       auto attend_batch = [&](cudaStream_t on) {
         return RopeAttentionDecodeBatch(proj, P, positions, sc.rope.data(), batch->KCaches(i), batch->VCaches(i), n,
@@ -1182,6 +1187,12 @@ class CudaModel final : public Model {
         LM2_RETURN_IF_ERROR(s.fork_.Order(st, side));
         LM2_RETURN_IF_ERROR(read_memory(side));
         LM2_RETURN_IF_ERROR(s.join_.Record(side));  // the main stream waits for the read only
+        if (defer_write) {  // the write sums after the join, beside the output gate and the FFN
+          LM2_RETURN_IF_ERROR(MemoryReadWrite(mq, P, offer, P, ls.mem_k, ls.mem_v, n, N, d, Hm, sc.e.data(),
+                                              !s.sums_empty_, ls.mass.data(), ls.acc.data(), sc.read_stats.data(),
+                                              side, MemoryReadWriteParts::kWrite));
+          deferred_write = true;
+        }
         const int64_t next_kv = NextMemoryLayer(i + 1);
         if (make_kv && next_kv < cfg_.num_layers) {
           LM2_RETURN_IF_ERROR(MakeMemoryKv(s, next_kv, s.side_cublas_.get(), side));
@@ -1245,6 +1256,7 @@ class CudaModel final : public Model {
 
       LM2_RETURN_IF_ERROR(FeedForward(s, n, m, lw, h));
     }
+    if (deferred_write) LM2_RETURN_IF_ERROR(s.join_.Order(s.side_stream_.get(), st));  // the last write sums
     if (make_kv) s.kv_current_ = true;
     return Status::Ok();
   }

@@ -361,10 +361,13 @@ Status AccumulateWrite(cublasHandle_t handle, const float* attn, const float* of
 // to zeros gives). Head widths up to 128 (MemoryReadWriteSupported).
 bool MemoryReadWriteSupported(int64_t d, int64_t heads);
 int64_t MemoryReadWriteScratch(int64_t T, int64_t d, int64_t heads);
+// `parts`: both kernels, or the read alone then (a later call, same arguments and scratch,
+// on the same stream) the write alone, whose sums e does not need.
+enum class MemoryReadWriteParts { kBoth, kRead, kWrite };
 Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld,
                        const __nv_bfloat16* mem_k, const __nv_bfloat16* mem_v, int64_t T, int64_t N, int64_t d,
                        int64_t heads, float* e, bool accumulate, float* mass, float* acc, float* scratch,
-                       cudaStream_t stream);
+                       cudaStream_t stream, MemoryReadWriteParts parts = MemoryReadWriteParts::kBoth);
 
 // One token per session (decode), as bandwidth-bound kernels (memory_decode.cu): the same
 // results as MemoryRead / AccumulateWrite with T = 1, with q, the scores and the

@@ -252,15 +252,16 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryWrite
 template <int DHP>
 Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, const bf16* mem_k,
                    const bf16* mem_v, int64_t T, int64_t N, int64_t d, int dh, float* e, bool accumulate,
-                   float* mass, float* acc, float* scratch, cudaStream_t stream) {
+                   float* mass, float* acc, float* scratch, cudaStream_t stream, MemoryReadWriteParts parts) {
   using L = Layout<DHP>;
+  const bool read = parts != MemoryReadWriteParts::kWrite, write = parts != MemoryReadWriteParts::kRead;
   constexpr int kReadBytes = (L::kRowsElems + 2 * kTileStages * L::kTileElems) * 2;
   constexpr int kWriteBytes = (L::kRowsElems + 2 * kTileStages * L::kTileElems) * 2 + kTileStages * kTile * 4;
   const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(dh));
   const bool vec = dh % 8 == 0 && d % 8 == 0;  // memory K/V rows and head offsets 16-byte aligned
   const bool rows_vec = tiled::StageRowsByPieces(q, q_ld, offer, offer_ld, dh);
   const auto heads = static_cast<unsigned int>(d / dh);
-  const Scratch parts = Carve(scratch, T, heads, DHP);
+  const Scratch carved = Carve(scratch, T, heads, DHP);
   // Hopper, head width 64: the same kernels on wgmma (memory_tiled_sm90.cu; they store whole
   // 16-byte pieces of e's and the sums' rows).
   if constexpr (DHP == 64) {
@@ -268,9 +269,12 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
       LM2_ASSIGN_OR_RETURN(const int major, CurrentDeviceAttribute(cudaDevAttrComputeCapabilityMajor));
       LM2_ASSIGN_OR_RETURN(const int minor, CurrentDeviceAttribute(cudaDevAttrComputeCapabilityMinor));
       if (major == 9 && minor == 0) {
-        LM2_RETURN_IF_ERROR(
-            tiled::ReadSm90(q, q_ld, offer, offer_ld, rows_vec, mem_k, mem_v, T, N, d, scale_log2, e, parts, stream));
-        return tiled::WriteSm90(mem_k, T, N, d, scale_log2, accumulate, mass, acc, parts, stream);
+        if (read) {
+          LM2_RETURN_IF_ERROR(tiled::ReadSm90(q, q_ld, offer, offer_ld, rows_vec, mem_k, mem_v, T, N, d, scale_log2,
+                                              e, carved, stream));
+        }
+        return write ? tiled::WriteSm90(mem_k, T, N, d, scale_log2, accumulate, mass, acc, carved, stream)
+                     : Status::Ok();
       }
     }
   }
@@ -280,14 +284,17 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
   LM2_RETURN_IF_ERROR(
       EnsureSharedMemory(reinterpret_cast<const void*>(write_kernel), kWriteBytes, "MemoryReadWrite"));
   const auto pairs = static_cast<unsigned int>(PaddedTokens(T) / kRows);
-  LM2_ASSIGN_OR_RETURN(const int splits, ReadSplits(pairs * heads, (N + kTile - 1) / kTile, read_kernel,
-                                                    GroupThreads(DHP), kReadBytes));
-  const tiled::ClusterLaunch launch(dim3(pairs, heads, static_cast<unsigned int>(splits)), GroupThreads(DHP),
-                                    kReadBytes, stream, splits);
-  LM2_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&launch.config, MemoryReadTiledKernel<DHP>, q, q_ld, offer, offer_ld,
-                                              mem_k, mem_v, T, N, d, dh, scale_log2, vec, rows_vec, e, parts));
+  if (read) {
+    LM2_ASSIGN_OR_RETURN(const int splits, ReadSplits(pairs * heads, (N + kTile - 1) / kTile, read_kernel,
+                                                      GroupThreads(DHP), kReadBytes));
+    const tiled::ClusterLaunch launch(dim3(pairs, heads, static_cast<unsigned int>(splits)), GroupThreads(DHP),
+                                      kReadBytes, stream, splits);
+    LM2_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&launch.config, MemoryReadTiledKernel<DHP>, q, q_ld, offer, offer_ld,
+                                                mem_k, mem_v, T, N, d, dh, scale_log2, vec, rows_vec, e, carved));
+  }
+  if (!write) return Status::Ok();
   const dim3 write_grid(static_cast<unsigned int>((N + kRows - 1) / kRows), heads);
-  write_kernel<<<write_grid, GroupThreads(DHP), kWriteBytes, stream>>>(mem_k, T, N, d, dh, scale_log2, vec, parts,
+  write_kernel<<<write_grid, GroupThreads(DHP), kWriteBytes, stream>>>(mem_k, T, N, d, dh, scale_log2, vec, carved,
                                                                       mass, acc);
   return CheckLaunch("MemoryWriteTiledKernel");
 }
@@ -305,7 +312,7 @@ int64_t MemoryReadWriteScratch(int64_t T, int64_t d, int64_t heads) {
 
 Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, const bf16* mem_k,
                        const bf16* mem_v, int64_t T, int64_t N, int64_t d, int64_t heads, float* e, bool accumulate,
-                       float* mass, float* acc, float* scratch, cudaStream_t stream) {
+                       float* mass, float* acc, float* scratch, cudaStream_t stream, MemoryReadWriteParts parts) {
   LM2_RETURN_IF_ERROR(ops::CheckMemory("MemoryReadWrite", T, N, d, heads));
   if (!MemoryReadWriteSupported(d, heads)) {
     return Status::InvalidArgument("MemoryReadWrite: head width " + std::to_string(d / heads) + " > " +
@@ -320,7 +327,7 @@ Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t
   const int dh = static_cast<int>(d / heads);
   return WithPaddedTileWidth(dh, [&](auto dhp) {
     return LaunchTiled<decltype(dhp)::value>(q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, dh, e, accumulate,
-                                             mass, acc, scratch, stream);
+                                             mass, acc, scratch, stream, parts);
   });
 }
 

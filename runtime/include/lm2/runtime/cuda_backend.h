@@ -70,6 +70,13 @@ struct CudaOptions {
   // Measured on an H200: batch-1 decode 884-892 -> 904-909 tokens/s; 2 sessions lost ~3%
   // this way, so steps of several sessions keep the read on the second stream.
   bool memory_read_leads = true;
+  // With concurrent_memory_read, a tiled chunk's memory write sums (which nothing in the
+  // forward reads) run on the second stream after the read, past the output gate's join,
+  // beside the main stream's output gate and FFN; the forward joins the second stream at its
+  // end. Same results either way (tested). Measured on an H200: prompts of 37-450 tokens
+  // ~3% faster, 512 and 2048 tokens within noise. Off until the whole GPU test suite has run
+  // with it on (so far: the op tests and the side-stream model test, with it on).
+  bool defer_memory_write = false;
   // LoadCudaModel computes the memory K/V of the model's initial bank once (memory_slots x
   // hidden_size x 2 bf16 per memory layer: 256 MiB for the paper's model) and every state's
   // segments read those until its bank changes (EndSegment after tokens, ImportMemory),
