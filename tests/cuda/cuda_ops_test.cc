@@ -1165,6 +1165,20 @@ TEST_CASE("MemoryReadWrite: the read and the write sums in tiles, without the pr
   CHECK(std::memcmp(zm.data(), sm.data(), zm.size() * sizeof(float)) == 0);
   CHECK(std::memcmp(za.data(), sa.data(), za.size() * sizeof(float)) == 0);
   CHECK(Download(de) == e);
+
+  // The read and the write as two calls (MemoryReadWriteParts; defer_memory_write): the bits
+  // of one call, e from the first, the stored sums from the second.
+  auto pe = Poisoned<float>(want_e.size());
+  auto pmass = Poisoned<float>(mass0.size()), pacc = Poisoned<float>(acc0.size());
+  RequireOk(MemoryReadWrite(dq.data(), ld, doffer.data(), ld, dmk.data(), dmv.data(), T, N, d, Hm, pe.data(), false,
+                            pmass.data(), pacc.data(), scratch.data(), Stream(), MemoryReadWriteParts::kRead));
+  const bool read_alone_same_e = Download(pe) == e;
+  CHECK(read_alone_same_e);
+  RequireOk(MemoryReadWrite(dq.data(), ld, doffer.data(), ld, dmk.data(), dmv.data(), T, N, d, Hm, pe.data(), false,
+                            pmass.data(), pacc.data(), scratch.data(), Stream(), MemoryReadWriteParts::kWrite));
+  const auto pm = Download(pmass), pa = Download(pacc);
+  CHECK(std::memcmp(pm.data(), sm.data(), pm.size() * sizeof(float)) == 0);
+  CHECK(std::memcmp(pa.data(), sa.data(), pa.size() * sizeof(float)) == 0);
 }
 
 TEST_CASE("GatedResidual, SwiGlu, AddInPlace, AddBias", "[cuda][ops]") {
