@@ -12,7 +12,8 @@
 # Environment: SKIP_MEMCHECK=1 skips the sanitizer passes, SKIP_RACECHECK=1 the racecheck
 # pass alone, RACECHECK_ONLY=1 runs only it. When device_bundle/lm2-gpu-sm80.tar.xz exists
 # (SM80_BUNDLE names another), its op and model tests run too: a SLIM bundle of a build
-# configured with -DCMAKE_CUDA_ARCHITECTURES=80 (the sm_80 code, on this card through PTX). Exit status 0 when all pass. On an H200 the
+# configured with -DCMAKE_CUDA_ARCHITECTURES=80 (the sm_80 code, on this card through PTX).
+# Exit status 0 when all pass. On an H200 the
 # suite without racecheck takes ~2 minutes and racecheck ~7 (431 s at 24edf3b; its
 # MemoryReadWrite case 13 s of them), together more than the device tool allows one
 # command: run it as SKIP_RACECHECK=1, then RACECHECK_ONLY=1.

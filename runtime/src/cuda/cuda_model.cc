@@ -1141,6 +1141,11 @@ class CudaModel final : public Model {
       // A tiled chunk's write sums may run past the join (CudaOptions::defer_memory_write).
       const bool defer_write = side_read && batch == nullptr && n > 1 && tiled_memory_ &&
                                options_.defer_memory_write;
+      // A tiled chunk's read and write sums (stored by a segment's first chunk), or one of them.
+      auto read_write = [&](cudaStream_t on, MemoryReadWriteParts parts) {
+        return MemoryReadWrite(mq, P, offer, P, ls.mem_k, ls.mem_v, n, N, d, Hm, sc.e.data(), !s.sums_empty_,
+                               ls.mass.data(), ls.acc.data(), sc.read_stats.data(), on, parts);
+      };
       auto read_memory = [&](cudaStream_t mst) -> Status {
         if (batch != nullptr) {  // the read stages each token's write terms too
           const MemoryStage stage{.offer = offer, .offer_ld = P, .slots = batch->slots,
@@ -1153,10 +1158,8 @@ class CudaModel final : public Model {
           return MemoryReadOneToken(mq, P, ls.mem_k, ls.mem_v, N, d, Hm, sc.mattn.data(), sc.e.data(),
                                     sc.read_partial.data(), mst);
         }
-        if (tiled_memory_) {  // the write sums too (stored by a segment's first chunk), or after the join
-          return MemoryReadWrite(mq, P, offer, P, ls.mem_k, ls.mem_v, n, N, d, Hm, sc.e.data(), !s.sums_empty_,
-                                 ls.mass.data(), ls.acc.data(), sc.read_stats.data(), mst,
-                                 defer_write ? MemoryReadWriteParts::kRead : MemoryReadWriteParts::kBoth);
+        if (tiled_memory_) {  // the write sums too, or after the join
+          return read_write(mst, defer_write ? MemoryReadWriteParts::kRead : MemoryReadWriteParts::kBoth);
         }
         return MemoryRead(blas, mq, P, ls.mem_k, ls.mem_v, n, N, d, Hm, sc.mattn.data(), sc.e.data(),
                           sc.read_b.data(), mst);
@@ -1188,9 +1191,7 @@ class CudaModel final : public Model {
         LM2_RETURN_IF_ERROR(read_memory(side));
         LM2_RETURN_IF_ERROR(s.join_.Record(side));  // the main stream waits for the read only
         if (defer_write) {  // the write sums after the join, beside the output gate and the FFN
-          LM2_RETURN_IF_ERROR(MemoryReadWrite(mq, P, offer, P, ls.mem_k, ls.mem_v, n, N, d, Hm, sc.e.data(),
-                                              !s.sums_empty_, ls.mass.data(), ls.acc.data(), sc.read_stats.data(),
-                                              side, MemoryReadWriteParts::kWrite));
+          LM2_RETURN_IF_ERROR(read_write(side, MemoryReadWriteParts::kWrite));
           deferred_write = true;
         }
         const int64_t next_kv = NextMemoryLayer(i + 1);

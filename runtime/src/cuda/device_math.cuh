@@ -167,14 +167,22 @@ __device__ __forceinline__ void AllowDependents() {
 #endif
 }
 
-// A greedy-pick key (ArgmaxKeyToken in cuda_ops.h): the float's bits ordered as unsigned
-// (negatives flipped; -0 taken as +0), then the index counted down so that equal values
-// favour the smaller.
+// A float's bits as an unsigned number in the float's order (negatives flipped, the others'
+// sign bit set; -0 taken as +0, so that the two compare equal), and back (-0 comes back as
+// +0). Not for NaN.
+__device__ __forceinline__ unsigned int OrderedBits(float v) {
+  const unsigned int u = __float_as_uint(v == 0.0f ? 0.0f : v);
+  return (u & 0x80000000u) != 0 ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float FloatOfOrderedBits(unsigned int ordered) {
+  return __uint_as_float((ordered & 0x80000000u) != 0 ? (ordered & 0x7FFFFFFFu) : ~ordered);
+}
+
+// A greedy-pick key (ArgmaxKeyToken in cuda_ops.h): the float's OrderedBits, then the index
+// counted down so that equal values favour the smaller.
 // Not for NaN values (never candidates); kArgmaxFirstNaN stands for a NaN first entry.
 __device__ __forceinline__ unsigned long long ArgmaxKey(float v, int64_t i) {
-  const unsigned int u = __float_as_uint(v == 0.0f ? 0.0f : v);  // -0 and +0 compare equal
-  const unsigned int ordered = (u & 0x80000000u) != 0 ? ~u : (u | 0x80000000u);
-  return (static_cast<unsigned long long>(ordered) << 32) | (0xFFFFFFFFu - static_cast<unsigned int>(i));
+  return (static_cast<unsigned long long>(OrderedBits(v)) << 32) | (0xFFFFFFFFu - static_cast<unsigned int>(i));
 }
 constexpr unsigned long long kArgmaxFirstNaN = ~0ull;
 

@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda/device_math.cuh"
 #include "cuda/mma.cuh"
 #include "lm2/core/status.h"
 
@@ -56,8 +57,7 @@ __device__ __forceinline__ ReadPart ThisReadPart(int64_t N) {
 // row strides and the head width multiples of 4 floats and 8 columns (a piece of 8 columns
 // then lies wholly inside a head or wholly past it).
 inline bool StageRowsByPieces(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, int64_t dh) {
-  const auto aligned = [](const float* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
-  return dh % 8 == 0 && q_ld % 4 == 0 && offer_ld % 4 == 0 && aligned(q) && aligned(offer);
+  return dh % 8 == 0 && q_ld % 4 == 0 && offer_ld % 4 == 0 && Aligned16({q, offer});
 }
 
 // A read block's q rows [t0, t0 + kRows) of head j in bf16 into shared memory `qs` (rows

@@ -107,8 +107,7 @@ TempLayout LayoutFor(int64_t rows, int64_t cols) {
 
 // The float an ArgmaxKey holds.
 __device__ __forceinline__ float KeyValue(unsigned long long key) {
-  const auto ordered = static_cast<unsigned int>(key >> 32);
-  return __uint_as_float((ordered & 0x80000000u) != 0 ? (ordered & 0x7FFFFFFFu) : ~ordered);
+  return FloatOfOrderedBits(static_cast<unsigned int>(key >> 32));
 }
 
 // The block's largest of v, in every thread; `scratch` 32 values of shared memory.
@@ -355,16 +354,10 @@ using RowRank = cub::BlockRadixRankMatch<kRowSortThreads, kRadixBits, false>;
 using RowScan = cub::BlockScan<unsigned, kRowSortThreads>;
 static_assert(RowRank::BINS_TRACKED_PER_THREAD == 1, "digit d's tile offset in thread d");
 
-// A key's sort bits: ascending in them is descending in the key (the float's order bits,
-// inverted). -0 sorts as +0 (as in CUB) and comes out as +0; keys hold no NaN.
-__device__ __forceinline__ uint32_t DescendingBits(float key) {
-  uint32_t b = __float_as_uint(key);
-  if (b == 0x80000000u) b = 0u;
-  return (b & 0x80000000u) != 0 ? b : b ^ 0x7FFFFFFFu;
-}
-__device__ __forceinline__ float KeyOfDescendingBits(uint32_t u) {
-  return __uint_as_float((u & 0x80000000u) != 0 ? u : u ^ 0x7FFFFFFFu);
-}
+// A key's sort bits: ascending in them is descending in the key (its OrderedBits, inverted).
+// -0 sorts as +0 (as in CUB) and comes out as +0; keys hold no NaN.
+__device__ __forceinline__ uint32_t DescendingBits(float key) { return ~OrderedBits(key); }
+__device__ __forceinline__ float KeyOfDescendingBits(uint32_t u) { return FloatOfOrderedBits(~u); }
 
 struct RadixDigit {
   int shift;
