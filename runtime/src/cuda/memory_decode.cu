@@ -3,11 +3,13 @@
 // rank-one update of its write sums, which cuBLAS's (batched) GEMMs run far below the
 // memory bandwidth. One session (B = 1) or many (a device array of per-session pointers,
 // a batched decode step); the same kernels either way. fp32 math throughout.
+#include <algorithm>
 #include <cmath>
 
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
+#include "cuda/mma.cuh"
 #include "ops/op_shapes.h"
 
 namespace lm2::runtime::cuda {
@@ -48,6 +50,18 @@ __device__ __forceinline__ void Widen8(const uint4& v, float* out) {
   }
 }
 
+// q · K[n, head] over the head's dh columns: this thread's 8 (k, bf16) and its g - 1
+// neighbours' (a power of two up to 32, aligned in the warp), added by shuffles.
+__device__ __forceinline__ float HeadDot(const float (&qv)[8], const uint4& k, int g) {
+  float kf[8];
+  Widen8(k, kf);
+  float dot = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) dot = fmaf(qv[i], kf[i], dot);
+  for (int o = g / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+  return dot;
+}
+
 // part[(b * chunks + chunk) * (d + 2 * heads) + ...]: [0, d) the chunk's Σ_n p_n V[n, :] with
 // p_n = exp(s_n - m_j), then (m_j, l_j = Σ_n p_n) per head j. attn gets the raw scores s.
 // K and V rows are loaded before the wait for the predecessor (the segment's memory K/V are
@@ -79,13 +93,7 @@ __global__ void MemoryReadPartialKernel(const float* __restrict__ q, int64_t q_l
   float m = -INFINITY;
 #pragma unroll
   for (int s = 0; s < kChunkSlots; ++s) {
-    float kf[8];
-    Widen8(kr[s], kf);
-    float dot = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) dot = fmaf(qv[i], kf[i], dot);
-    for (int o = g / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-    sc[s] = n0 + s < N ? dot * scale : -INFINITY;
+    sc[s] = n0 + s < N ? HeadDot(qv, kr[s], g) * scale : -INFINITY;
     m = fmaxf(m, sc[s]);  // finite: the chunk has a slot
   }
   float l = 0.0f, acc[8];
@@ -115,6 +123,113 @@ __global__ void MemoryReadPartialKernel(const float* __restrict__ q, int64_t q_l
     out[d + 2 * j] = m;
     out[d + 2 * j + 1] = l;
   }
+}
+
+// ---- The streamed read (a batched step: each block a run of chunks) ---------------------------
+//
+// The fast read's block holds its chunk's K and V loads in registers (~155 a thread: one
+// block an SM) and exits once they are used, so a multiprocessor alternates between loading
+// and computing: a batched step's read of the sessions' K/V ran at ~64% of the copy
+// bandwidth. Here a block per (run of chunks, session) streams its chunks through a ring of
+// kStreamStages stages in shared memory by cp.async, a stage kStageSlots rows of K or of V
+// (a chunk's K rows, then its V rows), so the next stages' copies are in flight while one is
+// used. Each thread copies, and later reads, only its own 16-byte pieces (the fast read's
+// thread layout), so no block barrier is needed. The arithmetic is the fast read's, chunk by
+// chunk, in the same order, into the same partials: the results are bit-identical to it for
+// any run length (a session's tokens do not depend on the batch), and the combine kernel is
+// the same. The ring is small on purpose: at 64 KiB (d = 2048), 80 registers, three blocks
+// share a multiprocessor and leave room for the step's other stream; rings of 128 KiB (one
+// block an SM) read faster alone (bench breakdown 362 against 382 µs at 64 sessions) but
+// made the whole step 12% slower, and 192 KiB was slower still (H200, docs/benchmarks.md).
+constexpr int kStageSlots = 2;    // rows of K or of V a stage
+constexpr int kStreamStages = 8;  // the ring: half a chunk's stages
+constexpr int kStagesPerChunk = 2 * kChunkSlots / kStageSlots;  // a chunk's K rows, then its V rows
+static_assert(kStagesPerChunk % kStreamStages == 0, "a stage's buffer follows from its place in the chunk");
+// Sessions from which a batched step reads through the streamed kernel.
+constexpr int64_t kStreamMinSessions = 2;
+
+constexpr int64_t StreamSharedBytes(int64_t d) { return int64_t{kStreamStages} * kStageSlots * (d / 8) * 16; }
+
+template <typename KV>
+__global__ void __launch_bounds__(kThreads)
+    MemoryReadStreamKernel(const float* __restrict__ q, int64_t q_ld, KV mem_k, KV mem_v, int N, int run, int d,
+                           int heads, int g, float scale, float* __restrict__ attn, float* __restrict__ part) {
+  extern __shared__ uint4 ring[];  // [kStreamStages][kStageSlots][d / 8]
+  const int b = static_cast<int>(blockIdx.y), chunks = (N + kChunkSlots - 1) / kChunkSlots;
+  const int c0 = static_cast<int>(blockIdx.x) * run, c1 = c0 + run < chunks ? c0 + run : chunks;
+  const int t = static_cast<int>(threadIdx.x), vt = d / 8, j = t / g;
+  const bool active = t < vt;  // the block is rounded up to whole warps; the rest only shuffle
+  const uint4* K = reinterpret_cast<const uint4*>(mem_k(b));
+  const uint4* V = reinterpret_cast<const uint4*>(mem_v(b));
+  const auto piece = [&](int buf, int s) { return ring + (buf * kStageSlots + s) * vt + t; };
+  // Stage `in_chunk` of chunk c's copies as one group (an empty group past the run, so that
+  // the wait below always counts the same); rows past N zeros.
+  const auto load = [&](int c, int in_chunk) {
+    if (active && c < c1) {
+      const int buf = in_chunk % kStreamStages;
+      const int n = c * kChunkSlots + in_chunk % (kChunkSlots / kStageSlots) * kStageSlots;
+      const uint4* src = in_chunk < kStagesPerChunk / 2 ? K : V;
+#pragma unroll
+      for (int s = 0; s < kStageSlots; ++s) {
+        const bool ok = n + s < N;
+        CopyAsync16(piece(buf, s), src + static_cast<int64_t>(ok ? n + s : 0) * vt + t, ok);
+      }
+    }
+    CopyAsyncCommit();
+  };
+#pragma unroll
+  for (int i = 0; i + 1 < kStreamStages; ++i) {  // K and V are not written during a step
+    load(c0 + i / kStagesPerChunk, i % kStagesPerChunk);
+  }
+  WaitForPredecessor();  // q is the output of an earlier kernel of the step
+  AllowDependents();
+  float qv[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) qv[i] = active ? q[b * q_ld + t * 8 + i] : 0.0f;
+  float* a = attn + (static_cast<int64_t>(b) * heads + j) * N;
+  for (int c = c0; c < c1; ++c) {
+    const int n0 = c * kChunkSlots;
+    float sc[kChunkSlots], m = -INFINITY, l = 0.0f, acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+#pragma unroll
+    for (int in_chunk = 0; in_chunk < kStagesPerChunk; ++in_chunk) {
+      constexpr int kAhead = kStreamStages - 1;  // into the buffer used last
+      load(c + (in_chunk + kAhead) / kStagesPerChunk, (in_chunk + kAhead) % kStagesPerChunk);
+      CopyAsyncWait<kStreamStages - 1>();  // this stage's copies (of the kStreamStages groups since) are in
+#pragma unroll
+      for (int s = 0; s < kStageSlots; ++s) {
+        const int slot = in_chunk % (kChunkSlots / kStageSlots) * kStageSlots + s;
+        const uint4 row = active ? *piece(in_chunk % kStreamStages, s) : make_uint4(0, 0, 0, 0);
+        if (in_chunk < kStagesPerChunk / 2) {  // the chunk's scores and their max, as the fast read
+          sc[slot] = n0 + slot < N ? HeadDot(qv, row, g) * scale : -INFINITY;
+          m = fmaxf(m, sc[slot]);
+        } else {  // its weighted values
+          const float p = expf(sc[slot] - m);
+          float vf[8];
+          Widen8(row, vf);
+          l += p;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[i] = fmaf(p, vf[i], acc[i]);
+        }
+      }
+    }
+    if (!active) continue;
+    if (t % g == 0) {
+#pragma unroll
+      for (int s = 0; s < kChunkSlots; ++s) {
+        if (n0 + s < N) a[n0 + s] = sc[s];
+      }
+    }
+    float* out = part + (static_cast<int64_t>(b) * chunks + c) * (d + 2 * heads);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[t * 8 + i] = acc[i];
+    if (t % g == 0) {
+      out[d + 2 * j] = m;
+      out[d + 2 * j + 1] = l;
+    }
+  }
+  CopyAsyncWait<0>();  // (only empty groups are left)
 }
 
 // A block per (head j, session b): the global max M and sum L over the chunks, e = Σ_c
@@ -363,6 +478,35 @@ Status CheckDecode(const char* op, int64_t B, int64_t N, int64_t d, int64_t head
   return Status::Ok();
 }
 
+// The streamed read for B sessions where the device gives its blocks the shared memory:
+// runs of chunks such that the B sessions' blocks make about one wave. *launched false: not
+// launched (the caller runs the fast read).
+template <typename KV>
+Status LaunchStream(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B, int64_t N, int64_t d, int64_t heads,
+                    float scale, float* attn, float* scratch, cudaStream_t stream, bool* launched) {
+  *launched = false;
+  const auto kernel = &MemoryReadStreamKernel<KV>;
+  const int64_t bytes = StreamSharedBytes(d);
+  LM2_ASSIGN_OR_RETURN(const int optin, CurrentDeviceAttribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+  if (bytes > optin) return Status::Ok();
+  LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(kernel), bytes, "MemoryReadBatch"));
+  const auto threads = static_cast<int>((d / 8 + 31) / 32 * 32);
+  int per_sm = 0;
+  LM2_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, bytes));
+  LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());
+  const int64_t chunks = Chunks(N);
+  const int64_t runs_wanted = std::max<int64_t>(1, std::min<int64_t>(chunks, int64_t{per_sm} * sms / B));
+  const int64_t run = (chunks + runs_wanted - 1) / runs_wanted, runs = (chunks + run - 1) / run;
+  LM2_RETURN_IF_ERROR(CudaStatus(
+      LaunchPdl(kernel, dim3(static_cast<unsigned int>(runs), static_cast<unsigned int>(B)),
+                static_cast<unsigned int>(threads), static_cast<std::size_t>(bytes), stream, q, q_ld, mem_k, mem_v,
+                static_cast<int>(N), static_cast<int>(run), static_cast<int>(d), static_cast<int>(heads),
+                static_cast<int>(d / heads / 8), scale, attn, scratch),
+      "MemoryReadStreamKernel"));
+  *launched = true;
+  return Status::Ok();
+}
+
 template <typename KV>
 Status LaunchRead(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B, int64_t N, int64_t d, int64_t heads,
                   float* attn, float* e, float* scratch, const MemoryStage* stage, cudaStream_t stream) {
@@ -370,12 +514,18 @@ Status LaunchRead(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B, i
   const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
   if (FastRead(d, heads)) {
     const int64_t chunks = Chunks(N);
-    const auto threads = static_cast<unsigned int>((d / 8 + 31) / 32 * 32);
-    LM2_RETURN_IF_ERROR(CudaStatus(
-        LaunchPdl(&MemoryReadPartialKernel<KV>, dim3(static_cast<unsigned int>(chunks), static_cast<unsigned int>(B)),
-                  threads, 0, stream, q, q_ld, mem_k, mem_v, static_cast<int>(N), static_cast<int>(d),
-                  static_cast<int>(heads), static_cast<int>(dh / 8), scale, attn, scratch),
-        "MemoryReadPartialKernel"));
+    bool streamed = false;
+    if (B >= kStreamMinSessions) {
+      LM2_RETURN_IF_ERROR(LaunchStream(q, q_ld, mem_k, mem_v, B, N, d, heads, scale, attn, scratch, stream, &streamed));
+    }
+    if (!streamed) {
+      const auto threads = static_cast<unsigned int>((d / 8 + 31) / 32 * 32);
+      LM2_RETURN_IF_ERROR(CudaStatus(
+          LaunchPdl(&MemoryReadPartialKernel<KV>, dim3(static_cast<unsigned int>(chunks), static_cast<unsigned int>(B)),
+                    threads, 0, stream, q, q_ld, mem_k, mem_v, static_cast<int>(N), static_cast<int>(d),
+                    static_cast<int>(heads), static_cast<int>(dh / 8), scale, attn, scratch),
+          "MemoryReadPartialKernel"));
+    }
     return CudaStatus(
         LaunchPdl(&MemoryReadCombineKernel, dim3(static_cast<unsigned int>(heads), static_cast<unsigned int>(B)),
                   kCombineThreads, 0, stream, static_cast<const float*>(scratch), static_cast<int>(chunks),
