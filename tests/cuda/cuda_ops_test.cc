@@ -1447,14 +1447,16 @@ TEST_CASE("RopeAttentionDecodeBatch (with RopeFactorsBatch) equals SplitQkvRopeB
 
 TEST_CASE("Batched memory decode ops equal the one-session ops per session", "[cuda][ops]") {
   // The one-pass read (dh = 32), the general one (dh = 24), and the paper's head shape at
-  // N = 2000 (a ragged last chunk), where the 3 sessions' streamed read takes runs of
-  // several chunks a block (one block an SM: its ring is 128 KiB) and must give the one-pass
-  // read's bits, which the one-session calls below use.
-  const auto [N, d, Hm] = GENERATE(std::make_tuple(int64_t{300}, int64_t{128}, int64_t{4}),
-                                   std::make_tuple(int64_t{37}, int64_t{96}, int64_t{4}),
-                                   std::make_tuple(int64_t{2000}, int64_t{2048}, int64_t{32}));
-  const int64_t B = 3, ld = d + 40;  // q and offer rows ld apart
-  INFO("N=" << N << " d=" << d << " heads=" << Hm);
+  // N = 2000 (a ragged last chunk) for 8 sessions, whose streamed read takes runs of several
+  // chunks a block (about one wave of blocks: 2 or more chunks each on any GPU of fewer than
+  // 333 multiprocessors, three 64 KiB blocks an SM) and must give the one-pass read's bits,
+  // which the one-session calls below use.
+  const auto [N, d, Hm, B] =
+      GENERATE(std::make_tuple(int64_t{300}, int64_t{128}, int64_t{4}, int64_t{3}),
+               std::make_tuple(int64_t{37}, int64_t{96}, int64_t{4}, int64_t{3}),
+               std::make_tuple(int64_t{2000}, int64_t{2048}, int64_t{32}, int64_t{8}));
+  const int64_t ld = d + 40;  // q and offer rows ld apart
+  INFO("N=" << N << " d=" << d << " heads=" << Hm << " B=" << B);
   std::vector<DeviceBuffer<__nv_bfloat16>> mk, mv;
   std::vector<DeviceBuffer<float>> mass, acc;
   std::vector<const __nv_bfloat16*> kp, vp;
