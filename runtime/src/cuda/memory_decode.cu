@@ -493,6 +493,7 @@ Status LaunchStream(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B,
   const auto threads = static_cast<int>((d / 8 + 31) / 32 * 32);
   int per_sm = 0;
   LM2_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, bytes));
+  if (per_sm == 0) return Status::Ok();  // (no block fits: the fast read instead)
   LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());
   const int64_t chunks = Chunks(N);
   const int64_t runs_wanted = std::max<int64_t>(1, std::min<int64_t>(chunks, int64_t{per_sm} * sms / B));
