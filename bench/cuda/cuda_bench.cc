@@ -14,8 +14,8 @@
 //   --chunk: CudaOptions::max_chunk_tokens; --side-read 0: the memory reads on the main
 //   stream (CudaOptions::concurrent_memory_read); --read-leads 0: one-session decode steps keep
 //   attention on the main stream and the read beside it (CudaOptions::memory_read_leads);
-//   --defer-write 1: a tiled chunk's memory write sums past the output gate's join
-//   (CudaOptions::defer_memory_write);
+//   --defer-write 0: a tiled chunk's memory write sums before the output gate's join, with
+//   the read (CudaOptions::defer_memory_write, default on: past the join);
 //   --warm-up 0: no warm-up turn at load
 //   (CudaOptions::warm_up), so the first turn's figure shows the kernels' first-use costs.
 //   --bank-threads N: CudaOptions::bank_transfer_threads (bank export / import).

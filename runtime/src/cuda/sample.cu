@@ -724,7 +724,7 @@ Status SortSegmentsDescending(const float* keys, const int32_t* ids, int64_t n, 
                                                                 sorted_ids, alt_keys, alt_ids}));
   SortSegmentsKernel<<<static_cast<unsigned int>(segments), kRowSortThreads, 0, stream>>>(
       keys, ids, segment_begin, segment_end, sorted_keys, sorted_ids, alt_keys, alt_ids);
-  return CudaStatus(cudaGetLastError(), "SortSegmentsKernel");
+  return CheckLaunch("SortSegmentsKernel");
 }
 
 Result<std::size_t> SampleRowsTempBytes(int64_t rows, int64_t cols) {
@@ -781,7 +781,7 @@ Status SampleRows(const float* logits, int64_t rows, int64_t cols, const DeviceT
   if (!kinds.temperature) return Status::Ok();  // PlanKernel picked every row
   PickKernel<<<grid_rows, kPickThreads, 0, stream>>>(scratch.keys, scratch.sorted_keys, scratch.sorted_ids, cols,
                                                      rules, scratch.plans, parts, out);
-  return CudaStatus(cudaGetLastError(), "PickKernel");
+  return CheckLaunch("PickKernel");
 }
 
 }  // namespace lm2::runtime::cuda
