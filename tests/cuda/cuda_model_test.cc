@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../runtime/golden_check.h"
+#include "cuda/cuda_resources.h"
 #include "lm2/runtime/backend.h"
 #include "lm2/runtime/cpu_backend.h"
 #include "lm2/runtime/cuda_backend.h"
@@ -429,6 +430,97 @@ TEST_CASE("CUDA bad input gets a clear status and leaves the state usable", "[cu
     bad.gemv_max_rows = rows;
     CHECK(lm2::runtime::LoadCudaModel(files, bad).status().code() == lm2::StatusCode::kInvalidArgument);
   }
+}
+
+namespace {
+
+// Every byte of device memory lm2's allocations can still get, held until destroyed: the
+// pool trimmed first (what it keeps unused goes back to the driver), then blocks from 1 GiB
+// down to 256 bytes taken through the pool until none of each size is left.
+class DeviceMemoryHog {
+ public:
+  DeviceMemoryHog() {
+    lm2::runtime::cuda::TrimDevicePool(0);
+    for (std::size_t block = std::size_t{1} << 30; block >= 256; block /= 4) {
+      while (true) {
+        auto b = lm2::runtime::cuda::DeviceBuffer<char>::Allocate(block);
+        if (!b.ok()) {
+          INFO(b.status().ToString());
+          REQUIRE(b.status().code() == lm2::StatusCode::kResourceExhausted);
+          break;
+        }
+        bytes_ += block;
+        blocks_.push_back(std::move(b).value());
+      }
+    }
+  }
+  ~DeviceMemoryHog() {
+    blocks_.clear();
+    lm2::runtime::cuda::TrimDevicePool(0);  // back to the driver, not kept by the pool
+  }
+  DeviceMemoryHog(const DeviceMemoryHog&) = delete;
+  DeviceMemoryHog& operator=(const DeviceMemoryHog&) = delete;
+  std::size_t bytes() const { return bytes_; }
+
+ private:
+  std::vector<lm2::runtime::cuda::DeviceBuffer<char>> blocks_;
+  std::size_t bytes_ = 0;
+};
+
+}  // namespace
+
+// Not under compute-sanitizer (tools/device/run_gpu_tests.sh leaves out [oom]): the tool's
+// own device allocations would compete with the hog.
+TEST_CASE("Out of device memory: ResourceExhausted, and the state goes on as if the call was never made",
+          "[cuda][model][oom]") {
+  auto files = Files(TestModelDir("tiny-lm2"));
+  auto gpu = LoadCuda(files);
+  // Two states with the same history; s will meet a full device, ref never does.
+  auto s = NewState(*gpu);
+  auto ref = NewState(*gpu);
+  const std::vector<int32_t> prompt = {5, 17, 3, 99, 42, 7, 250, 8, 1, 64, 31, 12};
+  std::vector<int32_t> long_prompt(200);
+  for (std::size_t i = 0; i < long_prompt.size(); ++i) long_prompt[i] = static_cast<int32_t>((i * 37 + 11) % 500);
+  std::vector<float> ls, lr;
+  for (auto* st : {s.get(), ref.get()}) {
+    std::vector<float>& logits = st == s.get() ? ls : lr;
+    RequireOk(gpu->Forward(*st, prompt, LogitsMode::kLast, &logits));
+    for (int i = 0; i < 3; ++i) {
+      RequireOk(gpu->Forward(*st, std::vector<int32_t>{Argmax(logits)}, LogitsMode::kLast, &logits));
+    }
+  }
+  REQUIRE(ls == lr);
+  const int64_t at = s->context_length();
+  {
+    DeviceMemoryHog hog;
+    REQUIRE(hog.bytes() > 0);
+    // A new session: its stream's cuBLAS workspace alone is 8 MiB.
+    const auto refused = gpu->NewState();
+    INFO(refused.status().ToString());
+    CHECK(refused.status().code() == lm2::StatusCode::kResourceExhausted);
+    // A prompt longer than any before: its chunk's scratch must grow.
+    const lm2::Status longer = gpu->Forward(*s, long_prompt, LogitsMode::kLast, &ls);
+    INFO(longer.ToString());
+    CHECK(longer.code() == lm2::StatusCode::kResourceExhausted);
+    CHECK(longer.message().find("bytes") != std::string::npos);  // how much it asked for
+    CHECK(s->context_length() == at);
+    // The segment's end: its write's buffers and the next segment's memory K/V.
+    const lm2::Status end = gpu->EndSegment(*s);
+    INFO(end.ToString());
+    CHECK(end.code() == lm2::StatusCode::kResourceExhausted);
+  }
+  // Memory back: the same calls succeed, and s continues exactly as ref, which never failed.
+  RequireOk(gpu->Forward(*s, long_prompt, LogitsMode::kLast, &ls));
+  RequireOk(gpu->Forward(*ref, long_prompt, LogitsMode::kLast, &lr));
+  CHECK(ls == lr);
+  for (auto* st : {s.get(), ref.get()}) {
+    RequireOk(gpu->EndSegment(*st));
+    RequireOk(gpu->Forward(*st, prompt, LogitsMode::kLast, st == s.get() ? &ls : &lr));
+  }
+  CHECK(ls == lr);
+  CHECK(s->context_length() == ref->context_length());
+  auto later = gpu->NewState();
+  RequireOk(later.status());
 }
 
 TEST_CASE("Many CUDA states run one shared model from several threads", "[cuda][model]") {

@@ -296,6 +296,30 @@ TEST_CASE("Linear: bf16 weights and activations, fp32 accumulation (cuBLAS)", "[
   const std::vector<float> f1(yf.begin() + static_cast<std::ptrdiff_t>(y0.size()), yf.end());
   CHECK(RelErr(f0, want_rounded) < kTolGemmRounded);
   CHECK(RelErr(f1, want1) < kTolGemmRounded);
+
+  // LinearTwo: x against W and a second x against the second matrix, x stacked [2, rows, in].
+  auto x1 = Random(x.size());
+  std::vector<float> xs(x);
+  xs.insert(xs.end(), x1.begin(), x1.end());
+  auto dxs32 = Upload(xs);
+  auto dxs = Poisoned<__nv_bfloat16>(xs.size());
+  RequireOk(ConvertF32ToBf16(dxs32.data(), 2 * rows * in, dxs.data(), Stream()));
+  auto dyt = Poisoned<float>(2 * y0.size());
+  RequireOk(LinearTwo(Cublas(), dxs.data(), rows, in, dpair.data(), out, dyt.data(), Stream()));
+  const auto yt = Download(dyt);
+  const std::vector<float> t0(yt.begin(), yt.begin() + static_cast<std::ptrdiff_t>(y0.size()));
+  const std::vector<float> t1(yt.begin() + static_cast<std::ptrdiff_t>(y0.size()), yt.end());
+  std::vector<double> want_two(y0.size());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < out; ++o) {
+      double acc = 0;
+      for (int64_t i = 0; i < in; ++i) {
+        acc += static_cast<double>(RoundBf16(x1[r * in + i])) * RoundBf16(w1[o * in + i]);
+      }
+      want_two[r * out + o] = acc;
+    }
+  CHECK(RelErr(t0, want_rounded) < kTolGemmRounded);
+  CHECK(RelErr(t1, want_two) < kTolGemmRounded);
 }
 
 // Gemv's reference: the unfused device op makes x' (bf16), the product is taken in double

@@ -20,8 +20,13 @@
 
 namespace lm2::runtime::cuda {
 
+// A failed call's error is consumed here (cudaGetLastError): it is reported once, as this
+// status, and not again by the next launch check of whatever runs after it (an allocation
+// refused for want of memory would otherwise fail the next kernel's CheckLaunch). Sticky
+// errors (a fault in a kernel) stay with the context whatever is consumed.
 inline Status CudaStatus(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return Status::Ok();
+  (void)cudaGetLastError();
   const std::string msg = std::string(what) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
   if (err == cudaErrorMemoryAllocation) return Status::ResourceExhausted(msg);
   if (err == cudaErrorNoDevice || err == cudaErrorInsufficientDriver) return Status::Unavailable(msg);

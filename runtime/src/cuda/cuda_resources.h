@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <mutex>
 #include <shared_mutex>
+#include <string>
 #include <utility>
 
 #include "cuda/cuda_check.h"
@@ -89,7 +90,10 @@ class OwnedArray {
     if (count == 0) return Status::Ok();
     void* p = nullptr;
     DeviceCallScope scope(CaptureExclusion());
-    LM2_RETURN_IF_ERROR(CudaStatus(Space::Alloc(&p, count * sizeof(T)), Space::kAlloc));
+    const std::size_t bytes = count * sizeof(T);
+    if (const cudaError_t e = Space::Alloc(&p, bytes); e != cudaSuccess) {
+      return CudaStatus(e, (std::string(Space::kAlloc) + " of " + std::to_string(bytes) + " bytes").c_str());
+    }
     ptr_ = static_cast<T*>(p);
     count_ = count;
     return Status::Ok();

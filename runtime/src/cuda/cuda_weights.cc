@@ -140,7 +140,12 @@ Result<std::unique_ptr<CudaWeights>> CudaWeights::Upload(const ModelFiles& files
                                      &l.x_proj));
       l.x_proj_rows = qkv_rows;
     }
-    LM2_RETURN_IF_ERROR(up.Matrix(n.o_proj(), &l.o_proj));
+    if (l.has_memory && cfg.num_heads * cfg.head_dim == cfg.hidden_size) {
+      LM2_RETURN_IF_ERROR(
+          up.Stacked({{n.o_proj(), &l.o_proj}, {n.memory_weight("out_gate"), &mw.out_gate_w}}, &l.o_out_gate));
+    } else {
+      LM2_RETURN_IF_ERROR(up.Matrix(n.o_proj(), &l.o_proj));
+    }
     LM2_RETURN_IF_ERROR(up.Stacked({{n.gate_proj(), &l.gate_proj}, {n.up_proj(), &l.up_proj}}, &l.gate_up));
     LM2_RETURN_IF_ERROR(up.Matrix(n.down_proj(), &l.down_proj));
     LM2_RETURN_IF_ERROR(up.Vector(n.input_norm(), &l.input_norm));
@@ -148,7 +153,7 @@ Result<std::unique_ptr<CudaWeights>> CudaWeights::Upload(const ModelFiles& files
     if (!l.has_memory) continue;
     LM2_RETURN_IF_ERROR(
         up.Stacked({{n.memory_weight("read_k"), &mw.read_k}, {n.memory_weight("read_v"), &mw.read_v}}, &mw.read_kv));
-    LM2_RETURN_IF_ERROR(up.Matrix(n.memory_weight("out_gate"), &mw.out_gate_w));
+    if (l.o_out_gate == nullptr) LM2_RETURN_IF_ERROR(up.Matrix(n.memory_weight("out_gate"), &mw.out_gate_w));
     LM2_RETURN_IF_ERROR(up.Vector(n.memory_bias("out_gate"), &mw.out_gate_b));
     LM2_RETURN_IF_ERROR(up.Stacked(
         {{n.memory_weight("in_gate"), &mw.in_gate_w}, {n.memory_weight("forget_gate"), &mw.forget_gate_w}}, &mw.gates));

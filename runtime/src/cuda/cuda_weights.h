@@ -40,7 +40,9 @@ struct CudaMemoryWeights {
 // ([x_proj_rows, d], the memory rows only in memory layers) and gate_up = [gate_proj;
 // up_proj] ([2F, d]); memory.read_kv = [read_k; read_v], the two products of the bank at a
 // segment's opening, and memory.gates = [in_gate; forget_gate], the two of the update u at
-// its end. The per-tensor pointers point into them.
+// its end. In a memory layer whose attention width H*Dh is d, o_out_gate = [o_proj;
+// memory.out_gate] ([2, d, d]): a prompt chunk's two GEMMs after the memory read, one
+// strided-batched call (LinearTwo). The per-tensor pointers point into them.
 struct CudaLayerWeights {
   const __nv_bfloat16* x_proj = nullptr;     // [x_proj_rows, d]
   int64_t x_proj_rows = 0;
@@ -49,6 +51,7 @@ struct CudaLayerWeights {
   const __nv_bfloat16* k_proj = nullptr;     // [Hkv*Dh, d]
   const __nv_bfloat16* v_proj = nullptr;     // [Hkv*Dh, d]
   const __nv_bfloat16* o_proj = nullptr;     // [d, H*Dh]
+  const __nv_bfloat16* o_out_gate = nullptr;  // [2, d, d] or null (above)
   const __nv_bfloat16* gate_proj = nullptr;  // [F, d]
   const __nv_bfloat16* up_proj = nullptr;    // [F, d]
   const __nv_bfloat16* down_proj = nullptr;  // [d, F]

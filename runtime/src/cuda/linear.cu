@@ -59,16 +59,16 @@ Status StridedBatched(cublasHandle_t handle, cublasOperation_t op_a, cublasOpera
   return Status::Ok();
 }
 
-// LinearInto's GEMM twice, as one strided-batched call: W_i at w_pair + i·out·in, the one x
-// (stride 0), y_i at y_pair + i·rows·out (elements of y_type).
-Status LinearPairInto(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in,
+// LinearInto's GEMM twice, as one strided-batched call: W_i at w_pair + i·out·in, x_i at
+// x + i·x_stride (0: one x for both), y_i at y_pair + i·rows·out (elements of y_type).
+Status LinearPairInto(cublasHandle_t handle, const __nv_bfloat16* x, int64_t x_stride, int64_t rows, int64_t in,
                       const __nv_bfloat16* w_pair, int64_t out, void* y_pair, cudaDataType_t y_type,
                       cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(ops::CheckLinear(rows, in, out));
   if (rows == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("LinearPair", {handle, x, w_pair, y_pair}));
-  return StridedBatched(handle, CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, 1.0f, w_pair, in, out * in, x, in, 0, 0.0f,
-                        y_pair, out, rows * out, 2, CUDA_R_16BF, y_type, CUBLAS_COMPUTE_32F, stream);
+  return StridedBatched(handle, CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, 1.0f, w_pair, in, out * in, x, in, x_stride,
+                        0.0f, y_pair, out, rows * out, 2, CUDA_R_16BF, y_type, CUBLAS_COMPUTE_32F, stream);
 }
 
 }  // namespace
@@ -85,12 +85,17 @@ Status LinearToBf16(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows,
 
 Status LinearPair(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in,
                   const __nv_bfloat16* w_pair, int64_t out, float* y_pair, cudaStream_t stream) {
-  return LinearPairInto(handle, x, rows, in, w_pair, out, y_pair, CUDA_R_32F, stream);
+  return LinearPairInto(handle, x, 0, rows, in, w_pair, out, y_pair, CUDA_R_32F, stream);
 }
 
 Status LinearPairToBf16(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in,
                         const __nv_bfloat16* w_pair, int64_t out, __nv_bfloat16* y_pair, cudaStream_t stream) {
-  return LinearPairInto(handle, x, rows, in, w_pair, out, y_pair, CUDA_R_16BF, stream);
+  return LinearPairInto(handle, x, 0, rows, in, w_pair, out, y_pair, CUDA_R_16BF, stream);
+}
+
+Status LinearTwo(cublasHandle_t handle, const __nv_bfloat16* x_pair, int64_t rows, int64_t in,
+                 const __nv_bfloat16* w_pair, int64_t out, float* y_pair, cudaStream_t stream) {
+  return LinearPairInto(handle, x_pair, rows * in, rows, in, w_pair, out, y_pair, CUDA_R_32F, stream);
 }
 
 Status LinearF32(cublasHandle_t handle, const float* x, int64_t rows, int64_t in, const __nv_bfloat16* w,
