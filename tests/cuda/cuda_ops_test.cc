@@ -109,6 +109,8 @@ float Bf16Value(uint16_t bits) {
   return x;
 }
 float RoundBf16(float x) { return Bf16Value(Bf16Bits(x)); }
+float AsFloat(float x) { return x; }
+float AsFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
 uint16_t Bits(__nv_bfloat16 v) {
   uint16_t b = 0;
   std::memcpy(&b, &v, sizeof b);
@@ -262,64 +264,64 @@ TEST_CASE("Linear: bf16 weights and activations, fp32 accumulation (cuBLAS)", "[
   for (std::size_t i = 0; i < y0.size(); ++i) want_rounded[i] += y0[i];
   CHECK(RelErr(y2, want_rounded) < kTolGemmRounded);
 
+  // a and b stacked [2, n] and rounded to bf16 on the device.
+  auto stacked_bf16 = [](const std::vector<float>& a, const std::vector<float>& b) {
+    std::vector<float> both(a);
+    both.insert(both.end(), b.begin(), b.end());
+    auto d32 = Upload(both);
+    auto d = Poisoned<__nv_bfloat16>(both.size());
+    RequireOk(ConvertF32ToBf16(d32.data(), static_cast<int64_t>(both.size()), d.data(), Stream()));
+    return d;
+  };
+  // xv [rows, in] · wv [out, in]ᵀ in double from the bf16-rounded operands.
+  auto rounded_product = [&](const std::vector<float>& xv, const std::vector<float>& wv) {
+    std::vector<double> p(static_cast<std::size_t>(rows * out));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t o = 0; o < out; ++o) {
+        double acc = 0;
+        for (int64_t i = 0; i < in; ++i) {
+          acc += static_cast<double>(RoundBf16(xv[r * in + i])) * RoundBf16(wv[o * in + i]);
+        }
+        p[r * out + o] = acc;
+      }
+    return p;
+  };
+  // The two halves [2, rows, out] of a pair's result, as floats.
+  auto halves = [&](const auto& pair_out) {
+    std::pair<std::vector<float>, std::vector<float>> h;
+    for (std::size_t i = 0; i < y0.size(); ++i) {
+      h.first.push_back(AsFloat(pair_out[i]));
+      h.second.push_back(AsFloat(pair_out[y0.size() + i]));
+    }
+    return h;
+  };
+
   // LinearPairToBf16: W and a second matrix stacked [2, out, in] against the one x; each
   // half rounded to bf16 from its fp32 sums (2^-9 at most).
   auto w1 = Random(w.size());
-  std::vector<float> pair(w);
-  pair.insert(pair.end(), w1.begin(), w1.end());
-  auto dpair32 = Upload(pair);
-  auto dpair = Poisoned<__nv_bfloat16>(pair.size());
-  RequireOk(ConvertF32ToBf16(dpair32.data(), 2 * out * in, dpair.data(), Stream()));
+  auto dpair = stacked_bf16(w, w1);
   auto dyp = Poisoned<__nv_bfloat16>(2 * y0.size());
   RequireOk(LinearPairToBf16(Cublas(), dxb.data(), rows, in, dpair.data(), out, dyp.data(), Stream()));
-  const auto yp = Download(dyp);
-  std::vector<float> half0, half1;
-  std::vector<double> want1(y0.size());
-  for (std::size_t i = 0; i < y0.size(); ++i) {
-    half0.push_back(__bfloat162float(yp[i]));
-    half1.push_back(__bfloat162float(yp[y0.size() + i]));
-  }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t o = 0; o < out; ++o) {
-      double acc = 0;
-      for (int64_t i = 0; i < in; ++i) acc += static_cast<double>(RoundBf16(x[r * in + i])) * RoundBf16(w1[o * in + i]);
-      want1[r * out + o] = acc;
-    }
+  const auto [half0, half1] = halves(Download(dyp));
+  const std::vector<double> want1 = rounded_product(x, w1);
   for (std::size_t i = 0; i < y0.size(); ++i) want_rounded[i] -= y0[i];
   CHECK(RelErr(half0, want_rounded) < kTolGemmBf16);
   CHECK(RelErr(half1, want1) < kTolGemmBf16);
   // LinearPair: the same in fp32.
   auto dyf = Poisoned<float>(2 * y0.size());
   RequireOk(LinearPair(Cublas(), dxb.data(), rows, in, dpair.data(), out, dyf.data(), Stream()));
-  const auto yf = Download(dyf);
-  const std::vector<float> f0(yf.begin(), yf.begin() + static_cast<std::ptrdiff_t>(y0.size()));
-  const std::vector<float> f1(yf.begin() + static_cast<std::ptrdiff_t>(y0.size()), yf.end());
+  const auto [f0, f1] = halves(Download(dyf));
   CHECK(RelErr(f0, want_rounded) < kTolGemmRounded);
   CHECK(RelErr(f1, want1) < kTolGemmRounded);
 
   // LinearTwo: x against W and a second x against the second matrix, x stacked [2, rows, in].
   auto x1 = Random(x.size());
-  std::vector<float> xs(x);
-  xs.insert(xs.end(), x1.begin(), x1.end());
-  auto dxs32 = Upload(xs);
-  auto dxs = Poisoned<__nv_bfloat16>(xs.size());
-  RequireOk(ConvertF32ToBf16(dxs32.data(), 2 * rows * in, dxs.data(), Stream()));
+  auto dxs = stacked_bf16(x, x1);
   auto dyt = Poisoned<float>(2 * y0.size());
   RequireOk(LinearTwo(Cublas(), dxs.data(), rows, in, dpair.data(), out, dyt.data(), Stream()));
-  const auto yt = Download(dyt);
-  const std::vector<float> t0(yt.begin(), yt.begin() + static_cast<std::ptrdiff_t>(y0.size()));
-  const std::vector<float> t1(yt.begin() + static_cast<std::ptrdiff_t>(y0.size()), yt.end());
-  std::vector<double> want_two(y0.size());
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t o = 0; o < out; ++o) {
-      double acc = 0;
-      for (int64_t i = 0; i < in; ++i) {
-        acc += static_cast<double>(RoundBf16(x1[r * in + i])) * RoundBf16(w1[o * in + i]);
-      }
-      want_two[r * out + o] = acc;
-    }
+  const auto [t0, t1] = halves(Download(dyt));
   CHECK(RelErr(t0, want_rounded) < kTolGemmRounded);
-  CHECK(RelErr(t1, want_two) < kTolGemmRounded);
+  CHECK(RelErr(t1, rounded_product(x1, w1)) < kTolGemmRounded);
 }
 
 // Gemv's reference: the unfused device op makes x' (bf16), the product is taken in double

@@ -1,12 +1,15 @@
 // The CUDA backend: the same model as the CPU backend on one NVIDIA GPU (docs/cuda.md).
 //
 // Weights live on the device in bf16 (norm weights, biases and a learned memory init in
-// fp32); linear layers run through cuBLAS with fp32 accumulation; activations and the
-// memory bank are fp32; the memory read, the write sums and prefill attention are TF32
-// tensor-core GEMMs with fp32 accumulation (docs/cuda.md). Each SequenceState owns its own
-// CUDA stream, cuBLAS handle, KV cache, memory banks and pinned staging buffers, so states
-// on one model run concurrently from different threads. Accuracy against the float64
-// reference is that of bf16 weights: logits within a relative error of 2e-2 (tested).
+// fp32); linear layers run through cuBLAS with fp32 accumulation (prompt chunks) or fused
+// GEMV kernels (decode steps); activations and the memory bank are fp32; prompt chunks read
+// memory, add the write sums and run self-attention in tensor-core tile kernels on bf16
+// operands with fp32 accumulation (docs/cuda.md). Each SequenceState owns its own CUDA
+// streams, cuBLAS handle, KV cache, memory banks and pinned staging buffers, so states on
+// one model run concurrently from different threads. Accuracy against the float64
+// reference is that of bf16 weights: logits within a relative error of 2e-2 (tested). A
+// call that finds too little device memory answers ResourceExhausted before it changes
+// the state.
 #pragma once
 
 #include <cstdint>
