@@ -243,7 +243,7 @@ std::vector<int32_t> Tokens(int64_t n, int64_t vocab, int64_t seed) {
 // How a decode step's token is chosen.
 enum class Pick {
   kGreedyDevice,   // ForwardBatchGreedy: the argmax on the GPU (Generate's greedy decoding)
-  kGreedyHost,     // Forward's logits to the host, the argmax there
+  kGreedyHost,     // Forward's logits to the host, the argmax there (Sampler, greedy)
   kSampledDevice,  // ForwardBatchSample: temperature 0.8, top-p 0.95 on the GPU (Generate's sampling)
   kSampledHost,    // Forward's logits to the host, the same rule there (Sampler)
 };
@@ -254,6 +254,7 @@ double Decode(const Model& m, SequenceState& s, int64_t steps, std::vector<float
   SequenceState* const one[] = {&s};
   std::vector<int32_t> next = {Argmax(logits)};
   lm2::runtime::Sampler sampler(lm2::runtime::SamplingOptions{.temperature = 0.8f, .top_p = 0.95f, .seed = 1});
+  lm2::runtime::Sampler greedy(lm2::runtime::SamplingOptions{});  // the host's argmax (PickToken)
   const auto t0 = Clock::now();
   for (int64_t i = 0; i < steps; ++i) {
     const std::vector<int32_t> token = {next[0]};
@@ -269,7 +270,7 @@ double Decode(const Model& m, SequenceState& s, int64_t steps, std::vector<float
       case Pick::kGreedyHost:
       case Pick::kSampledHost:
         Check(m.Forward(s, token, LogitsMode::kLast, &logits), "decode");
-        next[0] = pick == Pick::kGreedyHost ? Argmax(logits) : sampler.Sample(logits, {});
+        next[0] = (pick == Pick::kGreedyHost ? greedy : sampler).Sample(logits, {});
         break;
     }
   }

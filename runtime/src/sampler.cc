@@ -33,11 +33,52 @@ void AppendDistinctIds(std::span<const int32_t> history, std::vector<int32_t>& o
   out.erase(std::unique(out.begin() + from, out.end()), out.end());
 }
 
+namespace {
+
+// The index std::max_element gives over v: the first of equal maxima (-0 equal to +0); NaN
+// never compares greater, so one at the front is kept and any later one is passed over
+// (0 for an empty v). The elements go to kLanes running maxima (element i to lane i mod
+// kLanes), so that the loop carries no dependency from one element to the next:
+// std::max_element's does (each step compares with the element its iterator last kept),
+// 436 µs for 128,256 logits at -O2 on the CPU machine against 71 µs this way.
+std::size_t ArgmaxFirst(std::span<const float> v) {
+  const std::size_t n = v.size();
+  if (n == 0 || std::isnan(v[0])) return 0;
+  constexpr std::size_t kLanes = 16;  // 8 lanes took 121 µs, 32 took 131, 64 took 104
+  float best[kLanes];
+  std::size_t at[kLanes];  // n: nothing above -inf in the lane yet
+  std::fill(best, best + kLanes, -INFINITY);
+  std::fill(at, at + kLanes, n);
+  std::size_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (std::size_t l = 0; l < kLanes; ++l) {
+      const float x = v[i + l];
+      const bool greater = x > best[l];
+      best[l] = greater ? x : best[l];
+      at[l] = greater ? i + l : at[l];
+    }
+  }
+  for (std::size_t l = 0; i + l < n; ++l) {
+    if (v[i + l] > best[l]) {
+      best[l] = v[i + l];
+      at[l] = i + l;
+    }
+  }
+  // The lanes' largest value, the first index among equal ones; none above -inf: every
+  // number is -inf, v[0] among them.
+  std::size_t pick = n;
+  for (std::size_t l = 0; l < kLanes; ++l) {
+    if (at[l] == n) continue;
+    if (pick == n || best[l] > v[pick] || (best[l] == v[pick] && at[l] < pick)) pick = at[l];
+  }
+  return pick == n ? 0 : pick;
+}
+
+}  // namespace
+
 int32_t PickToken(std::span<const float> logits, const TokenRule& rule, PickScratch& scratch) {
   const auto V = static_cast<int32_t>(logits.size());
-  if (rule.argmax_only()) {
-    return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
-  }
+  if (rule.argmax_only()) return static_cast<int32_t>(ArgmaxFirst(logits));
   std::vector<float>& work = scratch.logits;
   work.assign(logits.begin(), logits.end());
   if (rule.repetition_penalty != 1.0f) {
@@ -50,9 +91,7 @@ int32_t PickToken(std::span<const float> logits, const TokenRule& rule, PickScra
       l = l > 0.0f ? l / rule.repetition_penalty : l * rule.repetition_penalty;
     }
   }
-  if (rule.temperature == 0.0f) {
-    return static_cast<int32_t>(std::max_element(work.begin(), work.end()) - work.begin());
-  }
+  if (rule.temperature == 0.0f) return static_cast<int32_t>(ArgmaxFirst(work));
   std::vector<int32_t>& order = scratch.order;
   order.resize(static_cast<std::size_t>(V));
   std::iota(order.begin(), order.end(), 0);
@@ -91,7 +130,7 @@ int32_t PickToken(std::span<const float> logits, const TokenRule& rule, PickScra
     // 1024, ... candidates (nth_element, then a sort of the prefix) until one reaches top_p
     // of it. A prefix of the sorted order is the same whichever way it is found, and a
     // language model's top-p set is usually a few dozen tokens: no full sort of V logits.
-    const float max_logit = *std::max_element(work.begin(), work.end());
+    const float max_logit = work[ArgmaxFirst(work)];
     for (int32_t id : order) total += weight(id, max_logit);
     const double target = static_cast<double>(rule.top_p) * total;
     bool reached = false;
@@ -118,7 +157,7 @@ int32_t PickToken(std::span<const float> logits, const TokenRule& rule, PickScra
     }
   } else {
     // Temperature alone: every token, in id order.
-    const float max_logit = *std::max_element(work.begin(), work.end());
+    const float max_logit = work[ArgmaxFirst(work)];
     w.resize(order.size());
     for (std::size_t i = 0; i < order.size(); ++i) total += (w[i] = weight(order[i], max_logit));
   }

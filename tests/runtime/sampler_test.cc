@@ -123,6 +123,49 @@ TEST_CASE("PickToken: the rule's steps, one by one", "[sampler]") {
   CHECK(lm2::runtime::ValidateTokenRule(TokenRule{.top_k = -1}).IsInvalidArgument());
 }
 
+// The greedy pick runs its own scan (16 running maxima) instead of std::max_element, whose
+// choice it must keep exactly: the first of equal maxima, -0 equal to +0, a NaN in front kept
+// and any later one passed over.
+TEST_CASE("PickToken: the greedy pick is std::max_element's, NaN, infinities and zeros included", "[sampler]") {
+  using lm2::runtime::PickScratch;
+  using lm2::runtime::PickToken;
+  using lm2::runtime::TokenRule;
+  PickScratch scratch;
+  const auto want = [](const std::vector<float>& v) {
+    return static_cast<int32_t>(std::max_element(v.begin(), v.end()) - v.begin());
+  };
+  const auto seed = std::random_device{}();
+  INFO("seed " << seed);
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> kind(0, 9);
+  const float specials[] = {NAN, -INFINITY, INFINITY, -0.0f, 0.0f};
+  // Lengths around the lane count and its multiples, and a vocabulary's; values from a small
+  // set so that ties, zeros of both signs, infinities and NaNs meet in every position.
+  const std::size_t lengths[] = {1, 2, 15, 16, 17, 31, 32, 33, 47, 64, 65, 100, 128256};
+  for (std::size_t len : lengths) {
+    for (int trial = 0; trial < (len > 1000 ? 20 : 300); ++trial) {
+      std::vector<float> v(len);
+      for (float& x : v) {
+        const int k = kind(rng);
+        x = k < 5 ? specials[k] : static_cast<float>(kind(rng) - 5);
+      }
+      INFO("length " << len << ", trial " << trial);
+      REQUIRE(PickToken(v, TokenRule{}, scratch) == want(v));
+      // The penalty's path (temperature 0) picks from its own copy: with no history, the same.
+      REQUIRE(PickToken(v, TokenRule{.repetition_penalty = 1.1f}, scratch) == want(v));
+    }
+  }
+  // Logits as a model makes them, and the same with every value -inf but one late maximum.
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  std::vector<float> logits(128256);
+  for (float& x : logits) x = normal(rng);
+  CHECK(PickToken(logits, TokenRule{}, scratch) == want(logits));
+  std::vector<float> one_late(128256, -INFINITY);
+  one_late[128250] = -5.0f;
+  CHECK(PickToken(one_late, TokenRule{}, scratch) == 128250);
+  CHECK(PickToken(std::vector<float>(7, -INFINITY), TokenRule{}, scratch) == 0);
+}
+
 TEST_CASE("Sampler: Sample is PickToken of Rule; only sampled tokens draw", "[sampler]") {
   const std::vector<float> logits = {0.3f, 1.0f, 0.9f, -2.0f, 0.5f};
   SamplingOptions o;
