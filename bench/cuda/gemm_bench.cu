@@ -55,7 +55,9 @@ struct Shape {
   bool bf16_out, accumulate;
 };
 
-// The model's five GEMMs (paper configuration: d = 2048, FFN 8192, 8 KV heads of 64).
+// The model's five GEMMs (paper configuration: d = 2048, FFN 8192, 8 KV heads of 64). In
+// memory layers the model runs o_proj and out_gate as one strided-batched call (LinearTwo),
+// which this bench times as the two GEMMs apart.
 constexpr Shape kShapes[] = {
     {"q|k|v|mq|offer", 2048, 7168, false, false},
     {"o_proj", 2048, 2048, false, false},

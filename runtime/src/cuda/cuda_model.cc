@@ -1142,8 +1142,7 @@ class CudaModel final : public Model {
       }
     }
     Scratch& sc = lead.scratch_;
-    LM2_RETURN_IF_ERROR(EnsureCapacity(sc.table, next.size()));  // (ReserveBatch: no growth here)
-    if (next != sc.table_host) {
+    if (next != sc.table_host) {  // (sc.table: sized by ReserveBatch, which cleared table_host if it grew)
       DeviceCallScope scope(CaptureExclusion());  // a pageable copy synchronises
       LM2_RETURN_IF_ERROR(sc.table.CopyFromHost(next.data(), next.size(), lead.stream_.get()));  // staged now
       sc.table_host = std::move(next);

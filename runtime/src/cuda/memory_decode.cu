@@ -62,6 +62,29 @@ __device__ __forceinline__ float HeadDot(const float (&qv)[8], const uint4& k, i
   return dot;
 }
 
+// A chunk's results, by each of the block's active threads (t < d / 8): the chunk's raw
+// scores into attn (by a head's first thread), then into part this thread's 8 columns of
+// Σ p v and (by a head's first thread) the head's (m, l): the combine kernel's input.
+__device__ __forceinline__ void StoreChunk(const float (&sc)[kChunkSlots], const float (&acc)[8], float m, float l,
+                                           int b, int chunk, int chunks, int N, int d, int heads, int g, int t,
+                                           float* __restrict__ attn, float* __restrict__ part) {
+  const int n0 = chunk * kChunkSlots, j = t / g;
+  if (t % g == 0) {
+    float* a = attn + (static_cast<int64_t>(b) * heads + j) * N;
+#pragma unroll
+    for (int s = 0; s < kChunkSlots; ++s) {
+      if (n0 + s < N) a[n0 + s] = sc[s];
+    }
+  }
+  float* out = part + (static_cast<int64_t>(b) * chunks + chunk) * (d + 2 * heads);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[t * 8 + i] = acc[i];
+  if (t % g == 0) {
+    out[d + 2 * j] = m;
+    out[d + 2 * j + 1] = l;
+  }
+}
+
 // part[(b * chunks + chunk) * (d + 2 * heads) + ...]: [0, d) the chunk's Σ_n p_n V[n, :] with
 // p_n = exp(s_n - m_j), then (m_j, l_j = Σ_n p_n) per head j. attn gets the raw scores s.
 // K and V rows are loaded before the wait for the predecessor (the segment's memory K/V are
@@ -71,7 +94,7 @@ __global__ void MemoryReadPartialKernel(const float* __restrict__ q, int64_t q_l
                                         int heads, int g, float scale, float* __restrict__ attn,
                                         float* __restrict__ part) {
   const int b = static_cast<int>(blockIdx.y), chunk = static_cast<int>(blockIdx.x), chunks = static_cast<int>(gridDim.x);
-  const int t = static_cast<int>(threadIdx.x), vt = d / 8, j = t / g;
+  const int t = static_cast<int>(threadIdx.x), vt = d / 8;
   const bool active = t < vt;  // the block is rounded up to whole warps; the rest only shuffle
   const int n0 = chunk * kChunkSlots;
   const uint4* K = reinterpret_cast<const uint4*>(mem_k(b));
@@ -108,21 +131,7 @@ __global__ void MemoryReadPartialKernel(const float* __restrict__ q, int64_t q_l
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = fmaf(p, vf[i], acc[i]);
   }
-  if (!active) return;
-  if (t % g == 0) {
-    float* a = attn + (static_cast<int64_t>(b) * heads + j) * N;
-#pragma unroll
-    for (int s = 0; s < kChunkSlots; ++s) {
-      if (n0 + s < N) a[n0 + s] = sc[s];
-    }
-  }
-  float* out = part + (static_cast<int64_t>(b) * chunks + chunk) * (d + 2 * heads);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) out[t * 8 + i] = acc[i];
-  if (t % g == 0) {
-    out[d + 2 * j] = m;
-    out[d + 2 * j + 1] = l;
-  }
+  if (active) StoreChunk(sc, acc, m, l, b, chunk, chunks, N, d, heads, g, t, attn, part);
 }
 
 // ---- The streamed read (a batched step: each block a run of chunks) ---------------------------
@@ -157,7 +166,7 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ uint4 ring[];  // [kStreamStages][kStageSlots][d / 8]
   const int b = static_cast<int>(blockIdx.y), chunks = (N + kChunkSlots - 1) / kChunkSlots;
   const int c0 = static_cast<int>(blockIdx.x) * run, c1 = c0 + run < chunks ? c0 + run : chunks;
-  const int t = static_cast<int>(threadIdx.x), vt = d / 8, j = t / g;
+  const int t = static_cast<int>(threadIdx.x), vt = d / 8;
   const bool active = t < vt;  // the block is rounded up to whole warps; the rest only shuffle
   const uint4* K = reinterpret_cast<const uint4*>(mem_k(b));
   const uint4* V = reinterpret_cast<const uint4*>(mem_v(b));
@@ -186,7 +195,6 @@ __global__ void __launch_bounds__(kThreads)
   float qv[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) qv[i] = active ? q[b * q_ld + t * 8 + i] : 0.0f;
-  float* a = attn + (static_cast<int64_t>(b) * heads + j) * N;
   for (int c = c0; c < c1; ++c) {
     const int n0 = c * kChunkSlots;
     float sc[kChunkSlots], m = -INFINITY, l = 0.0f, acc[8];
@@ -214,20 +222,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-    if (!active) continue;
-    if (t % g == 0) {
-#pragma unroll
-      for (int s = 0; s < kChunkSlots; ++s) {
-        if (n0 + s < N) a[n0 + s] = sc[s];
-      }
-    }
-    float* out = part + (static_cast<int64_t>(b) * chunks + c) * (d + 2 * heads);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) out[t * 8 + i] = acc[i];
-    if (t % g == 0) {
-      out[d + 2 * j] = m;
-      out[d + 2 * j + 1] = l;
-    }
+    if (active) StoreChunk(sc, acc, m, l, b, c, chunks, N, d, heads, g, t, attn, part);
   }
   CopyAsyncWait<0>();  // (only empty groups are left)
 }
@@ -478,29 +473,30 @@ Status CheckDecode(const char* op, int64_t B, int64_t N, int64_t d, int64_t head
   return Status::Ok();
 }
 
-// The streamed read for B sessions where the device gives its blocks the shared memory:
-// runs of chunks such that the B sessions' blocks make about one wave. *launched false: not
-// launched (the caller runs the fast read).
+// The streamed read for B sessions, blocks of `threads` (the fast read's), where the device
+// gives its blocks the shared memory: runs of chunks such that the B sessions' blocks make
+// about one wave. *launched false: not launched (the caller runs the fast read).
 template <typename KV>
 Status LaunchStream(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B, int64_t N, int64_t d, int64_t heads,
-                    float scale, float* attn, float* scratch, cudaStream_t stream, bool* launched) {
+                    float scale, float* attn, float* scratch, unsigned int threads, cudaStream_t stream,
+                    bool* launched) {
   *launched = false;
   const auto kernel = &MemoryReadStreamKernel<KV>;
   const int64_t bytes = StreamSharedBytes(d);
   LM2_ASSIGN_OR_RETURN(const int optin, CurrentDeviceAttribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
   if (bytes > optin) return Status::Ok();
   LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(kernel), bytes, "MemoryReadBatch"));
-  const auto threads = static_cast<int>((d / 8 + 31) / 32 * 32);
   int per_sm = 0;
-  LM2_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, bytes));
+  LM2_CUDA_RETURN_IF_ERROR(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, static_cast<int>(threads), bytes));
   if (per_sm == 0) return Status::Ok();  // (no block fits: the fast read instead)
   LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());
   const int64_t chunks = Chunks(N);
   const int64_t runs_wanted = std::max<int64_t>(1, std::min<int64_t>(chunks, int64_t{per_sm} * sms / B));
   const int64_t run = (chunks + runs_wanted - 1) / runs_wanted, runs = (chunks + run - 1) / run;
   LM2_RETURN_IF_ERROR(CudaStatus(
-      LaunchPdl(kernel, dim3(static_cast<unsigned int>(runs), static_cast<unsigned int>(B)),
-                static_cast<unsigned int>(threads), static_cast<std::size_t>(bytes), stream, q, q_ld, mem_k, mem_v,
+      LaunchPdl(kernel, dim3(static_cast<unsigned int>(runs), static_cast<unsigned int>(B)), threads,
+                static_cast<std::size_t>(bytes), stream, q, q_ld, mem_k, mem_v,
                 static_cast<int>(N), static_cast<int>(run), static_cast<int>(d), static_cast<int>(heads),
                 static_cast<int>(d / heads / 8), scale, attn, scratch),
       "MemoryReadStreamKernel"));
@@ -515,12 +511,13 @@ Status LaunchRead(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B, i
   const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
   if (FastRead(d, heads)) {
     const int64_t chunks = Chunks(N);
+    const auto threads = static_cast<unsigned int>((d / 8 + 31) / 32 * 32);  // a thread per 8 columns, whole warps
     bool streamed = false;
     if (B >= kStreamMinSessions) {
-      LM2_RETURN_IF_ERROR(LaunchStream(q, q_ld, mem_k, mem_v, B, N, d, heads, scale, attn, scratch, stream, &streamed));
+      LM2_RETURN_IF_ERROR(
+          LaunchStream(q, q_ld, mem_k, mem_v, B, N, d, heads, scale, attn, scratch, threads, stream, &streamed));
     }
     if (!streamed) {
-      const auto threads = static_cast<unsigned int>((d / 8 + 31) / 32 * 32);
       LM2_RETURN_IF_ERROR(CudaStatus(
           LaunchPdl(&MemoryReadPartialKernel<KV>, dim3(static_cast<unsigned int>(chunks), static_cast<unsigned int>(B)),
                     threads, 0, stream, q, q_ld, mem_k, mem_v, static_cast<int>(N), static_cast<int>(d),
