@@ -18,6 +18,7 @@
 
 #include "../runtime/golden_check.h"
 #include "cuda/cuda_resources.h"
+#include "cuda/kernel_modules.h"
 #include "lm2/runtime/backend.h"
 #include "lm2/runtime/cpu_backend.h"
 #include "lm2/runtime/cuda_backend.h"
@@ -92,6 +93,12 @@ std::vector<double> Widen(const std::vector<float>& v) { return {v.begin(), v.en
 
 int32_t Argmax(const std::vector<float>& v) {
   return static_cast<int32_t>(std::max_element(v.begin(), v.end()) - v.begin());
+}
+
+// The argmax of row `row` of logits [rows, V].
+int32_t RowArgmax(const std::vector<float>& logits, std::size_t row, std::size_t V) {
+  const auto first = logits.begin() + static_cast<std::ptrdiff_t>(row * V);
+  return static_cast<int32_t>(std::max_element(first, first + static_cast<std::ptrdiff_t>(V)) - first);
 }
 
 // Greedy decode of `steps` tokens after `prompt` on both models; returns how many tokens
@@ -434,9 +441,11 @@ TEST_CASE("CUDA bad input gets a clear status and leaves the state usable", "[cu
 
 namespace {
 
-// Every byte of device memory lm2's allocations can still get, held until destroyed: the
+// Every byte of device memory that allocations can still get, held until destroyed: the
 // pool trimmed first (what it keeps unused goes back to the driver), then blocks from 1 GiB
-// down to 256 bytes taken through the pool until none of each size is left.
+// down to 256 bytes taken through the pool until none of each size is left, then the same
+// from cudaMalloc (what the pool's mappings cannot reach). What the driver keeps for itself
+// stays (it reports ~3.1 MiB free after, on an H200 with driver 580).
 class DeviceMemoryHog {
  public:
   DeviceMemoryHog() {
@@ -453,8 +462,24 @@ class DeviceMemoryHog {
         blocks_.push_back(std::move(b).value());
       }
     }
+    for (std::size_t block = std::size_t{1} << 26; block >= 256; block /= 4) {
+      while (true) {
+        void* p = nullptr;
+        if (cudaMalloc(&p, block) != cudaSuccess) {
+          (void)cudaGetLastError();
+          break;
+        }
+        raw_bytes_ += block;
+        raw_.push_back(p);
+      }
+    }
+    std::size_t free_bytes = 0, total = 0;
+    (void)cudaMemGetInfo(&free_bytes, &total);
+    (void)cudaGetLastError();
+    std::printf("hog: %zu bytes from the pool, %zu by cudaMalloc, %zu free after\n", bytes_, raw_bytes_, free_bytes);
   }
   ~DeviceMemoryHog() {
+    for (void* p : raw_) (void)cudaFree(p);
     blocks_.clear();
     lm2::runtime::cuda::TrimDevicePool(0);  // back to the driver, not kept by the pool
   }
@@ -465,6 +490,8 @@ class DeviceMemoryHog {
  private:
   std::vector<lm2::runtime::cuda::DeviceBuffer<char>> blocks_;
   std::size_t bytes_ = 0;
+  std::vector<void*> raw_;
+  std::size_t raw_bytes_ = 0;
 };
 
 }  // namespace
@@ -521,6 +548,63 @@ TEST_CASE("Out of device memory: ResourceExhausted, and the state goes on as if 
   CHECK(s->context_length() == ref->context_length());
   auto later = gpu->NewState();
   RequireOk(later.status());
+}
+
+// A decode step's own buffers are reserved before it runs, but two things a step can need
+// are not buffers: a kernel's code (CUDA loads it at the first launch unless LoadAllKernels
+// did at model load) and the memory to instantiate a CUDA graph for a new batch shape (the
+// step then runs without one). A batch of 3 after batches of 12 needs both: the GEMV's
+// 3-row form, which nothing launched before, and a graph of a new shape. (On an H200 the
+// memory the driver keeps for itself covered both even without the loading at load and the
+// graph-less fallback; with them the step does not depend on it.)
+TEST_CASE("Out of device memory: a batch of a new size decodes with the buffers it has", "[cuda][model][oom]") {
+  auto files = Files(TestModelDir("tiny-lm2"));
+  auto gpu = LoadCuda(files);
+  {
+    auto kernels = lm2::runtime::cuda::CountKernels();
+    RequireOk(kernels.status());
+    CHECK(kernels->unloaded == 0);  // the load ran LoadAllKernels
+  }
+  // Two groups with the same history; group a meets the full device, group b never does.
+  constexpr std::size_t kMany = 12, kFew = 3;
+  static_assert(kMany > 8 && kFew > 1 && kFew <= 8, "cuBLAS above the GEMV's default 8 rows, the GEMV below");
+  std::vector<std::unique_ptr<SequenceState>> a, b;
+  std::vector<SequenceState*> pa, pb;
+  std::vector<int32_t> next(kMany);
+  std::vector<float> la, lb;
+  for (std::size_t i = 0; i < kMany; ++i) {
+    a.push_back(NewState(*gpu));
+    b.push_back(NewState(*gpu));
+    pa.push_back(a.back().get());
+    pb.push_back(b.back().get());
+    const std::vector<int32_t> prompt = {static_cast<int32_t>(5 + i), 17, static_cast<int32_t>(40 + 3 * i)};
+    RequireOk(gpu->Forward(*a.back(), prompt, LogitsMode::kLast, &la));
+    RequireOk(gpu->Forward(*b.back(), prompt, LogitsMode::kLast, &lb));
+    REQUIRE(la == lb);
+    next[i] = Argmax(la);
+  }
+  RequireOk(gpu->ForwardBatch(pa, next, &la));
+  RequireOk(gpu->ForwardBatch(pb, next, &lb));
+  REQUIRE(la == lb);
+  const auto V = static_cast<std::size_t>(gpu->config().vocab_size);
+  std::vector<int32_t> few(kFew);
+  for (std::size_t i = 0; i < kFew; ++i) few[i] = RowArgmax(la, i, V);
+  const std::span<SequenceState* const> first_a(pa.data(), kFew), first_b(pb.data(), kFew);
+  for (int step = 0; step < 2; ++step) {
+    {
+      DeviceMemoryHog hog;
+      REQUIRE(hog.bytes() > 0);
+      const lm2::Status s = gpu->ForwardBatch(first_a, few, &la);
+      INFO(s.ToString());
+      REQUIRE(s.ok());
+    }
+    RequireOk(gpu->ForwardBatch(first_b, few, &lb));  // graph-replayed: memory is back
+    CHECK(la == lb);
+    for (std::size_t i = 0; i < kFew; ++i) {
+      few[i] = RowArgmax(lb, i, V);
+      CHECK(a[i]->context_length() == b[i]->context_length());
+    }
+  }
 }
 
 TEST_CASE("Many CUDA states run one shared model from several threads", "[cuda][model]") {

@@ -16,6 +16,7 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -30,6 +31,7 @@
 
 #include "cuda/cuda_ops.h"
 #include "cuda/cuda_resources.h"
+#include "cuda/kernel_modules.h"
 #include "lm2/runtime/sampler.h"
 #include "support/random_data.h"
 
@@ -570,6 +572,29 @@ TEST_CASE("the sm_90 code runs where the build has it and the card takes it", "[
   INFO("architectures " << archs << ", compute capability " << major << "." << minor);
   CHECK(runs > 0);
   CHECK(Sm90CodeOnCurrentDevice() == (runs >= 90));
+}
+
+TEST_CASE("LoadAllKernels puts every kernel of every .cu file on the device", "[cuda][ops][kernels]") {
+  // The .cu files with kernels, each registering its module (LM2_CUDA_KERNEL_MODULE); the
+  // sm_90a file's module has code only for compute capability 9.0.
+  const int64_t modules = 12 + (Sm90CodeOnCurrentDevice() ? 1 : 0);
+  auto before = CountKernels();
+  RequireOk(before.status());
+  const auto t0 = std::chrono::steady_clock::now();
+  auto loaded = LoadAllKernels();
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  RequireOk(loaded.status());
+  std::printf("kernels: %lld modules, %lld kernels, %lld not yet loaded (%s loading), loaded in %.1f ms\n",
+              static_cast<long long>(loaded->modules), static_cast<long long>(loaded->functions),
+              static_cast<long long>(loaded->unloaded), loaded->lazy ? "lazy" : "eager", ms);
+  CHECK(loaded->modules == modules);
+  CHECK(loaded->functions > 100);
+  CHECK(loaded->unloaded == before->unloaded);
+  auto after = CountKernels();
+  RequireOk(after.status());
+  CHECK(after->modules == modules);
+  CHECK(after->functions == loaded->functions);
+  CHECK(after->unloaded == 0);
 }
 
 TEST_CASE("SampleRows picks what PickToken picks on the host", "[cuda][ops]") {

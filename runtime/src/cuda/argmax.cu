@@ -7,6 +7,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
+#include "cuda/kernel_modules.h"
 
 namespace lm2::runtime::cuda {
 namespace {
@@ -51,6 +52,8 @@ __global__ void ArgmaxRowsKernel(const float* __restrict__ x, int64_t cols, unsi
     if (tid == 0 && best != 0) atomicMax(keys + row, best);
   }
 }
+
+LM2_CUDA_KERNEL_MODULE(ArgmaxRowsKernel);
 
 }  // namespace
 

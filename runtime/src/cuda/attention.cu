@@ -8,6 +8,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
+#include "cuda/kernel_modules.h"
 #include "ops/op_shapes.h"
 
 namespace lm2::runtime::cuda {
@@ -355,6 +356,8 @@ Status CheckAttentionArgs(const char* op, const float* q, const float* k, const 
   if (T == 0) return Status::Ok();
   return RequireNonNull(op, {q, k, v, out});
 }
+
+LM2_CUDA_KERNEL_MODULE(AttentionPrefillKernel);
 
 }  // namespace
 

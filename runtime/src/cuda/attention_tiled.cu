@@ -19,6 +19,7 @@
 
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
+#include "cuda/kernel_modules.h"
 #include "cuda/mma.cuh"
 #include "ops/op_shapes.h"
 
@@ -194,6 +195,8 @@ Status AttentionTiled(const float* q, const bf16* k, const bf16* v, int64_t T, i
     return LaunchAttentionTiled<decltype(dhp)::value>(q, k, v, T, S, heads, kv_heads, head_dim, out, stream);
   });
 }
+
+LM2_CUDA_KERNEL_MODULE(AttentionTiledKernel<64, float>);
 
 }  // namespace
 

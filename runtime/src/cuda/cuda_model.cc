@@ -22,6 +22,7 @@
 #include "cuda/cuda_ops.h"
 #include "cuda/cuda_resources.h"
 #include "cuda/cuda_weights.h"
+#include "cuda/kernel_modules.h"
 #include "lm2/runtime/cuda_backend.h"
 #include "lm2/runtime/cuda_devices.h"
 
@@ -1034,11 +1035,14 @@ class CudaModel final : public Model {
         if (captured.ok()) {
           lead.decode_graph_ = std::move(captured).value();
           lead.decode_graph_key_ = key;
-        } else if (captured.status().code() != StatusCode::kUnavailable) {
+        } else if (const StatusCode code = captured.status().code();
+                   code != StatusCode::kUnavailable && code != StatusCode::kResourceExhausted) {
           return captured.status();
         }
-        // Unavailable: another thread's device work broke the capture; nothing ran. This
-        // step runs without the graph; the next one captures again.
+        // Nothing ran. Unavailable: another thread's device work broke the capture;
+        // ResourceExhausted: the device had no memory left to instantiate the graph (the
+        // step's own buffers are reserved). Either way this step runs without the graph,
+        // and the next one captures again.
       }
       LM2_RETURN_IF_ERROR(lead.decode_graph_.empty() ? step() : lead.decode_graph_.Launch(st));
     } else {
@@ -1520,6 +1524,9 @@ Result<std::unique_ptr<Model>> LoadCudaModel(std::shared_ptr<const ModelFiles> f
                                  std::to_string(cuda::kMaxDecodeHeadDim) + " on the CUDA backend");
   }
   LM2_RETURN_IF_ERROR(cuda::UseDevice(options.device));
+  // Every kernel's code on the device now rather than at its first launch, which on a full
+  // device could fail after a call's reservations (kernel_modules.h).
+  LM2_RETURN_IF_ERROR(cuda::LoadAllKernels().status());
   LM2_ASSIGN_OR_RETURN(auto weights, cuda::CudaWeights::Upload(*files, options.device));
   auto model = std::make_unique<cuda::CudaModel>(std::move(files), std::move(weights), options);
   LM2_RETURN_IF_ERROR(model->PrepareInitialMemoryKv());

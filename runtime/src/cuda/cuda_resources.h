@@ -292,7 +292,8 @@ class CudaGraph : public detail::OwnedHandle<cudaGraphExec_t, &cudaGraphExecDest
   // capture and is returned; nothing ran. Unavailable when the driver invalidated the
   // capture because of other work on the device at the same time (a synchronising call
   // from another thread can do that, whatever the capture mode): the caller may run the
-  // work without a graph and capture another time.
+  // work without a graph and capture another time. ResourceExhausted when the device has no
+  // memory left to instantiate the graph: nothing ran either.
   template <typename Fn>
   static Result<CudaGraph> Capture(cudaStream_t stream, Fn&& enqueue) {
     CaptureScope exclusive(CaptureExclusion());

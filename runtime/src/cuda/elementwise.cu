@@ -5,6 +5,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
+#include "cuda/kernel_modules.h"
 #include "ops/op_shapes.h"
 
 namespace lm2::runtime::cuda {
@@ -143,6 +144,8 @@ Status SwiGluBf16Rows(const T* gate_up, int64_t rows, int64_t F, __nv_bfloat16* 
   SwiGluBf16Kernel<T><<<GridFor(rows * F, kThreads), kThreads, 0, stream>>>(gate_up, rows, F, out);
   return CheckLaunch("SwiGluBf16Kernel");
 }
+
+LM2_CUDA_KERNEL_MODULE(F32ToBf16Kernel);
 
 }  // namespace
 

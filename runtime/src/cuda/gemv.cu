@@ -26,6 +26,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
+#include "cuda/kernel_modules.h"
 #include "ops/op_shapes.h"
 
 namespace lm2::runtime::cuda {
@@ -323,6 +324,8 @@ Status LaunchIn(const GemvArgs& a, cudaStream_t stream) {
   }
   return Status::InvalidArgument("Gemv: unknown input kind");
 }
+
+LM2_CUDA_KERNEL_MODULE(GemvKernel<1, GemvInput::kBf16, GemvOutput::kStore>);
 
 }  // namespace
 

@@ -9,6 +9,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
+#include "cuda/kernel_modules.h"
 #include "cuda/mma.cuh"
 #include "ops/op_shapes.h"
 
@@ -548,6 +549,8 @@ Status LaunchRead(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B, i
   return StageWriteBatch(attn, stage->offer, stage->offer_ld, B, N, d, heads, stage->slots, stage->pending_attn,
                          stage->pending_offer, stage->mass, stream);
 }
+
+LM2_CUDA_KERNEL_MODULE(MemoryReadCombineKernel);
 
 }  // namespace
 

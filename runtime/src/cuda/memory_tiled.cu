@@ -41,6 +41,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
+#include "cuda/kernel_modules.h"
 #include "cuda/memory_tiled.cuh"
 #include "cuda/mma.cuh"
 #include "ops/op_shapes.h"
@@ -298,6 +299,8 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
                                                                       mass, acc);
   return CheckLaunch("MemoryWriteTiledKernel");
 }
+
+LM2_CUDA_KERNEL_MODULE(MemoryReadTiledKernel<64>);
 
 }  // namespace
 

@@ -22,6 +22,7 @@
 #include <cstring>
 
 #include "cuda/cuda_check.h"
+#include "cuda/kernel_modules.h"
 #include "cuda/memory_tiled.cuh"
 #include "cuda/mma.cuh"
 
@@ -417,6 +418,10 @@ __global__ void __launch_bounds__(kThreads, 2)
 constexpr int kReadBytes = kAtomBytes + 2 * kTileStages * kTileBytes + kOwnBytes;
 constexpr int kWriteBytes = kReadBytes + kTileStages * kTile * 4;
 static_assert(kStagedBytes <= 2 * kTileStages * kTileBytes, "the staged rows fit over the other side's tiles");
+
+#if defined(LM2_CUDA_SM90A)
+LM2_CUDA_KERNEL_MODULE(ReadKernel);
+#endif
 
 }  // namespace
 

@@ -7,6 +7,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
+#include "cuda/kernel_modules.h"
 #include "ops/op_shapes.h"
 
 namespace lm2::runtime::cuda {
@@ -43,6 +44,8 @@ __global__ void GatedMemoryUpdateKernel(const float* __restrict__ u, const float
     bank[i] = Sigmoid(in_pre[i] + in_bias[c]) * tanhf(u[i]) + Sigmoid(forget_pre[i] + forget_bias[c]) * bank[i];
   }
 }
+
+LM2_CUDA_KERNEL_MODULE(AccumulateMassKernel);
 
 }  // namespace
 

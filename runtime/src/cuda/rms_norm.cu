@@ -4,6 +4,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
+#include "cuda/kernel_modules.h"
 #include "ops/op_shapes.h"
 
 namespace lm2::runtime::cuda {
@@ -45,6 +46,8 @@ __global__ void RmsNormKernel(const float* x, const float* __restrict__ weight, 
 bool Vectorizable(const float* x, const float* weight, const void* out, int64_t d) {
   return d % 4 == 0 && Aligned16({x, weight, out});
 }
+
+LM2_CUDA_KERNEL_MODULE(RmsNormKernel<float>);
 
 }  // namespace
 

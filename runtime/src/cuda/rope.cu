@@ -6,6 +6,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
+#include "cuda/kernel_modules.h"
 #include "ops/op_shapes.h"
 
 namespace lm2::runtime::cuda {
@@ -75,6 +76,8 @@ __global__ void RopeFactorsKernel(const int64_t* __restrict__ positions, int64_t
     factors[p] = RopeFactors(p % half, head_dim, positions[p / half], theta);
   }
 }
+
+LM2_CUDA_KERNEL_MODULE(RopeKernel);
 
 }  // namespace
 

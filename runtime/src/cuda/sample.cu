@@ -27,6 +27,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
+#include "cuda/kernel_modules.h"
 
 namespace lm2::runtime::cuda {
 namespace {
@@ -709,6 +710,8 @@ Status CheckSampleShape(int64_t rows, int64_t cols) {
   }
   return Status::Ok();
 }
+
+LM2_CUDA_KERNEL_MODULE(PrepareKeysKernel);
 
 }  // namespace
 

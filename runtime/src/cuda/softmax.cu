@@ -3,6 +3,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
+#include "cuda/kernel_modules.h"
 
 namespace lm2::runtime::cuda {
 namespace {
@@ -28,6 +29,8 @@ __global__ void SoftmaxRowsKernel(float* __restrict__ x, int64_t cols, int64_t c
   const float inv = 1.0f / sum;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) row[c] = c < valid ? row[c] * inv : 0.0f;
 }
+
+LM2_CUDA_KERNEL_MODULE(SoftmaxRowsKernel);
 
 }  // namespace
 

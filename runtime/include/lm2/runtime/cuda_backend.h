@@ -105,9 +105,9 @@ struct CudaOptions {
   // (a prompt through the tensor-core and cuBLAS paths, greedy and sampled decode steps
   // across a memory-write flush, the segment's end, a second segment, then a prompt of each
   // GEMM row count up to 512: a chunk's GEMMs run over its rows rounded up to 64), so that
-  // the kernels' first-use costs (CUDA's lazy module loading, cuBLAS's first calls of each
-  // shape) are paid at load, not by the first session's reply or a prompt of a length not
-  // seen before. Costs the load that turn (docs/cuda.md).
+  // the first-use costs of cuBLAS's calls of each shape are paid at load, not by the first
+  // session's reply or a prompt of a length not seen before (lm2's own kernels are loaded
+  // at load with or without it). Costs the load that turn (docs/cuda.md).
   bool warm_up = true;
 };
 
