@@ -99,6 +99,7 @@ int lm2_engine_open(const lm2_engine_options* o, lm2_engine** out) {
     eo.share_store_between_processes = o->share_store != 0;
     eo.sync_commits = o->sync_commits != 0;
     eo.max_message_bytes = o->max_message_bytes;
+    eo.max_resident_sessions = o->max_resident_sessions;
     auto e = lm2::Engine::Open(eo);
     if (!e.ok()) return Fail(e.status());
     *out = new lm2_engine{std::shared_ptr<lm2::Engine>(std::move(e).value())};
@@ -113,6 +114,13 @@ void lm2_engine_memory_shape(const lm2_engine* engine, size_t* layers, size_t* s
   const lm2::ModelInfo& info = engine->engine->model_info();
   if (layers != nullptr) *layers = info.memory_layers.size();
   if (slots != nullptr) *slots = static_cast<size_t>(info.memory_slots);
+}
+
+void lm2_engine_get_stats(const lm2_engine* engine, lm2_engine_stats* out) {
+  if (engine == nullptr || out == nullptr) return;
+  const lm2::EngineStats s = engine->engine->Stats();
+  out->resident_sessions = s.resident_sessions;
+  out->evictions = s.evictions;
 }
 
 int lm2_engine_erase_session(lm2_engine* engine, const char* tenant, const char* session_id) {

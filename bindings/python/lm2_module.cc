@@ -350,7 +350,7 @@ class Error(Exception):
   py::class_<PyEngine>(m, "Engine", "A loaded model and the encrypted session store. Thread-safe.")
       .def(py::init([](const std::string& model_dir, const std::string& store_path, std::optional<std::string> key_file,
                        std::string key_env, bool share_store, bool sync_commits, std::size_t max_message_bytes,
-                       const std::string& backend) {
+                       const std::string& backend, std::size_t max_resident_sessions) {
              lm2::EngineOptions o;
              o.model_dir = model_dir;
              o.store_path = store_path;
@@ -359,6 +359,7 @@ class Error(Exception):
              o.share_store_between_processes = share_store;
              o.sync_commits = sync_commits;
              o.max_message_bytes = max_message_bytes;
+             o.max_resident_sessions = max_resident_sessions;
              if (backend == "auto") o.backend = lm2::Backend::kAuto;
              else if (backend == "cpu") o.backend = lm2::Backend::kCpu;
              else if (backend == "cuda") o.backend = lm2::Backend::kCuda;
@@ -372,7 +373,8 @@ class Error(Exception):
            }),
            py::arg("model_dir"), py::arg("store_path"), py::kw_only(), py::arg("key_file") = py::none(),
            py::arg("key_env") = "LM2_KEK", py::arg("share_store") = false, py::arg("sync_commits") = true,
-           py::arg("max_message_bytes") = 64 * 1024, py::arg("backend") = "auto")
+           py::arg("max_message_bytes") = 64 * 1024, py::arg("backend") = "auto",
+           py::arg("max_resident_sessions") = 0)
       .def("session", [](PyEngine& e, const std::string& tenant, const std::string& id, bool create) {
         lm2::SessionOptions so;
         so.create_if_missing = create;
@@ -385,6 +387,14 @@ class Error(Exception):
       .def("erase_session", [](PyEngine& e, const std::string& t, const std::string& id) { Check(e.e->EraseSession(t, id)); },
            py::arg("tenant"), py::arg("session_id"))
       .def("erase_tenant", [](PyEngine& e, const std::string& t) { Check(e.e->EraseTenant(t)); }, py::arg("tenant"))
+      .def("stats", [](PyEngine& e) {
+        const lm2::EngineStats s = e.e->Stats();
+        py::dict d;
+        d["resident_sessions"] = s.resident_sessions;
+        d["evictions"] = s.evictions;
+        return d;
+      }, "{'resident_sessions': sessions holding a backend state now, 'evictions': states taken back "
+         "from idle sessions so far} (max_resident_sessions caps the first; 0 = no cap).")
       .def_property_readonly("model_info", [](PyEngine& e) {
         const lm2::ModelInfo& i = e.e->model_info();
         py::dict d;

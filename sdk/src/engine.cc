@@ -67,6 +67,7 @@ Result<std::unique_ptr<Engine>> Engine::Open(const EngineOptions& options) {
   if (options.max_reply_tokens < 1) return Status::InvalidArgument("EngineOptions.max_reply_tokens must be >= 1");
   auto core = std::make_shared<internal::EngineCore>();
   core->options = options;
+  core->residency = std::make_unique<internal::Residency>(options.max_resident_sessions);
   LM2_RETURN_IF_ERROR(LoadModel(options, *core).WithContext("loading model " + options.model_dir));
 
   Progress(options, "store", 0.9);
@@ -85,6 +86,10 @@ Result<std::unique_ptr<Engine>> Engine::Open(const EngineOptions& options) {
 }
 
 const ModelInfo& Engine::model_info() const { return core_->info; }
+
+std::size_t Engine::ResidentSessions() const { return core_->residency->stats().resident_sessions; }
+
+EngineStats Engine::Stats() const { return core_->residency->stats(); }
 
 Result<std::vector<std::string>> Engine::ListSessions(std::string_view tenant) const {
   LM2_RETURN_IF_ERROR(internal::ValidateId("tenant", tenant));

@@ -13,6 +13,7 @@
 #include "lm2/runtime/model.h"
 #include "lm2/runtime/tokenizer.h"
 #include "lm2/types.h"
+#include "residency.h"
 
 namespace lm2::internal {
 
@@ -30,6 +31,9 @@ struct EngineCore {
   // Host banks kept for the sessions' exports after each turn (at most kKeptBanks).
   // Internally synchronised.
   std::unique_ptr<BankPool> spare_banks;
+  // Which sessions hold a backend state, and evicting idle ones' (EngineOptions::
+  // max_resident_sessions, or a backend out of memory). Internally synchronised.
+  std::unique_ptr<Residency> residency;
 };
 
 // Banks an engine keeps for reuse (BankPool): two turns committing at once export without
@@ -46,10 +50,22 @@ inline constexpr const char* kMetaPromptTokens = "lm2.prompt_tokens";
 inline constexpr const char* kMetaReplyTokens = "lm2.reply_tokens";
 
 struct SessionCore {
+  SessionCore() = default;
+  SessionCore(const SessionCore&) = delete;
+  SessionCore& operator=(const SessionCore&) = delete;
+  ~SessionCore();  // leaves the engine's Residency
+
   std::shared_ptr<const EngineCore> engine;
   persistence::SessionId id;
   SessionOptions options;
-  std::unique_ptr<runtime::SequenceState> state;  // no segment open between calls
+  // Built when a call needs it (UseState), dropped when the head moves (Adopt) or a turn
+  // fails, taken by an eviction between calls (Residency). Touched only by this session's
+  // thread inside a pinned call, or under the Residency's mutex. No segment open between
+  // calls.
+  std::unique_ptr<runtime::SequenceState> state;
+  // The next build runs PrefillOnResume: the session was just opened, or an eviction took
+  // its state. Written under the Residency's mutex.
+  bool prefill_on_build = false;
   MemoryState memory;       // the head's bank (what `state` holds between calls)
   uint64_t head = 0;        // the version this handle is at
   uint64_t turn_count = 0;  // turns up to the head
@@ -58,12 +74,22 @@ struct SessionCore {
   const runtime::Model& model() const { return *engine->model; }
   persistence::SessionStore& store() const { return *engine->store; }
 
-  // A fresh state (empty context) holding `memory`.
-  Status RebuildState();
-  // Reads the head from the store into memory/head/turn_count and rebuilds the state.
-  Status LoadHead();
-  // Makes `version` (already committed) the head of this handle, holding `bank`.
-  Status Adopt(uint64_t version, MemoryState bank, uint64_t turns);
+  // Pins this session for a call (Residency::Enter) and builds its state if it has none:
+  // NewState + ImportMemory of `memory`, then PrefillOnResume when prefill_on_build. A
+  // backend out of memory evicts idle sessions' states and tries again (Residency::Reclaiming).
+  Result<Residency::Pin> UseState();
+  // A state of its own holding `bank` (empty context) for a pinned call that must not touch
+  // `state` (NextTokenLogits, ForgetTurn's replay); built as UseState builds.
+  Result<std::unique_ptr<runtime::SequenceState>> TemporaryState(const MemoryState& bank) const;
+  // Destroys the state; the next call rebuilds it from `memory` (with PrefillOnResume when
+  // `prefill`).
+  void DropState(bool prefill);
+  // Reads the head from the store into memory/head/turn_count and drops the state
+  // (`prefill`: as DropState's).
+  Status LoadHead(bool prefill);
+  // Makes `version` (already committed) the head of this handle, holding `bank`, and drops
+  // the state (`prefill`: as DropState's; false: the next call starts from an empty context).
+  void Adopt(uint64_t version, MemoryState bank, uint64_t turns, bool prefill);
   Status CheckUsable() const;
 };
 
@@ -71,9 +97,9 @@ struct SessionCore {
 
 namespace lm2::internal {
 // With ContextPolicy::kKeepContext and resume_prefill_turns > 0: runs the last turns'
-// transcripts into the fresh context, leaving the memory as committed.
+// transcripts into the fresh context of `core.state`, leaving the memory as committed.
 Status PrefillOnResume(SessionCore& core);
-// Opens (creating when allowed) a session and loads its head.
+// Opens (creating when allowed) a session and loads its head; builds no state.
 Result<std::unique_ptr<SessionCore>> OpenSessionCore(std::shared_ptr<const EngineCore> engine,
                                                      persistence::SessionId id, const SessionOptions& options);
 }  // namespace lm2::internal

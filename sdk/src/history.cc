@@ -35,7 +35,8 @@ Status CommitOp(SessionCore& c, MemoryState bank, std::map<std::string, std::str
   co.metadata = std::move(meta);
   co.turns = 0;
   LM2_ASSIGN_OR_RETURN(uint64_t v, c.store().Commit(c.id, c.head, bank, persistence::TurnTranscript{}, co));
-  return c.Adopt(v, std::move(bank), c.turn_count);
+  c.Adopt(v, std::move(bank), c.turn_count, /*prefill=*/false);
+  return Status::Ok();
 }
 
 std::string Describe(const ClearSpec& spec) {
@@ -105,7 +106,8 @@ Status Session::Rollback(uint64_t version) {
   // Load first: a missing, tampered or other-model version fails before the head moves.
   LM2_ASSIGN_OR_RETURN(persistence::Snapshot snap, c.store().LoadVersion(c.id, version, Checked(c, false)));
   LM2_RETURN_IF_ERROR(c.store().Rollback(c.id, c.head, version));
-  return c.Adopt(version, std::move(snap.state), snap.info.turn_count);
+  c.Adopt(version, std::move(snap.state), snap.info.turn_count, /*prefill=*/false);
+  return Status::Ok();
 }
 
 Result<std::unique_ptr<Session>> Session::Fork(uint64_t version, std::string_view new_session_id,
@@ -190,8 +192,9 @@ Status Session::ForgetTurn(uint64_t version) {
     bank = c.engine->initial_memory.Clone();
     first = 0;
   }
-  LM2_ASSIGN_OR_RETURN(std::unique_ptr<runtime::SequenceState> state, m.NewState());
-  LM2_RETURN_IF_ERROR(m.ImportMemory(*state, bank));
+  // The replay runs in a state of its own, counted as the session's while it lives.
+  internal::Residency::Pin pin = c.engine->residency->Enter(c);
+  LM2_ASSIGN_OR_RETURN(std::unique_ptr<runtime::SequenceState> state, c.TemporaryState(bank));
   for (std::size_t i = first; i < L.size(); ++i) {
     const persistence::VersionInfo& v = L[i];
     const std::string k = internal::KindOf(v);

@@ -24,12 +24,36 @@ Status SessionCore::CheckUsable() const {
   return Status::Ok();
 }
 
-Status SessionCore::RebuildState() {
-  LM2_ASSIGN_OR_RETURN(state, model().NewState());
-  return model().ImportMemory(*state, memory);
+SessionCore::~SessionCore() { engine->residency->Remove(*this); }
+
+Result<Residency::Pin> SessionCore::UseState() {
+  Residency::Pin pin = engine->residency->Enter(*this);
+  if (state != nullptr) return pin;
+  LM2_RETURN_IF_ERROR(engine->residency->Reclaiming([&]() -> Status {
+    LM2_ASSIGN_OR_RETURN(state, model().NewState());
+    Status s = model().ImportMemory(*state, memory);
+    if (s.ok() && prefill_on_build) s = PrefillOnResume(*this);
+    // A half-built state is no use to a retry, and its memory may be what a retry needs.
+    if (!s.ok()) state.reset();
+    return s;
+  }));
+  return pin;
 }
 
-Status SessionCore::LoadHead() {
+Result<std::unique_ptr<runtime::SequenceState>> SessionCore::TemporaryState(const MemoryState& bank) const {
+  std::unique_ptr<runtime::SequenceState> out;
+  LM2_RETURN_IF_ERROR(engine->residency->Reclaiming([&]() -> Status {
+    LM2_ASSIGN_OR_RETURN(out, model().NewState());
+    Status s = model().ImportMemory(*out, bank);
+    if (!s.ok()) out.reset();
+    return s;
+  }));
+  return out;
+}
+
+void SessionCore::DropState(bool prefill) { engine->residency->Drop(*this, prefill); }
+
+Status SessionCore::LoadHead(bool prefill) {
   LM2_RETURN_IF_ERROR(CheckUsable());
   persistence::LoadOptions lo;
   lo.expected_fingerprint = engine->info.fingerprint;
@@ -39,19 +63,25 @@ Status SessionCore::LoadHead() {
   // Head; then the head is no longer 0 and loading again finds it.
   for (int attempt = 0;; ++attempt) {
     auto snap = store().LoadHead(id, lo);
-    if (snap.ok()) return Adopt(snap->info.version, std::move(snap->state), snap->info.turn_count);
+    if (snap.ok()) {
+      Adopt(snap->info.version, std::move(snap->state), snap->info.turn_count, prefill);
+      return Status::Ok();
+    }
     if (!snap.status().IsNotFound()) return snap.status().WithContext("session '" + id.session + "'");
     LM2_ASSIGN_OR_RETURN(persistence::HeadInfo h, store().Head(id));
-    if (h.head_version == 0) return Adopt(0, engine->initial_memory.Clone(), 0);
+    if (h.head_version == 0) {
+      Adopt(0, engine->initial_memory.Clone(), 0, prefill);
+      return Status::Ok();
+    }
     if (attempt >= 3) return snap.status();
   }
 }
 
-Status SessionCore::Adopt(uint64_t version, MemoryState bank, uint64_t turns) {
+void SessionCore::Adopt(uint64_t version, MemoryState bank, uint64_t turns, bool prefill) {
   memory = std::move(bank);
   head = version;
   turn_count = turns;
-  return RebuildState();
+  DropState(prefill);
 }
 
 Status PrefillOnResume(SessionCore& c) {
@@ -97,8 +127,8 @@ Result<std::unique_ptr<SessionCore>> OpenSessionCore(std::shared_ptr<const Engin
     Status created = core->store().CreateSession(core->id);
     if (!created.ok() && created.code() != StatusCode::kAlreadyExists) return created;  // a racing creator is fine
   }
-  LM2_RETURN_IF_ERROR(core->LoadHead());
-  LM2_RETURN_IF_ERROR(PrefillOnResume(*core));
+  // A resume: the first call's state gets the last turns' context back (PrefillOnResume).
+  LM2_RETURN_IF_ERROR(core->LoadHead(/*prefill=*/true));
   return core;
 }
 
@@ -114,12 +144,13 @@ const std::string& Session::id() const { return core_->id.session; }
 uint64_t Session::head_version() const { return core_->head; }
 uint64_t Session::turn_count() const { return core_->turn_count; }
 
-Status Session::Reload() { return core_->LoadHead(); }
+Status Session::Reload() { return core_->LoadHead(/*prefill=*/false); }
 
 namespace {
 
-// Checks the message and options; renders the prompt and makes room for it.
-Result<std::vector<int32_t>> PreparePrompt(SessionCore& c, std::string_view message, const ChatOptions& options) {
+// Checks the message and options and renders the prompt; OutOfRange when it cannot fit
+// the context with a reply token.
+Result<std::vector<int32_t>> RenderPrompt(const SessionCore& c, std::string_view message, const ChatOptions& options) {
   const internal::EngineCore& e = *c.engine;
   if (message.empty()) return Status::InvalidArgument("empty message");
   if (message.size() > e.options.max_message_bytes) {
@@ -130,14 +161,19 @@ Result<std::vector<int32_t>> PreparePrompt(SessionCore& c, std::string_view mess
     return Status::InvalidArgument("max_tokens must be in [1, " + std::to_string(e.options.max_reply_tokens) + "]");
   }
   LM2_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, e.tokenizer->RenderUserTurn(message, c.turn_count == 0));
-  if (c.options.context == ContextPolicy::kResetEachTurn) c.model().ResetContext(*c.state);
-  const auto need = static_cast<int64_t>(prompt.size()) + 1;  // the prompt and one reply token
-  if (c.state->context_length() + need > e.info.max_context) c.model().ResetContext(*c.state);
-  if (need > e.info.max_context) {
+  if (static_cast<int64_t>(prompt.size()) + 1 > e.info.max_context) {
     return Status::OutOfRange("message is " + std::to_string(prompt.size()) + " tokens; a turn must fit the model's " +
                               std::to_string(e.info.max_context) + "-token context with room for the reply");
   }
   return prompt;
+}
+
+// Empties c.state's context where the policy says so or the prompt and one reply token
+// would not fit after it.
+void MakeRoom(SessionCore& c, const std::vector<int32_t>& prompt) {
+  if (c.options.context == ContextPolicy::kResetEachTurn) c.model().ResetContext(*c.state);
+  const auto need = static_cast<int64_t>(prompt.size()) + 1;
+  if (c.state->context_length() + need > c.engine->info.max_context) c.model().ResetContext(*c.state);
 }
 
 runtime::SamplingOptions Sampling(const ChatOptions& o) {
@@ -174,7 +210,10 @@ Result<ChatResult> RunTurn(SessionCore& c, const std::vector<int32_t>& prompt, c
   const auto t0 = Clock::now();
   const std::span<const int32_t> all(prompt);
   if (prompt.size() > 1) {
-    LM2_RETURN_IF_ERROR(m.Forward(*c.state, all.first(prompt.size() - 1), runtime::LogitsMode::kNone, nullptr));
+    // The turn's first call grows the state's buffers (KV cache, scratch); a backend out of
+    // memory refuses it with the state unchanged, so idle sessions' states can make room.
+    LM2_RETURN_IF_ERROR(e.residency->Reclaiming(
+        [&] { return m.Forward(*c.state, all.first(prompt.size() - 1), runtime::LogitsMode::kNone, nullptr); }));
   }
   auto reads_before = m.SegmentReadMass(*c.state);
   r.prefill_seconds = Since(t0);
@@ -211,12 +250,16 @@ Result<ChatResult> Session::Chat(std::string_view message, const ChatOptions& op
   SessionCore& c = *core_;
   LM2_RETURN_IF_ERROR(c.CheckUsable());
   LM2_RETURN_IF_ERROR(runtime::ValidateSamplingOptions(Sampling(options)));
-  LM2_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, PreparePrompt(c, message, options));
+  LM2_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, RenderPrompt(c, message, options));
+  // Pinned: no other session's call takes c.state until this one returns.
+  LM2_ASSIGN_OR_RETURN(internal::Residency::Pin pin, c.UseState());
+  MakeRoom(c, prompt);
 
-  // From here on, any failure discards the in-memory state and returns to the head.
+  // From here on, any failure discards the in-memory state and returns to the head (the
+  // next call rebuilds the state from it).
   const auto discard = [&](const Status& why) -> Status {
-    Status rebuilt = c.RebuildState();
-    return rebuilt.ok() ? why : why.WithContext("(and rebuilding the session state failed: " + rebuilt.ToString() + ")");
+    c.DropState(/*prefill=*/false);
+    return why;
   };
   persistence::TurnTranscript transcript;
   auto turn = RunTurn(c, prompt, options, on_token, &transcript);
@@ -258,7 +301,7 @@ Result<ChatResult> Session::Chat(std::string_view message, const ChatOptions& op
 }
 
 Result<std::vector<float>> Session::NextTokenLogits(std::string_view message) const {
-  const SessionCore& c = *core_;
+  SessionCore& c = *core_;
   LM2_RETURN_IF_ERROR(c.CheckUsable());
   const runtime::Model& m = c.model();
   if (message.empty()) return Status::InvalidArgument("empty message");
@@ -266,8 +309,10 @@ Result<std::vector<float>> Session::NextTokenLogits(std::string_view message) co
   if (static_cast<int64_t>(prompt.size()) >= c.engine->info.max_context) {
     return Status::OutOfRange("message does not fit the context");
   }
-  LM2_ASSIGN_OR_RETURN(std::unique_ptr<runtime::SequenceState> s, m.NewState());
-  LM2_RETURN_IF_ERROR(m.ImportMemory(*s, c.memory));
+  // A state of its own (the session's may hold context, and a segment run in it could not
+  // be undone), counted as the session's while it lives.
+  internal::Residency::Pin pin = c.engine->residency->Enter(c);
+  LM2_ASSIGN_OR_RETURN(std::unique_ptr<runtime::SequenceState> s, c.TemporaryState(c.memory));
   const std::span<const int32_t> all(prompt);
   std::vector<float> logits;
   if (prompt.size() > 1) LM2_RETURN_IF_ERROR(m.Forward(*s, all.first(prompt.size() - 1), runtime::LogitsMode::kNone, nullptr));
@@ -290,6 +335,7 @@ Status Session::Erase() {
   LM2_RETURN_IF_ERROR(c.CheckUsable());
   LM2_RETURN_IF_ERROR(c.store().EraseSession(c.id));
   c.erased = true;
+  c.DropState(/*prefill=*/false);
   c.memory = MemoryState();
   c.head = 0;
   c.turn_count = 0;

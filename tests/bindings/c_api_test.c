@@ -1,5 +1,6 @@
 /* The C ABI from C: a chat with a token callback, history, rollback, clear, forget, fork,
- * slot norms, a conflict between two handles, cancellation, and error codes. */
+ * slot norms, a conflict between two handles, cancellation, error codes, and a cap of one
+ * resident session (the handles take turns holding the state). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,6 +49,8 @@ int main(void) {
 
   lm2_engine_options eo;
   lm2_engine_options_init(&eo);
+  CHECK(eo.max_resident_sessions == 0);
+  eo.max_resident_sessions = 1;
   eo.model_dir = "/nonexistent-model";
   eo.store_path = store;
   eo.key_file = keys;
@@ -138,6 +141,11 @@ int main(void) {
   CHECK(lm2_session_fork(s, 1, "branch", NULL, &f2) == LM2_ALREADY_EXISTS);
   CHECK(f2 == NULL);
   lm2_session_close(f);
+
+  lm2_engine_stats stats;
+  lm2_engine_get_stats(e, &stats);
+  CHECK(stats.resident_sessions <= 1);
+  CHECK(stats.evictions > 0);
 
   CHECK(lm2_session_erase(s) == LM2_OK);
   CHECK(lm2_session_chat(s, "after erase", &co, NULL, NULL, &r) == LM2_NOT_FOUND);

@@ -161,3 +161,22 @@ def test_wrong_model_and_wrong_key(tmp_path):
     del w
     s = open_engine(lm2, tmp_path).session("t", "s")
     assert all((s.memory()[k] == kept[k]).all() for k in kept)
+
+
+def test_a_cap_on_resident_sessions_evicts_idle_ones_and_changes_no_reply(tmp_path):
+    (tmp_path / "capped").mkdir()
+    (tmp_path / "free").mkdir()
+    capped = open_engine(lm2, tmp_path / "capped", max_resident_sessions=1)
+    free = open_engine(lm2, tmp_path / "free")
+    assert free.stats() == {"resident_sessions": 0, "evictions": 0}
+    pairs = [(capped.session("t", n), free.session("t", n)) for n in ("a", "b")]
+    assert capped.stats()["resident_sessions"] == 0  # opening builds no state
+    for m in ["Mary went to the kitchen.", "Where is Mary?"]:
+        for c, f in pairs:
+            assert c.chat(m, max_tokens=6) == f.chat(m, max_tokens=6)
+            assert capped.stats()["resident_sessions"] <= 1
+    assert capped.stats()["evictions"] > 0
+    assert free.stats() == {"resident_sessions": 2, "evictions": 0}
+    for c, f in pairs:
+        mc, mf = c.memory(), f.memory()
+        assert all((mc[k] == mf[k]).all() for k in mf)

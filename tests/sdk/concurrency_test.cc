@@ -3,6 +3,7 @@
 // into banks the engine keeps, BankPool, which passes between them).
 #include <catch2/catch.hpp>
 
+#include <barrier>
 #include <set>
 #include <thread>
 
@@ -121,6 +122,10 @@ TEST_CASE("on a GPU, sessions chatting at once share decode steps and reply as a
   TempDir dir;
   EngineOptions o = TinyOptions(dir);
   o.backend = Backend::kCuda;  // batch_decode is on by default
+  // With a cap of 2 the sessions' states are destroyed and rebuilt between their turns
+  // while other sessions' decode steps run.
+  o.max_resident_sessions = GENERATE(std::size_t{0}, std::size_t{2});
+  INFO("max_resident_sessions " << o.max_resident_sessions);
   auto opened = Engine::Open(o);
   if (opened.status().code() == StatusCode::kUnavailable || opened.status().code() == StatusCode::kUnimplemented) {
     WARN("SKIPPED: GPU test: " << opened.status().ToString());
@@ -147,11 +152,14 @@ TEST_CASE("on a GPU, sessions chatting at once share decode steps and reply as a
     alone_text.push_back(MustChat(*s, msgs[1], chat).text);
     alone.push_back(MustMemory(*s));
   }
+  const uint64_t evictions_before = engine->Stats().evictions;
+  std::barrier between_turns(kSessions);  // every session holds a state after its first turn
   std::vector<std::thread> threads;
   for (int i = 0; i < kSessions; ++i) {
     threads.emplace_back([&, i] {
       auto s = OpenSession(*engine, "t", "together" + std::to_string(i));
       MustChat(*s, msgs[0] + " " + std::to_string(i), chat);
+      between_turns.arrive_and_wait();
       together_text[static_cast<std::size_t>(i)] = MustChat(*s, msgs[1], chat).text;
       together[static_cast<std::size_t>(i)] = MustMemory(*s);
     });
@@ -161,6 +169,8 @@ TEST_CASE("on a GPU, sessions chatting at once share decode steps and reply as a
     CHECK(together_text[i] == alone_text[i]);
     CHECK(SameBits(together[i], alone[i]));
   }
+  // Under the cap, at most 2 of the 5 kept their states between the turns.
+  if (o.max_resident_sessions != 0) CHECK(engine->Stats().evictions - evictions_before >= kSessions - 2);
 }
 
 TEST_CASE("many sessions on one engine at once give what each gives alone") {

@@ -58,7 +58,8 @@ if [[ "${RACECHECK_ONLY:-0}" != 1 ]]; then
   run cuda_model_tests "$BIN/cuda_model_tests" --durations yes
   run gpu_tests "$BIN/gpu_tests"
   run cli_generate bash tests/runtime/cli_generate_test.sh "$BIN/lm2"
-  # The SDK on the GPU: concurrent sessions through the engine's decode batcher.
+  # The SDK on the GPU: concurrent sessions through the engine's decode batcher, and an
+  # idle session's state evicted to make room on a full device.
   run sdk_gpu "$BIN/sdk_tests" "[gpu]"
   # The sm_80 code (what Ampere and Ada run) on this card: a slim bundle built with 80
   # alone, its PTX compiled by the driver, run with this bundle's libraries.

@@ -65,6 +65,10 @@ typedef struct lm2_engine_options {
   int share_store;              /* other processes use the store too. Default 0 */
   int sync_commits;             /* fsync each commit. Default 1 */
   size_t max_message_bytes;     /* Default 65536 */
+  /* Most sessions holding a backend state (KV cache, memory bank) at once; the least
+   * recently used idle one gives its state up for another (lm2::EngineOptions::
+   * max_resident_sessions). 0 = no cap. Default 0 */
+  size_t max_resident_sessions;
 } lm2_engine_options;
 
 void lm2_engine_options_init(lm2_engine_options* options);
@@ -74,6 +78,13 @@ int lm2_engine_open(const lm2_engine_options* options, lm2_engine** out);
 void lm2_engine_close(lm2_engine* engine); /* sessions keep what they need alive */
 /* Memory shape: number of memory layers and slots per layer. */
 void lm2_engine_memory_shape(const lm2_engine* engine, size_t* layers, size_t* slots);
+
+typedef struct lm2_engine_stats {
+  size_t resident_sessions;     /* sessions holding a backend state now */
+  uint64_t evictions;           /* states taken back from idle sessions so far */
+} lm2_engine_stats;
+void lm2_engine_get_stats(const lm2_engine* engine, lm2_engine_stats* out);
+
 int lm2_engine_erase_session(lm2_engine* engine, const char* tenant, const char* session_id);
 int lm2_engine_erase_tenant(lm2_engine* engine, const char* tenant);
 

@@ -53,6 +53,14 @@ class Engine {
 
   const ModelInfo& model_info() const;
 
+  // Sessions holding a backend state now (EngineOptions::max_resident_sessions): each one
+  // whose state a call built and that has not lost it since (to an eviction, a Rollback,
+  // Reload, ClearMemory, ForgetTurn, a failed turn or closing), and each inside a call that
+  // is building one (NextTokenLogits and ForgetTurn build a temporary one).
+  std::size_t ResidentSessions() const;
+  // ResidentSessions() and the evictions so far, read at one moment.
+  EngineStats Stats() const;
+
  private:
   explicit Engine(std::shared_ptr<internal::EngineCore> core);
   std::shared_ptr<internal::EngineCore> core_;

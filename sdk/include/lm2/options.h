@@ -70,18 +70,35 @@ struct EngineOptions {
   std::size_t max_message_bytes = 64 * 1024;  // Default: 64 KiB
   int32_t max_reply_tokens = 1024;            // cap on ChatOptions::max_tokens. Default: 1024
 
+  // Most sessions holding a backend state at once: KV cache, memory bank, memory K/V and
+  // scratch, ~0.6 GB each on the GPU for the paper's model. A session builds its state when
+  // a call first needs one (Chat; NextTokenLogits and ForgetTurn build a temporary one), not
+  // at open. When that many other sessions hold one, the least recently used session not
+  // inside a call gives its state up (it is destroyed; the session keeps its committed bank
+  // on the host and in the store). When every holder is inside a call, the session goes over
+  // the cap rather than wait or fail, and the cap is restored as calls end. An evicted
+  // session comes back as a resumed one in a new process would, paying one NewState +
+  // ImportMemory of its bank: with kResetEachTurn bit-identical to never having been
+  // evicted; with kKeepContext its context is lost (the last resume_prefill_turns turns
+  // are run into the new one, as on open).
+  // Independent of the cap, a state's creation or a turn's first forward that finds the
+  // backend out of memory (ResourceExhausted) evicts the least recently used idle session's
+  // state and tries again (docs/sdk.md). Default: 0 (no cap)
+  std::size_t max_resident_sessions = 0;
+
   ProgressCallback on_progress;  // loading progress. Default: none
 };
 
 struct SessionOptions {
   bool create_if_missing = true;  // false: an unknown session is NotFound. Default: true
   ContextPolicy context = ContextPolicy::kResetEachTurn;  // Default: kResetEachTurn
-  // On open (resume) with kKeepContext: run the last K turns' stored transcripts into the
+  // On resume with kKeepContext: run the last K turns' stored transcripts into the
   // context, without writing them to memory again, so the next reply sees them verbatim
-  // as in the process that wrote them. Costs a prefill of those tokens at open. The KV
-  // entries are computed against the current memory (not the memory each turn saw), so
-  // the result is close to, not bit-identical with, a session that never stopped.
-  // Ignored with kResetEachTurn. Default: 0 (memory only).
+  // as in the process that wrote them. A resume is the first call after open, and the
+  // first after an eviction (EngineOptions::max_resident_sessions); it costs a prefill of
+  // those tokens then. The KV entries are computed against the current memory (not the
+  // memory each turn saw), so the result is close to, not bit-identical with, a session
+  // that never stopped. Ignored with kResetEachTurn. Default: 0 (memory only).
   int32_t resume_prefill_turns = 0;
 };
 

@@ -6,13 +6,19 @@
 // committed with compare-and-set on the head this handle last saw. If another handle
 // (thread or process) committed first, Chat returns Conflict and commits nothing: call
 // Reload() and send the message again. A failed or cancelled turn leaves the session at
-// its last committed version (the in-memory state is rebuilt from it).
+// its last committed version (the in-memory state is dropped; the next call rebuilds it
+// from that version).
 //
-// Ownership: a Session owns its sequence state (KV cache, memory bank) and keeps its
-// Engine alive. Thread-safety: not thread-safe; use one Session from one thread at a
-// time (many Sessions, on one Engine, may run on many threads at once; ChatOptions::cancel
-// may be set from any thread). Costs: Chat = prefill + decode + one synced commit of the
-// bank; Rollback/Reload = one decrypt of a bank; ForgetTurn replays the later turns.
+// Ownership: a Session owns its sequence state (KV cache, memory bank), built when a call
+// first needs it and given up while the session is idle when the engine's cap on resident
+// sessions needs room (EngineOptions::max_resident_sessions); it keeps its committed bank
+// on the host and keeps its Engine alive. Thread-safety: not thread-safe; use one Session
+// from one thread at a time (many Sessions, on one Engine, may run on many threads at
+// once; ChatOptions::cancel may be set from any thread). Costs: Chat = prefill + decode +
+// one synced commit of the bank, plus NewState + ImportMemory of the bank when the session
+// has no state (its first call, and its first after an eviction, a failed turn or a call
+// that moved its head); Rollback/Reload = one decrypt of a bank; ForgetTurn replays the
+// later turns.
 #pragma once
 
 #include <cstdint>

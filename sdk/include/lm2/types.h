@@ -2,6 +2,7 @@
 // Plain values, cheap to copy except where a comment says otherwise.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <map>
 #include <string>
@@ -53,6 +54,16 @@ struct TurnRecord {
   std::string reply_text;
   std::vector<int32_t> prompt_ids;
   std::vector<int32_t> reply_ids;
+};
+
+// An engine's sessions' backend states (Engine::Stats).
+struct EngineStats {
+  // Sessions holding a state (KV cache, memory bank, scratch) now, those building one
+  // inside a call included.
+  std::size_t resident_sessions = 0;
+  // States taken back from idle sessions so far: to stay within
+  // EngineOptions::max_resident_sessions, or to make room when the backend ran out of memory.
+  uint64_t evictions = 0;
 };
 
 struct ModelInfo {
