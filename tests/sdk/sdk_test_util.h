@@ -45,6 +45,19 @@ inline std::unique_ptr<Engine> OpenEngine(const EngineOptions& o) {
   return std::move(e).value();
 }
 
+// An engine on the GPU (o.backend set to kCuda), or null with *why set when this build or
+// machine has none (the caller says SKIPPED); any other failure throws.
+inline std::unique_ptr<Engine> OpenGpuEngine(EngineOptions o, std::string* why) {
+  o.backend = Backend::kCuda;
+  auto e = Engine::Open(o);
+  if (e.status().code() == StatusCode::kUnavailable || e.status().code() == StatusCode::kUnimplemented) {
+    *why = e.status().ToString();
+    return nullptr;
+  }
+  if (!e.ok()) throw std::runtime_error("Engine::Open: " + e.status().ToString());
+  return std::move(e).value();
+}
+
 inline std::unique_ptr<Session> OpenSession(const Engine& e, const std::string& tenant, const std::string& id,
                                             const SessionOptions& so = {}) {
   auto s = e.OpenSession(tenant, id, so);
