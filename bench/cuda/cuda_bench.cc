@@ -6,7 +6,7 @@
 //   lm2_cuda_bench --model DIR [--decode-tokens 128] [--prompt-tokens 32] [--prefill 512,4096]
 //                  [--sessions 8,32,64] [--repeats 3] [--json OUT] [--profile-prefill T]
 //                  [--tiled 0|1] [--chunk N] [--side-read 0|1] [--read-leads 0|1] [--defer-write 0|1] [--warm-up 0|1]
-//                  [--profile-decode N] [--bank-threads N] [--kv-at-end 0|1]
+//                  [--profile-decode N] [--bank-threads N] [--kv-at-end 0|1] [--batcher-wait US]
 //                                                  (--decode-tokens 0: prefill only)
 //
 //   --tiled 0: multi-token chunks read memory and attend through the cuBLAS GEMM forms
@@ -21,6 +21,8 @@
 //   --bank-threads N: CudaOptions::bank_transfer_threads (bank export / import).
 //   --kv-at-end 0: a segment's memory K/V made by its first forward, not at the end of the
 //   segment before (CudaOptions::memory_kv_at_segment_end).
+//   --batcher-wait US: the sessions lines' DecodeBatcher waits at most US microseconds for
+//   the conversations still decoding (DecodeBatcherOptions::wait_for_decoding; 0: not at all).
 //
 //   --profile-prefill T: only a warm-up prefill of T tokens and then one more between
 //   cudaProfilerStart and cudaProfilerStop, for a profiler that starts off, e.g.
@@ -56,7 +58,9 @@
 //   turns             a new state's prompt, 32 greedy steps and segment end right after the
 //                     load, again on another new state, then that state's next turn
 //   sessions B        B states decoding together, one ForwardBatchGreedy per step; total
-//                     tokens/s
+//                     tokens/s; the first two steps of a new batch size, and of one session
+//                     fewer; then the same states on B threads through a DecodeBatcher
+//                     (what concurrent chats do: batch sizes and leads vary)
 //   bank export/import one session's banks device <-> host through pinned staging: export
 //                     into a kept MemoryState (ExportMemoryInto, as a chat session does after
 //                     each turn) and into a new one (ExportMemory: its fresh host memory's
@@ -77,6 +81,7 @@
 #include <cmath>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -84,6 +89,7 @@
 #include "cuda/cuda_resources.h"
 #include "lm2/runtime/cuda_backend.h"
 #include "lm2/runtime/cuda_devices.h"
+#include "lm2/runtime/decode_batcher.h"
 #include "lm2/runtime/model_files.h"
 #include "lm2/runtime/sampler.h"
 
@@ -95,9 +101,12 @@ using Clock = std::chrono::steady_clock;
 constexpr int64_t kLatePromptTokens = 64;
 // Prompt lengths no other figure uses (the "prompts of new lengths" line).
 constexpr int64_t kNewPromptLengths[] = {37, 100, 203, 301, 450};
+using lm2::runtime::DecodeBatcher;
+using lm2::runtime::DecodeBatcherOptions;
 using lm2::runtime::LogitsMode;
 using lm2::runtime::Model;
 using lm2::runtime::SequenceState;
+using lm2::runtime::TokenRule;
 namespace cuda = lm2::runtime::cuda;
 
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
@@ -815,6 +824,7 @@ int main(int argc, char** argv) {
   int64_t decode_tokens = 128, prompt_tokens = 32, repeats = 3, profile_prefill = 0, profile_decode = 0;
   lm2::runtime::CudaOptions options;
   std::vector<int64_t> prefill = {512, 4096}, sessions = {8, 32, 64};
+  std::chrono::microseconds batcher_wait = DecodeBatcherOptions{}.wait_for_decoding;
   for (int i = 1; i < argc; ++i) {
     const std::string k = argv[i];
     if (i + 1 >= argc) Die("missing value after " + k);
@@ -836,6 +846,7 @@ int main(int argc, char** argv) {
     else if (k == "--warm-up") options.warm_up = v != "0";
     else if (k == "--bank-threads") options.bank_transfer_threads = std::stoi(v);
     else if (k == "--kv-at-end") options.memory_kv_at_segment_end = v != "0";
+    else if (k == "--batcher-wait") batcher_wait = std::chrono::microseconds(std::stoll(v));
     else Die("unknown option " + k);
   }
   if (model_dir.empty()) Die("usage: lm2_cuda_bench --model DIR [options] (see the source's header)");
@@ -1134,14 +1145,63 @@ int main(int argc, char** argv) {
     std::vector<int32_t> next(static_cast<std::size_t>(B));
     for (int64_t b = 0; b < B; ++b) next[static_cast<std::size_t>(b)] = Argmax(logits[static_cast<std::size_t>(b)]);
     auto step = [&] { Check(model->ForwardBatchGreedy(ptrs, std::vector<int32_t>(next), &next), "ForwardBatch"); };
-    for (int w = 0; w < 2; ++w) step();  // scratch and pointer table for this batch size
+    // The first two steps of a batch size the process has not run: the first grows the
+    // scratch and pointer table, captures the step's graph and makes cuBLAS's first calls of
+    // its shapes (above the GEMV's row limit).
+    double first_steps[2];
+    for (double& f : first_steps) {
+      const auto w0 = Clock::now();
+      step();
+      f = Seconds(w0, Clock::now()) * 1e3;
+    }
     const auto t0 = Clock::now();
     for (int64_t i = 0; i < decode_tokens; ++i) step();
     const double wall = Seconds(t0, Clock::now());
     const double tps = static_cast<double>(B * decode_tokens) / wall;
     std::printf("sessions %lld (one batched forward per step): %.1f tokens/s in total, %.2f ms per step\n",
                 static_cast<long long>(B), tps, wall / static_cast<double>(decode_tokens) * 1e3);
-    json << (first ? "" : ", ") << "\"" << B << "\": {\"tps\": " << tps << "}";
+    // One session fewer: a new shape over buffers that are big enough (its graph and GEMM
+    // shapes only).
+    double fewer[2] = {0, 0};
+    if (B > 1) {
+      ptrs.pop_back();
+      next.pop_back();
+      for (double& f : fewer) {
+        const auto w0 = Clock::now();
+        step();
+        f = Seconds(w0, Clock::now()) * 1e3;
+      }
+    }
+    std::printf("sessions %lld: first steps %.2f / %.2f ms; then %lld sessions' first steps %.2f / %.2f ms\n",
+                static_cast<long long>(B), first_steps[0], first_steps[1], static_cast<long long>(B - 1), fewer[0], fewer[1]);
+    // The same sessions through a DecodeBatcher, one thread each (what the SDK's concurrent
+    // chats do): a batch is whatever steps wait when the last one ends, so its size and
+    // lead change from step to step.
+    if (B > 1) ptrs.push_back(states.back().get());
+    DecodeBatcherOptions batcher_options;
+    batcher_options.wait_for_decoding = batcher_wait;
+    DecodeBatcher batcher(*model, batcher_options);
+    std::vector<std::thread> threads;
+    const auto b0 = Clock::now();
+    for (int64_t b = 0; b < B; ++b) {
+      threads.emplace_back([&, b] {
+        int32_t token = next[std::min(static_cast<std::size_t>(b), next.size() - 1)];
+        for (int64_t i = 0; i < decode_tokens; ++i) {
+          Check(batcher.Step(*ptrs[static_cast<std::size_t>(b)], token, TokenRule{}, &token), "DecodeBatcher::Step");
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    const double batched_wall = Seconds(b0, Clock::now());
+    const DecodeBatcher::Stats bs = batcher.stats();
+    const double batcher_tps = static_cast<double>(B * decode_tokens) / batched_wall;
+    std::printf("sessions %lld through a DecodeBatcher (a thread each): %.1f tokens/s in total, %lld batched calls "
+                "of %.1f steps on average (largest %lld)\n",
+                static_cast<long long>(B), batcher_tps, static_cast<long long>(bs.batches),
+                static_cast<double>(bs.steps) / static_cast<double>(std::max<int64_t>(bs.batches, 1)),
+                static_cast<long long>(bs.largest));
+    json << (first ? "" : ", ") << "\"" << B << "\": {\"tps\": " << tps << ", \"batcher_tps\": " << batcher_tps
+         << "}";
     first = false;
   }
   json << "}}";

@@ -15,35 +15,58 @@ Status DecodeBatcher::Step(SequenceState& state, int32_t token, const TokenRule&
   Request req{&state, token, &rule, next, Status::Ok()};
   std::unique_lock<std::mutex> lock(mu_);
   waiting_.push_back(&req);
-  cv_.notify_all();  // a thread gathering a batch may be waiting for this step
+  arrived_.notify_one();  // the thread gathering a batch may be waiting for this step
   while (!req.done) {
     if (running_) {
-      cv_.wait(lock);
+      finished_.wait(lock);
       continue;
     }
     // No batch is running: this thread runs the next one (which may or may not hold its own
     // step, if more than max_batch were waiting ahead of it).
     running_ = true;
     if (options_.gather > 1) {
-      cv_.wait_for(lock, options_.gather_wait,
-                   [&] { return static_cast<int64_t>(waiting_.size()) >= options_.gather; });
+      arrived_.wait_for(lock, options_.gather_wait,
+                        [&] { return static_cast<int64_t>(waiting_.size()) >= options_.gather; });
+    }
+    // The other conversations' threads are taking the last batch's results: wait a little
+    // for their next steps (Leave, or a step, wakes this wait).
+    if (const auto wait = std::min<std::chrono::steady_clock::duration>(options_.wait_for_decoding, last_run_ / 4);
+        wait > std::chrono::steady_clock::duration::zero()) {
+      arrived_.wait_for(lock, wait, [&] { return DecodingAllWaiting(); });
     }
     std::vector<Request*> batch;
     while (!waiting_.empty() && static_cast<int64_t>(batch.size()) < options_.max_batch) {
       batch.push_back(waiting_.front());
       waiting_.pop_front();
+      decoding_[batch.back()->state] = stats_.batches;
     }
     lock.unlock();
+    const auto started = std::chrono::steady_clock::now();
     Run(batch);
+    const auto took = std::chrono::steady_clock::now() - started;
     lock.lock();
+    last_run_ = took;
     for (Request* r : batch) r->done = true;
     ++stats_.batches;
     stats_.steps += static_cast<int64_t>(batch.size());
     stats_.largest = std::max(stats_.largest, static_cast<int64_t>(batch.size()));
     running_ = false;
-    cv_.notify_all();
+    finished_.notify_all();
   }
   return req.status;
+}
+
+void DecodeBatcher::Leave(const SequenceState& state) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (decoding_.erase(&state) != 0) arrived_.notify_one();
+}
+
+bool DecodeBatcher::DecodingAllWaiting() {
+  std::erase_if(decoding_, [&](const auto& entry) { return entry.second < stats_.batches - 2; });
+  if (static_cast<int64_t>(waiting_.size()) >= options_.max_batch) return true;
+  std::size_t present = 0;
+  for (const Request* r : waiting_) present += decoding_.count(r->state);
+  return present == decoding_.size();
 }
 
 DecodeBatcher::Stats DecodeBatcher::stats() const {

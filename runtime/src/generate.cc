@@ -127,6 +127,15 @@ Result<GenerateResult> Generate(const Model& model, SequenceState& state, const 
   // The first token comes from the prefill's logits.
   SequenceState* const one[] = {&state};
   std::vector<int32_t> picked;
+  // However decoding ends, the batcher stops waiting for this state's next step.
+  struct LeaveOnExit {
+    DecodeBatcher* batcher;
+    const SequenceState& state;
+    void operator()() const {
+      if (batcher != nullptr) batcher->Leave(state);
+    }
+    ~LeaveOnExit() { (*this)(); }
+  } leave{options.batcher, state};
   const auto step = [&](int32_t token) -> Status {
     const TokenRule rule = sampler.Rule(history);
     if (options.batcher == nullptr) {
@@ -155,6 +164,7 @@ Result<GenerateResult> Generate(const Model& model, SequenceState& state, const 
     // token included: training text closes every reply with it).
     const bool last = is_stop || stop_string || static_cast<int32_t>(result.tokens.size()) >= options.max_tokens;
     if (last) {
+      leave();  // before the last token's own forward: no batch waits on it
       LM2_RETURN_IF_ERROR(model.Forward(state, std::span<const int32_t>(&next, 1), LogitsMode::kNone, nullptr));
       result.stop = is_stop ? StopReason::kStopToken
                     : stop_string ? StopReason::kStopString

@@ -234,3 +234,83 @@ TEST_CASE("DecodeBatcher: a refused step fails alone, and bad arguments are refu
   CHECK(batcher.Step(*good, 5, bad_rule, &next_good).code() == lm2::StatusCode::kInvalidArgument);
   CHECK(good->context_length() == 1);
 }
+
+namespace {
+
+// The fixture's model, each batched step taking `delay` longer: long enough that the
+// threads of a batch are back with their next steps well before the next batch would wait
+// no longer for them.
+class SlowModel final : public Model {
+ public:
+  SlowModel(const Model& inner, std::chrono::milliseconds delay) : inner_(inner), delay_(delay) {}
+  const ModelConfig& config() const override { return inner_.config(); }
+  const std::string& fingerprint() const override { return inner_.fingerprint(); }
+  std::string backend_name() const override { return inner_.backend_name(); }
+  bool OwnsState(const SequenceState& state) const override { return inner_.OwnsState(state); }
+  lm2::Result<std::unique_ptr<SequenceState>> NewState() const override { return inner_.NewState(); }
+  lm2::Status Forward(SequenceState& state, std::span<const int32_t> tokens, LogitsMode mode,
+                      std::vector<float>* logits) const override {
+    return inner_.Forward(state, tokens, mode, logits);
+  }
+  lm2::Status ForwardBatchSample(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
+                                 std::span<const TokenRule> rules, std::vector<int32_t>* next) const override {
+    std::this_thread::sleep_for(delay_);
+    return inner_.ForwardBatchSample(states, tokens, rules, next);
+  }
+  lm2::Status EndSegment(SequenceState& state) const override { return inner_.EndSegment(state); }
+  void ResetContext(SequenceState& state) const override { inner_.ResetContext(state); }
+  lm2::Status ImportMemory(SequenceState& state, const lm2::MemoryState& memory) const override {
+    return inner_.ImportMemory(state, memory);
+  }
+
+ protected:
+  lm2::Status ExportBanks(const SequenceState& state, lm2::MemoryState& out) const override {
+    return inner_.ExportMemoryInto(state, out);
+  }
+
+ private:
+  const Model& inner_;
+  std::chrono::milliseconds delay_;
+};
+
+}  // namespace
+
+// Two pairs of threads start a step apart, so each pair's steps arrive while the other's
+// batch runs. Without the batcher's wait for the conversations still decoding the pairs
+// take turns (batches of 2, twice as many batches); with it they merge after a few steps.
+TEST_CASE("DecodeBatcher: conversations that start apart end up in the same batches", "[generate]") {
+  Fixture f;
+  const SlowModel slow(*f.model, std::chrono::milliseconds(40));
+  constexpr int kThreads = 4, kSteps = 10;
+  for (const bool wait : {true, false}) {
+    DecodeBatcherOptions bo;
+    bo.wait_for_decoding = wait ? std::chrono::microseconds(std::chrono::seconds(1)) : std::chrono::microseconds(0);
+    DecodeBatcher batcher(slow, bo);
+    std::vector<std::unique_ptr<SequenceState>> states;
+    for (int i = 0; i < kThreads; ++i) states.push_back(f.State());
+    std::vector<lm2::Status> status(kThreads);
+    std::vector<std::thread> threads;
+    for (int i = 0; i < kThreads; ++i) {
+      if (i == kThreads / 2) std::this_thread::sleep_for(std::chrono::milliseconds(20));  // inside the first batch
+      threads.emplace_back([&, i] {
+        int32_t token = 5 + i;
+        for (int s = 0; s < kSteps && status[static_cast<std::size_t>(i)].ok(); ++s) {
+          status[static_cast<std::size_t>(i)] = batcher.Step(*states[static_cast<std::size_t>(i)], token, TokenRule{}, &token);
+        }
+        batcher.Leave(*states[static_cast<std::size_t>(i)]);
+      });
+    }
+    for (auto& t : threads) t.join();
+    for (const auto& s : status) CHECK(s.ok());
+    const auto stats = batcher.stats();
+    INFO("wait " << wait << ": " << stats.steps << " steps in " << stats.batches << " batches");
+    CHECK(stats.steps == kThreads * kSteps);
+    if (wait) {
+      // The first batch holds the first pair; the pairs merge at the latest in the third.
+      CHECK(stats.batches <= kSteps + 2);
+      CHECK(stats.largest == kThreads);
+    } else {
+      CHECK(stats.batches >= 2 * kSteps - 2);  // what the wait is for: the pairs take turns
+    }
+  }
+}

@@ -41,7 +41,8 @@ struct GenerateOptions {
   const std::atomic<bool>* cancel = nullptr;  // set to true from any thread to stop early
   // Decode steps go through this batcher, joined with other threads' steps into one batched
   // forward (continuous batching; the SDK passes its engine's on the GPU). Null: each step
-  // runs by itself. Results are the model's batched ones (docs/runtime.md).
+  // runs by itself. Results are the model's batched ones (docs/runtime.md). Generate leaves
+  // the batcher (DecodeBatcher::Leave) when its decoding ends.
   DecodeBatcher* batcher = nullptr;
 };
 
