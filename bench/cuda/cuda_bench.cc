@@ -60,7 +60,8 @@
 //   sessions B        B states decoding together, one ForwardBatchGreedy per step; total
 //                     tokens/s; the first two steps of a new batch size, and of one session
 //                     fewer; then the same states on B threads through a DecodeBatcher
-//                     (what concurrent chats do: batch sizes and leads vary)
+//                     (what concurrent chats do), every reply as long, then replies ending
+//                     one by one
 //   bank export/import one session's banks device <-> host through pinned staging: export
 //                     into a kept MemoryState (ExportMemoryInto, as a chat session does after
 //                     each turn) and into a new one (ExportMemory: its fresh host memory's
@@ -1175,33 +1176,47 @@ int main(int argc, char** argv) {
     std::printf("sessions %lld: first steps %.2f / %.2f ms; then %lld sessions' first steps %.2f / %.2f ms\n",
                 static_cast<long long>(B), first_steps[0], first_steps[1], static_cast<long long>(B - 1), fewer[0], fewer[1]);
     // The same sessions through a DecodeBatcher, one thread each (what the SDK's concurrent
-    // chats do): a batch is whatever steps wait when the last one ends, so its size and
-    // lead change from step to step.
+    // chats do): a batch is whatever steps wait when the last one ends. Every reply as long
+    // (decode_tokens steps each), then replies ending one by one (the
+    // b-th after decode_tokens * (B + b) / 2B steps: each batch past the middle a session
+    // smaller than the one before, as when chats of different lengths end).
     if (B > 1) ptrs.push_back(states.back().get());
-    DecodeBatcherOptions batcher_options;
-    batcher_options.wait_for_decoding = batcher_wait;
-    DecodeBatcher batcher(*model, batcher_options);
-    std::vector<std::thread> threads;
-    const auto b0 = Clock::now();
-    for (int64_t b = 0; b < B; ++b) {
-      threads.emplace_back([&, b] {
-        int32_t token = next[std::min(static_cast<std::size_t>(b), next.size() - 1)];
-        for (int64_t i = 0; i < decode_tokens; ++i) {
-          Check(batcher.Step(*ptrs[static_cast<std::size_t>(b)], token, TokenRule{}, &token), "DecodeBatcher::Step");
-        }
-      });
-    }
-    for (auto& t : threads) t.join();
-    const double batched_wall = Seconds(b0, Clock::now());
-    const DecodeBatcher::Stats bs = batcher.stats();
-    const double batcher_tps = static_cast<double>(B * decode_tokens) / batched_wall;
-    std::printf("sessions %lld through a DecodeBatcher (a thread each): %.1f tokens/s in total, %lld batched calls "
-                "of %.1f steps on average (largest %lld)\n",
-                static_cast<long long>(B), batcher_tps, static_cast<long long>(bs.batches),
-                static_cast<double>(bs.steps) / static_cast<double>(std::max<int64_t>(bs.batches, 1)),
-                static_cast<long long>(bs.largest));
+    auto through_batcher = [&](bool staggered) {
+      DecodeBatcherOptions batcher_options;
+      batcher_options.wait_for_decoding = batcher_wait;
+      DecodeBatcher batcher(*model, batcher_options);
+      std::vector<std::thread> threads;
+      std::vector<int64_t> steps(static_cast<std::size_t>(B), decode_tokens);
+      if (staggered) {
+        for (int64_t b = 0; b < B; ++b) steps[static_cast<std::size_t>(b)] = decode_tokens * (B + b) / (2 * B);
+      }
+      const auto b0 = Clock::now();
+      for (int64_t b = 0; b < B; ++b) {
+        threads.emplace_back([&, b] {
+          SequenceState& state = *ptrs[static_cast<std::size_t>(b)];
+          int32_t token = next[std::min(static_cast<std::size_t>(b), next.size() - 1)];
+          for (int64_t i = 0; i < steps[static_cast<std::size_t>(b)]; ++i) {
+            Check(batcher.Step(state, token, TokenRule{}, &token), "DecodeBatcher::Step");
+          }
+          batcher.Leave(state);
+        });
+      }
+      for (auto& t : threads) t.join();
+      const double took = Seconds(b0, Clock::now());
+      const DecodeBatcher::Stats bs = batcher.stats();
+      const double rate = static_cast<double>(std::accumulate(steps.begin(), steps.end(), int64_t{0})) / took;
+      std::printf("sessions %lld through a DecodeBatcher (a thread each%s): %.1f tokens/s in total, %lld batched "
+                  "calls of %.1f steps on average (largest %lld)\n",
+                  static_cast<long long>(B), staggered ? ", replies ending one by one" : "", rate,
+                  static_cast<long long>(bs.batches),
+                  static_cast<double>(bs.steps) / static_cast<double>(std::max<int64_t>(bs.batches, 1)),
+                  static_cast<long long>(bs.largest));
+      return rate;
+    };
+    const double batcher_tps = through_batcher(false);
+    const double staggered_tps = through_batcher(true);
     json << (first ? "" : ", ") << "\"" << B << "\": {\"tps\": " << tps << ", \"batcher_tps\": " << batcher_tps
-         << "}";
+         << ", \"batcher_staggered_tps\": " << staggered_tps << "}";
     first = false;
   }
   json << "}}";

@@ -34,12 +34,19 @@ Status DecodeBatcher::Step(SequenceState& state, int32_t token, const TokenRule&
         wait > std::chrono::steady_clock::duration::zero()) {
       arrived_.wait_for(lock, wait, [&] { return DecodingAllWaiting(); });
     }
+    // The last batch's first state first again while it steps: a model may keep resources
+    // per leading state (the CUDA backend's batch scratch and captured step).
+    if (auto lead = std::find_if(waiting_.begin(), waiting_.end(), [&](const Request* r) { return r->state == lead_; });
+        lead != waiting_.end()) {
+      std::rotate(waiting_.begin(), lead, lead + 1);
+    }
     std::vector<Request*> batch;
     while (!waiting_.empty() && static_cast<int64_t>(batch.size()) < options_.max_batch) {
       batch.push_back(waiting_.front());
       waiting_.pop_front();
       decoding_[batch.back()->state] = stats_.batches;
     }
+    lead_ = batch.front()->state;
     lock.unlock();
     const auto started = std::chrono::steady_clock::now();
     Run(batch);
@@ -58,6 +65,7 @@ Status DecodeBatcher::Step(SequenceState& state, int32_t token, const TokenRule&
 
 void DecodeBatcher::Leave(const SequenceState& state) {
   std::lock_guard<std::mutex> lock(mu_);
+  if (lead_ == &state) lead_ = nullptr;
   if (decoding_.erase(&state) != 0) arrived_.notify_one();
 }
 

@@ -499,7 +499,8 @@ TEST_CASE("Out of device memory: ResourceExhausted, and the state goes on as if 
 // are not buffers: a kernel's code (CUDA loads it at the first launch unless LoadAllKernels
 // did at model load) and the memory to instantiate a CUDA graph for a new batch shape (the
 // step then runs without one). A batch of 3 after batches of 12 needs both: the GEMV's
-// 3-row form, which nothing launched before, and a graph of a new shape. (On an H200 the
+// 3-row form, which nothing launched before, and a graph of a new shape (its first step
+// runs without a graph, the second captures one). (On an H200 the
 // memory the driver keeps for itself covered both even without the loading at load and the
 // graph-less fallback; with them the step does not depend on it.)
 TEST_CASE("Out of device memory: a batch of a new size decodes with the buffers it has", "[cuda][model][oom]") {

@@ -194,6 +194,7 @@ class CudaState final : public SequenceState {
   PinnedBuffer<int32_t> history_host_;        // and their distinct penalty ids
   CudaGraph decode_graph_;       // the last decode step captured with this state as the lead
   std::vector<const void*> decode_graph_key_;  // what it was captured over
+  std::vector<const void*> decode_seen_key_;   // the key of the last step it led without a graph
 };
 
 // Makes the model's device current for the calling thread (CUDA's current device is
@@ -1027,14 +1028,22 @@ class CudaModel final : public Model {
                         "cudaMemcpyAsync(logits)");
     };
     if (options_.cuda_graphs) {
-      const std::vector<const void*> key = GraphKey(lead, B, output);
-      if (lead.decode_graph_.empty() || key != lead.decode_graph_key_) {
+      std::vector<const void*> key = GraphKey(lead, B, output);
+      bool replay = !lead.decode_graph_.empty() && key == lead.decode_graph_key_;
+      if (!replay && key != lead.decode_seen_key_) {
+        // A key that is neither the graph's nor that of the lead's last step without one
+        // runs without a graph: capturing and instantiating costs more than a step (3-7 ms
+        // at the paper's shape), and a DecodeBatcher's batch changes size whenever a
+        // conversation ends or joins. A key seen twice in a row is captured.
+        lead.decode_seen_key_ = std::move(key);
+      } else if (!replay) {
         lead.decode_graph_ = CudaGraph();
         lead.decode_graph_key_.clear();
         auto captured = CudaGraph::Capture(st, step);
         if (captured.ok()) {
           lead.decode_graph_ = std::move(captured).value();
-          lead.decode_graph_key_ = key;
+          lead.decode_graph_key_ = std::move(key);
+          replay = true;
         } else if (const StatusCode code = captured.status().code();
                    code != StatusCode::kUnavailable && code != StatusCode::kResourceExhausted) {
           return captured.status();
@@ -1044,7 +1053,7 @@ class CudaModel final : public Model {
         // step's own buffers are reserved). Either way this step runs without the graph,
         // and the next one captures again.
       }
-      LM2_RETURN_IF_ERROR(lead.decode_graph_.empty() ? step() : lead.decode_graph_.Launch(st));
+      LM2_RETURN_IF_ERROR(replay ? lead.decode_graph_.Launch(st) : step());
     } else {
       LM2_RETURN_IF_ERROR(step());
     }

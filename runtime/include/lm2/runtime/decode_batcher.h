@@ -11,7 +11,9 @@
 // (DecodeBatcherOptions::wait_for_decoding). Without that wait, concurrent conversations
 // split into two groups that take turns, each batch half of them (on an H200 at the
 // paper's shape, 8 threads ran batches of 4.0 on average, at 44-50% of the tokens/s of
-// one batch of 8; with it 7.9, at 80-83%: docs/benchmarks.md).
+// one batch of 8; with it 7.9, at 80-83%: docs/benchmarks.md). The last batch's first
+// state stays first while it steps, since a model may keep resources per leading state
+// (the CUDA backend's batch scratch and captured step).
 //
 // Threading: Step is safe to call from any number of threads at once, each with its own
 // state (a state must not be in two Steps at once). The calling threads take turns running
@@ -106,6 +108,7 @@ class DecodeBatcher {
   // Each conversation that stepped and has not left: the number of the last batch it was in.
   std::unordered_map<const SequenceState*, int64_t> decoding_;
   std::chrono::steady_clock::duration last_run_{};  // how long the last batch's call took
+  const SequenceState* lead_ = nullptr;  // the last batch's first state (until it leaves)
 };
 
 }  // namespace lm2::runtime
