@@ -39,8 +39,8 @@ namespace lm2::runtime {
 struct DecodeBatcherOptions {
   int64_t max_batch = 64;  // most steps in one batched call (>= 1). Default: 64
   // The thread that starts a batch waits up to gather_wait for `gather` steps to be waiting
-  // before it runs (tests, or trading latency for throughput). Default: 1 and 0, i.e. run
-  // at once with whatever is waiting.
+  // before it runs (tests, or trading latency for throughput). Default: 1 and 0, i.e. no
+  // such wait (only wait_for_decoding's, below).
   int64_t gather = 1;
   std::chrono::microseconds gather_wait{0};
   // The thread that starts a batch waits for the next steps of the conversations still
