@@ -1146,15 +1146,19 @@ int main(int argc, char** argv) {
     std::vector<int32_t> next(static_cast<std::size_t>(B));
     for (int64_t b = 0; b < B; ++b) next[static_cast<std::size_t>(b)] = Argmax(logits[static_cast<std::size_t>(b)]);
     auto step = [&] { Check(model->ForwardBatchGreedy(ptrs, std::vector<int32_t>(next), &next), "ForwardBatch"); };
+    // Two steps, each timed (ms).
+    auto two_steps = [&](double (&ms)[2]) {
+      for (double& f : ms) {
+        const auto w0 = Clock::now();
+        step();
+        f = Seconds(w0, Clock::now()) * 1e3;
+      }
+    };
     // The first two steps of a batch size the process has not run: the first grows the
-    // scratch and pointer table, captures the step's graph and makes cuBLAS's first calls of
-    // its shapes (above the GEMV's row limit).
+    // scratch and pointer table and makes cuBLAS's first calls of its shapes (above the
+    // GEMV's row limit) without a graph; the second captures the step's graph.
     double first_steps[2];
-    for (double& f : first_steps) {
-      const auto w0 = Clock::now();
-      step();
-      f = Seconds(w0, Clock::now()) * 1e3;
-    }
+    two_steps(first_steps);
     const auto t0 = Clock::now();
     for (int64_t i = 0; i < decode_tokens; ++i) step();
     const double wall = Seconds(t0, Clock::now());
@@ -1167,11 +1171,7 @@ int main(int argc, char** argv) {
     if (B > 1) {
       ptrs.pop_back();
       next.pop_back();
-      for (double& f : fewer) {
-        const auto w0 = Clock::now();
-        step();
-        f = Seconds(w0, Clock::now()) * 1e3;
-      }
+      two_steps(fewer);
     }
     std::printf("sessions %lld: first steps %.2f / %.2f ms; then %lld sessions' first steps %.2f / %.2f ms\n",
                 static_cast<long long>(B), first_steps[0], first_steps[1], static_cast<long long>(B - 1), fewer[0], fewer[1]);
