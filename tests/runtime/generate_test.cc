@@ -255,8 +255,11 @@ class SlowModel final : public Model {
   lm2::Status ForwardBatchSample(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
                                  std::span<const TokenRule> rules, std::vector<int32_t>* next) const override {
     std::this_thread::sleep_for(delay_);
+    if (!states.empty()) leads_.push_back(states.front());  // one batch at a time: no lock
     return inner_.ForwardBatchSample(states, tokens, rules, next);
   }
+  // The first state of each batched call, in order.
+  const std::vector<const SequenceState*>& leads() const { return leads_; }
   lm2::Status EndSegment(SequenceState& state) const override { return inner_.EndSegment(state); }
   void ResetContext(SequenceState& state) const override { inner_.ResetContext(state); }
   lm2::Status ImportMemory(SequenceState& state, const lm2::MemoryState& memory) const override {
@@ -271,18 +274,21 @@ class SlowModel final : public Model {
  private:
   const Model& inner_;
   std::chrono::milliseconds delay_;
+  mutable std::vector<const SequenceState*> leads_;
 };
 
 }  // namespace
 
 // Two pairs of threads start a step apart, so each pair's steps arrive while the other's
 // batch runs. Without the batcher's wait for the conversations still decoding the pairs
-// take turns (batches of 2, twice as many batches); with it they merge after a few steps.
+// take turns (batches of 2, twice as many batches); with it they merge after a few steps,
+// and the batches keep their first state while it steps (without that, 4-8 lead changes
+// here, against at most 3).
 TEST_CASE("DecodeBatcher: conversations that start apart end up in the same batches", "[generate]") {
   Fixture f;
-  const SlowModel slow(*f.model, std::chrono::milliseconds(40));
   constexpr int kThreads = 4, kSteps = 10;
   for (const bool wait : {true, false}) {
+    const SlowModel slow(*f.model, std::chrono::milliseconds(40));
     DecodeBatcherOptions bo;
     bo.wait_for_decoding = wait ? std::chrono::microseconds(std::chrono::seconds(1)) : std::chrono::microseconds(0);
     DecodeBatcher batcher(slow, bo);
@@ -309,6 +315,12 @@ TEST_CASE("DecodeBatcher: conversations that start apart end up in the same batc
       // The first batch holds the first pair; the pairs merge at the latest in the third.
       CHECK(stats.batches <= kSteps + 2);
       CHECK(stats.largest == kThreads);
+      // A batch's first state stays first while it steps: the lead changes only when the
+      // leading conversation leaves.
+      int changes = 0;
+      for (std::size_t b = 1; b < slow.leads().size(); ++b) changes += slow.leads()[b] != slow.leads()[b - 1];
+      INFO("lead changes " << changes);
+      CHECK(changes <= kThreads - 1);
     } else {
       CHECK(stats.batches >= 2 * kSteps - 2);  // what the wait is for: the pairs take turns
     }
