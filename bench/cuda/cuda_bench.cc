@@ -7,6 +7,7 @@
 //                  [--sessions 8,32,64] [--repeats 3] [--json OUT] [--profile-prefill T]
 //                  [--tiled 0|1] [--chunk N] [--side-read 0|1] [--read-leads 0|1] [--defer-write 0|1] [--warm-up 0|1]
 //                  [--profile-decode N] [--bank-threads N] [--kv-at-end 0|1] [--batcher-wait US]
+//                  [--flush-tokens N]
 //                                                  (--decode-tokens 0: prefill only)
 //
 //   --tiled 0: multi-token chunks read memory and attend through the cuBLAS GEMM forms
@@ -23,6 +24,8 @@
 //   segment before (CudaOptions::memory_kv_at_segment_end).
 //   --batcher-wait US: the sessions lines' DecodeBatcher waits at most US microseconds for
 //   the conversations still decoding (DecodeBatcherOptions::wait_for_decoding; 0: not at all).
+//   --flush-tokens N: decode steps add their staged write terms to the write sums every N
+//   tokens (CudaOptions::write_flush_tokens).
 //
 //   --profile-prefill T: only a warm-up prefill of T tokens and then one more between
 //   cudaProfilerStart and cudaProfilerStop, for a profiler that starts off, e.g.
@@ -76,6 +79,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <memory>
 #include <span>
 #include <numeric>
 #include <random>
@@ -111,6 +115,67 @@ using lm2::runtime::TokenRule;
 namespace cuda = lm2::runtime::cuda;
 
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+// The model a DecodeBatcher runs on in the sessions lines, timing each batched call (the
+// batcher runs one at a time) with its batch size: the wall time of a batched line is split
+// into the calls at the full size, the others (sessions joining or leaving: new shapes) and
+// the time between calls.
+class TimedCalls final : public Model {
+ public:
+  explicit TimedCalls(const Model& inner) : inner_(inner) {}
+  const lm2::runtime::ModelConfig& config() const override { return inner_.config(); }
+  const std::string& fingerprint() const override { return inner_.fingerprint(); }
+  std::string backend_name() const override { return inner_.backend_name(); }
+  bool OwnsState(const SequenceState& state) const override { return inner_.OwnsState(state); }
+  lm2::Result<std::unique_ptr<SequenceState>> NewState() const override { return inner_.NewState(); }
+  lm2::Status Forward(SequenceState& state, std::span<const int32_t> tokens, LogitsMode mode,
+                      std::vector<float>* logits) const override {
+    return inner_.Forward(state, tokens, mode, logits);
+  }
+  bool BatchesSteps() const override { return inner_.BatchesSteps(); }
+  lm2::Status ForwardBatchSample(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
+                                 std::span<const TokenRule> rules, std::vector<int32_t>* next) const override {
+    const auto t0 = Clock::now();
+    lm2::Status st = inner_.ForwardBatchSample(states, tokens, rules, next);
+    calls_.push_back({static_cast<int64_t>(states.size()), Seconds(t0, Clock::now())});
+    return st;
+  }
+  lm2::Status EndSegment(SequenceState& state) const override { return inner_.EndSegment(state); }
+  void ResetContext(SequenceState& state) const override { inner_.ResetContext(state); }
+  lm2::Status ImportMemory(SequenceState& state, const lm2::MemoryState& memory) const override {
+    return inner_.ImportMemory(state, memory);
+  }
+  // "a call of B: median / 90th percentile / max ms (n); other sizes: n calls, total ms".
+  std::string Summary(int64_t B) const {
+    std::vector<double> full;
+    double other = 0.0;
+    int64_t others = 0;
+    for (const auto& [size, seconds] : calls_) {
+      if (size == B) {
+        full.push_back(seconds * 1e3);
+      } else {
+        other += seconds * 1e3;
+        ++others;
+      }
+    }
+    std::sort(full.begin(), full.end());
+    auto at = [&](double q) { return full.empty() ? 0.0 : full[static_cast<std::size_t>(q * static_cast<double>(full.size() - 1))]; };
+    char line[256];
+    std::snprintf(line, sizeof line, "calls of %lld: median %.2f / 90th percentile %.2f / max %.2f ms (%zu); other sizes: %lld calls, %.1f ms in all",
+                  static_cast<long long>(B), at(0.5), at(0.9), full.empty() ? 0.0 : full.back(), full.size(),
+                  static_cast<long long>(others), other);
+    return line;
+  }
+
+ protected:
+  lm2::Status ExportBanks(const SequenceState& state, lm2::MemoryState& out) const override {
+    return inner_.ExportMemoryInto(state, out);
+  }
+
+ private:
+  const Model& inner_;
+  mutable std::vector<std::pair<int64_t, double>> calls_;
+};
 
 [[noreturn]] void Die(const std::string& what) {
   std::fprintf(stderr, "lm2_cuda_bench: %s\n", what.c_str());
@@ -847,6 +912,7 @@ int main(int argc, char** argv) {
     else if (k == "--warm-up") options.warm_up = v != "0";
     else if (k == "--bank-threads") options.bank_transfer_threads = std::stoi(v);
     else if (k == "--kv-at-end") options.memory_kv_at_segment_end = v != "0";
+    else if (k == "--flush-tokens") options.write_flush_tokens = std::stoll(v);
     else if (k == "--batcher-wait") batcher_wait = std::chrono::microseconds(std::stoll(v));
     else Die("unknown option " + k);
   }
@@ -1154,17 +1220,49 @@ int main(int argc, char** argv) {
         f = Seconds(w0, Clock::now()) * 1e3;
       }
     };
+    // decode_tokens batched steps (ms a step).
+    auto batched_steps = [&] {
+      const auto t0 = Clock::now();
+      for (int64_t i = 0; i < decode_tokens; ++i) step();
+      return Seconds(t0, Clock::now()) / static_cast<double>(decode_tokens) * 1e3;
+    };
+    // Every state's segment ended, its context reset and the same prompt run again: each line
+    // below starts from there, at the same context (a decode step's attention grows with it)
+    // and with the states' staged write terms added to the write sums in the same steps.
+    auto restart = [&] {
+      ptrs.clear();
+      next.resize(static_cast<std::size_t>(B));
+      for (int64_t b = 0; b < B; ++b) {
+        SequenceState& state = *states[static_cast<std::size_t>(b)];
+        Check(model->EndSegment(state), "EndSegment");
+        model->ResetContext(state);
+        std::vector<float>& row = logits[static_cast<std::size_t>(b)];
+        Check(model->Forward(state, Tokens(prompt_tokens, cfg.vocab_size, 200 + b), LogitsMode::kLast, &row), "prompt");
+        next[static_cast<std::size_t>(b)] = Argmax(row);
+        ptrs.push_back(&state);
+      }
+    };
     // The first two steps of a batch size the process has not run: the first grows the
     // scratch and pointer table and makes cuBLAS's first calls of its shapes (above the
-    // GEMV's row limit) without a graph; the second captures the step's graph.
+    // GEMV's row limit) without a graph; the second captures the step's graph. Then new
+    // states' steps: their banks are the model's initial one, whose memory K/V they share
+    // (CudaOptions::share_initial_memory_kv), so B sessions' memory reads stream one copy,
+    // largely from L2: not what B conversations with memories of their own cost.
     double first_steps[2];
     two_steps(first_steps);
-    const auto t0 = Clock::now();
-    for (int64_t i = 0; i < decode_tokens; ++i) step();
-    const double wall = Seconds(t0, Clock::now());
-    const double tps = static_cast<double>(B * decode_tokens) / wall;
-    std::printf("sessions %lld (one batched forward per step): %.1f tokens/s in total, %.2f ms per step\n",
-                static_cast<long long>(B), tps, wall / static_cast<double>(decode_tokens) * 1e3);
+    const double new_ms = batched_steps();
+    const double new_tps = static_cast<double>(B) / new_ms * 1e3;
+    std::printf("sessions %lld, new states (one batched forward per step, the initial bank's memory K/V shared): "
+                "%.1f tokens/s in total, %.2f ms per step\n",
+                static_cast<long long>(B), new_tps, new_ms);
+    // The figure: the same states after a segment end, each bank its own, as sessions after
+    // their first turn or resumed ones.
+    restart();
+    const double step_ms = batched_steps();
+    const double tps = static_cast<double>(B) / step_ms * 1e3;
+    std::printf("sessions %lld (one batched forward per step, each session's own memory): %.1f tokens/s in total, "
+                "%.2f ms per step\n",
+                static_cast<long long>(B), tps, step_ms);
     // One session fewer: a new shape over buffers that are big enough (its graph and GEMM
     // shapes only).
     double fewer[2] = {0, 0};
@@ -1180,11 +1278,12 @@ int main(int argc, char** argv) {
     // (decode_tokens steps each), then replies ending one by one (the
     // b-th after decode_tokens * (B + b) / 2B steps: each batch past the middle a session
     // smaller than the one before, as when chats of different lengths end).
-    if (B > 1) ptrs.push_back(states.back().get());
     auto through_batcher = [&](bool staggered) {
+      restart();
       DecodeBatcherOptions batcher_options;
       batcher_options.wait_for_decoding = batcher_wait;
-      DecodeBatcher batcher(*model, batcher_options);
+      const TimedCalls timed(*model);
+      DecodeBatcher batcher(timed, batcher_options);
       std::vector<std::thread> threads;
       std::vector<int64_t> steps(static_cast<std::size_t>(B), decode_tokens);
       if (staggered) {
@@ -1194,7 +1293,7 @@ int main(int argc, char** argv) {
       for (int64_t b = 0; b < B; ++b) {
         threads.emplace_back([&, b] {
           SequenceState& state = *ptrs[static_cast<std::size_t>(b)];
-          int32_t token = next[std::min(static_cast<std::size_t>(b), next.size() - 1)];
+          int32_t token = next[static_cast<std::size_t>(b)];
           for (int64_t i = 0; i < steps[static_cast<std::size_t>(b)]; ++i) {
             Check(batcher.Step(state, token, TokenRule{}, &token), "DecodeBatcher::Step");
           }
@@ -1205,17 +1304,23 @@ int main(int argc, char** argv) {
       const double took = Seconds(b0, Clock::now());
       const DecodeBatcher::Stats bs = batcher.stats();
       const double rate = static_cast<double>(std::accumulate(steps.begin(), steps.end(), int64_t{0})) / took;
+      const double calls = static_cast<double>(std::max<int64_t>(bs.batches, 1));
+      const double running = std::chrono::duration<double>(bs.running).count();
+      const double gathering = std::chrono::duration<double>(bs.gathering).count();
       std::printf("sessions %lld through a DecodeBatcher (a thread each%s): %.1f tokens/s in total, %lld batched "
-                  "calls of %.1f steps on average (largest %lld)\n",
+                  "calls of %.1f steps on average (largest %lld); a call %.2f ms, the wait for its steps %.3f ms "
+                  "(%lld ran to the limit), between calls %.3f ms\n",
                   static_cast<long long>(B), staggered ? ", replies ending one by one" : "", rate,
-                  static_cast<long long>(bs.batches),
-                  static_cast<double>(bs.steps) / static_cast<double>(std::max<int64_t>(bs.batches, 1)),
-                  static_cast<long long>(bs.largest));
+                  static_cast<long long>(bs.batches), static_cast<double>(bs.steps) / calls,
+                  static_cast<long long>(bs.largest), running / calls * 1e3, gathering / calls * 1e3,
+                  static_cast<long long>(bs.waits_timed_out), (took - running - gathering) / calls * 1e3);
+      std::printf("  %s\n", timed.Summary(B).c_str());
       return rate;
     };
     const double batcher_tps = through_batcher(false);
     const double staggered_tps = through_batcher(true);
-    json << (first ? "" : ", ") << "\"" << B << "\": {\"tps\": " << tps << ", \"batcher_tps\": " << batcher_tps
+    json << (first ? "" : ", ") << "\"" << B << "\": {\"tps\": " << tps << ", \"new_states_tps\": " << new_tps
+         << ", \"batcher_tps\": " << batcher_tps
          << ", \"batcher_staggered_tps\": " << staggered_tps << "}";
     first = false;
   }

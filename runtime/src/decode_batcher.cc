@@ -24,6 +24,7 @@ Status DecodeBatcher::Step(SequenceState& state, int32_t token, const TokenRule&
     // No batch is running: this thread runs the next one (which may or may not hold its own
     // step, if more than max_batch were waiting ahead of it).
     running_ = true;
+    const auto gather_start = std::chrono::steady_clock::now();
     if (options_.gather > 1) {
       arrived_.wait_for(lock, options_.gather_wait,
                         [&] { return static_cast<int64_t>(waiting_.size()) >= options_.gather; });
@@ -32,7 +33,7 @@ Status DecodeBatcher::Step(SequenceState& state, int32_t token, const TokenRule&
     // for their next steps (Leave, or a step, wakes this wait).
     if (const auto wait = std::min<std::chrono::steady_clock::duration>(options_.wait_for_decoding, last_run_ / 4);
         wait > std::chrono::steady_clock::duration::zero()) {
-      arrived_.wait_for(lock, wait, [&] { return DecodingAllWaiting(); });
+      if (!arrived_.wait_for(lock, wait, [&] { return DecodingAllWaiting(); })) ++stats_.waits_timed_out;
     }
     // The last batch's first state first again while it steps: a model may keep resources
     // per leading state (the CUDA backend's batch scratch and captured step).
@@ -53,6 +54,8 @@ Status DecodeBatcher::Step(SequenceState& state, int32_t token, const TokenRule&
     const auto took = std::chrono::steady_clock::now() - started;
     lock.lock();
     last_run_ = took;
+    stats_.running += took;
+    stats_.gathering += started - gather_start;
     for (Request* r : batch) r->done = true;
     ++stats_.batches;
     stats_.steps += static_cast<int64_t>(batch.size());

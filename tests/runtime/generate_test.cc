@@ -311,6 +311,11 @@ TEST_CASE("DecodeBatcher: conversations that start apart end up in the same batc
     const auto stats = batcher.stats();
     INFO("wait " << wait << ": " << stats.steps << " steps in " << stats.batches << " batches");
     CHECK(stats.steps == kThreads * kSteps);
+    // Where the running threads' time went: every call slept 40 ms; no wait for steps ran to
+    // its limit (a second), and each was bounded by a quarter of the call before it.
+    CHECK(stats.running >= std::chrono::milliseconds(40) * stats.batches);
+    CHECK(stats.waits_timed_out == 0);
+    CHECK(stats.gathering <= stats.running / 4 + std::chrono::milliseconds(1));
     if (wait) {
       // The first batch holds the first pair; the pairs merge at the latest in the third.
       CHECK(stats.batches <= kSteps + 2);

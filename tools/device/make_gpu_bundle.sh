@@ -2,7 +2,8 @@
 # Packs what the GPU machine needs to run lm2's GPU tests and benchmarks, built HERE (it has
 # CUDA but none of lm2's Debian libraries): the GPU test executables, the SDK tests (their
 # GPU case), the CLI and the CUDA benchmarks (lm2_cuda_bench, lm2_cuda_sync_bench,
-# lm2_cuda_gemm_bench), stripped,
+# lm2_cuda_gemm_bench) with the batcher's (lm2_batcher_bench: the GPU machine has more
+# cores than CI's), stripped,
 # plus the shared libraries they load that the GPU machine lacks (RocksDB, OpenSSL,
 # sentencepiece, OpenBLAS and their dependencies; not glibc, libstdc++ or CUDA's own, which
 # it has). One compressed archive, under the device tool's size limit.
@@ -24,11 +25,13 @@ BUILD_DIR=${1:-build}
 OUT_DIR=device_bundle
 SLIM=${SLIM:-0}
 if [[ "$SLIM" == 1 ]]; then
-  TARGETS=(cuda_ops_tests cuda_model_tests lm2_cuda_bench)
+  TARGETS=(cuda_ops_tests cuda_model_tests lm2_cuda_bench lm2_batcher_bench)
   NAME=lm2-gpu-slim.tar.xz
 else
   TARGETS=(cuda_ops_tests cuda_model_tests gpu_tests lm2_cli sdk_tests)
-  if [[ -f bench/cuda/CMakeLists.txt ]]; then TARGETS+=(lm2_cuda_bench lm2_cuda_sync_bench lm2_cuda_gemm_bench); fi
+  if [[ -f bench/cuda/CMakeLists.txt ]]; then
+    TARGETS+=(lm2_cuda_bench lm2_cuda_sync_bench lm2_cuda_gemm_bench lm2_batcher_bench)
+  fi
   NAME=lm2-gpu.tar.xz
 fi
 
@@ -40,7 +43,7 @@ trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/bin" "$stage/lib"
 for exe in tests/cuda/cuda_ops_tests tests/cuda/cuda_model_tests tests/runtime/gpu_tests tools/cli/lm2 \
            tests/sdk/sdk_tests bench/cuda/lm2_cuda_bench bench/cuda/lm2_cuda_sync_bench \
-           bench/cuda/lm2_cuda_gemm_bench; do
+           bench/cuda/lm2_cuda_gemm_bench bench/runtime/lm2_batcher_bench; do
   [[ -f "$BUILD_DIR/$exe" ]] || continue
   target=$(basename "$exe")
   [[ "$target" == lm2 ]] && target=lm2_cli

@@ -49,9 +49,12 @@ struct CudaOptions {
   bool cuda_graphs = true;
   // Decode steps stage each token's memory-write terms and add this many at a time to the
   // write sums with one GEMM (instead of a read-modify-write of the N x d sums per token);
-  // the rest at the end of the segment. Costs this many x memory_heads x memory_slots
-  // floats per memory layer and state.
-  int64_t write_flush_tokens = 16;
+  // the rest at the end of the segment. Each flush reads and writes every memory layer's
+  // N x d fp32 sums (32 MiB a layer at the paper's shape), so fewer flushes pay: on an H200
+  // at the paper's shape 64 against 16 made batch-1 decode 1.8% faster and 64 sessions 7%
+  // (docs/benchmarks.md). Costs this many x memory_heads x memory_slots floats per memory
+  // layer and state (at 64 and the paper's shape 16 MiB a layer, 256 MiB a state). Default: 64
+  int64_t write_flush_tokens = 64;
   // Chunks of at most this many rows (decode steps of up to this many states, short
   // prompts) run their linear layers as fused GEMV kernels: one pass over the weights with
   // the RMSNorm, SwiGLU, bias and gated residual folded in. Longer chunks use cuBLAS. 0..8;

@@ -72,6 +72,12 @@ class DecodeBatcher {
     int64_t batches = 0;  // batched calls run
     int64_t steps = 0;    // steps served
     int64_t largest = 0;  // most steps in one batched call
+    // Where the running threads' time went: in the model's batched calls, and waiting for
+    // steps before them (the waits of DecodeBatcherOptions); waits for the conversations
+    // still decoding that ran to their limit.
+    std::chrono::nanoseconds running{0};
+    std::chrono::nanoseconds gathering{0};
+    int64_t waits_timed_out = 0;
   };
   Stats stats() const;
 
