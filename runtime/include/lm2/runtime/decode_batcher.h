@@ -11,7 +11,8 @@
 // (DecodeBatcherOptions::wait_for_decoding). Without that wait, concurrent conversations
 // split into two groups that take turns, each batch half of them (on an H200 at the
 // paper's shape, 8 threads ran batches of 4.0 on average, at 44-50% of the tokens/s of
-// one batch of 8; with it 7.9, at 80-83%: docs/benchmarks.md). The last batch's first
+// one batch of 8; with it 7.9, and since a4832f8's like-for-like bench 93% at 8 sessions,
+// 91-92% at 32 and 64: docs/benchmarks.md). The last batch's first
 // state stays first while it steps, since a model may keep resources per leading state
 // (the CUDA backend's batch scratch and captured step).
 //
