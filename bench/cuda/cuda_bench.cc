@@ -95,6 +95,7 @@
 #include "lm2/runtime/cuda_backend.h"
 #include "lm2/runtime/cuda_devices.h"
 #include "lm2/runtime/decode_batcher.h"
+#include "lm2/runtime/forwarding_model.h"
 #include "lm2/runtime/model_files.h"
 #include "lm2/runtime/sampler.h"
 
@@ -120,30 +121,15 @@ double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::d
 // batcher runs one at a time) with its batch size: the wall time of a batched line is split
 // into the calls at the full size, the others (sessions joining or leaving: new shapes) and
 // the time between calls.
-class TimedCalls final : public Model {
+class TimedCalls final : public lm2::runtime::ForwardingModel {
  public:
-  explicit TimedCalls(const Model& inner) : inner_(inner) {}
-  const lm2::runtime::ModelConfig& config() const override { return inner_.config(); }
-  const std::string& fingerprint() const override { return inner_.fingerprint(); }
-  std::string backend_name() const override { return inner_.backend_name(); }
-  bool OwnsState(const SequenceState& state) const override { return inner_.OwnsState(state); }
-  lm2::Result<std::unique_ptr<SequenceState>> NewState() const override { return inner_.NewState(); }
-  lm2::Status Forward(SequenceState& state, std::span<const int32_t> tokens, LogitsMode mode,
-                      std::vector<float>* logits) const override {
-    return inner_.Forward(state, tokens, mode, logits);
-  }
-  bool BatchesSteps() const override { return inner_.BatchesSteps(); }
+  explicit TimedCalls(const Model& inner) : ForwardingModel(inner) {}
   lm2::Status ForwardBatchSample(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
                                  std::span<const TokenRule> rules, std::vector<int32_t>* next) const override {
     const auto t0 = Clock::now();
-    lm2::Status st = inner_.ForwardBatchSample(states, tokens, rules, next);
+    lm2::Status st = inner().ForwardBatchSample(states, tokens, rules, next);
     calls_.push_back({static_cast<int64_t>(states.size()), Seconds(t0, Clock::now())});
     return st;
-  }
-  lm2::Status EndSegment(SequenceState& state) const override { return inner_.EndSegment(state); }
-  void ResetContext(SequenceState& state) const override { inner_.ResetContext(state); }
-  lm2::Status ImportMemory(SequenceState& state, const lm2::MemoryState& memory) const override {
-    return inner_.ImportMemory(state, memory);
   }
   // "a call of B: median / 90th percentile / max ms (n); other sizes: n calls, total ms".
   std::string Summary(int64_t B) const {
@@ -167,13 +153,7 @@ class TimedCalls final : public Model {
     return line;
   }
 
- protected:
-  lm2::Status ExportBanks(const SequenceState& state, lm2::MemoryState& out) const override {
-    return inner_.ExportMemoryInto(state, out);
-  }
-
  private:
-  const Model& inner_;
   mutable std::vector<std::pair<int64_t, double>> calls_;
 };
 

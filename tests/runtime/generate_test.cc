@@ -11,6 +11,7 @@
 #include "golden.h"
 #include "lm2/runtime/cpu_backend.h"
 #include "lm2/runtime/decode_batcher.h"
+#include "lm2/runtime/forwarding_model.h"
 #include "lm2/runtime/generate.h"
 #include "lm2/runtime/model_files.h"
 
@@ -240,39 +241,19 @@ namespace {
 // The fixture's model, each batched step taking `delay` longer: long enough that the
 // threads of a batch are back with their next steps well before the next batch would wait
 // no longer for them.
-class SlowModel final : public Model {
+class SlowModel final : public lm2::runtime::ForwardingModel {
  public:
-  SlowModel(const Model& inner, std::chrono::milliseconds delay) : inner_(inner), delay_(delay) {}
-  const ModelConfig& config() const override { return inner_.config(); }
-  const std::string& fingerprint() const override { return inner_.fingerprint(); }
-  std::string backend_name() const override { return inner_.backend_name(); }
-  bool OwnsState(const SequenceState& state) const override { return inner_.OwnsState(state); }
-  lm2::Result<std::unique_ptr<SequenceState>> NewState() const override { return inner_.NewState(); }
-  lm2::Status Forward(SequenceState& state, std::span<const int32_t> tokens, LogitsMode mode,
-                      std::vector<float>* logits) const override {
-    return inner_.Forward(state, tokens, mode, logits);
-  }
+  SlowModel(const Model& inner, std::chrono::milliseconds delay) : ForwardingModel(inner), delay_(delay) {}
   lm2::Status ForwardBatchSample(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
                                  std::span<const TokenRule> rules, std::vector<int32_t>* next) const override {
     std::this_thread::sleep_for(delay_);
     if (!states.empty()) leads_.push_back(states.front());  // one batch at a time: no lock
-    return inner_.ForwardBatchSample(states, tokens, rules, next);
+    return inner().ForwardBatchSample(states, tokens, rules, next);
   }
   // The first state of each batched call, in order.
   const std::vector<const SequenceState*>& leads() const { return leads_; }
-  lm2::Status EndSegment(SequenceState& state) const override { return inner_.EndSegment(state); }
-  void ResetContext(SequenceState& state) const override { inner_.ResetContext(state); }
-  lm2::Status ImportMemory(SequenceState& state, const lm2::MemoryState& memory) const override {
-    return inner_.ImportMemory(state, memory);
-  }
-
- protected:
-  lm2::Status ExportBanks(const SequenceState& state, lm2::MemoryState& out) const override {
-    return inner_.ExportMemoryInto(state, out);
-  }
 
  private:
-  const Model& inner_;
   std::chrono::milliseconds delay_;
   mutable std::vector<const SequenceState*> leads_;
 };
