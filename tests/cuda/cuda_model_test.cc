@@ -497,12 +497,13 @@ TEST_CASE("Out of device memory: ResourceExhausted, and the state goes on as if 
 
 // A decode step's own buffers are reserved before it runs, but two things a step can need
 // are not buffers: a kernel's code (CUDA loads it at the first launch unless LoadAllKernels
-// did at model load) and the memory to instantiate a CUDA graph for a new batch shape (the
-// step then runs without one). A batch of 3 after batches of 12 needs both: the GEMV's
-// 3-row form, which nothing launched before, and a graph of a new shape (its first step
-// runs without a graph, the second captures one). (On an H200 the
-// memory the driver keeps for itself covered both even without the loading at load and the
-// graph-less fallback; with them the step does not depend on it.)
+// did at model load; cuBLAS's own kernels load at their first use) and the memory to
+// instantiate a CUDA graph for a new batch shape (the step then runs without one). After
+// batches of 40, a batch of 3 needs the GEMV's 3-row form, which nothing launched before,
+// and a batch of 9 cuBLAS's GEMMs at 9 rows: each a graph of a new shape (its first step runs
+// without a graph, the second captures one). (On an H200 the memory the driver keeps for
+// itself covered the kernels and graphs even without the loading at load and the graph-less
+// fallback; with them the step does not depend on it for ours.)
 TEST_CASE("Out of device memory: a batch of a new size decodes with the buffers it has", "[cuda][model][oom]") {
   auto files = Files(TestModelDir("tiny-lm2"));
   auto gpu = LoadCuda(files);
@@ -512,8 +513,10 @@ TEST_CASE("Out of device memory: a batch of a new size decodes with the buffers 
     CHECK(kernels->unloaded == 0);  // the load ran LoadAllKernels
   }
   // Two groups with the same history; group a meets the full device, group b never does.
-  constexpr std::size_t kMany = 12, kFew = 3;
-  static_assert(kMany > 8 && kFew > 1 && kFew <= 8, "cuBLAS above the GEMV's default 8 rows, the GEMV below");
+  constexpr std::size_t kMany = 40;
+  constexpr std::size_t kSizes[] = {3, 9};
+  static_assert(kMany > 16 && kSizes[0] > 1 && kSizes[0] <= 8 && kSizes[1] > 8 && kSizes[1] < kMany,
+                "cuBLAS above the GEMV's default 8 rows, the GEMV below");
   std::vector<std::unique_ptr<SequenceState>> a, b;
   std::vector<SequenceState*> pa, pb;
   std::vector<int32_t> next(kMany);
@@ -533,22 +536,25 @@ TEST_CASE("Out of device memory: a batch of a new size decodes with the buffers 
   RequireOk(gpu->ForwardBatch(pb, next, &lb));
   REQUIRE(la == lb);
   const auto V = static_cast<std::size_t>(gpu->config().vocab_size);
-  std::vector<int32_t> few(kFew);
-  for (std::size_t i = 0; i < kFew; ++i) few[i] = RowArgmax(la, i, V);
-  const std::span<SequenceState* const> first_a(pa.data(), kFew), first_b(pb.data(), kFew);
-  for (int step = 0; step < 2; ++step) {
-    {
-      lm2::testing::DeviceMemoryHog hog;
-      REQUIRE(hog.bytes() > 0);
-      const lm2::Status s = gpu->ForwardBatch(first_a, few, &la);
-      INFO(s.ToString());
-      REQUIRE(s.ok());
-    }
-    RequireOk(gpu->ForwardBatch(first_b, few, &lb));  // graph-replayed: memory is back
-    CHECK(la == lb);
-    for (std::size_t i = 0; i < kFew; ++i) {
-      few[i] = RowArgmax(lb, i, V);
-      CHECK(a[i]->context_length() == b[i]->context_length());
+  for (std::size_t i = 0; i < kMany; ++i) next[i] = RowArgmax(la, i, V);
+  for (const std::size_t rows : kSizes) {
+    INFO("a batch of " << rows);
+    const std::span<SequenceState* const> first_a(pa.data(), rows), first_b(pb.data(), rows);
+    const std::span<const int32_t> tokens(next.data(), rows);
+    for (int step = 0; step < 2; ++step) {
+      {
+        lm2::testing::DeviceMemoryHog hog;
+        REQUIRE(hog.bytes() > 0);
+        const lm2::Status s = gpu->ForwardBatch(first_a, tokens, &la);
+        INFO(s.ToString());
+        REQUIRE(s.ok());
+      }
+      RequireOk(gpu->ForwardBatch(first_b, tokens, &lb));  // memory is back
+      CHECK(la == lb);
+      for (std::size_t i = 0; i < rows; ++i) {
+        next[i] = RowArgmax(lb, i, V);
+        CHECK(a[i]->context_length() == b[i]->context_length());
+      }
     }
   }
 }
