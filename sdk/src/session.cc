@@ -232,7 +232,9 @@ Result<ChatResult> RunTurn(SessionCore& c, const std::vector<int32_t>& prompt, c
   if (reads_after.ok()) {
     r.slot_reads = MassDiff(e, reads_before.ok() ? *reads_before : std::vector<std::vector<float>>{}, *reads_after);
   }
-  LM2_RETURN_IF_ERROR(m.EndSegment(*c.state));
+  // The segment's end may need memory too (its write's buffers; a session's first end also
+  // its own memory K/V); refused, it changes nothing, so idle sessions' states can make room.
+  LM2_RETURN_IF_ERROR(e.residency->Reclaiming([&] { return m.EndSegment(*c.state); }));
   r.text = std::move(g.text);
   r.stop_reason = std::string(runtime::StopReasonName(g.stop));
   r.prompt_tokens = static_cast<int64_t>(prompt.size());

@@ -374,4 +374,48 @@ TEST_CASE("on a full GPU, idle sessions' states make room for another session's 
   CHECK(MustChat(*a, kMsgs[2]).text == MustChat(*twin, kMsgs[2]).text);
   CHECK(SameBits(MustMemory(*a), MustMemory(*twin)));
 }
+
+// The same for the turn's segment end: a new session's first end needs memory its prompt
+// and decode steps did not (its write's buffers and its own memory K/V). The device fills
+// while the reply decodes (from the reply's third piece on, the steps' buffers and graph
+// made); the end then gets its memory from an idle session's state. Without the reclaiming
+// around EndSegment the turn fails with ResourceExhausted.
+TEST_CASE("on a full GPU, a turn's segment end gets its memory from idle sessions' states", "[gpu]") {
+  TempDir dir;
+  EngineOptions o = TinyOptions(dir);
+  std::string why;
+  auto engine = OpenGpuEngine(o, &why);
+  if (engine == nullptr) {
+    WARN("SKIPPED: GPU test: " << why);
+    return;
+  }
+  ChatResult want;
+  MemoryState want_memory;
+  {
+    auto reference = OpenSession(*engine, "t", "reference");
+    want = MustChat(*reference, kMsgs[0]);
+    want_memory = MustMemory(*reference);
+  }
+  REQUIRE(want.reply_tokens >= 4);  // pieces enough for the device to fill mid-reply
+  auto a = OpenSession(*engine, "t", "a");
+  auto b = OpenSession(*engine, "t", "b");
+  MustChat(*a, kMsgs[1]);
+  MustChat(*b, kMsgs[3]);
+  REQUIRE(engine->Stats().evictions == 0);
+  auto c = OpenSession(*engine, "t", "c");
+  std::unique_ptr<lm2::testing::DeviceMemoryHog> hog;
+  int pieces = 0;
+  auto got = c->Chat(kMsgs[0], Short(), [&](std::string_view) {
+    if (++pieces == 3) hog = std::make_unique<lm2::testing::DeviceMemoryHog>();
+  });
+  const bool filled = hog != nullptr;
+  const auto evictions = engine->Stats().evictions;
+  hog.reset();
+  REQUIRE(filled);
+  INFO(got.status().ToString());
+  REQUIRE(got.ok());
+  CHECK(got->text == want.text);
+  CHECK(evictions >= 1);
+  CHECK(SameBits(MustMemory(*c), want_memory));
+}
 #endif
