@@ -85,7 +85,7 @@ DecodeBatcher::Stats DecodeBatcher::stats() const {
   return stats_;
 }
 
-void DecodeBatcher::Run(const std::vector<Request*>& batch) const {
+void DecodeBatcher::Run(const std::vector<Request*>& batch) {
   std::vector<SequenceState*> states;
   std::vector<int32_t> tokens;
   std::vector<TokenRule> rules;
@@ -95,7 +95,15 @@ void DecodeBatcher::Run(const std::vector<Request*>& batch) const {
     rules.push_back(*r->rule);
   }
   std::vector<int32_t> next;
-  const Status st = model_.ForwardBatchSample(states, tokens, rules, &next);
+  Status st = model_.ForwardBatchSample(states, tokens, rules, &next);
+  // Out of memory: the call changed nothing; whatever the hook releases may let it run.
+  while (st.code() == StatusCode::kResourceExhausted && options_.on_out_of_memory && options_.on_out_of_memory()) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++stats_.out_of_memory_retries;
+    }
+    st = model_.ForwardBatchSample(states, tokens, rules, &next);
+  }
   // Input errors are found before any state changes: then each step runs alone and gets its
   // own answer. Anything else (a device fault) belongs to the whole batch.
   const bool refused = st.code() == StatusCode::kInvalidArgument || st.code() == StatusCode::kOutOfRange;

@@ -45,7 +45,11 @@ Status LoadModel(const EngineOptions& options, internal::EngineCore& core) {
   info.fingerprint = core.model->fingerprint();
   info.backend = core.model->backend_name();
   if (options.batch_decode && core.model->BatchesSteps()) {
-    core.batcher = std::make_unique<runtime::DecodeBatcher>(*core.model);
+    runtime::DecodeBatcherOptions batching;
+    // A batched step out of device memory: idle sessions' states make room (a batch holds
+    // only sessions inside calls, never evicted).
+    batching.on_out_of_memory = [residency = core.residency.get()] { return residency->ReleaseIdle(); };
+    core.batcher = std::make_unique<runtime::DecodeBatcher>(*core.model, batching);
   }
   info.num_layers = static_cast<int32_t>(cfg.num_layers);
   for (int64_t l : cfg.memory_layers) info.memory_layers.push_back(static_cast<int32_t>(l));

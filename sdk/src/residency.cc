@@ -55,6 +55,12 @@ Status Residency::Reclaiming(const std::function<Status()>& attempt) {
   }
 }
 
+bool Residency::ReleaseIdle() {
+  StateList evicted;  // destroyed on return, after the lock is released
+  std::lock_guard<std::mutex> lock(mu_);
+  return EvictOne(&evicted);
+}
+
 void Residency::Drop(SessionCore& s, bool prefill) {
   std::unique_ptr<runtime::SequenceState> dropped;  // destroyed on return, after the lock is released
   std::lock_guard<std::mutex> lock(mu_);

@@ -75,6 +75,11 @@ class Residency {
   // Called by a pinned session (which is therefore never the victim).
   Status Reclaiming(const std::function<Status()>& attempt);
 
+  // The least recently used session outside a call gives its state up; false when none
+  // holds one. For calls that run out of memory elsewhere than in a session's own call
+  // (the engine's DecodeBatcher, whose batch holds only sessions inside calls).
+  bool ReleaseIdle();
+
   // From `s`'s own thread: destroys its state; the next call builds a new one, running
   // PrefillOnResume first when `prefill` (SessionCore::prefill_on_build).
   void Drop(SessionCore& s, bool prefill);

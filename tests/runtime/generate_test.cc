@@ -260,6 +260,69 @@ class SlowModel final : public lm2::runtime::ForwardingModel {
 
 }  // namespace
 
+namespace {
+
+// The fixture's model, its batched calls refused with ResourceExhausted (changing nothing,
+// as the CUDA backend's are) while `refusals` lasts.
+class FullModel final : public lm2::runtime::ForwardingModel {
+ public:
+  explicit FullModel(const Model& inner) : ForwardingModel(inner) {}
+  lm2::Status ForwardBatchSample(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
+                                 std::span<const TokenRule> rules, std::vector<int32_t>* next) const override {
+    if (refusals > 0) {
+      --refusals;
+      return lm2::Status::ResourceExhausted("device full");
+    }
+    return inner().ForwardBatchSample(states, tokens, rules, next);
+  }
+  mutable int refusals = 0;
+};
+
+}  // namespace
+
+// A batch that runs out of memory is run again for as long as on_out_of_memory releases
+// some (the SDK's engine releases idle sessions' states), and the steps get the same tokens
+// as without the refusals; without the hook, or when it has nothing left, the steps get
+// the error and their states are as before.
+TEST_CASE("DecodeBatcher: a batch out of memory runs again while on_out_of_memory releases some", "[generate]") {
+  Fixture f;
+  FullModel full(*f.model);
+  auto s = f.State();
+  auto twin = f.State();
+  int32_t want = 0, got = 0;
+  {
+    DecodeBatcher plain(*f.model);
+    REQUIRE(plain.Step(*twin, 5, TokenRule{}, &want).ok());
+  }
+  int released = 0, may_release = 3;
+  DecodeBatcherOptions bo;
+  bo.on_out_of_memory = [&] {
+    if (released == may_release) return false;
+    ++released;
+    return true;
+  };
+  {
+    DecodeBatcher batcher(full, bo);
+    full.refusals = 2;
+    REQUIRE(batcher.Step(*s, 5, TokenRule{}, &got).ok());
+    CHECK(got == want);
+    CHECK(released == 2);
+    CHECK(batcher.stats().out_of_memory_retries == 2);
+    CHECK(s->context_length() == twin->context_length());
+    // More refusals than the hook can answer: the step gets the error, its state unchanged.
+    full.refusals = 10;
+    released = 0;
+    const lm2::Status st = batcher.Step(*s, got, TokenRule{}, &got);
+    CHECK(st.code() == lm2::StatusCode::kResourceExhausted);
+    CHECK(released == may_release);
+    CHECK(s->context_length() == twin->context_length());
+  }
+  DecodeBatcher no_hook(full);  // the default: no retry
+  full.refusals = 1;
+  CHECK(no_hook.Step(*s, got, TokenRule{}, &got).code() == lm2::StatusCode::kResourceExhausted);
+  CHECK(s->context_length() == twin->context_length());
+}
+
 // Two pairs of threads start a step apart, so each pair's steps arrive while the other's
 // batch runs. Without the batcher's wait for the conversations still decoding the pairs
 // take turns (batches of 2, twice as many batches); with it they merge after a few steps,

@@ -418,4 +418,55 @@ TEST_CASE("on a full GPU, a turn's segment end gets its memory from idle session
   CHECK(evictions >= 1);
   CHECK(SameBits(MustMemory(*c), want_memory));
 }
+
+// Sessions chatting at once on a full device: their batched decode steps need what no
+// step alone did (the batch's logits and pointer table for more rows), and the engine's
+// DecodeBatcher gets it from idle sessions' states (DecodeBatcherOptions::
+// on_out_of_memory); every reply is that of a twin session with memory to spare. Each
+// session's second turn repeats its first message, so that its prompt (shorter by the
+// first turn's BOS) and its segment end need nothing the first turn did not make: the
+// batched steps are what meets the full device first.
+TEST_CASE("on a full GPU, sessions chatting at once get their batched steps' memory from idle sessions", "[gpu]") {
+  TempDir dir;
+  EngineOptions o = TinyOptions(dir);
+  std::string why;
+  auto engine = OpenGpuEngine(o, &why);
+  if (engine == nullptr) {
+    WARN("SKIPPED: GPU test: " << why);
+    return;
+  }
+  constexpr int kChats = 4;
+  const ChatOptions longer = Short(24);  // steps enough for the threads' replies to overlap
+  std::vector<std::unique_ptr<Session>> chats, twins;
+  std::vector<std::string> want(kChats);
+  const auto message = [](int i) { return kMsgs[static_cast<std::size_t>(i) % kMsgs.size()]; };
+  for (int i = 0; i < kChats; ++i) {
+    chats.push_back(OpenSession(*engine, "t", "chat" + std::to_string(i)));
+    twins.push_back(OpenSession(*engine, "t", "twin" + std::to_string(i)));
+    MustChat(*chats.back(), message(i), longer);  // alone: each step a batch of one
+    MustChat(*twins.back(), message(i), longer);
+    want[static_cast<std::size_t>(i)] = MustChat(*twins.back(), message(i), longer).text;
+  }
+  twins.clear();  // their states' memory goes back to the pool, for the hog
+  auto a = OpenSession(*engine, "t", "a");
+  auto b = OpenSession(*engine, "t", "b");
+  MustChat(*a, kMsgs[1]);
+  MustChat(*b, kMsgs[3]);
+  const auto evictions_before = engine->Stats().evictions;
+  std::vector<Result<ChatResult>> got(kChats, Status::Internal("not run"));
+  {
+    lm2::testing::DeviceMemoryHog hog;
+    std::vector<std::thread> threads;
+    for (int i = 0; i < kChats; ++i) {
+      threads.emplace_back([&, i] { got[static_cast<std::size_t>(i)] = chats[static_cast<std::size_t>(i)]->Chat(message(i), longer); });
+    }
+    for (auto& t : threads) t.join();
+  }
+  for (int i = 0; i < kChats; ++i) {
+    INFO("chat " << i << ": " << got[static_cast<std::size_t>(i)].status().ToString());
+    REQUIRE(got[static_cast<std::size_t>(i)].ok());
+    CHECK(got[static_cast<std::size_t>(i)]->text == want[static_cast<std::size_t>(i)]);
+  }
+  CHECK(engine->Stats().evictions > evictions_before);
+}
 #endif

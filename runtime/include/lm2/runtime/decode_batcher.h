@@ -28,6 +28,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -49,6 +50,13 @@ struct DecodeBatcherOptions {
   // (the wait then costs a stalled conversation's companions at most a fifth of their
   // rate). Zero: no such wait. Default: 2 ms
   std::chrono::microseconds wait_for_decoding{2000};
+  // Called, on the thread running a batch and outside the batcher's lock, when the batched
+  // call fails with ResourceExhausted (a backend out of device memory, which refuses a
+  // call before it changes any state: cuda_backend.h): returns whether it released memory,
+  // and the batch is then run again, until the call succeeds, fails otherwise, or this
+  // returns false. Empty: no retry (the steps get the error). The SDK engine releases idle
+  // sessions' states (docs/sdk.md).
+  std::function<bool()> on_out_of_memory;
 };
 
 class DecodeBatcher {
@@ -79,6 +87,7 @@ class DecodeBatcher {
     std::chrono::nanoseconds running{0};
     std::chrono::nanoseconds gathering{0};
     int64_t waits_timed_out = 0;
+    int64_t out_of_memory_retries = 0;  // batched calls run again after on_out_of_memory
   };
   Stats stats() const;
 
@@ -93,8 +102,9 @@ class DecodeBatcher {
   };
 
   // Runs `batch` (outside the lock) as one call and sets each request's status and output;
-  // each request alone if the call is refused.
-  void Run(const std::vector<Request*>& batch) const;
+  // each request alone if the call is refused; again after on_out_of_memory released
+  // memory if it ran out.
+  void Run(const std::vector<Request*>& batch);
 
   // Whether the next batch has what it waits for: a step from every conversation that
   // stepped in the last two batches and has not left, or max_batch steps. Forgets the
