@@ -121,6 +121,9 @@ void lm2_engine_get_stats(const lm2_engine* engine, lm2_engine_stats* out) {
   const lm2::EngineStats s = engine->engine->Stats();
   out->resident_sessions = s.resident_sessions;
   out->evictions = s.evictions;
+  out->decode_batches = s.decode_batches;
+  out->decode_steps = s.decode_steps;
+  out->largest_decode_batch = s.largest_decode_batch;
 }
 
 int lm2_engine_erase_session(lm2_engine* engine, const char* tenant, const char* session_id) {

@@ -392,9 +392,14 @@ class Error(Exception):
         py::dict d;
         d["resident_sessions"] = s.resident_sessions;
         d["evictions"] = s.evictions;
+        d["decode_batches"] = s.decode_batches;
+        d["decode_steps"] = s.decode_steps;
+        d["largest_decode_batch"] = s.largest_decode_batch;
         return d;
       }, "{'resident_sessions': sessions holding a backend state now, 'evictions': states taken back "
-         "from idle sessions so far} (max_resident_sessions caps the first; 0 = no cap).")
+         "from idle sessions so far, 'decode_batches' / 'decode_steps' / 'largest_decode_batch': "
+         "concurrent chats' decode steps run as one batched call on the GPU (zero on the CPU)} "
+         "(max_resident_sessions caps the first; 0 = no cap).")
       .def_property_readonly("model_info", [](PyEngine& e) {
         const lm2::ModelInfo& i = e.e->model_info();
         py::dict d;

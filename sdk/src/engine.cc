@@ -93,7 +93,16 @@ const ModelInfo& Engine::model_info() const { return core_->info; }
 
 std::size_t Engine::ResidentSessions() const { return core_->residency->stats().resident_sessions; }
 
-EngineStats Engine::Stats() const { return core_->residency->stats(); }
+EngineStats Engine::Stats() const {
+  EngineStats s = core_->residency->stats();
+  if (core_->batcher != nullptr) {
+    const runtime::DecodeBatcher::Stats b = core_->batcher->stats();
+    s.decode_batches = static_cast<uint64_t>(b.batches);
+    s.decode_steps = static_cast<uint64_t>(b.steps);
+    s.largest_decode_batch = static_cast<uint64_t>(b.largest);
+  }
+  return s;
+}
 
 Result<std::vector<std::string>> Engine::ListSessions(std::string_view tenant) const {
   LM2_RETURN_IF_ERROR(internal::ValidateId("tenant", tenant));

@@ -146,6 +146,7 @@ int main(void) {
   lm2_engine_get_stats(e, &stats);
   CHECK(stats.resident_sessions <= 1);
   CHECK(stats.evictions > 0);
+  CHECK(stats.decode_batches == 0 && stats.decode_steps == 0);  /* the CPU backend runs steps alone */
 
   CHECK(lm2_session_erase(s) == LM2_OK);
   CHECK(lm2_session_chat(s, "after erase", &co, NULL, NULL, &r) == LM2_NOT_FOUND);

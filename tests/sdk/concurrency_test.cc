@@ -151,7 +151,10 @@ TEST_CASE("on a GPU, sessions chatting at once share decode steps and reply as a
     alone_text.push_back(MustChat(*s, msgs[1], chat).text);
     alone.push_back(MustMemory(*s));
   }
-  const uint64_t evictions_before = engine->Stats().evictions;
+  const EngineStats before = engine->Stats();
+  CHECK(before.decode_batches == before.decode_steps);  // alone: every step a batch of one
+  CHECK(before.largest_decode_batch == 1);
+  const uint64_t evictions_before = before.evictions;
   std::barrier between_turns(kSessions);  // every session holds a state after its first turn
   std::vector<std::thread> threads;
   for (int i = 0; i < kSessions; ++i) {
@@ -168,6 +171,10 @@ TEST_CASE("on a GPU, sessions chatting at once share decode steps and reply as a
     CHECK(together_text[i] == alone_text[i]);
     CHECK(SameBits(together[i], alone[i]));
   }
+  // The engine's statistics saw the steps shared: fewer calls than steps, some of several.
+  const EngineStats after = engine->Stats();
+  CHECK(after.decode_steps - before.decode_steps > after.decode_batches - before.decode_batches);
+  CHECK(after.largest_decode_batch > 1);
   // Under the cap, at most 2 of the 5 kept their states between the turns.
   if (o.max_resident_sessions != 0) CHECK(engine->Stats().evictions - evictions_before >= kSessions - 2);
 }

@@ -80,8 +80,11 @@ void lm2_engine_close(lm2_engine* engine); /* sessions keep what they need alive
 void lm2_engine_memory_shape(const lm2_engine* engine, size_t* layers, size_t* slots);
 
 typedef struct lm2_engine_stats {
-  size_t resident_sessions;     /* sessions holding a backend state now */
-  uint64_t evictions;           /* states taken back from idle sessions so far */
+  size_t resident_sessions;       /* sessions holding a backend state now */
+  uint64_t evictions;             /* states taken back from idle sessions so far */
+  uint64_t decode_batches;        /* concurrent chats' decode steps run as one call (GPU) */
+  uint64_t decode_steps;          /* the steps those calls ran */
+  uint64_t largest_decode_batch;  /* the most steps in one call */
 } lm2_engine_stats;
 void lm2_engine_get_stats(const lm2_engine* engine, lm2_engine_stats* out);
 

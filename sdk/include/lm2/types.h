@@ -64,6 +64,12 @@ struct EngineStats {
   // States taken back from idle sessions so far: to stay within
   // EngineOptions::max_resident_sessions, or to make room when the backend ran out of memory.
   uint64_t evictions = 0;
+  // Decode steps of concurrent chats run as one batched call (EngineOptions::batch_decode
+  // on a backend that batches, the GPU; zero otherwise): the calls, the steps they ran
+  // (steps / calls: how many chats a call served on average) and the most steps in one.
+  uint64_t decode_batches = 0;
+  uint64_t decode_steps = 0;
+  uint64_t largest_decode_batch = 0;
 };
 
 struct ModelInfo {
