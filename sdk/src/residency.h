@@ -1,5 +1,5 @@
 // Private: which sessions hold a backend state (runtime::SequenceState: KV cache, memory
-// bank, memory K/V, scratch; ~0.6 GB on the GPU for the paper's model), and the taking back
+// bank, memory K/V, scratch; ~0.8-1 GB on the GPU for the paper's model), and the taking back
 // of idle sessions' states, under EngineOptions::max_resident_sessions or when the backend
 // runs out of memory.
 //
