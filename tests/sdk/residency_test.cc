@@ -329,6 +329,36 @@ TEST_CASE("threads: chats, scores, rollbacks, clears and reopened handles under 
 }
 
 #if defined(LM2_WITH_CUDA)
+namespace {
+
+// What the full-device cases start from: a GPU engine (none where there is no GPU: `why`
+// says so), the turn of kMsgs[0] with memory to spare in a session closed since, and two
+// idle sessions a and b holding states.
+struct IdleSessions {
+  std::unique_ptr<Engine> engine;
+  ChatResult want;
+  MemoryState want_memory;
+  std::unique_ptr<Session> a, b;
+};
+
+IdleSessions OpenWithIdleSessions(const EngineOptions& o, std::string* why) {
+  IdleSessions w;
+  w.engine = OpenGpuEngine(o, why);
+  if (w.engine == nullptr) return w;
+  {
+    auto reference = OpenSession(*w.engine, "t", "reference");
+    w.want = MustChat(*reference, kMsgs[0]);
+    w.want_memory = MustMemory(*reference);
+  }
+  w.a = OpenSession(*w.engine, "t", "a");
+  w.b = OpenSession(*w.engine, "t", "b");
+  MustChat(*w.a, kMsgs[1]);
+  MustChat(*w.b, kMsgs[3]);
+  return w;
+}
+
+}  // namespace
+
 // The out-of-memory path the CPU backend never takes: on a GPU with every byte that
 // allocations can get taken, a new session's state and its turn get their memory from idle
 // sessions' states (Residency::Reclaiming), and the turn replies and remembers as it does
@@ -336,25 +366,16 @@ TEST_CASE("threads: chats, scores, rollbacks, clears and reopened handles under 
 // ResourceExhausted (the CUDA model test's [oom] case).
 TEST_CASE("on a full GPU, idle sessions' states make room for another session's turn", "[gpu]") {
   TempDir dir;
-  EngineOptions o = TinyOptions(dir);
   std::string why;
-  auto engine = OpenGpuEngine(o, &why);
-  if (engine == nullptr) {
+  IdleSessions w = OpenWithIdleSessions(TinyOptions(dir), &why);
+  if (w.engine == nullptr) {
     WARN("SKIPPED: GPU test: " << why);
     return;
   }
-  // The turn with memory to spare, in a session closed before the device fills.
-  ChatResult want;
-  MemoryState want_memory;
-  {
-    auto reference = OpenSession(*engine, "t", "reference");
-    want = MustChat(*reference, kMsgs[0]);
-    want_memory = MustMemory(*reference);
-  }
-  auto a = OpenSession(*engine, "t", "a");
-  auto b = OpenSession(*engine, "t", "b");
-  MustChat(*a, kMsgs[1]);
-  MustChat(*b, kMsgs[3]);
+  Engine* engine = w.engine.get();
+  const ChatResult& want = w.want;
+  const MemoryState& want_memory = w.want_memory;
+  Session* a = w.a.get();
   REQUIRE(engine->Stats().resident_sessions == 2);
   REQUIRE(engine->Stats().evictions == 0);
   auto c = OpenSession(*engine, "t", "c");
@@ -382,25 +403,14 @@ TEST_CASE("on a full GPU, idle sessions' states make room for another session's 
 // around EndSegment the turn fails with ResourceExhausted.
 TEST_CASE("on a full GPU, a turn's segment end gets its memory from idle sessions' states", "[gpu]") {
   TempDir dir;
-  EngineOptions o = TinyOptions(dir);
   std::string why;
-  auto engine = OpenGpuEngine(o, &why);
-  if (engine == nullptr) {
+  IdleSessions w = OpenWithIdleSessions(TinyOptions(dir), &why);
+  if (w.engine == nullptr) {
     WARN("SKIPPED: GPU test: " << why);
     return;
   }
-  ChatResult want;
-  MemoryState want_memory;
-  {
-    auto reference = OpenSession(*engine, "t", "reference");
-    want = MustChat(*reference, kMsgs[0]);
-    want_memory = MustMemory(*reference);
-  }
-  REQUIRE(want.reply_tokens >= 4);  // pieces enough for the device to fill mid-reply
-  auto a = OpenSession(*engine, "t", "a");
-  auto b = OpenSession(*engine, "t", "b");
-  MustChat(*a, kMsgs[1]);
-  MustChat(*b, kMsgs[3]);
+  Engine* engine = w.engine.get();
+  REQUIRE(w.want.reply_tokens >= 4);  // pieces enough for the device to fill mid-reply
   REQUIRE(engine->Stats().evictions == 0);
   auto c = OpenSession(*engine, "t", "c");
   std::unique_ptr<lm2::testing::DeviceMemoryHog> hog;
@@ -414,9 +424,9 @@ TEST_CASE("on a full GPU, a turn's segment end gets its memory from idle session
   REQUIRE(filled);
   INFO(got.status().ToString());
   REQUIRE(got.ok());
-  CHECK(got->text == want.text);
+  CHECK(got->text == w.want.text);
   CHECK(evictions >= 1);
-  CHECK(SameBits(MustMemory(*c), want_memory));
+  CHECK(SameBits(MustMemory(*c), w.want_memory));
 }
 
 // Sessions chatting at once on a full device: their batched decode steps need what no
