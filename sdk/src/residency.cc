@@ -38,20 +38,14 @@ void Residency::Release(SessionCore& s) {
 }
 
 Status Residency::Reclaiming(const std::function<Status()>& attempt) {
-  std::size_t freed = 0;
-  while (true) {
+  for (std::size_t freed = 0;; ++freed) {
     Status st = attempt();
     if (st.code() != StatusCode::kResourceExhausted) return st;
-    StateList evicted;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (freed >= sessions_.size() || !EvictOne(&evicted)) {
-        return Status::ResourceExhausted(std::string(st.message()) +
-                                         " (and no idle session's state could be released to make room)");
-      }
+    // (ReleaseIdle returns once the state is destroyed: the memory is back before the next attempt.)
+    if (freed >= Registered() || !ReleaseIdle()) {
+      return Status::ResourceExhausted(std::string(st.message()) +
+                                       " (and no idle session's state could be released to make room)");
     }
-    ++freed;
-    evicted.clear();  // the memory is back before the next attempt
   }
 }
 
@@ -59,6 +53,11 @@ bool Residency::ReleaseIdle() {
   StateList evicted;  // destroyed on return, after the lock is released
   std::lock_guard<std::mutex> lock(mu_);
   return EvictOne(&evicted);
+}
+
+std::size_t Residency::Registered() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return sessions_.size();
 }
 
 void Residency::Drop(SessionCore& s, bool prefill) {

@@ -99,6 +99,7 @@ class Residency {
   };
 
   void Release(SessionCore& s);
+  std::size_t Registered() const;  // sessions with an entry
   void SetResident(Entry& e, bool resident);
   // Moves the state of the least recently used idle holder into *out (it is then
   // destroyed outside the lock). False when every holder is inside a call.

@@ -26,15 +26,26 @@ Status SessionCore::CheckUsable() const {
 
 SessionCore::~SessionCore() { engine->residency->Remove(*this); }
 
+namespace {
+
+// A new state holding `bank`; on failure none (a half-built state is no use to a retry, and
+// its memory may be what a retry needs).
+Result<std::unique_ptr<runtime::SequenceState>> StateHolding(const runtime::Model& m, const MemoryState& bank) {
+  LM2_ASSIGN_OR_RETURN(std::unique_ptr<runtime::SequenceState> s, m.NewState());
+  LM2_RETURN_IF_ERROR(m.ImportMemory(*s, bank));
+  return s;
+}
+
+}  // namespace
+
 Result<Residency::Pin> SessionCore::UseState() {
   Residency::Pin pin = engine->residency->Enter(*this);
   if (state != nullptr) return pin;
   LM2_RETURN_IF_ERROR(engine->residency->Reclaiming([&]() -> Status {
-    LM2_ASSIGN_OR_RETURN(state, model().NewState());
-    Status s = model().ImportMemory(*state, memory);
-    if (s.ok() && prefill_on_build) s = PrefillOnResume(*this);
-    // A half-built state is no use to a retry, and its memory may be what a retry needs.
-    if (!s.ok()) state.reset();
+    LM2_ASSIGN_OR_RETURN(state, StateHolding(model(), memory));
+    if (!prefill_on_build) return Status::Ok();
+    Status s = PrefillOnResume(*this);
+    if (!s.ok()) state.reset();  // as StateHolding's
     return s;
   }));
   return pin;
@@ -43,10 +54,8 @@ Result<Residency::Pin> SessionCore::UseState() {
 Result<std::unique_ptr<runtime::SequenceState>> SessionCore::TemporaryState(const MemoryState& bank) const {
   std::unique_ptr<runtime::SequenceState> out;
   LM2_RETURN_IF_ERROR(engine->residency->Reclaiming([&]() -> Status {
-    LM2_ASSIGN_OR_RETURN(out, model().NewState());
-    Status s = model().ImportMemory(*out, bank);
-    if (!s.ok()) out.reset();
-    return s;
+    LM2_ASSIGN_OR_RETURN(out, StateHolding(model(), bank));
+    return Status::Ok();
   }));
   return out;
 }
