@@ -22,6 +22,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -181,17 +182,29 @@ int main(int argc, char** argv) {
       return 2;
     }
     const std::string v = argv[++i];
-    if (k == "--sessions") sessions = ParseList(v);
-    else if (k == "--steps") steps = std::stoll(v);
-    else if (k == "--base-us") base = std::chrono::microseconds(std::stoll(v));
-    else if (k == "--per-session-us") per_session = std::chrono::microseconds(std::stoll(v));
-    else if (k == "--host-us") host = std::chrono::microseconds(std::stoll(v));
-    else if (k == "--wait-us") wait = std::chrono::microseconds(std::stoll(v));
-    else if (k == "--repeat") repeat = std::stoll(v);
-    else {
-      std::fprintf(stderr, "lm2_batcher_bench: unknown option %s\n", k.c_str());
+    try {
+      if (k == "--sessions") sessions = ParseList(v);
+      else if (k == "--steps") steps = std::stoll(v);
+      else if (k == "--base-us") base = std::chrono::microseconds(std::stoll(v));
+      else if (k == "--per-session-us") per_session = std::chrono::microseconds(std::stoll(v));
+      else if (k == "--host-us") host = std::chrono::microseconds(std::stoll(v));
+      else if (k == "--wait-us") wait = std::chrono::microseconds(std::stoll(v));
+      else if (k == "--repeat") repeat = std::stoll(v);
+      else {
+        std::fprintf(stderr, "lm2_batcher_bench: unknown option %s\n", k.c_str());
+        return 2;
+      }
+    } catch (const std::exception&) {
+      std::fprintf(stderr, "lm2_batcher_bench: %s: not a number: %s\n", k.c_str(), v.c_str());
       return 2;
     }
+  }
+  const bool sessions_ok =
+      !sessions.empty() && std::all_of(sessions.begin(), sessions.end(), [](int64_t b) { return b >= 1; });
+  if (!sessions_ok || steps < 1 || repeat < 1 || base.count() < 0 || per_session.count() < 0 || host.count() < 0 ||
+      wait.count() < 0) {
+    std::fprintf(stderr, "lm2_batcher_bench: --sessions, --steps and --repeat must be at least 1, the times at least 0\n");
+    return 2;
   }
   std::printf("DecodeBatcher over a timed stand-in model: a step of B sessions takes %lld + B x %lld us; %lld steps "
               "a thread, %lld us of host work between steps, wait_for_decoding %lld us; %u hardware threads\n",
