@@ -71,7 +71,7 @@ struct EngineOptions {
   int32_t max_reply_tokens = 1024;            // cap on ChatOptions::max_tokens. Default: 1024
 
   // Most sessions holding a backend state at once: KV cache, memory bank, memory K/V and
-  // scratch, ~0.6 GB each on the GPU for the paper's model. A session builds its state when
+  // scratch, ~0.8-1 GB each on the GPU for the paper's model. A session builds its state when
   // a call first needs one (Chat; NextTokenLogits and ForgetTurn build a temporary one), not
   // at open. When that many other sessions hold one, the least recently used session not
   // inside a call gives its state up (it is destroyed; the session keeps its committed bank
@@ -81,9 +81,9 @@ struct EngineOptions {
   // ImportMemory of its bank: with kResetEachTurn bit-identical to never having been
   // evicted; with kKeepContext its context is lost (the last resume_prefill_turns turns
   // are run into the new one, as on open).
-  // Independent of the cap, a state's creation or a turn's first forward that finds the
-  // backend out of memory (ResourceExhausted) evicts the least recently used idle session's
-  // state and tries again (docs/sdk.md). Default: 0 (no cap)
+  // Independent of the cap, a state's creation, a turn's first forward, its segment end or a
+  // batched decode step that finds the backend out of memory (ResourceExhausted) evicts the
+  // least recently used idle session's state and tries again (docs/sdk.md). Default: 0 (no cap)
   std::size_t max_resident_sessions = 0;
 
   ProgressCallback on_progress;  // loading progress. Default: none
