@@ -331,6 +331,8 @@ TEST_CASE("DecodeBatcher: a batch out of memory runs again while on_out_of_memor
 TEST_CASE("DecodeBatcher: conversations that start apart end up in the same batches", "[generate]") {
   Fixture f;
   constexpr int kThreads = 4, kSteps = 10;
+  // A quarter of a call (the batcher's bound on its wait) is 10 ms: the wait covers this gap.
+  constexpr auto kBetweenSteps = std::chrono::milliseconds(4);
   for (const bool wait : {true, false}) {
     const SlowModel slow(*f.model, std::chrono::milliseconds(40));
     DecodeBatcherOptions bo;
@@ -346,6 +348,11 @@ TEST_CASE("DecodeBatcher: conversations that start apart end up in the same batc
         int32_t token = 5 + i;
         for (int s = 0; s < kSteps && status[static_cast<std::size_t>(i)].ok(); ++s) {
           status[static_cast<std::size_t>(i)] = batcher.Step(*states[static_cast<std::size_t>(i)], token, TokenRule{}, &token);
+          // What a chat does with each token (detokenise, stream it) takes the conversation's
+          // thread a while before its next step. Without it, the thread that ran a batch would
+          // race the other pair's woken threads to the next one, a race that a busy machine
+          // sometimes lets it win (then the pairs merge without the wait).
+          std::this_thread::sleep_for(kBetweenSteps);
         }
         batcher.Leave(*states[static_cast<std::size_t>(i)]);
       });
