@@ -12,7 +12,8 @@
 //   TF32 GEMM ops (write sums,                3e-3  (inputs rounded to 10-bit mantissas:
 //   GEMM attention)                                  2^-11 each, fp32 accumulation)
 //   MemoryRead (bf16 GEMMs: q and the         1e-2  (operands rounded to 8-bit mantissas;
-//   probabilities rounded), MemoryReadWrite          memory K/V are bf16 in both)
+//   probabilities rounded), MemoryReadWrite,         memory K/V are bf16 in both)
+//   FlushStagedTokens
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -1601,6 +1602,148 @@ TEST_CASE("Batched memory decode ops equal the one-session ops per session", "[c
     for (float v : Download(c1)) want_acc.push_back(v);
     CHECK(RelErr(Download(acc[ub]), want_acc) < kTolTf32);
   }
+}
+
+TEST_CASE("Decode steps staging their queries: the flushed write sums are the read's, a flush empties its slots",
+          "[cuda][ops]") {
+  // MemoryStage::staged: each step's read leaves its tokens' bf16 q, offer and softmax shift in
+  // a staging slot; FlushStagedTokens adds their write terms with the tiled write kernel. Head
+  // widths 32 and 16 (mma.sync write kernel) and the paper's 64 at N = 2000, 8 sessions
+  // (streamed read; the wgmma write kernel on compute capability 9.0). Seven steps into 5
+  // slots: 5 flushed, then 2, so a slot left over from the first flush would add its token
+  // twice. The reference: the read's probabilities from the fp32 query (the contract's A)
+  // and the bf16 memory K, the unrounded offers.
+  const auto [N, d, Hm, B] = GENERATE(std::make_tuple(int64_t{300}, int64_t{128}, int64_t{4}, int64_t{3}),
+                                      std::make_tuple(int64_t{100}, int64_t{64}, int64_t{4}, int64_t{2}),
+                                      std::make_tuple(int64_t{2000}, int64_t{2048}, int64_t{32}, int64_t{8}));
+  INFO("N=" << N << " d=" << d << " heads=" << Hm << " B=" << B);
+  REQUIRE(DecodeStagesTokens(d, Hm));
+  const int64_t dh = d / Hm, ld = d + 40, kCapacity = 5, kSteps = 7;
+  std::vector<DeviceBuffer<__nv_bfloat16>> mk, mv;
+  std::vector<DeviceBuffer<float>> mass, acc;
+  // Every session's slots in one buffer, emptied by one call (as a state's memory layers').
+  const int64_t per_session = StagedTokensFloats(kCapacity, d, Hm);
+  auto staged = Poisoned<float>(static_cast<std::size_t>(B * per_session));
+  RequireOk(ClearStagedTokens(staged.data(), B, kCapacity, d, Hm, Stream()));
+  std::vector<std::vector<float>> mk_host, mass0, acc0;
+  std::vector<const __nv_bfloat16*> kp, vp;
+  std::vector<float*> sp;
+  for (int64_t b = 0; b < B; ++b) {
+    for (auto* m : {&mk, &mv}) {
+      auto f = Random(static_cast<std::size_t>(N * d));
+      auto df = Upload(f);
+      m->push_back(Poisoned<__nv_bfloat16>(f.size()));
+      RequireOk(ConvertF32ToBf16(df.data(), N * d, m->back().data(), Stream()));
+      RequireOk(CudaStatus(cudaStreamSynchronize(Stream()), "convert"));  // df is freed next
+      if (m == &mk) {
+        for (float& v : f) v = RoundBf16(v);
+        mk_host.push_back(std::move(f));
+      }
+    }
+    mass0.push_back(Random(static_cast<std::size_t>(Hm * N)));
+    for (float& v : mass0.back()) v = std::abs(v);
+    acc0.push_back(Random(static_cast<std::size_t>(N * d)));
+    mass.push_back(Upload(mass0.back()));
+    acc.push_back(Upload(acc0.back()));
+    kp.push_back(mk.back().data());
+    vp.push_back(mv.back().data());
+    sp.push_back(staged.data() + b * per_session);
+  }
+  auto dkp = Upload(kp), dvp = Upload(vp);
+  auto dsp = Upload(sp);
+  std::vector<std::vector<double>> want_mass, want_acc;
+  for (int64_t b = 0; b < B; ++b) {
+    want_mass.emplace_back(mass0[static_cast<std::size_t>(b)].begin(), mass0[static_cast<std::size_t>(b)].end());
+    want_acc.emplace_back(acc0[static_cast<std::size_t>(b)].begin(), acc0[static_cast<std::size_t>(b)].end());
+  }
+  auto scratch = Poisoned<float>(static_cast<std::size_t>(MemoryReadDecodeScratch(B, N, d, Hm)));
+  std::vector<double> p(static_cast<std::size_t>(N));
+  int64_t pending = 0;
+  const auto flush = [&] {
+    for (int64_t b = 0; b < B; ++b) {
+      const auto ub = static_cast<std::size_t>(b);
+      RequireOk(FlushStagedTokens(kp[ub], sp[ub], pending, kCapacity, N, d, Hm, mass[ub].data(), acc[ub].data(),
+                                  Stream()));
+    }
+    pending = 0;
+  };
+  for (int64_t step = 0; step < kSteps; ++step) {
+    INFO("step " << step);
+    const auto q = Random(static_cast<std::size_t>(B * ld)), offer = Random(static_cast<std::size_t>(B * ld));
+    auto dq = Upload(q), doffer = Upload(offer);
+    auto dslots = Upload(std::vector<int64_t>(static_cast<std::size_t>(B), pending));
+    // The read's output is the unstaged read's, bit for bit.
+    auto attn = Poisoned<float>(static_cast<std::size_t>(B * Hm * N)), e = Poisoned<float>(static_cast<std::size_t>(B * d));
+    RequireOk(MemoryReadBatch(dq.data(), ld, dkp.data(), dvp.data(), B, N, d, Hm, attn.data(), e.data(),
+                              scratch.data(), nullptr, Stream()));
+    const auto want_e = Download(e);
+    const MemoryStage stage{.offer = doffer.data(), .offer_ld = ld, .slots = dslots.data(), .staged = dsp.data(),
+                            .capacity = kCapacity};
+    auto e2 = Poisoned<float>(static_cast<std::size_t>(B * d));
+    RequireOk(MemoryReadBatch(dq.data(), ld, dkp.data(), dvp.data(), B, N, d, Hm, nullptr, e2.data(), scratch.data(),
+                              &stage, Stream()));
+    CHECK(Download(e2) == want_e);
+    for (int64_t b = 0; b < B; ++b) {
+      const auto ub = static_cast<std::size_t>(b);
+      for (int64_t j = 0; j < Hm; ++j) {
+        for (int64_t n = 0; n < N; ++n) {
+          double dot = 0;
+          for (int64_t c = 0; c < dh; ++c) {
+            dot += static_cast<double>(q[static_cast<std::size_t>(b * ld + j * dh + c)]) *
+                   mk_host[ub][static_cast<std::size_t>(n * d + j * dh + c)];
+          }
+          p[static_cast<std::size_t>(n)] = dot / std::sqrt(static_cast<double>(dh));
+        }
+        SoftmaxRows(p, 1, static_cast<std::size_t>(N));
+        for (int64_t n = 0; n < N; ++n) {
+          const double pn = p[static_cast<std::size_t>(n)];
+          want_mass[ub][static_cast<std::size_t>(j * N + n)] += pn;
+          for (int64_t c = 0; c < dh; ++c) {
+            want_acc[ub][static_cast<std::size_t>(n * d + j * dh + c)] +=
+                pn * offer[static_cast<std::size_t>(b * ld + j * dh + c)];
+          }
+        }
+      }
+    }
+    if (++pending == kCapacity) flush();
+  }
+  flush();  // the last 2
+  // What the sums gained (the starting values would hide an error in them): the products'
+  // operands are bf16 (probabilities and offers: 2^-9 each), and the probabilities come from
+  // the bf16 query (as a prefill chunk's) against the fp32 query's softmax shift: the masses
+  // are off by 1.0-1.3e-3 (H200) where a prefill chunk's, which take their shifts from the
+  // bf16 query too, are off by < 1e-4 against that query.
+  for (int64_t b = 0; b < B; ++b) {
+    INFO("session " << b);
+    const auto ub = static_cast<std::size_t>(b);
+    const auto gain = [](const std::vector<float>& got, const std::vector<float>& start,
+                         const std::vector<double>& want) {
+      std::vector<float> got_gain(got.size());
+      std::vector<double> want_gain(got.size());
+      for (std::size_t i = 0; i < got.size(); ++i) {
+        got_gain[i] = got[i] - start[i];
+        want_gain[i] = want[i] - start[i];
+      }
+      return RelErr(got_gain, want_gain);
+    };
+    CHECK(gain(Download(mass[ub]), mass0[ub], want_mass[ub]) < kTolBf16Operands);
+    CHECK(gain(Download(acc[ub]), acc0[ub], want_acc[ub]) < kTolBf16Operands);
+  }
+  // Refusals: more tokens than slots, a head width the write kernels do not take, staging
+  // where the one-pass read does not run (width 24), no staging buffers.
+  CHECK(FlushStagedTokens(kp[0], sp[0], kCapacity + 1, kCapacity, N, d, Hm, mass[0].data(), acc[0].data(), Stream())
+            .IsInvalidArgument());
+  CHECK(FlushStagedTokens(kp[0], sp[0], 1, kCapacity, N, 264, 2, mass[0].data(), acc[0].data(), Stream())
+            .IsInvalidArgument());
+  CHECK(FlushStagedTokens(nullptr, nullptr, 0, kCapacity, N, d, Hm, nullptr, nullptr, Stream()).ok());
+  CHECK(!DecodeStagesTokens(96, 4));
+  auto dslots = Upload(std::vector<int64_t>(static_cast<std::size_t>(B), 0));
+  auto rows = Upload(Random(static_cast<std::size_t>(B * ld)));
+  auto e = Poisoned<float>(static_cast<std::size_t>(B * d));
+  MemoryStage none{.offer = rows.data(), .offer_ld = ld, .slots = dslots.data(), .staged = dsp.data(), .capacity = 0};
+  CHECK(MemoryReadBatch(rows.data(), ld, dkp.data(), dvp.data(), B, N, d, Hm, nullptr, e.data(), scratch.data(), &none,
+                        Stream())
+            .IsInvalidArgument());
 }
 
 TEST_CASE("Launchers refuse bad shapes and null pointers; empty work is a no-op", "[cuda][ops]") {

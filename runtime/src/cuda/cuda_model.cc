@@ -70,8 +70,14 @@ struct LayerState {
   const bf16* mem_v = nullptr;           // own_kv's halves, or the model's for the initial bank
   DeviceBuffer<float> mass;              // Σ_t A [Hm, N]
   DeviceBuffer<float> acc;               // Σ_t Aᵀ C (decode tokens join it when flushed)
-  DeviceBuffer<float> pending_attn;      // staged decode tokens' probabilities [flush, Hm, N]
-  DeviceBuffer<float> pending_offer;     // and write offers [flush, d]
+  // Decode tokens staged for the write sums (FlushWrites), in one of MemoryStage's forms:
+  // where the model stages tokens (stages_tokens_), their bf16 queries, offers and softmax
+  // shifts (this layer's part of CudaState::staged_tokens_; their masses join with them),
+  // else their probabilities [flush, Hm, N] and write offers [flush, d] (16 MiB at the
+  // paper's shape and 64 tokens; their masses join at once).
+  float* staged = nullptr;
+  DeviceBuffer<float> pending_attn;
+  DeviceBuffer<float> pending_offer;
 };
 
 // Per-call scratch, grown to the longest chunk seen (decode keeps it at one row).
@@ -107,8 +113,8 @@ struct Scratch {
 
 // The per-session device pointers of a batched decode step, one array (Scratch::table):
 // per layer a block of B pointers each to the sessions' KV cache K, KV cache V, memory K,
-// memory V, slot masses, staged probabilities and staged offers (the memory ones null in
-// layers without memory).
+// memory V, slot masses, staged probabilities, staged offers and staged tokens (the memory
+// ones null in layers without memory, the staging ones in the form the model does not use).
 struct BatchTable {
   void** base = nullptr;
   int64_t B = 0;
@@ -118,7 +124,7 @@ struct BatchTable {
   const int64_t* positions = nullptr;
   const int64_t* slots = nullptr;
   uint64_t* keys = nullptr;
-  static constexpr int64_t kArrays = 7;
+  static constexpr int64_t kArrays = 8;
   void** Array(int64_t layer, int64_t k) const { return base + (layer * kArrays + k) * B; }
   float* const* KCaches(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 0)); }
   float* const* VCaches(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 1)); }
@@ -127,6 +133,7 @@ struct BatchTable {
   float* const* Mass(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 4)); }
   float* const* PendingAttn(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 5)); }
   float* const* PendingOffer(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 6)); }
+  float* const* Staged(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 7)); }
 };
 
 // Where a decode step's inputs sit in its one upload (int64 elements, B rows): positions,
@@ -157,6 +164,10 @@ class CudaState final : public SequenceState {
   // Every layer's KV cache in one allocation [layers, 2 (K, V), kv_capacity_, Hkv*Dh]: a new
   // state's first prompt makes one device allocation for it, not two a layer.
   DeviceBuffer<float> kv_cache_;
+  // Every memory layer's staged decode tokens (LayerState::staged), one after another,
+  // StagedTokensFloats(write_flush_tokens, d, Hm) floats each (1 MiB at the paper's shape
+  // and up to 128 tokens): one allocation and two memsets for a new state.
+  DeviceBuffer<float> staged_tokens_;
   int64_t kv_capacity_ = 0;  // rows of every layer's k_cache / v_cache
   int64_t pos_ = 0;
   bool segment_open_ = false;
@@ -230,6 +241,7 @@ class CudaModel final : public Model {
     tiled_memory_ = options_.tiled_memory && cfg_.has_memory() && major >= 8 &&
                     MemoryReadWriteSupported(cfg_.hidden_size, cfg_.memory_heads);
     tiled_attention_ = options_.tiled_attention && major >= 8 && CausalAttentionTiledSupported(cfg_.head_dim);
+    stages_tokens_ = tiled_memory_ && DecodeStagesTokens(cfg_.hidden_size, cfg_.memory_heads);
   }
 
   // The weights go back to the device's memory pool, which then hands what it keeps unused
@@ -335,16 +347,26 @@ class CudaModel final : public Model {
     LM2_ASSIGN_OR_RETURN(s->cublas_, Blas::Create());
     s->layers_.resize(Z(cfg_.num_layers));
     const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size, Hm = cfg_.memory_heads;
+    const int64_t flush = options_.write_flush_tokens, per_layer = StagedTokensFloats(flush, d, Hm);
     const cudaStream_t st = s->stream_.get();
-    for (int64_t i = 0; i < cfg_.num_layers; ++i) {
+    if (stages_tokens_) {
+      const auto layers = static_cast<int64_t>(cfg_.memory_layers.size());
+      LM2_ASSIGN_OR_RETURN(s->staged_tokens_, DeviceBuffer<float>::Allocate(Z(layers * per_layer)));
+      LM2_RETURN_IF_ERROR(ClearStagedTokens(s->staged_tokens_.data(), layers, flush, d, Hm, st));
+    }
+    for (int64_t i = 0, k = 0; i < cfg_.num_layers; ++i) {
       const CudaLayerWeights& lw = w_->layers[Z(i)];
       if (!lw.has_memory) continue;
       LayerState& ls = s->layers_[Z(i)];
       LM2_ASSIGN_OR_RETURN(ls.bank, DeviceBuffer<float>::Allocate(Z(N * d)));
       LM2_ASSIGN_OR_RETURN(ls.mass, DeviceBuffer<float>::Allocate(Z(Hm * N)));
       LM2_ASSIGN_OR_RETURN(ls.acc, DeviceBuffer<float>::Allocate(Z(N * d)));
-      LM2_ASSIGN_OR_RETURN(ls.pending_attn, DeviceBuffer<float>::Allocate(Z(options_.write_flush_tokens * Hm * N)));
-      LM2_ASSIGN_OR_RETURN(ls.pending_offer, DeviceBuffer<float>::Allocate(Z(options_.write_flush_tokens * d)));
+      if (stages_tokens_) {
+        ls.staged = s->staged_tokens_.data() + k++ * per_layer;
+      } else {
+        LM2_ASSIGN_OR_RETURN(ls.pending_attn, DeviceBuffer<float>::Allocate(Z(flush * Hm * N)));
+        LM2_ASSIGN_OR_RETURN(ls.pending_offer, DeviceBuffer<float>::Allocate(Z(flush * d)));
+      }
       LM2_CUDA_RETURN_IF_ERROR(
           cudaMemcpyAsync(ls.bank.data(), lw.memory.init, ls.bank.bytes(), cudaMemcpyDeviceToDevice, st));
     }
@@ -503,6 +525,12 @@ class CudaModel final : public Model {
     if (s->broken_) return Broken();
     if (!s->segment_open_) return Status::FailedPrecondition("SegmentReadMass: no segment is open");
     LM2_RETURN_IF_ERROR(UseDevice(w_->device));
+    if (stages_tokens_ && s->staged_ > 0) {
+      // Staged decode tokens' masses join when they are flushed: flush them now (where the
+      // state keeps its sums changes, not what they are).
+      auto& flushing = const_cast<CudaState&>(*s);
+      LM2_RETURN_IF_ERROR(Guarded(flushing, [&] { return FlushWrites(flushing); }));
+    }
     const int64_t N = cfg_.memory_slots, Hm = cfg_.memory_heads;
     std::vector<std::vector<float>> out;
     std::vector<float> mass(Z(Hm * N));
@@ -769,8 +797,13 @@ class CudaModel final : public Model {
     for (int64_t i = 0; i < cfg_.num_layers; ++i) {
       if (!w_->layers[Z(i)].has_memory) continue;
       LayerState& ls = s.layers_[Z(i)];
-      LM2_RETURN_IF_ERROR(FlushStagedWrites(s.cublas_.get(), ls.pending_attn.data(), ls.pending_offer.data(),
-                                            s.staged_, N, d, Hm, ls.acc.data(), s.stream_.get()));
+      if (stages_tokens_) {
+        LM2_RETURN_IF_ERROR(FlushStagedTokens(ls.mem_k, ls.staged, s.staged_, options_.write_flush_tokens, N, d,
+                                              Hm, ls.mass.data(), ls.acc.data(), s.stream_.get()));
+      } else {
+        LM2_RETURN_IF_ERROR(FlushStagedWrites(s.cublas_.get(), ls.pending_attn.data(), ls.pending_offer.data(),
+                                              s.staged_, N, d, Hm, ls.acc.data(), s.stream_.get()));
+      }
     }
     s.staged_ = 0;
     return Status::Ok();
@@ -928,8 +961,9 @@ class CudaModel final : public Model {
       // partial sums: sized by the chunk they were 1.1 MB per row at the paper's shape).
       const int64_t decode_rows = batch_step ? rows : 1;
       LM2_RETURN_IF_ERROR(EnsureCapacity(sc.read_partial, Z(MemoryReadDecodeScratch(decode_rows, N, d, Hm))));
-      // The probabilities [Hm, rows, N]: a decode step's, or every chunk's when not tiled.
-      const int64_t attn_rows = batch_step || !tiled_memory_ ? rows : 1;
+      // The probabilities [Hm, rows, N]: a decode step's that stages them, or every chunk's
+      // when not tiled (one row else: a one-token chunk's).
+      const int64_t attn_rows = (batch_step && !stages_tokens_) || !tiled_memory_ ? rows : 1;
       LM2_RETURN_IF_ERROR(EnsureCapacity(sc.mattn, Z(Hm * attn_rows * N)));
       if (tiled_memory_) {
         LM2_RETURN_IF_ERROR(EnsureCapacity(sc.read_stats, Z(MemoryReadWriteScratch(rows, d, Hm))));
@@ -1150,7 +1184,8 @@ class CudaModel final : public Model {
                                            const_cast<bf16*>(ls.mem_v),
                                            ls.mass.data(),
                                            ls.pending_attn.data(),
-                                           ls.pending_offer.data()};
+                                           ls.pending_offer.data(),
+                                           ls.staged};
         for (int64_t k = 0; k < BatchTable::kArrays; ++k) next[Z((i * BatchTable::kArrays + k) * t.B + b)] = ptrs[k];
       }
     }
@@ -1221,9 +1256,13 @@ class CudaModel final : public Model {
       };
       auto read_memory = [&](cudaStream_t mst) -> Status {
         if (batch != nullptr) {  // the read stages each token's write terms too
-          const MemoryStage stage{.offer = offer, .offer_ld = P, .slots = batch->slots,
-                                  .pending_attn = batch->PendingAttn(i), .pending_offer = batch->PendingOffer(i),
-                                  .mass = batch->Mass(i)};
+          const MemoryStage stage =
+              stages_tokens_
+                  ? MemoryStage{.offer = offer, .offer_ld = P, .slots = batch->slots, .staged = batch->Staged(i),
+                                .capacity = options_.write_flush_tokens}
+                  : MemoryStage{.offer = offer, .offer_ld = P, .slots = batch->slots,
+                                .pending_attn = batch->PendingAttn(i), .pending_offer = batch->PendingOffer(i),
+                                .mass = batch->Mass(i)};
           return MemoryReadBatch(mq, P, batch->MemK(i), batch->MemV(i), n, N, d, Hm, sc.mattn.data(), sc.e.data(),
                                  sc.read_partial.data(), &stage, mst);
         }
@@ -1483,6 +1522,9 @@ class CudaModel final : public Model {
   int64_t gemv_rows_ = 0;
   // Multi-token chunks take MemoryReadWrite (else MemoryRead, then AccumulateWrite).
   bool tiled_memory_ = false;
+  // Decode steps stage their tokens' queries for the tiled write kernel (MemoryStage::staged)
+  // instead of their probabilities.
+  bool stages_tokens_ = false;
   // Chunks of attention_gemm_min_tokens or more take CausalAttentionTiled (else the GEMMs).
   bool tiled_attention_ = false;
   // Per layer, the initial bank's memory K then V [2, N, d] (PrepareInitialMemoryKv; empty

@@ -387,8 +387,15 @@ Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t
 // power of two take one pass over K and V (flash-decoding, 16 slots a block); others a
 // scores / softmax / values sequence.
 int64_t MemoryReadDecodeScratch(int64_t B, int64_t N, int64_t d, int64_t heads);
-// Where MemoryReadBatch stages each session's write terms (as StageWriteBatch below, with
-// the same arguments), when given: then attn is only the read's scratch.
+// Where MemoryReadBatch stages each session's write terms, when given: session b's token goes
+// to staging slot slots[b] (a device array), in one of two forms.
+// - Its probabilities and offer (pending_attn, pending_offer; as StageWriteBatch below, with
+//   the same arguments), its masses added now; attn is then only the read's scratch.
+// - Where DecodeStagesTokens: its query and offer in bf16 and its softmax shift (staged[b],
+//   StagedTokensFloats(capacity, d, heads) floats: the tiled write's scratch carved for
+//   `capacity` tokens: 4 bytes a column of d and 4 a head, where probabilities take 4 a head
+//   and slot); mass and acc get the staged tokens' terms when FlushStagedTokens recomputes
+//   their probabilities on tensor cores. attn is not used (nor written), nor is mass.
 struct MemoryStage {
   const float* offer = nullptr;  // [B, offer_ld]
   int64_t offer_ld = 0;
@@ -396,7 +403,12 @@ struct MemoryStage {
   float* const* pending_attn = nullptr;
   float* const* pending_offer = nullptr;
   float* const* mass = nullptr;
+  float* const* staged = nullptr;
+  int64_t capacity = 0;
 };
+// Whether MemoryReadBatch can stage tokens in the second form (one-pass read shapes that the
+// tiled write kernels take).
+bool DecodeStagesTokens(int64_t d, int64_t heads);
 Status MemoryReadOneToken(const float* q, int64_t q_ld, const __nv_bfloat16* mem_k, const __nv_bfloat16* mem_v,
                           int64_t N, int64_t d, int64_t heads, float* attn, float* e, float* scratch,
                           cudaStream_t stream);
@@ -417,6 +429,18 @@ Status StageWriteBatch(const float* attn, const float* offer, int64_t offer_ld, 
                        float* const* mass, cudaStream_t stream);
 Status FlushStagedWrites(cublasHandle_t handle, const float* pending_attn, const float* pending_offer, int64_t tokens,
                          int64_t N, int64_t d, int64_t heads, float* acc, cudaStream_t stream);
+
+// Tokens staged as bf16 queries, offers and softmax shifts (MemoryStage::staged; the tiled
+// write's scratch carved for `capacity` tokens: memory_tiled.cu). ClearStagedTokens readies
+// `buffers` new ones, one after another (every slot empty: shift past any score, rows zero).
+// FlushStagedTokens adds the first `tokens` slots' write terms to mass [heads, N] and acc
+// [N, d] with the tiled write kernel (probabilities 2^(s' - shift) from bf16(q) and the
+// memory K, as a prefill chunk's write sums), then empties the slots again. On `stream`.
+int64_t StagedTokensFloats(int64_t capacity, int64_t d, int64_t heads);
+Status ClearStagedTokens(float* staged, int64_t buffers, int64_t capacity, int64_t d, int64_t heads,
+                         cudaStream_t stream);
+Status FlushStagedTokens(const __nv_bfloat16* mem_k, float* staged, int64_t tokens, int64_t capacity, int64_t N,
+                         int64_t d, int64_t heads, float* mass, float* acc, cudaStream_t stream);
 
 // u[n, j*dh + c] = acc[n, j*dh + c] / (mass[j, n] + 1), and u rounded to bf16 into u_b (the
 // gate GEMMs' input).

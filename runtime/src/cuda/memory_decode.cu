@@ -2,7 +2,8 @@
 // kernels: at one token the work is a GEMV over each session's memory K and V (bf16) and a
 // rank-one update of its write sums, which cuBLAS's (batched) GEMMs run far below the
 // memory bandwidth. One session (B = 1) or many (a device array of per-session pointers,
-// a batched decode step); the same kernels either way. fp32 math throughout.
+// a batched decode step); the same kernels either way. fp32 math throughout (a token staged
+// for the tiled write kernel leaves its query and offer in bf16: MemoryStage).
 #include <algorithm>
 #include <cmath>
 
@@ -10,6 +11,7 @@
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
 #include "cuda/kernel_modules.h"
+#include "cuda/memory_tiled.cuh"
 #include "cuda/mma.cuh"
 #include "ops/op_shapes.h"
 
@@ -64,13 +66,14 @@ __device__ __forceinline__ float HeadDot(const float (&qv)[8], const uint4& k, i
 }
 
 // A chunk's results, by each of the block's active threads (t < d / 8): the chunk's raw
-// scores into attn (by a head's first thread), then into part this thread's 8 columns of
+// scores into attn (by a head's first thread; not where attn is null: a step that stages
+// its tokens' queries needs no probabilities), then into part this thread's 8 columns of
 // Σ p v and (by a head's first thread) the head's (m, l): the combine kernel's input.
 __device__ __forceinline__ void StoreChunk(const float (&sc)[kChunkSlots], const float (&acc)[8], float m, float l,
                                            int b, int chunk, int chunks, int N, int d, int heads, int g, int t,
                                            float* __restrict__ attn, float* __restrict__ part) {
   const int n0 = chunk * kChunkSlots, j = t / g;
-  if (t % g == 0) {
+  if (attn != nullptr && t % g == 0) {
     float* a = attn + (static_cast<int64_t>(b) * heads + j) * N;
 #pragma unroll
     for (int s = 0; s < kChunkSlots; ++s) {
@@ -228,14 +231,33 @@ __global__ void __launch_bounds__(kThreads)
   CopyAsyncWait<0>();  // (only empty groups are left)
 }
 
-// A block per (head j, session b): the global max M and sum L over the chunks, e = Σ_c
-// exp(m_c - M) acc_c / L (chunks added in a fixed order: the same result every run), and
-// the raw scores in attn turned into probabilities exp(s - M) / L.
 constexpr int kCombineThreads = 1024;
 
+// Session b's token, head j, into its staging slot (MemoryStage::staged): q and the offer in
+// bf16 (zero past the head width) and the shift M log2(e) + log2(L), so that the write
+// kernel's weights 2^(s' - shift), s' = bf16(q) · k log2(e) / sqrt(dh), are this read's
+// probabilities exp(s - M) / L up to q's rounding (a prefill chunk's rounding too).
+__device__ __forceinline__ void StageToken(const MemoryStage& stage, const float* __restrict__ q, int64_t q_ld, int b,
+                                           int j, int d, int heads, float M, float L) {
+  const int dh = d / heads, dhp = static_cast<int>(PaddedTileWidth(dh)), tid = static_cast<int>(threadIdx.x);
+  const tiled::Scratch s = tiled::Carve(stage.staged[b], stage.capacity, heads, dhp);
+  const int64_t row = j * s.tp + stage.slots[b];
+  if (tid == 0) s.shift[row] = tiled::SoftmaxShift(M * kLog2e, L);
+  for (int c = tid; c < dhp; c += kCombineThreads) {
+    const bool in = c < dh;
+    s.q[row * dhp + c] = __float2bfloat16(in ? q[b * q_ld + j * dh + c] : 0.0f);
+    s.offer[row * dhp + c] = __float2bfloat16(in ? stage.offer[b * stage.offer_ld + j * dh + c] : 0.0f);
+  }
+}
+
+// A block per (head j, session b): the global max M and sum L over the chunks, e = Σ_c
+// exp(m_c - M) acc_c / L (chunks added in a fixed order: the same result every run), and
+// the raw scores in attn turned into probabilities exp(s - M) / L, or the token staged
+// (MemoryStage: its probabilities and masses, or, with `staged`, its q, offer and shift).
 __global__ void __launch_bounds__(kCombineThreads)
     MemoryReadCombineKernel(const float* __restrict__ part, int chunks, int N, int d, int heads,
-                            float* __restrict__ attn, float* __restrict__ e, MemoryStage stage) {
+                            const float* __restrict__ q, int64_t q_ld, float* __restrict__ attn,
+                            float* __restrict__ e, MemoryStage stage) {
   constexpr int kTile = 1024;  // chunk weights held in shared memory at a time
   __shared__ float scratch[32];
   __shared__ float sums[kCombineThreads];
@@ -248,7 +270,7 @@ __global__ void __launch_bounds__(kCombineThreads)
   // Columns in passes of up to kCombineThreads; R groups of threads split the chunks of a column.
   const int cols = dh < kCombineThreads ? dh : kCombineThreads, R = kCombineThreads / cols;
   const int r = tid / cols, cc = tid % cols;
-  float* a = attn + (static_cast<int64_t>(b) * heads + j) * N;
+  float* a = attn != nullptr ? attn + (static_cast<int64_t>(b) * heads + j) * N : nullptr;
   constexpr int kPrefetch = 8;  // chunk partials per thread in the one-round form
   if (chunks <= kCombineThreads && dh <= kCombineThreads && (chunks + R - 1) / R <= kPrefetch &&
       N <= 2 * kCombineThreads) {
@@ -264,10 +286,11 @@ __global__ void __launch_bounds__(kCombineThreads)
     }
     float raw[2], old_mass[2] = {0.0f, 0.0f};
     float* m = stage.pending_attn != nullptr ? stage.mass[b] + static_cast<int64_t>(j) * N : nullptr;
+    const bool scores = stage.staged == nullptr;  // (staged queries: the partials left none)
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int n = tid + i * kCombineThreads;
-      raw[i] = n < N ? a[n] : 0.0f;
+      raw[i] = scores && n < N ? a[n] : 0.0f;
       if (m != nullptr && n < N) old_mass[i] = m[n];
     }
     const float M = BlockMax(mc, scratch);
@@ -286,6 +309,10 @@ __global__ void __launch_bounds__(kCombineThreads)
       float total = 0.0f;
       for (int k = 0; k < R; ++k) total += sums[k * cols + cc];
       e[static_cast<int64_t>(b) * d + j * dh + cc] = total / L;
+    }
+    if (!scores) {
+      StageToken(stage, q, q_ld, b, j, d, heads, M, L);
+      return;
     }
     if (m == nullptr) {
 #pragma unroll
@@ -336,6 +363,10 @@ __global__ void __launch_bounds__(kCombineThreads)
       for (int k = 0; k < R; ++k) total += sums[k * cols + cc];
       e[static_cast<int64_t>(b) * d + j * dh + col] = total / L;
     }
+  }
+  if (stage.staged != nullptr) {
+    StageToken(stage, q, q_ld, b, j, d, heads, M, L);
+    return;
   }
   if (stage.pending_attn == nullptr) {
     for (int n = tid; n < N; n += kCombineThreads) a[n] = expf(a[n] - M) / L;
@@ -513,6 +544,7 @@ Status LaunchRead(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B, i
   if (FastRead(d, heads)) {
     const int64_t chunks = Chunks(N);
     const auto threads = static_cast<unsigned int>((d / 8 + 31) / 32 * 32);  // a thread per 8 columns, whole warps
+    if (stage != nullptr && stage->staged != nullptr) attn = nullptr;  // no probabilities: the queries are staged
     bool streamed = false;
     if (B >= kStreamMinSessions) {
       LM2_RETURN_IF_ERROR(
@@ -528,7 +560,7 @@ Status LaunchRead(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B, i
     return CudaStatus(
         LaunchPdl(&MemoryReadCombineKernel, dim3(static_cast<unsigned int>(heads), static_cast<unsigned int>(B)),
                   kCombineThreads, 0, stream, static_cast<const float*>(scratch), static_cast<int>(chunks),
-                  static_cast<int>(N), static_cast<int>(d), static_cast<int>(heads), attn, e,
+                  static_cast<int>(N), static_cast<int>(d), static_cast<int>(heads), q, q_ld, attn, e,
                   stage != nullptr ? *stage : MemoryStage{}),
         "MemoryReadCombineKernel");
   }
@@ -554,6 +586,10 @@ LM2_CUDA_KERNEL_MODULE(MemoryReadCombineKernel);
 
 }  // namespace
 
+bool DecodeStagesTokens(int64_t d, int64_t heads) {
+  return heads > 0 && d % heads == 0 && FastRead(d, heads) && MemoryReadWriteSupported(d, heads);
+}
+
 int64_t MemoryReadDecodeScratch(int64_t B, int64_t N, int64_t d, int64_t heads) {
   if (FastRead(d, heads)) return B * Chunks(N) * (d + 2 * heads);
   return B * ((N + kValueSlots - 1) / kValueSlots) * d;
@@ -574,10 +610,21 @@ Status MemoryReadBatch(const float* q, int64_t q_ld, const __nv_bfloat16* const*
   LM2_RETURN_IF_ERROR(CheckDecode("MemoryReadBatch", B, N, d, heads, q_ld));
   if (stage != nullptr) LM2_RETURN_IF_ERROR(CheckDecode("MemoryReadBatch (staging)", B, N, d, heads, stage->offer_ld));
   if (B == 0) return Status::Ok();
-  LM2_RETURN_IF_ERROR(RequireNonNull("MemoryReadBatch", {q, mem_k, mem_v, attn, e, scratch}));
-  if (stage != nullptr) {
-    LM2_RETURN_IF_ERROR(RequireNonNull("MemoryReadBatch (staging)", {stage->offer, stage->slots, stage->pending_attn,
-                                                                      stage->pending_offer, stage->mass}));
+  LM2_RETURN_IF_ERROR(RequireNonNull("MemoryReadBatch", {q, mem_k, mem_v, e, scratch}));
+  if (stage != nullptr && stage->staged != nullptr) {  // (attn unused)
+    if (!DecodeStagesTokens(d, heads)) {
+      return Status::InvalidArgument("MemoryReadBatch: queries cannot be staged at head width " +
+                                     std::to_string(d / heads));
+    }
+    if (stage->capacity < 1) return Status::InvalidArgument("MemoryReadBatch: no staging slots");
+    LM2_RETURN_IF_ERROR(RequireNonNull("MemoryReadBatch (staging)", {stage->offer, stage->slots, stage->staged}));
+  } else {
+    LM2_RETURN_IF_ERROR(RequireNonNull("MemoryReadBatch", {attn}));
+    if (stage != nullptr) {
+      LM2_RETURN_IF_ERROR(RequireNonNull("MemoryReadBatch (staging)", {stage->offer, stage->slots,
+                                                                        stage->pending_attn, stage->pending_offer,
+                                                                        stage->mass}));
+    }
   }
   return LaunchRead(q, q_ld, PerSession<const bf16>{mem_k}, PerSession<const bf16>{mem_v}, B, N, d, heads, attn, e,
                     scratch, stage, stream);

@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadT
   bf16* vs = ks + kTileStages * L::kTileElems;  // kTileStages buffers
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = PaddedTokens(T);
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = scratch.tp;
   const bf16* k_head = mem_k + j * dh;
   const bf16* v_head = mem_v + j * dh;
   const int splits = static_cast<int>(gridDim.z);
@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryWrite
   auto* shifts = reinterpret_cast<float*>(cs + kTileStages * L::kTileElems);  // kTileStages buffers of 64
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int t = lane % 4;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = PaddedTokens(T);
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = scratch.tp;
   const bf16* q_head = scratch.q + j * Tp * DHP;
   const bf16* offer_head = scratch.offer + j * Tp * DHP;
   const float* shift_head = scratch.shift + j * Tp;
@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryWrite
 template <int DHP>
 Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, const bf16* mem_k,
                    const bf16* mem_v, int64_t T, int64_t N, int64_t d, int dh, float* e, bool accumulate,
-                   float* mass, float* acc, float* scratch, cudaStream_t stream, MemoryReadWriteParts parts) {
+                   float* mass, float* acc, const Scratch& carved, cudaStream_t stream, MemoryReadWriteParts parts) {
   using L = Layout<DHP>;
   const bool read = parts != MemoryReadWriteParts::kWrite, write = parts != MemoryReadWriteParts::kRead;
   constexpr int kReadBytes = (L::kRowsElems + 2 * kTileStages * L::kTileElems) * 2;
@@ -262,7 +262,6 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
   const bool vec = dh % 8 == 0 && d % 8 == 0;  // memory K/V rows and head offsets 16-byte aligned
   const bool rows_vec = tiled::StageRowsByPieces(q, q_ld, offer, offer_ld, dh);
   const auto heads = static_cast<unsigned int>(d / dh);
-  const Scratch carved = Carve(scratch, T, heads, DHP);
   // Hopper, head width 64: the same kernels on wgmma (memory_tiled_sm90.cu; they store whole
   // 16-byte pieces of e's and the sums' rows).
   if constexpr (DHP == 64) {
@@ -329,9 +328,52 @@ Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t
   LM2_RETURN_IF_ERROR(RequireNonNull("MemoryReadWrite", {q, offer, mem_k, mem_v, e, mass, acc, scratch}));
   const int dh = static_cast<int>(d / heads);
   return WithPaddedTileWidth(dh, [&](auto dhp) {
-    return LaunchTiled<decltype(dhp)::value>(q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, dh, e, accumulate,
-                                             mass, acc, scratch, stream, parts);
+    constexpr int DHP = decltype(dhp)::value;
+    return LaunchTiled<DHP>(q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, dh, e, accumulate, mass, acc,
+                            Carve(scratch, T, heads, DHP), stream, parts);
   });
+}
+
+int64_t StagedTokensFloats(int64_t capacity, int64_t d, int64_t heads) {
+  return MemoryReadWriteScratch(capacity, d, heads);
+}
+
+// A shift no score reaches: every byte 0x7F, 3.39e38 (a memset; +inf has no such pattern).
+// SoftmaxWeight(s, scale_log2, shift) = 2^(s scale_log2 - shift) is then 0 for any finite s.
+constexpr int kNoTokenShiftByte = 0x7F;
+
+Status ClearStagedTokens(float* staged, int64_t buffers, int64_t capacity, int64_t d, int64_t heads,
+                         cudaStream_t stream) {
+  if (buffers == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("ClearStagedTokens", {staged}));
+  const auto bytes = static_cast<std::size_t>(StagedTokensFloats(capacity, d, heads)) * sizeof(float);
+  const auto shift_bytes = static_cast<std::size_t>(heads * PaddedTokens(capacity)) * sizeof(float);
+  LM2_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(staged, 0, bytes * static_cast<std::size_t>(buffers), stream));
+  // Each buffer's shifts (its first shift_bytes), one buffer's bytes apart.
+  return CudaStatus(cudaMemset2DAsync(staged, bytes, kNoTokenShiftByte, shift_bytes,
+                                      static_cast<std::size_t>(buffers), stream),
+                    "ClearStagedTokens");
+}
+
+Status FlushStagedTokens(const bf16* mem_k, float* staged, int64_t tokens, int64_t capacity, int64_t N, int64_t d,
+                         int64_t heads, float* mass, float* acc, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckMemory("FlushStagedTokens", tokens, N, d, heads));
+  if (!MemoryReadWriteSupported(d, heads) || tokens > capacity) {
+    return Status::InvalidArgument("FlushStagedTokens: head width " + std::to_string(d / heads) + ", " +
+                                   std::to_string(tokens) + " tokens staged of " + std::to_string(capacity));
+  }
+  if (tokens == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("FlushStagedTokens", {mem_k, staged, mass, acc}));
+  const int dh = static_cast<int>(d / heads);
+  LM2_RETURN_IF_ERROR(WithPaddedTileWidth(dh, [&](auto dhp) {
+    constexpr int DHP = decltype(dhp)::value;
+    return LaunchTiled<DHP>(nullptr, d, nullptr, d, mem_k, nullptr, tokens, N, d, dh, nullptr, true, mass, acc,
+                            Carve(staged, capacity, heads, DHP), stream, MemoryReadWriteParts::kWrite);
+  }));
+  // The staged rows are free again: their shifts back to "no token" (the rows' q and offer
+  // stay: weight 0 times a finite value adds nothing).
+  const auto shift_bytes = static_cast<std::size_t>(heads * PaddedTokens(capacity)) * sizeof(float);
+  return CudaStatus(cudaMemsetAsync(staged, kNoTokenShiftByte, shift_bytes, stream), "FlushStagedTokens");
 }
 
 }  // namespace lm2::runtime::cuda

@@ -22,18 +22,22 @@ constexpr int kRows = kTileBlockRows;   // rows of a block: tokens (read), slots
 
 __host__ __device__ constexpr int64_t PaddedTokens(int64_t T) { return (T + kRows - 1) / kRows * kRows; }
 
-// The scratch: per head, each token's softmax shift m + log2 l (log2 units; +inf for
-// padding tokens: weight 0) [Tp], then q and the offer in bf16 [Tp, DHP] each (Tp = T
-// rounded up to kRows; padding rows and columns zero).
+// The scratch: per head, each token's softmax shift m + log2 l (log2 units; +inf, or any
+// value past every score, for padding tokens: weight 0) [tp], then q and the offer in bf16
+// [tp, DHP] each (tp = the tokens it was carved for rounded up to kRows; padding rows and
+// columns zero). A read carves it for its chunk; decode steps stage their tokens into one
+// carved for CudaOptions::write_flush_tokens (memory_decode.cu, FlushStagedTokens), which a
+// write then takes T <= tp of.
 struct Scratch {
   float* shift;
   __nv_bfloat16* q;
   __nv_bfloat16* offer;
+  int64_t tp;  // rows per head
 };
-inline Scratch Carve(float* base, int64_t T, int64_t heads, int64_t dhp) {
-  const int64_t Tp = PaddedTokens(T);
-  auto* q = reinterpret_cast<__nv_bfloat16*>(base + heads * Tp);  // 16-byte aligned: Tp is a multiple of 128
-  return {base, q, q + heads * Tp * dhp};
+__host__ __device__ inline Scratch Carve(float* base, int64_t T, int64_t heads, int64_t dhp) {
+  const int64_t tp = PaddedTokens(T);
+  auto* q = reinterpret_cast<__nv_bfloat16*>(base + heads * tp);  // 16-byte aligned: tp is a multiple of 128
+  return {base, q, q + heads * tp * dhp, tp};
 }
 
 // A token's shift for the write kernel: its weights 2^(s' - m) / l = 2^(s' - (m + log2 l)).

@@ -259,7 +259,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   char* qs = vs + kTileStages * kTileBytes;                              // a tile per warpgroup
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = PaddedTokens(T);
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = scratch.tp;
   const bf16* k_head = mem_k + j * kDh;
   const bf16* v_head = mem_v + j * kDh;
   const int splits = static_cast<int>(gridDim.z);
@@ -363,7 +363,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   auto* shifts = reinterpret_cast<float*>(ks + kOwnBytes);                   // kTileStages x 64
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int t = lane % 4;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = PaddedTokens(T);
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = scratch.tp;
   const bf16* q_head = scratch.q + j * Tp * kDh;
   const bf16* offer_head = scratch.offer + j * Tp * kDh;
   const float* shift_head = scratch.shift + j * Tp;

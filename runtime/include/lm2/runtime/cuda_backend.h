@@ -48,12 +48,18 @@ struct CudaOptions {
   // instead of ~250. Results are bit-identical either way (tested).
   bool cuda_graphs = true;
   // Decode steps stage each token's memory-write terms and add this many at a time to the
-  // write sums with one GEMM (instead of a read-modify-write of the N x d sums per token);
-  // the rest at the end of the segment. Each flush reads and writes every memory layer's
-  // N x d fp32 sums (32 MiB a layer at the paper's shape), so fewer flushes pay: on an H200
-  // at the paper's shape 64 against 16 made batch-1 decode 1.8% faster and 64 sessions 7%
-  // (docs/benchmarks.md). Costs this many x memory_heads x memory_slots floats per memory
-  // layer and state (at 64 and the paper's shape 16 MiB a layer, 256 MiB a state). Default: 64
+  // write sums (instead of a read-modify-write of the N x d sums per token); the rest at the
+  // end of the segment. Each flush reads and writes every memory layer's N x d fp32 sums (32
+  // MiB a layer at the paper's shape), so fewer flushes pay: on an H200 at the paper's shape
+  // 64 against 16 made batch-1 decode 1.8% faster and 64 sessions 7%, 128 against 64 0.2%
+  // and 0.6% (docs/benchmarks.md). Where the tiled memory kernels run (tiled_memory, head
+  // width <= 128 and the one-pass decode read's shapes), a token is staged as its bf16
+  // memory query and write offer and its softmax shift, and a flush recomputes its
+  // probabilities with the tiled write kernel: 2 x memory_heads x (this, rounded up to 128) x
+  // (head width rounded up to 16) bytes plus 4 per head and token, per memory layer and state
+  // (1 MiB a layer up to 128 tokens at the paper's shape). Elsewhere its probabilities are
+  // staged and added by a TF32 GEMM: this many x memory_heads x memory_slots floats per
+  // layer (16 MiB at 64). Default: 64
   int64_t write_flush_tokens = 64;
   // Chunks of at most this many rows (decode steps of up to this many states, short
   // prompts) run their linear layers as fused GEMV kernels: one pass over the weights with
