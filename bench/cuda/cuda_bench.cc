@@ -356,9 +356,15 @@ double PrintOpTimes(const std::vector<OpTime>& ops) {
   return total;
 }
 
+// Whether the model's decode steps stage their tokens' memory queries (MemoryStage::staged)
+// rather than their probabilities: the breakdowns below run the read and flush that way.
+bool StagesTokens(const lm2::runtime::ModelConfig& c, const lm2::runtime::CudaOptions& options) {
+  return options.tiled_memory && cuda::DecodeStagesTokens(c.hidden_size, c.memory_heads);
+}
+
 // Each op of one decode step at the model's shapes (one token, context S), back to back on
 // one stream: where a decode step's time goes, and the sum over a step's op counts.
-void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
+void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, const lm2::runtime::CudaOptions& options, int64_t S) {
   const int64_t d = c.hidden_size, F = c.intermediate_size, N = c.memory_slots, Hm = c.memory_heads;
   const int64_t H = c.num_heads, Hkv = c.num_kv_heads, Dh = c.head_dim, qdim = H * Dh, kvdim = Hkv * Dh;
   const int64_t big = std::max({N * d, 2 * F * d, c.vocab_size * d, 8 * d * d});
@@ -407,9 +413,20 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
   Check(last_pos.CopyFromHost(&last, 1, nullptr), "copy");
   auto rope = Take(cuda::DeviceBuffer<float2>::Allocate(static_cast<std::size_t>(Dh / 2)), "alloc");
   Check(cuda::RopeFactorsBatch(last_pos.data(), 1, Dh, c.rope_theta, rope.data(), nullptr), "rope factors");
-  const cuda::MemoryStage stage{.offer = f3.data(), .offer_ld = d, .slots = slot.data(),
-                                .pending_attn = stage_attn.data(), .pending_offer = stage_offer.data(),
-                                .mass = stage_mass.data()};
+  // Or its staged tokens, when the model stages those (its flush interval's slots).
+  const bool tokens = StagesTokens(c, options);
+  const int64_t flush = options.write_flush_tokens;
+  auto staged = Take(cuda::DeviceBuffer<float>::Allocate(
+                         static_cast<std::size_t>(tokens ? cuda::StagedTokensFloats(flush, d, Hm) : 1)),
+                     "alloc");
+  if (tokens) Check(cuda::ClearStagedTokens(staged.data(), 1, flush, d, Hm, nullptr), "clear");
+  auto stage_tokens = pointer_to(staged.data());
+  const cuda::MemoryStage stage =
+      tokens ? cuda::MemoryStage{.offer = f3.data(), .offer_ld = d, .slots = slot.data(),
+                                 .staged = stage_tokens.data(), .capacity = flush}
+             : cuda::MemoryStage{.offer = f3.data(), .offer_ld = d, .slots = slot.data(),
+                                 .pending_attn = stage_attn.data(), .pending_offer = stage_offer.data(),
+                                 .mass = stage_mass.data()};
   auto stream = Take(cuda::CudaStream::Create(), "stream");
   auto blas = Take(cuda::CublasHandle::Create(), "cublas");
   const cudaStream_t st = stream.get();
@@ -472,10 +489,15 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
        4.0 * static_cast<double>(N * d)},
       {"Gemv fp32 -> out_gate, gated residual", M, gemv(GemvInput::kF32, d, d, GemvOutput::kGatedResidual),
        wbytes(d, d)},
-      {"FlushStagedWrites (16 tokens), per token", M / 16.0,
-       TimeOp(st, [&] {
-         return cuda::FlushStagedWrites(h, f2.data(), f3.data(), 16, N, d, Hm, f1.data(), st);
-       })},
+      tokens ? OpTime{"FlushStagedTokens (write_flush_tokens), per token", M / static_cast<double>(flush),
+                      TimeOp(st, [&] {
+                        return cuda::FlushStagedTokens(w.data(), staged.data(), flush, flush, N, d, Hm, f2.data(),
+                                                       f1.data(), st);
+                      })}
+             : OpTime{"FlushStagedWrites (16 tokens), per token", M / 16.0,
+                      TimeOp(st, [&] {
+                        return cuda::FlushStagedWrites(h, f2.data(), f3.data(), 16, N, d, Hm, f1.data(), st);
+                      })},
       {"Gemv RMSNorm -> gate|up (stacked) -> SwiGLU", L, gemv(GemvInput::kRmsNorm, d, 2 * F, GemvOutput::kSwiGluBf16),
        wbytes(d, 2 * F)},
       {"Gemv bf16 -> down, accumulate", L, gemv(GemvInput::kBf16, F, d, GemvOutput::kAccumulate), wbytes(F, d)},
@@ -541,7 +563,8 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, int64_t S) {
 // back on one stream: where a many-session step's time goes. Each session has its own
 // memory K/V (bf16) and KV cache; the linear layers run cuBLAS at B rows (past the GEMV
 // limit). Printed after the batch-1 breakdown.
-void BatchedStepParts(const lm2::runtime::ModelConfig& c, int64_t S, int64_t B) {
+void BatchedStepParts(const lm2::runtime::ModelConfig& c, const lm2::runtime::CudaOptions& options, int64_t S,
+                      int64_t B) {
   const int64_t d = c.hidden_size, F = c.intermediate_size, N = c.memory_slots, Hm = c.memory_heads;
   const int64_t H = c.num_heads, Hkv = c.num_kv_heads, Dh = c.head_dim, qdim = H * Dh, kvdim = Hkv * Dh;
   const int64_t P = qdim + 2 * kvdim + (c.has_memory() ? 2 * d : 0);
@@ -580,6 +603,20 @@ void BatchedStepParts(const lm2::runtime::ModelConfig& c, int64_t S, int64_t B) 
   };
   auto dkp = upload(kp), dvp = upload(vp);
   auto dkc = upload(kc), dvc = upload(vc);
+  // The read stages each session's token as the model's steps do (slot 0 of a flush
+  // interval's), or, where the model stages probabilities, leaves them in attn (the same
+  // bytes written).
+  const bool tokens = StagesTokens(c, options);
+  const int64_t flush = options.write_flush_tokens, per_session = cuda::StagedTokensFloats(flush, d, Hm);
+  auto staged = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(tokens ? B * per_session : 1)),
+                     "alloc");
+  std::vector<float*> sp;
+  for (int64_t b = 0; b < B && tokens; ++b) sp.push_back(staged.data() + b * per_session);
+  if (tokens) Check(cuda::ClearStagedTokens(staged.data(), B, flush, d, Hm, nullptr), "clear");
+  auto dsp = upload(sp.empty() ? std::vector<float*>{nullptr} : sp);
+  auto slots = upload(std::vector<int64_t>(static_cast<std::size_t>(B), 0));
+  const cuda::MemoryStage stage{.offer = q.data(), .offer_ld = P, .slots = slots.data(), .staged = dsp.data(),
+                                .capacity = flush};
   auto rope = Take(cuda::DeviceBuffer<float2>::Allocate(static_cast<std::size_t>(B * Dh / 2)), "alloc");
   Check(cuda::RopeFactorsBatch(pos.data(), B, Dh, c.rope_theta, rope.data(), nullptr), "rope factors");
   auto stream = Take(cuda::CudaStream::Create(), "stream");
@@ -604,7 +641,7 @@ void BatchedStepParts(const lm2::runtime::ModelConfig& c, int64_t S, int64_t B) 
       {"MemoryReadBatch (B sessions' K/V)", 1,
        TimeOp(st, [&] {
          return cuda::MemoryReadBatch(q.data(), P, dkp.data(), dvp.data(), B, N, d, Hm, attn.data(), e.data(),
-                                      scratch.data(), nullptr, st);
+                                      scratch.data(), tokens ? &stage : nullptr, st);
        }, 20), wb * static_cast<double>(B * 2 * N * d)},
       {"cuBLAS B x d -> 2F (gate|up)", 1, linear(d, 2 * F), wb * static_cast<double>(d * 2 * F)},
       {"cuBLAS B x F -> d (down)", 1, linear(F, d), wb * static_cast<double>(F * d)},
@@ -999,8 +1036,8 @@ int main(int argc, char** argv) {
     }
   }
   if (decode_tokens > 0) {
-    DecodeOpBreakdown(cfg, prompt_tokens + decode_tokens / 2);
-    if (!sessions.empty()) BatchedStepParts(cfg, prompt_tokens + decode_tokens / 2, sessions.back());
+    DecodeOpBreakdown(cfg, options, prompt_tokens + decode_tokens / 2);
+    if (!sessions.empty()) BatchedStepParts(cfg, options, prompt_tokens + decode_tokens / 2, sessions.back());
     SamplingOps(cfg.vocab_size, sessions.empty() ? 64 : sessions.back());
   }
   std::ostringstream json;
