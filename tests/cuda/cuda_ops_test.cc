@@ -1502,11 +1502,14 @@ TEST_CASE("Batched memory decode ops equal the one-session ops per session", "[c
   // N = 2000 (a ragged last chunk) for 8 sessions, whose streamed read takes runs of several
   // chunks a block (about one wave of blocks: 2 or more chunks each on any GPU of fewer than
   // 333 multiprocessors, three 64 KiB blocks an SM) and must give the one-pass read's bits,
-  // which the one-session calls below use.
+  // which the one-session calls below use; and for 12 sessions, whose streamed blocks merge
+  // their runs' chunks (kMergeRunMinSessions: another summation order, fp32 rounding apart).
   const auto [N, d, Hm, B] =
       GENERATE(std::make_tuple(int64_t{300}, int64_t{128}, int64_t{4}, int64_t{3}),
                std::make_tuple(int64_t{37}, int64_t{96}, int64_t{4}, int64_t{3}),
-               std::make_tuple(int64_t{2000}, int64_t{2048}, int64_t{32}, int64_t{8}));
+               std::make_tuple(int64_t{2000}, int64_t{2048}, int64_t{32}, int64_t{8}),
+               std::make_tuple(int64_t{2000}, int64_t{2048}, int64_t{32}, int64_t{12}));
+  const bool same_bits = B <= kGemvMaxRows;
   const int64_t ld = d + 40;  // q and offer rows ld apart
   INFO("N=" << N << " d=" << d << " heads=" << Hm << " B=" << B);
   std::vector<DeviceBuffer<__nv_bfloat16>> mk, mv;
@@ -1593,11 +1596,23 @@ TEST_CASE("Batched memory decode ops equal the one-session ops per session", "[c
     RequireOk(MemoryReadOneToken(drows.data() + b * ld, ld, kp[ub], vp[ub], N, d, Hm, a1.data(), e1.data(),
                                  scratch.data(), Stream()));
     const auto want_attn = Download(a1), want_e = Download(e1);
-    CHECK(std::equal(want_attn.begin(), want_attn.end(), got_attn.begin() + b * Hm * N));
-    CHECK(std::equal(want_e.begin(), want_e.end(), got_e.begin() + b * d));
+    if (same_bits) {
+      CHECK(std::equal(want_attn.begin(), want_attn.end(), got_attn.begin() + b * Hm * N));
+      CHECK(std::equal(want_e.begin(), want_e.end(), got_e.begin() + b * d));
+    } else {
+      const std::vector<float> attn_b(got_attn.begin() + b * Hm * N, got_attn.begin() + (b + 1) * Hm * N);
+      const std::vector<float> e_b(got_e.begin() + b * d, got_e.begin() + (b + 1) * d);
+      CHECK(RelErr(attn_b, std::vector<double>(want_attn.begin(), want_attn.end())) < kTolReduce);
+      CHECK(RelErr(e_b, std::vector<double>(want_e.begin(), want_e.end())) < kTolReduce);
+    }
     auto m1 = Upload(mass0[ub]), c1 = Upload(acc0[ub]);
     RequireOk(AccumulateWriteOneToken(a1.data(), drows.data() + b * ld, N, d, Hm, m1.data(), c1.data(), Stream()));
-    CHECK(Download(m1) == Download(mass[ub]));
+    if (same_bits) {
+      CHECK(Download(m1) == Download(mass[ub]));
+    } else {
+      const auto one = Download(m1);
+      CHECK(RelErr(Download(mass[ub]), std::vector<double>(one.begin(), one.end())) < kTolReduce);
+    }
     std::vector<double> want_acc;
     for (float v : Download(c1)) want_acc.push_back(v);
     CHECK(RelErr(Download(acc[ub]), want_acc) < kTolTf32);
@@ -1608,14 +1623,16 @@ TEST_CASE("Decode steps staging their queries: the flushed write sums are the re
           "[cuda][ops]") {
   // MemoryStage::staged: each step's read leaves its tokens' bf16 q, offer and softmax shift in
   // a staging slot; FlushStagedTokens adds their write terms with the tiled write kernel. Head
-  // widths 32 and 16 (mma.sync write kernel) and the paper's 64 at N = 2000, 8 sessions
-  // (streamed read; the wgmma write kernel on compute capability 9.0). Seven steps into 5
+  // widths 32 and 16 (mma.sync write kernel) and the paper's 64 at N = 2000, 8 and 12
+  // sessions (streamed read, merging its runs at 12; the wgmma write kernel on compute
+  // capability 9.0). Seven steps into 5
   // slots: 5 flushed, then 2, so a slot left over from the first flush would add its token
   // twice. The reference: the read's probabilities from the fp32 query (the contract's A)
   // and the bf16 memory K, the unrounded offers.
   const auto [N, d, Hm, B] = GENERATE(std::make_tuple(int64_t{300}, int64_t{128}, int64_t{4}, int64_t{3}),
                                       std::make_tuple(int64_t{100}, int64_t{64}, int64_t{4}, int64_t{2}),
-                                      std::make_tuple(int64_t{2000}, int64_t{2048}, int64_t{32}, int64_t{8}));
+                                      std::make_tuple(int64_t{2000}, int64_t{2048}, int64_t{32}, int64_t{8}),
+                                      std::make_tuple(int64_t{2000}, int64_t{2048}, int64_t{32}, int64_t{12}));
   INFO("N=" << N << " d=" << d << " heads=" << Hm << " B=" << B);
   REQUIRE(DecodeStagesTokens(d, Hm));
   const int64_t dh = d / Hm, ld = d + 40, kCapacity = 5, kSteps = 7;

@@ -69,9 +69,8 @@ __device__ __forceinline__ float HeadDot(const float (&qv)[8], const uint4& k, i
 // scores into attn (by a head's first thread; not where attn is null: a step that stages
 // its tokens' queries needs no probabilities), then into part this thread's 8 columns of
 // Σ p v and (by a head's first thread) the head's (m, l): the combine kernel's input.
-__device__ __forceinline__ void StoreChunk(const float (&sc)[kChunkSlots], const float (&acc)[8], float m, float l,
-                                           int b, int chunk, int chunks, int N, int d, int heads, int g, int t,
-                                           float* __restrict__ attn, float* __restrict__ part) {
+__device__ __forceinline__ void StoreScores(const float (&sc)[kChunkSlots], int b, int chunk, int N, int heads, int g,
+                                            int t, float* __restrict__ attn) {
   const int n0 = chunk * kChunkSlots, j = t / g;
   if (attn != nullptr && t % g == 0) {
     float* a = attn + (static_cast<int64_t>(b) * heads + j) * N;
@@ -80,13 +79,24 @@ __device__ __forceinline__ void StoreChunk(const float (&sc)[kChunkSlots], const
       if (n0 + s < N) a[n0 + s] = sc[s];
     }
   }
-  float* out = part + (static_cast<int64_t>(b) * chunks + chunk) * (d + 2 * heads);
+}
+// Partial `entry` of session b's `entries` (a chunk's, or a merged run's).
+__device__ __forceinline__ void StorePartial(const float (&acc)[8], float m, float l, int b, int entry, int entries,
+                                             int d, int heads, int g, int t, float* __restrict__ part) {
+  const int j = t / g;
+  float* out = part + (static_cast<int64_t>(b) * entries + entry) * (d + 2 * heads);
 #pragma unroll
   for (int i = 0; i < 8; ++i) out[t * 8 + i] = acc[i];
   if (t % g == 0) {
     out[d + 2 * j] = m;
     out[d + 2 * j + 1] = l;
   }
+}
+__device__ __forceinline__ void StoreChunk(const float (&sc)[kChunkSlots], const float (&acc)[8], float m, float l,
+                                           int b, int chunk, int chunks, int N, int d, int heads, int g, int t,
+                                           float* __restrict__ attn, float* __restrict__ part) {
+  StoreScores(sc, b, chunk, N, heads, g, t, attn);
+  StorePartial(acc, m, l, b, chunk, chunks, d, heads, g, t, part);
 }
 
 // part[(b * chunks + chunk) * (d + 2 * heads) + ...]: [0, d) the chunk's Σ_n p_n V[n, :] with
@@ -160,10 +170,18 @@ constexpr int kStagesPerChunk = 2 * kChunkSlots / kStageSlots;  // a chunk's K r
 static_assert(kStagesPerChunk % kStreamStages == 0, "a stage's buffer follows from its place in the chunk");
 // Sessions from which a batched step reads through the streamed kernel.
 constexpr int64_t kStreamMinSessions = 2;
+// Sessions from which a streamed block merges its run's chunks into one partial (online
+// softmax across the run) instead of leaving one per chunk: 1 MiB of partials a session and
+// layer at the paper's shape written and read back otherwise, ~12% of the K/V bytes. The
+// merge sums in another order than the one-pass read, so it starts past the GEMV kernels'
+// rows (CudaOptions::gemv_max_rows, at most 8), where a session's results already differ
+// from its own alone by fp32 rounding (cuBLAS's order); up to 8 sessions keep the one-pass
+// read's bits.
+constexpr int64_t kMergeRunMinSessions = kGemvMaxRows + 1;
 
 constexpr int64_t StreamSharedBytes(int64_t d) { return int64_t{kStreamStages} * kStageSlots * (d / 8) * 16; }
 
-template <typename KV>
+template <typename KV, bool kMergeRun>
 __global__ void __launch_bounds__(kThreads)
     MemoryReadStreamKernel(const float* __restrict__ q, int64_t q_ld, KV mem_k, KV mem_v, int N, int run, int d,
                            int heads, int g, float scale, float* __restrict__ attn, float* __restrict__ part) {
@@ -199,6 +217,9 @@ __global__ void __launch_bounds__(kThreads)
   float qv[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) qv[i] = active ? q[b * q_ld + t * 8 + i] : 0.0f;
+  float run_m = -INFINITY, run_l = 0.0f, run_acc[8];  // (kMergeRun) the run's chunks so far
+#pragma unroll
+  for (int i = 0; i < 8; ++i) run_acc[i] = 0.0f;
   for (int c = c0; c < c1; ++c) {
     const int n0 = c * kChunkSlots;
     float sc[kChunkSlots], m = -INFINITY, l = 0.0f, acc[8];
@@ -226,7 +247,21 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-    if (active) StoreChunk(sc, acc, m, l, b, c, chunks, N, d, heads, g, t, attn, part);
+    if constexpr (kMergeRun) {
+      if (active) StoreScores(sc, b, c, N, heads, g, t, attn);
+      const float merged = fmaxf(run_m, m);  // finite: the chunk has a slot
+      const float old_w = expf(run_m - merged), new_w = expf(m - merged);
+      run_l = run_l * old_w + l * new_w;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) run_acc[i] = run_acc[i] * old_w + acc[i] * new_w;
+      run_m = merged;
+    } else if (active) {
+      StoreChunk(sc, acc, m, l, b, c, chunks, N, d, heads, g, t, attn, part);
+    }
+  }
+  if constexpr (kMergeRun) {
+    if (active) StorePartial(run_acc, run_m, run_l, b, static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x), d,
+                             heads, g, t, part);
   }
   CopyAsyncWait<0>();  // (only empty groups are left)
 }
@@ -250,8 +285,9 @@ __device__ __forceinline__ void StageToken(const MemoryStage& stage, const float
   }
 }
 
-// A block per (head j, session b): the global max M and sum L over the chunks, e = Σ_c
-// exp(m_c - M) acc_c / L (chunks added in a fixed order: the same result every run), and
+// A block per (head j, session b): the global max M and sum L over the partials (`chunks`:
+// the chunks', or a streamed read's merged runs'), e = Σ_c exp(m_c - M) acc_c / L (added in
+// a fixed order: the same result every run), and
 // the raw scores in attn turned into probabilities exp(s - M) / L, or the token staged
 // (MemoryStage: its probabilities and masses, or, with `staged`, its q, offer and shift).
 __global__ void __launch_bounds__(kCombineThreads)
@@ -507,13 +543,15 @@ Status CheckDecode(const char* op, int64_t B, int64_t N, int64_t d, int64_t head
 
 // The streamed read for B sessions, blocks of `threads` (the fast read's), where the device
 // gives its blocks the shared memory: runs of chunks such that the B sessions' blocks make
-// about one wave. *launched false: not launched (the caller runs the fast read).
+// about one wave. *partials: the partials it left per session (its chunks, or from
+// kMergeRunMinSessions its runs); 0: not launched (the caller runs the fast read).
 template <typename KV>
 Status LaunchStream(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B, int64_t N, int64_t d, int64_t heads,
                     float scale, float* attn, float* scratch, unsigned int threads, cudaStream_t stream,
-                    bool* launched) {
-  *launched = false;
-  const auto kernel = &MemoryReadStreamKernel<KV>;
+                    int64_t* partials) {
+  *partials = 0;
+  const bool merge = B >= kMergeRunMinSessions;
+  const auto kernel = merge ? &MemoryReadStreamKernel<KV, true> : &MemoryReadStreamKernel<KV, false>;
   const int64_t bytes = StreamSharedBytes(d);
   LM2_ASSIGN_OR_RETURN(const int optin, CurrentDeviceAttribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
   if (bytes > optin) return Status::Ok();
@@ -532,7 +570,7 @@ Status LaunchStream(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B,
                 static_cast<int>(N), static_cast<int>(run), static_cast<int>(d), static_cast<int>(heads),
                 static_cast<int>(d / heads / 8), scale, attn, scratch),
       "MemoryReadStreamKernel"));
-  *launched = true;
+  *partials = merge ? runs : chunks;
   return Status::Ok();
 }
 
@@ -545,12 +583,13 @@ Status LaunchRead(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B, i
     const int64_t chunks = Chunks(N);
     const auto threads = static_cast<unsigned int>((d / 8 + 31) / 32 * 32);  // a thread per 8 columns, whole warps
     if (stage != nullptr && stage->staged != nullptr) attn = nullptr;  // no probabilities: the queries are staged
-    bool streamed = false;
+    int64_t partials = 0;  // per session, for the combine
     if (B >= kStreamMinSessions) {
       LM2_RETURN_IF_ERROR(
-          LaunchStream(q, q_ld, mem_k, mem_v, B, N, d, heads, scale, attn, scratch, threads, stream, &streamed));
+          LaunchStream(q, q_ld, mem_k, mem_v, B, N, d, heads, scale, attn, scratch, threads, stream, &partials));
     }
-    if (!streamed) {
+    if (partials == 0) {
+      partials = chunks;
       LM2_RETURN_IF_ERROR(CudaStatus(
           LaunchPdl(&MemoryReadPartialKernel<KV>, dim3(static_cast<unsigned int>(chunks), static_cast<unsigned int>(B)),
                     threads, 0, stream, q, q_ld, mem_k, mem_v, static_cast<int>(N), static_cast<int>(d),
@@ -559,7 +598,7 @@ Status LaunchRead(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B, i
     }
     return CudaStatus(
         LaunchPdl(&MemoryReadCombineKernel, dim3(static_cast<unsigned int>(heads), static_cast<unsigned int>(B)),
-                  kCombineThreads, 0, stream, static_cast<const float*>(scratch), static_cast<int>(chunks),
+                  kCombineThreads, 0, stream, static_cast<const float*>(scratch), static_cast<int>(partials),
                   static_cast<int>(N), static_cast<int>(d), static_cast<int>(heads), q, q_ld, attn, e,
                   stage != nullptr ? *stage : MemoryStage{}),
         "MemoryReadCombineKernel");

@@ -67,7 +67,8 @@ struct CudaOptions {
   // 0 turns the kernels off; the model lowers it where its widest layer input would not fit
   // on chip (rows x width <= 16384: 2 rows at FFN 8192). A state's results are bit-identical
   // whether it decodes alone or in a ForwardBatch within that limit; beyond it they agree to
-  // fp32 rounding (cuBLAS sums in another order).
+  // fp32 rounding (cuBLAS sums in another order, and the memory read merges each block's
+  // chunks before the combine).
   int64_t gemv_max_rows = 8;
   // Each memory layer's read runs on a second stream of the state, beside the layer's
   // self-attention and output projection (they are independent), where the read uses no
