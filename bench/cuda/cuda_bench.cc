@@ -71,6 +71,8 @@
 //                     first touch included), import from host memory already touched
 //   setup costs       what a new state's resources cost each: streams, events, cuBLAS
 //                     handles, device buffers from the pool, pinned host buffers
+//   state memory      a state's device buffers (from the pool's use): new, after a prompt
+//                     and decode steps, after its segment end
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
@@ -679,6 +681,32 @@ void SetupCosts(int n) {
               n, stream, event, blas, dev_1m, dev_16m, pin_4k, pin_1m);
 }
 
+// A state's device memory at the model's shape, from lm2's device pool (its buffers; what
+// the CUDA streams, events, graphs and cuBLAS handles keep for themselves is not counted):
+// new; after a 512-token prompt (or the longest the model takes) and 32 greedy decode steps
+// (KV cache and scratch grown; a decode step's buffers are the lead state's); after its
+// segment end (the write's buffers and the next segment's own memory K/V).
+void StateMemory(const Model& model, int device) {
+  const auto& cfg = model.config();
+  const auto used = [device] { return static_cast<double>(cuda::DevicePoolUsedBytes(device)); };
+  const double base = used();
+  auto s = Take(model.NewState(), "state");
+  const double fresh = used() - base;
+  const int64_t prompt = std::min<int64_t>(512, cfg.max_position_embeddings - 33);
+  std::vector<float> logits;
+  Check(model.Forward(*s, Tokens(prompt, cfg.vocab_size, 11), LogitsMode::kLast, &logits), "prompt");
+  lm2::runtime::SequenceState* const one[] = {s.get()};
+  std::vector<int32_t> next = {Argmax(logits)};
+  for (int i = 0; i < 32; ++i) Check(model.ForwardBatchGreedy(one, std::vector<int32_t>(next), &next), "step");
+  const double prompted = used() - base;
+  Check(model.EndSegment(*s), "end");
+  const double ended = used() - base;
+  constexpr double kMiB = 1 << 20;
+  std::printf("a state's device memory (lm2's pool): new %.1f MiB; after a %lld-token prompt and 32 steps %.1f MiB; "
+              "after its segment end %.1f MiB\n",
+              fresh / kMiB, static_cast<long long>(prompt), prompted / kMiB, ended / kMiB);
+}
+
 // The best time of a `tokens`-token prompt after `context` tokens in the same segment (each
 // repeat on a state reset to an empty context first; the first run warms up).
 double LatePrompt(const Model& model, int64_t context, int64_t tokens, int64_t repeats) {
@@ -986,6 +1014,7 @@ int main(int argc, char** argv) {
                 second_turn * 1e3, next_turn * 1e3);
   }
   SetupCosts(32);
+  StateMemory(*model, options.device);
   const Shape shape{static_cast<double>(cfg.hidden_size),
                     static_cast<double>(cfg.num_heads * cfg.head_dim),
                     static_cast<double>(cfg.num_kv_heads * cfg.head_dim),

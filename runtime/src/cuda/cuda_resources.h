@@ -47,6 +47,9 @@ using CaptureScope = std::unique_lock<std::shared_mutex>;
 cudaError_t DeviceAlloc(void** p, std::size_t bytes);
 void DeviceFree(void* p);
 void TrimDevicePool(int device);
+// Bytes of `device`'s pool that allocations hold now (cudaMemPoolAttrUsedMemCurrent, after
+// the frees queued on the pool's stream; 0 without a pool).
+std::size_t DevicePoolUsedBytes(int device);
 
 // Page-locked host memory (device_pool.cc), cached process-wide the same way: freed blocks
 // are kept (up to 256 MiB in all) for the next request of at least half their size

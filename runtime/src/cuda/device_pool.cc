@@ -202,6 +202,21 @@ void TrimDevicePool(int device) {
   for (void* block : kept) (void)cudaFreeHost(block);
 }
 
+std::size_t DevicePoolUsedBytes(int device) {
+  std::uint64_t used = 0;
+  OnDevice(device, [&] {
+    const DevicePool dp = PoolOf(device);
+    if (dp.pool == nullptr) return;
+    DeviceCallScope scope(CaptureExclusion());
+    (void)cudaStreamSynchronize(dp.stream);
+    if (cudaMemPoolGetAttribute(dp.pool, cudaMemPoolAttrUsedMemCurrent, &used) != cudaSuccess) {
+      (void)cudaGetLastError();
+      used = 0;
+    }
+  });
+  return static_cast<std::size_t>(used);
+}
+
 std::size_t KeptPinnedBytes() {
   PinnedCache& c = Pinned();
   std::lock_guard<std::mutex> lock(c.mu);
