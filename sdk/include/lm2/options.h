@@ -71,7 +71,7 @@ struct EngineOptions {
   int32_t max_reply_tokens = 1024;            // cap on ChatOptions::max_tokens. Default: 1024
 
   // Most sessions holding a backend state at once: KV cache, memory bank, memory K/V and
-  // scratch, ~0.55-0.8 GB each on the GPU for the paper's model. A session builds its state when
+  // scratch, 0.5-1 GB each on the GPU for the paper's model (docs/cuda.md). A session builds its state when
   // a call first needs one (Chat; NextTokenLogits and ForgetTurn build a temporary one), not
   // at open. When that many other sessions hold one, the least recently used session not
   // inside a call gives its state up (it is destroyed; the session keeps its committed bank
