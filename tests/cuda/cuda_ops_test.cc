@@ -98,6 +98,19 @@ std::vector<T> Download(const DeviceBuffer<T>& b) {
 using lm2::testing::Sig;
 using lm2::testing::SoftmaxRows;
 
+// The relative error of what sums gained from `start` (got - start against want - start): a
+// gain far smaller than the sums would hide in their own error. fp32 differences of the sums
+// are exact enough against the 1e-2 / 1e-4 bounds the tests set.
+double GainError(const std::vector<float>& got, const std::vector<float>& start, const std::vector<double>& want) {
+  std::vector<float> got_gain(got.size());
+  std::vector<double> want_gain(got.size());
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    got_gain[i] = got[i] - start[i];
+    want_gain[i] = want[i] - start[i];
+  }
+  return RelErr(got_gain, want_gain);
+}
+
 // bf16 by round-to-nearest-even on the bit pattern (finite inputs), as the upload kernel.
 uint16_t Bf16Bits(float x) {
   uint32_t u = 0;
@@ -1190,18 +1203,8 @@ TEST_CASE("MemoryReadWrite: the read and the write sums in tiles, without the pr
   CHECK(RelErr(Download(dmass), want_mass) < kTolReduce);
   CHECK(RelErr(Download(dacc), want_acc) < kTolBf16Operands);
   // What the sums gained, alone (the starting values would hide a small error in them).
-  // fp32 differences of the sums: exact enough against the gains' 1e-2 / 1e-4 bounds.
-  const auto gain = [](const std::vector<float>& got, const std::vector<float>& start, const std::vector<double>& want) {
-    std::vector<float> got_gain(got.size());
-    std::vector<double> want_gain(got.size());
-    for (std::size_t i = 0; i < got.size(); ++i) {
-      got_gain[i] = got[i] - start[i];
-      want_gain[i] = want[i] - start[i];
-    }
-    return RelErr(got_gain, want_gain);
-  };
-  CHECK(gain(Download(dacc), acc0, want_acc) < kTolBf16Operands);
-  CHECK(gain(Download(dmass), mass0, want_mass) < 1e-4);
+  CHECK(GainError(Download(dacc), acc0, want_acc) < kTolBf16Operands);
+  CHECK(GainError(Download(dmass), mass0, want_mass) < 1e-4);
 
   // accumulate = false into poisoned sums: the bits of adding to zeroed ones.
   const auto e = Download(de);
@@ -1733,18 +1736,8 @@ TEST_CASE("Decode steps staging their queries: the flushed write sums are the re
   for (int64_t b = 0; b < B; ++b) {
     INFO("session " << b);
     const auto ub = static_cast<std::size_t>(b);
-    const auto gain = [](const std::vector<float>& got, const std::vector<float>& start,
-                         const std::vector<double>& want) {
-      std::vector<float> got_gain(got.size());
-      std::vector<double> want_gain(got.size());
-      for (std::size_t i = 0; i < got.size(); ++i) {
-        got_gain[i] = got[i] - start[i];
-        want_gain[i] = want[i] - start[i];
-      }
-      return RelErr(got_gain, want_gain);
-    };
-    CHECK(gain(Download(mass[ub]), mass0[ub], want_mass[ub]) < kTolBf16Operands);
-    CHECK(gain(Download(acc[ub]), acc0[ub], want_acc[ub]) < kTolBf16Operands);
+    CHECK(GainError(Download(mass[ub]), mass0[ub], want_mass[ub]) < kTolBf16Operands);
+    CHECK(GainError(Download(acc[ub]), acc0[ub], want_acc[ub]) < kTolBf16Operands);
   }
   // Refusals: more tokens than slots, a head width the write kernels do not take, staging
   // where the one-pass read does not run (width 24), no staging buffers.
