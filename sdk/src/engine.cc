@@ -9,6 +9,17 @@
 #include "lm2/runtime/model_files.h"
 
 namespace lm2 {
+
+namespace internal {
+namespace {
+ModelWrapper& Wrapper() {
+  static ModelWrapper wrap;
+  return wrap;
+}
+}  // namespace
+void SetModelWrapperForTesting(ModelWrapper wrap) { Wrapper() = std::move(wrap); }
+}  // namespace internal
+
 namespace {
 
 void Progress(const EngineOptions& o, std::string_view stage, double fraction) {
@@ -29,6 +40,7 @@ Status LoadModel(const EngineOptions& options, internal::EngineCore& core) {
   if (shared->Fingerprint().empty()) return Status::Internal("model fingerprint could not be computed");
   Progress(options, "weights", 0.5);
   LM2_ASSIGN_OR_RETURN(core.model, runtime::LoadModel(shared, backend));
+  if (const internal::ModelWrapper& wrap = internal::Wrapper(); wrap) core.model = wrap(std::move(core.model));
   if (!core.model->config().has_memory()) {
     return Status::InvalidArgument("model in " + options.model_dir + " has no memory layers (a vanilla model): "
                                    "sessions need an LM2 model");

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -16,6 +17,12 @@
 #include "residency.h"
 
 namespace lm2::internal {
+
+// Tests only: wraps the model of every engine opened while it is set (fault injection, e.g.
+// a backend that runs out of memory where the CPU never does). Empty: the model as loaded.
+// Set it before opening engines and clear it after; not for concurrent use.
+using ModelWrapper = std::function<std::unique_ptr<runtime::Model>(std::unique_ptr<runtime::Model>)>;
+void SetModelWrapperForTesting(ModelWrapper wrap);
 
 // Read-only after Engine::Open (the store is internally thread-safe).
 struct EngineCore {

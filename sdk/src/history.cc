@@ -201,7 +201,7 @@ Status Session::ForgetTurn(uint64_t version) {
     if (i == target || forgotten.count(v.version) != 0 || k == "forget") continue;
     if (k == "turn") {
       LM2_ASSIGN_OR_RETURN(persistence::Snapshot s, c.store().LoadVersion(c.id, v.version, Checked(c, true)));
-      LM2_RETURN_IF_ERROR(internal::ReplayTurn(m, *state, s.transcript));
+      LM2_RETURN_IF_ERROR(internal::ReplayTurn(m, *state, s.transcript, *c.engine->residency));
     } else if (k == "clear") {
       LM2_ASSIGN_OR_RETURN(ClearSpec spec, internal::ClearSpecFromMetadata(v.metadata));
       LM2_ASSIGN_OR_RETURN(MemoryState now, m.ExportMemory(*state));

@@ -39,14 +39,16 @@ Result<Lineage> LoadLineage(persistence::SessionStore& store, const persistence:
 }
 
 Status ReplayTurn(const runtime::Model& model, runtime::SequenceState& state,
-                  const persistence::TurnTranscript& transcript) {
+                  const persistence::TurnTranscript& transcript, Residency& residency) {
   std::vector<int32_t> tokens = transcript.prompt_tokens;
   tokens.insert(tokens.end(), transcript.reply_tokens.begin(), transcript.reply_tokens.end());
-  if (state.segment_open()) LM2_RETURN_IF_ERROR(model.EndSegment(state));
+  const auto end_segment = [&] { return model.EndSegment(state); };
+  if (state.segment_open()) LM2_RETURN_IF_ERROR(residency.Reclaiming(end_segment));
   model.ResetContext(state);
   if (tokens.empty()) return Status::Ok();
-  LM2_RETURN_IF_ERROR(model.Forward(state, tokens, runtime::LogitsMode::kNone, nullptr));
-  return model.EndSegment(state);
+  LM2_RETURN_IF_ERROR(residency.Reclaiming(
+      [&] { return model.Forward(state, tokens, runtime::LogitsMode::kNone, nullptr); }));
+  return residency.Reclaiming(end_segment);
 }
 
 }  // namespace lm2::internal

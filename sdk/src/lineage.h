@@ -27,8 +27,10 @@ std::string KindOf(const persistence::VersionInfo& info);
 
 Result<Lineage> LoadLineage(persistence::SessionStore& store, const persistence::SessionId& id, uint64_t head);
 
-// Runs one stored turn as a segment in an empty context (the memory write applied).
+// Runs one stored turn as a segment in an empty context (the memory write applied). Each
+// call that a backend out of memory refuses with the state unchanged (the forward, the
+// segment's end) runs through residency.Reclaiming: idle sessions' states make room.
 Status ReplayTurn(const runtime::Model& model, runtime::SequenceState& state,
-                  const persistence::TurnTranscript& transcript);
+                  const persistence::TurnTranscript& transcript, Residency& residency);
 
 }  // namespace lm2::internal

@@ -326,8 +326,13 @@ Result<std::vector<float>> Session::NextTokenLogits(std::string_view message) co
   LM2_ASSIGN_OR_RETURN(std::unique_ptr<runtime::SequenceState> s, c.TemporaryState(c.memory));
   const std::span<const int32_t> all(prompt);
   std::vector<float> logits;
-  if (prompt.size() > 1) LM2_RETURN_IF_ERROR(m.Forward(*s, all.first(prompt.size() - 1), runtime::LogitsMode::kNone, nullptr));
-  LM2_RETURN_IF_ERROR(m.Forward(*s, all.last(1), runtime::LogitsMode::kLast, &logits));
+  // Each forward refused for memory leaves the state as it was: idle sessions make room.
+  internal::Residency& residency = *c.engine->residency;
+  if (prompt.size() > 1) {
+    LM2_RETURN_IF_ERROR(residency.Reclaiming(
+        [&] { return m.Forward(*s, all.first(prompt.size() - 1), runtime::LogitsMode::kNone, nullptr); }));
+  }
+  LM2_RETURN_IF_ERROR(residency.Reclaiming([&] { return m.Forward(*s, all.last(1), runtime::LogitsMode::kLast, &logits); }));
   return logits;
 }
 

@@ -4,11 +4,14 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <span>
 #include <thread>
 
 #include "../../sdk/src/engine_core.h"
 #include "../../sdk/src/residency.h"
+#include "lm2/runtime/forwarding_model.h"
 #include "sdk_test_util.h"
 #if defined(LM2_WITH_CUDA)
 #include "support/device_memory_hog.h"
@@ -358,6 +361,101 @@ IdleSessions OpenWithIdleSessions(const EngineOptions& o, std::string* why) {
 }
 
 }  // namespace
+
+// A loaded model whose next `refuse` forwards answer ResourceExhausted and change nothing,
+// as the CUDA backend refuses a call it has no memory for: the out-of-memory path of the
+// calls the SDK retries, on any backend.
+struct OwnedModel {
+  std::unique_ptr<runtime::Model> model;
+};
+class RefusingForwards : private OwnedModel, public runtime::ForwardingModel {
+ public:
+  explicit RefusingForwards(std::unique_ptr<runtime::Model> m)
+      : OwnedModel{std::move(m)}, runtime::ForwardingModel(*OwnedModel::model) {}
+  Status Forward(runtime::SequenceState& state, std::span<const int32_t> tokens, runtime::LogitsMode mode,
+                 std::vector<float>* logits) const override {
+    if (refuse > 0) {
+      --refuse;
+      ++refused;
+      return Status::ResourceExhausted("device full (test)");
+    }
+    return ForwardingModel::Forward(state, tokens, mode, logits);
+  }
+  mutable std::atomic<int> refuse{0}, refused{0};
+};
+
+// Engines opened while it lives load their model wrapped in RefusingForwards (`model` is the
+// last one).
+struct RefusingEngines {
+  RefusingForwards* model = nullptr;
+  RefusingEngines() {
+    internal::SetModelWrapperForTesting([this](std::unique_ptr<runtime::Model> m) -> std::unique_ptr<runtime::Model> {
+      auto wrapped = std::make_unique<RefusingForwards>(std::move(m));
+      model = wrapped.get();
+      return wrapped;
+    });
+  }
+  ~RefusingEngines() { internal::SetModelWrapperForTesting({}); }
+  RefusingEngines(const RefusingEngines&) = delete;
+  RefusingEngines& operator=(const RefusingEngines&) = delete;
+};
+
+TEST_CASE("out of memory in NextTokenLogits' and ForgetTurn's forwards: idle sessions' states make room") {
+  // A forward refused for memory leaves its state as it was, so these calls retry it once an
+  // idle session's state is destroyed (Residency::Reclaiming), and give what they give with
+  // memory to spare. Without the retry each call answered ResourceExhausted.
+  TempDir dir;
+  RefusingEngines refusing;
+  auto engine = OpenEngine(TinyOptions(dir));
+  RefusingForwards& model = *refusing.model;
+  auto a = OpenSession(*engine, "t", "a");
+  auto b = OpenSession(*engine, "t", "b");
+  auto c = OpenSession(*engine, "t", "c");
+  auto twin = OpenSession(*engine, "t", "c-twin");
+  const ChatResult first = MustChat(*c, kMsgs[0]);
+  MustChat(*c, kMsgs[1]);
+  const ChatResult twin_first = MustChat(*twin, kMsgs[0]);
+  MustChat(*twin, kMsgs[1]);
+  const auto idle_again = [&] {  // a and b hold states, least recently used first
+    MustChat(*a, kMsgs[2]);
+    MustChat(*b, kMsgs[3]);
+  };
+  idle_again();
+  const std::vector<float> want = MustLogits(*c, kMsgs[2]);
+
+  // NextTokenLogits: its prompt's forward refused twice; a's and b's states go.
+  auto evictions = engine->Stats().evictions;
+  model.refuse = 2;
+  auto got = c->NextTokenLogits(kMsgs[2]);
+  INFO(got.status().ToString());
+  REQUIRE(got.ok());
+  CHECK(SameLogits(*got, want));
+  CHECK(model.refused == 2);
+  CHECK(engine->Stats().evictions == evictions + 2);
+
+  // More refusals than idle holders: ResourceExhausted, saying so; the session goes on.
+  idle_again();
+  model.refuse = 100;
+  auto none = c->NextTokenLogits(kMsgs[2]);
+  CHECK(none.status().code() == StatusCode::kResourceExhausted);
+  CHECK(none.status().message().find("no idle session's state could be released") != std::string_view::npos);
+  model.refuse = 0;
+  CHECK(SameLogits(MustLogits(*c, kMsgs[2]), want));
+
+  // ForgetTurn: the replay of the turn it keeps refused once; the memory is the twin's after
+  // the same ForgetTurn with memory to spare.
+  REQUIRE(twin->ForgetTurn(twin_first.version).ok());
+  idle_again();
+  evictions = engine->Stats().evictions;
+  model.refused = 0;
+  model.refuse = 1;
+  const Status forgot = c->ForgetTurn(first.version);
+  INFO(forgot.ToString());
+  REQUIRE(forgot.ok());
+  CHECK(model.refused == 1);
+  CHECK(engine->Stats().evictions == evictions + 1);
+  CHECK(SameBits(MustMemory(*c), MustMemory(*twin)));
+}
 
 // The out-of-memory path the CPU backend never takes: on a GPU with every byte that
 // allocations can get taken, a new session's state and its turn get their memory from idle
