@@ -48,12 +48,26 @@ class StopMatcher {
   const std::vector<std::string>& stops_;
 };
 
+// `call` again while it answers ResourceExhausted and options.on_out_of_memory released
+// some memory (GenerateOptions::on_out_of_memory).
+Status Retrying(const GenerateOptions& options, const std::function<Status()>& call) {
+  Status st = call();
+  while (st.code() == StatusCode::kResourceExhausted && options.on_out_of_memory && options.on_out_of_memory()) {
+    st = call();
+  }
+  return st;
+}
+
 Status Prefill(const Model& model, SequenceState& state, std::span<const int32_t> prompt,
                const GenerateOptions& options, std::vector<float>* logits) {
   const ModelConfig& cfg = model.config();
   const auto remaining = cfg.max_position_embeddings - state.context_length();
+  const auto forward = [&](std::span<const int32_t> tokens, LogitsMode mode, std::vector<float>* out) {
+    return Retrying(options, [&] { return model.Forward(state, tokens, mode, out); });
+  };
+  const auto end_segment = [&] { return Retrying(options, [&] { return model.EndSegment(state); }); };
   if (static_cast<int64_t>(prompt.size()) < remaining) {
-    return model.Forward(state, prompt, LogitsMode::kLast, logits);
+    return forward(prompt, LogitsMode::kLast, logits);
   }
   if (!options.split_long_prompt) {
     return Status::OutOfRange("prompt of " + std::to_string(prompt.size()) + " tokens does not fit the " +
@@ -72,15 +86,15 @@ Status Prefill(const Model& model, SequenceState& state, std::span<const int32_t
   // for the reply, with room left to generate.
   while (prompt.size() - at > static_cast<std::size_t>(chunk)) {
     if (state.context_length() > 0 || state.segment_open()) {
-      LM2_RETURN_IF_ERROR(model.EndSegment(state));
+      LM2_RETURN_IF_ERROR(end_segment());
       model.ResetContext(state);
     }
-    LM2_RETURN_IF_ERROR(model.Forward(state, prompt.subspan(at, static_cast<std::size_t>(chunk)), LogitsMode::kNone, nullptr));
+    LM2_RETURN_IF_ERROR(forward(prompt.subspan(at, static_cast<std::size_t>(chunk)), LogitsMode::kNone, nullptr));
     at += static_cast<std::size_t>(chunk);
   }
-  LM2_RETURN_IF_ERROR(model.EndSegment(state));
+  LM2_RETURN_IF_ERROR(end_segment());
   model.ResetContext(state);
-  return model.Forward(state, prompt.subspan(at), LogitsMode::kLast, logits);
+  return forward(prompt.subspan(at), LogitsMode::kLast, logits);
 }
 
 }  // namespace
@@ -139,8 +153,10 @@ Result<GenerateResult> Generate(const Model& model, SequenceState& state, const 
   const auto step = [&](int32_t token) -> Status {
     const TokenRule rule = sampler.Rule(history);
     if (options.batcher == nullptr) {
-      return model.ForwardBatchSample(one, std::span<const int32_t>(&token, 1), std::span<const TokenRule>(&rule, 1),
-                                      &picked);
+      return Retrying(options, [&] {
+        return model.ForwardBatchSample(one, std::span<const int32_t>(&token, 1), std::span<const TokenRule>(&rule, 1),
+                                        &picked);
+      });
     }
     picked.resize(1);
     return options.batcher->Step(state, token, rule, picked.data());
@@ -165,7 +181,8 @@ Result<GenerateResult> Generate(const Model& model, SequenceState& state, const 
     const bool last = is_stop || stop_string || static_cast<int32_t>(result.tokens.size()) >= options.max_tokens;
     if (last) {
       leave();  // before the last token's own forward: no batch waits on it
-      LM2_RETURN_IF_ERROR(model.Forward(state, std::span<const int32_t>(&next, 1), LogitsMode::kNone, nullptr));
+      LM2_RETURN_IF_ERROR(Retrying(
+          options, [&] { return model.Forward(state, std::span<const int32_t>(&next, 1), LogitsMode::kNone, nullptr); }));
       result.stop = is_stop ? StopReason::kStopToken
                     : stop_string ? StopReason::kStopString
                                   : StopReason::kMaxTokens;

@@ -232,6 +232,10 @@ Result<ChatResult> RunTurn(SessionCore& c, const std::vector<int32_t>& prompt, c
   go.stop_strings = options.stop_strings;
   go.cancel = options.cancel;
   go.batcher = e.batcher.get();
+  // The reply's own forwards refused for memory (its prompt's last token, steps without the
+  // batcher, the last token): an idle session's state makes room (inside this call, this
+  // session's is never one).
+  go.on_out_of_memory = [&e] { return e.residency->ReleaseIdle(); };
   runtime::Sampler sampler(Sampling(options));
   runtime::TextCallback cb;
   if (on_token) cb = [&](std::string_view t) { on_token(t); };

@@ -280,6 +280,95 @@ class FullModel final : public lm2::runtime::ForwardingModel {
 
 }  // namespace
 
+namespace {
+
+// The fixture's model with every other call refused with ResourceExhausted, changing
+// nothing (as the CUDA backend refuses a call it has no memory for): each call of
+// Generate's is refused once, then runs.
+class EveryOtherRefused final : public lm2::runtime::ForwardingModel {
+ public:
+  explicit EveryOtherRefused(const Model& inner) : ForwardingModel(inner) {}
+  lm2::Status Forward(SequenceState& state, std::span<const int32_t> tokens, LogitsMode mode,
+                      std::vector<float>* logits) const override {
+    return Refuse() ? Full() : inner().Forward(state, tokens, mode, logits);
+  }
+  lm2::Status ForwardBatchSample(std::span<SequenceState* const> states, std::span<const int32_t> tokens,
+                                 std::span<const TokenRule> rules, std::vector<int32_t>* next) const override {
+    return Refuse() ? Full() : inner().ForwardBatchSample(states, tokens, rules, next);
+  }
+  lm2::Status EndSegment(SequenceState& state) const override { return Refuse() ? Full() : inner().EndSegment(state); }
+  // From the next call on: refused, then run, and so on.
+  void Reset() const {
+    refused_last_ = false;
+    refused = 0;
+  }
+  mutable int refused = 0;
+
+ private:
+  bool Refuse() const {
+    refused_last_ = !refused_last_;
+    if (refused_last_) ++refused;
+    return refused_last_;
+  }
+  static lm2::Status Full() { return lm2::Status::ResourceExhausted("device full"); }
+  mutable bool refused_last_ = false;
+};
+
+}  // namespace
+
+// Generate's own calls (the prompt's forwards and segment ends, its steps without a
+// batcher, the last token's forward) run again while on_out_of_memory releases memory, and
+// give the tokens they give with memory to spare; without the hook, or when it has nothing
+// left, Generate answers ResourceExhausted.
+TEST_CASE("Generate: a call refused for memory runs again while on_out_of_memory releases some", "[generate]") {
+  Fixture f;
+  const EveryOtherRefused refusing(*f.model);
+  const auto run = [&](const Model& model, const std::vector<int32_t>& prompt, const GenerateOptions& o,
+                       SequenceState& state) {
+    Sampler sampler(SamplingOptions{});
+    return Generate(model, state, *f.tokenizer, sampler, prompt, o, {});
+  };
+  const int64_t max_ctx = f.model->config().max_position_embeddings;
+  const std::vector<int32_t> long_prompt(static_cast<std::size_t>(max_ctx + 40), 42);
+  for (const auto& prompt : {f.Prompt("Mary went to the kitchen."), long_prompt}) {
+    INFO("prompt of " << prompt.size() << " tokens");
+    GenerateOptions o;
+    o.max_tokens = 8;
+    o.split_long_prompt = true;  // the long one: segments ended in between
+    auto alone = f.State();
+    auto want = run(*f.model, prompt, o, *alone);
+    REQUIRE(want.ok());
+    int released = 0;
+    o.on_out_of_memory = [&] {
+      ++released;
+      return true;
+    };
+    refusing.Reset();
+    auto s = f.State();
+    auto got = run(refusing, prompt, o, *s);
+    INFO(got.status().ToString());
+    REQUIRE(got.ok());
+    CHECK(got->tokens == want->tokens);
+    CHECK(got->text == want->text);
+    CHECK(s->context_length() == alone->context_length());
+    CHECK(released == refusing.refused);
+    // Each call refused once: the prefill (and the long prompt's segments), every step, the
+    // last token's forward.
+    CHECK(released >= static_cast<int>(want->tokens.size()) + 1);
+  }
+  // No hook, or one with nothing to release: the first refusal is the answer.
+  GenerateOptions o;
+  o.max_tokens = 8;
+  for (const bool hook : {false, true}) {
+    if (hook) o.on_out_of_memory = [] { return false; };
+    refusing.Reset();
+    auto s = f.State();
+    auto r = run(refusing, f.Prompt("Mary went to the kitchen."), o, *s);
+    CHECK(r.status().code() == lm2::StatusCode::kResourceExhausted);
+    CHECK(s->context_length() == 0);
+  }
+}
+
 // A batch that runs out of memory is run again for as long as on_out_of_memory releases
 // some (the SDK's engine releases idle sessions' states), and the steps get the same tokens
 // as without the refusals; without the hook, or when it has nothing left, the steps get

@@ -381,7 +381,17 @@ class RefusingForwards : private OwnedModel, public runtime::ForwardingModel {
     }
     return ForwardingModel::Forward(state, tokens, mode, logits);
   }
-  mutable std::atomic<int> refuse{0}, refused{0};
+  // Decode steps (a batcher's batched calls, or a reply's steps without one).
+  Status ForwardBatchSample(std::span<runtime::SequenceState* const> states, std::span<const int32_t> tokens,
+                            std::span<const runtime::TokenRule> rules, std::vector<int32_t>* next) const override {
+    if (refuse_steps > 0) {
+      --refuse_steps;
+      ++refused;
+      return Status::ResourceExhausted("device full (test)");
+    }
+    return ForwardingModel::ForwardBatchSample(states, tokens, rules, next);
+  }
+  mutable std::atomic<int> refuse{0}, refuse_steps{0}, refused{0};
 };
 
 // Engines opened while it lives load their model wrapped in RefusingForwards (`model` is the
@@ -400,10 +410,11 @@ struct RefusingEngines {
   RefusingEngines& operator=(const RefusingEngines&) = delete;
 };
 
-TEST_CASE("out of memory in NextTokenLogits' and ForgetTurn's forwards: idle sessions' states make room") {
-  // A forward refused for memory leaves its state as it was, so these calls retry it once an
-  // idle session's state is destroyed (Residency::Reclaiming), and give what they give with
-  // memory to spare. Without the retry each call answered ResourceExhausted.
+TEST_CASE("out of memory in NextTokenLogits, ForgetTurn and a turn's steps: idle sessions' states make room") {
+  // A call refused for memory leaves its state as it was, so these calls retry it once an
+  // idle session's state is destroyed (Residency::Reclaiming, GenerateOptions::
+  // on_out_of_memory, the batcher's hook), and give what they give with memory to spare.
+  // Without the retry each call answered ResourceExhausted.
   TempDir dir;
   RefusingEngines refusing;
   auto engine = OpenEngine(TinyOptions(dir));
@@ -454,6 +465,21 @@ TEST_CASE("out of memory in NextTokenLogits' and ForgetTurn's forwards: idle ses
   REQUIRE(forgot.ok());
   CHECK(model.refused == 1);
   CHECK(engine->Stats().evictions == evictions + 1);
+  CHECK(SameBits(MustMemory(*c), MustMemory(*twin)));
+
+  // A turn's decode steps refused twice (through the engine's batcher on a GPU, by the
+  // reply's own retry without one, as on the CPU): the twin's reply and memory.
+  const ChatResult twin_turn = MustChat(*twin, kMsgs[3]);
+  idle_again();
+  evictions = engine->Stats().evictions;
+  model.refused = 0;
+  model.refuse_steps = 2;
+  auto turn = c->Chat(kMsgs[3], Short());
+  INFO(turn.status().ToString());
+  REQUIRE(turn.ok());
+  CHECK(turn->text == twin_turn.text);
+  CHECK(model.refused == 2);
+  CHECK(engine->Stats().evictions == evictions + 2);
   CHECK(SameBits(MustMemory(*c), MustMemory(*twin)));
 }
 

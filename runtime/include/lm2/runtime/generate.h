@@ -44,6 +44,13 @@ struct GenerateOptions {
   // runs by itself. Results are the model's batched ones (docs/runtime.md). Generate leaves
   // the batcher (DecodeBatcher::Leave) when its decoding ends.
   DecodeBatcher* batcher = nullptr;
+  // A model call of Generate's own (the prompt's forwards and segment ends, a decode step
+  // without a batcher, the reply's last token's forward) answered ResourceExhausted runs
+  // again while this returns true (it released memory): a backend refuses such a call with
+  // the state unchanged (the CUDA backend checks its memory before it changes a state). The
+  // SDK's engine releases an idle session's state. A batcher's steps retry through its own
+  // hook (DecodeBatcherOptions::on_out_of_memory). Empty: no retry.
+  std::function<bool()> on_out_of_memory;
 };
 
 struct GenerateResult {
