@@ -18,16 +18,18 @@ TEST_CASE("engine options: missing model, CUDA backend on this machine, vanilla 
   EngineOptions missing = o;
   missing.model_dir = dir.sub("nope");
   CHECK(Engine::Open(missing).status().code() == StatusCode::kNotFound);
-  EngineOptions cuda = o;
-  cuda.backend = Backend::kCuda;
-  auto gpus = lm2::runtime::ListCudaDevices();
-  REQUIRE(gpus.ok());
-  auto on_cuda = Engine::Open(cuda);
-  if (gpus->empty() || !gpus->front().supported) {
-    CHECK(on_cuda.status().code() == StatusCode::kUnavailable);  // no silent fallback to the CPU
-  } else {
-    REQUIRE(on_cuda.ok());
-    CHECK((*on_cuda)->model_info().backend == "cuda:0");
+  {  // (closed at the block's end: an open engine holds the store, which `progress` opens below)
+    EngineOptions cuda = o;
+    cuda.backend = Backend::kCuda;
+    auto gpus = lm2::runtime::ListCudaDevices();
+    REQUIRE(gpus.ok());
+    auto on_cuda = Engine::Open(cuda);
+    if (gpus->empty() || !gpus->front().supported) {
+      CHECK(on_cuda.status().code() == StatusCode::kUnavailable);  // no silent fallback to the CPU
+    } else {
+      REQUIRE(on_cuda.ok());
+      CHECK((*on_cuda)->model_info().backend == "cuda:0");
+    }
   }
   EngineOptions vanilla = o;
   vanilla.model_dir = SourceDir() + "/tests/data/models/tiny-vanilla";
