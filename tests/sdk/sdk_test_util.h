@@ -108,9 +108,11 @@ inline double RelDiff(const MemoryState& a, const MemoryState& b) {
   return den == 0.0 ? num : num / den;
 }
 
-// Runs sdk_test_child with `args`; returns its exit status, stdout into *out.
+// Runs sdk_test_child with `args`; returns its exit status, stdout into *out. The child is
+// the build's, or the one LM2_SDK_CHILD names (the GPU bundle carries its own).
 inline int RunChild(const std::vector<std::string>& args, std::string* out) {
-  std::string cmd = LM2_SDK_CHILD;
+  const char* moved = std::getenv("LM2_SDK_CHILD");
+  std::string cmd = moved != nullptr && *moved != '\0' ? moved : LM2_SDK_CHILD;
   for (const auto& a : args) {
     std::string q = "'";
     for (char c : a) q += (c == '\'') ? std::string("'\\''") : std::string(1, c);

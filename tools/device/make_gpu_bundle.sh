@@ -28,7 +28,7 @@ if [[ "$SLIM" == 1 ]]; then
   TARGETS=(cuda_ops_tests cuda_model_tests lm2_cuda_bench lm2_batcher_bench)
   NAME=lm2-gpu-slim.tar.xz
 else
-  TARGETS=(cuda_ops_tests cuda_model_tests gpu_tests lm2_cli sdk_tests)
+  TARGETS=(cuda_ops_tests cuda_model_tests gpu_tests lm2_cli sdk_tests sdk_test_child)
   if [[ -f bench/cuda/CMakeLists.txt ]]; then
     TARGETS+=(lm2_cuda_bench lm2_cuda_sync_bench lm2_cuda_gemm_bench lm2_batcher_bench)
   fi
@@ -42,7 +42,7 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/bin" "$stage/lib"
 for exe in tests/cuda/cuda_ops_tests tests/cuda/cuda_model_tests tests/runtime/gpu_tests tools/cli/lm2 \
-           tests/sdk/sdk_tests bench/cuda/lm2_cuda_bench bench/cuda/lm2_cuda_sync_bench \
+           tests/sdk/sdk_tests tests/sdk/sdk_test_child bench/cuda/lm2_cuda_bench bench/cuda/lm2_cuda_sync_bench \
            bench/cuda/lm2_cuda_gemm_bench bench/runtime/lm2_batcher_bench; do
   [[ -f "$BUILD_DIR/$exe" ]] || continue
   target=$(basename "$exe")

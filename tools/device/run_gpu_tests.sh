@@ -2,8 +2,9 @@
 # Runs lm2's GPU tests on the GPU machine from the bundle made by make_gpu_bundle.sh:
 # the CUDA op tests, the whole-model tests (golden files, greedy tokens vs the CPU backend,
 # export/import, threads, backend choice, continuous batching), device discovery, `lm2
-# generate` end to end on the GPU (tests/runtime/cli_generate_test.sh), the SDK's GPU case
-# (sessions chatting at once through the engine's decode batcher: sdk_tests "[gpu]"), then
+# generate` end to end on the GPU (tests/runtime/cli_generate_test.sh), the SDK's suite on the
+# GPU (sdk_tests: its [gpu] cases, sessions chatting at once through the engine's decode
+# batcher and on a full device, and every other case with GPU engines), then
 # compute-sanitizer memcheck over the op and model tests and racecheck over the kernels that
 # reuse shared memory. Run from the repository root; logs go to $OUT (or device_bundle/logs).
 #
@@ -58,9 +59,11 @@ if [[ "${RACECHECK_ONLY:-0}" != 1 ]]; then
   run cuda_model_tests "$BIN/cuda_model_tests" --durations yes
   run gpu_tests "$BIN/gpu_tests"
   run cli_generate bash tests/runtime/cli_generate_test.sh "$BIN/lm2"
-  # The SDK on the GPU: concurrent sessions through the engine's decode batcher, and an
-  # idle session's state evicted to make room on a full device.
-  run sdk_gpu "$BIN/sdk_tests" "[gpu]"
+  # The SDK on the GPU, the whole suite (its engines take the GPU where one is present):
+  # concurrent sessions through the engine's decode batcher, idle sessions' states evicted
+  # to make room on a full device (the [gpu] cases), and every other case; the
+  # child-process cases run the bundle's sdk_test_child.
+  LM2_SDK_CHILD="$BIN/sdk_test_child" run sdk "$BIN/sdk_tests"
   # The sm_80 code (what Ampere and Ada run) on this card: a slim bundle built with 80
   # alone, its PTX compiled by the driver, run with this bundle's libraries.
   if [[ -f "$SM80_BUNDLE" ]]; then
