@@ -193,7 +193,8 @@ Status Session::ForgetTurn(uint64_t version) {
     first = 0;
   }
   // The replay runs in a state of its own, counted as the session's while it lives.
-  internal::Residency::Pin pin = c.engine->residency->Enter(c);
+  internal::Residency& residency = *c.engine->residency;
+  internal::Residency::Pin pin = residency.Enter(c);
   LM2_ASSIGN_OR_RETURN(std::unique_ptr<runtime::SequenceState> state, c.TemporaryState(bank));
   for (std::size_t i = first; i < L.size(); ++i) {
     const persistence::VersionInfo& v = L[i];
@@ -201,17 +202,19 @@ Status Session::ForgetTurn(uint64_t version) {
     if (i == target || forgotten.count(v.version) != 0 || k == "forget") continue;
     if (k == "turn") {
       LM2_ASSIGN_OR_RETURN(persistence::Snapshot s, c.store().LoadVersion(c.id, v.version, Checked(c, true)));
-      LM2_RETURN_IF_ERROR(internal::ReplayTurn(m, *state, s.transcript, *c.engine->residency));
+      LM2_RETURN_IF_ERROR(internal::ReplayTurn(m, *state, s.transcript, residency));
     } else if (k == "clear") {
       LM2_ASSIGN_OR_RETURN(ClearSpec spec, internal::ClearSpecFromMetadata(v.metadata));
-      LM2_ASSIGN_OR_RETURN(MemoryState now, m.ExportMemory(*state));
+      MemoryState now;
+      LM2_RETURN_IF_ERROR(residency.Reclaiming([&] { return m.ExportMemoryInto(*state, now); }));
       LM2_RETURN_IF_ERROR(internal::ApplyClear(now, c.engine->initial_memory, spec));
-      LM2_RETURN_IF_ERROR(m.ImportMemory(*state, now));
+      LM2_RETURN_IF_ERROR(residency.Reclaiming([&] { return m.ImportMemory(*state, now); }));
     } else {
       return Status::FailedPrecondition("version " + std::to_string(v.version) + " of kind " + k + " cannot be replayed");
     }
   }
-  LM2_ASSIGN_OR_RETURN(MemoryState result, m.ExportMemory(*state));
+  MemoryState result;
+  LM2_RETURN_IF_ERROR(residency.Reclaiming([&] { return m.ExportMemoryInto(*state, result); }));
   return CommitOp(c, std::move(result),
                   {{internal::kMetaKind, "forget"},
                    {internal::kMetaPreview, "forget turn " + std::to_string(version)},

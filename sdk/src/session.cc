@@ -286,7 +286,11 @@ Result<ChatResult> Session::Chat(std::string_view message, const ChatOptions& op
   // Into a kept bank where the engine has one (BankPool: no fresh host memory to touch).
   internal::BankPool& spares = *c.engine->spare_banks;
   MemoryState bank = spares.Take();
-  if (Status exported = c.model().ExportMemoryInto(*c.state, bank); !exported.ok()) return discard(exported);
+  // The export's page-locked staging may not fit either: an idle session's state holds some.
+  if (Status exported = c.engine->residency->Reclaiming([&] { return c.model().ExportMemoryInto(*c.state, bank); });
+      !exported.ok()) {
+    return discard(exported);
+  }
 
   persistence::CommitOptions co;
   co.metadata[internal::kMetaKind] = "turn";

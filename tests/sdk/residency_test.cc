@@ -391,7 +391,18 @@ class RefusingForwards : private OwnedModel, public runtime::ForwardingModel {
     }
     return ForwardingModel::ForwardBatchSample(states, tokens, rules, next);
   }
-  mutable std::atomic<int> refuse{0}, refuse_steps{0}, refused{0};
+  mutable std::atomic<int> refuse{0}, refuse_steps{0}, refuse_exports{0}, refused{0};
+
+ protected:
+  // Bank exports (their page-locked staging, on the GPU).
+  Status ExportBanks(const runtime::SequenceState& state, MemoryState& out) const override {
+    if (refuse_exports > 0) {
+      --refuse_exports;
+      ++refused;
+      return Status::ResourceExhausted("host memory full (test)");
+    }
+    return ForwardingModel::ExportBanks(state, out);
+  }
 };
 
 // Engines opened while it lives load their model wrapped in RefusingForwards (`model` is the
@@ -453,33 +464,36 @@ TEST_CASE("out of memory in NextTokenLogits, ForgetTurn and a turn's steps: idle
   model.refuse = 0;
   CHECK(SameLogits(MustLogits(*c, kMsgs[2]), want));
 
-  // ForgetTurn: the replay of the turn it keeps refused once; the memory is the twin's after
-  // the same ForgetTurn with memory to spare.
+  // ForgetTurn: the replay of the turn it keeps refused once, the export of its result once;
+  // the memory is the twin's after the same ForgetTurn with memory to spare.
   REQUIRE(twin->ForgetTurn(twin_first.version).ok());
   idle_again();
   evictions = engine->Stats().evictions;
   model.refused = 0;
   model.refuse = 1;
+  model.refuse_exports = 1;
   const Status forgot = c->ForgetTurn(first.version);
   INFO(forgot.ToString());
   REQUIRE(forgot.ok());
-  CHECK(model.refused == 1);
-  CHECK(engine->Stats().evictions == evictions + 1);
+  CHECK(model.refused == 2);
+  CHECK(engine->Stats().evictions == evictions + 2);
   CHECK(SameBits(MustMemory(*c), MustMemory(*twin)));
 
   // A turn's decode steps refused twice (through the engine's batcher on a GPU, by the
-  // reply's own retry without one, as on the CPU): the twin's reply and memory.
+  // reply's own retry without one, as on the CPU) and its bank's export once: the twin's
+  // reply and memory, three idle states destroyed (a's, b's and the twin's).
   const ChatResult twin_turn = MustChat(*twin, kMsgs[3]);
   idle_again();
   evictions = engine->Stats().evictions;
   model.refused = 0;
   model.refuse_steps = 2;
+  model.refuse_exports = 1;
   auto turn = c->Chat(kMsgs[3], Short());
   INFO(turn.status().ToString());
   REQUIRE(turn.ok());
   CHECK(turn->text == twin_turn.text);
-  CHECK(model.refused == 2);
-  CHECK(engine->Stats().evictions == evictions + 2);
+  CHECK(model.refused == 3);
+  CHECK(engine->Stats().evictions == evictions + 3);
   CHECK(SameBits(MustMemory(*c), MustMemory(*twin)));
 }
 

@@ -81,10 +81,10 @@ struct EngineOptions {
   // ImportMemory of its bank: with kResetEachTurn bit-identical to never having been
   // evicted; with kKeepContext its context is lost (the last resume_prefill_turns turns
   // are run into the new one, as on open).
-  // Independent of the cap, a state's creation, a turn's forwards, steps or segment end, or a
-  // forward of NextTokenLogits or of ForgetTurn's replay that finds the backend out of
-  // memory (ResourceExhausted) evicts the least recently used idle session's state and tries
-  // again (docs/sdk.md). Default: 0 (no cap)
+  // Independent of the cap, a state's creation, a turn's forwards, steps, segment end or
+  // export, or a call of NextTokenLogits or of ForgetTurn's replay that finds the backend out
+  // of memory (ResourceExhausted) evicts the least recently used idle session's state and
+  // tries again (docs/sdk.md). Default: 0 (no cap)
   std::size_t max_resident_sessions = 0;
 
   ProgressCallback on_progress;  // loading progress. Default: none
