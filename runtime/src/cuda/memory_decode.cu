@@ -287,9 +287,9 @@ __device__ __forceinline__ void StageToken(const MemoryStage& stage, const float
 
 // A block per (head j, session b): the global max M and sum L over the partials (`chunks`:
 // the chunks', or a streamed read's merged runs'), e = Σ_c exp(m_c - M) acc_c / L (added in
-// a fixed order: the same result every run), and
-// the raw scores in attn turned into probabilities exp(s - M) / L, or the token staged
-// (MemoryStage: its probabilities and masses, or, with `staged`, its q, offer and shift).
+// a fixed order: the same result every run), and the raw scores in attn turned into
+// probabilities exp(s - M) / L, or the token staged (MemoryStage: its probabilities and
+// masses, or, with `staged`, its q, offer and shift).
 __global__ void __launch_bounds__(kCombineThreads)
     MemoryReadCombineKernel(const float* __restrict__ part, int chunks, int N, int d, int heads,
                             const float* __restrict__ q, int64_t q_ld, float* __restrict__ attn,
@@ -626,7 +626,7 @@ LM2_CUDA_KERNEL_MODULE(MemoryReadCombineKernel);
 }  // namespace
 
 bool DecodeStagesTokens(int64_t d, int64_t heads) {
-  return heads > 0 && d % heads == 0 && FastRead(d, heads) && MemoryReadWriteSupported(d, heads);
+  return MemoryReadWriteSupported(d, heads) && FastRead(d, heads);  // (the first checks d / heads)
 }
 
 int64_t MemoryReadDecodeScratch(int64_t B, int64_t N, int64_t d, int64_t heads) {

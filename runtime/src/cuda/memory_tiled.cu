@@ -338,19 +338,27 @@ int64_t StagedTokensFloats(int64_t capacity, int64_t d, int64_t heads) {
   return MemoryReadWriteScratch(capacity, d, heads);
 }
 
+namespace {
+
 // A shift no score reaches: every byte 0x7F, 3.39e38 (a memset; +inf has no such pattern).
 // SoftmaxWeight(s, scale_log2, shift) = 2^(s scale_log2 - shift) is then 0 for any finite s.
 constexpr int kNoTokenShiftByte = 0x7F;
+
+// The bytes of a staging buffer's shifts: its first part (Carve), every head's slots.
+std::size_t StagedShiftBytes(int64_t capacity, int64_t heads) {
+  return static_cast<std::size_t>(heads * PaddedTokens(capacity)) * sizeof(float);
+}
+
+}  // namespace
 
 Status ClearStagedTokens(float* staged, int64_t buffers, int64_t capacity, int64_t d, int64_t heads,
                          cudaStream_t stream) {
   if (buffers == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("ClearStagedTokens", {staged}));
   const auto bytes = static_cast<std::size_t>(StagedTokensFloats(capacity, d, heads)) * sizeof(float);
-  const auto shift_bytes = static_cast<std::size_t>(heads * PaddedTokens(capacity)) * sizeof(float);
   LM2_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(staged, 0, bytes * static_cast<std::size_t>(buffers), stream));
-  // Each buffer's shifts (its first shift_bytes), one buffer's bytes apart.
-  return CudaStatus(cudaMemset2DAsync(staged, bytes, kNoTokenShiftByte, shift_bytes,
+  // Each buffer's shifts, one buffer's bytes apart.
+  return CudaStatus(cudaMemset2DAsync(staged, bytes, kNoTokenShiftByte, StagedShiftBytes(capacity, heads),
                                       static_cast<std::size_t>(buffers), stream),
                     "ClearStagedTokens");
 }
@@ -372,8 +380,8 @@ Status FlushStagedTokens(const bf16* mem_k, float* staged, int64_t tokens, int64
   }));
   // The staged rows are free again: their shifts back to "no token" (the rows' q and offer
   // stay: weight 0 times a finite value adds nothing).
-  const auto shift_bytes = static_cast<std::size_t>(heads * PaddedTokens(capacity)) * sizeof(float);
-  return CudaStatus(cudaMemsetAsync(staged, kNoTokenShiftByte, shift_bytes, stream), "FlushStagedTokens");
+  return CudaStatus(cudaMemsetAsync(staged, kNoTokenShiftByte, StagedShiftBytes(capacity, heads), stream),
+                    "FlushStagedTokens");
 }
 
 }  // namespace lm2::runtime::cuda
