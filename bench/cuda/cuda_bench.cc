@@ -215,6 +215,13 @@ double BestSeconds(cudaStream_t stream, Fn&& fn, int warmup, int runs) {
   return best;
 }
 
+// The breakdowns' set-up (fills, pointer tables and other uploads, on the legacy default
+// stream) finished before their ops run on a stream of their own: lm2's streams are
+// non-blocking, so they do not wait for the legacy stream, and a kernel that reads its
+// pointer table before its PDL wait could read it before the upload lands (seen on branch
+// bank-read as an illegal address, in a breakdown whose first op was the streamed read).
+void SetUpDone() { Check(cuda::CudaStatus(cudaDeviceSynchronize(), "the set-up's copies"), "set-up"); }
+
 // The mean of `reps` back-to-back calls after 5 untimed ones: an op's cost in a sequence.
 template <typename Fn>
 double TimeOp(cudaStream_t stream, Fn&& fn, int reps = 200) {
@@ -433,6 +440,7 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, const lm2::runtime::C
   auto blas = Take(cuda::CublasHandle::Create(), "cublas");
   const cudaStream_t st = stream.get();
   cublasHandle_t h = blas.get();
+  SetUpDone();
   float* x = f1.data();
   const double L = static_cast<double>(c.num_layers), M = static_cast<double>(c.memory_layers.size());
   const int64_t P = qdim + 2 * kvdim + (c.has_memory() ? 2 * d : 0);  // the stacked x projection
@@ -625,6 +633,7 @@ void BatchedStepParts(const lm2::runtime::ModelConfig& c, const lm2::runtime::Cu
   auto blas = Take(cuda::CublasHandle::Create(), "cublas");
   const cudaStream_t st = stream.get();
   cublasHandle_t h = blas.get();
+  SetUpDone();
   int64_t call = 0;  // rotates the weight copies (WeightCopy)
   auto linear = [&](int64_t in, int64_t out) {
     return TimeOp(st, [&] {
@@ -758,6 +767,7 @@ void PrefillChunkParts(const lm2::runtime::ModelConfig& c, int64_t T) {
   auto blas = Take(cuda::CublasHandle::Create(), "cublas");
   const cudaStream_t st = stream.get();
   cublasHandle_t h = blas.get();
+  SetUpDone();
   const auto D = [](int64_t v) { return static_cast<double>(v); };
   const double t = D(T), reps = 20;
   const bool pair = c.has_memory() && qdim == d;
