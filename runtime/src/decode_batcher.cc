@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "out_of_memory.h"
+
 namespace lm2::runtime {
 
 DecodeBatcher::DecodeBatcher(const Model& model, const DecodeBatcherOptions& options)
@@ -95,15 +97,13 @@ void DecodeBatcher::Run(const std::vector<Request*>& batch) {
     rules.push_back(*r->rule);
   }
   std::vector<int32_t> next;
-  Status st = model_.ForwardBatchSample(states, tokens, rules, &next);
   // Out of memory: the call changed nothing; whatever the hook releases may let it run.
-  while (st.code() == StatusCode::kResourceExhausted && options_.on_out_of_memory && options_.on_out_of_memory()) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      ++stats_.out_of_memory_retries;
-    }
-    st = model_.ForwardBatchSample(states, tokens, rules, &next);
-  }
+  Status st = internal::RetryOutOfMemory(
+      options_.on_out_of_memory, [&] { return model_.ForwardBatchSample(states, tokens, rules, &next); },
+      [&] {
+        std::lock_guard<std::mutex> lock(mu_);
+        ++stats_.out_of_memory_retries;
+      });
   // Input errors are found before any state changes: then each step runs alone and gets its
   // own answer. Anything else (a device fault) belongs to the whole batch.
   const bool refused = st.code() == StatusCode::kInvalidArgument || st.code() == StatusCode::kOutOfRange;

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <chrono>
 
+#include "out_of_memory.h"
+
 namespace lm2::runtime {
 namespace {
 
@@ -48,14 +50,9 @@ class StopMatcher {
   const std::vector<std::string>& stops_;
 };
 
-// `call` again while it answers ResourceExhausted and options.on_out_of_memory released
-// some memory (GenerateOptions::on_out_of_memory).
+// `call`, run again while GenerateOptions::on_out_of_memory releases memory for it.
 Status Retrying(const GenerateOptions& options, const std::function<Status()>& call) {
-  Status st = call();
-  while (st.code() == StatusCode::kResourceExhausted && options.on_out_of_memory && options.on_out_of_memory()) {
-    st = call();
-  }
-  return st;
+  return internal::RetryOutOfMemory(options.on_out_of_memory, call);
 }
 
 Status Prefill(const Model& model, SequenceState& state, std::span<const int32_t> prompt,
