@@ -691,6 +691,77 @@ TEST_CASE("CUDA ForwardBatch: one forward for many sessions equals each decoding
   }
 }
 
+TEST_CASE("The FFN as one kernel (fused_ffn): golden bounds, the two GEMVs' logits, a session alone as batched",
+          "[cuda][model]") {
+  lm2::runtime::CudaOptions fused_options;
+  fused_options.fused_ffn = true;
+  fused_options.max_chunk_tokens = 3;  // every chunk on the GEMV path: FfnGemv in every layer
+  fused_options.write_flush_tokens = 3;
+  for (const auto& name : kModels) {
+    INFO(name);
+    auto files = Files(TestModelDir(name));
+    auto model = LoadCudaWith(files, fused_options);
+    const auto [logits_err, bank_err] = lm2::testing::CheckGoldenCases(*model, name, kLogitTolerance, kBankTolerance);
+    std::printf("golden %-13s fused FFN, chunks of 3: worst logits rel err %.3g, worst bank rel err %.3g\n",
+                name.c_str(), logits_err, bank_err);
+  }
+  // The demo model (d 256, FFN 768: 12 slices in a group of 8 and one of 4): prompt and decode
+  // steps against the two GEMVs, then three sessions in one batched step against each alone.
+  const std::string demo = SourceDir() + "/models/lm2-demo";
+  auto files = Files(demo);
+  lm2::runtime::CudaOptions plain_options = fused_options;
+  plain_options.fused_ffn = false;
+  auto fused = LoadCudaWith(files, fused_options);
+  auto plain = LoadCudaWith(files, plain_options);
+  auto fs = NewState(*fused), ps = NewState(*plain);
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 9; ++i) prompt.push_back((i * 53 + 7) % 500);
+  std::vector<float> la, lb;
+  double worst = 0;
+  RequireOk(fused->Forward(*fs, prompt, LogitsMode::kLast, &la));
+  RequireOk(plain->Forward(*ps, prompt, LogitsMode::kLast, &lb));
+  for (int step = 0; step < 12; ++step) {
+    const double err = RelativeError(la.data(), Widen(lb).data(), la.size());
+    worst = std::max(worst, err);
+    CHECK(err < 1e-3);  // fp32 sums in another order, through 4 layers
+    REQUIRE(Argmax(la) == Argmax(lb));
+    const int32_t token = Argmax(lb);
+    RequireOk(fused->Forward(*fs, std::vector<int32_t>{token}, LogitsMode::kLast, &la));
+    RequireOk(plain->Forward(*ps, std::vector<int32_t>{token}, LogitsMode::kLast, &lb));
+  }
+  std::printf("fused FFN lm2-demo: 12 decode steps, worst logits rel err vs two GEMVs %.3g\n", worst);
+  // Three sessions decode together (FfnGemv over three rows), their twins alone (one row), as
+  // the ForwardBatch test asks of the default path (the kernel's rows are bit-identical alone
+  // or batched: the op test).
+  const auto V = static_cast<std::size_t>(fused->config().vocab_size);
+  std::vector<std::unique_ptr<SequenceState>> together, alone;
+  std::vector<int32_t> next;
+  std::vector<float> row, batch_logits;
+  for (int b = 0; b < 3; ++b) {
+    const std::vector<int32_t> start(prompt.begin(), prompt.begin() + 3 + 3 * b);
+    together.push_back(NewState(*fused));
+    alone.push_back(NewState(*fused));
+    RequireOk(fused->Forward(*together.back(), start, LogitsMode::kLast, &row));
+    RequireOk(fused->Forward(*alone.back(), start, LogitsMode::kLast, &row));
+    next.push_back(Argmax(row));
+  }
+  std::vector<SequenceState*> ptrs;
+  for (auto& st : together) ptrs.push_back(st.get());
+  for (int step = 0; step < 5; ++step) {
+    RequireOk(fused->ForwardBatch(ptrs, next, &batch_logits));
+    REQUIRE(batch_logits.size() == 3 * V);
+    for (std::size_t b = 0; b < 3; ++b) {
+      RequireOk(fused->Forward(*alone[b], std::vector<int32_t>{next[b]}, LogitsMode::kLast, &row));
+      const auto ref = Widen(row);
+      CHECK(RelativeError(batch_logits.data() + b * V, ref.data(), V) < 1e-4);
+      const std::vector<float> got(batch_logits.begin() + static_cast<std::ptrdiff_t>(b * V),
+                                   batch_logits.begin() + static_cast<std::ptrdiff_t>((b + 1) * V));
+      next[b] = Argmax(row);
+      CHECK(Argmax(got) == next[b]);
+    }
+  }
+}
+
 TEST_CASE("Memory reads on the side stream give the same bits as on the main stream", "[cuda][model]") {
   // Tiled chunks (the read and write sums beside tensor-core attention; or the write sums
   // past the output gate's join, defer_memory_write), decode steps (graphs, staged writes, a

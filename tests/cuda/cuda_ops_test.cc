@@ -484,6 +484,106 @@ TEST_CASE("Gemv's SwiGLU output: the bits of SwiGluBf16 over the stored gate | u
   }
 }
 
+// FfnGemv against the unfused GEMVs' activation: RmsNormBf16 and Gemv's kSwiGluBf16 make the
+// SwiGLU columns (the bits the fused kernel must make too), the down projection in double.
+// Shapes: the paper's (128 slices in 16 groups), more slices than an H200 has multiprocessors
+// (the grid's blocks take several), a short last slice and a short last group, d not a
+// multiple of a down unit's 64 rows, 1 to 8 rows (each kernel form: 1, 2, 4, 8).
+TEST_CASE("FfnGemv: the decode FFN as one kernel equals the unfused GEMVs", "[cuda][ops]") {
+  const auto [rows, d, F] = GENERATE(std::make_tuple(int64_t{1}, int64_t{2048}, int64_t{8192}),
+                                     std::make_tuple(int64_t{2}, int64_t{2048}, int64_t{8192}),
+                                     std::make_tuple(int64_t{2}, int64_t{1024}, int64_t{20480}),
+                                     std::make_tuple(int64_t{1}, int64_t{64}, int64_t{160}),
+                                     std::make_tuple(int64_t{2}, int64_t{48}, int64_t{96}),
+                                     std::make_tuple(int64_t{1}, int64_t{256}, int64_t{768}),
+                                     std::make_tuple(int64_t{2}, int64_t{136}, int64_t{520}),
+                                     std::make_tuple(int64_t{1}, int64_t{8192}, int64_t{64}),
+                                     std::make_tuple(int64_t{3}, int64_t{160}, int64_t{200}),
+                                     std::make_tuple(int64_t{5}, int64_t{64}, int64_t{160}),
+                                     std::make_tuple(int64_t{8}, int64_t{2048}, int64_t{1024}));
+  INFO("rows=" << rows << " d=" << d << " F=" << F);
+  constexpr float kEps = 1e-5f;
+  const auto h0 = Random(static_cast<std::size_t>(rows * d)), norm = Random(static_cast<std::size_t>(d));
+  const auto wgu = Random(static_cast<std::size_t>(2 * F * d)), wdown = Random(static_cast<std::size_t>(d * F));
+  auto dh0 = Upload(h0), dnorm = Upload(norm), dwgu32 = Upload(wgu), dwdown32 = Upload(wdown);
+  auto dwgu = Poisoned<__nv_bfloat16>(wgu.size()), dwdown = Poisoned<__nv_bfloat16>(wdown.size());
+  RequireOk(ConvertF32ToBf16(dwgu32.data(), 2 * F * d, dwgu.data(), Stream()));
+  RequireOk(ConvertF32ToBf16(dwdown32.data(), d * F, dwdown.data(), Stream()));
+
+  // The activation the unfused GEMVs give.
+  auto dact = Poisoned<__nv_bfloat16>(static_cast<std::size_t>(rows * F));
+  RequireOk(Gemv({.input = GemvInput::kRmsNorm, .x = dh0.data(), .x_ld = d, .norm_weight = dnorm.data(), .eps = kEps,
+                  .w = dwgu.data(), .rows = rows, .in = d, .out = 2 * F, .output = GemvOutput::kSwiGluBf16,
+                  .y_bf16 = dact.data()},
+                 Stream()));
+  const auto act = Download(dact);
+  std::vector<double> want(h0.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t o = 0; o < d; ++o) {
+      double acc = 0;
+      for (int64_t i = 0; i < F; ++i) {
+        acc += static_cast<double>(Bf16Value(Bits(act[r * F + i]))) * RoundBf16(wdown[o * F + i]);
+      }
+      want[r * d + o] = h0[r * d + o] + acc;
+    }
+  }
+
+  auto partials = DeviceBuffer<float>::Allocate(static_cast<std::size_t>(FfnGemvScratchFloats(rows, d, F)));
+  RequireOk(partials.status());
+  auto counters = Upload(std::vector<unsigned int>(static_cast<std::size_t>(FfnGemvCounters(F)), 0u));
+  auto run = [&](int64_t first, int64_t n) {
+    auto dh = Upload(std::vector<float>(h0.begin() + first * d, h0.begin() + (first + n) * d));
+    RequireOk(FfnGemv({.h = dh.data(), .norm_weight = dnorm.data(), .eps = kEps, .gate_up = dwgu.data(),
+                       .down = dwdown.data(), .rows = n, .d = d, .F = F, .partials = partials->data(),
+                       .counters = counters.data()},
+                      Stream()));
+    return Download(dh);
+  };
+  const auto got = run(0, rows);
+  CHECK(RelErr(got, want) < kTolReduce);
+  // The counters are left zero (else the next call would sum too early or never), and the
+  // sums' order is fixed: the same bits again, and each row alone as in the batch.
+  CHECK(Download(counters) == std::vector<unsigned int>(static_cast<std::size_t>(FfnGemvCounters(F)), 0u));
+  const auto again = run(0, rows);
+  CHECK(std::memcmp(again.data(), got.data(), got.size() * sizeof(float)) == 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const auto alone = run(r, 1);
+    CHECK(std::memcmp(alone.data(), got.data() + r * d, alone.size() * sizeof(float)) == 0);
+  }
+}
+
+TEST_CASE("FfnGemv refuses what it cannot take", "[cuda][ops]") {
+  CHECK(FfnGemvSupports(1, 2048, 8192));
+  CHECK(FfnGemvSupports(kFfnMaxRows, 2048, 8192));
+  CHECK_FALSE(FfnGemvSupports(kFfnMaxRows + 1, 2048, 8192));
+  CHECK_FALSE(FfnGemvSupports(0, 2048, 8192));
+  CHECK_FALSE(FfnGemvSupports(1, 60, 128));  // d not a multiple of 8
+  CHECK_FALSE(FfnGemvSupports(1, 64, 100));  // F not a multiple of 8
+  CHECK_FALSE(FfnGemvSupports(2, kGemvStageElements, 64));  // x' would not fit in shared memory
+  auto buf = DeviceBuffer<float>::Allocate(1024);
+  RequireOk(buf.status());
+  auto wbuf = DeviceBuffer<__nv_bfloat16>::Allocate(1024);
+  RequireOk(wbuf.status());
+  auto cbuf = DeviceBuffer<unsigned int>::Allocate(8);
+  RequireOk(cbuf.status());
+  const FfnGemvArgs good{.h = buf->data(), .norm_weight = buf->data(), .eps = 1e-5f, .gate_up = wbuf->data(),
+                         .down = wbuf->data(), .rows = 1, .d = 8, .F = 8, .partials = buf->data() + 512,
+                         .counters = cbuf->data()};
+  FfnGemvArgs bad = good;
+  bad.rows = kFfnMaxRows + 1;
+  CHECK(FfnGemv(bad, Stream()).IsInvalidArgument());
+  bad = good;
+  bad.counters = nullptr;
+  CHECK(FfnGemv(bad, Stream()).IsInvalidArgument());
+  bad = good;
+  bad.down = wbuf->data() + 1;  // not 16-byte aligned
+  CHECK(FfnGemv(bad, Stream()).IsInvalidArgument());
+  bad = good;
+  bad.eps = -1.0f;
+  CHECK(FfnGemv(bad, Stream()).IsInvalidArgument());
+  RequireOk(FfnGemv(good, Stream()));  // the shape the others break: accepted
+}
+
 TEST_CASE("Gemv refuses what it cannot take", "[cuda][ops]") {
   auto buf = DeviceBuffer<float>::Allocate(1024);
   RequireOk(buf.status());

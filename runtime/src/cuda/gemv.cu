@@ -325,6 +325,221 @@ Status LaunchIn(const GemvArgs& a, cudaStream_t stream) {
   return Status::InvalidArgument("Gemv: unknown input kind");
 }
 
+// ---- FfnGemv: the decode step's FFN as one kernel (cuda_ops.h) ----------------------------
+//
+// A warp's units, per slice of kFfnSlice SwiGLU columns: kFfnPairsPerWarp gate | up pairs (the
+// GEMV's units, a gate row and its up row by 2048-column segments), then its down units: 64
+// rows of W_down by the slice's 64 columns, 8 lanes a row, 4 rows a load, 16 loads. The
+// weight stream runs on across the phases and slices (the next unit is always in flight);
+// only the SwiGLU columns wait for the block's barrier.
+
+constexpr int kFfnPairsPerWarp = static_cast<int>(kFfnSlice) / kWarps;
+constexpr int kDownUnitRows = 64;
+constexpr int kUnitVecs = kRowsPerWarp * kSegVecs;  // 16-byte pieces a lane holds of a unit, either kind
+static_assert(kFfnSlice == 64 && kUnitVecs == 16, "a down unit: 8 lanes x 8 columns a row, 16 loads of 4 rows");
+
+// Each lane holds v[i] = its 8 columns' share of row 4i + lane/8 of a down unit; summed over
+// the 8 lanes of each row (the lanes differing in bits 0-2) by halving exchanges: afterwards
+// lane l holds the sums of rows indexed DownSumIndex(l) and DownSumIndex(l) + 1 in v[0], v[1].
+__device__ __forceinline__ void ButterflySum16(float (&v)[16], int lane) {
+#pragma unroll
+  for (int step = 0; step < 3; ++step) {
+    const int m = 4 >> step, half = 8 >> step;
+    const bool upper = (lane & m) != 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if (j >= half) break;
+      const float send = upper ? v[j] : v[j + half];
+      const float keep = upper ? v[j + half] : v[j];
+      v[j] = keep + __shfl_xor_sync(0xffffffffu, send, m);
+    }
+  }
+}
+
+__device__ __forceinline__ int DownSumIndex(int lane) { return (lane & 4) * 2 + (lane & 2) * 2 + (lane & 1) * 2; }
+
+// out[c] (+)= Σ_j src[j * stride + c] for c < n (a multiple of 4), j in order, through L2 (the
+// sources were written by other blocks). A thread takes two float4 columns a pass and has
+// kSumBatch sources of each in flight before it adds them: the sum is on the kernel's tail,
+// where its latency is what counts.
+constexpr int kSumBatch = 8;
+__device__ __forceinline__ float4 Add4(float4 a, float4 b) { return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); }
+
+__device__ __forceinline__ void SumRows(const float* src, int64_t count, int64_t stride, int64_t n, float* out,
+                                        bool add, int tid) {
+  for (int64_t c0 = 4 * static_cast<int64_t>(tid); c0 < n; c0 += 8 * kThreads) {
+    const int64_t c[2] = {c0, c0 + 4 * kThreads};
+    const bool has[2] = {true, c[1] < n};
+    float4 s[2] = {make_float4(0.0f, 0.0f, 0.0f, 0.0f), make_float4(0.0f, 0.0f, 0.0f, 0.0f)};
+    for (int64_t j0 = 0; j0 < count; j0 += kSumBatch) {
+      float4 t[2][kSumBatch];
+#pragma unroll
+      for (int u = 0; u < kSumBatch; ++u) {
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          if (j0 + u < count && has[k]) t[k][u] = __ldcg(reinterpret_cast<const float4*>(src + (j0 + u) * stride + c[k]));
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kSumBatch; ++u) {
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          if (j0 + u < count && has[k]) s[k] = Add4(s[k], t[k][u]);
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      if (!has[k]) continue;
+      auto* o = reinterpret_cast<float4*>(out + c[k]);
+      __stcg(o, add ? Add4(__ldcg(o), s[k]) : s[k]);
+    }
+  }
+}
+
+template <int B>
+__global__ void __launch_bounds__(kThreads, 1) FfnGemvKernel(const FfnGemvArgs a) {
+  __shared__ __align__(16) bf16 xs[kGemvStageElements];  // x' = bf16(RMSNorm(h)) [rows][d]
+  __shared__ float scratch[B][32];
+  __shared__ __align__(16) bf16 hs[B][kFfnSlice];  // the slice's SwiGLU columns
+  __shared__ unsigned int arrived;                 // thread 0's counter reading, for the block
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
+  const int rows = static_cast<int>(a.rows);  // <= B
+  const int64_t d = a.d, F = a.F, slices = (F + kFfnSlice - 1) / kFfnSlice, rd = rows * d;
+  const int64_t groups = (slices + kFfnGroup - 1) / kFfnGroup;
+  const int vecs = static_cast<int>(d / 8);
+  const int segs = (vecs + 32 * kSegVecs - 1) / (32 * kSegVecs);
+  const int gu_units = kFfnPairsPerWarp * segs;
+  const int down_total = static_cast<int>((d + kDownUnitRows - 1) / kDownUnitRows);
+  const int units = gu_units + (warp < down_total ? (down_total - warp + kWarps - 1) / kWarps : 0);
+  float* const group_sums = a.partials + slices * rd;  // [groups][rows][d] after the slices' [slices][rows][d]
+
+  auto load = [&](uint4 (&buf)[kUnitVecs], int64_t slice, int k) {
+    if (k < gu_units) {
+      int64_t g = slice * kFfnSlice + warp + kWarps * (k / segs);
+      g = g < F ? g : F - 1;  // a short last slice: read the last pair again, its column is 0
+      const int seg = k % segs;
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        const uint4* w = reinterpret_cast<const uint4*>(a.gate_up + (g + r * F) * d);
+#pragma unroll
+        for (int i = 0; i < kSegVecs; ++i) {
+          const int v = seg * 32 * kSegVecs + 32 * i + lane;
+          buf[r * kSegVecs + i] = v < vecs ? __ldcs(w + v) : make_uint4(0, 0, 0, 0);
+        }
+      }
+    } else {
+      const int64_t row0 = static_cast<int64_t>(warp + kWarps * (k - gu_units)) * kDownUnitRows + (lane >> 3);
+      const int64_t column = slice * kFfnSlice + 8 * (lane & 7);
+#pragma unroll
+      for (int i = 0; i < kUnitVecs; ++i) {
+        const int64_t row = a.ablate >= 2 ? d : row0 + 4 * i;  // past d or F: zeros (nothing stored, or a zero column)
+        buf[i] = row < d && column < F ? __ldcs(reinterpret_cast<const uint4*>(a.down + row * F + column))
+                                       : make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+
+  uint4 cur[kUnitVecs], nxt[kUnitVecs];
+  int64_t slice = blockIdx.x;  // the grid is at most `slices` blocks
+  load(cur, slice, 0);         // weights: in flight while the predecessor ends and x' is made
+  const GemvArgs stage{.input = GemvInput::kRmsNorm, .x = a.h, .x_ld = d, .norm_weight = a.norm_weight,
+                       .eps = a.eps, .rows = rows, .in = d};
+  StageRmsNorm<B>(stage, tid, xs, scratch);
+  __syncthreads();
+
+  for (; slice < slices; slice += gridDim.x) {
+    float acc[kRowsPerWarp][B];
+#pragma unroll
+    for (int b = 0; b < B; ++b) acc[0][b] = acc[1][b] = 0.0f;
+    uint4 hv[B];  // this lane's 8 SwiGLU columns of each row, for the down units
+    for (int k = 0; k < units; ++k) {
+      int64_t next_slice = slice;
+      int next_k = k + 1;
+      if (next_k == units) {
+        next_k = 0;
+        next_slice += gridDim.x;
+      }
+      if (next_slice < slices) load(nxt, next_slice, next_k);
+      if (k < gu_units) {
+        const int seg = k % segs;
+#pragma unroll
+        for (int i = 0; i < kSegVecs; ++i) {
+          const int v = seg * 32 * kSegVecs + 32 * i + lane;
+          if (v >= vecs) break;
+#pragma unroll
+          for (int b = 0; b < B; ++b) {
+            if (b >= rows) break;
+            const uint4 xv = *reinterpret_cast<const uint4*>(&xs[b * d + static_cast<int64_t>(v) * 8]);
+#pragma unroll
+            for (int r = 0; r < kRowsPerWarp; ++r) acc[r][b] = Dot8(cur[r * kSegVecs + i], xv, acc[r][b]);
+          }
+        }
+        if (seg == segs - 1) {  // the pair's last segment: its SwiGLU column (Gemv's kSwiGluBf16)
+          const int column = warp + kWarps * (k / segs);
+#pragma unroll
+          for (int b = 0; b < B; ++b) {
+            if (b >= rows) break;
+            const float gate = WarpSum(acc[0][b]), up = WarpSum(acc[1][b]);
+            acc[0][b] = acc[1][b] = 0.0f;
+            const bool in_f = slice * kFfnSlice + column < F;
+            if (lane == b) hs[b][column] = __float2bfloat16_rn(in_f ? SwiGluOf(gate, up) : 0.0f);
+          }
+        }
+        if (k == gu_units - 1) {  // every warp's columns are in: the down units read them
+          __syncthreads();
+#pragma unroll
+          for (int b = 0; b < B; ++b) {
+            if (b < rows) hv[b] = *reinterpret_cast<const uint4*>(&hs[b][(lane & 7) * 8]);
+          }
+        }
+      } else {
+        const int64_t row = static_cast<int64_t>(warp + kWarps * (k - gu_units)) * kDownUnitRows + (lane >> 3) +
+                            4 * DownSumIndex(lane);
+#pragma unroll
+        for (int b = 0; b < B; ++b) {  // one row of x at a time: 16 sums in registers, not 16 B
+          if (b >= rows) break;
+          float v[kUnitVecs];
+#pragma unroll
+          for (int i = 0; i < kUnitVecs; ++i) v[i] = Dot8(cur[i], hv[b], 0.0f);
+          ButterflySum16(v, lane);
+          float* p = a.partials + slice * rd + b * d + row;
+          if (row < d) p[0] = v[0];
+          if (row + 4 < d) p[4] = v[1];
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kUnitVecs; ++i) cur[i] = nxt[i];
+    }
+
+    // The slice's partial sums are stored. The last of its group's slices to be sums the
+    // group; the last group to be summed, the groups into h.
+    __syncthreads();
+    if (a.ablate >= 1) continue;
+    const int64_t group = slice / kFfnGroup, first = group * kFfnGroup;
+    const int64_t in_group = slices - first < kFfnGroup ? slices - first : kFfnGroup;
+    if (tid == 0) {
+      __threadfence();
+      arrived = atomicAdd(a.counters + group, 1u);
+    }
+    __syncthreads();
+    if (arrived != in_group - 1) continue;
+    __threadfence();
+    SumRows(a.partials + first * rd, in_group, rd, rd, group_sums + group * rd, false, tid);
+    __syncthreads();
+    if (tid == 0) {
+      a.counters[group] = 0;  // every slice of the group has arrived: ready for the next call
+      __threadfence();
+      arrived = atomicAdd(a.counters + groups, 1u);
+    }
+    __syncthreads();
+    if (arrived != groups - 1) continue;
+    __threadfence();
+    SumRows(group_sums, groups, rd, rd, a.h, true, tid);
+    if (tid == 0) a.counters[groups] = 0;
+  }
+}
+
 LM2_CUDA_KERNEL_MODULE(GemvKernel<1, GemvInput::kBf16, GemvOutput::kStore>);
 
 }  // namespace
@@ -367,6 +582,44 @@ Status Gemv(const GemvArgs& a, cudaStream_t stream) {
   if (a.rows == 2) return LaunchIn<2>(a, stream);
   if (a.rows <= 4) return LaunchIn<4>(a, stream);
   return LaunchIn<8>(a, stream);
+}
+
+bool FfnGemvSupports(int64_t rows, int64_t d, int64_t F) {
+  return rows >= 1 && rows <= kFfnMaxRows && d > 0 && F > 0 && d % 8 == 0 && F % 8 == 0 &&
+         rows * d <= kGemvStageElements;
+}
+
+int64_t FfnGemvScratchFloats(int64_t rows, int64_t d, int64_t F) {
+  const int64_t slices = (F + kFfnSlice - 1) / kFfnSlice, groups = (slices + kFfnGroup - 1) / kFfnGroup;
+  return (slices + groups) * rows * d;
+}
+
+int64_t FfnGemvCounters(int64_t F) { return ((F + kFfnSlice - 1) / kFfnSlice + kFfnGroup - 1) / kFfnGroup + 1; }
+
+Status FfnGemv(const FfnGemvArgs& a, cudaStream_t stream) {
+  if (!FfnGemvSupports(a.rows, a.d, a.F) || a.F >= (int64_t{1} << 31)) {
+    return Status::InvalidArgument("FfnGemv: rows=" + std::to_string(a.rows) + " (1.." + std::to_string(kFfnMaxRows) +
+                                   ") d=" + std::to_string(a.d) + " F=" + std::to_string(a.F) +
+                                   " (multiples of 8, rows * d <= " +
+                                   std::to_string(kGemvStageElements) + ")");
+  }
+  LM2_RETURN_IF_ERROR(RequireNonNull("FfnGemv", {a.h, a.norm_weight, a.gate_up, a.down, a.partials, a.counters}));
+  LM2_RETURN_IF_ERROR(ops::CheckRmsNorm(a.rows, a.d, a.eps));
+  for (const void* p : {static_cast<const void*>(a.h), static_cast<const void*>(a.norm_weight),
+                        static_cast<const void*>(a.gate_up), static_cast<const void*>(a.down),
+                        static_cast<const void*>(a.partials)}) {
+    if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) {
+      return Status::InvalidArgument("FfnGemv: h, norm weights, weights and partials must be 16-byte aligned");
+    }
+  }
+  LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());
+  const int64_t slices = (a.F + kFfnSlice - 1) / kFfnSlice;
+  const auto blocks = static_cast<unsigned int>(slices < sms ? slices : sms);
+  const auto launch = [&](auto kernel) { return CudaStatus(LaunchPdl(kernel, blocks, kThreads, 0, stream, a), "FfnGemvKernel"); };
+  if (a.rows == 1) return launch(&FfnGemvKernel<1>);
+  if (a.rows == 2) return launch(&FfnGemvKernel<2>);
+  if (a.rows <= 4) return launch(&FfnGemvKernel<4>);
+  return launch(&FfnGemvKernel<8>);
 }
 
 }  // namespace lm2::runtime::cuda
