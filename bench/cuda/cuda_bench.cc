@@ -7,7 +7,7 @@
 //                  [--sessions 8,32,64] [--repeats 3] [--json OUT] [--profile-prefill T]
 //                  [--tiled 0|1] [--chunk N] [--side-read 0|1] [--read-leads 0|1] [--defer-write 0|1] [--warm-up 0|1]
 //                  [--profile-decode N] [--bank-threads N] [--kv-at-end 0|1] [--batcher-wait US]
-//                  [--flush-tokens N] [--fused-ffn 0|1]
+//                  [--flush-tokens N]
 //                                                  (--decode-tokens 0: prefill only)
 //
 //   --tiled 0: multi-token chunks read memory and attend through the cuBLAS GEMM forms
@@ -26,8 +26,6 @@
 //   the conversations still decoding (DecodeBatcherOptions::wait_for_decoding; 0: not at all).
 //   --flush-tokens N: decode steps add their staged write terms to the write sums every N
 //   tokens (CudaOptions::write_flush_tokens).
-//   --fused-ffn 1: chunks on the GEMV path (decode steps) run the FFN as one kernel
-//   (FfnGemv; CudaOptions::fused_ffn).
 //
 //   --profile-prefill T: only a warm-up prefill of T tokens and then one more between
 //   cudaProfilerStart and cudaProfilerStop, for a profiler that starts off, e.g.
@@ -557,47 +555,6 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, const lm2::runtime::C
     std::printf("  the q|k|v GEMV, then the memory read (chained as at batch 1): %6.1f us; apart %6.1f + %6.1f us\n",
                 t_pair * 1e6, t_proj * 1e6, t_read * 1e6);
   }
-  // The FFN as the model runs it: two GEMVs chained (gate|up with the SwiGLU, then down), or
-  // one FfnGemv (CudaOptions::fused_ffn).
-  {
-    auto partials = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(cuda::FfnGemvScratchFloats(1, d, F))),
-                         "alloc");
-    auto counters = Take(cuda::DeviceBuffer<unsigned int>::Allocate(static_cast<std::size_t>(cuda::FfnGemvCounters(F))),
-                         "alloc");
-    Check(counters.FillBytes(0, nullptr), "fill");
-    SetUpDone();
-    const cuda::GemvArgs gate_up = gemv_args(GemvInput::kRmsNorm, d, 2 * F, GemvOutput::kSwiGluBf16);
-    const cuda::GemvArgs down = gemv_args(GemvInput::kBf16, F, d, GemvOutput::kAccumulate);
-    const double t_two = TimeOp(st, [&] {
-      const lm2::Status s = run_gemv(gate_up);
-      return s.ok() ? run_gemv(down) : s;
-    });
-    double t_abl[3] = {0, 0, 0};
-    for (int ab = 1; ab <= 2; ++ab) t_abl[ab] = TimeOp(st, [&] {
-      const cuda::FfnGemvArgs a{.h = x, .norm_weight = f2.data(), .eps = 1e-5f,
-                                .gate_up = WeightCopy(w.data(), big, 2 * F * d, call++),
-                                .down = WeightCopy(w.data(), big, F * d, call++), .rows = 1, .d = d, .F = F,
-                                .partials = partials.data(), .counters = counters.data(), .ablate = ab};
-      return cuda::FfnGemv(a, st);
-    });
-    std::printf("  TEMP FfnGemv ablations: no sums %6.1f us, no sums and no down weights %6.1f us\n", t_abl[1] * 1e6, t_abl[2] * 1e6);
-    const double t_one = TimeOp(st, [&] {
-      const cuda::FfnGemvArgs a{.h = x,
-                                .norm_weight = f2.data(),
-                                .eps = 1e-5f,
-                                .gate_up = WeightCopy(w.data(), big, 2 * F * d, call++),
-                                .down = WeightCopy(w.data(), big, F * d, call++),
-                                .rows = 1,
-                                .d = d,
-                                .F = F,
-                                .partials = partials.data(),
-                                .counters = counters.data()};
-      return cuda::FfnGemv(a, st);
-    });
-    const double bytes = wbytes(d, 2 * F) + wbytes(F, d);
-    std::printf("  the FFN: two GEMVs chained %6.1f us (%.0f GB/s of weights); one FfnGemv %6.1f us (%.0f GB/s)\n",
-                t_two * 1e6, bytes / t_two / 1e9, t_one * 1e6, bytes / t_one / 1e9);
-  }
   // Batched decode steps: the gate|up layer for B rows, GEMV (up to its row limit) and cuBLAS.
   for (int64_t B = 2; B <= cuda::kGemvMaxRows; B *= 2) {
     const cuda::GemvArgs g{.input = cuda::GemvInput::kRmsNorm, .x = x, .x_ld = d, .norm_weight = f3.data(),
@@ -1011,7 +968,6 @@ int main(int argc, char** argv) {
     else if (k == "--bank-threads") options.bank_transfer_threads = std::stoi(v);
     else if (k == "--kv-at-end") options.memory_kv_at_segment_end = v != "0";
     else if (k == "--flush-tokens") options.write_flush_tokens = std::stoll(v);
-    else if (k == "--fused-ffn") options.fused_ffn = v != "0";
     else if (k == "--batcher-wait") batcher_wait = std::chrono::microseconds(std::stoll(v));
     else Die("unknown option " + k);
   }

@@ -87,8 +87,6 @@ struct Scratch {
   DeviceBuffer<float> q, attn_out, a, mattn, e, gate, gate_up, logits;
   DeviceBuffer<float> scores;    // [H, T, S] of the GEMM attention path
   DeviceBuffer<float> read_partial;  // the decode memory read's partial sums
-  DeviceBuffer<float> ffn_partials;  // FfnGemv's partial sums
-  DeviceBuffer<unsigned int> ffn_counters;  // and its arrival counters (zeroed once; each call leaves them so)
   DeviceBuffer<bf16> read_b;     // the multi-token memory read's bf16 operands (MemoryReadScratch)
   DeviceBuffer<float> read_stats;  // the tiled multi-token read's softmax statistics (MemoryReadWriteScratch)
   DeviceBuffer<float> write_u;   // the segment write's update u [N, d]
@@ -956,16 +954,6 @@ class CudaModel final : public Model {
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.rope, Z(rows * (cfg_.head_dim / 2))));
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.xb, Z(g * d)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.yb, Z(g * std::max({2 * d, qdim, F}))));  // (OutputGateWithO: [2, g, d])
-    // FfnGemv's: a chunk of `rows` may end in one of the GEMV's few rows.
-    if (const int64_t fr = std::min(rows, gemv_rows_); fr > 0 && FusedFfn(fr)) {
-      LM2_RETURN_IF_ERROR(EnsureCapacity(sc.ffn_partials, Z(FfnGemvScratchFloats(fr, d, F))));
-      const auto counters = Z(FfnGemvCounters(F));
-      if (sc.ffn_counters.size() < counters) {
-        LM2_RETURN_IF_ERROR(EnsureCapacity(sc.ffn_counters, counters));
-        LM2_CUDA_RETURN_IF_ERROR(
-            cudaMemsetAsync(sc.ffn_counters.data(), 0, counters * sizeof(unsigned int), s.stream_.get()));
-      }
-    }
     if (cfg_.has_memory()) {
       for (DeviceBuffer<float>* b : {&sc.e, &sc.gate}) LM2_RETURN_IF_ERROR(EnsureCapacity(*b, Z(g * d)));
       // The decode memory read's rows: a batched step's sessions, else one (a one-token
@@ -1398,10 +1386,6 @@ class CudaModel final : public Model {
   // inside; longer chunks run cuBLAS GEMMs beside the separate elementwise kernels. Both
   // give the same bf16 inputs; only the fp32 summation order differs.
   bool Small(int64_t n) const { return n <= gemv_rows_; }
-  // Whether the FFN of n rows runs as one FfnGemv kernel (CudaOptions::fused_ffn).
-  bool FusedFfn(int64_t n) const {
-    return options_.fused_ffn && Small(n) && FfnGemvSupports(n, cfg_.hidden_size, cfg_.intermediate_size);
-  }
 
   // The rows the cuBLAS GEMMs of a chunk of n rows (or of a batched decode step of n
   // sessions) run over: a chunk's n rounded up to a multiple of kGemmRowStep. cuBLAS chooses
@@ -1494,19 +1478,6 @@ class CudaModel final : public Model {
     const int64_t d = cfg_.hidden_size, F = cfg_.intermediate_size;
     const cudaStream_t st = s.stream_.get();
     Scratch& sc = s.scratch_;
-    if (FusedFfn(n)) {
-      return FfnGemv({.h = h,
-                      .norm_weight = lw.post_norm,
-                      .eps = static_cast<float>(cfg_.rms_norm_eps),
-                      .gate_up = lw.gate_up,
-                      .down = lw.down_proj,
-                      .rows = n,
-                      .d = d,
-                      .F = F,
-                      .partials = sc.ffn_partials.data(),
-                      .counters = sc.ffn_counters.data()},
-                     st);
-    }
     if (Small(n)) {
       LM2_RETURN_IF_ERROR(Gemv({.input = GemvInput::kRmsNorm, .x = h, .x_ld = d, .norm_weight = lw.post_norm,
                                 .eps = static_cast<float>(cfg_.rms_norm_eps), .w = lw.gate_up, .rows = n, .in = d,

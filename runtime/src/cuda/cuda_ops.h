@@ -104,37 +104,6 @@ bool GemvSupports(int64_t rows, int64_t in);
 // with it (bit-identical alone or batched). x' and W in bf16, fp32 products and sums.
 Status Gemv(const GemvArgs& args, cudaStream_t stream);
 
-// The SwiGLU FFN of a decode step as one kernel (gemv.cu): h += down(SwiGLU(gate_up(
-// bf16(RMSNorm(h))))), the down projection split along its input: each block takes slices of
-// kFfnSlice SwiGLU columns, makes them (the gate and up rows' GEMV, the SwiGLU in bf16, as
-// Gemv's kSwiGluBf16 gives them) and multiplies them at once by its columns of W_down into a
-// partial sum of each output, so no block waits for another's activations. The last block to
-// finish a group of kFfnGroup slices sums the group's partials, the last group's the groups'
-// sums into h: fixed orders, whatever the grid (bit-identical run to run, and a row alone or
-// batched). No block waits for another: nothing needs the grid resident at once.
-inline constexpr int64_t kFfnSlice = 64;
-inline constexpr int64_t kFfnGroup = 8;
-inline constexpr int64_t kFfnMaxRows = kGemvMaxRows;
-
-struct FfnGemvArgs {
-  float* h = nullptr;                       // [rows, d] fp32, read (RMSNorm) and added to
-  const float* norm_weight = nullptr;       // [d]
-  float eps = 0.0f;
-  const __nv_bfloat16* gate_up = nullptr;   // [2F, d]: the gate rows, then the up rows
-  const __nv_bfloat16* down = nullptr;      // [d, F]
-  int64_t rows = 0, d = 0, F = 0;
-  float* partials = nullptr;                // FfnGemvScratchFloats(rows, d, F)
-  unsigned int* counters = nullptr;         // FfnGemvCounters(F), zero before the first call; left zero
-  int ablate = 0;  // TEMPORARY diagnostic: 1 no sums of the partials, 2 also no down weights
-};
-
-// Whether FfnGemv takes this shape: rows <= kFfnMaxRows, d and F multiples of 8,
-// rows * d <= kGemvStageElements.
-bool FfnGemvSupports(int64_t rows, int64_t d, int64_t F);
-int64_t FfnGemvScratchFloats(int64_t rows, int64_t d, int64_t F);
-int64_t FfnGemvCounters(int64_t F);
-Status FfnGemv(const FfnGemvArgs& args, cudaStream_t stream);
-
 // ---- Elementwise (elementwise.cu) --------------------------------------------------------
 
 // dst[n] = bf16(src[n]), round to nearest even: weight upload and GEMM inputs.

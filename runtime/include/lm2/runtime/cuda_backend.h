@@ -70,12 +70,6 @@ struct CudaOptions {
   // fp32 rounding (cuBLAS sums in another order, and the memory read merges each block's
   // chunks before the combine).
   int64_t gemv_max_rows = 8;
-  // Chunks on the GEMV path (gemv_max_rows) run the SwiGLU FFN (RMSNorm, gate | up, SwiGLU,
-  // down, residual add) as one kernel (FfnGemv: the down projection split along its input,
-  // so that each block multiplies the SwiGLU columns it made without waiting for the others)
-  // instead of two GEMVs. The down projection's sums run in another order: results agree
-  // with the two GEMVs' to fp32 rounding, and stay bit-identical alone or batched.
-  bool fused_ffn = false;
   // Each memory layer's read runs on a second stream of the state, beside the layer's
   // self-attention and output projection (they are independent), where the read uses no
   // cuBLAS (decode steps, and tiled_memory chunks). Same results either way; off: one stream.
