@@ -484,6 +484,99 @@ TEST_CASE("Gemv's SwiGLU output: the bits of SwiGluBf16 over the stored gate | u
   }
 }
 
+// SkinnyLinear against a double loop over the same bf16 operands, at the model's layer shapes
+// (split k: the 2048-column ones; one split: gate | up) and ragged ones (a short last column
+// tile, k not a multiple of a chunk, rows not a multiple of 16), with each output: stored,
+// added, stored in bf16. Then the same bits again (the split sums' order is fixed, the
+// counters left zero) and, for one shape, each row alone as in the batch.
+TEST_CASE("SkinnyLinear: linear layers of a few dozen rows equal the product", "[cuda][ops]") {
+  enum class Out { kStore, kAccumulate, kBf16 };
+  const auto [rows, in, out, mode] = GENERATE(std::make_tuple(int64_t{64}, int64_t{2048}, int64_t{2048}, Out::kStore),
+                                              std::make_tuple(int64_t{33}, int64_t{8192}, int64_t{2048}, Out::kAccumulate),
+                                              std::make_tuple(int64_t{17}, int64_t{2048}, int64_t{16384}, Out::kBf16),
+                                              std::make_tuple(int64_t{9}, int64_t{2048}, int64_t{7168}, Out::kStore),
+                                              std::make_tuple(int64_t{64}, int64_t{1000}, int64_t{2056}, Out::kStore),
+                                              std::make_tuple(int64_t{48}, int64_t{136}, int64_t{40}, Out::kAccumulate),
+                                              std::make_tuple(int64_t{1}, int64_t{64}, int64_t{8}, Out::kBf16));
+  INFO("rows=" << rows << " in=" << in << " out=" << out << " output=" << static_cast<int>(mode));
+  const auto x = Random(static_cast<std::size_t>(rows * in)), w = Random(static_cast<std::size_t>(out * in));
+  const auto y0 = Random(static_cast<std::size_t>(rows * out));
+  auto dx32 = Upload(x), dw32 = Upload(w);
+  auto dx = Poisoned<__nv_bfloat16>(x.size()), dw = Poisoned<__nv_bfloat16>(w.size());
+  RequireOk(ConvertF32ToBf16(dx32.data(), rows * in, dx.data(), Stream()));
+  RequireOk(ConvertF32ToBf16(dw32.data(), out * in, dw.data(), Stream()));
+  const int sms = [] {
+    auto r = Multiprocessors();
+    RequireOk(r.status());
+    return *r;
+  }();
+  auto partials = DeviceBuffer<float>::Allocate(static_cast<std::size_t>(std::max<int64_t>(1, SkinnyScratchFloats(rows, in, out, sms))));
+  RequireOk(partials.status());
+  const std::vector<unsigned int> zeros(static_cast<std::size_t>(SkinnyCounters(out)), 0u);
+  auto counters = Upload(zeros);
+  auto run = [&](int64_t first, int64_t n) {
+    auto dy = mode == Out::kAccumulate
+                  ? Upload(std::vector<float>(y0.begin() + first * out, y0.begin() + (first + n) * out))
+                  : Poisoned<float>(static_cast<std::size_t>(n * out));
+    auto dyb = Poisoned<__nv_bfloat16>(static_cast<std::size_t>(n * out));
+    RequireOk(SkinnyLinear({.x = dx.data() + first * in, .w = dw.data(), .rows = n, .in = in, .out = out,
+                            .y = mode == Out::kBf16 ? nullptr : dy.data(),
+                            .y_bf16 = mode == Out::kBf16 ? dyb.data() : nullptr,
+                            .accumulate = mode == Out::kAccumulate, .partials = partials->data(),
+                            .counters = counters.data()},
+                           Stream()));
+    if (mode != Out::kBf16) return Download(dy);
+    std::vector<float> y;
+    for (const auto v : Download(dyb)) y.push_back(Bf16Value(Bits(v)));
+    return y;
+  };
+  const auto got = run(0, rows);
+  std::vector<double> want(static_cast<std::size_t>(rows * out));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t o = 0; o < out; ++o) {
+      double acc = 0;
+      for (int64_t i = 0; i < in; ++i) acc += static_cast<double>(RoundBf16(x[r * in + i])) * RoundBf16(w[o * in + i]);
+      want[r * out + o] = (mode == Out::kAccumulate ? y0[r * out + o] : 0.0) + acc;
+    }
+  }
+  // bf16 output: the product rounded once more (2^-9).
+  CHECK(RelErr(got, want) < (mode == Out::kBf16 ? 5e-3 : kTolGemmRounded));
+  CHECK(Download(counters) == zeros);
+  const auto again = run(0, rows);
+  CHECK(std::memcmp(again.data(), got.data(), got.size() * sizeof(float)) == 0);
+  if (rows == 33) {
+    std::size_t differ = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const auto alone = run(r, 1);
+      for (int64_t o = 0; o < out; ++o) differ += std::memcmp(&alone[o], &got[r * out + o], sizeof(float)) != 0;
+    }
+    CHECK(differ == 0);
+  }
+}
+
+TEST_CASE("SkinnyLinear refuses what it cannot take", "[cuda][ops]") {
+  CHECK(SkinnySupports(kSkinnyMaxRows, 2048, 2048));
+  CHECK_FALSE(SkinnySupports(kSkinnyMaxRows + 1, 2048, 2048));
+  CHECK_FALSE(SkinnySupports(0, 2048, 2048));
+  CHECK_FALSE(SkinnySupports(8, 2044, 2048));
+  CHECK_FALSE(SkinnySupports(8, 2048, 2044));
+  auto xb = DeviceBuffer<__nv_bfloat16>::Allocate(4096);
+  RequireOk(xb.status());
+  auto yb = DeviceBuffer<float>::Allocate(4096);
+  RequireOk(yb.status());
+  const SkinnyArgs good{.x = xb->data(), .w = xb->data(), .rows = 8, .in = 64, .out = 8, .y = yb->data()};
+  RequireOk(SkinnyLinear(good, Stream()));  // one split: no scratch needed
+  SkinnyArgs bad = good;
+  bad.rows = kSkinnyMaxRows + 1;
+  CHECK(SkinnyLinear(bad, Stream()).IsInvalidArgument());
+  bad = good;
+  bad.y_bf16 = xb->data();  // two outputs
+  CHECK(SkinnyLinear(bad, Stream()).IsInvalidArgument());
+  bad = good;
+  bad.w = xb->data() + 1;  // not 16-byte aligned
+  CHECK(SkinnyLinear(bad, Stream()).IsInvalidArgument());
+}
+
 TEST_CASE("Gemv refuses what it cannot take", "[cuda][ops]") {
   auto buf = DeviceBuffer<float>::Allocate(1024);
   RequireOk(buf.status());
