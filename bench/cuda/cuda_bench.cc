@@ -567,57 +567,6 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, const lm2::runtime::C
     std::printf("  %lld rows d -> 2F: Gemv %6.1f us (%.0f GB/s), cuBLAS %6.1f us (%.0f GB/s)\n",
                 static_cast<long long>(B), tg * 1e6, wbytes(d, 2 * F) / tg / 1e9, tb * 1e6, wbytes(d, 2 * F) / tb / 1e9);
   }
-  // Linear layers of a few dozen rows (batched steps of 9-64 sessions, short prompt chunks):
-  // cuBLAS against SkinnyLinear at the model's shapes, each call on other weights.
-  {
-    struct LayerShape {
-      const char* name;
-      int64_t in, out;
-      bool bf16_out, accumulate;
-    };
-    const LayerShape shapes[] = {{"q|k|v|mem q|offer", d, P, false, false},
-                            {"o_proj, out_gate", d, d, false, false},
-                            {"gate|up (bf16 out)", d, 2 * F, true, false},
-                            {"down (accumulate)", F, d, false, true}};
-    const int sms = Take(cuda::Multiprocessors(), "multiprocessors");
-    int64_t scratch = 1, counters_needed = 1;
-    for (const LayerShape& sh : shapes) {
-      scratch = std::max(scratch, cuda::SkinnyScratchFloats(cuda::kSkinnyMaxRows, sh.in, sh.out, sms));
-      counters_needed = std::max(counters_needed, cuda::SkinnyCounters(sh.out));
-    }
-    auto partials = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(scratch)), "alloc");
-    auto counters = Take(cuda::DeviceBuffer<unsigned int>::Allocate(static_cast<std::size_t>(counters_needed)), "alloc");
-    Check(counters.FillBytes(0, nullptr), "fill");
-    SetUpDone();
-    const auto* xs = reinterpret_cast<const __nv_bfloat16*>(f3.data());  // zeros, 64 x 8192 fit
-    auto* y_out = f2.data();
-    auto* ys_bf16 = reinterpret_cast<__nv_bfloat16*>(f1.data());
-    for (int64_t n_rows : {16, 32, 64}) {
-      for (const LayerShape& sh : shapes) {
-        const double tb = TimeOp(st, [&] {
-          const auto* wc = WeightCopy(w.data(), big, sh.in * sh.out, call++);
-          return sh.bf16_out ? cuda::LinearToBf16(h, xs, n_rows, sh.in, wc, sh.out, ys_bf16, st)
-                             : cuda::Linear(h, xs, n_rows, sh.in, wc, sh.out, y_out, sh.accumulate, st);
-        });
-        const double tk = TimeOp(st, [&] {
-          return cuda::SkinnyLinear({.x = xs,
-                                     .w = WeightCopy(w.data(), big, sh.in * sh.out, call++),
-                                     .rows = n_rows,
-                                     .in = sh.in,
-                                     .out = sh.out,
-                                     .y = sh.bf16_out ? nullptr : y_out,
-                                     .y_bf16 = sh.bf16_out ? ys_bf16 : nullptr,
-                                     .accumulate = sh.accumulate,
-                                     .partials = partials.data(),
-                                     .counters = counters.data()},
-                                    st);
-        });
-        std::printf("  %2lld rows %-20s cuBLAS %6.1f us (%4.0f GB/s), SkinnyLinear %6.1f us (%4.0f GB/s of weights)\n",
-                    static_cast<long long>(n_rows), sh.name, tb * 1e6, wbytes(sh.in, sh.out) / tb / 1e9, tk * 1e6,
-                    wbytes(sh.in, sh.out) / tk / 1e9);
-      }
-    }
-  }
 }
 
 // The parts of one batched decode step of B sessions (context S each), per layer, back to

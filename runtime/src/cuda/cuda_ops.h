@@ -104,36 +104,6 @@ bool GemvSupports(int64_t rows, int64_t in);
 // with it (bit-identical alone or batched). x' and W in bf16, fp32 products and sums.
 Status Gemv(const GemvArgs& args, cudaStream_t stream);
 
-// ---- Linear layers of a few dozen rows (skinny_gemm.cu) -----------------------------------
-
-// y[rows, out] = x[rows, in] · W[out, in]ᵀ (stored, added, or stored in bf16) for rows up to
-// kSkinnyMaxRows: one pass over the weights on tensor cores, bf16 operands, fp32 sums; k
-// split over blocks where the layer has few column tiles, their sums added in a fixed order.
-inline constexpr int64_t kSkinnyMaxRows = 64;
-
-struct SkinnyArgs {
-  const __nv_bfloat16* x = nullptr;  // [rows, in], 16-byte aligned
-  const __nv_bfloat16* w = nullptr;  // [out, in], 16-byte aligned
-  int64_t rows = 0, in = 0, out = 0;  // in and out multiples of 8
-  float* y = nullptr;                 // [rows, out] fp32, or
-  __nv_bfloat16* y_bf16 = nullptr;    // [rows, out] bf16 (stored; not with accumulate)
-  bool accumulate = false;            // y += x · Wᵀ
-  float* partials = nullptr;          // SkinnyScratchFloats (split k only)
-  unsigned int* counters = nullptr;   // SkinnyCounters(out), zero before the first call; left zero
-};
-
-bool SkinnySupports(int64_t rows, int64_t in, int64_t out);
-// How many blocks share a column tile's k (about two blocks a multiprocessor in all).
-int64_t SkinnySplits(int64_t in, int64_t out, int multiprocessors);
-int64_t SkinnyScratchFloats(int64_t rows, int64_t in, int64_t out, int multiprocessors);
-int64_t SkinnyCounters(int64_t out);
-Status SkinnyLinear(const SkinnyArgs& args, cudaStream_t stream);
-// Whether this build and device run it (sm_90a code, compute capability 9.0), and whether the
-// environment asks Linear to route row counts up to kSkinnyMaxRows to it (EXPERIMENT:
-// LM2_SKINNY_GEMM=1).
-bool SkinnyAvailable();
-bool SkinnyRequested();
-
 // ---- Elementwise (elementwise.cu) --------------------------------------------------------
 
 // dst[n] = bf16(src[n]), round to nearest even: weight upload and GEMM inputs.

@@ -6,7 +6,6 @@
 // W_cm[in, out]ᵀ · x_cm[in, rows]: GEMM with op(A) = T on W (lda = in), op(B) = N on x
 // (ldb = in), C = y (ldc = out). No host code here needs nvcc; it is a .cu for the one-file-
 // per-op layout and because the bf16 conversion it uses is a kernel.
-#include <cstdint>
 #include <limits>
 #include <string>
 
@@ -24,19 +23,6 @@ Status LinearInto(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, i
   LM2_RETURN_IF_ERROR(ops::CheckLinear(rows, in, out));
   if (rows == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("Linear", {handle, x, w, y}));
-  if (SkinnyRequested() && SkinnyAvailable() && SkinnySupports(rows, in, out) &&
-      (y_type == CUDA_R_32F || (y_type == CUDA_R_16BF && beta == 0.0f)) && (beta == 0.0f || beta == 1.0f) &&
-      reinterpret_cast<std::uintptr_t>(x) % 16 == 0 && reinterpret_cast<std::uintptr_t>(w) % 16 == 0) {
-    return SkinnyLinear({.x = x,
-                         .w = w,
-                         .rows = rows,
-                         .in = in,
-                         .out = out,
-                         .y = y_type == CUDA_R_32F ? static_cast<float*>(y) : nullptr,
-                         .y_bf16 = y_type == CUDA_R_16BF ? static_cast<__nv_bfloat16*>(y) : nullptr,
-                         .accumulate = beta == 1.0f},
-                        stream);
-  }
   LM2_CUBLAS_RETURN_IF_ERROR(cublasSetStream(handle, stream));
   LM2_CUBLAS_RETURN_IF_ERROR(cublasSetPointerMode(handle, CUBLAS_POINTER_MODE_HOST));
   const float alpha = 1.0f;
