@@ -21,7 +21,6 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 
 #include "cuda/cuda_check.h"
@@ -180,7 +179,7 @@ __device__ __forceinline__ void StageRmsNorm(const GemvArgs& a, int tid, bf16* x
 // out/2 + g (a gate row and its up row, whose SwiGLU the warp stores). The warp loads the
 // next unit while it multiplies the current one, so its weight stream never waits on a
 // multiply; x' sits whole in shared memory.
-template <int B, GemvInput In, GemvOutput Out, bool kDeep>
+template <int B, GemvInput In, GemvOutput Out>
 __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
   __shared__ __align__(16) bf16 xs[kGemvStageElements];  // x' [rows][in]
   __shared__ float scratch[B][32];  // kRmsNorm: the rows' sums of squares
@@ -208,21 +207,9 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
     }
   };
 
-  // The unit after (group, seg) in the warp's sequence.
-  auto advance = [&](int64_t& g, int& s) {
-    if (++s == segs) {
-      s = 0;
-      g += group_stride;
-    }
-  };
   int64_t group = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   int seg = 0;
-  int64_t next_group = group;
-  int next_seg = 0;
-  advance(next_group, next_seg);
-  // weights: in flight while the predecessor ends and x' is made (kDeep: the first two units)
-  if (group < groups) load(cur, group, 0);
-  if (kDeep && next_group < groups) load(nxt, next_group, next_seg);
+  if (group < groups) load(cur, group, 0);  // weights: in flight while the predecessor ends and x' is made
   if constexpr (In == GemvInput::kRmsNorm) {
     StageRmsNorm<B>(a, tid, xs, scratch);
   } else {
@@ -240,7 +227,13 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
     for (int b = 0; b < B; ++b) acc[r][b] = 0.0f;
   }
   while (group < groups) {
-    if (!kDeep && next_group < groups) load(nxt, next_group, next_seg);
+    int64_t next_group = group;
+    int next_seg = seg + 1;
+    if (next_seg == segs) {
+      next_seg = 0;
+      next_group += group_stride;
+    }
+    if (next_group < groups) load(nxt, next_group, next_seg);
 #pragma unroll
     for (int i = 0; i < kSegVecs; ++i) {
       const int v = seg * 32 * kSegVecs + 32 * i + lane;
@@ -291,23 +284,13 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
     }
     group = next_group;
     seg = next_seg;
-    advance(next_group, next_seg);
-    if (kDeep && next_group < groups) load(nxt, next_group, next_seg);  // the unit after the one now in cur
   }
   if constexpr (Out == GemvOutput::kStoreArgmax) {
     if (lane < rows && best != 0) atomicMax(reinterpret_cast<unsigned long long*>(a.argmax_keys) + lane, best);
   }
 }
 
-bool DeepPrologue() {
-  static const bool on = [] {
-    const char* v = std::getenv("LM2_GEMV_DEEP");
-    return v != nullptr && v[0] == '1';
-  }();
-  return on;
-}
-
-template <int B, GemvInput In, bool kDeep>
+template <int B, GemvInput In>
 Status LaunchOut(const GemvArgs& a, cudaStream_t stream) {
   LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());  // one block each: the kernel is persistent
   const int64_t warps_needed = (a.out + kRowsPerWarp - 1) / kRowsPerWarp;
@@ -315,18 +298,18 @@ Status LaunchOut(const GemvArgs& a, cudaStream_t stream) {
   const auto blocks = static_cast<unsigned int>(blocks_needed < sms ? blocks_needed : sms);
   switch (a.output) {
     case GemvOutput::kStore:
-      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kStore, kDeep>, blocks, kThreads, 0, stream, a), "GemvKernel");
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kStore>, blocks, kThreads, 0, stream, a), "GemvKernel");
     case GemvOutput::kAccumulate:
-      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kAccumulate, kDeep>, blocks, kThreads, 0, stream, a),
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kAccumulate>, blocks, kThreads, 0, stream, a),
                         "GemvKernel");
     case GemvOutput::kGatedResidual:
-      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kGatedResidual, kDeep>, blocks, kThreads, 0, stream, a),
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kGatedResidual>, blocks, kThreads, 0, stream, a),
                         "GemvKernel");
     case GemvOutput::kStoreArgmax:
-      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kStoreArgmax, kDeep>, blocks, kThreads, 0, stream, a),
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kStoreArgmax>, blocks, kThreads, 0, stream, a),
                         "GemvKernel");
     case GemvOutput::kSwiGluBf16:
-      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kSwiGluBf16, kDeep>, blocks, kThreads, 0, stream, a),
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kSwiGluBf16>, blocks, kThreads, 0, stream, a),
                         "GemvKernel");
   }
   return Status::InvalidArgument("Gemv: unknown output kind");
@@ -335,18 +318,14 @@ Status LaunchOut(const GemvArgs& a, cudaStream_t stream) {
 template <int B>
 Status LaunchIn(const GemvArgs& a, cudaStream_t stream) {
   switch (a.input) {
-    case GemvInput::kBf16:
-      return DeepPrologue() ? LaunchOut<B, GemvInput::kBf16, true>(a, stream) : LaunchOut<B, GemvInput::kBf16, false>(a, stream);
-    case GemvInput::kF32:
-      return DeepPrologue() ? LaunchOut<B, GemvInput::kF32, true>(a, stream) : LaunchOut<B, GemvInput::kF32, false>(a, stream);
-    case GemvInput::kRmsNorm:
-      return DeepPrologue() ? LaunchOut<B, GemvInput::kRmsNorm, true>(a, stream)
-                            : LaunchOut<B, GemvInput::kRmsNorm, false>(a, stream);
+    case GemvInput::kBf16: return LaunchOut<B, GemvInput::kBf16>(a, stream);
+    case GemvInput::kF32: return LaunchOut<B, GemvInput::kF32>(a, stream);
+    case GemvInput::kRmsNorm: return LaunchOut<B, GemvInput::kRmsNorm>(a, stream);
   }
   return Status::InvalidArgument("Gemv: unknown input kind");
 }
 
-LM2_CUDA_KERNEL_MODULE(GemvKernel<1, GemvInput::kBf16, GemvOutput::kStore, false>);
+LM2_CUDA_KERNEL_MODULE(GemvKernel<1, GemvInput::kBf16, GemvOutput::kStore>);
 
 }  // namespace
 
