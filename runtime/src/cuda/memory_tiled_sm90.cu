@@ -16,13 +16,10 @@
 // 8i + 2t, 8i + 2t + 1: the layout of mma.sync's C fragments, so memory_tiled's online
 // softmax, weights and epilogues apply unchanged, and the weights packed to bf16 pairs are
 // the next product's A fragments.
-#include <cuda.h>
-#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 
 #include <cstdlib>
 #include <cstring>
-#include <string>
 
 #include "cuda/cuda_check.h"
 #include "cuda/kernel_modules.h"
@@ -65,61 +62,6 @@ __device__ __forceinline__ void TileArrived(int it, int tiles) {
   }
   FenceProxyAsync();
   __syncthreads();
-}
-
-// ---- Tensor copies (TMA) counted on transaction barriers (mbarrier) ----------------------
-
-// A barrier whose phase completes after `count` arrivals and the bytes they announced.
-__device__ __forceinline__ void BarrierInit(uint64_t* bar, unsigned count) {
-#if LM2_WGMMA
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(SharedAddress(bar)), "r"(count) : "memory");
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-#endif
-}
-
-// This thread's arrival, announcing `bytes` that copies counted on the barrier will bring.
-__device__ __forceinline__ void BarrierExpectBytes(uint64_t* bar, uint32_t bytes) {
-#if LM2_WGMMA
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(SharedAddress(bar)), "r"(bytes)
-               : "memory");
-#endif
-}
-
-// Waits until the barrier's phase of parity `parity` has completed.
-__device__ __forceinline__ void BarrierWait(uint64_t* bar, uint32_t parity) {
-#if LM2_WGMMA
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(SharedAddress(bar)), "r"(parity)
-        : "memory");
-  } while (done == 0);
-#endif
-}
-
-// The 64 x 64 box of `map` at column x, row y into 1 KiB-aligned shared `dst`, in the map's
-// 128-byte swizzle (rows past the map's end zero), counted on `bar`.
-__device__ __forceinline__ void TensorTile(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
-#if LM2_WGMMA
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::
-          "r"(SharedAddress(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(SharedAddress(bar))
-      : "memory");
-#endif
-}
-
-// `bytes` (a multiple of 16; both addresses 16-byte aligned) from global `src` into shared
-// `dst`, counted on `bar`.
-__device__ __forceinline__ void BulkCopy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-#if LM2_WGMMA
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   SharedAddress(dst)),
-               "l"(src), "r"(bytes), "r"(SharedAddress(bar))
-               : "memory");
-#endif
 }
 
 // The matrix descriptor of a swizzled tile: start address, stride between 8-row groups
@@ -473,143 +415,13 @@ __global__ void __launch_bounds__(kThreads, 2)
 #endif
 }
 
-// The write sums with the token tiles brought by tensor copies instead (`tokens`: the
-// scratch's q rows then its offer rows, [2 heads tp, 64] bf16, 64 x 64 boxes): a ring of
-// kRingStages, each stage's copies counted on its transaction barrier, so that no block
-// barrier ties the warps together tile by tile. The last warp to finish with a stage refills
-// it (with the tile kRingStages on), so a warp may run up to kRingStages - 1 tiles ahead of
-// the slowest. Same sums, in the same order, as WriteKernel.
-constexpr int kRingStages = 4;
-
-template <bool kAccumulate>
-__global__ void __launch_bounds__(kThreads, 2)
-    WriteKernelTma(const bf16* __restrict__ mem_k, int64_t T, int64_t N, int64_t d, float scale_log2, Scratch scratch,
-                   float* __restrict__ mass, float* __restrict__ acc, const __grid_constant__ CUtensorMap tokens) {
-#if LM2_WGMMA
-  char* qt = AlignedSharedMemory();                                          // kRingStages tiles
-  char* ot = qt + kRingStages * kTileBytes;                                  // kRingStages tiles
-  char* ks = ot + kRingStages * kTileBytes;                                  // a tile per warpgroup
-  auto* shifts = reinterpret_cast<float*>(ks + kOwnBytes);                   // kRingStages x 64
-  auto* full = reinterpret_cast<uint64_t*>(shifts + kRingStages * kTile);    // a stage's copies landed
-  auto* finished = reinterpret_cast<unsigned*>(full + kRingStages);          // warps done with a stage's tile
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const int t = lane % 4;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = scratch.tp;
-  const float* shift_head = scratch.shift + j * Tp;
-  const int q_row = static_cast<int>(j * Tp), offer_row = static_cast<int>((d / kDh + j) * Tp);
-  const int tiles = static_cast<int>((T + kTile - 1) / kTile);  // past them only padding (weight 0)
-  // Tile `it` into `stage`, by one thread.
-  const auto load_tokens = [&](int it, int stage) {
-    BarrierExpectBytes(&full[stage], 2 * kTileBytes + kTile * 4);
-    TensorTile(qt + stage * kTileBytes, &tokens, 0, q_row + it * kTile, &full[stage]);
-    TensorTile(ot + stage * kTileBytes, &tokens, 0, offer_row + it * kTile, &full[stage]);
-    BulkCopy(shifts + stage * kTile, shift_head + static_cast<int64_t>(it) * kTile, kTile * 4, &full[stage]);
-  };
-  if (threadIdx.x == 0) {
-    for (int stage = 0; stage < kRingStages; ++stage) {
-      BarrierInit(&full[stage], 1);
-      finished[stage] = 0;
-    }
-    for (int it = 0; it < tiles && it < kRingStages; ++it) load_tokens(it, it);
-  }
-  // The block's 128 slots' K rows, a tile per warpgroup (as WriteKernel).
-  LoadSwizzledTile(mem_k + n0 * d + j * kDh, d, N - n0, ks);
-  LoadSwizzledTile(mem_k + (N - n0 > kTile ? n0 + kTile : n0) * d + j * kDh, d, N - n0 - kTile, ks + kTileBytes);
-  CopyAsyncCommit();
-  CopyAsyncWait<0>();
-  FenceProxyAsync();
-  __syncthreads();  // the K rows are in for every warp; the barriers are initialised
-
-  float out[1][8][4], slot_mass[1][2] = {{0.0f, 0.0f}};  // one row group of 16 a warp
-#pragma unroll
-  for (int i = 0; i < 8; ++i) out[0][i][0] = out[0][i][1] = out[0][i][2] = out[0][i][3] = 0.0f;
-  const char* own = ks + (warp / 4) * kTileBytes;  // this warpgroup's 64 slots
-  for (int it = 0; it < tiles; ++it) {
-    const int stage = it % kRingStages;
-    BarrierWait(&full[stage], static_cast<uint32_t>(it / kRingStages) & 1);
-    const float* st = shifts + stage * kTile;
-    TileStep(own, qt + stage * kTileBytes, ot + stage * kTileBytes, out[0], [&](float (&s)[8][4]) {
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        // This lane's two tokens (columns 2t, 2t + 1 of the 8); padding tokens: shift +inf, p = 0.
-        const float2 sh = *reinterpret_cast<const float2*>(st + nt * 8 + 2 * t);
-#pragma unroll
-        for (int c = 0; c < 2; ++c)
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            float& x = s[nt][2 * r + c];
-            x = SoftmaxWeight(x, scale_log2, c == 0 ? sh.x : sh.y);
-            slot_mass[0][r] += x;
-          }
-      }
-    });
-    // This warp is done with the stage (its products waited for, its shifts read); the last
-    // warp of the block to be refills it.
-    __syncwarp();
-    if (lane == 0) {
-      __threadfence_block();
-      if (atomicAdd(&finished[stage], 1u) == kThreads / 32 - 1) {
-        __threadfence_block();
-        finished[stage] = 0;
-        if (it + kRingStages < tiles) {
-          FenceProxyAsync();  // the warps' reads of the stage before the copies that overwrite it
-          load_tokens(it + kRingStages, stage);
-        }
-      }
-    }
-  }
-
-  __syncthreads();  // every warp is done with the token tiles: their buffers take the sums
-  StoreSlotSumsStaged<kAccumulate>(out, slot_mass, n0, j, N, d, reinterpret_cast<float*>(qt), mass, acc);
-#else
-  __trap();
-#endif
-}
-
 constexpr int kReadBytes = kAtomBytes + 2 * kTileStages * kTileBytes + kOwnBytes;
 constexpr int kWriteBytes = kReadBytes + kTileStages * kTile * 4;
-constexpr int kWriteTmaBytes = kAtomBytes + 2 * kRingStages * kTileBytes + kOwnBytes + kRingStages * (kTile * 4 + 8 + 4);
 static_assert(kStagedBytes <= 2 * kTileStages * kTileBytes, "the staged rows fit over the other side's tiles");
-static_assert(kStagedBytes <= 2 * kRingStages * kTileBytes, "the staged rows fit over the token tiles");
 
 #if defined(LM2_CUDA_SM90A)
 LM2_CUDA_KERNEL_MODULE(ReadKernel);
 #endif
-
-// The map of `rows` x 64 bf16 (rows 128 bytes apart) at `base` in 64 x 64 boxes, 128-byte
-// swizzle: what TensorTile copies from.
-Result<CUtensorMap> TileRowsMap(const bf16* base, int64_t rows) {
-  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      fn = nullptr;
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
-  if (encode == nullptr) return Status::Unavailable("MemoryReadWrite: no cuTensorMapEncodeTiled in this driver");
-  CUtensorMap map{};
-  const cuuint64_t dims[2] = {kDh, static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {kRowBytes};
-  const cuuint32_t box[2] = {kDh, kTile}, element_strides[2] = {1, 1};
-  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<bf16*>(base), dims, strides, box,
-                            element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) {
-    return Status::Internal("MemoryReadWrite: cuTensorMapEncodeTiled failed (" + std::to_string(r) + ")");
-  }
-  return map;
-}
-
-bool TmaWrite() {
-  static const bool on = [] {
-    const char* v = std::getenv("LM2_MEMORY_TMA");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
-  return on;
-}
 
 }  // namespace
 
@@ -642,16 +454,9 @@ Status ReadSm90(const float* q, int64_t q_ld, const float* offer, int64_t offer_
 
 Status WriteSm90(const bf16* mem_k, int64_t T, int64_t N, int64_t d, float scale_log2, bool accumulate, float* mass,
                  float* acc, Scratch scratch, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned int>((N + kRows - 1) / kRows), static_cast<unsigned int>(d / kDh));
-  if (TmaWrite()) {
-    LM2_ASSIGN_OR_RETURN(const CUtensorMap tokens, TileRowsMap(scratch.q, 2 * (d / kDh) * scratch.tp));
-    const auto kernel = accumulate ? &WriteKernelTma<true> : &WriteKernelTma<false>;
-    LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(kernel), kWriteTmaBytes, "MemoryReadWrite"));
-    kernel<<<grid, kThreads, kWriteTmaBytes, stream>>>(mem_k, T, N, d, scale_log2, scratch, mass, acc, tokens);
-    return CheckLaunch("MemoryReadWrite (wgmma write, tensor copies)");
-  }
   const auto kernel = accumulate ? &WriteKernel<true> : &WriteKernel<false>;
   LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(kernel), kWriteBytes, "MemoryReadWrite"));
+  const dim3 grid(static_cast<unsigned int>((N + kRows - 1) / kRows), static_cast<unsigned int>(d / kDh));
   kernel<<<grid, kThreads, kWriteBytes, stream>>>(mem_k, T, N, d, scale_log2, scratch, mass, acc);
   return CheckLaunch("MemoryReadWrite (wgmma write)");
 }
