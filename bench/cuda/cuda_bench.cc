@@ -7,7 +7,7 @@
 //                  [--sessions 8,32,64] [--repeats 3] [--json OUT] [--profile-prefill T]
 //                  [--tiled 0|1] [--chunk N] [--side-read 0|1] [--read-leads 0|1] [--defer-write 0|1] [--warm-up 0|1]
 //                  [--profile-decode N] [--bank-threads N] [--kv-at-end 0|1] [--batcher-wait US]
-//                  [--flush-tokens N] [--narrow-gemv-rows N]
+//                  [--flush-tokens N]
 //                                                  (--decode-tokens 0: prefill only)
 //
 //   --tiled 0: multi-token chunks read memory and attend through the cuBLAS GEMM forms
@@ -26,8 +26,6 @@
 //   the conversations still decoding (DecodeBatcherOptions::wait_for_decoding; 0: not at all).
 //   --flush-tokens N: decode steps add their staged write terms to the write sums every N
 //   tokens (CudaOptions::write_flush_tokens).
-//   --narrow-gemv-rows N: batched steps of up to N sessions run o_proj and the output gate as
-//   GEMVs past the model's GEMV rows (CudaOptions::narrow_gemv_max_rows; 0: cuBLAS).
 //
 //   --profile-prefill T: only a warm-up prefill of T tokens and then one more between
 //   cudaProfilerStart and cudaProfilerStop, for a profiler that starts off, e.g.
@@ -569,25 +567,6 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, const lm2::runtime::C
     std::printf("  %lld rows d -> 2F: Gemv %6.1f us (%.0f GB/s), cuBLAS %6.1f us (%.0f GB/s)\n",
                 static_cast<long long>(B), tg * 1e6, wbytes(d, 2 * F) / tg / 1e9, tb * 1e6, wbytes(d, 2 * F) / tb / 1e9);
   }
-  // ... and the memory output gate (d -> d from fp32, then the gated residual), a layer whose
-  // few-row GEMM gives cuBLAS only d / its tile width of output tiles: the GEMV (kGatedResidual)
-  // against LinearF32 and GatedResidual, as a batched step runs them past the GEMV's rows.
-  if (c.has_memory()) {
-    for (int64_t B = 2; B <= cuda::kGemvMaxRows; B *= 2) {
-      const cuda::GemvArgs g{.input = cuda::GemvInput::kF32, .x = x, .x_ld = d, .w = w.data(), .rows = B, .in = d,
-                             .out = d, .output = cuda::GemvOutput::kGatedResidual, .y = ys.data(), .bias = f2.data(),
-                             .residual = f3.data(), .gated = x};
-      const double tg = TimeOp(st, [&] { return run_gemv(g); });
-      const double tb = TimeOp(st, [&] {
-        const lm2::Status s = cuda::LinearF32(h, x, B, d, WeightCopy(w.data(), big, d * d, call++), d, f2.data() + B * d,
-                                              false, xb.data(), st);
-        return s.ok() ? cuda::GatedResidual(ys.data(), f3.data(), f2.data() + B * d, f2.data(), B, d, x, st) : s;
-      });
-      std::printf("  %lld rows d -> d (out_gate, gated residual): Gemv %6.1f us (%.0f GB/s), cuBLAS and GatedResidual "
-                  "%6.1f us (%.0f GB/s)\n",
-                  static_cast<long long>(B), tg * 1e6, wbytes(d, d) / tg / 1e9, tb * 1e6, wbytes(d, d) / tb / 1e9);
-    }
-  }
 }
 
 // The parts of one batched decode step of B sessions (context S each), per layer, back to
@@ -985,7 +964,6 @@ int main(int argc, char** argv) {
     else if (k == "--side-read") options.concurrent_memory_read = v != "0";
     else if (k == "--read-leads") options.memory_read_leads = v != "0";
     else if (k == "--defer-write") options.defer_memory_write = v != "0";
-    else if (k == "--narrow-gemv-rows") options.narrow_gemv_max_rows = std::stoll(v);
     else if (k == "--warm-up") options.warm_up = v != "0";
     else if (k == "--bank-threads") options.bank_transfer_threads = std::stoi(v);
     else if (k == "--kv-at-end") options.memory_kv_at_segment_end = v != "0";

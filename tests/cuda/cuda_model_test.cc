@@ -75,7 +75,6 @@ std::unique_ptr<Model> LoadCuda(const std::shared_ptr<const ModelFiles>& files, 
   options.tiled_memory = tiled;
   options.tiled_attention = tiled;
   options.gemv_max_rows = gemv_rows;
-  options.narrow_gemv_max_rows = gemv_rows;  // every linear layer by the same limit (NarrowGemv's test: apart)
   options.write_flush_tokens = flush;
   options.max_chunk_tokens = chunk;
   options.attention_gemm_min_tokens = gemm_attention_from;
@@ -689,53 +688,6 @@ TEST_CASE("CUDA ForwardBatch: one forward for many sessions equals each decoding
     const auto before = batched[0]->context_length();
     CHECK(gpu->ForwardBatch(mixed, std::vector<int32_t>{1, 2}, &logits).code() == lm2::StatusCode::kInvalidArgument);
     CHECK(batched[0]->context_length() == before);
-  }
-}
-
-TEST_CASE("Batched steps past the GEMV rows: o_proj and the output gate as GEMVs, the rest cuBLAS, as alone",
-          "[cuda][model]") {
-  // gemv_max_rows 2 with the narrow layers' limit at 8: a step of 5 sessions runs q|k|v, the
-  // FFN and the LM head as cuBLAS GEMMs and o_proj and the output gate as 5-row GEMVs (what a
-  // step of 3-8 sessions does at the paper's shape, where the FFN's width lowers the limit).
-  for (const auto& name : kModels) {
-    INFO(name);
-    auto files = Files(TestModelDir(name));
-    lm2::runtime::CudaOptions options;
-    options.gemv_max_rows = 2;
-    options.narrow_gemv_max_rows = 8;
-    options.write_flush_tokens = 4;
-    auto gpu = LoadCudaWith(files, options);
-    constexpr int kSessions = 5;
-    std::vector<std::unique_ptr<SequenceState>> batched, alone;
-    std::vector<int32_t> next(kSessions);
-    std::vector<float> logits, row;
-    for (int b = 0; b < kSessions; ++b) {
-      batched.push_back(NewState(*gpu));
-      alone.push_back(NewState(*gpu));
-      std::vector<int32_t> prompt;
-      for (int i = 0; i < 2 + 3 * b; ++i) prompt.push_back((b * 53 + i * 17 + 3) % 500);
-      RequireOk(gpu->Forward(*batched.back(), prompt, LogitsMode::kLast, &row));
-      RequireOk(gpu->Forward(*alone.back(), prompt, LogitsMode::kLast, &row));
-      next[static_cast<std::size_t>(b)] = Argmax(row);
-    }
-    std::vector<SequenceState*> ptrs;
-    for (auto& s : batched) ptrs.push_back(s.get());
-    const auto V = static_cast<std::size_t>(gpu->config().vocab_size);
-    double worst = 0;
-    for (int step = 0; step < 6; ++step) {
-      RequireOk(gpu->ForwardBatch(ptrs, next, &logits));
-      REQUIRE(logits.size() == kSessions * V);
-      for (std::size_t b = 0; b < kSessions; ++b) {
-        RequireOk(gpu->Forward(*alone[b], std::vector<int32_t>{next[b]}, LogitsMode::kLast, &row));
-        const auto ref = Widen(row);
-        const double err = RelativeError(logits.data() + b * V, ref.data(), V);
-        worst = std::max(worst, err);
-        CHECK(err < 1e-4);
-        next[b] = Argmax(row);
-      }
-    }
-    std::printf("narrow GEMVs %-13s: %d sessions x 6 steps, worst logits rel err vs alone %.3g\n", name.c_str(),
-                kSessions, worst);
   }
 }
 

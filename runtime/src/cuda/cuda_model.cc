@@ -1386,12 +1386,6 @@ class CudaModel final : public Model {
   // inside; longer chunks run cuBLAS GEMMs beside the separate elementwise kernels. Both
   // give the same bf16 inputs; only the fp32 summation order differs.
   bool Small(int64_t n) const { return n <= gemv_rows_; }
-  // Whether o_proj and the memory output gate (d outputs, input `in` wide) of n rows run as
-  // GEMVs: as every layer up to gemv_rows_, and up to CudaOptions::narrow_gemv_max_rows where
-  // their input fits.
-  bool SmallNarrow(int64_t n, int64_t in) const {
-    return Small(n) || (n <= options_.narrow_gemv_max_rows && GemvSupports(n, in));
-  }
 
   // The rows the cuBLAS GEMMs of a chunk of n rows (or of a batched decode step of n
   // sessions) run over: a chunk's n rounded up to a multiple of kGemmRowStep. cuBLAS chooses
@@ -1430,12 +1424,12 @@ class CudaModel final : public Model {
     return argmax_keys != nullptr ? ArgmaxRows(y, n, out, argmax_keys, st) : Status::Ok();
   }
 
-  // o_proj: y[n, out] (+)= bf16(x) · Wᵀ for fp32 x [n, in], on stream `on`: the state's main
-  // stream, or its second one for chunks of the GEMV's rows (cuBLAS and its workspace belong
-  // to the main stream).
+  // y[n, out] (+)= bf16(x) · Wᵀ for fp32 x [n, in], on stream `on`: the state's main stream,
+  // or its second one for chunks of the GEMV's rows (cuBLAS and its workspace belong to the
+  // main stream).
   Status F32Linear(CudaState& s, const float* x, int64_t n, int64_t m, int64_t in, const bf16* w, int64_t out,
                    float* y, bool accumulate, cudaStream_t on) const {
-    if (SmallNarrow(n, in)) {
+    if (Small(n)) {
       return Gemv({.input = GemvInput::kF32, .x = x, .x_ld = in, .w = w, .rows = n, .in = in, .out = out,
                    .output = accumulate ? GemvOutput::kAccumulate : GemvOutput::kStore, .y = y},
                   on);
@@ -1449,7 +1443,7 @@ class CudaModel final : public Model {
     const int64_t d = cfg_.hidden_size;
     const cudaStream_t st = s.stream_.get();
     Scratch& sc = s.scratch_;
-    if (SmallNarrow(n, d)) {
+    if (Small(n)) {
       return Gemv({.input = GemvInput::kF32, .x = sc.e.data(), .x_ld = d, .w = mw.out_gate_w, .rows = n, .in = d,
                    .out = d, .output = GemvOutput::kGatedResidual, .y = h, .bias = mw.out_gate_b,
                    .residual = sc.a.data(), .gated = sc.e.data()},
@@ -1547,10 +1541,6 @@ Result<std::unique_ptr<Model>> LoadCudaModel(std::shared_ptr<const ModelFiles> f
   if (options.write_flush_tokens <= 0) return Status::InvalidArgument("CudaOptions::write_flush_tokens must be > 0");
   if (options.gemv_max_rows < 0 || options.gemv_max_rows > cuda::kGemvMaxRows) {
     return Status::InvalidArgument("CudaOptions::gemv_max_rows must be in [0, " +
-                                   std::to_string(cuda::kGemvMaxRows) + "]");
-  }
-  if (options.narrow_gemv_max_rows < 0 || options.narrow_gemv_max_rows > cuda::kGemvMaxRows) {
-    return Status::InvalidArgument("CudaOptions::narrow_gemv_max_rows must be in [0, " +
                                    std::to_string(cuda::kGemvMaxRows) + "]");
   }
   if (options.attention_gemm_min_tokens <= 0) {

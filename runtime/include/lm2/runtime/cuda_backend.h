@@ -70,13 +70,6 @@ struct CudaOptions {
   // fp32 rounding (cuBLAS sums in another order, and the memory read merges each block's
   // chunks before the combine).
   int64_t gemv_max_rows = 8;
-  // o_proj and the memory output gate run as GEMVs for chunks of up to this many rows too
-  // (0..8), where their own input fits on chip (2048 wide: 8 rows), past gemv_max_rows or the
-  // model's lowering of it: at the paper's shape, batched steps of 3-8 sessions. Those layers
-  // have d outputs, so cuBLAS's GEMM over a few rows has only d / 128 output tiles for the
-  // multiprocessors; the GEMV spreads the weights over all of them and folds in the bf16
-  // rounding of its input and the gated residual. 0: they follow gemv_max_rows.
-  int64_t narrow_gemv_max_rows = 8;
   // Each memory layer's read runs on a second stream of the state, beside the layer's
   // self-attention and output projection (they are independent), where the read uses no
   // cuBLAS (decode steps, and tiled_memory chunks). Same results either way; off: one stream.
