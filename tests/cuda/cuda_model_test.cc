@@ -294,7 +294,9 @@ TEST_CASE("Prompts after decode steps attend over every cached row", "[cuda][mod
     INFO("prompt ending at token " << end);
     const std::vector<double> want(every.begin() + static_cast<std::ptrdiff_t>((end - 1) * V),
                                    every.begin() + static_cast<std::ptrdiff_t>(end * V));
-    CHECK(RelativeError(last.data(), want.data(), want.size()) < 1e-2);
+    const double err = RelativeError(last.data(), want.data(), want.size());
+    std::printf("prompt after decode steps, ending at token %zu: logits rel err vs one prefill %.3g\n", end, err);
+    CHECK(err < 1e-2);
   }
   model->ResetContext(*s);
   std::vector<int32_t> prompt(all.begin(), all.begin() + 100);
