@@ -554,59 +554,6 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, const lm2::runtime::C
     });
     std::printf("  the q|k|v GEMV, then the memory read (chained as at batch 1): %6.1f us; apart %6.1f + %6.1f us\n",
                 t_pair * 1e6, t_proj * 1e6, t_read * 1e6);
-    // EXPERIMENT: the chain's timeline, block by block (globaltimer), relative to the GEMV's first block.
-    {
-      const std::size_t gb = 4 * 1024, rb = 5 * 1024, cb = 4 * 1024;
-      auto tr = Take(cuda::DeviceBuffer<unsigned long long>::Allocate(gb + rb + cb), "alloc");
-      for (int rep = 0; rep < 3; ++rep) {
-        Check(tr.FillBytes(0, st), "fill");
-        Check(cuda::SetGemvTrace(tr.data()), "trace");
-        Check(cuda::SetReadTrace(tr.data() + gb, tr.data() + gb + rb), "trace");
-        Check(run_gemv(proj), "gemv");
-        Check(read_memory(), "read");
-        Check(cudaStreamSynchronize(st) == cudaSuccess ? lm2::Status::Ok() : lm2::Status::Internal("sync"), "sync");
-        Check(cuda::SetGemvTrace(nullptr), "trace");
-        Check(cuda::SetReadTrace(nullptr, nullptr), "trace");
-        std::vector<unsigned long long> h(gb + rb + cb);
-        Check(tr.CopyToHost(h.data(), h.size(), st), "copy");
-        Check(cudaStreamSynchronize(st) == cudaSuccess ? lm2::Status::Ok() : lm2::Status::Internal("sync"), "sync");
-        // Each record's fields in µs after the GEMV's first block started.
-        unsigned long long t0 = ~0ull;
-        for (std::size_t b = 0; b < 1024 && h[4 * b + 1] != 0; ++b) t0 = std::min(t0, h[4 * b + 1]);
-        auto field = [&](std::size_t base, std::size_t stride, std::size_t f) {
-          std::vector<double> v;
-          for (std::size_t b = 0; b < 1024 && h[base + stride * b + 1] != 0; ++b) {
-            v.push_back(h[base + stride * b + f] == 0 ? -1.0 : (static_cast<double>(h[base + stride * b + f]) - static_cast<double>(t0)) / 1000.0);
-          }
-          std::sort(v.begin(), v.end());
-          return v;
-        };
-        auto show = [&](const char* what, const std::vector<double>& v) {
-          if (v.empty()) return;
-          std::printf("    %-34s n %4zu  min %6.2f  10%% %6.2f  median %6.2f  90%% %6.2f  max %6.2f us\n", what, v.size(),
-                      v.front(), v[v.size() / 10], v[v.size() / 2], v[v.size() * 9 / 10], v.back());
-        };
-        std::printf("  timeline of the chain (run %d; globaltimer, us after the GEMV's first block):\n", rep);
-        show("GEMV block start", field(0, 4, 1));
-        show("GEMV block staged (after its wait)", field(0, 4, 2));
-        show("GEMV block end", field(0, 4, 3));
-        show("read block start", field(gb, 5, 1));
-        show("read block loads issued", field(gb, 5, 2));
-        show("read block after its wait", field(gb, 5, 3));
-        show("read block end", field(gb, 5, 4));
-        show("combine block start", field(gb + rb, 4, 1));
-        show("combine block after its wait", field(gb + rb, 4, 2));
-        show("combine block end", field(gb + rb, 4, 3));
-        // Read blocks that started on a multiprocessor while its GEMV block still ran.
-        int beside = 0;
-        for (std::size_t r = 0; r < 1024 && h[gb + 5 * r + 1] != 0; ++r) {
-          for (std::size_t g = 0; g < 1024 && h[4 * g + 1] != 0; ++g) {
-            if (h[4 * g] == h[gb + 5 * r] && h[gb + 5 * r + 1] < h[4 * g + 3]) ++beside;
-          }
-        }
-        std::printf("    read blocks started beside a running GEMV block on their SM: %d\n", beside);
-      }
-    }
   }
   // Batched decode steps: the gate|up layer for B rows, GEMV (up to its row limit) and cuBLAS.
   for (int64_t B = 2; B <= cuda::kGemvMaxRows; B *= 2) {

@@ -88,7 +88,6 @@ struct GemvArgs {
   float eps = 0.0f;                    // kRmsNorm
   const __nv_bfloat16* w = nullptr;  // [out, in] row-major, 16-byte aligned
   int64_t rows = 0, in = 0, out = 0;  // rows <= kGemvMaxRows, in a multiple of 8, rows * in <= kGemvStageElements
-  bool interleave = false;  // EXPERIMENT: a warp's row groups warp * gridDim + block, ...
   GemvOutput output = GemvOutput::kStore;
   float* y = nullptr;                 // [rows, out]
   const float* bias = nullptr;        // kGatedResidual: [out]
@@ -104,9 +103,6 @@ bool GemvSupports(int64_t rows, int64_t in);
 // The fused linear layer above. A row's result does not depend on how many rows are passed
 // with it (bit-identical alone or batched). x' and W in bf16, fp32 products and sums.
 Status Gemv(const GemvArgs& args, cudaStream_t stream);
-// EXPERIMENT: per-block timeline records (nullptr: off).
-Status SetGemvTrace(unsigned long long* trace);
-Status SetReadTrace(unsigned long long* read, unsigned long long* combine);
 
 // ---- Elementwise (elementwise.cu) --------------------------------------------------------
 

@@ -167,18 +167,6 @@ __device__ __forceinline__ void AllowDependents() {
 #endif
 }
 
-// EXPERIMENT (timeline trace): the global nanosecond timer and this block's multiprocessor.
-__device__ __forceinline__ unsigned long long GlobalTimer() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-__device__ __forceinline__ unsigned long long SmId() {
-  unsigned int s;
-  asm volatile("mov.u32 %0, %%smid;" : "=r"(s));
-  return s;
-}
-
 // A float's bits as an unsigned number in the float's order (negatives flipped, the others'
 // sign bit set; -0 taken as +0, so that the two compare equal), and back (-0 comes back as
 // +0). Not for NaN.

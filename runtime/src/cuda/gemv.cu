@@ -21,7 +21,6 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 
 #include "cuda/cuda_check.h"
@@ -180,15 +179,8 @@ __device__ __forceinline__ void StageRmsNorm(const GemvArgs& a, int tid, bf16* x
 // out/2 + g (a gate row and its up row, whose SwiGLU the warp stores). The warp loads the
 // next unit while it multiplies the current one, so its weight stream never waits on a
 // multiply; x' sits whole in shared memory.
-__device__ unsigned long long* g_gemv_trace = nullptr;  // EXPERIMENT: [block][smid, start, staged, end]
-
 template <int B, GemvInput In, GemvOutput Out>
 __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
-  unsigned long long* trace = g_gemv_trace != nullptr ? g_gemv_trace + 4 * blockIdx.x : nullptr;
-  if (trace != nullptr && threadIdx.x == 0) {
-    trace[0] = SmId();
-    trace[1] = GlobalTimer();
-  }
   __shared__ __align__(16) bf16 xs[kGemvStageElements];  // x' [rows][in]
   __shared__ float scratch[B][32];  // kRmsNorm: the rows' sums of squares
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
@@ -215,8 +207,7 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
     }
   };
 
-  int64_t group = a.interleave ? static_cast<int64_t>(warp) * gridDim.x + blockIdx.x
-                               : static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  int64_t group = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   int seg = 0;
   if (group < groups) load(cur, group, 0);  // weights: in flight while the predecessor ends and x' is made
   if constexpr (In == GemvInput::kRmsNorm) {
@@ -227,7 +218,6 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
     Stage<In>(a, tid, xs);
   }
   __syncthreads();
-  if (trace != nullptr && threadIdx.x == 0) trace[2] = GlobalTimer();
 
   unsigned long long best = 0;  // kStoreArgmax: lane b's best key of row b so far
   float acc[kRowsPerWarp][B];
@@ -298,7 +288,6 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
   if constexpr (Out == GemvOutput::kStoreArgmax) {
     if (lane < rows && best != 0) atomicMax(reinterpret_cast<unsigned long long*>(a.argmax_keys) + lane, best);
   }
-  if (trace != nullptr && lane == 0) atomicMax(trace + 3, GlobalTimer());
 }
 
 template <int B, GemvInput In>
@@ -340,18 +329,6 @@ LM2_CUDA_KERNEL_MODULE(GemvKernel<1, GemvInput::kBf16, GemvOutput::kStore>);
 
 }  // namespace
 
-Status SetGemvTrace(unsigned long long* trace) {
-  return CudaStatus(cudaMemcpyToSymbol(g_gemv_trace, &trace, sizeof(trace)), "SetGemvTrace");
-}
-
-bool GemvInterleave() {
-  static const bool on = [] {
-    const char* v = std::getenv("LM2_GEMV_INTERLEAVE");
-    return v != nullptr && v[0] == '1';
-  }();
-  return on;
-}
-
 bool GemvSupports(int64_t rows, int64_t in) {
   return rows >= 0 && rows <= kGemvMaxRows && in > 0 && in % 8 == 0 && rows * in <= kGemvStageElements;
 }
@@ -385,14 +362,6 @@ Status Gemv(const GemvArgs& a, cudaStream_t stream) {
   }
   if (a.output == GemvOutput::kGatedResidual) {
     LM2_RETURN_IF_ERROR(RequireNonNull("Gemv (gated residual)", {a.bias, a.residual, a.gated}));
-  }
-  if (GemvInterleave()) {
-    GemvArgs b = a;
-    b.interleave = true;
-    if (b.rows == 1) return LaunchIn<1>(b, stream);
-    if (b.rows == 2) return LaunchIn<2>(b, stream);
-    if (b.rows <= 4) return LaunchIn<4>(b, stream);
-    return LaunchIn<8>(b, stream);
   }
   if (a.rows == 1) return LaunchIn<1>(a, stream);
   if (a.rows == 2) return LaunchIn<2>(a, stream);

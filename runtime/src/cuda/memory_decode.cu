@@ -103,9 +103,6 @@ __device__ __forceinline__ void StoreChunk(const float (&sc)[kChunkSlots], const
 // p_n = exp(s_n - m_j), then (m_j, l_j = Σ_n p_n) per head j. attn gets the raw scores s.
 // K and V rows are loaded before the wait for the predecessor (the segment's memory K/V are
 // not written during a step); the query after it.
-__device__ unsigned long long* g_read_trace = nullptr;  // EXPERIMENT: [block][smid, start, issued, waited, end]
-__device__ unsigned long long* g_combine_trace = nullptr;  // EXPERIMENT: [block][smid, start, waited, end]
-
 template <typename KV>
 __global__ void MemoryReadPartialKernel(const float* __restrict__ q, int64_t q_ld, KV mem_k, KV mem_v, int N, int d,
                                         int heads, int g, float scale, float* __restrict__ attn,
@@ -114,11 +111,6 @@ __global__ void MemoryReadPartialKernel(const float* __restrict__ q, int64_t q_l
   const int t = static_cast<int>(threadIdx.x), vt = d / 8;
   const bool active = t < vt;  // the block is rounded up to whole warps; the rest only shuffle
   const int n0 = chunk * kChunkSlots;
-  unsigned long long* trace = g_read_trace != nullptr ? g_read_trace + 5 * (blockIdx.y * gridDim.x + blockIdx.x) : nullptr;
-  if (trace != nullptr && t == 0) {
-    trace[0] = SmId();
-    trace[1] = GlobalTimer();
-  }
   const uint4* K = reinterpret_cast<const uint4*>(mem_k(b));
   const uint4* V = reinterpret_cast<const uint4*>(mem_v(b));
   uint4 kr[kChunkSlots], vr[kChunkSlots];
@@ -129,10 +121,8 @@ __global__ void MemoryReadPartialKernel(const float* __restrict__ q, int64_t q_l
     kr[s] = ok ? __ldcs(K + at) : make_uint4(0, 0, 0, 0);
     vr[s] = ok ? __ldcs(V + at) : make_uint4(0, 0, 0, 0);
   }
-  if (trace != nullptr && t == 0) trace[2] = GlobalTimer();
   WaitForPredecessor();  // q is the output of an earlier kernel of the step
   AllowDependents();
-  if (trace != nullptr && t == 0) trace[3] = GlobalTimer();
   float qv[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) qv[i] = active ? q[b * q_ld + t * 8 + i] : 0.0f;
@@ -156,7 +146,6 @@ __global__ void MemoryReadPartialKernel(const float* __restrict__ q, int64_t q_l
     for (int i = 0; i < 8; ++i) acc[i] = fmaf(p, vf[i], acc[i]);
   }
   if (active) StoreChunk(sc, acc, m, l, b, chunk, chunks, N, d, heads, g, t, attn, part);
-  if (trace != nullptr && t % 32 == 0) atomicMax(trace + 4, GlobalTimer());
 }
 
 // ---- The streamed read (a batched step: each block a run of chunks) ---------------------------
@@ -309,21 +298,8 @@ __global__ void __launch_bounds__(kCombineThreads)
   __shared__ float scratch[32];
   __shared__ float sums[kCombineThreads];
   __shared__ float weight[kTile];
-  unsigned long long* trace =
-      g_combine_trace != nullptr ? g_combine_trace + 4 * (blockIdx.y * gridDim.x + blockIdx.x) : nullptr;
-  if (trace != nullptr && threadIdx.x == 0) {
-    trace[0] = SmId();
-    trace[1] = GlobalTimer();
-  }
   WaitForPredecessor();
   AllowDependents();
-  if (trace != nullptr && threadIdx.x == 0) trace[2] = GlobalTimer();
-  struct TraceEnd {
-    unsigned long long* t;
-    __device__ ~TraceEnd() {
-      if (t != nullptr && threadIdx.x % 32 == 0) atomicMax(t + 3, GlobalTimer());
-    }
-  } trace_end{trace};
   const int j = static_cast<int>(blockIdx.x), b = static_cast<int>(blockIdx.y), tid = static_cast<int>(threadIdx.x);
   const int dh = d / heads, stride = d + 2 * heads;
   const float* pb = part + static_cast<int64_t>(b) * chunks * stride;
@@ -648,11 +624,6 @@ Status LaunchRead(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B, i
 LM2_CUDA_KERNEL_MODULE(MemoryReadCombineKernel);
 
 }  // namespace
-
-Status SetReadTrace(unsigned long long* read, unsigned long long* combine) {
-  LM2_RETURN_IF_ERROR(CudaStatus(cudaMemcpyToSymbol(g_read_trace, &read, sizeof(read)), "SetReadTrace"));
-  return CudaStatus(cudaMemcpyToSymbol(g_combine_trace, &combine, sizeof(combine)), "SetReadTrace");
-}
 
 bool DecodeStagesTokens(int64_t d, int64_t heads) {
   return MemoryReadWriteSupported(d, heads) && FastRead(d, heads);  // (the first checks d / heads)
