@@ -860,13 +860,6 @@ void PrefillChunkParts(const lm2::runtime::ModelConfig& c, int64_t T) {
   parts.push_back({"SwiGluBf16 (from bf16)", 1,
                    TimeOp(st, [&] { return cuda::SwiGluBf16(gate_up, T, F, xb.data(), st); }), t * D(F) * (4.0 + 2.0)});
   parts.push_back({"cuBLAS T x F -> d (down)", 1, linear(F, d), 0, gemm_flops(F, d)});
-  parts.push_back({"the down GEMM as two k halves, then AddPartsInPlace", 0,
-                   TimeOp(st, [&] {
-                     const lm2::Status s = cuda::LinearSplitK(h, xb.data(), T, F, WeightCopy(w.data(), w_elems, F * d, call++),
-                                                              d, 2, y.data(), st);
-                     return s.ok() ? cuda::AddPartsInPlace(a.data(), y.data(), T * d, 2, st) : s;
-                   }, 20),
-                   0, gemm_flops(F, d)});
   std::printf("a prefill chunk of %lld tokens by kernel (empty cache; mean of back-to-back launches, GEMMs each on "
               "other weights; counts per layer):\n",
               static_cast<long long>(T));

@@ -10,7 +10,6 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <latch>
 #include <mutex>
@@ -1494,15 +1493,6 @@ class CudaModel final : public Model {
     LM2_RETURN_IF_ERROR(RmsNormBf16(h, lw.post_norm, n, d, static_cast<float>(cfg_.rms_norm_eps), sc.xb.data(), st));
     LM2_RETURN_IF_ERROR(LinearToBf16(s.cublas_.get(), sc.xb.data(), m, d, lw.gate_up, 2 * F, gate_up, st));
     LM2_RETURN_IF_ERROR(SwiGluBf16(gate_up, n, F, sc.yb.data(), st));
-    static const bool split = [] {
-      const char* v = std::getenv("LM2_SPLIT_DOWN");
-      return v != nullptr && v[0] == '1';
-    }();
-    if (split && m <= 1024 && F % 2 == 0 && d % 4 == 0) {  // EXPERIMENT: two k halves, their parts in sc.gate_up (free now)
-      float* parts = sc.gate_up.data();
-      LM2_RETURN_IF_ERROR(LinearSplitK(s.cublas_.get(), sc.yb.data(), m, F, lw.down_proj, d, 2, parts, st));
-      return AddPartsInPlace(h, parts, m * d, 2, st);
-    }
     return Linear(s.cublas_.get(), sc.yb.data(), m, F, lw.down_proj, d, h, true, st);
   }
 

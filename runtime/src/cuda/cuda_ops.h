@@ -50,12 +50,6 @@ Status LinearPairToBf16(cublasHandle_t handle, const __nv_bfloat16* x, int64_t r
 Status LinearTwo(cublasHandle_t handle, const __nv_bfloat16* x_pair, int64_t rows, int64_t in,
                  const __nv_bfloat16* w_pair, int64_t out, float* y_pair, cudaStream_t stream);
 
-// parts[i][rows, out] = x[:, i k : (i + 1) k] · W[:, i k : (i + 1) k]ᵀ, k = in / splits: a
-// GEMM split along its inner dimension as one strided-batched call (more tiles for a GEMM of
-// few rows and outputs); AddPartsInPlace then adds the parts.
-Status LinearSplitK(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w,
-                    int64_t out, int64_t splits, float* parts, cudaStream_t stream);
-
 // The same from fp32 activations: x is rounded to bf16 into `x_bf16` (scratch of rows*in,
 // caller-owned), then multiplied as above.
 Status LinearF32(cublasHandle_t handle, const float* x, int64_t rows, int64_t in, const __nv_bfloat16* w,
@@ -146,9 +140,6 @@ Status SwiGluBf16(const __nv_bfloat16* gate_up, int64_t rows, int64_t F, __nv_bf
 
 // x[n] += y[n].
 Status AddInPlace(float* x, const float* y, int64_t n, cudaStream_t stream);
-
-// x[i] += parts[0][i] + ... + parts[count - 1][i] (added in that order; parts n apart).
-Status AddPartsInPlace(float* x, const float* parts, int64_t n, int64_t count, cudaStream_t stream);
 
 // Greedy picks (argmax.cu, and fused into the LM head's GEMV): the index of the largest
 // entry of a row, the first of equal maxima, NaNs skipped, 0 when the row's first entry is

@@ -127,20 +127,6 @@ __global__ void AddInPlaceKernel(float* __restrict__ x, const float* __restrict_
   for (int64_t i = FirstIndex(); i < n; i += GridStride()) x[i] += y[i];
 }
 
-// Four elements a thread (n4 = n / 4 groups; the caller checks n % 4 and alignment).
-__global__ void AddPartsInPlaceKernel(float4* __restrict__ x, const float4* __restrict__ parts, int64_t n4,
-                                      int64_t count) {
-  for (int64_t i = FirstIndex(); i < n4; i += GridStride()) {
-    float4 s = parts[i];
-    for (int64_t k = 1; k < count; ++k) {
-      const float4 p = parts[k * n4 + i];
-      s = make_float4(s.x + p.x, s.y + p.y, s.z + p.z, s.w + p.w);
-    }
-    const float4 v = x[i];
-    x[i] = make_float4(v.x + s.x, v.y + s.y, v.z + s.z, v.w + s.w);
-  }
-}
-
 // SwiGluBf16 of either input type: the checks, then `launch_vec` (`vec` elements a thread)
 // where F and the pointers allow, else one element a thread.
 template <typename T, typename LaunchVec>
@@ -258,20 +244,6 @@ Status SwiGluBf16(const __nv_bfloat16* gate_up, int64_t rows, int64_t F, __nv_bf
     SwiGluFromBf16x8Kernel<<<grid, kThreads, 0, stream>>>(reinterpret_cast<const uint4*>(gate_up), rows, F / 8,
                                                           reinterpret_cast<uint4*>(out));
   });
-}
-
-Status AddPartsInPlace(float* x, const float* parts, int64_t n, int64_t count, cudaStream_t stream) {
-  LM2_RETURN_IF_ERROR(ops::CheckCount("AddPartsInPlace", n));
-  if (count <= 0 || n % 4 != 0) {
-    return Status::InvalidArgument("AddPartsInPlace: n=" + std::to_string(n) + " (a multiple of 4) count=" +
-                                   std::to_string(count));
-  }
-  if (n == 0) return Status::Ok();
-  LM2_RETURN_IF_ERROR(RequireNonNull("AddPartsInPlace", {x, parts}));
-  if (!Aligned16({x, parts})) return Status::InvalidArgument("AddPartsInPlace: x and parts 16-byte aligned");
-  AddPartsInPlaceKernel<<<GridFor(n / 4, kThreads), kThreads, 0, stream>>>(
-      reinterpret_cast<float4*>(x), reinterpret_cast<const float4*>(parts), n / 4, count);
-  return CheckLaunch("AddPartsInPlaceKernel");
 }
 
 Status AddInPlace(float* x, const float* y, int64_t n, cudaStream_t stream) {

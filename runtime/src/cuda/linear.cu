@@ -98,19 +98,6 @@ Status LinearTwo(cublasHandle_t handle, const __nv_bfloat16* x_pair, int64_t row
   return LinearPairInto(handle, x_pair, rows * in, rows, in, w_pair, out, y_pair, CUDA_R_32F, stream);
 }
 
-Status LinearSplitK(cublasHandle_t handle, const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w,
-                    int64_t out, int64_t splits, float* parts, cudaStream_t stream) {
-  LM2_RETURN_IF_ERROR(ops::CheckLinear(rows, in, out));
-  if (splits <= 0 || in % splits != 0) {
-    return Status::InvalidArgument("LinearSplitK: in=" + std::to_string(in) + " splits=" + std::to_string(splits));
-  }
-  if (rows == 0) return Status::Ok();
-  LM2_RETURN_IF_ERROR(RequireNonNull("LinearSplitK", {handle, x, w, parts}));
-  const int64_t k = in / splits;  // part i: columns [i k, (i + 1) k) of x and of W
-  return StridedBatched(handle, CUBLAS_OP_T, CUBLAS_OP_N, out, rows, k, 1.0f, w, in, k, x, in, k, 0.0f, parts, out,
-                        rows * out, splits, CUDA_R_16BF, CUDA_R_32F, CUBLAS_COMPUTE_32F, stream);
-}
-
 Status LinearF32(cublasHandle_t handle, const float* x, int64_t rows, int64_t in, const __nv_bfloat16* w,
                  int64_t out, float* y, bool accumulate, __nv_bfloat16* x_bf16, cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(ops::CheckLinear(rows, in, out));
