@@ -21,7 +21,6 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 
 #include "cuda/cuda_check.h"
@@ -128,7 +127,7 @@ __device__ __forceinline__ void Stage(const GemvArgs& a, int tid, bf16* xs) {
 // row at in <= 8 kThreads, every decode projection of the paper's model): the norm weights
 // load before the wait, x once after it, and one barrier reduces every row's sum. Further
 // pieces are loaded again for the conversion (L1 hits).
-template <int B, bool kScaleOut>
+template <int B>
 __device__ __forceinline__ void StageRmsNorm(const GemvArgs& a, int tid, bf16* xs, float (*scratch)[32]) {
   const int rows = static_cast<int>(a.rows);
   const int64_t first = 8 * static_cast<int64_t>(tid), stride = 8 * kThreads;
@@ -160,20 +159,11 @@ __device__ __forceinline__ void StageRmsNorm(const GemvArgs& a, int tid, bf16* x
                           ss[b]);
     }
   }
-  if constexpr (kScaleOut) {  // EXPERIMENT: x' = bf16(x g); the warps' sums of squares left in scratch
-    const int lane = tid & 31, warp = tid >> 5;
-#pragma unroll
-    for (int b = 0; b < B; ++b) {
-      const float w = WarpSum(ss[b]);
-      if (lane == 0) scratch[b][warp] = w;
-    }
-  } else {
-    BlockSums<B>(ss, scratch);
-  }
+  BlockSums<B>(ss, scratch);
 #pragma unroll
   for (int b = 0; b < B; ++b) {
     if (b >= rows || !holds) continue;
-    const float inv_rms = kScaleOut ? 1.0f : InvRmsOf(ss[b], a.in, a.eps);
+    const float inv_rms = InvRmsOf(ss[b], a.in, a.eps);
     Item it{.x0 = x0[b], .x1 = x1[b], .y0 = y0, .y1 = y1, .raw = {}};
     reinterpret_cast<uint4*>(xs + b * a.in)[tid] = ConvertItem<GemvInput::kRmsNorm>(it, inv_rms);
     for (int64_t c = first + stride; c < a.in; c += stride) {
@@ -189,7 +179,7 @@ __device__ __forceinline__ void StageRmsNorm(const GemvArgs& a, int tid, bf16* x
 // out/2 + g (a gate row and its up row, whose SwiGLU the warp stores). The warp loads the
 // next unit while it multiplies the current one, so its weight stream never waits on a
 // multiply; x' sits whole in shared memory.
-template <int B, GemvInput In, GemvOutput Out, bool kScaleOut>
+template <int B, GemvInput In, GemvOutput Out>
 __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
   __shared__ __align__(16) bf16 xs[kGemvStageElements];  // x' [rows][in]
   __shared__ float scratch[B][32];  // kRmsNorm: the rows' sums of squares
@@ -221,25 +211,13 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
   int seg = 0;
   if (group < groups) load(cur, group, 0);  // weights: in flight while the predecessor ends and x' is made
   if constexpr (In == GemvInput::kRmsNorm) {
-    StageRmsNorm<B, kScaleOut>(a, tid, xs, scratch);
+    StageRmsNorm<B>(a, tid, xs, scratch);
   } else {
     WaitForPredecessor();
     AllowDependents();
     Stage<In>(a, tid, xs);
   }
   __syncthreads();
-  // kScaleOut: each row's 1 / rms from the warps' sums (fixed order), applied to the sums.
-  float scale[B];
-#pragma unroll
-  for (int b = 0; b < B; ++b) {
-    scale[b] = 1.0f;
-    if constexpr (kScaleOut && In == GemvInput::kRmsNorm) {
-      float total = 0.0f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) total += scratch[b][w];
-      scale[b] = InvRmsOf(total, a.in, a.eps);
-    }
-  }
 
   unsigned long long best = 0;  // kStoreArgmax: lane b's best key of row b so far
   float acc[kRowsPerWarp][B];
@@ -271,7 +249,7 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
     if (kPairs && next_seg == 0) {  // the group's last segment: gate and up, their SwiGLU
 #pragma unroll
       for (int b = 0; b < B; ++b) {
-        const float gate = WarpSum(acc[0][b]) * scale[b], up = WarpSum(acc[1][b]) * scale[b];  // every lane holds both
+        const float gate = WarpSum(acc[0][b]), up = WarpSum(acc[1][b]);  // every lane holds both
         acc[0][b] = acc[1][b] = 0.0f;
         if (lane == b && b < rows) a.y_bf16[b * (a.out / 2) + group] = __float2bfloat16_rn(SwiGluOf(gate, up));
       }
@@ -281,7 +259,7 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
         const int64_t row = group * kRowsPerWarp + r;
 #pragma unroll
         for (int b = 0; b < B; ++b) {
-          const float sum = WarpSum(acc[r][b]) * scale[b];  // every lane holds the sum
+          const float sum = WarpSum(acc[r][b]);  // every lane holds the sum
           acc[r][b] = 0.0f;
           if (lane != b || b >= rows || row >= a.out) continue;
           float* y = a.y + b * a.out + row;
@@ -312,15 +290,7 @@ __global__ void __launch_bounds__(kThreads, 1) GemvKernel(const GemvArgs a) {
   }
 }
 
-bool ScaleOut() {
-  static const bool on = [] {
-    const char* v = std::getenv("LM2_GEMV_SCALE_OUT");
-    return v != nullptr && v[0] == '1';
-  }();
-  return on;
-}
-
-template <int B, GemvInput In, bool kScaleOut>
+template <int B, GemvInput In>
 Status LaunchOut(const GemvArgs& a, cudaStream_t stream) {
   LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());  // one block each: the kernel is persistent
   const int64_t warps_needed = (a.out + kRowsPerWarp - 1) / kRowsPerWarp;
@@ -328,18 +298,18 @@ Status LaunchOut(const GemvArgs& a, cudaStream_t stream) {
   const auto blocks = static_cast<unsigned int>(blocks_needed < sms ? blocks_needed : sms);
   switch (a.output) {
     case GemvOutput::kStore:
-      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kStore, kScaleOut>, blocks, kThreads, 0, stream, a), "GemvKernel");
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kStore>, blocks, kThreads, 0, stream, a), "GemvKernel");
     case GemvOutput::kAccumulate:
-      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kAccumulate, kScaleOut>, blocks, kThreads, 0, stream, a),
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kAccumulate>, blocks, kThreads, 0, stream, a),
                         "GemvKernel");
     case GemvOutput::kGatedResidual:
-      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kGatedResidual, kScaleOut>, blocks, kThreads, 0, stream, a),
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kGatedResidual>, blocks, kThreads, 0, stream, a),
                         "GemvKernel");
     case GemvOutput::kStoreArgmax:
-      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kStoreArgmax, kScaleOut>, blocks, kThreads, 0, stream, a),
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kStoreArgmax>, blocks, kThreads, 0, stream, a),
                         "GemvKernel");
     case GemvOutput::kSwiGluBf16:
-      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kSwiGluBf16, kScaleOut>, blocks, kThreads, 0, stream, a),
+      return CudaStatus(LaunchPdl(&GemvKernel<B, In, GemvOutput::kSwiGluBf16>, blocks, kThreads, 0, stream, a),
                         "GemvKernel");
   }
   return Status::InvalidArgument("Gemv: unknown output kind");
@@ -348,16 +318,14 @@ Status LaunchOut(const GemvArgs& a, cudaStream_t stream) {
 template <int B>
 Status LaunchIn(const GemvArgs& a, cudaStream_t stream) {
   switch (a.input) {
-    case GemvInput::kBf16: return LaunchOut<B, GemvInput::kBf16, false>(a, stream);
-    case GemvInput::kF32: return LaunchOut<B, GemvInput::kF32, false>(a, stream);
-    case GemvInput::kRmsNorm:
-      return ScaleOut() ? LaunchOut<B, GemvInput::kRmsNorm, true>(a, stream)
-                        : LaunchOut<B, GemvInput::kRmsNorm, false>(a, stream);
+    case GemvInput::kBf16: return LaunchOut<B, GemvInput::kBf16>(a, stream);
+    case GemvInput::kF32: return LaunchOut<B, GemvInput::kF32>(a, stream);
+    case GemvInput::kRmsNorm: return LaunchOut<B, GemvInput::kRmsNorm>(a, stream);
   }
   return Status::InvalidArgument("Gemv: unknown input kind");
 }
 
-LM2_CUDA_KERNEL_MODULE(GemvKernel<1, GemvInput::kBf16, GemvOutput::kStore, false>);
+LM2_CUDA_KERNEL_MODULE(GemvKernel<1, GemvInput::kBf16, GemvOutput::kStore>);
 
 }  // namespace
 
