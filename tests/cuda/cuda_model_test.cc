@@ -265,13 +265,13 @@ TEST_CASE("Prompts after decode steps attend over every cached row", "[cuda][mod
   // state. The two differ by their precision: 8e-4, 2.2e-3 and 9.3e-3 at the three prompts'
   // ends (H200), 1.1e-2 at the last with another valid GEMM summation order (a 64-row GEMM
   // tried in session 25). What a wrong row does, from the float32 reference on this
-  // sequence (tools/analysis/row_effect.py): a decode row of the first prompt's steps holding another
-  // token's K/V, or missing, moves the later ends by 3.2e-2 to 6.6e-2; one of the second
-  // prompt's steps moves the last end by 9.4e-3 (another token) or 2.9e-2 (missing). So the
-  // first two ends are held to 1e-2 (4.5x their difference), the last to 2e-2: it still
-  // catches the first steps' rows, not every row of the second's, whose effect there is the
-  // size of the forms' difference. Then ResetContext and the first prompt again: the same
-  // bits as the first time.
+  // sequence (tools/analysis/row_effect.py): a decode row of the first prompt's steps
+  // holding another token's K/V, or missing, moves the later ends by 3.2e-2 to 6.6e-2; one
+  // of the second prompt's steps moves the last end by 9.4e-3 (another token) or 2.9e-2
+  // (missing). So the first two ends are held to 1e-2 (at least 4.5x their difference), the
+  // last to 2e-2: it still catches the first steps' rows, not every row of the second's,
+  // whose effect there is the size of the forms' difference. Then ResetContext and the
+  // first prompt again: the same bits as the first time.
   auto files = Files(SourceDir() + "/models/lm2-demo");
   auto model = LoadCuda(files);
   const auto V = static_cast<std::size_t>(model->config().vocab_size);
