@@ -43,11 +43,13 @@ def main() -> None:
     ref = logits_of(seq)
     print(f"{model_dir}: {len(seq)} tokens, prompt ends {ends}")
     for row in (ends[0] + 2, ends[1] + 2):  # a step's row after the first and after the second prompt
-        for kind, wrong in (("stale (another token)", seq[:row] + [(seq[row] + 1) % vocab] + seq[row + 1:]),
-                            ("missing", seq[:row] + seq[row + 1:])):
+        stale = seq[:row] + [(seq[row] + 1) % vocab] + seq[row + 1:]
+        missing = seq[:row] + seq[row + 1:]
+        # (kind, the wrong sequence, how many positions earlier each prompt end sits in it)
+        for kind, wrong, shift in (("stale (another token)", stale, 0), ("missing", missing, 1)):
             out = logits_of(wrong)
-            shift = 1 if kind == "missing" else 0
-            errs = [float((out[e - 1 - shift] - ref[e - 1]).norm() / ref[e - 1].norm()) for e in ends if e - 1 > row]
+            errs = [float((out[e - 1 - shift] - ref[e - 1]).norm() / ref[e - 1].norm())
+                    for e in ends if e - 1 > row]
             print(f"  row {row} {kind}: logits rel err at the later prompt ends "
                   + ", ".join(f"{x:.3g}" for x in errs))
 
