@@ -2,7 +2,7 @@
 # Packs what the GPU machine needs to run lm2's GPU tests and benchmarks, built HERE (it has
 # CUDA but none of lm2's Debian libraries): the GPU test executables, the SDK tests (their
 # GPU case), the CLI and the CUDA benchmarks (lm2_cuda_bench, lm2_cuda_sync_bench,
-# lm2_cuda_gemm_bench) with the batcher's (lm2_batcher_bench: the GPU machine has more
+# lm2_cuda_gemm_bench, lm2_cuda_persistent_bench) with the batcher's (lm2_batcher_bench: the GPU machine has more
 # cores than CI's), stripped,
 # plus the shared libraries they load that the GPU machine lacks (RocksDB, OpenSSL,
 # sentencepiece, OpenBLAS and their dependencies; not glibc, libstdc++ or CUDA's own, which
@@ -30,7 +30,7 @@ if [[ "$SLIM" == 1 ]]; then
 else
   TARGETS=(cuda_ops_tests cuda_model_tests gpu_tests lm2_cli sdk_tests sdk_test_child)
   if [[ -f bench/cuda/CMakeLists.txt ]]; then
-    TARGETS+=(lm2_cuda_bench lm2_cuda_sync_bench lm2_cuda_gemm_bench lm2_batcher_bench)
+    TARGETS+=(lm2_cuda_bench lm2_cuda_sync_bench lm2_cuda_gemm_bench lm2_cuda_persistent_bench lm2_batcher_bench)
   fi
   NAME=lm2-gpu.tar.xz
 fi
@@ -43,7 +43,7 @@ trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/bin" "$stage/lib"
 for exe in tests/cuda/cuda_ops_tests tests/cuda/cuda_model_tests tests/runtime/gpu_tests tools/cli/lm2 \
            tests/sdk/sdk_tests tests/sdk/sdk_test_child bench/cuda/lm2_cuda_bench bench/cuda/lm2_cuda_sync_bench \
-           bench/cuda/lm2_cuda_gemm_bench bench/runtime/lm2_batcher_bench; do
+           bench/cuda/lm2_cuda_gemm_bench bench/cuda/lm2_cuda_persistent_bench bench/runtime/lm2_batcher_bench; do
   [[ -f "$BUILD_DIR/$exe" ]] || continue
   target=$(basename "$exe")
   [[ "$target" == lm2 ]] && target=lm2_cli
