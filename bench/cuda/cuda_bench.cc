@@ -15,6 +15,8 @@
 //   --chunk: CudaOptions::max_chunk_tokens; --side-read 0: the memory reads on the main
 //   stream (CudaOptions::concurrent_memory_read); --read-leads 0: one-session decode steps keep
 //   attention on the main stream and the read beside it (CudaOptions::memory_read_leads);
+//   --split-attention 0: decode attention a block per (row, head) over all its keys
+//   (CudaOptions::split_decode_attention);
 //   --defer-write 0: a tiled chunk's memory write sums before the output gate's join, with
 //   the read (CudaOptions::defer_memory_write, default on: past the join);
 //   --warm-up 0: no warm-up turn at load
@@ -239,6 +241,21 @@ const __nv_bfloat16* WeightCopy(const __nv_bfloat16* base, int64_t total, int64_
   return base + (call % copies) * elems;
 }
 
+// The decode attention's split scratch as a decode step of B rows has it, zeroed (none where
+// the step does not split: data() null). The model splits on its GEMV path (B rows fit the
+// GEMV's staging at every layer width).
+cuda::DeviceBuffer<float> SplitScratch(const lm2::runtime::ModelConfig& c, const lm2::runtime::CudaOptions& options,
+                                       int64_t B) {
+  const bool gemv = B <= options.gemv_max_rows && cuda::GemvSupports(B, c.hidden_size) &&
+                    cuda::GemvSupports(B, c.num_heads * c.head_dim) && cuda::GemvSupports(B, c.intermediate_size);
+  const int64_t n =
+      options.split_decode_attention && gemv ? cuda::AttentionDecodeSplitScratch(c.num_heads, c.head_dim) : 0;
+  if (n == 0) return {};
+  auto b = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(n)), "alloc");
+  Check(b.FillBytes(0, nullptr), "fill");
+  return b;
+}
+
 // Device-to-device copy rate of 1 GiB, counting bytes read and written: best of 10.
 double CopyBandwidth() {
   const std::size_t bytes = std::size_t{1} << 30;
@@ -422,6 +439,7 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, const lm2::runtime::C
   Check(last_pos.CopyFromHost(&last, 1, nullptr), "copy");
   auto rope = Take(cuda::DeviceBuffer<float2>::Allocate(static_cast<std::size_t>(Dh / 2)), "alloc");
   Check(cuda::RopeFactorsBatch(last_pos.data(), 1, Dh, c.rope_theta, rope.data(), nullptr), "rope factors");
+  auto attn_split = SplitScratch(c, options, 1);
   // Or its staged tokens, when the model stages those (its flush interval's slots).
   const bool tokens = StagesTokens(c, options);
   const int64_t flush = options.write_flush_tokens;
@@ -492,7 +510,7 @@ void DecodeOpBreakdown(const lm2::runtime::ModelConfig& c, const lm2::runtime::C
       {"RopeAttentionDecodeBatch (RoPE, cache append, attention)", L,
        TimeOp(st, [&] {
          return cuda::RopeAttentionDecodeBatch(ys.data(), P, last_pos.data(), rope.data(), kv_ptr.data(),
-                                               kv_ptr.data(), 1, H, Hkv, Dh, f2.data(), st);
+                                               kv_ptr.data(), 1, H, Hkv, Dh, f2.data(), attn_split.data(), S, st);
        })},
       {"Gemv fp32 -> o_proj", L, gemv(GemvInput::kF32, qdim, d, GemvOutput::kStore), wbytes(qdim, d)},
       {"MemoryReadBatch (one session, write terms staged)", M, TimeOp(st, read_memory),
@@ -629,6 +647,7 @@ void BatchedStepParts(const lm2::runtime::ModelConfig& c, const lm2::runtime::Cu
                                 .capacity = flush};
   auto rope = Take(cuda::DeviceBuffer<float2>::Allocate(static_cast<std::size_t>(B * Dh / 2)), "alloc");
   Check(cuda::RopeFactorsBatch(pos.data(), B, Dh, c.rope_theta, rope.data(), nullptr), "rope factors");
+  auto attn_split = SplitScratch(c, options, B);
   auto stream = Take(cuda::CudaStream::Create(), "stream");
   auto blas = Take(cuda::CublasHandle::Create(), "cublas");
   const cudaStream_t st = stream.get();
@@ -646,7 +665,7 @@ void BatchedStepParts(const lm2::runtime::ModelConfig& c, const lm2::runtime::Cu
       {"RopeAttentionDecodeBatch", 1,
        TimeOp(st, [&] {
          return cuda::RopeAttentionDecodeBatch(y.data(), P, pos.data(), rope.data(), dkc.data(), dvc.data(), B, H,
-                                               Hkv, Dh, q.data(), st);
+                                               Hkv, Dh, q.data(), attn_split.data(), S, st);
        }, 50), 4.0 * static_cast<double>(B * 2 * S * kvdim)},
       {"cuBLAS B x qdim -> d (o_proj) and B x d -> d (out_gate)", 2, linear(qdim, d), wb * static_cast<double>(d * qdim)},
       {"MemoryReadBatch (B sessions' K/V)", 1,
@@ -963,6 +982,7 @@ int main(int argc, char** argv) {
     else if (k == "--chunk") options.max_chunk_tokens = std::stoll(v);
     else if (k == "--side-read") options.concurrent_memory_read = v != "0";
     else if (k == "--read-leads") options.memory_read_leads = v != "0";
+    else if (k == "--split-attention") options.split_decode_attention = v != "0";
     else if (k == "--defer-write") options.defer_memory_write = v != "0";
     else if (k == "--warm-up") options.warm_up = v != "0";
     else if (k == "--bank-threads") options.bank_transfer_threads = std::stoi(v);

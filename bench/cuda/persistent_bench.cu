@@ -457,6 +457,10 @@ int main(int argc, char** argv) {
   float2* factors = nullptr;
   int64_t* position = nullptr;
   float** cache_ptrs = nullptr;
+  float* attn_split = nullptr;  // the attention's key ranges, as a decode step splits them
+  const int64_t split_floats = lm2::runtime::cuda::AttentionDecodeSplitScratch(kHeads, kHeadDim);
+  Check(cudaMalloc(&attn_split, static_cast<std::size_t>(split_floats) * sizeof(float)), "cudaMalloc");
+  Check(cudaMemset(attn_split, 0, static_cast<std::size_t>(split_floats) * sizeof(float)), "memset");
   const std::size_t cache_elems = static_cast<std::size_t>(kContext + 1) * kKvHeads * kHeadDim;
   Check(cudaMalloc(&h, d * sizeof(float)), "cudaMalloc");
   Check(cudaMalloc(&norm, d * sizeof(float)), "cudaMalloc");
@@ -502,7 +506,8 @@ int main(int argc, char** argv) {
         if (attend) {
           CheckStatus(lm2::runtime::cuda::RopeAttentionDecodeBatch(lo[0].y, P, position, factors, cache_ptrs + 2 * l,
                                                                    cache_ptrs + 2 * l + 1, 1, kHeads, kKvHeads,
-                                                                   kHeadDim, attn_out, side),
+                                                                   kHeadDim, attn_out, attn_split, kContext + 1,
+                                                                   side),
                       "RopeAttentionDecodeBatch");
           o.x = attn_out;
         }
@@ -627,7 +632,8 @@ int main(int argc, char** argv) {
   Check(cudaFree(read_scratch), "cudaFree");
   for (void* p : {static_cast<void*>(h), static_cast<void*>(norm), static_cast<void*>(bias),
                   static_cast<void*>(attn_out), static_cast<void*>(act), static_cast<void*>(factors),
-                  static_cast<void*>(position), static_cast<void*>(kv_caches), static_cast<void*>(cache_ptrs)}) {
+                  static_cast<void*>(position), static_cast<void*>(kv_caches), static_cast<void*>(cache_ptrs),
+                  static_cast<void*>(attn_split)}) {
     Check(cudaFree(p), "cudaFree");
   }
   Check(cudaFree(ops_dev), "cudaFree");

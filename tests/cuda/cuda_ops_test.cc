@@ -1415,7 +1415,7 @@ TEST_CASE("Batched decode ops over per-session caches equal the one-cache ops", 
   auto out = Poisoned<float>(static_cast<std::size_t>(B * qdim));
   RequireOk(CausalAttentionDecodeBatch(q.data(), reinterpret_cast<const float* const*>(dk.data()),
                                        reinterpret_cast<const float* const*>(dv.data()), dpos.data(), B, H, Hkv, D,
-                                       out.data(), Stream()));
+                                       out.data(), /*split_scratch=*/nullptr, 0, Stream()));
   const auto got = Download(out);
   const auto got_q = Download(q);
   for (int64_t b = 0; b < B; ++b) {
@@ -1451,9 +1451,10 @@ TEST_CASE("RopeAttentionDecodeBatch (with RopeFactorsBatch) equals SplitQkvRopeB
                                     std::make_tuple(int64_t{4}, int64_t{4}, int64_t{48}),
                                     std::make_tuple(int64_t{6}, int64_t{2}, int64_t{128}),
                                     std::make_tuple(int64_t{2}, int64_t{1}, int64_t{256}));
-  INFO("H=" << H << " Hkv=" << Hkv << " D=" << D);
+  const bool split = GENERATE(false, true);  // both ops split over key ranges (one scratch), or neither
+  INFO("H=" << H << " Hkv=" << Hkv << " D=" << D << " split=" << split);
   const int64_t kvdim = Hkv * D, qdim = H * D, P = qdim + 2 * kvdim + 24;  // proj rows carry more after v
-  const std::vector<int64_t> pos = {0, 5, 130, 17, 63};
+  const std::vector<int64_t> pos = {0, 5, 130, 17, 63, 2048};
   const auto B = static_cast<int64_t>(pos.size());
   // Two copies of every session's cache (filled up to its position; its row `pos` poisoned).
   std::vector<DeviceBuffer<float>> caches[2][2];
@@ -1478,11 +1479,15 @@ TEST_CASE("RopeAttentionDecodeBatch (with RopeFactorsBatch) equals SplitQkvRopeB
   RequireOk(RopeFactorsBatch(dpos.data(), B, D, 500000.0, factors.data(), Stream()));
   RequireOk(SplitQkvRopeBatch(dproj.data(), B, P, H, Hkv, D, dpos.data(), factors.data(), q.data(), dk0.data(),
                               dv0.data(), Stream()));
+  auto scratch = Poisoned<float>(static_cast<std::size_t>(AttentionDecodeSplitScratch(H, D)));
+  RequireOk(scratch.FillBytes(0, Stream()));
+  float* split_scratch = split ? scratch.data() : nullptr;
+  const int64_t max_keys = *std::max_element(pos.begin(), pos.end()) + 1;
   RequireOk(CausalAttentionDecodeBatch(q.data(), reinterpret_cast<const float* const*>(dk0.data()),
                                        reinterpret_cast<const float* const*>(dv0.data()), dpos.data(), B, H, Hkv, D,
-                                       want.data(), Stream()));
+                                       want.data(), split_scratch, max_keys, Stream()));
   RequireOk(RopeAttentionDecodeBatch(dproj.data(), P, dpos.data(), factors.data(), dk1.data(), dv1.data(), B, H, Hkv,
-                                     D, got.data(), Stream()));
+                                     D, got.data(), split_scratch, max_keys, Stream()));
   const auto w = Download(want), g = Download(got);
   CHECK(std::memcmp(w.data(), g.data(), w.size() * sizeof(float)) == 0);
   for (std::size_t b = 0; b < pos.size(); ++b) {
@@ -1494,10 +1499,78 @@ TEST_CASE("RopeAttentionDecodeBatch (with RopeFactorsBatch) equals SplitQkvRopeB
     }
   }
   CHECK(RopeAttentionDecodeBatch(dproj.data(), qdim, dpos.data(), factors.data(), dk1.data(), dv1.data(), B, H, Hkv,
-                                 D, got.data(), Stream())
+                                 D, got.data(), split_scratch, max_keys, Stream())
             .IsInvalidArgument());  // proj_ld narrower than q | k | v
-  CHECK(RopeAttentionDecodeBatch(nullptr, P, nullptr, nullptr, nullptr, nullptr, 0, H, Hkv, D, nullptr, Stream()).ok());
+  CHECK(RopeAttentionDecodeBatch(nullptr, P, nullptr, nullptr, nullptr, nullptr, 0, H, Hkv, D, nullptr, nullptr, 0,
+                                 Stream())
+            .ok());
   CHECK(RopeFactorsBatch(dpos.data(), B, 7, 1e4, factors.data(), Stream()).IsInvalidArgument());  // odd head_dim
+}
+
+TEST_CASE("Decode attention split over key ranges: the reference's result, a row's bits at any batch size",
+          "[cuda][ops]") {
+  const auto [H, Hkv, D] = GENERATE(std::make_tuple(int64_t{8}, int64_t{2}, int64_t{64}),
+                                    std::make_tuple(int64_t{4}, int64_t{1}, int64_t{128}),
+                                    std::make_tuple(int64_t{2}, int64_t{2}, int64_t{256}));
+  INFO("H=" << H << " Hkv=" << Hkv << " D=" << D);
+  const int64_t kvdim = Hkv * D, qdim = H * D;
+  // Rows of one range (up to 128 keys), of two, of several, of 16 with the last ones empty
+  // (2,049 keys: 16 ranges of 192), and of 16 full ones: kGemvMaxRows rows in all.
+  const std::vector<int64_t> pos = {0, 127, 128, 300, 1000, 2048, 4000, 5};
+  const auto B = static_cast<int64_t>(pos.size());
+  REQUIRE(B == kGemvMaxRows);
+  std::vector<std::vector<float>> k_host, v_host;
+  std::vector<DeviceBuffer<float>> kc, vc;
+  std::vector<const float*> kptr, vptr;
+  for (int64_t p : pos) {
+    k_host.push_back(Random(static_cast<std::size_t>((p + 1) * kvdim)));
+    v_host.push_back(Random(static_cast<std::size_t>((p + 1) * kvdim)));
+    kc.push_back(Upload(k_host.back()));
+    vc.push_back(Upload(v_host.back()));
+    kptr.push_back(kc.back().data());
+    vptr.push_back(vc.back().data());
+  }
+  auto dk = Upload(kptr), dv = Upload(vptr);
+  auto dpos = Upload(pos);
+  const auto q = Random(static_cast<std::size_t>(B * qdim));
+  auto dq = Upload(q);
+  // The scratch's counters zero (its first kGemvMaxRows x H words: B rows' are the first
+  // B x H), its partial sums poisoned: every range writes its own before the merge reads it.
+  const int64_t counters = kGemvMaxRows * H;
+  auto scratch = Poisoned<float>(static_cast<std::size_t>(AttentionDecodeSplitScratch(H, D)));
+  RequireOk(CudaStatus(cudaMemsetAsync(scratch.data(), 0, static_cast<std::size_t>(counters) * 4, Stream()), "zero"));
+  const int64_t max_keys = *std::max_element(pos.begin(), pos.end()) + 1;
+  auto out = Poisoned<float>(static_cast<std::size_t>(B * qdim)), plain = Poisoned<float>(out.size()),
+       looped = Poisoned<float>(out.size());
+  RequireOk(CausalAttentionDecodeBatch(dq.data(), dk.data(), dv.data(), dpos.data(), B, H, Hkv, D, out.data(),
+                                       scratch.data(), max_keys, Stream()));
+  RequireOk(CausalAttentionDecodeBatch(dq.data(), dk.data(), dv.data(), dpos.data(), B, H, Hkv, D, plain.data(),
+                                       nullptr, 0, Stream()));
+  // A grid sized for shorter rows than these (a block a row and head): its blocks loop over
+  // the ranges, the same work in the same order.
+  RequireOk(CausalAttentionDecodeBatch(dq.data(), dk.data(), dv.data(), dpos.data(), B, H, Hkv, D, looped.data(),
+                                       scratch.data(), 1, Stream()));
+  const auto got = Download(out), unsplit = Download(plain);
+  CHECK(Download(looped) == got);
+  const auto left = Download(scratch);
+  CHECK(std::all_of(left.begin(), left.begin() + counters, [](float c) { return c == 0.0f; }));  // zero again
+  for (int64_t b = 0; b < B; ++b) {
+    const auto ub = static_cast<std::size_t>(b);
+    INFO("row " << b << ": " << pos[ub] + 1 << " keys");
+    const std::vector<float> qb(q.begin() + b * qdim, q.begin() + (b + 1) * qdim);
+    const auto want = lm2::testing::CausalAttentionReference(qb, k_host[ub], v_host[ub], 1, pos[ub] + 1, H, Hkv, D);
+    const std::vector<float> row(got.begin() + b * qdim, got.begin() + (b + 1) * qdim);
+    CHECK(RelErr(row, want) < kTolReduce);
+    if (pos[ub] + 1 <= 128) CHECK(std::equal(row.begin(), row.end(), unsplit.begin() + b * qdim));
+    // The same row alone (a batch of one, the same scratch again): the same bits.
+    auto one = Poisoned<float>(static_cast<std::size_t>(qdim));
+    auto dk1 = Upload(std::vector<const float*>{kptr[ub]}), dv1 = Upload(std::vector<const float*>{vptr[ub]});
+    auto pos1 = Upload(std::vector<int64_t>{pos[ub]});
+    RequireOk(CausalAttentionDecodeBatch(dq.data() + b * qdim, dk1.data(), dv1.data(), pos1.data(), 1, H, Hkv, D,
+                                         one.data(), scratch.data(), pos[ub] + 1, Stream()));
+    const auto alone = Download(one);
+    CHECK(std::equal(alone.begin(), alone.end(), row.begin()));
+  }
 }
 
 TEST_CASE("Batched memory decode ops equal the one-session ops per session", "[cuda][ops]") {

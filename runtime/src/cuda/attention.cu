@@ -3,7 +3,9 @@
 // through shared memory). Both use the online softmax (running max and sum, rescaled
 // partial outputs), so no kernel holds a whole row of S scores and S has no limit.
 // Correctness first: neither uses tensor cores yet (docs/cuda.md).
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
@@ -100,68 +102,95 @@ struct FreshRowPerCache {
 // key and value row and of the output, in registers. A warp loads K keys' key and value rows
 // at once (one memory round trip: their latencies overlap), reduces the K dot products, then
 // folds the K values into its running output with one online-softmax rescale; the warps'
-// partial results merge at the end.
+// partial results merge at the end. AttentionDecodeKernel: a block per (row, head) over all
+// its keys; AttentionDecodeSplitKernel (few rows, with scratch): a block per key range.
+constexpr int kSplitKeys = 128;    // keys a range holds at least, where the row has more than one
+constexpr int kMaxSplits = 16;     // ranges of a row at most
+
+struct DecodeSplit {
+  unsigned int* counters;  // [rows * heads], zero between calls
+  float* parts;            // [rows * heads * kMaxSplits, D + 2]: a range's Σ p v, then its max and sum
+  int rows;
+};
+
+// The split scratch: item counters for kGemvMaxRows rows (whole 16-byte words), then the
+// ranges' partial results; the same layout for any batch, so that counters stay zero
+// between calls of different sizes.
+constexpr int64_t SplitCounterWords(int64_t heads) { return (kGemvMaxRows * heads + 3) / 4 * 4; }
+
+__host__ __device__ constexpr int Splits(int64_t visible) {
+  const int64_t p = (visible + kSplitKeys - 1) / kSplitKeys;
+  return static_cast<int>(p < 1 ? 1 : (p > kMaxSplits ? kMaxSplits : p));
+}
+
+// Splits(max_keys) rounded up to a power of two: the ranges a launch's grid is sized for.
+constexpr int64_t SplitGridRanges(int64_t max_keys) {
+  int64_t r = 1;
+  while (r < Splits(max_keys)) r *= 2;
+  return r;
+}
+
+// Shared memory of a decode block.
 template <typename Rows, int kCols, int kDecodeWarps>
-__global__ void __launch_bounds__(kDecodeWarps * 32) AttentionDecodeKernel(const float* __restrict__ q, Rows rows,
-                                                                        int heads, int group, int D, float scale,
-                                                                        float* __restrict__ out) {
-  __shared__ float wmax[kDecodeWarps], wsum[kDecodeWarps];
-  __shared__ float wacc[kDecodeWarps][kCols * 32];
-  __shared__ float fresh[Rows::kFresh ? 3 : 1][kCols * 32];  // the new token's q, k, v (FreshRowPerCache)
-  __shared__ float2 rope_f[Rows::kFresh ? kCols * 16 : 1];  // its rotary factors
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const int64_t t = blockIdx.x / heads;
-  const int h = static_cast<int>(blockIdx.x % heads), kvh = h / group;
-  const int64_t q_stride = static_cast<int64_t>(heads) * D, kv_stride = static_cast<int64_t>(heads / group) * D;
-  constexpr int kKeys = DecodeKeys(kCols);
+struct DecodeShared {
+  float wmax[kDecodeWarps], wsum[kDecodeWarps];
+  float wacc[kDecodeWarps][kCols * 32];
+  float fresh[Rows::kFresh ? 3 : 1][kCols * 32];  // the new token's q, k, v (FreshRowPerCache)
+  float2 rope_f[Rows::kFresh ? kCols * 16 : 1];  // its rotary factors
+};
+
+// What a decode block's threads keep for their warp: kKeys key and value rows in flight.
+template <int kCols>
+struct DecodeRows {
+  static constexpr int kKeys = DecodeKeys(kCols);
   float x[kKeys][kCols], y[kKeys][kCols];  // key rows, value rows
-  // Keys [j0, j0 + kKeys) into x and y, except a fresh row (FreshRowPerCache: this step's
-  // token, taken from shared memory after Prepare); past the visible ones, zeros.
-  auto load = [&](const float* k, const float* v, int64_t j0, int64_t visible, int64_t fresh_row) {
+  // Keys [j0, j0 + kKeys) of k and v (kv_stride floats apart), lane's columns, except
+  // fresh_row (taken from shared memory instead); from `end` on, zeros.
+  __device__ __forceinline__ void Load(const float* k, const float* v, int64_t kv_stride, int D, int64_t j0,
+                                       int64_t end, int64_t fresh_row) {
+    const int lane = static_cast<int>(threadIdx.x) % 32;
 #pragma unroll
     for (int s = 0; s < kKeys; ++s) {
 #pragma unroll
       for (int i = 0; i < kCols; ++i) {
         const int c = lane + 32 * i;
-        const bool ok = j0 + s < visible && j0 + s != fresh_row && c < D;
+        const bool ok = j0 + s < end && j0 + s != fresh_row && c < D;
         x[s][i] = ok ? __ldg(k + (j0 + s) * kv_stride + c) : 0.0f;
         y[s][i] = ok ? __ldg(v + (j0 + s) * kv_stride + c) : 0.0f;
       }
     }
-  };
-  const float* k = nullptr;
-  const float* v = nullptr;
-  int64_t visible = 0, fresh_row = -1;
-  const int64_t first = static_cast<int64_t>(warp) * kKeys;
-  if constexpr (Rows::kFresh) {  // written before the previous kernel: loaded while it ends
-    k = rows.Keys(t) + static_cast<int64_t>(kvh) * D;
-    v = rows.Values(t) + static_cast<int64_t>(kvh) * D;
-    visible = rows.Visible(t);
-    fresh_row = visible - 1;
-    rows.LoadFactors(t, D, rope_f);
-    if (first < visible) load(k, v, first, visible, fresh_row);
   }
-  WaitForPredecessor();  // q and (but for FreshRowPerCache) the cache rows come from the kernels before
-  AllowDependents();
-  const float* q_row = q + t * q_stride + static_cast<int64_t>(h) * D;
-  if constexpr (Rows::kFresh) {
-    rows.Prepare(t, h, heads, group, D, rope_f, fresh[0], fresh[1], fresh[2]);
-    q_row = fresh[0];
-  } else {
-    k = rows.Keys(t) + static_cast<int64_t>(kvh) * D;
-    v = rows.Values(t) + static_cast<int64_t>(kvh) * D;
-    visible = rows.Visible(t);
-  }
-  float qr[kCols], o[kCols];
+};
+
+// A warp's online-softmax state over some keys: max, sum, and Σ p v for the lane's columns.
+template <int kCols>
+struct WarpPartial {
+  float m, l, o[kCols];
+};
+
+// One warp's online softmax over keys [first, end) in steps of kDecodeWarps * kKeys (its keys
+// of a block's range), query q_row. loaded: the first step's rows are in `rows` already (the
+// prologue's).
+template <typename Rows, int kCols, int kDecodeWarps>
+__device__ __forceinline__ WarpPartial<kCols> AttendKeys(DecodeRows<kCols>& rows,
+                                                        const DecodeShared<Rows, kCols, kDecodeWarps>& sh,
+                                                        const float* q_row, const float* k, const float* v,
+                                                        int64_t kv_stride, int D, float scale, int64_t first,
+                                                        int64_t end, int64_t fresh_row, bool loaded) {
+  constexpr int kKeys = DecodeRows<kCols>::kKeys;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  float qr[kCols];
+  WarpPartial<kCols> p;
 #pragma unroll
   for (int i = 0; i < kCols; ++i) {
     const int c = lane + 32 * i;
     qr[i] = c < D ? q_row[c] : 0.0f;
-    o[i] = 0.0f;
+    p.o[i] = 0.0f;
   }
-  float m = -INFINITY, l = 0.0f;
-  for (int64_t j0 = first; j0 < visible; j0 += kDecodeWarps * kKeys) {
-    if (!Rows::kFresh || j0 != first) load(k, v, j0, visible, fresh_row);
+  p.m = -INFINITY;
+  p.l = 0.0f;
+  for (int64_t j0 = first; j0 < end; j0 += kDecodeWarps * kKeys) {
+    if (!loaded || j0 != first) rows.Load(k, v, kv_stride, D, j0, end, fresh_row);
     if constexpr (Rows::kFresh) {
 #pragma unroll
       for (int s = 0; s < kKeys; ++s) {
@@ -169,8 +198,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) AttentionDecodeKernel(const
 #pragma unroll
         for (int i = 0; i < kCols; ++i) {
           const int c = lane + 32 * i;
-          x[s][i] = c < D ? fresh[1][c] : 0.0f;
-          y[s][i] = c < D ? fresh[2][c] : 0.0f;
+          rows.x[s][i] = c < D ? sh.fresh[1][c] : 0.0f;
+          rows.y[s][i] = c < D ? sh.fresh[2][c] : 0.0f;
         }
       }
     }
@@ -180,45 +209,257 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) AttentionDecodeKernel(const
     for (int s = 0; s < kKeys; ++s) {
       float dot = 0.0f;
 #pragma unroll
-      for (int i = 0; i < kCols; ++i) dot += qr[i] * x[s][i];
-      sc[s] = j0 + s < visible ? WarpSum(dot) * scale : -INFINITY;
+      for (int i = 0; i < kCols; ++i) dot += qr[i] * rows.x[s][i];
+      sc[s] = j0 + s < end ? WarpSum(dot) * scale : -INFINITY;
       gm = fmaxf(gm, sc[s]);
     }
-    const float m_new = fmaxf(m, gm);  // finite: key j0 is visible
-    const float corr = expf(m - m_new);  // 0 on the first keys (m = -inf)
-    l *= corr;
+    const float m_new = fmaxf(p.m, gm);  // finite: key j0 is in the range
+    const float corr = expf(p.m - m_new);  // 0 on the first keys (m = -inf)
+    p.l *= corr;
 #pragma unroll
-    for (int i = 0; i < kCols; ++i) o[i] *= corr;
+    for (int i = 0; i < kCols; ++i) p.o[i] *= corr;
 #pragma unroll
     for (int s = 0; s < kKeys; ++s) {
-      const float p = expf(sc[s] - m_new);  // 0 past the visible keys
-      l += p;
+      const float pr = expf(sc[s] - m_new);  // 0 past the range
+      p.l += pr;
 #pragma unroll
-      for (int i = 0; i < kCols; ++i) o[i] += p * y[s][i];
+      for (int i = 0; i < kCols; ++i) p.o[i] += pr * rows.y[s][i];
     }
-    m = m_new;
+    p.m = m_new;
   }
+  return p;
+}
+
+// A warp's partial into shared memory, for BlockMaxSum and BlockColumn (after a barrier).
+template <typename Rows, int kCols, int kDecodeWarps>
+__device__ __forceinline__ void StoreWarp(const WarpPartial<kCols>& p, DecodeShared<Rows, kCols, kDecodeWarps>& sh) {
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   if (lane == 0) {
-    wmax[warp] = m;
-    wsum[warp] = l;
+    sh.wmax[warp] = p.m;
+    sh.wsum[warp] = p.l;
   }
 #pragma unroll
-  for (int i = 0; i < kCols; ++i) wacc[warp][lane + 32 * i] = o[i];
-  __syncthreads();
-  // Merge the warps: every query sees at least its own key, so warp 0 has a finite max.
-  float M = -INFINITY;
-  for (int w = 0; w < kDecodeWarps; ++w) M = fmaxf(M, wmax[w]);
-  float L = 0.0f;
+  for (int i = 0; i < kCols; ++i) sh.wacc[warp][lane + 32 * i] = p.o[i];
+}
+
+// The warps' results merged (after a barrier): the block's max M and sum L over its keys, and
+// its Σ p v for column c rescaled to M. A warp without keys has max -inf and adds nothing.
+template <typename Rows, int kCols, int kDecodeWarps>
+__device__ __forceinline__ void BlockMaxSum(const DecodeShared<Rows, kCols, kDecodeWarps>& sh, float& M, float& L) {
+  M = -INFINITY;
+  for (int w = 0; w < kDecodeWarps; ++w) M = fmaxf(M, sh.wmax[w]);
+  L = 0.0f;
   for (int w = 0; w < kDecodeWarps; ++w) {
-    if (wmax[w] != -INFINITY) L += wsum[w] * expf(wmax[w] - M);
+    if (sh.wmax[w] != -INFINITY) L += sh.wsum[w] * expf(sh.wmax[w] - M);
   }
+}
+template <typename Rows, int kCols, int kDecodeWarps>
+__device__ __forceinline__ float BlockColumn(const DecodeShared<Rows, kCols, kDecodeWarps>& sh, float M, int c) {
+  float r = 0.0f;
+  for (int w = 0; w < kDecodeWarps; ++w) {
+    if (sh.wmax[w] != -INFINITY) r += sh.wacc[w][c] * expf(sh.wmax[w] - M);
+  }
+  return r;
+}
+
+// A block per (row t, head h) over all of the row's keys.
+template <typename Rows, int kCols, int kDecodeWarps>
+__global__ void __launch_bounds__(kDecodeWarps * 32) AttentionDecodeKernel(const float* __restrict__ q, Rows rows,
+                                                                        int heads, int group, int D, float scale,
+                                                                        float* __restrict__ out) {
+  __shared__ DecodeShared<Rows, kCols, kDecodeWarps> sh;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int64_t t = blockIdx.x / heads;
+  const int h = static_cast<int>(blockIdx.x % heads), kvh = h / group;
+  const int64_t q_stride = static_cast<int64_t>(heads) * D, kv_stride = static_cast<int64_t>(heads / group) * D;
+  DecodeRows<kCols> kv;
+  const int64_t first = static_cast<int64_t>(warp) * DecodeRows<kCols>::kKeys;
+  const float* k = nullptr;
+  const float* v = nullptr;
+  int64_t visible = 0, fresh_row = -1;
+  if constexpr (Rows::kFresh) {  // written before the previous kernel: loaded while it ends
+    k = rows.Keys(t) + static_cast<int64_t>(kvh) * D;
+    v = rows.Values(t) + static_cast<int64_t>(kvh) * D;
+    visible = rows.Visible(t);
+    fresh_row = visible - 1;
+    rows.LoadFactors(t, D, sh.rope_f);
+    if (first < visible) kv.Load(k, v, kv_stride, D, first, visible, fresh_row);
+  }
+  WaitForPredecessor();  // q and (but for FreshRowPerCache) the cache rows come from the kernels before
+  AllowDependents();
+  const float* q_row = q + t * q_stride + static_cast<int64_t>(h) * D;
+  if constexpr (Rows::kFresh) {
+    rows.Prepare(t, h, heads, group, D, sh.rope_f, sh.fresh[0], sh.fresh[1], sh.fresh[2]);
+    q_row = sh.fresh[0];
+  } else {
+    k = rows.Keys(t) + static_cast<int64_t>(kvh) * D;
+    v = rows.Values(t) + static_cast<int64_t>(kvh) * D;
+    visible = rows.Visible(t);
+  }
+  StoreWarp(AttendKeys(kv, sh, q_row, k, v, kv_stride, D, scale, first, visible, fresh_row, Rows::kFresh), sh);
+  __syncthreads();
+  // Every query sees at least its own key, so warp 0 has a finite max.
+  float M = 0.0f, L = 0.0f;
+  BlockMaxSum(sh, M, L);
   const float inv = 1.0f / L;
   for (int c = static_cast<int>(threadIdx.x); c < D; c += kDecodeWarps * 32) {
-    float r = 0.0f;
-    for (int w = 0; w < kDecodeWarps; ++w) {
-      if (wmax[w] != -INFINITY) r += wacc[w][c] * expf(wmax[w] - M);
+    out[t * q_stride + static_cast<int64_t>(h) * D + c] = BlockColumn(sh, M, c) * inv;
+  }
+}
+
+// Split over key ranges (DecodeSplit): a row's keys cut into Splits(visible) contiguous
+// ranges, the same whatever the batch. A range is always one block's: its warps take keys
+// w K, w K + W K, ... (as the unsplit kernel's within a row), and the block merges them into
+// the range's (max, sum, Σ p v), which goes to the scratch; the row and head's output is the
+// ranges' merge in range order: the same bits whichever blocks computed which ranges. A work
+// item is one (row, head, group): the row's ranges cut into min(groups, ranges) groups of
+// consecutive ranges, which a block walks one after another (`groups` from the batch size: a
+// block a range for one row, a block a row for eight); blocks take items in a grid-stride
+// loop. The block that finishes a (row, head)'s last group merges (a counter per row and
+// head, set back to zero). A row of one range (up to kSplitKeys keys) is written directly:
+// the unsplit kernel's arithmetic, so its bits. kDecodeWarpsFew warps; registers capped for
+// three blocks an SM (80: one fits beside a memory-read block, which a batch-1 step runs at
+// the same time; at 119 with two an SM, batch-1 decode was 2% slower at short contexts).
+template <typename Rows, int kCols>
+__global__ void __launch_bounds__(kDecodeWarpsFew * 32, 3)
+    AttentionDecodeSplitKernel(const float* __restrict__ q, Rows rows, int heads, int group, int D, float scale,
+                               float* __restrict__ out, DecodeSplit split, int groups) {
+  constexpr int kWarps = kDecodeWarpsFew, kKeys = DecodeRows<kCols>::kKeys, kStep = kWarps * kKeys;
+  __shared__ DecodeShared<Rows, kCols, kWarps> sh;
+  __shared__ bool merges;                                     // this block merges its item's row and head
+  __shared__ float range_w[kMaxSplits], range_l[kMaxSplits];  // and the ranges' maxima (then weights), sums
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int64_t q_stride = static_cast<int64_t>(heads) * D, kv_stride = static_cast<int64_t>(heads / group) * D;
+  const int64_t part_floats = D + 2;  // a range's partial: Σ p v [D], max, sum
+  // Item `item` as (row t, head h, group g of `gs`) of a row of `ranges` ranges: the items of
+  // rows 0, 1, ... in turn, heads * min(groups, ranges) each; false past the last. Every warp
+  // alike: lane r < rows takes row r's length (one load, not one a row), then a scan.
+  auto item_of = [&](int64_t item, int& t, int& h, int& g, int& gs, int& ranges) {
+    const int r_ranges = lane < split.rows ? Splits(rows.Visible(lane)) : 0;
+    const int r_groups = r_ranges < groups ? r_ranges : groups;
+    int64_t end = static_cast<int64_t>(heads) * r_groups;  // row `lane`'s items end here, after the scan
+    for (int o = 1; o < 32; o <<= 1) {
+      const int64_t before = __shfl_up_sync(0xffffffffu, end, o);
+      if (lane >= o) end += before;
     }
-    out[t * q_stride + static_cast<int64_t>(h) * D + c] = r * inv;
+    const int row = __popc(__ballot_sync(0xffffffffu, lane < split.rows && end <= item));
+    const int64_t begin = __shfl_sync(0xffffffffu, end, row > 0 ? row - 1 : 0);
+    ranges = __shfl_sync(0xffffffffu, r_ranges, row < 32 ? row : 0);
+    gs = __shfl_sync(0xffffffffu, r_groups, row < 32 ? row : 0);
+    if (row >= split.rows) return false;
+    t = row;
+    item -= row == 0 ? 0 : begin;
+    h = static_cast<int>(item / gs);
+    g = static_cast<int>(item % gs);
+    return true;
+  };
+  // Range r of `ranges` over `visible` keys: [begin, end), whole steps of kStep keys each.
+  auto range_of = [&](int64_t visible, int r, int ranges, int64_t& begin, int64_t& end) {
+    const int64_t per = (visible + ranges - 1) / ranges;
+    const int64_t chunk = (per + kStep - 1) / kStep * kStep;
+    begin = r * chunk;
+    end = begin + chunk < visible ? begin + chunk : visible;
+  };
+
+  int64_t item = blockIdx.x, begin = 0, end = 0, visible = 0, fresh_row = -1;
+  int t = 0, h = 0, g = 0, gs = 1, ranges = 1;
+  DecodeRows<kCols> kv;
+  const float* k = nullptr;
+  const float* v = nullptr;
+  auto locate = [&] {
+    k = rows.Keys(t) + static_cast<int64_t>(h / group) * D;
+    v = rows.Values(t) + static_cast<int64_t>(h / group) * D;
+    visible = rows.Visible(t);
+    fresh_row = Rows::kFresh ? visible - 1 : -1;
+  };
+  auto first_range = [&] { return g * ranges / gs; };
+  bool have = false;
+  if constexpr (Rows::kFresh) {  // positions, factors and older rows: written before the previous kernel
+    have = item_of(item, t, h, g, gs, ranges);
+    if (have) {
+      locate();
+      range_of(visible, first_range(), ranges, begin, end);
+      rows.LoadFactors(t, D, sh.rope_f);
+      if (begin + warp * kKeys < end) kv.Load(k, v, kv_stride, D, begin + warp * kKeys, end, fresh_row);
+    }
+  }
+  WaitForPredecessor();  // (but for FreshRowPerCache) the positions and cache rows come from the kernels before
+  AllowDependents();
+  if constexpr (!Rows::kFresh) have = item_of(item, t, h, g, gs, ranges);
+  for (bool first_item = true; have; first_item = false) {
+    if (!first_item) __syncthreads();  // the item before no longer reads the shared arrays
+    if (!Rows::kFresh || !first_item) locate();
+    const float* q_row = q + t * q_stride + static_cast<int64_t>(h) * D;
+    if constexpr (Rows::kFresh) {
+      if (!first_item) rows.LoadFactors(t, D, sh.rope_f);
+      rows.Prepare(t, h, heads, group, D, sh.rope_f, sh.fresh[0], sh.fresh[1], sh.fresh[2]);
+      q_row = sh.fresh[0];
+    }
+    const int64_t th = static_cast<int64_t>(t) * heads + h;
+    float* dst = out + t * q_stride + static_cast<int64_t>(h) * D;
+    float* parts = split.parts + th * kMaxSplits * part_floats;
+    const int r0 = first_range(), r1 = (g + 1) * ranges / gs;
+    for (int r = r0; r < r1; ++r) {
+      range_of(visible, r, ranges, begin, end);
+      if (r != r0) __syncthreads();  // the range before's warp results are read
+      StoreWarp(AttendKeys(kv, sh, q_row, k, v, kv_stride, D, scale, begin + warp * kKeys, end, fresh_row,
+                           Rows::kFresh && first_item && r == r0),
+                sh);
+      __syncthreads();
+      float M = 0.0f, L = 0.0f;
+      BlockMaxSum(sh, M, L);  // an empty range (the last of a short row's): max -inf, sum 0
+      if (ranges == 1) {  // the whole row: normalised here
+        const float inv = 1.0f / L;
+        for (int c = static_cast<int>(threadIdx.x); c < D; c += kWarps * 32) dst[c] = BlockColumn(sh, M, c) * inv;
+      } else {
+        float* part = parts + r * part_floats;
+        for (int c = static_cast<int>(threadIdx.x); c < D; c += kWarps * 32) part[c] = BlockColumn(sh, M, c);
+        if (threadIdx.x == 0) {
+          part[D] = M;
+          part[D + 1] = L;
+        }
+      }
+    }
+    if (ranges > 1) {
+      if (gs > 1) {  // other blocks hold other groups: the last to finish merges
+        __threadfence();  // the partials are visible before the count says so
+        __syncthreads();
+        if (threadIdx.x == 0) merges = atomicAdd(split.counters + th, 1u) == static_cast<unsigned int>(gs) - 1;
+        __syncthreads();
+        if (merges) __threadfence();
+      } else {
+        __syncthreads();  // every range is this block's
+      }
+      if (gs == 1 || merges) {  // every range in order: weights through shared memory
+        if (static_cast<int>(threadIdx.x) < ranges) {
+          range_w[threadIdx.x] = __ldcg(parts + threadIdx.x * part_floats + D);
+          range_l[threadIdx.x] = __ldcg(parts + threadIdx.x * part_floats + D + 1);
+        }
+        __syncthreads();
+        float M = -INFINITY;
+        for (int r = 0; r < ranges; ++r) M = fmaxf(M, range_w[r]);  // finite: range 0 has key 0
+        float L = 0.0f;
+        for (int r = 0; r < ranges; ++r) L += range_l[r] * expf(range_w[r] - M);  // 0 for an empty range
+        __syncthreads();  // every thread has read the maxima
+        if (static_cast<int>(threadIdx.x) < ranges) range_w[threadIdx.x] = expf(range_w[threadIdx.x] - M);
+        __syncthreads();
+        const float inv = 1.0f / L;
+        for (int c = static_cast<int>(threadIdx.x); c < D; c += kWarps * 32) {
+          float vals[kMaxSplits];  // every range's sum for column c, loaded at once
+#pragma unroll
+          for (int r = 0; r < kMaxSplits; ++r) vals[r] = r < ranges ? __ldcg(parts + r * part_floats + c) : 0.0f;
+          float acc = 0.0f;
+#pragma unroll
+          for (int r = 0; r < kMaxSplits; ++r) {
+            if (r < ranges) acc += vals[r] * range_w[r];
+          }
+          dst[c] = acc * inv;
+        }
+        if (gs > 1 && threadIdx.x == 0) split.counters[th] = 0;  // for the next call
+      }
+    }
+    item += gridDim.x;
+    have = item_of(item, t, h, g, gs, ranges);
   }
 }
 
@@ -235,20 +476,57 @@ cudaError_t LaunchDecodeWarps(const float* q, Rows rows, int64_t blocks, int H, 
   return launch(&AttentionDecodeKernel<Rows, 8, kWarps>);
 }
 
-// Launches the decode kernel with registers for D columns per row.
+// The split kernel over `blocks` blocks.
 template <typename Rows>
-Status LaunchDecode(const float* q, Rows rows, int64_t blocks, int64_t heads, int64_t kv_heads, int64_t D, float* out,
-                    cudaStream_t stream) {
+cudaError_t LaunchDecodeSplit(const float* q, Rows rows, int64_t blocks, int H, int group, int D, float scale,
+                              float* out, DecodeSplit split, int groups, cudaStream_t stream) {
+  const auto grid = static_cast<unsigned int>(blocks);
+  const dim3 block(kDecodeWarpsFew * 32);
+  auto launch = [&](auto kernel) {
+    return LaunchPdl(kernel, grid, block, 0, stream, q, rows, H, group, D, scale, out, split, groups);
+  };
+  if (D <= 32) return launch(&AttentionDecodeSplitKernel<Rows, 1>);
+  if (D <= 64) return launch(&AttentionDecodeSplitKernel<Rows, 2>);
+  if (D <= 128) return launch(&AttentionDecodeSplitKernel<Rows, 4>);
+  return launch(&AttentionDecodeSplitKernel<Rows, 8>);
+}
+
+// Launches the decode kernel for `rows_n` rows with registers for D columns per row: split
+// over the keys where the caller gave scratch and the rows are few (up to kGemvMaxRows).
+template <typename Rows>
+Status LaunchDecode(const float* q, Rows rows, int64_t rows_n, int64_t heads, int64_t kv_heads, int64_t D,
+                    float* out, float* split_scratch, int64_t max_keys, cudaStream_t stream) {
   if (D > kMaxDecodeHeadDim) {
     return Status::InvalidArgument("CausalAttention (decode): head_dim " + std::to_string(D) + " above " +
                                    std::to_string(kMaxDecodeHeadDim));
   }
   const float scale = 1.0f / sqrtf(static_cast<float>(D));
   const int H = static_cast<int>(heads), group = static_cast<int>(heads / kv_heads), d = static_cast<int>(D);
-  const bool few_rows = blocks / heads <= kGemvMaxRows;
-  return CudaStatus(few_rows ? LaunchDecodeWarps<kDecodeWarpsFew>(q, rows, blocks, H, group, d, scale, out, stream)
-                             : LaunchDecodeWarps<kDecodeWarpsMany>(q, rows, blocks, H, group, d, scale, out, stream),
-                    "AttentionDecodeKernel");
+  const int64_t blocks = rows_n * heads;
+  if (rows_n > kGemvMaxRows || split_scratch == nullptr) {
+    return CudaStatus(rows_n > kGemvMaxRows
+                          ? LaunchDecodeWarps<kDecodeWarpsMany>(q, rows, blocks, H, group, d, scale, out, stream)
+                          : LaunchDecodeWarps<kDecodeWarpsFew>(q, rows, blocks, H, group, d, scale, out, stream),
+                      "AttentionDecodeKernel");
+  }
+  if constexpr (std::is_same_v<Rows, OneCache>) {
+    return Status::Internal("CausalAttention (decode): a single cache is not split");
+  } else {
+    // Groups of ranges a row: as many blocks a (row, head) as three blocks an SM give the
+    // batch, at most a range each. The grid: a block an item of rows of max_keys keys, their
+    // ranges rounded up to a power of two (a captured step's grid then changes only at 129,
+    // 257, 513 and 1,025 keys); the blocks loop over any further items (rows past max_keys).
+    LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());
+    const int64_t resident = int64_t{3} * sms;
+    const int64_t groups = std::clamp<int64_t>(resident / blocks, 1, kMaxSplits);
+    const int64_t items = blocks * std::min(groups, SplitGridRanges(max_keys));
+    const DecodeSplit split{.counters = reinterpret_cast<unsigned int*>(split_scratch),
+                            .parts = split_scratch + SplitCounterWords(heads),
+                            .rows = static_cast<int>(rows_n)};
+    return CudaStatus(LaunchDecodeSplit(q, rows, std::min(items, resident), H, group, d, scale, out, split,
+                                        static_cast<int>(groups), stream),
+                      "AttentionDecodeSplitKernel");
+  }
 }
 
 // ---- Prefill: a block per (query tile, head) ----------------------------------------------
@@ -361,29 +639,39 @@ LM2_CUDA_KERNEL_MODULE(AttentionPrefillKernel);
 
 }  // namespace
 
+int64_t AttentionDecodeSplitGrid(int64_t max_keys) { return SplitGridRanges(max_keys); }
+
+int64_t AttentionDecodeSplitScratch(int64_t heads, int64_t head_dim) {
+  if (heads <= 0 || head_dim <= 0) return 0;
+  return SplitCounterWords(heads) + kGemvMaxRows * heads * kMaxSplits * (head_dim + 2);
+}
+
 Status CausalAttentionDecode(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
                              int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(CheckAttentionArgs("CausalAttentionDecode", q, k_cache, v_cache, T, S, heads, kv_heads,
                                          head_dim, out));
   if (T == 0) return Status::Ok();
-  return LaunchDecode(q, OneCache{k_cache, v_cache, T, S}, T * heads, heads, kv_heads, head_dim, out, stream);
+  return LaunchDecode(q, OneCache{k_cache, v_cache, T, S}, T, heads, kv_heads, head_dim, out, nullptr, 0, stream);
 }
 
 Status CausalAttentionDecodeBatch(const float* q, const float* const* k_caches, const float* const* v_caches,
                                   const int64_t* positions, int64_t B, int64_t heads, int64_t kv_heads,
-                                  int64_t head_dim, float* out, cudaStream_t stream) {
+                                  int64_t head_dim, float* out, float* split_scratch, int64_t max_keys,
+                                  cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(ops::CheckCausalAttention(0, 0, heads, kv_heads, head_dim));
   if (B < 0 || B * heads > (int64_t{1} << 31) - 1) {
     return Status::InvalidArgument("CausalAttentionDecodeBatch: B=" + std::to_string(B));
   }
   if (B == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("CausalAttentionDecodeBatch", {q, k_caches, v_caches, positions, out}));
-  return LaunchDecode(q, CachePerRow{k_caches, v_caches, positions}, B * heads, heads, kv_heads, head_dim, out, stream);
+  return LaunchDecode(q, CachePerRow{k_caches, v_caches, positions}, B, heads, kv_heads, head_dim, out,
+                      split_scratch, max_keys, stream);
 }
 
 Status RopeAttentionDecodeBatch(const float* proj, int64_t proj_ld, const int64_t* positions, const float2* factors,
                                 float* const* k_caches, float* const* v_caches, int64_t B, int64_t heads,
-                                int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream) {
+                                int64_t kv_heads, int64_t head_dim, float* out, float* split_scratch,
+                                int64_t max_keys, cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(ops::CheckCausalAttention(0, 0, heads, kv_heads, head_dim));
   if (B < 0 || B * heads > (int64_t{1} << 31) - 1 || head_dim % 2 != 0) {
     return Status::InvalidArgument("RopeAttentionDecodeBatch: B=" + std::to_string(B) + " head_dim=" +
@@ -396,8 +684,8 @@ Status RopeAttentionDecodeBatch(const float* proj, int64_t proj_ld, const int64_
   if (B == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("RopeAttentionDecodeBatch", {proj, positions, factors, k_caches, v_caches, out}));
   return LaunchDecode(static_cast<const float*>(nullptr),
-                      FreshRowPerCache{k_caches, v_caches, positions, proj, proj_ld, factors}, B * heads, heads,
-                      kv_heads, head_dim, out, stream);
+                      FreshRowPerCache{k_caches, v_caches, positions, proj, proj_ld, factors}, B, heads, kv_heads,
+                      head_dim, out, split_scratch, max_keys, stream);
 }
 
 Status CausalAttentionPrefill(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,

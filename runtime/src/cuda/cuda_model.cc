@@ -87,6 +87,7 @@ struct Scratch {
   DeviceBuffer<float> q, attn_out, a, mattn, e, gate, gate_up, logits;
   DeviceBuffer<float> scores;    // [H, T, S] of the GEMM attention path
   DeviceBuffer<float> read_partial;  // the decode memory read's partial sums
+  DeviceBuffer<float> attn_split;    // the decode attention's key-range partials and counters (zero between calls)
   DeviceBuffer<bf16> read_b;     // the multi-token memory read's bf16 operands (MemoryReadScratch)
   DeviceBuffer<float> read_stats;  // the tiled multi-token read's softmax statistics (MemoryReadWriteScratch)
   DeviceBuffer<float> write_u;   // the segment write's update u [N, d]
@@ -124,6 +125,9 @@ struct BatchTable {
   const int64_t* positions = nullptr;
   const int64_t* slots = nullptr;
   uint64_t* keys = nullptr;
+  // The most keys a row's self-attention sees (its position + 1): the split decode
+  // attention's grid is sized for it (AttentionDecodeSplitGrid).
+  int64_t max_keys = 0;
   static constexpr int64_t kArrays = 8;
   void** Array(int64_t layer, int64_t k) const { return base + (layer * kArrays + k) * B; }
   float* const* KCaches(int64_t i) const { return reinterpret_cast<float* const*>(Array(i, 0)); }
@@ -952,6 +956,11 @@ class CudaModel final : public Model {
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.proj, Z(g * proj_rows)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.gate_up, Z(g * 2 * std::max(F, d))));  // (or OutputGateWithO's [2, g, d])
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.rope, Z(rows * (cfg_.head_dim / 2))));
+    if (batch_step && SplitsAttention(rows)) {  // the decode attention's key ranges, any batch size
+      const std::size_t before = sc.attn_split.size();  // grows only as a new buffer, zeroed once
+      LM2_RETURN_IF_ERROR(EnsureCapacity(sc.attn_split, Z(AttentionDecodeSplitScratch(cfg_.num_heads, cfg_.head_dim))));
+      if (sc.attn_split.size() != before) LM2_RETURN_IF_ERROR(sc.attn_split.FillBytes(0, s.stream_.get()));
+    }
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.xb, Z(g * d)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.yb, Z(g * std::max({2 * d, qdim, F}))));  // (OutputGateWithO: [2, g, d])
     if (cfg_.has_memory()) {
@@ -1039,6 +1048,7 @@ class CudaModel final : public Model {
     LM2_ASSIGN_OR_RETURN(BatchTable table, UploadBatchTable(batch, lead));
     int64_t* dev_in = sc.step_in.data();
     table.positions = dev_in + in.positions;
+    for (const CudaState* st_b : batch) table.max_keys = std::max(table.max_keys, st_b->pos_ + 1);
     table.slots = dev_in + in.slots;
     table.keys = reinterpret_cast<uint64_t*>(dev_in + in.keys);
     table.ids = reinterpret_cast<const int32_t*>(dev_in + in.ids);
@@ -1062,7 +1072,7 @@ class CudaModel final : public Model {
                         "cudaMemcpyAsync(logits)");
     };
     if (options_.cuda_graphs) {
-      std::vector<const void*> key = GraphKey(lead, B, output);
+      std::vector<const void*> key = GraphKey(lead, B, output, table.max_keys);
       bool replay = !lead.decode_graph_.empty() && key == lead.decode_graph_key_;
       if (!replay && key != lead.decode_seen_key_) {
         // A key that is neither the graph's nor that of the lead's last step without one
@@ -1158,10 +1168,15 @@ class CudaModel final : public Model {
   // Every address a captured decode step of `lead` with B rows uses, besides the weights and
   // what the pointer table holds (read when the graph runs): a graph is replayed only while
   // these are unchanged.
-  std::vector<const void*> GraphKey(CudaState& lead, int64_t B, StepOutput output) const {
+  // The split attention's grid (sized for the step's longest row) is part of the key too: a
+  // step whose rows outgrow the captured grid is captured again (at 129, 257, 513 and 1,025
+  // keys).
+  std::vector<const void*> GraphKey(CudaState& lead, int64_t B, StepOutput output, int64_t max_keys) const {
     const Scratch& sc = lead.scratch_;
+    const int64_t grid = SplitsAttention(B) ? AttentionDecodeSplitGrid(max_keys) : 0;
     return {reinterpret_cast<const void*>(static_cast<std::intptr_t>(B)),
-            reinterpret_cast<const void*>(static_cast<std::intptr_t>(output)), sc.next_ids.data(),
+            reinterpret_cast<const void*>(static_cast<std::intptr_t>(output)),
+            reinterpret_cast<const void*>(static_cast<std::intptr_t>(grid)), sc.attn_split.data(), sc.next_ids.data(),
             lead.next_host_.data(), lead.next_keys_host_.data(), sc.table.data(), sc.step_in.data(),
             lead.step_host_.data(), sc.rope.data(),
             sc.h.data(), sc.proj.data(), sc.q.data(), sc.attn_out.data(), sc.a.data(), sc.mattn.data(), sc.e.data(),
@@ -1279,7 +1294,8 @@ class CudaModel final : public Model {
       // A batched step's RoPE, cache append and self-attention, on stream `on`.
       auto attend_batch = [&](cudaStream_t on) {
         return RopeAttentionDecodeBatch(proj, P, positions, sc.rope.data(), batch->KCaches(i), batch->VCaches(i), n,
-                                        H, Hkv, Dh, sc.attn_out.data(), on);
+                                        H, Hkv, Dh, sc.attn_out.data(),
+                                        SplitsAttention(n) ? sc.attn_split.data() : nullptr, batch->max_keys, on);
       };
       // One-session decode steps on the GEMV path may instead keep the read on the main
       // stream, right after the projection (PDL: its K/V loads overlap the projection's end),
@@ -1386,6 +1402,13 @@ class CudaModel final : public Model {
   // inside; longer chunks run cuBLAS GEMMs beside the separate elementwise kernels. Both
   // give the same bf16 inputs; only the fp32 summation order differs.
   bool Small(int64_t n) const { return n <= gemv_rows_; }
+
+  // Whether a decode step of n rows splits its self-attention over long rows' keys
+  // (CudaOptions::split_decode_attention): on the GEMV path only, where a state's results are
+  // the same alone or batched (the split's ranges follow from a row's length alone). Beyond
+  // it the step runs cuBLAS GEMMs, and a block per (row, head) already fills the device: at
+  // 8 sessions of ~1,000 tokens the split was 7-9% slower (H200).
+  bool SplitsAttention(int64_t n) const { return options_.split_decode_attention && Small(n); }
 
   // The rows the cuBLAS GEMMs of a chunk of n rows (or of a batched decode step of n
   // sessions) run over: a chunk's n rounded up to a multiple of kGemmRowStep. cuBLAS chooses

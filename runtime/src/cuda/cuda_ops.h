@@ -282,19 +282,39 @@ Status CausalAttentionPrefill(const float* q, const float* k_cache, const float*
 
 // Decode attention for one token of each of B sessions: query row b over its own cache
 // k_caches[b] / v_caches[b] ([positions[b] + 1, Hkv*D] rows visible; device arrays of
-// device pointers). The decode kernel's math, a block per (session, head).
+// device pointers). The decode kernel's math, a block per (session, head); with
+// split_scratch (AttentionDecodeSplitScratch(heads, head_dim) floats, zero before its first
+// call: every call leaves its counters zero; calls sharing it run one after another) and
+// B <= kGemvMaxRows, a row of more than 128 keys is split into up to 16 key ranges, whose
+// partial results are merged by the last block to finish (flash-decoding): a long context's
+// keys are read by many multiprocessors at once instead of by one block a head (for one row
+// a block a range; for eight, a block walks all of a row's ranges). The ranges and the merge
+// order depend on the row's length only, so a row's result does not depend on B; rows of up
+// to 128 keys give the unsplit kernel's bits. max_keys (the most keys a row sees,
+// positions[b] + 1) sizes the grid, so that short rows launch no idle blocks; rows past it
+// are still right, with fewer blocks at a time.
 Status CausalAttentionDecodeBatch(const float* q, const float* const* k_caches, const float* const* v_caches,
                                   const int64_t* positions, int64_t B, int64_t heads, int64_t kv_heads,
-                                  int64_t head_dim, float* out, cudaStream_t stream);
+                                  int64_t head_dim, float* out, float* split_scratch, int64_t max_keys,
+                                  cudaStream_t stream);
+// Floats of CausalAttentionDecodeBatch's and RopeAttentionDecodeBatch's split_scratch, for any
+// B up to kGemvMaxRows (larger batches are not split): 1.1 MB at 32 heads of 64.
+int64_t AttentionDecodeSplitScratch(int64_t heads, int64_t head_dim);
+// What a split call's grid is sized by for rows of up to max_keys keys: the rows' key ranges
+// (one per 128 keys, at most 16) rounded up to a power of two, so that a captured decode
+// step's launch changes only at 129, 257, 513 and 1,025 keys.
+int64_t AttentionDecodeSplitGrid(int64_t max_keys);
 
 // SplitQkvRopeBatch then CausalAttentionDecodeBatch as one kernel (the decode step's): each
 // block rotates its query head and its KV head's new key from proj by `factors`
 // (RopeFactorsBatch of the positions and the model's theta), the block of each KV group's
 // first query head writes the new k and v rows into the caches at positions[b], and the
-// attention takes the new row from shared memory. Bit-identical to the two ops.
+// attention takes the new row from shared memory. Bit-identical to the two ops (with the
+// same split_scratch or none).
 Status RopeAttentionDecodeBatch(const float* proj, int64_t proj_ld, const int64_t* positions, const float2* factors,
                                 float* const* k_caches, float* const* v_caches, int64_t B, int64_t heads,
-                                int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream);
+                                int64_t kv_heads, int64_t head_dim, float* out, float* split_scratch,
+                                int64_t max_keys, cudaStream_t stream);
 
 // Prefill attention on tensor cores, flash style (attention_tiled.cu; sm_80 and later):
 // same semantics as CausalAttention over k and v, a bf16 copy of the KV cache [S, Hkv*D]
