@@ -37,6 +37,7 @@
 
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
+#include "event_timing.h"
 
 namespace {
 
@@ -47,12 +48,7 @@ using lm2::runtime::cuda::GemvInput;
 using lm2::runtime::cuda::GemvOutput;
 using lm2::runtime::cuda::WarpSum;
 
-void Check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "lm2_cuda_persistent_bench: %s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
+void Check(cudaError_t e, const char* what) { lm2::bench::CheckCuda("lm2_cuda_persistent_bench", e, what); }
 
 void CheckStatus(const lm2::Status& s, const char* what) {
   if (!s.ok()) {
@@ -221,17 +217,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         const auto* x = reinterpret_cast<const uint4*>(xs + seg * kSegCols);
         float acc = 0.0f;
 #pragma unroll
-        for (int j = 0; j < kSegCols / 8 / 32; ++j) {
-          const uint4 wv = w[32 * j + lane], xv = x[32 * j + lane];
-          const auto* wp = reinterpret_cast<const __nv_bfloat162*>(&wv);
-          const auto* xp = reinterpret_cast<const __nv_bfloat162*>(&xv);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const float2 wf = __bfloat1622float2(wp[e]), xf = __bfloat1622float2(xp[e]);
-            acc = fmaf(wf.x, xf.x, acc);
-            acc = fmaf(wf.y, xf.y, acc);
-          }
-        }
+        for (int j = 0; j < kSegCols / 8 / 32; ++j) acc = lm2::runtime::cuda::Dot8(w[32 * j + lane], x[32 * j + lane], acc);
         sum = WarpSum(acc);
       }
       __syncwarp();
@@ -268,22 +254,10 @@ __global__ void FillUniform(bf16* p, int64_t n, float a, uint32_t seed) {
   }
 }
 
+// The mean milliseconds per call of `enqueue` (lm2::bench::MeanMs).
 template <typename Enqueue>
 float MeanMs(cudaStream_t stream, int repeats, Enqueue enqueue) {
-  enqueue();
-  Check(cudaStreamSynchronize(stream), "sync");
-  cudaEvent_t t0, t1;
-  Check(cudaEventCreate(&t0), "event");
-  Check(cudaEventCreate(&t1), "event");
-  Check(cudaEventRecord(t0, stream), "record");
-  for (int i = 0; i < repeats; ++i) enqueue();
-  Check(cudaEventRecord(t1, stream), "record");
-  Check(cudaEventSynchronize(t1), "sync");
-  float ms = 0.0f;
-  Check(cudaEventElapsedTime(&ms, t0, t1), "elapsed");
-  Check(cudaEventDestroy(t0), "event");
-  Check(cudaEventDestroy(t1), "event");
-  return ms / static_cast<float>(repeats);
+  return lm2::bench::MeanMs("lm2_cuda_persistent_bench", stream, repeats, enqueue);
 }
 
 // Device-to-device copy of 1 GiB, bytes read + written per second: best of 10.

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cuda/device_math.cuh"
+#include "event_timing.h"
 
 namespace {
 
@@ -35,12 +36,7 @@ using lm2::runtime::cuda::WaitForPredecessor;
 
 constexpr int kWidth = 2048;  // the relayed vector: the model's hidden size
 
-void Check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "lm2_cuda_sync_bench: %s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
+void Check(cudaError_t e, const char* what) { lm2::bench::CheckCuda("lm2_cuda_sync_bench", e, what); }
 
 __global__ void EmptyKernel() {
   WaitForPredecessor();
@@ -91,24 +87,10 @@ __global__ void PersistentRelayKernel(float* a, float* b, unsigned int* counter,
   }
 }
 
-// Mean milliseconds per call of `enqueue` (work it puts on `stream`), after one call to
-// warm up.
+// The mean milliseconds per call of `enqueue` (lm2::bench::MeanMs).
 template <typename Enqueue>
 float MeanMs(cudaStream_t stream, int repeats, Enqueue enqueue) {
-  enqueue();
-  Check(cudaStreamSynchronize(stream), "sync");
-  cudaEvent_t t0, t1;
-  Check(cudaEventCreate(&t0), "event");
-  Check(cudaEventCreate(&t1), "event");
-  Check(cudaEventRecord(t0, stream), "record");
-  for (int i = 0; i < repeats; ++i) enqueue();
-  Check(cudaEventRecord(t1, stream), "record");
-  Check(cudaEventSynchronize(t1), "sync");
-  float ms = 0.0f;
-  Check(cudaEventElapsedTime(&ms, t0, t1), "elapsed");
-  Check(cudaEventDestroy(t0), "event");
-  Check(cudaEventDestroy(t1), "event");
-  return ms / static_cast<float>(repeats);
+  return lm2::bench::MeanMs("lm2_cuda_sync_bench", stream, repeats, enqueue);
 }
 
 template <typename Enqueue>

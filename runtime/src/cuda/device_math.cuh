@@ -28,6 +28,20 @@ __device__ __forceinline__ float WarpSum(float v) {
   return v;
 }
 
+// Σ of the 8 products of two 16-byte pieces of bf16 (a weight row's and the input's), added
+// to acc in order, in fp32.
+__device__ __forceinline__ float Dot8(const uint4& w, const uint4& x, float acc) {
+  const auto* wp = reinterpret_cast<const __nv_bfloat162*>(&w);
+  const auto* xp = reinterpret_cast<const __nv_bfloat162*>(&x);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 wf = __bfloat1622float2(wp[i]), xf = __bfloat1622float2(xp[i]);
+    acc = fmaf(wf.x, xf.x, acc);
+    acc = fmaf(wf.y, xf.y, acc);
+  }
+  return acc;
+}
+
 __device__ __forceinline__ float WarpMax(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;

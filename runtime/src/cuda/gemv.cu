@@ -88,19 +88,6 @@ __device__ __forceinline__ uint4 ConvertItem(const Item& it, float inv_rms) {
   }
 }
 
-// Σ of the 8 products of a 16-byte piece of a weight row and of x', added to acc in order.
-__device__ __forceinline__ float Dot8(const uint4& w, const uint4& x, float acc) {
-  const auto* wp = reinterpret_cast<const __nv_bfloat162*>(&w);
-  const auto* xp = reinterpret_cast<const __nv_bfloat162*>(&x);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 wf = __bfloat1622float2(wp[i]), xf = __bfloat1622float2(xp[i]);
-    acc = fmaf(wf.x, xf.x, acc);
-    acc = fmaf(wf.y, xf.y, acc);
-  }
-  return acc;
-}
-
 // x' of kF32 / kBf16 inputs into xs: kStageUnroll items in flight per thread.
 template <GemvInput In>
 __device__ __forceinline__ void Stage(const GemvArgs& a, int tid, bf16* xs) {
