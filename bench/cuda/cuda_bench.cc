@@ -1034,14 +1034,20 @@ int main(int argc, char** argv) {
       s = Take(model->NewState(), "state");
       return Seconds(t0, Clock::now()) + turn(*s, 7);
     };
+    // A turn's tokens, and the next turn's after it, within the model's positions (a long
+    // --prompt-tokens leaves out what does not fit; 0 in the JSON).
+    const int64_t turn_tokens = prompt_tokens + 32;
     std::unique_ptr<lm2::runtime::SequenceState> s;
-    first_turn = new_session_turn(s);
-    second_turn = new_session_turn(s);
-    next_turn = turn(*s, 8);
+    if (turn_tokens <= cfg.max_position_embeddings) {
+      first_turn = new_session_turn(s);
+      second_turn = new_session_turn(s);
+      if (2 * turn_tokens <= cfg.max_position_embeddings) next_turn = turn(*s, 8);
+    }
     std::printf("first turn after the load (new state, %lld-token prompt, 32 greedy steps, segment end; warm-up %s): "
-                "%.1f ms; the same again: %.1f ms; that session's next turn: %.1f ms\n",
+                "%.1f ms; the same again: %.1f ms; that session's next turn: %.1f ms%s\n",
                 static_cast<long long>(prompt_tokens), options.warm_up ? "on" : "off", first_turn * 1e3,
-                second_turn * 1e3, next_turn * 1e3);
+                second_turn * 1e3, next_turn * 1e3,
+                2 * turn_tokens > cfg.max_position_embeddings ? " (past max_position_embeddings: 0 = skipped)" : "");
   }
   SetupCosts(32);
   StateMemory(*model, options.device);
