@@ -217,7 +217,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
         const auto* x = reinterpret_cast<const uint4*>(xs + seg * kSegCols);
         float acc = 0.0f;
 #pragma unroll
-        for (int j = 0; j < kSegCols / 8 / 32; ++j) acc = lm2::runtime::cuda::Dot8(w[32 * j + lane], x[32 * j + lane], acc);
+        for (int j = 0; j < kSegCols / 8 / 32; ++j) {
+          acc = lm2::runtime::cuda::Dot8(w[32 * j + lane], x[32 * j + lane], acc);
+        }
         sum = WarpSum(acc);
       }
       __syncwarp();
