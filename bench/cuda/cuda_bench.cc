@@ -242,12 +242,11 @@ const __nv_bfloat16* WeightCopy(const __nv_bfloat16* base, int64_t total, int64_
 }
 
 // The decode attention's split scratch as a decode step of B rows has it, zeroed (none where
-// the step does not split: data() null). The model splits on its GEMV path (B rows fit the
-// GEMV's staging at every layer width).
+// the step does not split: data() null). The model splits on its GEMV path.
 cuda::DeviceBuffer<float> SplitScratch(const lm2::runtime::ModelConfig& c, const lm2::runtime::CudaOptions& options,
                                        int64_t B) {
-  const bool gemv = B <= options.gemv_max_rows && cuda::GemvSupports(B, c.hidden_size) &&
-                    cuda::GemvSupports(B, c.num_heads * c.head_dim) && cuda::GemvSupports(B, c.intermediate_size);
+  const bool gemv =
+      B <= cuda::GemvRowsFor(options.gemv_max_rows, {c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size});
   const int64_t n =
       options.split_decode_attention && gemv ? cuda::AttentionDecodeSplitScratch(c.num_heads, c.head_dim) : 0;
   if (n == 0) return {};

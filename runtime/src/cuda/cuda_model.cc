@@ -229,11 +229,8 @@ class CudaModel final : public Model {
   CudaModel(std::shared_ptr<const ModelFiles> files, std::unique_ptr<CudaWeights> w, const CudaOptions& options)
       : files_(std::move(files)), w_(std::move(w)), cfg_(files_->config()), options_(options) {
     // The most rows (up to the option) every layer's input width allows.
-    for (int64_t rows = options_.gemv_max_rows; rows > 0 && gemv_rows_ == 0; --rows) {
-      const bool fits = GemvSupports(rows, cfg_.hidden_size) && GemvSupports(rows, cfg_.num_heads * cfg_.head_dim) &&
-                        GemvSupports(rows, cfg_.intermediate_size);
-      if (fits) gemv_rows_ = rows;
-    }
+    gemv_rows_ = GemvRowsFor(options_.gemv_max_rows,
+                             {cfg_.hidden_size, cfg_.num_heads * cfg_.head_dim, cfg_.intermediate_size});
     // Multi-token chunks read and write memory, and attend, tile by tile on tensor cores
     // where the head width and the device allow (mma.sync bf16: compute capability 8.0 and
     // later).

@@ -18,6 +18,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 
 #include "lm2/core/status.h"
 
@@ -99,6 +100,9 @@ struct GemvArgs {
 
 // Whether Gemv takes this shape (else use Linear).
 bool GemvSupports(int64_t rows, int64_t in);
+// The most rows, up to max_rows, that GemvSupports at every one of the input widths (0: none):
+// the decode steps a model runs on the GEMV path.
+int64_t GemvRowsFor(int64_t max_rows, std::initializer_list<int64_t> widths);
 
 // The fused linear layer above. A row's result does not depend on how many rows are passed
 // with it (bit-identical alone or batched). x' and W in bf16, fp32 products and sums.

@@ -20,6 +20,7 @@
 // on that).
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -318,6 +319,13 @@ LM2_CUDA_KERNEL_MODULE(GemvKernel<1, GemvInput::kBf16, GemvOutput::kStore>);
 
 bool GemvSupports(int64_t rows, int64_t in) {
   return rows >= 0 && rows <= kGemvMaxRows && in > 0 && in % 8 == 0 && rows * in <= kGemvStageElements;
+}
+
+int64_t GemvRowsFor(int64_t max_rows, std::initializer_list<int64_t> widths) {
+  for (int64_t rows = max_rows; rows > 0; --rows) {
+    if (std::all_of(widths.begin(), widths.end(), [&](int64_t in) { return GemvSupports(rows, in); })) return rows;
+  }
+  return 0;
 }
 
 Status Gemv(const GemvArgs& a, cudaStream_t stream) {
