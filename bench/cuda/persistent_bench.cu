@@ -10,7 +10,12 @@
 //       each one as the multiplying warps do (`--runahead 0`).
 //
 //   lm2_cuda_persistent_bench [--layers 16] [--repeats 10] [--stages 6] [--runahead 1]
-//                             [--combine-barrier 1]
+//                             [--combine-barrier 1] [--persistent 1]
+//
+// (--persistent 0 leaves (b) out.) Then the launch chain (a) again, by the read's form (its
+// stand-in, the runtime's MemoryReadOneToken, none), with and without o_proj, with the
+// step's own GEMV forms, and with the decode attention over 1,024 cached positions
+// (RopeAttentionDecodeBatch, split over key ranges as a decode step runs it) before o_proj.
 //
 // A layer here is the batch-1 decode step's bandwidth-bound chain without its small kernels:
 // the q|k|v|memory-query|offer projection (7,168 x 2,048), then the memory read's 16 MiB of
@@ -43,7 +48,6 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 using lm2::runtime::cuda::Gemv;
-using lm2::runtime::cuda::GemvArgs;
 using lm2::runtime::cuda::GemvInput;
 using lm2::runtime::cuda::GemvOutput;
 using lm2::runtime::cuda::WarpSum;
