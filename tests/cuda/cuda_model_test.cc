@@ -259,9 +259,9 @@ TEST_CASE("CUDA decode token by token equals one prefill; chunked prefill equals
 }
 
 TEST_CASE("Decode over long contexts: attention split over key ranges, as unsplit and as alone", "[cuda][model]") {
-  // Decode steps of up to gemv_max_rows states split a row's attention over its keys past 128
-  // (CudaOptions::split_decode_attention): tiny-lm2 (256 positions: 2 ranges) and the demo
-  // model (1,024: up to 8). Against the same steps unsplit, the same greedy tokens, and
+  // Decode steps on the GEMV path (up to 8 states on these models) split a row's attention
+  // over its keys past 128 (CudaOptions::split_decode_attention): tiny-lm2 (256 positions:
+  // 2 ranges) and the demo model (1,024: up to 8). Against the same steps unsplit, the same greedy tokens, and
   // logits that differ by the attention output's fp32 rounding, amplified where it moves a
   // later bf16 rounding of a GEMV input (9.5e-4 on the demo model, 0 on tiny-lm2, H200):
   // bounded at 5e-3. The merge itself is checked against the float64 reference by the op
