@@ -495,6 +495,12 @@ TEST_CASE("Gemv refuses what it cannot take", "[cuda][ops]") {
   CHECK_FALSE(GemvSupports(1, 60));
   CHECK(GemvSupports(2, kGemvStageElements / 2));
   CHECK_FALSE(GemvSupports(3, kGemvStageElements / 2));  // x' would not fit in shared memory
+  // The GEMV path's rows: the most every width allows, up to the caller's limit.
+  CHECK(GemvRowsFor(kGemvMaxRows, {2048, 2048, 8192}) == 2);  // the paper's shape: FFN 8192
+  CHECK(GemvRowsFor(kGemvMaxRows, {64, 64, 160}) == kGemvMaxRows);
+  CHECK(GemvRowsFor(4, {64, 64, 160}) == 4);
+  CHECK(GemvRowsFor(0, {64}) == 0);
+  CHECK(GemvRowsFor(kGemvMaxRows, {64, 60}) == 0);  // a width not a multiple of 8
   GemvArgs bad = g;
   bad.rows = kGemvMaxRows + 1;
   CHECK(Gemv(bad, Stream()).IsInvalidArgument());
