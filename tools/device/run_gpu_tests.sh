@@ -82,12 +82,13 @@ fi
 if [[ "${SKIP_MEMCHECK:-0}" != 1 && "${SKIP_RACECHECK:-0}" != 1 ]]; then
   # Shared-memory hazards in the kernels that reuse shared memory between phases (the
   # sampler's candidate selection and pick, the fused RoPE + attention, the argmax, the
-  # tensor-core tile kernels, the attention kernels, the decode memory reads).
+  # tensor-core tile kernels, the attention kernels and the split decode attention's range
+  # merge, the decode memory reads).
   # The filter keeps to cases that run no cuBLAS GEMM besides attention's: racecheck reports
   # hazards inside cuBLAS's strided-batched nvjet kernels (those of MemoryRead and
   # FlushStagedWrites, 2026-11-27), and leaving them out by kernel name crashed the sanitizer.
   run racecheck_ops compute-sanitizer --tool racecheck --error-exitcode 99 "$BIN/cuda_ops_tests" \
-    "SampleRows*,RopeAttentionDecodeBatch*,ArgmaxRows*,MemoryReadWrite*,MemoryReadOneToken*,CausalAttention*"
+    "SampleRows*,RopeAttentionDecodeBatch*,Decode attention split*,ArgmaxRows*,MemoryReadWrite*,MemoryReadOneToken*,CausalAttention*"
 fi
 echo "== done: status $status (logs in $LOG_DIR)"
 exit "$status"

@@ -953,7 +953,10 @@ class CudaModel final : public Model {
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.proj, Z(g * proj_rows)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.gate_up, Z(g * 2 * std::max(F, d))));  // (or OutputGateWithO's [2, g, d])
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.rope, Z(rows * (cfg_.head_dim / 2))));
-    if (batch_step && SplitsAttention(rows)) {  // the decode attention's key ranges, any batch size
+    // The decode attention's key ranges: one size for any batch, reserved by every decode step
+    // of a model that can split (SplitsAttention(1)), so that a step of another size that
+    // splits (a batch of 3 after batches of 40) finds it without allocating.
+    if (batch_step && SplitsAttention(1)) {
       const std::size_t before = sc.attn_split.size();  // grows only as a new buffer, zeroed once
       LM2_RETURN_IF_ERROR(EnsureCapacity(sc.attn_split, Z(AttentionDecodeSplitScratch(cfg_.num_heads, cfg_.head_dim))));
       if (sc.attn_split.size() != before) LM2_RETURN_IF_ERROR(sc.attn_split.FillBytes(0, s.stream_.get()));
