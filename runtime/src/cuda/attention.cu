@@ -162,25 +162,21 @@ struct DecodeRows {
   }
 };
 
-// A warp's online-softmax state over some keys: max, sum, and Σ p v for the lane's columns.
-template <int kCols>
-struct WarpPartial {
-  float m, l, o[kCols];
-};
-
 // One warp's online softmax over keys [first, end) in steps of kDecodeWarps * kKeys (its keys
-// of a block's range), query q_row. loaded: the first step's rows are in `rows` already (the
-// prologue's).
+// of a block's range), query q_row: its max, sum and Σ p v (the lane's columns) go to the
+// warp's entries of sh, for BlockMaxSum and BlockColumn after a barrier. loaded: the first
+// step's rows are in `rows` already (the prologue's).
 template <typename Rows, int kCols, int kDecodeWarps>
-__device__ __forceinline__ WarpPartial<kCols> AttendKeys(DecodeRows<kCols>& rows,
-                                                        const DecodeShared<Rows, kCols, kDecodeWarps>& sh,
-                                                        const float* q_row, const float* k, const float* v,
-                                                        int64_t kv_stride, int D, float scale, int64_t first,
-                                                        int64_t end, int64_t fresh_row, bool loaded) {
+__device__ __forceinline__ void AttendKeys(DecodeRows<kCols>& rows, DecodeShared<Rows, kCols, kDecodeWarps>& sh,
+                                           const float* q_row, const float* k, const float* v, int64_t kv_stride,
+                                           int D, float scale, int64_t first, int64_t end, int64_t fresh_row,
+                                           bool loaded) {
   constexpr int kKeys = DecodeRows<kCols>::kKeys;
-  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   float qr[kCols];
-  WarpPartial<kCols> p;
+  struct {
+    float m, l, o[kCols];
+  } p;
 #pragma unroll
   for (int i = 0; i < kCols; ++i) {
     const int c = lane + 32 * i;
@@ -227,13 +223,6 @@ __device__ __forceinline__ WarpPartial<kCols> AttendKeys(DecodeRows<kCols>& rows
     }
     p.m = m_new;
   }
-  return p;
-}
-
-// A warp's partial into shared memory, for BlockMaxSum and BlockColumn (after a barrier).
-template <typename Rows, int kCols, int kDecodeWarps>
-__device__ __forceinline__ void StoreWarp(const WarpPartial<kCols>& p, DecodeShared<Rows, kCols, kDecodeWarps>& sh) {
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   if (lane == 0) {
     sh.wmax[warp] = p.m;
     sh.wsum[warp] = p.l;
@@ -260,6 +249,14 @@ __device__ __forceinline__ float BlockColumn(const DecodeShared<Rows, kCols, kDe
     if (sh.wmax[w] != -INFINITY) r += sh.wacc[w][c] * expf(sh.wmax[w] - M);
   }
   return r;
+}
+// The block's keys merged (BlockMaxSum's M and L) and normalised into dst [D]: a row's output
+// when the block saw all of its keys.
+template <typename Rows, int kCols, int kDecodeWarps>
+__device__ __forceinline__ void WriteRow(const DecodeShared<Rows, kCols, kDecodeWarps>& sh, float M, float L, int D,
+                                         float* dst) {
+  const float inv = 1.0f / L;
+  for (int c = static_cast<int>(threadIdx.x); c < D; c += kDecodeWarps * 32) dst[c] = BlockColumn(sh, M, c) * inv;
 }
 
 // A block per (row t, head h) over all of the row's keys.
@@ -296,15 +293,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) AttentionDecodeKernel(const
     v = rows.Values(t) + static_cast<int64_t>(kvh) * D;
     visible = rows.Visible(t);
   }
-  StoreWarp(AttendKeys(kv, sh, q_row, k, v, kv_stride, D, scale, first, visible, fresh_row, Rows::kFresh), sh);
+  AttendKeys(kv, sh, q_row, k, v, kv_stride, D, scale, first, visible, fresh_row, Rows::kFresh);
   __syncthreads();
-  // Every query sees at least its own key, so warp 0 has a finite max.
   float M = 0.0f, L = 0.0f;
-  BlockMaxSum(sh, M, L);
-  const float inv = 1.0f / L;
-  for (int c = static_cast<int>(threadIdx.x); c < D; c += kDecodeWarps * 32) {
-    out[t * q_stride + static_cast<int64_t>(h) * D + c] = BlockColumn(sh, M, c) * inv;
-  }
+  BlockMaxSum(sh, M, L);  // warp 0 has key 0: a finite max
+  WriteRow(sh, M, L, D, out + t * q_stride + static_cast<int64_t>(h) * D);
 }
 
 // Split over key ranges (DecodeSplit): a row's keys cut into Splits(visible) contiguous
@@ -402,15 +395,13 @@ __global__ void __launch_bounds__(kDecodeWarpsFew * 32, 3)
     for (int r = r0; r < r1; ++r) {
       range_of(visible, r, ranges, begin, end);
       if (r != r0) __syncthreads();  // the range before's warp results are read
-      StoreWarp(AttendKeys(kv, sh, q_row, k, v, kv_stride, D, scale, begin + warp * kKeys, end, fresh_row,
-                           Rows::kFresh && first_item && r == r0),
-                sh);
+      AttendKeys(kv, sh, q_row, k, v, kv_stride, D, scale, begin + warp * kKeys, end, fresh_row,
+                 Rows::kFresh && first_item && r == r0);
       __syncthreads();
       float M = 0.0f, L = 0.0f;
       BlockMaxSum(sh, M, L);  // an empty range (the last of a short row's): max -inf, sum 0
       if (ranges == 1) {  // the whole row: normalised here
-        const float inv = 1.0f / L;
-        for (int c = static_cast<int>(threadIdx.x); c < D; c += kWarps * 32) dst[c] = BlockColumn(sh, M, c) * inv;
+        WriteRow(sh, M, L, D, dst);
       } else {
         float* part = parts + r * part_floats;
         for (int c = static_cast<int>(threadIdx.x); c < D; c += kWarps * 32) part[c] = BlockColumn(sh, M, c);
@@ -463,32 +454,34 @@ __global__ void __launch_bounds__(kDecodeWarpsFew * 32, 3)
   }
 }
 
-// The decode kernel with kWarps warps per block and registers for D columns per row.
+// launch(std::integral_constant<int, kCols>{}) for the registers a lane needs for D columns
+// (D <= kMaxDecodeHeadDim).
+template <typename Launch>
+cudaError_t ByHeadWidth(int D, Launch launch) {
+  if (D <= 32) return launch(std::integral_constant<int, 1>{});
+  if (D <= 64) return launch(std::integral_constant<int, 2>{});
+  if (D <= 128) return launch(std::integral_constant<int, 4>{});
+  return launch(std::integral_constant<int, 8>{});
+}
+
+// The decode kernel with kWarps warps per block.
 template <int kWarps, typename Rows>
 cudaError_t LaunchDecodeWarps(const float* q, Rows rows, int64_t blocks, int H, int group, int D, float scale,
                               float* out, cudaStream_t stream) {
-  const auto grid = static_cast<unsigned int>(blocks);
-  const dim3 block(kWarps * 32);
-  auto launch = [&](auto kernel) { return LaunchPdl(kernel, grid, block, 0, stream, q, rows, H, group, D, scale, out); };
-  if (D <= 32) return launch(&AttentionDecodeKernel<Rows, 1, kWarps>);
-  if (D <= 64) return launch(&AttentionDecodeKernel<Rows, 2, kWarps>);
-  if (D <= 128) return launch(&AttentionDecodeKernel<Rows, 4, kWarps>);
-  return launch(&AttentionDecodeKernel<Rows, 8, kWarps>);
+  return ByHeadWidth(D, [&](auto cols) {
+    return LaunchPdl(&AttentionDecodeKernel<Rows, decltype(cols)::value, kWarps>, static_cast<unsigned int>(blocks),
+                     dim3(kWarps * 32), 0, stream, q, rows, H, group, D, scale, out);
+  });
 }
 
 // The split kernel over `blocks` blocks.
 template <typename Rows>
 cudaError_t LaunchDecodeSplit(const float* q, Rows rows, int64_t blocks, int H, int group, int D, float scale,
                               float* out, DecodeSplit split, int groups, cudaStream_t stream) {
-  const auto grid = static_cast<unsigned int>(blocks);
-  const dim3 block(kDecodeWarpsFew * 32);
-  auto launch = [&](auto kernel) {
-    return LaunchPdl(kernel, grid, block, 0, stream, q, rows, H, group, D, scale, out, split, groups);
-  };
-  if (D <= 32) return launch(&AttentionDecodeSplitKernel<Rows, 1>);
-  if (D <= 64) return launch(&AttentionDecodeSplitKernel<Rows, 2>);
-  if (D <= 128) return launch(&AttentionDecodeSplitKernel<Rows, 4>);
-  return launch(&AttentionDecodeSplitKernel<Rows, 8>);
+  return ByHeadWidth(D, [&](auto cols) {
+    return LaunchPdl(&AttentionDecodeSplitKernel<Rows, decltype(cols)::value>, static_cast<unsigned int>(blocks),
+                     dim3(kDecodeWarpsFew * 32), 0, stream, q, rows, H, group, D, scale, out, split, groups);
+  });
 }
 
 // Launches the decode kernel for `rows_n` rows with registers for D columns per row: split
