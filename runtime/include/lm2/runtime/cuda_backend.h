@@ -89,8 +89,9 @@ struct CudaOptions {
   // of by one block a head. The ranges follow from the row's length alone: a state's results
   // stay bit-identical alone or batched. false: a block per (row, head) over all its keys.
   // Measured on an H200 (paper's shape): batch-1 decode after a 1,024-token prompt 647 -> 848
-  // tokens/s, after a 32-token one unchanged (933 / 933); at 8 sessions of ~1,000 tokens the
-  // split was 7-9% slower, so larger steps (cuBLAS's) do not split.
+  // tokens/s, 2 sessions 1,061 -> 1,228, after a 32-token prompt unchanged (933 / 933); at 8
+  // sessions of ~1,000 tokens the split was 7-9% slower, so larger steps (cuBLAS's) do not
+  // split.
   bool split_decode_attention = true;
   // With concurrent_memory_read, a tiled chunk's memory write sums (which nothing in the
   // forward reads) run on the second stream after the read, past the output gate's join,
