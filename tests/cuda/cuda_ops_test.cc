@@ -1451,16 +1451,22 @@ TEST_CASE("Batched decode ops over per-session caches equal the one-cache ops", 
   }
 }
 
+// Groups of 4, 1, 3, 2 and 8 query heads a KV head; 12 rows take the unsplit kernel's form
+// with fewer warps (past kGemvMaxRows, never split).
 TEST_CASE("RopeAttentionDecodeBatch (with RopeFactorsBatch) equals SplitQkvRopeBatch then CausalAttentionDecodeBatch, bit for bit",
           "[cuda][ops]") {
   const auto [H, Hkv, D] = GENERATE(std::make_tuple(int64_t{8}, int64_t{2}, int64_t{64}),
                                     std::make_tuple(int64_t{4}, int64_t{4}, int64_t{48}),
                                     std::make_tuple(int64_t{6}, int64_t{2}, int64_t{128}),
-                                    std::make_tuple(int64_t{2}, int64_t{1}, int64_t{256}));
+                                    std::make_tuple(int64_t{2}, int64_t{1}, int64_t{256}),
+                                    std::make_tuple(int64_t{8}, int64_t{1}, int64_t{32}));
   const bool split = GENERATE(false, true);  // both ops split over key ranges (one scratch), or neither
-  INFO("H=" << H << " Hkv=" << Hkv << " D=" << D << " split=" << split);
+  const std::size_t n_rows = GENERATE(std::size_t{6}, std::size_t{12});
+  INFO("H=" << H << " Hkv=" << Hkv << " D=" << D << " split=" << split << " rows=" << n_rows);
+  static_assert(kGemvMaxRows < 12);
   const int64_t kvdim = Hkv * D, qdim = H * D, P = qdim + 2 * kvdim + 24;  // proj rows carry more after v
-  const std::vector<int64_t> pos = {0, 5, 130, 17, 63, 2048};
+  std::vector<int64_t> pos = {0, 5, 130, 17, 63, 2048, 1, 64, 129, 300, 7, 1000};
+  pos.resize(n_rows);
   const auto B = static_cast<int64_t>(pos.size());
   // Two copies of every session's cache (filled up to its position; its row `pos` poisoned).
   std::vector<DeviceBuffer<float>> caches[2][2];
