@@ -242,13 +242,14 @@ const __nv_bfloat16* WeightCopy(const __nv_bfloat16* base, int64_t total, int64_
 }
 
 // The decode attention's split scratch as a decode step of B rows has it, zeroed (none where
-// the step does not split: data() null). The model splits on its GEMV path.
+// the step does not split: data() null), by the model's rule (SplitsDecodeAttention).
 cuda::DeviceBuffer<float> SplitScratch(const lm2::runtime::ModelConfig& c, const lm2::runtime::CudaOptions& options,
                                        int64_t B) {
-  const bool gemv =
-      B <= cuda::GemvRowsFor(options.gemv_max_rows, {c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size});
-  const int64_t n =
-      options.split_decode_attention && gemv ? cuda::AttentionDecodeSplitScratch(c.num_heads, c.head_dim) : 0;
+  const int64_t gemv_rows =
+      cuda::GemvRowsFor(options.gemv_max_rows, {c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size});
+  const bool split = options.split_decode_attention &&
+                     cuda::SplitsDecodeAttention(B, gemv_rows, c.num_heads, c.num_kv_heads);
+  const int64_t n = split ? cuda::AttentionDecodeSplitScratch(c.num_heads, c.head_dim) : 0;
   if (n == 0) return {};
   auto b = Take(cuda::DeviceBuffer<float>::Allocate(static_cast<std::size_t>(n)), "alloc");
   Check(b.FillBytes(0, nullptr), "fill");

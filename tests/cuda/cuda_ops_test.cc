@@ -1519,12 +1519,24 @@ TEST_CASE("RopeAttentionDecodeBatch (with RopeFactorsBatch) equals SplitQkvRopeB
   CHECK(RopeFactorsBatch(dpos.data(), B, 7, 1e4, factors.data(), Stream()).IsInvalidArgument());  // odd head_dim
 }
 
+// 8 rows of groups of 4 query heads take the packed blocks (a KV head's 4 query heads a block),
+// their rows alone a block a head: "the same bits alone" checks the packing too.
 TEST_CASE("Decode attention split over key ranges: the reference's result, a row's bits at any batch size",
           "[cuda][ops]") {
   const auto [H, Hkv, D] = GENERATE(std::make_tuple(int64_t{8}, int64_t{2}, int64_t{64}),
                                     std::make_tuple(int64_t{4}, int64_t{1}, int64_t{128}),
                                     std::make_tuple(int64_t{2}, int64_t{2}, int64_t{256}));
   INFO("H=" << H << " Hkv=" << Hkv << " D=" << D);
+  CHECK(AttentionDecodePacksHeads(H, Hkv) == (H / Hkv == 4));
+  // Which decode steps split their attention: the GEMV path's, and up to kGemvMaxRows rows
+  // where a block packs a KV head's 4 query heads (32 / 8 heads), not 2 (8 / 4).
+  CHECK(SplitsDecodeAttention(2, 2, 32, 8));
+  CHECK(SplitsDecodeAttention(kGemvMaxRows, 2, 32, 8));
+  CHECK_FALSE(SplitsDecodeAttention(kGemvMaxRows + 1, 2, 32, 8));
+  CHECK_FALSE(SplitsDecodeAttention(3, 2, 8, 4));
+  CHECK(SplitsDecodeAttention(3, 8, 8, 4));
+  CHECK(AttentionDecodePacksHeads(32, 4));
+  CHECK_FALSE(AttentionDecodePacksHeads(6, 3));
   const int64_t kvdim = Hkv * D, qdim = H * D;
   // Rows of one range (up to 128 keys), of two, of several, of 16 with the last ones empty
   // (2,049 keys: 16 ranges of 192), and of 16 full ones: kGemvMaxRows rows in all.

@@ -71,23 +71,33 @@ struct FreshRowPerCache {
     const int half = D / 2;
     for (int p = static_cast<int>(threadIdx.x); p < half; p += blockDim.x) f[p] = factors[t * half + p];
   }
-  // Fills q_new, k_new, v_new [D] for query head h of row t (KV head h / group), rotated by
-  // f (LoadFactors).
-  __device__ void Prepare(int64_t t, int h, int heads, int group, int D, const float2* f, float* q_new, float* k_new,
-                          float* v_new) const {
-    const int kvh = h / group, kv_heads = heads / group;
+  // Fills q_new (kHeads rows, q_ld floats apart), k_new and v_new [D] for query heads h0,
+  // ..., h0 + kHeads - 1 of row t (of one KV head, h0 / group), rotated by f (LoadFactors).
+  template <int kHeads>
+  __device__ void Prepare(int64_t t, int h0, int heads, int group, int D, const float2* f, float* q_new, int q_ld,
+                          float* k_new, float* v_new) const {
+    const int kvh = h0 / group, kv_heads = heads / group;
     const float* row = proj + t * proj_ld;
     for (int c = static_cast<int>(threadIdx.x); c < D; c += blockDim.x) {
-      q_new[c] = row[static_cast<int64_t>(h) * D + c];
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) q_new[j * q_ld + c] = row[static_cast<int64_t>(h0 + j) * D + c];
       k_new[c] = row[static_cast<int64_t>(heads + kvh) * D + c];
       v_new[c] = row[static_cast<int64_t>(heads + kv_heads + kvh) * D + c];
     }
     __syncthreads();
     const int64_t pos = positions[t];
     const int half = D / 2;
-    for (int i = static_cast<int>(threadIdx.x); i < D; i += blockDim.x) {  // q's pairs, then k's
-      const int pair = i < half ? i : i - half;
-      RotateHalfPair(i < half ? q_new : k_new, i < half ? q_new : k_new, pair, half, f[pair]);
+    if constexpr (kHeads == 1) {
+      for (int i = static_cast<int>(threadIdx.x); i < D; i += blockDim.x) {  // q's pairs, then k's
+        const int pair = i < half ? i : i - half;
+        RotateHalfPair(i < half ? q_new : k_new, i < half ? q_new : k_new, pair, half, f[pair]);
+      }
+    } else {
+      for (int i = static_cast<int>(threadIdx.x); i < (kHeads + 1) * half; i += blockDim.x) {  // each q's pairs, then k's
+        const int vec = i / half, pair = i - vec * half;
+        float* x = vec < kHeads ? q_new + vec * q_ld : k_new;
+        RotateHalfPair(x, x, pair, half, f[pair]);
+      }
     }
     __syncthreads();
     const int64_t at = pos * kv_heads * D + static_cast<int64_t>(kvh) * D;
@@ -106,6 +116,7 @@ struct FreshRowPerCache {
 // its keys; AttentionDecodeSplitKernel (few rows, with scratch): a block per key range.
 constexpr int kSplitKeys = 128;    // keys a range holds at least, where the row has more than one
 constexpr int kMaxSplits = 16;     // ranges of a row at most
+constexpr int kSplitPack = 4;      // query heads a split block serves in steps of more than two rows
 
 struct DecodeSplit {
   unsigned int* counters;  // [rows * heads], zero between calls
@@ -130,12 +141,12 @@ constexpr int64_t SplitGridRanges(int64_t max_keys) {
   return r;
 }
 
-// Shared memory of a decode block.
-template <typename Rows, int kCols, int kDecodeWarps>
+// Shared memory of a decode block for kHeads query heads (of one KV head).
+template <typename Rows, int kCols, int kDecodeWarps, int kHeads = 1>
 struct DecodeShared {
-  float wmax[kDecodeWarps], wsum[kDecodeWarps];
-  float wacc[kDecodeWarps][kCols * 32];
-  float fresh[Rows::kFresh ? 3 : 1][kCols * 32];  // the new token's q, k, v (FreshRowPerCache)
+  float wmax[kHeads][kDecodeWarps], wsum[kHeads][kDecodeWarps];
+  float wacc[kHeads][kDecodeWarps][kCols * 32];
+  float fresh[Rows::kFresh ? kHeads + 2 : 1][kCols * 32];  // the new token's q rows, k, v (FreshRowPerCache)
   float2 rope_f[Rows::kFresh ? kCols * 16 : 1];  // its rotary factors
 };
 
@@ -163,28 +174,33 @@ struct DecodeRows {
 };
 
 // One warp's online softmax over keys [first, end) in steps of kDecodeWarps * kKeys (its keys
-// of a block's range), query q_row: its max, sum and Σ p v (the lane's columns) go to the
-// warp's entries of sh, for BlockMaxSum and BlockColumn after a barrier. loaded: the first
-// step's rows are in `rows` already (the prologue's).
-template <typename Rows, int kCols, int kDecodeWarps>
-__device__ __forceinline__ void AttendKeys(DecodeRows<kCols>& rows, DecodeShared<Rows, kCols, kDecodeWarps>& sh,
-                                           const float* q_row, const float* k, const float* v, int64_t kv_stride,
-                                           int D, float scale, int64_t first, int64_t end, int64_t fresh_row,
-                                           bool loaded) {
+// of a block's range), for kHeads query rows (q_row, q_ld floats apart) that share the keys:
+// each key and value row is loaded once for all of them, and each head's arithmetic, in its
+// order, is that of a block of one head. Each head's max, sum and Σ p v (the lane's columns)
+// go to the warp's entries of sh, for BlockMaxSum and BlockColumn after a barrier. loaded: the
+// first step's rows are in `rows` already (the prologue's).
+template <typename Rows, int kCols, int kDecodeWarps, int kHeads>
+__device__ __forceinline__ void AttendKeys(DecodeRows<kCols>& rows,
+                                           DecodeShared<Rows, kCols, kDecodeWarps, kHeads>& sh, const float* q_row,
+                                           int64_t q_ld, const float* k, const float* v, int64_t kv_stride, int D,
+                                           float scale, int64_t first, int64_t end, int64_t fresh_row, bool loaded) {
   constexpr int kKeys = DecodeRows<kCols>::kKeys;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  float qr[kCols];
+  float qr[kHeads][kCols];
   struct {
     float m, l, o[kCols];
-  } p;
+  } p[kHeads];
 #pragma unroll
-  for (int i = 0; i < kCols; ++i) {
-    const int c = lane + 32 * i;
-    qr[i] = c < D ? q_row[c] : 0.0f;
-    p.o[i] = 0.0f;
+  for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+    for (int i = 0; i < kCols; ++i) {
+      const int c = lane + 32 * i;
+      qr[j][i] = c < D ? q_row[j * q_ld + c] : 0.0f;
+      p[j].o[i] = 0.0f;
+    }
+    p[j].m = -INFINITY;
+    p[j].l = 0.0f;
   }
-  p.m = -INFINITY;
-  p.l = 0.0f;
   for (int64_t j0 = first; j0 < end; j0 += kDecodeWarps * kKeys) {
     if (!loaded || j0 != first) rows.Load(k, v, kv_stride, D, j0, end, fresh_row);
     if constexpr (Rows::kFresh) {
@@ -194,69 +210,78 @@ __device__ __forceinline__ void AttendKeys(DecodeRows<kCols>& rows, DecodeShared
 #pragma unroll
         for (int i = 0; i < kCols; ++i) {
           const int c = lane + 32 * i;
-          rows.x[s][i] = c < D ? sh.fresh[1][c] : 0.0f;
-          rows.y[s][i] = c < D ? sh.fresh[2][c] : 0.0f;
+          rows.x[s][i] = c < D ? sh.fresh[kHeads][c] : 0.0f;  // after the heads' q rows
+          rows.y[s][i] = c < D ? sh.fresh[kHeads + 1][c] : 0.0f;
         }
       }
     }
-    float sc[kKeys];
-    float gm = -INFINITY;
 #pragma unroll
-    for (int s = 0; s < kKeys; ++s) {
-      float dot = 0.0f;
+    for (int j = 0; j < kHeads; ++j) {
+      float sc[kKeys];
+      float gm = -INFINITY;
 #pragma unroll
-      for (int i = 0; i < kCols; ++i) dot += qr[i] * rows.x[s][i];
-      sc[s] = j0 + s < end ? WarpSum(dot) * scale : -INFINITY;
-      gm = fmaxf(gm, sc[s]);
+      for (int s = 0; s < kKeys; ++s) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kCols; ++i) dot += qr[j][i] * rows.x[s][i];
+        sc[s] = j0 + s < end ? WarpSum(dot) * scale : -INFINITY;
+        gm = fmaxf(gm, sc[s]);
+      }
+      const float m_new = fmaxf(p[j].m, gm);  // finite: key j0 is in the range
+      const float corr = expf(p[j].m - m_new);  // 0 on the first keys (m = -inf)
+      p[j].l *= corr;
+#pragma unroll
+      for (int i = 0; i < kCols; ++i) p[j].o[i] *= corr;
+#pragma unroll
+      for (int s = 0; s < kKeys; ++s) {
+        const float pr = expf(sc[s] - m_new);  // 0 past the range
+        p[j].l += pr;
+#pragma unroll
+        for (int i = 0; i < kCols; ++i) p[j].o[i] += pr * rows.y[s][i];
+      }
+      p[j].m = m_new;
     }
-    const float m_new = fmaxf(p.m, gm);  // finite: key j0 is in the range
-    const float corr = expf(p.m - m_new);  // 0 on the first keys (m = -inf)
-    p.l *= corr;
+  }
 #pragma unroll
-    for (int i = 0; i < kCols; ++i) p.o[i] *= corr;
-#pragma unroll
-    for (int s = 0; s < kKeys; ++s) {
-      const float pr = expf(sc[s] - m_new);  // 0 past the range
-      p.l += pr;
-#pragma unroll
-      for (int i = 0; i < kCols; ++i) p.o[i] += pr * rows.y[s][i];
+  for (int j = 0; j < kHeads; ++j) {
+    if (lane == 0) {
+      sh.wmax[j][warp] = p[j].m;
+      sh.wsum[j][warp] = p[j].l;
     }
-    p.m = m_new;
-  }
-  if (lane == 0) {
-    sh.wmax[warp] = p.m;
-    sh.wsum[warp] = p.l;
-  }
 #pragma unroll
-  for (int i = 0; i < kCols; ++i) sh.wacc[warp][lane + 32 * i] = p.o[i];
+    for (int i = 0; i < kCols; ++i) sh.wacc[j][warp][lane + 32 * i] = p[j].o[i];
+  }
 }
 
 // The warps' results merged (after a barrier): the block's max M and sum L over its keys, and
 // its Σ p v for column c rescaled to M. A warp without keys has max -inf and adds nothing.
-template <typename Rows, int kCols, int kDecodeWarps>
-__device__ __forceinline__ void BlockMaxSum(const DecodeShared<Rows, kCols, kDecodeWarps>& sh, float& M, float& L) {
+// (Head j of the block's kHeads.)
+template <typename Rows, int kCols, int kDecodeWarps, int kHeads>
+__device__ __forceinline__ void BlockMaxSum(const DecodeShared<Rows, kCols, kDecodeWarps, kHeads>& sh, int j, float& M,
+                                            float& L) {
   M = -INFINITY;
-  for (int w = 0; w < kDecodeWarps; ++w) M = fmaxf(M, sh.wmax[w]);
+  for (int w = 0; w < kDecodeWarps; ++w) M = fmaxf(M, sh.wmax[j][w]);
   L = 0.0f;
   for (int w = 0; w < kDecodeWarps; ++w) {
-    if (sh.wmax[w] != -INFINITY) L += sh.wsum[w] * expf(sh.wmax[w] - M);
+    if (sh.wmax[j][w] != -INFINITY) L += sh.wsum[j][w] * expf(sh.wmax[j][w] - M);
   }
 }
-template <typename Rows, int kCols, int kDecodeWarps>
-__device__ __forceinline__ float BlockColumn(const DecodeShared<Rows, kCols, kDecodeWarps>& sh, float M, int c) {
+template <typename Rows, int kCols, int kDecodeWarps, int kHeads>
+__device__ __forceinline__ float BlockColumn(const DecodeShared<Rows, kCols, kDecodeWarps, kHeads>& sh, int j, float M,
+                                             int c) {
   float r = 0.0f;
   for (int w = 0; w < kDecodeWarps; ++w) {
-    if (sh.wmax[w] != -INFINITY) r += sh.wacc[w][c] * expf(sh.wmax[w] - M);
+    if (sh.wmax[j][w] != -INFINITY) r += sh.wacc[j][w][c] * expf(sh.wmax[j][w] - M);
   }
   return r;
 }
-// The block's keys merged (BlockMaxSum's M and L) and normalised into dst [D]: a row's output
-// when the block saw all of its keys.
-template <typename Rows, int kCols, int kDecodeWarps>
-__device__ __forceinline__ void WriteRow(const DecodeShared<Rows, kCols, kDecodeWarps>& sh, float M, float L, int D,
-                                         float* dst) {
+// Head j's keys merged (BlockMaxSum's M and L) and normalised into dst [D]: its output row
+// when the block saw all of the row's keys.
+template <typename Rows, int kCols, int kDecodeWarps, int kHeads>
+__device__ __forceinline__ void WriteRow(const DecodeShared<Rows, kCols, kDecodeWarps, kHeads>& sh, int j, float M,
+                                         float L, int D, float* dst) {
   const float inv = 1.0f / L;
-  for (int c = static_cast<int>(threadIdx.x); c < D; c += kDecodeWarps * 32) dst[c] = BlockColumn(sh, M, c) * inv;
+  for (int c = static_cast<int>(threadIdx.x); c < D; c += kDecodeWarps * 32) dst[c] = BlockColumn(sh, j, M, c) * inv;
 }
 
 // A block per (row t, head h) over all of the row's keys.
@@ -286,18 +311,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) AttentionDecodeKernel(const
   AllowDependents();
   const float* q_row = q + t * q_stride + static_cast<int64_t>(h) * D;
   if constexpr (Rows::kFresh) {
-    rows.Prepare(t, h, heads, group, D, sh.rope_f, sh.fresh[0], sh.fresh[1], sh.fresh[2]);
+    rows.template Prepare<1>(t, h, heads, group, D, sh.rope_f, sh.fresh[0], kCols * 32, sh.fresh[1], sh.fresh[2]);
     q_row = sh.fresh[0];
   } else {
     k = rows.Keys(t) + static_cast<int64_t>(kvh) * D;
     v = rows.Values(t) + static_cast<int64_t>(kvh) * D;
     visible = rows.Visible(t);
   }
-  AttendKeys(kv, sh, q_row, k, v, kv_stride, D, scale, first, visible, fresh_row, Rows::kFresh);
+  AttendKeys(kv, sh, q_row, D, k, v, kv_stride, D, scale, first, visible, fresh_row, Rows::kFresh);
   __syncthreads();
   float M = 0.0f, L = 0.0f;
-  BlockMaxSum(sh, M, L);  // warp 0 has key 0: a finite max
-  WriteRow(sh, M, L, D, out + t * q_stride + static_cast<int64_t>(h) * D);
+  BlockMaxSum(sh, 0, M, L);  // warp 0 has key 0: a finite max
+  WriteRow(sh, 0, M, L, D, out + t * q_stride + static_cast<int64_t>(h) * D);
 }
 
 // Split over key ranges (DecodeSplit): a row's keys cut into Splits(visible) contiguous
@@ -305,20 +330,23 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) AttentionDecodeKernel(const
 // w K, w K + W K, ... (as the unsplit kernel's within a row), and the block merges them into
 // the range's (max, sum, Σ p v), which goes to the scratch; the row and head's output is the
 // ranges' merge in range order: the same bits whichever blocks computed which ranges. A work
-// item is one (row, head, group): the row's ranges cut into min(groups, ranges) groups of
-// consecutive ranges, which a block walks one after another (`groups` from the batch size: a
-// block a range for one row, a block a row for eight); blocks take items in a grid-stride
-// loop. The block that finishes a (row, head)'s last group merges (a counter per row and
-// head, set back to zero). A row of one range (up to kSplitKeys keys) is written directly:
-// the unsplit kernel's arithmetic, so its bits. kDecodeWarpsFew warps; registers capped for
-// three blocks an SM (80: one fits beside a memory-read block, which a batch-1 step runs at
-// the same time; at 119 with two an SM, batch-1 decode was 2% slower at short contexts).
-template <typename Rows, int kCols>
-__global__ void __launch_bounds__(kDecodeWarpsFew * 32, 3)
+// item is one (row, kHeads query heads of one KV head, group): the row's ranges cut into
+// min(groups, ranges) groups of consecutive ranges, which a block walks one after another
+// (`groups` from the batch size: a block a range for one row, a few ranges a block for
+// eight); blocks take items in a grid-stride loop. kHeads > 1 (kSplitPack, steps of more than
+// two rows) loads each key once for the pack's heads (AttendKeys), each head's arithmetic
+// unchanged: the same bits as a block a head. The block that finishes an item's last group
+// merges each of its heads (a counter per row and first head, set back to zero). A row of
+// one range (up to kSplitKeys keys) is written directly: the unsplit kernel's arithmetic,
+// so its bits. kDecodeWarpsFew warps; registers capped for three blocks an SM at kHeads 1
+// (80: one fits beside a memory-read block, which a batch-1 step runs at the same time; at
+// 119 with two an SM, batch-1 decode was 2% slower at short contexts), two at kSplitPack.
+template <typename Rows, int kCols, int kHeads>
+__global__ void __launch_bounds__(kDecodeWarpsFew * 32, kHeads > 1 ? 2 : 3)
     AttentionDecodeSplitKernel(const float* __restrict__ q, Rows rows, int heads, int group, int D, float scale,
                                float* __restrict__ out, DecodeSplit split, int groups) {
   constexpr int kWarps = kDecodeWarpsFew, kKeys = DecodeRows<kCols>::kKeys, kStep = kWarps * kKeys;
-  __shared__ DecodeShared<Rows, kCols, kWarps> sh;
+  __shared__ DecodeShared<Rows, kCols, kWarps, kHeads> sh;
   __shared__ bool merges;                                     // this block merges its item's row and head
   __shared__ float range_w[kMaxSplits], range_l[kMaxSplits];  // and the ranges' maxima (then weights), sums
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
@@ -330,7 +358,7 @@ __global__ void __launch_bounds__(kDecodeWarpsFew * 32, 3)
   auto item_of = [&](int64_t item, int& t, int& h, int& g, int& gs, int& ranges) {
     const int r_ranges = lane < split.rows ? Splits(rows.Visible(lane)) : 0;
     const int r_groups = r_ranges < groups ? r_ranges : groups;
-    int64_t end = static_cast<int64_t>(heads) * r_groups;  // row `lane`'s items end here, after the scan
+    int64_t end = static_cast<int64_t>(heads / kHeads) * r_groups;  // row `lane`'s items end here, after the scan
     for (int o = 1; o < 32; o <<= 1) {
       const int64_t before = __shfl_up_sync(0xffffffffu, end, o);
       if (lane >= o) end += before;
@@ -342,7 +370,7 @@ __global__ void __launch_bounds__(kDecodeWarpsFew * 32, 3)
     if (row >= split.rows) return false;
     t = row;
     item -= row == 0 ? 0 : begin;
-    h = static_cast<int>(item / gs);
+    h = static_cast<int>(item / gs) * kHeads;
     g = static_cast<int>(item % gs);
     return true;
   };
@@ -383,31 +411,37 @@ __global__ void __launch_bounds__(kDecodeWarpsFew * 32, 3)
     if (!first_item) __syncthreads();  // the item before no longer reads the shared arrays
     if (!Rows::kFresh || !first_item) locate();
     const float* q_row = q + t * q_stride + static_cast<int64_t>(h) * D;
+    int64_t q_ld = D;
     if constexpr (Rows::kFresh) {
       if (!first_item) rows.LoadFactors(t, D, sh.rope_f);
-      rows.Prepare(t, h, heads, group, D, sh.rope_f, sh.fresh[0], sh.fresh[1], sh.fresh[2]);
+      rows.template Prepare<kHeads>(t, h, heads, group, D, sh.rope_f, sh.fresh[0], kCols * 32, sh.fresh[kHeads],
+                                    sh.fresh[kHeads + 1]);
       q_row = sh.fresh[0];
+      q_ld = kCols * 32;
     }
-    const int64_t th = static_cast<int64_t>(t) * heads + h;
-    float* dst = out + t * q_stride + static_cast<int64_t>(h) * D;
-    float* parts = split.parts + th * kMaxSplits * part_floats;
+    const int64_t th = static_cast<int64_t>(t) * heads + h;  // the pack's first head (its counter)
+    float* dst = out + t * q_stride + static_cast<int64_t>(h) * D;  // head h + j's row: dst + j D
+    float* parts = split.parts + th * kMaxSplits * part_floats;  // head h + j's: + j kMaxSplits part_floats
     const int r0 = first_range(), r1 = (g + 1) * ranges / gs;
     for (int r = r0; r < r1; ++r) {
       range_of(visible, r, ranges, begin, end);
       if (r != r0) __syncthreads();  // the range before's warp results are read
-      AttendKeys(kv, sh, q_row, k, v, kv_stride, D, scale, begin + warp * kKeys, end, fresh_row,
+      AttendKeys(kv, sh, q_row, q_ld, k, v, kv_stride, D, scale, begin + warp * kKeys, end, fresh_row,
                  Rows::kFresh && first_item && r == r0);
       __syncthreads();
-      float M = 0.0f, L = 0.0f;
-      BlockMaxSum(sh, M, L);  // an empty range (the last of a short row's): max -inf, sum 0
-      if (ranges == 1) {  // the whole row: normalised here
-        WriteRow(sh, M, L, D, dst);
-      } else {
-        float* part = parts + r * part_floats;
-        for (int c = static_cast<int>(threadIdx.x); c < D; c += kWarps * 32) part[c] = BlockColumn(sh, M, c);
-        if (threadIdx.x == 0) {
-          part[D] = M;
-          part[D + 1] = L;
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+        float M = 0.0f, L = 0.0f;
+        BlockMaxSum(sh, j, M, L);  // an empty range (the last of a short row's): max -inf, sum 0
+        if (ranges == 1) {  // the whole row: normalised here
+          WriteRow(sh, j, M, L, D, dst + j * D);
+        } else {
+          float* part = parts + (j * kMaxSplits + r) * part_floats;
+          for (int c = static_cast<int>(threadIdx.x); c < D; c += kWarps * 32) part[c] = BlockColumn(sh, j, M, c);
+          if (threadIdx.x == 0) {
+            part[D] = M;
+            part[D + 1] = L;
+          }
         }
       }
     }
@@ -421,10 +455,13 @@ __global__ void __launch_bounds__(kDecodeWarpsFew * 32, 3)
       } else {
         __syncthreads();  // every range is this block's
       }
-      if (gs == 1 || merges) {  // every range in order: weights through shared memory
+      for (int j = 0; j < kHeads && (gs == 1 || merges); ++j) {  // every range in order: weights through shared memory
+        if (j > 0) __syncthreads();  // the head before's weights are read
+        const float* parts_j = parts + j * kMaxSplits * part_floats;
+        float* dst_j = dst + j * D;
         if (static_cast<int>(threadIdx.x) < ranges) {
-          range_w[threadIdx.x] = __ldcg(parts + threadIdx.x * part_floats + D);
-          range_l[threadIdx.x] = __ldcg(parts + threadIdx.x * part_floats + D + 1);
+          range_w[threadIdx.x] = __ldcg(parts_j + threadIdx.x * part_floats + D);
+          range_l[threadIdx.x] = __ldcg(parts_j + threadIdx.x * part_floats + D + 1);
         }
         __syncthreads();
         float M = -INFINITY;
@@ -438,15 +475,15 @@ __global__ void __launch_bounds__(kDecodeWarpsFew * 32, 3)
         for (int c = static_cast<int>(threadIdx.x); c < D; c += kWarps * 32) {
           float vals[kMaxSplits];  // every range's sum for column c, loaded at once
 #pragma unroll
-          for (int r = 0; r < kMaxSplits; ++r) vals[r] = r < ranges ? __ldcg(parts + r * part_floats + c) : 0.0f;
+          for (int r = 0; r < kMaxSplits; ++r) vals[r] = r < ranges ? __ldcg(parts_j + r * part_floats + c) : 0.0f;
           float acc = 0.0f;
 #pragma unroll
           for (int r = 0; r < kMaxSplits; ++r) {
             if (r < ranges) acc += vals[r] * range_w[r];
           }
-          dst[c] = acc * inv;
+          dst_j[c] = acc * inv;
         }
-        if (gs > 1 && threadIdx.x == 0) split.counters[th] = 0;  // for the next call
+        if (gs > 1 && j == kHeads - 1 && threadIdx.x == 0) split.counters[th] = 0;  // for the next call
       }
     }
     item += gridDim.x;
@@ -474,13 +511,18 @@ cudaError_t LaunchDecodeWarps(const float* q, Rows rows, int64_t blocks, int H, 
   });
 }
 
-// The split kernel over `blocks` blocks.
+// The split kernel over `blocks` blocks, `pack` query heads a block (1 or kSplitPack).
 template <typename Rows>
 cudaError_t LaunchDecodeSplit(const float* q, Rows rows, int64_t blocks, int H, int group, int D, float scale,
-                              float* out, DecodeSplit split, int groups, cudaStream_t stream) {
+                              float* out, DecodeSplit split, int groups, int pack, cudaStream_t stream) {
   return ByHeadWidth(D, [&](auto cols) {
-    return LaunchPdl(&AttentionDecodeSplitKernel<Rows, decltype(cols)::value>, static_cast<unsigned int>(blocks),
-                     dim3(kDecodeWarpsFew * 32), 0, stream, q, rows, H, group, D, scale, out, split, groups);
+    constexpr int kCols = decltype(cols)::value;
+    auto launch = [&](auto kernel) {
+      return LaunchPdl(kernel, static_cast<unsigned int>(blocks), dim3(kDecodeWarpsFew * 32), 0, stream, q, rows, H,
+                       group, D, scale, out, split, groups);
+    };
+    if (pack == kSplitPack) return launch(&AttentionDecodeSplitKernel<Rows, kCols, kSplitPack>);
+    return launch(&AttentionDecodeSplitKernel<Rows, kCols, 1>);
   });
 }
 
@@ -505,19 +547,24 @@ Status LaunchDecode(const float* q, Rows rows, int64_t rows_n, int64_t heads, in
   if constexpr (std::is_same_v<Rows, OneCache>) {
     return Status::Internal("CausalAttention (decode): a single cache is not split");
   } else {
-    // Groups of ranges a row: as many blocks a (row, head) as three blocks an SM give the
-    // batch, at most a range each. The grid: a block an item of rows of max_keys keys, their
-    // ranges rounded up to a power of two (a captured step's grid then changes only at 129,
-    // 257, 513 and 1,025 keys); the blocks loop over any further items (rows past max_keys).
+    // Steps of more than two rows give a block kSplitPack query heads where the group allows
+    // (AttentionDecodePacksHeads): a quarter of the L2 traffic. One or two rows keep a block a
+    // head (the most blocks for the fewest rows). Groups of ranges a row: as many blocks a
+    // (row, pack) as the resident blocks (three an SM, two packed) give the batch, at most a
+    // range each. The grid: a block an item of rows of max_keys keys, their ranges rounded up
+    // to a power of two (a captured step's grid then changes only at 129, 257, 513 and 1,025
+    // keys); the blocks loop over any further items (rows past max_keys).
     LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());
-    const int64_t resident = int64_t{3} * sms;
-    const int64_t groups = std::clamp<int64_t>(resident / blocks, 1, kMaxSplits);
-    const int64_t items = blocks * std::min(groups, SplitGridRanges(max_keys));
+    const int pack = rows_n > 2 && AttentionDecodePacksHeads(heads, kv_heads) ? kSplitPack : 1;
+    const int64_t blocks_packed = blocks / pack;
+    const int64_t resident = int64_t{pack > 1 ? 2 : 3} * sms;
+    const int64_t groups = std::clamp<int64_t>(resident / blocks_packed, 1, kMaxSplits);
+    const int64_t items = blocks_packed * std::min(groups, SplitGridRanges(max_keys));
     const DecodeSplit split{.counters = reinterpret_cast<unsigned int*>(split_scratch),
                             .parts = split_scratch + SplitCounterWords(heads),
                             .rows = static_cast<int>(rows_n)};
     return CudaStatus(LaunchDecodeSplit(q, rows, std::min(items, resident), H, group, d, scale, out, split,
-                                        static_cast<int>(groups), stream),
+                                        static_cast<int>(groups), pack, stream),
                       "AttentionDecodeSplitKernel");
   }
 }
@@ -633,6 +680,14 @@ LM2_CUDA_KERNEL_MODULE(AttentionPrefillKernel);
 }  // namespace
 
 int64_t AttentionDecodeSplitGrid(int64_t max_keys) { return SplitGridRanges(max_keys); }
+
+bool AttentionDecodePacksHeads(int64_t heads, int64_t kv_heads) {
+  return kv_heads > 0 && heads % kv_heads == 0 && (heads / kv_heads) % kSplitPack == 0;
+}
+
+bool SplitsDecodeAttention(int64_t rows, int64_t gemv_rows, int64_t heads, int64_t kv_heads) {
+  return rows <= gemv_rows || (rows <= kGemvMaxRows && AttentionDecodePacksHeads(heads, kv_heads));
+}
 
 int64_t AttentionDecodeSplitScratch(int64_t heads, int64_t head_dim) {
   if (heads <= 0 || head_dim <= 0) return 0;

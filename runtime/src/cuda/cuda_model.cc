@@ -1404,11 +1404,15 @@ class CudaModel final : public Model {
   bool Small(int64_t n) const { return n <= gemv_rows_; }
 
   // Whether a decode step of n rows splits its self-attention over long rows' keys
-  // (CudaOptions::split_decode_attention): on the GEMV path only, where a state's results are
-  // the same alone or batched (the split's ranges follow from a row's length alone). Beyond
-  // it the step runs cuBLAS GEMMs, and a block per (row, head) already fills the device: at
-  // 8 sessions of ~1,000 tokens the split was 7-9% slower (H200).
-  bool SplitsAttention(int64_t n) const { return options_.split_decode_attention && Small(n); }
+  // (CudaOptions::split_decode_attention; SplitsDecodeAttention): on the GEMV path, where a
+  // state's results are the same alone or batched (the split's ranges follow from a row's
+  // length alone), and up to 8 rows where a block serves a KV head's 4 query heads. Unpacked,
+  // a block per (row, head) already filled the device at 8 sessions of ~1,000 tokens, and the
+  // split was 7-9% slower (H200).
+  bool SplitsAttention(int64_t n) const {
+    return options_.split_decode_attention &&
+           SplitsDecodeAttention(n, gemv_rows_, cfg_.num_heads, cfg_.num_kv_heads);
+  }
 
   // The rows the cuBLAS GEMMs of a chunk of n rows (or of a batched decode step of n
   // sessions) run over: a chunk's n rounded up to a multiple of kGemmRowStep. cuBLAS chooses
