@@ -1528,13 +1528,14 @@ TEST_CASE("Decode attention split over key ranges: the reference's result, a row
                                     std::make_tuple(int64_t{2}, int64_t{2}, int64_t{256}));
   INFO("H=" << H << " Hkv=" << Hkv << " D=" << D);
   CHECK(AttentionDecodePacksHeads(H, Hkv) == (H / Hkv == 4));
-  // Which decode steps split their attention: the GEMV path's, and up to kGemvMaxRows rows
-  // where a block packs a KV head's 4 query heads (32 / 8 heads), not 2 (8 / 4).
+  // Which decode steps split their attention: the GEMV path's, and up to 4 rows where a block
+  // packs a KV head's 4 query heads (32 / 8 heads), not 2 (8 / 4).
   CHECK(SplitsDecodeAttention(2, 2, 32, 8));
-  CHECK(SplitsDecodeAttention(kGemvMaxRows, 2, 32, 8));
-  CHECK_FALSE(SplitsDecodeAttention(kGemvMaxRows + 1, 2, 32, 8));
+  CHECK(SplitsDecodeAttention(4, 2, 32, 8));
+  CHECK_FALSE(SplitsDecodeAttention(5, 2, 32, 8));
   CHECK_FALSE(SplitsDecodeAttention(3, 2, 8, 4));
-  CHECK(SplitsDecodeAttention(3, 8, 8, 4));
+  CHECK(SplitsDecodeAttention(8, 8, 8, 4));
+  CHECK_FALSE(SplitsDecodeAttention(kGemvMaxRows + 1, kGemvMaxRows, 32, 8));
   CHECK(AttentionDecodePacksHeads(32, 4));
   CHECK_FALSE(AttentionDecodePacksHeads(6, 3));
   const int64_t kvdim = Hkv * D, qdim = H * D;

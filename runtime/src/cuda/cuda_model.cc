@@ -1406,9 +1406,9 @@ class CudaModel final : public Model {
   // Whether a decode step of n rows splits its self-attention over long rows' keys
   // (CudaOptions::split_decode_attention; SplitsDecodeAttention): on the GEMV path, where a
   // state's results are the same alone or batched (the split's ranges follow from a row's
-  // length alone), and up to 8 rows where a block serves a KV head's 4 query heads. Unpacked,
-  // a block per (row, head) already filled the device at 8 sessions of ~1,000 tokens, and the
-  // split was 7-9% slower (H200).
+  // length alone), and up to 4 rows where a block serves a KV head's 4 query heads (4
+  // sessions after 2,048 tokens +14%, H200). At 8 sessions a block per (row, head) already
+  // fills the device: the split was 7-9% slower unpacked, even packed.
   bool SplitsAttention(int64_t n) const {
     return options_.split_decode_attention &&
            SplitsDecodeAttention(n, gemv_rows_, cfg_.num_heads, cfg_.num_kv_heads);

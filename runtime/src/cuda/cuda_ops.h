@@ -310,12 +310,13 @@ int64_t AttentionDecodeSplitScratch(int64_t heads, int64_t head_dim);
 int64_t AttentionDecodeSplitGrid(int64_t max_keys);
 // Whether a split call of more than two rows gives each block the 4 query heads of a KV head
 // (the group a multiple of 4), loading each key once for them (the same bits as a block a
-// head): where the split pays at 3-8 rows (the paper's model, H200: 4 sessions after 2,048
-// tokens +14%, 8 sessions even; unpacked, 8 sessions lost 7-14%).
+// head): what makes the split pay beyond the GEMV path (the paper's model, H200: 4 sessions
+// after 2,048 tokens +14%; unpacked, +9%, and 8 sessions lost 7-14%).
 bool AttentionDecodePacksHeads(int64_t heads, int64_t kv_heads);
 // The model's rule for which decode steps split their attention (with the option on): steps
 // on the GEMV path (up to gemv_rows rows), where a state's bits must equal its bits alone, and
-// up to kGemvMaxRows rows where AttentionDecodePacksHeads.
+// up to 4 rows where AttentionDecodePacksHeads (at 8 the packed split attention was slower
+// alone and the step even).
 bool SplitsDecodeAttention(int64_t rows, int64_t gemv_rows, int64_t heads, int64_t kv_heads);
 
 // SplitQkvRopeBatch then CausalAttentionDecodeBatch as one kernel (the decode step's): each
