@@ -83,15 +83,17 @@ struct CudaOptions {
   // Measured on an H200: batch-1 decode 884-892 -> 904-909 tokens/s; 2 sessions lost ~3%
   // this way, so steps of several sessions keep the read on the second stream.
   bool memory_read_leads = true;
-  // Decode steps on the GEMV path (see gemv_max_rows) split a row's self-attention over its
-  // keys once it has more than 128 (up to 16 ranges, merged by the last block to finish:
+  // Decode steps on the GEMV path (see gemv_max_rows), and steps of up to 4 sessions where
+  // a KV head has a multiple of 4 query heads, split a row's self-attention over its keys
+  // once it has more than 128 (up to 16 ranges, merged by the last block to finish:
   // flash-decoding), so that a long context is read by many multiprocessors at once instead
-  // of by one block a head. The ranges follow from the row's length alone: a state's results
-  // stay bit-identical alone or batched. false: a block per (row, head) over all its keys.
-  // Measured on an H200 (paper's shape): batch-1 decode after a 1,024-token prompt 647 -> 848
-  // tokens/s, 2 sessions 1,061 -> 1,228, after a 32-token prompt unchanged (933 / 933); at 8
-  // sessions of ~1,000 tokens the split was 7-9% slower, so larger steps (cuBLAS's) do not
-  // split.
+  // of by one block a head; steps of 3-4 sessions give a block a KV head's 4 query heads. The
+  // ranges follow from the row's length alone: a state's results stay bit-identical alone or
+  // batched. false: a block per (row, head) over all its keys. Measured on an H200 (paper's
+  // shape): batch-1 decode after a 1,024-token prompt 647 -> 848 tokens/s (after 2,048: 476
+  // -> 731), 2 sessions 1,061 -> 1,228, 4 sessions after 2,048 tokens 1,424 -> 1,628, after a
+  // 32-token prompt unchanged (933 / 933); at 8 sessions the split gained nothing, so larger
+  // steps do not split.
   bool split_decode_attention = true;
   // With concurrent_memory_read, a tiled chunk's memory write sums (which nothing in the
   // forward reads) run on the second stream after the read, past the output gate's join,
