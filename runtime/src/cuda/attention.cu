@@ -351,7 +351,7 @@ __global__ void __launch_bounds__(kDecodeWarpsFew * 32, kHeads > 1 ? 2 : 3)
                                float* __restrict__ out, DecodeSplit split, int groups) {
   constexpr int kWarps = kDecodeWarpsFew, kKeys = DecodeRows<kCols>::kKeys, kStep = kWarps * kKeys;
   __shared__ DecodeShared<Rows, kCols, kWarps, kHeads> sh;
-  __shared__ bool merges;                                     // this block merges its item's row and head
+  __shared__ bool merges;                                     // this block merges its item's row and heads
   __shared__ float range_w[kMaxSplits], range_l[kMaxSplits];  // and the ranges' maxima (then weights), sums
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int64_t q_stride = static_cast<int64_t>(heads) * D, kv_stride = static_cast<int64_t>(heads / group) * D;
