@@ -292,8 +292,10 @@ Status CausalAttentionPrefill(const float* q, const float* k_cache, const float*
 // B <= kGemvMaxRows, a row of more than 128 keys is split into up to 16 key ranges, whose
 // partial results are merged by the last block to finish (flash-decoding): a long context's
 // keys are read by many multiprocessors at once instead of by one block a head (for one row
-// a block a range; for eight, a block walks all of a row's ranges). The ranges and the merge
-// order depend on the row's length only, so a row's result does not depend on B; rows of up
+// a block a range; for more, a block walks several of a row's ranges; past two rows a block
+// serves the 4 query heads of a KV head where AttentionDecodePacksHeads, each key loaded once
+// for them). The ranges and the merge order depend on the row's length only, and the packing
+// leaves each head's arithmetic as it is, so a row's result does not depend on B; rows of up
 // to 128 keys give the unsplit kernel's bits. max_keys (the most keys a row sees,
 // positions[b] + 1) sizes the grid, so that short rows launch no idle blocks; rows past it
 // are still right, with fewer blocks at a time.
