@@ -1408,7 +1408,7 @@ class CudaModel final : public Model {
   // state's results are the same alone or batched (the split's ranges follow from a row's
   // length alone), and up to 4 rows where a block serves a KV head's 4 query heads (4
   // sessions after 2,048 tokens +14%, H200). At 8 sessions a block per (row, head) already
-  // fills the device: the split was 7-9% slower unpacked, even packed.
+  // fills the device: the split was 7-9% slower unpacked and no faster packed.
   bool SplitsAttention(int64_t n) const {
     return options_.split_decode_attention &&
            SplitsDecodeAttention(n, gemv_rows_, cfg_.num_heads, cfg_.num_kv_heads);
