@@ -87,13 +87,14 @@ struct FreshRowPerCache {
     __syncthreads();
     const int64_t pos = positions[t];
     const int half = D / 2;
-    if constexpr (kHeads == 1) {
+    if constexpr (kHeads == 1) {  // the general loop's pairs without its division (batch 1's kernels as measured)
       for (int i = static_cast<int>(threadIdx.x); i < D; i += blockDim.x) {  // q's pairs, then k's
         const int pair = i < half ? i : i - half;
         RotateHalfPair(i < half ? q_new : k_new, i < half ? q_new : k_new, pair, half, f[pair]);
       }
     } else {
-      for (int i = static_cast<int>(threadIdx.x); i < (kHeads + 1) * half; i += blockDim.x) {  // each q's pairs, then k's
+      // Each q's pairs, then k's.
+      for (int i = static_cast<int>(threadIdx.x); i < (kHeads + 1) * half; i += blockDim.x) {
         const int vec = i / half, pair = i - vec * half;
         float* x = vec < kHeads ? q_new + vec * q_ld : k_new;
         RotateHalfPair(x, x, pair, half, f[pair]);

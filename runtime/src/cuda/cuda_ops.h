@@ -322,10 +322,10 @@ bool AttentionDecodePacksHeads(int64_t heads, int64_t kv_heads);
 bool SplitsDecodeAttention(int64_t rows, int64_t gemv_rows, int64_t heads, int64_t kv_heads);
 
 // SplitQkvRopeBatch then CausalAttentionDecodeBatch as one kernel (the decode step's): each
-// block rotates its query head and its KV head's new key from proj by `factors`
-// (RopeFactorsBatch of the positions and the model's theta), the block of each KV group's
-// first query head writes the new k and v rows into the caches at positions[b], and the
-// attention takes the new row from shared memory. Bit-identical to the two ops (with the
+// block rotates its query head (or heads) and its KV head's new key from proj by `factors`
+// (RopeFactorsBatch of the positions and the model's theta), writes the new k and v rows
+// into the caches at positions[b] (every block of a KV group the same values: a benign race),
+// and the attention takes the new row from shared memory. Bit-identical to the two ops (with the
 // same split_scratch or none).
 Status RopeAttentionDecodeBatch(const float* proj, int64_t proj_ld, const int64_t* positions, const float2* factors,
                                 float* const* k_caches, float* const* v_caches, int64_t B, int64_t heads,
