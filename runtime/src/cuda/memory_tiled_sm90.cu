@@ -16,10 +16,13 @@
 // 8i + 2t, 8i + 2t + 1: the layout of mma.sync's C fragments, so memory_tiled's online
 // softmax, weights and epilogues apply unchanged, and the weights packed to bf16 pairs are
 // the next product's A fragments.
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "cuda/cuda_check.h"
 #include "cuda/kernel_modules.h"
@@ -415,6 +418,336 @@ __global__ void __launch_bounds__(kThreads, 2)
 #endif
 }
 
+// ---- The read, warp-specialised (EXPERIMENT: LM2_READ_WS=1) -------------------------------
+//
+// FlashAttention-3's form: a producer warp brings each 128-slot stage of K and V by tensor
+// copies (TMA) into a ring of kWsStages, counted on the stage's transaction barrier; two
+// consumer warpgroups (64 token rows each) wait only on those barriers and give a stage back
+// on its "empty" barrier (a warp each) once their products over it are done. Each consumer
+// issues the next stage's scores before the current stage's weights (their exponentials run
+// while the tensor cores do the product before), so no block barrier ties the warps tile by
+// tile. One block an SM (148 KiB of shared memory, up to 224 registers a thread).
+
+__device__ __forceinline__ void BarrierInit(uint64_t* bar, unsigned count) {
+#if LM2_WGMMA
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(SharedAddress(bar)), "r"(count) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void BarrierExpectBytes(uint64_t* bar, uint32_t bytes) {
+#if LM2_WGMMA
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(SharedAddress(bar)), "r"(bytes)
+               : "memory");
+#endif
+}
+
+__device__ __forceinline__ void BarrierArrive(uint64_t* bar) {
+#if LM2_WGMMA
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(SharedAddress(bar)) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void BarrierWait(uint64_t* bar, uint32_t parity) {
+#if LM2_WGMMA
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(SharedAddress(bar)), "r"(parity)
+        : "memory");
+  } while (done == 0);
+#endif
+}
+
+// The box of `map` at column x, row y into 1 KiB-aligned shared `dst`, counted on `bar`.
+__device__ __forceinline__ void TensorTile(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
+#if LM2_WGMMA
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::
+          "r"(SharedAddress(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(SharedAddress(bar))
+      : "memory");
+#endif
+}
+
+// The consumers' barrier (named barrier 1, the two warpgroups' 256 threads).
+__device__ __forceinline__ void ConsumerSync() { asm volatile("bar.sync 1, 256;" ::: "memory"); }
+
+constexpr int kWsSlots = 128;
+constexpr int kWsStages = 4;
+constexpr int kWsTileBytes = kWsSlots * kRowBytes;  // 16 KiB
+constexpr int kWsThreads = kThreads + 32;
+
+// Issues d = own · tileᵀ (64 x 128, four 16-column steps; not waited for).
+__device__ __forceinline__ void IssueScores128(float (&d)[16][4], const uint64_t (&a)[4], const uint64_t (&b)[4]) {
+#if LM2_WGMMA
+  asm volatile(
+      "{\n"
+      ".reg .pred none, all;\n"
+      "setp.ne.b32 none, 0, 0;\n"
+      "setp.eq.b32 all, 0, 0;\n"
+      "wgmma.fence.sync.aligned;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %68, none, 1, 1, 0, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %65, %69, all, 1, 1, 0, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %66, %70, all, 1, 1, 0, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %67, %71, all, 1, 1, 0, 0;\n"
+      "wgmma.commit_group.sync.aligned;\n"
+      "}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+      : "l"(a[0]), "l"(a[1]), "l"(a[2]), "l"(a[3]), "l"(b[0]), "l"(b[1]), "l"(b[2]), "l"(b[3])
+      : "memory");
+#endif
+}
+
+// Issues d += p · tile (64 x 64 over the tile's 128 rows: eight 16-row steps, A from this
+// warp's registers; not waited for).
+__device__ __forceinline__ void IssueProducts128(float (&d)[8][4], const uint32_t (&p)[8][4], uint64_t tile) {
+#if LM2_WGMMA
+  asm volatile(
+      "{\n"
+      ".reg .pred none, all;\n"
+      "setp.ne.b32 none, 0, 0;\n"
+      "setp.eq.b32 all, 0, 0;\n"
+      "wgmma.fence.sync.aligned;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %64, all, 1, 1, 1;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%36, %37, %38, %39}, %65, all, 1, 1, 1;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%40, %41, %42, %43}, %66, all, 1, 1, 1;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%44, %45, %46, %47}, %67, all, 1, 1, 1;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%48, %49, %50, %51}, %68, all, 1, 1, 1;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%52, %53, %54, %55}, %69, all, 1, 1, 1;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%56, %57, %58, %59}, %70, all, 1, 1, 1;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%60, %61, %62, %63}, %71, all, 1, 1, 1;\n"
+      "wgmma.commit_group.sync.aligned;\n"
+      "}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : "r"(p[0][0]), "r"(p[0][1]), "r"(p[0][2]), "r"(p[0][3]), "r"(p[1][0]), "r"(p[1][1]), "r"(p[1][2]), "r"(p[1][3]), "r"(p[2][0]), "r"(p[2][1]), "r"(p[2][2]), "r"(p[2][3]), "r"(p[3][0]), "r"(p[3][1]), "r"(p[3][2]), "r"(p[3][3]), "r"(p[4][0]), "r"(p[4][1]), "r"(p[4][2]), "r"(p[4][3]), "r"(p[5][0]), "r"(p[5][1]), "r"(p[5][2]), "r"(p[5][3]), "r"(p[6][0]), "r"(p[6][1]), "r"(p[6][2]), "r"(p[6][3]), "r"(p[7][0]), "r"(p[7][1]), "r"(p[7][2]), "r"(p[7][3]), "l"(tile), "l"(tile + 1 * kRowStep), "l"(tile + 2 * kRowStep), "l"(tile + 3 * kRowStep),
+        "l"(tile + 4 * kRowStep), "l"(tile + 5 * kRowStep), "l"(tile + 6 * kRowStep), "l"(tile + 7 * kRowStep)
+      : "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void WaitGroups() {
+#if LM2_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Keeps the compiler from moving accesses of v across the asm statements around it.
+template <int R>
+__device__ __forceinline__ void FenceOperands(float (&v)[R][4]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) asm volatile("" : "+f"(v[i][c])::"memory");
+}
+
+// One stage's weights: the row maxima of the 128 scores (the last stage's padding slots
+// -inf), the lagged online softmax of OnlineSoftmaxTile, the weights left in s; the output's
+// rescale factor in alpha, and whether it applies (warp-uniform) returned.
+__device__ __forceinline__ bool StageWeights(float (&s)[16][4], int64_t valid, int t, float scale_log2, float (&m)[2],
+                                             float (&l)[2], float (&alpha)[2]) {
+  if (valid < kWsSlots) {
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        if (nt * 8 + 2 * t + (c & 1) >= valid) s[nt][c] = -INFINITY;
+  }
+  float m_new[2];
+  bool grown = false;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+    m_new[r] = fmaxf(m[r], QuadMax(mx) * scale_log2);
+    grown |= m_new[r] > m[r] + kRescaleSlack;
+  }
+  grown = __any_sync(0xffffffffu, grown);
+  alpha[0] = alpha[1] = 1.0f;
+  if (grown) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      alpha[r] = FastExp2(m[r] - m_new[r]);
+      l[r] *= alpha[r];
+      m[r] = m_new[r];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+      s[nt][2 * r] = SoftmaxWeight(s[nt][2 * r], scale_log2, m[r]);
+      s[nt][2 * r + 1] = SoftmaxWeight(s[nt][2 * r + 1], scale_log2, m[r]);
+      sum += s[nt][2 * r] + s[nt][2 * r + 1];
+    }
+    l[r] += sum;
+  }
+  return grown;
+}
+
+__global__ void __launch_bounds__(kWsThreads, 1)
+    ReadKernelWs(const float* __restrict__ q, int64_t q_ld, const float* __restrict__ offer, int64_t offer_ld,
+                 bool rows_vec, int64_t T, int64_t N, int64_t d, float scale_log2, float* __restrict__ e,
+                 Scratch scratch, const __grid_constant__ CUtensorMap k_map,
+                 const __grid_constant__ CUtensorMap v_map) {
+#if LM2_WGMMA
+  char* ks = AlignedSharedMemory();                 // kWsStages stages of 128 K rows
+  char* vs = ks + kWsStages * kWsTileBytes;         // and of 128 V rows
+  char* qs = vs + kWsStages * kWsTileBytes;         // a 64-row tile per consumer warpgroup
+  auto* full = reinterpret_cast<uint64_t*>(qs + kOwnBytes);
+  uint64_t* empty = full + kWsStages;
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = scratch.tp;
+  const int tiles = static_cast<int>((N + kWsSlots - 1) / kWsSlots);
+  if (threadIdx.x == 0) {
+    for (int stage = 0; stage < kWsStages; ++stage) {
+      BarrierInit(&full[stage], 1);
+      BarrierInit(&empty[stage], kThreads / 32);  // every consumer warp
+    }
+  }
+  __syncthreads();
+  if (warp == kThreads / 32) {  // the producer
+    if (lane == 0) {
+      for (int it = 0; it < tiles; ++it) {
+        const int stage = it % kWsStages;
+        if (it >= kWsStages) BarrierWait(&empty[stage], static_cast<uint32_t>(it / kWsStages - 1) & 1);
+        BarrierExpectBytes(&full[stage], 2 * kWsTileBytes);
+        TensorTile(ks + stage * kWsTileBytes, &k_map, static_cast<int>(j * kDh), it * kWsSlots, &full[stage]);
+        TensorTile(vs + stage * kWsTileBytes, &v_map, static_cast<int>(j * kDh), it * kWsSlots, &full[stage]);
+      }
+    }
+    return;
+  }
+  const ReadPart part{0, tiles, 0, kRows};
+  StageReadRows<kDh, kThreads, 0>(q, q_ld, offer, offer_ld, t0, j, T, kDh, part, rows_vec,
+                                  reinterpret_cast<bf16*>(qs), scratch.q + (j * Tp + t0) * kDh,
+                                  scratch.offer + (j * Tp + t0) * kDh);
+  FenceProxyAsync();
+  ConsumerSync();  // the q rows are in for both warpgroups
+
+  const int wg = warp / 4;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, alpha[2], out[8][4];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i][0] = out[i][1] = out[i][2] = out[i][3] = 0.0f;
+  const bool live = t0 + wg * kTile < T;
+  if (!live) {  // padding rows only: give every stage back, nothing else
+    for (int it = 0; it < tiles; ++it) {
+      BarrierWait(&full[it % kWsStages], static_cast<uint32_t>(it / kWsStages) & 1);
+      __syncwarp();
+      if (lane == 0) BarrierArrive(&empty[it % kWsStages]);
+    }
+  } else {
+    uint64_t a[4], b[4];
+    ColumnSteps(qs + wg * kTileBytes, a);
+    float s[16][4];
+    uint32_t p[8][4];
+    const auto pack = [&] {
+#pragma unroll
+      for (int kc = 0; kc < 8; ++kc) {
+        p[kc][0] = PackBf16x2(s[2 * kc][0], s[2 * kc][1]);
+        p[kc][1] = PackBf16x2(s[2 * kc][2], s[2 * kc][3]);
+        p[kc][2] = PackBf16x2(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+        p[kc][3] = PackBf16x2(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+      }
+    };
+    BarrierWait(&full[0], 0);
+    ColumnSteps(ks, b);
+    IssueScores128(s, a, b);
+    WaitGroups<0>();
+    FenceOperands(s);
+    StageWeights(s, N, t, scale_log2, m, l, alpha);  // first stage: out is 0, no rescale needed
+    pack();
+    for (int it = 1; it < tiles; ++it) {
+      const int stage = it % kWsStages, prev = (it - 1) % kWsStages;
+      BarrierWait(&full[stage], static_cast<uint32_t>(it / kWsStages) & 1);
+      ColumnSteps(ks + stage * kWsTileBytes, b);
+      IssueScores128(s, a, b);
+      IssueProducts128(out, p, TileDescriptor(vs + prev * kWsTileBytes));
+      WaitGroups<1>();  // the scores (the product may still run)
+      FenceOperands(s);
+      const bool grown =
+          StageWeights(s, N - static_cast<int64_t>(it) * kWsSlots, t, scale_log2, m, l, alpha);
+      WaitGroups<0>();
+      FenceOperands(out);
+      if (grown) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            out[i][2 * r] *= alpha[r];
+            out[i][2 * r + 1] *= alpha[r];
+          }
+      }
+      __syncwarp();
+      if (lane == 0) BarrierArrive(&empty[prev]);  // this warp is done with the stage before
+      pack();
+    }
+    IssueProducts128(out, p, TileDescriptor(vs + (tiles - 1) % kWsStages * kWsTileBytes));
+    WaitGroups<0>();
+    FenceOperands(out);
+  }
+  // e: the rows normalised, staged over the K/V stages and stored whole; each row's shift.
+  float inv_l[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float sum = QuadSum(l[r]);
+    inv_l[r] = 1.0f / sum;
+    const int64_t row = t0 + warp * 16 + g + 8 * r;
+    if (t == 0) scratch.shift[j * Tp + row] = row < T ? SoftmaxShift(m[r], sum) : INFINITY;
+  }
+  float* rows = reinterpret_cast<float*>(ks);
+  ConsumerSync();  // every consumer warp's products are done (every stage's copies landed)
+  StageFragments(out, inv_l, rows);
+  ConsumerSync();
+  StoreStagedRows<false>(rows, T - t0, e + t0 * d + j * kDh, d);
+#else
+  __trap();
+#endif
+}
+
+constexpr int kWsBytes = kAtomBytes + 2 * kWsStages * kWsTileBytes + kOwnBytes + 2 * kWsStages * 8;
+static_assert(kStagedBytes <= 2 * kWsStages * kWsTileBytes, "the staged rows fit over the stages");
+
+// The map of the [rows, d] bf16 matrix at `base` in 64-column x kWsSlots-row boxes, 128-byte swizzle.
+Result<CUtensorMap> SlotRowsMap(const bf16* base, int64_t rows, int64_t d) {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      fn = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  if (encode == nullptr) return Status::Unavailable("MemoryReadWrite: no cuTensorMapEncodeTiled in this driver");
+  CUtensorMap map{};
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(d), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(d) * 2};
+  const cuuint32_t box[2] = {kDh, kWsSlots}, element_strides[2] = {1, 1};
+  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<bf16*>(base), dims, strides, box,
+                            element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    return Status::Internal("MemoryReadWrite: cuTensorMapEncodeTiled failed (" + std::to_string(r) + ")");
+  }
+  return map;
+}
+
+bool WsRead() {
+  static const bool on = [] {
+    const char* v = std::getenv("LM2_READ_WS");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
+
 constexpr int kReadBytes = kAtomBytes + 2 * kTileStages * kTileBytes + kOwnBytes;
 constexpr int kWriteBytes = kReadBytes + kTileStages * kTile * 4;
 static_assert(kStagedBytes <= 2 * kTileStages * kTileBytes, "the staged rows fit over the other side's tiles");
@@ -440,6 +773,15 @@ bool Sm90KernelsBuilt() {
 Status ReadSm90(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, bool rows_vec,
                const bf16* mem_k, const bf16* mem_v, int64_t T, int64_t N, int64_t d, float scale_log2, float* e,
                Scratch scratch, cudaStream_t stream) {
+  if (WsRead()) {
+    LM2_ASSIGN_OR_RETURN(const CUtensorMap k_map, SlotRowsMap(mem_k, N, d));
+    LM2_ASSIGN_OR_RETURN(const CUtensorMap v_map, SlotRowsMap(mem_v, N, d));
+    LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&ReadKernelWs), kWsBytes, "MemoryReadWrite"));
+    const dim3 grid(static_cast<unsigned int>(PaddedTokens(T) / kRows), static_cast<unsigned int>(d / kDh));
+    ReadKernelWs<<<grid, kWsThreads, kWsBytes, stream>>>(q, q_ld, offer, offer_ld, rows_vec, T, N, d, scale_log2, e,
+                                                         scratch, k_map, v_map);
+    return CheckLaunch("MemoryReadWrite (wgmma read, warp-specialised)");
+  }
   const void* kernel = reinterpret_cast<const void*>(&ReadKernel);
   LM2_RETURN_IF_ERROR(EnsureSharedMemory(kernel, kReadBytes, "MemoryReadWrite"));
   const auto pairs = static_cast<unsigned int>(PaddedTokens(T) / kRows), heads = static_cast<unsigned int>(d / kDh);
