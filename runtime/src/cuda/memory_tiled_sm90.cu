@@ -228,20 +228,20 @@ __device__ __forceinline__ void StageFragments(const float (&out)[8][4], const f
 
 // After a barrier: staged rows [0, valid) into dst (row i at dst + i ld; 16-byte aligned),
 // added to what dst holds where kAccumulate (its loads all issued before the first store).
-template <bool kAccumulate>
+template <bool kAccumulate, int kBlockRows = kRows, int kBlockThreads = kThreads>
 __device__ __forceinline__ void StoreStagedRows(const float* rows, int64_t valid, float* __restrict__ dst, int64_t ld) {
-  constexpr int kPieces = kDh / 4;                        // float4 pieces of a row
-  constexpr int kPerThread = kRows * kPieces / kThreads;  // 8
+  constexpr int kPieces = kDh / 4;                                  // float4 pieces of a row
+  constexpr int kPerThread = kBlockRows * kPieces / kBlockThreads;  // 8
   float4 old[kPerThread];
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) {
-    const int f = static_cast<int>(threadIdx.x) + k * kThreads, row = f / kPieces, c = (f % kPieces) * 4;
+    const int f = static_cast<int>(threadIdx.x) + k * kBlockThreads, row = f / kPieces, c = (f % kPieces) * 4;
     old[k] = kAccumulate && row < valid ? *reinterpret_cast<const float4*>(dst + row * ld + c)
                                         : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   }
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) {
-    const int f = static_cast<int>(threadIdx.x) + k * kThreads, row = f / kPieces, c = (f % kPieces) * 4;
+    const int f = static_cast<int>(threadIdx.x) + k * kBlockThreads, row = f / kPieces, c = (f % kPieces) * 4;
     if (row >= valid) continue;
     const float4 v = *reinterpret_cast<const float4*>(rows + row * kStagedLd + c);
     *reinterpret_cast<float4*>(dst + row * ld + c) =
@@ -472,13 +472,24 @@ __device__ __forceinline__ void TensorTile(void* dst, const CUtensorMap* map, in
 #endif
 }
 
-// The consumers' barrier (named barrier 1, the two warpgroups' 256 threads).
-__device__ __forceinline__ void ConsumerSync() { asm volatile("bar.sync 1, 256;" ::: "memory"); }
+// The consumers' barrier (named barrier 1, the consumer warpgroups' threads).
+template <int kGroups>
+__device__ __forceinline__ void ConsumerSync() {
+  asm volatile("bar.sync 1, %0;" ::"n"(kGroups * 128) : "memory");
+}
 
 constexpr int kWsSlots = 128;
-constexpr int kWsStages = 4;
 constexpr int kWsTileBytes = kWsSlots * kRowBytes;  // 16 KiB
-constexpr int kWsThreads = kThreads + 32;
+// A block of kGroups consumer warpgroups (64 token rows each) and a producer warp; one
+// consumer warpgroup a block runs two blocks an SM (3 stages each), two one (4 stages).
+template <int kGroups>
+struct WsShape {
+  static constexpr int kStages = kGroups == 1 ? 3 : 4;
+  static constexpr int kThreads = kGroups * 128 + 32;
+  static constexpr int kRows = kGroups * kTile;
+  static constexpr int kBlocksPerSm = kGroups == 1 ? 2 : 1;
+  static constexpr int kBytes = kAtomBytes + 2 * kStages * kWsTileBytes + kGroups * kTileBytes + 2 * kStages * 8;
+};
 
 // Issues d = own · tileᵀ (64 x 128, four 16-column steps; not waited for).
 __device__ __forceinline__ void IssueScores128(float (&d)[16][4], const uint64_t (&a)[4], const uint64_t (&b)[4]) {
@@ -590,29 +601,32 @@ __device__ __forceinline__ bool StageWeights(float (&s)[16][4], int64_t valid, i
   return grown;
 }
 
-__global__ void __launch_bounds__(kWsThreads, 1)
+template <int kGroups>
+__global__ void __launch_bounds__(WsShape<kGroups>::kThreads, WsShape<kGroups>::kBlocksPerSm)
     ReadKernelWs(const float* __restrict__ q, int64_t q_ld, const float* __restrict__ offer, int64_t offer_ld,
                  bool rows_vec, int64_t T, int64_t N, int64_t d, float scale_log2, float* __restrict__ e,
                  Scratch scratch, const __grid_constant__ CUtensorMap k_map,
                  const __grid_constant__ CUtensorMap v_map) {
 #if LM2_WGMMA
+  using W = WsShape<kGroups>;
+  constexpr int kWsStages = W::kStages, kConsumers = kGroups * 128;
   char* ks = AlignedSharedMemory();                 // kWsStages stages of 128 K rows
   char* vs = ks + kWsStages * kWsTileBytes;         // and of 128 V rows
   char* qs = vs + kWsStages * kWsTileBytes;         // a 64-row tile per consumer warpgroup
-  auto* full = reinterpret_cast<uint64_t*>(qs + kOwnBytes);
+  auto* full = reinterpret_cast<uint64_t*>(qs + kGroups * kTileBytes);
   uint64_t* empty = full + kWsStages;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = scratch.tp;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * W::kRows, j = blockIdx.y, Tp = scratch.tp;
   const int tiles = static_cast<int>((N + kWsSlots - 1) / kWsSlots);
   if (threadIdx.x == 0) {
     for (int stage = 0; stage < kWsStages; ++stage) {
       BarrierInit(&full[stage], 1);
-      BarrierInit(&empty[stage], kThreads / 32);  // every consumer warp
+      BarrierInit(&empty[stage], kConsumers / 32);  // every consumer warp
     }
   }
   __syncthreads();
-  if (warp == kThreads / 32) {  // the producer
+  if (warp == kConsumers / 32) {  // the producer
     if (lane == 0) {
       for (int it = 0; it < tiles; ++it) {
         const int stage = it % kWsStages;
@@ -624,12 +638,12 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     }
     return;
   }
-  const ReadPart part{0, tiles, 0, kRows};
-  StageReadRows<kDh, kThreads, 0>(q, q_ld, offer, offer_ld, t0, j, T, kDh, part, rows_vec,
+  const ReadPart part{0, tiles, 0, W::kRows};
+  StageReadRows<kDh, kConsumers, 0, W::kRows>(q, q_ld, offer, offer_ld, t0, j, T, kDh, part, rows_vec,
                                   reinterpret_cast<bf16*>(qs), scratch.q + (j * Tp + t0) * kDh,
                                   scratch.offer + (j * Tp + t0) * kDh);
   FenceProxyAsync();
-  ConsumerSync();  // the q rows are in for both warpgroups
+  ConsumerSync<kGroups>();  // the q rows are in for every consumer warpgroup
 
   const int wg = warp / 4;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, alpha[2], out[8][4];
@@ -702,17 +716,16 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     if (t == 0) scratch.shift[j * Tp + row] = row < T ? SoftmaxShift(m[r], sum) : INFINITY;
   }
   float* rows = reinterpret_cast<float*>(ks);
-  ConsumerSync();  // every consumer warp's products are done (every stage's copies landed)
+  ConsumerSync<kGroups>();  // every consumer warp's products are done (every stage's copies landed)
   StageFragments(out, inv_l, rows);
-  ConsumerSync();
-  StoreStagedRows<false>(rows, T - t0, e + t0 * d + j * kDh, d);
+  ConsumerSync<kGroups>();
+  StoreStagedRows<false, W::kRows, kConsumers>(rows, T - t0, e + t0 * d + j * kDh, d);
 #else
   __trap();
 #endif
 }
 
-constexpr int kWsBytes = kAtomBytes + 2 * kWsStages * kWsTileBytes + kOwnBytes + 2 * kWsStages * 8;
-static_assert(kStagedBytes <= 2 * kWsStages * kWsTileBytes, "the staged rows fit over the stages");
+static_assert(kStagedBytes <= 2 * WsShape<2>::kStages * kWsTileBytes, "the staged rows fit over the stages");
 
 // The map of the [rows, d] bf16 matrix at `base` in 64-column x kWsSlots-row boxes, 128-byte swizzle.
 Result<CUtensorMap> SlotRowsMap(const bf16* base, int64_t rows, int64_t d) {
@@ -740,12 +753,27 @@ Result<CUtensorMap> SlotRowsMap(const bf16* base, int64_t rows, int64_t d) {
   return map;
 }
 
-bool WsRead() {
-  static const bool on = [] {
+int WsRead() {  // consumer warpgroups a block (0: the default read)
+  static const int groups = [] {
     const char* v = std::getenv("LM2_READ_WS");
-    return v != nullptr && std::strcmp(v, "1") == 0;
+    return v == nullptr ? 0 : std::atoi(v);
   }();
-  return on;
+  return groups;
+}
+
+template <int kGroups>
+Status LaunchReadWs(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, bool rows_vec,
+                    const bf16* mem_k, const bf16* mem_v, int64_t T, int64_t N, int64_t d, float scale_log2, float* e,
+                    Scratch scratch, cudaStream_t stream) {
+  using W = WsShape<kGroups>;
+  LM2_ASSIGN_OR_RETURN(const CUtensorMap k_map, SlotRowsMap(mem_k, N, d));
+  LM2_ASSIGN_OR_RETURN(const CUtensorMap v_map, SlotRowsMap(mem_v, N, d));
+  LM2_RETURN_IF_ERROR(
+      EnsureSharedMemory(reinterpret_cast<const void*>(&ReadKernelWs<kGroups>), W::kBytes, "MemoryReadWrite"));
+  const dim3 grid(static_cast<unsigned int>(PaddedTokens(T) / W::kRows), static_cast<unsigned int>(d / kDh));
+  ReadKernelWs<kGroups><<<grid, W::kThreads, W::kBytes, stream>>>(q, q_ld, offer, offer_ld, rows_vec, T, N, d,
+                                                                 scale_log2, e, scratch, k_map, v_map);
+  return CheckLaunch("MemoryReadWrite (wgmma read, warp-specialised)");
 }
 
 constexpr int kReadBytes = kAtomBytes + 2 * kTileStages * kTileBytes + kOwnBytes;
@@ -773,14 +801,9 @@ bool Sm90KernelsBuilt() {
 Status ReadSm90(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, bool rows_vec,
                const bf16* mem_k, const bf16* mem_v, int64_t T, int64_t N, int64_t d, float scale_log2, float* e,
                Scratch scratch, cudaStream_t stream) {
-  if (WsRead()) {
-    LM2_ASSIGN_OR_RETURN(const CUtensorMap k_map, SlotRowsMap(mem_k, N, d));
-    LM2_ASSIGN_OR_RETURN(const CUtensorMap v_map, SlotRowsMap(mem_v, N, d));
-    LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&ReadKernelWs), kWsBytes, "MemoryReadWrite"));
-    const dim3 grid(static_cast<unsigned int>(PaddedTokens(T) / kRows), static_cast<unsigned int>(d / kDh));
-    ReadKernelWs<<<grid, kWsThreads, kWsBytes, stream>>>(q, q_ld, offer, offer_ld, rows_vec, T, N, d, scale_log2, e,
-                                                         scratch, k_map, v_map);
-    return CheckLaunch("MemoryReadWrite (wgmma read, warp-specialised)");
+  if (WsRead() == 1 || WsRead() == 2) {
+    return (WsRead() == 1 ? &LaunchReadWs<1> : &LaunchReadWs<2>)(q, q_ld, offer, offer_ld, rows_vec, mem_k, mem_v, T,
+                                                                 N, d, scale_log2, e, scratch, stream);
   }
   const void* kernel = reinterpret_cast<const void*>(&ReadKernel);
   LM2_RETURN_IF_ERROR(EnsureSharedMemory(kernel, kReadBytes, "MemoryReadWrite"));
