@@ -482,9 +482,9 @@ constexpr int kWsSlots = 128;
 constexpr int kWsTileBytes = kWsSlots * kRowBytes;  // 16 KiB
 // A block of kGroups consumer warpgroups (64 token rows each) and a producer warp; one
 // consumer warpgroup a block runs two blocks an SM (3 stages each), two one (4 stages).
-template <int kGroups>
+template <int kGroups, int kStageCount = kGroups == 1 ? 3 : 4>
 struct WsShape {
-  static constexpr int kStages = kGroups == 1 ? 3 : 4;
+  static constexpr int kStages = kStageCount;
   static constexpr int kThreads = kGroups * 128 + 32;
   static constexpr int kRows = kGroups * kTile;
   static constexpr int kBlocksPerSm = kGroups == 1 ? 2 : 1;
@@ -601,14 +601,14 @@ __device__ __forceinline__ bool StageWeights(float (&s)[16][4], int64_t valid, i
   return grown;
 }
 
-template <int kGroups>
-__global__ void __launch_bounds__(WsShape<kGroups>::kThreads, WsShape<kGroups>::kBlocksPerSm)
+template <int kGroups, int kStageCount>
+__global__ void __launch_bounds__(WsShape<kGroups, kStageCount>::kThreads, WsShape<kGroups, kStageCount>::kBlocksPerSm)
     ReadKernelWs(const float* __restrict__ q, int64_t q_ld, const float* __restrict__ offer, int64_t offer_ld,
                  bool rows_vec, int64_t T, int64_t N, int64_t d, float scale_log2, float* __restrict__ e,
                  Scratch scratch, const __grid_constant__ CUtensorMap k_map,
                  const __grid_constant__ CUtensorMap v_map) {
 #if LM2_WGMMA
-  using W = WsShape<kGroups>;
+  using W = WsShape<kGroups, kStageCount>;
   constexpr int kWsStages = W::kStages, kConsumers = kGroups * 128;
   char* ks = AlignedSharedMemory();                 // kWsStages stages of 128 K rows
   char* vs = ks + kWsStages * kWsTileBytes;         // and of 128 V rows
@@ -725,7 +725,7 @@ __global__ void __launch_bounds__(WsShape<kGroups>::kThreads, WsShape<kGroups>::
 #endif
 }
 
-static_assert(kStagedBytes <= 2 * WsShape<2>::kStages * kWsTileBytes, "the staged rows fit over the stages");
+static_assert(kStagedBytes <= 2 * WsShape<2, 4>::kStages * kWsTileBytes, "the staged rows fit over the stages");
 
 // The map of the [rows, d] bf16 matrix at `base` in 64-column x kWsSlots-row boxes, 128-byte swizzle.
 Result<CUtensorMap> SlotRowsMap(const bf16* base, int64_t rows, int64_t d) {
@@ -761,17 +761,17 @@ int WsRead() {  // consumer warpgroups a block (0: the default read)
   return groups;
 }
 
-template <int kGroups>
+template <int kGroups, int kStageCount>
 Status LaunchReadWs(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, bool rows_vec,
                     const bf16* mem_k, const bf16* mem_v, int64_t T, int64_t N, int64_t d, float scale_log2, float* e,
                     Scratch scratch, cudaStream_t stream) {
-  using W = WsShape<kGroups>;
+  using W = WsShape<kGroups, kStageCount>;
   LM2_ASSIGN_OR_RETURN(const CUtensorMap k_map, SlotRowsMap(mem_k, N, d));
   LM2_ASSIGN_OR_RETURN(const CUtensorMap v_map, SlotRowsMap(mem_v, N, d));
   LM2_RETURN_IF_ERROR(
-      EnsureSharedMemory(reinterpret_cast<const void*>(&ReadKernelWs<kGroups>), W::kBytes, "MemoryReadWrite"));
+      EnsureSharedMemory(reinterpret_cast<const void*>(&ReadKernelWs<kGroups, kStageCount>), W::kBytes, "MemoryReadWrite"));
   const dim3 grid(static_cast<unsigned int>(PaddedTokens(T) / W::kRows), static_cast<unsigned int>(d / kDh));
-  ReadKernelWs<kGroups><<<grid, W::kThreads, W::kBytes, stream>>>(q, q_ld, offer, offer_ld, rows_vec, T, N, d,
+  ReadKernelWs<kGroups, kStageCount><<<grid, W::kThreads, W::kBytes, stream>>>(q, q_ld, offer, offer_ld, rows_vec, T, N, d,
                                                                  scale_log2, e, scratch, k_map, v_map);
   return CheckLaunch("MemoryReadWrite (wgmma read, warp-specialised)");
 }
@@ -801,9 +801,12 @@ bool Sm90KernelsBuilt() {
 Status ReadSm90(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, bool rows_vec,
                const bf16* mem_k, const bf16* mem_v, int64_t T, int64_t N, int64_t d, float scale_log2, float* e,
                Scratch scratch, cudaStream_t stream) {
-  if (WsRead() == 1 || WsRead() == 2) {
-    return (WsRead() == 1 ? &LaunchReadWs<1> : &LaunchReadWs<2>)(q, q_ld, offer, offer_ld, rows_vec, mem_k, mem_v, T,
-                                                                 N, d, scale_log2, e, scratch, stream);
+  if (WsRead() != 0) {  // 1: one warpgroup a block, 3 stages; 2: two, 4 stages; 25 / 26: two, 5 / 6 stages
+    const auto launch = WsRead() == 1    ? &LaunchReadWs<1, 3>
+                        : WsRead() == 25 ? &LaunchReadWs<2, 5>
+                        : WsRead() == 26 ? &LaunchReadWs<2, 6>
+                                         : &LaunchReadWs<2, 4>;
+    return launch(q, q_ld, offer, offer_ld, rows_vec, mem_k, mem_v, T, N, d, scale_log2, e, scratch, stream);
   }
   const void* kernel = reinterpret_cast<const void*>(&ReadKernel);
   LM2_RETURN_IF_ERROR(EnsureSharedMemory(kernel, kReadBytes, "MemoryReadWrite"));
