@@ -1291,17 +1291,7 @@ class CudaModel final : public Model {
       const bool defer_write = side_read && batch == nullptr && n > 1 && tiled_memory_ &&
                                options_.defer_memory_write;
       // A tiled chunk's read and write sums (stored by a segment's first chunk), or one of them.
-      static const std::string ablate = [] {  // EXPERIMENT (reverted): LM2_ABLATE=read,write,attn,conv
-        const char* v = std::getenv("LM2_ABLATE");
-        return std::string(v == nullptr ? "" : v);
-      }();
-      const bool skip_read = ablate.find("read") != std::string::npos;
-      const bool skip_write = ablate.find("write") != std::string::npos;
-      auto read_write = [&](cudaStream_t on, MemoryReadWriteParts parts) -> Status {
-        const bool r = parts != MemoryReadWriteParts::kWrite && !skip_read;
-        const bool w = parts != MemoryReadWriteParts::kRead && !skip_write;
-        if (!r && !w) return Status::Ok();
-        parts = r && w ? MemoryReadWriteParts::kBoth : r ? MemoryReadWriteParts::kRead : MemoryReadWriteParts::kWrite;
+      auto read_write = [&](cudaStream_t on, MemoryReadWriteParts parts) {
         return MemoryReadWrite(mq, P, offer, P, ls.mem_k, ls.mem_v, n, N, d, Hm, sc.e.data(), !s.sums_empty_,
                                ls.mass.data(), ls.acc.data(), sc.read_stats.data(), on, parts);
       };
@@ -1374,13 +1364,10 @@ class CudaModel final : public Model {
         if (TiledAttention(n)) {  // over the cache rounded to bf16 once (sized by RunTokens)
           bf16* k_b = sc.kv_b.data();
           bf16* v_b = k_b + S * kvdim;
-          if (ablate.find("conv") == std::string::npos) {
-            LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.k_cache, S * kvdim, k_b, st));
-            LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.v_cache, S * kvdim, v_b, st));
-          }
+          LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.k_cache, S * kvdim, k_b, st));
+          LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.v_cache, S * kvdim, v_b, st));
           attn_bf16 = !Small(n);  // (the GEMV takes the fp32 rows)
-          if (attn_bf16 && ablate.find("attn") != std::string::npos) {
-          } else if (attn_bf16) {
+          if (attn_bf16) {
             LM2_RETURN_IF_ERROR(CausalAttentionTiled(sc.q.data(), k_b, v_b, n, S, H, Hkv, Dh, sc.yb.data(), st));
           } else {
             LM2_RETURN_IF_ERROR(
