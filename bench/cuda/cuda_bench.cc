@@ -7,7 +7,7 @@
 //                  [--sessions 8,32,64] [--repeats 3] [--json OUT] [--profile-prefill T]
 //                  [--tiled 0|1] [--chunk N] [--side-read 0|1] [--read-leads 0|1] [--defer-write 0|1] [--warm-up 0|1]
 //                  [--profile-decode N] [--bank-threads N] [--kv-at-end 0|1] [--batcher-wait US]
-//                  [--flush-tokens N] [--session-groups G,...]
+//                  [--flush-tokens N]
 //                                                  (--decode-tokens 0: prefill only)
 //
 //   --tiled 0: multi-token chunks read memory and attend through the cuBLAS GEMM forms
@@ -28,8 +28,6 @@
 //   the conversations still decoding (DecodeBatcherOptions::wait_for_decoding; 0: not at all).
 //   --flush-tokens N: decode steps add their staged write terms to the write sums every N
 //   tokens (CudaOptions::write_flush_tokens).
-//   --session-groups G,...: each sessions line also runs its states as G groups, each
-//   group's batched steps on a thread of its own, at once (total tokens/s).
 //
 //   --profile-prefill T: only a warm-up prefill of T tokens and then one more between
 //   cudaProfilerStart and cudaProfilerStop, for a profiler that starts off, e.g.
@@ -965,7 +963,7 @@ int main(int argc, char** argv) {
   std::string model_dir, json_path;
   int64_t decode_tokens = 128, prompt_tokens = 32, repeats = 3, profile_prefill = 0, profile_decode = 0;
   lm2::runtime::CudaOptions options;
-  std::vector<int64_t> prefill = {512, 4096}, sessions = {8, 32, 64}, session_groups;
+  std::vector<int64_t> prefill = {512, 4096}, sessions = {8, 32, 64};
   std::chrono::microseconds batcher_wait = DecodeBatcherOptions{}.wait_for_decoding;
   for (int i = 1; i < argc; ++i) {
     const std::string k = argv[i];
@@ -978,7 +976,6 @@ int main(int argc, char** argv) {
     else if (k == "--repeats") repeats = std::stoll(v);
     else if (k == "--prefill") prefill = ParseList(v);
     else if (k == "--sessions") sessions = ParseList(v);
-    else if (k == "--session-groups") session_groups = ParseList(v);
     else if (k == "--profile-prefill") profile_prefill = std::stoll(v);
     else if (k == "--profile-decode") profile_decode = std::stoll(v);
     else if (k == "--tiled") options.tiled_memory = options.tiled_attention = v != "0";
@@ -1404,42 +1401,6 @@ int main(int argc, char** argv) {
     };
     const double batcher_tps = through_batcher(false);
     const double staggered_tps = through_batcher(true);
-    // The same sessions as G groups of B / G, each group's batched steps on a thread of its
-    // own (--session-groups): the groups' steps run at once, one group's memory read beside
-    // another's GEMMs, each group streaming the weights itself.
-    for (int64_t G : session_groups) {
-      if (G < 2 || B % G != 0) continue;
-      restart();
-      const int64_t per = B / G;
-      std::vector<std::vector<SequenceState*>> group_ptrs(static_cast<std::size_t>(G));
-      std::vector<std::vector<int32_t>> group_next(static_cast<std::size_t>(G));
-      for (int64_t b = 0; b < B; ++b) {
-        group_ptrs[static_cast<std::size_t>(b / per)].push_back(ptrs[static_cast<std::size_t>(b)]);
-        group_next[static_cast<std::size_t>(b / per)].push_back(next[static_cast<std::size_t>(b)]);
-      }
-      auto group_step = [&](std::size_t g) {
-        Check(model->ForwardBatchGreedy(group_ptrs[g], std::vector<int32_t>(group_next[g]), &group_next[g]),
-              "ForwardBatch (group)");
-      };
-      for (std::size_t g = 0; g < group_ptrs.size(); ++g) {  // each group's first two steps (graph capture)
-        group_step(g);
-        group_step(g);
-      }
-      const int64_t steps = decode_tokens - 2;
-      const auto t0 = Clock::now();
-      std::vector<std::thread> threads;
-      for (std::size_t g = 0; g < group_ptrs.size(); ++g) {
-        threads.emplace_back([&, g] {
-          for (int64_t i = 0; i < steps; ++i) group_step(g);
-        });
-      }
-      for (auto& t : threads) t.join();
-      const double secs = Seconds(t0, Clock::now());
-      std::printf("sessions %lld as %lld groups of %lld, each group's steps on a thread of its own: %.1f tokens/s in "
-                  "total (%.3f of one batched forward a step)\n",
-                  static_cast<long long>(B), static_cast<long long>(G), static_cast<long long>(per),
-                  static_cast<double>(B * steps) / secs, static_cast<double>(B * steps) / secs / tps);
-    }
     json << (first ? "" : ", ") << "\"" << B << "\": {\"tps\": " << tps << ", \"new_states_tps\": " << new_tps
          << ", \"batcher_tps\": " << batcher_tps
          << ", \"batcher_staggered_tps\": " << staggered_tps << "}";

@@ -350,33 +350,24 @@ class CudaModel final : public Model {
     const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size, Hm = cfg_.memory_heads;
     const int64_t flush = options_.write_flush_tokens, per_layer = StagedTokensFloats(flush, d, Hm);
     const cudaStream_t st = s->stream_.get();
-    const auto memory_layers = static_cast<int64_t>(cfg_.memory_layers.size());
-    LM2_RETURN_IF_ERROR(Reserving([&]() -> Status {
-      if (stages_tokens_) {
-        LM2_ASSIGN_OR_RETURN(s->staged_tokens_, DeviceBuffer<float>::Allocate(Z(memory_layers * per_layer)));
-      }
-      for (int64_t i = 0, k = 0; i < cfg_.num_layers; ++i) {
-        if (!w_->layers[Z(i)].has_memory) continue;
-        LayerState& ls = s->layers_[Z(i)];
-        LM2_ASSIGN_OR_RETURN(ls.bank, DeviceBuffer<float>::Allocate(Z(N * d)));
-        LM2_ASSIGN_OR_RETURN(ls.mass, DeviceBuffer<float>::Allocate(Z(Hm * N)));
-        LM2_ASSIGN_OR_RETURN(ls.acc, DeviceBuffer<float>::Allocate(Z(N * d)));
-        if (stages_tokens_) {
-          ls.staged = s->staged_tokens_.data() + k++ * per_layer;
-        } else {
-          LM2_ASSIGN_OR_RETURN(ls.pending_attn, DeviceBuffer<float>::Allocate(Z(flush * Hm * N)));
-          LM2_ASSIGN_OR_RETURN(ls.pending_offer, DeviceBuffer<float>::Allocate(Z(flush * d)));
-        }
-      }
-      return Status::Ok();
-    }));
     if (stages_tokens_) {
-      LM2_RETURN_IF_ERROR(ClearStagedTokens(s->staged_tokens_.data(), memory_layers, flush, d, Hm, st));
+      const auto layers = static_cast<int64_t>(cfg_.memory_layers.size());
+      LM2_ASSIGN_OR_RETURN(s->staged_tokens_, DeviceBuffer<float>::Allocate(Z(layers * per_layer)));
+      LM2_RETURN_IF_ERROR(ClearStagedTokens(s->staged_tokens_.data(), layers, flush, d, Hm, st));
     }
-    for (int64_t i = 0; i < cfg_.num_layers; ++i) {
+    for (int64_t i = 0, k = 0; i < cfg_.num_layers; ++i) {
       const CudaLayerWeights& lw = w_->layers[Z(i)];
       if (!lw.has_memory) continue;
       LayerState& ls = s->layers_[Z(i)];
+      LM2_ASSIGN_OR_RETURN(ls.bank, DeviceBuffer<float>::Allocate(Z(N * d)));
+      LM2_ASSIGN_OR_RETURN(ls.mass, DeviceBuffer<float>::Allocate(Z(Hm * N)));
+      LM2_ASSIGN_OR_RETURN(ls.acc, DeviceBuffer<float>::Allocate(Z(N * d)));
+      if (stages_tokens_) {
+        ls.staged = s->staged_tokens_.data() + k++ * per_layer;
+      } else {
+        LM2_ASSIGN_OR_RETURN(ls.pending_attn, DeviceBuffer<float>::Allocate(Z(flush * Hm * N)));
+        LM2_ASSIGN_OR_RETURN(ls.pending_offer, DeviceBuffer<float>::Allocate(Z(flush * d)));
+      }
       LM2_CUDA_RETURN_IF_ERROR(
           cudaMemcpyAsync(ls.bank.data(), lw.memory.init, ls.bank.bytes(), cudaMemcpyDeviceToDevice, st));
     }
@@ -394,8 +385,7 @@ class CudaModel final : public Model {
     // The device memory the call needs, before any of it runs: running out of it
     // (ResourceExhausted) leaves the state as it was.
     LM2_RETURN_IF_ERROR(UseDevice(w_->device));
-    LM2_RETURN_IF_ERROR(
-        Reserving([&] { return step ? ReserveBatch(one, StepOutput::kLogits, {}) : ReserveTokens(*s, T, mode); }));
+    LM2_RETURN_IF_ERROR(step ? ReserveBatch(one, StepOutput::kLogits, {}) : ReserveTokens(*s, T, mode));
     return Guarded(*s, [&]() -> Status {
       if (!s->segment_open_) LM2_RETURN_IF_ERROR(BeginSegment(*s));
       if (T == 0) {
@@ -450,7 +440,7 @@ class CudaModel final : public Model {
     }
     LM2_RETURN_IF_ERROR(UseDevice(w_->device));
     // Out of device memory here leaves every state as it was; a failure past it breaks them.
-    LM2_RETURN_IF_ERROR(Reserving([&] { return ReserveBatch(batch, StepOutputOf(next, rules), rules); }));
+    LM2_RETURN_IF_ERROR(ReserveBatch(batch, StepOutputOf(next, rules), rules));
     const Status st = RunBatch(batch, tokens, logits, next, rules);
     if (!st.ok()) {
       for (CudaState* s : batch) s->broken_ = true;
@@ -462,9 +452,7 @@ class CudaModel final : public Model {
     LM2_ASSIGN_OR_RETURN(CudaState* s, Own(base));
     if (!s->segment_open_) return Status::Ok();
     LM2_RETURN_IF_ERROR(UseDevice(w_->device));
-    if (s->segment_tokens_ > 0) {  // (as Forward's reservation)
-      LM2_RETURN_IF_ERROR(Reserving([&] { return ReserveWrite(*s); }));
-    }
+    if (s->segment_tokens_ > 0) LM2_RETURN_IF_ERROR(ReserveWrite(*s));  // (as Forward's reservation)
     return Guarded(*s, [&]() -> Status {
       LM2_RETURN_IF_ERROR(FlushWrites(*s));
       if (s->segment_tokens_ > 0) {
@@ -858,16 +846,6 @@ class CudaModel final : public Model {
   // and may free scratch, which every call sizes again. The calls' own EnsureCapacity
   // checks after them find the buffers large enough.
 
-  // Runs a call's reservations, their allocations waited for once at the end
-  // (DeviceAllocBatch) rather than one by one.
-  template <typename Fn>
-  static Status Reserving(Fn&& reserve) {
-    DeviceAllocBatch batch;
-    const Status st = reserve();
-    const Status ready = batch.Close();
-    return st.ok() ? ready : st;
-  }
-
   // Opening a segment: the state's own memory K/V unless it reads the initial bank's.
   Status ReserveSegment(CudaState& s) const {
     return s.segment_open_ || !cfg_.has_memory() || ReadsInitialKv(s) ? Status::Ok() : EnsureOwnKv(s);
@@ -941,7 +919,6 @@ class CudaModel final : public Model {
     // batched step reads the new one on another stream. A fresh state has no rows: no wait
     // then, so its first prefill is enqueued at once.
     if (s.pos_ > 0) {
-      LM2_RETURN_IF_ERROR(DeviceAllocsReady());  // (within a reservation's batch)
       for (int64_t i = 0; i < cfg_.num_layers; ++i) {
         const LayerState& ls = s.layers_[Z(i)];
         float* const k = k_rows(i);
@@ -982,10 +959,7 @@ class CudaModel final : public Model {
     if (batch_step && SplitsAttention(1)) {
       const std::size_t before = sc.attn_split.size();  // grows only as a new buffer, zeroed once
       LM2_RETURN_IF_ERROR(EnsureCapacity(sc.attn_split, Z(AttentionDecodeSplitScratch(cfg_.num_heads, cfg_.head_dim))));
-      if (sc.attn_split.size() != before) {
-        LM2_RETURN_IF_ERROR(DeviceAllocsReady());  // (within a reservation's batch)
-        LM2_RETURN_IF_ERROR(sc.attn_split.FillBytes(0, s.stream_.get()));
-      }
+      if (sc.attn_split.size() != before) LM2_RETURN_IF_ERROR(sc.attn_split.FillBytes(0, s.stream_.get()));
     }
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.xb, Z(g * d)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.yb, Z(g * std::max({2 * d, qdim, F}))));  // (OutputGateWithO: [2, g, d])

@@ -41,31 +41,11 @@ using CaptureScope = std::unique_lock<std::shared_mutex>;
 
 // Device memory (device_pool.cc): from lm2's stream-ordered pool of the current device,
 // which keeps freed memory for the next allocation (LM2_CUDA_POOL=0: cudaMalloc). Usable
-// from every stream when DeviceAlloc returns (outside a DeviceAllocBatch); DeviceFree waits for the device's queued work
+// from every stream when DeviceAlloc returns; DeviceFree waits for the device's queued work
 // first, as cudaFree does. TrimDevicePool hands what the pool keeps unused back to the
 // driver (when a model's weights are freed).
 cudaError_t DeviceAlloc(void** p, std::size_t bytes);
 void DeviceFree(void* p);
-
-// While a DeviceAllocBatch is open on a thread, that thread's DeviceAlloc calls return
-// without waiting on the pool's stream; Close waits once
-// for all of them (a call's reservations: a fresh state's first prompt makes ~30 buffers).
-// Until then the new memory must not be used by any stream: DeviceAllocsReady, within the
-// batch, makes what was allocated so far usable (before enqueueing work on it). Batches
-// nest (the outermost's Close waits). The destructor closes an open batch, its error
-// dropped.
-class DeviceAllocBatch {
- public:
-  DeviceAllocBatch();
-  ~DeviceAllocBatch();
-  DeviceAllocBatch(const DeviceAllocBatch&) = delete;
-  DeviceAllocBatch& operator=(const DeviceAllocBatch&) = delete;
-  Status Close();
-
- private:
-  bool open_ = false;
-};
-Status DeviceAllocsReady();
 void TrimDevicePool(int device);
 // Bytes of `device`'s pool that allocations hold now (cudaMemPoolAttrUsedMemCurrent, after
 // the frees queued on the pool's stream; 0 without a pool).

@@ -7,8 +7,7 @@
 //
 // Ordering: an allocation is made on the pool's own stream and waited for there, so the
 // memory is usable from every stream when the call returns (the pool may have handed out
-// memory whose release it ordered on that stream); within a DeviceAllocBatch the wait is
-// made once for the batch's allocations, when it closes. A free first waits for the device to
+// memory whose release it ordered on that stream). A free first waits for the device to
 // finish its queued work, as cudaFree does, since any stream may still use the memory.
 //
 // Page-locked host memory (PinnedAlloc / PinnedFree) is cached the same way, process-wide:
@@ -18,7 +17,6 @@
 // its size and at most twice it. LM2_CUDA_POOL=0 turns this off too.
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <map>
@@ -106,55 +104,7 @@ PinnedCache& Pinned() {
   return *cache;
 }
 
-// This thread's allocations not yet waited for (DeviceAllocBatch): the open batches and
-// the pool streams their allocations were made on.
-struct PendingAllocs {
-  int depth = 0;
-  std::vector<cudaStream_t> streams;
-};
-
-PendingAllocs& Pending() {
-  thread_local PendingAllocs pending;
-  return pending;
-}
-
-bool BatchWanted() {  // LM2_CUDA_ALLOC_BATCH=0: every allocation waited for on its own (A/B)
-  static const bool wanted = [] {
-    const char* v = std::getenv("LM2_CUDA_ALLOC_BATCH");
-    return v == nullptr || std::string_view(v) != "0";
-  }();
-  return wanted;
-}
-
 }  // namespace
-
-DeviceAllocBatch::DeviceAllocBatch() {
-  if (BatchWanted()) ++Pending().depth;
-  open_ = BatchWanted();
-}
-
-DeviceAllocBatch::~DeviceAllocBatch() { (void)Close(); }
-
-Status DeviceAllocBatch::Close() {
-  if (!open_) return Status::Ok();
-  open_ = false;
-  --Pending().depth;
-  return DeviceAllocsReady();
-}
-
-Status DeviceAllocsReady() {
-  PendingAllocs& pending = Pending();
-  cudaError_t first = cudaSuccess;
-  if (!pending.streams.empty()) {
-    DeviceCallScope scope(CaptureExclusion());
-    for (cudaStream_t stream : pending.streams) {
-      const cudaError_t e = cudaStreamSynchronize(stream);
-      if (first == cudaSuccess) first = e;
-    }
-    pending.streams.clear();
-  }
-  return CudaStatus(first, "waiting for device memory allocations");
-}
 
 cudaError_t DeviceAlloc(void** p, std::size_t bytes) {
   int device = 0;
@@ -163,12 +113,6 @@ cudaError_t DeviceAlloc(void** p, std::size_t bytes) {
   if (dp.pool == nullptr) return cudaMalloc(p, bytes);
   cudaError_t e = cudaMallocFromPoolAsync(p, bytes, dp.pool, dp.stream);
   if (e != cudaSuccess) return e;
-  if (PendingAllocs& pending = Pending(); pending.depth > 0) {  // waited for by DeviceAllocsReady
-    if (std::find(pending.streams.begin(), pending.streams.end(), dp.stream) == pending.streams.end()) {
-      pending.streams.push_back(dp.stream);
-    }
-    return cudaSuccess;
-  }
   e = cudaStreamSynchronize(dp.stream);
   if (e != cudaSuccess) {
     (void)cudaFreeAsync(*p, dp.stream);

@@ -33,8 +33,6 @@
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
-#include <cstdlib>
-
 #include <cmath>
 #include <map>
 #include <mutex>
@@ -420,12 +418,8 @@ Result<int> MaxActiveClusters(const void* kernel, int size, int threads, int sme
 Result<int> ReadSplits(int64_t pairs, int64_t tiles, const void* kernel, int threads, int smem) {
   if (!Sm90CodeOnCurrentDevice()) return 1;
   LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());
-  static const int max_splits = [] {  // EXPERIMENT (reverted): LM2_READ_SPLITS_MAX
-    const char* v = std::getenv("LM2_READ_SPLITS_MAX");
-    return v == nullptr ? 8 : std::atoi(v);
-  }();
   int splits = 1;
-  while (splits < max_splits && 2 * splits <= tiles && 2 * splits * pairs <= 2 * static_cast<int64_t>(sms)) {
+  while (splits < 8 && 2 * splits <= tiles && 2 * splits * pairs <= 2 * static_cast<int64_t>(sms)) {
     LM2_ASSIGN_OR_RETURN(const int clusters, MaxActiveClusters(kernel, 2 * splits, threads, smem));
     if (pairs > clusters) break;
     splits *= 2;
