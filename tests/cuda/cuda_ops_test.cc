@@ -1140,36 +1140,44 @@ TEST_CASE("Memory write: streamed sums, write update, gated commit", "[cuda][ops
 }
 
 TEST_CASE("MemoryReadWrite: the read and the write sums in tiles, without the probabilities", "[cuda][ops]") {
-  // {T, N, d, heads}: head widths 16 / 12 (element loads: not 8-aligned) / 24 (padded to 32) /
-  // 96 (padded to 128) / 128 / 64; token and slot counts off the 64-row tiles. On sm_90 the
-  // read of few (tokens, head) pairs is split over clusters of blocks (ReadSplits): 2 (65
-  // tokens, N 100; 64 tokens, N 129), 4 (N 200 at width 16; N 300 at width 128: 5 tiles,
-  // uneven; 130 tokens of the paper's 32 heads) and, on an H200, 8 (100 tokens of 16 heads, N
-  // 600: 16 clusters of 8; of 32 heads, 32 would not fit at once, ReadSplits takes 4) blocks a
-  // pair (the mma.sync read kernel's occupancy; the wgmma one's may split otherwise). Head
-  // width 64 runs the wgmma kernels on compute capability 9.0 (memory_tiled_sm90.cu): split
-  // at 64 / 100 / 130 tokens, unsplit at 700 tokens of 32 heads over 200 slots and 1,100 of
-  // 16 over 129 (token and slot counts off the tiles; one valid slot in the last tile). 64,
-  // 33, 130 and 700 tokens leave a wgmma read block's second warpgroup only padding rows.
-  const auto [T, N, d, Hm] = GENERATE(std::make_tuple(int64_t{2}, int64_t{12}, int64_t{64}, int64_t{4}),
-                                      std::make_tuple(int64_t{5}, int64_t{20}, int64_t{36}, int64_t{3}),
-                                      std::make_tuple(int64_t{65}, int64_t{100}, int64_t{48}, int64_t{2}),
-                                      std::make_tuple(int64_t{7}, int64_t{33}, int64_t{192}, int64_t{2}),
-                                      std::make_tuple(int64_t{130}, int64_t{64}, int64_t{256}, int64_t{2}),
-                                      std::make_tuple(int64_t{64}, int64_t{129}, int64_t{256}, int64_t{4}),
-                                      std::make_tuple(int64_t{33}, int64_t{200}, int64_t{64}, int64_t{4}),
-                                      std::make_tuple(int64_t{40}, int64_t{300}, int64_t{256}, int64_t{2}),
-                                      std::make_tuple(int64_t{100}, int64_t{600}, int64_t{1024}, int64_t{16}),
-                                      std::make_tuple(int64_t{130}, int64_t{2048}, int64_t{2048}, int64_t{32}),
-                                      std::make_tuple(int64_t{700}, int64_t{200}, int64_t{2048}, int64_t{32}),
-                                      std::make_tuple(int64_t{1100}, int64_t{129}, int64_t{1024}, int64_t{16}));
-  INFO("T=" << T << " N=" << N << " d=" << d << " heads=" << Hm);
+  // {T, N, d, heads, ramp}: head widths 16 / 12 (element loads: not 8-aligned) / 24 (padded
+  // to 32) / 96 (padded to 128) / 128 / 64; token and slot counts off the 64-row tiles. On
+  // sm_90 the mma.sync read of few (tokens, head) pairs is split over clusters of blocks
+  // (ReadSplits): 2 (65 tokens, N 100), 4 (N 200 at width 16; N 300 at width 128: 5 tiles,
+  // uneven). Head width 64 runs the wgmma kernels on compute capability 9.0
+  // (memory_tiled_sm90.cu): the read a block per 64 tokens over 128-slot stages of a
+  // three-stage ring (N 129 and 200: one valid slot, 72, in the last stage; 600 and 2,048:
+  // the ring wraps), its blocks of padding rows only (64, 33, 130 and 700 tokens) staging
+  // the write's rows and leaving. `ramp` scales slot n's keys by 1 + 8 n / N and q by 2, so
+  // that the row maxima grow stage by stage past the online softmax's slack: the read
+  // rescales its output while the product before is in flight.
+  const auto [T, N, d, Hm, ramp] =
+      GENERATE(std::make_tuple(int64_t{2}, int64_t{12}, int64_t{64}, int64_t{4}, false),
+               std::make_tuple(int64_t{5}, int64_t{20}, int64_t{36}, int64_t{3}, false),
+               std::make_tuple(int64_t{65}, int64_t{100}, int64_t{48}, int64_t{2}, false),
+               std::make_tuple(int64_t{7}, int64_t{33}, int64_t{192}, int64_t{2}, false),
+               std::make_tuple(int64_t{130}, int64_t{64}, int64_t{256}, int64_t{2}, false),
+               std::make_tuple(int64_t{64}, int64_t{129}, int64_t{256}, int64_t{4}, false),
+               std::make_tuple(int64_t{33}, int64_t{200}, int64_t{64}, int64_t{4}, false),
+               std::make_tuple(int64_t{40}, int64_t{300}, int64_t{256}, int64_t{2}, false),
+               std::make_tuple(int64_t{100}, int64_t{600}, int64_t{1024}, int64_t{16}, false),
+               std::make_tuple(int64_t{130}, int64_t{2048}, int64_t{2048}, int64_t{32}, false),
+               std::make_tuple(int64_t{700}, int64_t{200}, int64_t{2048}, int64_t{32}, false),
+               std::make_tuple(int64_t{1100}, int64_t{129}, int64_t{1024}, int64_t{16}, false),
+               std::make_tuple(int64_t{100}, int64_t{600}, int64_t{1024}, int64_t{16}, true),
+               std::make_tuple(int64_t{70}, int64_t{300}, int64_t{128}, int64_t{2}, true));
+  INFO("T=" << T << " N=" << N << " d=" << d << " heads=" << Hm << " ramp=" << ramp);
   REQUIRE(MemoryReadWriteSupported(d, Hm));
   // q and offer rows inside wider rows, as in the model's projection; for odd T rows 2 floats
   // off 16-byte alignment, so that the read stages them element by element (StageRowsByPieces).
   const int64_t dh = d / Hm, ld = d + 24 + 2 * (T % 2);
   auto q = Random(static_cast<std::size_t>(T * ld)), offer = Random(static_cast<std::size_t>(T * ld));
   auto mk = Random(static_cast<std::size_t>(N * d)), mv = Random(static_cast<std::size_t>(N * d));
+  if (ramp) {
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < d; ++c) mk[n * d + c] *= 1.0f + 8.0f * static_cast<float>(n) / static_cast<float>(N);
+    for (float& v : q) v *= 2.0f;
+  }
   auto mass0 = Random(static_cast<std::size_t>(Hm * N)), acc0 = Random(static_cast<std::size_t>(N * d));
   for (auto& m : mass0) m = std::abs(m);
   auto dmk32 = Upload(mk), dmv32 = Upload(mv);
