@@ -492,9 +492,8 @@ __device__ __forceinline__ void FenceOperands(float (&v)[R][4]) {
     for (int c = 0; c < 4; ++c) asm volatile("" : "+f"(v[i][c])::"memory");
 }
 
-// One stage's weights: the row maxima of the 128 scores (the last stage's padding slots
-// -inf), the lagged online softmax of OnlineSoftmaxTile, the weights left in s; the output's
-// rescale factor in alpha, and whether it applies (warp-uniform) returned.
+// One stage's weights (OnlineSoftmaxWeights over its 128 columns, the last stage's padding
+// slots -inf first); whether the output rows must be rescaled by alpha returned.
 __device__ __forceinline__ bool StageWeights(float (&s)[16][4], int64_t valid, int t, float scale_log2, float (&m)[2],
                                              float (&l)[2], float (&alpha)[2]) {
   if (valid < kReadSlots) {
@@ -504,38 +503,7 @@ __device__ __forceinline__ bool StageWeights(float (&s)[16][4], int64_t valid, i
       for (int c = 0; c < 4; ++c)
         if (nt * 8 + 2 * t + (c & 1) >= valid) s[nt][c] = -INFINITY;
   }
-  float m_new[2];
-  bool grown = false;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float mx = -INFINITY;
-#pragma unroll
-    for (int nt = 0; nt < 16; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-    m_new[r] = fmaxf(m[r], QuadMax(mx) * scale_log2);
-    grown |= m_new[r] > m[r] + kRescaleSlack;
-  }
-  grown = __any_sync(0xffffffffu, grown);
-  alpha[0] = alpha[1] = 1.0f;
-  if (grown) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      alpha[r] = FastExp2(m[r] - m_new[r]);
-      l[r] *= alpha[r];
-      m[r] = m_new[r];
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = 0.0f;
-#pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
-      s[nt][2 * r] = SoftmaxWeight(s[nt][2 * r], scale_log2, m[r]);
-      s[nt][2 * r + 1] = SoftmaxWeight(s[nt][2 * r + 1], scale_log2, m[r]);
-      sum += s[nt][2 * r] + s[nt][2 * r + 1];
-    }
-    l[r] += sum;
-  }
-  return grown;
+  return OnlineSoftmaxWeights(s, scale_log2, m, l, alpha);
 }
 
 // Read: a block per (64 tokens, head), k_map / v_map the memory K and V (SlotRowsMap).
@@ -625,15 +593,7 @@ __global__ void __launch_bounds__(kReadThreads, 2)
     const bool grown = StageWeights(s, N - static_cast<int64_t>(it) * kReadSlots, t, scale_log2, m, l, alpha);
     WaitGroups<0>();
     FenceOperands(out);
-    if (grown) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          out[i][2 * r] *= alpha[r];
-          out[i][2 * r + 1] *= alpha[r];
-        }
-    }
+    if (grown) ScaleRows(out, alpha);
     __syncwarp();
     if (lane == 0) BarrierArrive(&empty[prev]);  // this warp is done with the stage before
     pack();

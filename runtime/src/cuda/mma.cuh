@@ -299,50 +299,71 @@ __device__ __forceinline__ void OnlineSoftmaxStart(float (&m)[M][2], float (&l)[
 // it exactly.
 inline constexpr float kRescaleSlack = 8.0f;
 
-// One tile of the online softmax (FA2) over a warp's 16 rows: `s` holds the tile's raw
-// scores (masked entries -inf) and leaves with SoftmaxWeight(s, scale_log2, m); the row
-// maxima `m` (log2 units: raw maxima times scale_log2 > 0), this lane's shares `l` of the
-// row sums and the running output rows `out` are rescaled to the new maxima only when some
-// row of the warp has outgrown its maximum by more than kRescaleSlack (a warp-uniform
-// branch; after the first tiles it is rarely taken), so `m` may lag the true maxima by up
-// to that slack. Every row must have seen a finite score by now.
-template <int DHP>
-__device__ __forceinline__ void OnlineSoftmaxTile(float (&s)[8][4], float scale_log2, float (&m)[2], float (&l)[2],
-                                                  float (&out)[DHP / 8][4]) {
+// The weights of one tile of the online softmax (FA2) over a warp's 16 rows, NT column
+// tiles of 8: `s` holds the tile's raw scores (masked entries -inf) and leaves with
+// SoftmaxWeight(s, scale_log2, m); the row maxima `m` (log2 units: raw maxima times
+// scale_log2 > 0) and this lane's shares `l` of the row sums move to the new maxima only
+// when some row of the warp has outgrown its maximum by more than kRescaleSlack (a
+// warp-uniform branch; after the first tiles it is rarely taken), so `m` may lag the true
+// maxima by up to that slack. Returns whether they moved; the output rows must then be
+// multiplied by alpha (0 on the first tile, 1 where a row's maximum stayed) before this
+// tile's product is added. Every row must have seen a finite score by now.
+template <int NT>
+__device__ __forceinline__ bool OnlineSoftmaxWeights(float (&s)[NT][4], float scale_log2, float (&m)[2],
+                                                     float (&l)[2], float (&alpha)[2]) {
   float m_new[2];
   bool grown = false;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float mx = -INFINITY;
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+    for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
     m_new[r] = fmaxf(m[r], QuadMax(mx) * scale_log2);
     grown |= m_new[r] > m[r] + kRescaleSlack;  // always on the first tile (m = -inf)
   }
-  if (__any_sync(0xffffffffu, grown)) {
+  grown = __any_sync(0xffffffffu, grown);
+  alpha[0] = alpha[1] = 1.0f;
+  if (grown) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float alpha = FastExp2(m[r] - m_new[r]);  // 0 on the first tile, 1 where m stays
-      l[r] *= alpha;
+      alpha[r] = FastExp2(m[r] - m_new[r]);
+      l[r] *= alpha[r];
       m[r] = m_new[r];
-#pragma unroll
-      for (int i = 0; i < DHP / 8; ++i) {
-        out[i][2 * r] *= alpha;
-        out[i][2 * r + 1] *= alpha;
-      }
     }
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float sum = 0.0f;
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
+    for (int nt = 0; nt < NT; ++nt) {
       s[nt][2 * r] = SoftmaxWeight(s[nt][2 * r], scale_log2, m[r]);
       s[nt][2 * r + 1] = SoftmaxWeight(s[nt][2 * r + 1], scale_log2, m[r]);
       sum += s[nt][2 * r] + s[nt][2 * r + 1];
     }
     l[r] += sum;  // this lane's share; QuadSum adds the quad's at the end
   }
+  return grown;
+}
+
+// The output rows `out` of a warp's 16 (C fragments) times their rows' alpha.
+template <int kTiles>
+__device__ __forceinline__ void ScaleRows(float (&out)[kTiles][4], const float (&alpha)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i) {
+      out[i][2 * r] *= alpha[r];
+      out[i][2 * r + 1] *= alpha[r];
+    }
+}
+
+// One 64-column tile of the online softmax: its weights (OnlineSoftmaxWeights) and the
+// running output rows rescaled where the maxima moved.
+template <int DHP>
+__device__ __forceinline__ void OnlineSoftmaxTile(float (&s)[8][4], float scale_log2, float (&m)[2], float (&l)[2],
+                                                  float (&out)[DHP / 8][4]) {
+  float alpha[2];
+  if (OnlineSoftmaxWeights(s, scale_log2, m, l, alpha)) ScaleRows(out, alpha);
 }
 
 }  // namespace lm2::runtime::cuda
