@@ -493,7 +493,7 @@ __device__ __forceinline__ void FenceOperands(float (&v)[R][4]) {
 }
 
 // One stage's weights (OnlineSoftmaxWeights over its 128 columns, the last stage's padding
-// slots -inf first); whether the output rows must be rescaled by alpha returned.
+// slots -inf first); whether the output rows must be rescaled by alpha (set then) returned.
 __device__ __forceinline__ bool StageWeights(float (&s)[16][4], int64_t valid, int t, float scale_log2, float (&m)[2],
                                              float (&l)[2], float (&alpha)[2]) {
   if (valid < kReadSlots) {
@@ -503,7 +503,12 @@ __device__ __forceinline__ bool StageWeights(float (&s)[16][4], int64_t valid, i
       for (int c = 0; c < 4; ++c)
         if (nt * 8 + 2 * t + (c & 1) >= valid) s[nt][c] = -INFINITY;
   }
-  return OnlineSoftmaxWeights(s, scale_log2, m, l, alpha);
+  bool grown = false;
+  OnlineSoftmaxWeights(s, scale_log2, m, l, [&](int r, float a) {
+    grown = true;
+    alpha[r] = a;
+  });
+  return grown;
 }
 
 // Read: a block per (64 tokens, head), k_map / v_map the memory K and V (SlotRowsMap).
@@ -593,7 +598,10 @@ __global__ void __launch_bounds__(kReadThreads, 2)
     const bool grown = StageWeights(s, N - static_cast<int64_t>(it) * kReadSlots, t, scale_log2, m, l, alpha);
     WaitGroups<0>();
     FenceOperands(out);
-    if (grown) ScaleRows(out, alpha);
+    if (grown) {
+      ScaleRow(out, 0, alpha[0]);
+      ScaleRow(out, 1, alpha[1]);
+    }
     __syncwarp();
     if (lane == 0) BarrierArrive(&empty[prev]);  // this warp is done with the stage before
     pack();

@@ -305,12 +305,13 @@ inline constexpr float kRescaleSlack = 8.0f;
 // scale_log2 > 0) and this lane's shares `l` of the row sums move to the new maxima only
 // when some row of the warp has outgrown its maximum by more than kRescaleSlack (a
 // warp-uniform branch; after the first tiles it is rarely taken), so `m` may lag the true
-// maxima by up to that slack. Returns whether they moved; the output rows must then be
-// multiplied by alpha (0 on the first tile, 1 where a row's maximum stayed) before this
-// tile's product is added. Every row must have seen a finite score by now.
-template <int NT>
-__device__ __forceinline__ bool OnlineSoftmaxWeights(float (&s)[NT][4], float scale_log2, float (&m)[2],
-                                                     float (&l)[2], float (&alpha)[2]) {
+// maxima by up to that slack. When they move, rescale(r, alpha) is called for rows r = 0, 1
+// (alpha 0 on the first tile, 1 where a row's maximum stayed): the output rows must be
+// multiplied by it before this tile's product is added. Every row must have seen a finite
+// score by now.
+template <int NT, typename Rescale>
+__device__ __forceinline__ void OnlineSoftmaxWeights(float (&s)[NT][4], float scale_log2, float (&m)[2],
+                                                     float (&l)[2], Rescale&& rescale) {
   float m_new[2];
   bool grown = false;
 #pragma unroll
@@ -321,14 +322,13 @@ __device__ __forceinline__ bool OnlineSoftmaxWeights(float (&s)[NT][4], float sc
     m_new[r] = fmaxf(m[r], QuadMax(mx) * scale_log2);
     grown |= m_new[r] > m[r] + kRescaleSlack;  // always on the first tile (m = -inf)
   }
-  grown = __any_sync(0xffffffffu, grown);
-  alpha[0] = alpha[1] = 1.0f;
-  if (grown) {
+  if (__any_sync(0xffffffffu, grown)) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      alpha[r] = FastExp2(m[r] - m_new[r]);
-      l[r] *= alpha[r];
+      const float alpha = FastExp2(m[r] - m_new[r]);
+      l[r] *= alpha;
       m[r] = m_new[r];
+      rescale(r, alpha);
     }
   }
 #pragma unroll
@@ -342,28 +342,24 @@ __device__ __forceinline__ bool OnlineSoftmaxWeights(float (&s)[NT][4], float sc
     }
     l[r] += sum;  // this lane's share; QuadSum adds the quad's at the end
   }
-  return grown;
 }
 
-// The output rows `out` of a warp's 16 (C fragments) times their rows' alpha.
+// Row r of a warp's 16 output rows (C fragments) times alpha.
 template <int kTiles>
-__device__ __forceinline__ void ScaleRows(float (&out)[kTiles][4], const float (&alpha)[2]) {
+__device__ __forceinline__ void ScaleRow(float (&out)[kTiles][4], int r, float alpha) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r)
-#pragma unroll
-    for (int i = 0; i < kTiles; ++i) {
-      out[i][2 * r] *= alpha[r];
-      out[i][2 * r + 1] *= alpha[r];
-    }
+  for (int i = 0; i < kTiles; ++i) {
+    out[i][2 * r] *= alpha;
+    out[i][2 * r + 1] *= alpha;
+  }
 }
 
-// One 64-column tile of the online softmax: its weights (OnlineSoftmaxWeights) and the
-// running output rows rescaled where the maxima moved.
+// One 64-column tile of the online softmax: its weights (OnlineSoftmaxWeights), the running
+// output rows rescaled where the maxima moved.
 template <int DHP>
 __device__ __forceinline__ void OnlineSoftmaxTile(float (&s)[8][4], float scale_log2, float (&m)[2], float (&l)[2],
                                                   float (&out)[DHP / 8][4]) {
-  float alpha[2];
-  if (OnlineSoftmaxWeights(s, scale_log2, m, l, alpha)) ScaleRows(out, alpha);
+  OnlineSoftmaxWeights(s, scale_log2, m, l, [&](int r, float alpha) { ScaleRow(out, r, alpha); });
 }
 
 }  // namespace lm2::runtime::cuda
