@@ -42,14 +42,20 @@
 
 #include "cuda/cuda_ops.h"
 #include "cuda/device_math.cuh"
+#include "cuda/mbarrier.cuh"
 #include "event_timing.h"
 
 namespace {
 
 using bf16 = __nv_bfloat16;
+using lm2::runtime::cuda::BarrierArrive;
+using lm2::runtime::cuda::BarrierExpectBytes;
+using lm2::runtime::cuda::BarrierInit;
+using lm2::runtime::cuda::BarrierWait;
 using lm2::runtime::cuda::Gemv;
 using lm2::runtime::cuda::GemvInput;
 using lm2::runtime::cuda::GemvOutput;
+using lm2::runtime::cuda::SharedAddress;
 using lm2::runtime::cuda::WarpSum;
 
 void Check(cudaError_t e, const char* what) { lm2::bench::CheckCuda("lm2_cuda_persistent_bench", e, what); }
@@ -81,30 +87,6 @@ constexpr int kMaxStages = 6;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 constexpr int kSegCols = 2048;  // a unit: one row's 2,048 columns
 
-__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void BarrierInit(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(SharedAddress(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void BarrierArrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" ::"r"(SharedAddress(bar)) : "memory");
-}
-__device__ __forceinline__ void BarrierExpectBytes(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(SharedAddress(bar)), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void BarrierWait(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(SharedAddress(bar)), "r"(parity)
-        : "memory");
-  } while (done == 0);
-}
 __device__ __forceinline__ uint64_t EvictFirstPolicy() {
   uint64_t policy = 0;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));

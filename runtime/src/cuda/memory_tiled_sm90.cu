@@ -30,6 +30,7 @@
 
 #include "cuda/cuda_check.h"
 #include "cuda/kernel_modules.h"
+#include "cuda/mbarrier.cuh"
 #include "cuda/memory_tiled.cuh"
 #include "cuda/mma.cuh"
 
@@ -359,39 +360,6 @@ __global__ void __launch_bounds__(kThreads, 2)
 // tiles, two blocks a pair below 640 tokens combining through distributed shared memory),
 // 132 against 145 at 2,048. Two consumer warpgroups a block with one block an SM (4, 5 or 6
 // stages) measured 39.3-39.5 and 141-143.
-
-__device__ __forceinline__ void BarrierInit(uint64_t* bar, unsigned count) {
-#if LM2_WGMMA
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(SharedAddress(bar)), "r"(count) : "memory");
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void BarrierExpectBytes(uint64_t* bar, uint32_t bytes) {
-#if LM2_WGMMA
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(SharedAddress(bar)), "r"(bytes)
-               : "memory");
-#endif
-}
-
-__device__ __forceinline__ void BarrierArrive(uint64_t* bar) {
-#if LM2_WGMMA
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(SharedAddress(bar)) : "memory");
-#endif
-}
-
-__device__ __forceinline__ void BarrierWait(uint64_t* bar, uint32_t parity) {
-#if LM2_WGMMA
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(SharedAddress(bar)), "r"(parity)
-        : "memory");
-  } while (done == 0);
-#endif
-}
 
 // The box of `map` at column x, row y into 1 KiB-aligned shared `dst`, counted on `bar`.
 __device__ __forceinline__ void TensorTile(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
