@@ -596,150 +596,9 @@ __global__ void __launch_bounds__(kReadThreads, 2)
 #endif
 }
 
-// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global `src` into shared
-// `dst`, counted on `bar`.
-__device__ __forceinline__ void BulkCopy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-#if LM2_WGMMA
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   SharedAddress(dst)),
-               "l"(src), "r"(bytes), "r"(SharedAddress(bar))
-               : "memory");
-#endif
-}
-
-// The write sums warp-specialised (EXPERIMENT: LM2_WRITE_WS=1), the read's form: a block per
-// (64 slots, head), one consumer warpgroup and a producer warp, two blocks an SM. The
-// producer brings the block's K rows once, then the chunk's tokens 128 a stage (q and offer
-// rows of the scratch by tensor copies, their shifts by a bulk copy) into a ring of
-// kReadStages; the consumer issues a stage's scores before the weights of the stage before,
-// whose product runs meanwhile. Same weights, masses and sums as WriteKernel, in the same
-// token order.
-constexpr int kWriteShiftBytes = kReadSlots * 4;
-constexpr int kWriteWsBytes = kAtomBytes + 2 * kReadStages * kReadStageBytes + kTileBytes +
-                              kReadStages * kWriteShiftBytes + (2 * kReadStages + 1) * 8;
-
-template <bool kAccumulate>
-__global__ void __launch_bounds__(kReadThreads, 2)
-    WriteKernelWs(int64_t T, int64_t N, int64_t d, float scale_log2, Scratch scratch, float* __restrict__ mass,
-                  float* __restrict__ acc, const __grid_constant__ CUtensorMap k_map,
-                  const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap offer_map) {
-#if LM2_WGMMA
-  char* qt = AlignedSharedMemory();                       // kReadStages stages of 128 q rows
-  char* ot = qt + kReadStages * kReadStageBytes;          // and of 128 offer rows
-  char* ks = ot + kReadStages * kReadStageBytes;          // the block's 64 K rows
-  auto* shifts = reinterpret_cast<float*>(ks + kTileBytes);  // kReadStages x 128
-  auto* full = reinterpret_cast<uint64_t*>(shifts + kReadStages * kReadSlots);
-  uint64_t* empty = full + kReadStages;
-  uint64_t* own = empty + kReadStages;
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const int g = lane / 4, t = lane % 4;
-  constexpr int kProducer = 4;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTile, j = blockIdx.y, Tp = scratch.tp;
-  const int tiles = static_cast<int>((T + kReadSlots - 1) / kReadSlots);  // past them only padding (weight 0)
-  if (threadIdx.x == 0) {
-    for (int stage = 0; stage < kReadStages; ++stage) {
-      BarrierInit(&full[stage], 1);
-      BarrierInit(&empty[stage], kProducer);
-    }
-    BarrierInit(own, 1);
-  }
-  __syncthreads();
-  if (warp == kProducer) {
-    if (lane == 0) {
-      BarrierExpectBytes(own, kTileBytes);
-      TensorTile(ks, &k_map, static_cast<int>(j * kDh), static_cast<int>(n0), own);
-      for (int it = 0; it < tiles; ++it) {
-        const int stage = it % kReadStages;
-        if (it >= kReadStages) BarrierWait(&empty[stage], static_cast<uint32_t>(it / kReadStages - 1) & 1);
-        BarrierExpectBytes(&full[stage], 2 * kReadStageBytes + kWriteShiftBytes);
-        const int row = static_cast<int>(j * Tp) + it * kReadSlots;
-        TensorTile(qt + stage * kReadStageBytes, &q_map, 0, row, &full[stage]);
-        TensorTile(ot + stage * kReadStageBytes, &offer_map, 0, row, &full[stage]);
-        BulkCopy(shifts + stage * kReadSlots, scratch.shift + row, kWriteShiftBytes, &full[stage]);
-      }
-    }
-    return;
-  }
-  float out[8][4], slot_mass[2] = {0.0f, 0.0f};
-#pragma unroll
-  for (int i = 0; i < 8; ++i) out[i][0] = out[i][1] = out[i][2] = out[i][3] = 0.0f;
-  uint64_t a[4], b[4];
-  ColumnSteps(ks, a);
-  float s[16][4];
-  uint32_t p[8][4];
-  // A stage's weights 2^(s' - shift) of each token (column) in s, added to the slots' masses.
-  const auto weigh = [&](int stage) {
-    const float* st = shifts + stage * kReadSlots;
-#pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
-      const float2 sh = *reinterpret_cast<const float2*>(st + nt * 8 + 2 * t);
-#pragma unroll
-      for (int c = 0; c < 2; ++c)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float& x = s[nt][2 * r + c];
-          x = SoftmaxWeight(x, scale_log2, c == 0 ? sh.x : sh.y);
-          slot_mass[r] += x;
-        }
-    }
-  };
-  const auto pack = [&] {  // the weights in bf16: the A fragments of the product's eight steps
-#pragma unroll
-    for (int kc = 0; kc < 8; ++kc) {
-      p[kc][0] = PackBf16x2(s[2 * kc][0], s[2 * kc][1]);
-      p[kc][1] = PackBf16x2(s[2 * kc][2], s[2 * kc][3]);
-      p[kc][2] = PackBf16x2(s[2 * kc + 1][0], s[2 * kc + 1][1]);
-      p[kc][3] = PackBf16x2(s[2 * kc + 1][2], s[2 * kc + 1][3]);
-    }
-  };
-  BarrierWait(own, 0);
-  if (tiles > 0) {
-    BarrierWait(&full[0], 0);
-    ColumnSteps(qt, b);
-    IssueScores128(s, a, b);
-    WaitGroups<0>();
-    FenceOperands(s);
-    weigh(0);
-    pack();
-    for (int it = 1; it < tiles; ++it) {
-      const int stage = it % kReadStages, prev = (it - 1) % kReadStages;
-      BarrierWait(&full[stage], static_cast<uint32_t>(it / kReadStages) & 1);
-      ColumnSteps(qt + stage * kReadStageBytes, b);
-      IssueScores128(s, a, b);
-      IssueProducts128(out, p, TileDescriptor(ot + prev * kReadStageBytes));
-      WaitGroups<1>();  // the scores (the product may still run)
-      FenceOperands(s);
-      weigh(stage);
-      WaitGroups<0>();  // the product before: p is rewritten next
-      FenceOperands(out);
-      __syncwarp();
-      if (lane == 0) BarrierArrive(&empty[prev]);
-      pack();
-    }
-    IssueProducts128(out, p, TileDescriptor(ot + (tiles - 1) % kReadStages * kReadStageBytes));
-    WaitGroups<0>();
-    FenceOperands(out);
-  }
-  // The block's 64 slot rows of sums (+)= into acc, staged over the token stages; their masses.
-  float* rows = reinterpret_cast<float*>(qt);
-  ConsumerSync();  // every warp is done with the stages
-  StageFragments(out, {1.0f, 1.0f}, rows);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float total = QuadSum(slot_mass[r]);
-    const int64_t slot = n0 + warp * 16 + g + 8 * r;
-    if (t == 0 && slot < N) mass[j * N + slot] = (kAccumulate ? mass[j * N + slot] : 0.0f) + total;
-  }
-  ConsumerSync();
-  StoreStagedRows<kAccumulate, kTile, 128>(rows, N - n0, acc + n0 * d + j * kDh, d);
-#else
-  __trap();
-#endif
-}
-
 // The map of the [rows, d] bf16 matrix at `base` in boxes of 64 columns (a head) x kReadSlots rows,
-// 128-byte swizzle: what the producers copy from (rows past the end zero).
-Result<CUtensorMap> SlotRowsMap(const bf16* base, int64_t rows, int64_t d, int box_rows = kReadSlots) {
+// 128-byte swizzle: what the read's producer copies from (rows past the end zero).
+Result<CUtensorMap> SlotRowsMap(const bf16* base, int64_t rows, int64_t d) {
   static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found{};
@@ -754,7 +613,7 @@ Result<CUtensorMap> SlotRowsMap(const bf16* base, int64_t rows, int64_t d, int b
   CUtensorMap map{};
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(d), static_cast<cuuint64_t>(rows)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(d) * 2};
-  const cuuint32_t box[2] = {kDh, static_cast<cuuint32_t>(box_rows)}, element_strides[2] = {1, 1};
+  const cuuint32_t box[2] = {kDh, kReadSlots}, element_strides[2] = {1, 1};
   const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<bf16*>(base), dims, strides, box,
                             element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                             CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
@@ -763,6 +622,7 @@ Result<CUtensorMap> SlotRowsMap(const bf16* base, int64_t rows, int64_t d, int b
   }
   return map;
 }
+
 
 constexpr int kWriteBytes = kAtomBytes + 2 * kTileStages * kTileBytes + kOwnBytes + kTileStages * kTile * 4;
 static_assert(kStagedBytes <= 2 * kTileStages * kTileBytes, "the staged rows fit over the other side's tiles");
@@ -799,22 +659,6 @@ Status ReadSm90(const float* q, int64_t q_ld, const float* offer, int64_t offer_
 
 Status WriteSm90(const bf16* mem_k, int64_t T, int64_t N, int64_t d, float scale_log2, bool accumulate, float* mass,
                  float* acc, Scratch scratch, cudaStream_t stream) {
-  static const bool ws = [] {  // EXPERIMENT: LM2_WRITE_WS=1
-    const char* v = std::getenv("LM2_WRITE_WS");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
-  if (ws) {
-    const int64_t heads = d / kDh;
-    LM2_ASSIGN_OR_RETURN(const CUtensorMap k_map, SlotRowsMap(mem_k, N, d, kTile));
-    LM2_ASSIGN_OR_RETURN(const CUtensorMap q_map, SlotRowsMap(scratch.q, heads * scratch.tp, kDh));
-    LM2_ASSIGN_OR_RETURN(const CUtensorMap offer_map, SlotRowsMap(scratch.offer, heads * scratch.tp, kDh));
-    const auto kernel = accumulate ? &WriteKernelWs<true> : &WriteKernelWs<false>;
-    LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(kernel), kWriteWsBytes, "MemoryReadWrite"));
-    const dim3 grid(static_cast<unsigned int>((N + kTile - 1) / kTile), static_cast<unsigned int>(heads));
-    kernel<<<grid, kReadThreads, kWriteWsBytes, stream>>>(T, N, d, scale_log2, scratch, mass, acc, k_map, q_map,
-                                                         offer_map);
-    return CheckLaunch("MemoryReadWrite (wgmma write, warp-specialised)");
-  }
   const auto kernel = accumulate ? &WriteKernel<true> : &WriteKernel<false>;
   LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(kernel), kWriteBytes, "MemoryReadWrite"));
   const dim3 grid(static_cast<unsigned int>((N + kRows - 1) / kRows), static_cast<unsigned int>(d / kDh));
