@@ -262,8 +262,9 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
   const bool vec = dh % 8 == 0 && d % 8 == 0;  // memory K/V rows and head offsets 16-byte aligned
   const bool rows_vec = tiled::StageRowsByPieces(q, q_ld, offer, offer_ld, dh);
   const auto heads = static_cast<unsigned int>(d / dh);
-  // Hopper, head width 64: the same kernels on wgmma (memory_tiled_sm90.cu; they store whole
-  // 16-byte pieces of e's and the sums' rows).
+  // Hopper, head width 64: the same algorithm on wgmma (memory_tiled_sm90.cu: the read
+  // warp-specialised, a block per 64 tokens and never split; both store whole 16-byte pieces
+  // of e's and the sums' rows).
   if constexpr (DHP == 64) {
     if (dh == 64 && vec && Aligned16({acc, e}) && tiled::Sm90KernelsBuilt()) {
       LM2_ASSIGN_OR_RETURN(const int major, CurrentDeviceAttribute(cudaDevAttrComputeCapabilityMajor));
