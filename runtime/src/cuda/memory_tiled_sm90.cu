@@ -541,12 +541,7 @@ __global__ void __launch_bounds__(kReadThreads, 2)
   uint32_t p[8][4];  // the weights in bf16: the A fragments of the product's eight steps
   const auto pack = [&] {
 #pragma unroll
-    for (int kc = 0; kc < 8; ++kc) {
-      p[kc][0] = PackBf16x2(s[2 * kc][0], s[2 * kc][1]);
-      p[kc][1] = PackBf16x2(s[2 * kc][2], s[2 * kc][3]);
-      p[kc][2] = PackBf16x2(s[2 * kc + 1][0], s[2 * kc + 1][1]);
-      p[kc][3] = PackBf16x2(s[2 * kc + 1][2], s[2 * kc + 1][3]);
-    }
+    for (int kc = 0; kc < 8; ++kc) PackStepA(s, kc, p[kc]);
   };
   BarrierWait(&full[0], 0);
   ColumnSteps(ks, b);
@@ -622,7 +617,6 @@ Result<CUtensorMap> SlotRowsMap(const bf16* base, int64_t rows, int64_t d) {
   }
   return map;
 }
-
 
 constexpr int kWriteBytes = kAtomBytes + 2 * kTileStages * kTileBytes + kOwnBytes + kTileStages * kTile * 4;
 static_assert(kStagedBytes <= 2 * kTileStages * kTileBytes, "the staged rows fit over the other side's tiles");

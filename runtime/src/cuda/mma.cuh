@@ -218,9 +218,11 @@ __device__ __forceinline__ void TileScoresM(const uint32_t (&a)[M][DHP / 16][4],
   }
 }
 
-// The A fragment of the 16-wide step kc of the product that follows a 16 x 64 score tile
-// (C fragments p, 8 of 8 columns): columns [16 kc, 16 kc + 16) packed to bf16 pairs.
-__device__ __forceinline__ void PackStepA(const float (&p)[8][4], int kc, uint32_t (&a)[4]) {
+// The A fragment of the 16-wide step kc of the product that follows a 16-row score tile
+// (C fragments p, NT of 8 columns: 8 for 64 columns, 16 for 128): columns [16 kc, 16 kc + 16)
+// packed to bf16 pairs.
+template <int NT>
+__device__ __forceinline__ void PackStepA(const float (&p)[NT][4], int kc, uint32_t (&a)[4]) {
   a[0] = PackBf16x2(p[2 * kc][0], p[2 * kc][1]);
   a[1] = PackBf16x2(p[2 * kc][2], p[2 * kc][3]);
   a[2] = PackBf16x2(p[2 * kc + 1][0], p[2 * kc + 1][1]);
