@@ -168,25 +168,23 @@ __device__ __forceinline__ void StoreSlotSums(const float (&out)[M][DHP / 8][4],
 }
 
 // A split read's unnormalised rows in shared memory (over the K/V buffers, free by then):
-// [kBlockRows][DHP + 4] floats (the 4 spread a quad's rows over the banks), then (m, l) per row.
-template <int DHP, int kBlockRows = kRows>
+// [kRows][DHP + 4] floats (the 4 spread a quad's rows over the banks), then (m, l) per row.
+template <int DHP>
 struct SplitRows {
   static constexpr int kLd = DHP + 4;
-  static constexpr int kBytes = kBlockRows * kLd * 4 + kBlockRows * 8;
+  static constexpr int kBytes = kRows * kLd * 4 + kRows * 8;
 };
-template <int DHP, int kBlockRows = kRows>
-__host__ __device__ constexpr int SplitRowsBytes() { return SplitRows<DHP, kBlockRows>::kBytes; }
+template <int DHP>
+__host__ __device__ constexpr int SplitRowsBytes() { return SplitRows<DHP>::kBytes; }
 
 // The end of a split read: this block's rows (the online softmax's m, this lane's share of
 // l, the unnormalised output fragments) into its shared memory; after a cluster barrier
-// block z combines rows [kBlockRows z / P, kBlockRows (z + 1) / P) from the P blocks' shared
-// memory into e and the shifts (of padding rows too: +inf); a second barrier keeps every
-// block's shared memory alive until the others have read it. Called by all kThreads threads
-// of the block; its first kBlockRows / (16 M) warps hold the rows, M groups of 16 each (rows
-// (warp M + mg) 16 + g + 8r), the others (a producer warp) only take part in the barriers and
-// the combine. `rows` its shared memory for SplitRowsBytes<DHP, kBlockRows>() (over its K/V
-// buffers, free by then).
-template <int DHP, int M, int kThreads, int kBlockRows = kRows>
+// block z combines rows [kRows z / P, kRows (z + 1) / P) from the P blocks' shared memory
+// into e and the shifts (of padding rows too: +inf); a second barrier keeps every
+// block's shared memory alive until the others have read it. A block of kThreads threads,
+// each warp M groups of 16 rows (rows (warp M + mg) 16 + g + 8r); `rows` its shared memory
+// for SplitRowsBytes<DHP>() (over its K/V buffers, free by then).
+template <int DHP, int M, int kThreads>
 __device__ __forceinline__ void CombineSplits(const float (&m)[M][2], const float (&l)[M][2],
                                               const float (&out)[M][DHP / 8][4], int64_t t0, int64_t j, int64_t T,
                                               int64_t d, int dh, float* __restrict__ e, float* __restrict__ shift,
@@ -194,31 +192,29 @@ __device__ __forceinline__ void CombineSplits(const float (&m)[M][2], const floa
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // clusters need sm_90: ReadSplits gives 1 before it
 #else
-  using R = SplitRows<DHP, kBlockRows>;
+  using R = SplitRows<DHP>;
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
-  auto* ml = reinterpret_cast<float2*>(rows + kBlockRows * R::kLd);
+  auto* ml = reinterpret_cast<float2*>(rows + kRows * R::kLd);
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, t = lane % 4;
   __syncthreads();  // every warp's last tile's K/V reads are done
-  if (warp < kBlockRows / (16 * M)) {
 #pragma unroll
-    for (int mg = 0; mg < M; ++mg)
+  for (int mg = 0; mg < M; ++mg)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = (warp * M + mg) * 16 + g + 8 * r;
-        const float sum = QuadSum(l[mg][r]);
+    for (int r = 0; r < 2; ++r) {
+      const int row = (warp * M + mg) * 16 + g + 8 * r;
+      const float sum = QuadSum(l[mg][r]);
 #pragma unroll
-        for (int i = 0; i < DHP / 8; ++i) {
-          *reinterpret_cast<float2*>(rows + row * R::kLd + i * 8 + 2 * t) =
-              make_float2(out[mg][i][2 * r], out[mg][i][2 * r + 1]);
-        }
-        if (t == 0) ml[row] = make_float2(m[mg][r], sum);
+      for (int i = 0; i < DHP / 8; ++i) {
+        *reinterpret_cast<float2*>(rows + row * R::kLd + i * 8 + 2 * t) =
+            make_float2(out[mg][i][2 * r], out[mg][i][2 * r + 1]);
       }
-  }
+      if (t == 0) ml[row] = make_float2(m[mg][r], sum);
+    }
   cluster.sync();
   const int splits = static_cast<int>(cluster.num_blocks()), part = static_cast<int>(cluster.block_rank());
-  const int own0 = kBlockRows * part / splits, own = kBlockRows / splits;
+  const int own0 = kRows * part / splits, own = kRows / splits;
   // Each thread takes one (row, column pair) at a time of the block's own rows.
   for (int i = threadIdx.x; i < own * (DHP / 2); i += kThreads) {
     const int row = own0 + i / (DHP / 2), col = 2 * (i % (DHP / 2));

@@ -479,10 +479,8 @@ __device__ __forceinline__ bool StageWeights(float (&s)[16][4], int64_t valid, i
   return grown;
 }
 
-// Read: a block per (64 tokens, head), or a cluster of gridDim.z blocks per pair (short
-// chunks: ReadSplits), block z over stages [z tiles / P, (z + 1) tiles / P) and combining
-// rows [64 z / P, 64 (z + 1) / P) (CombineSplits); k_map / v_map the memory K and V
-// (SlotRowsMap). memory_tiled.cu's MemoryReadTiledKernel.
+// Read: a block per (64 tokens, head), k_map / v_map the memory K and V (SlotRowsMap).
+// memory_tiled.cu's MemoryReadTiledKernel, without the splits.
 __global__ void __launch_bounds__(kReadThreads, 2)
     ReadKernel(const float* __restrict__ q, int64_t q_ld, const float* __restrict__ offer, int64_t offer_ld,
                bool rows_vec, int64_t T, int64_t N, int64_t d, float scale_log2, float* __restrict__ e,
@@ -497,10 +495,8 @@ __global__ void __launch_bounds__(kReadThreads, 2)
   const int g = lane / 4, t = lane % 4;
   constexpr int kProducer = 4;  // the warp after the consumer warpgroup's four
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kTile, j = blockIdx.y, Tp = scratch.tp;
-  const int all_tiles = static_cast<int>((N + kReadSlots - 1) / kReadSlots);
-  const int splits = static_cast<int>(gridDim.z), z = static_cast<int>(blockIdx.z);
-  const int first = all_tiles * z / splits, tiles = all_tiles * (z + 1) / splits - first;
-  const ReadPart part{first, tiles, kTile * z / splits, kTile * (z + 1) / splits};
+  const int tiles = static_cast<int>((N + kReadSlots - 1) / kReadSlots);
+  const ReadPart part{0, tiles, 0, kTile};
   const auto stage_rows = [&] {  // q into qs, q and the offer into the scratch (zeros past T)
     StageReadRows<kDh, 128, 0, kTile>(q, q_ld, offer, offer_ld, t0, j, T, kDh, part, rows_vec,
                                       reinterpret_cast<bf16*>(qs), scratch.q + (j * Tp + t0) * kDh,
@@ -509,9 +505,7 @@ __global__ void __launch_bounds__(kReadThreads, 2)
   if (t0 >= T) {  // padding rows only (a chunk's last 64 of 128): their scratch rows for the write
     if (warp < kProducer) {
       stage_rows();
-      if (threadIdx.x >= part.own0 && threadIdx.x < part.own1) {
-        scratch.shift[j * Tp + t0 + threadIdx.x] = INFINITY;  // weight 0
-      }
+      if (threadIdx.x < kTile) scratch.shift[j * Tp + t0 + threadIdx.x] = INFINITY;  // weight 0
     }
     return;
   }
@@ -528,79 +522,68 @@ __global__ void __launch_bounds__(kReadThreads, 2)
         const int stage = it % kReadStages;
         if (it >= kReadStages) BarrierWait(&empty[stage], static_cast<uint32_t>(it / kReadStages - 1) & 1);
         BarrierExpectBytes(&full[stage], 2 * kReadStageBytes);
-        const int y = (first + it) * kReadSlots;
-        TensorTile(ks + stage * kReadStageBytes, &k_map, static_cast<int>(j * kDh), y, &full[stage]);
-        TensorTile(vs + stage * kReadStageBytes, &v_map, static_cast<int>(j * kDh), y, &full[stage]);
+        TensorTile(ks + stage * kReadStageBytes, &k_map, static_cast<int>(j * kDh), it * kReadSlots, &full[stage]);
+        TensorTile(vs + stage * kReadStageBytes, &v_map, static_cast<int>(j * kDh), it * kReadSlots, &full[stage]);
       }
     }
-    if (splits == 1) return;
-  }
-  // The online softmax's state of each consumer warp's 16 rows ([1]: CombineSplits' shape).
-  float m[1][2] = {{-INFINITY, -INFINITY}}, l[1][2] = {{0.0f, 0.0f}}, out[1][8][4];
-  if (warp < kProducer) {
-    float(&o)[8][4] = out[0];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-    stage_rows();
-    FenceProxyAsync();
-    ConsumerSync();  // the q rows are in for the warpgroup
-    uint64_t a[4], b[4];
-    ColumnSteps(qs, a);
-    float s[16][4], alpha[2];
-    uint32_t p[8][4];  // the weights in bf16: the A fragments of the product's eight steps
-    const auto pack = [&] {
-#pragma unroll
-      for (int kc = 0; kc < 8; ++kc) PackStepA(s, kc, p[kc]);
-    };
-    const auto valid = [&](int it) { return N - static_cast<int64_t>(first + it) * kReadSlots; };  // slots of a stage
-    BarrierWait(&full[0], 0);
-    ColumnSteps(ks, b);
-    IssueScores128(s, a, b);
-    WaitGroups<0>();
-    FenceOperands(s);
-    StageWeights(s, valid(0), t, scale_log2, m[0], l[0], alpha);  // the first stage: out is 0, nothing to rescale
-    pack();
-    for (int it = 1; it < tiles; ++it) {
-      const int stage = it % kReadStages, prev = (it - 1) % kReadStages;
-      BarrierWait(&full[stage], static_cast<uint32_t>(it / kReadStages) & 1);
-      ColumnSteps(ks + stage * kReadStageBytes, b);
-      IssueScores128(s, a, b);
-      IssueProducts128(o, p, TileDescriptor(vs + prev * kReadStageBytes));
-      WaitGroups<1>();  // the scores (the product may still run)
-      FenceOperands(s);
-      const bool grown = StageWeights(s, valid(it), t, scale_log2, m[0], l[0], alpha);
-      WaitGroups<0>();
-      FenceOperands(o);
-      if (grown) {
-        ScaleRow(o, 0, alpha[0]);
-        ScaleRow(o, 1, alpha[1]);
-      }
-      __syncwarp();
-      if (lane == 0) BarrierArrive(&empty[prev]);  // this warp is done with the stage before
-      pack();
-    }
-    IssueProducts128(o, p, TileDescriptor(vs + (tiles - 1) % kReadStages * kReadStageBytes));
-    WaitGroups<0>();
-    FenceOperands(o);
-  }
-  if (splits > 1) {  // every thread, the producer warp's too: it takes part in the cluster's barriers
-    static_assert(SplitRowsBytes<kDh, kTile>() <= 2 * kReadStages * kReadStageBytes, "fits over the stages");
-    CombineSplits<kDh, 1, kReadThreads, kTile>(m, l, out, t0, j, T, d, kDh, e, scratch.shift + j * Tp,
-                                               reinterpret_cast<float*>(ks));
     return;
   }
+  stage_rows();
+  FenceProxyAsync();
+  ConsumerSync();  // the q rows are in for the warpgroup
+
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, alpha[2], out[8][4];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i][0] = out[i][1] = out[i][2] = out[i][3] = 0.0f;
+  uint64_t a[4], b[4];
+  ColumnSteps(qs, a);
+  float s[16][4];
+  uint32_t p[8][4];  // the weights in bf16: the A fragments of the product's eight steps
+  const auto pack = [&] {
+#pragma unroll
+    for (int kc = 0; kc < 8; ++kc) PackStepA(s, kc, p[kc]);
+  };
+  BarrierWait(&full[0], 0);
+  ColumnSteps(ks, b);
+  IssueScores128(s, a, b);
+  WaitGroups<0>();
+  FenceOperands(s);
+  StageWeights(s, N, t, scale_log2, m, l, alpha);  // the first stage: out is 0, nothing to rescale
+  pack();
+  for (int it = 1; it < tiles; ++it) {
+    const int stage = it % kReadStages, prev = (it - 1) % kReadStages;
+    BarrierWait(&full[stage], static_cast<uint32_t>(it / kReadStages) & 1);
+    ColumnSteps(ks + stage * kReadStageBytes, b);
+    IssueScores128(s, a, b);
+    IssueProducts128(out, p, TileDescriptor(vs + prev * kReadStageBytes));
+    WaitGroups<1>();  // the scores (the product may still run)
+    FenceOperands(s);
+    const bool grown = StageWeights(s, N - static_cast<int64_t>(it) * kReadSlots, t, scale_log2, m, l, alpha);
+    WaitGroups<0>();
+    FenceOperands(out);
+    if (grown) {
+      ScaleRow(out, 0, alpha[0]);
+      ScaleRow(out, 1, alpha[1]);
+    }
+    __syncwarp();
+    if (lane == 0) BarrierArrive(&empty[prev]);  // this warp is done with the stage before
+    pack();
+  }
+  IssueProducts128(out, p, TileDescriptor(vs + (tiles - 1) % kReadStages * kReadStageBytes));
+  WaitGroups<0>();
+  FenceOperands(out);
   // e: the rows normalised, staged over the K/V stages and stored whole; each row's shift.
   float inv_l[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float sum = QuadSum(l[0][r]);
+    const float sum = QuadSum(l[r]);
     inv_l[r] = 1.0f / sum;
     const int64_t row = t0 + warp * 16 + g + 8 * r;
-    if (t == 0) scratch.shift[j * Tp + row] = row < T ? SoftmaxShift(m[0][r], sum) : INFINITY;
+    if (t == 0) scratch.shift[j * Tp + row] = row < T ? SoftmaxShift(m[r], sum) : INFINITY;
   }
   float* rows = reinterpret_cast<float*>(ks);
   ConsumerSync();  // every warp's products are done (and every stage's copies landed)
-  StageFragments(out[0], inv_l, rows);
+  StageFragments(out, inv_l, rows);
   ConsumerSync();
   StoreStagedRows<false, kTile, 128>(rows, T - t0, e + t0 * d + j * kDh, d);
 #else
@@ -661,26 +644,11 @@ Status ReadSm90(const float* q, int64_t q_ld, const float* offer, int64_t offer_
                Scratch scratch, cudaStream_t stream) {
   LM2_ASSIGN_OR_RETURN(const CUtensorMap k_map, SlotRowsMap(mem_k, N, d));
   LM2_ASSIGN_OR_RETURN(const CUtensorMap v_map, SlotRowsMap(mem_v, N, d));
-  const void* kernel = reinterpret_cast<const void*>(&ReadKernel);
-  LM2_RETURN_IF_ERROR(EnsureSharedMemory(kernel, kReadBytes, "MemoryReadWrite"));
-  // Short chunks split each (64 tokens, head) pair's stages over a cluster (ReadSplits: the
-  // pairs with tokens, not the padding ones, which only stage their rows).
-  const int64_t heads = d / kDh;
-  int splits = 1;
-  static const bool split_on = [] {  // TEMPORARY (measurement): LM2_READ_SPLIT=0 never splits
-    const char* v = std::getenv("LM2_READ_SPLIT");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  if (split_on) {
-    LM2_ASSIGN_OR_RETURN(splits, ReadSplits((T + kTile - 1) / kTile * heads, (N + kReadSlots - 1) / kReadSlots,
-                                            kernel, kReadThreads, kReadBytes));
-  }
-  const ClusterLaunch launch(dim3(static_cast<unsigned int>(PaddedTokens(T) / kTile), static_cast<unsigned int>(heads),
-                                  static_cast<unsigned int>(splits)),
-                             kReadThreads, kReadBytes, stream, splits);
-  LM2_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&launch.config, ReadKernel, q, q_ld, offer, offer_ld, rows_vec, T, N,
-                                              d, scale_log2, e, scratch, k_map, v_map));
-  return Status::Ok();
+  LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&ReadKernel), kReadBytes, "MemoryReadWrite"));
+  const dim3 grid(static_cast<unsigned int>(PaddedTokens(T) / kTile), static_cast<unsigned int>(d / kDh));
+  ReadKernel<<<grid, kReadThreads, kReadBytes, stream>>>(q, q_ld, offer, offer_ld, rows_vec, T, N, d, scale_log2, e,
+                                                         scratch, k_map, v_map);
+  return CheckLaunch("MemoryReadWrite (wgmma read)");
 }
 
 Status WriteSm90(const bf16* mem_k, int64_t T, int64_t N, int64_t d, float scale_log2, bool accumulate, float* mass,
