@@ -591,19 +591,27 @@ __global__ void __launch_bounds__(kReadThreads, 2)
 #endif
 }
 
-// The map of the [rows, d] bf16 matrix at `base` in boxes of 64 columns (a head) x kReadSlots rows,
-// 128-byte swizzle: what the read's producer copies from (rows past the end zero).
-Result<CUtensorMap> SlotRowsMap(const bf16* base, int64_t rows, int64_t d) {
+// The driver's cuTensorMapEncodeTiled (a host function: it only fills the map), looked up
+// once per process; null where the driver has none (Sm90KernelsBuilt is then false).
+PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
   static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found{};
     if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
             cudaSuccess ||
         found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();  // a failed lookup leaves no error behind for the next launch
       fn = nullptr;
     }
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   }();
+  return encode;
+}
+
+// The map of the [rows, d] bf16 matrix at `base` in boxes of 64 columns (a head) x kReadSlots rows,
+// 128-byte swizzle: what the read's producer copies from (rows past the end zero).
+Result<CUtensorMap> SlotRowsMap(const bf16* base, int64_t rows, int64_t d) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = TensorMapEncoder();
   if (encode == nullptr) return Status::Unavailable("MemoryReadWrite: no cuTensorMapEncodeTiled in this driver");
   CUtensorMap map{};
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(d), static_cast<cuuint64_t>(rows)};
@@ -631,7 +639,8 @@ bool Sm90KernelsBuilt() {
 #if defined(LM2_CUDA_SM90A)
   static const bool on = [] {  // read once per process; "0": the mma.sync kernels instead
     const char* v = std::getenv("LM2_CUDA_WGMMA");
-    return v == nullptr || std::strcmp(v, "0") != 0;
+    // A driver without tensor maps (the read's copies need them) keeps the mma.sync kernels.
+    return (v == nullptr || std::strcmp(v, "0") != 0) && TensorMapEncoder() != nullptr;
   }();
   return on;
 #else
