@@ -338,13 +338,8 @@ class CudaModel final : public Model {
   Result<std::unique_ptr<SequenceState>> NewState() const override {
     LM2_RETURN_IF_ERROR(UseDevice(w_->device));
     auto s = std::make_unique<CudaState>(this);
-    // TEMPORARY (measurement): LM2_MAIN_PRIORITY / LM2_SIDE_PRIORITY set the streams' priorities.
-    const auto priority = [](const char* name) {
-      const char* v = std::getenv(name);
-      return v != nullptr ? std::atoi(v) : 0;
-    };
-    LM2_ASSIGN_OR_RETURN(s->stream_, CudaStream::Create(priority("LM2_MAIN_PRIORITY")));
-    LM2_ASSIGN_OR_RETURN(s->side_stream_, CudaStream::Create(priority("LM2_SIDE_PRIORITY")));
+    LM2_ASSIGN_OR_RETURN(s->stream_, CudaStream::Create());
+    LM2_ASSIGN_OR_RETURN(s->side_stream_, CudaStream::Create());
     LM2_ASSIGN_OR_RETURN(s->fork_, CudaEvent::Create());
     LM2_ASSIGN_OR_RETURN(s->join_, CudaEvent::Create());
     LM2_ASSIGN_OR_RETURN(s->kv_made_, CudaEvent::Create());

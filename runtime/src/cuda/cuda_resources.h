@@ -231,13 +231,11 @@ Status EnsureCapacity(Buffer& buffer, std::size_t count) {
 // stream: work on it orders only with itself and explicit events).
 class CudaStream : public detail::OwnedHandle<cudaStream_t, &cudaStreamDestroy> {
  public:
-  // priority: cudaStreamCreateWithPriority's (0 the default; lower is more urgent, clamped
-  // to the device's range).
-  static Result<CudaStream> Create(int priority = 0) {
+  static Result<CudaStream> Create() {
     CudaStream s;
     DeviceCallScope scope(CaptureExclusion());
-    LM2_RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithPriority(&s.handle_, cudaStreamNonBlocking, priority),
-                                   "cudaStreamCreate"));
+    LM2_RETURN_IF_ERROR(
+        CudaStatus(cudaStreamCreateWithFlags(&s.handle_, cudaStreamNonBlocking), "cudaStreamCreate"));
     return s;
   }
   cudaStream_t get() const { return handle_; }
