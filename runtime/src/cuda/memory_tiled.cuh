@@ -68,18 +68,18 @@ inline bool StageRowsByPieces(const float* q, int64_t q_ld, const float* offer, 
 // kLd apart; kLd 0: 64-column rows of 128 bytes in wgmma's 128-byte swizzle, 16-byte piece
 // c of row r at r · 128 + (c ⊕ r mod 8) · 16), and its own rows' q and offer into the
 // scratch rows q_out / offer_out (DHP apart) for the write kernel: padding rows and columns
-// zero. Each thread takes pieces of 8 columns, kBatch at a time, their loads all issued
-// before the first store (one load at a time, each waited for before the stores that might
-// alias it, took ~20 us a block): with `vec` (StageRowsByPieces) two 16-byte loads of each
-// row a piece, else element by element; one 16-byte store to each destination. By a block
-// of kThreads threads.
-template <int DHP, int kThreads, int kLd, int kBlockRows = kRows>
+// zero. Each thread takes pieces of 8 columns, up to kMaxBatch at a time, their loads all
+// issued before the first store (one load at a time, each waited for before the stores that
+// might alias it, took ~20 us a block): with `vec` (StageRowsByPieces) two 16-byte loads of
+// each row a piece, else element by element; one 16-byte store to each destination. By a
+// block of kThreads threads.
+template <int DHP, int kThreads, int kLd, int kBlockRows = kRows, int kMaxBatch = 2>
 __device__ __forceinline__ void StageReadRows(const float* __restrict__ q, int64_t q_ld,
                                               const float* __restrict__ offer, int64_t offer_ld, int64_t t0,
                                               int64_t j, int64_t T, int dh, const ReadPart& p, bool vec,
                                               __nv_bfloat16* qs, __nv_bfloat16* q_out, __nv_bfloat16* offer_out) {
   constexpr int kPieces = kBlockRows * DHP / 8, kPerThread = kPieces / kThreads;
-  constexpr int kBatch = kPerThread < 2 ? kPerThread : 2;
+  constexpr int kBatch = kPerThread < kMaxBatch ? kPerThread : kMaxBatch;
   static_assert(kPieces % kThreads == 0 && kPerThread % kBatch == 0, "whole batches");
   static_assert(kLd > 0 || DHP == 64, "the swizzled rows are 64 columns");
   const auto at = [](int r, int c8) { return kLd > 0 ? r * kLd + c8 * 8 : r * 64 + ((c8 ^ (r & 7)) << 3); };

@@ -498,7 +498,7 @@ __global__ void __launch_bounds__(kReadThreads, 2)
   const int tiles = static_cast<int>((N + kReadSlots - 1) / kReadSlots);
   const ReadPart part{0, tiles, 0, kTile};
   const auto stage_rows = [&] {  // q into qs, q and the offer into the scratch (zeros past T)
-    StageReadRows<kDh, 128, 0, kTile>(q, q_ld, offer, offer_ld, t0, j, T, kDh, part, rows_vec,
+    StageReadRows<kDh, 128, 0, kTile, 4>(q, q_ld, offer, offer_ld, t0, j, T, kDh, part, rows_vec,
                                       reinterpret_cast<bf16*>(qs), scratch.q + (j * Tp + t0) * kDh,
                                       scratch.offer + (j * Tp + t0) * kDh);
   };
