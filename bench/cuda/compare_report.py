@@ -63,7 +63,7 @@ def main():
             table.setdefault(name, {})[run_name] = value
             kinds[name] = kind
     device = next(iter(runs.values())).get("device", "?")
-    print(f"device: {device}; runs alternate A B (A and B as named by compare_builds)\n")
+    print(f"device: {device}; runs in rounds A B, B A, A B, ... (A and B as named by compare_builds)\n")
     print("| figure | " + " | ".join(names) + " | B / A (best) |")
     print("| --- |" + " --- |" * (len(names) + 1))
     for name in order:
