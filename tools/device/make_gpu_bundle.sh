@@ -62,8 +62,10 @@ git diff --quiet HEAD -- . 2>/dev/null || echo "(+ local changes)" >>"$stage/COM
 mkdir -p "$OUT_DIR"
 # xz -9: its 64 MiB window spans several executables, which share most of their bytes (the
 # runtime's kernels, linked into each): a full bundle ~16 MB against ~42 at tar's default -6
-# (H200 session, 2026-11-29; ~1.5 minutes either way on 4 cores).
-tar -C "$stage" -cf - . | xz -9 -T"$(nproc)" >"$OUT_DIR/$NAME"
+# (2026-11-29; ~1.5 minutes either way on this machine's 4 cores). Two threads: -9's blocks
+# are 192 MiB, so a bundle's ~230 MB make two, and xz asks 2.5 GiB of memory for them
+# (unpacking needs 65 MiB).
+tar -C "$stage" -cf - . | xz -9 -T2 >"$OUT_DIR/$NAME"
 echo "bundle: $OUT_DIR/$NAME ($(du -h "$OUT_DIR/$NAME" | cut -f1)): $(ls "$stage/bin" | tr '\n' ' ')"
 if [[ "$SLIM" == 1 ]]; then
   echo "bundle: no libraries (slim: compare_builds runs it with the other build's)"

@@ -497,7 +497,9 @@ __global__ void __launch_bounds__(kReadThreads, 2)
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kTile, j = blockIdx.y, Tp = scratch.tp;
   const int tiles = static_cast<int>((N + kReadSlots - 1) / kReadSlots);
   const ReadPart part{0, tiles, 0, kTile};
-  const auto stage_rows = [&] {  // q into qs, q and the offer into the scratch (zeros past T)
+  // q into qs, q and the offer into the scratch (zeros past T); a thread's four pieces'
+  // loads in one round (two rounds left the consumers waiting on them: docs/cuda.md).
+  const auto stage_rows = [&] {
     StageReadRows<kDh, 128, 0, kTile, 4>(q, q_ld, offer, offer_ld, t0, j, T, kDh, part, rows_vec,
                                       reinterpret_cast<bf16*>(qs), scratch.q + (j * Tp + t0) * kDh,
                                       scratch.offer + (j * Tp + t0) * kDh);
@@ -600,7 +602,7 @@ PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
     if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
             cudaSuccess ||
         found != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();  // a failed lookup leaves no error behind for the next launch
+      (void)cudaGetLastError();  // a failed lookup leaves no error behind for the next launch
       fn = nullptr;
     }
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
