@@ -56,6 +56,7 @@ using tiled::CombineSplits;
 using tiled::ReadSplits;
 using tiled::kRows;
 using tiled::kTile;
+using tiled::MaskSlotsFrom;
 using tiled::PaddedTokens;
 using tiled::Scratch;
 using tiled::SoftmaxShift;
@@ -133,13 +134,7 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryReadT
     const int64_t valid = N - static_cast<int64_t>(first_tile + it) * kTile;
 #pragma unroll
     for (int mg = 0; mg < M; ++mg) {
-      if (valid < kTile) {  // the last tile's padding slots
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-          for (int c = 0; c < 4; ++c)
-            if (nt * 8 + 2 * t + (c & 1) >= valid) s[mg][nt][c] = -INFINITY;
-      }
+      if (valid < kTile) MaskSlotsFrom(s[mg], valid, t);  // the last tile's padding slots
       OnlineSoftmaxTile<DHP>(s[mg], scale_log2, m[mg], l[mg], out[mg]);  // the first tile has a valid slot
     }
     TileProductsM<DHP, M>(s, vs + stage * L::kTileElems, out);

@@ -43,6 +43,17 @@ __host__ __device__ inline Scratch Carve(float* base, int64_t T, int64_t heads, 
 // A token's shift for the write kernel: its weights 2^(s' - m) / l = 2^(s' - (m + log2 l)).
 __device__ __forceinline__ float SoftmaxShift(float m, float l) { return m + log2f(l); }
 
+// A read's last slot tile: the scores of slots at or past `valid` (C fragments of NT column
+// tiles of 8, this lane's quad column t) to -inf, weight 0.
+template <int NT>
+__device__ __forceinline__ void MaskSlotsFrom(float (&s)[NT][4], int64_t valid, int t) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      if (nt * 8 + 2 * t + (c & 1) >= valid) s[nt][c] = -INFINITY;
+}
+
 // The part of the slots a block of a read takes: a cluster of gridDim.z blocks shares a
 // (tokens, head) pair, block z over slot tiles [z tiles / P, (z + 1) tiles / P); its own
 // rows [own0, own1) are the ones it writes to the scratch and, split, combines.

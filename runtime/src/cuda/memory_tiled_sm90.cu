@@ -464,13 +464,7 @@ __device__ __forceinline__ void FenceOperands(float (&v)[R][4]) {
 // slots -inf first); whether the output rows must be rescaled by alpha (set then) returned.
 __device__ __forceinline__ bool StageWeights(float (&s)[16][4], int64_t valid, int t, float scale_log2, float (&m)[2],
                                              float (&l)[2], float (&alpha)[2]) {
-  if (valid < kReadSlots) {
-#pragma unroll
-    for (int nt = 0; nt < 16; ++nt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c)
-        if (nt * 8 + 2 * t + (c & 1) >= valid) s[nt][c] = -INFINITY;
-  }
+  if (valid < kReadSlots) MaskSlotsFrom(s, valid, t);  // the last stage's padding slots
   bool grown = false;
   OnlineSoftmaxWeights(s, scale_log2, m, l, [&](int r, float a) {
     grown = true;
@@ -501,8 +495,8 @@ __global__ void __launch_bounds__(kReadThreads, 2)
   // loads in one round (two rounds left the consumers waiting on them: docs/cuda.md).
   const auto stage_rows = [&] {
     StageReadRows<kDh, 128, 0, kTile, 4>(q, q_ld, offer, offer_ld, t0, j, T, kDh, part, rows_vec,
-                                      reinterpret_cast<bf16*>(qs), scratch.q + (j * Tp + t0) * kDh,
-                                      scratch.offer + (j * Tp + t0) * kDh);
+                                         reinterpret_cast<bf16*>(qs), scratch.q + (j * Tp + t0) * kDh,
+                                         scratch.offer + (j * Tp + t0) * kDh);
   };
   if (t0 >= T) {  // padding rows only (a chunk's last 64 of 128): their scratch rows for the write
     if (warp < kProducer) {
