@@ -258,6 +258,31 @@ TEST_CASE("CUDA decode token by token equals one prefill; chunked prefill equals
   }
 }
 
+TEST_CASE("A prompt's last layer computes only the rows read; the state is the same", "[cuda][model]") {
+  // 150 tokens in chunks of 64 (two chunks before the last: no row read; the last, its last
+  // row) and as one chunk. The row read takes a decode step's kernels in the last layer
+  // (attention over the fp32 cache, the GEMVs) where kAll's rows take the tiled attention
+  // over the cache in bf16 and cuBLAS: the same values to that precision, amplified by
+  // later bf16 roundings as in the decode-against-prefill test above. A wrong row, or a
+  // missing attention, is off by far more.
+  std::vector<int32_t> prompt(150);
+  for (const std::string& dir : {TestModelDir("tiny-lm2"), TestModelDir("tiny-partial"),
+                                 TestModelDir("tiny-vanilla"), SourceDir() + "/models/lm2-demo"}) {
+    INFO(dir);
+    auto files = Files(dir);
+    const auto V = static_cast<int32_t>(files->config().vocab_size);
+    for (std::size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 37 + 11) % static_cast<std::size_t>(V));
+    for (const int64_t chunk : {64, 512}) {
+      INFO("chunks of " << chunk);
+      auto model = LoadCuda(files, chunk);
+      const double error = lm2::testing::CheckRowsRead(*model, prompt, 4);
+      std::printf("rows read %s, chunks of %lld: kLast against kAll's last row, logits rel err %.3g\n", dir.c_str(),
+                  static_cast<long long>(chunk), error);
+      CHECK(error < 1e-2);
+    }
+  }
+}
+
 TEST_CASE("Decode over long contexts: attention split over key ranges, as unsplit and as alone", "[cuda][model]") {
   // Decode steps on the GEMV path (up to 8 states on these models) split a row's attention
   // over its keys past 128 (CudaOptions::split_decode_attention): tiny-lm2 (256 positions:

@@ -111,4 +111,45 @@ inline void CheckExportInto(const runtime::Model& model, const runtime::Sequence
   }
 }
 
+// A prompt on three states of `model`, read as kAll, kLast and kNone. A backend's last layer
+// computes its attention output, output gate and FFN only for the rows a call reads (the
+// last, or none), so kLast's logits must be kAll's last row up to the rounding of the
+// kernels a single row takes (returned: the relative error, which the caller bounds), and
+// the three states must go on bit-identically: every row's K/V cache and write sums were
+// made either way. Checked by `steps` decode steps on all three (the same logits, bit for
+// bit) and the banks at the segment's end.
+inline double CheckRowsRead(const runtime::Model& model, const std::vector<int32_t>& prompt, int steps) {
+  using runtime::LogitsMode;
+  auto a = NewState(model), b = NewState(model), c = NewState(model);
+  std::vector<float> all, last, none;
+  REQUIRE(model.Forward(*a, prompt, LogitsMode::kAll, &all).ok());
+  REQUIRE(model.Forward(*b, prompt, LogitsMode::kLast, &last).ok());
+  REQUIRE(model.Forward(*c, prompt, LogitsMode::kNone, nullptr).ok());
+  const std::size_t V = last.size();
+  REQUIRE(all.size() == prompt.size() * V);
+  const std::vector<double> ref(all.end() - static_cast<std::ptrdiff_t>(V), all.end());
+  const double error = RelativeError(last.data(), ref.data(), V);
+  int32_t next = static_cast<int32_t>(std::max_element(last.begin(), last.end()) - last.begin());
+  for (int i = 0; i < steps; ++i) {
+    INFO("decode step " << i);
+    const std::vector<int32_t> token = {next};
+    REQUIRE(model.Forward(*a, token, LogitsMode::kLast, &all).ok());
+    REQUIRE(model.Forward(*b, token, LogitsMode::kLast, &last).ok());
+    REQUIRE(model.Forward(*c, token, LogitsMode::kLast, &none).ok());
+    CHECK(all == last);
+    CHECK(all == none);
+    next = static_cast<int32_t>(std::max_element(all.begin(), all.end()) - all.begin());
+  }
+  for (auto* s : {a.get(), b.get(), c.get()}) REQUIRE(model.EndSegment(*s).ok());
+  auto ma = model.ExportMemory(*a), mb = model.ExportMemory(*b), mc = model.ExportMemory(*c);
+  REQUIRE((ma.ok() && mb.ok() && mc.ok()));
+  REQUIRE((ma->layers.size() == mb->layers.size() && ma->layers.size() == mc->layers.size()));
+  for (std::size_t l = 0; l < ma->layers.size(); ++l) {
+    INFO("memory layer " << ma->layers[l].layer);
+    CHECK(ma->layers[l].data == mb->layers[l].data);
+    CHECK(ma->layers[l].data == mc->layers[l].data);
+  }
+  return error;
+}
+
 }  // namespace lm2::testing

@@ -92,7 +92,7 @@ class CpuModel final : public Model {
       if (logits != nullptr) logits->clear();
       return Status::Ok();
     }
-    RunLayers(*s, tokens);
+    RunLayers(*s, tokens, mode);
     s->pos_ += T;
     s->segment_tokens_ += T;
     if (mode != LogitsMode::kNone) ComputeLogits(*s, T, mode, logits);
@@ -184,7 +184,10 @@ class CpuModel final : public Model {
     s.segment_tokens_ = 0;
   }
 
-  void RunLayers(CpuState& s, std::span<const int32_t> tokens) const {
+  // The layers over `tokens`, the final hidden states of the rows `mode` reads left in sc.h:
+  // the last layer takes its attention output, output gate and FFN for those rows only (the
+  // last, or none), the K/V cache rows and write sums of every row as before.
+  void RunLayers(CpuState& s, std::span<const int32_t> tokens, LogitsMode mode) const {
     const auto T = static_cast<int64_t>(tokens.size());
     const int64_t d = cfg_.hidden_size, H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, Dh = cfg_.head_dim;
     const int64_t F = cfg_.intermediate_size, N = cfg_.memory_slots, Hm = cfg_.memory_heads;
@@ -214,6 +217,10 @@ class CpuModel final : public Model {
     for (int64_t i = 0; i < cfg_.num_layers; ++i) {
       const LayerWeights& lw = w_->layers[Z(i)];
       LayerState& ls = s.layers_[Z(i)];
+      // The rows [r0, T) this layer takes past its attention.
+      const bool last = i + 1 == cfg_.num_layers;
+      const int64_t r0 = !last || mode == LogitsMode::kAll ? 0 : mode == LogitsMode::kLast ? T - 1 : T;
+      const int64_t nr = T - r0;
       Resize(ls.k_cache, S * kvdim);
       Resize(ls.v_cache, S * kvdim);
       float* k_new = ls.k_cache.data() + s.pos_ * kvdim;
@@ -225,29 +232,35 @@ class CpuModel final : public Model {
       Linear(sc.x.data(), T, d, lw.v_proj, kvdim, v_new);
       Rope(sc.q.data(), T, H, Dh, sc.positions.data(), cfg_.rope_theta);
       Rope(k_new, T, Hkv, Dh, sc.positions.data(), cfg_.rope_theta);
-      CausalAttention(sc.q.data(), ls.k_cache.data(), ls.v_cache.data(), T, S, H, Hkv, Dh,
-                      sc.attn_out.data());
-      Linear(sc.attn_out.data(), T, qdim, lw.o_proj, d, sc.a.data());
+      // Rows r0 ... of q are the last nr positions of the cache (row r0's output in row r0).
+      if (nr > 0) {
+        CausalAttention(sc.q.data() + r0 * qdim, ls.k_cache.data(), ls.v_cache.data(), nr, S, H, Hkv, Dh,
+                        sc.attn_out.data() + r0 * qdim);
+      }
+      Linear(sc.attn_out.data() + r0 * qdim, nr, qdim, lw.o_proj, d, sc.a.data() + r0 * d);
 
-      if (lw.has_memory) {
+      float* h = sc.h.data() + r0 * d;
+      if (lw.has_memory) {  // the read and write over every row, the output gate over rows r0 ...
         const MemoryWeights& mw = lw.memory;
         Linear(sc.x.data(), T, d, mw.read_q, d, sc.mq.data());
         MemoryRead(sc.mq.data(), ls.mem_k.data(), ls.mem_v.data(), T, N, d, Hm, sc.mattn.data(),
                    sc.e.data());
-        Linear(sc.e.data(), T, d, mw.out_gate_w, d, sc.gate.data());
-        AddBias(sc.gate.data(), T, d, mw.out_gate_b);
-        GatedResidual(sc.h.data(), sc.a.data(), sc.gate.data(), sc.e.data(), T * d);
+        const float* e = sc.e.data() + r0 * d;
+        float* gate = sc.gate.data() + r0 * d;
+        Linear(e, nr, d, mw.out_gate_w, d, gate);
+        AddBias(gate, nr, d, mw.out_gate_b);
+        GatedResidual(h, sc.a.data() + r0 * d, gate, e, nr * d);
         Linear(sc.x.data(), T, d, mw.write_v, d, sc.offer.data());
         AccumulateWrite(sc.mattn.data(), sc.offer.data(), T, N, d, Hm, ls.mass.data(), ls.acc.data());
       } else {
-        AddInPlace(sc.h.data(), sc.a.data(), T * d);
+        AddInPlace(h, sc.a.data() + r0 * d, nr * d);
       }
 
-      RmsNorm(sc.h.data(), lw.post_norm, T, d, eps, sc.x.data());
-      Linear(sc.x.data(), T, d, lw.gate_proj, F, sc.ffn_gate.data());
-      Linear(sc.x.data(), T, d, lw.up_proj, F, sc.ffn_up.data());
-      SwiGlu(sc.ffn_gate.data(), sc.ffn_up.data(), T * F, sc.ffn_gate.data());
-      Linear(sc.ffn_gate.data(), T, F, lw.down_proj, d, sc.h.data(), /*accumulate=*/true);
+      RmsNorm(h, lw.post_norm, nr, d, eps, sc.x.data());
+      Linear(sc.x.data(), nr, d, lw.gate_proj, F, sc.ffn_gate.data());
+      Linear(sc.x.data(), nr, d, lw.up_proj, F, sc.ffn_up.data());
+      SwiGlu(sc.ffn_gate.data(), sc.ffn_up.data(), nr * F, sc.ffn_gate.data());
+      Linear(sc.ffn_gate.data(), nr, F, lw.down_proj, d, h, /*accumulate=*/true);
     }
   }
 

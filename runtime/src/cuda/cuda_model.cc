@@ -42,6 +42,13 @@ constexpr std::size_t kCublasWorkspace = std::size_t{8} << 20;
 constexpr int64_t kGemmRowStep = 64;
 constexpr int64_t kWarmGemmRows = 512;
 
+// The rows of a chunk whose final hidden states the call reads (the LM head's input): each
+// row, the chunk's last (a prompt's logits), or none (a chunk before a prompt's last, or a
+// call without logits). The last layer computes its attention output, output gate and FFN
+// for those rows only (RunLayers); every layer's K/V cache rows and write sums are made for
+// the whole chunk either way.
+enum class ChunkRows { kAll, kLast, kNone };
+
 // A cuBLAS handle with a workspace of its own set on it: GEMMs on different streams at once
 // need a handle (and workspace) each.
 struct Blas {
@@ -1005,11 +1012,15 @@ class CudaModel final : public Model {
     if (!SideReadsChunk(chunk)) LM2_RETURN_IF_ERROR(MakePendingMemoryKv(s));
     for (int64_t c = 0; c < T; c += chunk) {
       const int64_t n = std::min(chunk, T - c);
-      LM2_RETURN_IF_ERROR(RunLayers(s, c, n, s.pos_ + c));
+      const bool last_chunk = c + n == T;
+      const ChunkRows rows = mode == LogitsMode::kAll                  ? ChunkRows::kAll
+                             : mode == LogitsMode::kLast && last_chunk ? ChunkRows::kLast
+                                                                       : ChunkRows::kNone;
+      LM2_RETURN_IF_ERROR(RunLayers(s, c, n, s.pos_ + c, rows));
       s.sums_empty_ = false;
       if (mode == LogitsMode::kAll) {
         LM2_RETURN_IF_ERROR(ComputeLogits(s, 0, n, logits->data() + c * V));
-      } else if (mode == LogitsMode::kLast && c + n == T) {
+      } else if (rows == ChunkRows::kLast) {
         LM2_RETURN_IF_ERROR(ComputeLogits(s, n - 1, 1, logits->data()));
       }
     }
@@ -1058,7 +1069,7 @@ class CudaModel final : public Model {
     // the picks) there, so all of it can be captured and replayed.
     auto step = [&]() -> Status {
       LM2_RETURN_IF_ERROR(sc.step_in.CopyFromHost(host_in, Z(in.Elements()), st));
-      LM2_RETURN_IF_ERROR(RunLayers(lead, 0, B, 0, &table));
+      LM2_RETURN_IF_ERROR(RunLayers(lead, 0, B, 0, ChunkRows::kAll, &table));
       if (output == StepOutput::kSampled) return LogitsOnDevice(lead, 0, B);
       if (output == StepOutput::kArgmax) {
         LM2_RETURN_IF_ERROR(LogitsOnDevice(lead, 0, B, table.keys));
@@ -1214,10 +1225,12 @@ class CudaModel final : public Model {
     return t;
   }
 
-  // One chunk: tokens [first, first + n) of the call, at cache positions pos0 ... With
+  // One chunk: tokens [first, first + n) of the call, at cache positions pos0 ..., the final
+  // hidden states of `rows` left in sc.h (its other rows' are not computed: ChunkRows). With
   // `batch`, instead one token of each of n states (their caches, banks and positions
-  // through the table; `s` is the batch's lead).
-  Status RunLayers(CudaState& s, int64_t first, int64_t n, int64_t pos0, const BatchTable* batch = nullptr) const {
+  // through the table; `s` is the batch's lead; rows kAll).
+  Status RunLayers(CudaState& s, int64_t first, int64_t n, int64_t pos0, ChunkRows rows,
+                   const BatchTable* batch = nullptr) const {
     const int64_t d = cfg_.hidden_size, H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, Dh = cfg_.head_dim;
     const int64_t N = cfg_.memory_slots, Hm = cfg_.memory_heads, V = cfg_.vocab_size;
     const int64_t qdim = H * Dh, kvdim = Hkv * Dh, S = pos0 + n;
@@ -1228,6 +1241,12 @@ class CudaModel final : public Model {
     const int32_t* ids = batch != nullptr ? batch->ids : sc.ids.data() + first;
     float* h = sc.h.data();
     const int64_t m = GemmRows(n, /*batch_step=*/batch != nullptr);
+    // Where not every row is read, the last layer runs its attention output, output gate and
+    // FFN for the last row alone or for none: a prompt's last layer does one token's work
+    // past its read and write sums (at 512 tokens ~3% of the prefill, docs/cuda.md). The
+    // one row goes through the GEMVs (a cuBLAS call would run a rounded block of rows on from
+    // the last), so only where they take a row.
+    const bool trim = batch == nullptr && n > 1 && rows != ChunkRows::kAll && Small(1);
     // The segment's own memory K/V, still to make (RunTokens left them to this chunk): each
     // memory layer's on the side stream, after the previous layer's read and before its own,
     // so that the GEMMs run beside the main stream's work (the first behind nothing but
@@ -1249,6 +1268,11 @@ class CudaModel final : public Model {
       LayerState& ls = s.layers_[Z(i)];
       const int64_t P = lw.x_proj_rows;
       float* proj = sc.proj.data();
+      // The rows [r0, r0 + nr) this layer takes past its attention, over mr GEMM rows.
+      const bool trimmed = trim && i + 1 == cfg_.num_layers;
+      const int64_t r0 = trimmed ? n - 1 : 0;
+      const int64_t nr = !trimmed ? n : rows == ChunkRows::kLast ? 1 : 0;
+      const int64_t mr = trimmed ? nr : m;
 
       // Attention: one GEMM for q, k, v (and the memory query and write offer), then RoPE
       // straight into q and the cache rows of this chunk.
@@ -1335,7 +1359,12 @@ class CudaModel final : public Model {
       } else {
         LM2_RETURN_IF_ERROR(SplitQkvRope(proj, n, P, H, Hkv, Dh, sc.rope.data(), sc.q.data(),
                                          ls.k_cache + pos0 * kvdim, ls.v_cache + pos0 * kvdim, st));
-        if (TiledAttention(n)) {  // over the cache rounded to bf16 once (sized by RunTokens)
+        if (trimmed) {  // the last row's query over the whole cache, as a decode step's, into row 0
+          if (nr > 0) {
+            LM2_RETURN_IF_ERROR(CausalAttention(sc.q.data() + r0 * qdim, ls.k_cache, ls.v_cache, 1, S, H, Hkv, Dh,
+                                                sc.attn_out.data(), st));
+          }
+        } else if (TiledAttention(n)) {  // over the cache rounded to bf16 once (sized by RunTokens)
           bf16* k_b = sc.kv_b.data();
           bf16* v_b = k_b + S * kvdim;
           LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.k_cache, S * kvdim, k_b, st));
@@ -1364,9 +1393,9 @@ class CudaModel final : public Model {
       const bool o_with_gate = attn_bf16 && lw.o_out_gate != nullptr;
       if (attn_bf16 && !o_with_gate) {
         LM2_RETURN_IF_ERROR(Linear(blas, sc.yb.data(), m, qdim, lw.o_proj, d, o_proj_out, !lw.has_memory, st));
-      } else if (!attn_bf16) {
-        LM2_RETURN_IF_ERROR(
-            F32Linear(s, sc.attn_out.data(), n, m, qdim, lw.o_proj, d, o_proj_out, !lw.has_memory, st));
+      } else if (!attn_bf16 && nr > 0) {
+        LM2_RETURN_IF_ERROR(F32Linear(s, sc.attn_out.data(), nr, mr, qdim, lw.o_proj, d, o_proj_out + r0 * d,
+                                      !lw.has_memory, st));
       }
 
       if (lw.has_memory) {
@@ -1377,8 +1406,8 @@ class CudaModel final : public Model {
         }
         if (o_with_gate) {
           LM2_RETURN_IF_ERROR(OutputGateWithO(s, n, m, lw, h));
-        } else {
-          LM2_RETURN_IF_ERROR(OutputGate(s, n, m, lw.memory, h));
+        } else if (nr > 0) {
+          LM2_RETURN_IF_ERROR(OutputGate(s, nr, mr, lw.memory, h, r0));
         }
         // The write sums (a batched step's were staged by its read, a tiled chunk's added by it).
         if (batch == nullptr && n == 1) {
@@ -1390,7 +1419,7 @@ class CudaModel final : public Model {
         }
       }
 
-      LM2_RETURN_IF_ERROR(FeedForward(s, n, m, lw, h));
+      if (nr > 0) LM2_RETURN_IF_ERROR(FeedForward(s, nr, mr, lw, h + r0 * d));
     }
     if (deferred_write) LM2_RETURN_IF_ERROR(s.join_.Order(s.side_stream_.get(), st));  // the last write sums
     if (make_kv) s.kv_current_ = true;
@@ -1465,20 +1494,23 @@ class CudaModel final : public Model {
     return LinearF32(s.cublas_.get(), x, m, in, w, out, y, accumulate, s.scratch_.yb.data(), on);
   }
 
-  // The memory output gate and both residual adds: h += a + sigmoid(e W_ogᵀ + b_og) ⊙ e.
-  Status OutputGate(CudaState& s, int64_t n, int64_t m, const CudaMemoryWeights& mw, float* h) const {
+  // The memory output gate and both residual adds: h += a + sigmoid(e W_ogᵀ + b_og) ⊙ e, for
+  // chunk rows [row, row + n) (h, a and e from that row on).
+  Status OutputGate(CudaState& s, int64_t n, int64_t m, const CudaMemoryWeights& mw, float* h, int64_t row = 0) const {
     const int64_t d = cfg_.hidden_size;
     const cudaStream_t st = s.stream_.get();
     Scratch& sc = s.scratch_;
+    const float* e = sc.e.data() + row * d;
+    const float* a = sc.a.data() + row * d;
+    float* y = h + row * d;
     if (Small(n)) {
-      return Gemv({.input = GemvInput::kF32, .x = sc.e.data(), .x_ld = d, .w = mw.out_gate_w, .rows = n, .in = d,
-                   .out = d, .output = GemvOutput::kGatedResidual, .y = h, .bias = mw.out_gate_b,
-                   .residual = sc.a.data(), .gated = sc.e.data()},
+      return Gemv({.input = GemvInput::kF32, .x = e, .x_ld = d, .w = mw.out_gate_w, .rows = n, .in = d, .out = d,
+                   .output = GemvOutput::kGatedResidual, .y = y, .bias = mw.out_gate_b, .residual = a, .gated = e},
                   st);
     }
     LM2_RETURN_IF_ERROR(
-        LinearF32(s.cublas_.get(), sc.e.data(), m, d, mw.out_gate_w, d, sc.gate.data(), false, sc.yb.data(), st));
-    return GatedResidual(h, sc.a.data(), sc.gate.data(), mw.out_gate_b, n, d, sc.e.data(), st);
+        LinearF32(s.cublas_.get(), e, m, d, mw.out_gate_w, d, sc.gate.data(), false, sc.yb.data(), st));
+    return GatedResidual(y, a, sc.gate.data(), mw.out_gate_b, n, d, e, st);
   }
 
   // OutputGate's GEMM and o_proj's for a tiled chunk of a memory layer, as one strided-batched
