@@ -372,30 +372,15 @@ __device__ __forceinline__ void TensorTile(void* dst, const CUtensorMap* map, in
 #endif
 }
 
-// Named barriers of `threads` threads (whole warps; barrier 0 is __syncthreads): bar.sync
-// waits for them all, bar.arrive counts this warp in and goes on.
-__device__ __forceinline__ void NamedSync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void NamedArrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
+// The consumer warpgroup's barrier (named barrier 1: the producer warp is not in it).
+__device__ __forceinline__ void ConsumerSync() { asm volatile("bar.sync 1, 128;" ::: "memory"); }
 
 constexpr int kReadSlots = 128;                           // slots a stage: K and V rows
-constexpr int kReadStages = 4;                            // one block an SM
+constexpr int kReadStages = 3;                            // two blocks an SM fit
 constexpr int kReadStageBytes = kReadSlots * kRowBytes;   // 16 KiB of K, as much of V
-constexpr int kReadGroups = 2;                            // consumer warpgroups a block, 64 token rows each
-constexpr int kReadRows = kReadGroups * kTile;            // a block's token rows (= kRows: PaddedTokens' unit)
-constexpr int kReadConsumers = 128 * kReadGroups;         // their threads
-constexpr int kReadThreads = kReadConsumers + 32;         // and the producer warp
-constexpr int kReadBytes =
-    kAtomBytes + 2 * kReadStages * kReadStageBytes + kReadGroups * kTileBytes + 2 * kReadStages * 8;
-static_assert(kReadRows == kRows, "a block's rows are the scratch's padding unit");
-static_assert(kReadRows * (kDh + 8) * 4 <= kReadStages * kReadStageBytes, "the staged rows fit over the K stages");
-// The read's named barriers: the consumers' (both warpgroups), each warpgroup's turn to
-// issue its products (ping-pong, below).
-constexpr int kConsumersBarrier = 1;
-constexpr int kTurnBarrier = 2;  // and 3
+constexpr int kReadThreads = 128 + 32;                    // the consumer warpgroup, the producer warp
+constexpr int kReadBytes = kAtomBytes + 2 * kReadStages * kReadStageBytes + kTileBytes + 2 * kReadStages * 8;
+static_assert(kTile * (kDh + 8) * 4 <= 2 * kReadStages * kReadStageBytes, "the staged rows fit over the stages");
 
 // The read's asynchronous products. Their asm lists: the accumulators of m64n64 (32
 // registers a thread, %0-%31) and of m64n128 (64, %0-%63); a 16-wide step's A fragments.
@@ -488,37 +473,42 @@ __device__ __forceinline__ bool StageWeights(float (&s)[16][4], int64_t valid, i
   return grown;
 }
 
-// Read: a block per (128 tokens, head), k_map / v_map the memory K and V (SlotRowsMap).
-// memory_tiled.cu's MemoryReadTiledKernel, without the splits. With `pingpong` the two
-// warpgroups take turns to issue their products (their scores, and the weights of the stage
-// before, times V), each signalling the other's turn once its own are issued: the tensor
-// cores then run one warpgroup's products while the other takes its exponentials. Without
-// the turns (or with one warpgroup alone on its SM) the two issue at once, their products
-// share the tensor cores and end together, and so do their exponentials: Nsight Compute
-// had the tensor and exponential pipes at 34% each, one after the other.
-__global__ void __launch_bounds__(kReadThreads, 1)
+// Read: a block per (64 tokens, head), k_map / v_map the memory K and V (SlotRowsMap).
+// memory_tiled.cu's MemoryReadTiledKernel, without the splits.
+__global__ void __launch_bounds__(kReadThreads, 2)
     ReadKernel(const float* __restrict__ q, int64_t q_ld, const float* __restrict__ offer, int64_t offer_ld,
                bool rows_vec, int64_t T, int64_t N, int64_t d, float scale_log2, float* __restrict__ e,
-               Scratch scratch, const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map,
-               bool pingpong) {
+               Scratch scratch, const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map) {
 #if LM2_WGMMA
   char* ks = AlignedSharedMemory();                   // kReadStages stages of K rows
   char* vs = ks + kReadStages * kReadStageBytes;      // and of V rows
-  char* qs = vs + kReadStages * kReadStageBytes;      // the block's 128 q rows: a tile per warpgroup
-  auto* full = reinterpret_cast<uint64_t*>(qs + kReadGroups * kTileBytes);
+  char* qs = vs + kReadStages * kReadStageBytes;      // the block's 64 q rows
+  auto* full = reinterpret_cast<uint64_t*>(qs + kTileBytes);
   uint64_t* empty = full + kReadStages;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, t = lane % 4;
-  const int group = warp / 4;                    // the consumer warpgroup (0, 1)
-  constexpr int kProducer = 4 * kReadGroups;     // the warp after the consumers
-  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kReadRows, j = blockIdx.y, Tp = scratch.tp;
-  // Warpgroups with tokens (the first always: the grid covers PaddedTokens(T) rows).
-  const int groups = t0 + kTile < T ? 2 : 1;
+  constexpr int kProducer = 4;  // the warp after the consumer warpgroup's four
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kTile, j = blockIdx.y, Tp = scratch.tp;
   const int tiles = static_cast<int>((N + kReadSlots - 1) / kReadSlots);
+  const ReadPart part{0, tiles, 0, kTile};
+  // q into qs, q and the offer into the scratch (zeros past T); a thread's four pieces'
+  // loads in one round (two rounds left the consumers waiting on them: docs/cuda.md).
+  const auto stage_rows = [&] {
+    StageReadRows<kDh, 128, 0, kTile, 4>(q, q_ld, offer, offer_ld, t0, j, T, kDh, part, rows_vec,
+                                         reinterpret_cast<bf16*>(qs), scratch.q + (j * Tp + t0) * kDh,
+                                         scratch.offer + (j * Tp + t0) * kDh);
+  };
+  if (t0 >= T) {  // padding rows only (a chunk's last 64 of 128): their scratch rows for the write
+    if (warp < kProducer) {
+      stage_rows();
+      if (threadIdx.x < kTile) scratch.shift[j * Tp + t0 + threadIdx.x] = INFINITY;  // weight 0
+    }
+    return;
+  }
   if (threadIdx.x == 0) {
     for (int stage = 0; stage < kReadStages; ++stage) {
       BarrierInit(&full[stage], 1);
-      BarrierInit(&empty[stage], 4 * groups);  // every consumer warp with tokens
+      BarrierInit(&empty[stage], kProducer);  // every consumer warp
     }
   }
   __syncthreads();  // the barriers are set up
@@ -534,37 +524,15 @@ __global__ void __launch_bounds__(kReadThreads, 1)
     }
     return;
   }
-  // q into qs, q and the offer into the scratch (zeros past T): the 128 rows by both
-  // warpgroups, a thread's four pieces' loads in one round (two rounds left the consumers
-  // waiting on them: docs/cuda.md).
-  StageReadRows<kDh, kReadConsumers, 0, kReadRows, 4>(q, q_ld, offer, offer_ld, t0, j, T, kDh,
-                                                       ReadPart{0, tiles, 0, kReadRows}, rows_vec,
-                                                       reinterpret_cast<bf16*>(qs), scratch.q + (j * Tp + t0) * kDh,
-                                                       scratch.offer + (j * Tp + t0) * kDh);
+  stage_rows();
   FenceProxyAsync();
-  NamedSync(kConsumersBarrier, kReadConsumers);  // the q rows are in
-  if (group >= groups) {  // padding rows only (a chunk's last 64 of 128): their weight 0 for the write
-    const int row = static_cast<int>(threadIdx.x) % 128;
-    if (row < kTile) scratch.shift[j * Tp + t0 + kTile + row] = INFINITY;
-    return;
-  }
-  // Turns (with both warpgroups): a warpgroup's k-th issue waits for the other's (k-1)-th
-  // (warpgroup 0's first for an arrive up front), and every issue but warpgroup 1's last
-  // lets the other's next go: tiles + 1 issues each, so every barrier completes.
-  const bool turns = pingpong && groups == 2;
-  if (turns && group == 1) NamedArrive(kTurnBarrier, 2 * 128);
-  const auto turn = [&] {
-    if (turns) NamedSync(kTurnBarrier + group, 2 * 128);
-  };
-  const auto turn_done = [&](bool last) {
-    if (turns && !(last && group == 1)) NamedArrive(kTurnBarrier + 1 - group, 2 * 128);
-  };
+  ConsumerSync();  // the q rows are in for the warpgroup
 
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, alpha[2], out[8][4];
 #pragma unroll
   for (int i = 0; i < 8; ++i) out[i][0] = out[i][1] = out[i][2] = out[i][3] = 0.0f;
   uint64_t a[4], b[4];
-  ColumnSteps(qs + group * kTileBytes, a);
+  ColumnSteps(qs, a);
   float s[16][4];
   uint32_t p[8][4];  // the weights in bf16: the A fragments of the product's eight steps
   const auto pack = [&] {
@@ -573,9 +541,7 @@ __global__ void __launch_bounds__(kReadThreads, 1)
   };
   BarrierWait(&full[0], 0);
   ColumnSteps(ks, b);
-  turn();
   IssueScores128(s, a, b);
-  turn_done(false);
   WaitGroups<0>();
   FenceOperands(s);
   StageWeights(s, N, t, scale_log2, m, l, alpha);  // the first stage: out is 0, nothing to rescale
@@ -584,10 +550,8 @@ __global__ void __launch_bounds__(kReadThreads, 1)
     const int stage = it % kReadStages, prev = (it - 1) % kReadStages;
     BarrierWait(&full[stage], static_cast<uint32_t>(it / kReadStages) & 1);
     ColumnSteps(ks + stage * kReadStageBytes, b);
-    turn();
     IssueScores128(s, a, b);
     IssueProducts128(out, p, TileDescriptor(vs + prev * kReadStageBytes));
-    turn_done(false);
     WaitGroups<1>();  // the scores (the product may still run)
     FenceOperands(s);
     const bool grown = StageWeights(s, N - static_cast<int64_t>(it) * kReadSlots, t, scale_log2, m, l, alpha);
@@ -601,12 +565,10 @@ __global__ void __launch_bounds__(kReadThreads, 1)
     if (lane == 0) BarrierArrive(&empty[prev]);  // this warp is done with the stage before
     pack();
   }
-  turn();
   IssueProducts128(out, p, TileDescriptor(vs + (tiles - 1) % kReadStages * kReadStageBytes));
-  turn_done(true);
   WaitGroups<0>();
   FenceOperands(out);
-  // e: the rows normalised, staged over the K stages and stored whole; each row's shift.
+  // e: the rows normalised, staged over the K/V stages and stored whole; each row's shift.
   float inv_l[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -616,15 +578,10 @@ __global__ void __launch_bounds__(kReadThreads, 1)
     if (t == 0) scratch.shift[j * Tp + row] = row < T ? SoftmaxShift(m[r], sum) : INFINITY;
   }
   float* rows = reinterpret_cast<float*>(ks);
-  const int consumers = 128 * groups;
-  NamedSync(kConsumersBarrier, consumers);  // every warp's products are done (and every stage's copies landed)
-  StageFragments(out, inv_l, rows);  // warp w's rows at 16 w: both warpgroups' 128
-  NamedSync(kConsumersBarrier, consumers);
-  if (groups == 2) {
-    StoreStagedRows<false, kReadRows, kReadConsumers>(rows, T - t0, e + t0 * d + j * kDh, d);
-  } else {
-    StoreStagedRows<false, kTile, 128>(rows, T - t0, e + t0 * d + j * kDh, d);
-  }
+  ConsumerSync();  // every warp's products are done (and every stage's copies landed)
+  StageFragments(out, inv_l, rows);
+  ConsumerSync();
+  StoreStagedRows<false, kTile, 128>(rows, T - t0, e + t0 * d + j * kDh, d);
 #else
   __trap();  // launched only where the build has sm_90a code (Sm90KernelsBuilt)
 #endif
@@ -693,13 +650,9 @@ Status ReadSm90(const float* q, int64_t q_ld, const float* offer, int64_t offer_
   LM2_ASSIGN_OR_RETURN(const CUtensorMap k_map, SlotRowsMap(mem_k, N, d));
   LM2_ASSIGN_OR_RETURN(const CUtensorMap v_map, SlotRowsMap(mem_v, N, d));
   LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&ReadKernel), kReadBytes, "MemoryReadWrite"));
-  const dim3 grid(static_cast<unsigned int>(PaddedTokens(T) / kReadRows), static_cast<unsigned int>(d / kDh));
-  static const bool pingpong = [] {  // (an experiment's switch: LM2_READ_PINGPONG=0 issues without turns)
-    const char* v = std::getenv("LM2_READ_PINGPONG");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  const dim3 grid(static_cast<unsigned int>(PaddedTokens(T) / kTile), static_cast<unsigned int>(d / kDh));
   ReadKernel<<<grid, kReadThreads, kReadBytes, stream>>>(q, q_ld, offer, offer_ld, rows_vec, T, N, d, scale_log2, e,
-                                                         scratch, k_map, v_map, pingpong);
+                                                         scratch, k_map, v_map);
   return CheckLaunch("MemoryReadWrite (wgmma read)");
 }
 
