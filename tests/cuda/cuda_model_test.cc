@@ -270,8 +270,8 @@ TEST_CASE("A prompt's last layer computes only the rows read; the state is the s
                                  TestModelDir("tiny-vanilla"), SourceDir() + "/models/lm2-demo"}) {
     INFO(dir);
     auto files = Files(dir);
-    const auto V = static_cast<int32_t>(files->config().vocab_size);
-    for (std::size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 37 + 11) % static_cast<std::size_t>(V));
+    const auto V = static_cast<std::size_t>(files->config().vocab_size);
+    for (std::size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 37 + 11) % V);
     for (const int64_t chunk : {64, 512}) {
       INFO("chunks of " << chunk);
       auto model = LoadCuda(files, chunk);
