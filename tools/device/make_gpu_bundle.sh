@@ -62,7 +62,7 @@ git diff --quiet HEAD -- . 2>/dev/null || echo "(+ local changes)" >>"$stage/COM
 mkdir -p "$OUT_DIR"
 # xz -9: its 64 MiB window spans several executables, which share most of their bytes (the
 # runtime's kernels, linked into each): a full bundle ~16 MB against ~42 at tar's default -6
-# (2026-11-29; ~1.5 minutes either way on this machine's 4 cores). Two threads: -9's blocks
+# (2026-11-29; ~1.5 minutes either way on the 2-core CPU machine). Two threads: -9's blocks
 # are 192 MiB, so a bundle's ~230 MB make two, and xz asks 2.5 GiB of memory for them
 # (unpacking needs 65 MiB).
 tar -C "$stage" -cf - . | xz -9 -T2 >"$OUT_DIR/$NAME"
