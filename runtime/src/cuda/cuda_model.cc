@@ -1302,26 +1302,8 @@ class CudaModel final : public Model {
                   : MemoryStage{.offer = offer, .offer_ld = P, .slots = batch->slots,
                                 .pending_attn = batch->PendingAttn(i), .pending_offer = batch->PendingOffer(i),
                                 .mass = batch->Mass(i)};
-          // EXPERIMENT: LM2_EXP_PF_OG (out_gate's weights), LM2_EXP_PF_GU (gate|up rows of each
-          // half), LM2_EXP_PF_AT into L2 by the read.
-          static const int64_t pf_og = std::getenv("LM2_EXP_PF_OG") ? std::atoll(std::getenv("LM2_EXP_PF_OG")) : 0;
-          static const int64_t pf_gu = std::getenv("LM2_EXP_PF_GU") ? std::atoll(std::getenv("LM2_EXP_PF_GU")) : 0;
-          static const int pf_at = std::getenv("LM2_EXP_PF_AT") ? std::atoi(std::getenv("LM2_EXP_PF_AT")) : 0;
-          L2Prefetch pf;
-          pf.at = pf_at;
-          if (pf_og != 0) {
-            pf.p[0] = lw.memory.out_gate_w;
-            pf.bytes[0] = d * d * 2;
-          }
-          if (pf_gu > 0) {
-            const int64_t F = cfg_.intermediate_size;
-            pf.p[1] = lw.gate_up;
-            pf.bytes[1] = std::min(pf_gu, F) * d * 2;
-            pf.p[2] = lw.gate_up + F * d;
-            pf.bytes[2] = std::min(pf_gu, F) * d * 2;
-          }
           return MemoryReadBatch(mq, P, batch->MemK(i), batch->MemV(i), n, N, d, Hm, sc.mattn.data(), sc.e.data(),
-                                 sc.read_partial.data(), &stage, mst, pf);
+                                 sc.read_partial.data(), &stage, mst);
         }
         if (n == 1) {
           return MemoryReadOneToken(mq, P, ls.mem_k, ls.mem_v, N, d, Hm, sc.mattn.data(), sc.e.data(),

@@ -448,16 +448,9 @@ bool DecodeStagesTokens(int64_t d, int64_t heads);
 Status MemoryReadOneToken(const float* q, int64_t q_ld, const __nv_bfloat16* mem_k, const __nv_bfloat16* mem_v,
                           int64_t N, int64_t d, int64_t heads, float* attn, float* e, float* scratch,
                           cudaStream_t stream);
-// EXPERIMENT: byte ranges (constant weights) the one-session read pulls into L2.
-struct L2Prefetch {
-  const void* p[3] = {nullptr, nullptr, nullptr};
-  int64_t bytes[3] = {0, 0, 0};
-  int at = 0;  // 0: at the partial kernel's start, 1: at its end
-};
 Status MemoryReadBatch(const float* q, int64_t q_ld, const __nv_bfloat16* const* mem_k,
                        const __nv_bfloat16* const* mem_v, int64_t B, int64_t N, int64_t d, int64_t heads, float* attn,
-                       float* e, float* scratch, const MemoryStage* stage, cudaStream_t stream,
-                       const L2Prefetch& prefetch = {});
+                       float* e, float* scratch, const MemoryStage* stage, cudaStream_t stream);
 Status AccumulateWriteOneToken(const float* attn, const float* offer, int64_t N, int64_t d, int64_t heads, float* mass,
                                float* acc, cudaStream_t stream);
 

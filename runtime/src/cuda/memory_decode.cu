@@ -103,30 +103,10 @@ __device__ __forceinline__ void StoreChunk(const float (&sc)[kChunkSlots], const
 // p_n = exp(s_n - m_j), then (m_j, l_j = Σ_n p_n) per head j. attn gets the raw scores s.
 // K and V rows are loaded before the wait for the predecessor (the segment's memory K/V are
 // not written during a step); the query after it.
-// EXPERIMENT: this block's share of pf's ranges into L2 (thread 0, 32 KiB pieces).
-__device__ __forceinline__ void PrefetchShare(const L2Prefetch& pf) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (threadIdx.x != 0) return;
-  const int64_t blocks = static_cast<int64_t>(gridDim.x), blk = blockIdx.x;
-  for (int r = 0; r < 3; ++r) {
-    if (pf.bytes[r] <= 0) continue;
-    const int64_t share = (pf.bytes[r] / blocks + 15) / 16 * 16;
-    const int64_t begin = blk * share, end = begin + share < pf.bytes[r] ? begin + share : pf.bytes[r];
-    for (int64_t o = begin; o < end; o += 32768) {
-      const int64_t n = end - o < 32768 ? end - o : 32768;
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(static_cast<const char*>(pf.p[r]) + o),
-                   "r"(static_cast<unsigned>(n))
-                   : "memory");
-    }
-  }
-#endif
-}
-
 template <typename KV>
 __global__ void MemoryReadPartialKernel(const float* __restrict__ q, int64_t q_ld, KV mem_k, KV mem_v, int N, int d,
                                         int heads, int g, float scale, float* __restrict__ attn,
-                                        float* __restrict__ part, const L2Prefetch pf) {
-  if (pf.at == 0) PrefetchShare(pf);
+                                        float* __restrict__ part) {
   const int b = static_cast<int>(blockIdx.y), chunk = static_cast<int>(blockIdx.x), chunks = static_cast<int>(gridDim.x);
   const int t = static_cast<int>(threadIdx.x), vt = d / 8;
   const bool active = t < vt;  // the block is rounded up to whole warps; the rest only shuffle
@@ -166,7 +146,6 @@ __global__ void MemoryReadPartialKernel(const float* __restrict__ q, int64_t q_l
     for (int i = 0; i < 8; ++i) acc[i] = fmaf(p, vf[i], acc[i]);
   }
   if (active) StoreChunk(sc, acc, m, l, b, chunk, chunks, N, d, heads, g, t, attn, part);
-  if (pf.at == 1) PrefetchShare(pf);
 }
 
 // ---- The streamed read (a batched step: each block a run of chunks) ---------------------------
@@ -597,8 +576,7 @@ Status LaunchStream(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B,
 
 template <typename KV>
 Status LaunchRead(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B, int64_t N, int64_t d, int64_t heads,
-                  float* attn, float* e, float* scratch, const MemoryStage* stage, cudaStream_t stream,
-                  const L2Prefetch& prefetch = {}) {
+                  float* attn, float* e, float* scratch, const MemoryStage* stage, cudaStream_t stream) {
   const int64_t dh = d / heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
   if (FastRead(d, heads)) {
@@ -615,8 +593,7 @@ Status LaunchRead(const float* q, int64_t q_ld, KV mem_k, KV mem_v, int64_t B, i
       LM2_RETURN_IF_ERROR(CudaStatus(
           LaunchPdl(&MemoryReadPartialKernel<KV>, dim3(static_cast<unsigned int>(chunks), static_cast<unsigned int>(B)),
                     threads, 0, stream, q, q_ld, mem_k, mem_v, static_cast<int>(N), static_cast<int>(d),
-                    static_cast<int>(heads), static_cast<int>(dh / 8), scale, attn, scratch,
-                    B == 1 ? prefetch : L2Prefetch{}),
+                    static_cast<int>(heads), static_cast<int>(dh / 8), scale, attn, scratch),
           "MemoryReadPartialKernel"));
     }
     return CudaStatus(
@@ -668,8 +645,7 @@ Status MemoryReadOneToken(const float* q, int64_t q_ld, const __nv_bfloat16* mem
 
 Status MemoryReadBatch(const float* q, int64_t q_ld, const __nv_bfloat16* const* mem_k,
                        const __nv_bfloat16* const* mem_v, int64_t B, int64_t N, int64_t d, int64_t heads, float* attn,
-                       float* e, float* scratch, const MemoryStage* stage, cudaStream_t stream,
-                       const L2Prefetch& prefetch) {
+                       float* e, float* scratch, const MemoryStage* stage, cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(CheckDecode("MemoryReadBatch", B, N, d, heads, q_ld));
   if (stage != nullptr) LM2_RETURN_IF_ERROR(CheckDecode("MemoryReadBatch (staging)", B, N, d, heads, stage->offer_ld));
   if (B == 0) return Status::Ok();
@@ -690,7 +666,7 @@ Status MemoryReadBatch(const float* q, int64_t q_ld, const __nv_bfloat16* const*
     }
   }
   return LaunchRead(q, q_ld, PerSession<const bf16>{mem_k}, PerSession<const bf16>{mem_v}, B, N, d, heads, attn, e,
-                    scratch, stage, stream, prefetch);
+                    scratch, stage, stream);
 }
 
 Status AccumulateWriteOneToken(const float* attn, const float* offer, int64_t N, int64_t d, int64_t heads, float* mass,
