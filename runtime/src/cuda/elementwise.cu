@@ -1,5 +1,8 @@
 // Elementwise ops: bf16 conversion, bias, the gated residual, SwiGLU, add. Grid-stride
-// kernels over int64 counts, then their launchers.
+// kernels over int64 counts, then their launchers. The conversions, the gated residual and
+// SwiGLU (on a prefill's critical path) are launched by LaunchPdl: they wait for their
+// predecessor at their very start (device_math.cuh's rule), so only their launch and their
+// blocks' start overlap it.
 #include <cuda_bf16.h>
 
 #include "cuda/cuda_check.h"
@@ -14,6 +17,8 @@ namespace {
 // dst[r, c] = bf16(src[r * src_ld + c]), round to nearest even.
 __global__ void F32ToBf16Kernel(const float* __restrict__ src, int64_t rows, int64_t cols, int64_t src_ld,
                                 __nv_bfloat16* __restrict__ dst) {
+  WaitForPredecessor();  // (LaunchPdl: nothing read before it)
+  AllowDependents();
   for (int64_t i = FirstIndex(); i < rows * cols; i += GridStride()) {
     dst[i] = __float2bfloat16_rn(src[(i / cols) * src_ld + i % cols]);
   }
@@ -22,6 +27,8 @@ __global__ void F32ToBf16Kernel(const float* __restrict__ src, int64_t rows, int
 // The same four elements a thread (cols4, ld4: cols and src_ld in units of 4).
 __global__ void F32ToBf16x4Kernel(const float4* __restrict__ src, int64_t rows, int64_t cols4, int64_t ld4,
                                   uint2* __restrict__ dst) {
+  WaitForPredecessor();  // (LaunchPdl: nothing read before it)
+  AllowDependents();
   for (int64_t i = FirstIndex(); i < rows * cols4; i += GridStride()) {
     dst[i] = PackBf16x4(src[(i / cols4) * ld4 + i % cols4]);
   }
@@ -39,6 +46,8 @@ __global__ void AddBiasKernel(float* __restrict__ y, int64_t total, int64_t out,
 __global__ void GatedResidualx4Kernel(float4* __restrict__ h, const float4* __restrict__ a,
                                       const float4* __restrict__ gate_pre, const float4* __restrict__ bias,
                                       int64_t width4, const float4* __restrict__ e, int64_t n4) {
+  WaitForPredecessor();  // (LaunchPdl: nothing read before it)
+  AllowDependents();
   for (int64_t i = FirstIndex(); i < n4; i += GridStride()) {
     float4 x = h[i];
     const float4 av = a[i], gv = gate_pre[i], bv = bias[i % width4], ev = e[i];
@@ -53,6 +62,8 @@ __global__ void GatedResidualx4Kernel(float4* __restrict__ h, const float4* __re
 __global__ void GatedResidualKernel(float* __restrict__ h, const float* __restrict__ a,
                                     const float* __restrict__ gate_pre, const float* __restrict__ bias, int64_t width,
                                     const float* __restrict__ e, int64_t n) {
+  WaitForPredecessor();  // (LaunchPdl: nothing read before it)
+  AllowDependents();
   for (int64_t i = FirstIndex(); i < n; i += GridStride()) {
     h[i] = GatedResidualOf(h[i], a[i], gate_pre[i], bias[i % width], e[i]);
   }
@@ -88,6 +99,8 @@ __device__ __forceinline__ float Wide(__nv_bfloat16 v) { return __bfloat162float
 template <typename T>
 __global__ void SwiGluBf16Kernel(const T* __restrict__ gate_up, int64_t rows, int64_t F,
                                  __nv_bfloat16* __restrict__ out) {
+  WaitForPredecessor();  // (LaunchPdl: nothing read before it)
+  AllowDependents();
   for (int64_t i = FirstIndex(); i < rows * F; i += GridStride()) {
     const int64_t t = i / F, c = i % F;
     out[i] = __float2bfloat16_rn(SwiGluOf(Wide(gate_up[t * 2 * F + c]), Wide(gate_up[t * 2 * F + F + c])));
@@ -97,6 +110,8 @@ __global__ void SwiGluBf16Kernel(const T* __restrict__ gate_up, int64_t rows, in
 // The same four elements a thread (F4 = F / 4).
 __global__ void SwiGluBf16x4Kernel(const float4* __restrict__ gate_up, int64_t rows, int64_t F4,
                                    uint2* __restrict__ out) {
+  WaitForPredecessor();  // (LaunchPdl: nothing read before it)
+  AllowDependents();
   for (int64_t i = FirstIndex(); i < rows * F4; i += GridStride()) {
     const int64_t t = i / F4, c = i % F4;
     const float4 g = gate_up[t * 2 * F4 + c], u = gate_up[t * 2 * F4 + F4 + c];
@@ -107,6 +122,8 @@ __global__ void SwiGluBf16x4Kernel(const float4* __restrict__ gate_up, int64_t r
 // The same from bf16 rows, eight elements a thread (F8 = F / 8): 16-byte loads.
 __global__ void SwiGluFromBf16x8Kernel(const uint4* __restrict__ gate_up, int64_t rows, int64_t F8,
                                        uint4* __restrict__ out) {
+  WaitForPredecessor();  // (LaunchPdl: nothing read before it)
+  AllowDependents();
   for (int64_t i = FirstIndex(); i < rows * F8; i += GridStride()) {
     const int64_t t = i / F8, c = i % F8;
     const uint4 g = gate_up[t * 2 * F8 + c], u = gate_up[t * 2 * F8 + F8 + c];
@@ -127,8 +144,9 @@ __global__ void AddInPlaceKernel(float* __restrict__ x, const float* __restrict_
   for (int64_t i = FirstIndex(); i < n; i += GridStride()) x[i] += y[i];
 }
 
-// SwiGluBf16 of either input type: the checks, then `launch_vec` (`vec` elements a thread)
-// where F and the pointers allow, else one element a thread.
+// SwiGluBf16 of either input type: the checks, then `launch_vec` (`vec` elements a thread;
+// it returns the launch's cudaError_t) where F and the pointers allow, else one element a
+// thread.
 template <typename T, typename LaunchVec>
 Status SwiGluBf16Rows(const T* gate_up, int64_t rows, int64_t F, __nv_bfloat16* out, cudaStream_t stream,
                       int64_t vec, const char* vec_kernel, LaunchVec&& launch_vec) {
@@ -138,11 +156,11 @@ Status SwiGluBf16Rows(const T* gate_up, int64_t rows, int64_t F, __nv_bfloat16* 
   if (rows == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("SwiGluBf16", {gate_up, out}));
   if (F % vec == 0 && Aligned16({gate_up, out})) {
-    launch_vec(GridFor(rows * F / vec, kThreads));
-    return CheckLaunch(vec_kernel);
+    return CudaStatus(launch_vec(GridFor(rows * F / vec, kThreads)), vec_kernel);
   }
-  SwiGluBf16Kernel<T><<<GridFor(rows * F, kThreads), kThreads, 0, stream>>>(gate_up, rows, F, out);
-  return CheckLaunch("SwiGluBf16Kernel");
+  return CudaStatus(LaunchPdl(&SwiGluBf16Kernel<T>, GridFor(rows * F, kThreads), kThreads, 0, stream, gate_up, rows, F,
+                              out),
+                    "SwiGluBf16Kernel");
 }
 
 LM2_CUDA_KERNEL_MODULE(F32ToBf16Kernel);
@@ -166,12 +184,14 @@ Status ConvertRowsF32ToBf16(const float* src, int64_t rows, int64_t cols, int64_
   if (rows * cols == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("ConvertRowsF32ToBf16", {src, dst}));
   if (cols % 4 == 0 && src_ld % 4 == 0 && Aligned16({src, dst})) {
-    F32ToBf16x4Kernel<<<GridFor(rows * cols / 4, kThreads), kThreads, 0, stream>>>(
-        reinterpret_cast<const float4*>(src), rows, cols / 4, src_ld / 4, reinterpret_cast<uint2*>(dst));
-    return CheckLaunch("F32ToBf16x4Kernel");
+    return CudaStatus(LaunchPdl(&F32ToBf16x4Kernel, GridFor(rows * cols / 4, kThreads), kThreads, 0, stream,
+                                reinterpret_cast<const float4*>(src), rows, cols / 4, src_ld / 4,
+                                reinterpret_cast<uint2*>(dst)),
+                      "F32ToBf16x4Kernel");
   }
-  F32ToBf16Kernel<<<GridFor(rows * cols, kThreads), kThreads, 0, stream>>>(src, rows, cols, src_ld, dst);
-  return CheckLaunch("F32ToBf16Kernel");
+  return CudaStatus(
+      LaunchPdl(&F32ToBf16Kernel, GridFor(rows * cols, kThreads), kThreads, 0, stream, src, rows, cols, src_ld, dst),
+      "F32ToBf16Kernel");
 }
 
 Status ConvertBf16ToF32(const __nv_bfloat16* src, int64_t n, float* dst, cudaStream_t stream) {
@@ -202,13 +222,15 @@ Status GatedResidual(float* h, const float* a, const float* gate_pre, const floa
   if (n == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("GatedResidual", {h, a, gate_pre, gate_bias, e}));
   if (width % 4 == 0 && Aligned16({h, a, gate_pre, gate_bias, e})) {
-    GatedResidualx4Kernel<<<GridFor(n / 4, kThreads), kThreads, 0, stream>>>(
-        reinterpret_cast<float4*>(h), reinterpret_cast<const float4*>(a), reinterpret_cast<const float4*>(gate_pre),
-        reinterpret_cast<const float4*>(gate_bias), width / 4, reinterpret_cast<const float4*>(e), n / 4);
-    return CheckLaunch("GatedResidualx4Kernel");
+    return CudaStatus(LaunchPdl(&GatedResidualx4Kernel, GridFor(n / 4, kThreads), kThreads, 0, stream,
+                                reinterpret_cast<float4*>(h), reinterpret_cast<const float4*>(a),
+                                reinterpret_cast<const float4*>(gate_pre), reinterpret_cast<const float4*>(gate_bias),
+                                width / 4, reinterpret_cast<const float4*>(e), n / 4),
+                      "GatedResidualx4Kernel");
   }
-  GatedResidualKernel<<<GridFor(n, kThreads), kThreads, 0, stream>>>(h, a, gate_pre, gate_bias, width, e, n);
-  return CheckLaunch("GatedResidualKernel");
+  return CudaStatus(LaunchPdl(&GatedResidualKernel, GridFor(n, kThreads), kThreads, 0, stream, h, a, gate_pre,
+                              gate_bias, width, e, n),
+                    "GatedResidualKernel");
 }
 
 Status SwiGlu(const float* gate, const float* up, int64_t n, float* out, cudaStream_t stream) {
@@ -234,15 +256,15 @@ Status EmbeddingLookup(const __nv_bfloat16* table, int64_t V, int64_t d, const i
 
 Status SwiGluBf16(const float* gate_up, int64_t rows, int64_t F, __nv_bfloat16* out, cudaStream_t stream) {
   return SwiGluBf16Rows(gate_up, rows, F, out, stream, 4, "SwiGluBf16x4Kernel", [&](unsigned int grid) {
-    SwiGluBf16x4Kernel<<<grid, kThreads, 0, stream>>>(reinterpret_cast<const float4*>(gate_up), rows, F / 4,
-                                                      reinterpret_cast<uint2*>(out));
+    return LaunchPdl(&SwiGluBf16x4Kernel, grid, kThreads, 0, stream, reinterpret_cast<const float4*>(gate_up), rows,
+                     F / 4, reinterpret_cast<uint2*>(out));
   });
 }
 
 Status SwiGluBf16(const __nv_bfloat16* gate_up, int64_t rows, int64_t F, __nv_bfloat16* out, cudaStream_t stream) {
   return SwiGluBf16Rows(gate_up, rows, F, out, stream, 8, "SwiGluFromBf16x8Kernel", [&](unsigned int grid) {
-    SwiGluFromBf16x8Kernel<<<grid, kThreads, 0, stream>>>(reinterpret_cast<const uint4*>(gate_up), rows, F / 8,
-                                                          reinterpret_cast<uint4*>(out));
+    return LaunchPdl(&SwiGluFromBf16x8Kernel, grid, kThreads, 0, stream, reinterpret_cast<const uint4*>(gate_up), rows,
+                     F / 8, reinterpret_cast<uint4*>(out));
   });
 }
 

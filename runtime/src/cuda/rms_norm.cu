@@ -1,4 +1,5 @@
-// RMSNorm: one block per row, fp32 sum of squares reduced across the block.
+// RMSNorm: one block per row, fp32 sum of squares reduced across the block. Launched by
+// LaunchPdl, waiting for its predecessor at its very start (device_math.cuh).
 #include <cuda_bf16.h>
 
 #include "cuda/cuda_check.h"
@@ -29,6 +30,8 @@ template <typename Out>
 __global__ void RmsNormKernel(const float* x, const float* __restrict__ weight, int64_t d, float eps, bool vec,
                               Out* out) {
   __shared__ float scratch[32];
+  WaitForPredecessor();  // (LaunchPdl: nothing read before it)
+  AllowDependents();
   const int64_t row = blockIdx.x;
   const float* xr = x + row * d;
   Out* o = out + row * d;
@@ -56,9 +59,9 @@ Status RmsNorm(const float* x, const float* weight, int64_t rows, int64_t d, flo
   LM2_RETURN_IF_ERROR(ops::CheckRmsNorm(rows, d, eps));
   if (rows == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("RmsNorm", {x, weight, out}));
-  RmsNormKernel<<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(x, weight, d, eps,
-                                                                          Vectorizable(x, weight, out, d), out);
-  return CheckLaunch("RmsNormKernel");
+  return CudaStatus(LaunchPdl(&RmsNormKernel<float>, static_cast<unsigned int>(rows), kThreads, 0, stream, x, weight,
+                              d, eps, Vectorizable(x, weight, out, d), out),
+                    "RmsNormKernel");
 }
 
 Status RmsNormBf16(const float* x, const float* weight, int64_t rows, int64_t d, float eps, __nv_bfloat16* out,
@@ -66,9 +69,9 @@ Status RmsNormBf16(const float* x, const float* weight, int64_t rows, int64_t d,
   LM2_RETURN_IF_ERROR(ops::CheckRmsNorm(rows, d, eps));
   if (rows == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("RmsNormBf16", {x, weight, out}));
-  RmsNormKernel<<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(x, weight, d, eps,
-                                                                          Vectorizable(x, weight, out, d), out);
-  return CheckLaunch("RmsNormKernel<bf16>");
+  return CudaStatus(LaunchPdl(&RmsNormKernel<__nv_bfloat16>, static_cast<unsigned int>(rows), kThreads, 0, stream, x,
+                              weight, d, eps, Vectorizable(x, weight, out, d), out),
+                    "RmsNormKernel<bf16>");
 }
 
 }  // namespace lm2::runtime::cuda
