@@ -881,13 +881,21 @@ void PrefillChunkParts(const lm2::runtime::ModelConfig& c, int64_t T) {
                      TimeOp(st, [&] { return cuda::GatedResidual(x.data(), a.data(), y.data(), norm.data(), T, d, e.data(), st); }),
                      t * D(d) * 4.0 * 5});
   }
-  // gate | up in bf16, as the model stores it (in y's bytes), then the activation from it.
+  // gate | up in bf16, as the model stores it (in y's bytes), then the activation from it;
+  // on Hopper the model runs the two as one GEMM with the SwiGLU as its epilogue (the
+  // unfused pair shown, not counted).
   auto* gate_up = reinterpret_cast<__nv_bfloat16*>(y.data());
-  parts.push_back({"cuBLAS T x d -> 2F (gate|up, bf16 out)", 1,
+  const double unfused = cuda::LinearSwiGluSupported(T, d, F) ? 0 : 1;
+  parts.push_back({"cuBLAS T x d -> 2F (gate|up, bf16 out)", unfused,
                    TimeOp(st, [&] { return cuda::LinearToBf16(h, xb.data(), T, d, w.data(), 2 * F, gate_up, st); }, 20),
                    0, gemm_flops(d, 2 * F)});
-  parts.push_back({"SwiGluBf16 (from bf16)", 1,
+  parts.push_back({"SwiGluBf16 (from bf16)", unfused,
                    TimeOp(st, [&] { return cuda::SwiGluBf16(gate_up, T, F, xb.data(), st); }), t * D(F) * (4.0 + 2.0)});
+  if (unfused == 0) {
+    parts.push_back({"LinearSwiGlu (gate|up GEMM, SwiGLU epilogue)", 1,
+                     TimeOp(st, [&] { return cuda::LinearSwiGlu(xb.data(), T, d, w.data(), F, gate_up, st); }, 20), 0,
+                     gemm_flops(d, 2 * F)});
+  }
   parts.push_back({"cuBLAS T x F -> d (down)", 1, linear(F, d), 0, gemm_flops(F, d)});
   std::printf("a prefill chunk of %lld tokens by kernel (empty cache; mean of back-to-back launches, GEMMs each on "
               "other weights; counts per layer):\n",

@@ -9,6 +9,11 @@
 // weights (the copies span 1 GiB: no call finds its weights in L2, as in a forward). The
 // weight bytes over the time give each call's streaming rate; `x` and the weights are random
 // bf16 in [-1, 1).
+//
+// Then, where the device runs it (LinearSwiGluSupported), the FFN's gate|up GEMM with its
+// SwiGLU as one kernel (LinearSwiGlu, gemm_sm90.cu) against what it replaces: the default
+// GEMM into bf16 followed by SwiGluBf16, at each row count, with the share of outputs whose
+// bits agree. `--shape none` runs only that table.
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -22,6 +27,8 @@
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include "cuda/cuda_ops.h"
 
 namespace {
 
@@ -98,6 +105,58 @@ std::vector<int64_t> ParseList(const char* s) {
   std::string item;
   while (std::getline(ss, item, ',')) v.push_back(std::stoll(item));
   return v;
+}
+
+
+// The gate|up GEMM and SwiGLU: cuBLAS then SwiGluBf16 (`y` holds the [rows, 2F] products)
+// against LinearSwiGlu, each call on another copy of the weights.
+void FusedSwiGluTable(cublasHandle_t handle, const __nv_bfloat16* pool, const __nv_bfloat16* x, __nv_bfloat16* y,
+                      __nv_bfloat16* y_ref, const std::vector<int64_t>& rows_list, int reps, Timer& timer) {
+  namespace rt = lm2::runtime::cuda;
+  constexpr int64_t d = 2048, F = 8192;
+  if (!rt::LinearSwiGluSupported(2048, d, F)) {
+    std::printf("\nLinearSwiGlu: not supported on this device or build: no fused gate|up table\n");
+    return;
+  }
+  const std::size_t w_bytes = static_cast<std::size_t>(2 * F * d * 2), copies = kWeightPool / w_bytes;
+  auto weight = [&](int r) { return pool + (static_cast<std::size_t>(r) % copies) * (w_bytes / 2); };
+  auto ok = [](const lm2::Status& st) {
+    if (!st.ok()) {
+      std::fprintf(stderr, "lm2_cuda_gemm_bench: %s\n", st.ToString().c_str());
+      std::exit(1);
+    }
+  };
+  std::printf("\n| gate\\|up + SwiGLU | rows | cuBLAS + SwiGluBf16 us | LinearSwiGlu us | TFLOP/s | ratio | same bits |\n");
+  std::printf("| --- | --- | --- | --- | --- | --- | --- |\n");
+  // y_ref holds 4 x max_rows x F bf16: the unfused activation, then the fused one.
+  __nv_bfloat16* y_fused = y_ref + *std::max_element(rows_list.begin(), rows_list.end()) * F;
+  for (const int64_t rows : rows_list) {
+    __nv_bfloat16* act = y_ref;  // [rows, F]
+    auto unfused = [&](int r) {
+      ok(rt::LinearToBf16(handle, x, rows, d, weight(r), 2 * F, y, nullptr));
+      ok(rt::SwiGluBf16(y, rows, F, act, nullptr));
+    };
+    if (!rt::LinearSwiGluSupported(rows, d, F)) {  // the model runs the pair at this row count
+      std::printf("| gate\\|up + SwiGLU | %lld | (unfused: its tiles would leave a round part-empty) | | | | |\n",
+                  static_cast<long long>(rows));
+      continue;
+    }
+    auto fused = [&](int r) { ok(rt::LinearSwiGlu(x, rows, d, weight(r), F, y_fused, nullptr)); };
+    unfused(0);
+    fused(0);
+    Check(cudaDeviceSynchronize(), "swiglu");
+    const std::size_t n = static_cast<std::size_t>(rows * F);
+    std::vector<uint16_t> a(n), b(n);
+    Check(cudaMemcpy(a.data(), act, n * 2, cudaMemcpyDeviceToHost), "copy");
+    Check(cudaMemcpy(b.data(), y_fused, n * 2, cudaMemcpyDeviceToHost), "copy");
+    std::size_t same = 0;
+    for (std::size_t i = 0; i < n; ++i) same += a[i] == b[i];
+    const double unfused_us = timer.BestMeanUs(reps, unfused), fused_us = timer.BestMeanUs(reps, fused);
+    std::printf("| gate\\|up + SwiGLU | %lld | %.1f | %.1f | %.0f | %.3f | %.4f |\n", static_cast<long long>(rows),
+                unfused_us, fused_us, 2.0 * rows * 2 * F * d / fused_us * 1e-6, unfused_us / fused_us,
+                static_cast<double>(same) / static_cast<double>(n));
+    std::fflush(stdout);
+  }
 }
 
 }  // namespace
@@ -221,5 +280,7 @@ int main(int argc, char** argv) {
       cublasLtMatmulDescDestroy(op);
     }
   }
+  FusedSwiGluTable(handle, pool, x, static_cast<__nv_bfloat16*>(y), static_cast<__nv_bfloat16*>(y_ref), rows_list,
+                   reps, timer);
   return 0;
 }

@@ -484,6 +484,92 @@ TEST_CASE("Gemv's SwiGLU output: the bits of SwiGluBf16 over the stored gate | u
   }
 }
 
+// The fused gate|up GEMM with its SwiGLU against the product in double from the same bf16
+// operands (gate and up rounded to bf16, then the activation), and bit for bit on nearly
+// every element against the unfused device ops (cuBLAS's GEMM into bf16, then SwiGluBf16):
+// the two differ only where the sums' order moves a gate or up value across a rounding
+// boundary. Rows past the last are left as they were.
+TEST_CASE("LinearSwiGlu: the gate|up GEMM with the SwiGLU as its epilogue", "[cuda][ops]") {
+  auto sms_or = Multiprocessors();
+  RequireOk(sms_or.status());
+  const int64_t sms = *sms_or;
+  // (rows, d, F): tiles of 64 columns (rows of one tile, partly or wholly), at the most that
+  // fit one round over the multiprocessors; tiles of 128 columns in two full rounds (each
+  // block takes two tiles; the last rows part of a 64-row box).
+  const std::tuple<int64_t, int64_t, int64_t> shapes[] = {
+      {1, 64, 128}, {77, 192, 256}, {128, 2048, 128}, {100, 64, 128 * (sms / 2)}, {252, 64, 128 * sms}};
+  const auto [rows, d, F] = shapes[GENERATE(0, 1, 2, 3, 4)];
+  INFO("rows=" << rows << " d=" << d << " F=" << F << " on " << sms << " multiprocessors");
+  if (!LinearSwiGluSupported(rows, d, F)) {
+    WARN("LinearSwiGlu: not supported on this device or build (compute capability 9.0 and sm_90a code needed)");
+    CHECK_FALSE(LinearSwiGluSupported(1, 64, 128));  // nor anywhere on it
+    CHECK(LinearSwiGlu(nullptr, rows, d, nullptr, F, nullptr, Stream()).code() == lm2::StatusCode::kUnavailable);
+    return;
+  }
+  const auto x = Random(static_cast<std::size_t>(rows * d)), w = Random(static_cast<std::size_t>(2 * F * d));
+  auto dx32 = Upload(x), dw32 = Upload(w);
+  auto dx = Poisoned<__nv_bfloat16>(x.size()), dw = Poisoned<__nv_bfloat16>(w.size());
+  RequireOk(ConvertF32ToBf16(dx32.data(), rows * d, dx.data(), Stream()));
+  RequireOk(ConvertF32ToBf16(dw32.data(), 2 * F * d, dw.data(), Stream()));
+  auto dy = Poisoned<__nv_bfloat16>(static_cast<std::size_t>((rows + 1) * F));  // one row past
+  RequireOk(LinearSwiGlu(dx.data(), rows, d, dw.data(), F, dy.data(), Stream()));
+  const auto y = Download(dy);
+
+  std::vector<float> got(static_cast<std::size_t>(rows * F));
+  std::vector<double> want(got.size());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < F; ++c) {
+      double gate = 0, up = 0;
+      for (int64_t i = 0; i < d; ++i) {
+        const double xi = RoundBf16(x[r * d + i]);
+        gate += xi * RoundBf16(w[c * d + i]);
+        up += xi * RoundBf16(w[(F + c) * d + i]);
+      }
+      const double g = RoundBf16(static_cast<float>(gate)), u = RoundBf16(static_cast<float>(up));
+      want[r * F + c] = g / (1.0 + std::exp(-g)) * u;
+      got[r * F + c] = AsFloat(y[r * F + c]);
+    }
+  CHECK(RelErr(got, want) < kTolGemmBf16);
+  int64_t untouched = 0;
+  for (int64_t c = 0; c < F; ++c) {
+    uint16_t bits = 0;
+    std::memcpy(&bits, &y[rows * F + c], sizeof(bits));
+    untouched += bits == 0xFFFF;
+  }
+  CHECK(untouched == F);
+
+  auto dgu = Poisoned<__nv_bfloat16>(static_cast<std::size_t>(rows * 2 * F));
+  auto dwant = Poisoned<__nv_bfloat16>(static_cast<std::size_t>(rows * F));
+  RequireOk(LinearToBf16(Cublas(), dx.data(), rows, d, dw.data(), 2 * F, dgu.data(), Stream()));
+  RequireOk(SwiGluBf16(dgu.data(), rows, F, dwant.data(), Stream()));
+  const auto unfused = Download(dwant);
+  int64_t same = 0;
+  for (int64_t i = 0; i < rows * F; ++i) same += std::memcmp(&unfused[i], &y[i], sizeof(y[i])) == 0;
+  INFO(same << " of " << rows * F << " elements the unfused ops' bits");
+  CHECK(same >= rows * F * 98 / 100);
+}
+
+TEST_CASE("LinearSwiGlu refuses shapes it has no tiles for, or whose last round of tiles runs part-empty",
+          "[cuda][ops]") {
+  CHECK_FALSE(LinearSwiGluSupported(64, 60, 128));   // d not a multiple of 64
+  CHECK_FALSE(LinearSwiGluSupported(64, 64, 100));   // F not a multiple of 128
+  CHECK_FALSE(LinearSwiGluSupported(64, 0, 128));
+  CHECK_FALSE(LinearSwiGluSupported(0, 64, 128));
+  CHECK(LinearSwiGlu(nullptr, 4, 64, nullptr, 100, nullptr, Stream()).code() == lm2::StatusCode::kUnavailable);
+  if (!LinearSwiGluSupported(1, 64, 128)) {
+    WARN("LinearSwiGlu: not supported on this device or build: only the refusals checked");
+    return;
+  }
+  auto sms_or = Multiprocessors();
+  RequireOk(sms_or.status());
+  const int64_t sms = *sms_or;
+  CHECK(LinearSwiGluSupported(128, 64, 128 * (sms / 2)));  // one round of 64-column tiles
+  CHECK(LinearSwiGluSupported(256, 64, 128 * sms));        // two full rounds of 128 columns
+  CHECK_FALSE(LinearSwiGluSupported(128, 64, 128 * (sms + 1)));  // a second round of one tile
+  CHECK(LinearSwiGlu(nullptr, 128, 64, nullptr, 128 * (sms + 1), nullptr, Stream()).code() ==
+        lm2::StatusCode::kUnavailable);
+}
+
 TEST_CASE("Gemv refuses what it cannot take", "[cuda][ops]") {
   auto buf = DeviceBuffer<float>::Allocate(1024);
   RequireOk(buf.status());
@@ -596,8 +682,8 @@ TEST_CASE("the sm_90 code runs where the build has it and the card takes it", "[
 
 TEST_CASE("LoadAllKernels puts every kernel of every .cu file on the device", "[cuda][ops][kernels]") {
   // The .cu files with kernels, each registering its module (LM2_CUDA_KERNEL_MODULE); the
-  // sm_90a file's module has code only for compute capability 9.0.
-  const int64_t modules = 12 + (Sm90CodeOnCurrentDevice() ? 1 : 0);
+  // two sm_90a files' modules have code only for compute capability 9.0.
+  const int64_t modules = 12 + (Sm90CodeOnCurrentDevice() ? 2 : 0);
   auto before = CountKernels();
   RequireOk(before.status());
   const auto t0 = std::chrono::steady_clock::now();

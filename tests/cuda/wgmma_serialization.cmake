@@ -10,8 +10,10 @@
 # directories, definitions, architectures and C++ standard from the target's properties and
 # the build type's CUDA flags), with -Xptxas -v added:
 #
-#   cmake -DNVCC=... -DSOURCE=... -DINCLUDES="a;b" -DDEFINES="X=1;Y" -DARCHS=90a -DSTD=17
-#         -DFLAGS="-O2 -g -DNDEBUG" -DOUTPUT=... -P wgmma_serialization.cmake
+#   cmake -DNVCC=... -DSOURCES="a.cu;b.cu" -DSOURCE_DIR=... -DINCLUDES="a;b" -DDEFINES="X=1;Y"
+#         -DARCHS=90a -DSTD=17 -DFLAGS="-O2 -g -DNDEBUG" -DOUTPUT=... -P wgmma_serialization.cmake
+#
+# (SOURCES relative to SOURCE_DIR, as the target's SOURCES property holds them.)
 set(_args "")
 foreach(_dir IN LISTS INCLUDES)
   list(APPEND _args "-I${_dir}")
@@ -28,17 +30,25 @@ if(STD)
 endif()
 separate_arguments(_flags UNIX_COMMAND "${FLAGS}")
 # (-diag-suppress=2810: the target's own, for a front-end remark on core/status.h)
-execute_process(
-  COMMAND "${NVCC}" ${_args} ${_flags} -diag-suppress=2810 -Xptxas -v -x cu -c "${SOURCE}" -o "${OUTPUT}"
-  RESULT_VARIABLE _rc OUTPUT_VARIABLE _out ERROR_VARIABLE _err)
-if(NOT _rc EQUAL 0)
-  message(FATAL_ERROR "nvcc failed (${_rc}) on ${SOURCE}:\n${_out}${_err}")
+foreach(_source IN LISTS SOURCES)
+  if(NOT IS_ABSOLUTE "${_source}")
+    set(_source "${SOURCE_DIR}/${_source}")
+  endif()
+  execute_process(
+    COMMAND "${NVCC}" ${_args} ${_flags} -diag-suppress=2810 -Xptxas -v -x cu -c "${_source}" -o "${OUTPUT}"
+    RESULT_VARIABLE _rc OUTPUT_VARIABLE _out ERROR_VARIABLE _err)
+  if(NOT _rc EQUAL 0)
+    message(FATAL_ERROR "nvcc failed (${_rc}) on ${_source}:\n${_out}${_err}")
+  endif()
+  string(REGEX MATCHALL "[^\n]*wgmma[^\n]*serialized[^\n]*" _found "${_out}${_err}")
+  if(_found)
+    string(REPLACE ";" "\n" _found "${_found}")
+    message(FATAL_ERROR "ptxas serialises wgmma instructions in ${_source}:\n${_found}")
+  endif()
+  string(REGEX MATCHALL "Compiling entry function" _kernels "${_err}${_out}")
+  list(LENGTH _kernels _n)
+  message(STATUS "${_source} (${ARCHS}): ${_n} kernels, no wgmma serialised")
+endforeach()
+if(NOT SOURCES)
+  message(FATAL_ERROR "no sources to check")
 endif()
-string(REGEX MATCHALL "[^\n]*wgmma[^\n]*serialized[^\n]*" _found "${_out}${_err}")
-if(_found)
-  string(REPLACE ";" "\n" _found "${_found}")
-  message(FATAL_ERROR "ptxas serialises wgmma instructions in ${SOURCE}:\n${_found}")
-endif()
-string(REGEX MATCHALL "Compiling entry function" _kernels "${_err}${_out}")
-list(LENGTH _kernels _n)
-message(STATUS "${SOURCE} (${ARCHS}): ${_n} kernels, no wgmma serialised")

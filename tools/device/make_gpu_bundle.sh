@@ -25,7 +25,7 @@ BUILD_DIR=${1:-build}
 OUT_DIR=device_bundle
 SLIM=${SLIM:-0}
 if [[ "$SLIM" == 1 ]]; then
-  TARGETS=(cuda_ops_tests cuda_model_tests lm2_cuda_bench lm2_batcher_bench)
+  TARGETS=(cuda_ops_tests cuda_model_tests lm2_cuda_bench lm2_cuda_gemm_bench lm2_batcher_bench)
   NAME=lm2-gpu-slim.tar.xz
 else
   TARGETS=(cuda_ops_tests cuda_model_tests gpu_tests lm2_cli sdk_tests sdk_test_child)

@@ -1531,8 +1531,9 @@ class CudaModel final : public Model {
   // The SwiGLU FFN: h += bf16(silu(gate) ⊙ up) · W_downᵀ with gate | up = bf16(RMSNorm(h)) ·
   // W_gate_upᵀ. Up to gemv_rows_ rows the gate|up GEMV stores the activation itself, in bf16
   // (sc.yb), and the down GEMV reads it, gate and up taken in fp32; longer chunks run a GEMM
-  // into sc.gate_up in bf16, SwiGluBf16 and a GEMM (gate and up rounded to bf16 first: the
-  // two forms' activations differ in the last bits).
+  // whose epilogue applies the SwiGLU (LinearSwiGlu, on Hopper) or else a GEMM into
+  // sc.gate_up in bf16 and SwiGluBf16, then the down GEMM (gate and up rounded to bf16
+  // first: the two forms' activations differ in the last bits).
   Status FeedForward(CudaState& s, int64_t n, int64_t m, const CudaLayerWeights& lw, float* h) const {
     const int64_t d = cfg_.hidden_size, F = cfg_.intermediate_size;
     const cudaStream_t st = s.stream_.get();
@@ -1546,12 +1547,17 @@ class CudaModel final : public Model {
                    .out = d, .output = GemvOutput::kAccumulate, .y = h},
                   st);
     }
-    // gate | up stored in bf16 (in the fp32 buffer's first half): the GEMM writes, and
-    // SwiGluBf16 reads, half the bytes.
-    auto* gate_up = reinterpret_cast<bf16*>(sc.gate_up.data());
     LM2_RETURN_IF_ERROR(RmsNormBf16(h, lw.post_norm, n, d, static_cast<float>(cfg_.rms_norm_eps), sc.xb.data(), st));
-    LM2_RETURN_IF_ERROR(LinearToBf16(s.cublas_.get(), sc.xb.data(), m, d, lw.gate_up, 2 * F, gate_up, st));
-    LM2_RETURN_IF_ERROR(SwiGluBf16(gate_up, n, F, sc.yb.data(), st));
+    if (LinearSwiGluSupported(m, d, F)) {
+      // Over the m rows, as the GEMMs: its copies of x then never stop partway into a box.
+      LM2_RETURN_IF_ERROR(LinearSwiGlu(sc.xb.data(), m, d, lw.gate_up, F, sc.yb.data(), st));
+    } else {
+      // gate | up stored in bf16 (in the fp32 buffer's first half): the GEMM writes, and
+      // SwiGluBf16 reads, half the bytes.
+      auto* gate_up = reinterpret_cast<bf16*>(sc.gate_up.data());
+      LM2_RETURN_IF_ERROR(LinearToBf16(s.cublas_.get(), sc.xb.data(), m, d, lw.gate_up, 2 * F, gate_up, st));
+      LM2_RETURN_IF_ERROR(SwiGluBf16(gate_up, n, F, sc.yb.data(), st));
+    }
     return Linear(s.cublas_.get(), sc.yb.data(), m, F, lw.down_proj, d, h, true, st);
   }
 

@@ -142,6 +142,18 @@ Status SwiGluBf16(const float* gate_up, int64_t rows, int64_t F, __nv_bfloat16* 
 // bytes to store and read again of the fp32 form).
 Status SwiGluBf16(const __nv_bfloat16* gate_up, int64_t rows, int64_t F, __nv_bfloat16* out, cudaStream_t stream);
 
+// The gate|up projection and its SwiGLU as one GEMM (gemm_sm90.cu, Hopper's wgmma):
+// y[rows, F] = bf16(silu(g) * u), g and u the bf16-rounded products of x [rows, d] with the
+// stacked [W_gate; W_up] ([2F, d] bf16): LinearToBf16 and SwiGluBf16's result to the sums'
+// order. Supported (LinearSwiGluSupported) on compute capability 9.0 in a build with the
+// sm_90a code, for d a multiple of 64, F of 128 and the row counts whose tiles fill their
+// rounds over the multiprocessors (gemm_sm90.cu; the others run faster unfused), unless
+// LM2_CUDA_FUSED_SWIGLU=0; else Unavailable. Launched with LaunchPdl's overlap. Rows a
+// multiple of 64 run fastest (a copy of x never stops partway into a 64-row box).
+bool LinearSwiGluSupported(int64_t rows, int64_t d, int64_t F);
+Status LinearSwiGlu(const __nv_bfloat16* x, int64_t rows, int64_t d, const __nv_bfloat16* w_gate_up, int64_t F,
+                    __nv_bfloat16* y, cudaStream_t stream);
+
 // x[n] += y[n].
 Status AddInPlace(float* x, const float* y, int64_t n, cudaStream_t stream);
 

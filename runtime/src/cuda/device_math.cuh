@@ -146,9 +146,13 @@ __device__ __forceinline__ float InvRms(const float* x, int64_t d, float eps, fl
 
 __device__ __forceinline__ float Sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-// silu(g) * up: the SwiGLU activation, one definition for the elementwise kernels and the
-// GEMV's fused output (their results agree bit for bit).
-__device__ __forceinline__ float SwiGluOf(float g, float up) { return g * Sigmoid(g) * up; }
+// silu(g) * up: the SwiGLU activation, one definition for the elementwise kernels, the
+// GEMV's fused output and LinearSwiGlu's epilogue (their results agree bit for bit). The
+// exponential and the division are the fast hardware forms (a few ulp of fp32, far below
+// the bf16 the prefill and decode round the result to): LinearSwiGlu's epilogue pays for
+// every instruction here while its warpgroups' tensor products wait. For g below about -88
+// the exponential is +inf and the quotient 0, silu's limit.
+__device__ __forceinline__ float SwiGluOf(float g, float up) { return __fdividef(g, 1.0f + __expf(-g)) * up; }
 
 // h + a + sigmoid(gate_pre + bias) ⊙ e for one element: the memory output gate with both
 // residual adds, one definition for GatedResidual and the GEMV's fused output.

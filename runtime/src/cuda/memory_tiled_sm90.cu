@@ -20,8 +20,6 @@
 // 8i + 2t, 8i + 2t + 1: the layout of mma.sync's C fragments, so memory_tiled's online
 // softmax, weights and epilogues apply unchanged, and the weights packed to bf16 pairs are
 // the next product's A fragments.
-#include <cuda.h>
-#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 
 #include <cstdlib>
@@ -33,6 +31,7 @@
 #include "cuda/mbarrier.cuh"
 #include "cuda/memory_tiled.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/tma.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define LM2_WGMMA 1  // this compilation pass has the sm_90a instructions
@@ -49,7 +48,7 @@ constexpr int kDh = 64;                         // head width: one 128-byte row 
 constexpr int kThreads = 256;                   // the write's two warpgroups of 64 rows
 constexpr int kRowBytes = kDh * 2;              // 128
 constexpr int kTileBytes = kTile * kRowBytes;   // a 64-row tile: 8 KiB
-constexpr int kAtomBytes = 8 * kRowBytes;       // the swizzle's repeat: 8 rows, 1 KiB
+constexpr int kAtomBytes = kSwizzleAtomBytes;  // the swizzle's repeat: 8 rows, 1 KiB
 constexpr int kOwnBytes = kRows * kRowBytes;    // a write block's own rows, swizzled: a tile per warpgroup
 
 // Shared-memory writes of this thread (cp.async, completed) made visible to wgmma's reads.
@@ -72,15 +71,8 @@ __device__ __forceinline__ void TileArrived(int it, int tiles) {
   __syncthreads();
 }
 
-// The matrix descriptor of a swizzled tile: start address, stride between 8-row groups
-// (1 KiB), 128-byte swizzle. Adding b / 16 moves its start b bytes on (a 16-column step
-// along a row: 32 bytes; a 16-row step: 2 KiB).
-__device__ __forceinline__ uint64_t TileDescriptor(const void* tile) {
-  const uint64_t address = SharedAddress(tile);
-  return ((address & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{kAtomBytes >> 4} << 32) | (uint64_t{1} << 62);
-}
-constexpr uint64_t kColumnStep = 32 >> 4;             // 16 columns of a row
-constexpr uint64_t kRowStep = 16 * kRowBytes >> 4;    // 16 rows
+// A 16-row step of a swizzled tile's descriptor (tma.cuh: 2 KiB).
+constexpr uint64_t kRowStep = 16 * kRowBytes >> 4;
 
 // d[64 x 64] (+)= A[64 x 64] · B[64 x 64] for the warpgroup, as four 16-wide steps, b[kc]
 // the descriptors of B's steps (kTransB 0: the tile's rows are B's columns, as in the
@@ -158,12 +150,12 @@ __device__ __forceinline__ void Mma64x64x64(float (&d)[8][4], const uint32_t (&a
 // A tile's four 16-wide steps: along its rows' 64 columns (step 32 bytes) or down 16 rows at
 // a time (2 KiB).
 __device__ __forceinline__ void ColumnSteps(const void* tile, uint64_t (&steps)[4]) {
-  const uint64_t first = TileDescriptor(tile);
+  const uint64_t first = SwizzledTileDescriptor(tile);
 #pragma unroll
-  for (int kc = 0; kc < 4; ++kc) steps[kc] = first + kc * kColumnStep;
+  for (int kc = 0; kc < 4; ++kc) steps[kc] = first + kc * kDescriptorColumnStep;
 }
 __device__ __forceinline__ void RowSteps(const void* tile, uint64_t (&steps)[4]) {
-  const uint64_t first = TileDescriptor(tile);
+  const uint64_t first = SwizzledTileDescriptor(tile);
 #pragma unroll
   for (int kc = 0; kc < 4; ++kc) steps[kc] = first + kc * kRowStep;
 }
@@ -361,17 +353,6 @@ __global__ void __launch_bounds__(kThreads, 2)
 // 132 against 145 at 2,048. Two consumer warpgroups a block with one block an SM (4, 5 or 6
 // stages) measured 38.8-43.9 and 140.5-143.6.
 
-// The box of `map` at column x, row y into 1 KiB-aligned shared `dst`, counted on `bar`.
-__device__ __forceinline__ void TensorTile(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
-#if LM2_WGMMA
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::
-          "r"(SharedAddress(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(SharedAddress(bar))
-      : "memory");
-#endif
-}
-
 // The consumer warpgroup's barrier (named barrier 1: the producer warp is not in it).
 __device__ __forceinline__ void ConsumerSync() { asm volatile("bar.sync 1, 128;" ::: "memory"); }
 
@@ -551,7 +532,7 @@ __global__ void __launch_bounds__(kReadThreads, 2)
     BarrierWait(&full[stage], static_cast<uint32_t>(it / kReadStages) & 1);
     ColumnSteps(ks + stage * kReadStageBytes, b);
     IssueScores128(s, a, b);
-    IssueProducts128(out, p, TileDescriptor(vs + prev * kReadStageBytes));
+    IssueProducts128(out, p, SwizzledTileDescriptor(vs + prev * kReadStageBytes));
     WaitGroups<1>();  // the scores (the product may still run)
     FenceOperands(s);
     const bool grown = StageWeights(s, N - static_cast<int64_t>(it) * kReadSlots, t, scale_log2, m, l, alpha);
@@ -565,7 +546,7 @@ __global__ void __launch_bounds__(kReadThreads, 2)
     if (lane == 0) BarrierArrive(&empty[prev]);  // this warp is done with the stage before
     pack();
   }
-  IssueProducts128(out, p, TileDescriptor(vs + (tiles - 1) % kReadStages * kReadStageBytes));
+  IssueProducts128(out, p, SwizzledTileDescriptor(vs + (tiles - 1) % kReadStages * kReadStageBytes));
   WaitGroups<0>();
   FenceOperands(out);
   // e: the rows normalised, staged over the K/V stages and stored whole; each row's shift.
@@ -587,39 +568,10 @@ __global__ void __launch_bounds__(kReadThreads, 2)
 #endif
 }
 
-// The driver's cuTensorMapEncodeTiled (a host function: it only fills the map), looked up
-// once per process; null where the driver has none (Sm90KernelsBuilt is then false).
-PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      (void)cudaGetLastError();  // a failed lookup leaves no error behind for the next launch
-      fn = nullptr;
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
-  return encode;
-}
-
-// The map of the [rows, d] bf16 matrix at `base` in boxes of 64 columns (a head) x kReadSlots rows,
-// 128-byte swizzle: what the read's producer copies from (rows past the end zero).
+// The map of the [rows, d] bf16 matrix at `base` in boxes of 64 columns (a head) x kReadSlots
+// rows: what the read's producer copies from (rows past the end zero).
 Result<CUtensorMap> SlotRowsMap(const bf16* base, int64_t rows, int64_t d) {
-  const PFN_cuTensorMapEncodeTiled_v12000 encode = TensorMapEncoder();
-  if (encode == nullptr) return Status::Unavailable("MemoryReadWrite: no cuTensorMapEncodeTiled in this driver");
-  CUtensorMap map{};
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(d), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(d) * 2};
-  const cuuint32_t box[2] = {kDh, kReadSlots}, element_strides[2] = {1, 1};
-  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<bf16*>(base), dims, strides, box,
-                            element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) {
-    return Status::Internal("MemoryReadWrite: cuTensorMapEncodeTiled failed (" + std::to_string(r) + ")");
-  }
-  return map;
+  return SwizzledRowsMap(base, rows, d, d, kReadSlots, "MemoryReadWrite");
 }
 
 constexpr int kWriteBytes = kAtomBytes + 2 * kTileStages * kTileBytes + kOwnBytes + kTileStages * kTile * 4;

@@ -1,0 +1,95 @@
+// Hopper's tensor copies (TMA) and wgmma's shared-memory matrix descriptors, for the sm_90a
+// kernels (memory_tiled_sm90.cu, gemm_sm90.cu): a 2-D box of a bf16 row-major matrix copied
+// into shared memory in the 128-byte swizzle, and the descriptor wgmma reads such a tile by.
+//
+// The swizzled layout: rows of 64 bf16 (128 bytes), 16-byte piece c of row r at
+// r · 128 + (c ⊕ r mod 8) · 16, the tile 1 KiB aligned. A box of 64 columns is one such row
+// per matrix row: what cuTensorMapEncodeTiled's CU_TENSOR_MAP_SWIZZLE_128B stores, and
+// what a descriptor with 128-byte swizzle and 1 KiB between 8-row groups reads, for a
+// "K-major" operand (a row's 64 k contiguous) of any number of rows.
+#pragma once
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "cuda/mma.cuh"  // SharedAddress
+#include "lm2/core/status.h"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LM2_TMA 1  // this compilation pass has the sm_90a instructions
+#else
+#define LM2_TMA 0
+#endif
+
+namespace lm2::runtime::cuda {
+
+constexpr int kSwizzleRowBytes = 128;                    // a swizzled row: 64 bf16
+constexpr int kSwizzleAtomBytes = 8 * kSwizzleRowBytes;  // the swizzle's repeat: 8 rows, 1 KiB
+
+// The box of `map` at column x, row y into 1 KiB-aligned shared `dst`, counted on `bar`
+// (mbarrier.cuh: the box's bytes complete a transaction the barrier was told to expect).
+__device__ __forceinline__ void TensorTile(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
+#if LM2_TMA
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::
+          "r"(SharedAddress(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(SharedAddress(bar))
+      : "memory");
+#endif
+}
+
+// The matrix descriptor of a swizzled tile: start address, stride between 8-row groups
+// (1 KiB), 128-byte swizzle. Adding b / 16 moves its start b bytes on (a 16-column step
+// along a row: 32 bytes, kDescriptorColumnStep; a 16-row step: 2 KiB).
+__device__ __forceinline__ uint64_t SwizzledTileDescriptor(const void* tile) {
+  const uint64_t address = SharedAddress(tile);
+  return ((address & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{kSwizzleAtomBytes >> 4} << 32) |
+         (uint64_t{1} << 62);
+}
+constexpr uint64_t kDescriptorColumnStep = 32 >> 4;  // 16 columns of a row
+
+// The driver's cuTensorMapEncodeTiled (a host function: it only fills the map), looked up
+// once per process; null where the driver has none.
+inline PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();  // a failed lookup leaves no error behind for the next launch
+      fn = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// The map of the [rows, cols] bf16 matrix at `base` (row stride `ld` elements, a multiple
+// of 8) in boxes of 64 columns x box_rows rows, 128-byte swizzle; boxes past the matrix's
+// end read zeros. `op` names the caller in errors.
+inline Result<CUtensorMap> SwizzledRowsMap(const __nv_bfloat16* base, int64_t rows, int64_t cols, int64_t ld,
+                                           int box_rows, const char* op) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = TensorMapEncoder();
+  if (encode == nullptr) return Status::Unavailable(std::string(op) + ": no cuTensorMapEncodeTiled in this driver");
+  CUtensorMap map{};
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld) * 2};
+  const cuuint32_t box[2] = {kSwizzleRowBytes / 2, static_cast<cuuint32_t>(box_rows)}, element_strides[2] = {1, 1};
+  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<__nv_bfloat16*>(base), dims, strides,
+                            box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    return Status::Internal(std::string(op) + ": cuTensorMapEncodeTiled failed (" + std::to_string(r) + ")");
+  }
+  return map;
+}
+
+}  // namespace lm2::runtime::cuda
+
+#undef LM2_TMA
