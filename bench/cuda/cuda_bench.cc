@@ -838,11 +838,8 @@ void PrefillChunkParts(const lm2::runtime::ModelConfig& c, int64_t T) {
       {"cuBLAS T x qdim -> d (o_proj), T x d -> d (out_gate)", pair ? 0.0 : 2.0, linear(qdim, d), 0,
        gemm_flops(qdim, d)},
   };
-  // On Hopper a memory layer's pair and the gated residual are one kernel (shown apart, not
-  // counted).
-  const bool fused_gate = pair && c.has_memory() && cuda::LinearGatedResidualSupported(T, d);
   if (pair) {
-    parts.push_back({"cuBLAS o_proj and out_gate as one batched GEMM (LinearTwo)", fused_gate ? 0.0 : 1.0,
+    parts.push_back({"cuBLAS o_proj and out_gate as one batched GEMM (LinearTwo)", 1,
                      TimeOp(st, [&] {
                        return cuda::LinearTwo(h, xb.data(), T, d, WeightCopy(w.data(), w_elems, 2 * d * d, call++), d,
                                               y.data(), st);
@@ -880,18 +877,9 @@ void PrefillChunkParts(const lm2::runtime::ModelConfig& c, int64_t T) {
                        return cuda::LinearToBf16(h, bank_b.data(), N, d, w.data() + d * d, d, kv_out.data() + N * d, st);
                      }, 20),
                      0, 2 * gemm_flops_rows(N, d, d)});
-    parts.push_back({"GatedResidual", fused_gate ? 0.0 : 1.0,
+    parts.push_back({"GatedResidual", 1,
                      TimeOp(st, [&] { return cuda::GatedResidual(x.data(), a.data(), y.data(), norm.data(), T, d, e.data(), st); }),
                      t * D(d) * 4.0 * 5});
-    if (fused_gate) {
-      parts.push_back({"LinearGatedResidual (o_proj|out_gate GEMM, gated residual epilogue)", 1,
-                       TimeOp(st, [&] {
-                         return cuda::LinearGatedResidual(xb.data(), T, T, d,
-                                                          WeightCopy(w.data(), w_elems, 2 * d * d, call++),
-                                                          norm.data(), e.data(), x.data(), st);
-                       }, 20),
-                       0, 2 * gemm_flops(d, d)});
-    }
   }
   // gate | up in bf16, as the model stores it (in y's bytes), then the activation from it;
   // on Hopper the model runs the two as one GEMM with the SwiGLU as its epilogue (the

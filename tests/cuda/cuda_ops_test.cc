@@ -549,66 +549,6 @@ TEST_CASE("LinearSwiGlu: the gate|up GEMM with the SwiGLU as its epilogue", "[cu
   CHECK(same >= rows * F * 98 / 100);
 }
 
-// The fused o_proj / output-gate GEMM with the gated residual as its epilogue against the
-// double product of the same bf16 operands, and against LinearTwo + GatedResidual (to the
-// sums' order: bit for bit on nearly every element); rows past `rows` left as they were.
-TEST_CASE("LinearGatedResidual: o_proj and the output gate with both residual adds as the epilogue", "[cuda][ops]") {
-  auto sms_or = Multiprocessors();
-  RequireOk(sms_or.status());
-  const int64_t sms = *sms_or;
-  // (GEMM rows, rows written, d): 64-column tiles (one round); 128-column tiles in two full
-  // rounds (each block takes two tiles).
-  const std::tuple<int64_t, int64_t, int64_t> shapes[] = {
-      {64, 50, 128}, {128, 128, 2048}, {256, 200, 256}, {2 * sms * 128, 2 * sms * 128 - 10, 128}};
-  const auto [x_rows, rows, d] = shapes[GENERATE(0, 1, 2, 3)];
-  INFO("x_rows=" << x_rows << " rows=" << rows << " d=" << d << " on " << sms << " multiprocessors");
-  if (!LinearGatedResidualSupported(x_rows, d)) {
-    WARN("LinearGatedResidual: not supported on this device or build (compute capability 9.0, sm_90a code)");
-    CHECK(LinearGatedResidual(nullptr, x_rows, rows, d, nullptr, nullptr, nullptr, nullptr, Stream()).code() ==
-          lm2::StatusCode::kUnavailable);
-    return;
-  }
-  const auto x = Random(static_cast<std::size_t>(2 * x_rows * d)), w = Random(static_cast<std::size_t>(2 * d * d));
-  const auto bias = Random(static_cast<std::size_t>(d)), e = Random(static_cast<std::size_t>(x_rows * d));
-  const auto h0 = Random(static_cast<std::size_t>(x_rows * d));
-  auto dx32 = Upload(x), dw32 = Upload(w), dbias = Upload(bias), de = Upload(e);
-  auto dx = Poisoned<__nv_bfloat16>(x.size()), dw = Poisoned<__nv_bfloat16>(w.size());
-  RequireOk(ConvertF32ToBf16(dx32.data(), 2 * x_rows * d, dx.data(), Stream()));
-  RequireOk(ConvertF32ToBf16(dw32.data(), 2 * d * d, dw.data(), Stream()));
-  auto dh = Upload(h0);
-  RequireOk(LinearGatedResidual(dx.data(), x_rows, rows, d, dw.data(), dbias.data(), de.data(), dh.data(), Stream()));
-  const auto h = Download(dh);
-
-  std::vector<float> got(static_cast<std::size_t>(rows * d));
-  std::vector<double> want(got.size());
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < d; ++c) {
-      double a = 0, g = 0;
-      for (int64_t i = 0; i < d; ++i) {
-        a += static_cast<double>(RoundBf16(x[r * d + i])) * RoundBf16(w[c * d + i]);
-        g += static_cast<double>(RoundBf16(x[(x_rows + r) * d + i])) * RoundBf16(w[(d + c) * d + i]);
-      }
-      want[r * d + c] = h0[r * d + c] + a + e[r * d + c] / (1.0 + std::exp(-(g + bias[c])));
-      got[r * d + c] = h[r * d + c];
-    }
-  CHECK(RelErr(got, want) < kTolGemmRounded);
-  CHECK(std::memcmp(h.data() + rows * d, h0.data() + rows * d, (x_rows - rows) * d * sizeof(float)) == 0);
-
-  auto dpair = Poisoned<float>(static_cast<std::size_t>(2 * x_rows * d));
-  auto dwant = Upload(h0);
-  RequireOk(LinearTwo(Cublas(), dx.data(), x_rows, d, dw.data(), d, dpair.data(), Stream()));
-  RequireOk(GatedResidual(dwant.data(), dpair.data(), dpair.data() + x_rows * d, dbias.data(), rows, d, de.data(),
-                          Stream()));
-  const auto unfused = Download(dwant);
-  int64_t same = 0;
-  for (int64_t i = 0; i < rows * d; ++i) same += std::memcmp(&unfused[i], &h[i], sizeof(h[i])) == 0;
-  INFO(same << " of " << rows * d << " elements the unfused ops' bits");
-  CHECK(same >= rows * d * 98 / 100);
-  CHECK(LinearGatedResidual(dx.data(), x_rows, x_rows + 1, d, dw.data(), dbias.data(), de.data(), dh.data(),
-                            Stream())
-            .IsInvalidArgument());  // more rows written than the GEMM's
-}
-
 TEST_CASE("LinearSwiGlu refuses shapes it has no tiles for, or whose last round of tiles runs part-empty",
           "[cuda][ops]") {
   CHECK_FALSE(LinearSwiGluSupported(64, 60, 128));   // d not a multiple of 64

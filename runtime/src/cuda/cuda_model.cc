@@ -1515,18 +1515,14 @@ class CudaModel final : public Model {
 
   // OutputGate's GEMM and o_proj's for a tiled chunk of a memory layer, as one strided-batched
   // GEMM over the weights stacked at load (o_out_gate): x [2, m, d] in sc.yb, the attention
-  // output there already (CausalAttentionTiled) and e rounded to bf16 behind it; on Hopper
-  // one kernel whose epilogue applies the gated residual (LinearGatedResidual), else the two
-  // results [2, m, d] in sc.gate_up (free until the FFN), then GatedResidual.
+  // output there already (CausalAttentionTiled) and e rounded to bf16 behind it; the two
+  // results [2, m, d] in sc.gate_up (free until the FFN); then the gated residual.
   Status OutputGateWithO(CudaState& s, int64_t n, int64_t m, const CudaLayerWeights& lw, float* h) const {
     const int64_t d = cfg_.hidden_size;
     const cudaStream_t st = s.stream_.get();
     Scratch& sc = s.scratch_;
     bf16* x_pair = sc.yb.data();
     LM2_RETURN_IF_ERROR(ConvertF32ToBf16(sc.e.data(), m * d, x_pair + m * d, st));
-    if (LinearGatedResidualSupported(m, d)) {  // Hopper: the gated residual as the GEMM's epilogue
-      return LinearGatedResidual(x_pair, m, n, d, lw.o_out_gate, lw.memory.out_gate_b, sc.e.data(), h, st);
-    }
     float* y_pair = sc.gate_up.data();
     LM2_RETURN_IF_ERROR(LinearTwo(s.cublas_.get(), x_pair, m, d, lw.o_out_gate, d, y_pair, st));
     return GatedResidual(h, y_pair, y_pair + m * d, lw.memory.out_gate_b, n, d, sc.e.data(), st);

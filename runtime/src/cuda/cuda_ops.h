@@ -154,17 +154,6 @@ bool LinearSwiGluSupported(int64_t rows, int64_t d, int64_t F);
 Status LinearSwiGlu(const __nv_bfloat16* x, int64_t rows, int64_t d, const __nv_bfloat16* w_gate_up, int64_t F,
                     __nv_bfloat16* y, cudaStream_t stream);
 
-// A memory layer's o_proj and output gate with both residual adds as one GEMM (gemm_sm90.cu):
-// h[r] += a[r] W_oᵀ + sigmoid(e_bf16[r] W_ogᵀ + bias) ⊙ e[r] for r < rows, with x_pair
-// [2, x_rows, d] bf16 holding a then e_bf16 and w_pair [2d, d] the stacked [W_o; W_og]:
-// LinearTwo then GatedResidual, to the sums' order. rows ≤ x_rows; the GEMM runs over x_rows
-// (a multiple of 64 runs fastest). Supported as LinearSwiGlu with F = d (a multiple of 128),
-// unless LM2_CUDA_FUSED_GATED_RESIDUAL=0; else Unavailable.
-bool LinearGatedResidualSupported(int64_t rows, int64_t d);
-Status LinearGatedResidual(const __nv_bfloat16* x_pair, int64_t x_rows, int64_t rows, int64_t d,
-                           const __nv_bfloat16* w_pair, const float* bias, const float* e, float* h,
-                           cudaStream_t stream);
-
 // x[n] += y[n].
 Status AddInPlace(float* x, const float* y, int64_t n, cudaStream_t stream);
 
