@@ -29,6 +29,7 @@
 #include "cuda/kernel_modules.h"
 #include "cuda/mbarrier.cuh"
 #include "cuda/tma.cuh"
+#include "cuda/wgmma.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define LM2_WGMMA 1  // this compilation pass has the sm_90a instructions
@@ -59,33 +60,6 @@ struct Tiles {
   static constexpr int kAccumulators = kCols / 4;                           // 8-column groups of gate | up
   static constexpr int kSharedBytes = kSwizzleAtomBytes + kStages * kStageBytes + 2 * kStages * 8;
 };
-
-// Issue order and completion of wgmma (a warpgroup's commit groups).
-__device__ __forceinline__ void WgmmaFence() {
-#if LM2_WGMMA
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void WgmmaCommit() {
-#if LM2_WGMMA
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#endif
-}
-template <int N>
-__device__ __forceinline__ void WgmmaWait() {
-#if LM2_WGMMA
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-#endif
-}
-
-// Keeps the compiler from moving accesses of the accumulators across the asm around it.
-template <int R>
-__device__ __forceinline__ void FenceAccumulators(float (&d)[R][4]) {
-#pragma unroll
-  for (int i = 0; i < R; ++i)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) asm volatile("" : "+f"(d[i][c])::"memory");
-}
 
 #define LM2_ACC4(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
 #define LM2_ACC32(i) \
@@ -210,23 +184,23 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
       const char* stage = stages + s * kStageBytes;
       const uint64_t a = SwizzledTileDescriptor(stage + half * kXHalfBytes);
       const uint64_t b = SwizzledTileDescriptor(stage + kXBytes);
-      FenceAccumulators(acc);
+      FenceOperands(acc);
       WgmmaFence();
 #pragma unroll
       for (int kc = 0; kc < kStepK / 16; ++kc) {
         Mma64xN(acc, a + kc * kDescriptorColumnStep, b + kc * kDescriptorColumnStep, k > 0 || kc > 0);
       }
       WgmmaCommit();
-      FenceAccumulators(acc);
+      FenceOperands(acc);
       WgmmaWait<1>();  // the stage before's products are done: its buffers go back to the producer
-      FenceAccumulators(acc);
+      FenceOperands(acc);
       if (k > 0) {
         __syncwarp();
         if (lane == 0) BarrierArrive(&empty[(it - 1) % kStages]);
       }
     }
     WgmmaWait<0>();
-    FenceAccumulators(acc);
+    FenceOperands(acc);
     __syncwarp();
     if (lane == 0) BarrierArrive(&empty[(it - 1) % kStages]);
 

@@ -32,6 +32,7 @@
 #include "cuda/memory_tiled.cuh"
 #include "cuda/mma.cuh"
 #include "cuda/tma.cuh"
+#include "cuda/wgmma.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define LM2_WGMMA 1  // this compilation pass has the sm_90a instructions
@@ -424,23 +425,6 @@ __device__ __forceinline__ void IssueProducts128(float (&d)[8][4], const uint32_
 #undef LM2_ACC_REGS_64
 #undef LM2_ACC_REGS_32
 
-// Waits until at most N of this warpgroup's commit groups are pending.
-template <int N>
-__device__ __forceinline__ void WaitGroups() {
-#if LM2_WGMMA
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-#endif
-}
-
-// Keeps the compiler from moving accesses of v across the asm statements around it.
-template <int R>
-__device__ __forceinline__ void FenceOperands(float (&v)[R][4]) {
-#pragma unroll
-  for (int i = 0; i < R; ++i)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) asm volatile("" : "+f"(v[i][c])::"memory");
-}
-
 // One stage's weights (OnlineSoftmaxWeights over its 128 columns, the last stage's padding
 // slots -inf first); whether the output rows must be rescaled by alpha (set then) returned.
 __device__ __forceinline__ bool StageWeights(float (&s)[16][4], int64_t valid, int t, float scale_log2, float (&m)[2],
@@ -523,7 +507,7 @@ __global__ void __launch_bounds__(kReadThreads, 2)
   BarrierWait(&full[0], 0);
   ColumnSteps(ks, b);
   IssueScores128(s, a, b);
-  WaitGroups<0>();
+  WgmmaWait<0>();
   FenceOperands(s);
   StageWeights(s, N, t, scale_log2, m, l, alpha);  // the first stage: out is 0, nothing to rescale
   pack();
@@ -533,10 +517,10 @@ __global__ void __launch_bounds__(kReadThreads, 2)
     ColumnSteps(ks + stage * kReadStageBytes, b);
     IssueScores128(s, a, b);
     IssueProducts128(out, p, SwizzledTileDescriptor(vs + prev * kReadStageBytes));
-    WaitGroups<1>();  // the scores (the product may still run)
+    WgmmaWait<1>();  // the scores (the product may still run)
     FenceOperands(s);
     const bool grown = StageWeights(s, N - static_cast<int64_t>(it) * kReadSlots, t, scale_log2, m, l, alpha);
-    WaitGroups<0>();
+    WgmmaWait<0>();
     FenceOperands(out);
     if (grown) {
       ScaleRow(out, 0, alpha[0]);
@@ -547,7 +531,7 @@ __global__ void __launch_bounds__(kReadThreads, 2)
     pack();
   }
   IssueProducts128(out, p, SwizzledTileDescriptor(vs + (tiles - 1) % kReadStages * kReadStageBytes));
-  WaitGroups<0>();
+  WgmmaWait<0>();
   FenceOperands(out);
   // e: the rows normalised, staged over the K/V stages and stored whole; each row's shift.
   float inv_l[2];

@@ -1,12 +1,8 @@
-// Hopper's tensor copies (TMA) and wgmma's shared-memory matrix descriptors, for the sm_90a
-// kernels (memory_tiled_sm90.cu, gemm_sm90.cu): a 2-D box of a bf16 row-major matrix copied
-// into shared memory in the 128-byte swizzle, and the descriptor wgmma reads such a tile by.
-//
-// The swizzled layout: rows of 64 bf16 (128 bytes), 16-byte piece c of row r at
-// r · 128 + (c ⊕ r mod 8) · 16, the tile 1 KiB aligned. A box of 64 columns is one such row
-// per matrix row: what cuTensorMapEncodeTiled's CU_TENSOR_MAP_SWIZZLE_128B stores, and
-// what a descriptor with 128-byte swizzle and 1 KiB between 8-row groups reads, for a
-// "K-major" operand (a row's 64 k contiguous) of any number of rows.
+// Hopper's tensor copies (TMA) for the sm_90a kernels (memory_tiled_sm90.cu, gemm_sm90.cu):
+// a 2-D box of a bf16 row-major matrix copied into shared memory in the 128-byte swizzle
+// (wgmma.cuh: the layout, and the descriptor wgmma reads such a tile by). A box of 64 columns
+// is one swizzled row per matrix row: what cuTensorMapEncodeTiled's
+// CU_TENSOR_MAP_SWIZZLE_128B stores.
 #pragma once
 
 #include <cuda.h>
@@ -18,6 +14,7 @@
 #include <string>
 
 #include "cuda/mma.cuh"  // SharedAddress
+#include "cuda/wgmma.cuh"
 #include "lm2/core/status.h"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -27,9 +24,6 @@
 #endif
 
 namespace lm2::runtime::cuda {
-
-constexpr int kSwizzleRowBytes = 128;                    // a swizzled row: 64 bf16
-constexpr int kSwizzleAtomBytes = 8 * kSwizzleRowBytes;  // the swizzle's repeat: 8 rows, 1 KiB
 
 // The box of `map` at column x, row y into 1 KiB-aligned shared `dst`, counted on `bar`
 // (mbarrier.cuh: the box's bytes complete a transaction the barrier was told to expect).
@@ -42,16 +36,6 @@ __device__ __forceinline__ void TensorTile(void* dst, const CUtensorMap* map, in
       : "memory");
 #endif
 }
-
-// The matrix descriptor of a swizzled tile: start address, stride between 8-row groups
-// (1 KiB), 128-byte swizzle. Adding b / 16 moves its start b bytes on (a 16-column step
-// along a row: 32 bytes, kDescriptorColumnStep; a 16-row step: 2 KiB).
-__device__ __forceinline__ uint64_t SwizzledTileDescriptor(const void* tile) {
-  const uint64_t address = SharedAddress(tile);
-  return ((address & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{kSwizzleAtomBytes >> 4} << 32) |
-         (uint64_t{1} << 62);
-}
-constexpr uint64_t kDescriptorColumnStep = 32 >> 4;  // 16 columns of a row
 
 // The driver's cuTensorMapEncodeTiled (a host function: it only fills the map), looked up
 // once per process; null where the driver has none.
