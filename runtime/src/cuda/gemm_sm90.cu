@@ -78,14 +78,14 @@ __device__ __forceinline__ void Mma64xN(float (&d)[32][4], uint64_t a, uint64_t 
       ".reg .pred p;\n"
       "setp.ne.b32 p, %130, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
-  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
-  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
-  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
-  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
       "}, %128, %129, p, 1, 1, 0, 0;\n"
       "}\n"
       : LM2_ACC32(0), LM2_ACC32(8), LM2_ACC32(16), LM2_ACC32(24)
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
                        int64_t rows, int64_t F, int64_t d, bf16* __restrict__ y) {
 #if LM2_WGMMA
   using T = Tiles<kCols>;
-  constexpr int kStages = T::kStages, kStageBytes = T::kStageBytes, kWBytes = T::kWBytes, kTileCols = kCols;
+  constexpr int kStages = T::kStages, kStageBytes = T::kStageBytes, kWBytes = T::kWBytes;
   extern __shared__ __align__(16) unsigned char smem[];
   char* stages = reinterpret_cast<char*>(smem) +
                  (kSwizzleAtomBytes - SharedAddress(smem) % kSwizzleAtomBytes) % kSwizzleAtomBytes;
@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
   uint64_t* empty = full + kStages;
   const int warpgroup = static_cast<int>(threadIdx.x) / 128;
   const int m_tiles = static_cast<int>((rows + kTileRows - 1) / kTileRows);
-  const int tiles = m_tiles * static_cast<int>(F / kTileCols), steps = static_cast<int>(d / kStepK);
+  const int tiles = m_tiles * static_cast<int>(F / kCols), steps = static_cast<int>(d / kStepK);
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       BarrierInit(&full[s], 1);
@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
     if (threadIdx.x == 0) {
       int it = 0;
       for (int tile = static_cast<int>(blockIdx.x); tile < tiles; tile += static_cast<int>(gridDim.x)) {
-        const int m0 = (tile % m_tiles) * kTileRows, n0 = (tile / m_tiles) * kTileCols;
+        const int m0 = (tile % m_tiles) * kTileRows, n0 = (tile / m_tiles) * kCols;
         for (int k = 0; k < steps; ++k, ++it) {
           const int s = it % kStages;
           if (it >= kStages) BarrierWait(&empty[s], static_cast<uint32_t>(it / kStages - 1) & 1);
@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
   float acc[T::kAccumulators][4];
   int it = 0;
   for (int tile = static_cast<int>(blockIdx.x); tile < tiles; tile += static_cast<int>(gridDim.x)) {
-    const int m0 = (tile % m_tiles) * kTileRows, n0 = (tile / m_tiles) * kTileCols;
+    const int m0 = (tile % m_tiles) * kTileRows, n0 = (tile / m_tiles) * kCols;
     if (m0 + half * kHalfRows >= rows) {  // no rows of this warpgroup in the tile: pass the stages on
       for (int k = 0; k < steps; ++k, ++it) {
         const int s = it % kStages;
@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
     constexpr int kUp = kCols / 8;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int64_t row = m0 + half * 64 + warp * 16 + g + 8 * r;
+      const int64_t row = m0 + half * kHalfRows + warp * 16 + g + 8 * r;
       if (row >= rows) continue;
       bf16* out = y + row * F + n0 + 2 * t;
 #pragma unroll
@@ -245,10 +245,6 @@ Status LaunchLinearSwiGlu(const bf16* x, int64_t rows, int64_t d, const bf16* w_
       LaunchPdl(kernel, dim3(grid), dim3(kGemmThreads), T::kSharedBytes, stream, x_map, w_map, rows, F, d, y),
       "LinearSwiGlu");
 }
-
-}  // namespace
-
-namespace {
 
 // The tile width for rows x F on `sms` multiprocessors, 0 for none: 64 columns where their
 // tiles fit in one round over the multiprocessors (a chunk of up to 128 rows at F 8192), 128
