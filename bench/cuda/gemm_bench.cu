@@ -107,7 +107,6 @@ std::vector<int64_t> ParseList(const char* s) {
   return v;
 }
 
-
 // The gate|up GEMM and SwiGLU: cuBLAS then SwiGluBf16 (`y` holds the [rows, 2F] products)
 // against LinearSwiGlu, each call on another copy of the weights.
 void FusedSwiGluTable(cublasHandle_t handle, const __nv_bfloat16* pool, const __nv_bfloat16* x, __nv_bfloat16* y,

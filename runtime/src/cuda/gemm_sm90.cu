@@ -31,12 +31,6 @@
 #include "cuda/tma.cuh"
 #include "cuda/wgmma.cuh"
 
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define LM2_WGMMA 1  // this compilation pass has the sm_90a instructions
-#else
-#define LM2_WGMMA 0
-#endif
-
 namespace lm2::runtime::cuda {
 namespace {
 

@@ -34,12 +34,6 @@
 #include "cuda/tma.cuh"
 #include "cuda/wgmma.cuh"
 
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define LM2_WGMMA 1  // this compilation pass has the sm_90a instructions
-#else
-#define LM2_WGMMA 0
-#endif
-
 namespace lm2::runtime::cuda::tiled {
 namespace {
 
@@ -72,7 +66,7 @@ __device__ __forceinline__ void TileArrived(int it, int tiles) {
   __syncthreads();
 }
 
-// A 16-row step of a swizzled tile's descriptor (tma.cuh: 2 KiB).
+// A 16-row step of a swizzled tile's descriptor (wgmma.cuh: 2 KiB).
 constexpr uint64_t kRowStep = 16 * kRowBytes >> 4;
 
 // d[64 x 64] (+)= A[64 x 64] · B[64 x 64] for the warpgroup, as four 16-wide steps, b[kc]

@@ -14,21 +14,15 @@
 #include <string>
 
 #include "cuda/mma.cuh"  // SharedAddress
-#include "cuda/wgmma.cuh"
+#include "cuda/wgmma.cuh"  // the swizzle, LM2_WGMMA
 #include "lm2/core/status.h"
-
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define LM2_TMA 1  // this compilation pass has the sm_90a instructions
-#else
-#define LM2_TMA 0
-#endif
 
 namespace lm2::runtime::cuda {
 
 // The box of `map` at column x, row y into 1 KiB-aligned shared `dst`, counted on `bar`
 // (mbarrier.cuh: the box's bytes complete a transaction the barrier was told to expect).
 __device__ __forceinline__ void TensorTile(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
-#if LM2_TMA
+#if LM2_WGMMA
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::
           "r"(SharedAddress(dst)),
@@ -76,4 +70,3 @@ inline Result<CUtensorMap> SwizzledRowsMap(const __nv_bfloat16* base, int64_t ro
 
 }  // namespace lm2::runtime::cuda
 
-#undef LM2_TMA

@@ -12,10 +12,12 @@
 
 #include "cuda/mma.cuh"  // SharedAddress
 
+// LM2_WGMMA: whether this compilation pass has the sm_90a instructions (wgmma, and the
+// tensor copies tma.cuh issues); the sm_90a files' device code is guarded by it.
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define LM2_WGMMA_ISA 1  // this compilation pass has the sm_90a instructions
+#define LM2_WGMMA 1
 #else
-#define LM2_WGMMA_ISA 0
+#define LM2_WGMMA 0
 #endif
 
 namespace lm2::runtime::cuda {
@@ -36,14 +38,14 @@ constexpr uint64_t kDescriptorColumnStep = 32 >> 4;  // 16 columns of a row
 // Orders this warpgroup's earlier register and shared-memory accesses before the wgmma
 // instructions that follow (before the first of a batch).
 __device__ __forceinline__ void WgmmaFence() {
-#if LM2_WGMMA_ISA
+#if LM2_WGMMA
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #endif
 }
 
 // Closes the wgmma instructions issued since the last commit into one group.
 __device__ __forceinline__ void WgmmaCommit() {
-#if LM2_WGMMA_ISA
+#if LM2_WGMMA
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 #endif
 }
@@ -51,7 +53,7 @@ __device__ __forceinline__ void WgmmaCommit() {
 // Waits until at most N of this warpgroup's commit groups are pending.
 template <int N>
 __device__ __forceinline__ void WgmmaWait() {
-#if LM2_WGMMA_ISA
+#if LM2_WGMMA
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
@@ -68,4 +70,3 @@ __device__ __forceinline__ void FenceOperands(float (&v)[R][4]) {
 
 }  // namespace lm2::runtime::cuda
 
-#undef LM2_WGMMA_ISA
