@@ -568,6 +568,15 @@ TEST_CASE("LinearSwiGlu refuses shapes it has no tiles for, or whose last round 
   CHECK_FALSE(LinearSwiGluSupported(128, 64, 128 * (sms + 1)));  // a second round of one tile
   CHECK(LinearSwiGlu(nullptr, 128, 64, nullptr, 128 * (sms + 1), nullptr, Stream()).code() ==
         lm2::StatusCode::kUnavailable);
+  // A supported shape with null or misaligned pointers: refused before any launch.
+  const int64_t F = 128 * (sms / 2);
+  auto buf = DeviceBuffer<__nv_bfloat16>::Allocate(static_cast<std::size_t>(2 * F * 64 + 16));
+  RequireOk(buf.status());
+  __nv_bfloat16* p = buf->data();
+  CHECK(LinearSwiGlu(nullptr, 128, 64, p, F, p, Stream()).IsInvalidArgument());
+  CHECK(LinearSwiGlu(p, 128, 64, p, F, nullptr, Stream()).IsInvalidArgument());
+  CHECK(LinearSwiGlu(p + 1, 128, 64, p, F, p, Stream()).IsInvalidArgument());  // x 2 bytes off
+  CHECK(LinearSwiGlu(p, 128, 64, p, F, p + 1, Stream()).IsInvalidArgument());  // y 2 bytes off
 }
 
 TEST_CASE("Gemv refuses what it cannot take", "[cuda][ops]") {

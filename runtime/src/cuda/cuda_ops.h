@@ -148,7 +148,8 @@ Status SwiGluBf16(const __nv_bfloat16* gate_up, int64_t rows, int64_t F, __nv_bf
 // order. Supported (LinearSwiGluSupported) on compute capability 9.0 in a build with the
 // sm_90a code, for d a multiple of 64, F of 128 and the row counts whose tiles fill their
 // rounds over the multiprocessors (gemm_sm90.cu; the others run faster unfused), unless
-// LM2_CUDA_FUSED_SWIGLU=0; else Unavailable. Launched with LaunchPdl's overlap. Rows a
+// LM2_CUDA_FUSED_SWIGLU=0; else Unavailable. Null or misaligned pointers (x and the weights
+// 16-byte aligned, y 4-byte): InvalidArgument. Launched with LaunchPdl's overlap. Rows a
 // multiple of 64 run fastest (a copy of x never stops partway into a 64-row box).
 bool LinearSwiGluSupported(int64_t rows, int64_t d, int64_t F);
 Status LinearSwiGlu(const __nv_bfloat16* x, int64_t rows, int64_t d, const __nv_bfloat16* w_gate_up, int64_t F,

@@ -281,6 +281,12 @@ Status LinearSwiGlu(const bf16* x, int64_t rows, int64_t d, const bf16* w_gate_u
   if (!LinearSwiGluSupported(rows, d, F)) {
     return Status::Unavailable("LinearSwiGlu: no sm_90a kernel for this device or shape");
   }
+  LM2_RETURN_IF_ERROR(RequireNonNull("LinearSwiGlu", {x, w_gate_up, y}));
+  // The tensor copies read x and the weights from 16-byte aligned rows (d a multiple of 64);
+  // the epilogue stores pairs of bf16.
+  if (!Aligned16({x, w_gate_up}) || reinterpret_cast<uintptr_t>(y) % 4 != 0) {
+    return Status::InvalidArgument("LinearSwiGlu: x and the weights must be 16-byte aligned, y 4-byte aligned");
+  }
   LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());
   if (TileColumns(rows, F, sms) == 64) return LaunchLinearSwiGlu<64>(x, rows, d, w_gate_up, F, y, sms, stream);
   return LaunchLinearSwiGlu<128>(x, rows, d, w_gate_up, F, y, sms, stream);
