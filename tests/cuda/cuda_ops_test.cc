@@ -579,6 +579,104 @@ TEST_CASE("LinearSwiGlu refuses shapes it has no tiles for, or whose last round 
   CHECK(LinearSwiGlu(p, 128, 64, p, F, p + 1, Stream()).IsInvalidArgument());  // y 2 bytes off
 }
 
+// The split-k down projection, every plan that fits the shape (tiles of 128 or 256 columns,
+// 2, 4 or 8 parts of k), against the product in double from the same bf16 operands plus y's
+// value; the same bits on a second run (the parts' sums are added in a fixed order, whatever
+// order the cluster's blocks finish in). Rows past the last are left as they were.
+TEST_CASE("LinearAddSplitK: y += x Wᵀ with the sums over k split across a cluster", "[cuda][ops]") {
+  // (rows, in, out): one tile of 128 rows (one warpgroup without rows: 64), the second
+  // warpgroup's rows partly in its box (100), three tiles of rows (the last rows part of a
+  // box), the model's shape at 512 rows (k shortened), and k of two steps (two parts only).
+  const std::tuple<int64_t, int64_t, int64_t> shapes[] = {
+      {64, 512, 256}, {100, 1024, 512}, {300, 1024, 768}, {512, 512, 2048}, {1152, 128, 1024}};
+  const auto [rows, in, out] = shapes[GENERATE(0, 1, 2, 3, 4)];
+  const SplitKPlan chosen = LinearAddSplitKPlan(rows, in, out);
+  INFO("rows=" << rows << " in=" << in << " out=" << out << "; the default plan: " << chosen.columns << " columns, "
+               << chosen.parts << " parts");
+  if (!LinearAddSplitKSupported(512, 8192, 2048)) {
+    WARN("LinearAddSplitK: not supported on this device or build (compute capability 9.0 and sm_90a code needed)");
+    CHECK(chosen.parts == 0);
+    CHECK(LinearAddSplitK(nullptr, rows, in, nullptr, out, nullptr, Stream()).code() ==
+          lm2::StatusCode::kUnavailable);
+    return;
+  }
+  const auto x = Random(static_cast<std::size_t>(rows * in)), w = Random(static_cast<std::size_t>(out * in));
+  const auto y0 = Random(static_cast<std::size_t>(rows * out));
+  auto dx32 = Upload(x), dw32 = Upload(w);
+  auto dx = Poisoned<__nv_bfloat16>(x.size()), dw = Poisoned<__nv_bfloat16>(w.size());
+  RequireOk(ConvertF32ToBf16(dx32.data(), rows * in, dx.data(), Stream()));
+  RequireOk(ConvertF32ToBf16(dw32.data(), out * in, dw.data(), Stream()));
+  std::vector<double> want(y0.size());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < out; ++o) {
+      double acc = 0;
+      for (int64_t i = 0; i < in; ++i) acc += static_cast<double>(RoundBf16(x[r * in + i])) * RoundBf16(w[o * in + i]);
+      want[r * out + o] = y0[r * out + o] + acc;
+    }
+  auto y0_past = y0;  // one row past the last, NaN: never touched
+  y0_past.resize(static_cast<std::size_t>((rows + 1) * out), std::numeric_limits<float>::quiet_NaN());
+  auto run = [&](SplitKPlan plan) {
+    auto dy = Upload(y0_past);
+    RequireOk(LinearAddSplitK(dx.data(), rows, in, dw.data(), out, dy.data(), Stream(), plan));
+    return Download(dy);
+  };
+  int plans = 0;
+  for (const int columns : {128, 256}) {
+    for (const int parts : {2, 4, 8}) {
+      if (out % columns != 0 || in % (64 * parts) != 0) continue;
+      INFO("plan: " << columns << " columns, " << parts << " parts");
+      ++plans;
+      const auto y = run({columns, parts});
+      const std::vector<float> got(y.begin(), y.begin() + rows * out);
+      CHECK(RelErr(got, want) < kTolGemmRounded);
+      int64_t untouched = 0;
+      for (int64_t o = 0; o < out; ++o) untouched += std::isnan(y[rows * out + o]);
+      CHECK(untouched == out);
+      const auto again = run({columns, parts});
+      CHECK(std::memcmp(y.data(), again.data(), y.size() * sizeof(float)) == 0);
+    }
+  }
+  CHECK(plans >= 2);
+}
+
+TEST_CASE("LinearAddSplitK refuses shapes and plans it has no tiles for", "[cuda][ops]") {
+  CHECK_FALSE(LinearAddSplitKSupported(64, 500, 256));  // in not a multiple of 64
+  CHECK_FALSE(LinearAddSplitKSupported(64, 512, 200));  // out not a multiple of 128
+  CHECK_FALSE(LinearAddSplitKSupported(64, 64, 256));   // in too short for two parts
+  CHECK_FALSE(LinearAddSplitKSupported(0, 512, 256));
+  CHECK(LinearAddSplitK(nullptr, 4, 500, nullptr, 256, nullptr, Stream()).code() == lm2::StatusCode::kUnavailable);
+  if (!LinearAddSplitKSupported(512, 8192, 2048)) {
+    WARN("LinearAddSplitK: not supported on this device or build: only the refusals checked");
+    return;
+  }
+  auto sms_or = Multiprocessors();
+  RequireOk(sms_or.status());
+  const int64_t sms = *sms_or;
+  // More tiles of 128 columns than the multiprocessors hold in two parts each: cuBLAS's own
+  // tiles fill them.
+  CHECK_FALSE(LinearAddSplitKSupported(128 * (sms / 2 + 1), 512, 128));
+  const SplitKPlan model = LinearAddSplitKPlan(512, 8192, 2048);  // the paper's down projection at 512 rows
+  CHECK(model.parts > 0);
+  CHECK((512 / 128) * (2048 / model.columns) * model.parts <= sms);
+  auto bf = DeviceBuffer<__nv_bfloat16>::Allocate(static_cast<std::size_t>(256 * 512 + 16));
+  auto fp = DeviceBuffer<float>::Allocate(static_cast<std::size_t>(128 * 256 + 4));
+  RequireOk(bf.status());
+  RequireOk(fp.status());
+  __nv_bfloat16* p = bf->data();
+  float* y = fp->data();
+  // Plans that do not fit the shape.
+  CHECK(LinearAddSplitK(p, 128, 512, p, 256, y, Stream(), {96, 2}).IsInvalidArgument());   // no such tile width
+  CHECK(LinearAddSplitK(p, 128, 512, p, 256, y, Stream(), {128, 3}).IsInvalidArgument());  // no such part count
+  CHECK(LinearAddSplitK(p, 128, 512, p, 384, y, Stream(), {256, 2}).IsInvalidArgument());  // 384 columns
+  CHECK(LinearAddSplitK(p, 128, 192, p, 256, y, Stream(), {128, 4}).IsInvalidArgument());  // 3 steps in 4 parts
+  // A fitting plan with null or misaligned pointers: refused before any launch.
+  CHECK(LinearAddSplitK(nullptr, 128, 512, p, 256, y, Stream(), {256, 4}).IsInvalidArgument());
+  CHECK(LinearAddSplitK(p, 128, 512, nullptr, 256, y, Stream(), {128, 2}).IsInvalidArgument());
+  CHECK(LinearAddSplitK(p, 128, 512, p, 256, nullptr, Stream(), {256, 8}).IsInvalidArgument());
+  CHECK(LinearAddSplitK(p + 1, 128, 512, p, 256, y, Stream(), {128, 2}).IsInvalidArgument());  // x 2 bytes off
+  CHECK(LinearAddSplitK(p, 128, 512, p, 256, y + 1, Stream(), {128, 2}).IsInvalidArgument());  // y 4 bytes off
+}
+
 TEST_CASE("Gemv refuses what it cannot take", "[cuda][ops]") {
   auto buf = DeviceBuffer<float>::Allocate(1024);
   RequireOk(buf.status());
