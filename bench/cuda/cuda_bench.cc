@@ -896,18 +896,7 @@ void PrefillChunkParts(const lm2::runtime::ModelConfig& c, int64_t T) {
                      TimeOp(st, [&] { return cuda::LinearSwiGlu(xb.data(), T, d, w.data(), F, gate_up, st); }, 20), 0,
                      gemm_flops(d, 2 * F)});
   }
-  // The down projection: on Hopper, up to ~1,024 rows, split over k across a cluster (cuBLAS's
-  // GEMM shown, not counted).
-  const bool split_k = cuda::LinearAddSplitKSupported(T, F, d);
-  parts.push_back({"cuBLAS T x F -> d (down)", split_k ? 0.0 : 1.0, linear(F, d), 0, gemm_flops(F, d)});
-  if (split_k) {
-    parts.push_back({"LinearAddSplitK (down, k split over a cluster)", 1,
-                     TimeOp(st, [&] {
-                       return cuda::LinearAddSplitK(xb.data(), T, F, WeightCopy(w.data(), w_elems, F * d, call++), d,
-                                                    y.data(), st);
-                     }, 20),
-                     0, gemm_flops(F, d)});
-  }
+  parts.push_back({"cuBLAS T x F -> d (down)", 1, linear(F, d), 0, gemm_flops(F, d)});
   std::printf("a prefill chunk of %lld tokens by kernel (empty cache; mean of back-to-back launches, GEMMs each on "
               "other weights; counts per layer):\n",
               static_cast<long long>(T));

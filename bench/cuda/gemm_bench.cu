@@ -13,16 +13,13 @@
 // Then, where the device runs it (LinearSwiGluSupported), the FFN's gate|up GEMM with its
 // SwiGLU as one kernel (LinearSwiGlu, gemm_sm90.cu) against what it replaces: the default
 // GEMM into bf16 followed by SwiGluBf16, at each row count, with the share of outputs whose
-// bits agree; and the down projection split over k across a cluster (LinearAddSplitK)
-// against cuBLAS's accumulating GEMM, with the parts it takes and the largest difference
-// relative to the output's largest value. `--shape none` runs only those two tables.
+// bits agree. `--shape none` runs only that table.
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -161,75 +158,6 @@ void FusedSwiGluTable(cublasHandle_t handle, const __nv_bfloat16* pool, const __
   }
 }
 
-// The down projection y += x · Wᵀ (8192 → 2048, fp32 y): cuBLAS's default GEMM (Linear with
-// accumulate) against LinearAddSplitK's plan for the row count, and every other plan, each
-// call on another copy of the weights and adding into y again (the sums grow by one product a
-// call; the times do not depend on them).
-void SplitKDownTable(cublasHandle_t handle, const __nv_bfloat16* pool, const __nv_bfloat16* x, float* y,
-                     float* y_ref, const std::vector<int64_t>& rows_list, int reps, Timer& timer) {
-  namespace rt = lm2::runtime::cuda;
-  constexpr int64_t in = 8192, out = 2048;
-  if (!rt::LinearAddSplitKSupported(512, in, out)) {
-    std::printf("\nLinearAddSplitK: not supported on this device or build: no split-k down table\n");
-    return;
-  }
-  const std::size_t w_bytes = static_cast<std::size_t>(in * out * 2), copies = kWeightPool / w_bytes;
-  auto weight = [&](int r) { return pool + (static_cast<std::size_t>(r) % copies) * (w_bytes / 2); };
-  auto ok = [](const lm2::Status& st) {
-    if (!st.ok()) {
-      std::fprintf(stderr, "lm2_cuda_gemm_bench: %s\n", st.ToString().c_str());
-      std::exit(1);
-    }
-  };
-  std::printf("\n| down (8192 → 2048, +=) | rows | plan (columns x parts) | cuBLAS us | LinearAddSplitK us | TFLOP/s | "
-              "ratio | max diff / max | every plan (columns x parts: us) |\n");
-  std::printf("| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
-  for (const int64_t rows : rows_list) {
-    const rt::SplitKPlan chosen = rt::LinearAddSplitKPlan(rows, in, out);
-    const double cublas_us = timer.BestMeanUs(reps, [&](int r) {
-      ok(rt::Linear(handle, x, rows, in, weight(r), out, y_ref, true, nullptr));
-    });
-    std::string all;
-    double chosen_us = 0;
-    for (const int columns : {128, 256}) {
-      for (const int parts : {2, 4, 8}) {
-        const rt::SplitKPlan plan{columns, parts};
-        const double us = timer.BestMeanUs(reps, [&](int r) {
-          ok(rt::LinearAddSplitK(x, rows, in, weight(r), out, y, nullptr, plan));
-        });
-        if (columns == chosen.columns && parts == chosen.parts) chosen_us = us;
-        char item[48];
-        std::snprintf(item, sizeof item, "%s%dx%d: %.1f", all.empty() ? "" : ", ", columns, parts, us);
-        all += item;
-      }
-    }
-    if (chosen.parts == 0) {
-      std::printf("| down | %lld | none (cuBLAS) | %.1f | | | | | %s |\n", static_cast<long long>(rows), cublas_us,
-                  all.c_str());
-      std::fflush(stdout);
-      continue;
-    }
-    const std::size_t n = static_cast<std::size_t>(rows * out);
-    Check(cudaMemset(y_ref, 0, n * 4), "memset");
-    Check(cudaMemset(y, 0, n * 4), "memset");
-    ok(rt::Linear(handle, x, rows, in, weight(0), out, y_ref, true, nullptr));
-    ok(rt::LinearAddSplitK(x, rows, in, weight(0), out, y, nullptr));
-    Check(cudaDeviceSynchronize(), "down");
-    std::vector<float> a(n), b(n);
-    Check(cudaMemcpy(a.data(), y_ref, n * 4, cudaMemcpyDeviceToHost), "copy");
-    Check(cudaMemcpy(b.data(), y, n * 4, cudaMemcpyDeviceToHost), "copy");
-    double max_diff = 0, max_abs = 0;
-    for (std::size_t i = 0; i < n; ++i) {
-      max_diff = std::max(max_diff, static_cast<double>(std::fabs(a[i] - b[i])));
-      max_abs = std::max(max_abs, static_cast<double>(std::fabs(a[i])));
-    }
-    std::printf("| down | %lld | %dx%d | %.1f | %.1f | %.0f | %.3f | %.1e | %s |\n", static_cast<long long>(rows),
-                chosen.columns, chosen.parts, cublas_us, chosen_us, 2.0 * rows * in * out / chosen_us * 1e-6,
-                cublas_us / chosen_us, max_diff / max_abs, all.c_str());
-    std::fflush(stdout);
-  }
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -353,6 +281,5 @@ int main(int argc, char** argv) {
   }
   FusedSwiGluTable(handle, pool, x, static_cast<__nv_bfloat16*>(y), static_cast<__nv_bfloat16*>(y_ref), rows_list,
                    reps, timer);
-  SplitKDownTable(handle, pool, x, static_cast<float*>(y), static_cast<float*>(y_ref), rows_list, reps, timer);
   return 0;
 }

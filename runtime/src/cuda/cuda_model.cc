@@ -1533,8 +1533,7 @@ class CudaModel final : public Model {
   // (sc.yb), and the down GEMV reads it, gate and up taken in fp32; longer chunks run a GEMM
   // whose epilogue applies the SwiGLU (LinearSwiGlu, on Hopper) or else a GEMM into
   // sc.gate_up in bf16 and SwiGluBf16, then the down GEMM (gate and up rounded to bf16
-  // first: the two forms' activations differ in the last bits), split over k across a
-  // cluster where the chunk's tiles would not fill the device (LinearAddSplitK, on Hopper).
+  // first: the two forms' activations differ in the last bits).
   Status FeedForward(CudaState& s, int64_t n, int64_t m, const CudaLayerWeights& lw, float* h) const {
     const int64_t d = cfg_.hidden_size, F = cfg_.intermediate_size;
     const cudaStream_t st = s.stream_.get();
@@ -1559,7 +1558,6 @@ class CudaModel final : public Model {
       LM2_RETURN_IF_ERROR(LinearToBf16(s.cublas_.get(), sc.xb.data(), m, d, lw.gate_up, 2 * F, gate_up, st));
       LM2_RETURN_IF_ERROR(SwiGluBf16(gate_up, n, F, sc.yb.data(), st));
     }
-    if (LinearAddSplitKSupported(m, F, d)) return LinearAddSplitK(sc.yb.data(), m, F, lw.down_proj, d, h, st);
     return Linear(s.cublas_.get(), sc.yb.data(), m, F, lw.down_proj, d, h, true, st);
   }
 

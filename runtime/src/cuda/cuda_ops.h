@@ -155,28 +155,6 @@ bool LinearSwiGluSupported(int64_t rows, int64_t d, int64_t F);
 Status LinearSwiGlu(const __nv_bfloat16* x, int64_t rows, int64_t d, const __nv_bfloat16* w_gate_up, int64_t F,
                     __nv_bfloat16* y, cudaStream_t stream);
 
-// The FFN's down projection on Hopper's wgmma with its sums over k split across a cluster of
-// 2, 4 or 8 blocks (gemm_sm90.cu): y[rows, out] += x[rows, in] · Wᵀ, x and W ([out, in]) bf16,
-// y fp32, each output y + the parts' partial sums added in a fixed order: the same bits on
-// every run, though not cuBLAS's (Linear with accumulate: another order of the sums). A plan
-// is a tile's output columns (128 or 256, rows 128) and the parts of k; LinearAddSplitKPlan
-// gives the one LinearAddSplitK takes by default, parts 0 where none runs: off compute
-// capability 9.0, in a build without the sm_90a code, with LM2_CUDA_SPLITK=0, and for shapes
-// where no plan's blocks fit one wave that keeps more than half the multiprocessors busy
-// (cuBLAS's tiles fill them there: beyond ~1,024 rows at out = 2,048 on an H200). Then
-// LinearAddSplitK returns Unavailable. A plan given (tests, benchmarks) is run as asked if it
-// fits the shape (out a multiple of its columns, in of 64 x its parts), else InvalidArgument.
-// Null or misaligned pointers (all three 16-byte aligned): InvalidArgument. Launched with
-// LaunchPdl's overlap.
-struct SplitKPlan {
-  int columns = 0;
-  int parts = 0;
-};
-SplitKPlan LinearAddSplitKPlan(int64_t rows, int64_t in, int64_t out);
-bool LinearAddSplitKSupported(int64_t rows, int64_t in, int64_t out);
-Status LinearAddSplitK(const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w, int64_t out,
-                       float* y, cudaStream_t stream, SplitKPlan plan = {});
-
 // x[n] += y[n].
 Status AddInPlace(float* x, const float* y, int64_t n, cudaStream_t stream);
 

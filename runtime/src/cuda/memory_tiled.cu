@@ -283,7 +283,7 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
   if (read) {
     LM2_ASSIGN_OR_RETURN(const int splits, ReadSplits(pairs * heads, (N + kTile - 1) / kTile, read_kernel,
                                                       GroupThreads(DHP), kReadBytes));
-    const ClusterLaunch launch(dim3(pairs, heads, static_cast<unsigned int>(splits)), GroupThreads(DHP),
+    const tiled::ClusterLaunch launch(dim3(pairs, heads, static_cast<unsigned int>(splits)), GroupThreads(DHP),
                                       kReadBytes, stream, splits);
     LM2_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&launch.config, MemoryReadTiledKernel<DHP>, q, q_ld, offer, offer_ld,
                                                 mem_k, mem_v, T, N, d, dh, scale_log2, vec, rows_vec, e, carved));
@@ -380,6 +380,15 @@ Status FlushStagedTokens(const bf16* mem_k, float* staged, int64_t tokens, int64
                     "FlushStagedTokens");
 }
 
+}  // namespace lm2::runtime::cuda
+
+namespace lm2::runtime::cuda::tiled {
+
+// How many clusters of `size` blocks of `kernel` (`threads` threads, `smem` bytes of dynamic
+// shared memory each) the current device holds at once (cudaOccupancyMaxActiveClusters:
+// a cluster's blocks share one GPC, so it is fewer than multiprocessors x residency / size
+// where a GPC's blocks do not divide evenly: 30 clusters of 8 of the read kernel on an
+// H200, 240 blocks, not 264). Cached per device, kernel and size.
 Result<int> MaxActiveClusters(const void* kernel, int size, int threads, int smem) {
   static std::mutex mu;
   static auto* cache = new std::map<std::tuple<int, const void*, int>, int>();
@@ -394,10 +403,6 @@ Result<int> MaxActiveClusters(const void* kernel, int size, int threads, int sme
   cache->emplace(key, clusters);
   return clusters;
 }
-
-}  // namespace lm2::runtime::cuda
-
-namespace lm2::runtime::cuda::tiled {
 
 // Blocks a split read's cluster takes per (tokens, head) pair, for `pairs` pairs: the largest
 // power of two (at most 8, the portable cluster size, and at most the slot tiles) whose

@@ -11,7 +11,6 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "cuda/cluster_launch.cuh"
 #include "cuda/device_math.cuh"
 #include "cuda/mma.cuh"
 #include "lm2/core/status.h"
@@ -254,8 +253,33 @@ __device__ __forceinline__ void CombineSplits(const float (&m)[M][2], const floa
 #endif
 }
 
-// The blocks a split read takes per (tokens, head) pair (memory_tiled.cu).
+// How many clusters of `size` blocks of `kernel` fit the device at once, and the blocks a
+// split read takes per (tokens, head) pair (memory_tiled.cu).
+Result<int> MaxActiveClusters(const void* kernel, int size, int threads, int smem);
 Result<int> ReadSplits(int64_t pairs, int64_t tiles, const void* kernel, int threads, int smem);
+
+// A launch of `grid` blocks of `threads` with `smem` bytes of dynamic shared memory on
+// `stream`, grouped in clusters of `size` blocks along z (no cluster attribute for 1): a
+// read's launch (cudaLaunchKernelEx(&launch.config, ...)), or the shape asked of
+// cudaOccupancyMaxActiveClusters. The config points at the attribute: not copied.
+struct ClusterLaunch {
+  ClusterLaunch(dim3 grid, int threads, int smem, cudaStream_t stream, int size) {
+    cluster[0].id = cudaLaunchAttributeClusterDimension;
+    cluster[0].val.clusterDim = {1, 1, static_cast<unsigned int>(size)};
+    config.gridDim = grid;
+    config.blockDim = dim3(static_cast<unsigned int>(threads));
+    config.dynamicSmemBytes = static_cast<std::size_t>(smem);
+    config.stream = stream;
+    config.attrs = cluster;
+    config.numAttrs = size > 1 ? 1 : 0;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+
+  cudaLaunchAttribute cluster[1];
+  cudaLaunchConfig_t config{};
+};
+
 
 // The wgmma kernels (memory_tiled_sm90.cu), for head width 64 and 16-byte aligned rows
 // (d % 8 == 0) on compute capability 9.0 (the caller checks): whether they run (this build
