@@ -1010,6 +1010,10 @@ TEST_CASE("CausalAttention: decode and prefill kernels, GQA, over a KV cache", "
       std::make_tuple(int64_t{16}, int64_t{16}, int64_t{2}, int64_t{1}, int64_t{256}),
       // several 64-query and 64-key tiles, a context longer than the chunk, odd widths
       std::make_tuple(int64_t{130}, int64_t{300}, int64_t{8}, int64_t{2}, int64_t{64}),
+      // at head width 64 the tiled kernel's 64-query blocks (where they fit two waves, as in
+      // the shapes above) and, up to 143 multiprocessors, 128-query blocks unpaired
+      std::make_tuple(int64_t{300}, int64_t{310}, int64_t{8}, int64_t{2}, int64_t{64}),
+      std::make_tuple(int64_t{520}, int64_t{600}, int64_t{36}, int64_t{4}, int64_t{64}),
       std::make_tuple(int64_t{64}, int64_t{64}, int64_t{4}, int64_t{4}, int64_t{16}),
       std::make_tuple(int64_t{100}, int64_t{229}, int64_t{6}, int64_t{3}, int64_t{30}),
       std::make_tuple(int64_t{129}, int64_t{129}, int64_t{4}, int64_t{2}, int64_t{128}),
