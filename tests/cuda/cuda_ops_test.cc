@@ -687,6 +687,8 @@ TEST_CASE("the sm_90 code runs where the build has it and the card takes it", "[
   INFO("architectures " << archs << ", compute capability " << major << "." << minor);
   CHECK(runs > 0);
   CHECK(Sm90CodeOnCurrentDevice() == (runs >= 90));
+  CHECK(ComputeCapability90OnCurrentDevice() == (major == 9 && minor == 0));
+  CHECK(ComputeCapability90OnCurrentDevice() == (major == 9 && minor == 0));  // cached: the same answer
 }
 
 TEST_CASE("LoadAllKernels puts every kernel of every .cu file on the device", "[cuda][ops][kernels]") {

@@ -115,4 +115,9 @@ inline Result<int> Multiprocessors() { return CurrentDeviceAttribute(cudaDevAttr
 // its cluster kernels trap. Cached per device (cuda_devices.cu).
 bool Sm90CodeOnCurrentDevice();
 
+// Whether the current device has compute capability 9.0 exactly: where the sm_90a kernels
+// (wgmma, tensor copies: memory_tiled_sm90.cu, gemm_sm90.cu) run, in a build that has them.
+// Cached per device (cuda_devices.cu).
+bool ComputeCapability90OnCurrentDevice();
+
 }  // namespace lm2::runtime::cuda

@@ -56,10 +56,14 @@ Result<std::vector<CudaDeviceInfo>> ListCudaDevices() {
 }  // namespace lm2::runtime
 
 namespace lm2::runtime::cuda {
+namespace {
 
-bool Sm90CodeOnCurrentDevice() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<signed char> cached[kMaxDevices];  // 0: not asked yet; 1 yes; -1 no
+constexpr int kMaxDevices = 64;
+
+// `holds(major, minor)` for the current device's compute capability, asked once per device
+// (`cached`: 0 not asked yet, 1 yes, -1 no); false where the device cannot be queried.
+template <typename Holds>
+bool CachedPerDevice(std::atomic<signed char> (&cached)[kMaxDevices], Holds holds) {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -76,9 +80,21 @@ bool Sm90CodeOnCurrentDevice() {
     (void)cudaGetLastError();
     return false;
   }
-  const bool yes = CompiledArchFor(major, minor) >= 900;
+  const bool yes = holds(major, minor);
   if (cacheable) cached[device].store(yes ? 1 : -1, std::memory_order_relaxed);
   return yes;
+}
+
+}  // namespace
+
+bool Sm90CodeOnCurrentDevice() {
+  static std::atomic<signed char> cached[kMaxDevices];
+  return CachedPerDevice(cached, [](int major, int minor) { return CompiledArchFor(major, minor) >= 900; });
+}
+
+bool ComputeCapability90OnCurrentDevice() {
+  static std::atomic<signed char> cached[kMaxDevices];
+  return CachedPerDevice(cached, [](int major, int minor) { return major == 9 && minor == 0; });
 }
 
 }  // namespace lm2::runtime::cuda

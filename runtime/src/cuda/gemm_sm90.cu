@@ -20,7 +20,6 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -257,32 +256,12 @@ int TileColumns(int64_t rows, int64_t F, int sms) {
 }
 
 // The current device's multiprocessors where it runs this file's kernels (compute
-// capability 9.0 in a build with the sm_90a code, the driver's tensor-map encoder), else 0;
-// read once per device (the model asks before every layer's GEMMs).
+// capability 9.0 in a build with the sm_90a code, the driver's tensor-map encoder), else 0.
 int WgmmaGemmMultiprocessors() {
 #if defined(LM2_CUDA_SM90A)
-  constexpr int kDevices = 64;
-  static std::atomic<int> cache[kDevices];  // multiprocessors + 1; 0: not read yet
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  const auto read = [] {
-    const Result<int> major = CurrentDeviceAttribute(cudaDevAttrComputeCapabilityMajor);
-    const Result<int> minor = CurrentDeviceAttribute(cudaDevAttrComputeCapabilityMinor);
-    const Result<int> sms = Multiprocessors();
-    const bool runs = major.ok() && minor.ok() && sms.ok() && *major == 9 && *minor == 0 &&
-                      TensorMapEncoder() != nullptr;
-    return runs ? *sms : 0;
-  };
-  if (device < 0 || device >= kDevices) return read();
-  int cached = cache[device].load(std::memory_order_relaxed);
-  if (cached == 0) {
-    cached = read() + 1;
-    cache[device].store(cached, std::memory_order_relaxed);
-  }
-  return cached - 1;
+  if (!ComputeCapability90OnCurrentDevice() || TensorMapEncoder() == nullptr) return 0;
+  const Result<int> sms = Multiprocessors();
+  return sms.ok() ? *sms : 0;
 #else
   return 0;
 #endif

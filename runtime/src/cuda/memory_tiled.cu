@@ -261,17 +261,13 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
   // warp-specialised, a block per 64 tokens and never split; both store whole 16-byte pieces
   // of e's and the sums' rows).
   if constexpr (DHP == 64) {
-    if (dh == 64 && vec && Aligned16({acc, e}) && tiled::Sm90KernelsBuilt()) {
-      LM2_ASSIGN_OR_RETURN(const int major, CurrentDeviceAttribute(cudaDevAttrComputeCapabilityMajor));
-      LM2_ASSIGN_OR_RETURN(const int minor, CurrentDeviceAttribute(cudaDevAttrComputeCapabilityMinor));
-      if (major == 9 && minor == 0) {
-        if (read) {
-          LM2_RETURN_IF_ERROR(tiled::ReadSm90(q, q_ld, offer, offer_ld, rows_vec, mem_k, mem_v, T, N, d, scale_log2,
-                                              e, carved, stream));
-        }
-        return write ? tiled::WriteSm90(mem_k, T, N, d, scale_log2, accumulate, mass, acc, carved, stream)
-                     : Status::Ok();
+    if (dh == 64 && vec && Aligned16({acc, e}) && tiled::Sm90KernelsBuilt() && ComputeCapability90OnCurrentDevice()) {
+      if (read) {
+        LM2_RETURN_IF_ERROR(tiled::ReadSm90(q, q_ld, offer, offer_ld, rows_vec, mem_k, mem_v, T, N, d, scale_log2, e,
+                                            carved, stream));
       }
+      return write ? tiled::WriteSm90(mem_k, T, N, d, scale_log2, accumulate, mass, acc, carved, stream)
+                   : Status::Ok();
     }
   }
   const void* read_kernel = reinterpret_cast<const void*>(&MemoryReadTiledKernel<DHP>);
