@@ -16,12 +16,10 @@
 // products after it are issued. A thread holds gate column c and up column c of the same
 // rows, so the epilogue is elementwise in registers; the producer meanwhile fills the next
 // tile's stages.
-#include <cooperative_groups.h>
 #include <cuda.h>
 #include <cuda_bf16.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -110,12 +108,7 @@ __device__ __forceinline__ void Mma64xN(float (&d)[16][4], uint64_t a, uint64_t 
 #undef LM2_ACC32
 #undef LM2_ACC4
 
-// kPair: clusters of two blocks along x, block r of a cluster taking row tile 2 m + r of
-// each pair of row tiles (m, column tile) the cluster takes; each block copies one of the
-// stage's two weight boxes (gate by block 0, up by block 1) into both blocks' shared memory
-// (TensorTileMulticast), so a weight tile leaves L2 once for two row tiles, and every
-// consumer warp releases a stage in both blocks (the next copies into it need both done).
-template <int kCols, bool kPair>
+template <int kCols>
 __global__ void __launch_bounds__(kGemmThreads, 1)
     LinearSwiGluKernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
                        int64_t rows, int64_t F, int64_t d, bf16* __restrict__ y) {
@@ -129,29 +122,22 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
   uint64_t* empty = full + kStages;
   const int warpgroup = static_cast<int>(threadIdx.x) / 128;
   const int m_tiles = static_cast<int>((rows + kTileRows - 1) / kTileRows);
-  const int steps = static_cast<int>(d / kStepK);
-  // The tiles this block takes: tile = first, first + stride, ... below tiles; row tile
-  // tile % m_rows x (2 with pairs) + rank, column tile tile / m_rows.
-  const int rank = kPair ? static_cast<int>(blockIdx.x % 2) : 0, m_rows = kPair ? m_tiles / 2 : m_tiles;
-  const int tiles = m_rows * static_cast<int>(F / kCols);
-  const int first = static_cast<int>(blockIdx.x) / (kPair ? 2 : 1), stride = static_cast<int>(gridDim.x) / (kPair ? 2 : 1);
-  const auto tile_m0 = [&](int tile) { return ((tile % m_rows) * (kPair ? 2 : 1) + rank) * kTileRows; };
+  const int tiles = m_tiles * static_cast<int>(F / kCols), steps = static_cast<int>(d / kStepK);
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       BarrierInit(&full[s], 1);
-      BarrierInit(&empty[s], kPair ? 16 : 8);  // every consumer warp (of both blocks)
+      BarrierInit(&empty[s], 8);  // every consumer warp
     }
   }
   __syncthreads();
-  if constexpr (kPair) cooperative_groups::this_cluster().sync();  // both blocks' barriers set up
   WaitForPredecessor();  // x is the kernel before's output (LaunchPdl)
   AllowDependents();
 
   if (warpgroup == 0) {  // the producer
     if (threadIdx.x == 0) {
       int it = 0;
-      for (int tile = first; tile < tiles; tile += stride) {
-        const int m0 = tile_m0(tile), n0 = (tile / m_rows) * kCols;
+      for (int tile = static_cast<int>(blockIdx.x); tile < tiles; tile += static_cast<int>(gridDim.x)) {
+        const int m0 = (tile % m_tiles) * kTileRows, n0 = (tile / m_tiles) * kCols;
         for (int k = 0; k < steps; ++k, ++it) {
           const int s = it % kStages;
           if (it >= kStages) BarrierWait(&empty[s], static_cast<uint32_t>(it / kStages - 1) & 1);
@@ -162,43 +148,27 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
           BarrierExpectBytes(&full[s], kStageBytes - (second ? 0 : kXHalfBytes));
           TensorTile(stage, &x_map, k * kStepK, m0, &full[s]);
           if (second) TensorTile(stage + kXHalfBytes, &x_map, k * kStepK, m0 + kHalfRows, &full[s]);
-          if constexpr (kPair) {
-            TensorTileMulticast(stage + kXBytes + rank * kWBytes, &w_map, k * kStepK,
-                                rank * static_cast<int>(F) + n0, &full[s], 0x3);
-          } else {
-            TensorTile(stage + kXBytes, &w_map, k * kStepK, n0, &full[s]);
-            TensorTile(stage + kXBytes + kWBytes, &w_map, k * kStepK, static_cast<int>(F) + n0, &full[s]);
-          }
+          TensorTile(stage + kXBytes, &w_map, k * kStepK, n0, &full[s]);
+          TensorTile(stage + kXBytes + kWBytes, &w_map, k * kStepK, static_cast<int>(F) + n0, &full[s]);
         }
       }
     }
-    if constexpr (kPair) cooperative_groups::this_cluster().sync();  // (the consumers' last one)
     return;
   }
-  // A consumer warp's release of stage s: in this block, or with pairs in both (their
-  // copies into it wait for both blocks' consumers).
-  const auto release = [&](int s) {
-    if constexpr (kPair) {
-      BarrierArriveCluster(&empty[s], 0);
-      BarrierArriveCluster(&empty[s], 1);
-    } else {
-      BarrierArrive(&empty[s]);
-    }
-  };
 
   const int half = warpgroup - 1;  // this warpgroup's 64 rows of the tile
   const int warp = static_cast<int>(threadIdx.x) / 32 % 4, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, t = lane % 4;
   float acc[T::kAccumulators][4];
   int it = 0;
-  for (int tile = first; tile < tiles; tile += stride) {
-    const int m0 = tile_m0(tile), n0 = (tile / m_rows) * kCols;
+  for (int tile = static_cast<int>(blockIdx.x); tile < tiles; tile += static_cast<int>(gridDim.x)) {
+    const int m0 = (tile % m_tiles) * kTileRows, n0 = (tile / m_tiles) * kCols;
     if (m0 + half * kHalfRows >= rows) {  // no rows of this warpgroup in the tile: pass the stages on
       for (int k = 0; k < steps; ++k, ++it) {
         const int s = it % kStages;
         BarrierWait(&full[s], static_cast<uint32_t>(it / kStages) & 1);
         __syncwarp();
-        if (lane == 0) release(s);
+        if (lane == 0) BarrierArrive(&empty[s]);
       }
       continue;
     }
@@ -220,13 +190,13 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
       FenceOperands(acc);
       if (k > 0) {
         __syncwarp();
-        if (lane == 0) release((it - 1) % kStages);
+        if (lane == 0) BarrierArrive(&empty[(it - 1) % kStages]);
       }
     }
     WgmmaWait<0>();
     FenceOperands(acc);
     __syncwarp();
-    if (lane == 0) release((it - 1) % kStages);
+    if (lane == 0) BarrierArrive(&empty[(it - 1) % kStages]);
 
     // gate column 8i + 2t (+1) in acc[i], up's in acc[i + kCols / 8]; both rounded to bf16 first.
     constexpr int kUp = kCols / 8;
@@ -244,73 +214,26 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
       }
     }
   }
-  // With pairs, neither block leaves while the other may still copy into its shared
-  // memory or release its stages.
-  if constexpr (kPair) cooperative_groups::this_cluster().sync();
 #else
   __trap();  // launched only where the build has sm_90a code (LinearSwiGluSupported)
 #endif
 }
 
 #if defined(LM2_CUDA_SM90A)
-LM2_CUDA_KERNEL_MODULE(LinearSwiGluKernel<128, false>);
+LM2_CUDA_KERNEL_MODULE(LinearSwiGluKernel<128>);
 #endif
 
-// How many clusters of two LinearSwiGluKernel<128, true> blocks the current device holds at
-// once (a cluster's blocks share a GPC: fewer than half the multiprocessors where a GPC's
-// count is odd); read once per device.
-Result<int> PairClusters(cudaLaunchConfig_t config) {
-  constexpr int kDevices = 64;
-  static std::atomic<int> cache[kDevices];  // clusters + 1; 0: not read yet
-  int device = 0;
-  LM2_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  if (device >= 0 && device < kDevices) {
-    if (const int cached = cache[device].load(std::memory_order_relaxed); cached > 0) return cached - 1;
-  }
-  int clusters = 0;
-  LM2_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveClusters(&clusters, &LinearSwiGluKernel<128, true>, &config));
-  if (device >= 0 && device < kDevices) cache[device].store(clusters + 1, std::memory_order_relaxed);
-  return clusters;
-}
-
 // The tile width and its kernel, launched with grid (persistent: a block per multiprocessor
-// at most) and shared memory as its Tiles give; 128-column tiles of an even number of row
-// tiles in clusters of two (kPair) unless LM2_CUDA_SWIGLU_PAIRS=0.
+// at most) and shared memory as its Tiles give.
 template <int kCols>
 Status LaunchLinearSwiGlu(const bf16* x, int64_t rows, int64_t d, const bf16* w_gate_up, int64_t F, bf16* y,
                           int sms, cudaStream_t stream) {
   using T = Tiles<kCols>;
   LM2_ASSIGN_OR_RETURN(const CUtensorMap x_map, SwizzledRowsMap(x, rows, d, d, kHalfRows, "LinearSwiGlu"));
   LM2_ASSIGN_OR_RETURN(const CUtensorMap w_map, SwizzledRowsMap(w_gate_up, 2 * F, d, d, kCols, "LinearSwiGlu"));
-  const int64_t m_tiles = (rows + kTileRows - 1) / kTileRows, tiles = m_tiles * (F / kCols);
-  static const bool pairs_on = [] {
-    const char* v = std::getenv("LM2_CUDA_SWIGLU_PAIRS");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  if constexpr (kCols == 128) {
-    if (pairs_on && m_tiles % 2 == 0) {
-      const auto kernel = &LinearSwiGluKernel<128, true>;
-      LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(kernel), T::kSharedBytes, "LinearSwiGlu"));
-      cudaLaunchAttribute attributes[2];
-      attributes[0].id = cudaLaunchAttributeClusterDimension;
-      attributes[0].val.clusterDim = {2, 1, 1};
-      attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attributes[1].val.programmaticStreamSerializationAllowed = 1;
-      cudaLaunchConfig_t config{};
-      config.gridDim = dim3(2);
-      config.blockDim = dim3(kGemmThreads);
-      config.dynamicSmemBytes = T::kSharedBytes;
-      config.stream = stream;
-      config.attrs = attributes;
-      config.numAttrs = 1;
-      LM2_ASSIGN_OR_RETURN(const int clusters, PairClusters(config));
-      config.gridDim = dim3(static_cast<unsigned int>(2 * std::min<int64_t>(tiles / 2, std::min(clusters, sms / 2))));
-      config.numAttrs = PdlEnabled() ? 2 : 1;
-      return CudaStatus(cudaLaunchKernelEx(&config, kernel, x_map, w_map, rows, F, d, y), "LinearSwiGlu");
-    }
-  }
-  const auto kernel = &LinearSwiGluKernel<kCols, false>;
+  const auto kernel = &LinearSwiGluKernel<kCols>;
   LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(kernel), T::kSharedBytes, "LinearSwiGlu"));
+  const int64_t tiles = (rows + kTileRows - 1) / kTileRows * (F / kCols);
   const auto grid = static_cast<unsigned int>(std::min<int64_t>(tiles, sms));
   return CudaStatus(
       LaunchPdl(kernel, dim3(grid), dim3(kGemmThreads), T::kSharedBytes, stream, x_map, w_map, rows, F, d, y),

@@ -40,18 +40,6 @@ __device__ __forceinline__ void BarrierArrive(uint64_t* bar) {
 #endif
 }
 
-// This thread's arrival on the barrier at `bar`'s offset in the shared memory of block
-// `rank` of the cluster (the plain form: release at CTA scope, as CUTLASS's ClusterBarrier).
-__device__ __forceinline__ void BarrierArriveCluster(uint64_t* bar, uint32_t rank) {
-#if LM2_MBARRIER
-  asm volatile(
-      "{\n .reg .b32 remote;\n mapa.shared::cluster.u32 remote, %0, %1;\n"
-      " mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(SharedAddress(bar)),
-      "r"(rank)
-      : "memory");
-#endif
-}
-
 // Waits until the barrier's phase of parity `parity` has completed.
 __device__ __forceinline__ void BarrierWait(uint64_t* bar, uint32_t parity) {
 #if LM2_MBARRIER

@@ -31,19 +31,6 @@ __device__ __forceinline__ void TensorTile(void* dst, const CUtensorMap* map, in
 #endif
 }
 
-// The same box into the same offset of the shared memory of every block of the cluster in
-// `mask` (bit r: block rank r), each counting its bytes on its barrier at `bar`'s offset.
-__device__ __forceinline__ void TensorTileMulticast(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar,
-                                                    uint16_t mask) {
-#if LM2_WGMMA
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
-      " [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(SharedAddress(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(SharedAddress(bar)), "h"(mask)
-      : "memory");
-#endif
-}
-
 // The driver's cuTensorMapEncodeTiled (a host function: it only fills the map), looked up
 // once per process; null where the driver has none.
 inline PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
