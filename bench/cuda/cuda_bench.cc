@@ -811,16 +811,22 @@ void PrefillChunkParts(const lm2::runtime::ModelConfig& c, int64_t T) {
   auto gemm_flops = [&](int64_t in, int64_t out) { return gemm_flops_rows(T, in, out); };
   const __nv_bfloat16* mem_k = w.data();
   const __nv_bfloat16* mem_v = w.data() + N * d;
+  // A memory layer whose o_proj pairs with the output gate (OutputGateWithO) takes the FFN's
+  // norm in the gated residual's kernel (GatedResidualRmsNormBf16): one RmsNormBf16 a layer.
+  const bool gated_norm = c.has_memory() && pair;
   std::vector<OpTime> parts = {
-      {"RmsNormBf16", 2, TimeOp(st, [&] { return cuda::RmsNormBf16(x.data(), norm.data(), T, d, 1e-5f, xb.data(), st); }),
+      {"RmsNormBf16", gated_norm ? 1.0 : 2.0,
+       TimeOp(st, [&] { return cuda::RmsNormBf16(x.data(), norm.data(), T, d, 1e-5f, xb.data(), st); }),
        t * D(d) * (4.0 + 2.0)},
       {"cuBLAS T x d -> q|k|v|mem q|offer", 1, linear(d, P), 0, gemm_flops(d, P)},
-      {"SplitQkvRope", 1,
+      {"SplitQkvRope (and the K and V rows in bf16)", 1,
        TimeOp(st, [&] {
-         return cuda::SplitQkvRope(y.data(), T, P, H, Hkv, Dh, rope.data(), q.data(), kc.data(), vc.data(), st);
+         return cuda::SplitQkvRope(y.data(), T, P, H, Hkv, Dh, rope.data(), q.data(), kc.data(), vc.data(), st,
+                                   kvb.data(), kvb.data() + T * kvdim);
        }),
-       4.0 * t * static_cast<double>(2 * (qdim + 2 * kvdim))},
-      {"ConvertF32ToBf16 (the K and V cache)", 2,
+       4.0 * t * static_cast<double>(2 * (qdim + 2 * kvdim)) + 2.0 * t * static_cast<double>(2 * kvdim)},
+      // The cache rows before the chunk (none here: a later chunk's, a layer's two).
+      {"ConvertF32ToBf16 (T earlier K or V cache rows)", 0,
        TimeOp(st, [&] { return cuda::ConvertF32ToBf16(kc.data(), T * kvdim, kvb.data(), st); }), 6.0 * t * D(kvdim)},
       {"CausalAttentionTiled (bf16 out)", 1,
        TimeOp(st, [&] {
@@ -877,9 +883,17 @@ void PrefillChunkParts(const lm2::runtime::ModelConfig& c, int64_t T) {
                        return cuda::LinearToBf16(h, bank_b.data(), N, d, w.data() + d * d, d, kv_out.data() + N * d, st);
                      }, 20),
                      0, 2 * gemm_flops_rows(N, d, d)});
-    parts.push_back({"GatedResidual", 1,
+    parts.push_back({"GatedResidual", gated_norm ? 0.0 : 1.0,
                      TimeOp(st, [&] { return cuda::GatedResidual(x.data(), a.data(), y.data(), norm.data(), T, d, e.data(), st); }),
                      t * D(d) * 4.0 * 5});
+    if (gated_norm) {
+      parts.push_back({"GatedResidualRmsNormBf16 (and the FFN's norm)", 1,
+                       TimeOp(st, [&] {
+                         return cuda::GatedResidualRmsNormBf16(x.data(), a.data(), y.data(), norm.data(), T, d,
+                                                               e.data(), norm.data(), 1e-5f, xb.data(), st);
+                       }),
+                       t * D(d) * (4.0 * 5 + 2.0)});
+    }
   }
   // gate | up in bf16, as the model stores it (in y's bytes), then the activation from it;
   // on Hopper the model runs the two as one GEMM with the SwiGLU as its epilogue (the

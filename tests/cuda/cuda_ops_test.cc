@@ -1430,6 +1430,36 @@ TEST_CASE("EmbeddingLookup widens the bf16 rows of the ids; a bad id gives NaN, 
   CHECK(EmbeddingLookup(dt.data(), V, d, di.data(), 0, out.data(), Stream()).ok());
 }
 
+TEST_CASE("GatedResidualRmsNormBf16 equals GatedResidual then RmsNormBf16, bit for bit", "[cuda][ops]") {
+  // 2048: the model's rows, a piece a thread; 4104: two pieces for some threads (kThreads =
+  // 256 of 8 columns); 40 and 36: short rows, 36 by the unfused pair (not a multiple of 8).
+  const int64_t d = GENERATE(int64_t{2048}, int64_t{4104}, int64_t{40}, int64_t{36});
+  const int64_t rows = GENERATE(int64_t{1}, int64_t{5});
+  INFO("d=" << d << " rows=" << rows);
+  const auto n = static_cast<std::size_t>(rows * d);
+  const auto h = Random(n), a = Random(n), g = Random(n, 3.0f), e = Random(n), bias = Random(static_cast<std::size_t>(d)),
+             w = Random(static_cast<std::size_t>(d));
+  auto dh_want = Upload(h), dh_got = Upload(h);
+  auto da = Upload(a), dg = Upload(g), de = Upload(e), dbias = Upload(bias), dw = Upload(w);
+  auto want = Poisoned<__nv_bfloat16>(n), got = Poisoned<__nv_bfloat16>(n);
+  RequireOk(GatedResidual(dh_want.data(), da.data(), dg.data(), dbias.data(), rows, d, de.data(), Stream()));
+  RequireOk(RmsNormBf16(dh_want.data(), dw.data(), rows, d, 1e-5f, want.data(), Stream()));
+  RequireOk(GatedResidualRmsNormBf16(dh_got.data(), da.data(), dg.data(), dbias.data(), rows, d, de.data(), dw.data(),
+                                     1e-5f, got.data(), Stream()));
+  const auto h_want = Download(dh_want), h_got = Download(dh_got);
+  CHECK(std::memcmp(h_want.data(), h_got.data(), n * sizeof(float)) == 0);
+  const auto b_want = Download(want), b_got = Download(got);
+  CHECK(std::memcmp(b_want.data(), b_got.data(), n * sizeof(__nv_bfloat16)) == 0);
+  CHECK(h_got != h);  // (the residual was added)
+
+  CHECK(GatedResidualRmsNormBf16(dh_got.data(), da.data(), dg.data(), dbias.data(), rows, d, de.data(), nullptr,
+                                 1e-5f, got.data(), Stream())
+            .IsInvalidArgument());  // no norm weight
+  CHECK(GatedResidualRmsNormBf16(dh_got.data(), da.data(), dg.data(), dbias.data(), rows, 0, de.data(), dw.data(),
+                                 1e-5f, got.data(), Stream())
+            .IsInvalidArgument());  // no width
+}
+
 TEST_CASE("Fused forms: RmsNormBf16, SplitQkvRope, SwiGluBf16 equal the unfused ops", "[cuda][ops]") {
   const int64_t rows = GENERATE(int64_t{1}, int64_t{7});
   const int64_t F = GENERATE(int64_t{33}, int64_t{64});  // 64: SwiGluBf16's four-element kernel
@@ -1469,6 +1499,23 @@ TEST_CASE("Fused forms: RmsNormBf16, SplitQkvRope, SwiGluBf16 equal the unfused 
   CHECK(Download(gq) == Download(dq));
   CHECK(Download(gk) == Download(dk));
   CHECK(Download(gv) == v);
+  // With bf16 copies: the same fp32 rows, and the copies as ConvertF32ToBf16 rounds them.
+  auto kb = Poisoned<__nv_bfloat16>(k.size()), vb = Poisoned<__nv_bfloat16>(v.size());
+  auto want_kb = Poisoned<__nv_bfloat16>(k.size()), want_vb = Poisoned<__nv_bfloat16>(v.size());
+  auto gk2 = Poisoned<float>(k.size()), gv2 = Poisoned<float>(v.size());
+  RequireOk(SplitQkvRope(dproj.data(), rows, P, H, Hkv, D, factors.data(), gq.data(), gk2.data(), gv2.data(), Stream(),
+                         kb.data(), vb.data()));
+  CHECK(Download(gk2) == Download(dk));
+  CHECK(Download(gv2) == v);
+  RequireOk(ConvertF32ToBf16(gk2.data(), rows * kvdim, want_kb.data(), Stream()));
+  RequireOk(ConvertF32ToBf16(gv2.data(), rows * kvdim, want_vb.data(), Stream()));
+  for (auto [got_dev, want_dev] : {std::pair{&kb, &want_kb}, std::pair{&vb, &want_vb}}) {
+    const auto got_copy = Download(*got_dev), want_copy = Download(*want_dev);
+    CHECK(std::memcmp(got_copy.data(), want_copy.data(), got_copy.size() * sizeof(__nv_bfloat16)) == 0);
+  }
+  CHECK(SplitQkvRope(dproj.data(), rows, P, H, Hkv, D, factors.data(), gq.data(), gk2.data(), gv2.data(), Stream(),
+                     kb.data(), nullptr)
+            .IsInvalidArgument());  // one bf16 copy without the other
   CHECK(SplitQkvRope(dproj.data(), rows, qdim, H, Hkv, D, factors.data(), gq.data(), gk.data(), gv.data(), Stream())
             .IsInvalidArgument());  // proj_ld narrower than q | k | v
   CHECK(SplitQkvRope(dproj.data(), rows, P, H, Hkv, D, nullptr, gq.data(), gk.data(), gv.data(), Stream())

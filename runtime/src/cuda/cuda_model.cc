@@ -1357,18 +1357,23 @@ class CudaModel final : public Model {
       if (batch != nullptr) {  // one token per session, each with its own cache: RoPE, cache append and attention
         LM2_RETURN_IF_ERROR(attend_batch(st));
       } else {
+        // A tiled chunk attends over the cache in bf16 (sc.kv_b, sized by RunTokens): the
+        // chunk's own rows rounded by SplitQkvRope as it writes them, the rows before it
+        // (other chunks' and decode steps') by a conversion pass.
+        const bool tiled = !trimmed && TiledAttention(n);
+        bf16* k_b = sc.kv_b.data();
+        bf16* v_b = k_b + S * kvdim;
         LM2_RETURN_IF_ERROR(SplitQkvRope(proj, n, P, H, Hkv, Dh, sc.rope.data(), sc.q.data(),
-                                         ls.k_cache + pos0 * kvdim, ls.v_cache + pos0 * kvdim, st));
+                                         ls.k_cache + pos0 * kvdim, ls.v_cache + pos0 * kvdim, st,
+                                         tiled ? k_b + pos0 * kvdim : nullptr, tiled ? v_b + pos0 * kvdim : nullptr));
         if (trimmed) {  // the last row's query over the whole cache, as a decode step's, into row 0
           if (nr > 0) {
             LM2_RETURN_IF_ERROR(CausalAttention(sc.q.data() + r0 * qdim, ls.k_cache, ls.v_cache, 1, S, H, Hkv, Dh,
                                                 sc.attn_out.data(), st));
           }
-        } else if (TiledAttention(n)) {  // over the cache rounded to bf16 once (sized by RunTokens)
-          bf16* k_b = sc.kv_b.data();
-          bf16* v_b = k_b + S * kvdim;
-          LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.k_cache, S * kvdim, k_b, st));
-          LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.v_cache, S * kvdim, v_b, st));
+        } else if (tiled) {
+          LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.k_cache, pos0 * kvdim, k_b, st));
+          LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.v_cache, pos0 * kvdim, v_b, st));
           attn_bf16 = !Small(n);  // (the GEMV takes the fp32 rows)
           if (attn_bf16) {
             LM2_RETURN_IF_ERROR(CausalAttentionTiled(sc.q.data(), k_b, v_b, n, S, H, Hkv, Dh, sc.yb.data(), st));
@@ -1419,7 +1424,8 @@ class CudaModel final : public Model {
         }
       }
 
-      if (nr > 0) LM2_RETURN_IF_ERROR(FeedForward(s, nr, mr, lw, h + r0 * d));
+      // (With o_with_gate, a memory layer's GEMM chunk of all n rows, its FFN input is normed.)
+      if (nr > 0) LM2_RETURN_IF_ERROR(FeedForward(s, nr, mr, lw, h + r0 * d, lw.has_memory && o_with_gate));
     }
     if (deferred_write) LM2_RETURN_IF_ERROR(s.join_.Order(s.side_stream_.get(), st));  // the last write sums
     if (make_kv) s.kv_current_ = true;
@@ -1516,7 +1522,8 @@ class CudaModel final : public Model {
   // OutputGate's GEMM and o_proj's for a tiled chunk of a memory layer, as one strided-batched
   // GEMM over the weights stacked at load (o_out_gate): x [2, m, d] in sc.yb, the attention
   // output there already (CausalAttentionTiled) and e rounded to bf16 behind it; the two
-  // results [2, m, d] in sc.gate_up (free until the FFN); then the gated residual.
+  // results [2, m, d] in sc.gate_up (free until the FFN); then the gated residual, in the
+  // same kernel as the FFN's input norm: bf16(RMSNorm(h)) left in sc.xb for FeedForward.
   Status OutputGateWithO(CudaState& s, int64_t n, int64_t m, const CudaLayerWeights& lw, float* h) const {
     const int64_t d = cfg_.hidden_size;
     const cudaStream_t st = s.stream_.get();
@@ -1525,7 +1532,8 @@ class CudaModel final : public Model {
     LM2_RETURN_IF_ERROR(ConvertF32ToBf16(sc.e.data(), m * d, x_pair + m * d, st));
     float* y_pair = sc.gate_up.data();
     LM2_RETURN_IF_ERROR(LinearTwo(s.cublas_.get(), x_pair, m, d, lw.o_out_gate, d, y_pair, st));
-    return GatedResidual(h, y_pair, y_pair + m * d, lw.memory.out_gate_b, n, d, sc.e.data(), st);
+    return GatedResidualRmsNormBf16(h, y_pair, y_pair + m * d, lw.memory.out_gate_b, n, d, sc.e.data(), lw.post_norm,
+                                    static_cast<float>(cfg_.rms_norm_eps), sc.xb.data(), st);
   }
 
   // The SwiGLU FFN: h += bf16(silu(gate) ⊙ up) · W_downᵀ with gate | up = bf16(RMSNorm(h)) ·
@@ -1533,8 +1541,10 @@ class CudaModel final : public Model {
   // (sc.yb), and the down GEMV reads it, gate and up taken in fp32; longer chunks run a GEMM
   // whose epilogue applies the SwiGLU (LinearSwiGlu, on Hopper) or else a GEMM into
   // sc.gate_up in bf16 and SwiGluBf16, then the down GEMM (gate and up rounded to bf16
-  // first: the two forms' activations differ in the last bits).
-  Status FeedForward(CudaState& s, int64_t n, int64_t m, const CudaLayerWeights& lw, float* h) const {
+  // first: the two forms' activations differ in the last bits). `normed`: a GEMM chunk's
+  // bf16(RMSNorm(h)) is in sc.xb already (OutputGateWithO).
+  Status FeedForward(CudaState& s, int64_t n, int64_t m, const CudaLayerWeights& lw, float* h,
+                     bool normed = false) const {
     const int64_t d = cfg_.hidden_size, F = cfg_.intermediate_size;
     const cudaStream_t st = s.stream_.get();
     Scratch& sc = s.scratch_;
@@ -1547,7 +1557,9 @@ class CudaModel final : public Model {
                    .out = d, .output = GemvOutput::kAccumulate, .y = h},
                   st);
     }
-    LM2_RETURN_IF_ERROR(RmsNormBf16(h, lw.post_norm, n, d, static_cast<float>(cfg_.rms_norm_eps), sc.xb.data(), st));
+    if (!normed) {
+      LM2_RETURN_IF_ERROR(RmsNormBf16(h, lw.post_norm, n, d, static_cast<float>(cfg_.rms_norm_eps), sc.xb.data(), st));
+    }
     if (LinearSwiGluSupported(m, d, F)) {
       // Over the m rows, as the GEMMs: its copies of x then never stop partway into a box.
       LM2_RETURN_IF_ERROR(LinearSwiGlu(sc.xb.data(), m, d, lw.gate_up, F, sc.yb.data(), st));

@@ -251,14 +251,25 @@ Status RmsNorm(const float* x, const float* weight, int64_t rows, int64_t d, flo
 Status RmsNormBf16(const float* x, const float* weight, int64_t rows, int64_t d, float eps, __nv_bfloat16* out,
                    cudaStream_t stream);
 
+// GatedResidual(h, a, gate_pre, gate_bias, rows, d, e) then RmsNormBf16(h, norm_weight,
+// rows, d, eps, out), the same bits, as one kernel where d is a multiple of 8 and every
+// pointer 16-byte aligned (else the two): the memory output gate's residual and the FFN's
+// input norm of a prefill chunk.
+Status GatedResidualRmsNormBf16(float* h, const float* a, const float* gate_pre, const float* gate_bias,
+                                int64_t rows, int64_t d, const float* e, const float* norm_weight, float eps,
+                                __nv_bfloat16* out, cudaStream_t stream);
+
 // The fused attention input: proj[rows, proj_ld] holds [q (heads*D) | k (kv_heads*D) |
 // v (kv_heads*D) | anything] per row (one GEMM over the stacked projections). q and k are
 // rotated as Rope does into q_out[rows, heads*D] and k_out[rows, kv_heads*D] (the KV cache
 // rows), v copied to v_out[rows, kv_heads*D]. factors[rows, D/2]: the rows' rotary factors
-// from RopeFactorsBatch (computed once per forward and shared by its layers).
+// from RopeFactorsBatch (computed once per forward and shared by its layers). With
+// k_bf16 and v_bf16 (both or neither), the k and v rows also go there rounded to bf16, the
+// bits ConvertF32ToBf16 of k_out / v_out gives (the tiled attention's operands: a chunk's
+// new cache rows then need no conversion pass of their own).
 Status SplitQkvRope(const float* proj, int64_t rows, int64_t proj_ld, int64_t heads, int64_t kv_heads,
                     int64_t head_dim, const float2* factors, float* q_out, float* k_out, float* v_out,
-                    cudaStream_t stream);
+                    cudaStream_t stream, __nv_bfloat16* k_bf16 = nullptr, __nv_bfloat16* v_bf16 = nullptr);
 
 // SplitQkvRope for one token of each of `rows` sessions: row t's k and v go to
 // k_caches[t] / v_caches[t] (device arrays of device pointers, one KV cache per session) at

@@ -94,14 +94,19 @@ __device__ __forceinline__ float2 RopeFactors(int64_t i, int64_t head_dim, int64
   return make_float2(static_cast<float>(cos(angle)), static_cast<float>(sin(angle)));
 }
 
-// Rotates the pair (i, i + half) of src into dst (may be the same vector) by `f` (RopeFactors).
+// The pair (i, i + half) of src rotated by `f` (RopeFactors); RotateHalfPair stores it into
+// dst (may be the same vector).
 // Each product rounded, then the sum, as the CPU does: explicit roundings, so that no kernel's
 // compilation fuses a multiply-add (contraction differs between kernels, and their results
 // must agree bit for bit).
-__device__ __forceinline__ void RotateHalfPair(const float* src, float* dst, int64_t i, int64_t half, float2 f) {
+__device__ __forceinline__ float2 RotatedHalfPair(const float* src, int64_t i, int64_t half, float2 f) {
   const float a = src[i], b = src[i + half];
-  dst[i] = __fsub_rn(__fmul_rn(a, f.x), __fmul_rn(b, f.y));
-  dst[i + half] = __fadd_rn(__fmul_rn(b, f.x), __fmul_rn(a, f.y));
+  return make_float2(__fsub_rn(__fmul_rn(a, f.x), __fmul_rn(b, f.y)), __fadd_rn(__fmul_rn(b, f.x), __fmul_rn(a, f.y)));
+}
+__device__ __forceinline__ void RotateHalfPair(const float* src, float* dst, int64_t i, int64_t half, float2 f) {
+  const float2 r = RotatedHalfPair(src, i, half, f);
+  dst[i] = r.x;
+  dst[i + half] = r.y;
 }
 
 // The RMSNorm statistic, one definition for RmsNorm and the fused GEMV (their outputs must

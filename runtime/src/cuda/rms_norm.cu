@@ -46,6 +46,48 @@ __global__ void RmsNormKernel(const float* x, const float* __restrict__ weight, 
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) o[i] = FromFloat<Out>(xr[i] * scale * weight[i]);
 }
 
+// GatedResidual then RmsNormBf16 of the new rows, a block per row: h += a + sigmoid(gate_pre
+// + bias) ⊙ e (GatedResidualOf, each element as GatedResidual computes it), then out =
+// bf16(h · InvRms(h) · weight). d a multiple of 8 and every pointer 16-byte aligned. Thread
+// t takes the 8-column pieces t, t + kThreads, ..., the pieces whose squares SumSquaresPart
+// sums in thread t, in the same order, so the statistic has RmsNormBf16's bits; the second
+// pass reads back the thread's own stores.
+__global__ void GatedResidualRmsNormBf16Kernel(float* __restrict__ h, const float* __restrict__ a,
+                                               const float* __restrict__ gate_pre, const float* __restrict__ bias,
+                                               const float* __restrict__ e, const float* __restrict__ weight,
+                                               int64_t d, float eps, __nv_bfloat16* __restrict__ out) {
+  __shared__ float scratch[32];
+  WaitForPredecessor();  // (LaunchPdl: nothing read before it)
+  AllowDependents();
+  const int64_t row_start = static_cast<int64_t>(blockIdx.x) * d;
+  float* hr = h + row_start;
+  const auto gated = [&](int64_t c) {
+    float4 x = *reinterpret_cast<const float4*>(hr + c);
+    const float4 av = *reinterpret_cast<const float4*>(a + row_start + c),
+                 gv = *reinterpret_cast<const float4*>(gate_pre + row_start + c),
+                 bv = *reinterpret_cast<const float4*>(bias + c), ev = *reinterpret_cast<const float4*>(e + row_start + c);
+    x.x = GatedResidualOf(x.x, av.x, gv.x, bv.x, ev.x);
+    x.y = GatedResidualOf(x.y, av.y, gv.y, bv.y, ev.y);
+    x.z = GatedResidualOf(x.z, av.z, gv.z, bv.z, ev.z);
+    x.w = GatedResidualOf(x.w, av.w, gv.w, bv.w, ev.w);
+    *reinterpret_cast<float4*>(hr + c) = x;
+    return x;
+  };
+  float ss = 0.0f;
+  for (int64_t c = 8 * static_cast<int64_t>(threadIdx.x); c < d; c += 8 * kThreads) {
+    const float4 lo = gated(c), hi = gated(c + 4);
+    ss = SumSquares8(lo, hi, ss);
+  }
+  const float scale = InvRmsOf(BlockSum(ss, scratch), d, eps);
+  __nv_bfloat16* o = out + row_start;
+  for (int64_t c = 8 * static_cast<int64_t>(threadIdx.x); c < d; c += 8 * kThreads) {
+    for (int64_t j = c; j < c + 8; j += 4) {
+      const float4 v = *reinterpret_cast<const float4*>(hr + j), w = *reinterpret_cast<const float4*>(weight + j);
+      Store4(o + j, make_float4(v.x * scale * w.x, v.y * scale * w.y, v.z * scale * w.z, v.w * scale * w.w));
+    }
+  }
+}
+
 bool Vectorizable(const float* x, const float* weight, const void* out, int64_t d) {
   return d % 4 == 0 && Aligned16({x, weight, out});
 }
@@ -72,6 +114,21 @@ Status RmsNormBf16(const float* x, const float* weight, int64_t rows, int64_t d,
   return CudaStatus(LaunchPdl(&RmsNormKernel<__nv_bfloat16>, static_cast<unsigned int>(rows), kThreads, 0, stream, x,
                               weight, d, eps, Vectorizable(x, weight, out, d), out),
                     "RmsNormKernel<bf16>");
+}
+
+Status GatedResidualRmsNormBf16(float* h, const float* a, const float* gate_pre, const float* gate_bias,
+                                int64_t rows, int64_t d, const float* e, const float* norm_weight, float eps,
+                                __nv_bfloat16* out, cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(ops::CheckRmsNorm(rows, d, eps));
+  if (rows == 0) return Status::Ok();
+  LM2_RETURN_IF_ERROR(RequireNonNull("GatedResidualRmsNormBf16", {h, a, gate_pre, gate_bias, e, norm_weight, out}));
+  if (d % 8 != 0 || !Aligned16({h, a, gate_pre, gate_bias, e, norm_weight, out})) {
+    LM2_RETURN_IF_ERROR(GatedResidual(h, a, gate_pre, gate_bias, rows, d, e, stream));
+    return RmsNormBf16(h, norm_weight, rows, d, eps, out, stream);
+  }
+  return CudaStatus(LaunchPdl(&GatedResidualRmsNormBf16Kernel, static_cast<unsigned int>(rows), kThreads, 0, stream,
+                              h, a, gate_pre, gate_bias, e, norm_weight, d, eps, out),
+                    "GatedResidualRmsNormBf16Kernel");
 }
 
 }  // namespace lm2::runtime::cuda

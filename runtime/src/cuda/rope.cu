@@ -1,6 +1,8 @@
 // Rotary embedding, rotate-half convention, in place. One thread per rotated pair; the
 // angle, its cosine and sine are computed in double and rounded to fp32, exactly as the
 // CPU backend does, so both backends rotate by the same fp32 factors.
+#include <cuda_bf16.h>
+
 #include <string>
 
 #include "cuda/cuda_check.h"
@@ -12,21 +14,31 @@
 namespace lm2::runtime::cuda {
 namespace {
 
-// Where row t's k and v go: consecutive rows of one cache, or each row into its own
+// Where row t's k and v go: consecutive rows of one cache (and, where k_b / v_b are set,
+// the same rows rounded to bf16: the tiled attention's operands), or each row into its own
 // session's cache at its position.
 struct ConsecutiveRows {
   float* k;
   float* v;
   int64_t kvdim;
-  __device__ float* K(int64_t t, const int64_t*) const { return k + t * kvdim; }
-  __device__ float* V(int64_t t, const int64_t*) const { return v + t * kvdim; }
+  __nv_bfloat16* k_b = nullptr;
+  __nv_bfloat16* v_b = nullptr;
+  __device__ void StoreK(int64_t t, int c, float x) const {
+    k[t * kvdim + c] = x;
+    if (k_b != nullptr) k_b[t * kvdim + c] = __float2bfloat16_rn(x);
+  }
+  __device__ void StoreV(int64_t t, int c, float x) const {
+    v[t * kvdim + c] = x;
+    if (v_b != nullptr) v_b[t * kvdim + c] = __float2bfloat16_rn(x);
+  }
 };
 struct RowPerCache {
   float* const* k;
   float* const* v;
   int64_t kvdim;
-  __device__ float* K(int64_t t, const int64_t* positions) const { return k[t] + positions[t] * kvdim; }
-  __device__ float* V(int64_t t, const int64_t* positions) const { return v[t] + positions[t] * kvdim; }
+  const int64_t* positions;
+  __device__ void StoreK(int64_t t, int c, float x) const { k[t][positions[t] * kvdim + c] = x; }
+  __device__ void StoreV(int64_t t, int c, float x) const { v[t][positions[t] * kvdim + c] = x; }
 };
 
 // proj[t] = [q (H*D) | k (Hkv*D) | v (Hkv*D) | ...]: q and k rotated into q_out and the k
@@ -35,8 +47,8 @@ struct RowPerCache {
 // elements; 32-bit index math within the row.
 template <typename Dest>
 __global__ void SplitQkvRopeKernel(const float* __restrict__ proj, int64_t proj_ld, int heads, int kv_heads,
-                                   int head_dim, const float2* __restrict__ factors,
-                                   const int64_t* __restrict__ positions, float* __restrict__ q_out, Dest dest) {
+                                   int head_dim, const float2* __restrict__ factors, float* __restrict__ q_out,
+                                   Dest dest) {
   WaitForPredecessor();  // proj is the previous kernel's output
   AllowDependents();
   const int64_t t = blockIdx.x;
@@ -44,15 +56,20 @@ __global__ void SplitQkvRopeKernel(const float* __restrict__ proj, int64_t proj_
   const float* src_row = proj + t * proj_ld;
   const float2* f = factors + t * half;
   float* q_row = q_out + t * heads * head_dim;
-  float* k_row = dest.K(t, positions);
   for (int p = static_cast<int>(threadIdx.x); p < pairs; p += static_cast<int>(blockDim.x)) {
     const int h = p / half, i = p % half;  // k heads follow q heads in proj
-    float* dst = h < heads ? q_row + h * head_dim : k_row + (h - heads) * head_dim;
-    RotateHalfPair(src_row + h * head_dim, dst, i, half, f[i]);
+    const float2 r = RotatedHalfPair(src_row + h * head_dim, i, half, f[i]);
+    if (h < heads) {
+      q_row[h * head_dim + i] = r.x;
+      q_row[h * head_dim + i + half] = r.y;
+    } else {
+      const int c = (h - heads) * head_dim + i;
+      dest.StoreK(t, c, r.x);
+      dest.StoreK(t, c + half, r.y);
+    }
   }
   const float* v_src = src_row + (heads + kv_heads) * head_dim;
-  float* v_row = dest.V(t, positions);
-  for (int c = static_cast<int>(threadIdx.x); c < kvdim; c += static_cast<int>(blockDim.x)) v_row[c] = v_src[c];
+  for (int c = static_cast<int>(threadIdx.x); c < kvdim; c += static_cast<int>(blockDim.x)) dest.StoreV(t, c, v_src[c]);
 }
 
 __global__ void RopeKernel(float* __restrict__ x, int64_t rows, int64_t heads, int64_t head_dim,
@@ -107,8 +124,8 @@ namespace {
 // Both SplitQkvRope forms: the checks, then the kernel writing k and v rows through `dest`.
 template <typename Dest>
 Status LaunchSplitQkvRope(const char* op, const float* proj, int64_t rows, int64_t proj_ld, int64_t heads,
-                          int64_t kv_heads, int64_t head_dim, const float2* factors, const int64_t* positions,
-                          float* q_out, Dest dest, cudaStream_t stream) {
+                          int64_t kv_heads, int64_t head_dim, const float2* factors, float* q_out, Dest dest,
+                          cudaStream_t stream) {
   LM2_RETURN_IF_ERROR(ops::CheckRope(rows, heads, head_dim, /*theta=*/1.0));
   LM2_RETURN_IF_ERROR(ops::CheckCausalAttention(0, 0, heads, kv_heads, head_dim));
   if (proj_ld < (heads + 2 * kv_heads) * head_dim) {
@@ -120,7 +137,7 @@ Status LaunchSplitQkvRope(const char* op, const float* proj, int64_t rows, int64
   if (rows > ops::detail::kInt32Max) return Status::InvalidArgument(std::string(op) + ": too many rows");
   return CudaStatus(LaunchPdl(&SplitQkvRopeKernel<Dest>, static_cast<unsigned int>(rows), kThreads, 0, stream, proj,
                               proj_ld, static_cast<int>(heads), static_cast<int>(kv_heads),
-                              static_cast<int>(head_dim), factors, positions, q_out, dest),
+                              static_cast<int>(head_dim), factors, q_out, dest),
                     op);
 }
 
@@ -128,17 +145,20 @@ Status LaunchSplitQkvRope(const char* op, const float* proj, int64_t rows, int64
 
 Status SplitQkvRope(const float* proj, int64_t rows, int64_t proj_ld, int64_t heads, int64_t kv_heads,
                     int64_t head_dim, const float2* factors, float* q_out, float* k_out, float* v_out,
-                    cudaStream_t stream) {
-  return LaunchSplitQkvRope("SplitQkvRope", proj, rows, proj_ld, heads, kv_heads, head_dim, factors, nullptr, q_out,
-                            ConsecutiveRows{k_out, v_out, kv_heads * head_dim}, stream);
+                    cudaStream_t stream, __nv_bfloat16* k_bf16, __nv_bfloat16* v_bf16) {
+  if ((k_bf16 == nullptr) != (v_bf16 == nullptr)) {
+    return Status::InvalidArgument("SplitQkvRope: bf16 copies of k and v go together (one of them is null)");
+  }
+  return LaunchSplitQkvRope("SplitQkvRope", proj, rows, proj_ld, heads, kv_heads, head_dim, factors, q_out,
+                            ConsecutiveRows{k_out, v_out, kv_heads * head_dim, k_bf16, v_bf16}, stream);
 }
 
 Status SplitQkvRopeBatch(const float* proj, int64_t rows, int64_t proj_ld, int64_t heads, int64_t kv_heads,
                          int64_t head_dim, const int64_t* positions, const float2* factors, float* q_out,
                          float* const* k_caches, float* const* v_caches, cudaStream_t stream) {
   if (rows > 0 && positions == nullptr) return Status::InvalidArgument("SplitQkvRopeBatch: null positions");
-  return LaunchSplitQkvRope("SplitQkvRopeBatch", proj, rows, proj_ld, heads, kv_heads, head_dim, factors, positions,
-                            q_out, RowPerCache{k_caches, v_caches, kv_heads * head_dim}, stream);
+  return LaunchSplitQkvRope("SplitQkvRopeBatch", proj, rows, proj_ld, heads, kv_heads, head_dim, factors, q_out,
+                            RowPerCache{k_caches, v_caches, kv_heads * head_dim, positions}, stream);
 }
 
 }  // namespace lm2::runtime::cuda
