@@ -853,11 +853,13 @@ void PrefillChunkParts(const lm2::runtime::ModelConfig& c, int64_t T) {
                      0, 2 * gemm_flops(d, d)});
   }
   if (c.has_memory()) {
+    // (e in bf16 too where the output gate's GEMM pairs with o_proj's: OutputGateWithO.)
     parts.push_back({"MemoryReadWrite (read and write sums)", 1,
                      TimeOp(st, [&] {
                        const float* mq = y.data() + qdim + 2 * kvdim;  // the memory query, then the offer
                        return cuda::MemoryReadWrite(mq, P, mq + d, P, mem_k, mem_v, T, N, d, Hm, a.data(), true,
-                                                    mass.data(), acc.data(), scratch.data(), st);
+                                                    mass.data(), acc.data(), scratch.data(), st,
+                                                    cuda::MemoryReadWriteParts::kBoth, pair ? xb.data() : nullptr);
                      }, reps),
                      0, 2.0 * 3 * t * static_cast<double>(N * d)});
     parts.push_back({"MemoryReadWrite, a segment's first chunk (sums stored)", 0,

@@ -1337,13 +1337,20 @@ TEST_CASE("MemoryReadWrite: the read and the write sums in tiles, without the pr
   CHECK(Download(de) == e);
 
   // The read and the write as two calls (MemoryReadWriteParts; defer_memory_write): the bits
-  // of one call, e from the first, the stored sums from the second.
+  // of one call, e from the first, the stored sums from the second. The read also leaves e
+  // in bf16 (the wgmma read from its own stores, the others by a conversion): the bits
+  // ConvertF32ToBf16 gives.
   auto pe = Poisoned<float>(want_e.size());
+  auto pe_b = Poisoned<__nv_bfloat16>(want_e.size()), want_e_b = Poisoned<__nv_bfloat16>(want_e.size());
   auto pmass = Poisoned<float>(mass0.size()), pacc = Poisoned<float>(acc0.size());
   RequireOk(MemoryReadWrite(dq.data(), ld, doffer.data(), ld, dmk.data(), dmv.data(), T, N, d, Hm, pe.data(), false,
-                            pmass.data(), pacc.data(), scratch.data(), Stream(), MemoryReadWriteParts::kRead));
+                            pmass.data(), pacc.data(), scratch.data(), Stream(), MemoryReadWriteParts::kRead,
+                            pe_b.data()));
   const bool read_alone_same_e = Download(pe) == e;
   CHECK(read_alone_same_e);
+  RequireOk(ConvertF32ToBf16(pe.data(), T * d, want_e_b.data(), Stream()));
+  const auto got_e_b = Download(pe_b), wanted_e_b = Download(want_e_b);
+  CHECK(std::memcmp(got_e_b.data(), wanted_e_b.data(), got_e_b.size() * sizeof(__nv_bfloat16)) == 0);
   RequireOk(MemoryReadWrite(dq.data(), ld, doffer.data(), ld, dmk.data(), dmv.data(), T, N, d, Hm, pe.data(), false,
                             pmass.data(), pacc.data(), scratch.data(), Stream(), MemoryReadWriteParts::kWrite));
   const auto pm = Download(pmass), pa = Download(pacc);
@@ -1431,9 +1438,10 @@ TEST_CASE("EmbeddingLookup widens the bf16 rows of the ids; a bad id gives NaN, 
 }
 
 TEST_CASE("GatedResidualRmsNormBf16 equals GatedResidual then RmsNormBf16, bit for bit", "[cuda][ops]") {
-  // 2048: the model's rows, a piece a thread; 4104: two pieces for some threads (kThreads =
-  // 256 of 8 columns); 40 and 36: short rows, 36 by the unfused pair (not a multiple of 8).
-  const int64_t d = GENERATE(int64_t{2048}, int64_t{4104}, int64_t{40}, int64_t{36});
+  // 2048: the model's rows, a piece of 8 columns a thread (kThreads = 256); 4088: two
+  // pieces for most threads; 40: most threads without one; 36 (not a multiple of 8) and
+  // 4104 (over two pieces a thread) by the unfused pair.
+  const int64_t d = GENERATE(int64_t{2048}, int64_t{4088}, int64_t{40}, int64_t{36}, int64_t{4104});
   const int64_t rows = GENERATE(int64_t{1}, int64_t{5});
   INFO("d=" << d << " rows=" << rows);
   const auto n = static_cast<std::size_t>(rows * d);
@@ -1463,9 +1471,12 @@ TEST_CASE("GatedResidualRmsNormBf16 equals GatedResidual then RmsNormBf16, bit f
 TEST_CASE("Fused forms: RmsNormBf16, SplitQkvRope, SwiGluBf16 equal the unfused ops", "[cuda][ops]") {
   const int64_t rows = GENERATE(int64_t{1}, int64_t{7});
   const int64_t F = GENERATE(int64_t{33}, int64_t{64});  // 64: SwiGluBf16's four-element kernel
+  // Trailing columns of proj: 5 (rows not 16-byte aligned: SplitQkvRope's scalar kernel) or
+  // 4 (its four-pair kernel).
+  const int64_t trailing = GENERATE(int64_t{5}, int64_t{4});
   const int64_t H = 6, Hkv = 2, D = 16, d = 40;
-  const int64_t qdim = H * D, kvdim = Hkv * D, P = qdim + 2 * kvdim + 5;  // 5 trailing columns
-  INFO("rows=" << rows << " F=" << F);
+  const int64_t qdim = H * D, kvdim = Hkv * D, P = qdim + 2 * kvdim + trailing;
+  INFO("rows=" << rows << " F=" << F << " trailing=" << trailing);
   const auto ur = static_cast<std::size_t>(rows);
   // RmsNormBf16 = bf16(RmsNorm).
   auto x = Random(ur * d), w = Random(static_cast<std::size_t>(d));

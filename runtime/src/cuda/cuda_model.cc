@@ -1273,6 +1273,14 @@ class CudaModel final : public Model {
       const int64_t r0 = trimmed ? n - 1 : 0;
       const int64_t nr = !trimmed ? n : rows == ChunkRows::kLast ? 1 : 0;
       const int64_t mr = trimmed ? nr : m;
+      // A chunk that takes the tiled self-attention (over the cache in bf16, sc.kv_b); from
+      // the GEMM path on, its output in bf16 (sc.yb) for o_proj's GEMM, which a memory layer
+      // with the two stacked runs with the output gate's (OutputGateWithO, e in bf16 behind
+      // the attention output: from the tiled read itself).
+      const bool tiled = batch == nullptr && !trimmed && TiledAttention(n);
+      const bool attn_bf16 = tiled && !Small(n);
+      const bool o_with_gate = attn_bf16 && lw.o_out_gate != nullptr;
+      bf16* e_bf16 = o_with_gate ? sc.yb.data() + m * d : nullptr;
 
       // Attention: one GEMM for q, k, v (and the memory query and write offer), then RoPE
       // straight into q and the cache rows of this chunk.
@@ -1291,7 +1299,8 @@ class CudaModel final : public Model {
       // A tiled chunk's read and write sums (stored by a segment's first chunk), or one of them.
       auto read_write = [&](cudaStream_t on, MemoryReadWriteParts parts) {
         return MemoryReadWrite(mq, P, offer, P, ls.mem_k, ls.mem_v, n, N, d, Hm, sc.e.data(), !s.sums_empty_,
-                               ls.mass.data(), ls.acc.data(), sc.read_stats.data(), on, parts);
+                               ls.mass.data(), ls.acc.data(), sc.read_stats.data(), on, parts,
+                               parts == MemoryReadWriteParts::kWrite ? nullptr : e_bf16);
       };
       auto read_memory = [&](cudaStream_t mst) -> Status {
         if (batch != nullptr) {  // the read stages each token's write terms too
@@ -1352,15 +1361,12 @@ class CudaModel final : public Model {
         }
       }
 
-      // The attention output, in bf16 (sc.yb) where the tiled kernel writes it for o_proj's GEMM.
-      bool attn_bf16 = false;
       if (batch != nullptr) {  // one token per session, each with its own cache: RoPE, cache append and attention
         LM2_RETURN_IF_ERROR(attend_batch(st));
       } else {
         // A tiled chunk attends over the cache in bf16 (sc.kv_b, sized by RunTokens): the
         // chunk's own rows rounded by SplitQkvRope as it writes them, the rows before it
         // (other chunks' and decode steps') by a conversion pass.
-        const bool tiled = !trimmed && TiledAttention(n);
         bf16* k_b = sc.kv_b.data();
         bf16* v_b = k_b + S * kvdim;
         LM2_RETURN_IF_ERROR(SplitQkvRope(proj, n, P, H, Hkv, Dh, sc.rope.data(), sc.q.data(),
@@ -1374,7 +1380,6 @@ class CudaModel final : public Model {
         } else if (tiled) {
           LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.k_cache, pos0 * kvdim, k_b, st));
           LM2_RETURN_IF_ERROR(ConvertF32ToBf16(ls.v_cache, pos0 * kvdim, v_b, st));
-          attn_bf16 = !Small(n);  // (the GEMV takes the fp32 rows)
           if (attn_bf16) {
             LM2_RETURN_IF_ERROR(CausalAttentionTiled(sc.q.data(), k_b, v_b, n, S, H, Hkv, Dh, sc.yb.data(), st));
           } else {
@@ -1395,7 +1400,6 @@ class CudaModel final : public Model {
       // for the read instead, to run with the output gate's GEMM as one call (OutputGateWithO:
       // at 512 rows the pair took 15.0 µs against 2 x 10.2 apart, prefill 512 +3-4%, H200).
       float* o_proj_out = lw.has_memory ? sc.a.data() : h;
-      const bool o_with_gate = attn_bf16 && lw.o_out_gate != nullptr;
       if (attn_bf16 && !o_with_gate) {
         LM2_RETURN_IF_ERROR(Linear(blas, sc.yb.data(), m, qdim, lw.o_proj, d, o_proj_out, !lw.has_memory, st));
       } else if (!attn_bf16 && nr > 0) {
@@ -1410,7 +1414,9 @@ class CudaModel final : public Model {
           LM2_RETURN_IF_ERROR(read_memory(st));
         }
         if (o_with_gate) {
-          LM2_RETURN_IF_ERROR(OutputGateWithO(s, n, m, lw, h));
+          // (e in bf16 from the read where it was the tiled chunk's; else converted here.)
+          const bool e_from_read = tiled_memory_ && n > 1;
+          LM2_RETURN_IF_ERROR(OutputGateWithO(s, n, m, lw, h, e_from_read));
         } else if (nr > 0) {
           LM2_RETURN_IF_ERROR(OutputGate(s, nr, mr, lw.memory, h, r0));
         }
@@ -1521,15 +1527,18 @@ class CudaModel final : public Model {
 
   // OutputGate's GEMM and o_proj's for a tiled chunk of a memory layer, as one strided-batched
   // GEMM over the weights stacked at load (o_out_gate): x [2, m, d] in sc.yb, the attention
-  // output there already (CausalAttentionTiled) and e rounded to bf16 behind it; the two
+  // output there already (CausalAttentionTiled) and e rounded to bf16 behind it (by the
+  // read, with e_in_bf16, else here); the two
   // results [2, m, d] in sc.gate_up (free until the FFN); then the gated residual, in the
   // same kernel as the FFN's input norm: bf16(RMSNorm(h)) left in sc.xb for FeedForward.
-  Status OutputGateWithO(CudaState& s, int64_t n, int64_t m, const CudaLayerWeights& lw, float* h) const {
+  Status OutputGateWithO(CudaState& s, int64_t n, int64_t m, const CudaLayerWeights& lw, float* h,
+                         bool e_in_bf16) const {
     const int64_t d = cfg_.hidden_size;
     const cudaStream_t st = s.stream_.get();
     Scratch& sc = s.scratch_;
     bf16* x_pair = sc.yb.data();
-    LM2_RETURN_IF_ERROR(ConvertF32ToBf16(sc.e.data(), m * d, x_pair + m * d, st));
+    // (Rows [n, m) of either half are whatever the scratch held: no op reads their results.)
+    if (!e_in_bf16) LM2_RETURN_IF_ERROR(ConvertF32ToBf16(sc.e.data(), m * d, x_pair + m * d, st));
     float* y_pair = sc.gate_up.data();
     LM2_RETURN_IF_ERROR(LinearTwo(s.cublas_.get(), x_pair, m, d, lw.o_out_gate, d, y_pair, st));
     return GatedResidualRmsNormBf16(h, y_pair, y_pair + m * d, lw.memory.out_gate_b, n, d, sc.e.data(), lw.post_norm,

@@ -252,9 +252,9 @@ Status RmsNormBf16(const float* x, const float* weight, int64_t rows, int64_t d,
                    cudaStream_t stream);
 
 // GatedResidual(h, a, gate_pre, gate_bias, rows, d, e) then RmsNormBf16(h, norm_weight,
-// rows, d, eps, out), the same bits, as one kernel where d is a multiple of 8 and every
-// pointer 16-byte aligned (else the two): the memory output gate's residual and the FFN's
-// input norm of a prefill chunk.
+// rows, d, eps, out), the same bits, as one kernel where d is a multiple of 8 up to 4096 and
+// every pointer 16-byte aligned (else the two): the memory output gate's residual and the
+// FFN's input norm of a prefill chunk.
 Status GatedResidualRmsNormBf16(float* h, const float* a, const float* gate_pre, const float* gate_bias,
                                 int64_t rows, int64_t d, const float* e, const float* norm_weight, float eps,
                                 __nv_bfloat16* out, cudaStream_t stream);
@@ -429,12 +429,15 @@ Status AccumulateWrite(cublasHandle_t handle, const float* attn, const float* of
 bool MemoryReadWriteSupported(int64_t d, int64_t heads);
 int64_t MemoryReadWriteScratch(int64_t T, int64_t d, int64_t heads);
 // `parts`: both kernels, or the read alone then (a later call, same arguments and scratch,
-// on the same stream) the write alone, whose sums e does not need.
+// on the same stream) the write alone, whose sums e does not need. With e_bf16 [T, d], the
+// read also leaves e there rounded to bf16 (ConvertF32ToBf16's bits; the output gate's GEMM
+// input): from the wgmma read's own stores, else by a conversion after it.
 enum class MemoryReadWriteParts { kBoth, kRead, kWrite };
 Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld,
                        const __nv_bfloat16* mem_k, const __nv_bfloat16* mem_v, int64_t T, int64_t N, int64_t d,
                        int64_t heads, float* e, bool accumulate, float* mass, float* acc, float* scratch,
-                       cudaStream_t stream, MemoryReadWriteParts parts = MemoryReadWriteParts::kBoth);
+                       cudaStream_t stream, MemoryReadWriteParts parts = MemoryReadWriteParts::kBoth,
+                       __nv_bfloat16* e_bf16 = nullptr);
 
 // One token per session (decode), as bandwidth-bound kernels (memory_decode.cu): the same
 // results as MemoryRead / AccumulateWrite with T = 1, with q, the scores and the

@@ -248,7 +248,8 @@ __global__ void __launch_bounds__(GroupThreads(DHP), MinBlocks(DHP)) MemoryWrite
 template <int DHP>
 Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, const bf16* mem_k,
                    const bf16* mem_v, int64_t T, int64_t N, int64_t d, int dh, float* e, bool accumulate,
-                   float* mass, float* acc, const Scratch& carved, cudaStream_t stream, MemoryReadWriteParts parts) {
+                   float* mass, float* acc, const Scratch& carved, cudaStream_t stream, MemoryReadWriteParts parts,
+                   bf16* e_bf16) {
   using L = Layout<DHP>;
   const bool read = parts != MemoryReadWriteParts::kWrite, write = parts != MemoryReadWriteParts::kRead;
   constexpr int kReadBytes = (L::kRowsElems + 2 * kTileStages * L::kTileElems) * 2;
@@ -261,10 +262,11 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
   // warp-specialised, a block per 64 tokens and never split; both store whole 16-byte pieces
   // of e's and the sums' rows).
   if constexpr (DHP == 64) {
-    if (dh == 64 && vec && Aligned16({acc, e}) && tiled::Sm90KernelsBuilt() && ComputeCapability90OnCurrentDevice()) {
+    if (dh == 64 && vec && Aligned16({acc, e, e_bf16}) && tiled::Sm90KernelsBuilt() &&
+        ComputeCapability90OnCurrentDevice()) {
       if (read) {
         LM2_RETURN_IF_ERROR(tiled::ReadSm90(q, q_ld, offer, offer_ld, rows_vec, mem_k, mem_v, T, N, d, scale_log2, e,
-                                            carved, stream));
+                                            e_bf16, carved, stream));
       }
       return write ? tiled::WriteSm90(mem_k, T, N, d, scale_log2, accumulate, mass, acc, carved, stream)
                    : Status::Ok();
@@ -283,6 +285,7 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
                                       kReadBytes, stream, splits);
     LM2_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&launch.config, MemoryReadTiledKernel<DHP>, q, q_ld, offer, offer_ld,
                                                 mem_k, mem_v, T, N, d, dh, scale_log2, vec, rows_vec, e, carved));
+    if (e_bf16 != nullptr) LM2_RETURN_IF_ERROR(ConvertF32ToBf16(e, T * d, e_bf16, stream));
   }
   if (!write) return Status::Ok();
   const dim3 write_grid(static_cast<unsigned int>((N + kRows - 1) / kRows), heads);
@@ -306,7 +309,8 @@ int64_t MemoryReadWriteScratch(int64_t T, int64_t d, int64_t heads) {
 
 Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, const bf16* mem_k,
                        const bf16* mem_v, int64_t T, int64_t N, int64_t d, int64_t heads, float* e, bool accumulate,
-                       float* mass, float* acc, float* scratch, cudaStream_t stream, MemoryReadWriteParts parts) {
+                       float* mass, float* acc, float* scratch, cudaStream_t stream, MemoryReadWriteParts parts,
+                       bf16* e_bf16) {
   LM2_RETURN_IF_ERROR(ops::CheckMemory("MemoryReadWrite", T, N, d, heads));
   if (!MemoryReadWriteSupported(d, heads)) {
     return Status::InvalidArgument("MemoryReadWrite: head width " + std::to_string(d / heads) + " > " +
@@ -322,7 +326,7 @@ Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t
   return WithPaddedTileWidth(dh, [&](auto dhp) {
     constexpr int DHP = decltype(dhp)::value;
     return LaunchTiled<DHP>(q, q_ld, offer, offer_ld, mem_k, mem_v, T, N, d, dh, e, accumulate, mass, acc,
-                            Carve(scratch, T, heads, DHP), stream, parts);
+                            Carve(scratch, T, heads, DHP), stream, parts, e_bf16);
   });
 }
 
@@ -368,7 +372,7 @@ Status FlushStagedTokens(const bf16* mem_k, float* staged, int64_t tokens, int64
   LM2_RETURN_IF_ERROR(WithPaddedTileWidth(dh, [&](auto dhp) {
     constexpr int DHP = decltype(dhp)::value;
     return LaunchTiled<DHP>(nullptr, d, nullptr, d, mem_k, nullptr, tokens, N, d, dh, nullptr, true, mass, acc,
-                            Carve(staged, capacity, heads, DHP), stream, MemoryReadWriteParts::kWrite);
+                            Carve(staged, capacity, heads, DHP), stream, MemoryReadWriteParts::kWrite, nullptr);
   }));
   // The staged rows are free again: their shifts back to "no token" (the rows' q and offer
   // stay: weight 0 times a finite value adds nothing).

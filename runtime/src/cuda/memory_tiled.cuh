@@ -284,12 +284,12 @@ struct ClusterLaunch {
 // The wgmma kernels (memory_tiled_sm90.cu), for head width 64 and 16-byte aligned rows
 // (d % 8 == 0) on compute capability 9.0 (the caller checks): whether they run (this build
 // has sm_90a code and the driver cuTensorMapEncodeTiled; LM2_CUDA_WGMMA=0 in the environment
-// turns them off), the read of an unsplit chunk, and the write sums (after either read: the
-// scratch is the same).
+// turns them off), the read of an unsplit chunk (e also in bf16 into e_b where set: 16-byte
+// aligned), and the write sums (after either read: the scratch is the same).
 bool Sm90KernelsBuilt();
 Status ReadSm90(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, bool rows_vec,
                 const __nv_bfloat16* mem_k, const __nv_bfloat16* mem_v, int64_t T, int64_t N, int64_t d,
-                float scale_log2, float* e, Scratch scratch, cudaStream_t stream);
+                float scale_log2, float* e, __nv_bfloat16* e_b, Scratch scratch, cudaStream_t stream);
 Status WriteSm90(const __nv_bfloat16* mem_k, int64_t T, int64_t N, int64_t d, float scale_log2, bool accumulate,
                  float* mass, float* acc, Scratch scratch, cudaStream_t stream);
 

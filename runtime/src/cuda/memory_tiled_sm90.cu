@@ -219,9 +219,11 @@ __device__ __forceinline__ void StageFragments(const float (&out)[8][4], const f
 }
 
 // After a barrier: staged rows [0, valid) into dst (row i at dst + i ld; 16-byte aligned),
-// added to what dst holds where kAccumulate (its loads all issued before the first store).
+// added to what dst holds where kAccumulate (its loads all issued before the first store);
+// where dst_b is set, each stored value also rounded to bf16 there (row i at dst_b + i ld).
 template <bool kAccumulate, int kBlockRows = kRows, int kBlockThreads = kThreads>
-__device__ __forceinline__ void StoreStagedRows(const float* rows, int64_t valid, float* __restrict__ dst, int64_t ld) {
+__device__ __forceinline__ void StoreStagedRows(const float* rows, int64_t valid, float* __restrict__ dst, int64_t ld,
+                                                bf16* __restrict__ dst_b = nullptr) {
   constexpr int kPieces = kDh / 4;                                  // float4 pieces of a row
   constexpr int kPerThread = kBlockRows * kPieces / kBlockThreads;  // 8
   float4 old[kPerThread];
@@ -236,8 +238,9 @@ __device__ __forceinline__ void StoreStagedRows(const float* rows, int64_t valid
     const int f = static_cast<int>(threadIdx.x) + k * kBlockThreads, row = f / kPieces, c = (f % kPieces) * 4;
     if (row >= valid) continue;
     const float4 v = *reinterpret_cast<const float4*>(rows + row * kStagedLd + c);
-    *reinterpret_cast<float4*>(dst + row * ld + c) =
-        make_float4(old[k].x + v.x, old[k].y + v.y, old[k].z + v.z, old[k].w + v.w);
+    const float4 sum = make_float4(old[k].x + v.x, old[k].y + v.y, old[k].z + v.z, old[k].w + v.w);
+    *reinterpret_cast<float4*>(dst + row * ld + c) = sum;
+    if (dst_b != nullptr) *reinterpret_cast<uint2*>(dst_b + row * ld + c) = PackBf16x4(sum);
   }
 }
 
@@ -437,7 +440,8 @@ __device__ __forceinline__ bool StageWeights(float (&s)[16][4], int64_t valid, i
 __global__ void __launch_bounds__(kReadThreads, 2)
     ReadKernel(const float* __restrict__ q, int64_t q_ld, const float* __restrict__ offer, int64_t offer_ld,
                bool rows_vec, int64_t T, int64_t N, int64_t d, float scale_log2, float* __restrict__ e,
-               Scratch scratch, const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map) {
+               bf16* __restrict__ e_b, Scratch scratch, const __grid_constant__ CUtensorMap k_map,
+               const __grid_constant__ CUtensorMap v_map) {
 #if LM2_WGMMA
   char* ks = AlignedSharedMemory();                   // kReadStages stages of K rows
   char* vs = ks + kReadStages * kReadStageBytes;      // and of V rows
@@ -540,7 +544,8 @@ __global__ void __launch_bounds__(kReadThreads, 2)
   ConsumerSync();  // every warp's products are done (and every stage's copies landed)
   StageFragments(out, inv_l, rows);
   ConsumerSync();
-  StoreStagedRows<false, kTile, 128>(rows, T - t0, e + t0 * d + j * kDh, d);
+  StoreStagedRows<false, kTile, 128>(rows, T - t0, e + t0 * d + j * kDh, d,
+                                     e_b != nullptr ? e_b + t0 * d + j * kDh : nullptr);
 #else
   __trap();  // launched only where the build has sm_90a code (Sm90KernelsBuilt)
 #endif
@@ -576,13 +581,13 @@ bool Sm90KernelsBuilt() {
 
 Status ReadSm90(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld, bool rows_vec,
                const bf16* mem_k, const bf16* mem_v, int64_t T, int64_t N, int64_t d, float scale_log2, float* e,
-               Scratch scratch, cudaStream_t stream) {
+               bf16* e_b, Scratch scratch, cudaStream_t stream) {
   LM2_ASSIGN_OR_RETURN(const CUtensorMap k_map, SlotRowsMap(mem_k, N, d));
   LM2_ASSIGN_OR_RETURN(const CUtensorMap v_map, SlotRowsMap(mem_v, N, d));
   LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&ReadKernel), kReadBytes, "MemoryReadWrite"));
   const dim3 grid(static_cast<unsigned int>(PaddedTokens(T) / kTile), static_cast<unsigned int>(d / kDh));
   ReadKernel<<<grid, kReadThreads, kReadBytes, stream>>>(q, q_ld, offer, offer_ld, rows_vec, T, N, d, scale_log2, e,
-                                                         scratch, k_map, v_map);
+                                                         e_b, scratch, k_map, v_map);
   return CheckLaunch("MemoryReadWrite (wgmma read)");
 }
 

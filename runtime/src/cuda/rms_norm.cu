@@ -48,42 +48,63 @@ __global__ void RmsNormKernel(const float* x, const float* __restrict__ weight, 
 
 // GatedResidual then RmsNormBf16 of the new rows, a block per row: h += a + sigmoid(gate_pre
 // + bias) ⊙ e (GatedResidualOf, each element as GatedResidual computes it), then out =
-// bf16(h · InvRms(h) · weight). d a multiple of 8 and every pointer 16-byte aligned. Thread
-// t takes the 8-column pieces t, t + kThreads, ..., the pieces whose squares SumSquaresPart
-// sums in thread t, in the same order, so the statistic has RmsNormBf16's bits; the second
-// pass reads back the thread's own stores.
+// bf16(h · InvRms(h) · weight). d a multiple of 8, at most kPieces x 8 x kThreads, and every
+// pointer 16-byte aligned. Thread t takes the 8-column pieces t, t + kThreads, ..., those
+// whose squares SumSquaresPart sums in thread t, in the same order, so the statistic has
+// RmsNormBf16's bits. The new h stays in registers for the second pass, and the weights
+// (bias, norm weight: no kernel of the step writes them) are loaded before the wait for the
+// predecessor: one round trip to memory after it.
+template <int kPieces>
 __global__ void GatedResidualRmsNormBf16Kernel(float* __restrict__ h, const float* __restrict__ a,
                                                const float* __restrict__ gate_pre, const float* __restrict__ bias,
                                                const float* __restrict__ e, const float* __restrict__ weight,
                                                int64_t d, float eps, __nv_bfloat16* __restrict__ out) {
   __shared__ float scratch[32];
-  WaitForPredecessor();  // (LaunchPdl: nothing read before it)
-  AllowDependents();
   const int64_t row_start = static_cast<int64_t>(blockIdx.x) * d;
-  float* hr = h + row_start;
-  const auto gated = [&](int64_t c) {
-    float4 x = *reinterpret_cast<const float4*>(hr + c);
-    const float4 av = *reinterpret_cast<const float4*>(a + row_start + c),
-                 gv = *reinterpret_cast<const float4*>(gate_pre + row_start + c),
-                 bv = *reinterpret_cast<const float4*>(bias + c), ev = *reinterpret_cast<const float4*>(e + row_start + c);
-    x.x = GatedResidualOf(x.x, av.x, gv.x, bv.x, ev.x);
-    x.y = GatedResidualOf(x.y, av.y, gv.y, bv.y, ev.y);
-    x.z = GatedResidualOf(x.z, av.z, gv.z, bv.z, ev.z);
-    x.w = GatedResidualOf(x.w, av.w, gv.w, bv.w, ev.w);
-    *reinterpret_cast<float4*>(hr + c) = x;
-    return x;
-  };
+  const auto load4 = [](const float* p) { return *reinterpret_cast<const float4*>(p); };
+  float4 x[kPieces][2], bv[kPieces][2], wv[kPieces][2];
+#pragma unroll
+  for (int p = 0; p < kPieces; ++p) {
+    const int64_t c = 8 * (static_cast<int64_t>(threadIdx.x) + p * kThreads);
+    if (c >= d) break;
+    for (int k = 0; k < 2; ++k) {
+      bv[p][k] = load4(bias + c + 4 * k);
+      wv[p][k] = load4(weight + c + 4 * k);
+    }
+  }
+  WaitForPredecessor();  // h, a, gate_pre and e are the step's
+  AllowDependents();
   float ss = 0.0f;
-  for (int64_t c = 8 * static_cast<int64_t>(threadIdx.x); c < d; c += 8 * kThreads) {
-    const float4 lo = gated(c), hi = gated(c + 4);
-    ss = SumSquares8(lo, hi, ss);
+#pragma unroll
+  for (int p = 0; p < kPieces; ++p) {
+    const int64_t c = 8 * (static_cast<int64_t>(threadIdx.x) + p * kThreads);
+    if (c >= d) break;
+    float4 av[2], gv[2], ev[2];
+    for (int k = 0; k < 2; ++k) {
+      x[p][k] = load4(h + row_start + c + 4 * k);
+      av[k] = load4(a + row_start + c + 4 * k);
+      gv[k] = load4(gate_pre + row_start + c + 4 * k);
+      ev[k] = load4(e + row_start + c + 4 * k);
+    }
+    for (int k = 0; k < 2; ++k) {
+      float4& v = x[p][k];
+      v.x = GatedResidualOf(v.x, av[k].x, gv[k].x, bv[p][k].x, ev[k].x);
+      v.y = GatedResidualOf(v.y, av[k].y, gv[k].y, bv[p][k].y, ev[k].y);
+      v.z = GatedResidualOf(v.z, av[k].z, gv[k].z, bv[p][k].z, ev[k].z);
+      v.w = GatedResidualOf(v.w, av[k].w, gv[k].w, bv[p][k].w, ev[k].w);
+      *reinterpret_cast<float4*>(h + row_start + c + 4 * k) = v;
+    }
+    ss = SumSquares8(x[p][0], x[p][1], ss);
   }
   const float scale = InvRmsOf(BlockSum(ss, scratch), d, eps);
-  __nv_bfloat16* o = out + row_start;
-  for (int64_t c = 8 * static_cast<int64_t>(threadIdx.x); c < d; c += 8 * kThreads) {
-    for (int64_t j = c; j < c + 8; j += 4) {
-      const float4 v = *reinterpret_cast<const float4*>(hr + j), w = *reinterpret_cast<const float4*>(weight + j);
-      Store4(o + j, make_float4(v.x * scale * w.x, v.y * scale * w.y, v.z * scale * w.z, v.w * scale * w.w));
+#pragma unroll
+  for (int p = 0; p < kPieces; ++p) {
+    const int64_t c = 8 * (static_cast<int64_t>(threadIdx.x) + p * kThreads);
+    if (c >= d) break;
+    for (int k = 0; k < 2; ++k) {
+      const float4 v = x[p][k], w = wv[p][k];
+      Store4(out + row_start + c + 4 * k,
+             make_float4(v.x * scale * w.x, v.y * scale * w.y, v.z * scale * w.z, v.w * scale * w.w));
     }
   }
 }
@@ -122,12 +143,14 @@ Status GatedResidualRmsNormBf16(float* h, const float* a, const float* gate_pre,
   LM2_RETURN_IF_ERROR(ops::CheckRmsNorm(rows, d, eps));
   if (rows == 0) return Status::Ok();
   LM2_RETURN_IF_ERROR(RequireNonNull("GatedResidualRmsNormBf16", {h, a, gate_pre, gate_bias, e, norm_weight, out}));
-  if (d % 8 != 0 || !Aligned16({h, a, gate_pre, gate_bias, e, norm_weight, out})) {
+  constexpr int64_t kPiece = 8 * kThreads;  // the columns one piece a thread spans
+  if (d % 8 != 0 || d > 2 * kPiece || !Aligned16({h, a, gate_pre, gate_bias, e, norm_weight, out})) {
     LM2_RETURN_IF_ERROR(GatedResidual(h, a, gate_pre, gate_bias, rows, d, e, stream));
     return RmsNormBf16(h, norm_weight, rows, d, eps, out, stream);
   }
-  return CudaStatus(LaunchPdl(&GatedResidualRmsNormBf16Kernel, static_cast<unsigned int>(rows), kThreads, 0, stream,
-                              h, a, gate_pre, gate_bias, e, norm_weight, d, eps, out),
+  const auto kernel = d <= kPiece ? &GatedResidualRmsNormBf16Kernel<1> : &GatedResidualRmsNormBf16Kernel<2>;
+  return CudaStatus(LaunchPdl(kernel, static_cast<unsigned int>(rows), kThreads, 0, stream, h, a, gate_pre, gate_bias,
+                              e, norm_weight, d, eps, out),
                     "GatedResidualRmsNormBf16Kernel");
 }
 

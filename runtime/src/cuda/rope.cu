@@ -31,6 +31,16 @@ struct ConsecutiveRows {
     v[t * kvdim + c] = x;
     if (v_b != nullptr) v_b[t * kvdim + c] = __float2bfloat16_rn(x);
   }
+  // Four consecutive elements from c (a multiple of 4; every pointer 16-byte aligned).
+  __device__ void StoreK4(int64_t t, int c, float4 x) const {
+    *reinterpret_cast<float4*>(k + t * kvdim + c) = x;
+    if (k_b != nullptr) *reinterpret_cast<uint2*>(k_b + t * kvdim + c) = PackBf16x4(x);
+  }
+  __device__ void StoreV4(int64_t t, int c, float4 x) const {
+    *reinterpret_cast<float4*>(v + t * kvdim + c) = x;
+    if (v_b != nullptr) *reinterpret_cast<uint2*>(v_b + t * kvdim + c) = PackBf16x4(x);
+  }
+  bool Aligned() const { return Aligned16({k, v, k_b, v_b}); }
 };
 struct RowPerCache {
   float* const* k;
@@ -70,6 +80,50 @@ __global__ void SplitQkvRopeKernel(const float* __restrict__ proj, int64_t proj_
   }
   const float* v_src = src_row + (heads + kv_heads) * head_dim;
   for (int c = static_cast<int>(threadIdx.x); c < kvdim; c += static_cast<int>(blockDim.x)) dest.StoreV(t, c, v_src[c]);
+}
+
+// The same, four pairs (i .. i + 3, i + half .. i + half + 3) a thread by 16-byte loads and
+// stores, for one cache (head_dim a multiple of 8; proj, its rows, q_out, factors and the
+// cache rows 16-byte aligned). Each pair is rotated as above: the same bits.
+__global__ void SplitQkvRopex4Kernel(const float* __restrict__ proj, int64_t proj_ld, int heads, int kv_heads,
+                                     int head_dim, const float2* __restrict__ factors, float* __restrict__ q_out,
+                                     ConsecutiveRows dest) {
+  WaitForPredecessor();  // proj is the previous kernel's output
+  AllowDependents();
+  const int64_t t = blockIdx.x;
+  const int half = head_dim / 2, quads = half / 4, groups = (heads + kv_heads) * quads, kvdim = kv_heads * head_dim;
+  const float* src_row = proj + t * proj_ld;
+  const float2* f = factors + t * half;
+  float* q_row = q_out + t * heads * head_dim;
+  for (int p = static_cast<int>(threadIdx.x); p < groups; p += static_cast<int>(blockDim.x)) {
+    const int h = p / quads, i = p % quads * 4;  // k heads follow q heads in proj
+    const float* src = src_row + h * head_dim;
+    const float4 a = *reinterpret_cast<const float4*>(src + i), b = *reinterpret_cast<const float4*>(src + i + half);
+    const float4 f01 = *reinterpret_cast<const float4*>(f + i), f23 = *reinterpret_cast<const float4*>(f + i + 2);
+    const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+    const float2 fv[4] = {{f01.x, f01.y}, {f01.z, f01.w}, {f23.x, f23.y}, {f23.z, f23.w}};
+    float lo[4], hi[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float pair[2] = {av[k], bv[k]};
+      const float2 r = RotatedHalfPair(pair, 0, 1, fv[k]);
+      lo[k] = r.x;
+      hi[k] = r.y;
+    }
+    const float4 rlo = make_float4(lo[0], lo[1], lo[2], lo[3]), rhi = make_float4(hi[0], hi[1], hi[2], hi[3]);
+    if (h < heads) {
+      *reinterpret_cast<float4*>(q_row + h * head_dim + i) = rlo;
+      *reinterpret_cast<float4*>(q_row + h * head_dim + i + half) = rhi;
+    } else {
+      const int c = (h - heads) * head_dim + i;
+      dest.StoreK4(t, c, rlo);
+      dest.StoreK4(t, c + half, rhi);
+    }
+  }
+  const float* v_src = src_row + (heads + kv_heads) * head_dim;
+  for (int c = 4 * static_cast<int>(threadIdx.x); c < kvdim; c += 4 * static_cast<int>(blockDim.x)) {
+    dest.StoreV4(t, c, *reinterpret_cast<const float4*>(v_src + c));
+  }
 }
 
 __global__ void RopeKernel(float* __restrict__ x, int64_t rows, int64_t heads, int64_t head_dim,
@@ -121,11 +175,10 @@ Status RopeFactorsBatch(const int64_t* positions, int64_t rows, int64_t head_dim
 
 namespace {
 
-// Both SplitQkvRope forms: the checks, then the kernel writing k and v rows through `dest`.
-template <typename Dest>
-Status LaunchSplitQkvRope(const char* op, const float* proj, int64_t rows, int64_t proj_ld, int64_t heads,
-                          int64_t kv_heads, int64_t head_dim, const float2* factors, float* q_out, Dest dest,
-                          cudaStream_t stream) {
+// The checks of both SplitQkvRope forms (`pointers`: those that must not be null where
+// there are rows).
+Status CheckSplitQkvRope(const char* op, int64_t rows, int64_t proj_ld, int64_t heads, int64_t kv_heads,
+                         int64_t head_dim, std::initializer_list<const void*> pointers) {
   LM2_RETURN_IF_ERROR(ops::CheckRope(rows, heads, head_dim, /*theta=*/1.0));
   LM2_RETURN_IF_ERROR(ops::CheckCausalAttention(0, 0, heads, kv_heads, head_dim));
   if (proj_ld < (heads + 2 * kv_heads) * head_dim) {
@@ -133,12 +186,9 @@ Status LaunchSplitQkvRope(const char* op, const float* proj, int64_t rows, int64
                                    " narrower than q, k and v");
   }
   if (rows == 0) return Status::Ok();
-  LM2_RETURN_IF_ERROR(RequireNonNull(op, {proj, factors, q_out, dest.k, dest.v}));
+  LM2_RETURN_IF_ERROR(RequireNonNull(op, pointers));
   if (rows > ops::detail::kInt32Max) return Status::InvalidArgument(std::string(op) + ": too many rows");
-  return CudaStatus(LaunchPdl(&SplitQkvRopeKernel<Dest>, static_cast<unsigned int>(rows), kThreads, 0, stream, proj,
-                              proj_ld, static_cast<int>(heads), static_cast<int>(kv_heads),
-                              static_cast<int>(head_dim), factors, q_out, dest),
-                    op);
+  return Status::Ok();
 }
 
 }  // namespace
@@ -146,19 +196,36 @@ Status LaunchSplitQkvRope(const char* op, const float* proj, int64_t rows, int64
 Status SplitQkvRope(const float* proj, int64_t rows, int64_t proj_ld, int64_t heads, int64_t kv_heads,
                     int64_t head_dim, const float2* factors, float* q_out, float* k_out, float* v_out,
                     cudaStream_t stream, __nv_bfloat16* k_bf16, __nv_bfloat16* v_bf16) {
+  LM2_RETURN_IF_ERROR(
+      CheckSplitQkvRope("SplitQkvRope", rows, proj_ld, heads, kv_heads, head_dim, {proj, factors, q_out, k_out, v_out}));
   if ((k_bf16 == nullptr) != (v_bf16 == nullptr)) {
     return Status::InvalidArgument("SplitQkvRope: bf16 copies of k and v go together (one of them is null)");
   }
-  return LaunchSplitQkvRope("SplitQkvRope", proj, rows, proj_ld, heads, kv_heads, head_dim, factors, q_out,
-                            ConsecutiveRows{k_out, v_out, kv_heads * head_dim, k_bf16, v_bf16}, stream);
+  if (rows == 0) return Status::Ok();
+  const ConsecutiveRows dest{k_out, v_out, kv_heads * head_dim, k_bf16, v_bf16};
+  const auto grid = static_cast<unsigned int>(rows);
+  const int H = static_cast<int>(heads), Hkv = static_cast<int>(kv_heads), D = static_cast<int>(head_dim);
+  if (head_dim % 8 == 0 && proj_ld % 4 == 0 && Aligned16({proj, q_out, factors}) && dest.Aligned()) {
+    return CudaStatus(LaunchPdl(&SplitQkvRopex4Kernel, grid, kThreads, 0, stream, proj, proj_ld, H, Hkv, D, factors,
+                                q_out, dest),
+                      "SplitQkvRopex4Kernel");
+  }
+  return CudaStatus(LaunchPdl(&SplitQkvRopeKernel<ConsecutiveRows>, grid, kThreads, 0, stream, proj, proj_ld, H, Hkv,
+                              D, factors, q_out, dest),
+                    "SplitQkvRopeKernel");
 }
 
 Status SplitQkvRopeBatch(const float* proj, int64_t rows, int64_t proj_ld, int64_t heads, int64_t kv_heads,
                          int64_t head_dim, const int64_t* positions, const float2* factors, float* q_out,
                          float* const* k_caches, float* const* v_caches, cudaStream_t stream) {
-  if (rows > 0 && positions == nullptr) return Status::InvalidArgument("SplitQkvRopeBatch: null positions");
-  return LaunchSplitQkvRope("SplitQkvRopeBatch", proj, rows, proj_ld, heads, kv_heads, head_dim, factors, q_out,
-                            RowPerCache{k_caches, v_caches, kv_heads * head_dim, positions}, stream);
+  LM2_RETURN_IF_ERROR(CheckSplitQkvRope("SplitQkvRopeBatch", rows, proj_ld, heads, kv_heads, head_dim,
+                                        {proj, factors, q_out, k_caches, v_caches, positions}));
+  if (rows == 0) return Status::Ok();
+  return CudaStatus(LaunchPdl(&SplitQkvRopeKernel<RowPerCache>, static_cast<unsigned int>(rows), kThreads, 0, stream,
+                              proj, proj_ld, static_cast<int>(heads), static_cast<int>(kv_heads),
+                              static_cast<int>(head_dim), factors, q_out,
+                              RowPerCache{k_caches, v_caches, kv_heads * head_dim, positions}),
+                    "SplitQkvRopeBatch");
 }
 
 }  // namespace lm2::runtime::cuda
