@@ -198,7 +198,7 @@ int main(int argc, char** argv) {
   Check(cublasLtCreate(&lt), "cublasLtCreate");
   Timer timer;
 
-  std::printf("| GEMM | rows | default us | default GB/s | best us | best GB/s | best split-k | same bits | candidates (us, split-k, bits) |\n");
+  std::printf("| GEMM | rows | default us | default GB/s | best us | best GB/s | best split-k | same bits | candidates (us, split-k, bits [algo id:tile:stages:cluster]) |\n");
   std::printf("| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
   for (const Shape& s : kShapes) {
     if (!only.empty() && only != s.name) continue;
@@ -249,6 +249,13 @@ int main(int argc, char** argv) {
         int split = 1;
         std::size_t written = 0;
         cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &split, sizeof(split), &written);
+        // Which kernel: the algorithm id, tile, stages and cluster shape (cublasLt's enums).
+        int algo_id = 0, tile = 0, stages = 0, cluster = 0;
+        cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_ID, &algo_id, sizeof(algo_id), &written);
+        cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile, sizeof(tile), &written);
+        cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_STAGES_ID, &stages, sizeof(stages), &written);
+        cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &cluster, sizeof(cluster),
+                                             &written);
         auto lt_call = [&](int r, void* out) {
           Check(cublasLtMatmul(lt, op, &alpha, weight(r), la, x, lb, &beta, out, lc, out, lc, &algo, workspace,
                                kWorkspace, nullptr),
@@ -259,8 +266,9 @@ int main(int argc, char** argv) {
         Check(cudaMemcpy(got.data(), y, y_bytes, cudaMemcpyDeviceToHost), "copy");
         const bool same = std::memcmp(got.data(), ref.data(), y_bytes) == 0;
         const double us = timer.BestMeanUs(reps, [&](int r) { lt_call(r, y); });
-        char item[64];
-        std::snprintf(item, sizeof item, "%s%.1f/%d/%s", list.empty() ? "" : " ", us, split, same ? "=" : "x");
+        char item[96];
+        std::snprintf(item, sizeof item, "%s%.1f/%d/%s[%d:%d:%d:%d]", list.empty() ? "" : " ", us, split,
+                      same ? "=" : "x", algo_id, tile, stages, cluster);
         list += item;
         if (us < best_us) {
           best_us = us;
