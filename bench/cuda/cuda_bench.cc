@@ -21,8 +21,6 @@
 //   the read (CudaOptions::defer_memory_write, default on: past the join);
 //   --warm-up 0: no warm-up turn at load
 //   (CudaOptions::warm_up), so the first turn's figure shows the kernels' first-use costs.
-//   --choose-gemms 0: the down projection by cuBLAS's default algorithm at every row count
-//   (CudaOptions::choose_gemms).
 //   --bank-threads N: CudaOptions::bank_transfer_threads (bank export / import).
 //   --kv-at-end 0: a segment's memory K/V made by its first forward, not at the end of the
 //   segment before (CudaOptions::memory_kv_at_segment_end).
@@ -769,7 +767,7 @@ double LatePrompt(const Model& model, int64_t context, int64_t tokens, int64_t r
 // (Nsight Compute runs kernels one at a time at whatever clock the card idles at). The
 // memory read and write sums and attention are timed alone here; in the model they run on
 // two streams side by side.
-void PrefillChunkParts(const lm2::runtime::ModelConfig& c, int64_t T, bool choose_gemms) {
+void PrefillChunkParts(const lm2::runtime::ModelConfig& c, int64_t T) {
   const int64_t d = c.hidden_size, F = c.intermediate_size, N = c.memory_slots, Hm = c.memory_heads;
   const int64_t H = c.num_heads, Hkv = c.num_kv_heads, Dh = c.head_dim, qdim = H * Dh, kvdim = Hkv * Dh;
   const int64_t P = qdim + 2 * kvdim + (c.has_memory() ? 2 * d : 0);
@@ -914,24 +912,7 @@ void PrefillChunkParts(const lm2::runtime::ModelConfig& c, int64_t T, bool choos
                      TimeOp(st, [&] { return cuda::LinearSwiGlu(xb.data(), T, d, w.data(), F, gate_up, st); }, 20), 0,
                      gemm_flops(d, 2 * F)});
   }
-  // The down projection as the model runs it where CudaOptions::choose_gemms found a faster
-  // algorithm at T rows (AccumulatePlans; chosen here on the bench's weight copies).
-  auto plans = Take(cuda::AccumulatePlans::Create(), "plans");
-  constexpr std::size_t kWorkspace = std::size_t{8} << 20;  // a state's (cuda_model.cc)
-  auto workspace = alloc_b(static_cast<int64_t>(kWorkspace / 2));
-  std::vector<const __nv_bfloat16*> down_weights;
-  for (int64_t i = 0; i < 4; ++i) down_weights.push_back(WeightCopy(w.data(), w_elems, F * d, i));
-  Check(plans.Choose(h, workspace.data(), kWorkspace, xb.data(), T, F, down_weights, d, x.data(), a.data(), e.data(),
-                     st),
-        "choose");
-  const bool planned = choose_gemms && plans.Find(T, F, d) != nullptr;
-  parts.push_back({"cuBLAS T x F -> d (down)", planned ? 0.0 : 1.0, linear(F, d), 0, gemm_flops(F, d)});
-  parts.push_back({"cuBLASLt T x F -> d (down), the algorithm chosen", planned ? 1.0 : 0.0,
-                   TimeOp(st, [&] {
-                     return plans.Run(h, workspace.data(), xb.data(), T, F,
-                                      WeightCopy(w.data(), w_elems, F * d, call++), d, x.data(), st);
-                   }, 20),
-                   0, gemm_flops(F, d)});
+  parts.push_back({"cuBLAS T x F -> d (down)", 1, linear(F, d), 0, gemm_flops(F, d)});
   std::printf("a prefill chunk of %lld tokens by kernel (empty cache; mean of back-to-back launches, GEMMs each on "
               "other weights; counts per layer):\n",
               static_cast<long long>(T));
@@ -1038,7 +1019,6 @@ int main(int argc, char** argv) {
     else if (k == "--split-attention") options.split_decode_attention = v != "0";
     else if (k == "--defer-write") options.defer_memory_write = v != "0";
     else if (k == "--warm-up") options.warm_up = v != "0";
-    else if (k == "--choose-gemms") options.choose_gemms = v != "0";
     else if (k == "--bank-threads") options.bank_transfer_threads = std::stoi(v);
     else if (k == "--kv-at-end") options.memory_kv_at_segment_end = v != "0";
     else if (k == "--flush-tokens") options.write_flush_tokens = std::stoll(v);
@@ -1151,7 +1131,7 @@ int main(int argc, char** argv) {
       const int64_t chunk = std::min(T, options.max_chunk_tokens);
       if (T <= cfg.max_position_embeddings && std::find(chunks.begin(), chunks.end(), chunk) == chunks.end()) {
         chunks.push_back(chunk);
-        PrefillChunkParts(cfg, chunk, options.choose_gemms);
+        PrefillChunkParts(cfg, chunk);
       }
     }
   }

@@ -1437,67 +1437,6 @@ TEST_CASE("EmbeddingLookup widens the bf16 rows of the ids; a bad id gives NaN, 
   CHECK(EmbeddingLookup(dt.data(), V, d, di.data(), 0, out.data(), Stream()).ok());
 }
 
-TEST_CASE("AccumulatePlans: a chosen algorithm gives Linear's bits; shapes without one run Linear", "[cuda][ops]") {
-  // The paper's down projection (8192 -> 2048) at 256 and 512 rows, where cuBLASLt offers
-  // faster candidates on an H200, and a small shape.
-  const auto [rows, in, out] = GENERATE(std::make_tuple(int64_t{512}, int64_t{8192}, int64_t{2048}),
-                                        std::make_tuple(int64_t{256}, int64_t{8192}, int64_t{2048}),
-                                        std::make_tuple(int64_t{64}, int64_t{96}, int64_t{40}));
-  INFO("rows=" << rows << " in=" << in << " out=" << out);
-  const auto x32 = Random(static_cast<std::size_t>(rows * in)), y0 = Random(static_cast<std::size_t>(rows * out));
-  auto dx32 = Upload(x32), dy0 = Upload(y0);
-  auto dx = Poisoned<__nv_bfloat16>(x32.size());
-  RequireOk(ConvertF32ToBf16(dx32.data(), rows * in, dx.data(), Stream()));
-  std::vector<DeviceBuffer<__nv_bfloat16>> ws;
-  std::vector<const __nv_bfloat16*> weights;
-  for (int i = 0; i < 2; ++i) {
-    auto w32 = Upload(Random(static_cast<std::size_t>(in * out)));
-    ws.push_back(Poisoned<__nv_bfloat16>(static_cast<std::size_t>(in * out)));
-    RequireOk(ConvertF32ToBf16(w32.data(), in * out, ws.back().data(), Stream()));
-    weights.push_back(ws.back().data());
-  }
-  auto handle = CublasHandle::Create();
-  REQUIRE(handle.ok());
-  constexpr std::size_t kWorkspace = std::size_t{8} << 20;
-  auto workspace = Poisoned<char>(kWorkspace);
-  REQUIRE(cublasSetWorkspace(handle->get(), workspace.data(), kWorkspace) == CUBLAS_STATUS_SUCCESS);
-  auto plans = AccumulatePlans::Create();
-  REQUIRE(plans.ok());
-  CHECK(plans->Find(rows, in, out) == nullptr);
-  auto ya = Poisoned<float>(y0.size()), yb = Poisoned<float>(y0.size());
-  RequireOk(plans->Choose(handle->get(), workspace.data(), kWorkspace, dx.data(), rows, in, weights, out, dy0.data(),
-                          ya.data(), yb.data(), Stream()));
-  UNSCOPED_INFO("a plan chosen: " << (plans->Find(rows, in, out) != nullptr));
-  // Run (the plan's algorithm, or Linear) against Linear, from the same y on each weight.
-  for (const __nv_bfloat16* w : weights) {
-    auto want = Upload(y0), got = Upload(y0);
-    RequireOk(Linear(handle->get(), dx.data(), rows, in, w, out, want.data(), true, Stream()));
-    RequireOk(plans->Run(handle->get(), workspace.data(), dx.data(), rows, in, w, out, got.data(), Stream()));
-    const auto a = Download(want), b = Download(got);
-    CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
-    CHECK(a != y0);
-  }
-  // A shape not chosen runs Linear; choosing again keeps the plan.
-  const int before = plans->size();
-  RequireOk(plans->Choose(handle->get(), workspace.data(), kWorkspace, dx.data(), rows, in, weights, out, dy0.data(),
-                          ya.data(), yb.data(), Stream()));
-  CHECK(plans->size() == before);
-  CHECK(plans->Find(rows - 8, in, out) == nullptr);
-  {
-    auto want = Upload(y0), got = Upload(y0);
-    RequireOk(Linear(handle->get(), dx.data(), rows - 8, in, weights[0], out, want.data(), true, Stream()));
-    RequireOk(plans->Run(handle->get(), workspace.data(), dx.data(), rows - 8, in, weights[0], out, got.data(),
-                         Stream()));
-    CHECK(Download(want) == Download(got));
-  }
-  CHECK(plans->Choose(handle->get(), workspace.data(), kWorkspace, dx.data(), rows, in, {}, out, dy0.data(), ya.data(),
-                      yb.data(), Stream())
-            .IsInvalidArgument());  // no weights
-  CHECK(AccumulatePlans().Choose(handle->get(), workspace.data(), kWorkspace, dx.data(), rows, in, weights, out,
-                                 dy0.data(), ya.data(), yb.data(), Stream())
-            .code() == lm2::StatusCode::kFailedPrecondition);  // not created
-}
-
 TEST_CASE("GatedResidualRmsNormBf16 equals GatedResidual then RmsNormBf16, bit for bit", "[cuda][ops]") {
   // 2048: the model's rows, a piece of 8 columns a thread (kThreads = 256); 4088: two
   // pieces for most threads; 40: most threads without one; 36 (not a multiple of 8) and

@@ -284,45 +284,6 @@ class CudaModel final : public Model {
     return Status::Ok();
   }
 
-  // CudaOptions::choose_gemms: the FFN down projection's algorithm for each GEMM row count
-  // up to kWarmGemmRows past the GEMV path (AccumulatePlans: a cuBLASLt candidate with the
-  // default's bits where it is 3% faster, timed on the layers' own weights and stand-in
-  // activations; results unchanged bit for bit). Before the warm-up, which then loads the
-  // chosen kernels.
-  Status ChooseGemms() {
-    const int64_t d = cfg_.hidden_size, F = cfg_.intermediate_size;
-    const int64_t longest = std::min({kWarmGemmRows, options_.max_chunk_tokens, cfg_.max_position_embeddings});
-    if (longest < kGemmRowStep) return Status::Ok();
-    LM2_ASSIGN_OR_RETURN(down_plans_, AccumulatePlans::Create());
-    LM2_ASSIGN_OR_RETURN(Blas blas, Blas::Create());
-    LM2_ASSIGN_OR_RETURN(CudaStream stream, CudaStream::Create());
-    const cudaStream_t st = stream.get();
-    // Stand-ins for the activations and the residual stream: values of a few binades (the
-    // bits check compares sums whose order matters), the same on every load.
-    std::vector<float> host(Z(longest * F));
-    uint32_t state = 12345;
-    for (float& v : host) {
-      state = state * 1664525u + 1013904223u;
-      v = std::ldexp(static_cast<float>(state >> 8) / 16777216.0f - 0.5f, static_cast<int>(state % 7) - 3);
-    }
-    LM2_ASSIGN_OR_RETURN(auto x32, DeviceBuffer<float>::Allocate(Z(longest * F)));
-    LM2_ASSIGN_OR_RETURN(auto x, DeviceBuffer<bf16>::Allocate(Z(longest * F)));
-    LM2_ASSIGN_OR_RETURN(auto y_start, DeviceBuffer<float>::Allocate(Z(longest * d)));
-    LM2_ASSIGN_OR_RETURN(auto y_a, DeviceBuffer<float>::Allocate(Z(longest * d)));
-    LM2_ASSIGN_OR_RETURN(auto y_b, DeviceBuffer<float>::Allocate(Z(longest * d)));
-    LM2_RETURN_IF_ERROR(x32.CopyFromHost(host.data(), host.size(), st));
-    LM2_RETURN_IF_ERROR(ConvertF32ToBf16(x32.data(), longest * F, x.data(), st));
-    LM2_RETURN_IF_ERROR(y_start.CopyFromHost(host.data(), Z(longest * d), st));
-    std::vector<const bf16*> weights;
-    for (const CudaLayerWeights& lw : w_->layers) weights.push_back(lw.down_proj);
-    for (int64_t rows = kGemmRowStep; rows <= longest; rows += kGemmRowStep) {
-      if (Small(rows)) continue;
-      LM2_RETURN_IF_ERROR(down_plans_.Choose(blas.get(), blas.workspace.data(), kCublasWorkspace, x.data(), rows, F,
-                                             weights, d, y_start.data(), y_a.data(), y_b.data(), st));
-    }
-    return stream.Synchronize();
-  }
-
   // One short turn on a throwaway state (CudaOptions::warm_up): a prompt long enough for
   // the multi-token paths, greedy steps across a memory-write flush, a sampled step, a step
   // with the logits copied out, the segment's end, a second segment's prompt (or token), and
@@ -1618,7 +1579,7 @@ class CudaModel final : public Model {
       LM2_RETURN_IF_ERROR(LinearToBf16(s.cublas_.get(), sc.xb.data(), m, d, lw.gate_up, 2 * F, gate_up, st));
       LM2_RETURN_IF_ERROR(SwiGluBf16(gate_up, n, F, sc.yb.data(), st));
     }
-    return down_plans_.Run(s.cublas_.get(), s.cublas_.workspace.data(), sc.yb.data(), m, F, lw.down_proj, d, h, st);
+    return Linear(s.cublas_.get(), sc.yb.data(), m, F, lw.down_proj, d, h, true, st);
   }
 
   // Logits of chunk rows [row, row + rows) into sc.logits [rows, V] (sized by the caller),
@@ -1655,9 +1616,6 @@ class CudaModel final : public Model {
   // Per layer, the initial bank's memory K then V [2, N, d] (PrepareInitialMemoryKv; empty
   // buffers in layers without memory, none at all with share_initial_memory_kv off).
   std::vector<DeviceBuffer<bf16>> initial_kv_;
-  // The FFN down projection's cuBLASLt algorithm per GEMM row count (ChooseGemms at load;
-  // read-only after it).
-  AccumulatePlans down_plans_;
 };
 
 }  // namespace
@@ -1709,7 +1667,6 @@ Result<std::unique_ptr<Model>> LoadCudaModel(std::shared_ptr<const ModelFiles> f
   LM2_ASSIGN_OR_RETURN(auto weights, cuda::CudaWeights::Upload(*files, options.device));
   auto model = std::make_unique<cuda::CudaModel>(std::move(files), std::move(weights), options);
   LM2_RETURN_IF_ERROR(model->PrepareInitialMemoryKv());
-  if (options.choose_gemms) LM2_RETURN_IF_ERROR(model->ChooseGemms());
   if (options.warm_up) LM2_RETURN_IF_ERROR(model->WarmUp());
   return std::unique_ptr<Model>(std::move(model));
 }

@@ -19,8 +19,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
-#include <memory>
-#include <vector>
 
 #include "lm2/core/status.h"
 
@@ -252,41 +250,6 @@ Status RmsNorm(const float* x, const float* weight, int64_t rows, int64_t d, flo
 // RmsNorm with a bf16 output (the next GEMM's input), the same fp32 math.
 Status RmsNormBf16(const float* x, const float* weight, int64_t rows, int64_t d, float eps, __nv_bfloat16* out,
                    cudaStream_t stream);
-
-// cuBLASLt algorithms for y[rows, out] += x[rows, in] · Wᵀ (Linear with accumulate: bf16
-// operands, fp32 y and accumulation) chosen per shape on the device it runs on: Choose runs
-// cuBLASLt's heuristic candidates whose sums are not split over k on the caller's data,
-// keeps those whose result has the bits of Linear's (cublasGemmEx's default), times them
-// and the default (each call on the next of `weights`, so that no weight stays in L2), and
-// keeps the fastest where it beats the default by 3%; else the shape keeps the default.
-// Choose is for load time (not thread-safe, synchronises the stream); Run, which takes the
-// chosen algorithm or else Linear, may then run from any thread. At 512 rows of the paper's
-// down projection (8192 -> 2048) a candidate took 28.0 µs against the default's 33.0 with
-// the same bits (H200; docs/benchmarks.md).
-class AccumulatePlans {
- public:
-  struct Plan;
-  AccumulatePlans();
-  AccumulatePlans(AccumulatePlans&&) noexcept;
-  AccumulatePlans& operator=(AccumulatePlans&&) noexcept;
-  ~AccumulatePlans();
-  static Result<AccumulatePlans> Create();  // a cuBLASLt handle, no plans
-  // `blas` (with `workspace` of workspace_bytes set on it) runs the default; y_start [rows,
-  // out] is the sums' starting value, y_a and y_b scratch of the same size.
-  Status Choose(cublasHandle_t blas, void* workspace, std::size_t workspace_bytes, const __nv_bfloat16* x,
-                int64_t rows, int64_t in, const std::vector<const __nv_bfloat16*>& weights, int64_t out,
-                const float* y_start, float* y_a, float* y_b, cudaStream_t stream);
-  // y += x · Wᵀ by the shape's plan (workspace: at least the workspace_bytes Choose had), or
-  // Linear(blas, ..., accumulate = true).
-  Status Run(cublasHandle_t blas, void* workspace, const __nv_bfloat16* x, int64_t rows, int64_t in,
-             const __nv_bfloat16* w, int64_t out, float* y, cudaStream_t stream) const;
-  const Plan* Find(int64_t rows, int64_t in, int64_t out) const;
-  int size() const;  // shapes with a plan
-
- private:
-  struct Impl;
-  std::unique_ptr<Impl> impl_;
-};
 
 // GatedResidual(h, a, gate_pre, gate_bias, rows, d, e) then RmsNormBf16(h, norm_weight,
 // rows, d, eps, out), the same bits, as one kernel where d is a multiple of 8 up to 4096 and

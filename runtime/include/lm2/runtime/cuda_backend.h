@@ -131,12 +131,6 @@ struct CudaOptions {
   // session's reply or a prompt of a length not seen before (lm2's own kernels are loaded
   // at load with or without it). Costs the load that turn (docs/cuda.md).
   bool warm_up = true;
-  // At load, before the warm-up: for each GEMM row count up to 512, the FFN down
-  // projection's cuBLAS algorithm, a cuBLASLt candidate that gives the default's bits where
-  // it runs 3% faster on this device (timed on the layers' weights: ~tens of ms). Results
-  // are the same bits either way (tested); at 512 rows of the paper's shape on an H200 the
-  // GEMM took 28.0 µs against the default's 33.0 (docs/cuda.md).
-  bool choose_gemms = true;
 };
 
 // Uploads the weights of `files` to the device and returns a model on it. Unavailable when
