@@ -51,6 +51,24 @@ struct RowPerCache {
   __device__ void StoreV(int64_t t, int c, float x) const { v[t][positions[t] * kvdim + c] = x; }
 };
 
+// A SplitQkvRope block's row t (its block index, after the wait for proj's kernel): its
+// projection row, rotary factors and q row.
+struct SplitRow {
+  int64_t t;
+  const float* src;
+  const float2* factors;
+  float* q;
+  __device__ SplitRow(const float* proj, int64_t proj_ld, int heads, int head_dim, const float2* all_factors,
+                      float* q_out)
+      : t(blockIdx.x),
+        src(proj + t * proj_ld),
+        factors(all_factors + t * (head_dim / 2)),
+        q(q_out + t * heads * head_dim) {
+    WaitForPredecessor();  // proj is the previous kernel's output
+    AllowDependents();
+  }
+};
+
 // proj[t] = [q (H*D) | k (Hkv*D) | v (Hkv*D) | ...]: q and k rotated into q_out and the k
 // row, v copied to the v row. A block per row: its q and k pairs rotated by the row's
 // factors (RopeFactorsBatch: computed once per forward, not per layer and pair), then its v
@@ -59,13 +77,12 @@ template <typename Dest>
 __global__ void SplitQkvRopeKernel(const float* __restrict__ proj, int64_t proj_ld, int heads, int kv_heads,
                                    int head_dim, const float2* __restrict__ factors, float* __restrict__ q_out,
                                    Dest dest) {
-  WaitForPredecessor();  // proj is the previous kernel's output
-  AllowDependents();
-  const int64_t t = blockIdx.x;
+  const SplitRow row(proj, proj_ld, heads, head_dim, factors, q_out);
+  const int64_t t = row.t;
   const int half = head_dim / 2, pairs = (heads + kv_heads) * half, kvdim = kv_heads * head_dim;
-  const float* src_row = proj + t * proj_ld;
-  const float2* f = factors + t * half;
-  float* q_row = q_out + t * heads * head_dim;
+  const float* src_row = row.src;
+  const float2* f = row.factors;
+  float* q_row = row.q;
   for (int p = static_cast<int>(threadIdx.x); p < pairs; p += static_cast<int>(blockDim.x)) {
     const int h = p / half, i = p % half;  // k heads follow q heads in proj
     const float2 r = RotatedHalfPair(src_row + h * head_dim, i, half, f[i]);
@@ -88,13 +105,12 @@ __global__ void SplitQkvRopeKernel(const float* __restrict__ proj, int64_t proj_
 __global__ void SplitQkvRopex4Kernel(const float* __restrict__ proj, int64_t proj_ld, int heads, int kv_heads,
                                      int head_dim, const float2* __restrict__ factors, float* __restrict__ q_out,
                                      ConsecutiveRows dest) {
-  WaitForPredecessor();  // proj is the previous kernel's output
-  AllowDependents();
-  const int64_t t = blockIdx.x;
+  const SplitRow row(proj, proj_ld, heads, head_dim, factors, q_out);
+  const int64_t t = row.t;
   const int half = head_dim / 2, quads = half / 4, groups = (heads + kv_heads) * quads, kvdim = kv_heads * head_dim;
-  const float* src_row = proj + t * proj_ld;
-  const float2* f = factors + t * half;
-  float* q_row = q_out + t * heads * head_dim;
+  const float* src_row = row.src;
+  const float2* f = row.factors;
+  float* q_row = row.q;
   for (int p = static_cast<int>(threadIdx.x); p < groups; p += static_cast<int>(blockDim.x)) {
     const int h = p / quads, i = p % quads * 4;  // k heads follow q heads in proj
     const float* src = src_row + h * head_dim;
