@@ -45,6 +45,18 @@ void Check(cublasStatus_t s, const char* what) {
   }
 }
 
+// Uniform in [-1, 1) times 2^-4 .. 2^3 (fp32): a starting y for the accumulating GEMMs.
+__global__ void FillRandomF32(float* p, std::size_t n, uint32_t seed) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+       i += std::size_t{gridDim.x} * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    p[i] = ldexpf(static_cast<float>(h >> 8) / 8388608.0f - 1.0f, static_cast<int>(h % 8) - 4);
+  }
+}
+
 __global__ void FillRandom(__nv_bfloat16* p, std::size_t n, uint32_t seed) {
   for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
        i += std::size_t{gridDim.x} * blockDim.x) {
@@ -218,7 +230,16 @@ int main(int argc, char** argv) {
                            CUDA_R_16BF, k, &beta, out, y_type, m, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
               "cublasGemmEx");
       };
-      Check(cudaMemset(y_ref, 0, y_bytes), "memset");
+      // An accumulating GEMM's bits are checked from a starting y that is not zero: a kernel
+      // may add y at its end or start its sums from it, and only a non-zero y tells.
+      const auto start_y = [&](void* out) {
+        if (s.accumulate) {
+          FillRandomF32<<<256, 256>>>(static_cast<float*>(out), y_bytes / 4, 3u);
+        } else {
+          Check(cudaMemset(out, 0, y_bytes), "memset");
+        }
+      };
+      start_y(y_ref);
       default_call(0, y_ref);
       std::vector<unsigned char> ref(y_bytes), got(y_bytes);
       Check(cudaMemcpy(ref.data(), y_ref, y_bytes, cudaMemcpyDeviceToHost), "copy");
@@ -264,7 +285,7 @@ int main(int argc, char** argv) {
                                kWorkspace, nullptr),
                 "cublasLtMatmul");
         };
-        Check(cudaMemset(y, 0, y_bytes), "memset");
+        start_y(y);
         lt_call(0, y);
         Check(cudaMemcpy(got.data(), y, y_bytes, cudaMemcpyDeviceToHost), "copy");
         const bool same = std::memcmp(got.data(), ref.data(), y_bytes) == 0;
