@@ -45,29 +45,29 @@ void Check(cublasStatus_t s, const char* what) {
   }
 }
 
-// Uniform in [-1, 1) times 2^-4 .. 2^3 (fp32): a starting y for the accumulating GEMMs.
+// Element i's value: uniform in [-1, 1) times 2^-4 .. 2^3, i.e. over eight binades. Without
+// the spread, every fp32 sum of bf16 products here is exact, whatever its order, and the
+// "same bits" column would call any algorithm the default's.
+__device__ float SpreadRandom(std::size_t i, uint32_t seed) {
+  uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+  h ^= h >> 15;
+  h *= 2246822519u;
+  h ^= h >> 13;
+  return ldexpf(static_cast<float>(h >> 8) / 8388608.0f - 1.0f, static_cast<int>(h % 8) - 4);
+}
+
+// A starting y for the accumulating GEMMs (fp32).
 __global__ void FillRandomF32(float* p, std::size_t n, uint32_t seed) {
   for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
        i += std::size_t{gridDim.x} * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    h ^= h >> 15;
-    h *= 2246822519u;
-    h ^= h >> 13;
-    p[i] = ldexpf(static_cast<float>(h >> 8) / 8388608.0f - 1.0f, static_cast<int>(h % 8) - 4);
+    p[i] = SpreadRandom(i, seed);
   }
 }
 
 __global__ void FillRandom(__nv_bfloat16* p, std::size_t n, uint32_t seed) {
   for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
        i += std::size_t{gridDim.x} * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    h ^= h >> 15;
-    h *= 2246822519u;
-    h ^= h >> 13;
-    // Uniform in [-1, 1) times 2^-4 .. 2^3: values over eight binades. Without the spread,
-    // every fp32 sum of bf16 products here is exact, whatever its order, and the "same bits"
-    // column would call any algorithm the default's.
-    p[i] = __float2bfloat16(ldexpf(static_cast<float>(h >> 8) / 8388608.0f - 1.0f, static_cast<int>(h % 8) - 4));
+    p[i] = __float2bfloat16(SpreadRandom(i, seed));
   }
 }
 
