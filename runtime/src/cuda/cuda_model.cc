@@ -1280,7 +1280,11 @@ class CudaModel final : public Model {
       const bool tiled = batch == nullptr && !trimmed && TiledAttention(n);
       const bool attn_bf16 = tiled && !Small(n);
       const bool o_with_gate = attn_bf16 && lw.o_out_gate != nullptr;
-      bf16* e_bf16 = o_with_gate ? sc.yb.data() + m * d : nullptr;
+      // A chunk whose memory read and write sums are MemoryReadWrite's (decode steps and
+      // single tokens have reads of their own); with o_with_gate its read also leaves e in
+      // bf16 where OutputGateWithO takes it (else OutputGateWithO converts e itself).
+      const bool tiled_read = batch == nullptr && n > 1 && tiled_memory_;
+      bf16* e_bf16 = o_with_gate && tiled_read ? sc.yb.data() + m * d : nullptr;
 
       // Attention: one GEMM for q, k, v (and the memory query and write offer), then RoPE
       // straight into q and the cache rows of this chunk.
@@ -1294,8 +1298,7 @@ class CudaModel final : public Model {
       const bool side_read =
           lw.has_memory && options_.concurrent_memory_read && (batch != nullptr || n == 1 || tiled_memory_);
       // A tiled chunk's write sums may run past the join (CudaOptions::defer_memory_write).
-      const bool defer_write = side_read && batch == nullptr && n > 1 && tiled_memory_ &&
-                               options_.defer_memory_write;
+      const bool defer_write = side_read && tiled_read && options_.defer_memory_write;
       // A tiled chunk's read and write sums (stored by a segment's first chunk), or one of them.
       auto read_write = [&](cudaStream_t on, MemoryReadWriteParts parts) {
         return MemoryReadWrite(mq, P, offer, P, ls.mem_k, ls.mem_v, n, N, d, Hm, sc.e.data(), !s.sums_empty_,
@@ -1414,9 +1417,7 @@ class CudaModel final : public Model {
           LM2_RETURN_IF_ERROR(read_memory(st));
         }
         if (o_with_gate) {
-          // (e in bf16 from the read where it was the tiled chunk's; else converted here.)
-          const bool e_from_read = tiled_memory_ && n > 1;
-          LM2_RETURN_IF_ERROR(OutputGateWithO(s, n, m, lw, h, e_from_read));
+          LM2_RETURN_IF_ERROR(OutputGateWithO(s, n, m, lw, h, /*e_in_bf16=*/e_bf16 != nullptr));
         } else if (nr > 0) {
           LM2_RETURN_IF_ERROR(OutputGate(s, nr, mr, lw.memory, h, r0));
         }
