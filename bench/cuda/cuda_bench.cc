@@ -72,13 +72,16 @@
 //                     each turn) and into a new one (ExportMemory: its fresh host memory's
 //                     first touch included), import from host memory already touched
 //   setup costs       what a new state's resources cost each: streams, events, cuBLAS
-//                     handles, device buffers from the pool, pinned host buffers
+//                     handles, device buffers from the pool (new, and from memory it
+//                     kept), pinned host buffers; a GEMM's first call on a new cuBLAS
+//                     handle, its second, and one on another new stream
 //   state memory      a state's device buffers (from the pool's use): new, after a prompt
 //                     and decode steps, after its segment end
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -714,9 +717,39 @@ void SetupCosts(int n) {
   const double dev_16m = mean_us([] { return Take(cuda::DeviceBuffer<float>::Allocate(1 << 22), "alloc"); });
   const double pin_4k = mean_us([] { return Take(cuda::PinnedBuffer<int32_t>::Allocate(1 << 10), "pinned"); });
   const double pin_1m = mean_us([] { return Take(cuda::PinnedBuffer<float>::Allocate(1 << 18), "pinned"); });
+  // The same buffers again, now from memory the pool kept: what a new state's first call
+  // pays per scratch buffer once earlier states have come and gone.
+  const double dev_1m_kept = mean_us([] { return Take(cuda::DeviceBuffer<float>::Allocate(1 << 18), "alloc"); });
+  // A GEMM (512 x 2048 x 2048, bf16) on a new cuBLAS handle with its own 8 MiB workspace, as
+  // a state's (cuda_model.cc's Blas): its first call on a new stream, its second, and a third
+  // on another new stream.
+  const auto gemm_us = [] {
+    constexpr int64_t dim = 2048, rows = 512;
+    auto x = Take(cuda::DeviceBuffer<__nv_bfloat16>::Allocate(rows * dim), "alloc");
+    auto w = Take(cuda::DeviceBuffer<__nv_bfloat16>::Allocate(dim * dim), "alloc");
+    auto y = Take(cuda::DeviceBuffer<float>::Allocate(rows * dim), "alloc");
+    auto workspace = Take(cuda::DeviceBuffer<char>::Allocate(std::size_t{8} << 20), "alloc");
+    Check(cuda::CudaStatus(cudaMemset(x.data(), 0, x.bytes()), "memset"), "memset");
+    Check(cuda::CudaStatus(cudaMemset(w.data(), 0, w.bytes()), "memset"), "memset");
+    auto handle = Take(cuda::CublasHandle::Create(), "cublas");
+    Check(cuda::CublasStatus(cublasSetWorkspace(handle.get(), workspace.data(), workspace.bytes()), "workspace"),
+          "workspace");
+    auto first = Take(cuda::CudaStream::Create(), "stream"), other = Take(cuda::CudaStream::Create(), "stream");
+    std::array<double, 3> us{};
+    const cudaStream_t on[3] = {first.get(), first.get(), other.get()};
+    for (int i = 0; i < 3; ++i) {
+      const auto t0 = Clock::now();
+      Check(cuda::Linear(handle.get(), x.data(), rows, dim, w.data(), dim, y.data(), false, on[i]), "gemm");
+      Check(cuda::CudaStatus(cudaStreamSynchronize(on[i]), "sync"), "sync");
+      us[static_cast<std::size_t>(i)] = Seconds(t0, Clock::now()) * 1e6;
+    }
+    return us;
+  }();
   std::printf("setup costs (us each, mean of %d): stream %.1f, event %.1f, cuBLAS handle %.1f, device buffer from the "
-              "pool 1 MiB %.1f / 16 MiB %.1f, pinned host buffer 4 KiB %.1f / 1 MiB %.1f\n",
-              n, stream, event, blas, dev_1m, dev_16m, pin_4k, pin_1m);
+              "pool 1 MiB %.1f / 16 MiB %.1f (1 MiB again, from kept memory: %.1f), pinned host buffer 4 KiB %.1f / "
+              "1 MiB %.1f; a GEMM (512 x 2048 x 2048) on a new cuBLAS handle: its first call %.1f, its second %.1f, "
+              "on another new stream %.1f\n",
+              n, stream, event, blas, dev_1m, dev_16m, dev_1m_kept, pin_4k, pin_1m, gemm_us[0], gemm_us[1], gemm_us[2]);
 }
 
 // A state's device memory at the model's shape, from lm2's device pool (its buffers; what

@@ -86,6 +86,9 @@ constexpr Shape kShapes[] = {
     {"out_gate", 2048, 2048, false, false},
     {"gate|up", 2048, 16384, true, false},
     {"down", 8192, 2048, false, true},
+    // The down projection into a zeroed y (beta 0): cuBLAS's heuristic may pick another kernel
+    // than for the accumulating call, and the residual's add could move into the next norm.
+    {"down-beta0", 8192, 2048, false, false},
 };
 
 constexpr std::size_t kWorkspace = std::size_t{8} << 20;  // a state's, as in cuda_model.cc

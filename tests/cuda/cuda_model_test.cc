@@ -893,6 +893,42 @@ TEST_CASE("The warm-up turn at load leaves no trace: the same bits with and with
   for (std::size_t l = 0; l < ma->layers.size(); ++l) CHECK(ma->layers[l].data == mb->layers[l].data);
 }
 
+// An ended state's streams and cuBLAS handles (with their workspaces) go back to its model
+// for new states (LanePool): a state on them computes what the first one did, bit for bit,
+// through a second segment (whose memory K/V the side stream's handle makes).
+TEST_CASE("New states on an ended state's streams and cuBLAS handles give its bits", "[cuda][model]") {
+  auto files = Files(TestModelDir("tiny-lm2"));
+  lm2::runtime::CudaOptions options;
+  options.warm_up = false;
+  options.write_flush_tokens = 3;
+  auto model = LoadCudaWith(files, options);
+  const auto run = [&](SequenceState& s) {
+    std::vector<float> all, logits;
+    for (std::size_t segment = 0; segment < 2; ++segment) {
+      std::vector<int32_t> prompt(70 + 9 * segment);
+      for (std::size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 31 + 7 * segment) % 500);
+      RequireOk(model->Forward(s, prompt, LogitsMode::kLast, &logits));
+      all.insert(all.end(), logits.begin(), logits.end());
+      for (int i = 0; i < 5; ++i) {
+        RequireOk(model->Forward(s, std::vector<int32_t>{Argmax(logits)}, LogitsMode::kLast, &logits));
+        all.insert(all.end(), logits.begin(), logits.end());
+      }
+      RequireOk(model->EndSegment(s));
+    }
+    return all;
+  };
+  std::vector<float> first;
+  {
+    auto s = NewState(*model);
+    first = run(*s);
+  }  // its lanes go back here, its last segment's memory K/V perhaps still being made
+  for (int round = 0; round < 2; ++round) {
+    auto a = NewState(*model), b = NewState(*model);  // the kept lanes, then new ones
+    CHECK(run(*a) == first);
+    CHECK(run(*b) == first);
+  }
+}
+
 TEST_CASE("The initial bank's memory K/V shared by new states, the next segment's made at a segment's end, and "
           "write sums zeroed lazily, give the same bits",
           "[cuda][model]") {

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <latch>
+#include <memory>
 #include <mutex>
 #include <numeric>
 #include <string>
@@ -64,6 +65,54 @@ struct Blas {
   }
   cublasHandle_t get() const { return handle.get(); }
   bool empty() const { return handle.get() == nullptr; }
+};
+
+// A stream and the cuBLAS handle (with its workspace) whose GEMMs run on it. A new handle's
+// first GEMM costs ~0.2 ms more than its later ones (H200, lm2_cuda_bench's setup costs),
+// which every new state's first prompt paid: a state's lanes go back to its model's
+// LanePool when the state ends, and new states take kept ones first.
+struct Lane {
+  CudaStream stream;
+  Blas blas;  // empty for a side stream that has run no GEMM
+};
+
+// The lanes of ended states, kept for new ones (thread-safe; shared by the model and its
+// states, so that a state ending after its model still finds it).
+class LanePool {
+ public:
+  // A kept lane, else a new stream. With `blas`, one with a handle if any is kept (else a
+  // handle is made for it); without, one without a handle first, so that handles go where
+  // they are wanted.
+  Result<Lane> Take(bool blas) {
+    Lane lane;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = std::find_if(kept_.rbegin(), kept_.rend(), [&](const Lane& l) { return l.blas.empty() != blas; });
+      if (it == kept_.rend() && !kept_.empty()) it = kept_.rbegin();
+      if (it != kept_.rend()) {
+        lane = std::move(*it);
+        kept_.erase(std::next(it).base());
+      }
+    }
+    if (lane.stream.get() == nullptr) {
+      LM2_ASSIGN_OR_RETURN(lane.stream, CudaStream::Create());
+    }
+    if (blas && lane.blas.empty()) {
+      LM2_ASSIGN_OR_RETURN(lane.blas, Blas::Create());
+    }
+    return lane;
+  }
+
+  // Keeps `lane`, whose stream has no work left, up to kKept lanes (else it is destroyed).
+  void Give(Lane lane) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (kept_.size() < kKept) kept_.push_back(std::move(lane));
+  }
+
+ private:
+  static constexpr std::size_t kKept = 16;  // a state holds two: eight states' worth
+  std::mutex mu_;
+  std::vector<Lane> kept_;
 };
 
 struct LayerState {
@@ -158,12 +207,23 @@ struct StepInputs {
 
 class CudaState final : public SequenceState {
  public:
-  explicit CudaState(const void* owner) : owner_(owner) {}
+  CudaState(const void* owner, std::shared_ptr<LanePool> lanes) : owner_(owner), lanes_(std::move(lanes)) {}
+  // Its two lanes go back to the model's pool once their streams are idle (not after a
+  // device error: those streams' state is not known).
+  ~CudaState() override {
+    if (lanes_ == nullptr || broken_ || stream_.get() == nullptr || side_stream_.get() == nullptr) return;
+    if (!stream_.Synchronize().ok() || !side_stream_.Synchronize().ok()) return;
+    lanes_->Give({std::move(stream_), std::move(cublas_)});
+    lanes_->Give({std::move(side_stream_), std::move(side_cublas_)});
+  }
+  CudaState(const CudaState&) = delete;
+  CudaState& operator=(const CudaState&) = delete;
   int64_t context_length() const override { return pos_; }
   bool segment_open() const override { return segment_open_; }
   int64_t segment_tokens() const override { return segment_open_ ? segment_tokens_ : 0; }
 
   const void* owner_;
+  std::shared_ptr<LanePool> lanes_;  // where stream_ and side_stream_ (with their handles) go back
   CudaStream stream_;
   CudaStream side_stream_;    // the memory reads beside attention (concurrent_memory_read)
   CudaEvent fork_, join_;     // ordering the side stream after / before the main one
@@ -257,6 +317,7 @@ class CudaModel final : public Model {
   ~CudaModel() override {
     const int device = w_->device;
     w_.reset();
+    lanes_.reset();  // the kept handles' workspaces (states still alive hold the pool on)
     TrimDevicePool(device);
   }
   CudaModel(const CudaModel&) = delete;
@@ -344,15 +405,18 @@ class CudaModel final : public Model {
 
   Result<std::unique_ptr<SequenceState>> NewState() const override {
     LM2_RETURN_IF_ERROR(UseDevice(w_->device));
-    auto s = std::make_unique<CudaState>(this);
-    LM2_ASSIGN_OR_RETURN(s->stream_, CudaStream::Create());
-    LM2_ASSIGN_OR_RETURN(s->side_stream_, CudaStream::Create());
+    auto s = std::make_unique<CudaState>(this, lanes_);
+    LM2_ASSIGN_OR_RETURN(Lane main, lanes_->Take(/*blas=*/true));
+    LM2_ASSIGN_OR_RETURN(Lane side, lanes_->Take(/*blas=*/false));
+    s->stream_ = std::move(main.stream);
+    s->cublas_ = std::move(main.blas);
+    s->side_stream_ = std::move(side.stream);
+    s->side_cublas_ = std::move(side.blas);
     LM2_ASSIGN_OR_RETURN(s->fork_, CudaEvent::Create());
     LM2_ASSIGN_OR_RETURN(s->join_, CudaEvent::Create());
     LM2_ASSIGN_OR_RETURN(s->kv_made_, CudaEvent::Create());
     LM2_ASSIGN_OR_RETURN(s->transferred_[0], CudaEvent::Create());
     LM2_ASSIGN_OR_RETURN(s->transferred_[1], CudaEvent::Create());
-    LM2_ASSIGN_OR_RETURN(s->cublas_, Blas::Create());
     s->layers_.resize(Z(cfg_.num_layers));
     const int64_t N = cfg_.memory_slots, d = cfg_.hidden_size, Hm = cfg_.memory_heads;
     const int64_t flush = options_.write_flush_tokens, per_layer = StagedTokensFloats(flush, d, Hm);
@@ -1617,6 +1681,8 @@ class CudaModel final : public Model {
   // Per layer, the initial bank's memory K then V [2, N, d] (PrepareInitialMemoryKv; empty
   // buffers in layers without memory, none at all with share_initial_memory_kv off).
   std::vector<DeviceBuffer<bf16>> initial_kv_;
+  // The streams and cuBLAS handles of ended states, for new ones (NewState).
+  std::shared_ptr<LanePool> lanes_ = std::make_shared<LanePool>();
 };
 
 }  // namespace
