@@ -10,8 +10,8 @@
 // transpose flag): the same bytes either way.
 //
 // - The write: a block is two warpgroups of 64 slots (8 warps of 16 rows): its own K rows
-//   once, the chunk's 64-token tiles of q and the offer by cp.async, a ring of kWriteStages
-//   under a block barrier a tile, a tile's scores issued with the tile before's product.
+//   once, the chunk's 64-token tiles of q and the offer by cp.async, a ring of kTileStages
+//   under a block barrier a tile.
 // - The read: a block is one warpgroup of 64 tokens and a producer warp that brings the
 //   K and V rows by tensor copies, 128 slots a stage, on transaction barriers (below,
 //   "The read: warp-specialised").
@@ -77,10 +77,7 @@ constexpr uint64_t kRowStep = 16 * kRowBytes >> 4;
 // "K-major") or, for the products, this warp's register fragments of its 16 rows. One asm
 // statement from the fence to the wait: the compiler sees a wgmma as done when issued, and
 // would otherwise be free to reuse its operand registers (or move the accumulators' reads)
-// before the wait that actually completes it. kPending: the wait at the end leaves that many
-// of the warpgroup's latest commit groups pending (0: this product is complete on return;
-// 1: it may still run, every group before it is complete), for the caller's WgmmaWait and
-// FenceOperands to complete it.
+// before the wait that actually completes it.
 #define LM2_WGMMA_STEP(A, B, P)                                                               \
   "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "                                    \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                 \
@@ -93,7 +90,7 @@ constexpr uint64_t kRowStep = 16 * kRowBytes >> 4;
       "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), \
       "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
 
-template <int kTransB, int kPending = 0>
+template <int kTransB>
 __device__ __forceinline__ void Mma64x64x64(float (&d)[8][4], const uint64_t (&a)[4], const uint64_t (&b)[4],
                                             bool accumulate) {
 #if LM2_WGMMA
@@ -108,16 +105,16 @@ __device__ __forceinline__ void Mma64x64x64(float (&d)[8][4], const uint64_t (&a
       LM2_WGMMA_STEP("%34", "%38", "rest") ", 0, %41;\n"
       LM2_WGMMA_STEP("%35", "%39", "rest") ", 0, %41;\n"
       "wgmma.commit_group.sync.aligned;\n"
-      "wgmma.wait_group.sync.aligned %42;\n"
+      "wgmma.wait_group.sync.aligned 0;\n"
       "}\n"
       : LM2_WGMMA_ACCUMULATORS
       : "l"(a[0]), "l"(a[1]), "l"(a[2]), "l"(a[3]), "l"(b[0]), "l"(b[1]), "l"(b[2]), "l"(b[3]),
-        "r"(static_cast<int>(accumulate)), "n"(kTransB), "n"(kPending)
+        "r"(static_cast<int>(accumulate)), "n"(kTransB)
       : "memory");
 #endif
 }
 
-template <int kTransB, int kPending = 0>
+template <int kTransB>
 __device__ __forceinline__ void Mma64x64x64(float (&d)[8][4], const uint32_t (&a)[4][4], const uint64_t (&b)[4],
                                             bool accumulate) {
 #if LM2_WGMMA
@@ -132,13 +129,13 @@ __device__ __forceinline__ void Mma64x64x64(float (&d)[8][4], const uint32_t (&a
       LM2_WGMMA_STEP("{%40, %41, %42, %43}", "%50", "rest") ", %53;\n"
       LM2_WGMMA_STEP("{%44, %45, %46, %47}", "%51", "rest") ", %53;\n"
       "wgmma.commit_group.sync.aligned;\n"
-      "wgmma.wait_group.sync.aligned %54;\n"
+      "wgmma.wait_group.sync.aligned 0;\n"
       "}\n"
       : LM2_WGMMA_ACCUMULATORS
       : "r"(a[0][0]), "r"(a[0][1]), "r"(a[0][2]), "r"(a[0][3]), "r"(a[1][0]), "r"(a[1][1]), "r"(a[1][2]),
         "r"(a[1][3]), "r"(a[2][0]), "r"(a[2][1]), "r"(a[2][2]), "r"(a[2][3]), "r"(a[3][0]), "r"(a[3][1]),
         "r"(a[3][2]), "r"(a[3][3]), "l"(b[0]), "l"(b[1]), "l"(b[2]), "l"(b[3]), "r"(static_cast<int>(accumulate)),
-        "n"(kTransB), "n"(kPending)
+        "n"(kTransB)
       : "memory");
 #endif
 }
@@ -156,6 +153,25 @@ __device__ __forceinline__ void RowSteps(const void* tile, uint64_t (&steps)[4])
   const uint64_t first = SwizzledTileDescriptor(tile);
 #pragma unroll
   for (int kc = 0; kc < 4; ++kc) steps[kc] = first + kc * kRowStep;
+}
+
+// s = own · tileᵀ over the 64 head columns (four steps; `own` this warpgroup's 64 rows, a
+// swizzled tile like the others), then out += weights(s) · tile2 after `weigh` turns s into
+// weights: one tile of either kernel.
+template <typename Weigh>
+__device__ __forceinline__ void TileStep(const void* own, const void* tile, const void* tile2, float (&out)[8][4],
+                                         Weigh&& weigh) {
+  float s[8][4] = {};  // (the first step overwrites them: zeros only keep them defined)
+  uint64_t a[4], b[4];
+  ColumnSteps(own, a);
+  ColumnSteps(tile, b);
+  Mma64x64x64<0>(s, a, b, false);
+  weigh(s);
+  uint32_t p[4][4];  // the weights in bf16: the A fragments of the product's four steps
+#pragma unroll
+  for (int kc = 0; kc < 4; ++kc) PackStepA(s, kc, p[kc]);
+  RowSteps(tile2, b);
+  Mma64x64x64<1>(out, p, b, true);
 }
 
 // Rows [0, 64) of a tile of 64-column bf16 rows `ld` elements apart in `src` into `tile`
@@ -247,29 +263,17 @@ __device__ __forceinline__ void StoreSlotSumsStaged(const float (&out)[1][8][4],
   StoreStagedRows<kAccumulate>(rows, N - n0, acc + n0 * d + j * kDh, d);
 }
 
-// Write sums: a block per (128 slots, head), over the chunk's tokens 64 at a time in a ring
-// of kWriteStages tiles (memory_tiled.cu's MemoryWriteTiledKernel). Each warpgroup issues a
-// tile's scores together with the product of the tile before and takes the tile's weights
-// while that product runs on the tensor cores (the read's order, below):
-//
-//   scores(0); weights(0)
-//   for tile it = 1 ...: barrier (tile it in; every warp past tile it - 2, whose stage the
-//                        copies of tile it + 2 then refill); scores(it) and product(it - 1)
-//                        issued; wait for scores(it); weights(it); wait for product(it - 1)
-//   product(last)
-//
-// The sums add the same products in the same order as one tile at a time: the same bits.
-constexpr int kWriteStages = 4;  // tiles it - 1 (its product), it, it + 1 and it + 2 (copying)
-
+// Write sums: a block per (128 slots, head), over the chunk's tokens 64 at a time.
+// memory_tiled.cu's MemoryWriteTiledKernel.
 template <bool kAccumulate>
 __global__ void __launch_bounds__(kThreads, 2)
     WriteKernel(const bf16* __restrict__ mem_k, int64_t T, int64_t N, int64_t d, float scale_log2, Scratch scratch,
                 float* __restrict__ mass, float* __restrict__ acc) {
 #if LM2_WGMMA
-  char* qt = AlignedSharedMemory();                                          // kWriteStages tiles
-  char* ot = qt + kWriteStages * kTileBytes;                                 // kWriteStages tiles
-  char* ks = ot + kWriteStages * kTileBytes;                                 // a tile per warpgroup
-  auto* shifts = reinterpret_cast<float*>(ks + kOwnBytes);                   // kWriteStages x 64
+  char* qt = AlignedSharedMemory();                                          // kTileStages tiles
+  char* ot = qt + kTileStages * kTileBytes;                                  // kTileStages tiles
+  char* ks = ot + kTileStages * kTileBytes;                                  // a tile per warpgroup
+  auto* shifts = reinterpret_cast<float*>(ks + kOwnBytes);                   // kTileStages x 64
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int t = lane % 4;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = scratch.tp;
@@ -277,8 +281,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bf16* offer_head = scratch.offer + j * Tp * kDh;
   const float* shift_head = scratch.shift + j * Tp;
   const int tiles = static_cast<int>((T + kTile - 1) / kTile);  // past them only padding (weight 0)
-  const auto load_tokens = [&](int it) {
-    const int buf = it % kWriteStages;
+  const auto load_tokens = [&](int it, int buf) {
     LoadSwizzledTile(q_head + static_cast<int64_t>(it) * kTile * kDh, kDh, kTile, qt + buf * kTileBytes);
     LoadSwizzledTile(offer_head + static_cast<int64_t>(it) * kTile * kDh, kDh, kTile, ot + buf * kTileBytes);
     if (threadIdx.x < kTile / 4) {  // 64 floats = 16 copies of 16 bytes
@@ -290,62 +293,33 @@ __global__ void __launch_bounds__(kThreads, 2)
   // source stays the first's where it starts past the last slot, an address never read).
   LoadSwizzledTile(mem_k + n0 * d + j * kDh, d, N - n0, ks);
   LoadSwizzledTile(mem_k + (N - n0 > kTile ? n0 + kTile : n0) * d + j * kDh, d, N - n0 - kTile, ks + kTileBytes);
-  load_tokens(0);  // the slots' K rows complete with the first tokens' group
-  if (tiles > 1) load_tokens(1);
+  load_tokens(0, 0);  // the slots' K rows complete with the first tokens' group
+  if (tiles > 1) load_tokens(1, 1);
 
   float out[1][8][4], slot_mass[1][2] = {{0.0f, 0.0f}};  // one row group of 16 a warp
 #pragma unroll
   for (int i = 0; i < 8; ++i) out[0][i][0] = out[0][i][1] = out[0][i][2] = out[0][i][3] = 0.0f;
-  float s[8][4] = {};  // a tile's scores, then its weights (the first product overwrites them)
-  uint32_t p[4][4];    // the weights of the tile before in bf16: its product's A fragments
-  uint64_t own[4], b[4];
-  ColumnSteps(ks + (warp / 4) * kTileBytes, own);  // this warpgroup's 64 slots
-  // Tile it's weights in s: 2^(s' - shift) per token, added to the slots' masses.
-  const auto weigh = [&](int it) {
-    const float* st = shifts + it % kWriteStages * kTile;
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      // This lane's two tokens (columns 2t, 2t + 1 of the 8); padding tokens: shift +inf, p = 0.
-      const float2 sh = *reinterpret_cast<const float2*>(st + nt * 8 + 2 * t);
-#pragma unroll
-      for (int c = 0; c < 2; ++c)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float& x = s[nt][2 * r + c];
-          x = SoftmaxWeight(x, scale_log2, c == 0 ? sh.x : sh.y);
-          slot_mass[0][r] += x;
-        }
-    }
-  };
-  const auto pack = [&] {
-#pragma unroll
-    for (int kc = 0; kc < 4; ++kc) PackStepA(s, kc, p[kc]);
-  };
-  TileArrived(0, tiles);
-  if (tiles > 2) load_tokens(2);
-  ColumnSteps(qt, b);
-  Mma64x64x64<0>(s, own, b, false);
-  weigh(0);
-  pack();
-  for (int it = 1; it < tiles; ++it) {
+  for (int it = 0, stage = 0; it < tiles; ++it, stage = NextStage(stage)) {
     TileArrived(it, tiles);
-    if (it + 2 < tiles) load_tokens(it + 2);
-    ColumnSteps(qt + it % kWriteStages * kTileBytes, b);
-    Mma64x64x64<0, 1>(s, own, b, false);  // scores(it), left running
-    RowSteps(ot + (it - 1) % kWriteStages * kTileBytes, b);
-    Mma64x64x64<1, 1>(out[0], p, b, true);  // product(it - 1), left running; scores(it) done
-    FenceOperands(s);
-    weigh(it);
-    WgmmaWait<0>();
-    FenceOperands(out[0]);
+    if (it + 2 < tiles) load_tokens(it + 2, NextStage(NextStage(stage)));
+    const float* st = shifts + stage * kTile;
+    const char* own = ks + (warp / 4) * kTileBytes;  // this warpgroup's 64 slots
+    TileStep(own, qt + stage * kTileBytes, ot + stage * kTileBytes, out[0], [&](float (&s)[8][4]) {
 #pragma unroll
-    for (int kc = 0; kc < 4; ++kc)  // p stays in its registers until the product is done
+      for (int nt = 0; nt < 8; ++nt) {
+        // This lane's two tokens (columns 2t, 2t + 1 of the 8); padding tokens: shift +inf, p = 0.
+        const float2 sh = *reinterpret_cast<const float2*>(st + nt * 8 + 2 * t);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(p[kc][i])::"memory");
-    pack();
+        for (int c = 0; c < 2; ++c)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            float& x = s[nt][2 * r + c];
+            x = SoftmaxWeight(x, scale_log2, c == 0 ? sh.x : sh.y);
+            slot_mass[0][r] += x;
+          }
+      }
+    });
   }
-  RowSteps(ot + (tiles - 1) % kWriteStages * kTileBytes, b);
-  Mma64x64x64<1>(out[0], p, b, true);
 
   __syncthreads();  // every warpgroup is done with the token tiles: their buffers take the sums
   StoreSlotSumsStaged<kAccumulate>(out, slot_mass, n0, j, N, d, reinterpret_cast<float*>(qt), mass, acc);
@@ -583,8 +557,8 @@ Result<CUtensorMap> SlotRowsMap(const bf16* base, int64_t rows, int64_t d) {
   return SwizzledRowsMap(base, rows, d, d, kReadSlots, "MemoryReadWrite");
 }
 
-constexpr int kWriteBytes = kAtomBytes + 2 * kWriteStages * kTileBytes + kOwnBytes + kWriteStages * kTile * 4;
-static_assert(kStagedBytes <= 2 * kWriteStages * kTileBytes, "the staged rows fit over the token tiles");
+constexpr int kWriteBytes = kAtomBytes + 2 * kTileStages * kTileBytes + kOwnBytes + kTileStages * kTile * 4;
+static_assert(kStagedBytes <= 2 * kTileStages * kTileBytes, "the staged rows fit over the other side's tiles");
 
 #if defined(LM2_CUDA_SM90A)
 LM2_CUDA_KERNEL_MODULE(ReadKernel);
