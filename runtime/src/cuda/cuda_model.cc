@@ -67,10 +67,11 @@ struct Blas {
   bool empty() const { return handle.get() == nullptr; }
 };
 
-// A stream and the cuBLAS handle (with its workspace) whose GEMMs run on it. A new handle's
-// first GEMM costs ~0.2 ms more than its later ones (H200, lm2_cuda_bench's setup costs),
-// which every new state's first prompt paid: a state's lanes go back to its model's
-// LanePool when the state ends, and new states take kept ones first.
+// A stream and the cuBLAS handle (with its workspace) whose GEMMs run on it. Making them cost
+// a new state ~0.15 ms of its 0.3-0.6 (H200: two streams and a handle; a new handle's first
+// GEMM also takes 0.2-0.3 ms more than its later ones, lm2_cuda_bench's setup costs), so a
+// state's lanes go back to its model's LanePool when the state ends, and new states take
+// kept ones first.
 struct Lane {
   CudaStream stream;
   Blas blas;  // empty for a side stream that has run no GEMM
@@ -103,7 +104,8 @@ class LanePool {
     return lane;
   }
 
-  // Keeps `lane`, whose stream has no work left, up to kKept lanes (else it is destroyed).
+  // Keeps `lane`, whose stream has no work left, up to kKept lanes; else it is destroyed on
+  // return, outside the lock (freeing its workspace waits for the device).
   void Give(Lane lane) {
     std::lock_guard<std::mutex> lock(mu_);
     if (kept_.size() < kKept) kept_.push_back(std::move(lane));
