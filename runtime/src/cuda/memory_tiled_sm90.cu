@@ -425,13 +425,13 @@ __device__ __forceinline__ void IssueProducts128(float (&d)[8][4], const uint32_
 // One stage's weights (OnlineSoftmaxWeights over its 128 columns, the last stage's padding
 // slots -inf first); whether the output rows must be rescaled by alpha (set then) returned.
 __device__ __forceinline__ bool StageWeights(float (&s)[16][4], int64_t valid, int t, float scale_log2, float (&m)[2],
-                                             float (&l)[2], float (&alpha)[2], uint32_t poly_mask) {
+                                             float (&l)[2], float (&alpha)[2]) {
   if (valid < kReadSlots) MaskSlotsFrom(s, valid, t);  // the last stage's padding slots
   bool grown = false;
   OnlineSoftmaxWeights(s, scale_log2, m, l, [&](int r, float a) {
     grown = true;
     alpha[r] = a;
-  }, poly_mask);
+  });
   return grown;
 }
 
@@ -441,7 +441,7 @@ __global__ void __launch_bounds__(kReadThreads, 2)
     ReadKernel(const float* __restrict__ q, int64_t q_ld, const float* __restrict__ offer, int64_t offer_ld,
                bool rows_vec, int64_t T, int64_t N, int64_t d, float scale_log2, float* __restrict__ e,
                bf16* __restrict__ e_b, Scratch scratch, const __grid_constant__ CUtensorMap k_map,
-               const __grid_constant__ CUtensorMap v_map, uint32_t poly_mask) {
+               const __grid_constant__ CUtensorMap v_map) {
 #if LM2_WGMMA
   char* ks = AlignedSharedMemory();                   // kReadStages stages of K rows
   char* vs = ks + kReadStages * kReadStageBytes;      // and of V rows
@@ -507,7 +507,7 @@ __global__ void __launch_bounds__(kReadThreads, 2)
   IssueScores128(s, a, b);
   WgmmaWait<0>();
   FenceOperands(s);
-  StageWeights(s, N, t, scale_log2, m, l, alpha, poly_mask);  // the first stage: out is 0, nothing to rescale
+  StageWeights(s, N, t, scale_log2, m, l, alpha);  // the first stage: out is 0, nothing to rescale
   pack();
   for (int it = 1; it < tiles; ++it) {
     const int stage = it % kReadStages, prev = (it - 1) % kReadStages;
@@ -517,7 +517,7 @@ __global__ void __launch_bounds__(kReadThreads, 2)
     IssueProducts128(out, p, SwizzledTileDescriptor(vs + prev * kReadStageBytes));
     WgmmaWait<1>();  // the scores (the product may still run)
     FenceOperands(s);
-    const bool grown = StageWeights(s, N - static_cast<int64_t>(it) * kReadSlots, t, scale_log2, m, l, alpha, poly_mask);
+    const bool grown = StageWeights(s, N - static_cast<int64_t>(it) * kReadSlots, t, scale_log2, m, l, alpha);
     WgmmaWait<0>();
     FenceOperands(out);
     if (grown) {
@@ -586,12 +586,8 @@ Status ReadSm90(const float* q, int64_t q_ld, const float* offer, int64_t offer_
   LM2_ASSIGN_OR_RETURN(const CUtensorMap v_map, SlotRowsMap(mem_v, N, d));
   LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&ReadKernel), kReadBytes, "MemoryReadWrite"));
   const dim3 grid(static_cast<unsigned int>(PaddedTokens(T) / kTile), static_cast<unsigned int>(d / kDh));
-  static const uint32_t poly_mask = [] {  // EXPERIMENT
-    const char* v = std::getenv("LM2_CUDA_EXP2_POLY");
-    return v == nullptr ? 0u : static_cast<uint32_t>(std::strtoul(v, nullptr, 0));
-  }();
   ReadKernel<<<grid, kReadThreads, kReadBytes, stream>>>(q, q_ld, offer, offer_ld, rows_vec, T, N, d, scale_log2, e,
-                                                         e_b, scratch, k_map, v_map, poly_mask);
+                                                         e_b, scratch, k_map, v_map);
   return CheckLaunch("MemoryReadWrite (wgmma read)");
 }
 

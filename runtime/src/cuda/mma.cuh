@@ -275,17 +275,6 @@ __device__ __forceinline__ float QuadSum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// EXPERIMENT: 2^x on the FMA pipe (FlashAttention-4's trick): round(x) by the 1.5 * 2^23
-// addition, 2^f for f in [-0.5, 0.5] by a degree-4 polynomial (relative error < 4e-5), the
-// exponent added as an integer. x below -126 gives ~0 (a denormal at most 2^-126).
-__device__ __forceinline__ float PolyExp2(float x) {
-  x = fmaxf(x, -126.0f);
-  const float t = x + 12582912.0f;
-  const float f = x - (t - 12582912.0f);
-  const float p = fmaf(fmaf(fmaf(fmaf(0.009618129f, f, 0.05550411f), f, 0.2402265f), f, 0.6931472f), f, 1.0f);
-  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-}
-
 // The softmax weight of raw score s in log2 units against the maximum m (log2 units):
 // 2^(s · scale_log2 - m), the scaling and the subtraction one fused multiply-add. The
 // tiled read and write kernels compute their weights alike.
@@ -324,7 +313,7 @@ inline constexpr float kRescaleSlack = 8.0f;
 // score by now.
 template <int NT, typename Rescale>
 __device__ __forceinline__ void OnlineSoftmaxWeights(float (&s)[NT][4], float scale_log2, float (&m)[2],
-                                                     float (&l)[2], Rescale&& rescale, uint32_t poly_mask = 0) {
+                                                     float (&l)[2], Rescale&& rescale) {
   float m_new[2];
   bool grown = false;
 #pragma unroll
@@ -349,13 +338,8 @@ __device__ __forceinline__ void OnlineSoftmaxWeights(float (&s)[NT][4], float sc
     float sum = 0.0f;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      if ((poly_mask >> nt) & 1u) {
-        s[nt][2 * r] = PolyExp2(fmaf(s[nt][2 * r], scale_log2, -m[r]));
-        s[nt][2 * r + 1] = PolyExp2(fmaf(s[nt][2 * r + 1], scale_log2, -m[r]));
-      } else {
-        s[nt][2 * r] = SoftmaxWeight(s[nt][2 * r], scale_log2, m[r]);
-        s[nt][2 * r + 1] = SoftmaxWeight(s[nt][2 * r + 1], scale_log2, m[r]);
-      }
+      s[nt][2 * r] = SoftmaxWeight(s[nt][2 * r], scale_log2, m[r]);
+      s[nt][2 * r + 1] = SoftmaxWeight(s[nt][2 * r + 1], scale_log2, m[r]);
       sum += s[nt][2 * r] + s[nt][2 * r + 1];
     }
     l[r] += sum;  // this lane's share; QuadSum adds the quad's at the end
