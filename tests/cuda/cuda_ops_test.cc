@@ -1351,6 +1351,16 @@ TEST_CASE("MemoryReadWrite: the read and the write sums in tiles, without the pr
   RequireOk(ConvertF32ToBf16(pe.data(), T * d, want_e_b.data(), Stream()));
   const auto got_e_b = Download(pe_b), wanted_e_b = Download(want_e_b);
   CHECK(std::memcmp(got_e_b.data(), wanted_e_b.data(), got_e_b.size() * sizeof(__nv_bfloat16)) == 0);
+  // A bf16 e two bytes off 16-byte alignment: the read stays the same kernel (e's bits
+  // unchanged) and e_bf16 is converted after it.
+  auto odd_e_b = Poisoned<__nv_bfloat16>(want_e.size() + 1);
+  RequireOk(MemoryReadWrite(dq.data(), ld, doffer.data(), ld, dmk.data(), dmv.data(), T, N, d, Hm, pe.data(), false,
+                            pmass.data(), pacc.data(), scratch.data(), Stream(), MemoryReadWriteParts::kRead,
+                            odd_e_b.data() + 1));
+  const bool odd_bf16_same_e = Download(pe) == e;
+  CHECK(odd_bf16_same_e);
+  const auto got_odd = Download(odd_e_b);
+  CHECK(std::memcmp(got_odd.data() + 1, wanted_e_b.data(), wanted_e_b.size() * sizeof(__nv_bfloat16)) == 0);
   RequireOk(MemoryReadWrite(dq.data(), ld, doffer.data(), ld, dmk.data(), dmv.data(), T, N, d, Hm, pe.data(), false,
                             pmass.data(), pacc.data(), scratch.data(), Stream(), MemoryReadWriteParts::kWrite));
   const auto pm = Download(pmass), pa = Download(pacc);

@@ -431,7 +431,8 @@ int64_t MemoryReadWriteScratch(int64_t T, int64_t d, int64_t heads);
 // `parts`: both kernels, or the read alone then (a later call, same arguments and scratch,
 // on the same stream) the write alone, whose sums e does not need. With e_bf16 [T, d], the
 // read also leaves e there rounded to bf16 (ConvertF32ToBf16's bits; the output gate's GEMM
-// input): from the wgmma read's own stores, else by a conversion after it.
+// input): from the wgmma read's own stores where e_bf16 is 16-byte aligned, else by a
+// conversion after the read (its alignment never changes which read kernel runs).
 enum class MemoryReadWriteParts { kBoth, kRead, kWrite };
 Status MemoryReadWrite(const float* q, int64_t q_ld, const float* offer, int64_t offer_ld,
                        const __nv_bfloat16* mem_k, const __nv_bfloat16* mem_v, int64_t T, int64_t N, int64_t d,

@@ -262,11 +262,14 @@ Status LaunchTiled(const float* q, int64_t q_ld, const float* offer, int64_t off
   // warp-specialised, a block per 64 tokens and never split; both store whole 16-byte pieces
   // of e's and the sums' rows).
   if constexpr (DHP == 64) {
-    if (dh == 64 && vec && Aligned16({acc, e, e_bf16}) && tiled::Sm90KernelsBuilt() &&
-        ComputeCapability90OnCurrentDevice()) {
+    if (dh == 64 && vec && Aligned16({acc, e}) && tiled::Sm90KernelsBuilt() && ComputeCapability90OnCurrentDevice()) {
       if (read) {
+        // e in bf16 from the read's own 16-byte stores where e_bf16 allows them, else
+        // converted after it (the same bits).
+        const bool staged_bf16 = Aligned16({e_bf16});
         LM2_RETURN_IF_ERROR(tiled::ReadSm90(q, q_ld, offer, offer_ld, rows_vec, mem_k, mem_v, T, N, d, scale_log2, e,
-                                            e_bf16, carved, stream));
+                                            staged_bf16 ? e_bf16 : nullptr, carved, stream));
+        if (!staged_bf16) LM2_RETURN_IF_ERROR(ConvertF32ToBf16(e, T * d, e_bf16, stream));
       }
       return write ? tiled::WriteSm90(mem_k, T, N, d, scale_log2, accumulate, mass, acc, carved, stream)
                    : Status::Ok();
