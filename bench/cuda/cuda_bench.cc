@@ -4,7 +4,7 @@
 //   bench/cuda/run_cuda_bench      (device machine: makes the paper-size model, runs this and
 //                                   the PyTorch baseline, writes the report; docs/benchmarks.md)
 //   lm2_cuda_bench --model DIR [--decode-tokens 128] [--prompt-tokens 32] [--prefill 512,4096]
-//                  [--sessions 8,32,64] [--repeats 3] [--json OUT] [--profile-prefill T]
+//                  [--sessions 8,32,64] [--repeats 3] [--json OUT] [--profile-prefill T [--profile-reused 1]]
 //                  [--tiled 0|1] [--chunk N] [--side-read 0|1] [--read-leads 0|1] [--defer-write 0|1] [--warm-up 0|1]
 //                  [--profile-decode N] [--bank-threads N] [--kv-at-end 0|1] [--batcher-wait US]
 //                  [--flush-tokens N]
@@ -32,7 +32,9 @@
 //   --profile-prefill T: only a warm-up prefill of T tokens and then one more between
 //   cudaProfilerStart and cudaProfilerStop, for a profiler that starts off, e.g.
 //     ncu --profile-from-start off --metrics gpu__time_duration.sum --csv lm2_cuda_bench ...
-//   (bench/cuda/profile_prefill sums the kernels of that run by name).
+//   (bench/cuda/profile_prefill sums the kernels of that run by name; bench/cuda/trace_prefill
+//   traces it as it runs). On a fresh state, or with --profile-reused 1 on the warm-up's state
+//   after EndSegment and ResetContext, the device idle first (the prefill table's "reused").
 //   --profile-decode N: only a 32-token prompt, 32 warm-up greedy decode steps, then N more
 //   between cudaProfilerStart and cudaProfilerStop (bench/cuda/profile_decode: Nsight
 //   Compute's figures for each kernel of a step).
@@ -1029,6 +1031,7 @@ void SamplingOps(int64_t V, int64_t B) {
 int main(int argc, char** argv) {
   std::string model_dir, json_path;
   int64_t decode_tokens = 128, prompt_tokens = 32, repeats = 3, profile_prefill = 0, profile_decode = 0;
+  bool profile_reused = false;
   lm2::runtime::CudaOptions options;
   std::vector<int64_t> prefill = {512, 4096}, sessions = {8, 32, 64};
   std::chrono::microseconds batcher_wait = DecodeBatcherOptions{}.wait_for_decoding;
@@ -1045,6 +1048,7 @@ int main(int argc, char** argv) {
     else if (k == "--sessions") sessions = ParseList(v);
     else if (k == "--profile-prefill") profile_prefill = std::stoll(v);
     else if (k == "--profile-decode") profile_decode = std::stoll(v);
+    else if (k == "--profile-reused") profile_reused = v != "0";
     else if (k == "--tiled") options.tiled_memory = options.tiled_attention = v != "0";
     else if (k == "--chunk") options.max_chunk_tokens = std::stoll(v);
     else if (k == "--side-read") options.concurrent_memory_read = v != "0";
@@ -1130,8 +1134,15 @@ int main(int argc, char** argv) {
                     cfg.layer_has_memory(cfg.num_layers - 1)};
   if (profile_prefill > 0) {
     std::vector<float> logits;
+    std::unique_ptr<SequenceState> s;
     for (int r = 0; r < 2; ++r) {
-      auto s = Take(model->NewState(), "state");
+      if (profile_reused && s != nullptr) {  // as the prefill table's reused state: the device idle first
+        Check(model->EndSegment(*s), "end");
+        model->ResetContext(*s);
+        Check(cuda::CudaStatus(cudaDeviceSynchronize(), "sync"), "sync");
+      } else {
+        s = Take(model->NewState(), "state");
+      }
       const auto tokens = Tokens(profile_prefill, cfg.vocab_size, 100 + r);
       if (r == 1) Check(cuda::CudaStatus(cudaProfilerStart(), "cudaProfilerStart"), "profiler");
       const auto t0 = Clock::now();

@@ -3,7 +3,7 @@
 # CUDA but none of lm2's Debian libraries): the GPU test executables, the SDK tests (their
 # GPU case), the CLI and the CUDA benchmarks (lm2_cuda_bench, lm2_cuda_sync_bench,
 # lm2_cuda_gemm_bench, lm2_cuda_persistent_bench) with the batcher's (lm2_batcher_bench: the GPU machine has more
-# cores than CI's), stripped,
+# cores than CI's), stripped, the kernel tracer (liblm2_kernel_trace.so, with its CUPTI),
 # plus the shared libraries they load that the GPU machine lacks (RocksDB, OpenSSL,
 # sentencepiece, OpenBLAS and their dependencies; not glibc, libstdc++ or CUDA's own, which
 # it has). One compressed archive, under the device tool's size limit.
@@ -31,6 +31,10 @@ else
   TARGETS=(cuda_ops_tests cuda_model_tests gpu_tests lm2_cli sdk_tests sdk_test_child)
   if [[ -f bench/cuda/CMakeLists.txt ]]; then
     TARGETS+=(lm2_cuda_bench lm2_cuda_sync_bench lm2_cuda_gemm_bench lm2_cuda_persistent_bench lm2_batcher_bench)
+    # The kernel tracer (bench/cuda/trace_prefill), where CUPTI was found.
+    if cmake --build "$BUILD_DIR" --target help 2>/dev/null | grep -q 'lm2_kernel_trace'; then
+      TARGETS+=(lm2_kernel_trace)
+    fi
   fi
   NAME=lm2-gpu.tar.xz
 fi
@@ -50,9 +54,14 @@ for exe in tests/cuda/cuda_ops_tests tests/cuda/cuda_model_tests tests/runtime/g
   [[ " ${TARGETS[*]} " == *" $target "* ]] || continue
   strip -o "$stage/bin/$(basename "$exe")" "$BUILD_DIR/$exe"
 done
-# Libraries the executables resolve here, minus what every Linux and the CUDA image have.
-skip='^(linux-vdso|ld-linux|libc\.so|libm\.so|libpthread|libdl|librt|libstdc\+\+|libgcc_s|libcuda|libcudart|libcublas|libcublasLt|libnvidia)'
-for exe in "$stage"/bin/*; do
+if [[ " ${TARGETS[*]} " == *" lm2_kernel_trace "* ]]; then
+  strip -o "$stage/lib/liblm2_kernel_trace.so" "$BUILD_DIR/bench/cuda/liblm2_kernel_trace.so"
+fi
+# Libraries the executables (and the tracer, whose CUPTI comes along: it must match the
+# headers it was built with) resolve here, minus what every Linux and the CUDA image have.
+skip='^(linux-vdso|ld-linux|libc\.so|libm\.so|libpthread|libdl|librt|libutil|libstdc\+\+|libgcc_s|libcuda|libcudart|libcublas|libcublasLt|libnvidia)'
+for exe in "$stage"/bin/* "$stage"/lib/liblm2_kernel_trace.so; do
+  [[ -f "$exe" ]] || continue
   ldd "$exe" | awk '$3 ~ /^\// {print $1, $3}'
 done | sort -u | while read -r name path; do
   if [[ "$SLIM" != 1 && ! "$name" =~ $skip ]]; then cp -L "$path" "$stage/lib/$name"; fi
