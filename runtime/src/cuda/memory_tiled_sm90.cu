@@ -351,19 +351,15 @@ __global__ void __launch_bounds__(kThreads, 2)
 // 132 against 145 at 2,048. Two consumer warpgroups a block with one block an SM (4, 5 or 6
 // stages) measured 38.8-43.9 and 140.5-143.6.
 
-// Named barriers of the read (0 is __syncthreads'): 1 ties the two consumer warpgroups (the
-// producer warp is not in it); 2 + w is warpgroup w's turn to issue its products (below).
-__device__ __forceinline__ void ConsumersSync() { asm volatile("bar.sync 1, 256;" ::: "memory"); }
-__device__ __forceinline__ void TurnWait(int w) { asm volatile("bar.sync %0, 256;" ::"r"(2 + w) : "memory"); }
-__device__ __forceinline__ void TurnPass(int w) { asm volatile("bar.arrive %0, 256;" ::"r"(3 - w) : "memory"); }
+// The consumer warpgroup's barrier (named barrier 1: the producer warp is not in it).
+__device__ __forceinline__ void ConsumerSync() { asm volatile("bar.sync 1, 128;" ::: "memory"); }
 
 constexpr int kReadSlots = 128;                           // slots a stage: K and V rows
-constexpr int kReadStages = 6;                            // one block an SM
+constexpr int kReadStages = 3;                            // two blocks an SM fit
 constexpr int kReadStageBytes = kReadSlots * kRowBytes;   // 16 KiB of K, as much of V
-constexpr int kReadThreads = 256 + 32;                    // the two consumer warpgroups, the producer warp
-constexpr int kReadBytes = kAtomBytes + 2 * kReadStages * kReadStageBytes + 2 * kTileBytes + 2 * kReadStages * 8;
-static_assert(kRows == 2 * kTile, "a read block's rows: a tile a consumer warpgroup");
-static_assert(kRows * (kDh + 8) * 4 <= 2 * kReadStages * kReadStageBytes, "the staged rows fit over the stages");
+constexpr int kReadThreads = 128 + 32;                    // the consumer warpgroup, the producer warp
+constexpr int kReadBytes = kAtomBytes + 2 * kReadStages * kReadStageBytes + kTileBytes + 2 * kReadStages * 8;
+static_assert(kTile * (kDh + 8) * 4 <= 2 * kReadStages * kReadStageBytes, "the staged rows fit over the stages");
 
 // The read's asynchronous products. Their asm lists: the accumulators of m64n64 (32
 // registers a thread, %0-%31) and of m64n128 (64, %0-%63); a 16-wide step's A fragments.
@@ -439,9 +435,9 @@ __device__ __forceinline__ bool StageWeights(float (&s)[16][4], int64_t valid, i
   return grown;
 }
 
-// Read: a block per (128 tokens, head), k_map / v_map the memory K and V (SlotRowsMap).
+// Read: a block per (64 tokens, head), k_map / v_map the memory K and V (SlotRowsMap).
 // memory_tiled.cu's MemoryReadTiledKernel, without the splits.
-__global__ void __launch_bounds__(kReadThreads, 1)
+__global__ void __launch_bounds__(kReadThreads, 2)
     ReadKernel(const float* __restrict__ q, int64_t q_ld, const float* __restrict__ offer, int64_t offer_ld,
                bool rows_vec, int64_t T, int64_t N, int64_t d, float scale_log2, float* __restrict__ e,
                bf16* __restrict__ e_b, Scratch scratch, const __grid_constant__ CUtensorMap k_map,
@@ -449,21 +445,33 @@ __global__ void __launch_bounds__(kReadThreads, 1)
 #if LM2_WGMMA
   char* ks = AlignedSharedMemory();                   // kReadStages stages of K rows
   char* vs = ks + kReadStages * kReadStageBytes;      // and of V rows
-  char* qs = vs + kReadStages * kReadStageBytes;      // the block's 128 q rows: a tile a warpgroup
-  auto* full = reinterpret_cast<uint64_t*>(qs + 2 * kTileBytes);
+  char* qs = vs + kReadStages * kReadStageBytes;      // the block's 64 q rows
+  auto* full = reinterpret_cast<uint64_t*>(qs + kTileBytes);
   uint64_t* empty = full + kReadStages;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const int g = lane / 4, t = lane % 4, w = warp / 4;  // w: this thread's consumer warpgroup
-  constexpr int kProducer = 8;  // the warp after the two consumer warpgroups
-  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRows, j = blockIdx.y, Tp = scratch.tp;
+  const int g = lane / 4, t = lane % 4;
+  constexpr int kProducer = 4;  // the warp after the consumer warpgroup's four
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kTile, j = blockIdx.y, Tp = scratch.tp;
   const int tiles = static_cast<int>((N + kReadSlots - 1) / kReadSlots);
-  // Whether the second warpgroup has tokens: a chunk's last block may have only padding there
-  // (the grid covers PaddedTokens(T)); it then takes no stage and no turn.
-  const bool pair = t0 + kTile < T;
+  const ReadPart part{0, tiles, 0, kTile};
+  // q into qs, q and the offer into the scratch (zeros past T); a thread's four pieces'
+  // loads in one round (two rounds left the consumers waiting on them: docs/cuda.md).
+  const auto stage_rows = [&] {
+    StageReadRows<kDh, 128, 0, kTile, 4>(q, q_ld, offer, offer_ld, t0, j, T, kDh, part, rows_vec,
+                                         reinterpret_cast<bf16*>(qs), scratch.q + (j * Tp + t0) * kDh,
+                                         scratch.offer + (j * Tp + t0) * kDh);
+  };
+  if (t0 >= T) {  // padding rows only (a chunk's last 64 of 128): their scratch rows for the write
+    if (warp < kProducer) {
+      stage_rows();
+      if (threadIdx.x < kTile) scratch.shift[j * Tp + t0 + threadIdx.x] = INFINITY;  // weight 0
+    }
+    return;
+  }
   if (threadIdx.x == 0) {
     for (int stage = 0; stage < kReadStages; ++stage) {
       BarrierInit(&full[stage], 1);
-      BarrierInit(&empty[stage], pair ? 8 : 4);  // every consumer warp
+      BarrierInit(&empty[stage], kProducer);  // every consumer warp
     }
   }
   __syncthreads();  // the barriers are set up
@@ -479,92 +487,64 @@ __global__ void __launch_bounds__(kReadThreads, 1)
     }
     return;
   }
-  // q into qs, q and the offer into the scratch (zeros past T), by both warpgroups; a thread's
-  // four pieces' loads in one round (two rounds left the consumers waiting on them: docs/cuda.md).
-  const ReadPart part{0, tiles, 0, kRows};
-  StageReadRows<kDh, 256, 0, kRows, 4>(q, q_ld, offer, offer_ld, t0, j, T, kDh, part, rows_vec,
-                                       reinterpret_cast<bf16*>(qs), scratch.q + (j * Tp + t0) * kDh,
-                                       scratch.offer + (j * Tp + t0) * kDh);
+  stage_rows();
   FenceProxyAsync();
-  ConsumersSync();  // the q rows are in for both warpgroups
+  ConsumerSync();  // the q rows are in for the warpgroup
 
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, alpha[2], out[8][4];
 #pragma unroll
   for (int i = 0; i < 8; ++i) out[i][0] = out[i][1] = out[i][2] = out[i][3] = 0.0f;
-  if (w == 0 || pair) {
-    // Ping-pong (FlashAttention-3): the two warpgroups take turns issuing their products, so
-    // that one's exponentials (the SFU) run while the other's products run on the tensor
-    // cores; a turn is passed right after the issue. Without a second warpgroup there are no
-    // turns. Each warpgroup waits for its turn once per issue and passes it as often, but
-    // for the second's last pass (the first issues nothing after it) and with the second's
-    // first pass made up front (the first warpgroup starts).
-    const auto turn_wait = [&] {
-      if (pair) TurnWait(w);
-    };
-    const auto turn_pass = [&](bool last) {
-      if (pair && !(last && w == 1)) TurnPass(w);
-    };
-    if (pair && w == 1) TurnPass(w);
-    uint64_t a[4], b[4];
-    ColumnSteps(qs + w * kTileBytes, a);
-    float s[16][4];
-    uint32_t p[8][4];  // the weights in bf16: the A fragments of the product's eight steps
-    const auto pack = [&] {
+  uint64_t a[4], b[4];
+  ColumnSteps(qs, a);
+  float s[16][4];
+  uint32_t p[8][4];  // the weights in bf16: the A fragments of the product's eight steps
+  const auto pack = [&] {
 #pragma unroll
-      for (int kc = 0; kc < 8; ++kc) PackStepA(s, kc, p[kc]);
-    };
-    BarrierWait(&full[0], 0);
-    ColumnSteps(ks, b);
-    turn_wait();
+    for (int kc = 0; kc < 8; ++kc) PackStepA(s, kc, p[kc]);
+  };
+  BarrierWait(&full[0], 0);
+  ColumnSteps(ks, b);
+  IssueScores128(s, a, b);
+  WgmmaWait<0>();
+  FenceOperands(s);
+  StageWeights(s, N, t, scale_log2, m, l, alpha);  // the first stage: out is 0, nothing to rescale
+  pack();
+  for (int it = 1; it < tiles; ++it) {
+    const int stage = it % kReadStages, prev = (it - 1) % kReadStages;
+    BarrierWait(&full[stage], static_cast<uint32_t>(it / kReadStages) & 1);
+    ColumnSteps(ks + stage * kReadStageBytes, b);
     IssueScores128(s, a, b);
-    turn_pass(false);
-    WgmmaWait<0>();
+    IssueProducts128(out, p, SwizzledTileDescriptor(vs + prev * kReadStageBytes));
+    WgmmaWait<1>();  // the scores (the product may still run)
     FenceOperands(s);
-    StageWeights(s, N, t, scale_log2, m, l, alpha);  // the first stage: out is 0, nothing to rescale
-    pack();
-    for (int it = 1; it < tiles; ++it) {
-      const int stage = it % kReadStages, prev = (it - 1) % kReadStages;
-      BarrierWait(&full[stage], static_cast<uint32_t>(it / kReadStages) & 1);
-      ColumnSteps(ks + stage * kReadStageBytes, b);
-      turn_wait();
-      IssueScores128(s, a, b);
-      IssueProducts128(out, p, SwizzledTileDescriptor(vs + prev * kReadStageBytes));
-      turn_pass(false);
-      WgmmaWait<1>();  // the scores (the product may still run)
-      FenceOperands(s);
-      const bool grown = StageWeights(s, N - static_cast<int64_t>(it) * kReadSlots, t, scale_log2, m, l, alpha);
-      WgmmaWait<0>();
-      FenceOperands(out);
-      if (grown) {
-        ScaleRow(out, 0, alpha[0]);
-        ScaleRow(out, 1, alpha[1]);
-      }
-      __syncwarp();
-      if (lane == 0) BarrierArrive(&empty[prev]);  // this warp is done with the stage before
-      pack();
-    }
-    turn_wait();
-    IssueProducts128(out, p, SwizzledTileDescriptor(vs + (tiles - 1) % kReadStages * kReadStageBytes));
-    turn_pass(true);
+    const bool grown = StageWeights(s, N - static_cast<int64_t>(it) * kReadSlots, t, scale_log2, m, l, alpha);
     WgmmaWait<0>();
     FenceOperands(out);
+    if (grown) {
+      ScaleRow(out, 0, alpha[0]);
+      ScaleRow(out, 1, alpha[1]);
+    }
+    __syncwarp();
+    if (lane == 0) BarrierArrive(&empty[prev]);  // this warp is done with the stage before
+    pack();
   }
-  // e: the rows normalised, staged over the K/V stages and stored whole; each row's shift
-  // (+inf, weight 0, for padding rows and a second warpgroup without tokens).
+  IssueProducts128(out, p, SwizzledTileDescriptor(vs + (tiles - 1) % kReadStages * kReadStageBytes));
+  WgmmaWait<0>();
+  FenceOperands(out);
+  // e: the rows normalised, staged over the K/V stages and stored whole; each row's shift.
   float inv_l[2];
-  const int row0 = w * kTile + (warp % 4) * 16 + g;  // this lane's first row in the block
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float sum = QuadSum(l[r]);
     inv_l[r] = 1.0f / sum;
-    const int64_t row = t0 + row0 + 8 * r;
+    const int64_t row = t0 + warp * 16 + g + 8 * r;
     if (t == 0) scratch.shift[j * Tp + row] = row < T ? SoftmaxShift(m[r], sum) : INFINITY;
   }
   float* rows = reinterpret_cast<float*>(ks);
-  ConsumersSync();  // every warp's products are done (and every stage's copies landed)
-  if (w == 0 || pair) StageFragments(out, inv_l, rows);
-  ConsumersSync();
-  StoreStagedRows<false, kRows, 256>(rows, T - t0, e + t0 * d + j * kDh, d,
+  ConsumerSync();  // every warp's products are done (and every stage's copies landed)
+  StageFragments(out, inv_l, rows);
+  ConsumerSync();
+  StoreStagedRows<false, kTile, 128>(rows, T - t0, e + t0 * d + j * kDh, d,
                                      e_b != nullptr ? e_b + t0 * d + j * kDh : nullptr);
 #else
   __trap();  // launched only where the build has sm_90a code (Sm90KernelsBuilt)
@@ -605,7 +585,7 @@ Status ReadSm90(const float* q, int64_t q_ld, const float* offer, int64_t offer_
   LM2_ASSIGN_OR_RETURN(const CUtensorMap k_map, SlotRowsMap(mem_k, N, d));
   LM2_ASSIGN_OR_RETURN(const CUtensorMap v_map, SlotRowsMap(mem_v, N, d));
   LM2_RETURN_IF_ERROR(EnsureSharedMemory(reinterpret_cast<const void*>(&ReadKernel), kReadBytes, "MemoryReadWrite"));
-  const dim3 grid(static_cast<unsigned int>(PaddedTokens(T) / kRows), static_cast<unsigned int>(d / kDh));
+  const dim3 grid(static_cast<unsigned int>(PaddedTokens(T) / kTile), static_cast<unsigned int>(d / kDh));
   ReadKernel<<<grid, kReadThreads, kReadBytes, stream>>>(q, q_ld, offer, offer_ld, rows_vec, T, N, d, scale_log2, e,
                                                          e_b, scratch, k_map, v_map);
   return CheckLaunch("MemoryReadWrite (wgmma read)");
