@@ -1772,7 +1772,27 @@ TEST_CASE("Decode attention split over key ranges: the reference's result, a row
                                          one.data(), scratch.data(), pos[ub] + 1, Stream()));
     const auto alone = Download(one);
     CHECK(std::equal(alone.begin(), alone.end(), row.begin()));
+    // The same row over its cache as a single one (a prompt's last row in its last layer).
+    auto single = Poisoned<float>(static_cast<std::size_t>(qdim));
+    RequireOk(CausalAttentionDecodeSplit(dq.data() + b * qdim, kptr[ub], vptr[ub], 1, pos[ub] + 1, H, Hkv, D,
+                                         single.data(), scratch.data(), Stream()));
+    CHECK(Download(single) == alone);
   }
+  // Two rows at the end of one cache (query t at position S - 2 + t), split: the reference's.
+  const std::size_t longest = 6;  // 4,001 keys
+  const std::vector<float> q2(q.begin(), q.begin() + 2 * qdim);
+  auto two = Poisoned<float>(q2.size());
+  RequireOk(CausalAttentionDecodeSplit(dq.data(), kptr[longest], vptr[longest], 2, pos[longest] + 1, H, Hkv, D,
+                                       two.data(), scratch.data(), Stream()));
+  CHECK(RelErr(Download(two), lm2::testing::CausalAttentionReference(q2, k_host[longest], v_host[longest], 2,
+                                                                     pos[longest] + 1, H, Hkv, D)) < kTolReduce);
+  const auto after = Download(scratch);
+  CHECK(std::all_of(after.begin(), after.begin() + counters, [](float c) { return c == 0.0f; }));
+  CHECK(CausalAttentionDecodeSplit(dq.data(), kptr[0], vptr[0], kGemvMaxRows + 1, 100, H, Hkv, D, two.data(),
+                                   scratch.data(), Stream())
+            .IsInvalidArgument());
+  CHECK(CausalAttentionDecodeSplit(dq.data(), kptr[0], vptr[0], 1, 1, H, Hkv, D, two.data(), nullptr, Stream())
+            .IsInvalidArgument());
 }
 
 TEST_CASE("Batched memory decode ops equal the one-session ops per session", "[cuda][ops]") {

@@ -526,7 +526,9 @@ cudaError_t LaunchDecodeSplit(const float* q, Rows rows, int64_t blocks, int H, 
       return LaunchPdl(kernel, static_cast<unsigned int>(blocks), dim3(kDecodeWarpsFew * 32), 0, stream, q, rows, H,
                        group, D, scale, out, split, groups);
     };
-    if (pack == kSplitPack) return launch(&AttentionDecodeSplitKernel<Rows, kCols, kSplitPack>);
+    if constexpr (!std::is_same_v<Rows, OneCache>) {  // (a single cache's rows are few: never packed)
+      if (pack == kSplitPack) return launch(&AttentionDecodeSplitKernel<Rows, kCols, kSplitPack>);
+    }
     return launch(&AttentionDecodeSplitKernel<Rows, kCols, 1>);
   });
 }
@@ -549,9 +551,7 @@ Status LaunchDecode(const float* q, Rows rows, int64_t rows_n, int64_t heads, in
                           : LaunchDecodeWarps<kDecodeWarpsFew>(q, rows, blocks, H, group, d, scale, out, stream),
                       "AttentionDecodeKernel");
   }
-  if constexpr (std::is_same_v<Rows, OneCache>) {
-    return Status::Internal("CausalAttention (decode): a single cache is not split");
-  } else {
+  {
     // Steps of more than two rows give a block kSplitPack query heads where the group allows
     // (AttentionDecodePacksHeads): a quarter of the L2 traffic. One or two rows keep a block a
     // head (the most blocks for the fewest rows). Groups of ranges a row: as many blocks a
@@ -560,7 +560,8 @@ Status LaunchDecode(const float* q, Rows rows, int64_t rows_n, int64_t heads, in
     // to a power of two (a captured step's grid then changes only at 129, 257, 513 and 1,025
     // keys); the blocks loop over any further items (rows past max_keys).
     LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());
-    const int pack = rows_n > 2 && AttentionDecodePacksHeads(heads, kv_heads) ? kSplitPack : 1;
+    const int pack =
+        !std::is_same_v<Rows, OneCache> && rows_n > 2 && AttentionDecodePacksHeads(heads, kv_heads) ? kSplitPack : 1;
     const int64_t blocks_packed = blocks / pack;
     const int64_t resident = int64_t{pack > 1 ? 2 : 3} * sms;
     const int64_t groups = std::clamp<int64_t>(resident / blocks_packed, 1, kMaxSplits);
@@ -707,6 +708,20 @@ Status CausalAttentionDecode(const float* q, const float* k_cache, const float* 
   return LaunchDecode(q, OneCache{k_cache, v_cache, T, S}, T, heads, kv_heads, head_dim, out, nullptr, 0, stream);
 }
 
+Status CausalAttentionDecodeSplit(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
+                                  int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, float* split_scratch,
+                                  cudaStream_t stream) {
+  LM2_RETURN_IF_ERROR(CheckAttentionArgs("CausalAttentionDecodeSplit", q, k_cache, v_cache, T, S, heads, kv_heads,
+                                         head_dim, out));
+  if (T == 0) return Status::Ok();
+  if (T > kGemvMaxRows) {
+    return Status::InvalidArgument("CausalAttentionDecodeSplit: T=" + std::to_string(T) + " above " +
+                                   std::to_string(kGemvMaxRows));
+  }
+  LM2_RETURN_IF_ERROR(RequireNonNull("CausalAttentionDecodeSplit", {split_scratch}));
+  return LaunchDecode(q, OneCache{k_cache, v_cache, T, S}, T, heads, kv_heads, head_dim, out, split_scratch, S,
+                      stream);
+}
 Status CausalAttentionDecodeBatch(const float* q, const float* const* k_caches, const float* const* v_caches,
                                   const int64_t* positions, int64_t B, int64_t heads, int64_t kv_heads,
                                   int64_t head_dim, float* out, float* split_scratch, int64_t max_keys,

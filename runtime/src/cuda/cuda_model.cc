@@ -1027,9 +1027,10 @@ class CudaModel final : public Model {
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.gate_up, Z(g * 2 * std::max(F, d))));  // (or OutputGateWithO's [2, g, d])
     LM2_RETURN_IF_ERROR(EnsureCapacity(sc.rope, Z(rows * (cfg_.head_dim / 2))));
     // The decode attention's key ranges: one size for any batch, reserved by every decode step
-    // of a model that can split (SplitsAttention(1)), so that a step of another size that
-    // splits (a batch of 3 after batches of 40) finds it without allocating.
-    if (batch_step && SplitsAttention(1)) {
+    // and chunk of a model that can split (SplitsAttention(1)), so that a step of another size
+    // that splits (a batch of 3 after batches of 40) finds it without allocating; a chunk's
+    // last layer attends for its last row alone with it (RunLayers).
+    if (SplitsAttention(1)) {
       const std::size_t before = sc.attn_split.size();  // grows only as a new buffer, zeroed once
       LM2_RETURN_IF_ERROR(EnsureCapacity(sc.attn_split, Z(AttentionDecodeSplitScratch(cfg_.num_heads, cfg_.head_dim))));
       if (sc.attn_split.size() != before) LM2_RETURN_IF_ERROR(sc.attn_split.FillBytes(0, s.stream_.get()));
@@ -1442,7 +1443,10 @@ class CudaModel final : public Model {
                                          ls.k_cache + pos0 * kvdim, ls.v_cache + pos0 * kvdim, st,
                                          tiled ? k_b + pos0 * kvdim : nullptr, tiled ? v_b + pos0 * kvdim : nullptr));
         if (trimmed) {  // the last row's query over the whole cache, as a decode step's, into row 0
-          if (nr > 0) {
+          if (nr > 0 && SplitsAttention(1)) {  // over key ranges: 32 blocks over 2,048 keys took 71 µs
+            LM2_RETURN_IF_ERROR(CausalAttentionDecodeSplit(sc.q.data() + r0 * qdim, ls.k_cache, ls.v_cache, 1, S, H,
+                                                           Hkv, Dh, sc.attn_out.data(), sc.attn_split.data(), st));
+          } else if (nr > 0) {
             LM2_RETURN_IF_ERROR(CausalAttention(sc.q.data() + r0 * qdim, ls.k_cache, ls.v_cache, 1, S, H, Hkv, Dh,
                                                 sc.attn_out.data(), st));
           }

@@ -307,6 +307,13 @@ Status CausalAttentionDecode(const float* q, const float* k_cache, const float* 
                              int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream);
 Status CausalAttentionPrefill(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
                               int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, cudaStream_t stream);
+// CausalAttentionDecode for T <= kGemvMaxRows rows at the cache's end, split over key ranges
+// as CausalAttentionDecodeBatch splits a row (split_scratch as there; the same bits as that
+// op gives a row of the same keys): a prompt's last layer attends for its last row alone,
+// and unsplit, 32 blocks over 2,048 keys took 71 µs (H200, the paper's 32 heads).
+Status CausalAttentionDecodeSplit(const float* q, const float* k_cache, const float* v_cache, int64_t T, int64_t S,
+                                  int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, float* split_scratch,
+                                  cudaStream_t stream);
 
 // Decode attention for one token of each of B sessions: query row b over its own cache
 // k_caches[b] / v_caches[b] ([positions[b] + 1, Hkv*D] rows visible; device arrays of
