@@ -270,7 +270,7 @@ class CudaState final : public SequenceState {
   PinnedBuffer<int64_t> positions_host_;
   PinnedBuffer<float> staging_;  // bank export and import: two pieces (TransferPieceFloats)
   CudaEvent transferred_[2];      // the device copy last enqueued on each staging piece
-  PinnedBuffer<float> logits_host_;  // decode steps' logits, a prompt's last ones
+  PinnedBuffer<float> logits_host_;  // decode steps' logits
   PinnedBuffer<int32_t> next_host_;  // sampled decode steps' tokens
   PinnedBuffer<uint64_t> next_keys_host_;  // greedy decode steps' picks, as keys
   PinnedBuffer<int64_t> step_host_;  // a decode step's inputs as uploaded (StepInputs)
@@ -943,7 +943,6 @@ class CudaModel final : public Model {
     LM2_RETURN_IF_ERROR(EnsureCapacity(s.ids_host_, Z(T)));
     LM2_RETURN_IF_ERROR(EnsureCapacity(s.positions_host_, Z(T)));
     if (mode == LogitsMode::kNone) return Status::Ok();
-    if (mode == LogitsMode::kLast) LM2_RETURN_IF_ERROR(EnsureCapacity(s.logits_host_, Z(cfg_.vocab_size)));
     return EnsureCapacity(sc.logits, Z((mode == LogitsMode::kAll ? chunk : 1) * cfg_.vocab_size));
   }
 
@@ -1089,12 +1088,10 @@ class CudaModel final : public Model {
       if (mode == LogitsMode::kAll) {
         LM2_RETURN_IF_ERROR(ComputeLogits(s, 0, n, logits->data() + c * V));
       } else if (rows == ChunkRows::kLast) {
-        LM2_RETURN_IF_ERROR(StageLastLogits(s, n - 1));
+        LM2_RETURN_IF_ERROR(ComputeLogits(s, n - 1, 1, logits->data()));
       }
     }
-    LM2_RETURN_IF_ERROR(s.stream_.Synchronize());
-    if (mode == LogitsMode::kLast) std::copy_n(s.logits_host_.data(), V, logits->data());
-    return Status::Ok();
+    return s.stream_.Synchronize();
   }
 
   // One decode step of every state in `batch` as one forward, on the first state's stream,
@@ -1671,17 +1668,6 @@ class CudaModel final : public Model {
     LM2_RETURN_IF_ERROR(EnsureCapacity(s.scratch_.logits, Z(rows * V)));
     LM2_RETURN_IF_ERROR(LogitsOnDevice(s, row, rows));
     return s.scratch_.logits.CopyToHost(out, Z(rows * V), s.stream_.get());
-  }
-
-  // A prompt's last logits [V] into the state's page-locked logits_host_ (ReserveTokens sizes
-  // it), enqueued: the caller copies them out after its stream's synchronisation. A copy
-  // straight into the caller's pageable vector returned 42 µs after its DMA ended (H200,
-  // 128,256 logits: the driver's staged copy), one from page-locked memory ~10.
-  Status StageLastLogits(CudaState& s, int64_t row) const {
-    const int64_t V = cfg_.vocab_size;
-    LM2_RETURN_IF_ERROR(EnsureCapacity(s.scratch_.logits, Z(V)));
-    LM2_RETURN_IF_ERROR(LogitsOnDevice(s, row, 1));
-    return s.scratch_.logits.CopyToHostAsync(s.logits_host_.data(), Z(V), s.stream_.get());
   }
 
   std::shared_ptr<const ModelFiles> files_;
