@@ -551,28 +551,26 @@ Status LaunchDecode(const float* q, Rows rows, int64_t rows_n, int64_t heads, in
                           : LaunchDecodeWarps<kDecodeWarpsFew>(q, rows, blocks, H, group, d, scale, out, stream),
                       "AttentionDecodeKernel");
   }
-  {
-    // Steps of more than two rows give a block kSplitPack query heads where the group allows
-    // (AttentionDecodePacksHeads): a quarter of the L2 traffic. One or two rows keep a block a
-    // head (the most blocks for the fewest rows). Groups of ranges a row: as many blocks a
-    // (row, pack) as the resident blocks (three an SM, two packed) give the batch, at most a
-    // range each. The grid: a block an item of rows of max_keys keys, their ranges rounded up
-    // to a power of two (a captured step's grid then changes only at 129, 257, 513 and 1,025
-    // keys); the blocks loop over any further items (rows past max_keys).
-    LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());
-    const int pack =
-        !std::is_same_v<Rows, OneCache> && rows_n > 2 && AttentionDecodePacksHeads(heads, kv_heads) ? kSplitPack : 1;
-    const int64_t blocks_packed = blocks / pack;
-    const int64_t resident = int64_t{pack > 1 ? 2 : 3} * sms;
-    const int64_t groups = std::clamp<int64_t>(resident / blocks_packed, 1, kMaxSplits);
-    const int64_t items = blocks_packed * std::min(groups, SplitGridRanges(max_keys));
-    const DecodeSplit split{.counters = reinterpret_cast<unsigned int*>(split_scratch),
-                            .parts = split_scratch + SplitCounterWords(heads),
-                            .rows = static_cast<int>(rows_n)};
-    return CudaStatus(LaunchDecodeSplit(q, rows, std::min(items, resident), H, group, d, scale, out, split,
-                                        static_cast<int>(groups), pack, stream),
-                      "AttentionDecodeSplitKernel");
-  }
+  // Steps of more than two rows give a block kSplitPack query heads where the group allows
+  // (AttentionDecodePacksHeads): a quarter of the L2 traffic. One or two rows keep a block a
+  // head (the most blocks for the fewest rows). Groups of ranges a row: as many blocks a
+  // (row, pack) as the resident blocks (three an SM, two packed) give the batch, at most a
+  // range each. The grid: a block an item of rows of max_keys keys, their ranges rounded up
+  // to a power of two (a captured step's grid then changes only at 129, 257, 513 and 1,025
+  // keys); the blocks loop over any further items (rows past max_keys).
+  LM2_ASSIGN_OR_RETURN(const int sms, Multiprocessors());
+  const int pack =
+      !std::is_same_v<Rows, OneCache> && rows_n > 2 && AttentionDecodePacksHeads(heads, kv_heads) ? kSplitPack : 1;
+  const int64_t blocks_packed = blocks / pack;
+  const int64_t resident = int64_t{pack > 1 ? 2 : 3} * sms;
+  const int64_t groups = std::clamp<int64_t>(resident / blocks_packed, 1, kMaxSplits);
+  const int64_t items = blocks_packed * std::min(groups, SplitGridRanges(max_keys));
+  const DecodeSplit split{.counters = reinterpret_cast<unsigned int*>(split_scratch),
+                          .parts = split_scratch + SplitCounterWords(heads),
+                          .rows = static_cast<int>(rows_n)};
+  return CudaStatus(LaunchDecodeSplit(q, rows, std::min(items, resident), H, group, d, scale, out, split,
+                                      static_cast<int>(groups), pack, stream),
+                    "AttentionDecodeSplitKernel");
 }
 
 // ---- Prefill: a block per (query tile, head) ----------------------------------------------
