@@ -47,9 +47,9 @@ void Fail(CUptiResult r, const char* what) {
   std::fprintf(stderr, "lm2_kernel_trace: %s: %s\n", what, text != nullptr ? text : "unknown CUPTI error");
 }
 
-#define TRACE_CHECK(call)                  \
-  do {                                     \
-    const CUptiResult r_ = (call);         \
+#define TRACE_CHECK(call)                     \
+  do {                                        \
+    const CUptiResult r_ = (call);            \
     if (r_ != CUPTI_SUCCESS) Fail(r_, #call); \
   } while (0)
 
@@ -66,9 +66,11 @@ bool TraceApi() {
 }
 
 // The window kept: from cudaProfilerStart's return to cudaProfilerStop's entry (CUPTI's
-// clock, the records' own). Recording runs from the start: the first records after it is
-// turned on cost the host some milliseconds, which would otherwise fall inside the window.
+// clock, the records' own; guarded by mu). Recording runs from the start: the first records
+// after it is turned on cost the host some milliseconds, which would otherwise fall inside
+// the window.
 uint64_t window_start = 0, window_end = UINT64_MAX;
+
 void CUPTIAPI BufferRequested(uint8_t** buffer, size_t* size, size_t* max_records) {
   constexpr size_t kBytes = 8 << 20;
   *buffer = static_cast<uint8_t*>(std::aligned_alloc(8, kBytes));
