@@ -1779,7 +1779,7 @@ TEST_CASE("Decode attention split over key ranges: the reference's result, a row
     CHECK(Download(single) == alone);
   }
   // Two rows at the end of one cache (query t at position S - 2 + t), split: the reference's.
-  const std::size_t longest = 6;  // 4,001 keys
+  const auto longest = static_cast<std::size_t>(std::max_element(pos.begin(), pos.end()) - pos.begin());
   const std::vector<float> q2(q.begin(), q.begin() + 2 * qdim);
   auto two = Poisoned<float>(q2.size());
   RequireOk(CausalAttentionDecodeSplit(dq.data(), kptr[longest], vptr[longest], 2, pos[longest] + 1, H, Hkv, D,
